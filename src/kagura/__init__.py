@@ -1,0 +1,41 @@
+"""Kagura: reliable LLM agent workflows on plain asyncio.
+
+>>> from kagura import agent, workflow
+"""
+
+from ._agent import Agent, agent
+from ._context import current_run_id, get_current_span
+from ._tool import Tool, tool
+from ._usage import Usage
+from ._workflow import Workflow, workflow
+from .errors import (
+    KaguraError,
+    MissingCredentialsError,
+    OutputParseError,
+    ProviderError,
+    RunError,
+    ToolLoopError,
+    UsageError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "KaguraError",
+    "MissingCredentialsError",
+    "OutputParseError",
+    "ProviderError",
+    "RunError",
+    "Tool",
+    "ToolLoopError",
+    "Usage",
+    "UsageError",
+    "Workflow",
+    "__version__",
+    "agent",
+    "current_run_id",
+    "get_current_span",
+    "tool",
+    "workflow",
+]

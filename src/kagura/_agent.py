@@ -1,0 +1,375 @@
+"""``@agent``: an async function whose docstring is the prompt and whose return type is the result.
+
+The call path, in order: bind the arguments, render the prompt, pick the model, then loop over
+LLM attempts (each through :func:`kagura._llm.attempt`) until the answer parses into the return
+type, running any tools the model asks for in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+from collections.abc import Callable, Coroutine, Iterable, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
+
+import pydantic_core
+
+from . import _llm
+from ._context import Span, current_span
+from ._instrument import span_finished, span_started, status_of
+from ._output import OutputSpec, OutputValidationError, json_candidates
+from ._prompt import PromptTemplate, warn_if_body_has_code
+from ._tool import Tool, as_tool
+from ._usage import Usage
+from .errors import OutputParseError, ToolLoopError, UsageError
+from .providers import Message, Model, ModelRequest, OutputSchema, ToolCall, resolve_model
+from .providers import _parse as _parse_model_string
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+AgentFunction = Callable[P, Coroutine[Any, Any, R]]
+
+
+class _Totals:
+    """Tokens and cost over every attempt of one agent call. Cost is unknown if any part is."""
+
+    __slots__ = ("cost", "usage")
+
+    def __init__(self) -> None:
+        self.usage = Usage()
+        self.cost: float | None = 0.0
+
+    def add(self, usage: Usage, cost: float | None) -> None:
+        self.usage = self.usage + usage
+        self.cost = None if cost is None or self.cost is None else self.cost + cost
+
+
+class Agent(Generic[P, R]):
+    """An LLM-backed async callable. Create it with :func:`agent`."""
+
+    def __init__(
+        self,
+        fn: AgentFunction[P, R],
+        *,
+        name: str | None = None,
+        model: str | Model | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        system: str | None = None,
+        tools: Iterable[Tool[Any, Any] | Callable[..., Any]] = (),
+        output_retries: int = 2,
+        max_tool_rounds: int = 5,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        provider_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not inspect.iscoroutinefunction(fn):
+            raise UsageError(
+                f"@agent needs an 'async def' function; {getattr(fn, '__qualname__', fn)!r} is not"
+            )
+        if temperature is not None and not 0 <= temperature <= 2:
+            raise UsageError(f"temperature must be between 0 and 2, got {temperature}")
+        if max_tokens is not None and max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
+        if output_retries < 0:
+            raise UsageError(f"output_retries must be 0 or more, got {output_retries}")
+        if max_tool_rounds < 1:
+            raise UsageError(f"max_tool_rounds must be at least 1, got {max_tool_rounds}")
+        if isinstance(model, str):
+            _parse_model_string(
+                model, base_url, api_key
+            )  # a bad model string fails here, not later
+        functools.update_wrapper(self, fn)
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.system = system
+        self.output_retries = output_retries
+        self.max_tool_rounds = max_tool_rounds
+        self.base_url = base_url
+        self._api_key = api_key
+        self.provider_kwargs = dict(provider_kwargs or {})
+        self.tools: dict[str, Tool[Any, Any]] = {}
+        for t in tools:
+            wrapped = as_tool(t)
+            if wrapped.name in self.tools:
+                raise UsageError(f"agent {self.name!r}: two tools are named {wrapped.name!r}")
+            self.tools[wrapped.name] = wrapped
+        self._signature = inspect.signature(fn)
+        self.prompt = PromptTemplate(fn, self._signature)
+        return_type = get_type_hints(fn).get("return", str)
+        self.output = OutputSpec(return_type)
+        warn_if_body_has_code(fn)
+
+    def render(self, *args: P.args, **kwargs: P.kwargs) -> str:
+        """The prompt this call would send, without sending it."""
+        return self.prompt.render(self._bind(args, kwargs))
+
+    def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"agent {self.name!r}: {exc}") from None
+        bound.apply_defaults()
+        return bound.arguments
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        arguments = self._bind(args, kwargs)
+        prompt = self.prompt.render(arguments)
+        model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
+        span = Span("agent", self.name, current_span.get())
+        token = current_span.set(span)
+        span_started(span, {"model": model.id, "inputs": arguments})
+        totals = _Totals()
+        try:
+            model.check_ready()
+            result: R = await self._run(model, prompt, span, totals)
+        except BaseException as exc:
+            span_finished(span, status_of(exc), exc, usage=totals.usage, cost_usd=totals.cost)
+            raise
+        finally:
+            current_span.reset(token)
+        span_finished(
+            span,
+            "completed",
+            usage=totals.usage,
+            cost_usd=totals.cost,
+            attributes={"output": result},
+        )
+        return result
+
+    async def _run(self, model: Model, prompt: str, span: Span, totals: _Totals) -> Any:
+        prompted_tools = bool(self.tools) and not model.supports_tools
+        messages: list[Message] = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        if prompted_tools:
+            schema = self._prompted_tools_schema()
+            messages.append({"role": "user", "content": prompt + self._prompted_tools_text(schema)})
+        else:
+            schema = self.output.schema
+            messages.append({"role": "user", "content": prompt + self.output.instructions()})
+        request = ModelRequest(
+            messages,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            output_schema=schema if model.supports_output_schema else None,
+            tools=[t.spec for t in self.tools.values()] if not prompted_tools else [],
+            extra=self.provider_kwargs,
+        )
+        tool_rounds = 0
+        failures = 0
+        while True:
+            response, cost = await _llm.attempt(model, request, span)
+            totals.add(response.usage, cost)
+            calls = list(response.tool_calls)
+            answer_text = response.text
+            if prompted_tools:
+                calls, answer_text = self._read_prompted(response.text, tool_rounds)
+            if calls:
+                tool_rounds += 1
+                if tool_rounds > self.max_tool_rounds:
+                    raise ToolLoopError(
+                        f"agent {self.name!r}: the model was still calling tools after "
+                        f"{self.max_tool_rounds} rounds (raise max_tool_rounds if that is expected)"
+                    )
+                results = await asyncio.gather(*(self._run_tool(call, span) for call in calls))
+                messages.extend(self._tool_messages(response.text, calls, results, prompted_tools))
+                continue
+            try:
+                return self.output.parse(answer_text)
+            except OutputValidationError as exc:
+                failures += 1
+                if failures > self.output_retries:
+                    raise OutputParseError(self.name, response.text, str(exc), failures) from None
+                messages.append({"role": "assistant", "content": response.text})
+                messages.append(
+                    {
+                        "role": "user",
+                        "content": f"That answer is not valid: {exc}. Answer again."
+                        + self.output.instructions(),
+                    }
+                )
+
+    async def _run_tool(self, call: ToolCall, parent: Span) -> str:
+        """Run one tool call. Failures go back to the model as text; only cancellation escapes."""
+        tool = self.tools.get(call.name)
+        span = Span("tool", call.name, parent)
+        span_started(span, {"arguments": call.arguments})
+        if tool is None:
+            error = f"Error: there is no tool named {call.name!r}; tools: {', '.join(self.tools)}"
+            span_finished(span, "failed", LookupError(error))
+            return error
+        token = current_span.set(span)
+        try:
+            value = await tool.invoke(call.arguments)
+        except Exception as exc:
+            span_finished(span, "failed", exc)
+            return f"Error: {type(exc).__name__}: {exc}"
+        except BaseException as exc:
+            span_finished(span, status_of(exc), exc)
+            raise
+        finally:
+            current_span.reset(token)
+        text = value if isinstance(value, str) else _to_json(value)
+        span_finished(span, "completed", attributes={"output": text})
+        return text
+
+    @staticmethod
+    def _tool_messages(
+        text: str, calls: list[ToolCall], results: list[str], prompted: bool
+    ) -> list[Message]:
+        if prompted:
+            shown = "\n".join(
+                f"Result of {c.name}: {r}" for c, r in zip(calls, results, strict=True)
+            )
+            return [
+                {"role": "assistant", "content": text},
+                {"role": "user", "content": shown + "\nNow continue."},
+            ]
+        assistant: Message = {
+            "role": "assistant",
+            "content": text or None,
+            "tool_calls": [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                }
+                for c in calls
+            ],
+        }
+        return [
+            assistant,
+            *(
+                {"role": "tool", "tool_call_id": c.id, "content": r}
+                for c, r in zip(calls, results, strict=True)
+            ),
+        ]
+
+    # Models without native tool calling get the tools described in the prompt and answer with
+    # {"tool": ..., "arguments": ...} or {"answer": ...}; the local model is held to that shape by
+    # its grammar, so even a small model produces parseable calls.
+    def _prompted_tools_schema(self) -> OutputSchema:
+        answer: dict[str, Any] = {"type": "string"}
+        defs: dict[str, Any] = {}
+        if self.output.schema is not None:
+            inner = dict(self.output.schema.schema)
+            defs = inner.pop("$defs", {})
+            answer = inner["properties"]["result"] if self.output.wrapped else inner
+        call = {
+            "type": "object",
+            "properties": {
+                "tool": {"enum": list(self.tools)},
+                "arguments": {"type": "object"},
+            },
+            "required": ["tool", "arguments"],
+        }
+        final = {"type": "object", "properties": {"answer": answer}, "required": ["answer"]}
+        schema: dict[str, Any] = {"anyOf": [call, final]}
+        if defs:
+            schema["$defs"] = defs
+        return OutputSchema("ToolCallOrAnswer", schema)
+
+    def _prompted_tools_text(self, schema: OutputSchema) -> str:
+        lines = ["", "", "You can call these tools:"]
+        for t in self.tools.values():
+            params = json.dumps(t.spec.parameters.get("properties", {}), separators=(",", ":"))
+            lines.append(f"- {t.name}: {t.description} Arguments: {params}")
+        lines.append(
+            'To call a tool, answer with only {"tool": "<name>", "arguments": {...}}. '
+            'When you know the final answer, answer with only {"answer": <the answer>}.'
+        )
+        return "\n".join(lines)
+
+    def _read_prompted(self, text: str, round_no: int) -> tuple[list[ToolCall], str]:
+        for candidate in json_candidates(text):
+            try:
+                data = json.loads(candidate)
+            except ValueError:
+                continue
+            if isinstance(data, dict) and isinstance(data.get("tool"), str):
+                arguments = data.get("arguments") or {}
+                call = ToolCall(f"call_{round_no}", data["tool"], _to_json(arguments))
+                return [call], text
+            if isinstance(data, dict) and "answer" in data:
+                answer = data["answer"]
+                if self.output.is_text:
+                    return [], answer if isinstance(answer, str) else _to_json(answer)
+                return [], _to_json({"result": answer} if self.output.wrapped else answer)
+        return [], text
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.name}>"
+
+
+def _to_json(value: Any) -> str:
+    return pydantic_core.to_json(value, fallback=repr).decode()
+
+
+@overload
+def agent(fn: AgentFunction[P, R], /) -> Agent[P, R]: ...
+@overload
+def agent(
+    *,
+    name: str | None = None,
+    model: str | Model | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    tools: Iterable[Tool[Any, Any] | Callable[..., Any]] = (),
+    output_retries: int = 2,
+    max_tool_rounds: int = 5,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    **provider_kwargs: Any,
+) -> Callable[[AgentFunction[P, R]], Agent[P, R]]: ...
+def agent(
+    fn: AgentFunction[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    model: str | Model | None = None,
+    temperature: float | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+    tools: Iterable[Tool[Any, Any] | Callable[..., Any]] = (),
+    output_retries: int = 2,
+    max_tool_rounds: int = 5,
+    base_url: str | None = None,
+    api_key: str | None = None,
+    **provider_kwargs: Any,
+) -> Agent[P, R] | Callable[[AgentFunction[P, R]], Agent[P, R]]:
+    """Turn an async function into an LLM agent.
+
+    The docstring is a Jinja2 template rendered over the call's arguments; the return annotation
+    decides the result's type (``str`` by default). The body is never executed. Keywords that
+    Kagura does not know (``top_p``, ``seed``, ...) are passed through to the provider.
+
+    Usable bare (``@agent``) or with arguments (``@agent(model="gpt-4o-mini", temperature=0)``).
+    """
+
+    def decorate(f: AgentFunction[P, R]) -> Agent[P, R]:
+        return Agent(
+            f,
+            name=name,
+            model=model,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            system=system,
+            tools=tools,
+            output_retries=output_retries,
+            max_tool_rounds=max_tool_rounds,
+            base_url=base_url,
+            api_key=api_key,
+            provider_kwargs=provider_kwargs,
+        )
+
+    if fn is not None:
+        return decorate(fn)
+    return decorate

@@ -1,0 +1,94 @@
+"""The run context: which run and which span the running code belongs to.
+
+One context variable holds the innermost open :class:`Span`. Because asyncio copies the context
+into every task it creates, agent calls made inside ``asyncio.gather`` or ``create_task`` join the
+workflow that started them with no help from the user. The recorder and the durable journal read
+this context; nothing else needs to be passed around.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from contextvars import ContextVar
+from typing import Any, Literal
+
+SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
+
+# A process-unique prefix plus a counter is much cheaper than uuid4() on the hot path while staying
+# unique across processes writing to one store.
+_PREFIX = os.urandom(6).hex()
+_counter = itertools.count(1)
+
+
+def new_id() -> str:
+    return f"{_PREFIX}{next(_counter):010x}"
+
+
+class Span:
+    """One unit of work in a run tree: a workflow run, an agent call, an LLM attempt or a tool call."""
+
+    __slots__ = (
+        "attributes",
+        "depth",
+        "kind",
+        "name",
+        "parent",
+        "run_id",
+        "span_id",
+        "start_ns",
+        "step_key",
+        "_child_seq",
+    )
+
+    def __init__(
+        self,
+        kind: SpanKind,
+        name: str,
+        parent: Span | None,
+        *,
+        span_id: str | None = None,
+        attributes: dict[str, Any] | None = None,
+    ) -> None:
+        self.kind: SpanKind = kind
+        self.name = name
+        self.parent = parent
+        self.span_id = span_id or new_id()
+        self.run_id = parent.run_id if parent is not None else self.span_id
+        self.depth = parent.depth + 1 if parent is not None else 0
+        self.attributes: dict[str, Any] = attributes if attributes is not None else {}
+        self.start_ns = time.time_ns()
+        self._child_seq: dict[str, int] | None = None
+        # The step key names the call site within its parent: name plus how many children of that
+        # name the parent had started before. Tasks made by gather/create_task start in creation
+        # order, so the key is the same on every execution of the same code path.
+        self.step_key = parent._next_step_key(name) if parent is not None else name
+
+    @property
+    def parent_id(self) -> str | None:
+        return self.parent.span_id if self.parent is not None else None
+
+    def _next_step_key(self, name: str) -> str:
+        if self._child_seq is None:
+            self._child_seq = {}
+        seq = self._child_seq.get(name, 0)
+        self._child_seq[name] = seq + 1
+        return f"{self.step_key}/{name}#{seq}"
+
+    def __repr__(self) -> str:
+        return f"Span({self.kind}:{self.name} id={self.span_id} run={self.run_id})"
+
+
+current_span: ContextVar[Span | None] = ContextVar("kagura_current_span", default=None)
+
+
+def get_current_span() -> Span | None:
+    """The innermost open span of the running task, or ``None`` outside any agent or workflow."""
+    return current_span.get()
+
+
+def current_run_id() -> str | None:
+    """The id of the top-level run the running code belongs to, or ``None`` outside any run."""
+    span = current_span.get()
+    return span.run_id if span is not None else None

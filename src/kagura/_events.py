@@ -1,0 +1,70 @@
+"""The records that instrumentation hands to sinks: small, frozen and slotted.
+
+Every span (workflow run, agent call, LLM attempt, tool call) produces one :class:`SpanStarted`
+and one :class:`SpanFinished`; things that happen inside a span (a retry wait, a breaker changing
+state) are :class:`SpanEvent`. Sinks receive them synchronously on the event loop thread, so a
+sink must only enqueue: the event store's writer does its I/O elsewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from ._usage import Usage
+
+Status = Literal["running", "completed", "failed", "cancelled", "timed_out"]
+
+
+@dataclass(frozen=True, slots=True)
+class SpanStarted:
+    span_id: str
+    parent_id: str | None
+    run_id: str
+    kind: str
+    name: str
+    step_key: str
+    start_ns: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class SpanFinished:
+    span_id: str
+    parent_id: str | None
+    run_id: str
+    kind: str
+    name: str
+    step_key: str
+    start_ns: int
+    end_ns: int
+    status: Status
+    error: str | None = None
+    error_type: str | None = None
+    usage: Usage | None = None
+    cost_usd: float | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def duration_s(self) -> float:
+        return (self.end_ns - self.start_ns) / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class SpanEvent:
+    """Something that happened inside a span: ``retry_wait``, ``breaker_state``, ``rate_limit_wait``."""
+
+    span_id: str | None
+    run_id: str | None
+    name: str
+    time_ns: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+Event = SpanStarted | SpanFinished | SpanEvent
+
+
+class Sink(Protocol):
+    """Receives every instrumentation record. Called on the event loop: must not block."""
+
+    def handle(self, event: Event) -> None: ...

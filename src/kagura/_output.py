@@ -1,0 +1,200 @@
+"""Typed results: from an agent's return annotation to a JSON schema, and from text back to a value.
+
+pydantic does the schema and the validation. What pydantic cannot do is find the JSON in a chatty
+model's answer, so :func:`json_candidates` does that: fenced blocks first, then balanced ``{...}``
+or ``[...]`` spans, then the whole text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import re
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+import pydantic
+from pydantic import TypeAdapter
+
+from .providers import OutputSchema
+
+_FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+class OutputValidationError(ValueError):
+    """The text did not yield a valid value; the message is what the model is told on re-ask."""
+
+
+def _is_object_type(tp: Any) -> bool:
+    """Types whose JSON schema is an object at the top level (no wrapping needed)."""
+    if isinstance(tp, type):
+        if issubclass(tp, pydantic.BaseModel) or dataclasses.is_dataclass(tp):
+            return True
+        if typing.is_typeddict(tp):
+            return True
+    return False
+
+
+def _choices(tp: Any) -> list[Any] | None:
+    """The allowed values of a Literal or Enum (possibly ``| None``), for lenient matching."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        return list(get_args(tp))
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return [m.value for m in tp]
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _choices(args[0])
+    return None
+
+
+class OutputSpec:
+    """How to ask for, and read back, one return type."""
+
+    __slots__ = ("_adapter", "_choices", "_wrapped_adapter", "is_text", "schema", "type", "wrapped")
+
+    def __init__(self, tp: Any) -> None:
+        self.type = tp
+        self.is_text = tp is str or tp is Any or tp is None
+        self.wrapped = False
+        self.schema: OutputSchema | None = None
+        self._choices: list[Any] | None = None
+        if self.is_text:
+            return
+        try:
+            self._adapter: TypeAdapter[Any] = TypeAdapter(tp)
+            inner = self._adapter.json_schema()
+        except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError) as exc:
+            from .errors import UsageError
+
+            raise UsageError(
+                f"return type {tp!r} cannot be used as an agent result: {exc}"
+            ) from exc
+        self._choices = _choices(tp)
+        # Structured-output APIs want an object at the top level, so other types are wrapped.
+        if _is_object_type(tp):
+            self.schema = OutputSchema(getattr(tp, "__name__", "Result"), inner)
+        else:
+            self.wrapped = True
+            defs = inner.pop("$defs", None)
+            schema: dict[str, Any] = {
+                "type": "object",
+                "properties": {"result": inner},
+                "required": ["result"],
+            }
+            if defs:
+                schema["$defs"] = defs
+            self.schema = OutputSchema("Result", schema)
+
+    def instructions(self) -> str:
+        """The sentence appended to the prompt so the model knows the shape wanted."""
+        if self.is_text or self.schema is None:
+            return ""
+        schema = json.dumps(self.schema.schema, separators=(",", ":"))
+        return f"\n\nAnswer with only a JSON value that follows this JSON schema: {schema}"
+
+    def parse(self, text: str) -> Any:
+        if self.is_text:
+            return text.strip()
+        last_error: Exception | None = None
+        for candidate in json_candidates(text):
+            try:
+                data = json.loads(candidate)
+            except ValueError as exc:
+                last_error = exc
+                continue
+            for value in self._unwrap(data):
+                try:
+                    return self._adapter.validate_python(value)
+                except pydantic.ValidationError as exc:
+                    last_error = exc
+        lenient = self._lenient(text)
+        if lenient is not _MISSING:
+            return lenient
+        if last_error is None:
+            raise OutputValidationError("the answer contains no JSON value")
+        raise OutputValidationError(_describe(last_error))
+
+    def _unwrap(self, data: Any) -> list[Any]:
+        if self.wrapped and isinstance(data, dict) and "result" in data:
+            return [data["result"], data]
+        return [data]
+
+    def _lenient(self, text: str) -> Any:
+        """Scalars from plain text: ``"42"``, ``"true"``, ``"Positive."`` for a Literal."""
+        stripped = text.strip().strip("`").strip()
+        for candidate in (stripped, stripped.rstrip(".!").strip().strip("\"'")):
+            try:
+                return self._adapter.validate_strings(candidate)
+            except (pydantic.ValidationError, TypeError, ValueError):
+                pass
+        if self._choices is not None:
+            lowered = stripped.lower()
+            hits = [c for c in self._choices if isinstance(c, str) and c.lower() in lowered]
+            if len(hits) == 1:
+                return self._adapter.validate_python(hits[0])
+            return _MISSING
+        if self.type in (int, float):
+            numbers = _NUMBER.findall(stripped)
+            if len(numbers) == 1:
+                try:
+                    return self._adapter.validate_strings(numbers[0])
+                except pydantic.ValidationError:
+                    pass
+        return _MISSING
+
+
+_MISSING: Any = object()
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, pydantic.ValidationError):
+        parts = []
+        for e in error.errors(include_url=False)[:5]:
+            loc = ".".join(str(x) for x in e["loc"]) or "value"
+            parts.append(f"{loc}: {e['msg']}")
+        return "; ".join(parts)
+    return f"invalid JSON: {error}"
+
+
+def json_candidates(text: str) -> list[str]:
+    """Substrings of ``text`` that may be JSON values, most likely first."""
+    found: list[str] = [m.group(1).strip() for m in _FENCE.finditer(text)]
+    found.extend(_balanced_spans(text))
+    stripped = text.strip()
+    if stripped and stripped not in found:
+        found.append(stripped)
+    return found
+
+
+def _balanced_spans(text: str) -> list[str]:
+    """Top-level ``{...}`` and ``[...]`` spans, honouring strings and escapes."""
+    spans: list[str] = []
+    depth = 0
+    start = -1
+    in_string = False
+    escaped = False
+    for i, ch in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+            continue
+        if ch == '"' and depth > 0:
+            in_string = True
+        elif ch in "{[":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif ch in "}]" and depth > 0:
+            depth -= 1
+            if depth == 0:
+                spans.append(text[start : i + 1])
+    return spans

@@ -1,0 +1,93 @@
+"""An agent's docstring as a Jinja2 prompt template, checked against its signature once."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2.sandbox import SandboxedEnvironment
+
+from .errors import TemplateError
+
+
+@lru_cache(maxsize=1)
+def _environment() -> SandboxedEnvironment:
+    # Sandboxed because arguments may carry user-controlled objects; StrictUndefined so a typo
+    # fails loudly instead of rendering as an empty string.
+    return SandboxedEnvironment(
+        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False
+    )
+
+
+class PromptTemplate:
+    __slots__ = ("_template", "source")
+
+    def __init__(self, fn: Callable[..., Any], signature: inspect.Signature) -> None:
+        name = getattr(fn, "__qualname__", repr(fn))
+        doc = fn.__doc__
+        if doc is None or not doc.strip():
+            raise TemplateError(
+                f"agent {name!r} has no docstring: an agent's docstring is its prompt template, "
+                f'e.g. """Summarise {{{{ text }}}} in one sentence."""'
+            )
+        self.source = inspect.cleandoc(doc)
+        env = _environment()
+        try:
+            parsed = env.parse(self.source)
+        except TemplateSyntaxError as exc:
+            raise TemplateError(
+                f"agent {name!r}: invalid prompt template at docstring line {exc.lineno}: "
+                f"{exc.message}"
+            ) from exc
+        params = signature.parameters
+        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        if not takes_kwargs:
+            unknown = sorted(
+                meta.find_undeclared_variables(parsed) - set(params) - set(env.globals)
+            )
+            if unknown:
+                raise TemplateError(
+                    f"agent {name!r}: the prompt uses {', '.join(unknown)} but the function has no "
+                    f"such parameter (parameters: {', '.join(params) or 'none'})"
+                )
+        self._template = env.from_string(parsed)
+
+    def render(self, arguments: dict[str, Any]) -> str:
+        return self._template.render(arguments)
+
+
+def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:
+    """An agent's body never runs; warn (once, at decoration) if it holds code that looks meant to."""
+    try:
+        source = textwrap.dedent(inspect.getsource(fn))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return  # no source available (REPL, exec): nothing to check
+    func = tree.body[0] if tree.body else None
+    if not isinstance(func, ast.AsyncFunctionDef | ast.FunctionDef):
+        return
+    body = func.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]
+    ignored = [
+        stmt
+        for stmt in body
+        if not isinstance(stmt, ast.Pass)
+        and not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
+    ]
+    if ignored:
+        lineno = fn.__code__.co_firstlineno + ignored[0].lineno - 1
+        # warn_explicit points at the ignored code itself, whichever way the decorator was applied.
+        warnings.warn_explicit(
+            f"{kind} {fn.__qualname__!r}: its body is never executed (the docstring is the "
+            f"prompt); the code from line {lineno} on is ignored",
+            UserWarning,
+            fn.__code__.co_filename,
+            lineno,
+        )

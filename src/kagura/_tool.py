@@ -1,0 +1,122 @@
+"""``@tool``: a Python function the model may call, described to it by a JSON schema."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overload
+
+import pydantic
+
+from .errors import UsageError
+from .providers import ToolSpec
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_SECTION = re.compile(r"^\s*(Args|Arguments|Parameters|Params)\s*:\s*$", re.IGNORECASE)
+_PARAM = re.compile(r"^\s*(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+
+
+def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
+    """Description and per-parameter text from a Google-style docstring.
+
+    Hand-written because this small subset is all a tool schema needs, and a docstring-parsing
+    dependency would be imported by every program that defines a tool.
+    """
+    lines = inspect.cleandoc(doc).splitlines()
+    description: list[str] = []
+    params: dict[str, str] = {}
+    in_args = False
+    current: str | None = None
+    for line in lines:
+        if _SECTION.match(line):
+            in_args = True
+            continue
+        if in_args:
+            if line and not line[0].isspace() and line.rstrip().endswith(":"):
+                in_args = False  # next section (Returns:, Raises:)
+                continue
+            match = _PARAM.match(line)
+            if match and (line.startswith("    ") or not line.startswith(" ")):
+                current = match.group(1).lstrip("*")
+                params[current] = match.group(2).strip()
+            elif current and line.strip():
+                params[current] += " " + line.strip()
+        else:
+            description.append(line)
+    return "\n".join(description).strip(), params
+
+
+class Tool(Generic[P, R]):
+    """A callable the model can request. Calling the tool object directly calls the function."""
+
+    def __init__(
+        self, fn: Callable[P, R] | Callable[P, Awaitable[R]], *, name: str | None = None
+    ) -> None:
+        self.fn = fn
+        self.name = name or fn.__name__
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
+            raise UsageError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
+        self.is_async = inspect.iscoroutinefunction(fn)
+        description, param_docs = _parse_docstring(fn.__doc__ or "")
+        self.description = description or self.name
+        hints = get_type_hints(fn)
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(fn).parameters.values():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                raise UsageError(f"tool {self.name!r}: *args and **kwargs cannot be described")
+            annotation = hints.get(param.name, Any)
+            default = ... if param.default is param.empty else param.default
+            fields[param.name] = (
+                annotation,
+                pydantic.Field(default, description=param_docs.get(param.name)),
+            )
+        self._arguments_model = pydantic.create_model(f"{self.name}_arguments", **fields)
+        schema = self._arguments_model.model_json_schema()
+        schema.pop("title", None)
+        self.spec = ToolSpec(self.name, self.description, schema)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R | Awaitable[R]:
+        return self.fn(*args, **kwargs)
+
+    async def invoke(self, arguments: str | dict[str, Any]) -> Any:
+        """Validate the model's arguments (JSON text or a dict) and run the tool."""
+        if isinstance(arguments, str):
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        if not isinstance(arguments, dict):
+            raise ValueError(f"tool arguments must be a JSON object, got {arguments!r}")
+        validated = self._arguments_model.model_validate(arguments)
+        kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+        if self.is_async:
+            return await cast(Callable[..., Awaitable[Any]], self.fn)(**kwargs)
+        # Sync tools run in a worker thread so a slow one cannot stall every other task.
+        return await asyncio.to_thread(self.fn, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Tool {self.name}>"
+
+
+@overload
+def tool(fn: Callable[P, R], /) -> Tool[P, R]: ...
+@overload
+def tool(*, name: str | None = None) -> Callable[[Callable[P, R]], Tool[P, R]]: ...
+def tool(
+    fn: Callable[P, R] | None = None, /, *, name: str | None = None
+) -> Tool[P, R] | Callable[[Callable[P, R]], Tool[P, R]]:
+    """Make a function (sync or async) callable by agents. Its docstring describes it to the model;
+    an ``Args:`` section describes its parameters."""
+    if fn is not None:
+        return Tool(fn, name=name)
+
+    def decorate(f: Callable[P, R]) -> Tool[P, R]:
+        return Tool(f, name=name)
+
+    return decorate
+
+
+def as_tool(obj: Tool[Any, Any] | Callable[..., Any]) -> Tool[Any, Any]:
+    return obj if isinstance(obj, Tool) else Tool(obj)

@@ -1,0 +1,129 @@
+"""Kagura's exceptions.
+
+Two families, kept apart so that callers (and retry policies) can tell "the code is wrong" from
+"this run failed"::
+
+    KaguraError
+    ├── UsageError                  you used the library wrong; fix the code or the configuration
+    │   ├── TemplateError           the agent's docstring prompt is invalid
+    │   └── MissingCredentialsError the provider has no API key; names the env var to set
+    └── RunError                    a run failed at run time
+        ├── ProviderError           the model provider failed (status code and headers kept)
+        │   ├── ProviderTimeout     the request timed out
+        │   └── ProviderConnectionError  the connection failed or was reset
+        ├── OutputParseError        the model's answer never validated against the return type
+        ├── ToolLoopError           the model kept calling tools past the round limit
+        └── CircuitOpenError, BudgetExceeded (see kagura.resilience)
+
+Errors raised by provider SDKs are translated at the provider boundary with ``raise ... from exc``,
+so the SDK's own exception stays available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+__all__ = [
+    "KaguraError",
+    "MissingCredentialsError",
+    "OutputParseError",
+    "ProviderConnectionError",
+    "ProviderError",
+    "ProviderTimeout",
+    "RunError",
+    "TemplateError",
+    "ToolLoopError",
+    "UsageError",
+]
+
+
+class KaguraError(Exception):
+    """Base class of every exception Kagura raises on purpose."""
+
+
+class UsageError(KaguraError):
+    """The library was used wrongly: a bad decorator argument, model string or configuration."""
+
+
+class TemplateError(UsageError):
+    """An agent's docstring is not a valid prompt template for its signature."""
+
+
+class MissingCredentialsError(UsageError):
+    """A provider needs an API key that is not configured. Never retried."""
+
+    def __init__(self, model: str, env_var: str) -> None:
+        self.model = model
+        self.env_var = env_var
+        super().__init__(
+            f"model {model!r} needs an API key: set the {env_var} environment variable, "
+            f"pass api_key= to the agent, or run offline on the embedded model with "
+            f"KAGURA_MODEL_OVERRIDE=local/smollm2"
+        )
+
+
+class RunError(KaguraError):
+    """A run failed at run time."""
+
+
+class ProviderError(RunError):
+    """The model provider answered with an error, or could not be reached.
+
+    ``status_code`` and ``headers`` are kept (when there was an HTTP answer) so that a retry policy
+    can classify the failure and honour ``Retry-After``.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        model: str = "",
+        status_code: int | None = None,
+        headers: Mapping[str, str] | None = None,
+        body: str | None = None,
+    ) -> None:
+        self.model = model
+        self.status_code = status_code
+        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
+        self.body = body
+        prefix = f"{model}: " if model else ""
+        status = f"HTTP {status_code}: " if status_code is not None else ""
+        super().__init__(f"{prefix}{status}{message}")
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asked us to wait, from ``Retry-After`` (seconds form), if any."""
+        value = self.headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer in time."""
+
+
+class ProviderConnectionError(ProviderError):
+    """The connection to the provider failed, was refused or was reset."""
+
+
+class OutputParseError(RunError):
+    """The model's answer did not validate against the agent's return type, even after re-asking."""
+
+    def __init__(self, agent: str, raw_text: str, validation_error: str, attempts: int) -> None:
+        self.agent = agent
+        self.raw_text = raw_text
+        self.validation_error = validation_error
+        self.attempts = attempts
+        shown = raw_text if len(raw_text) <= 300 else raw_text[:300] + "..."
+        super().__init__(
+            f"agent {agent!r}: the model's answer did not match the return type after "
+            f"{attempts} attempt(s): {validation_error}\nlast answer: {shown!r}"
+        )
+
+
+class ToolLoopError(RunError):
+    """The model kept requesting tool calls beyond ``max_tool_rounds``."""

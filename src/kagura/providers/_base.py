@@ -1,0 +1,88 @@
+"""The one small interface every model adapter implements.
+
+Messages use the OpenAI chat format (a list of ``{"role": ..., "content": ...}`` dicts) as the
+internal lingua franca: it is what most endpoints speak, and adapters for other wire formats
+translate at their boundary.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._usage import Usage
+
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """A tool offered to the model: its name, description and JSON schema of its arguments."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as the model produced it
+
+
+@dataclass(frozen=True, slots=True)
+class OutputSchema:
+    """A JSON schema the answer must follow. ``name`` is what structured-output APIs ask for."""
+
+    name: str
+    schema: dict[str, Any]
+
+
+@dataclass(slots=True)
+class ModelRequest:
+    messages: list[Message]
+    temperature: float | None = None
+    max_tokens: int | None = None
+    output_schema: OutputSchema | None = None
+    tools: list[ToolSpec] = field(default_factory=list)
+    # Provider keywords passed through untouched from @agent(...), e.g. top_p or seed.
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelResponse:
+    text: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    usage: Usage = Usage()
+    model: str = ""
+    finish_reason: str | None = None
+
+
+class Model(abc.ABC):
+    """A model adapter: owns the wire format behind one request method.
+
+    ``provider`` and ``model_name`` identify it for pricing, circuit breakers and recording.
+    """
+
+    provider: str
+    model_name: str
+    #: The adapter can constrain its answer to a JSON schema (structured output or a grammar).
+    supports_output_schema: bool = False
+    #: The adapter speaks native tool calling; otherwise tools are offered through the prompt.
+    supports_tools: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.provider}/{self.model_name}"
+
+    @abc.abstractmethod
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        """Send one request and return the answer, raising :class:`kagura.errors.ProviderError`."""
+
+    def check_ready(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Raise :class:`kagura.errors.UsageError` if the model cannot be used as configured."""
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.id}>"

