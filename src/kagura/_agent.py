@@ -148,6 +148,7 @@ class Agent(Generic[P, R]):
         messages: list[Message] = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
+        schema: OutputSchema | None
         if prompted_tools:
             schema = self._prompted_tools_schema()
             messages.append({"role": "user", "content": prompt + self._prompted_tools_text(schema)})

@@ -27,9 +27,10 @@ def new_id() -> str:
 
 
 class Span:
-    """One unit of work in a run tree: a workflow run, an agent call, an LLM attempt or a tool call."""
+    """One unit of work in a run tree: a workflow run, an agent call, an LLM attempt or a tool."""
 
     __slots__ = (
+        "_child_seq",
         "attributes",
         "depth",
         "kind",
@@ -39,7 +40,6 @@ class Span:
         "span_id",
         "start_ns",
         "step_key",
-        "_child_seq",
     )
 
     def __init__(
@@ -55,8 +55,8 @@ class Span:
         self.name = name
         self.parent = parent
         self.span_id = span_id or new_id()
-        self.run_id = parent.run_id if parent is not None else self.span_id
-        self.depth = parent.depth + 1 if parent is not None else 0
+        self.run_id: str = parent.run_id if parent is not None else self.span_id
+        self.depth: int = parent.depth + 1 if parent is not None else 0
         self.attributes: dict[str, Any] = attributes if attributes is not None else {}
         self.start_ns = time.time_ns()
         self._child_seq: dict[str, int] | None = None

@@ -52,7 +52,7 @@ class SpanFinished:
 
 @dataclass(frozen=True, slots=True)
 class SpanEvent:
-    """Something that happened inside a span: ``retry_wait``, ``breaker_state``, ``rate_limit_wait``."""
+    """Something that happened inside a span: a retry wait, a breaker state change, ..."""
 
     span_id: str | None
     run_id: str | None

@@ -63,7 +63,7 @@ class PromptTemplate:
 
 
 def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:
-    """An agent's body never runs; warn (once, at decoration) if it holds code that looks meant to."""
+    """An agent's body never runs: warn once, at decoration, if it holds code meant to."""
     try:
         source = textwrap.dedent(inspect.getsource(fn))
         tree = ast.parse(source)

@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_MODEL = "local/smollm2"
+LOCAL_MODEL = "local/smollm2"
+OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
 
 
 def default_model() -> str:
-    """The model used by agents that name none: ``KAGURA_MODEL``, else the embedded model."""
-    return os.environ.get("KAGURA_MODEL") or DEFAULT_MODEL
+    """The model used by agents that name none.
+
+    ``KAGURA_MODEL`` if set; else OpenAI's ``gpt-4o-mini`` when ``OPENAI_API_KEY`` is set; else the
+    embedded local model, so that everything runs offline with no configuration at all.
+    """
+    explicit = os.environ.get("KAGURA_MODEL")
+    if explicit:
+        return explicit
+    if os.environ.get("OPENAI_API_KEY"):
+        return OPENAI_DEFAULT_MODEL
+    return LOCAL_MODEL
 
 
 def model_override() -> str | None:

@@ -1,8 +1,8 @@
 """What LLM calls cost, in USD.
 
-Prices come from ``genai-prices`` (a data package, looked up offline). Models it does not know can be
-priced with :func:`register_price`. A price that cannot be found is reported as ``None`` (unknown),
-never as 0; models that run on your own machine (``local/...``) and fakes are known to cost 0.
+Prices come from ``genai-prices`` (a data package, looked up offline). Models it does not know
+can be priced with :func:`register_price`. A price that cannot be found is reported as ``None``
+(unknown), never as 0; models run on your own machine (``local/...``) and fakes cost 0.
 """
 
 from __future__ import annotations

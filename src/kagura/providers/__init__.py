@@ -2,14 +2,14 @@
 
 Model strings:
 
-- ``"local/smollm2"``: the embedded SmolLM2-135M-Instruct (the default when ``KAGURA_MODEL`` is unset).
+- ``"local/smollm2"``: the embedded SmolLM2-135M-Instruct (the default with no API key set).
 - ``"gpt-4o-mini"`` or ``"openai/gpt-4o-mini"``: OpenAI (``OPENAI_API_KEY``, ``OPENAI_BASE_URL``).
 - ``"ollama/llama3.2"``, ``"vllm/..."``, ``"llamacpp/..."``, ``"openrouter/..."``: OpenAI-compatible
   endpoints; their base URLs come from ``OLLAMA_BASE_URL``, ``VLLM_BASE_URL``, ... or ``base_url=``.
 - ``"litellm/<model>"``: anything LiteLLM speaks (the ``[litellm]`` extra).
 - ``"fake"``: the deterministic fake from :mod:`kagura.testing`, for tests and benchmarks.
 
-Any other ``"org/model"`` string is sent to an OpenAI-compatible server when a ``base_url`` is given.
+Any other ``"org/model"`` string goes to an OpenAI-compatible server when ``base_url`` is given.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ class ModelRequest:
 class ModelResponse:
     text: str
     tool_calls: tuple[ToolCall, ...] = ()
-    usage: Usage = Usage()
+    usage: Usage = field(default_factory=Usage)
     model: str = ""
     finish_reason: str | None = None
 

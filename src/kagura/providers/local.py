@@ -58,6 +58,13 @@ class _Workers:
         self.threads_per_model = max(1, cpus // workers)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kagura-llama")
         self._local = threading.local()
+        self._lock = threading.Lock()
+        #: Generations running right now (a cancelled call must bring this back down).
+        self.in_flight = 0
+
+    def track(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
 
     def llama(self) -> Any:
         llm = getattr(self._local, "llm", None)
@@ -74,7 +81,7 @@ class _Workers:
                 n_threads=self.threads_per_model,
                 verbose=False,
             )
-            self._local.llm = llm
+            self._local.llm = llm = _with_cancellation(llm)
         return llm
 
 
@@ -114,17 +121,15 @@ class LocalModel(Model):
     async def request(self, request: ModelRequest) -> ModelResponse:
         workers = _get_workers()
         cancelled = threading.Event()
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(
-            workers.executor, self._generate, workers, request, cancelled.is_set
-        )
+        job = workers.executor.submit(self._generate, workers, request, cancelled.is_set)
+        future = asyncio.wrap_future(job)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:
             # Stop the generation at the next token (or before it starts) and wait for the worker
             # to let go, so that no request is left running after a cancel or timeout.
             cancelled.set()
-            if not future.cancel():
+            if not job.cancel():
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(future), 30)
             raise
@@ -134,11 +139,20 @@ class LocalModel(Model):
     ) -> ModelResponse:
         if is_cancelled():
             raise _Cancelled
+        workers.track(+1)
+        try:
+            return self._complete(workers, request, is_cancelled)
+        finally:
+            workers.track(-1)
+
+    def _complete(
+        self, workers: _Workers, request: ModelRequest, is_cancelled: Callable[[], bool]
+    ) -> ModelResponse:
         llm = workers.llama()
+        llm.kagura_is_cancelled = is_cancelled
         kwargs: dict[str, Any] = {
             "messages": request.messages,
             "max_tokens": request.max_tokens or 256,
-            "logits_processor": _abort_when(is_cancelled),
         }
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
@@ -150,10 +164,12 @@ class LocalModel(Model):
         kwargs.update(request.extra)
         try:
             out = llm.create_chat_completion(**kwargs)
-        except _Cancelled:
-            raise
         except Exception as exc:
             raise ProviderError(f"local generation failed: {exc}", model=self.id) from exc
+        finally:
+            llm.kagura_is_cancelled = _never
+        if is_cancelled():
+            raise _Cancelled
         choice = out["choices"][0]
         usage = out.get("usage") or {}
         return ModelResponse(
@@ -164,17 +180,28 @@ class LocalModel(Model):
         )
 
 
-def _abort_when(is_cancelled: Callable[[], bool]) -> Any:
-    """A logits processor that aborts generation at the next token once the caller has gone.
+def _never() -> bool:
+    return False
 
-    llama-cpp-python's chat API takes no stopping criteria, but it runs logits processors on every
-    token, and an exception raised there unwinds the generation.
+
+def _with_cancellation(llm: Any) -> Any:
+    """Make ``llm`` stop generating at the next token once ``llm.kagura_is_cancelled()`` is true.
+
+    llama-cpp-python's chat API takes no stopping criteria, but the completion method it calls
+    does; each instance belongs to one worker thread, so wrapping the method on the instance is
+    safe. (A logits processor cannot do this: it runs in a ctypes callback that swallows errors.)
     """
-    from llama_cpp import LogitsProcessorList
+    from llama_cpp import StoppingCriteriaList
 
-    def check(_input_ids: Any, scores: Any) -> Any:
-        if is_cancelled():
-            raise _Cancelled
-        return scores
+    original = llm.create_completion
+    stop = StoppingCriteriaList([lambda _ids, _logits: llm.kagura_is_cancelled()])
 
-    return LogitsProcessorList([check])
+    def create_completion(*args: Any, stopping_criteria: Any = None, **kwargs: Any) -> Any:
+        criteria = (
+            stop if stopping_criteria is None else StoppingCriteriaList([*stop, *stopping_criteria])
+        )
+        return original(*args, stopping_criteria=criteria, **kwargs)
+
+    llm.kagura_is_cancelled = _never
+    llm.create_completion = create_completion
+    return llm

