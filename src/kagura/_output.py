@@ -122,6 +122,9 @@ class OutputSpec:
     def _unwrap(self, data: Any) -> list[Any]:
         if self.wrapped and isinstance(data, dict) and "result" in data:
             return [data["result"], data]
+        if isinstance(data, dict) and len(data) == 1 and "result" in data:
+            # An object type that the model wrapped anyway, as it was told to wrap scalars.
+            return [data, data["result"]]
         return [data]
 
     def _lenient(self, text: str) -> Any:

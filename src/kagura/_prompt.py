@@ -26,7 +26,7 @@ def _environment() -> SandboxedEnvironment:
 
 
 class PromptTemplate:
-    __slots__ = ("_template", "source")
+    __slots__ = ("_template", "_var_keyword", "source")
 
     def __init__(self, fn: Callable[..., Any], signature: inspect.Signature) -> None:
         name = getattr(fn, "__qualname__", repr(fn))
@@ -46,8 +46,9 @@ class PromptTemplate:
                 f"{exc.message}"
             ) from exc
         params = signature.parameters
-        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
-        if not takes_kwargs:
+        # Keywords caught by **kwargs are template variables too (the check below is skipped).
+        self._var_keyword = next((p.name for p in params.values() if p.kind is p.VAR_KEYWORD), None)
+        if self._var_keyword is None:
             unknown = sorted(
                 meta.find_undeclared_variables(parsed) - set(params) - set(env.globals)
             )
@@ -59,6 +60,8 @@ class PromptTemplate:
         self._template = env.from_string(parsed)
 
     def render(self, arguments: dict[str, Any]) -> str:
+        if self._var_keyword is not None:
+            arguments = {**arguments.get(self._var_keyword, {}), **arguments}
         return self._template.render(arguments)
 
 
