@@ -8,24 +8,30 @@ type, running any tools the model asks for in between.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
 import json
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
+from datetime import timedelta
+from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overload
 
 import pydantic_core
 
-from . import _llm
 from ._context import Span, current_span
-from ._instrument import span_finished, span_started, status_of
+from ._instrument import span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, json_candidates
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._tool import Tool, as_tool
 from ._usage import Usage
-from .errors import OutputParseError, ToolLoopError, UsageError
+from .errors import OutputParseError, RunError, ToolLoopError, UsageError
 from .providers import Message, Model, ModelRequest, OutputSchema, ToolCall, resolve_model
 from .providers import _parse as _parse_model_string
+from .resilience._backoff import seconds
+from .resilience._breaker import CircuitBreaker
+from .resilience._policies import UNSET, Policies, call_model, effective, with_total_timeout
+from .resilience._ratelimit import RateLimiter
+from .resilience._retry import Retry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,6 +70,12 @@ class Agent(Generic[P, R]):
         max_tool_rounds: int = 5,
         base_url: str | None = None,
         api_key: str | None = None,
+        retry: Retry | bool | None = UNSET,
+        timeout: float | timedelta | None = UNSET,
+        total_timeout: float | timedelta | None = UNSET,
+        breaker: CircuitBreaker | bool | None = UNSET,
+        rate_limit: RateLimiter | None = UNSET,
+        fallback: Iterable[str | Model] = (),
         provider_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
@@ -94,6 +106,17 @@ class Agent(Generic[P, R]):
         self.base_url = base_url
         self._api_key = api_key
         self.provider_kwargs = dict(provider_kwargs or {})
+        self.policies = Policies(
+            retry=_check_retry(retry),
+            timeout=_optional_seconds(timeout, "timeout"),
+            total_timeout=_optional_seconds(total_timeout, "total_timeout"),
+            breaker=breaker,
+            rate_limit=rate_limit,
+        )
+        self.fallback: tuple[str | Model, ...] = tuple(fallback)
+        for spec in self.fallback:
+            if isinstance(spec, str):
+                _parse_model_string(spec, None, None)
         self.tools: dict[str, Tool[Any, Any]] = {}
         for t in tools:
             wrapped = as_tool(t)
@@ -102,9 +125,26 @@ class Agent(Generic[P, R]):
             self.tools[wrapped.name] = wrapped
         self._signature = inspect.signature(fn)
         self.prompt = PromptTemplate(fn, self._signature)
-        return_type = get_type_hints(fn).get("return", str)
+        try:
+            return_type = get_type_hints(fn, include_extras=True).get("return", str)
+        except NameError as exc:
+            raise UsageError(
+                f"agent {self.name!r}: cannot resolve its annotations ({exc}); define the types "
+                f"it uses at module level"
+            ) from exc
         self.output = OutputSpec(return_type)
         warn_if_body_has_code(fn)
+
+    def using(self, model: str | Model) -> Agent[P, R]:
+        """This agent on another model (same prompt, type, tools and policies); for fallbacks."""
+        if isinstance(model, str):
+            _parse_model_string(model, None, None)
+        twin = copy.copy(self)
+        twin.model = model
+        twin.base_url = None
+        twin._api_key = None
+        twin.name = f"{self.name}@{model if isinstance(model, str) else model.id}"
+        return twin
 
     def render(self, *args: P.args, **kwargs: P.kwargs) -> str:
         """The prompt this call would send, without sending it."""
@@ -120,15 +160,20 @@ class Agent(Generic[P, R]):
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         arguments = self._bind(args, kwargs)
-        prompt = self.prompt.render(arguments)
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
+        policies = effective(self.policies)
         span = Span("agent", self.name, current_span.get())
         token = current_span.set(span)
         span_started(span, {"model": model.id, "inputs": arguments})
         totals = _Totals()
         try:
-            model.check_ready()
-            result: R = await self._run(model, prompt, span, totals)
+            prompt = self.prompt.render(arguments)
+            total = policies.total_timeout
+            if total is None and isinstance(policies.retry, Retry):
+                total = policies.retry.total_timeout
+            result, answered_by = await with_total_timeout(
+                total, self._run_chain(model, prompt, span, totals, policies)
+            )
         except BaseException as exc:
             span_finished(span, status_of(exc), exc, usage=totals.usage, cost_usd=totals.cost)
             raise
@@ -139,11 +184,34 @@ class Agent(Generic[P, R]):
             "completed",
             usage=totals.usage,
             cost_usd=totals.cost,
-            attributes={"output": result},
+            attributes={"output": result, "answered_by": answered_by},
         )
-        return result
+        return cast(R, result)
 
-    async def _run(self, model: Model, prompt: str, span: Span, totals: _Totals) -> Any:
+    async def _run_chain(
+        self, model: Model, prompt: str, span: Span, totals: _Totals, policies: Policies
+    ) -> tuple[Any, str]:
+        """The primary model, then each fallback model in turn after a run failure."""
+        chain = [model, *(resolve_model(spec) for spec in self.fallback)]
+        for position, current in enumerate(chain):
+            try:
+                current.check_ready()
+                return await self._run(current, prompt, span, totals, policies), current.id
+            except RunError as exc:
+                if position == len(chain) - 1:
+                    raise
+                span_event(
+                    span,
+                    "fallback",
+                    failed=current.id,
+                    next=chain[position + 1].id,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+        raise AssertionError("unreachable: the chain is never empty")
+
+    async def _run(
+        self, model: Model, prompt: str, span: Span, totals: _Totals, policies: Policies
+    ) -> Any:
         prompted_tools = bool(self.tools) and not model.supports_tools
         messages: list[Message] = []
         if self.system:
@@ -166,7 +234,7 @@ class Agent(Generic[P, R]):
         tool_rounds = 0
         failures = 0
         while True:
-            response, cost = await _llm.attempt(model, request, span)
+            response, cost = await call_model(model, request, span, policies)
             totals.add(response.usage, cost)
             calls = list(response.tool_calls)
             answer_text = response.text
@@ -309,6 +377,18 @@ class Agent(Generic[P, R]):
         return f"<Agent {self.name}>"
 
 
+def _optional_seconds(value: Any, what: str) -> Any:
+    if value is UNSET or value is None:
+        return value
+    return seconds(value, what)
+
+
+def _check_retry(value: Any) -> Any:
+    if value is UNSET or value is None or isinstance(value, bool | Retry):
+        return value
+    raise UsageError(f"retry must be a kagura.resilience.Retry, True, False or None, got {value!r}")
+
+
 def _to_json(value: Any) -> str:
     return pydantic_core.to_json(value, fallback=repr).decode()
 
@@ -328,6 +408,12 @@ def agent(
     max_tool_rounds: int = 5,
     base_url: str | None = None,
     api_key: str | None = None,
+    retry: Retry | bool | None = UNSET,
+    timeout: float | timedelta | None = UNSET,
+    total_timeout: float | timedelta | None = UNSET,
+    breaker: CircuitBreaker | bool | None = UNSET,
+    rate_limit: RateLimiter | None = UNSET,
+    fallback: Iterable[str | Model] = (),
     **provider_kwargs: Any,
 ) -> Callable[[AgentFunction[P, R]], Agent[P, R]]: ...
 def agent(
@@ -344,6 +430,12 @@ def agent(
     max_tool_rounds: int = 5,
     base_url: str | None = None,
     api_key: str | None = None,
+    retry: Retry | bool | None = UNSET,
+    timeout: float | timedelta | None = UNSET,
+    total_timeout: float | timedelta | None = UNSET,
+    breaker: CircuitBreaker | bool | None = UNSET,
+    rate_limit: RateLimiter | None = UNSET,
+    fallback: Iterable[str | Model] = (),
     **provider_kwargs: Any,
 ) -> Agent[P, R] | Callable[[AgentFunction[P, R]], Agent[P, R]]:
     """Turn an async function into an LLM agent.
@@ -368,6 +460,12 @@ def agent(
             max_tool_rounds=max_tool_rounds,
             base_url=base_url,
             api_key=api_key,
+            retry=retry,
+            timeout=timeout,
+            total_timeout=total_timeout,
+            breaker=breaker,
+            rate_limit=rate_limit,
+            fallback=fallback,
             provider_kwargs=provider_kwargs,
         )
 

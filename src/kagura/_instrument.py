@@ -87,7 +87,7 @@ def span_finished(
         )
 
 
-def span_event(span: Span | None, name: str, **attributes: Any) -> None:
+def span_event(span: Span | None, name: str, /, **attributes: Any) -> None:
     if _sinks:
         emit(
             SpanEvent(

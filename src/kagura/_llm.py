@@ -6,20 +6,41 @@ wrap calls to :func:`attempt`, so every retry is its own recorded attempt.
 
 from __future__ import annotations
 
+import asyncio
+
 from ._context import Span
 from ._instrument import span_finished, span_started, status_of
+from .errors import ProviderTimeout
 from .pricing import cost_of
 from .providers import Model, ModelRequest, ModelResponse
 
 
 async def attempt(
-    model: Model, request: ModelRequest, parent: Span
+    model: Model,
+    request: ModelRequest,
+    parent: Span,
+    *,
+    timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit the caller configures
 ) -> tuple[ModelResponse, float | None]:
     """Send one request to ``model`` and return its answer and cost (``None`` when unknown)."""
     span = Span("llm", model.id, parent)
-    span_started(span, {"model": model.id, "messages": request.messages})
+    # A snapshot: the agent appends to its message list after this attempt.
+    span_started(span, {"model": model.id, "messages": tuple(request.messages)})
     try:
-        response = await model.request(request)
+        if timeout is None:
+            response = await model.request(request)
+        else:
+            async with asyncio.timeout(timeout):
+                response = await model.request(request)
+    except TimeoutError as exc:
+        error = exc
+        if timeout is not None and not isinstance(exc, ProviderTimeout):
+            # Our own per-attempt timeout expired (and cancelled the request).
+            error = ProviderTimeout(f"no answer within {timeout:g}s", model=model.id)
+        span_finished(span, "timed_out", error, attributes={"model": model.id})
+        if error is exc:
+            raise
+        raise error from exc
     except BaseException as exc:
         span_finished(span, status_of(exc), exc, attributes={"model": model.id})
         raise

@@ -12,11 +12,11 @@ import enum
 import json
 import re
 import types
-import typing
 from typing import Any, Literal, Union, get_args, get_origin
 
 import pydantic
 from pydantic import TypeAdapter
+from typing_extensions import is_typeddict  # pydantic's dependency
 
 from .providers import OutputSchema
 
@@ -33,7 +33,7 @@ def _is_object_type(tp: Any) -> bool:
     if isinstance(tp, type):
         if issubclass(tp, pydantic.BaseModel) or dataclasses.is_dataclass(tp):
             return True
-        if typing.is_typeddict(tp):
+        if is_typeddict(tp):  # typing's and typing_extensions' (which pydantic needs on 3.11)
             return True
     return False
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, TemplateRuntimeError, TemplateSyntaxError, meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import TemplateError
@@ -26,10 +26,11 @@ def _environment() -> SandboxedEnvironment:
 
 
 class PromptTemplate:
-    __slots__ = ("_template", "_var_keyword", "source")
+    __slots__ = ("_template", "_var_keyword", "owner", "source")
 
     def __init__(self, fn: Callable[..., Any], signature: inspect.Signature) -> None:
         name = getattr(fn, "__qualname__", repr(fn))
+        self.owner = f"agent {name!r}"
         doc = fn.__doc__
         if doc is None or not doc.strip():
             raise TemplateError(
@@ -62,7 +63,10 @@ class PromptTemplate:
     def render(self, arguments: dict[str, Any]) -> str:
         if self._var_keyword is not None:
             arguments = {**arguments.get(self._var_keyword, {}), **arguments}
-        return self._template.render(arguments)
+        try:
+            return self._template.render(arguments)
+        except TemplateRuntimeError as exc:  # undefined attributes, sandbox refusals
+            raise TemplateError(f"{self.owner}: rendering the prompt failed: {exc}") from exc
 
 
 def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:

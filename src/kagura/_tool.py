@@ -19,6 +19,10 @@ R = TypeVar("R")
 
 _SECTION = re.compile(r"^\s*(Args|Arguments|Parameters|Params)\s*:\s*$", re.IGNORECASE)
 _PARAM = re.compile(r"^\s*(\*{0,2}\w+)\s*(?:\([^)]*\))?\s*:\s*(.*)$")
+_OTHER_SECTION = re.compile(
+    r"^(Returns?|Yields?|Raises|Examples?|Notes?|Warnings?|See Also|References|Todo)\s*:\s*$",
+    re.IGNORECASE,
+)
 
 
 def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
@@ -30,24 +34,30 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
     lines = inspect.cleandoc(doc).splitlines()
     description: list[str] = []
     params: dict[str, str] = {}
-    in_args = False
+    section = "description"  # then "args", or "other" for Returns:, Raises:, ...
+    param_indent: int | None = None
     current: str | None = None
     for line in lines:
         if _SECTION.match(line):
-            in_args = True
+            section, param_indent, current = "args", None, None
             continue
-        if in_args:
-            if line and not line[0].isspace() and line.rstrip().endswith(":"):
-                in_args = False  # next section (Returns:, Raises:)
-                continue
+        if _OTHER_SECTION.match(line) or (
+            section == "args" and line[:1].strip() and line.rstrip().endswith(":")
+        ):
+            section = "other"  # its text describes neither the tool nor a parameter
+            continue
+        if section == "description":
+            description.append(line)
+        elif section == "args" and line.strip():
+            indent = len(line) - len(line.lstrip())
             match = _PARAM.match(line)
-            if match and (line.startswith("    ") or not line.startswith(" ")):
+            # A deeper-indented line continues the previous parameter, even if it has a colon.
+            if match and (param_indent is None or indent <= param_indent):
+                param_indent = indent
                 current = match.group(1).lstrip("*")
                 params[current] = match.group(2).strip()
-            elif current and line.strip():
+            elif current:
                 params[current] += " " + line.strip()
-        else:
-            description.append(line)
     return "\n".join(description).strip(), params
 
 
@@ -64,7 +74,7 @@ class Tool(Generic[P, R]):
         self.is_async = inspect.iscoroutinefunction(fn)
         description, param_docs = _parse_docstring(fn.__doc__ or "")
         self.description = description or self.name
-        hints = get_type_hints(fn)
+        hints = get_type_hints(fn, include_extras=True)
         fields: dict[str, Any] = {}
         for param in inspect.signature(fn).parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):

@@ -2,7 +2,9 @@
 
 A workflow call opens a span that every agent call inside it joins through the context variable,
 including calls made in ``asyncio.gather`` and ``create_task`` (asyncio copies the context into
-each task). Workflows called inside workflows become child runs of the same tree.
+each task). Workflows called inside workflows become child runs of the same tree. Resilience
+settings given to ``@workflow(...)`` become the defaults of every agent call in the run, and
+budgets are made fresh for each run.
 """
 
 from __future__ import annotations
@@ -10,11 +12,24 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Coroutine
+from contextlib import ExitStack
+from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._context import Span, current_span
 from ._instrument import span_finished, span_started, status_of
 from .errors import UsageError
+from .resilience._backoff import seconds
+from .resilience._breaker import CircuitBreaker
+from .resilience._budget import CostBudget, RetryBudget
+from .resilience._policies import (
+    UNSET,
+    Policies,
+    reset_workflow_policies,
+    set_workflow_policies,
+)
+from .resilience._ratelimit import RateLimiter
+from .resilience._retry import Retry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -25,7 +40,16 @@ WorkflowFunction = Callable[P, Coroutine[Any, Any, R]]
 class Workflow(Generic[P, R]):
     """A recorded async function. Create it with :func:`workflow`."""
 
-    def __init__(self, fn: WorkflowFunction[P, R], *, name: str | None = None) -> None:
+    def __init__(
+        self,
+        fn: WorkflowFunction[P, R],
+        *,
+        name: str | None = None,
+        policies: Policies | None = None,
+        retry_budget: int | None = None,
+        budget_usd: float | None = None,
+        budget_tokens: int | None = None,
+    ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise UsageError(
                 f"@workflow needs an 'async def' function; "
@@ -34,17 +58,35 @@ class Workflow(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self.fn = fn
         self.name = name or fn.__name__
+        self.policies = policies
+        self.retry_budget = retry_budget
+        self.budget_usd = budget_usd
+        self.budget_tokens = budget_tokens
+        if retry_budget is not None:
+            RetryBudget(retry_budget)  # validate now rather than at the first run
+        if budget_usd is not None or budget_tokens is not None:
+            CostBudget(usd=budget_usd, tokens=budget_tokens)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         span = Span("workflow", self.name, current_span.get())
         token = current_span.set(span)
         span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
+        policy_token = None if self.policies is None else set_workflow_policies(self.policies)
         try:
-            result = await self.fn(*args, **kwargs)
+            with ExitStack() as budgets:
+                if self.retry_budget is not None:
+                    budgets.enter_context(RetryBudget(self.retry_budget))
+                if self.budget_usd is not None or self.budget_tokens is not None:
+                    budgets.enter_context(
+                        CostBudget(usd=self.budget_usd, tokens=self.budget_tokens)
+                    )
+                result = await self.fn(*args, **kwargs)
         except BaseException as exc:
             span_finished(span, status_of(exc), exc)
             raise
         finally:
+            if policy_token is not None:
+                reset_workflow_policies(policy_token)
             current_span.reset(token)
         span_finished(span, "completed", attributes={"output": result})
         return result
@@ -56,15 +98,62 @@ class Workflow(Generic[P, R]):
 @overload
 def workflow(fn: WorkflowFunction[P, R], /) -> Workflow[P, R]: ...
 @overload
-def workflow(*, name: str | None = None) -> Callable[[WorkflowFunction[P, R]], Workflow[P, R]]: ...
 def workflow(
-    fn: WorkflowFunction[P, R] | None = None, /, *, name: str | None = None
+    *,
+    name: str | None = None,
+    retry: Retry | bool | None = UNSET,
+    timeout: float | timedelta | None = UNSET,
+    total_timeout: float | timedelta | None = UNSET,
+    breaker: CircuitBreaker | bool | None = UNSET,
+    rate_limit: RateLimiter | None = UNSET,
+    retry_budget: int | None = None,
+    budget_usd: float | None = None,
+    budget_tokens: int | None = None,
+) -> Callable[[WorkflowFunction[P, R]], Workflow[P, R]]: ...
+def workflow(
+    fn: WorkflowFunction[P, R] | None = None,
+    /,
+    *,
+    name: str | None = None,
+    retry: Retry | bool | None = UNSET,
+    timeout: float | timedelta | None = UNSET,
+    total_timeout: float | timedelta | None = UNSET,
+    breaker: CircuitBreaker | bool | None = UNSET,
+    rate_limit: RateLimiter | None = UNSET,
+    retry_budget: int | None = None,
+    budget_usd: float | None = None,
+    budget_tokens: int | None = None,
 ) -> Workflow[P, R] | Callable[[WorkflowFunction[P, R]], Workflow[P, R]]:
-    """Record an async function as a workflow run; agent calls inside it join the run."""
-    if fn is not None:
-        return Workflow(fn, name=name)
+    """Record an async function as a workflow run; agent calls inside it join the run.
+
+    ``retry``, ``timeout``, ``total_timeout``, ``breaker`` and ``rate_limit`` become the defaults of
+    every agent call in the run (an agent's own settings win). ``retry_budget`` caps the retries of
+    the whole run; ``budget_usd`` and ``budget_tokens`` cap what its LLM calls may spend, after
+    which calls raise :class:`kagura.resilience.BudgetExceeded`.
+    """
+    given = Policies(
+        retry=retry,
+        timeout=timeout if timeout is UNSET or timeout is None else seconds(timeout, "timeout"),
+        total_timeout=(
+            total_timeout
+            if total_timeout is UNSET or total_timeout is None
+            else seconds(total_timeout, "total_timeout")
+        ),
+        breaker=breaker,
+        rate_limit=rate_limit,
+    )
+    policies = None if given == Policies() else given
 
     def decorate(f: WorkflowFunction[P, R]) -> Workflow[P, R]:
-        return Workflow(f, name=name)
+        return Workflow(
+            f,
+            name=name,
+            policies=policies,
+            retry_budget=retry_budget,
+            budget_usd=budget_usd,
+            budget_tokens=budget_tokens,
+        )
 
+    if fn is not None:
+        return decorate(fn)
     return decorate

@@ -102,8 +102,9 @@ class ProviderError(RunError):
             return None
 
 
-class ProviderTimeout(ProviderError):
-    """The provider did not answer in time."""
+class ProviderTimeout(ProviderError, TimeoutError):
+    """The provider did not answer in time. Also a builtin ``TimeoutError``, so code written with
+    ``except asyncio.TimeoutError`` catches it."""
 
 
 class ProviderConnectionError(ProviderError):

@@ -50,9 +50,14 @@ def register_price(model: str, *, input_per_mtok: float, output_per_mtok: float)
     _genai_price.cache_clear()
 
 
+def is_free(provider: str) -> bool:
+    """Models that run on this machine (or fakes): they cost nothing, whatever their usage."""
+    return provider in _FREE_PROVIDERS
+
+
 def cost_of(provider: str, model_name: str, usage: Usage) -> float | None:
     """Cost in USD of ``usage`` on this model, or ``None`` when no price is known."""
-    if provider in _FREE_PROVIDERS:
+    if is_free(provider):
         return 0.0
     user = _user_prices.get(f"{provider}/{model_name}") or _user_prices.get(model_name)
     if user is not None:

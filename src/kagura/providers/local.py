@@ -75,18 +75,23 @@ class _Workers:
                 raise UsageError(
                     f"the embedded model needs llama-cpp-python: {_INSTALL_HINT}"
                 ) from None
-            llm = Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_threads=self.threads_per_model,
-                verbose=False,
-            )
+            # verbose=False makes llama-cpp-python point the process's stdout/stderr at /dev/null
+            # while it loads, and restore what it saw on entry: two loads at once can restore
+            # /dev/null for good (all later output lost). One load at a time.
+            with _load_lock:
+                llm = Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.threads_per_model,
+                    verbose=False,
+                )
             self._local.llm = llm = _with_cancellation(llm)
         return llm
 
 
 _workers: _Workers | None = None
 _workers_lock = threading.Lock()
+_load_lock = threading.Lock()
 
 
 def _get_workers() -> _Workers:

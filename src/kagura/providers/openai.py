@@ -153,7 +153,7 @@ class OpenAIChatModel(Model):
             raise ProviderTimeout("request timed out", model=self.id) from exc
         except openai.APIConnectionError as exc:
             raise ProviderConnectionError(
-                f"connection failed: {exc.__cause__ or exc}", model=self.id
+                f"connection failed: {_connection_detail(exc)}", model=self.id
             ) from exc
         except openai.APIStatusError as exc:
             raise ProviderError(
@@ -167,6 +167,18 @@ class OpenAIChatModel(Model):
             # The SDK raises these when the body is not the JSON it expects.
             raise ProviderError(f"malformed response: {exc}", model=self.id) from exc
         return _to_response(completion, self.id)
+
+
+def _connection_detail(exc: BaseException) -> str:
+    """The first informative message down the cause chain (httpx errors often have none)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            return f"{type(current).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return type(exc.__cause__ or exc).__name__
 
 
 def _error_message(exc: Any) -> str:

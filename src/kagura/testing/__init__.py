@@ -132,7 +132,7 @@ def _example(schema: dict[str, Any], root: dict[str, Any], text: str) -> Any:
             return [_example(s, root, text) for s in items]
         return [_example(schema.get("items", {}), root, text)] * max(1, schema.get("minItems", 1))
     if kind == "string":
-        return text[:80]
+        return text[: min(80, schema.get("maxLength", 80))]
     if kind in ("integer", "number"):
         return schema.get("minimum", 0)
     if kind == "boolean":

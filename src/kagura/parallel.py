@@ -1,0 +1,195 @@
+"""Running many agent calls at once, on top of ``asyncio.TaskGroup``.
+
+- :func:`gather`: like ``asyncio.gather`` with a concurrency limit; on the first error the
+  siblings are cancelled (and awaited) and that error is raised, unless ``return_exceptions``.
+- :func:`map`: one async function over many items, with a concurrency limit and a progress bar when
+  run in a terminal.
+- :func:`gather_partial`: what finished by a deadline, plus the errors and what was cancelled:
+  graceful degradation without losing the parts that worked.
+
+Every task started here runs in a copy of the caller's context, so agent calls join the caller's
+workflow run, and none outlives the call: cancelling the caller cancels them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sys
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, overload
+
+from .errors import UsageError
+
+T = TypeVar("T")
+K = TypeVar("K")
+U = TypeVar("U")
+
+__all__ = ["Partial", "gather", "gather_partial", "map"]
+
+
+def _check_limit(limit: int | None) -> asyncio.Semaphore | None:
+    if limit is None:
+        return None
+    if limit < 1:
+        raise UsageError(f"the concurrency limit must be at least 1, got {limit}")
+    return asyncio.Semaphore(limit)
+
+
+async def _limited(aw: Awaitable[T], semaphore: asyncio.Semaphore | None) -> T:
+    if semaphore is None:
+        return await aw
+    async with semaphore:
+        return await aw
+
+
+def _close_unstarted(aws: Iterable[Awaitable[Any]]) -> None:
+    # Coroutines that never became tasks would warn "never awaited"; close them quietly.
+    for aw in aws:
+        close = getattr(aw, "close", None)
+        if asyncio.iscoroutine(aw) and close is not None:
+            close()
+
+
+@overload
+async def gather(
+    *aws: Awaitable[T], limit: int | None = None, return_exceptions: bool = False
+) -> list[T]: ...
+@overload
+async def gather(
+    *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
+) -> list[Any]: ...
+async def gather(
+    *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
+) -> list[Any]:
+    """Await all of ``aws`` concurrently (at most ``limit`` at a time), results in order.
+
+    Without ``return_exceptions`` the first failure cancels the others and is raised as itself
+    (not as an ``ExceptionGroup``); with it, exceptions take their place in the results.
+    """
+    try:
+        semaphore = _check_limit(limit)
+    except UsageError:
+        _close_unstarted(aws)
+        raise
+    results: list[Any] = [None] * len(aws)
+
+    async def run(index: int, aw: Awaitable[Any]) -> None:
+        if return_exceptions:
+            try:
+                results[index] = await _limited(aw, semaphore)
+            except Exception as error:
+                results[index] = error
+        else:
+            results[index] = await _limited(aw, semaphore)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for index, aw in enumerate(aws):
+                group.create_task(run(index, aw))
+    except BaseExceptionGroup as group_error:
+        raise _first(group_error) from None
+    return results
+
+
+def _first(group_error: BaseExceptionGroup[Any]) -> BaseException:
+    first: BaseException = group_error.exceptions[0]
+    if isinstance(first, BaseExceptionGroup):
+        return _first(first)
+    others = len(group_error.exceptions) - 1
+    if others:
+        first.add_note(f"kagura: {others} other task(s) failed at the same time")
+    return first
+
+
+async def map(
+    fn: Callable[[T], Awaitable[U]],
+    items: Iterable[T],
+    *,
+    concurrency: int = 8,
+    return_exceptions: bool = False,
+    progress: bool | None = None,
+    description: str = "working",
+) -> list[U]:
+    """``[await fn(item) for item in items]``, ``concurrency`` at a time, results in order.
+
+    ``progress=None`` shows a rich progress bar when stderr is a terminal; ``True``/``False``
+    force it on or off.
+    """
+    values = builtins.list(items)
+    show = sys.stderr.isatty() if progress is None else progress
+    if not show:
+        return await gather(
+            *(fn(v) for v in values), limit=concurrency, return_exceptions=return_exceptions
+        )
+    from rich.progress import Progress
+
+    with Progress(transient=False) as bar:
+        task_id = bar.add_task(description, total=len(values))
+
+        async def tracked(value: T) -> U:
+            try:
+                return await fn(value)
+            finally:
+                bar.advance(task_id)
+
+        return await gather(
+            *(tracked(v) for v in values), limit=concurrency, return_exceptions=return_exceptions
+        )
+
+
+@dataclass
+class Partial(Generic[K, T]):
+    """What :func:`gather_partial` got: results by key, errors by key, and the keys cancelled
+    because the deadline came first."""
+
+    results: dict[K, T] = field(default_factory=dict)
+    errors: dict[K, Exception] = field(default_factory=dict)
+    cancelled: builtins.list[K] = field(default_factory=builtins.list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.errors and not self.cancelled
+
+
+async def gather_partial(
+    aws: Mapping[K, Awaitable[T]] | Iterable[Awaitable[T]],
+    *,
+    deadline: float | None = None,
+    limit: int | None = None,
+) -> Partial[Any, T]:
+    """Run ``aws`` concurrently and return whatever finished, without raising for failures.
+
+    ``aws`` is a mapping (keys name the parts) or an iterable (keys are positions). After
+    ``deadline`` seconds, unfinished parts are cancelled and listed in ``cancelled``. Cancelling
+    the caller still cancels everything and propagates.
+    """
+    named: dict[Any, Awaitable[T]] = (
+        dict(aws.items()) if isinstance(aws, Mapping) else dict(enumerate(aws))
+    )
+    semaphore = _check_limit(limit)
+    partial: Partial[Any, T] = Partial()
+    tasks = {key: asyncio.ensure_future(_limited(aw, semaphore)) for key, aw in named.items()}
+    try:
+        if tasks:
+            await asyncio.wait(tasks.values(), timeout=deadline)
+    finally:
+        pending = [t for t in tasks.values() if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            # Shielded so the cleanup finishes even if the caller is being cancelled.
+            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+    for key, task in tasks.items():
+        if task.cancelled():
+            partial.cancelled.append(key)
+            continue
+        error = task.exception()
+        if error is None:
+            partial.results[key] = task.result()
+        elif isinstance(error, Exception):
+            partial.errors[key] = error
+        else:
+            raise error
+    return partial

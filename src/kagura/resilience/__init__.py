@@ -1,0 +1,48 @@
+"""Resilience policies: retries with backoff, timeouts, fallbacks, circuit breakers, rate limits
+and budgets.
+
+Each is usable three ways: as an argument of ``@agent(...)``, as a default for every agent call
+inside a ``@workflow(...)``, and on any async function (as a decorator, a context manager or, for
+retries, a context iterator). With nothing configured an agent retries transient errors (429, 5xx,
+timeouts, connection errors) up to 3 times with jittered exponential backoff (0.5 s doubling,
+capped at 30 s), honouring ``Retry-After``; ``@agent(retry=False)`` turns that off.
+"""
+
+from ._backoff import Backoff, exponential, fixed, jittered
+from ._breaker import CircuitBreaker, CircuitOpenError, circuit_breaker, reset_breakers
+from ._budget import BudgetExceeded, CostBudget, RetryBudget
+from ._classify import is_transient
+from ._config import no_waits, set_testing
+from ._fallback import Answer, Fallback
+from ._policies import Policies
+from ._ratelimit import Permit, RateLimiter, limit_model, reset_rate_limits
+from ._retry import DEFAULT_RETRY, Attempt, Retry, RetryDetails, retry
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "Answer",
+    "Attempt",
+    "Backoff",
+    "BudgetExceeded",
+    "CircuitBreaker",
+    "CircuitOpenError",
+    "CostBudget",
+    "Fallback",
+    "Permit",
+    "Policies",
+    "RateLimiter",
+    "Retry",
+    "RetryBudget",
+    "RetryDetails",
+    "circuit_breaker",
+    "exponential",
+    "fixed",
+    "is_transient",
+    "jittered",
+    "limit_model",
+    "no_waits",
+    "reset_breakers",
+    "reset_rate_limits",
+    "retry",
+    "set_testing",
+]

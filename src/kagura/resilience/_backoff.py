@@ -1,0 +1,80 @@
+"""How long to wait before retry number n: fixed, exponential, and jittered exponential."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
+
+from ..errors import UsageError
+
+Jitter = Literal["full", "equal"] | None
+
+
+def seconds(value: float | timedelta, what: str) -> float:
+    """A duration as float seconds; every policy accepts floats or timedeltas."""
+    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if result < 0:
+        raise UsageError(f"{what} must not be negative, got {value!r}")
+    return result
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delay before retry number ``n`` (1 for the first retry).
+
+    ``base * factor ** (n - 1)``, capped at ``cap``. With ``jitter="full"`` the delay is drawn
+    uniformly from ``[0, d]``; with ``"equal"`` from ``[d/2, d]`` (AWS's "Exponential Backoff And
+    Jitter"): jitter spreads out clients that failed together so they don't retry together.
+    """
+
+    base: float = 0.5
+    factor: float = 2.0
+    cap: float = 30.0
+    jitter: Jitter = None
+
+    def __post_init__(self) -> None:
+        if self.base < 0 or self.cap < 0:
+            raise UsageError("backoff base and cap must not be negative")
+        if self.factor < 1:
+            raise UsageError(f"backoff factor must be at least 1, got {self.factor}")
+        if self.jitter not in (None, "full", "equal"):
+            raise UsageError(f"jitter must be 'full', 'equal' or None, got {self.jitter!r}")
+
+    def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
+        raw = min(self.cap, self.base * self.factor ** max(0, retry_number - 1))
+        if self.jitter is None:
+            return raw
+        uniform = (rng or random).uniform
+        if self.jitter == "full":
+            return uniform(0.0, raw)
+        return raw / 2 + uniform(0.0, raw / 2)
+
+
+def fixed(delay: float | timedelta) -> Backoff:
+    """The same wait before every retry."""
+    d = seconds(delay, "delay")
+    return Backoff(base=d, factor=1.0, cap=d)
+
+
+def exponential(
+    base: float | timedelta = 0.5,
+    *,
+    factor: float = 2.0,
+    cap: float | timedelta = 30.0,
+    jitter: Jitter = None,
+) -> Backoff:
+    """``base``, ``base*factor``, ``base*factor**2``, ... up to ``cap``."""
+    return Backoff(seconds(base, "base"), factor, seconds(cap, "cap"), jitter)
+
+
+def jittered(
+    base: float | timedelta = 0.5,
+    *,
+    factor: float = 2.0,
+    cap: float | timedelta = 30.0,
+    mode: Literal["full", "equal"] = "full",
+) -> Backoff:
+    """Exponential backoff with jitter (full by default)."""
+    return Backoff(seconds(base, "base"), factor, seconds(cap, "cap"), mode)

@@ -1,0 +1,205 @@
+"""Circuit breakers: stop calling a dependency that keeps failing, then probe it carefully.
+
+closed ──(failure_threshold consecutive failures)──▶ open ──(recovery_time passes)──▶ half-open
+half-open ──(a probe succeeds)──▶ closed;  half-open ──(a probe fails)──▶ open
+
+While open, calls fail fast with :class:`CircuitOpenError` without touching the dependency. In
+half-open at most ``half_open_probes`` calls are let through at once; the others fail fast.
+Breakers are shared by name across every task of the process (``circuit_breaker("name")``).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Literal, ParamSpec, TypeVar
+
+from .._context import current_span
+from .._instrument import span_event
+from ..errors import RunError, UsageError
+from ._backoff import seconds
+from ._classify import is_transient
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+BreakerState = Literal["closed", "open", "half_open"]
+
+
+class CircuitOpenError(RunError):
+    """The circuit breaker is open: the call was refused without reaching the dependency."""
+
+    def __init__(self, name: str, retry_in: float) -> None:
+        self.name = name
+        self.retry_in = retry_in
+        super().__init__(
+            f"circuit breaker {name!r} is open: failing fast; "
+            f"the next probe is allowed in {retry_in:.1f}s"
+        )
+
+
+class CircuitBreaker:
+    """Args:
+    name: the key it is shared under (an agent's default is its ``provider/model``).
+    failure_threshold: consecutive failures that open the circuit.
+    recovery_time: how long it stays open before letting probes through.
+    half_open_probes: calls let through at once while half-open.
+    failure_on: which errors count (default: transient ones; a 400 says nothing of health).
+    on_state_change: called with ``(breaker, old_state, new_state)``.
+    clock: a monotonic clock in seconds (tests pass a fake one).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failure_threshold: int = 5,
+        recovery_time: float | timedelta = 30.0,
+        half_open_probes: int = 1,
+        failure_on: Callable[[BaseException], bool] = is_transient,
+        on_state_change: Callable[[CircuitBreaker, BreakerState, BreakerState], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if failure_threshold < 1:
+            raise UsageError(f"failure_threshold must be at least 1, got {failure_threshold}")
+        if half_open_probes < 1:
+            raise UsageError(f"half_open_probes must be at least 1, got {half_open_probes}")
+        self.name = name
+        self.failure_threshold = failure_threshold
+        self.recovery_time = seconds(recovery_time, "recovery_time")
+        self.half_open_probes = half_open_probes
+        self.failure_on = failure_on
+        self.on_state_change = on_state_change
+        self._clock = clock
+        self._state: BreakerState = "closed"
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probes = 0
+        # Breakers are shared across event loops and threads (the local model's workers), so
+        # state changes take a lock; it is never held across an await.
+        self._lock = threading.RLock()  # reentrant: on_state_change may read .state
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            self._advance()
+            return self._state
+
+    @property
+    def failures(self) -> int:
+        return self._failures
+
+    def _advance(self) -> None:
+        if self._state == "open" and self._clock() - self._opened_at >= self.recovery_time:
+            self._set("half_open")
+
+    def _set(self, new: BreakerState) -> None:
+        old, self._state = self._state, new
+        if new == "open":
+            self._opened_at = self._clock()
+        if new != "half_open":
+            self._probes = 0
+        if old != new:
+            span_event(current_span.get(), "breaker_state", breaker=self.name, old=old, new=new)
+            if self.on_state_change is not None:
+                self.on_state_change(self, old, new)
+
+    def before_call(self) -> None:
+        """Admit a call or raise :class:`CircuitOpenError`. Pair with ``record_*`` after."""
+        with self._lock:
+            self._advance()
+            if self._state == "closed":
+                return
+            if self._state == "half_open" and self._probes < self.half_open_probes:
+                self._probes += 1
+                return
+            retry_in = max(0.0, self.recovery_time - (self._clock() - self._opened_at))
+        raise CircuitOpenError(self.name, retry_in)
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._failures = 0
+            if self._state != "closed":
+                self._set("closed")
+
+    def record_failure(self, error: BaseException) -> None:
+        with self._lock:
+            if self._state == "half_open":
+                self._probes = max(0, self._probes - 1)
+            if not self.failure_on(error):
+                # Not a health signal (a bad request, a cancellation): a probe slot is freed, and
+                # the failure count is left as it was.
+                return
+            self._failures += 1
+            if self._state == "half_open" or self._failures >= self.failure_threshold:
+                self._set("open")
+
+    def reset(self) -> None:
+        with self._lock:
+            self._failures = 0
+            self._set("closed")
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        self.before_call()
+        try:
+            result = await fn()
+        except BaseException as error:
+            self.record_failure(error)
+            raise
+        self.record_success()
+        return result
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """Use the breaker as a decorator on any async function."""
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await self.call(lambda: fn(*args, **kwargs))
+
+        return wrapper
+
+    async def __aenter__(self) -> CircuitBreaker:
+        self.before_call()
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            self.record_success()
+        else:
+            self.record_failure(exc)
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.name!r} {self._state} failures={self._failures}>"
+
+
+_registry: dict[str, CircuitBreaker] = {}
+_registry_lock = threading.Lock()
+
+
+def circuit_breaker(
+    name: str,
+    *,
+    failure_threshold: int = 5,
+    recovery_time: float | timedelta = 30.0,
+    half_open_probes: int = 1,
+) -> CircuitBreaker:
+    """The process-wide breaker called ``name``, created with these settings on first use."""
+    with _registry_lock:
+        breaker = _registry.get(name)
+        if breaker is None:
+            breaker = _registry[name] = CircuitBreaker(
+                name,
+                failure_threshold=failure_threshold,
+                recovery_time=recovery_time,
+                half_open_probes=half_open_probes,
+            )
+        return breaker
+
+
+def reset_breakers() -> None:
+    """Forget every shared breaker (tests)."""
+    with _registry_lock:
+        _registry.clear()

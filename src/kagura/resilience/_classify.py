@@ -1,0 +1,39 @@
+"""Which failures are worth retrying.
+
+Transient: HTTP 408, 409, 425, 429 and 5xx, timeouts, connection errors. Never: authentication,
+permission, bad requests, usage errors, output that did not parse, and cancellation (which is not
+an error at all: it always propagates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from ..errors import (
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeout,
+    UsageError,
+)
+
+TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
+
+
+def is_transient(error: BaseException) -> bool:
+    """The default ``retry_on`` predicate."""
+    if isinstance(error, asyncio.CancelledError | UsageError):
+        return False
+    if isinstance(error, ProviderTimeout | ProviderConnectionError | TimeoutError):
+        return True
+    if isinstance(error, ProviderError):
+        status = error.status_code
+        if status is None:
+            # No HTTP status: a malformed or truncated answer is worth another try.
+            return error.body is not None or "malformed" in str(error)
+        return status in TRANSIENT_STATUS or status >= 500
+    return isinstance(error, ConnectionError)
+
+
+def retry_after(error: BaseException) -> float | None:
+    """Seconds the server asked us to wait before trying again, if it said."""
+    return error.retry_after if isinstance(error, ProviderError) else None

@@ -1,0 +1,89 @@
+"""Fallback chains: try options in order until one answers; the answer says which one did.
+
+Options are any async callables taking the same arguments: agents, the same agent on another
+model (``my_agent.using("local/smollm2")``), or plain functions. A ``default`` value answers when
+every option failed. Cancellation is never a reason to fall back: it propagates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from .._context import current_span
+from .._instrument import span_event
+from ..errors import UsageError
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+_NO_DEFAULT: Any = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Answer(Generic[T]):
+    """The value, the name of the option that produced it (``"default"`` for the default value),
+    and the failures of the options tried before it."""
+
+    value: T
+    source: str
+    errors: tuple[tuple[str, Exception], ...] = ()
+
+    @property
+    def degraded(self) -> bool:
+        """True when the first choice did not answer."""
+        return bool(self.errors)
+
+
+def _name(option: Callable[..., Any]) -> str:
+    return str(getattr(option, "name", None) or getattr(option, "__qualname__", repr(option)))
+
+
+class Fallback(Generic[P, T]):
+    """Try ``options`` in order: ``await Fallback(fast, reliable, default="n/a")(text)``.
+
+    Args:
+        options: async callables tried in order with the call's arguments.
+        default: returned (as source ``"default"``) when every option failed; without it the last
+            error is raised, with the earlier ones attached as notes.
+        on: the exception types that move on to the next option (default: any ``Exception``).
+    """
+
+    def __init__(
+        self,
+        *options: Callable[P, Awaitable[T]],
+        default: T = _NO_DEFAULT,
+        on: type[Exception] | tuple[type[Exception], ...] = Exception,
+    ) -> None:
+        if not options:
+            raise UsageError("Fallback needs at least one option")
+        self.options = options
+        self.default = default
+        self.on = on
+
+    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Answer[T]:
+        errors: list[tuple[str, Exception]] = []
+        for option in self.options:
+            name = _name(option)
+            try:
+                value = await option(*args, **kwargs)
+            except self.on as error:
+                errors.append((name, error))
+                span_event(
+                    current_span.get(),
+                    "fallback",
+                    failed=name,
+                    error=f"{type(error).__name__}: {error}",
+                )
+                continue
+            return Answer(value, name, tuple(errors))
+        if self.default is not _NO_DEFAULT:
+            return Answer(self.default, "default", tuple(errors))
+        last = errors[-1][1]
+        for earlier_name, earlier in errors[:-1]:
+            last.add_note(
+                f"kagura: fallback option {earlier_name!r} failed first: "
+                f"{type(earlier).__name__}: {earlier}"
+            )
+        raise last

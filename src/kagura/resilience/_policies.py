@@ -1,0 +1,172 @@
+"""The policies around every LLM attempt, and where an agent gets them from.
+
+Order per attempt: cost budget → circuit breaker → rate limiter → (timeout) provider. The retry
+policy wraps that whole sequence, so an open breaker or a spent budget is never retried, and every
+retry is a separate recorded attempt. An agent's own settings win; what it leaves unset comes from
+the innermost ``@workflow(...)`` around the call, then from the library defaults.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _llm
+from .._context import Span
+from ..pricing import is_free
+from ..providers import Model, ModelRequest, ModelResponse
+from ._breaker import CircuitBreaker, circuit_breaker
+from ._budget import current_cost_budget
+from ._classify import retry_after
+from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
+from ._retry import DEFAULT_RETRY, Retry
+
+
+class _Unset:
+    """Marks an agent setting left to the workflow or library default (``None`` means "off")."""
+
+    _instance: _Unset | None = None
+
+    def __new__(cls) -> _Unset:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __bool__(self) -> bool:
+        return False
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True, slots=True)
+class Policies:
+    """Resilience settings for agent calls. ``UNSET`` fields fall through to the next level.
+
+    retry: a :class:`Retry`, or ``None``/``False`` for a single attempt.
+    timeout: seconds per attempt. total_timeout: seconds per agent call, retries included.
+    breaker: a :class:`CircuitBreaker`, ``True`` for one shared per ``provider/model``, or off.
+    rate_limit: a :class:`RateLimiter`; by default the one set with ``limit_model`` for the model.
+    """
+
+    retry: Retry | bool | None = UNSET
+    timeout: float | None = UNSET
+    total_timeout: float | None = UNSET
+    breaker: CircuitBreaker | bool | None = UNSET
+    rate_limit: RateLimiter | None = UNSET
+
+    def over(self, base: Policies) -> Policies:
+        """These settings, with the unset ones taken from ``base``."""
+        return Policies(
+            *(
+                mine if mine is not UNSET else theirs
+                for mine, theirs in zip(_values(self), _values(base), strict=True)
+            )
+        )
+
+
+def _values(p: Policies) -> tuple[Any, ...]:
+    return (p.retry, p.timeout, p.total_timeout, p.breaker, p.rate_limit)
+
+
+LIBRARY_DEFAULTS = Policies(
+    retry=DEFAULT_RETRY, timeout=None, total_timeout=None, breaker=None, rate_limit=None
+)
+
+_workflow_policies: ContextVar[Policies | None] = ContextVar("kagura_policies", default=None)
+
+
+def workflow_policies() -> Policies | None:
+    return _workflow_policies.get()
+
+
+def set_workflow_policies(policies: Policies) -> Any:
+    """Install ``policies`` as the defaults for the current context (returns the reset token)."""
+    outer = _workflow_policies.get()
+    return _workflow_policies.set(policies.over(outer) if outer is not None else policies)
+
+
+def reset_workflow_policies(token: Any) -> None:
+    _workflow_policies.reset(token)
+
+
+def effective(agent_policies: Policies) -> Policies:
+    outer = _workflow_policies.get()
+    merged = agent_policies.over(outer) if outer is not None else agent_policies
+    return merged.over(LIBRARY_DEFAULTS)
+
+
+def _breaker_for(setting: CircuitBreaker | bool | None, model: Model) -> CircuitBreaker | None:
+    if isinstance(setting, CircuitBreaker):
+        return setting
+    if setting is True:
+        return circuit_breaker(model.id)
+    return None
+
+
+async def call_model(
+    model: Model, request: ModelRequest, parent: Span, policies: Policies
+) -> tuple[ModelResponse, float | None]:
+    """One logical model call: attempts under the retry policy, each guarded by the others."""
+    breaker = _breaker_for(policies.breaker, model)
+    limiter = policies.rate_limit or limiter_for_model(model.id)
+    retry = policies.retry
+    if retry is True:
+        retry = DEFAULT_RETRY
+    timeout = policies.timeout
+    if timeout is None and isinstance(retry, Retry):
+        timeout = retry.timeout
+
+    async def one_attempt() -> tuple[ModelResponse, float | None]:
+        budget = current_cost_budget()
+        if budget is not None:
+            budget.check(free=is_free(model.provider))
+        if breaker is not None:
+            breaker.before_call()
+        try:
+            estimate = 0
+            if limiter is not None:
+                estimate = estimate_tokens(request.messages)
+                permit = await limiter.acquire(estimate)
+            response, cost = await _llm.attempt(model, request, parent, timeout=timeout)
+        except BaseException as error:
+            if breaker is not None:
+                breaker.record_failure(error)
+            if limiter is not None and getattr(error, "status_code", None) == 429:
+                limiter.penalise(retry_after(error))
+            raise
+        if breaker is not None:
+            breaker.record_success()
+        if limiter is not None:
+            permit.settle(response.usage.total_tokens)
+        if budget is not None:
+            budget.charge(response.usage, cost)
+        return response, cost
+
+    if not isinstance(retry, Retry):
+        return await one_attempt()
+    if retry.timeout is not None or retry.total_timeout is not None:
+        # The agent applies these itself; the policy's copy would apply them twice.
+        retry = _without_timeouts(retry)
+    return await retry.call(one_attempt, name=model.id)
+
+
+def _without_timeouts(policy: Retry) -> Retry:
+    stripped = Retry.__new__(Retry)
+    for slot in Retry.__slots__:
+        setattr(stripped, slot, getattr(policy, slot))
+    stripped.timeout = None
+    stripped.total_timeout = None
+    return stripped
+
+
+async def with_total_timeout(total: float | None, coro: Any) -> Any:
+    if total is None:
+        return await coro
+    async with asyncio.timeout(total):
+        return await coro

@@ -1,0 +1,258 @@
+"""Retries: a policy object usable as an agent argument, a decorator, or a context iterator.
+
+Shaped like stamina's: keyword-only arguments, durations as ``float | timedelta``, and when the
+attempts run out the last error passes through unwrapped (with a note saying how many attempts were
+made). Cancellation is never retried and never counted as a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import ParamSpec, TypeVar
+
+from .._context import current_span
+from .._instrument import span_event
+from ..errors import UsageError
+from . import _config
+from ._backoff import Backoff, jittered, seconds
+from ._budget import current_retry_budget
+from ._classify import is_transient, retry_after
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RetryDetails:
+    """What the recorder and ``on_retry`` hooks learn about each retry."""
+
+    name: str
+    attempt: int  # the attempt that failed, from 1
+    error: BaseException
+    wait: float  # seconds before the next attempt
+    retry_after: float | None  # what the server asked for, if anything
+
+
+class Retry:
+    """Retry a failing call with backoff.
+
+    Args:
+        attempts: total attempts, the first included (``attempts=1`` never retries).
+        backoff: delays between attempts (default: jittered exponential, 0.5 s doubling, 30 s cap).
+        retry_on: a predicate, or exception types, deciding what is retried (default: transient
+            provider errors: 429, 5xx, timeouts and connection errors).
+        timeout: limit on each attempt; an attempt that runs over is cancelled and retried.
+        total_timeout: limit on the whole call, waits included; raises ``TimeoutError``.
+        respect_retry_after: wait at least what a ``Retry-After`` header asks.
+        max_retry_after: a ``Retry-After`` longer than this is not waited for: the error is raised.
+        on_retry: called with a :class:`RetryDetails` before each wait.
+    """
+
+    __slots__ = (
+        "attempts",
+        "backoff",
+        "max_retry_after",
+        "on_retry",
+        "respect_retry_after",
+        "retry_on",
+        "timeout",
+        "total_timeout",
+    )
+
+    def __init__(
+        self,
+        *,
+        attempts: int = 4,
+        backoff: Backoff | None = None,
+        retry_on: RetryOn = is_transient,
+        timeout: float | timedelta | None = None,
+        total_timeout: float | timedelta | None = None,
+        respect_retry_after: bool = True,
+        max_retry_after: float | timedelta = 60.0,
+        on_retry: Callable[[RetryDetails], None] | None = None,
+    ) -> None:
+        if attempts < 1:
+            raise UsageError(f"attempts must be at least 1, got {attempts}")
+        self.attempts = attempts
+        self.backoff = backoff if backoff is not None else jittered(0.5, cap=30.0)
+        self.retry_on = _predicate(retry_on)
+        self.timeout = None if timeout is None else seconds(timeout, "timeout")
+        self.total_timeout = (
+            None if total_timeout is None else seconds(total_timeout, "total_timeout")
+        )
+        self.respect_retry_after = respect_retry_after
+        self.max_retry_after = seconds(max_retry_after, "max_retry_after")
+        self.on_retry = on_retry
+
+    def __repr__(self) -> str:
+        return f"Retry(attempts={self.attempts}, backoff={self.backoff!r}, timeout={self.timeout})"
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, name: str = "call") -> T:
+        """Run ``fn()`` (a fresh awaitable per attempt) under this policy."""
+        if self.total_timeout is None:
+            return await self._loop(fn, name, None)
+        deadline = time.monotonic() + self.total_timeout
+        async with asyncio.timeout(self.total_timeout):
+            return await self._loop(fn, name, deadline)
+
+    async def _loop(self, fn: Callable[[], Awaitable[T]], name: str, deadline: float | None) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if self.timeout is None:
+                    return await fn()
+                async with asyncio.timeout(self.timeout):
+                    return await fn()
+            except Exception as error:
+                wait = self._wait_before_retry(error, attempt, name, deadline)
+                if wait is None:
+                    raise
+            await _config.sleep(wait)
+
+    def _wait_before_retry(
+        self, error: Exception, attempt: int, name: str, deadline: float | None
+    ) -> float | None:
+        """Seconds to wait before the next attempt, or ``None`` to give up and re-raise."""
+        if not self.retry_on(error):
+            return None
+        if attempt >= self.attempts:
+            error.add_note(f"kagura: gave up after {attempt} attempts")
+            return None
+        asked = retry_after(error) if self.respect_retry_after else None
+        if asked is not None and asked > self.max_retry_after:
+            error.add_note(
+                f"kagura: not retried: Retry-After {asked:g}s exceeds max_retry_after "
+                f"{self.max_retry_after:g}s"
+            )
+            return None
+        wait = self.backoff.delay(attempt)
+        if asked is not None:
+            wait = max(wait, asked)
+        if deadline is not None and time.monotonic() + wait >= deadline:
+            error.add_note("kagura: not retried: the wait would pass the total timeout")
+            return None
+        budget = current_retry_budget()
+        if budget is not None and not budget.try_spend():
+            error.add_note(f"kagura: not retried: {budget.describe()}")
+            span_event(current_span.get(), "retry_budget_exhausted", name=name)
+            return None
+        details = RetryDetails(name, attempt, error, wait, asked)
+        span_event(
+            current_span.get(),
+            "retry_wait",
+            name=name,
+            attempt=attempt,
+            error=f"{type(error).__name__}: {error}",
+            wait=wait,
+            retry_after=asked,
+        )
+        if self.on_retry is not None:
+            self.on_retry(details)
+        return wait
+
+    # -- decorator ----------------------------------------------------------------------------
+
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+        """Use the policy as a decorator on any async function."""
+        if not asyncio.iscoroutinefunction(fn):
+            raise UsageError("Retry(...) decorates async functions only")
+
+        @functools.wraps(fn)
+        async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+            return await self.call(lambda: fn(*args, **kwargs), name=fn.__qualname__)
+
+        return wrapper
+
+    # -- context iterator ---------------------------------------------------------------------
+
+    async def __aiter__(self) -> AsyncIterator[Attempt]:
+        """``async for attempt in policy: with attempt: ...`` retries the block."""
+        deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
+        number = 0
+        while True:
+            number += 1
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"gave up: total_timeout of {self.total_timeout:g}s passed")
+            block = Attempt(number)
+            yield block
+            if block.error is None:
+                return
+            wait = self._wait_before_retry(block.error, number, "block", deadline)
+            if wait is None:
+                raise block.error
+            await _config.sleep(wait)
+
+
+class Attempt:
+    """One try of a retried block. Errors inside are held for the policy to judge."""
+
+    __slots__ = ("error", "number")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.error: Exception | None = None
+
+    def __enter__(self) -> Attempt:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if isinstance(exc, Exception):
+            self.error = exc
+            return True
+        return False
+
+
+def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
+    if isinstance(retry_on, type | tuple):
+        types = retry_on
+
+        def matches(error: BaseException) -> bool:
+            return isinstance(error, types)
+
+        return matches
+    if callable(retry_on):
+        return retry_on
+    raise UsageError(f"retry_on must be a predicate or exception types, got {retry_on!r}")
+
+
+def retry(
+    *,
+    attempts: int = 4,
+    backoff: Backoff | None = None,
+    retry_on: RetryOn = is_transient,
+    timeout: float | timedelta | None = None,
+    total_timeout: float | timedelta | None = None,
+    respect_retry_after: bool = True,
+    max_retry_after: float | timedelta = 60.0,
+    on_retry: Callable[[RetryDetails], None] | None = None,
+) -> Retry:
+    """Build a :class:`Retry` policy; the result is also a decorator and a context iterator."""
+    return Retry(
+        attempts=attempts,
+        backoff=backoff,
+        retry_on=retry_on,
+        timeout=timeout,
+        total_timeout=total_timeout,
+        respect_retry_after=respect_retry_after,
+        max_retry_after=max_retry_after,
+        on_retry=on_retry,
+    )
+
+
+#: What an agent uses when nothing else is configured: 3 retries of transient errors with jittered
+#: exponential backoff (0.5 s doubling, capped at 30 s), honouring Retry-After.
+DEFAULT_RETRY = Retry(attempts=4)

@@ -1,0 +1,852 @@
+"""A fault-injecting OpenAI-compatible HTTP server, for testing clients over real sockets.
+
+Standard library only (``asyncio`` streams, HTTP/1.1 by hand). It binds 127.0.0.1, on an ephemeral
+port unless told otherwise, and serves ``POST /v1/chat/completions`` and ``GET /v1/models``. Each
+chat request takes its behaviour from the script (a queue of faults, one consumed per request),
+else from a seeded random draw, else answers normally::
+
+    async with FaultServer(script=["429", "500", "ok"]) as server:
+        ...  # point a client at server.base_url (it ends with /v1)
+    assert len(server.requests) == 3
+
+or, from synchronous code or for a subprocess to reach, in a background thread::
+
+    with FaultServer.run_in_thread(script=["hang"], hang_seconds=5) as server:
+        ...
+
+Faults: ``"ok"``, ``"429"`` (with ``Retry-After``), ``"500"``, ``"503"``, ``"401"``, ``"400"`` (any
+other 3-digit status works too), ``"hang"`` (no answer until the client goes away or
+``hang_seconds`` pass, then the connection is closed), ``"reset"`` (part of a response, then a TCP
+RST), ``"malformed"`` (200 with a body that is not JSON) and ``"truncated"`` (a ``Content-Length``
+larger than the body, then close). :class:`Fault` adds options: a fixed answer text, tool calls,
+the ``Retry-After`` value, a delay before answering, the usage reported.
+
+Every request is recorded (path, headers with credentials redacted, parsed JSON body, the fault
+served, whether the client went away while waiting). From the command line::
+
+    python -m kagura.testing.fault_server --port 8765 --script "429,500,ok"
+    python -m kagura.testing.fault_server --random-faults 0.3 --seed 1
+
+prints its base URL on the first line of stdout, then serves until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import random
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from types import TracebackType
+from typing import Any, TypeVar
+
+__all__ = ["FAULT_KINDS", "Fault", "FaultServer", "RecordedRequest", "main"]
+
+T = TypeVar("T")
+
+logger = logging.getLogger("kagura.testing.fault_server")
+
+#: Faults with a behaviour of their own; any other 3-digit string is answered as that HTTP status.
+FAULT_KINDS = (
+    "ok",
+    "429",
+    "500",
+    "503",
+    "401",
+    "400",
+    "hang",
+    "reset",
+    "malformed",
+    "truncated",
+)
+#: What ``random_faults`` draws from unless told otherwise: the transient failures a client should
+#: survive by retrying (``hang`` needs a client timeout, 401/400 are not retryable).
+DEFAULT_RANDOM_FAULTS = ("429", "500", "503", "reset", "malformed", "truncated")
+
+REDACTED = "REDACTED"
+_SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "api-key", "x-api-key"})
+_ERRORS: dict[int, tuple[str, str, str | None]] = {
+    400: ("invalid request (fault injected)", "invalid_request_error", None),
+    401: (
+        "incorrect API key provided (fault injected)",
+        "invalid_request_error",
+        "invalid_api_key",
+    ),
+    429: ("rate limit reached (fault injected)", "rate_limit_error", "rate_limit_exceeded"),
+    500: ("internal server error (fault injected)", "server_error", None),
+    503: ("service unavailable (fault injected)", "server_error", None),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """One scripted behaviour, with options; a plain string in a script means ``Fault(kind)``.
+
+    - ``text``: the answer's content for ``"ok"`` (otherwise the server's answer, or an echo).
+    - ``tool_calls``: for ``"ok"``, answer with these tool calls instead of text; each is
+      ``{"name": ..., "arguments": dict or JSON text, "id": optional}``.
+    - ``retry_after``: the ``Retry-After`` header value (``"429"`` sends the server's default when
+      this is ``None``; other statuses send it only when set).
+    - ``delay``: seconds to wait before answering (the client going away is noticed and recorded).
+    - ``usage``: ``(prompt_tokens, completion_tokens)`` to report instead of word counts.
+    """
+
+    kind: str = "ok"
+    text: str | None = None
+    tool_calls: tuple[Mapping[str, Any], ...] = ()
+    retry_after: float | str | None = None
+    delay: float = 0.0
+    usage: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        _check_kind(self.kind)
+
+    @classmethod
+    def ok(cls, text: str | None = None, **options: Any) -> Fault:
+        """A normal answer, with ``text`` as its content (or the default answer)."""
+        return cls("ok", text=text, **options)
+
+    @classmethod
+    def tool_call(cls, name: str, arguments: Any = None, *, id: str | None = None) -> Fault:
+        """A normal answer that asks for one tool call."""
+        call: dict[str, Any] = {"name": name, "arguments": {} if arguments is None else arguments}
+        if id is not None:
+            call["id"] = id
+        return cls("ok", tool_calls=(call,))
+
+
+ScriptItem = str | Fault
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One request as the server received it. Credentials are never kept in clear."""
+
+    index: int
+    method: str
+    path: str
+    #: Lower-cased header names; ``authorization`` and other credential headers read ``REDACTED``.
+    headers: dict[str, str]
+    #: The parsed JSON body, or ``None`` (no body, or not JSON: see ``raw_body``).
+    body: Any
+    #: The body text when it was not JSON, else ``None``.
+    raw_body: str | None = None
+    #: The fault served (``"ok"``, ``"429"``, ...); ``None`` for requests outside the chat API.
+    fault: str | None = None
+    #: The client closed the connection while the server was still holding the answer back.
+    client_gone: bool = False
+    _credential_digests: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        """The chat messages of the body (empty if none)."""
+        if isinstance(self.body, dict) and isinstance(self.body.get("messages"), list):
+            return list(self.body["messages"])
+        return []
+
+    def authorized_with(self, api_key: str) -> bool:
+        """Whether the request carried ``Authorization: Bearer <api_key>`` (checked by digest)."""
+        return self._credential_digests.get("authorization") == _digest(f"Bearer {api_key}")
+
+    @property
+    def has_authorization(self) -> bool:
+        return "authorization" in self._credential_digests
+
+
+class FaultServer:
+    """An OpenAI-compatible server on 127.0.0.1 that misbehaves on cue. See the module docstring.
+
+    Run it on the current event loop with ``async with FaultServer(...) as server``, or in a thread
+    of its own with ``with FaultServer(...) as server`` (the same as
+    ``FaultServer.run_in_thread(...)``). It stops, closing every connection, when the block exits.
+    """
+
+    def __init__(
+        self,
+        script: Iterable[ScriptItem] = (),
+        *,
+        port: int = 0,
+        answer: str | None = None,
+        json_answer: Any = None,
+        random_faults: float = 0.0,
+        seed: int | None = None,
+        fault_kinds: Sequence[str] = DEFAULT_RANDOM_FAULTS,
+        retry_after: float | str = 1,
+        hang_seconds: float = 60.0,
+        io_timeout: float = 30.0,
+        model_name: str = "fault-model",
+    ) -> None:
+        if not 0.0 <= random_faults <= 1.0:
+            raise ValueError(f"random_faults must be between 0 and 1, got {random_faults}")
+        for kind in fault_kinds:
+            _check_kind(kind)
+        self.host = "127.0.0.1"
+        self.port = port
+        self.answer = answer
+        self.json_answer = json_answer
+        self.random_faults = random_faults
+        self.fault_kinds = tuple(fault_kinds)
+        self.retry_after = retry_after
+        self.hang_seconds = hang_seconds
+        self.io_timeout = io_timeout
+        self.model_name = model_name
+        self._rng = random.Random(seed)
+        self._script: deque[Fault] = deque(_as_fault(item) for item in script)
+        self._requests: list[RecordedRequest] = []
+        self._disconnects = 0
+        self._lock = threading.Condition()
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._changed: asyncio.Event | None = None
+        self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        self._thread: threading.Thread | None = None
+        self._thread_stop: asyncio.Event | None = None
+
+    # -- configuration, usable from any thread ----------------------------------------------------
+
+    def script(self, *items: ScriptItem) -> None:
+        """Queue more faults, served after those already queued."""
+        faults = [_as_fault(item) for item in items]
+        with self._lock:
+            self._script.extend(faults)
+
+    def set_answer(self, text: str | None) -> None:
+        """The content of normal answers from now on (``None``: echo the last user message)."""
+        self.answer = text
+
+    def set_json_answer(self, value: Any) -> None:
+        """The answer to requests asking for a JSON schema (a JSON text, or a value to encode);
+        ``None``: the simplest value valid for the schema."""
+        self.json_answer = value
+
+    @property
+    def pending_script(self) -> list[Fault]:
+        with self._lock:
+            return list(self._script)
+
+    # -- what happened ----------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:<port>`` (the port is known once the server has started)."""
+        if self._server is None and self.port == 0:
+            raise RuntimeError("the fault server has not started")
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI-style base URL, ending with ``/v1``."""
+        return self.url + "/v1"
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request received so far, in arrival order (a snapshot)."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def chat_requests(self) -> list[RecordedRequest]:
+        """The chat-completion requests received so far."""
+        return [r for r in self.requests if r.fault is not None]
+
+    @property
+    def request_count(self) -> int:
+        with self._lock:
+            return len(self._requests)
+
+    @property
+    def disconnects(self) -> int:
+        """How many clients went away while the server was holding an answer back."""
+        with self._lock:
+            return self._disconnects
+
+    def wait_for(self, predicate: Callable[[FaultServer], bool], timeout: float = 10.0) -> None:
+        """Block until ``predicate(server)`` holds; ``TimeoutError`` after ``timeout`` seconds.
+
+        For threads other than the server's (use :meth:`wait` from async code)."""
+        if self._server is not None and threading.get_ident() == self._loop_thread:
+            raise RuntimeError("wait_for() would block the server's own loop: await wait()")
+        with self._lock:
+            if not self._lock.wait_for(lambda: predicate(self), timeout):
+                raise TimeoutError(f"fault server: condition not met within {timeout}s")
+
+    async def wait(
+        self,
+        predicate: Callable[[FaultServer], bool],
+        timeout: float = 10.0,  # noqa: ASYNC109 - a bounded default, like the sync twin
+    ) -> None:
+        """Wait until ``predicate(server)`` holds; ``TimeoutError`` after ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._changed is None:
+            await asyncio.to_thread(self.wait_for, predicate, timeout)
+            return
+        changed = self._changed
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                changed.clear()
+                await changed.wait()
+
+    def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
+        self.wait_for(lambda s: s.request_count >= count, timeout)
+        return self.requests
+
+    async def wait_requests(
+        self,
+        count: int,
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> list[RecordedRequest]:
+        """Wait until ``count`` requests have arrived; returns them."""
+        await self.wait(lambda s: s.request_count >= count, timeout)
+        return self.requests
+
+    def wait_for_disconnects(self, count: int = 1, timeout: float = 10.0) -> None:
+        self.wait_for(lambda s: s.disconnects >= count, timeout)
+
+    async def wait_disconnects(self, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+        """Wait until ``count`` clients have gone away while an answer was held back."""
+        await self.wait(lambda s: s.disconnects >= count, timeout)
+
+    # -- running on the current loop --------------------------------------------------------------
+
+    async def start(self) -> FaultServer:
+        if self._server is not None:
+            raise RuntimeError("the fault server is already running")
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._changed = asyncio.Event()
+        self._server = await asyncio.start_server(
+            self._serve_connection, self.host, self.port, limit=2**20
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        logger.info("fault server listening on %s", self.base_url)
+        return self
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        tasks = list(self._connections)
+        for task, writer in list(self._connections.items()):
+            task.cancel()
+            writer.transport.abort()  # so that no read or write can go on
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        with contextlib.suppress(TimeoutError):
+            await _bounded(server.wait_closed(), 5.0)
+
+    async def __aenter__(self) -> FaultServer:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # -- running in a background thread -----------------------------------------------------------
+
+    @classmethod
+    def run_in_thread(cls, script: Iterable[ScriptItem] = (), **options: Any) -> FaultServer:
+        """A server to use as ``with FaultServer.run_in_thread(...) as server``: it runs on an
+        event loop in a background thread, so synchronous code and subprocesses can reach it."""
+        return cls(script, **options)
+
+    def __enter__(self) -> FaultServer:
+        if self._thread is not None or self._server is not None:
+            raise RuntimeError("the fault server is already running")
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def run() -> None:
+            self._thread_stop = asyncio.Event()
+            try:
+                await self.start()
+            except BaseException as exc:
+                failure.append(exc)
+                raise
+            finally:
+                started.set()
+            try:
+                await self._thread_stop.wait()
+            finally:
+                await self.stop()
+
+        def main() -> None:
+            with contextlib.suppress(BaseException):
+                asyncio.run(run())
+
+        self._thread = threading.Thread(target=main, name="kagura-fault-server", daemon=True)
+        self._thread.start()
+        if not started.wait(10.0):
+            raise TimeoutError("the fault server thread did not start within 10s")
+        if failure:
+            self._thread.join(5.0)
+            self._thread = None
+            raise failure[0]
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        thread, self._thread = self._thread, None
+        loop, stop = self._loop, self._thread_stop
+        if thread is None:
+            return
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop already ended
+                loop.call_soon_threadsafe(stop.set)
+        thread.join(15.0)
+        if thread.is_alive():
+            raise TimeoutError("the fault server thread did not stop within 15s")
+
+    # -- internals --------------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+        if self._changed is not None:
+            self._changed.set()
+
+    def _next_fault(self) -> Fault:
+        with self._lock:
+            if self._script:
+                return self._script.popleft()
+            if self.random_faults and self.fault_kinds and self._rng.random() < self.random_faults:
+                return Fault(self._rng.choice(self.fault_kinds))
+        return Fault("ok")
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections[task] = writer
+        try:
+            while await self._serve_one(reader, writer):
+                pass
+        except (
+            asyncio.CancelledError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            TimeoutError,
+        ):
+            pass
+        except Exception:  # a bug here must not take the whole server down
+            logger.exception("fault server: error while serving a connection")
+        finally:
+            self._connections.pop(task, None)
+            if not writer.transport.is_closing():
+                writer.close()
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Serve one request; ``False`` when the connection is to be closed."""
+        try:
+            head = await _bounded(reader.readuntil(b"\r\n\r\n"), self.io_timeout)
+        except (asyncio.IncompleteReadError, TimeoutError):
+            return False
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            await self._send(writer, 400, {"error": {"message": "bad request line"}}, close=True)
+            return False
+        raw_headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if ":" in line:
+                name, value = line.split(":", 1)
+                raw_headers[name.strip().lower()] = value.strip()
+        if raw_headers.get("expect", "").lower() == "100-continue":
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body_bytes = await self._read_body(reader, raw_headers)
+        keep_alive = raw_headers.get("connection", "").lower() != "close" and version.endswith(
+            "1.1"
+        )
+
+        path = target.split("?", 1)[0]
+        record = self._record(method, path, raw_headers, body_bytes)
+        if method == "POST" and path.rstrip("/") in ("/v1/chat/completions", "/chat/completions"):
+            fault = self._next_fault()
+            record.fault = fault.kind
+            logger.info("fault server: %s %s -> %s", method, path, fault.kind)
+            self._notify()
+            return await self._answer_chat(fault, record, reader, writer, keep_alive)
+        self._notify()
+        if method == "GET" and path.rstrip("/") in ("/v1/models", "/models"):
+            models = {
+                "object": "list",
+                "data": [
+                    {"id": self.model_name, "object": "model", "created": 0, "owned_by": "kagura"}
+                ],
+            }
+            await self._send(writer, 200, models, close=not keep_alive)
+        else:
+            error = {"error": {"message": f"no route for {method} {path}", "type": "not_found"}}
+            await self._send(writer, 404, error, close=not keep_alive)
+        return keep_alive
+
+    async def _read_body(self, reader: asyncio.StreamReader, headers: Mapping[str, str]) -> bytes:
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks: list[bytes] = []
+            while True:
+                size_line = await _bounded(reader.readuntil(b"\r\n"), self.io_timeout)
+                size = int(size_line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:
+                    # Trailers (if any) end with an empty line.
+                    while (await _bounded(reader.readuntil(b"\r\n"), self.io_timeout)) != (b"\r\n"):
+                        pass
+                    return b"".join(chunks)
+                chunks.append(await _bounded(reader.readexactly(size), self.io_timeout))
+                await _bounded(reader.readexactly(2), self.io_timeout)
+        length = int(headers.get("content-length", "0") or 0)
+        if length <= 0:
+            return b""
+        return await _bounded(reader.readexactly(length), self.io_timeout)
+
+    def _record(
+        self, method: str, path: str, headers: Mapping[str, str], body_bytes: bytes
+    ) -> RecordedRequest:
+        shown = {k: (REDACTED if k in _SECRET_HEADERS else v) for k, v in headers.items()}
+        digests = {k: _digest(v) for k, v in headers.items() if k in _SECRET_HEADERS}
+        body: Any = None
+        raw: str | None = None
+        if body_bytes:
+            text = body_bytes.decode("utf-8", "replace")
+            try:
+                body = json.loads(text)
+            except ValueError:
+                raw = text
+        with self._lock:
+            record = RecordedRequest(
+                len(self._requests), method, path, shown, body, raw, _credential_digests=digests
+            )
+            self._requests.append(record)
+        return record
+
+    async def _hold(self, reader: asyncio.StreamReader, seconds: float) -> bool:
+        """Hold the answer back for ``seconds``; ``False`` if the client went away meanwhile."""
+        try:
+            async with asyncio.timeout(seconds):
+                while True:
+                    data = await reader.read(1)
+                    if not data:  # EOF: the client closed its end
+                        return False
+        except TimeoutError:
+            return True
+        except ConnectionError:
+            return False
+
+    async def _answer_chat(
+        self,
+        fault: Fault,
+        record: RecordedRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        keep_alive: bool,
+    ) -> bool:
+        kind = fault.kind
+        wait = self.hang_seconds if kind == "hang" else fault.delay
+        if wait > 0 and not await self._hold(reader, wait):
+            with self._lock:
+                record.client_gone = True
+                self._disconnects += 1
+            logger.info("fault server: request %d: the client went away", record.index)
+            self._notify()
+            return False
+        close = not keep_alive
+        if kind == "hang":  # the hang time passed: close without answering
+            return False
+        if kind == "ok":
+            await self._send(writer, 200, self._completion(fault, record), close=close)
+            return keep_alive
+        if kind == "malformed":
+            await self._send(
+                writer, 200, b'{"id": "chatcmpl-broken", "choices": [{"mess', close=close
+            )
+            return keep_alive
+        if kind == "truncated":
+            body = json.dumps(self._completion(fault, record)).encode()
+            head = _head(200, {"content-type": "application/json"}, len(body) + 100, close=True)
+            writer.write(head + body[: len(body) // 2])
+            await _bounded(writer.drain(), self.io_timeout)
+            writer.close()
+            return False
+        if kind == "reset":
+            body = json.dumps(self._completion(fault, record)).encode()
+            head = _head(200, {"content-type": "application/json"}, len(body), close=False)
+            writer.write(head + body[: len(body) // 3])
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await _bounded(writer.drain(), self.io_timeout)
+            sock = writer.get_extra_info("socket")
+            if sock is not None:
+                # Linger on, for zero seconds: closing sends RST instead of FIN.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+            return False
+        status = int(kind)
+        message, err_type, code = _ERRORS.get(
+            status, (f"HTTP {status} (fault injected)", "server_error", None)
+        )
+        headers: dict[str, str] = {}
+        retry_after = fault.retry_after
+        if retry_after is None and status == 429:
+            retry_after = self.retry_after
+        if retry_after is not None:
+            headers["retry-after"] = _format_seconds(retry_after)
+        error = {"error": {"message": message, "type": err_type, "param": None, "code": code}}
+        await self._send(writer, status, error, headers=headers, close=close)
+        return keep_alive
+
+    def _completion(self, fault: Fault, record: RecordedRequest) -> dict[str, Any]:
+        body = record.body if isinstance(record.body, dict) else {}
+        messages = record.messages
+        message: dict[str, Any] = {"role": "assistant"}
+        if fault.tool_calls:
+            calls: list[dict[str, Any]] = []
+            for n, call in enumerate(fault.tool_calls):
+                arguments = call.get("arguments", {})
+                if not isinstance(arguments, str):
+                    arguments = json.dumps(arguments)
+                calls.append(
+                    {
+                        "id": call.get("id") or f"call_{record.index}_{n}",
+                        "type": "function",
+                        "function": {"name": call["name"], "arguments": arguments},
+                    }
+                )
+            message["content"] = fault.text
+            message["tool_calls"] = calls
+            finish = "tool_calls"
+            produced = " ".join(c["function"]["arguments"] for c in calls)
+        else:
+            text = fault.text if fault.text is not None else self._default_text(body, messages)
+            message["content"] = text
+            finish = "stop"
+            produced = text
+        if fault.usage is not None:
+            prompt_tokens, completion_tokens = fault.usage
+        else:
+            prompt_tokens = sum(len(_content_text(m.get("content")).split()) for m in messages)
+            completion_tokens = len(produced.split())
+        return {
+            "id": f"chatcmpl-fault-{record.index}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model") or self.model_name,
+            "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens,
+            },
+        }
+
+    def _default_text(self, body: Mapping[str, Any], messages: list[dict[str, Any]]) -> str:
+        last_user = next(
+            (
+                _content_text(m.get("content"))
+                for m in reversed(messages)
+                if m.get("role") == "user"
+            ),
+            "",
+        )
+        response_format = body.get("response_format")
+        if isinstance(response_format, dict) and response_format.get("type") in (
+            "json_schema",
+            "json_object",
+        ):
+            if self.json_answer is not None:
+                value = self.json_answer
+                return value if isinstance(value, str) else json.dumps(value)
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if not isinstance(schema, dict):
+                return "{}"
+            return json.dumps(example_for_schema(schema, last_user))
+        if self.answer is not None:
+            return self.answer
+        return last_user
+
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        payload: Any,
+        *,
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+    ) -> None:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        all_headers = {"content-type": "application/json", **(headers or {})}
+        writer.write(_head(status, all_headers, len(body), close=close) + body)
+        await _bounded(writer.drain(), self.io_timeout)
+
+
+async def _bounded(awaitable: Awaitable[T], seconds: float | None) -> T:
+    """``awaitable``, with a time limit. Not ``asyncio.wait_for``: on Python 3.11 it can swallow a
+    cancellation that arrives as the awaited operation completes, and ``stop()`` relies on it."""
+    async with asyncio.timeout(seconds):
+        return await awaitable
+
+
+def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = None) -> Any:
+    """The simplest value valid for a simple JSON schema (strings echo ``text``, shortened)."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        name = str(schema["$ref"]).rsplit("/", 1)[-1]
+        defs = root.get("$defs") or root.get("definitions") or {}
+        return example_for_schema(defs.get(name, {}), text, root)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if options:
+            non_null = [s for s in options if s.get("type") != "null"] or options
+            return example_for_schema(non_null[0], text, root)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        return {k: example_for_schema(v, text, root) for k, v in props.items()}
+    if kind == "array":
+        prefix = schema.get("prefixItems")
+        if prefix:
+            return [example_for_schema(s, text, root) for s in prefix]
+        item = example_for_schema(schema.get("items") or {}, text, root)
+        return [item] * max(1, int(schema.get("minItems", 1)))
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        value = 0 if low is None else low + (1 if "exclusiveMinimum" in schema else 0)
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    words = text.strip()[: int(schema.get("maxLength", 80))] or "text"
+    return words.ljust(int(schema.get("minLength", 0)), "x")
+
+
+def _check_kind(kind: str) -> None:
+    if kind in FAULT_KINDS or (len(kind) == 3 and kind.isdigit() and 100 <= int(kind) <= 599):
+        return
+    raise ValueError(f"unknown fault {kind!r}: use one of {', '.join(FAULT_KINDS)} or a status")
+
+
+def _as_fault(item: ScriptItem) -> Fault:
+    if isinstance(item, Fault):
+        return item
+    if isinstance(item, str):
+        return Fault(item.strip())
+    raise TypeError(f"a script item is a fault name or a Fault, not {item!r}")
+
+
+def _digest(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # content parts
+        return " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def _format_seconds(value: float | str) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _head(status: int, headers: Mapping[str, str], length: int, *, close: bool) -> bytes:
+    try:
+        reason = HTTPStatus(status).phrase
+    except ValueError:
+        reason = "Unknown"
+    lines = [f"HTTP/1.1 {status} {reason}"]
+    lines += [f"{k}: {v}" for k, v in headers.items()]
+    lines.append(f"content-length: {length}")
+    lines.append(f"connection: {'close' if close else 'keep-alive'}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m kagura.testing.fault_server``: serve until interrupted (or ``--exit-after``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m kagura.testing.fault_server",
+        description="A fault-injecting OpenAI-compatible server on 127.0.0.1.",
+    )
+    parser.add_argument("--port", type=int, default=0, help="port (default 0: any free port)")
+    parser.add_argument("--script", default="", help='faults in order, e.g. "429,500,ok"')
+    parser.add_argument("--random-faults", type=float, default=0.0, help="fault probability")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the random faults")
+    parser.add_argument(
+        "--fault-kinds",
+        default=",".join(DEFAULT_RANDOM_FAULTS),
+        help="the faults random mode draws from (comma-separated)",
+    )
+    parser.add_argument("--answer", default=None, help="content of normal answers (default: echo)")
+    parser.add_argument("--retry-after", default="1", help="Retry-After of 429 answers (seconds)")
+    parser.add_argument("--hang-seconds", type=float, default=60.0, help="how long a hang lasts")
+    parser.add_argument("--exit-after", type=float, default=None, help="stop after these seconds")
+    parser.add_argument("--quiet", action="store_true", help="do not log requests to stderr")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        server = FaultServer(
+            [s for s in args.script.split(",") if s.strip()],
+            port=args.port,
+            answer=args.answer,
+            random_faults=args.random_faults,
+            seed=args.seed,
+            fault_kinds=[k.strip() for k in args.fault_kinds.split(",") if k.strip()],
+            retry_after=args.retry_after,
+            hang_seconds=args.hang_seconds,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        async with server:
+            print(server.base_url, flush=True)
+            with contextlib.suppress(TimeoutError):
+                await _bounded(stop.wait(), args.exit_after)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

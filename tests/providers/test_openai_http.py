@@ -1,0 +1,548 @@
+"""The OpenAI-compatible path over real HTTP, against the fault server on 127.0.0.1.
+
+Every test talks to :class:`kagura.testing.fault_server.FaultServer` through the real ``openai``
+SDK (or LiteLLM), so the wire format, the error translation and the cancellation behaviour are
+checked end to end, with no network beyond the loopback interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import traceback
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+import pytest
+from pydantic import BaseModel
+
+from kagura import Agent, agent, tool
+from kagura.errors import ProviderConnectionError, ProviderError
+from kagura.providers import ModelRequest
+from kagura.providers.openai import OpenAIChatModel
+from kagura.testing import capture_events
+from kagura.testing.fault_server import REDACTED, Fault, FaultServer, example_for_schema
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = "sk-test-secret"
+LIMIT = 15  # seconds: the bound put on each network interaction below
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A proxy configured in the environment must not capture requests meant for 127.0.0.1."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FaultServer]:
+    async with FaultServer() as srv:
+        yield srv
+
+
+def _secret_free(exc: BaseException) -> None:
+    """The API key appears nowhere in the exception, its causes or its formatted traceback."""
+    text = "".join(traceback.format_exception(exc))
+    chain: BaseException | None = exc
+    while chain is not None:
+        text += str(chain) + repr(chain)
+        chain = chain.__cause__ or chain.__context__
+    assert SECRET not in text
+
+
+def _asker(base_url: str, model: str = "openai/test-model", **settings: Any) -> Agent[[str], str]:
+    """An agent that sends its text as the prompt, in a single attempt (no retries), so that each
+    call is exactly one request and its error surfaces as it was translated."""
+
+    @agent(model=model, base_url=base_url, api_key=SECRET, retry=False, **settings)
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    return ask
+
+
+def _post(url: str, payload: dict[str, Any]) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url + "/chat/completions",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {SECRET}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=LIMIT) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.load(exc)
+
+
+# -- answers ---------------------------------------------------------------------------------------
+
+
+async def test_agent_returns_the_text_over_http(server: FaultServer) -> None:
+    @agent(model="openai/test-model", base_url=server.base_url, api_key=SECRET)
+    async def greet(name: str) -> str:
+        """Say hello to {{ name }}."""
+
+    async with asyncio.timeout(LIMIT):
+        assert await greet("Ada") == "Say hello to Ada."  # the server echoes the prompt
+        server.set_answer("Hello, Ada!")
+        assert await greet("Ada") == "Hello, Ada!"
+
+    first, second = server.requests
+    assert first.method == "POST"
+    assert first.path == "/v1/chat/completions"
+    assert first.body["model"] == "test-model"
+    assert first.body["messages"] == [{"role": "user", "content": "Say hello to Ada."}]
+    assert second.fault == "ok"
+    assert first.authorized_with(SECRET)
+    assert first.headers["authorization"] == REDACTED
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+async def test_typed_result_uses_response_format_json_schema(server: FaultServer) -> None:
+    @agent(model="openai/test-model", base_url=server.base_url, api_key=SECRET)
+    async def extract(text: str) -> Person:
+        """Who is described here? {{ text }}"""
+
+    server.set_json_answer({"name": "Ada Lovelace", "age": 36})
+    async with asyncio.timeout(LIMIT):
+        person = await extract("Ada Lovelace, 36, mathematician")
+    assert person == Person(name="Ada Lovelace", age=36)
+
+    (request,) = server.requests
+    response_format = request.body["response_format"]
+    assert response_format["type"] == "json_schema"
+    assert response_format["json_schema"]["name"] == "Person"
+    schema = response_format["json_schema"]["schema"]
+    assert schema["properties"].keys() == {"name", "age"}
+    assert schema == Person.model_json_schema()
+
+
+async def test_typed_result_from_the_schema_example(server: FaultServer) -> None:
+    """Without a configured answer, the server answers the simplest value valid for the schema."""
+
+    @agent(model="openai/test-model", base_url=server.base_url, api_key=SECRET)
+    async def count(text: str) -> int:
+        """How many words are in: {{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        assert await count("one two three") == 0
+    schema = server.requests[0].body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["result"]["type"] == "integer"
+
+
+async def test_sampling_settings_and_provider_kwargs_reach_the_body(server: FaultServer) -> None:
+    @agent(
+        model="openai/test-model",
+        base_url=server.base_url,
+        api_key=SECRET,
+        temperature=0.25,
+        max_tokens=64,
+        system="You are terse.",
+        top_p=0.5,
+        seed=7,
+        user="tester",
+    )
+    async def answer(question: str) -> str:
+        """{{ question }}"""
+
+    async with asyncio.timeout(LIMIT):
+        await answer("Why?")
+    body = server.requests[0].body
+    assert body["temperature"] == 0.25
+    assert body["max_tokens"] == 64
+    assert body["top_p"] == 0.5
+    assert body["seed"] == 7
+    assert body["user"] == "tester"
+    assert body["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert "tools" not in body
+    assert "response_format" not in body
+
+
+async def test_usage_tokens_are_parsed(server: FaultServer) -> None:
+    server.script(Fault.ok("four words right here", usage=(123, 45)))
+    model = OpenAIChatModel("test-model", base_url=server.base_url, api_key=SECRET)
+    async with asyncio.timeout(LIMIT):
+        response = await model.request(ModelRequest([{"role": "user", "content": "count me"}]))
+        assert response.usage.prompt_tokens == 123
+        assert response.usage.completion_tokens == 45
+        assert response.model == "test-model"
+        assert response.finish_reason == "stop"
+
+        # And through an agent, into its spans: the server counts words by default.
+        @agent(model="openai/test-model", base_url=server.base_url, api_key=SECRET)
+        async def echo(text: str) -> str:
+            """{{ text }}"""
+
+        with capture_events() as events:
+            await echo("three little words")
+    (llm,) = events.spans(kind="llm")
+    assert llm.usage is not None
+    assert (llm.usage.prompt_tokens, llm.usage.completion_tokens) == (3, 3)
+    (agent_span,) = events.spans(kind="agent")
+    assert agent_span.usage == llm.usage
+
+
+async def test_native_tool_call_loop_over_http(server: FaultServer) -> None:
+    calls: list[tuple[int, int]] = []
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        calls.append((a, b))
+        return a + b
+
+    @agent(model="openai/test-model", base_url=server.base_url, api_key=SECRET, tools=[add])
+    async def calculate(question: str) -> str:
+        """{{ question }}"""
+
+    server.script(Fault.tool_call("add", {"a": 2, "b": 3}, id="call_add"), Fault.ok("2 + 3 = 5"))
+    async with asyncio.timeout(LIMIT):
+        assert await calculate("What is 2 + 3?") == "2 + 3 = 5"
+    assert calls == [(2, 3)]
+
+    first, second = server.requests
+    (offered,) = first.body["tools"]
+    assert offered["type"] == "function"
+    assert offered["function"]["name"] == "add"
+    assert offered["function"]["parameters"]["properties"].keys() == {"a", "b"}
+    assistant, tool_message = second.messages[-2:]
+    assert assistant["role"] == "assistant"
+    assert assistant["tool_calls"][0]["id"] == "call_add"
+    assert assistant["tool_calls"][0]["function"]["name"] == "add"
+    assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == {"a": 2, "b": 3}
+    assert tool_message == {"role": "tool", "tool_call_id": "call_add", "content": "5"}
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "status", "sdk_error"),
+    [
+        ("429", 429, openai.RateLimitError),
+        ("500", 500, openai.InternalServerError),
+        ("503", 503, openai.InternalServerError),
+        ("401", 401, openai.AuthenticationError),
+        ("400", 400, openai.BadRequestError),
+    ],
+)
+async def test_http_errors_become_provider_errors(
+    server: FaultServer, fault: str, status: int, sdk_error: type[Exception]
+) -> None:
+    ask = _asker(server.base_url)
+
+    server.script(fault)
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    error = caught.value
+    assert type(error) is ProviderError
+    assert error.status_code == status
+    assert error.model == "openai/test-model"
+    assert isinstance(error.__cause__, sdk_error)
+    assert "fault injected" in str(error)
+    assert error.retry_after == (1.0 if status == 429 else None)
+    _secret_free(error)
+    # The SDK's own retries are off: exactly one request reached the server.
+    assert server.request_count == 1
+
+
+async def test_retry_after_is_read_from_the_header(server: FaultServer) -> None:
+    server.script(Fault("429", retry_after=7), Fault("503", retry_after="2.5"))
+    model = OpenAIChatModel("test-model", base_url=server.base_url, api_key=SECRET)
+    request = ModelRequest([{"role": "user", "content": "hi"}])
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as rate_limited:
+            await model.request(request)
+        with pytest.raises(ProviderError) as unavailable:
+            await model.request(request)
+    assert rate_limited.value.headers["retry-after"] == "7"
+    assert rate_limited.value.retry_after == 7.0
+    assert unavailable.value.status_code == 503
+    assert unavailable.value.retry_after == 2.5
+
+
+async def test_malformed_json_becomes_a_provider_error(server: FaultServer) -> None:
+    ask = _asker(server.base_url)
+
+    server.script("malformed")
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    assert "malformed" in str(caught.value)
+    assert caught.value.__cause__ is not None
+    _secret_free(caught.value)
+
+
+@pytest.mark.parametrize("fault", ["reset", "truncated"])
+async def test_broken_connections_become_provider_errors(server: FaultServer, fault: str) -> None:
+    ask = _asker(server.base_url)
+
+    server.script(fault)
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    error = caught.value
+    assert isinstance(error, ProviderConnectionError)
+    assert isinstance(error.__cause__, openai.APIConnectionError)
+    assert error.status_code is None
+    assert str(error).split("connection failed: ", 1)[1]  # says what happened
+    _secret_free(error)
+    assert server.request_count == 1
+
+    # The client recovers: the next request gets a fresh connection and succeeds.
+    async with asyncio.timeout(LIMIT):
+        assert await ask("again") == "again"
+
+
+async def test_hang_is_cancelled_cleanly_and_the_server_sees_the_client_go(
+    server: FaultServer,
+) -> None:
+    ask = _asker(server.base_url)
+
+    server.script("hang")
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(1):
+            await ask("are you there?")
+    await server.wait_disconnects(1, timeout=LIMIT)
+    (request,) = server.requests
+    assert request.fault == "hang"
+    assert request.client_gone
+
+    # Nothing is left broken: the same agent works on the next call.
+    async with asyncio.timeout(LIMIT):
+        assert await ask("still there?") == "still there?"
+
+
+async def test_a_hang_does_not_block_other_requests(server: FaultServer) -> None:
+    ask = _asker(server.base_url)
+
+    server.script("hang")
+    hung = asyncio.create_task(ask("stuck"))
+    try:
+        await server.wait_requests(1, timeout=LIMIT)
+        async with asyncio.timeout(LIMIT):
+            answers = await asyncio.gather(*(ask(f"question {n}") for n in range(20)))
+        assert answers == [f"question {n}" for n in range(20)]
+        assert not hung.done()
+    finally:
+        hung.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await hung
+    await server.wait_disconnects(1, timeout=LIMIT)
+    assert server.request_count == 21
+
+
+async def test_the_api_key_stays_secret(server: FaultServer) -> None:
+    ask = _asker(server.base_url)
+
+    faults = ["429", "500", "503", "401", "400", "malformed", "reset", "truncated"]
+    server.script(*faults)
+    for _ in faults:
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(ProviderError) as caught:
+                await ask("hello")
+        _secret_free(caught.value)
+    requests = server.requests
+    assert [r.fault for r in requests] == faults
+    for request in requests:
+        assert request.headers["authorization"] == REDACTED
+        assert request.authorized_with(SECRET)
+        assert SECRET not in repr(request)
+
+
+# -- configuration from the environment ------------------------------------------------------------
+
+
+async def test_openai_settings_from_the_environment(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-env-secret")
+
+    @agent(model="gpt-4o-mini")
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        assert await ask("from the environment") == "from the environment"
+    (request,) = server.requests
+    assert request.body["model"] == "gpt-4o-mini"
+    assert request.authorized_with("sk-env-secret")
+
+
+async def test_ollama_needs_no_key(server: FaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_BASE_URL", server.base_url)
+
+    @agent(model="ollama/llama3")
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        assert await ask("no key needed") == "no key needed"
+    (request,) = server.requests
+    assert request.body["model"] == "llama3"
+    assert not request.authorized_with(SECRET)
+
+
+# -- the fault server itself -----------------------------------------------------------------------
+
+
+def test_fault_server_in_a_thread_serves_synchronous_clients() -> None:
+    payload = {"model": "m", "messages": [{"role": "user", "content": "hi there"}]}
+    with FaultServer.run_in_thread(["503", "401"], answer="fine") as srv:
+        assert srv.base_url.startswith("http://127.0.0.1:")
+        assert srv.base_url.endswith("/v1")
+        assert _post(srv.base_url, payload)[0] == 503
+        status, body = _post(srv.base_url, payload)
+        assert status == 401
+        assert body["error"]["code"] == "invalid_api_key"
+        status, body = _post(srv.base_url, payload)
+        assert status == 200
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"] == "fine"
+        assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+        with urllib.request.urlopen(srv.base_url + "/models", timeout=LIMIT) as response:
+            assert json.load(response)["data"][0]["id"] == "fault-model"
+        requests = srv.wait_for_requests(4, timeout=LIMIT)
+    assert [r.fault for r in requests] == ["503", "401", "ok", None]
+    assert requests[0].headers["authorization"] == REDACTED
+
+
+async def test_fault_server_in_a_thread_serves_async_clients() -> None:
+    with FaultServer.run_in_thread(["500"]) as srv:
+        ask = _asker(srv.base_url)
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(ProviderError):
+                await ask("first")
+            assert await ask("second") == "second"
+            await srv.wait_requests(2, timeout=LIMIT)
+
+
+async def test_random_faults_are_reproducible_with_a_seed() -> None:
+    async def faults_served(seed: int) -> list[str | None]:
+        async with FaultServer(random_faults=0.5, seed=seed, fault_kinds=["500", "503"]) as srv:
+            model = OpenAIChatModel("test-model", base_url=srv.base_url, api_key=SECRET)
+            for _ in range(12):
+                async with asyncio.timeout(LIMIT):
+                    try:
+                        await model.request(ModelRequest([{"role": "user", "content": "x"}]))
+                    except ProviderError as exc:
+                        assert exc.status_code in (500, 503)
+            return [r.fault for r in srv.requests]
+
+    first = await faults_served(1)
+    assert first == await faults_served(1)
+    assert {"ok", "500", "503"} <= set(first)
+
+
+def test_schema_examples_are_valid_for_simple_schemas() -> None:
+    class Item(BaseModel):
+        label: str
+        tags: list[str]
+        score: float | None = None
+
+    class Order(BaseModel):
+        items: list[Item]
+        count: int
+        paid: bool
+
+    value = example_for_schema(Order.model_json_schema(), "some text")
+    order = Order.model_validate(value)
+    assert order.items[0].label == "some text"
+    assert example_for_schema({"enum": ["a", "b"]}) == "a"
+    assert example_for_schema({"type": "integer", "minimum": 3}) == 3
+
+
+def test_unknown_faults_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown fault"):
+        FaultServer(["teapot"])
+    assert Fault("502").kind == "502"
+
+
+def test_fault_server_cli() -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kagura.testing.fault_server",
+            "--port",
+            "0",
+            "--script",
+            "429,ok",
+            "--answer",
+            "from the CLI",
+            "--exit-after",
+            "60",  # an orphaned server still goes away on its own
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert process.stdout is not None
+        base_url = process.stdout.readline().strip()  # bounded by the test's timeout
+        assert base_url.startswith("http://127.0.0.1:"), base_url
+        assert base_url.endswith("/v1")
+        payload = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        status, body = _post(base_url, payload)
+        assert status == 429
+        assert body["error"]["type"] == "rate_limit_error"
+        status, body = _post(base_url, payload)
+        assert status == 200
+        assert body["choices"][0]["message"]["content"] == "from the CLI"
+    finally:
+        process.terminate()
+        try:
+            _, stderr = process.communicate(timeout=LIMIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate(timeout=LIMIT)
+            raise
+    assert process.returncode == 0, stderr
+    assert "429" in stderr  # requests are logged
+
+
+# -- LiteLLM ---------------------------------------------------------------------------------------
+
+
+async def test_litellm_over_http(server: FaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Use the cost map bundled with LiteLLM instead of fetching it from the network at import.
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    litellm = pytest.importorskip("litellm", reason="the [litellm] extra is not installed")
+    monkeypatch.setattr(litellm, "suppress_debug_info", True)
+
+    ask = _asker(server.base_url, "litellm/openai/test-model", temperature=0.5)
+
+    server.script("429", "ok")
+    async with asyncio.timeout(30):
+        with pytest.raises(ProviderError) as caught:
+            await ask("through LiteLLM")
+        assert caught.value.status_code == 429
+        assert caught.value.retry_after == 1.0
+        _secret_free(caught.value)
+        assert await ask("through LiteLLM") == "through LiteLLM"
+    _, second = server.requests
+    assert second.path == "/v1/chat/completions"
+    assert second.body["model"] == "test-model"
+    assert second.body["temperature"] == 0.5
+    assert second.authorized_with(SECRET)

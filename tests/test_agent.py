@@ -1,0 +1,219 @@
+"""``@agent``: decorator forms, what the model is sent, and what a call records."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kagura import Agent, ProviderError, Usage, UsageError, agent, get_current_span
+from kagura.testing import FakeModel, Reply, capture_events, override_model
+
+
+async def test_bare_decorator_uses_the_overridden_model() -> None:
+    @agent
+    async def echo(text: str) -> str:
+        """Repeat: {{ text }}"""
+
+    assert isinstance(echo, Agent)
+    fake = FakeModel()
+    with override_model(fake):
+        assert await echo("hello") == "Repeat: hello"
+    assert len(fake.requests) == 1
+
+
+async def test_decorator_with_arguments_builds_the_request() -> None:
+    fake = FakeModel(["ok"])
+
+    @agent(
+        model=fake,
+        temperature=0.3,
+        max_tokens=64,
+        system="You are terse.",
+        top_p=0.9,
+        seed=7,
+        response_format_hint={"nested": True},
+    )
+    async def terse(text: str) -> str:
+        """Answer {{ text }}"""
+
+    assert await terse("q") == "ok"
+    request = fake.requests[0]
+    assert request.temperature == 0.3
+    assert request.max_tokens == 64
+    assert request.messages == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Answer q"},
+    ]
+    # Unknown keywords are passed through to the provider untouched.
+    assert request.extra == {"top_p": 0.9, "seed": 7, "response_format_hint": {"nested": True}}
+    assert request.tools == []
+
+
+async def test_defaults_send_no_sampling_settings() -> None:
+    fake = FakeModel(["ok"])
+
+    @agent(model=fake)
+    async def plain(text: str) -> str:
+        """{{ text }}"""
+
+    await plain("q")
+    request = fake.requests[0]
+    assert request.temperature is None
+    assert request.max_tokens is None
+    assert request.extra == {}
+    assert [m["role"] for m in request.messages] == ["user"]
+
+
+def test_agent_keeps_the_function_identity() -> None:
+    @agent(model=FakeModel())
+    async def summarise(text: str) -> str:
+        """Summarise {{ text }}"""
+
+    assert summarise.__name__ == "summarise"
+    assert summarise.__doc__ == "Summarise {{ text }}"
+    assert summarise.name == "summarise"
+    assert repr(summarise) == "<Agent summarise>"
+
+    @agent(model=FakeModel(), name="summariser-v2")
+    async def renamed(text: str) -> str:
+        """{{ text }}"""
+
+    assert renamed.name == "summariser-v2"
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"temperature": 2.5}, "temperature"),
+        ({"temperature": -0.1}, "temperature"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"output_retries": -1}, "output_retries"),
+        ({"max_tool_rounds": 0}, "max_tool_rounds"),
+    ],
+)
+def test_bad_options_are_usage_errors_at_decoration(options: dict, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+
+        @agent(model=FakeModel(), **options)
+        async def f(x: str) -> str:
+            """{{ x }}"""
+
+
+async def test_the_body_is_never_executed() -> None:
+    with pytest.warns(UserWarning):
+
+        @agent(model=FakeModel(["from the model"]))
+        async def not_run(x: str) -> str:
+            """{{ x }}"""
+            raise AssertionError("the body must not run")
+
+    assert await not_run("x") == "from the model"
+
+
+async def test_override_model_beats_the_agents_own_model() -> None:
+    own = FakeModel(["own"])
+    forced = FakeModel(["forced", "forced in a task"])
+
+    @agent(model=own)
+    async def pick(x: str) -> str:
+        """{{ x }}"""
+
+    with override_model(forced):
+        assert await pick("x") == "forced"
+        # Tasks started inside the block see the override too.
+        assert await asyncio.create_task(pick("x")) == "forced in a task"
+    assert own.requests == []
+    assert await pick("x") == "own"
+    assert len(forced.requests) == 2
+
+
+async def test_model_string_fake_echoes() -> None:
+    @agent(model="fake")
+    async def echo(text: str) -> str:
+        """Echo {{ text }}"""
+
+    assert await echo("this") == "Echo this"
+
+
+async def test_provider_errors_propagate_and_are_recorded() -> None:
+    fake = FakeModel([ProviderError("bad request", model="fake/echo", status_code=400)])
+
+    @agent(model=fake)
+    async def fragile(x: str) -> str:
+        """{{ x }}"""
+
+    with capture_events() as events, pytest.raises(ProviderError) as info:
+        await fragile("x")
+    assert info.value.status_code == 400
+    assert len(fake.requests) == 1  # a client error is not worth another attempt
+    (llm,) = events.spans(kind="llm")
+    (span,) = events.spans(kind="agent")
+    assert llm.status == span.status == "failed"
+    assert span.error_type == "ProviderError"
+    assert "bad request" in (span.error or "")
+
+
+async def test_agent_span_records_model_inputs_output_usage_and_cost() -> None:
+    fake = FakeModel([Reply("not a number", usage=Usage(10, 3)), Reply("42", usage=Usage(20, 1))])
+
+    @agent(model=fake)
+    async def count(text: str, limit: int = 5) -> int:
+        """Count {{ text }} up to {{ limit }}"""
+
+    with capture_events() as events:
+        assert await count("sheep") == 42
+    (started,) = [e for e in events.started if e.kind == "agent"]
+    assert started.name == "count"
+    assert started.attributes["model"] == "fake/echo"
+    assert started.attributes["inputs"] == {"text": "sheep", "limit": 5}
+    (finished,) = events.spans(kind="agent")
+    assert finished.span_id == started.span_id
+    assert finished.status == "completed"
+    assert finished.attributes["output"] == 42
+    assert finished.usage == Usage(30, 4)
+    assert finished.cost_usd == 0.0
+    attempts = events.spans(kind="llm")
+    assert [a.usage for a in attempts] == [Usage(10, 3), Usage(20, 1)]
+    assert all(a.parent_id == finished.span_id for a in attempts)
+    assert [a.attributes["output"] for a in attempts] == ["not a number", "42"]
+
+
+async def test_failed_agent_span_still_carries_usage() -> None:
+    fake = FakeModel([Reply("bad", usage=Usage(5, 1))])
+
+    @agent(model=fake, output_retries=0)
+    async def strict(x: str) -> int:
+        """{{ x }}"""
+
+    with capture_events() as events, pytest.raises(Exception, match="did not match"):
+        await strict("x")
+    (span,) = events.spans(kind="agent")
+    assert span.status == "failed"
+    assert span.error_type == "OutputParseError"
+    assert span.usage == Usage(5, 1)
+
+
+async def test_agent_outside_a_workflow_is_its_own_run() -> None:
+    @agent(model=FakeModel())
+    async def solo(x: str) -> str:
+        """{{ x }}"""
+
+    with capture_events() as events:
+        await solo("x")
+    (span,) = events.spans(kind="agent")
+    assert span.parent_id is None
+    assert span.run_id == span.span_id
+    assert get_current_span() is None
+
+
+async def test_concurrent_calls_are_independent() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def echo(n: int) -> str:
+        """item {{ n }}"""
+
+    results = await asyncio.gather(*(echo(i) for i in range(20)))
+    assert results == [f"item {i}" for i in range(20)]
+    assert len(fake.requests) == 20

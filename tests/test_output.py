@@ -1,0 +1,309 @@
+"""Typed results: the return annotation decides the schema asked for and the value returned."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+from typing import Any, Literal
+
+import pydantic
+import pytest
+from typing_extensions import TypedDict
+
+from kagura import Agent, OutputParseError, UsageError, agent
+from kagura.testing import FakeModel
+
+
+class Mood(enum.Enum):
+    HAPPY = "happy"
+    SAD = "sad"
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class Movie(TypedDict):
+    title: str
+    year: int
+
+
+class Team(pydantic.BaseModel):
+    name: str
+    members: list[Person]
+
+
+def make_agent(return_type: Any, fake: FakeModel, **options: Any) -> Agent[..., Any]:
+    """An agent that returns ``return_type``, as ``async def answer(...) -> return_type`` would."""
+
+    async def answer(question: str):  # type: ignore[no-untyped-def]
+        """Answer: {{ question }}"""
+
+    answer.__annotations__["return"] = return_type
+    return agent(model=fake, **options)(answer)
+
+
+async def ask(return_type: Any, reply: str) -> Any:
+    fake = FakeModel([reply])
+    return await make_agent(return_type, fake, output_retries=0)("q")
+
+
+CLEAN_JSON = [
+    (int, "42", 42),
+    (float, "2.5", 2.5),
+    (bool, "true", True),
+    (bool, "false", False),
+    (Literal["positive", "negative"], '"negative"', "negative"),
+    (Mood, '"sad"', Mood.SAD),
+    (list[int], "[1, 2, 3]", [1, 2, 3]),
+    (list[str], '["a", "b"]', ["a", "b"]),
+    (dict[str, int], '{"a": 1, "b": 2}', {"a": 1, "b": 2}),
+    (tuple[int, str], '[1, "one"]', (1, "one")),
+    (int | None, "7", 7),
+    (int | None, "null", None),
+    (Person, '{"name": "Ada", "age": 36}', Person(name="Ada", age=36)),
+    (Point, '{"x": 1, "y": 2}', Point(1, 2)),
+    (Movie, '{"title": "Up", "year": 2009}', {"title": "Up", "year": 2009}),
+    (
+        Team,
+        '{"name": "core", "members": [{"name": "Ada", "age": 36}]}',
+        Team(name="core", members=[Person(name="Ada", age=36)]),
+    ),
+]
+
+
+def _id(case: tuple[Any, str, Any]) -> str:
+    return f"{getattr(case[0], '__name__', case[0])}-{case[1]}"
+
+
+@pytest.mark.parametrize(("tp", "text", "expected"), CLEAN_JSON, ids=[_id(c) for c in CLEAN_JSON])
+async def test_clean_json(tp: Any, text: str, expected: Any) -> None:
+    result = await ask(tp, text)
+    assert result == expected
+    assert type(result) is type(expected)
+
+
+@pytest.mark.parametrize(("tp", "text", "expected"), CLEAN_JSON, ids=[_id(c) for c in CLEAN_JSON])
+async def test_wrapped_in_result(tp: Any, text: str, expected: Any) -> None:
+    assert await ask(tp, f'{{"result": {text}}}') == expected
+
+
+@pytest.mark.parametrize(("tp", "text", "expected"), CLEAN_JSON, ids=[_id(c) for c in CLEAN_JSON])
+async def test_fenced_json_block(tp: Any, text: str, expected: Any) -> None:
+    assert await ask(tp, f"```json\n{text}\n```") == expected
+    assert await ask(tp, f"Here it is:\n```\n{text}\n```\nAnything else?") == expected
+
+
+@pytest.mark.parametrize(
+    ("tp", "text", "expected"),
+    [
+        (Person, 'Sure! {"name": "Ada", "age": 36} Hope that helps.', Person(name="Ada", age=36)),
+        (Point, 'The point is {"x": 3, "y": 4}.', Point(3, 4)),
+        (list[int], "The numbers are [4, 5, 6], as requested.", [4, 5, 6]),
+        (dict[str, int], 'Counts: {"a": 1} (approximately)', {"a": 1}),
+        (int, 'I think {"result": 12} is right.', 12),
+        (
+            Movie,
+            'Result: {"title": "a {tricky} title", "year": 1}',
+            {"title": "a {tricky} title", "year": 1},
+        ),
+    ],
+)
+async def test_json_embedded_in_chatter(tp: Any, text: str, expected: Any) -> None:
+    assert await ask(tp, text) == expected
+
+
+@pytest.mark.parametrize(
+    ("tp", "text", "expected"),
+    [
+        (int, "42", 42),
+        (int, " 42\n", 42),
+        (int, "The answer is 42.", 42),
+        (float, "3.14", 3.14),
+        (float, "About 2.5 units.", 2.5),
+        (bool, "true", True),
+        (bool, "False.", False),
+        (Literal["Positive", "Negative"], "Positive.", "Positive"),
+        (Literal["positive", "negative"], "Positive.", "positive"),
+        (Literal["positive", "negative"], "The sentiment is NEGATIVE!", "negative"),
+        (Mood, "happy", Mood.HAPPY),
+        (Mood | None, "Sad.", Mood.SAD),
+    ],
+)
+async def test_plain_scalars(tp: Any, text: str, expected: Any) -> None:
+    assert await ask(tp, text) == expected
+
+
+async def test_str_result_is_the_stripped_text() -> None:
+    assert await ask(str, "  Hello there.  \n") == "Hello there."
+    assert await ask(str, '{"result": "raw"}') == '{"result": "raw"}'
+
+
+async def test_ambiguous_literal_is_not_guessed() -> None:
+    with pytest.raises(OutputParseError):
+        await ask(Literal["positive", "negative"], "could be positive or negative")
+
+
+async def test_str_request_has_no_output_schema_or_instructions() -> None:
+    fake = FakeModel(["plain"])
+    await make_agent(str, fake)("q")
+    request = fake.requests[0]
+    assert request.output_schema is None
+    assert request.messages == [{"role": "user", "content": "Answer: q"}]
+
+
+async def test_unannotated_agent_returns_text() -> None:
+    fake = FakeModel(["  text  "])
+
+    @agent(model=fake)
+    async def untyped(q):  # type: ignore[no-untyped-def]
+        """{{ q }}"""
+
+    assert await untyped("q") == "text"
+    assert fake.requests[0].output_schema is None
+
+
+@pytest.mark.parametrize(
+    ("tp", "result_schema"),
+    [
+        (int, {"type": "integer"}),
+        (bool, {"type": "boolean"}),
+        (list[str], {"type": "array", "items": {"type": "string"}}),
+    ],
+)
+async def test_scalar_types_ask_for_a_wrapped_schema(tp: Any, result_schema: Any) -> None:
+    fake = FakeModel()
+    await make_agent(tp, fake)("q")
+    schema = fake.requests[0].output_schema
+    assert schema is not None
+    assert schema.schema["type"] == "object"
+    assert schema.schema["required"] == ["result"]
+    assert schema.schema["properties"]["result"] == result_schema
+    prompt = fake.requests[0].messages[-1]["content"]
+    assert prompt.startswith("Answer: q\n\n")
+    assert json.dumps(schema.schema, separators=(",", ":")) in prompt
+
+
+async def test_literal_and_enum_schemas_list_the_choices() -> None:
+    for tp, values in [(Literal["a", "b"], ["a", "b"]), (Mood, ["happy", "sad"])]:
+        fake = FakeModel()
+        await make_agent(tp, fake)("q")
+        schema = fake.requests[0].output_schema
+        assert schema is not None
+        assert values[0] in json.dumps(schema.schema)
+        assert values[1] in json.dumps(schema.schema)
+
+
+@pytest.mark.parametrize("tp", [Person, Point, Movie])
+async def test_object_types_ask_for_their_own_schema(tp: Any) -> None:
+    fake = FakeModel()
+    await make_agent(tp, fake)("q")
+    schema = fake.requests[0].output_schema
+    assert schema is not None
+    assert schema.name == tp.__name__
+    assert schema.schema["type"] == "object"
+    assert set(schema.schema["properties"]) == set(tp.__annotations__)
+    assert "result" not in schema.schema["properties"]
+
+
+async def test_nested_model_schema_keeps_its_definitions() -> None:
+    fake = FakeModel()
+    await make_agent(list[Person], fake)("q")
+    schema = fake.requests[0].output_schema
+    assert schema is not None
+    assert "Person" in schema.schema["$defs"]
+    assert schema.schema["properties"]["result"]["items"] == {"$ref": "#/$defs/Person"}
+
+
+@pytest.mark.parametrize(
+    "tp", [int, float, bool, Mood, list[int], dict[str, int], tuple[int, str], Person, Team, Movie]
+)
+async def test_fake_default_answer_satisfies_the_schema(tp: Any) -> None:
+    """With nothing scripted the fake answers the smallest value fitting the schema."""
+    result = await make_agent(tp, FakeModel(), output_retries=0)("q")
+    pydantic.TypeAdapter(tp).validate_python(result)
+
+
+def test_unsupported_return_type_is_a_usage_error_at_decoration() -> None:
+    class Opaque:
+        pass
+
+    with pytest.raises(UsageError, match="cannot be used as an agent result"):
+        make_agent(Opaque, FakeModel())
+
+
+# -- re-asking ----------------------------------------------------------------------------------
+
+
+async def test_invalid_answer_is_reasked_with_the_validation_error() -> None:
+    fake = FakeModel(['{"name": "Ada"}', '{"name": "Ada", "age": 36}'])
+
+    @agent(model=fake)
+    async def who(q: str) -> Person:
+        """{{ q }}"""
+
+    assert await who("q") == Person(name="Ada", age=36)
+    assert len(fake.requests) == 2
+    first, retry = fake.requests
+    assert retry.messages[: len(first.messages)] == first.messages
+    assistant, reask = retry.messages[len(first.messages) :]
+    assert assistant == {"role": "assistant", "content": '{"name": "Ada"}'}
+    assert reask["role"] == "user"
+    assert reask["content"].startswith("That answer is not valid: ")
+    assert "age: Field required" in reask["content"]
+    assert "Answer again." in reask["content"]
+    # The schema is repeated so the model knows what shape to answer in.
+    assert json.dumps(Person.model_json_schema(), separators=(",", ":")) in reask["content"]
+    assert retry.output_schema == first.output_schema
+
+
+async def test_reasks_accumulate_in_the_conversation() -> None:
+    fake = FakeModel(["one", "two", "3"])
+    result = await make_agent(int, fake, output_retries=2)("q")
+    assert result == 3
+    roles = [m["role"] for m in fake.requests[2].messages]
+    assert roles == ["user", "assistant", "user", "assistant", "user"]
+    assert fake.requests[2].messages[3]["content"] == "two"
+
+
+async def test_reasks_are_bounded_by_output_retries() -> None:
+    fake = FakeModel(["nope", "still nope", "never", "42"])
+    with pytest.raises(OutputParseError) as info:
+        await make_agent(int, fake, output_retries=1)("q")
+    assert len(fake.requests) == 2
+    error = info.value
+    assert error.raw_text == "still nope"
+    assert error.attempts == 2
+    assert error.validation_error
+    assert error.validation_error in str(error)
+    assert "answer" in str(error)
+
+
+async def test_zero_output_retries_fails_on_the_first_bad_answer() -> None:
+    fake = FakeModel(['{"name": "Ada", "age": "old"}'])
+
+    @agent(model=fake, output_retries=0)
+    async def who(q: str) -> Person:
+        """{{ q }}"""
+
+    with pytest.raises(OutputParseError) as info:
+        await who("q")
+    assert len(fake.requests) == 1
+    assert info.value.raw_text == '{"name": "Ada", "age": "old"}'
+    assert "age" in info.value.validation_error
+    assert info.value.agent == "who"
+
+
+async def test_answer_without_json_is_reported_as_such() -> None:
+    with pytest.raises(OutputParseError) as info:
+        await ask(Person, "I don't know")
+    assert info.value.validation_error
+    assert info.value.raw_text == "I don't know"

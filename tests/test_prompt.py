@@ -1,0 +1,227 @@
+"""An agent's docstring is its prompt: a sandboxed Jinja2 template checked against the signature."""
+
+from __future__ import annotations
+
+import warnings
+
+import jinja2
+import pytest
+from jinja2.sandbox import SecurityError
+
+from kagura import UsageError, agent, workflow
+from kagura.errors import TemplateError
+from kagura.testing import FakeModel
+
+
+def last_prompt(fake: FakeModel) -> str:
+    return str(fake.requests[-1].messages[-1]["content"])
+
+
+async def test_prompt_is_rendered_from_bound_arguments_with_defaults() -> None:
+    fake = FakeModel(["ok"])
+
+    @agent(model=fake)
+    async def greet(name: str, greeting: str = "Hello", *, punctuation: str = "!") -> str:
+        """{{ greeting }}, {{ name }}{{ punctuation }}"""
+
+    assert await greet("Ada") == "ok"
+    assert last_prompt(fake) == "Hello, Ada!"
+    await greet("Ada", "Hi", punctuation="?")
+    assert last_prompt(fake) == "Hi, Ada?"
+    await greet(greeting="Hey", name="Bob")
+    assert last_prompt(fake) == "Hey, Bob!"
+
+
+def test_render_shows_the_prompt_without_calling_the_model() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def summarise(text: str, words: int = 10) -> str:
+        """Summarise in {{ words }} words:
+        {{ text }}"""
+
+    assert summarise.render("the text") == "Summarise in 10 words:\nthe text"
+    assert fake.requests == []
+
+
+async def test_jinja_control_flow_and_filters() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def listing(items: list[str], shout: bool = False) -> str:
+        """{% for item in items %}- {{ item | upper if shout else item }}
+        {% endfor %}{% if not items %}nothing{% endif %}"""
+
+    assert listing.render(["a", "b"], shout=True) == "- A\n- B\n"
+    assert listing.render([]) == "nothing"
+
+
+def test_docstring_is_dedented() -> None:
+    @agent(model=FakeModel())
+    async def indented(x: str) -> str:
+        """
+        First line {{ x }}.
+            Indented line.
+        """
+
+    assert indented.render("X") == "First line X.\n    Indented line."
+
+
+def test_unknown_template_variable_fails_at_decoration_naming_it() -> None:
+    with pytest.raises(TemplateError) as info:
+
+        @agent(model=FakeModel())
+        async def typo(text: str) -> str:
+            """Summarise {{ txt }} for {{ audience }}."""
+
+    message = str(info.value)
+    assert "txt" in message
+    assert "audience" in message
+    assert "typo" in message
+
+
+def test_template_variables_from_kwargs_are_allowed() -> None:
+    @agent(model=FakeModel())
+    async def flexible(text: str, **extra: str) -> str:
+        """{{ text }} in {{ language }}"""
+
+    assert flexible.render("hi", language="French") == "hi in French"
+
+
+def test_missing_docstring_is_a_clear_template_error() -> None:
+    with pytest.raises(TemplateError, match="no docstring"):
+
+        @agent(model=FakeModel())
+        async def undocumented(text: str) -> str:
+            pass
+
+
+def test_blank_docstring_is_a_template_error() -> None:
+    with pytest.raises(TemplateError, match="no docstring"):
+
+        @agent(model=FakeModel())
+        async def blank(text: str) -> str:
+            """ """
+
+
+def test_template_syntax_error_is_a_template_error() -> None:
+    with pytest.raises(TemplateError, match="invalid prompt template"):
+
+        @agent(model=FakeModel())
+        async def broken(text: str) -> str:
+            """Summarise {{ text"""
+
+
+def test_template_error_is_a_usage_error() -> None:
+    with pytest.raises(UsageError):
+
+        @agent(model=FakeModel())
+        async def broken(text: str) -> str:
+            """{{ nope }}"""
+
+
+async def test_undefined_attribute_fails_loudly_at_render() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def profile(user: dict[str, str]) -> str:
+        """Name: {{ user.nmae }}"""
+
+    with pytest.raises(TemplateError, match="nmae") as caught:
+        await profile({"name": "Ada"})
+    assert isinstance(caught.value.__cause__, jinja2.UndefinedError)
+    assert fake.requests == []
+
+
+async def test_sandbox_blocks_dunder_access() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def escape(x: str) -> str:
+        """{{ x.__class__.__mro__ }}"""
+
+    with pytest.raises(TemplateError) as caught:
+        await escape("anything")
+    assert isinstance(caught.value.__cause__, SecurityError)
+    assert fake.requests == []
+
+
+class Account:
+    def delete(self) -> None:
+        raise AssertionError("must not be reachable from a template")
+
+    delete.unsafe_callable = True  # type: ignore[attr-defined]
+
+
+async def test_sandbox_blocks_unsafe_callables() -> None:
+    @agent(model=FakeModel())
+    async def attack(account: Account) -> str:
+        """{{ account.delete() }}"""
+
+    with pytest.raises(TemplateError) as caught:
+        await attack(Account())
+    assert isinstance(caught.value.__cause__, SecurityError)
+
+
+async def test_body_with_code_warns_once_at_decoration() -> None:
+    fake = FakeModel()
+    with pytest.warns(UserWarning, match="never executed") as record:
+
+        @agent(model=fake)
+        async def chatty(x: str) -> str:
+            """Say {{ x }}"""
+            return x.upper()
+
+    assert len(record) == 1
+    assert "chatty" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert await chatty("hi") == "Say hi"  # the body is not run, and no second warning
+
+
+def test_docstring_pass_and_ellipsis_bodies_do_not_warn() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        @agent(model=FakeModel())
+        async def only_doc(x: str) -> str:
+            """{{ x }}"""
+
+        @agent(model=FakeModel())
+        async def with_pass(x: str) -> str:
+            """{{ x }}"""
+            pass
+
+        @agent(model=FakeModel())
+        async def with_ellipsis(x: str) -> str:
+            """{{ x }}"""
+            ...
+
+    assert only_doc.render("a") == with_pass.render("a") == with_ellipsis.render("a") == "a"
+
+
+def test_non_async_function_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match="async def"):
+
+        @agent
+        def sync_agent(x: str) -> str:  # type: ignore[arg-type]
+            """{{ x }}"""
+            return x
+
+    with pytest.raises(UsageError, match="async def"):
+
+        @workflow
+        def sync_workflow(x: str) -> str:  # type: ignore[arg-type]
+            return x
+
+
+async def test_wrong_arguments_raise_type_error_naming_the_agent() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def needs_two(a: str, b: str) -> str:
+        """{{ a }} {{ b }}"""
+
+    with pytest.raises(TypeError, match="needs_two"):
+        await needs_two("only one")  # type: ignore[call-arg]
+    assert fake.requests == []

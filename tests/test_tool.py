@@ -1,0 +1,434 @@
+"""``@tool``: schemas from type hints and docstrings, and the agent's tool-call loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Literal
+
+import pytest
+
+from kagura import Tool, ToolLoopError, UsageError, agent, get_current_span, tool
+from kagura.providers import ModelRequest, ToolCall
+from kagura.testing import FakeModel, Reply, capture_events
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two integers.
+
+    Args:
+        a: The first number.
+        b: The second number, which may be
+            described over two lines.
+            Note: it may be negative.
+
+    Returns:
+        The sum, which the model is not told about.
+    """
+    return a + b
+
+
+@tool
+async def lookup(city: str, unit: Literal["C", "F"] = "C", days: list[int] | None = None) -> dict:
+    """Look up the weather.
+
+    Args:
+        city (str): City name, e.g. Paris: France.
+        unit: Temperature unit.
+    """
+    return {"city": city, "unit": unit, "days": days}
+
+
+def call(name: str, arguments: object, id: str = "call_1") -> ToolCall:
+    return ToolCall(id, name, arguments if isinstance(arguments, str) else json.dumps(arguments))
+
+
+def tool_calls(*calls: ToolCall) -> Reply:
+    return Reply(tool_calls=calls)
+
+
+# -- schema -------------------------------------------------------------------------------------
+
+
+def test_schema_from_type_hints_and_docstring() -> None:
+    assert isinstance(add, Tool)
+    assert add.name == "add"
+    assert add.spec.name == "add"
+    assert add.spec.description == "Add two integers."
+    params = add.spec.parameters
+    assert params["type"] == "object"
+    assert params["required"] == ["a", "b"]
+    assert params["properties"]["a"]["type"] == "integer"
+    assert params["properties"]["a"]["description"] == "The first number."
+    assert (
+        params["properties"]["b"]["description"]
+        == "The second number, which may be described over two lines. Note: it may be negative."
+    )
+
+
+def test_schema_defaults_optional_and_literal_parameters() -> None:
+    params = lookup.spec.parameters
+    assert params["required"] == ["city"]
+    assert params["properties"]["city"]["description"] == "City name, e.g. Paris: France."
+    assert params["properties"]["unit"]["enum"] == ["C", "F"]
+    assert params["properties"]["unit"]["default"] == "C"
+    assert params["properties"]["unit"]["description"] == "Temperature unit."
+    assert "description" not in params["properties"]["days"]
+    assert lookup.spec.description == "Look up the weather."
+
+
+def test_tool_without_docstring_is_described_by_its_name() -> None:
+    @tool
+    def ping() -> str:
+        return "pong"
+
+    assert ping.spec.description == "ping"
+    assert ping.spec.parameters["properties"] == {}
+
+
+def test_tool_name_can_be_set_and_is_validated() -> None:
+    @tool(name="web-search")
+    def search(q: str) -> str:
+        """Search."""
+        return q
+
+    assert search.name == search.spec.name == "web-search"
+    with pytest.raises(UsageError, match="tool name"):
+
+        @tool(name="has spaces")
+        def bad(q: str) -> str:
+            return q
+
+
+def test_var_args_cannot_be_described() -> None:
+    with pytest.raises(UsageError, match=r"\*args"):
+
+        @tool
+        def anything(*args: str) -> str:
+            return ""
+
+
+async def test_calling_the_tool_object_calls_the_function() -> None:
+    assert add(2, 3) == 5
+    assert await lookup("Oslo") == {"city": "Oslo", "unit": "C", "days": None}
+
+
+def test_two_tools_with_one_name_are_rejected() -> None:
+    @tool(name="add")
+    def other_add(x: int) -> int:
+        return x
+
+    with pytest.raises(UsageError, match="two tools"):
+
+        @agent(model=FakeModel(), tools=[add, other_add])
+        async def calc(q: str) -> str:
+            """{{ q }}"""
+
+
+# -- native tool calling ------------------------------------------------------------------------
+
+
+async def test_native_tool_loop() -> None:
+    fake = FakeModel([tool_calls(call("add", {"a": 2, "b": 3})), '{"result": 5}'])
+
+    @agent(model=fake, tools=[add])
+    async def calc(question: str) -> int:
+        """{{ question }}"""
+
+    assert await calc("2+3?") == 5
+    first, second = fake.requests
+    assert first.tools == [add.spec]
+    assert second.tools == [add.spec]
+    n = len(first.messages)
+    assert second.messages[:n] == first.messages
+    assistant, result = second.messages[n:]
+    assert assistant["role"] == "assistant"
+    assert assistant["tool_calls"] == [
+        {
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'},
+        }
+    ]
+    assert result == {"role": "tool", "tool_call_id": "call_1", "content": "5"}
+
+
+async def test_parallel_tool_calls_in_one_round() -> None:
+    fake = FakeModel(
+        [
+            tool_calls(
+                call("add", {"a": 1, "b": 1}, id="x"),
+                call("lookup", {"city": "Oslo", "days": [1, 2]}, id="y"),
+            ),
+            "done",
+        ]
+    )
+
+    @agent(model=fake, tools=[add, lookup])
+    async def planner(q: str) -> str:
+        """{{ q }}"""
+
+    assert await planner("go") == "done"
+    tool_messages = [m for m in fake.requests[1].messages if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in tool_messages] == ["x", "y"]
+    assert tool_messages[0]["content"] == "2"
+    # Non-string results go back to the model as JSON.
+    assert json.loads(tool_messages[1]["content"]) == {"city": "Oslo", "unit": "C", "days": [1, 2]}
+
+
+async def test_several_rounds_then_answer() -> None:
+    fake = FakeModel(
+        [
+            tool_calls(call("add", {"a": 1, "b": 2}, id="r1")),
+            tool_calls(call("add", {"a": 3, "b": 4}, id="r2")),
+            "10",
+        ]
+    )
+
+    @agent(model=fake, tools=[add], max_tool_rounds=2)
+    async def calc(q: str) -> int:
+        """{{ q }}"""
+
+    assert await calc("q") == 10
+    assert len(fake.requests) == 3
+    contents = [m["content"] for m in fake.requests[2].messages if m["role"] == "tool"]
+    assert contents == ["3", "7"]
+
+
+async def test_tool_rounds_are_bounded() -> None:
+    fake = FakeModel([tool_calls(call("add", {"a": 1, "b": 1}, id=f"c{i}")) for i in range(10)])
+    runs: list[tuple[int, int]] = []
+
+    @tool(name="add")
+    def counted(a: int, b: int) -> int:
+        runs.append((a, b))
+        return a + b
+
+    @agent(model=fake, tools=[counted], max_tool_rounds=3)
+    async def looping(q: str) -> int:
+        """{{ q }}"""
+
+    with pytest.raises(ToolLoopError, match="3 rounds"):
+        await looping("q")
+    assert len(fake.requests) == 4
+    assert len(runs) == 3
+
+
+async def test_failing_tool_reports_its_error_to_the_model() -> None:
+    @tool
+    def divide(a: float, b: float) -> float:
+        """Divide a by b."""
+        return a / b
+
+    fake = FakeModel([tool_calls(call("divide", {"a": 1, "b": 0})), "cannot divide by zero"])
+
+    @agent(model=fake, tools=[divide])
+    async def calc(q: str) -> str:
+        """{{ q }}"""
+
+    with capture_events() as events:
+        assert await calc("1/0") == "cannot divide by zero"
+    message = fake.requests[1].messages[-1]
+    assert message["role"] == "tool"
+    assert message["content"] == "Error: ZeroDivisionError: float division by zero"
+    (span,) = events.spans(kind="tool")
+    assert span.status == "failed"
+    assert span.error_type == "ZeroDivisionError"
+    assert events.spans(kind="agent")[0].status == "completed"
+
+
+async def test_unknown_tool_name_is_reported_to_the_model() -> None:
+    fake = FakeModel([tool_calls(call("multiply", {"a": 2, "b": 2})), "ok"])
+
+    @agent(model=fake, tools=[add])
+    async def calc(q: str) -> str:
+        """{{ q }}"""
+
+    assert await calc("q") == "ok"
+    content = fake.requests[1].messages[-1]["content"]
+    assert "no tool named 'multiply'" in content
+    assert "add" in content
+
+
+@pytest.mark.parametrize(
+    "arguments", [{"a": "two", "b": 1}, {"a": 1}, "not json", "[1, 2]"], ids=str
+)
+async def test_invalid_arguments_are_reported_to_the_model(arguments: object) -> None:
+    fake = FakeModel([tool_calls(call("add", arguments)), "ok"])
+
+    @agent(model=fake, tools=[add])
+    async def calc(q: str) -> str:
+        """{{ q }}"""
+
+    assert await calc("q") == "ok"
+    assert fake.requests[1].messages[-1]["content"].startswith("Error: ")
+
+
+async def test_sync_tools_run_off_the_event_loop_and_async_tools_on_it() -> None:
+    loop_thread = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    @tool
+    def sync_tool() -> str:
+        seen["sync"] = threading.get_ident()
+        return "s"
+
+    @tool
+    async def async_tool() -> str:
+        seen["async"] = threading.get_ident()
+        return "a"
+
+    fake = FakeModel(
+        [tool_calls(call("sync_tool", {}, id="1"), call("async_tool", "", id="2")), "ok"]
+    )
+
+    @agent(model=fake, tools=[sync_tool, async_tool])
+    async def both(q: str) -> str:
+        """{{ q }}"""
+
+    assert await both("q") == "ok"
+    assert [m["content"] for m in fake.requests[1].messages if m["role"] == "tool"] == ["s", "a"]
+    assert seen["async"] == loop_thread
+    assert seen["sync"] != loop_thread
+
+
+async def test_plain_functions_are_accepted_as_tools() -> None:
+    def shout(text: str) -> str:
+        """Upper-case the text."""
+        return text.upper()
+
+    fake = FakeModel([tool_calls(call("shout", {"text": "hi"})), "ok"])
+
+    @agent(model=fake, tools=[shout])
+    async def loud(q: str) -> str:
+        """{{ q }}"""
+
+    assert await loud("q") == "ok"
+    assert fake.requests[0].tools[0].description == "Upper-case the text."
+    assert fake.requests[1].messages[-1]["content"] == "HI"
+
+
+async def test_tool_runs_inside_its_own_span_of_the_agent_run() -> None:
+    seen = {}
+
+    @tool
+    async def where() -> str:
+        span = get_current_span()
+        assert span is not None
+        seen["kind"], seen["run_id"] = span.kind, span.run_id
+        return "here"
+
+    fake = FakeModel([tool_calls(call("where", {})), "ok"])
+
+    @agent(model=fake, tools=[where])
+    async def locate(q: str) -> str:
+        """{{ q }}"""
+
+    with capture_events() as events:
+        await locate("q")
+    (agent_span,) = events.spans(kind="agent")
+    (tool_span,) = events.spans(kind="tool")
+    assert seen == {"kind": "tool", "run_id": agent_span.run_id}
+    assert tool_span.parent_id == agent_span.span_id
+    assert tool_span.attributes["output"] == "here"
+
+
+async def test_cancelling_the_agent_cancels_a_running_tool() -> None:
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    @tool
+    async def forever() -> str:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "unreachable"
+
+    fake = FakeModel([tool_calls(call("forever", {}))])
+
+    @agent(model=fake, tools=[forever])
+    async def stuck(q: str) -> str:
+        """{{ q }}"""
+
+    with capture_events() as events:
+        task = asyncio.create_task(stuck("q"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert cancelled.is_set()
+    assert events.spans(kind="tool")[0].status == "cancelled"
+    assert events.spans(kind="agent")[0].status == "cancelled"
+
+
+# -- prompted tools (models without native tool calling) ------------------------------------------
+
+
+async def test_prompted_tools_mode() -> None:
+    call_text = 'I will use a tool. {"tool": "add", "arguments": {"a": 2, "b": 5}}'
+    fake = FakeModel([call_text, '{"answer": 7}'], supports_tools=False)
+
+    @agent(model=fake, tools=[add])
+    async def calc(question: str) -> int:
+        """{{ question }}"""
+
+    assert await calc("2+5?") == 7
+    first, second = fake.requests
+    assert first.tools == []  # no native tools offered
+    prompt = first.messages[-1]["content"]
+    assert prompt.startswith("2+5?")
+    assert "- add: Add two integers." in prompt
+    assert '"a":{' in prompt and "The first number." in prompt
+    assert '{"tool": "<name>", "arguments": {...}}' in prompt
+    assert '{"answer": <the answer>}' in prompt
+    # The model must answer either a tool call or a typed final answer.
+    assert first.output_schema is not None
+    options = first.output_schema.schema["anyOf"]
+    assert options[0]["properties"]["tool"] == {"enum": ["add"]}
+    assert options[1]["properties"]["answer"] == {"type": "integer"}
+    assert second.messages[-2] == {"role": "assistant", "content": call_text}
+    assert second.messages[-1] == {"role": "user", "content": "Result of add: 7\nNow continue."}
+
+
+async def test_prompted_tools_text_answer_and_errors() -> None:
+    def reply(request: ModelRequest) -> str:
+        last = request.messages[-1]["content"]
+        if last.startswith("Result of"):
+            return json.dumps({"answer": last.splitlines()[0]})
+        return '{"tool": "nope", "arguments": {}}'
+
+    fake = FakeModel([reply, reply], supports_tools=False)
+
+    @agent(model=fake, tools=[add])
+    async def calc(q: str) -> str:
+        """{{ q }}"""
+
+    answer = await calc("q")
+    assert answer.startswith("Result of nope: Error: there is no tool named 'nope'")
+
+
+async def test_prompted_tools_structured_answer() -> None:
+    fake = FakeModel(['{"answer": {"city": "Oslo", "temp": 3}}'], supports_tools=False)
+
+    @agent(model=fake, tools=[add])
+    async def weather(q: str) -> dict[str, str | int]:
+        """{{ q }}"""
+
+    assert await weather("q") == {"city": "Oslo", "temp": 3}
+
+
+async def test_prompted_tools_are_bounded_too() -> None:
+    fake = FakeModel(['{"tool": "add", "arguments": {"a": 1, "b": 1}}'] * 5, supports_tools=False)
+
+    @agent(model=fake, tools=[add], max_tool_rounds=2)
+    async def looping(q: str) -> int:
+        """{{ q }}"""
+
+    with pytest.raises(ToolLoopError):
+        await looping("q")
+    assert len(fake.requests) == 3

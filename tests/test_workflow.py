@@ -1,0 +1,243 @@
+"""``@workflow``: one recorded run that every agent call inside it joins."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from kagura import Workflow, agent, current_run_id, get_current_span, workflow
+from kagura._events import SpanFinished
+from kagura.testing import CapturedEvents, FakeModel, Reply, capture_events, override_model
+
+
+@agent
+async def classify(text: str) -> str:
+    """Classify: {{ text }}"""
+
+
+@agent
+async def summarise(text: str) -> str:
+    """Summarise: {{ text }}"""
+
+
+def by_kind(events: CapturedEvents, kind: str) -> list[SpanFinished]:
+    return events.spans(kind=kind)
+
+
+@pytest.fixture
+def fake() -> Any:
+    model = FakeModel()
+    with override_model(model):
+        yield model
+
+
+async def test_bare_and_named_workflows(fake: FakeModel) -> None:
+    @workflow
+    async def pipeline(text: str) -> str:
+        return await summarise(text)
+
+    @workflow(name="custom-name")
+    async def other(text: str) -> str:
+        return text.upper()
+
+    assert isinstance(pipeline, Workflow)
+    assert pipeline.__name__ == "pipeline"
+    assert repr(other) == "<Workflow custom-name>"
+    with capture_events() as events:
+        assert await pipeline("doc") == "Summarise: doc"
+        assert await other("x") == "X"
+    names = [s.name for s in by_kind(events, "workflow")]
+    assert names == ["pipeline", "custom-name"]
+
+
+async def test_agent_calls_join_the_workflow_run(fake: FakeModel) -> None:
+    @workflow
+    async def pipeline(text: str) -> list[str]:
+        return [await classify(text), await summarise(text)]
+
+    with capture_events() as events:
+        await pipeline("doc")
+    (run,) = by_kind(events, "workflow")
+    assert run.parent_id is None
+    assert run.run_id == run.span_id
+    assert run.status == "completed"
+    assert run.attributes["output"] == ["Classify: doc", "Summarise: doc"]
+    agents = by_kind(events, "agent")
+    assert [a.name for a in agents] == ["classify", "summarise"]
+    for span in agents:
+        assert span.run_id == run.run_id
+        assert span.parent_id == run.span_id
+    for llm in by_kind(events, "llm"):
+        assert llm.run_id == run.run_id
+
+
+async def test_gather_and_create_task_join_the_run(fake: FakeModel) -> None:
+    @workflow
+    async def fan_out(text: str) -> tuple[Any, ...]:
+        gathered = await asyncio.gather(classify(text), summarise(text))
+        task = asyncio.create_task(classify("in a task"))
+        return (*gathered, await task)
+
+    with capture_events() as events:
+        await fan_out("doc")
+    (run,) = by_kind(events, "workflow")
+    agents = by_kind(events, "agent")
+    assert len(agents) == 3
+    assert {a.run_id for a in agents} == {run.run_id}
+    assert {a.parent_id for a in agents} == {run.span_id}
+
+
+async def test_nested_workflows_are_children_of_the_same_run(fake: FakeModel) -> None:
+    @workflow
+    async def inner(text: str) -> str:
+        return await summarise(text)
+
+    @workflow
+    async def outer(text: str) -> list[str]:
+        return list(await asyncio.gather(inner(text), inner(text + "!")))
+
+    with capture_events() as events:
+        await outer("doc")
+    workflows = {s.span_id: s for s in by_kind(events, "workflow")}
+    (root,) = [s for s in workflows.values() if s.name == "outer"]
+    inners = [s for s in workflows.values() if s.name == "inner"]
+    assert len(inners) == 2
+    for child in inners:
+        assert child.parent_id == root.span_id
+        assert child.run_id == root.run_id
+    for agent_span in by_kind(events, "agent"):
+        assert workflows[agent_span.parent_id].name == "inner"  # type: ignore[index]
+        assert agent_span.run_id == root.run_id
+
+
+async def test_run_context_is_visible_inside_and_gone_outside(fake: FakeModel) -> None:
+    seen: dict[str, Any] = {}
+
+    @workflow
+    async def probe() -> None:
+        span = get_current_span()
+        assert span is not None
+        seen["span"] = span
+        seen["run_id"] = current_run_id()
+        seen["task_run_id"] = await asyncio.create_task(_run_id_in_task())
+
+    assert current_run_id() is None
+    await probe()
+    assert current_run_id() is None
+    assert get_current_span() is None
+    assert seen["span"].kind == "workflow"
+    assert seen["span"].name == "probe"
+    assert seen["run_id"] == seen["span"].run_id == seen["task_run_id"]
+
+
+async def _run_id_in_task() -> str | None:
+    return current_run_id()
+
+
+async def test_two_workflow_runs_have_different_run_ids(fake: FakeModel) -> None:
+    @workflow
+    async def once(text: str) -> str:
+        return await classify(text)
+
+    with capture_events() as events:
+        await asyncio.gather(once("a"), once("b"))
+    runs = by_kind(events, "workflow")
+    assert len({r.run_id for r in runs}) == 2
+    for run in runs:
+        (child,) = [a for a in by_kind(events, "agent") if a.parent_id == run.span_id]
+        assert child.run_id == run.run_id
+
+
+async def test_failed_workflow_is_recorded_and_reraised(fake: FakeModel) -> None:
+    @workflow
+    async def broken(text: str) -> str:
+        await classify(text)
+        raise ValueError("bad input")
+
+    with capture_events() as events, pytest.raises(ValueError, match="bad input"):
+        await broken("doc")
+    (run,) = by_kind(events, "workflow")
+    assert run.status == "failed"
+    assert run.error == "bad input"
+    assert run.error_type == "ValueError"
+    assert by_kind(events, "agent")[0].status == "completed"
+
+
+async def test_failing_agent_fails_the_workflow() -> None:
+    model = FakeModel([RuntimeError("provider exploded")])
+
+    @workflow
+    async def pipeline(text: str) -> str:
+        return await classify(text)
+
+    with override_model(model), capture_events() as events, pytest.raises(RuntimeError):
+        await pipeline("doc")
+    assert by_kind(events, "agent")[0].status == "failed"
+    assert by_kind(events, "workflow")[0].status == "failed"
+
+
+async def test_cancelled_workflow_is_recorded_as_cancelled() -> None:
+    reached_model = asyncio.Event()
+
+    def hang(_request: object) -> Reply:
+        reached_model.set()
+        return Reply("never delivered", delay=3600)
+
+    @workflow
+    async def slow(text: str) -> str:
+        return await classify(text)
+
+    with override_model(FakeModel([hang])), capture_events() as events:
+        task = asyncio.create_task(slow("doc"))
+        await reached_model.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    statuses = {s.kind: s.status for s in events.finished}
+    assert statuses == {"workflow": "cancelled", "agent": "cancelled", "llm": "cancelled"}
+
+
+async def test_step_keys_are_deterministic_across_runs(fake: FakeModel) -> None:
+    @workflow
+    async def research(topic: str) -> list[str]:
+        first = await classify(topic)
+        parallel = await asyncio.gather(
+            summarise(topic + " a"), summarise(topic + " b"), classify(topic + " c")
+        )
+        return [first, *parallel]
+
+    async def run_once(script: list[Any]) -> dict[str, Any]:
+        model = FakeModel(script)
+        with override_model(model), capture_events() as events:
+            await research("ai")
+        started = {e.span_id: e for e in events.started}
+        keys = [s.step_key for s in events.finished]
+        assert len(set(keys)) == len(keys)  # every step has its own key
+        (run,) = by_kind(events, "workflow")
+        assert all(s.step_key.startswith(run.step_key) for s in events.finished)
+        return {
+            s.step_key: (s.kind, s.name, started[s.span_id].attributes.get("inputs"))
+            for s in events.finished
+        }
+
+    # The gathered calls finish in a different order in the second run; the keys must not care.
+    first = await run_once(["x", Reply("a", delay=0.01), "b", "c"])
+    second = await run_once(["x", "a", Reply("b", delay=0.01), Reply("c", delay=0.005)])
+    assert first == second
+    assert first["research/summarise#0"][2] == {"text": "ai a"}
+    assert first["research/summarise#1"][2] == {"text": "ai b"}
+    assert first["research/classify#1"][2] == {"text": "ai c"}
+
+
+async def test_workflow_inputs_and_outputs_are_recorded(fake: FakeModel) -> None:
+    @workflow
+    async def add(a: int, b: int = 0) -> int:
+        return a + b
+
+    with capture_events() as events:
+        assert await add(1, b=2) == 3
+    (started,) = events.started
+    assert started.attributes["inputs"] == {"args": (1,), "kwargs": {"b": 2}}
+    assert events.finished[0].attributes["output"] == 3
