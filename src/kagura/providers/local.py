@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import io
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -75,18 +78,41 @@ class _Workers:
                 raise UsageError(
                     f"the embedded model needs llama-cpp-python: {_INSTALL_HINT}"
                 ) from None
-            # verbose=False makes llama-cpp-python point the process's stdout/stderr at /dev/null
-            # while it loads, and restore what it saw on entry: two loads at once can restore
-            # /dev/null for good (all later output lost). One load at a time.
-            with _load_lock:
+            # verbose=False would make llama-cpp-python point the process's stdout and stderr
+            # (the file descriptors) at /dev/null while it loads, losing whatever any other
+            # thread prints meanwhile, and two loads at once can leave them there for good. So
+            # load verbosely, with llama.cpp's C log routed to Python logging and the loader's
+            # own Python prints captured, then turn verbosity off. One load at a time.
+            _route_llama_logs()
+            with _load_lock, contextlib.redirect_stderr(io.StringIO()):
                 llm = Llama(
                     model_path=str(self.model_path),
                     n_ctx=self.n_ctx,
                     n_threads=self.threads_per_model,
-                    verbose=False,
+                    verbose=True,
                 )
+            llm.verbose = False
             self._local.llm = llm = _with_cancellation(llm)
         return llm
+
+
+_log = logging.getLogger("kagura.llama_cpp")
+_log_callback: Any = None
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's C-level log lines to the ``kagura.llama_cpp`` logger (debug level)."""
+    global _log_callback
+    if _log_callback is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+    def callback(level: int, text: bytes, user_data: Any) -> None:
+        _log.debug("%s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = callback  # a module global, so ctypes never calls a collected function
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
 
 
 _workers: _Workers | None = None

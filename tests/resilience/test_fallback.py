@@ -1,0 +1,209 @@
+"""Fallback chains: plain functions, agents on other models, and ``@agent(fallback=...)``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kagura import agent
+from kagura.errors import ProviderError, UsageError
+from kagura.resilience import Answer, Fallback
+from kagura.testing import FakeModel, capture_events
+
+from .conftest import settle
+
+
+async def fast(text: str) -> str:
+    raise ProviderError("fast is down", status_code=503)
+
+
+async def reliable(text: str) -> str:
+    return f"reliable: {text}"
+
+
+async def also_down(text: str) -> str:
+    raise ConnectionError("also down")
+
+
+async def test_the_first_option_that_answers_wins() -> None:
+    answer = await Fallback(reliable, fast)("hi")
+    assert answer == Answer("reliable: hi", "reliable", ())
+    assert not answer.degraded
+
+
+async def test_the_source_says_which_option_answered() -> None:
+    answer = await Fallback(fast, also_down, reliable)("hi")
+    assert answer.value == "reliable: hi"
+    assert answer.source == "reliable"
+    assert answer.degraded
+    assert [name for name, _ in answer.errors] == ["fast", "also_down"]
+    assert isinstance(answer.errors[0][1], ProviderError)
+    assert isinstance(answer.errors[1][1], ConnectionError)
+
+
+async def test_the_default_answers_when_every_option_failed() -> None:
+    answer = await Fallback(fast, also_down, default="n/a")("hi")
+    assert answer.value == "n/a"
+    assert answer.source == "default"
+    assert len(answer.errors) == 2
+
+
+async def test_a_none_default_is_still_a_default() -> None:
+    answer = await Fallback(fast, default=None)("hi")
+    assert answer.value is None
+    assert answer.source == "default"
+
+
+async def test_without_a_default_the_last_error_is_raised_with_notes() -> None:
+    with pytest.raises(ConnectionError) as caught:
+        await Fallback(fast, also_down)("hi")
+    assert str(caught.value) == "also down"
+    notes = caught.value.__notes__
+    assert any("'fast' failed first" in n and "fast is down" in n for n in notes)
+
+
+async def test_on_limits_what_moves_on() -> None:
+    chain = Fallback(also_down, reliable, on=ProviderError)
+    with pytest.raises(ConnectionError):
+        await chain("hi")
+    assert (await Fallback(fast, reliable, on=ProviderError)("x")).source == "reliable"
+
+
+async def test_cancellation_is_not_a_reason_to_fall_back() -> None:
+    started = asyncio.Event()
+    backup_calls = 0
+
+    async def hang(text: str) -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return text
+
+    async def backup(text: str) -> str:
+        nonlocal backup_calls
+        backup_calls += 1
+        return text
+
+    task = asyncio.create_task(Fallback(hang, backup, default="d")("hi"))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await settle()
+    assert backup_calls == 0
+
+
+async def test_an_option_raising_cancelled_error_propagates() -> None:
+    async def cancelled(text: str) -> str:
+        raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        await Fallback(cancelled, reliable, default="d")("hi")
+
+
+async def test_arguments_are_passed_to_every_option() -> None:
+    seen: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    async def record(*args: object, **kwargs: object) -> str:
+        seen.append((args, kwargs))
+        raise ValueError("no")
+
+    await Fallback(record, record, default="d")(1, 2, key="v")
+    assert seen == [((1, 2), {"key": "v"})] * 2
+
+
+async def test_each_failure_is_recorded_as_a_span_event() -> None:
+    with capture_events() as events:
+        await Fallback(fast, also_down, reliable)("hi")
+    failed = [e.attributes["failed"] for e in events.span_events if e.name == "fallback"]
+    assert failed == ["fast", "also_down"]
+
+
+def test_a_fallback_needs_options() -> None:
+    with pytest.raises(UsageError):
+        Fallback()
+
+
+# -- agents --------------------------------------------------------------------------------
+
+
+async def test_agent_using_another_model_as_an_option() -> None:
+    primary = FakeModel([ProviderError("overloaded", status_code=529)])
+
+    @agent(model=primary, retry=False)
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    other = summarise.using("fake/other")
+    assert other.name == "summarise@fake/other"
+    assert other.policies is summarise.policies
+    answer = await Fallback(summarise, other)("the text")
+    assert answer.value == "Summarise: the text"
+    assert answer.source == "summarise@fake/other"
+    assert [name for name, _ in answer.errors] == ["summarise"]
+    assert len(primary.requests) == 1
+
+
+async def test_using_rejects_a_bad_model_string() -> None:
+    @agent(model="fake")
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with pytest.raises(UsageError):
+        summarise.using("nonsense-provider/model")
+
+
+async def test_agent_fallback_answers_after_the_primarys_retries(no_waits: None) -> None:
+    primary = FakeModel([ProviderError("down", status_code=503) for _ in range(10)], name="main")
+
+    @agent(model=primary, fallback=["fake/backup"])
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with capture_events() as events:
+        assert await summarise("the text") == "Summarise: the text"
+    assert len(primary.requests) == 4  # the default policy's 4 attempts, then the backup
+    (span,) = events.spans(kind="agent")
+    assert span.status == "completed"
+    assert span.attributes["answered_by"] == "fake/backup"
+    llm = events.spans(kind="llm")
+    assert [s.name for s in llm] == ["fake/main"] * 4 + ["fake/backup"]
+    assert [s.status for s in llm] == ["failed"] * 4 + ["completed"]
+    assert all(s.parent_id == span.span_id for s in llm)
+    (moved,) = [e.attributes for e in events.span_events if e.name == "fallback"]
+    assert moved["failed"] == "fake/main"
+    assert moved["next"] == "fake/backup"
+
+
+async def test_the_primary_answers_when_it_can() -> None:
+    primary = FakeModel(["primary answer"], name="main")
+
+    @agent(model=primary, fallback=["fake/backup"])
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with capture_events() as events:
+        assert await summarise("t") == "primary answer"
+    assert events.spans(kind="agent")[0].attributes["answered_by"] == "fake/main"
+
+
+async def test_when_every_model_fails_the_last_error_is_raised() -> None:
+    primary = FakeModel([ProviderError("bad key", status_code=401)], name="main")
+    backup = FakeModel([ProviderError("backup down", status_code=500)], name="second")
+
+    @agent(model=primary, retry=False, fallback=[backup])
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with pytest.raises(ProviderError) as caught:
+        await summarise("t")
+    assert caught.value.status_code == 500
+    assert len(primary.requests) == len(backup.requests) == 1
+
+
+def test_a_bad_fallback_model_string_fails_at_decoration() -> None:
+    with pytest.raises(UsageError):
+
+        @agent(model="fake", fallback=["nonsense-provider/model"])
+        async def summarise(text: str) -> str:
+            """Summarise: {{ text }}"""
