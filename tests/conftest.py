@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Recordings of the test run go to a throwaway KAGURA_HOME, never to the developer's
+    # ~/.kagura; and a developer's real OpenAI key must not turn tests into paid calls.
+    home = tempfile.mkdtemp(prefix="kagura-test-home-")
+    os.environ["KAGURA_HOME"] = home
+    os.environ.pop("KAGURA_DB", None)
+    for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overl
 import pydantic_core
 
 from ._context import Span, current_span
-from ._instrument import span_event, span_finished, span_started, status_of
+from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, json_candidates
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._tool import Tool, as_tool
@@ -159,6 +159,7 @@ class Agent(Generic[P, R]):
         return bound.arguments
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        ensure_recording()
         arguments = self._bind(args, kwargs)
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
         policies = effective(self.policies)

@@ -107,3 +107,30 @@ def status_of(error: BaseException) -> Status:
     if isinstance(error, TimeoutError):
         return "timed_out"
     return "failed"
+
+
+_recording_checked = False
+
+
+def ensure_recording() -> None:
+    """Install the default recorder on the first agent or workflow call, unless turned off.
+
+    Deferred to the first call so that ``import kagura`` stays light; after that it is one global
+    check per call.
+    """
+    global _recording_checked
+    if _recording_checked:
+        return
+    _recording_checked = True
+    from . import _settings
+
+    if _settings.recording_enabled():
+        from .observability._recorder import install_default
+
+        install_default()
+
+
+def reset_recording_check() -> None:
+    """Let the next call decide again whether to record (after changing KAGURA_RECORD)."""
+    global _recording_checked
+    _recording_checked = False

@@ -30,3 +30,19 @@ def model_override() -> str | None:
 
 def kagura_home() -> Path:
     return Path(os.environ.get("KAGURA_HOME") or Path.home() / ".kagura")
+
+
+def event_store_url() -> str | None:
+    """``KAGURA_DB``: where recordings go (a SQLite path or a ``postgresql://`` URL)."""
+    return os.environ.get("KAGURA_DB") or None
+
+
+def recording_enabled() -> bool:
+    """``KAGURA_RECORD=0`` turns automatic recording off."""
+    return os.environ.get("KAGURA_RECORD", "1").lower() not in ("0", "false", "no", "off")
+
+
+def record_content() -> str:
+    """``KAGURA_RECORD_CONTENT``: ``full`` (default), ``hash`` or ``none`` (prompts, outputs)."""
+    value = os.environ.get("KAGURA_RECORD_CONTENT", "full").lower()
+    return value if value in ("full", "hash", "none") else "full"

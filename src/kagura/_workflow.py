@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from ._context import Span, current_span
-from ._instrument import span_finished, span_started, status_of
+from ._instrument import ensure_recording, span_finished, span_started, status_of
 from .errors import UsageError
 from .resilience._backoff import seconds
 from .resilience._breaker import CircuitBreaker
@@ -68,6 +68,7 @@ class Workflow(Generic[P, R]):
             CostBudget(usd=budget_usd, tokens=budget_tokens)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        ensure_recording()
         span = Span("workflow", self.name, current_span.get())
         token = current_span.set(span)
         span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})

@@ -40,8 +40,16 @@ def _check_limit(limit: int | None) -> asyncio.Semaphore | None:
 async def _limited(aw: Awaitable[T], semaphore: asyncio.Semaphore | None) -> T:
     if semaphore is None:
         return await aw
-    async with semaphore:
+    try:
+        await semaphore.acquire()
+    except BaseException:
+        # Cancelled while waiting for a slot: the awaitable never started; close it quietly.
+        _close_unstarted((aw,))
+        raise
+    try:
         return await aw
+    finally:
+        semaphore.release()
 
 
 def _close_unstarted(aws: Iterable[Awaitable[Any]]) -> None:

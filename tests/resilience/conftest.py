@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -63,3 +63,12 @@ async def settle(rounds: int = 10) -> None:
     """Let every ready task run until it blocks (no wall-clock time involved)."""
     for _ in range(rounds):
         await asyncio.sleep(0)
+
+
+async def turns_until(predicate: Callable[[], bool], limit: int = 1000) -> None:
+    """Yield to the loop until ``predicate()`` holds (bounded by turns, not by time)."""
+    for _ in range(limit):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"condition not reached after {limit} loop turns")

@@ -187,7 +187,9 @@ async def test_half_open_admits_one_probe_at_a_time(
 
 
 async def test_half_open_probes_limits_concurrent_probes(clock: FakeClock) -> None:
-    breaker = CircuitBreaker("dep", failure_threshold=1, recovery_time=5, half_open_probes=2, clock=clock)
+    breaker = CircuitBreaker(
+        "dep", failure_threshold=1, recovery_time=5, half_open_probes=2, clock=clock
+    )
     await fail(breaker, 1)
     clock.advance(5)
     release = asyncio.Event()
@@ -425,9 +427,8 @@ async def test_circuit_open_error_is_not_retried_by_the_default_policy(no_waits:
     with pytest.raises(ProviderError):
         await ask("a")
     assert len(model.requests) == 4
-    with capture_events() as events:
-        with pytest.raises(CircuitOpenError):
-            await ask("b")  # fails once (5th failure: opens), then fails fast
+    with capture_events() as events, pytest.raises(CircuitOpenError):
+        await ask("b")  # fails once (5th failure: opens), then fails fast
     assert len(model.requests) == 5
     # The 503 that opened the breaker was retried; the CircuitOpenError that followed was not.
     waits = [e.attributes["error"] for e in events.span_events if e.name == "retry_wait"]

@@ -15,7 +15,7 @@ from kagura.resilience import CircuitBreaker, CircuitOpenError, Policies, Retry,
 from kagura.resilience._policies import UNSET, effective
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
-from .conftest import FakeClock, settle
+from .conftest import FakeClock, settle, turns_until
 
 pytestmark = pytest.mark.usefixtures("no_waits")
 
@@ -284,8 +284,7 @@ async def test_cancelling_an_agent_call_leaves_no_task_running() -> None:
 
     with capture_events() as events:
         task = asyncio.create_task(slow("x"))
-        while not model.requests:
-            await asyncio.sleep(0)
+        await turns_until(lambda: len(model.requests) == 1)
         await settle()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -331,8 +330,7 @@ async def test_cancelling_a_workflow_cancels_its_concurrent_agent_calls() -> Non
 
     with capture_events() as events:
         task = asyncio.create_task(fan_out())
-        while len(model.requests) < 3:
-            await asyncio.sleep(0)
+        await turns_until(lambda: len(model.requests) == 3)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -427,6 +425,34 @@ async def test_an_agents_timeout_none_turns_off_the_workflows(fake: FakeModel) -
     own, inherited = await flow()
     assert own.timeout is None
     assert inherited.timeout == 0.01
+
+
+async def test_an_agents_retry_timeouts_beat_the_workflows_timeouts(fake: FakeModel) -> None:
+    @agent(retry=Retry(attempts=1, timeout=0.01, total_timeout=5))
+    async def quick(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(timeout=3600, total_timeout=3600)
+    async def flow() -> str:
+        assert effective(quick.policies).timeout == 0.01
+        assert effective(quick.policies).total_timeout == 5
+        return await quick("x")
+
+    fake.add(hang())
+    with pytest.raises(ProviderTimeout):
+        await flow()
+
+
+async def test_a_nested_workflows_retry_timeout_beats_the_outer_timeout() -> None:
+    @workflow(retry=Retry(attempts=2, timeout=0.5))
+    async def inner() -> float:
+        return effective(ask.policies).timeout
+
+    @workflow(timeout=60)
+    async def outer() -> float:
+        return await inner()
+
+    assert await outer() == 0.5
 
 
 async def test_workflow_total_timeout(fake: FakeModel) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from kagura import agent
+from kagura import agent, workflow
 from kagura.errors import ProviderError, UsageError
 from kagura.resilience import Permit, RateLimiter, limit_model, reset_rate_limits
 from kagura.resilience._ratelimit import limiter_for_model
@@ -19,7 +19,9 @@ def limiter(clock: FakeClock, **kwargs: object) -> RateLimiter:
     return RateLimiter("test", clock=clock, sleep=clock.sleep, **kwargs)  # type: ignore[arg-type]
 
 
-async def admission_times(rl: RateLimiter, clock: FakeClock, n: int, tokens: int = 0) -> list[float]:
+async def admission_times(
+    rl: RateLimiter, clock: FakeClock, n: int, tokens: int = 0
+) -> list[float]:
     """Start ``n`` concurrent callers; the fake-clock time at which each was admitted."""
     times: list[float] = []
 
@@ -367,3 +369,22 @@ async def test_cancelling_a_waiting_caller_lets_the_next_one_through(clock: Fake
     release.set()
     await nxt
     assert rl.admitted == 2
+
+
+async def test_a_workflow_rate_limit_is_shared_by_the_agents_inside(clock: FakeClock) -> None:
+    rl = limiter(clock, requests_per_second=1, burst=1)
+    model = FakeModel(name="wf-limited")
+
+    @agent(model=model)
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(rate_limit=rl)
+    async def flow() -> list[str]:
+        return list(await asyncio.gather(*(ask(str(i)) for i in range(3))))
+
+    assert await flow() == ["0", "1", "2"]
+    assert rl.admitted == 3
+    assert clock.elapsed == pytest.approx(2.0)
+    await ask("outside")  # outside the run, the workflow's limiter does not apply
+    assert rl.admitted == 3

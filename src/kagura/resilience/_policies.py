@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import _llm
@@ -65,13 +65,26 @@ class Policies:
         return Policies(
             *(
                 mine if mine is not UNSET else theirs
-                for mine, theirs in zip(_values(self), _values(base), strict=True)
+                for mine, theirs in zip(_values(_lifted(self)), _values(base), strict=True)
             )
         )
 
 
 def _values(p: Policies) -> tuple[Any, ...]:
     return (p.retry, p.timeout, p.total_timeout, p.breaker, p.rate_limit)
+
+
+def _lifted(p: Policies) -> Policies:
+    """A level's ``Retry(timeout=..., total_timeout=...)`` counts as that level's own timeouts,
+    so it beats the timeouts of an outer level (an agent's policy over its workflow's)."""
+    retry = p.retry
+    if not isinstance(retry, Retry):
+        return p
+    if p.timeout is UNSET and retry.timeout is not None:
+        p = replace(p, timeout=retry.timeout)
+    if p.total_timeout is UNSET and retry.total_timeout is not None:
+        p = replace(p, total_timeout=retry.total_timeout)
+    return p
 
 
 LIBRARY_DEFAULTS = Policies(
@@ -88,7 +101,7 @@ def workflow_policies() -> Policies | None:
 def set_workflow_policies(policies: Policies) -> Any:
     """Install ``policies`` as the defaults for the current context (returns the reset token)."""
     outer = _workflow_policies.get()
-    return _workflow_policies.set(policies.over(outer) if outer is not None else policies)
+    return _workflow_policies.set(policies.over(outer if outer is not None else Policies()))
 
 
 def reset_workflow_policies(token: Any) -> None:

@@ -206,6 +206,9 @@ class FaultServer:
         self._script: deque[Fault] = deque(_as_fault(item) for item in script)
         self._requests: list[RecordedRequest] = []
         self._disconnects = 0
+        #: Chat requests being answered right now, and the most there ever were at once.
+        self.in_flight = 0
+        self.max_in_flight = 0
         self._lock = threading.Condition()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -488,8 +491,15 @@ class FaultServer:
             fault = self._next_fault()
             record.fault = fault.kind
             logger.info("fault server: %s %s -> %s", method, path, fault.kind)
+            with self._lock:
+                self.in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self.in_flight)
             self._notify()
-            return await self._answer_chat(fault, record, reader, writer, keep_alive)
+            try:
+                return await self._answer_chat(fault, record, reader, writer, keep_alive)
+            finally:
+                with self._lock:
+                    self.in_flight -= 1
         self._notify()
         if method == "GET" and path.rstrip("/") in ("/v1/models", "/models"):
             models = {

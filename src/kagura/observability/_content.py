@@ -1,0 +1,61 @@
+"""Turning recorded values into stored text: JSON (repr for what JSON cannot hold), with secrets
+redacted, then kept whole, hashed or dropped according to the privacy setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any, Literal
+
+import pydantic_core
+
+ContentMode = Literal["full", "hash", "none"]
+
+REDACTED = "[REDACTED]"
+_SECRET_KEY = re.compile(
+    r"(api[_-]?key|secret|password|passwd|token|authorization|credential)", re.I
+)
+# Provider key shapes (OpenAI, Anthropic, OpenRouter, Google, bearer tokens) inside free text.
+_SECRET_VALUE = re.compile(
+    r"(sk-[A-Za-z0-9_\-]{12,}|sk-ant-[A-Za-z0-9_\-]{12,}|AIza[0-9A-Za-z_\-]{20,}"
+    r"|Bearer\s+[A-Za-z0-9._\-]{12,})"
+)
+_MAX_TEXT = 64_000
+
+
+def scrub(value: Any, depth: int = 0) -> Any:
+    """A JSON-ready copy of ``value`` with secret-looking keys and values redacted."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    if isinstance(value, str):
+        return _SECRET_VALUE.sub(REDACTED, value)
+    if depth > 20:
+        return REDACTED if _SECRET_VALUE.search(repr(value)) else repr(value)[:200]
+    if isinstance(value, dict):
+        return {
+            str(k): (REDACTED if _SECRET_KEY.search(str(k)) else scrub(v, depth + 1))
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple | set | frozenset):
+        return [scrub(v, depth + 1) for v in value]
+    try:
+        plain = pydantic_core.to_jsonable_python(value)
+    except Exception:  # unserialisable: stored as its repr, never an error
+        return _SECRET_VALUE.sub(REDACTED, repr(value))
+    return scrub(plain, depth + 1)
+
+
+def encode(value: Any, mode: ContentMode) -> str | None:
+    """Stored text for a recorded value, or ``None`` when content is not recorded."""
+    if mode == "none" or value is None:
+        return None
+    try:
+        text = pydantic_core.to_json(scrub(value)).decode()
+    except Exception:
+        text = pydantic_core.to_json(repr(value)).decode()
+    if mode == "hash":
+        return pydantic_core.to_json({"sha256": hashlib.sha256(text.encode()).hexdigest()}).decode()
+    if len(text) > _MAX_TEXT:
+        text = pydantic_core.to_json({"truncated": text[:_MAX_TEXT]}).decode()
+    return text

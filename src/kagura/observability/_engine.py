@@ -1,0 +1,101 @@
+"""Engines for the event store: a SQLite file by default, PostgreSQL for ``postgresql://`` URLs.
+
+SQLite runs in WAL mode with a generous busy timeout, so several processes can record into one
+file (readers never block the writer, writers queue instead of failing with "database is locked").
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from .. import _settings
+
+DEFAULT_DB_NAME = "events.db"
+
+_engines: dict[str, Any] = {}
+_lock = threading.Lock()
+_created: set[str] = set()
+
+
+def default_url() -> str:
+    env = _settings.event_store_url()
+    if env:
+        return normalise_url(env)
+    return normalise_url(str(_settings.kagura_home() / DEFAULT_DB_NAME))
+
+
+def normalise_url(db_path_or_url: str | Path) -> str:
+    """A SQLAlchemy URL from a path or a URL (``postgresql://`` uses the psycopg 3 driver)."""
+    text = str(db_path_or_url)
+    if text.startswith(("postgresql://", "postgres://")):
+        return "postgresql+psycopg://" + text.split("://", 1)[1]
+    if "://" in text:
+        return text
+    path = Path(text).expanduser().resolve()
+    return f"sqlite:///{path}"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def engine_for(url: str) -> Any:
+    """The shared engine for ``url``, with the schema created on first use."""
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            engine = _engines[url] = _create(url)
+        if url not in _created:
+            _create_schema(engine)
+            _created.add(url)
+        return engine
+
+
+def _create(url: str) -> Any:
+    from sqlalchemy import create_engine, event
+
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[1] if "///" in url else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def _create_schema(engine: Any) -> None:
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
+    from ._schema import metadata
+
+    # Two processes may create the schema at the same moment: the loser's CREATE fails because
+    # the table now exists, and a second checkfirst pass finds everything in place.
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine, checkfirst=True)
+            return
+        except (OperationalError, ProgrammingError, IntegrityError):
+            if attempt == 2:
+                raise
+
+
+def dispose_all() -> None:
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _created.clear()

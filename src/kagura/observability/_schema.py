@@ -1,0 +1,70 @@
+"""The event store's tables (SQLAlchemy Core, so SQLite and PostgreSQL share one definition).
+
+``spans`` holds one row per workflow run, agent call, LLM attempt and tool call, inserted as
+``running`` when it starts and completed when it ends; its metrics columns are totals over the
+span's subtree. ``events`` holds what happened inside spans (retry waits, breaker changes, ...).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData()
+
+spans = Table(
+    "kagura_spans",
+    metadata,
+    Column("span_id", String(64), primary_key=True),
+    Column("run_id", String(64), nullable=False),
+    Column("parent_id", String(64)),
+    Column("kind", String(16), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("step_key", Text),
+    Column("status", String(16), nullable=False),
+    Column("started_at", Float, nullable=False),  # Unix seconds
+    Column("ended_at", Float),
+    Column("duration_ms", Float),
+    Column("model", String(255)),
+    Column("prompt_tokens", Integer, nullable=False, default=0),
+    Column("completion_tokens", Integer, nullable=False, default=0),
+    Column("total_tokens", Integer, nullable=False, default=0),
+    Column("cost_usd", Float),  # NULL: unknown (some call had no known price)
+    Column("llm_calls", Integer, nullable=False, default=0),
+    Column("retries", Integer, nullable=False, default=0),
+    Column("error", Text),
+    Column("error_type", String(255)),
+    Column("inputs", Text),  # JSON, hashed or absent per the privacy setting
+    Column("output", Text),
+    Column("attributes", Text),  # JSON
+    Column("pid", BigInteger),
+)
+
+Index("ix_kagura_spans_run", spans.c.run_id)
+Index("ix_kagura_spans_parent", spans.c.parent_id)
+Index("ix_kagura_spans_kind_started", spans.c.kind, spans.c.started_at)
+Index("ix_kagura_spans_name_started", spans.c.name, spans.c.started_at)
+Index("ix_kagura_spans_kind_duration", spans.c.kind, spans.c.duration_ms)
+
+events = Table(
+    "kagura_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("span_id", String(64)),
+    Column("run_id", String(64)),
+    Column("name", String(64), nullable=False),
+    Column("at", Float, nullable=False),
+    Column("attributes", Text),
+)
+
+Index("ix_kagura_events_span", events.c.span_id)
+Index("ix_kagura_events_run", events.c.run_id)

@@ -1,0 +1,364 @@
+"""``EventStore``: query what Kagura recorded.
+
+``EventStore()`` opens the same store the recorder writes to (``KAGURA_DB``, else
+``KAGURA_HOME/events.db``); pass a path or a ``postgresql://`` URL for another. Reads first flush
+this process's recorder when it writes to the same store, so an execution that just finished is
+visible at once. Every method has an ``a``-prefixed async twin that runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+from ._engine import default_url, engine_for, normalise_url, redact_url
+from ._recorder import default_recorder
+
+EXECUTION_KINDS = ("agent", "workflow")
+_GROUPS = ("agent", "model", "day")
+
+
+def _timestamp(value: datetime | float | None) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.timestamp()
+    return float(value)
+
+
+def _when(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def _json(text: str | None) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _metrics(row: Any) -> dict[str, Any]:
+    return {
+        "total_cost": row.cost_usd,
+        "prompt_tokens": row.prompt_tokens,
+        "completion_tokens": row.completion_tokens,
+        "total_tokens": row.total_tokens,
+        "llm_calls": row.llm_calls,
+        "retries": row.retries,
+        "duration_ms": row.duration_ms,
+    }
+
+
+def _execution(row: Any) -> dict[str, Any]:
+    return {
+        "id": row.span_id,
+        "run_id": row.run_id,
+        "parent_id": row.parent_id,
+        "kind": row.kind,
+        "name": row.name,
+        "step_key": row.step_key,
+        "status": row.status,
+        "started_at": _when(row.started_at),
+        "ended_at": _when(row.ended_at),
+        "duration_ms": row.duration_ms,
+        "model": row.model,
+        "error": row.error,
+        "error_type": row.error_type,
+        "inputs": _json(row.inputs),
+        "output": _json(row.output),
+        "attributes": _json(row.attributes) or {},
+        "metrics": _metrics(row),
+    }
+
+
+class EventStore:
+    """Recorded workflow runs, agent calls, LLM attempts and tool calls.
+
+    Executions are dicts: ``id``, ``run_id``, ``parent_id``, ``kind``, ``name``, ``status``
+    (running, completed, failed, cancelled, timed_out), ``started_at``/``ended_at`` (UTC
+    datetimes), ``duration_ms``, ``model``, ``error``, ``inputs``, ``output`` and ``metrics``
+    (``total_cost`` in USD, ``None`` when a price was unknown; ``prompt_tokens``,
+    ``completion_tokens``, ``total_tokens``, ``llm_calls``, ``retries``).
+    """
+
+    def __init__(self, db_path_or_url: str | Path | None = None) -> None:
+        self.url = default_url() if db_path_or_url is None else normalise_url(db_path_or_url)
+        self._engine: Any = None
+
+    def __repr__(self) -> str:
+        return f"EventStore({redact_url(self.url)!r})"
+
+    @property
+    def engine(self) -> Any:
+        if self._engine is None:
+            self._engine = engine_for(self.url)
+        return self._engine
+
+    def _sync(self) -> None:
+        recorder = default_recorder()
+        if recorder is not None and recorder.url == self.url:
+            recorder.flush()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def get_executions(
+        self,
+        agent_name: str | None = None,
+        *,
+        status: str | Iterable[str] | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        kind: str | Iterable[str] | None = EXECUTION_KINDS,
+        run_id: str | None = None,
+        limit: int | None = 50,
+    ) -> list[dict[str, Any]]:
+        """Executions, newest first. ``agent_name`` matches agent and workflow names."""
+        from sqlalchemy import select
+
+        from ._schema import spans
+
+        self._sync()
+        query = select(spans).order_by(spans.c.started_at.desc())
+        if agent_name is not None:
+            query = query.where(spans.c.name == agent_name)
+        if status is not None:
+            query = query.where(spans.c.status.in_([status] if isinstance(status, str) else status))
+        if kind is not None:
+            query = query.where(spans.c.kind.in_([kind] if isinstance(kind, str) else kind))
+        if run_id is not None:
+            query = query.where(spans.c.run_id == run_id)
+        if since is not None:
+            query = query.where(spans.c.started_at >= _timestamp(since))
+        if until is not None:
+            query = query.where(spans.c.started_at < _timestamp(until))
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as connection:
+            return [_execution(row) for row in connection.execute(query)]
+
+    def get_execution(self, execution_id: str) -> dict[str, Any] | None:
+        """One execution with its subtree under ``children`` and its ``events``."""
+        from sqlalchemy import select
+
+        from ._schema import events, spans
+
+        self._sync()
+        with self.engine.connect() as connection:
+            root = connection.execute(select(spans).where(spans.c.span_id == execution_id)).first()
+            if root is None:
+                return None
+            rows = connection.execute(
+                select(spans).where(spans.c.run_id == root.run_id).order_by(spans.c.started_at)
+            ).all()
+            event_rows = connection.execute(
+                select(events).where(events.c.run_id == root.run_id).order_by(events.c.at)
+            ).all()
+        nodes = {row.span_id: {**_execution(row), "children": [], "events": []} for row in rows}
+        for event in event_rows:
+            node = nodes.get(event.span_id)
+            if node is not None:
+                node["events"].append(
+                    {
+                        "name": event.name,
+                        "at": _when(event.at),
+                        "attributes": _json(event.attributes),
+                    }
+                )
+        for node in nodes.values():
+            parent = nodes.get(node["parent_id"]) if node["parent_id"] else None
+            if parent is not None:
+                parent["children"].append(node)
+        result: dict[str, Any] = nodes[root.span_id]
+        return result
+
+    def stats(
+        self, *, since: datetime | float | None = None, agent_name: str | None = None
+    ) -> dict[str, Any]:
+        """Counts, failure rate and latency percentiles of agent calls; tokens and cost by agent,
+        model and day."""
+        from sqlalchemy import and_, func, select
+
+        from ._schema import spans
+
+        self._sync()
+        start = _timestamp(since)
+        agent_filter = [spans.c.kind == "agent"]
+        if start is not None:
+            agent_filter.append(spans.c.started_at >= start)
+        if agent_name is not None:
+            agent_filter.append(spans.c.name == agent_name)
+        where = and_(*agent_filter)
+        with self.engine.connect() as connection:
+            by_status = dict(
+                connection.execute(
+                    select(spans.c.status, func.count()).where(where).group_by(spans.c.status)
+                ).all()
+            )
+            total = sum(by_status.values())
+            finished = total - by_status.get("running", 0)
+            failures = total - by_status.get("completed", 0) - by_status.get("running", 0)
+            latency = self._percentiles(connection, where, finished)
+            result = {
+                "executions": total,
+                "by_status": by_status,
+                "failure_rate": (failures / finished) if finished else 0.0,
+                "latency_ms": latency,
+                "workflow_runs": connection.execute(
+                    select(func.count()).where(
+                        spans.c.kind == "workflow",
+                        spans.c.parent_id.is_(None),
+                        *([spans.c.started_at >= start] if start is not None else []),
+                    )
+                ).scalar_one(),
+            }
+        result["by_agent"] = self.cost(by="agent", since=since, _synced=True)
+        result["by_model"] = self.cost(by="model", since=since, _synced=True)
+        result["by_day"] = self.cost(by="day", since=since, _synced=True)
+        totals = result["by_model"]
+        result["tokens"] = {
+            "prompt": sum(r["prompt_tokens"] for r in totals),
+            "completion": sum(r["completion_tokens"] for r in totals),
+            "total": sum(r["total_tokens"] for r in totals),
+        }
+        known = [r["cost_usd"] for r in totals]
+        result["cost_usd"] = None if any(c is None for c in known) else sum(known)
+        return result
+
+    def _percentiles(self, connection: Any, where: Any, count: int) -> dict[str, float | None]:
+        from sqlalchemy import select
+
+        from ._schema import spans
+
+        out: dict[str, float | None] = {"p50": None, "p95": None, "p99": None}
+        if count == 0:
+            return out
+        ordered = (
+            select(spans.c.duration_ms)
+            .where(where, spans.c.duration_ms.is_not(None))
+            .order_by(spans.c.duration_ms)
+        )
+        # One indexed OFFSET query per percentile: portable (SQLite has no percentile function)
+        # and fast on millions of rows thanks to the (kind, duration_ms) index.
+        for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
+            offset = min(count - 1, int(fraction * count))
+            out[name] = connection.execute(ordered.limit(1).offset(offset)).scalar()
+        return out
+
+    def cost(
+        self,
+        *,
+        by: str = "agent",
+        since: datetime | float | None = None,
+        _synced: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Calls, tokens and cost grouped ``by`` agent, model or day (UTC), costliest first.
+
+        ``cost_usd`` is ``None`` for a group where some call had no known price.
+        """
+        from sqlalchemy import case, func, select
+
+        from ._schema import spans
+
+        if by not in _GROUPS:
+            raise UsageError(f"cost(by=...) takes one of {', '.join(_GROUPS)}, got {by!r}")
+        if not _synced:
+            self._sync()
+        # Agents by their own spans; models and days by LLM attempts, which are never nested,
+        # so nothing is counted twice.
+        kind = "agent" if by == "agent" else "llm"
+        key: Any
+        if by == "day":
+            if self.engine.dialect.name == "postgresql":
+                key = func.to_char(func.to_timestamp(spans.c.started_at), "YYYY-MM-DD")
+            else:
+                key = func.date(spans.c.started_at, "unixepoch")
+        elif by == "model":
+            key = func.coalesce(spans.c.model, "unknown")
+        else:
+            key = spans.c.name
+        unknown = func.sum(case((spans.c.cost_usd.is_(None), 1), else_=0))
+        query = (
+            select(
+                key.label("key"),
+                func.count().label("calls"),
+                func.sum(spans.c.prompt_tokens).label("prompt_tokens"),
+                func.sum(spans.c.completion_tokens).label("completion_tokens"),
+                func.sum(spans.c.total_tokens).label("total_tokens"),
+                func.sum(spans.c.cost_usd).label("cost_usd"),
+                unknown.label("unpriced"),
+                func.sum(case((spans.c.status != "completed", 1), else_=0)).label("failures"),
+            )
+            .where(spans.c.kind == kind, spans.c.status != "running")
+            .group_by(key)
+        )
+        if since is not None:
+            query = query.where(spans.c.started_at >= _timestamp(since))
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        result = [
+            {
+                by: row.key,
+                "calls": row.calls,
+                "failures": int(row.failures or 0),
+                "prompt_tokens": int(row.prompt_tokens or 0),
+                "completion_tokens": int(row.completion_tokens or 0),
+                "total_tokens": int(row.total_tokens or 0),
+                "cost_usd": None if row.unpriced else float(row.cost_usd or 0.0),
+            }
+            for row in rows
+        ]
+        if by == "day":
+            result.sort(key=lambda r: str(r["day"]))
+        else:
+            result.sort(key=lambda r: (r["cost_usd"] is not None, r["cost_usd"] or 0), reverse=True)
+        return result
+
+    def delete_older_than(self, age: timedelta | datetime | float) -> int:
+        """Retention: delete runs that started before ``age`` ago (a timedelta or seconds) or
+        before a datetime. Returns the number of spans deleted."""
+        from sqlalchemy import delete, select
+
+        from ._schema import events, spans
+
+        self._sync()
+        if isinstance(age, datetime):
+            cutoff = _timestamp(age)
+        else:
+            seconds = age.total_seconds() if isinstance(age, timedelta) else float(age)
+            cutoff = datetime.now(tz=UTC).timestamp() - seconds
+        # Whole runs go together, judged by their root's start, so no tree is left half-deleted.
+        old_runs = select(spans.c.run_id).where(
+            spans.c.parent_id.is_(None), spans.c.started_at < cutoff
+        )
+        with self.engine.begin() as connection:
+            connection.execute(delete(events).where(events.c.run_id.in_(old_runs)))
+            deleted = connection.execute(delete(spans).where(spans.c.run_id.in_(old_runs)))
+        return int(deleted.rowcount or 0)
+
+    # -- async twins ----------------------------------------------------------------------
+
+    async def aget_executions(
+        self, agent_name: str | None = None, **kwargs: Any
+    ) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.get_executions, agent_name, **kwargs)
+
+    async def aget_execution(self, execution_id: str) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.get_execution, execution_id)
+
+    async def astats(self, **kwargs: Any) -> dict[str, Any]:
+        return await asyncio.to_thread(self.stats, **kwargs)
+
+    async def acost(self, **kwargs: Any) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self.cost, **kwargs)
+
+    async def adelete_older_than(self, age: timedelta | datetime | float) -> int:
+        return await asyncio.to_thread(self.delete_older_than, age)
