@@ -1,20 +1,32 @@
-"""Retries, fallbacks, circuit breakers and retry budgets, with real failures.
+"""Retries, backoff, fallbacks, circuit breakers, budgets, timeouts and rate limits, with real
+failures, all done by the library's policies (``kagura.resilience``) instead of hand-written loops.
 
-The failures are injected: ``FlakyModel`` wraps the default model and fails on a script with
-``ProviderError("injected fault", status_code=503)``, exactly what a provider outage looks like.
-Agents that use it say ``@agent(model=flaky, retry=False)``: Kagura agents retry transient errors
-(429, 5xx, timeouts) by themselves by default, and ``retry=False`` turns that off here so that
-every injected fault reaches the hand-written logic this example is about.
+The failures are injected: ``FlakyModel`` wraps the default model and, on a fixed script, fails
+with ``ProviderError(status_code=503)``, answers 429 with a ``Retry-After`` header, or never
+answers at all: exactly what a provider outage, a rate limit and a hung connection look like.
+Every answer that does come back comes from the real (default) model.
+
+Each policy is used one of three ways, and the sections show all of them:
+
+- as an agent argument: ``@agent(retry=Retry(...), timeout=..., breaker=..., fallback=[...])``;
+- as a default for every agent call in a workflow: ``@workflow(retry=..., retry_budget=N)``;
+- on any async function: ``@retry(...)``, ``async for attempt in Retry(...)``, ``Fallback(...)``.
+
+With nothing configured an agent already retries transient errors (429, 5xx, timeouts) 3 times
+with jittered exponential backoff, honouring ``Retry-After``; ``retry=False`` turns that off.
 
 Sections:
 
 1. Basic retry with max attempts
-2. Exponential backoff (with jitter)
-3. Fallback strategies (primary -> secondary -> canned answer)
-4. Partial retry (re-run only the steps that failed, keep the rest)
-5. Circuit breaker (open after repeated failures, fail fast, probe, close)
-6. Graceful degradation (full -> basic -> minimal answers)
-7. Retry budgets (a shared cap on retries for a whole batch)
+2. Exponential backoff (and jittered, and fixed)
+3. Fallback strategies (a Fallback chain, model fallback, a default value)
+4. Partial retry (only the failed steps are retried)
+5. Circuit breaker (open, fail fast, half-open probe, close)
+6. Graceful degradation (partial results by a deadline; levels of answer)
+7. Retry budgets (one budget shared by the concurrent calls of a workflow run)
+8. Timeouts and cancellation
+9. Rate limiting
+10. Hand-written vs library
 
 Run it (no API key needed: the wrapped default model is the embedded SmolLM2-135M model):
 
@@ -27,19 +39,30 @@ included, so no fault would be injected. Use KAGURA_MODEL to choose the wrapped 
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from kagura import ProviderError, RunError, agent, workflow
+from kagura import ProviderError, agent, workflow
+from kagura.parallel import gather, gather_partial
 from kagura.providers import Model, ModelRequest, ModelResponse, resolve_model
-
-T = TypeVar("T")
+from kagura.resilience import (
+    DEFAULT_RETRY,
+    CircuitBreaker,
+    CircuitOpenError,
+    Fallback,
+    RateLimiter,
+    Retry,
+    RetryDetails,
+    exponential,
+    fixed,
+    jittered,
+    retry,
+)
+from kagura.testing import capture_events
 
 
 def short(text: object, limit: int = 70) -> str:
@@ -56,19 +79,35 @@ def log(message: str) -> None:
     print(f"    {message}")
 
 
+def notes(error: BaseException) -> str:
+    """The notes a policy adds to an error it stops retrying ("gave up after 3 attempts", ...)."""
+    return "; ".join(getattr(error, "__notes__", [])) or "(no notes)"
+
+
+def show_retry(details: RetryDetails) -> None:
+    """The ``on_retry`` hook: called before every wait with the failed attempt and the wait."""
+    asked = "" if details.retry_after is None else f", Retry-After {details.retry_after:g} s"
+    log(
+        f"attempt {details.attempt} failed ({short(details.error, 60)}{asked}) "
+        f"-> waiting {details.wait:.3f} s before attempt {details.attempt + 1}"
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # Fault injection: a model that wraps the default model and fails on a script
 # ---------------------------------------------------------------------------------------------
 
 
 class FlakyModel(Model):
-    """Fails with HTTP 503 on a script, otherwise passes the request to the default model.
+    """Fails on a script, otherwise passes the request to the default model.
 
     The wrapped model is looked up at every call (``resolve_model(None)``), so it follows
     ``KAGURA_MODEL`` and ``OPENAI_API_KEY`` like any agent that names no model.
 
     Script (reset with :meth:`script`): the first ``fail_first`` calls fail; ``down=True`` fails
     every call; ``failure_rate`` fails calls at random, from a seeded generator (reproducible).
+    Failures are HTTP ``status`` (503 by default; 429 with ``retry_after`` for a rate limit). The
+    first ``hang_first`` calls (every call with ``hang=True``) never answer, until cancelled.
     """
 
     provider = "flaky"
@@ -78,14 +117,28 @@ class FlakyModel(Model):
         self.script(**script)
 
     def script(
-        self, *, fail_first: int = 0, down: bool = False, failure_rate: float = 0.0, seed: int = 0
+        self,
+        *,
+        fail_first: int = 0,
+        down: bool = False,
+        failure_rate: float = 0.0,
+        seed: int = 0,
+        status: int = 503,
+        retry_after: float | None = None,
+        hang_first: int = 0,
+        hang: bool = False,
     ) -> FlakyModel:
         self.fail_first = fail_first
         self.down = down
         self.failure_rate = failure_rate
         self._random = random.Random(seed)
+        self.status = status
+        self.retry_after = retry_after
+        self.hang_first = hang_first
+        self.hang = hang
         self.calls = 0  # requests that reached this model
         self.failures = 0  # of which failed on purpose
+        self.arrivals: list[float] = []  # when each request reached it (time.monotonic())
         return self
 
     @property
@@ -105,13 +158,18 @@ class FlakyModel(Model):
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         self.calls += 1
+        self.arrivals.append(time.monotonic())
+        if self.hang or self.calls <= self.hang_first:
+            await asyncio.sleep(3600)  # a hung connection: only a timeout or a cancel ends it
         fail = (
             self.down or self.calls <= self.fail_first or self._random.random() < self.failure_rate
         )
         if fail:
             self.failures += 1
             await asyncio.sleep(0.01)  # even a failing request takes a moment
-            raise ProviderError("injected fault", model=self.id, status_code=503)
+            headers = None if self.retry_after is None else {"Retry-After": f"{self.retry_after:g}"}
+            message = "rate limited" if self.status == 429 else "injected fault"
+            raise ProviderError(message, model=self.id, status_code=self.status, headers=headers)
         return await self.inner.request(request)
 
 
@@ -119,177 +177,161 @@ class FlakyModel(Model):
 flaky_primary = FlakyModel("primary")
 flaky_fast = FlakyModel("fast")
 flaky_reliable = FlakyModel("reliable")
+flaky_cloud = FlakyModel("cloud")
+flaky_backup = FlakyModel("backup")
+flaky_sentiment = FlakyModel("sentiment")
 flaky_keywords = FlakyModel("keywords")
 flaky_summary = FlakyModel("summary")
 flaky_backend = FlakyModel("backend")
 flaky_premium = FlakyModel("premium")
 flaky_basic = FlakyModel("basic")
 flaky_batch = FlakyModel("batch")
+flaky_slow = FlakyModel("slow")
+flaky_limited = FlakyModel("limited")
+flaky_compare = FlakyModel("compare")
 
 
 # ---------------------------------------------------------------------------------------------
-# Hand-written resilience: retry loop, circuit breaker, retry budget.
-# Kept together so that library policies (kagura.resilience) can replace them in one place.
-# ---------------------------------------------------------------------------------------------
-
-# Retry what may succeed next time (the provider failed); never retry bugs (TypeError, ...).
-RETRYABLE: tuple[type[BaseException], ...] = (ProviderError,)
-
-
-class RetryBudgetExhausted(RunError):
-    """The shared retry budget is spent: the call failed and may not be retried."""
-
-
-class RetryBudget:
-    """At most ``max_retries`` retries in total, shared by every call that uses the budget.
-
-    Per-call attempt limits bound one call; a budget bounds the whole batch, so that a struggling
-    provider gets a few retries, not ``items x attempts`` of them (no retry storm).
-    """
-
-    def __init__(self, max_retries: int) -> None:
-        self.max_retries = max_retries
-        self.used = 0
-
-    @property
-    def remaining(self) -> int:
-        return self.max_retries - self.used
-
-    def try_spend(self) -> bool:
-        if self.used >= self.max_retries:
-            return False
-        self.used += 1
-        return True
-
-
-_jitter = random.Random(42)  # seeded so that the printed waits are reproducible
-
-
-async def retry_with_backoff(
-    call: Callable[[], Awaitable[T]],
-    *,
-    max_attempts: int = 3,
-    base_delay: float = 0.05,
-    multiplier: float = 2.0,
-    jitter: float = 0.0,
-    budget: RetryBudget | None = None,
-) -> T:
-    """Call ``call()`` until it succeeds, at most ``max_attempts`` times.
-
-    The wait before retry n is ``base_delay * multiplier ** (n - 1)`` plus up to ``jitter`` times
-    that at random: ``multiplier=1`` is a fixed delay, ``multiplier=2`` exponential backoff.
-    """
-    for attempt in range(1, max_attempts + 1):
-        try:
-            result = await call()
-        except RETRYABLE as exc:
-            if attempt == max_attempts:
-                log(f"attempt {attempt}/{max_attempts} failed: {exc} -> no attempts left")
-                raise
-            if budget is not None and not budget.try_spend():
-                log(f"attempt {attempt}/{max_attempts} failed: {exc} -> retry budget exhausted")
-                raise RetryBudgetExhausted(
-                    f"retry budget of {budget.max_retries} exhausted; last error: {exc}"
-                ) from exc
-            delay = base_delay * multiplier ** (attempt - 1)
-            delay += _jitter.uniform(0, delay * jitter)
-            spent = f" (retry budget left: {budget.remaining})" if budget is not None else ""
-            log(f"attempt {attempt}/{max_attempts} failed: {exc} -> waiting {delay:.3f} s{spent}")
-            await asyncio.sleep(delay)
-        else:
-            log(f"attempt {attempt}/{max_attempts} succeeded")
-            return result
-    raise AssertionError("unreachable")
-
-
-class CircuitOpenError(RunError):
-    """The breaker is open: the call was refused without reaching the dependency."""
-
-
-class CircuitBreaker:
-    """closed --(threshold consecutive failures)--> open --(reset_timeout)--> half-open;
-    half-open --(trial call succeeds)--> closed, --(trial fails)--> open again."""
-
-    def __init__(self, failure_threshold: int = 3, reset_timeout: float = 0.2) -> None:
-        self.threshold = failure_threshold
-        self.reset_timeout = reset_timeout
-        self.failures = 0
-        self.state: Literal["closed", "open", "half-open"] = "closed"
-        self.opened_at = 0.0
-
-    def before_call(self) -> None:
-        """Raise :class:`CircuitOpenError` if the call must fail fast."""
-        if self.state == "open":
-            waited = time.monotonic() - self.opened_at
-            if waited < self.reset_timeout:
-                retry_in = self.reset_timeout - waited
-                raise CircuitOpenError(
-                    f"circuit open: failing fast (next trial in {retry_in:.2f} s)"
-                )
-            self.state = "half-open"  # let one trial call through
-            log(f"breaker: {waited:.2f} s since it opened -> half-open, one trial call allowed")
-
-    def record_success(self) -> None:
-        self.failures = 0
-        self.state = "closed"
-
-    def record_failure(self) -> None:
-        self.failures += 1
-        if self.state == "half-open" or self.failures >= self.threshold:
-            self.state = "open"
-            self.opened_at = time.monotonic()
-
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        self.before_call()
-        try:
-            result = await fn()
-        except RETRYABLE:
-            self.record_failure()
-            raise
-        self.record_success()
-        return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Agents (those on a FlakyModel have their built-in retries turned off: see the module docstring)
+# 1. Basic retry with max attempts: a policy as an agent argument
 # ---------------------------------------------------------------------------------------------
 
 
-@agent(model=flaky_primary, retry=False, max_tokens=48)
+@agent(
+    model=flaky_primary,
+    max_tokens=48,
+    retry=Retry(attempts=3, backoff=fixed(0.1), on_retry=show_retry),
+)
 async def unreliable_agent(question: str) -> str:
     """Answer in one short sentence: {{ question }}"""
 
 
-@agent(model=flaky_fast, retry=False, max_tokens=32)
+# ---------------------------------------------------------------------------------------------
+# 2. Backoff: exponential as a workflow default, jittered as a decorator, fixed as a loop
+# ---------------------------------------------------------------------------------------------
+
+
+@agent(model=flaky_primary, max_tokens=48)  # no retry=: it takes the workflow's default
+async def answer_agent(question: str) -> str:
+    """Answer in one short sentence: {{ question }}"""
+
+
+@workflow(retry=Retry(attempts=5, backoff=exponential(0.05), on_retry=show_retry))
+async def exponential_workflow(question: str) -> str:
+    """Every agent call in this workflow that sets no retry= of its own gets this policy."""
+    return await answer_agent(question)
+
+
+@agent(model=flaky_primary, max_tokens=48, retry=False)  # single attempts: retried around it
+async def single_shot_agent(question: str) -> str:
+    """Answer in one short sentence: {{ question }}"""
+
+
+@retry(attempts=5, backoff=jittered(0.05), on_retry=show_retry)
+async def ask_with_jitter(question: str) -> str:
+    """Any async function can be retried; this one calls an agent whose own retries are off."""
+    return await single_shot_agent(question)
+
+
+async def ask_with_fixed_delay(question: str) -> str:
+    """The context-iterator form retries a block of code: here, with the same delay each time."""
+    async for attempt in Retry(attempts=5, backoff=fixed(0.05), on_retry=show_retry):
+        with attempt:
+            return await single_shot_agent(question)
+    raise AssertionError("unreachable: the policy returns or raises")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Fallback strategies
+# ---------------------------------------------------------------------------------------------
+
+CANNED_ANSWER = "Sorry, we cannot answer right now; please try again in a few minutes."
+
+
+@agent(model=flaky_fast, retry=False, max_tokens=32)  # fail over at once, don't retry
 async def fast_agent(question: str) -> str:
     """Answer in a few words: {{ question }}"""
 
 
-@agent(model=flaky_reliable, retry=False, max_tokens=48)
+@agent(
+    model=flaky_reliable,
+    max_tokens=48,
+    retry=Retry(attempts=2, backoff=fixed(0.05), on_retry=show_retry),
+)
 async def reliable_agent(question: str) -> str:
     """Answer carefully in one sentence: {{ question }}"""
 
 
-@agent(max_tokens=16, temperature=0)
+# Options are tried in order; the Answer says which one answered (or "default").
+# Any async callable is an option, e.g. the same agent on another model: agent.using("local/...").
+ask = Fallback(fast_agent, reliable_agent, default=CANNED_ANSWER)
+
+
+@agent(
+    model=flaky_cloud,
+    fallback=[flaky_backup],  # in production, e.g. fallback=["local/smollm2"]
+    max_tokens=48,
+    retry=Retry(attempts=2, backoff=fixed(0.05), on_retry=show_retry),
+)
+async def summarise(text: str) -> str:
+    """Summarise in one sentence: {{ text }}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Partial retry: each step has its own policy, so only the failed steps are retried
+# ---------------------------------------------------------------------------------------------
+
+STEP_RETRY = Retry(attempts=3, backoff=exponential(0.05), on_retry=show_retry)
+
+
+@agent(model=flaky_sentiment, max_tokens=16, temperature=0, retry=STEP_RETRY)
 async def sentiment_agent(text: str) -> Literal["positive", "negative", "neutral"]:
     """Is the sentiment of this text positive, negative or neutral? Text: {{ text }}"""
 
 
-@agent(model=flaky_keywords, retry=False, max_tokens=48, temperature=0)
+@agent(model=flaky_keywords, max_tokens=48, temperature=0, retry=STEP_RETRY)
 async def keywords_agent(
     text: str,
 ) -> Annotated[list[Annotated[str, Field(max_length=24)]], Field(max_length=3)]:
     """List up to three keywords of: {{ text }}"""
 
 
-@agent(model=flaky_summary, retry=False, max_tokens=48)
+@agent(model=flaky_summary, max_tokens=48, retry=STEP_RETRY)
 async def summary_agent(text: str) -> str:
     """Summarise in one sentence: {{ text }}"""
 
 
-@agent(model=flaky_backend, retry=False, max_tokens=32)
+@workflow
+async def analysis_workflow(text: str) -> dict[str, Any]:
+    sentiment, keywords, summary = await gather(
+        sentiment_agent(text), keywords_agent(text), summary_agent(text)
+    )
+    return {"sentiment": sentiment, "keywords": keywords, "summary": summary}
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Circuit breaker
+# ---------------------------------------------------------------------------------------------
+
+
+def show_state(breaker: CircuitBreaker, old: str, new: str) -> None:
+    log(f"breaker {breaker.name!r}: {old} -> {new}")
+
+
+backend_breaker = CircuitBreaker(
+    "backend", failure_threshold=3, recovery_time=0.3, on_state_change=show_state
+)
+
+
+# retry=False: one attempt per call, so each failed call counts once. (With retries on, every
+# failed attempt counts, and a call refused by the open breaker is never retried.)
+@agent(model=flaky_backend, retry=False, breaker=backend_breaker, max_tokens=24)
 async def backend_agent(text: str) -> str:
     """Reply in a few words to: {{ text }}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Graceful degradation
+# ---------------------------------------------------------------------------------------------
 
 
 class DetailedAnalysis(BaseModel):
@@ -298,7 +340,11 @@ class DetailedAnalysis(BaseModel):
     summary: str = Field(max_length=120)
 
 
-@agent(model=flaky_premium, retry=False, max_tokens=96)
+@agent(
+    model=flaky_premium,
+    max_tokens=96,
+    retry=Retry(attempts=2, backoff=fixed(0.05), on_retry=show_retry),
+)
 async def premium_agent(text: str) -> DetailedAnalysis:
     """Analyse this review: {{ text }}"""
 
@@ -306,90 +352,6 @@ async def premium_agent(text: str) -> DetailedAnalysis:
 @agent(model=flaky_basic, retry=False, max_tokens=16, temperature=0)
 async def basic_agent(text: str) -> Literal["positive", "negative", "neutral"]:
     """Is this review positive, negative or neutral? Review: {{ text }}"""
-
-
-@agent(model=flaky_batch, retry=False, max_tokens=16, temperature=0)
-async def batch_agent(text: str) -> Literal["positive", "negative", "neutral"]:
-    """Is this review positive, negative or neutral? Review: {{ text }}"""
-
-
-# ---------------------------------------------------------------------------------------------
-# Workflows
-# ---------------------------------------------------------------------------------------------
-
-
-@workflow
-async def retry_workflow(question: str, max_attempts: int = 3) -> str:
-    """1. Retry a few times with a short fixed delay, then give up (the last error propagates)."""
-    return await retry_with_backoff(
-        lambda: unreliable_agent(question), max_attempts=max_attempts, multiplier=1.0
-    )
-
-
-@workflow
-async def backoff_workflow(question: str) -> str:
-    """2. Exponential backoff with jitter: each wait doubles, plus up to 10% at random."""
-    return await retry_with_backoff(
-        lambda: unreliable_agent(question),
-        max_attempts=5,
-        base_delay=0.05,
-        multiplier=2.0,
-        jitter=0.1,
-    )
-
-
-CANNED_ANSWER = "Sorry, we cannot answer right now; please try again in a few minutes."
-
-
-@workflow
-async def resilient_workflow(question: str) -> tuple[str, str]:
-    """3. Try the fast primary, fall back to the reliable secondary, then to a canned answer."""
-    for name, candidate in (("fast_agent", fast_agent), ("reliable_agent", reliable_agent)):
-        try:
-            return name, await candidate(question)
-        except RunError as exc:
-            log(f"{name} failed: {exc} -> falling back")
-    return "canned answer", CANNED_ANSWER
-
-
-@workflow
-async def partial_retry_workflow(text: str, max_rounds: int = 3) -> dict[str, Any]:
-    """4. Run the steps in parallel; re-run only the failed ones, keeping what succeeded."""
-    steps: dict[str, Callable[[], Awaitable[Any]]] = {
-        "sentiment": lambda: sentiment_agent(text),
-        "keywords": lambda: keywords_agent(text),
-        "summary": lambda: summary_agent(text),
-    }
-    results: dict[str, Any] = {}
-    errors: dict[str, str] = {}
-    for round_no in range(1, max_rounds + 1):
-        pending = [name for name in steps if name not in results]
-        if not pending:
-            break
-        log(f"round {round_no}: running {', '.join(pending)}")
-        outcomes = await asyncio.gather(*(steps[n]() for n in pending), return_exceptions=True)
-        for name, outcome in zip(pending, outcomes, strict=True):
-            if isinstance(outcome, RunError):
-                errors[name] = str(outcome)
-                log(f"  {name:>9}: FAILED ({outcome})")
-            elif isinstance(outcome, BaseException):
-                raise outcome  # a bug or a cancellation: do not hide it
-            else:
-                results[name] = outcome
-                errors.pop(name, None)
-                log(f"  {name:>9}: ok")
-        if errors:
-            log(f"  partial results so far: {sorted(results)}; failed: {sorted(errors)}")
-    return {"results": results, "errors": errors}
-
-
-breaker = CircuitBreaker(failure_threshold=3, reset_timeout=0.2)
-
-
-@workflow
-async def protected_workflow(text: str) -> str:
-    """5. Every call goes through the breaker; while it is open, calls fail fast."""
-    return await breaker.call(lambda: backend_agent(text))
 
 
 def heuristic_sentiment(text: str) -> str:
@@ -400,39 +362,101 @@ def heuristic_sentiment(text: str) -> str:
     return "positive" if good > bad else "negative" if bad > good else "neutral"
 
 
-@workflow
-async def degrading_workflow(text: str) -> dict[str, Any]:
-    """6. Premium analysis if possible, else basic, else a keyword heuristic: always an answer."""
-    try:
-        return {"level": "full", "analysis": await premium_agent(text)}
-    except RunError as exc:
-        log(f"premium_agent failed: {short(exc, 60)} -> degrading to basic")
-    try:
-        return {"level": "basic", "sentiment": await basic_agent(text)}
-    except RunError as exc:
-        log(f"basic_agent failed: {short(exc, 60)} -> degrading to heuristic")
-    return {"level": "minimal", "sentiment": heuristic_sentiment(text)}
+# ---------------------------------------------------------------------------------------------
+# 7. Retry budgets
+# ---------------------------------------------------------------------------------------------
 
 
-@workflow
-async def budgeted_batch(items: list[str], budget: RetryBudget) -> list[tuple[str, str]]:
-    """7. Every item may be attempted 3 times, but the whole batch shares one retry budget."""
-    outcomes: list[tuple[str, str]] = []
-    for number, item in enumerate(items, 1):
-        log(f"item {number}: {item!r}")
+@agent(
+    model=flaky_batch,
+    max_tokens=16,
+    temperature=0,
+    retry=Retry(attempts=3, backoff=fixed(0.05), on_retry=show_retry),
+)
+async def batch_agent(text: str) -> Literal["positive", "negative", "neutral"]:
+    """Is this review positive, negative or neutral? Review: {{ text }}"""
+
+
+@workflow(retry_budget=4)
+async def label_batch(items: list[str]) -> list[Any]:
+    """Each call may retry twice, but the whole run (every concurrent call) shares 4 retries."""
+    return await gather(*(batch_agent(item) for item in items), return_exceptions=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Timeouts and cancellation
+# ---------------------------------------------------------------------------------------------
+
+
+@agent(
+    model=flaky_slow,
+    timeout=1.0,  # per attempt: a hung attempt is cancelled and retried
+    total_timeout=2.5,  # per call, retries and waits included
+    retry=Retry(attempts=10, backoff=fixed(0.05), on_retry=show_retry),
+    max_tokens=32,
+)
+async def slow_agent(question: str) -> str:
+    """Answer in a few words: {{ question }}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Rate limiting
+# ---------------------------------------------------------------------------------------------
+
+# Shared by every agent given it. To limit every agent call to a model instead, without touching
+# the agents: kagura.resilience.limit_model("openai/gpt-4o-mini", requests_per_minute=500).
+api_limiter = RateLimiter("demo-api", requests_per_second=5, burst=2)
+
+
+@agent(
+    model=flaky_limited,
+    rate_limit=api_limiter,
+    max_tokens=16,
+    temperature=0,
+    retry=Retry(attempts=3, backoff=fixed(0.05), on_retry=show_retry),
+)
+async def tag_agent(text: str) -> Literal["positive", "negative", "neutral"]:
+    """Is this review positive, negative or neutral? Review: {{ text }}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. Hand-written vs library
+# ---------------------------------------------------------------------------------------------
+
+
+@agent(model=flaky_compare, retry=False, max_tokens=32)
+async def plain_agent(question: str) -> str:
+    """Answer in a few words: {{ question }}"""
+
+
+hand_written_waits: list[float] = []
+library_waits: list[float] = []
+
+
+async def hand_written_retry(question: str, max_retries: int = 3, base_delay: float = 0.05) -> str:
+    """The loop from the spec (with a shorter base delay, and the waits recorded)."""
+    for attempt in range(max_retries):
         try:
-            label = await retry_with_backoff(
-                functools.partial(batch_agent, item),
-                max_attempts=3,
-                base_delay=0.02,
-                budget=budget,
-            )
-            outcomes.append((item, f"ok: {label}"))
-        except RetryBudgetExhausted:
-            outcomes.append((item, "gave up: retry budget exhausted"))
-        except ProviderError:
-            outcomes.append((item, "gave up: no attempts left"))
-    return outcomes
+            return await plain_agent(question)
+        except ProviderError:  # retry provider failures, never bugs
+            if attempt == max_retries - 1:
+                raise
+            wait = base_delay * 2**attempt  # 0.05 s, 0.1 s, ...
+            hand_written_waits.append(wait)
+            await asyncio.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+# The same behaviour as one policy (the hook only records the waits, for the comparison).
+@agent(
+    model=flaky_compare,
+    max_tokens=32,
+    retry=Retry(
+        attempts=3, backoff=exponential(0.05), on_retry=lambda d: library_waits.append(d.wait)
+    ),
+)
+async def library_agent(question: str) -> str:
+    """Answer in a few words: {{ question }}"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +466,8 @@ async def budgeted_batch(items: list[str], budget: RetryBudget) -> list[tuple[st
 
 def describe_model() -> None:
     print(f"Agents that name no model run on: {resolve_model(None).id}")
-    print("FlakyModel wrappers inject 'HTTP 503: injected fault' errors on a fixed script.")
+    print("FlakyModel wrappers inject 503s, 429s and hangs on a fixed script.")
+    print(f"Agents with no retry= of their own use {DEFAULT_RETRY!r}.")
     if os.environ.get("KAGURA_MODEL_OVERRIDE"):
         print(
             "WARNING: KAGURA_MODEL_OVERRIDE replaces every model, the FlakyModel wrappers too, "
@@ -450,88 +475,143 @@ def describe_model() -> None:
         )
 
 
-async def main() -> None:
-    started = time.perf_counter()
-    describe_model()
-
+async def section_basic_retry() -> None:
     header("1. Basic retry with max attempts")
-    print("  The service fails twice, then recovers (3 attempts allowed, 0.05 s between them):")
+    print("  Retry(attempts=3, backoff=fixed(0.1)); the service fails twice, then recovers:")
     flaky_primary.script(fail_first=2)
-    answer = await retry_workflow("What is the capital of France?")
-    print(f"  answer: {short(answer)}")
-    print("  The service stays down longer than the attempts allow:")
+    answer = await unreliable_agent("What is the capital of France?")
+    print(f"  answered on attempt {flaky_primary.calls}: {short(answer)}")
+    print("  The service stays down longer than 3 attempts:")
     flaky_primary.script(fail_first=5)
     try:
-        await retry_workflow("What is the capital of France?")
+        await unreliable_agent("What is the capital of France?")
     except ProviderError as exc:
-        print(f"  gave up after 3 attempts: {exc}")
+        print(f"  raised {type(exc).__name__}: {exc} [{notes(exc)}]")
 
-    header("2. Exponential backoff")
-    print("  The service fails 3 times; waits double from 0.05 s (+ up to 10% jitter):")
-    flaky_primary.script(fail_first=3)
-    start = time.perf_counter()
-    answer = await backoff_workflow("Name a primary colour.")
-    print(f"  answer: {short(answer)}")
-    print(
-        f"  {flaky_primary.calls} attempts ({flaky_primary.failures} failed) "
-        f"in {time.perf_counter() - start:.2f} s"
-    )
 
+async def section_backoff() -> None:
+    header("2. Exponential backoff (and jittered, and fixed)")
+    rng = random.Random(7)
+    variants = [
+        ("exponential(0.05), a @workflow(retry=...) default", exponential(0.05)),
+        ("jittered(0.05), @retry(...) on an async function", jittered(0.05)),
+        ("fixed(0.05), async for attempt in Retry(...)", fixed(0.05)),
+    ]
+    for label, backoff in variants:
+        schedule = ", ".join(f"{backoff.delay(n, rng):.3f}" for n in range(1, 5))
+        print(f"  {label}: waits {schedule} s ...")
+    print("  (jitter draws each wait at random from [0, exponential wait]: clients that failed")
+    print("   together don't retry together)")
+    runs = [
+        ("exponential", exponential_workflow),
+        ("jittered", ask_with_jitter),
+        ("fixed", ask_with_fixed_delay),
+    ]
+    for label, run in runs:
+        print(f"  [{label}] the service fails 3 times:")
+        flaky_primary.script(fail_first=3)
+        start = time.perf_counter()
+        answer = await run("Name a primary colour.")
+        elapsed = time.perf_counter() - start
+        print(
+            f"    {flaky_primary.calls} attempts ({flaky_primary.failures} failed) in "
+            f"{elapsed:.2f} s: {short(answer, 50)}"
+        )
+
+
+async def section_fallback() -> None:
     header("3. Fallback strategies")
-    print("  The fast primary is down, the reliable secondary is up:")
+    print("  Fallback(fast_agent, reliable_agent, default=CANNED_ANSWER); fast_agent is down:")
     flaky_fast.script(down=True)
     flaky_reliable.script()
-    answered_by, answer = await resilient_workflow("Why is the sky blue?")
-    print(f"  answered by {answered_by} (fallback): {short(answer)}")
-    print("  Both are down:")
+    answer = await ask("Why is the sky blue?")
+    print(f"  answered by {answer.source} (degraded={answer.degraded}): {short(answer.value)}")
+    for name, error in answer.errors:
+        print(f"    {name} failed first: {error}")
+    print("  Both are down (reliable_agent is retried once first):")
     flaky_reliable.script(down=True)
-    answered_by, answer = await resilient_workflow("Why is the sky blue?")
-    print(f"  answered by {answered_by} (last-resort fallback): {answer}")
+    answer = await ask("Why is the sky blue?")
+    print(f"  answered by {answer.source}: {answer.value}")
+    print(f"    failed first: {', '.join(name for name, _ in answer.errors)}")
 
+    print("  @agent(model=flaky_cloud, fallback=[flaky_backup]); the cloud model is down:")
+    flaky_cloud.script(down=True)
+    flaky_backup.script()
+    with capture_events() as seen:  # the agent's span records which model answered
+        summary = await summarise("Kagura retries, falls back and degrades gracefully.")
+    answered_by = seen.spans("agent", "summarise")[-1].attributes["answered_by"]
+    print(f"  model fallback: answered by {answered_by}: {short(summary, 60)}")
+    print(f"    calls: {flaky_cloud.id} {flaky_cloud.calls} (all failed), {flaky_backup.id} 1")
+
+
+async def section_partial_retry() -> None:
     header("4. Partial retry")
-    print("  keywords fails once and summary twice; sentiment never runs twice:")
+    print("  Three steps in parallel, each with its own Retry policy;")
+    print("  keywords fails once and summary twice, sentiment never fails:")
+    flaky_sentiment.script()
     flaky_keywords.script(fail_first=1)
     flaky_summary.script(fail_first=2)
-    outcome = await partial_retry_workflow(
+    result = await analysis_workflow(
         "The new update made the app faster, but the settings menu is confusing."
     )
-    for name, value in outcome["results"].items():
+    for name, value in result.items():
         print(f"  {name:>9}: {short(value)}")
     print(
-        f"  model calls: keywords {flaky_keywords.calls}, summary {flaky_summary.calls} "
-        "(sentiment once)"
+        f"  model calls: sentiment {flaky_sentiment.calls}, keywords {flaky_keywords.calls}, "
+        f"summary {flaky_summary.calls} (only the failed steps were retried)"
     )
 
+
+async def section_circuit_breaker() -> None:
     header("5. Circuit breaker")
+    backend_breaker.reset()
     print(
-        f"  threshold {breaker.threshold} consecutive failures, reset timeout "
-        f"{breaker.reset_timeout} s; the backend fails its first 3 calls, then recovers:"
+        f"  CircuitBreaker(failure_threshold={backend_breaker.failure_threshold}, "
+        f"recovery_time={backend_breaker.recovery_time}); the backend fails its first 4 calls:"
     )
-    flaky_backend.script(fail_first=3)
-    for call_no in range(1, 8):
-        if call_no == 6:
-            print(f"  ... waiting {breaker.reset_timeout} s for the reset timeout ...")
-            await asyncio.sleep(breaker.reset_timeout)
-        state_before = breaker.state
+    flaky_backend.script(fail_first=4)
+    for call_no in range(1, 10):
+        if call_no in (6, 8):
+            print(f"  ... waiting {backend_breaker.recovery_time} s (recovery_time) ...")
+            await asyncio.sleep(backend_breaker.recovery_time)
         start = time.perf_counter()
         try:
-            reply = await protected_workflow(f"ping {call_no}")
+            reply = await backend_agent(f"ping {call_no}")
             result = f"ok: {short(reply, 40)}"
         except CircuitOpenError as exc:
             result = f"FAST FAIL: {exc}"
         except ProviderError as exc:
             result = f"failed: {exc}"
         elapsed_ms = (time.perf_counter() - start) * 1000
-        transition = (
-            f"{state_before} -> {breaker.state}" if state_before != breaker.state else breaker.state
-        )
-        print(f"  call {call_no}: [{transition}] {result} ({elapsed_ms:.0f} ms)")
-        if state_before != "open" and breaker.state == "open":
-            print("          ^ circuit breaker OPENED")
-    print(f"  7 calls, {flaky_backend.calls} reached the backend; the others failed fast")
+        print(f"  call {call_no} [{backend_breaker.state}]: {result} ({elapsed_ms:.0f} ms)")
+    print(f"  9 calls, {flaky_backend.calls} reached the backend; the others failed fast")
 
+
+async def section_degradation() -> None:
     header("6. Graceful degradation")
     text = "Great screen and I love the battery, but the speakers are bad."
+    print("  gather_partial(..., deadline=3.0): premium is down, keywords hangs:")
+    flaky_basic.script()
+    flaky_premium.script(down=True)
+    flaky_keywords.script(hang=True)
+    start = time.perf_counter()
+    partial = await gather_partial(
+        {
+            "sentiment": basic_agent(text),
+            "analysis": premium_agent(text),
+            "keywords": keywords_agent(text),
+        },
+        deadline=3.0,
+    )
+    print(f"  after {time.perf_counter() - start:.1f} s, complete={partial.complete}:")
+    for key, value in partial.results.items():
+        print(f"    result    {key}: {short(value)}")
+    for key, error in partial.errors.items():
+        print(f"    error     {key}: {type(error).__name__}: {error}")
+    for key in partial.cancelled:
+        print(f"    cancelled {key} (still running at the deadline)")
+
+    print("  Levels: Fallback(premium_agent, basic_agent, default=<heuristic, no model>):")
     for label, premium_down, basic_down in (
         ("all services up", False, False),
         ("premium service down", True, False),
@@ -540,13 +620,13 @@ async def main() -> None:
         flaky_premium.script(down=premium_down)
         flaky_basic.script(down=basic_down)
         print(f"  [{label}]")
-        degraded = await degrading_workflow(text)
-        details = {k: v for k, v in degraded.items() if k != "level"}
-        print(f"    -> level={degraded['level']}: {short(details, 100)}")
+        degrade = Fallback(premium_agent, basic_agent, default=heuristic_sentiment(text))
+        answer = await degrade(text)
+        print(f"    -> answered by {answer.source}: {short(answer.value, 80)}")
 
+
+async def section_retry_budget() -> None:
     header("7. Retry budgets")
-    budget = RetryBudget(max_retries=3)
-    flaky_batch.script(failure_rate=0.5, seed=3)
     items = [
         "Works as advertised.",
         "Broke in two days.",
@@ -556,18 +636,116 @@ async def main() -> None:
         "Would buy again.",
     ]
     print(
-        f"  {len(items)} items, up to 3 attempts each, one shared budget of "
-        f"{budget.max_retries} retries; the provider fails ~50% of calls:"
+        f"  @workflow(retry_budget=4): {len(items)} concurrent calls, up to 3 attempts each;\n"
+        f"  an outage fails the first {len(items)} requests:"
     )
-    outcomes = await budgeted_batch(items, budget)
-    for item, result in outcomes:
-        print(f"  {item!r:32} {result}")
-    gave_up = sum(result.startswith("gave up") for _, result in outcomes)
+    flaky_batch.script(fail_first=len(items))
+    outcomes = await label_batch(items)
+    gave_up = 0
+    for item, outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            gave_up += 1
+            print(f"  {item!r:32} gave up: {notes(outcome)}")
+        else:
+            print(f"  {item!r:32} ok: {outcome}")
     print(
-        f"  retries used {budget.used}/{budget.max_retries}; {len(items) - gave_up} ok, "
-        f"{gave_up} gave up instead of retrying without limit"
+        f"  retry budget ran out: {len(items) - gave_up} ok, {gave_up} gave up; "
+        f"{flaky_batch.calls} requests instead of up to {3 * len(items)} "
+        "(no retry storm against a struggling provider)"
     )
 
+
+async def section_timeouts() -> None:
+    header("8. Timeouts and cancellation")
+    print("  @agent(timeout=1.0, total_timeout=2.5); the first request hangs:")
+    flaky_slow.script(hang_first=1)
+    start = time.perf_counter()
+    answer = await slow_agent("What colour is the sky?")
+    print(f"  answered on attempt {flaky_slow.calls} after {time.perf_counter() - start:.1f} s")
+    print(f"    {short(answer)}")
+    print("  Every request hangs: the total timeout ends the call, retries included:")
+    flaky_slow.script(hang=True)
+    start = time.perf_counter()
+    try:
+        await slow_agent("What colour is the sky?")
+    except TimeoutError as exc:
+        print(
+            f"  raised {type(exc).__name__} after {time.perf_counter() - start:.1f} s "
+            f"({flaky_slow.calls} attempts)"
+        )
+    print("  Cancelling the caller cancels the call at once; cancellation is never retried:")
+    flaky_slow.script(hang=True)
+    task = asyncio.create_task(slow_agent("What colour is the sky?"))
+    await asyncio.sleep(0.1)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        print(f"  cancelled after 0.1 s; {flaky_slow.calls} request, no retry")
+
+
+async def section_rate_limiting() -> None:
+    header("9. Rate limiting")
+    texts = [f"Review number {n}: it works." for n in range(1, 7)]
+    print(
+        f"  RateLimiter(requests_per_second={api_limiter.request_rate:g}, burst=2); "
+        f"{len(texts)} calls at once:"
+    )
+    flaky_limited.script()
+    start = time.monotonic()
+    await gather(*(tag_agent(t) for t in texts))
+    arrivals = ", ".join(f"+{t - start:.2f}" for t in flaky_limited.arrivals)
+    print(f"  requests reached the provider at {arrivals} s")
+    print("  The provider answers the first request with 429, Retry-After 0.5 s:")
+    flaky_limited.script(fail_first=1, status=429, retry_after=0.5)
+    start = time.monotonic()
+    await gather(*(tag_agent(t) for t in texts[:3]))
+    arrivals = ", ".join(f"+{t - start:.2f}" for t in flaky_limited.arrivals)
+    print(f"  requests reached the provider at {arrivals} s")
+    print(
+        f"  the limiter held every caller for the Retry-After and slowed to "
+        f"{api_limiter.rate_multiplier:.0%} of its rate (recovering over 30 s)"
+    )
+
+
+async def section_hand_written_vs_library() -> None:
+    header("10. Hand-written vs library")
+    print("  hand-written: for attempt in range(3): try/except ProviderError, sleep(0.05 * 2**n)")
+    print("  library:      @agent(retry=Retry(attempts=3, backoff=exponential(0.05)))")
+    for fail_first in (2, 5):
+        outcomes = []
+        for kind, call, waits in (
+            ("hand-written", hand_written_retry, hand_written_waits),
+            ("library", library_agent, library_waits),
+        ):
+            flaky_compare.script(fail_first=fail_first)
+            waits.clear()
+            try:
+                await call("Name a fruit.")
+                result = "answered"
+            except ProviderError as exc:
+                result = f"raised {type(exc).__name__}"
+            outcomes.append((flaky_compare.calls, list(waits), result))
+            print(
+                f"  fails {fail_first}x, {kind:12}: {flaky_compare.calls} attempts, "
+                f"waits {waits}, {result}"
+            )
+        print(f"  -> same behaviour: {outcomes[0] == outcomes[1]}")
+
+
+async def main() -> None:
+    started = time.perf_counter()
+    describe_model()
+    await section_basic_retry()
+    await section_backoff()
+    await section_fallback()
+    await section_partial_retry()
+    await section_circuit_breaker()
+    await section_degradation()
+    await section_retry_budget()
+    await section_timeouts()
+    await section_rate_limiting()
+    await section_hand_written_vs_library()
     print(f"\nDone in {time.perf_counter() - started:.1f} s.")
 
 

@@ -21,6 +21,8 @@ so the SDK's own exception stays available as ``__cause__``.
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 from collections.abc import Mapping
 
 __all__ = [
@@ -92,14 +94,21 @@ class ProviderError(RunError):
 
     @property
     def retry_after(self) -> float | None:
-        """Seconds the server asked us to wait, from ``Retry-After`` (seconds form), if any."""
+        """Seconds the server asked us to wait, from ``Retry-After`` (seconds or HTTP date)."""
         value = self.headers.get("retry-after")
         if value is None:
             return None
         try:
             return max(0.0, float(value))
         except ValueError:
+            pass
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
             return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+        return max(0.0, (when - datetime.datetime.now(datetime.UTC)).total_seconds())
 
 
 class ProviderTimeout(ProviderError, TimeoutError):

@@ -121,8 +121,12 @@ class CircuitBreaker:
 
     def record_success(self) -> None:
         with self._lock:
+            if self._state == "open":
+                # A call admitted before the circuit opened answered late: one stale success
+                # says little about health now, and must not close the circuit (flapping).
+                return
             self._failures = 0
-            if self._state != "closed":
+            if self._state == "half_open":
                 self._set("closed")
 
     def record_failure(self, error: BaseException) -> None:
@@ -185,8 +189,12 @@ def circuit_breaker(
     failure_threshold: int = 5,
     recovery_time: float | timedelta = 30.0,
     half_open_probes: int = 1,
+    failure_on: Callable[[BaseException], bool] = is_transient,
+    on_state_change: Callable[[CircuitBreaker, BreakerState, BreakerState], None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> CircuitBreaker:
-    """The process-wide breaker called ``name``, created with these settings on first use."""
+    """The process-wide breaker called ``name``, created with these settings on first use
+    (later calls return it as it is, whatever settings they pass)."""
     with _registry_lock:
         breaker = _registry.get(name)
         if breaker is None:
@@ -195,6 +203,9 @@ def circuit_breaker(
                 failure_threshold=failure_threshold,
                 recovery_time=recovery_time,
                 half_open_probes=half_open_probes,
+                failure_on=failure_on,
+                on_state_change=on_state_change,
+                clock=clock,
             )
         return breaker
 

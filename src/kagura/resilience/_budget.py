@@ -71,7 +71,11 @@ class RetryBudget:
 class CostBudget:
     """A ceiling on USD and/or tokens spent by LLM calls. Calls once it is spent raise
     :class:`BudgetExceeded` before reaching the provider; calls to models known to be free
-    (the local model) still pass a USD budget, which is what makes a cheap fallback useful."""
+    (the local model) still pass a USD budget, which is what makes a cheap fallback useful.
+
+    The check happens before each call and the charge after it, so calls already in flight when
+    the budget runs out may overspend it by their own cost; bound that with a concurrency limit.
+    """
 
     def __init__(self, *, usd: float | None = None, tokens: int | None = None) -> None:
         if usd is None and tokens is None:

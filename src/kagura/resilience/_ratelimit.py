@@ -13,6 +13,7 @@ import asyncio
 import math
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -94,7 +95,10 @@ class RateLimiter:
         self._penalised_at = now
         self._penalty_floor = 1.0
         self._blocked_until = now
-        self._locks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = {}
+        # One FIFO lock per event loop (asyncio locks bind to a loop); dropped with the loop.
+        self._locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+            weakref.WeakKeyDictionary()
+        )
         self._state_lock = threading.Lock()
         #: Requests admitted, and the seconds spent waiting, since creation.
         self.admitted = 0
@@ -105,11 +109,10 @@ class RateLimiter:
 
     def _fifo_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
-        entry = self._locks.get(id(loop))
-        if entry is None or entry[0] is not loop:
-            entry = (loop, asyncio.Lock())  # asyncio.Lock wakes its waiters in FIFO order
-            self._locks[id(loop)] = entry
-        return entry[1]
+        lock = self._locks.get(loop)
+        if lock is None:
+            lock = self._locks[loop] = asyncio.Lock()  # wakes its waiters in FIFO order
+        return lock
 
     def _rate_multiplier(self, now: float) -> float:
         if self._penalty_floor >= 1.0 or self.recovery_time == 0:

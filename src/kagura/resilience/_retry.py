@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -162,20 +163,31 @@ class Retry:
     # -- decorator ----------------------------------------------------------------------------
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        """Use the policy as a decorator on any async function."""
-        if not asyncio.iscoroutinefunction(fn):
-            raise UsageError("Retry(...) decorates async functions only")
+        """Use the policy as a decorator on any async callable (an agent included)."""
+        if not callable(fn) or inspect.isclass(fn):
+            raise UsageError(f"Retry(...) decorates async callables, got {fn!r}")
+        if not (asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(type(fn).__call__)):
+            raise UsageError(
+                f"Retry(...) decorates async callables; {fn!r} is not (wrap a sync function "
+                f"in an async def, or retry it with `async for attempt in policy`)"
+            )
+        name = str(getattr(fn, "__qualname__", None) or getattr(fn, "name", None) or fn)
 
         @functools.wraps(fn)
         async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-            return await self.call(lambda: fn(*args, **kwargs), name=fn.__qualname__)
+            return await self.call(lambda: fn(*args, **kwargs), name=name)
 
         return wrapper
 
     # -- context iterator ---------------------------------------------------------------------
 
     async def __aiter__(self) -> AsyncIterator[Attempt]:
-        """``async for attempt in policy: with attempt: ...`` retries the block."""
+        """``async for attempt in policy: with attempt: ...`` retries the block.
+
+        A block cannot be interrupted from outside, so here ``timeout`` does not apply and
+        ``total_timeout`` is checked between attempts; put ``async with asyncio.timeout(...)``
+        inside the block to bound a single attempt.
+        """
         deadline = None if self.total_timeout is None else time.monotonic() + self.total_timeout
         number = 0
         while True:
