@@ -313,8 +313,18 @@ async def analysis_workflow(text: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+BREAKER_STEPS = {
+    ("closed", "open"): "OPENED after 3 consecutive failures: calls now fail fast",
+    ("open", "half_open"): "half-open: recovery_time passed, this call is the probe",
+    ("half_open", "open"): "the probe failed: open again",
+    ("half_open", "closed"): "the probe succeeded: closed again",
+}
+breaker_log: list[str] = []
+
+
 def show_state(breaker: CircuitBreaker, old: str, new: str) -> None:
-    log(f"breaker {breaker.name!r}: {old} -> {new}")
+    """The ``on_state_change`` hook (collected here, printed after the call that caused it)."""
+    breaker_log.append(f"breaker {breaker.name!r}: {old} -> {new}: {BREAKER_STEPS[old, new]}")
 
 
 backend_breaker = CircuitBreaker(
@@ -499,7 +509,8 @@ async def section_backoff() -> None:
     ]
     for label, backoff in variants:
         schedule = ", ".join(f"{backoff.delay(n, rng):.3f}" for n in range(1, 5))
-        print(f"  {label}: waits {schedule} s ...")
+        draw = " (one random draw)" if backoff.jitter else ""
+        print(f"  {label}: waits {schedule} s ...{draw}")
     print("  (jitter draws each wait at random from [0, exponential wait]: clients that failed")
     print("   together don't retry together)")
     runs = [
@@ -541,7 +552,10 @@ async def section_fallback() -> None:
         summary = await summarise("Kagura retries, falls back and degrades gracefully.")
     answered_by = seen.spans("agent", "summarise")[-1].attributes["answered_by"]
     print(f"  model fallback: answered by {answered_by}: {short(summary, 60)}")
-    print(f"    calls: {flaky_cloud.id} {flaky_cloud.calls} (all failed), {flaky_backup.id} 1")
+    print(
+        f"    calls: {flaky_cloud.id} {flaky_cloud.calls} (all failed), "
+        f"{flaky_backup.id} {flaky_backup.calls}"
+    )
 
 
 async def section_partial_retry() -> None:
@@ -574,6 +588,7 @@ async def section_circuit_breaker() -> None:
         if call_no in (6, 8):
             print(f"  ... waiting {backend_breaker.recovery_time} s (recovery_time) ...")
             await asyncio.sleep(backend_breaker.recovery_time)
+        breaker_log.clear()
         start = time.perf_counter()
         try:
             reply = await backend_agent(f"ping {call_no}")
@@ -583,7 +598,9 @@ async def section_circuit_breaker() -> None:
         except ProviderError as exc:
             result = f"failed: {exc}"
         elapsed_ms = (time.perf_counter() - start) * 1000
-        print(f"  call {call_no} [{backend_breaker.state}]: {result} ({elapsed_ms:.0f} ms)")
+        print(f"  call {call_no}: {result} ({elapsed_ms:.0f} ms)")
+        for line in breaker_log:
+            log(f"^ {line}")
     print(f"  9 calls, {flaky_backend.calls} reached the backend; the others failed fast")
 
 
@@ -701,7 +718,7 @@ async def section_rate_limiting() -> None:
     start = time.monotonic()
     await gather(*(tag_agent(t) for t in texts[:3]))
     arrivals = ", ".join(f"+{t - start:.2f}" for t in flaky_limited.arrivals)
-    print(f"  requests reached the provider at {arrivals} s")
+    print(f"  requests (the retry included) reached the provider at {arrivals} s")
     print(
         f"  the limiter held every caller for the Retry-After and slowed to "
         f"{api_limiter.rate_multiplier:.0%} of its rate (recovering over 30 s)"

@@ -16,6 +16,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import _settings
@@ -47,17 +48,22 @@ class _FlushMarker:
 
 
 class Recorder:
-    """Writes instrumentation records to the store at ``url`` from a background thread."""
+    """Writes instrumentation records to the store at ``url`` (a SQLite path or a database URL)
+    from a background thread."""
 
     def __init__(
         self,
-        url: str,
+        url: str | Path,
         *,
         content: ContentMode | None = None,
         flush_interval: float = 0.05,
         batch_size: int = 2000,
     ) -> None:
-        self.url = url
+        from ._engine import normalise_url
+
+        self.url = normalise_url(url)
+        #: Set when the store could not be opened: nothing is being recorded.
+        self.broken = False
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
         self.flush_interval = flush_interval
         self.batch_size = batch_size
@@ -75,7 +81,8 @@ class Recorder:
     # -- on the event loop ----------------------------------------------------------------
 
     def handle(self, event: Event) -> None:
-        self._queue.append(event)
+        if not self.broken:  # a store that cannot be opened must not grow the queue forever
+            self._queue.append(event)
 
     # -- anywhere -------------------------------------------------------------------------
 
@@ -86,7 +93,7 @@ class Recorder:
         marker = _FlushMarker()
         self._queue.append(marker)
         self._wake.set()
-        return marker.done.wait(timeout)
+        return marker.done.wait(timeout) and not self.broken
 
     def close(self, timeout: float = 30.0) -> None:
         self.flush(timeout)
@@ -103,6 +110,7 @@ class Recorder:
             engine = engine_for(self.url)
         except Exception:
             _log.exception("kagura: cannot open the event store; recording is off")
+            self.broken = True
             self._fail_pending()
             return
         while True:
