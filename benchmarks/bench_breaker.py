@@ -5,7 +5,7 @@ Every case is timed in batches; the batches of all cases are interleaved over ``
 (in a rotating order, so drift and noise spread evenly) and each figure is the median per-call
 time over the rounds. Ratios are against baselines measured in the same run.
 
-    .venv/bin/python benchmarks/bench_breaker.py [--rounds 9] [--batch-ms 100]
+    .venv/bin/python benchmarks/bench_breaker.py [--rounds 15] [--batch-ms 100]
 """
 
 from __future__ import annotations
@@ -159,23 +159,27 @@ def render(cases: list[Case], console: Console, rounds: int) -> None:
     base = by_name[BASELINE].median_us
     agent_base = by_name[AGENT_BASELINE].median_us
     table = Table(
-        title=f"Per-call cost, median of {rounds} interleaved rounds (min-max across rounds)",
+        title=f"Per-call cost over {rounds} interleaved rounds (median, best and worst round)",
         title_justify="left",
     )
     table.add_column("case")
     table.add_column("calls/batch", justify="right")
-    table.add_column("µs/call", justify="right")
-    table.add_column("min-max µs", justify="right")
-    table.add_column("× sleep(0)", justify="right")
-    table.add_column("× agent, no policies", justify="right")
+    table.add_column("µs/call median", justify="right")
+    table.add_column("best", justify="right")
+    table.add_column("worst", justify="right")
+    table.add_column("× sleep(0) median | best", justify="right")
+    table.add_column("× agent, no policies median | best", justify="right")
+    best = by_name[BASELINE].min_us
+    agent_best = by_name[AGENT_BASELINE].min_us
     for c in cases:
         table.add_row(
             c.name,
             f"{c.iterations:,}",
             f"{c.median_us:.3f}",
-            f"{c.min_us:.3f}-{c.max_us:.3f}",
-            f"{c.median_us / base:.2f}",
-            f"{c.median_us / agent_base:.3f}" if c.agent_path else "",
+            f"{c.min_us:.3f}",
+            f"{c.max_us:.3f}",
+            f"{c.median_us / base:.2f} | {c.min_us / best:.2f}",
+            f"{c.median_us / agent_base:.3f} | {c.min_us / agent_best:.3f}" if c.agent_path else "",
         )
     console.print(table)
 
@@ -208,7 +212,7 @@ async def main_async(args: argparse.Namespace, console: Console) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per case")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     parser.add_argument("--batch-ms", type=float, default=100.0, help="length of one batch")
     args = parser.parse_args()
     console = Console(width=None if sys.stdout.isatty() else 160)

@@ -180,13 +180,11 @@ class Result:
 
     @property
     def fifo_wait_bound(self) -> float:
-        """The longest a caller can wait in a FIFO queue: every other task is ahead of it at most
-        once, so it waits for ``tasks`` requests' worth of refill (for tokens: their estimates,
-        plus the deficit one under-estimated request can leave after settling)."""
-        if self.scenario.actual is not None:
-            deficit = max(0, self.scenario.actual[1] - self.scenario.estimate)
-            return (self.tasks * self.scenario.estimate + deficit) / self.target
-        return self.tasks / self.target
+        """The longest a caller can wait in a FIFO queue served at the measured steady rate: each
+        other task is ahead of it at most once, so it waits for at most ``tasks`` requests' worth
+        of refill (for settled tokens, ``tasks`` times the largest real usage)."""
+        per_request = 1 if self.scenario.actual is None else self.scenario.actual[1]
+        return self.tasks * per_request / self.steady
 
     @property
     def waits(self) -> list[float]:

@@ -217,3 +217,32 @@ async def test_concurrent_calls_are_independent() -> None:
     results = await asyncio.gather(*(echo(i) for i in range(20)))
     assert results == [f"item {i}" for i in range(20)]
     assert len(fake.requests) == 20
+
+
+async def test_run_returns_the_output_with_model_usage_and_cost() -> None:
+    fake = FakeModel(["hello there"])
+
+    @agent(model=fake)
+    async def greet(name: str) -> str:
+        """Greet {{ name }}"""
+
+    result = await greet.run("Ada")
+    assert result.output == "hello there"
+    assert result.model == "fake/echo"
+    assert result.usage.completion_tokens == 2
+    assert result.cost_usd == 0.0
+    assert result.span_id and result.run_id == result.span_id  # a top-level call is its own run
+
+
+async def test_run_names_the_fallback_model_that_answered() -> None:
+    from kagura.errors import ProviderError
+
+    primary = FakeModel([ProviderError("down", status_code=400)], name="primary")
+    backup = FakeModel(["from the backup"], name="backup")
+
+    @agent(model=primary, fallback=[backup], retry=False)
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    result = await ask.run("anything")
+    assert (result.output, result.model) == ("from the backup", "fake/backup")

@@ -10,6 +10,7 @@ import kagura
 
 EXPECTED_ALL = [
     "Agent",
+    "AgentRun",
     "KaguraError",
     "MissingCredentialsError",
     "OutputParseError",

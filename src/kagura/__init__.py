@@ -3,7 +3,7 @@
 >>> from kagura import agent, workflow
 """
 
-from ._agent import Agent, agent
+from ._agent import Agent, AgentRun, agent
 from ._context import current_run_id, get_current_span
 from ._tool import Tool, tool
 from ._usage import Usage
@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Agent",
+    "AgentRun",
     "KaguraError",
     "MissingCredentialsError",
     "OutputParseError",

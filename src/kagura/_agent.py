@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import functools
 import inspect
 import json
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overload
 
@@ -51,6 +53,18 @@ class _Totals:
     def add(self, usage: Usage, cost: float | None) -> None:
         self.usage = self.usage + usage
         self.cost = None if cost is None or self.cost is None else self.cost + cost
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRun(Generic[R]):
+    """One agent call's output and what it took (from :meth:`Agent.run`)."""
+
+    output: R
+    model: str  # the model that answered, after any fallback
+    usage: Usage
+    cost_usd: float | None  # None when some attempt's price is unknown
+    span_id: str
+    run_id: str
 
 
 class Agent(Generic[P, R]):
@@ -159,6 +173,14 @@ class Agent(Generic[P, R]):
         return bound.arguments
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return (await self._call(args, kwargs)).output
+
+    async def run(self, *args: P.args, **kwargs: P.kwargs) -> AgentRun[R]:
+        """Call the agent and return its output with what it took: the model that answered
+        (after any fallback), tokens, cost and the ids of its recorded span and run."""
+        return await self._call(args, kwargs)
+
+    async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AgentRun[R]:
         ensure_recording()
         arguments = self._bind(args, kwargs)
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
@@ -187,7 +209,9 @@ class Agent(Generic[P, R]):
             cost_usd=totals.cost,
             attributes={"output": result, "answered_by": answered_by},
         )
-        return cast(R, result)
+        return AgentRun(
+            cast(R, result), answered_by, totals.usage, totals.cost, span.span_id, span.run_id
+        )
 
     async def _run_chain(
         self, model: Model, prompt: str, span: Span, totals: _Totals, policies: Policies
@@ -195,6 +219,11 @@ class Agent(Generic[P, R]):
         """The primary model, then each fallback model in turn after a run failure."""
         chain = [model, *(resolve_model(spec) for spec in self.fallback)]
         for position, current in enumerate(chain):
+            if position == 1 and isinstance(policies.breaker, CircuitBreaker):
+                # A breaker given as an object guards the agent's own model: were it to guard the
+                # fallbacks too, the failure that opened it would also refuse every fallback.
+                # Each fallback model gets the breaker shared under its own name instead.
+                policies = dataclasses.replace(policies, breaker=True)
             try:
                 current.check_ready()
                 return await self._run(current, prompt, span, totals, policies), current.id

@@ -4,6 +4,8 @@
 ``retry_workflow`` use model instances of their own (an always-down model, ``FlakyModel`` wrappers)
 that ``override_model`` would replace too, hiding the failures they exist to show; those run with
 ``KAGURA_MODEL=fake`` instead, so that the wrappers wrap the fake model and still fail on script.
+The retry example's tests also turn on ``kagura.resilience.set_testing(True)``: the policies'
+waits are still computed and printed, but not slept.
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import asyncio
 import importlib.util
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
+from kagura.resilience import set_testing
 from kagura.testing import FakeModel, override_model
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "advanced_workflows"
@@ -171,39 +175,90 @@ async def test_parallel_analysis_returns_every_result(monkeypatch: pytest.Monkey
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.fixture
+def skip_policy_waits() -> Iterator[None]:
+    """Retry and rate-limit waits are computed and printed, but not slept."""
+    set_testing(True)
+    try:
+        yield
+    finally:
+        set_testing(False)
+
+
 async def test_retry_main_shows_every_failure_mode(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    skip_policy_waits: None,
 ) -> None:
     monkeypatch.setenv("KAGURA_MODEL", "fake")
     example = load("retry_workflow")
     await example.main()
     out = capsys.readouterr().out
     assert "Agents that name no model run on: fake/echo" in out
-    # 1. retries with a max, and giving up
-    assert "attempt 1/3 failed: flaky/primary: HTTP 503: injected fault" in out
-    assert "attempt 3/3 succeeded" in out
-    assert "gave up after 3 attempts" in out
-    # 2. exponential backoff
-    assert "attempt 4/5 succeeded" in out
-    assert "4 attempts (3 failed)" in out
-    # 3. fallbacks
-    assert "answered by reliable_agent (fallback)" in out
-    assert "answered by canned answer (last-resort fallback)" in out
-    # 4. partial retry
-    assert "partial results so far: ['sentiment']; failed: ['keywords', 'summary']" in out
-    assert "round 3: running summary" in out
-    assert "model calls: keywords 2, summary 3" in out
-    # 5. circuit breaker
-    assert "circuit breaker OPENED" in out
-    assert out.count("FAST FAIL") == 2
-    assert "half-open" in out
-    assert "7 calls, 5 reached the backend" in out
-    # 6. graceful degradation
-    for level in ("full", "basic", "minimal"):
-        assert f"level={level}" in out
-    # 7. retry budget
-    assert "retry budget exhausted" in out
-    assert "retries used 3/3" in out
+    for n, title in enumerate(
+        [
+            "Basic retry with max attempts",
+            "Exponential backoff (and jittered, and fixed)",
+            "Fallback strategies",
+            "Partial retry",
+            "Circuit breaker",
+            "Graceful degradation",
+            "Retry budgets",
+            "Timeouts and cancellation",
+            "Rate limiting",
+            "Hand-written vs library",
+        ],
+        1,
+    ):
+        assert f"=== {n}. {title} ===" in out
+    # 1. retries with a max (attempt numbers and waits from the on_retry hook), and giving up
+    assert (
+        "attempt 1 failed (flaky/primary: HTTP 503: injected fault) "
+        "-> waiting 0.100 s before attempt 2" in out
+    )
+    assert "answered on attempt 3" in out
+    assert "[kagura: gave up after 3 attempts]" in out
+    # 2. exponential, jittered and fixed backoff
+    assert "waits 0.050, 0.100, 0.200, 0.400 s" in out
+    assert "waiting 0.200 s before attempt 4" in out
+    assert out.count("4 attempts (3 failed)") == 3
+    # 3. fallbacks: a Fallback chain, its default, and an agent's model fallback
+    assert "answered by reliable_agent (degraded=True)" in out
+    assert "fast_agent failed first: flaky/fast: HTTP 503" in out
+    assert f"answered by default: {example.CANNED_ANSWER}" in out
+    assert "model fallback: answered by flaky/backup" in out
+    # 4. partial retry: only the failed steps were retried
+    assert "model calls: sentiment 1, keywords 2, summary 3" in out
+    # 5. circuit breaker: opens, fails fast, probes when half-open, closes
+    assert "closed -> open: OPENED" in out
+    assert out.count("FAST FAIL: circuit breaker 'backend' is open") == 3
+    assert "half_open -> open: the probe failed" in out
+    assert "half_open -> closed: the probe succeeded" in out
+    assert "9 calls, 6 reached the backend" in out
+    # 6. graceful degradation: partial results by a deadline, then levels of answer
+    assert "complete=False" in out
+    assert "result    sentiment: positive" in out
+    assert "error     analysis: ProviderError: flaky/premium: HTTP 503" in out
+    assert "cancelled keywords" in out
+    for source in ("premium_agent", "basic_agent", "default"):
+        assert f"-> answered by {source}:" in out
+    # 7. the retry budget runs out
+    assert out.count("not retried: retry budget spent (4 of 4 retries used)") == 2
+    assert "retry budget ran out: 4 ok, 2 gave up; 10 requests instead of up to 18" in out
+    # 8. timeouts and cancellation
+    assert "(flaky/slow: no answer within 1s) -> waiting 0.050 s before attempt 2" in out
+    assert "answered on attempt 2" in out
+    # The total timeout ends the call: as itself, or as the last attempt's ProviderTimeout when the
+    # next wait would pass it (both are TimeoutErrors).
+    assert "raised TimeoutError" in out or "raised ProviderTimeout" in out
+    assert "cancelled after 0.1 s; 1 request, no retry" in out
+    # 9. rate limiting: a 429's Retry-After is honoured
+    assert "HTTP 429: rate limited, Retry-After 0.5 s) -> waiting 0.500 s" in out
+    # 10. the hand-written loop and the library policy behave the same
+    assert "fails 2x, library     : 3 attempts, waits [0.05, 0.1], answered" in out
+    assert "fails 5x, library     : 3 attempts, waits [0.05, 0.1], raised ProviderError" in out
+    assert out.count("same behaviour: True") == 2
+    assert "same behaviour: False" not in out
 
 
 async def test_flaky_model_fails_on_script_and_wraps_the_default_model(
@@ -213,28 +268,63 @@ async def test_flaky_model_fails_on_script_and_wraps_the_default_model(
     example = load("retry_workflow")
     example.flaky_primary.script(fail_first=1)
     with pytest.raises(example.ProviderError) as caught:
-        await example.unreliable_agent("q")
+        await example.single_shot_agent("q")  # retry=False: the fault is not retried
     assert caught.value.status_code == 503
-    answer = await example.unreliable_agent("q")
+    answer = await example.single_shot_agent("q")
     assert "q" in answer  # the fake model echoes the prompt
     assert (example.flaky_primary.calls, example.flaky_primary.failures) == (2, 1)
+
+    example.flaky_primary.script(fail_first=1, status=429, retry_after=0.5)
+    with pytest.raises(example.ProviderError) as caught:
+        await example.single_shot_agent("q")
+    assert caught.value.status_code == 429
+    assert caught.value.retry_after == 0.5
+
+
+async def test_agent_retry_policy_retries_the_injected_faults(
+    monkeypatch: pytest.MonkeyPatch, skip_policy_waits: None
+) -> None:
+    monkeypatch.setenv("KAGURA_MODEL", "fake")
+    example = load("retry_workflow")
+    example.flaky_primary.script(fail_first=2)
+    assert "capital" in await example.unreliable_agent("capital?")
+    assert example.flaky_primary.calls == 3
 
 
 async def test_circuit_breaker_fails_fast_then_recovers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAGURA_MODEL", "fake")
     example = load("retry_workflow")
-    breaker = example.CircuitBreaker(failure_threshold=2, reset_timeout=0.05)
-    example.flaky_backend.script(fail_first=2)
-    for _ in range(2):
+    breaker = example.backend_breaker
+    breaker.reset()
+    example.flaky_backend.script(fail_first=3)
+    for _ in range(3):
         with pytest.raises(example.ProviderError):
-            await breaker.call(lambda: example.backend_agent("x"))
+            await example.backend_agent("x")
     assert breaker.state == "open"
     with pytest.raises(example.CircuitOpenError):
-        await breaker.call(lambda: example.backend_agent("x"))
-    assert example.flaky_backend.calls == 2  # the fast failure never reached the model
-    await asyncio.sleep(0.06)
-    await breaker.call(lambda: example.backend_agent("x"))
+        await example.backend_agent("x")
+    assert example.flaky_backend.calls == 3  # the fast failure never reached the model
+    await asyncio.sleep(breaker.recovery_time + 0.02)
+    assert breaker.state == "half_open"
+    await example.backend_agent("x")  # the probe succeeds
     assert breaker.state == "closed"
+
+
+async def test_retry_budget_is_shared_by_the_concurrent_calls_of_a_run(
+    monkeypatch: pytest.MonkeyPatch, skip_policy_waits: None
+) -> None:
+    monkeypatch.setenv("KAGURA_MODEL", "fake")
+    example = load("retry_workflow")
+    example.flaky_batch.script(fail_first=6)
+    outcomes = await example.label_batch([f"item {n}" for n in range(6)])
+    failed = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(failed) == 2
+    assert all("retry budget spent (4 of 4 retries used)" in example.notes(e) for e in failed)
+    assert example.flaky_batch.calls == 10
+    # Each run gets a fresh budget.
+    example.flaky_batch.script(fail_first=4)
+    outcomes = await example.label_batch([f"item {n}" for n in range(4)])
+    assert not any(isinstance(o, Exception) for o in outcomes)
 
 
 # ---------------------------------------------------------------------------------------------

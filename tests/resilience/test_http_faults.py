@@ -32,6 +32,7 @@ from kagura.resilience import (
     Fallback,
     RateLimiter,
     Retry,
+    fixed,
     limit_model,
     reset_breakers,
     reset_rate_limits,
@@ -220,6 +221,35 @@ async def test_default_retry_gives_up_after_four_attempts(server: FaultServer) -
     assert [f.kind for f in server.pending_script] == ["ok"]
 
 
+async def test_a_retry_after_beyond_max_retry_after_is_not_waited_for(server: FaultServer) -> None:
+    ask = asker(server, retry=Retry(max_retry_after=10))
+    server.script(Fault("429", retry_after=120), "ok")
+
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+
+    assert caught.value.status_code == 429
+    assert any("exceeds max_retry_after" in note for note in caught.value.__notes__)
+    assert server.request_count == 1
+
+
+async def test_a_retry_after_beyond_the_total_timeout_is_not_waited_for(
+    server: FaultServer,
+) -> None:
+    # Waiting 30 s could only end in the call's own TimeoutError at 5 s: the 429 is raised now.
+    ask = asker(server, total_timeout=5)
+    server.script(Fault("429", retry_after=30), "ok")
+
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+
+    assert caught.value.status_code == 429
+    assert "kagura: not retried: the wait would pass the total timeout" in caught.value.__notes__
+    assert server.request_count == 1
+
+
 async def test_workflow_retry_setting_reaches_agents_and_the_agents_own_wins(
     server: FaultServer,
 ) -> None:
@@ -263,19 +293,19 @@ async def test_per_attempt_timeout_closes_the_hung_request_and_retries(
 async def test_total_timeout_stops_repeated_hangs_and_leaves_nothing_running(
     server: FaultServer,
 ) -> None:
-    # Each attempt gives up after 0.2 s and is retried; the whole call is limited to 0.8 s, well
-    # before the 10 attempts allowed could run out.
-    ask = asker(server, timeout=0.2, total_timeout=0.8, retry=Retry(attempts=10))
+    # Each attempt gives up after 0.3 s and is retried at once; the whole call is limited to 1 s,
+    # long before the 10 attempts allowed could run out.
+    policy = Retry(attempts=10, backoff=fixed(0))
+    ask = asker(server, timeout=0.3, total_timeout=1.0, retry=policy)
     server.script(*["hang"] * 10)
 
     with capture_events() as events:
         async with asyncio.timeout(LIMIT):
-            with pytest.raises(TimeoutError) as caught:
+            with pytest.raises(TimeoutError):
                 await ask("hello")
         # Every hung request that reached the server saw its client go away.
         await server.wait(lambda s: 0 < s.request_count == s.disconnects, timeout=LIMIT)
 
-    assert not isinstance(caught.value, ProviderError)  # the call's deadline, not the provider's
     assert client_tasks() == []
     assert server.chat_requests[0].client_gone
     assert [s.status for s in events.spans("agent")] == ["timed_out"]
@@ -448,6 +478,25 @@ async def test_half_open_breaker_lets_one_probe_through(
         probe.cancel()
     assert server.request_count == 2
     assert breaker.state == "closed"
+
+
+async def test_an_open_breaker_sends_calls_straight_to_the_fallback(
+    server: FaultServer, backup: FaultServer, clock: FakeClock
+) -> None:
+    breaker = CircuitBreaker("primary", failure_threshold=1, recovery_time=30, clock=clock)
+    backup_model = OpenAIChatModel("backup-model", base_url=backup.base_url, api_key=API_KEY)
+    ask = asker(
+        server, model="openai/primary-model", breaker=breaker, retry=False, fallback=[backup_model]
+    )
+    server.script("503")
+
+    async with asyncio.timeout(LIMIT):
+        assert await ask("first") == "first"  # the failure opens the breaker; the backup answers
+        assert breaker.state == "open"
+        assert await ask("second") == "second"  # the primary is not even tried
+    assert server.request_count == 1
+    assert backup.request_count == 2
+    assert breaker.state == "open"  # the backup's answers say nothing of the primary's health
 
 
 # -- rate limits -----------------------------------------------------------------------------------

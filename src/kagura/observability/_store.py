@@ -180,6 +180,22 @@ class EventStore:
         result: dict[str, Any] = nodes[root.span_id]
         return result
 
+    def find_ids(self, prefix: str, *, limit: int = 10) -> list[str]:
+        """Ids of spans that start with ``prefix`` (at most ``limit``), for ids typed short."""
+        from sqlalchemy import select
+
+        from ._schema import spans
+
+        self._sync()
+        query = (
+            select(spans.c.span_id)
+            .where(spans.c.span_id.startswith(prefix, autoescape=True))
+            .order_by(spans.c.span_id)
+            .limit(limit)
+        )
+        with self.engine.connect() as connection:
+            return [str(span_id) for span_id in connection.execute(query).scalars()]
+
     def stats(
         self, *, since: datetime | float | None = None, agent_name: str | None = None
     ) -> dict[str, Any]:
@@ -353,6 +369,9 @@ class EventStore:
 
     async def aget_execution(self, execution_id: str) -> dict[str, Any] | None:
         return await asyncio.to_thread(self.get_execution, execution_id)
+
+    async def afind_ids(self, prefix: str, *, limit: int = 10) -> list[str]:
+        return await asyncio.to_thread(self.find_ids, prefix, limit=limit)
 
     async def astats(self, **kwargs: Any) -> dict[str, Any]:
         return await asyncio.to_thread(self.stats, **kwargs)

@@ -10,7 +10,13 @@ capped at 30 s), honouring ``Retry-After``; ``@agent(retry=False)`` turns that o
 
 from ._backoff import Backoff, exponential, fixed, jittered
 from ._breaker import CircuitBreaker, CircuitOpenError, circuit_breaker, reset_breakers
-from ._budget import BudgetExceeded, CostBudget, RetryBudget
+from ._budget import (
+    BudgetExceeded,
+    CostBudget,
+    RetryBudget,
+    current_cost_budget,
+    current_retry_budget,
+)
 from ._classify import is_transient
 from ._config import no_waits, set_testing
 from ._fallback import Answer, Fallback
@@ -35,6 +41,8 @@ __all__ = [
     "RetryBudget",
     "RetryDetails",
     "circuit_breaker",
+    "current_cost_budget",
+    "current_retry_budget",
     "exponential",
     "fixed",
     "is_transient",

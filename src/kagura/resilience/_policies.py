@@ -9,6 +9,7 @@ the innermost ``@workflow(...)`` around the call, then from the library defaults
 from __future__ import annotations
 
 import asyncio
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import Any
@@ -166,7 +167,8 @@ async def call_model(
     if retry.timeout is not None or retry.total_timeout is not None:
         # The agent applies these itself; the policy's copy would apply them twice.
         retry = _without_timeouts(retry)
-    return await retry.call(one_attempt, name=model.id)
+    # The call's total timeout still bounds the retries: a wait that would pass it is not begun.
+    return await retry._loop(one_attempt, model.id, _call_deadline.get())
 
 
 def _without_timeouts(policy: Retry) -> Retry:
@@ -178,8 +180,22 @@ def _without_timeouts(policy: Retry) -> Retry:
     return stripped
 
 
+#: When the agent call under way must end (``time.monotonic()``), if it has a total timeout.
+_call_deadline: ContextVar[float | None] = ContextVar("kagura_call_deadline", default=None)
+
+
 async def with_total_timeout(total: float | None, coro: Any) -> Any:
     if total is None:
         return await coro
-    async with asyncio.timeout(total):
-        return await coro
+    deadline = time.monotonic() + total
+    outer = _call_deadline.get()
+    token = _call_deadline.set(deadline if outer is None else min(outer, deadline))
+    try:
+        async with asyncio.timeout(total):
+            return await coro
+    except TimeoutError as exc:
+        if str(exc):
+            raise
+        raise TimeoutError(f"no answer within the total timeout of {total:g}s") from exc
+    finally:
+        _call_deadline.reset(token)

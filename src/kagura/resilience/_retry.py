@@ -37,6 +37,7 @@ class RetryDetails:
 
     name: str
     attempt: int  # the attempt that failed, from 1
+    max_attempts: int
     error: BaseException
     wait: float  # seconds before the next attempt
     retry_after: float | None  # what the server asked for, if anything
@@ -146,7 +147,7 @@ class Retry:
             error.add_note(f"kagura: not retried: {budget.describe()}")
             span_event(current_span.get(), "retry_budget_exhausted", name=name)
             return None
-        details = RetryDetails(name, attempt, error, wait, asked)
+        details = RetryDetails(name, attempt, self.attempts, error, wait, asked)
         span_event(
             current_span.get(),
             "retry_wait",

@@ -1,0 +1,490 @@
+"""The ``kagura`` command line.
+
+``kagura monitor list|stats|trace|cost|live`` reads what agents and workflows recorded in the
+event store. Each command group is added by one ``_add_<group>`` function, so further groups sit
+beside ``monitor``. Importing this module stays cheap: rich, SQLAlchemy and the store are imported
+inside the commands.
+
+Exit codes: 0 on success, 1 on user errors (a bad ``--since``, an unknown id, an unreadable
+store), 2 on command-line syntax errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from .observability import EventStore
+
+__all__ = ["main"]
+
+STATUSES = ("running", "completed", "failed", "cancelled", "timed_out")
+KINDS = ("agent", "workflow", "llm", "tool")
+GROUPS = ("agent", "model", "day")
+
+_SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SINCE_HELP = (
+    "only executions started since then: a duration back from now (90s, 30m, 1h, 2d, 1w) or an "
+    "ISO date/time (2025-06-01, 2025-06-01T09:00; local time unless it names a zone)"
+)
+
+
+class CliError(Exception):
+    """A user error: reported on stderr as ``kagura: error: ...``, exit code 1."""
+
+
+Handler = Callable[[argparse.Namespace], int]
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def parse_since(text: str, *, now: datetime | None = None) -> datetime:
+    """``30m``, ``1h``, ``2d``, ``1w``, ``90s`` back from ``now``, or an ISO date/time."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
+    if match:
+        now = now or datetime.now().astimezone()
+        return now - timedelta(seconds=float(match.group(1)) * _SINCE_UNITS[match.group(2)])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise CliError(
+            f"--since: expected a duration such as 30m, 1h or 2d, or an ISO date/time such as "
+            f"2025-06-01T09:00, got {text!r}"
+        ) from None
+    return when if when.tzinfo is not None else when.astimezone()
+
+
+def _since(args: argparse.Namespace) -> datetime | None:
+    text: str | None = getattr(args, "since", None)
+    return None if text is None else parse_since(text)
+
+
+def _window(args: argparse.Namespace) -> str:
+    text: str | None = getattr(args, "since", None)
+    return "all time" if text is None else f"since {text}"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {text}")
+    return value
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` with the URL's password (if any) masked: messages never show it."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        return text
+    if not password:
+        return text
+    from urllib.parse import quote
+
+    for form in {str(password), quote(str(password), safe="")}:
+        text = text.replace(form, "***")
+    return text
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL (``None`` for other databases and in-memory ones)."""
+    if not url.startswith("sqlite"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _store_name(store: EventStore) -> str:
+    from .observability._engine import redact_url
+
+    return redact_url(store.url)
+
+
+def _open_store(args: argparse.Namespace, *, required: bool = False) -> EventStore | None:
+    """The store named by ``--db`` (else the default one), or ``None`` when nothing has been
+    recorded yet. A ``--db`` SQLite file that does not exist is an error: it is not created."""
+    from .observability import EventStore
+
+    store = EventStore(args.db) if args.db else EventStore()
+    path = _sqlite_path(store.url)
+    if path is not None and not path.exists():
+        if args.db or required:
+            raise CliError(f"no event store at {path}")
+        print(
+            f"Nothing recorded yet: there is no event store at {path}. Agents and workflows "
+            "record there when they run (set KAGURA_DB to record elsewhere).",
+            file=sys.stderr,
+        )
+        return None
+    return store
+
+
+def _console() -> Console:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+def _chart_width(console: Console) -> int:
+    return max(10, min(60, console.width - 50))
+
+
+# -- monitor commands -------------------------------------------------------------------------
+
+
+def _monitor_list(args: argparse.Namespace) -> int:
+    from .observability import _monitor
+
+    since = _since(args)
+    store = _open_store(args)
+    if store is None:
+        return 0
+    kinds: Sequence[str] | None = args.kind
+    executions = store.get_executions(
+        args.agent,
+        status=args.status,
+        since=since,
+        **({"kind": kinds} if kinds else {}),
+        limit=args.limit,
+    )
+    console = _console()
+    if not executions:
+        console.print(f"No executions found ({_window(args)}) in {_store_name(store)}.")
+        return 0
+    table = _monitor.executions_table(executions)
+    table.caption = f"{len(executions)} shown, newest first · {_store_name(store)}"
+    console.print(table)
+    return 0
+
+
+def _monitor_stats(args: argparse.Namespace) -> int:
+    from rich.text import Text
+
+    from .observability import _monitor
+
+    since = _since(args)
+    store = _open_store(args)
+    if store is None:
+        return 0
+    stats = store.stats(since=since, agent_name=args.agent)
+    console = _console()
+    who = f"agent {args.agent}" if args.agent else "all agents"
+    console.print(Text(f"Stats for {who}, {_window(args)} · {_store_name(store)}", style="bold"))
+    console.print(_monitor.stats_view(stats, agent=args.agent))
+    return 0
+
+
+def _resolve_id(store: EventStore, given: str) -> dict[str, Any]:
+    """The execution with id ``given``, or the one whose id starts with it."""
+    execution = store.get_execution(given)
+    if execution is not None:
+        return execution
+    matches = store.find_ids(given, limit=6) if given else []
+    if not matches:
+        raise CliError(f"no execution with id {given!r} in {_store_name(store)}")
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise CliError(f"id prefix {given!r} matches several executions: {shown}")
+    execution = store.get_execution(matches[0])
+    if execution is None:  # deleted in between
+        raise CliError(f"no execution with id {given!r} in {_store_name(store)}")
+    return execution
+
+
+def _monitor_trace(args: argparse.Namespace) -> int:
+    from .observability import _monitor
+
+    store = _open_store(args, required=True)
+    assert store is not None
+    execution = _resolve_id(store, args.id.strip())
+    console = _console()
+    console.print(_monitor.trace_header(execution))
+    console.print(_monitor.trace_tree(execution))
+    return 0
+
+
+def _monitor_cost(args: argparse.Namespace) -> int:
+    from .observability import _monitor
+
+    since = _since(args)
+    store = _open_store(args)
+    if store is None:
+        return 0
+    rows = store.cost(by=args.by, since=since)
+    console = _console()
+    if not rows:
+        console.print(f"No finished calls ({_window(args)}) in {_store_name(store)}.")
+        return 0
+    table = _monitor.cost_table(rows, args.by)
+    table.caption = f"{_window(args)} · {_store_name(store)}"
+    console.print(table)
+    chart_rows = _monitor.fill_days(rows) if args.by == "day" else rows
+    console.print(_monitor.cost_chart(chart_rows, args.by, width=_chart_width(console)))
+    return 0
+
+
+def _monitor_live(args: argparse.Namespace) -> int:
+    from rich.live import Live
+
+    since_text: str = args.since
+    parse_since(since_text)  # a bad --since fails before the screen opens
+    console = _console()
+    try:
+        with Live(console=console, auto_refresh=False, transient=False) as live:
+            count = 0
+            while True:
+                count += 1
+                live.update(_live_frame(args, since_text), refresh=True)
+                if args.iterations is not None and count >= args.iterations:
+                    break
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _live_frame(args: argparse.Namespace, since_text: str) -> Any:
+    from .observability import EventStore, _monitor
+
+    store = EventStore(args.db) if args.db else EventStore()
+    footer = (
+        f"{_store_name(store)} · every {args.interval:g}s · "
+        f"{datetime.now().strftime('%H:%M:%S')} · Ctrl-C to quit"
+    )
+    path = _sqlite_path(store.url)
+    if path is not None and not path.exists():
+        note = f"Waiting for recordings: there is no event store at {path} yet."
+        return _monitor.live_view([], None, [], window="", footer=footer, note=note)
+    executions = store.get_executions(limit=args.limit)
+    stats = store.stats(since=parse_since(since_text))
+    recent = store.get_executions(kind="agent", status=STATUSES[1:], limit=60)
+    durations = [e["duration_ms"] for e in reversed(recent)]
+    return _monitor.live_view(
+        executions, stats, durations, window=f"last {since_text}", footer=footer
+    )
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+
+def _store_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--db",
+        metavar="PATH_OR_URL",
+        help="the event store: a SQLite file or a postgresql:// URL "
+        "(default: $KAGURA_DB, else $KAGURA_HOME/events.db, i.e. ~/.kagura/events.db)",
+    )
+    return common
+
+
+def _add_monitor(commands: Any) -> None:
+    monitor = commands.add_parser(
+        "monitor",
+        help="inspect recorded executions: list, stats, trace, cost, live",
+        description="Inspect what agents and workflows recorded in the event store: every "
+        "workflow run, agent call, LLM attempt and tool call with its timing, tokens, cost and "
+        "errors.",
+    )
+    monitor.set_defaults(handler=None, group_parser=monitor)
+    sub = monitor.add_subparsers(title="commands", metavar="COMMAND")
+    common = _store_options()
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    listing = sub.add_parser(
+        "list",
+        parents=[common],
+        help="a table of recent executions",
+        description="Recent executions, newest first: workflow runs and agent calls by default.",
+        epilog="examples:\n  kagura monitor list --status failed --since 1h\n"
+        "  kagura monitor list --agent summarise --limit 100\n"
+        "  kagura monitor list --kind llm",
+        formatter_class=formatter,
+    )
+    listing.add_argument("--agent", metavar="NAME", help="only this agent or workflow")
+    listing.add_argument(
+        "--status",
+        action="append",
+        choices=STATUSES,
+        help="only this status (repeat for several)",
+    )
+    listing.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
+    listing.add_argument(
+        "--limit", type=_positive_int, default=50, metavar="N", help="at most N rows (default 50)"
+    )
+    listing.add_argument(
+        "--kind",
+        action="append",
+        choices=KINDS,
+        help="only this kind of span (repeat for several; default: agent and workflow)",
+    )
+    listing.set_defaults(handler=_monitor_list)
+
+    stats = sub.add_parser(
+        "stats",
+        parents=[common],
+        help="counts, failure rate, latency percentiles, tokens and cost",
+        description="Agent calls by status, failure rate, latency p50/p95/p99, token and cost "
+        "totals, and the top agents and models.",
+    )
+    stats.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
+    stats.add_argument("--agent", metavar="NAME", help="only this agent's calls")
+    stats.set_defaults(handler=_monitor_stats)
+
+    trace = sub.add_parser(
+        "trace",
+        parents=[common],
+        help="the tree of one execution",
+        description="One execution as a tree: every agent call, LLM attempt and tool call under "
+        "it with timings, tokens, cost, status and errors, and the events (retry waits, circuit "
+        "breaker changes, fallbacks) where they happened.",
+    )
+    trace.add_argument("id", metavar="ID", help="an execution id (or a unique prefix of one)")
+    trace.set_defaults(handler=_monitor_trace)
+
+    cost = sub.add_parser(
+        "cost",
+        parents=[common],
+        help="calls, tokens and cost per agent, model or day, with a bar chart",
+        description="Calls, tokens and cost grouped by agent, model or day (UTC), and a bar "
+        "chart of the cost per group (of tokens when no call has a known, non-zero price). "
+        "'unknown' means some call had no known price.",
+    )
+    cost.add_argument(
+        "--by", choices=GROUPS, default="agent", help="how to group (default: agent)"
+    )
+    cost.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
+    cost.set_defaults(handler=_monitor_cost)
+
+    live = sub.add_parser(
+        "live",
+        parents=[common],
+        help="a refreshing view of recent executions",
+        description="A view of the latest executions, a running summary and a sparkline of "
+        "recent agent-call latencies, refreshed until Ctrl-C.",
+    )
+    live.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="seconds between refreshes (default 2)",
+    )
+    live.add_argument(
+        "--limit", type=_positive_int, default=15, metavar="N", help="rows shown (default 15)"
+    )
+    live.add_argument(
+        "--iterations",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N refreshes (default: run until Ctrl-C)",
+    )
+    live.add_argument(
+        "--since",
+        metavar="WHEN",
+        default="1h",
+        help="the window of the summary line (default 1h); " + _SINCE_HELP.split(": ", 1)[1],
+    )
+    live.set_defaults(handler=_monitor_live)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="kagura",
+        description="Kagura: reliable LLM agent workflows on plain asyncio.",
+        epilog="Run 'kagura monitor --help' for the commands that read the event store.",
+    )
+    parser.add_argument("--version", action="version", version=f"kagura {__version__}")
+    parser.set_defaults(handler=None, group_parser=parser)
+    commands = parser.add_subparsers(title="command groups", metavar="GROUP")
+    _add_monitor(commands)
+    return parser
+
+
+def _run(handler: Handler, args: argparse.Namespace) -> int:
+    db: str | None = getattr(args, "db", None)
+    try:
+        return handler(args)
+    except CliError as error:
+        message = str(error)
+        print(f"kagura: error: {_scrub(message, db) if db else message}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if not _is_store_error(error):
+            raise
+        from .observability._engine import default_url, normalise_url, redact_url
+
+        url = normalise_url(db) if db else default_url()
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        detail = _scrub(f"{type(error).__name__}: {detail}", url)
+        print(
+            f"kagura: error: cannot read the event store {redact_url(url)}: {detail}",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _is_store_error(error: Exception) -> bool:
+    """Database errors (and a missing database driver) are reported, not raised."""
+    if isinstance(error, ImportError):
+        return True
+    try:
+        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    except ImportError:
+        return False
+    return isinstance(error, (SQLAlchemyError, ArgumentError))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``kagura`` with ``argv`` (default: the process arguments); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 2)
+    handler: Handler | None = args.handler
+    if handler is None:
+        args.group_parser.print_help(sys.stderr)
+        return 2
+    try:
+        return _run(handler, args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``kagura monitor list | head``): stop quietly.
+        sys.stderr.close()
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

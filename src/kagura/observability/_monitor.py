@@ -1,0 +1,605 @@
+"""What ``kagura monitor`` draws: rich renderables built from :class:`EventStore` results.
+
+Each function turns one store result into one renderable (or one formatted value) and does
+nothing else: no queries, no printing, so the CLI composes them and tests can render them alone.
+Everything recorded (names, errors, models) goes into :class:`~rich.text.Text` objects, never
+into markup, so a ``[`` in an error message is shown as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from rich import box
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+from rich.tree import Tree
+
+STATUS_STYLES = {
+    "completed": "green",
+    "failed": "bold red",
+    "timed_out": "red",
+    "cancelled": "yellow",
+    "running": "cyan",
+}
+STATUS_ICONS = {
+    "completed": "✓",
+    "failed": "✗",
+    "timed_out": "⏱",
+    "cancelled": "⊘",
+    "running": "…",
+}
+KIND_STYLES = {"workflow": "bold magenta", "agent": "bold blue", "llm": "cyan", "tool": "yellow"}
+DASH = "—"
+
+_EIGHTHS = " ▏▎▍▌▋▊▉"
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+# -- single values ----------------------------------------------------------------------------
+
+
+def status_text(status: str) -> Text:
+    """The status, coloured, with an icon."""
+    icon = STATUS_ICONS.get(status, "?")
+    return Text(f"{icon} {status}", style=STATUS_STYLES.get(status, ""))
+
+
+def format_duration(ms: float | None) -> str:
+    """``0.08 ms``, ``12 ms``, ``1.25 s``, ``2m 05s``, ``1h 02m``; a dash when not finished."""
+    if ms is None:
+        return DASH
+    if ms < 1:
+        return f"{ms:.2f} ms"
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def format_seconds(seconds: float | None) -> str:
+    return DASH if seconds is None else format_duration(seconds * 1000)
+
+
+def format_cost(cost: float | None) -> str:
+    """USD; ``unknown`` when some call had no known price (never shown as 0)."""
+    if cost is None:
+        return "unknown"
+    if cost == 0:
+        return "$0"
+    if cost >= 1:
+        return f"${cost:,.2f}"
+    if cost >= 0.01:
+        return f"${cost:.4f}"
+    if cost >= 0.000001:
+        return f"${cost:.6f}"
+    return "<$0.000001"
+
+
+def cost_text(cost: float | None) -> Text:
+    return Text(format_cost(cost), style="dim italic" if cost is None else "")
+
+
+def format_tokens(count: int | None) -> str:
+    return DASH if count is None else f"{count:,}"
+
+
+def format_time(when: datetime | None) -> str:
+    """Local time, to the second."""
+    if when is None:
+        return DASH
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_rate(rate: float) -> str:
+    return f"{rate * 100:.1f}%"
+
+
+def excerpt(text: str | None, width: int = 60) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def error_line(execution: Mapping[str, Any], width: int = 60) -> str:
+    error = execution.get("error")
+    if not error:
+        return ""
+    kind = execution.get("error_type")
+    return excerpt(f"{kind}: {error}" if kind else str(error), width)
+
+
+def bar(value: float, maximum: float, width: int) -> str:
+    """A horizontal bar of ``value / maximum`` of ``width`` cells, in eighths of a cell."""
+    if value <= 0 or maximum <= 0 or width <= 0:
+        return ""
+    cells = min(value / maximum, 1.0) * width
+    full = int(cells)
+    eighths = int((cells - full) * 8)
+    drawn = "█" * full + (_EIGHTHS[eighths] if eighths and full < width else "")
+    return drawn or "▏"  # a sliver, so a small non-zero value still shows
+
+
+def sparkline(values: Iterable[float | None], width: int | None = None) -> str:
+    """``▁▂▃▄▅▆▇█``, one character per value (the last ``width``), scaled min to max."""
+    points = [v for v in values if v is not None]
+    if width is not None:
+        points = points[-width:] if width > 0 else []
+    if not points:
+        return ""
+    low, high = min(points), max(points)
+    if high == low:
+        return _SPARKS[3] * len(points)
+    span = high - low
+    return "".join(_SPARKS[round((v - low) / span * (len(_SPARKS) - 1))] for v in points)
+
+
+# -- executions -------------------------------------------------------------------------------
+
+
+def executions_table(
+    executions: Sequence[Mapping[str, Any]], *, title: str | None = "Executions"
+) -> Table:
+    """One row per execution: id, kind, name, status, timing, model, tokens, cost, errors."""
+    table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", title_justify="left")
+    table.add_column("id", no_wrap=True, style="dim")
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=32)
+    table.add_column("status", no_wrap=True)
+    table.add_column("started", no_wrap=True)
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("model", overflow="ellipsis", max_width=28)
+    table.add_column("tokens", justify="right", no_wrap=True)
+    table.add_column("cost", justify="right", no_wrap=True)
+    table.add_column("llm calls", justify="right")
+    table.add_column("retries", justify="right")
+    table.add_column("error", style="red", overflow="ellipsis", max_width=60)
+    for execution in executions:
+        metrics = execution.get("metrics") or {}
+        retries = int(metrics.get("retries") or 0)
+        table.add_row(
+            Text(str(execution["id"])),
+            Text(str(execution["kind"]), style=KIND_STYLES.get(str(execution["kind"]), "")),
+            Text(str(execution["name"])),
+            status_text(str(execution["status"])),
+            format_time(execution.get("started_at")),
+            format_duration(execution.get("duration_ms")),
+            Text(str(execution.get("model") or DASH)),
+            format_tokens(metrics.get("total_tokens")),
+            cost_text(metrics.get("total_cost")),
+            str(metrics.get("llm_calls") or 0),
+            Text(str(retries), style="yellow" if retries else ""),
+            Text(error_line(execution)),
+        )
+    return table
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+def _by_weight(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Costliest first, then most tokens, then most calls (an unknown cost ranks as 0)."""
+    return sorted(
+        rows,
+        key=lambda r: (r.get("cost_usd") or 0.0, r.get("total_tokens") or 0, r.get("calls") or 0),
+        reverse=True,
+    )
+
+
+def status_counts_table(stats: Mapping[str, Any]) -> Table:
+    """Agent calls by status, the failure rate and the number of workflow runs."""
+    table = Table(title="Agent calls", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("status")
+    table.add_column("count", justify="right")
+    by_status: Mapping[str, int] = stats.get("by_status") or {}
+    order = [s for s in STATUS_STYLES if s in by_status]
+    order += sorted(s for s in by_status if s not in STATUS_STYLES)
+    for status in order:
+        table.add_row(status_text(status), f"{by_status[status]:,}")
+    table.add_section()
+    table.add_row(Text("total", style="bold"), f"{int(stats.get('executions') or 0):,}")
+    rate = float(stats.get("failure_rate") or 0.0)
+    table.add_row(
+        Text("failure rate", style="bold"),
+        Text(format_rate(rate), style="bold red" if rate > 0 else "green"),
+    )
+    if "workflow_runs" in stats:
+        table.add_row("workflow runs", f"{int(stats['workflow_runs']):,}")
+    return table
+
+
+def latency_table(latency: Mapping[str, float | None]) -> Table:
+    """p50, p95 and p99 of agent-call durations."""
+    table = Table(title="Latency (agent calls)", box=box.SIMPLE_HEAD, title_justify="left")
+    for name in ("p50", "p95", "p99"):
+        table.add_column(name, justify="right")
+    table.add_row(*(format_duration(latency.get(name)) for name in ("p50", "p95", "p99")))
+    return table
+
+
+def usage_table(tokens: Mapping[str, int], cost: float | None) -> Table:
+    """Token totals and the total cost."""
+    table = Table(title="Usage", box=box.SIMPLE_HEAD, title_justify="left")
+    for name in ("prompt tokens", "completion tokens", "total tokens", "cost"):
+        table.add_column(name, justify="right")
+    table.add_row(
+        format_tokens(tokens.get("prompt")),
+        format_tokens(tokens.get("completion")),
+        format_tokens(tokens.get("total")),
+        cost_text(cost),
+    )
+    return table
+
+
+def top_table(rows: Sequence[Mapping[str, Any]], by: str, *, limit: int = 5) -> Table:
+    """The ``limit`` heaviest groups (agents or models) with their calls, failures and usage."""
+    title = f"Top {'agents' if by == 'agent' else 'models' if by == 'model' else by}"
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column(by, overflow="ellipsis", max_width=40)
+    table.add_column("calls", justify="right")
+    table.add_column("failures", justify="right")
+    table.add_column("tokens", justify="right")
+    table.add_column("cost", justify="right")
+    for row in _by_weight(rows)[:limit]:
+        failures = int(row.get("failures") or 0)
+        table.add_row(
+            Text(str(row.get(by))),
+            f"{int(row.get('calls') or 0):,}",
+            Text(f"{failures:,}", style="red" if failures else ""),
+            format_tokens(row.get("total_tokens")),
+            cost_text(row.get("cost_usd")),
+        )
+    if not rows:
+        table.add_row(Text("none", style="dim"), "", "", "", "")
+    return table
+
+
+def stats_view(stats: Mapping[str, Any], *, agent: str | None = None) -> Group:
+    """``EventStore.stats()`` as tables. With ``agent``, usage is that agent's own (and models,
+    which the store does not break down per agent, are left out)."""
+    parts: list[RenderableType] = [status_counts_table(stats), latency_table(stats["latency_ms"])]
+    if agent is None:
+        parts.append(usage_table(stats["tokens"], stats.get("cost_usd")))
+        parts.append(top_table(stats.get("by_agent") or [], "agent"))
+        parts.append(top_table(stats.get("by_model") or [], "model"))
+    else:
+        mine = [r for r in stats.get("by_agent") or [] if r.get("agent") == agent]
+        tokens = {
+            "prompt": sum(int(r["prompt_tokens"]) for r in mine),
+            "completion": sum(int(r["completion_tokens"]) for r in mine),
+            "total": sum(int(r["total_tokens"]) for r in mine),
+        }
+        costs = [r["cost_usd"] for r in mine]
+        cost = None if any(c is None for c in costs) else float(sum(costs))
+        parts.append(usage_table(tokens, cost))
+    return Group(*parts)
+
+
+# -- trace ------------------------------------------------------------------------------------
+
+
+def _metrics_line(node: Mapping[str, Any]) -> Text:
+    metrics = node.get("metrics") or {}
+    kind = node.get("kind")
+    pieces = [format_duration(node.get("duration_ms"))]
+    if kind != "tool":
+        tokens = int(metrics.get("total_tokens") or 0)
+        pieces.append(
+            f"{tokens:,} tok ({int(metrics.get('prompt_tokens') or 0):,} in / "
+            f"{int(metrics.get('completion_tokens') or 0):,} out)"
+            if tokens
+            else "0 tok"
+        )
+        pieces.append(format_cost(metrics.get("total_cost")))
+    if kind in ("workflow", "agent"):
+        calls = int(metrics.get("llm_calls") or 0)
+        pieces.append(f"{calls} llm call{'s' if calls != 1 else ''}")
+        retries = int(metrics.get("retries") or 0)
+        if retries:
+            pieces.append(f"{retries} retr{'ies' if retries != 1 else 'y'}")
+    return Text(" · ".join(pieces), style="dim")
+
+
+def node_label(node: Mapping[str, Any], *, attempt: int | None = None) -> Text:
+    """One span: kind, name, status, metrics, then its error on the next line."""
+    kind = str(node.get("kind"))
+    label = Text()
+    label.append(kind if attempt is None else f"llm attempt {attempt}", KIND_STYLES.get(kind, ""))
+    label.append(" ")
+    label.append(str(node.get("name")), style="bold")
+    model = node.get("model")
+    if model and kind == "agent":
+        label.append(f" ({model})", style="dim")
+    label.append("  ")
+    label.append_text(status_text(str(node.get("status"))))
+    label.append("  ")
+    label.append_text(_metrics_line(node))
+    error = node.get("error")
+    if error:
+        kind_of_error = node.get("error_type")
+        shown = f"{kind_of_error}: {error}" if kind_of_error else str(error)
+        label.append("\n")
+        label.append(excerpt(shown, 160), style="red")
+    return label
+
+
+def event_label(event: Mapping[str, Any]) -> Text:
+    """A recorded event: retry waits, breaker changes, fallbacks, rate-limit waits, ..."""
+    name = str(event.get("name"))
+    raw = event.get("attributes")
+    attrs: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+    text = Text()
+    if name == "retry_wait":
+        text.append("↻ retry wait ", style="bold yellow")
+        text.append(format_seconds(_number(attrs.get("wait"))))
+        if attrs.get("attempt") is not None:
+            text.append(f" after attempt {attrs['attempt']}")
+        if attrs.get("retry_after") is not None:
+            text.append(f" (Retry-After {attrs['retry_after']}s)", style="dim")
+        if attrs.get("error"):
+            text.append(f": {excerpt(str(attrs['error']), 120)}", style="dim")
+    elif name == "breaker_state":
+        new = str(attrs.get("new"))
+        text.append("⚡ circuit breaker ", style="bold magenta")
+        text.append(str(attrs.get("breaker", "")))
+        text.append(f": {attrs.get('old')} → ")
+        text.append(new, style="red" if new == "open" else "green" if new == "closed" else "yellow")
+    elif name == "fallback":
+        text.append("↪ fallback", style="bold cyan")
+        text.append(f": {attrs.get('failed')} failed")
+        if attrs.get("next"):
+            text.append(f", trying {attrs['next']}")
+        if attrs.get("error"):
+            text.append(f" ({excerpt(str(attrs['error']), 120)})", style="dim")
+    elif name == "rate_limit_wait":
+        text.append("⧗ rate limit wait ", style="bold yellow")
+        text.append(format_seconds(_number(attrs.get("wait"))))
+        if attrs.get("limiter"):
+            text.append(f" ({attrs['limiter']})", style="dim")
+    elif name == "retry_budget_exhausted":
+        text.append("⛔ retry budget exhausted", style="bold red")
+        if attrs.get("name"):
+            text.append(f": {attrs['name']}", style="dim")
+    else:
+        text.append(f"• {name}", style="bold")
+        if attrs:
+            shown = ", ".join(f"{k}={v}" for k, v in attrs.items())
+            text.append(f" {excerpt(shown, 120)}", style="dim")
+    return text
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _timeline(node: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """Children and events of ``node`` in the order they happened."""
+    items: list[tuple[datetime | None, int, str, Mapping[str, Any]]] = []
+    for child in node.get("children") or []:
+        items.append((child.get("started_at"), 0, "span", child))
+    for event in node.get("events") or []:
+        items.append((event.get("at"), 1, "event", event))
+
+    def key(item: tuple[datetime | None, int, str, Mapping[str, Any]]) -> tuple[float, int]:
+        when = item[0]
+        return (when.timestamp() if when is not None else float("-inf"), item[1])
+
+    items.sort(key=key)
+    return [(what, value) for _, _, what, value in items]
+
+
+def _grow(tree: Tree, node: Mapping[str, Any]) -> None:
+    attempt = 0
+    for what, item in _timeline(node):
+        if what == "event":
+            tree.add(event_label(item))
+            continue
+        if item.get("kind") == "llm":
+            attempt += 1
+            branch = tree.add(node_label(item, attempt=attempt))
+        else:
+            branch = tree.add(node_label(item))
+        _grow(branch, item)
+
+
+def trace_tree(execution: Mapping[str, Any]) -> Tree:
+    """An execution from ``EventStore.get_execution()``: every span with its timing, tokens,
+    cost, status and error, and each span's events where they happened among its children."""
+    tree = Tree(node_label(execution), guide_style="dim")
+    _grow(tree, execution)
+    return tree
+
+
+def trace_header(execution: Mapping[str, Any]) -> Text:
+    text = Text()
+    text.append(f"{execution.get('kind')} {execution.get('id')}", style="bold")
+    text.append(f"  started {format_time(execution.get('started_at'))}", style="dim")
+    if execution.get("ended_at") is not None:
+        text.append(f", ended {format_time(execution.get('ended_at'))}", style="dim")
+    if execution.get("parent_id"):
+        text.append(
+            f"\npart of run {execution.get('run_id')} (parent {execution.get('parent_id')})",
+            style="dim",
+        )
+    return text
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cost_table(rows: Sequence[Mapping[str, Any]], by: str) -> Table:
+    """``EventStore.cost(by=...)`` rows with a total row."""
+    table = Table(
+        title=f"Cost by {by}",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        show_footer=len(rows) > 1,
+    )
+    calls = sum(int(r.get("calls") or 0) for r in rows)
+    failures = sum(int(r.get("failures") or 0) for r in rows)
+    costs = [r.get("cost_usd") for r in rows]
+    total_cost = None if any(c is None for c in costs) else float(sum(c or 0.0 for c in costs))
+
+    def total(field: str) -> str:
+        return format_tokens(sum(int(r.get(field) or 0) for r in rows))
+
+    table.add_column(by, footer="total", overflow="ellipsis", max_width=40)
+    table.add_column("calls", justify="right", footer=f"{calls:,}")
+    table.add_column("failures", justify="right", footer=f"{failures:,}")
+    table.add_column("prompt tokens", justify="right", footer=total("prompt_tokens"))
+    table.add_column("completion tokens", justify="right", footer=total("completion_tokens"))
+    table.add_column("total tokens", justify="right", footer=total("total_tokens"))
+    table.add_column("cost", justify="right", footer=format_cost(total_cost))
+    for row in rows:
+        failed = int(row.get("failures") or 0)
+        table.add_row(
+            Text(str(row.get(by))),
+            f"{int(row.get('calls') or 0):,}",
+            Text(f"{failed:,}", style="red" if failed else ""),
+            format_tokens(row.get("prompt_tokens")),
+            format_tokens(row.get("completion_tokens")),
+            format_tokens(row.get("total_tokens")),
+            cost_text(row.get("cost_usd")),
+        )
+    return table
+
+
+def fill_days(rows: Sequence[Mapping[str, Any]], *, max_days: int = 366) -> list[Mapping[str, Any]]:
+    """Rows by day with the days that had no calls added as zero rows, so a chart of days reads
+    as a time line (unless the range is longer than ``max_days``)."""
+    known = {str(r.get("day")): r for r in rows}
+    try:
+        days = sorted(date.fromisoformat(d) for d in known)
+    except ValueError:
+        return list(rows)
+    if not days or (days[-1] - days[0]).days >= max_days:
+        return list(rows)
+    filled: list[Mapping[str, Any]] = []
+    day = days[0]
+    while day <= days[-1]:
+        key = day.isoformat()
+        filled.append(
+            known.get(key)
+            or {
+                "day": key,
+                "calls": 0,
+                "failures": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+                "cost_usd": 0.0,
+            }
+        )
+        day += timedelta(days=1)
+    return filled
+
+
+def chart_metric(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``cost_usd`` when some group has a known non-zero cost, else ``total_tokens``."""
+    return "cost_usd" if any((r.get("cost_usd") or 0) > 0 for r in rows) else "total_tokens"
+
+
+def cost_chart(rows: Sequence[Mapping[str, Any]], by: str, *, width: int = 40) -> Table:
+    """A horizontal bar per group (per day, in order, for ``by="day"``) of its cost, or of its
+    tokens when no cost is known and non-zero; a group of unknown cost gets no bar."""
+    metric = chart_metric(rows)
+    what = "cost (USD)" if metric == "cost_usd" else "tokens (no priced calls)"
+    table = Table(
+        title=f"{what.capitalize()} by {by}",
+        box=None,
+        show_header=False,
+        title_justify="left",
+        padding=(0, 1),
+    )
+    table.add_column(by, no_wrap=True, overflow="ellipsis", max_width=32)
+    table.add_column("bar", no_wrap=True, min_width=width, max_width=width)
+    table.add_column("value", justify="right", no_wrap=True)
+    values = [_number(r.get(metric)) for r in rows]
+    maximum = max((v for v in values if v is not None), default=0.0)
+    for row, value in zip(rows, values, strict=True):
+        shown = format_cost(value) if metric == "cost_usd" else format_tokens(int(value or 0))
+        table.add_row(
+            Text(str(row.get(by))),
+            Text(
+                bar(value or 0.0, maximum, width), style="green" if metric == "cost_usd" else "cyan"
+            ),
+            Text(shown, style="dim italic" if value is None else ""),
+        )
+    return table
+
+
+# -- live -------------------------------------------------------------------------------------
+
+
+def summary_line(stats: Mapping[str, Any], window: str) -> Text:
+    """One line: agent calls by status, failure rate, p50/p95, tokens and cost in the window."""
+    by_status: Mapping[str, int] = stats.get("by_status") or {}
+    text = Text()
+    text.append(f"{window}: ", style="bold")
+    text.append(f"{int(stats.get('executions') or 0):,} agent calls")
+    for status in STATUS_STYLES:
+        if by_status.get(status):
+            text.append("  ")
+            text.append(f"{by_status[status]:,} {status}", style=STATUS_STYLES[status])
+    rate = float(stats.get("failure_rate") or 0.0)
+    text.append("  failure rate ")
+    text.append(format_rate(rate), style="bold red" if rate > 0 else "green")
+    latency = stats.get("latency_ms") or {}
+    text.append(
+        f"  p50 {format_duration(latency.get('p50'))}  p95 {format_duration(latency.get('p95'))}"
+    )
+    tokens = (stats.get("tokens") or {}).get("total")
+    text.append(f"  {format_tokens(tokens)} tokens  {format_cost(stats.get('cost_usd'))}")
+    return text
+
+
+def latency_line(durations_ms: Sequence[float | None], *, width: int = 60) -> Text:
+    """A sparkline of recent agent-call latencies (oldest first) with their range."""
+    points = [d for d in durations_ms if d is not None][-width:]
+    text = Text()
+    text.append("latency ", style="bold")
+    if not points:
+        text.append("no finished agent calls yet", style="dim")
+        return text
+    text.append(sparkline(points), style="cyan")
+    text.append(
+        f"  last {len(points)} agent calls, {format_duration(min(points))} – "
+        f"{format_duration(max(points))}",
+        style="dim",
+    )
+    return text
+
+
+def live_view(
+    executions: Sequence[Mapping[str, Any]],
+    stats: Mapping[str, Any] | None,
+    durations_ms: Sequence[float | None],
+    *,
+    window: str,
+    footer: str = "",
+    note: str | None = None,
+) -> Group:
+    """The ``monitor live`` screen: summary, latency sparkline, then the latest executions."""
+    parts: list[RenderableType] = []
+    if note:
+        parts.append(Text(note, style="yellow"))
+    if stats is not None:
+        parts.append(summary_line(stats, window))
+    parts.append(latency_line(durations_ms))
+    parts.append(executions_table(executions, title="Latest executions"))
+    if footer:
+        parts.append(Text(footer, style="dim"))
+    return Group(*parts)
