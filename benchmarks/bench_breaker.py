@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import os
 import statistics
 import sys
 import time
@@ -24,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from kagura import Agent, agent
+from kagura._instrument import sinks
 from kagura.errors import ProviderError
 from kagura.resilience import CircuitBreaker, CircuitOpenError, RateLimiter
 from kagura.testing import FakeModel
@@ -95,6 +97,12 @@ def build_cases() -> list[Case]:
                 refused += 1
         assert refused == n
 
+    bare_limiter = RateLimiter("bench-bare", requests_per_second=1e9)
+
+    async def acquire_settle(n: int) -> None:
+        for _ in range(n):
+            (await bare_limiter.acquire(10)).settle(10)
+
     def agent_op(fn: Agent[[str], str]) -> Op:
         async def run(n: int) -> None:
             for _ in range(n):
@@ -116,6 +124,7 @@ def build_cases() -> list[Case]:
         Case(BASELINE, sleep0),
         Case("breaker.before_call(), closed", before_call_closed),
         Case("breaker.before_call(), open (raise + catch)", before_call_open),
+        Case("limiter.acquire() + settle(), 1e9 req/s", acquire_settle),
         Case("agent call, breaker open (CircuitOpenError)", agent_open, agent_path=True),
         Case(AGENT_BASELINE, agent_op(ask_plain), agent_path=True),
         Case("agent call, closed breaker", agent_op(ask_closed), agent_path=True),
@@ -207,6 +216,8 @@ def render(cases: list[Case], console: Console, rounds: int) -> None:
 async def main_async(args: argparse.Namespace, console: Console) -> None:
     cases = build_cases()
     await measure(cases, args.rounds, args.batch_ms / 1000, console)
+    assert not sinks(), f"instrumentation sinks were installed during the run: {sinks()}"
+
     render(cases, console, args.rounds)
 
 
@@ -215,6 +226,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per case")
     parser.add_argument("--batch-ms", type=float, default=100.0, help="length of one batch")
     args = parser.parse_args()
+    # Measure the resilience layer, not the event recorder: with recording on, every call would
+    # also be queued for (and written to) the default event store in KAGURA_HOME.
+    os.environ["KAGURA_RECORD"] = "0"
     console = Console(width=None if sys.stdout.isatty() else 160)
     asyncio.run(main_async(args, console))
 

@@ -118,3 +118,10 @@ async def test_fake_agent_costs_zero() -> None:
     (span,) = events.spans(kind="agent")
     assert span.cost_usd == 0.0
     assert span.usage is not None and span.usage.total_tokens > 0
+
+
+def test_unregister_price_makes_the_model_unknown_again() -> None:
+    pricing.register_price("house-model", input_per_mtok=1.0, output_per_mtok=2.0)
+    assert pricing.cost_of("acme", "house-model", USAGE) == pytest.approx(0.002)
+    pricing.unregister_price("house-model")
+    assert pricing.cost_of("acme", "house-model", USAGE) is None

@@ -12,6 +12,7 @@ store), 2 on command-line syntax errors.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -167,19 +168,17 @@ def _monitor_list(args: argparse.Namespace) -> int:
     store = _open_store(args)
     if store is None:
         return 0
-    kinds: Sequence[str] | None = args.kind
+    from .observability._store import EXECUTION_KINDS
+
+    kinds: Sequence[str] = args.kind or EXECUTION_KINDS
     executions = store.get_executions(
-        args.agent,
-        status=args.status,
-        since=since,
-        **({"kind": kinds} if kinds else {}),
-        limit=args.limit,
+        args.agent, status=args.status, since=since, kind=kinds, limit=args.limit
     )
     console = _console()
     if not executions:
         console.print(f"No executions found ({_window(args)}) in {_store_name(store)}.")
         return 0
-    table = _monitor.executions_table(executions)
+    table = _monitor.executions_table(executions, width=console.width)
     table.caption = f"{len(executions)} shown, newest first · {_store_name(store)}"
     console.print(table)
     return 0
@@ -262,16 +261,18 @@ def _monitor_live(args: argparse.Namespace) -> int:
             count = 0
             while True:
                 count += 1
-                live.update(_live_frame(args, since_text), refresh=True)
+                live.update(_live_frame(args, since_text, console.width), refresh=True)
                 if args.iterations is not None and count >= args.iterations:
                     break
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         pass
+    if not console.is_terminal:
+        console.line()  # a file or pipe got the last frame without its final newline
     return 0
 
 
-def _live_frame(args: argparse.Namespace, since_text: str) -> Any:
+def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
     from .observability import EventStore, _monitor
 
     store = EventStore(args.db) if args.db else EventStore()
@@ -282,13 +283,13 @@ def _live_frame(args: argparse.Namespace, since_text: str) -> Any:
     path = _sqlite_path(store.url)
     if path is not None and not path.exists():
         note = f"Waiting for recordings: there is no event store at {path} yet."
-        return _monitor.live_view([], None, [], window="", footer=footer, note=note)
+        return _monitor.live_view([], None, [], window="", footer=footer, note=note, width=width)
     executions = store.get_executions(limit=args.limit)
     stats = store.stats(since=parse_since(since_text))
     recent = store.get_executions(kind="agent", status=STATUSES[1:], limit=60)
     durations = [e["duration_ms"] for e in reversed(recent)]
     return _monitor.live_view(
-        executions, stats, durations, window=f"last {since_text}", footer=footer
+        executions, stats, durations, window=f"last {since_text}", footer=footer, width=width
     )
 
 
@@ -378,9 +379,7 @@ def _add_monitor(commands: Any) -> None:
         "chart of the cost per group (of tokens when no call has a known, non-zero price). "
         "'unknown' means some call had no known price.",
     )
-    cost.add_argument(
-        "--by", choices=GROUPS, default="agent", help="how to group (default: agent)"
-    )
+    cost.add_argument("--by", choices=GROUPS, default="agent", help="how to group (default: agent)")
     cost.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
     cost.set_defaults(handler=_monitor_cost)
 
@@ -431,22 +430,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(handler: Handler, args: argparse.Namespace) -> int:
+def _store_url(args: argparse.Namespace) -> str:
+    from .observability._engine import default_url, normalise_url
+
     db: str | None = getattr(args, "db", None)
+    return normalise_url(db) if db else default_url()
+
+
+def _run(handler: Handler, args: argparse.Namespace) -> int:
     try:
         return handler(args)
     except CliError as error:
-        message = str(error)
-        print(f"kagura: error: {_scrub(message, db) if db else message}", file=sys.stderr)
+        print(f"kagura: error: {_scrub(str(error), _store_url(args))}", file=sys.stderr)
         return 1
     except Exception as error:
         if not _is_store_error(error):
             raise
-        from .observability._engine import default_url, normalise_url, redact_url
+        from .observability._engine import redact_url
 
-        url = normalise_url(db) if db else default_url()
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        detail = _scrub(f"{type(error).__name__}: {detail}", url)
+        url = _store_url(args)
+        lines = str(error).strip().splitlines()
+        detail = _scrub(f"{type(error).__name__}: {lines[0] if lines else ''}", url)
         print(
             f"kagura: error: cannot read the event store {redact_url(url)}: {detail}",
             file=sys.stderr,
@@ -481,8 +485,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # The reader went away (``kagura monitor list | head``): stop quietly.
-        sys.stderr.close()
+        # The reader went away (``kagura monitor list | head``): stop quietly, and keep Python
+        # from complaining again when it flushes stdout at exit.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 1
 
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 
 from ._usage import Usage
 
-__all__ = ["ModelPrice", "cost_of", "register_price"]
+__all__ = ["ModelPrice", "cost_of", "register_price", "unregister_price"]
 
 _log = logging.getLogger("kagura.pricing")
 
@@ -47,6 +47,12 @@ def register_price(model: str, *, input_per_mtok: float, output_per_mtok: float)
     if input_per_mtok < 0 or output_per_mtok < 0:
         raise ValueError("prices must not be negative")
     _user_prices[model] = ModelPrice(input_per_mtok, output_per_mtok)
+    _genai_price.cache_clear()
+
+
+def unregister_price(model: str) -> None:
+    """Forget a price set with :func:`register_price` (genai-prices' own applies again)."""
+    _user_prices.pop(model, None)
     _genai_price.cache_clear()
 
 

@@ -683,7 +683,8 @@ async def test_gather_limit_bounds_the_requests_in_flight(server: FaultServer) -
 
     assert answers == [f"q{n}" for n in range(10)]
     assert server.request_count == 10
-    assert server.max_in_flight == 3
+    # Never above the limit; and the calls did overlap (the limit is not a serialisation).
+    assert 2 <= server.max_in_flight <= 3
     assert server.in_flight == 0
 
 

@@ -31,7 +31,8 @@ def scrub(value: Any, depth: int = 0) -> Any:
     if isinstance(value, str):
         return _SECRET_VALUE.sub(REDACTED, value)
     if depth > 20:
-        return REDACTED if _SECRET_VALUE.search(repr(value)) else repr(value)[:200]
+        text = _repr(value)
+        return REDACTED if _SECRET_VALUE.search(text) else text[:200]
     if isinstance(value, dict):
         return {
             str(k): (REDACTED if _SECRET_KEY.search(str(k)) else scrub(v, depth + 1))
@@ -42,8 +43,16 @@ def scrub(value: Any, depth: int = 0) -> Any:
     try:
         plain = pydantic_core.to_jsonable_python(value)
     except Exception:  # unserialisable: stored as its repr, never an error
-        return _SECRET_VALUE.sub(REDACTED, repr(value))
+        return _SECRET_VALUE.sub(REDACTED, _repr(value))
     return scrub(plain, depth + 1)
+
+
+def _repr(value: Any) -> str:
+    """``repr(value)``, or a placeholder when the object's ``__repr__`` itself fails."""
+    try:
+        return repr(value)
+    except Exception:
+        return f"<unrepresentable {type(value).__qualname__}>"
 
 
 def encode(value: Any, mode: ContentMode) -> str | None:
@@ -53,7 +62,7 @@ def encode(value: Any, mode: ContentMode) -> str | None:
     try:
         text = pydantic_core.to_json(scrub(value)).decode()
     except Exception:
-        text = pydantic_core.to_json(repr(value)).decode()
+        text = pydantic_core.to_json(_SECRET_VALUE.sub(REDACTED, _repr(value))).decode()
     if mode == "hash":
         return pydantic_core.to_json({"sha256": hashlib.sha256(text.encode()).hexdigest()}).decode()
     if len(text) > _MAX_TEXT:

@@ -58,7 +58,7 @@ def format_duration(ms: float | None) -> str:
     seconds = ms / 1000
     if seconds < 60:
         return f"{seconds:.2f} s"
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     if minutes < 60:
         return f"{minutes}m {secs:02d}s"
     hours, minutes = divmod(minutes, 60)
@@ -97,6 +97,19 @@ def format_time(when: datetime | None) -> str:
     if when is None:
         return DASH
     return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_when(when: datetime | None, *, now: datetime | None = None) -> str:
+    """Local time, short: ``14:03:07`` today, ``06-01 14:03`` this year, else the date."""
+    if when is None:
+        return DASH
+    local = when.astimezone()
+    now = (now or datetime.now()).astimezone()
+    if local.date() == now.date():
+        return local.strftime("%H:%M:%S")
+    if local.year == now.year:
+        return local.strftime("%m-%d %H:%M")
+    return local.strftime("%Y-%m-%d")
 
 
 def format_rate(rate: float) -> str:
@@ -147,40 +160,115 @@ def sparkline(values: Iterable[float | None], width: int | None = None) -> str:
 # -- executions -------------------------------------------------------------------------------
 
 
+# Columns of the executions table, and the order in which a narrow terminal drops them.
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("id", "left"),
+    ("kind", "left"),
+    ("name", "left"),
+    ("status", "left"),
+    ("started", "left"),
+    ("duration", "right"),
+    ("model", "left"),
+    ("tokens", "right"),
+    ("cost", "right"),
+    ("llm calls", "right"),
+    ("retries", "right"),
+    ("error", "left"),
+)
+_DROP_ORDER = ("llm calls", "retries", "kind", "tokens", "model", "started", "duration")
+_MAX_WIDTHS = {"name": 32, "model": 28, "error": 60}
+_MIN_ERROR_WIDTH = 12
+
+
+def execution_cells(execution: Mapping[str, Any]) -> dict[str, Text]:
+    """The table cells of one execution, by column."""
+    metrics = execution.get("metrics") or {}
+    retries = int(metrics.get("retries") or 0)
+    kind = str(execution["kind"])
+    return {
+        "id": Text(str(execution["id"]), style="dim"),
+        "kind": Text(kind, style=KIND_STYLES.get(kind, "")),
+        "name": Text(str(execution["name"])),
+        "status": status_text(str(execution["status"])),
+        "started": Text(format_when(execution.get("started_at"))),
+        "duration": Text(format_duration(execution.get("duration_ms"))),
+        "model": Text(str(execution.get("model") or DASH)),
+        "tokens": Text(format_tokens(metrics.get("total_tokens"))),
+        "cost": cost_text(metrics.get("total_cost")),
+        "llm calls": Text(str(metrics.get("llm_calls") or 0)),
+        "retries": Text(str(retries), style="yellow" if retries else ""),
+        "error": Text(error_line(execution), style="red"),
+    }
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """The width of an executions table with columns this wide (gaps of 2, edges of 1)."""
+    return sum(widths) + 2 * (len(widths) - 1) + 2
+
+
+def fit_columns(rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
+    """The columns that fit in ``width`` cells: the least useful go first, and the error
+    column keeps at least a short excerpt."""
+    names = [name for name, _ in _COLUMNS]
+    if width is None:
+        return names
+
+    def needed(name: str) -> int:
+        widest = max([len(name), *(row[name].cell_len for row in rows)])
+        if name == "error":
+            return min(widest, _MIN_ERROR_WIDTH) if any(r[name].plain for r in rows) else 0
+        return min(widest, _MAX_WIDTHS.get(name, widest))
+
+    def total(columns: list[str]) -> int:
+        return table_width([needed(c) for c in columns])
+
+    for name in _DROP_ORDER:
+        if total(names) <= width:
+            break
+        names.remove(name)
+    return names
+
+
 def executions_table(
-    executions: Sequence[Mapping[str, Any]], *, title: str | None = "Executions"
+    executions: Sequence[Mapping[str, Any]],
+    *,
+    title: str | None = "Executions",
+    width: int | None = None,
 ) -> Table:
-    """One row per execution: id, kind, name, status, timing, model, tokens, cost, errors."""
-    table = Table(title=title, box=box.SIMPLE_HEAD, header_style="bold", title_justify="left")
-    table.add_column("id", no_wrap=True, style="dim")
-    table.add_column("kind", no_wrap=True)
-    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=32)
-    table.add_column("status", no_wrap=True)
-    table.add_column("started", no_wrap=True)
-    table.add_column("duration", justify="right", no_wrap=True)
-    table.add_column("model", overflow="ellipsis", max_width=28)
-    table.add_column("tokens", justify="right", no_wrap=True)
-    table.add_column("cost", justify="right", no_wrap=True)
-    table.add_column("llm calls", justify="right")
-    table.add_column("retries", justify="right")
-    table.add_column("error", style="red", overflow="ellipsis", max_width=60)
-    for execution in executions:
-        metrics = execution.get("metrics") or {}
-        retries = int(metrics.get("retries") or 0)
-        table.add_row(
-            Text(str(execution["id"])),
-            Text(str(execution["kind"]), style=KIND_STYLES.get(str(execution["kind"]), "")),
-            Text(str(execution["name"])),
-            status_text(str(execution["status"])),
-            format_time(execution.get("started_at")),
-            format_duration(execution.get("duration_ms")),
-            Text(str(execution.get("model") or DASH)),
-            format_tokens(metrics.get("total_tokens")),
-            cost_text(metrics.get("total_cost")),
-            str(metrics.get("llm_calls") or 0),
-            Text(str(retries), style="yellow" if retries else ""),
-            Text(error_line(execution)),
+    """One row per execution: id, kind, name, status, start, duration, model, tokens, cost, LLM
+    calls, retries and an excerpt of the error. With ``width`` (the terminal's), the least
+    useful columns are left out rather than every column squeezed."""
+    rows = [execution_cells(e) for e in executions]
+    columns = fit_columns(rows, width)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+        title_justify="left",
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    justify = dict(_COLUMNS)
+    limits = dict(_MAX_WIDTHS)
+    if width is not None and "error" in columns:
+        # The error excerpt takes what the other columns leave, so they are never squeezed.
+        others = [
+            min(max([len(c), *(r[c].cell_len for r in rows)]), limits.get(c, width))
+            for c in columns
+            if c != "error"
+        ]
+        room = width - table_width([*others, 0]) - 1
+        limits["error"] = max(_MIN_ERROR_WIDTH, min(limits["error"], room))
+    for name in columns:
+        table.add_column(
+            name,
+            justify="right" if justify[name] == "right" else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=limits.get(name),
         )
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
     return table
 
 
@@ -196,7 +284,7 @@ def _by_weight(rows: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     )
 
 
-def status_counts_table(stats: Mapping[str, Any]) -> Table:
+def status_counts_table(stats: Mapping[str, Any], *, show_workflows: bool = True) -> Table:
     """Agent calls by status, the failure rate and the number of workflow runs."""
     table = Table(title="Agent calls", box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("status")
@@ -213,7 +301,7 @@ def status_counts_table(stats: Mapping[str, Any]) -> Table:
         Text("failure rate", style="bold"),
         Text(format_rate(rate), style="bold red" if rate > 0 else "green"),
     )
-    if "workflow_runs" in stats:
+    if show_workflows and "workflow_runs" in stats:
         table.add_row("workflow runs", f"{int(stats['workflow_runs']):,}")
     return table
 
@@ -267,7 +355,10 @@ def top_table(rows: Sequence[Mapping[str, Any]], by: str, *, limit: int = 5) -> 
 def stats_view(stats: Mapping[str, Any], *, agent: str | None = None) -> Group:
     """``EventStore.stats()`` as tables. With ``agent``, usage is that agent's own (and models,
     which the store does not break down per agent, are left out)."""
-    parts: list[RenderableType] = [status_counts_table(stats), latency_table(stats["latency_ms"])]
+    parts: list[RenderableType] = [
+        status_counts_table(stats, show_workflows=agent is None),
+        latency_table(stats["latency_ms"]),
+    ]
     if agent is None:
         parts.append(usage_table(stats["tokens"], stats.get("cost_usd")))
         parts.append(top_table(stats.get("by_agent") or [], "agent"))
@@ -516,9 +607,9 @@ def cost_chart(rows: Sequence[Mapping[str, Any]], by: str, *, width: int = 40) -
     """A horizontal bar per group (per day, in order, for ``by="day"``) of its cost, or of its
     tokens when no cost is known and non-zero; a group of unknown cost gets no bar."""
     metric = chart_metric(rows)
-    what = "cost (USD)" if metric == "cost_usd" else "tokens (no priced calls)"
+    what = "Cost (USD)" if metric == "cost_usd" else "Tokens (no call has a known, non-zero cost)"
     table = Table(
-        title=f"{what.capitalize()} by {by}",
+        title=f"{what} by {by}",
         box=None,
         show_header=False,
         title_justify="left",
@@ -591,6 +682,7 @@ def live_view(
     window: str,
     footer: str = "",
     note: str | None = None,
+    width: int | None = None,
 ) -> Group:
     """The ``monitor live`` screen: summary, latency sparkline, then the latest executions."""
     parts: list[RenderableType] = []
@@ -599,7 +691,7 @@ def live_view(
     if stats is not None:
         parts.append(summary_line(stats, window))
     parts.append(latency_line(durations_ms))
-    parts.append(executions_table(executions, title="Latest executions"))
+    parts.append(executions_table(executions, title="Latest executions", width=width))
     if footer:
         parts.append(Text(footer, style="dim"))
     return Group(*parts)

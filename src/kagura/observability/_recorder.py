@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import _settings
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
-from ._content import ContentMode, encode
+from ._content import ContentMode, encode, scrub
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -139,7 +139,10 @@ class Recorder:
                 if isinstance(item, _FlushMarker):
                     markers.append(item)
                     break  # write what came before the marker, then release its waiter
-                self._absorb(item, started, finished, events)
+                try:
+                    self._absorb(item, started, finished, events)
+                except Exception:  # one bad record must not stop the writer thread
+                    _log.exception("kagura: a recorded %s could not be stored", type(item).__name__)
             try:
                 self._write(engine, list(started.values()), list(finished.values()), events)
             except Exception:
@@ -223,7 +226,9 @@ class Recorder:
             "retries": 0,
             "error": None,
             "error_type": None,
-            "inputs": self._content(attrs.get("inputs", attrs.get("messages"))),
+            "inputs": self._content(
+                attrs.get("inputs", attrs.get("messages", attrs.get("arguments")))
+            ),
             "output": None,
             "attributes": None,
             "pid": self._pid,
@@ -278,7 +283,7 @@ class Recorder:
             cost_usd=cost,
             llm_calls=llm_calls,
             retries=retries,
-            error=event.error,
+            error=scrub(event.error),  # provider errors may quote a key
             error_type=event.error_type,
             output=self._content(output),
             attributes=encode(attrs, "full") if attrs else None,

@@ -264,8 +264,9 @@ class EventStore:
         )
         # One indexed OFFSET query per percentile: portable (SQLite has no percentile function)
         # and fast on millions of rows thanks to the (kind, duration_ms) index.
-        for name, fraction in (("p50", 0.50), ("p95", 0.95), ("p99", 0.99)):
-            offset = min(count - 1, int(fraction * count))
+        for name, percent in (("p50", 50), ("p95", 95), ("p99", 99)):
+            # Nearest rank: the smallest duration that `percent`% of the calls do not exceed.
+            offset = max(0, (percent * count + 99) // 100 - 1)
             out[name] = connection.execute(ordered.limit(1).offset(offset)).scalar()
         return out
 
@@ -294,7 +295,9 @@ class EventStore:
         key: Any
         if by == "day":
             if self.engine.dialect.name == "postgresql":
-                key = func.to_char(func.to_timestamp(spans.c.started_at), "YYYY-MM-DD")
+                # to_timestamp() is shown in the session's time zone: convert to UTC first.
+                utc = func.timezone("UTC", func.to_timestamp(spans.c.started_at))
+                key = func.to_char(utc, "YYYY-MM-DD")
             else:
                 key = func.date(spans.c.started_at, "unixepoch")
         elif by == "model":

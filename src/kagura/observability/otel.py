@@ -145,8 +145,10 @@ class OpenTelemetryExporter:
 
     Each OTel span is started when Kagura's span starts (at the same start time, under its
     parent's OTel span) and ended when it finishes; open spans are kept by Kagura span id and
-    dropped at their end, and at most ``max_open_spans`` are tracked (beyond that, new spans are
-    not exported). It never raises: a failure is logged and the record is dropped.
+    dropped at their end. At most ``max_open_spans`` are tracked: a span started beyond that (or
+    before the exporter was installed) is exported whole when it finishes, without its start
+    attributes, and its children do not link to it. It never raises: a failure is logged and the
+    record is dropped.
     """
 
     def __init__(
@@ -196,8 +198,8 @@ class OpenTelemetryExporter:
             if not self._warned_full:
                 self._warned_full = True
                 _log.warning(
-                    "OpenTelemetry export: %d spans open; new spans are not exported until some "
-                    "finish",
+                    "OpenTelemetry export: %d spans open; spans starting now are exported only "
+                    "when they finish, unlinked from their children",
                     self.max_open_spans,
                 )
             return
