@@ -39,6 +39,9 @@ _SINCE_HELP = (
 )
 
 
+_sleep = time.sleep  # between live refreshes (tests replace it)
+
+
 class CliError(Exception):
     """A user error: reported on stderr as ``kagura: error: ...``, exit code 1."""
 
@@ -264,7 +267,7 @@ def _monitor_live(args: argparse.Namespace) -> int:
                 live.update(_live_frame(args, since_text, console.width), refresh=True)
                 if args.iterations is not None and count >= args.iterations:
                     break
-                time.sleep(args.interval)
+                _sleep(args.interval)
     except KeyboardInterrupt:
         pass
     if not console.is_terminal:

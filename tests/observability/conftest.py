@@ -56,7 +56,7 @@ class PostgresServer:
 
 
 def _unavailable(reason: str) -> None:
-    if os.environ.get("CI"):
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(f"PostgreSQL tests must run in CI, but {reason}", pytrace=False)
     pytest.skip(f"{reason}; install it with `apt-get install postgresql` to run these tests")
 
@@ -72,7 +72,7 @@ def _pg_bin() -> Path | None:
     return Path(found).parent if found else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -110,7 +110,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if owner is not None:
         os.chown(root, owner.pw_uid, owner.pw_gid)
     data, log = root / "data", root / "server.log"
-    port = _free_port()
+    port = free_port()
     server = PostgresServer("127.0.0.1", port, "postgres")
 
     def fail(step: str, result: subprocess.CompletedProcess[str] | None = None) -> None:
@@ -253,11 +253,11 @@ def _isolated_policies() -> Iterator[None]:
 
 
 def run_script(
-    code: str, env: dict[str, str], timeout: float = 60.0
+    code: str, env: dict[str, str], *args: str, timeout: float = 60.0
 ) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh Python process (bounded), with ``env`` added to the environment."""
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -266,10 +266,10 @@ def run_script(
     )
 
 
-def spawn_script(code: str, env: dict[str, str]) -> subprocess.Popen[str]:
+def spawn_script(code: str, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     """Start ``code`` in a fresh Python process; the caller bounds every wait on it."""
     return subprocess.Popen(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

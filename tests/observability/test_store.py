@@ -22,7 +22,7 @@ from kagura._context import new_id
 from kagura._events import SpanEvent, SpanFinished, SpanStarted
 from kagura.errors import ProviderError, UsageError
 from kagura.observability import EventStore, Recorder
-from kagura.pricing import _genai_price, _user_prices, register_price
+from kagura.pricing import register_price, unregister_price
 from kagura.providers import ToolCall
 from kagura.resilience import no_waits
 from kagura.testing import FakeModel, Reply, override_model
@@ -46,8 +46,7 @@ class UnpricedModel(FakeModel):
 def priced() -> Iterator[PricedModel]:
     register_price("testprice/m1", input_per_mtok=1_000_000, output_per_mtok=2_000_000)
     yield PricedModel(name="m1")
-    _user_prices.pop("testprice/m1", None)
-    _genai_price.cache_clear()
+    unregister_price("testprice/m1")
 
 
 @kagura.agent
@@ -154,11 +153,13 @@ async def test_unknown_price_is_none_never_zero(recorder: Recorder, store_url: s
     assert unpriced["metrics"]["total_cost"] is None
     assert unpriced["metrics"]["total_tokens"] > 0
     assert run["metrics"]["total_cost"] is None  # one unknown part makes the total unknown
-    (llm,) = store.get_executions(kind="llm", run_id=run["run_id"], status="completed")[:1]
+    assert run["metrics"]["total_tokens"] == (
+        free["metrics"]["total_tokens"] + unpriced["metrics"]["total_tokens"]
+    )
     by_model = {row["model"]: row for row in store.cost(by="model")}
     assert by_model["mystery/secret-model"]["cost_usd"] is None
     assert by_model["fake/echo"]["cost_usd"] == 0.0
-    assert llm["kind"] == "llm"
+    assert store.stats()["cost_usd"] is None
 
 
 async def test_tokens_and_cost_add_up_to_the_workflow(
@@ -245,10 +246,10 @@ async def test_get_execution_returns_the_whole_tree(recorder: Recorder, store_ur
             yield from walk(child)
 
     everything = list(walk(tree))
-    assert len(everything) == 11
+    assert len(everything) == 10
     assert {n["run_id"] for n in everything} == {tree["id"]}
     assert all(n["status"] == "completed" for n in everything)
-    assert len(rows(store_url)) == 11  # nothing outside the tree
+    assert len(rows(store_url)) == 10  # nothing outside the tree
 
     # A child's id gives its own subtree.
     subtree = store.get_execution(calc_node["id"])
@@ -380,7 +381,7 @@ async def test_since_until_and_newest_first(recorder: Recorder, store_url: str) 
     assert [e["started_at"].day for e in store.get_executions(since=since, limit=1)] == [5]
     first = store.get_executions("daily")[-1]
     assert first["started_at"] == datetime(2024, 5, 1, 12, tzinfo=UTC)
-    assert first["ended_at"] == datetime(2024, 5, 1, 12, 0, 0, 1000, tzinfo=UTC)
+    assert (first["ended_at"] - first["started_at"]).total_seconds() == pytest.approx(0.001)
     assert first["duration_ms"] == pytest.approx(1.0)
 
 
@@ -395,7 +396,8 @@ async def test_stats_counts_failures_and_percentiles(recorder: Recorder, store_u
         feed(recorder, Node("agent", "timed", start + 200 + i, finished=False))
     for i in range(3):
         feed(recorder, agent_call("slow", start + 300 + i, duration_ms=10_000))
-    feed(recorder, Node("workflow", "run", start, children=[agent_call("slow", start)]))
+    slow = agent_call("slow", start, duration_ms=10_000)
+    feed(recorder, Node("workflow", "run", start, children=[slow]))
 
     store = EventStore(store_url)
     stats = store.stats(agent_name="timed")
@@ -494,6 +496,7 @@ async def test_delete_older_than_removes_whole_old_runs_only(
     )
     recent_solo = feed(recorder, agent_call("solo", now - 2 * day))
     store = EventStore(store_url)
+    assert recorder.flush()
     assert len(rows(store_url, "kagura_events")) == 2
 
     deleted = store.delete_older_than(timedelta(days=7))
@@ -540,10 +543,7 @@ async def test_async_twins_inside_a_running_loop(recorder: Recorder, store_url: 
     assert len(await store.aget_executions()) == 3
 
 
-async def test_an_unsynced_store_reads_the_same_data(recorder: Recorder, store_url: str) -> None:
-    """A store given the same location as a URL or a path sees the recorder's rows."""
-    with override_model(FakeModel()):
-        await agent("x")
-    same = EventStore(store_url)
-    assert repr(same).startswith("EventStore(")
-    assert len(same.get_executions()) == 1
+def test_repr_hides_the_password() -> None:
+    store = EventStore("postgresql://kagura:hunter2@db.example/events")
+    assert "hunter2" not in repr(store)
+    assert "db.example" in repr(store)

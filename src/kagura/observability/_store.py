@@ -27,9 +27,7 @@ def _timestamp(value: datetime | float | None) -> float | None:
     if value is None:
         return None
     if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return value.timestamp()
+        return value.timestamp()  # a naive datetime is local time, as everywhere in Python
     return float(value)
 
 

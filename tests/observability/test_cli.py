@@ -1,0 +1,617 @@
+"""``kagura monitor``: the commands run against a store filled by real agents on fake models."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+import kagura.observability as observability
+from kagura import ProviderError, _context, _instrument, agent, pricing, tool, workflow
+from kagura.cli import CliError, main, parse_since
+from kagura.observability import EventStore, _monitor
+from kagura.providers import ToolCall
+from kagura.resilience import CircuitBreaker, Retry, reset_breakers, set_testing
+from kagura.resilience._config import is_testing
+from kagura.testing import FakeModel, Reply
+
+PRICED_PROVIDER = "kagura-cli-test"
+UNIQUE_ID = "zz-cli-test-agent-0001"  # no recorded id is hex-free like this one
+
+
+class PricedModel(FakeModel):
+    """A fake with a registered price, so costs are real numbers."""
+
+    provider = PRICED_PROVIDER
+
+
+class UnpricedModel(FakeModel):
+    """A fake nobody has priced: its cost is unknown."""
+
+    provider = "kagura-cli-mystery"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    path: Path
+    workflow_id: str
+    failed_id: str
+    prefix_agent_id: str
+
+
+@tool
+def add(a: int, b: int) -> int:
+    """Add two numbers."""
+    return a + b
+
+
+async def _record_runs() -> None:
+    @agent(model=FakeModel(name="echo"))
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    @agent(model=FakeModel([ProviderError("overloaded", status_code=503), "fine"], name="flaky"))
+    async def flaky(text: str) -> str:
+        """Check: {{ text }}"""
+
+    priced_model = PricedModel(
+        [Reply(tool_calls=(ToolCall("call-1", "add", '{"a": 1, "b": 2}'),)), "three"],
+        name="turbo",
+    )
+
+    @agent(model=priced_model, tools=[add])
+    async def calculate(text: str) -> str:
+        """Calculate: {{ text }}"""
+
+    @agent(model=UnpricedModel(name="thing"))
+    async def mystery(text: str) -> str:
+        """Guess: {{ text }}"""
+
+    @agent(
+        model=FakeModel([ProviderError("busy", status_code=503)], name="primary"),
+        retry=False,
+        breaker=CircuitBreaker("cli-test-breaker", failure_threshold=1),
+        fallback=[FakeModel(name="backup")],
+    )
+    async def guarded(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    @agent(
+        model=FakeModel([ProviderError("down", status_code=503)] * 3, name="dead"),
+        retry=Retry(attempts=3),
+    )
+    async def doomed(text: str) -> str:
+        """Try: {{ text }}"""
+
+    @workflow
+    async def pipeline(text: str) -> str:
+        short = await summarise(text)
+        checked = await flaky(short)
+        await calculate(checked)
+        await mystery(checked)
+        return await guarded(checked)
+
+    await summarise("a first text")
+    await summarise("a second text")
+    await pipeline("the text to work on")
+    with pytest.raises(ProviderError):
+        await doomed("anything")
+    await _with_ids(summarise("an agent with a known id"), [UNIQUE_ID, "zz-cli-test-llm-0001"])
+
+
+async def _with_ids(call: object, ids: list[str]) -> None:
+    """Run ``call`` with its spans given these ids (so one id has a unique prefix)."""
+    assert asyncio.iscoroutine(call)
+    original = _context.new_id
+    given = iter(ids)
+    _context.new_id = lambda: next(given, None) or original()
+    try:
+        await call
+    finally:
+        _context.new_id = original
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Recorded]:
+    """A SQLite store with a workflow run, retries, a breaker, a fallback and a failed call."""
+    path = tmp_path_factory.mktemp("monitor") / "events.db"
+    was_testing = is_testing()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KAGURA_DB", str(path))
+        patch.delenv("KAGURA_RECORD", raising=False)
+        patch.setitem(
+            pricing._user_prices,
+            f"{PRICED_PROVIDER}/turbo",
+            pricing.ModelPrice(input_per_mtok=2.0, output_per_mtok=8.0),
+        )
+        observability.uninstall_default()
+        _instrument.reset_recording_check()
+        observability.install_default()
+        set_testing(True)
+        reset_breakers()
+        try:
+            asyncio.run(_record_runs())
+        finally:
+            observability.uninstall_default()
+            _instrument.reset_recording_check()
+            set_testing(was_testing)
+            reset_breakers()
+    store = EventStore(path)
+    (workflow_run,) = store.get_executions(kind="workflow")
+    (failed,) = store.get_executions(status="failed")
+    yield Recorded(path, workflow_run["id"], failed["id"], UNIQUE_ID)
+
+
+@pytest.fixture(autouse=True)
+def _wide_plain_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- list -------------------------------------------------------------------------------------
+
+
+def test_list_shows_every_execution_with_status_and_metrics(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "monitor", "list", "--db", str(recorded.path))
+    assert code == 0
+    for name in ("summarise", "flaky", "calculate", "mystery", "guarded", "doomed", "pipeline"):
+        assert name in out
+    assert "completed" in out
+    assert "failed" in out
+    assert recorded.workflow_id in out
+    assert "ProviderError: HTTP 503: down" in out  # the failed call's error excerpt
+    assert "unknown" in out  # the unpriced agent's cost: unknown, never $0
+    assert f"{PRICED_PROVIDER}/turbo" in out
+    assert "newest first" in out
+
+
+def test_list_filters(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ("--db", str(recorded.path))
+    _, out, _ = run(capsys, "monitor", "list", *db, "--agent", "flaky")
+    assert "flaky" in out
+    assert "summarise" not in out
+
+    _, out, _ = run(capsys, "monitor", "list", *db, "--status", "failed")
+    assert "doomed" in out
+    assert "summarise" not in out
+
+    _, out, _ = run(capsys, "monitor", "list", *db, "--kind", "llm")
+    assert "fake/flaky" in out
+    assert "pipeline" not in out
+
+    _, out, _ = run(capsys, "monitor", "list", *db, "--kind", "tool")
+    assert "add" in out
+
+    _, out, _ = run(capsys, "monitor", "list", *db, "--limit", "2")
+    assert "2 shown" in out
+
+    _, out, _ = run(capsys, "monitor", "list", *db, "--since", "1h")
+    assert "pipeline" in out
+
+    tomorrow = (datetime.now() + timedelta(days=1)).date().isoformat()
+    code, out, _ = run(capsys, "monitor", "list", *db, "--since", tomorrow)
+    assert code == 0
+    assert "No executions found" in out
+
+
+def test_list_reads_the_default_store(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAGURA_DB", str(recorded.path))
+    code, out, _ = run(capsys, "monitor", "list")
+    assert code == 0
+    assert "pipeline" in out
+
+
+def test_list_on_a_narrow_terminal_keeps_ids_whole(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "90")
+    code, out, _ = run(capsys, "monitor", "list", "--db", str(recorded.path))
+    assert code == 0
+    assert recorded.workflow_id in out
+    assert max(len(line) for line in out.splitlines()) <= 90
+
+
+# -- trace ------------------------------------------------------------------------------------
+
+
+def test_trace_shows_attempts_and_retry_waits_under_the_agent(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "monitor", "trace", recorded.workflow_id, "--db", str(recorded.path))
+    assert code == 0
+    lines = out.splitlines()
+    root = next(i for i, line in enumerate(lines) if line.startswith("workflow pipeline"))
+    assert "completed" in lines[root]
+    flaky = next(i for i, line in enumerate(lines) if "agent flaky" in line)
+    attempt_1 = next(i for i in range(flaky, len(lines)) if "llm attempt 1 fake/flaky" in lines[i])
+    wait = next(i for i in range(flaky, len(lines)) if "retry wait" in lines[i])
+    attempt_2 = next(i for i in range(flaky, len(lines)) if "llm attempt 2 fake/flaky" in lines[i])
+    assert root < flaky < attempt_1 < wait < attempt_2  # the wait sits between the attempts
+    assert "failed" in lines[attempt_1]
+    assert "HTTP 503: overloaded" in lines[attempt_1 + 1]
+    assert "after attempt 1" in lines[wait]
+    assert "completed" in lines[attempt_2]
+    # Nested under the agent: deeper indentation than the agent line.
+    indent = len(lines[flaky]) - len(lines[flaky].lstrip("│├└─ "))
+    assert len(lines[wait]) - len(lines[wait].lstrip("│├└─ ")) > indent
+    # Tokens, cost and timings per node; the tool call; breaker and fallback events.
+    assert "tok" in out
+    assert "$0" in out
+    assert "ms" in out
+    assert "tool add" in out
+    assert "circuit breaker cli-test-breaker: closed → open" in out
+    assert "fallback: fake/primary failed, trying fake/backup" in out
+    assert "unknown" in out  # the unpriced agent
+
+
+def test_trace_of_a_failed_call_shows_every_attempt_and_the_error(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "monitor", "trace", recorded.failed_id, "--db", str(recorded.path))
+    assert code == 0
+    assert "agent doomed" in out
+    assert out.count("llm attempt") == 3
+    assert out.count("retry wait") == 2
+    assert "ProviderError: HTTP 503: down" in out
+
+
+def test_trace_accepts_a_unique_prefix(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "monitor", "trace", "zz-cli-test-a", "--db", str(recorded.path))
+    assert code == 0
+    assert recorded.prefix_agent_id in out
+    assert "agent summarise" in out
+
+
+def test_trace_of_an_unknown_or_ambiguous_id_exits_1(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = ("--db", str(recorded.path))
+    code, out, err = run(capsys, "monitor", "trace", "no-such-id", *db)
+    assert code == 1
+    assert "no execution with id 'no-such-id'" in err
+    assert out == ""
+
+    shared = recorded.workflow_id[:12]  # every id recorded by one process starts the same
+    code, _, err = run(capsys, "monitor", "trace", shared, *db)
+    assert code == 1
+    assert "matches several executions" in err
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def test_cost_by_model_has_a_row_and_a_bar_per_model(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "monitor", "cost", "--by", "model", "--db", str(recorded.path))
+    assert code == 0
+    for model in ("fake/echo", "fake/flaky", "fake/dead", f"{PRICED_PROVIDER}/turbo"):
+        assert model in out
+    assert "kagura-cli-mystery/thing" in out
+    assert "unknown" in out  # the unpriced model, and therefore the total
+    assert "Cost (USD) by model" in out  # the chart: some cost is known and non-zero
+    bar_line = next(line for line in out.splitlines() if "█" in line)
+    assert f"{PRICED_PROVIDER}/turbo" in bar_line  # the only priced model has the longest bar
+
+
+def test_cost_by_agent_and_by_day(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    db = ("--db", str(recorded.path))
+    code, out, _ = run(capsys, "monitor", "cost", *db)
+    assert code == 0
+    assert "Cost by agent" in out
+    assert "calculate" in out
+
+    code, out, _ = run(capsys, "monitor", "cost", "--by", "day", "--since", "2d", *db)
+    assert code == 0
+    today = datetime.now(UTC).date().isoformat()
+    day_lines = [line for line in out.splitlines() if today in line]
+    assert any("█" in line for line in day_lines)
+
+
+def test_cost_chart_falls_back_to_tokens_when_nothing_is_priced() -> None:
+    rows = [
+        {"model": "local/a", "calls": 2, "total_tokens": 100, "cost_usd": 0.0},
+        {"model": "local/b", "calls": 1, "total_tokens": 25, "cost_usd": None},
+    ]
+    text = _render(_monitor.cost_chart(rows, "model", width=20))
+    assert "Tokens" in text
+    lines = text.splitlines()
+    a = next(line for line in lines if "local/a" in line)
+    b = next(line for line in lines if "local/b" in line)
+    assert a.count("█") == 20
+    assert 4 <= b.count("█") <= 5
+    assert "100" in a
+
+
+def test_cost_chart_fills_missing_days() -> None:
+    rows = [
+        {"day": "2025-01-01", "calls": 1, "total_tokens": 5, "cost_usd": 0.5},
+        {"day": "2025-01-03", "calls": 1, "total_tokens": 5, "cost_usd": 1.0},
+    ]
+    filled = _monitor.fill_days(rows)
+    assert [r["day"] for r in filled] == ["2025-01-01", "2025-01-02", "2025-01-03"]
+    text = _render(_monitor.cost_chart(filled, "day", width=10))
+    assert "2025-01-02" in text
+    assert "$1.00" in text
+
+
+# -- stats ------------------------------------------------------------------------------------
+
+
+def test_stats_shows_failure_rate_latency_and_top_groups(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stats = EventStore(recorded.path).stats()
+    code, out, _ = run(capsys, "monitor", "stats", "--db", str(recorded.path))
+    assert code == 0
+    assert "failure rate" in out
+    assert f"{stats['failure_rate'] * 100:.1f}%" in out
+    assert stats["failure_rate"] > 0
+    for label in ("p50", "p95", "p99", "Top agents", "Top models", "completed", "failed"):
+        assert label in out
+    assert f"{stats['tokens']['total']:,}" in out
+
+
+def test_stats_for_one_agent(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "monitor", "stats", "--agent", "doomed", "--db", str(recorded.path))
+    assert code == 0
+    assert "agent doomed" in out
+    assert "100.0%" in out
+    assert "Top models" not in out
+
+
+# -- live -------------------------------------------------------------------------------------
+
+
+def test_live_runs_one_iteration(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        capsys,
+        "monitor",
+        "live",
+        "--db",
+        str(recorded.path),
+        "--iterations",
+        "1",
+        "--interval",
+        "0.01",
+        "--limit",
+        "5",
+    )
+    assert code == 0
+    assert "Latest executions" in out
+    assert "agent calls" in out
+    assert "failure rate" in out
+    latency = next(line for line in out.splitlines() if line.startswith("latency"))
+    assert any(c in latency for c in "▁▂▃▄▅▆▇█")
+
+
+def test_live_refreshes_then_stops(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kagura.cli
+
+    sleeps: list[float] = []
+    monkeypatch.setattr(kagura.cli, "_sleep", sleeps.append)
+    code, out, _ = run(
+        capsys,
+        "monitor",
+        "live",
+        "--db",
+        str(recorded.path),
+        "--iterations",
+        "2",
+        "--interval",
+        "0.01",
+    )
+    assert code == 0
+    assert sleeps == [0.01]
+    assert "summarise" in out
+
+
+def test_live_exits_cleanly_on_ctrl_c(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kagura.cli
+
+    def interrupt(_seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kagura.cli, "_sleep", interrupt)
+    code, out, _ = run(capsys, "monitor", "live", "--db", str(recorded.path))
+    assert code == 0
+    assert "Latest executions" in out
+
+
+# -- user errors, argparse errors, help ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["list", "stats", "cost", "live"])
+def test_bad_since_exits_1(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    code, out, err = run(
+        capsys, "monitor", command, "--since", "yesterday-ish", "--db", str(recorded.path)
+    )
+    assert code == 1
+    assert "--since" in err
+    assert "yesterday-ish" in err
+    assert out == ""
+
+
+def test_a_missing_store_file_is_an_error_and_is_not_created(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nowhere" / "events.db"
+    code, _, err = run(capsys, "monitor", "list", "--db", str(missing))
+    assert code == 1
+    assert "no event store" in err
+    assert not missing.parent.exists()
+
+
+def test_nothing_recorded_yet_in_the_default_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAGURA_DB", str(tmp_path / "events.db"))
+    code, _, err = run(capsys, "monitor", "list")
+    assert code == 0
+    assert "Nothing recorded yet" in err
+    code, _, err = run(capsys, "monitor", "trace", "abc")
+    assert code == 1
+
+
+def test_a_database_password_is_never_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    url = "postgresql://kagura:hunter2-secret@127.0.0.1:1/kagura"
+    code, out, err = run(capsys, "monitor", "list", "--db", url)
+    assert code == 1
+    assert "hunter2" not in out + err
+    assert "cannot read the event store" in err
+    assert "***" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["monitor"],
+        ["monitor", "bogus"],
+        ["monitor", "list", "--limit", "0"],
+        ["monitor", "list", "--status", "exploded"],
+        ["monitor", "cost", "--by", "week"],
+        ["monitor", "live", "--interval", "0"],
+        ["monitor", "trace"],
+    ],
+)
+def test_command_line_mistakes_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--help"], "monitor"),
+        (["monitor", "--help"], "live"),
+        (["monitor", "trace", "--help"], "unique prefix"),
+        (["monitor", "list", "--help"], "--since"),
+        (["monitor", "cost", "--help"], "bar chart"),
+    ],
+)
+def test_help(argv: list[str], expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 0
+    assert expected in capsys.readouterr().out
+
+
+# -- the console script -------------------------------------------------------------------------
+
+
+def test_the_kagura_console_script(recorded: Recorded) -> None:
+    script = Path(sys.executable).with_name("kagura")
+    found = str(script) if script.exists() else shutil.which("kagura")
+    if found is None:
+        pytest.skip("the kagura script is not installed (pip install -e .)")
+    env = {**os.environ, "COLUMNS": "200"}
+    result = subprocess.run(
+        [found, "monitor", "list", "--db", str(recorded.path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pipeline" in result.stdout
+    assert "failed" in result.stdout
+
+    result = subprocess.run(
+        [found, "monitor", "trace", "nope", "--db", str(recorded.path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "no execution" in result.stderr
+
+
+def test_importing_the_cli_is_light() -> None:
+    code = (
+        "import sys, kagura.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'rich', 'sqlalchemy'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+# -- the pieces ---------------------------------------------------------------------------------
+
+
+def test_parse_since() -> None:
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("30m", now=now) == now - timedelta(minutes=30)
+    assert parse_since("1h", now=now) == now - timedelta(hours=1)
+    assert parse_since("2d", now=now) == now - timedelta(days=2)
+    assert parse_since("1w", now=now) == now - timedelta(weeks=1)
+    assert parse_since("90s", now=now) == now - timedelta(seconds=90)
+    assert parse_since("2025-05-01T08:00:00+00:00") == datetime(2025, 5, 1, 8, tzinfo=UTC)
+    assert parse_since("2025-05-01").tzinfo is not None  # naive means local time
+    for bad in ("yesterday", "5 parsecs", "-1h", ""):
+        with pytest.raises(CliError):
+            parse_since(bad)
+
+
+def test_formatting() -> None:
+    assert _monitor.format_cost(None) == "unknown"
+    assert _monitor.format_cost(0.0) == "$0"
+    assert _monitor.format_cost(0.000026) == "$0.000026"
+    assert _monitor.format_cost(12.5) == "$12.50"
+    assert _monitor.format_duration(None) == "—"
+    assert _monitor.format_duration(0.5) == "0.50 ms"
+    assert _monitor.format_duration(250) == "250 ms"
+    assert _monitor.format_duration(1500) == "1.50 s"
+    assert _monitor.format_duration(125_000) == "2m 05s"
+    assert _monitor.excerpt("a\nlong   error message", 10) == "a long er…"
+
+
+def test_sparkline_and_bar() -> None:
+    assert _monitor.sparkline([1, 2, 3, 4, 5, 6, 7, 8]) == "▁▂▃▄▅▆▇█"
+    assert _monitor.sparkline([5, 5, 5]) == "▄▄▄"
+    assert _monitor.sparkline([None, 1, 9, 3], width=2) == "█▁"
+    assert _monitor.sparkline([]) == ""
+    assert _monitor.bar(10, 10, 8) == "█" * 8
+    assert _monitor.bar(5, 10, 8) == "█" * 4
+    assert _monitor.bar(1, 1000, 8) == "▏"  # small but not zero: still visible
+    assert _monitor.bar(0, 10, 8) == ""
+
+
+def _render(renderable: object) -> str:
+    console = Console(width=120, file=io.StringIO())
+    console.print(renderable)
+    file = console.file
+    assert isinstance(file, io.StringIO)
+    return file.getvalue()

@@ -1,0 +1,649 @@
+"""The recorder: every run, agent call, LLM attempt and tool call lands in the store, on SQLite and
+on PostgreSQL, without ever changing what the recorded code does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import kagura._instrument as instrument
+from kagura import agent, workflow
+from kagura._events import Event
+from kagura.errors import ProviderError
+from kagura.observability import EventStore, Recorder, default_recorder, uninstall_default
+from kagura.providers import ModelRequest, ToolCall
+from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits
+from kagura.testing import FakeModel, Reply, override_model
+
+from .conftest import free_port, is_postgres, rows, run_script, spawn_script
+
+SUBPROCESS_TIMEOUT = 60.0
+
+
+@agent
+async def summarise(text: str) -> str:
+    """Summarise: {{ text }}"""
+
+
+@agent
+async def classify(text: str) -> str:
+    """Classify: {{ text }}"""
+
+
+def double(x: int) -> int:
+    """Double a number."""
+    return 2 * x
+
+
+@agent(tools=[double])
+async def calculator(question: str) -> str:
+    """Answer: {{ question }}"""
+
+
+def by_id(recorder: Recorder, url: str) -> dict[str, dict[str, Any]]:
+    return {row["span_id"]: row for row in rows_after_flush(recorder, url)}
+
+
+def assert_one_tree_per_run(spans: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """Every parent is recorded in the same run, and each run has exactly one root: its id."""
+    roots: dict[str, str] = {}
+    for span in spans.values():
+        if span["parent_id"] is None:
+            assert span["run_id"] not in roots, "two roots in one run"
+            assert span["span_id"] == span["run_id"]
+            roots[span["run_id"]] = span["span_id"]
+        else:
+            parent = spans[span["parent_id"]]
+            assert parent["run_id"] == span["run_id"]
+    assert {s["run_id"] for s in spans.values()} == set(roots)
+    return roots
+
+
+def ancestors(spans: dict[str, dict[str, Any]], span_id: str) -> list[str]:
+    names = []
+    parent = spans[span_id]["parent_id"]
+    while parent is not None:
+        names.append(spans[parent]["name"])
+        parent = spans[parent]["parent_id"]
+    return names
+
+
+# -- the tree -----------------------------------------------------------------------------------
+
+
+async def test_every_span_joins_one_tree_under_gather_and_create_task(
+    recorder: Recorder, store_url: str
+) -> None:
+    def answer(request: ModelRequest) -> str | Reply:
+        if str(request.messages[-1].get("content")).startswith("Answer:"):
+            return Reply(tool_calls=(ToolCall("c1", "double", '{"x": 4}'),))
+        return "8"  # tool results and every other agent
+
+    fake = FakeModel([answer] * 100)
+
+    @workflow
+    async def branch(text: str) -> str:
+        return await summarise(text)
+
+    @workflow
+    async def fan_out(text: str) -> list[str]:
+        first = await calculator(text)
+        task = asyncio.create_task(classify("in a task"))
+        gathered = await asyncio.gather(
+            summarise("a"), classify("b"), branch("c"), *(summarise(str(i)) for i in range(5))
+        )
+        return [first, *gathered, await task]
+
+    with override_model(fake):
+        # Two top-level runs at once, plus an agent call outside any workflow.
+        await asyncio.gather(fan_out("x"), fan_out("y"), summarise("alone"))
+
+    spans = by_id(recorder, store_url)
+    roots = assert_one_tree_per_run(spans)
+    root_names = sorted(spans[r]["name"] for r in roots.values())
+    assert root_names == ["fan_out", "fan_out", "summarise"]
+    kinds = Counter(s["kind"] for s in spans.values())
+    # per fan_out: itself and branch; a calculator, a task and 8 gathered agents (one in branch);
+    # one LLM attempt per agent, two for the calculator, which makes one tool call.
+    assert kinds == {"workflow": 4, "agent": 2 * 10 + 1, "llm": 2 * 11 + 1, "tool": 2}
+    assert all(s["status"] == "completed" for s in spans.values())
+    for span in spans.values():
+        if span["kind"] == "llm":
+            assert spans[span["parent_id"]]["kind"] == "agent"
+        if span["kind"] == "tool":
+            assert ancestors(spans, span["span_id"])[:2] == ["calculator", "fan_out"]
+        if span["kind"] == "agent" and span["parent_id"] is not None:
+            assert ancestors(spans, span["span_id"])[-1] == "fan_out"
+    tasked = [s for s in spans.values() if json.loads(s["inputs"]) == {"text": "in a task"}]
+    assert len(tasked) == 2
+    assert all(spans[s["parent_id"]]["name"] == "fan_out" for s in tasked)
+
+
+# -- statuses -----------------------------------------------------------------------------------
+
+
+async def test_failed_calls_keep_their_error_text_and_type(
+    recorder: Recorder, store_url: str
+) -> None:
+    error = ValueError("the model rejected the input")
+
+    @workflow
+    async def pipeline() -> None:
+        await summarise("fine")
+        await classify("boom")
+
+    with override_model(FakeModel(["ok", error])), pytest.raises(ValueError) as raised:
+        await pipeline()
+    assert raised.value is error
+    store = EventStore(store_url)
+    (run,) = store.get_executions("pipeline")
+    assert run["status"] == "failed"
+    assert run["error"] == "the model rejected the input"
+    assert run["error_type"] == "ValueError"
+    (failed,) = store.get_executions("classify")
+    assert (failed["status"], failed["error_type"]) == ("failed", "ValueError")
+    (llm,) = store.get_executions(kind="llm", status="failed")
+    assert llm["parent_id"] == failed["id"]
+    assert llm["error"] == "the model rejected the input"
+    assert store.get_executions("summarise")[0]["status"] == "completed"
+
+
+async def test_cancelled_calls_are_recorded_as_cancelled(
+    recorder: Recorder, store_url: str
+) -> None:
+    in_flight = asyncio.Event()
+
+    def hang(request: ModelRequest) -> Reply:
+        in_flight.set()
+        return Reply("never", delay=120)
+
+    @workflow
+    async def pipeline() -> str:
+        return await summarise("slow")
+
+    with override_model(FakeModel([hang])):
+        task = asyncio.create_task(pipeline())
+        await in_flight.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    statuses = {(s["kind"], s["status"]) for s in rows_after_flush(recorder, store_url)}
+    assert statuses == {("workflow", "cancelled"), ("agent", "cancelled"), ("llm", "cancelled")}
+
+
+async def test_timeouts_are_recorded_as_timed_out(recorder: Recorder, store_url: str) -> None:
+    @agent(total_timeout=0.05, retry=False)
+    async def impatient(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    @agent(timeout=0.05, retry=False)
+    async def per_attempt(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    never = FakeModel(delay=120)
+    with override_model(never):
+        with pytest.raises(TimeoutError):
+            await impatient("x")
+        with pytest.raises(TimeoutError):
+            await per_attempt("y")
+    store = EventStore(store_url)
+    (whole,) = store.get_executions("impatient")
+    assert whole["status"] == "timed_out"
+    assert whole["error_type"] is not None
+    (attempt,) = store.get_execution(whole["id"])["children"]  # type: ignore[index]
+    assert attempt["status"] == "cancelled"  # stopped by the call's total timeout
+    (single,) = store.get_executions("per_attempt")
+    assert single["status"] == "timed_out"
+    (attempt,) = store.get_execution(single["id"])["children"]  # type: ignore[index]
+    assert attempt["status"] == "timed_out"
+    assert attempt["error_type"] == "ProviderTimeout"
+
+
+def rows_after_flush(recorder: Recorder, url: str) -> list[dict[str, Any]]:
+    assert recorder.flush()
+    return rows(url)
+
+
+# -- resilience events --------------------------------------------------------------------------
+
+
+async def test_retry_waits_are_events_and_counted(recorder: Recorder, store_url: str) -> None:
+    fake = FakeModel(
+        [
+            ProviderError("overloaded", status_code=503),
+            ProviderError("rate limited", status_code=429, headers={"retry-after": "0"}),
+            "fine",
+        ]
+    )
+
+    @workflow
+    async def pipeline() -> str:
+        return await summarise("x")
+
+    with override_model(fake), no_waits():
+        assert await pipeline() == "fine"
+    store = EventStore(store_url)
+    (run,) = store.get_executions("pipeline")
+    tree = store.get_execution(run["id"])
+    assert tree is not None
+    assert run["metrics"]["retries"] == 2
+    assert run["metrics"]["llm_calls"] == 3
+    (call,) = tree["children"]
+    assert call["metrics"]["retries"] == 2
+    waits = [e for e in call["events"] if e["name"] == "retry_wait"]
+    assert [w["attributes"]["attempt"] for w in waits] == [1, 2]
+    assert "503" in waits[0]["attributes"]["error"]
+    assert "429" in waits[1]["attributes"]["error"]
+    assert [c["status"] for c in call["children"]] == ["failed", "failed", "completed"]
+
+
+async def test_breaker_state_changes_and_fallbacks_are_events(
+    recorder: Recorder, store_url: str
+) -> None:
+    breaker = CircuitBreaker("obs-test", failure_threshold=1, recovery_time=3600)
+    down = ProviderError("down", status_code=503)
+
+    @agent(model=FakeModel([down], name="flaky"), breaker=breaker, retry=False)
+    async def guarded(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    @agent(
+        model=FakeModel([down], name="primary"), fallback=[FakeModel(name="backup")], retry=False
+    )
+    async def resilient(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    with pytest.raises(ProviderError):
+        await guarded("first")  # opens the circuit
+    with pytest.raises(CircuitOpenError):
+        await guarded("second")  # refused without calling the model
+    with no_waits():
+        assert await resilient("x") == "Answer: x"
+
+    store = EventStore(store_url)
+    second, first = store.get_executions("guarded")
+    opened = store.get_execution(first["id"])
+    assert opened is not None
+    (change,) = opened["events"]
+    assert change["name"] == "breaker_state"
+    assert change["attributes"] == {"breaker": "obs-test", "old": "closed", "new": "open"}
+    assert second["error_type"] == "CircuitOpenError"
+    assert second["metrics"]["llm_calls"] == 0
+
+    (call,) = store.get_executions("resilient")
+    tree = store.get_execution(call["id"])
+    assert tree is not None
+    fallbacks = [e for e in tree["events"] if e["name"] == "fallback"]
+    assert len(fallbacks) == 1
+    assert fallbacks[0]["attributes"]["failed"] == "fake/primary"
+    assert fallbacks[0]["attributes"]["next"] == "fake/backup"
+    assert tree["attributes"]["answered_by"] == "fake/backup"
+    assert [(c["model"], c["status"]) for c in tree["children"]][-1] == ("fake/backup", "completed")
+
+
+# -- recording never changes the outcome --------------------------------------------------------
+
+
+class BrokenSink:
+    def handle(self, event: Event) -> None:
+        raise RuntimeError("sink exploded")
+
+
+class Unserialisable:
+    def __str__(self) -> str:
+        return "a thing"
+
+
+class BrokenRepr(Unserialisable):
+    def __repr__(self) -> str:
+        raise RuntimeError("repr exploded")
+
+
+@agent
+async def describe(text: str, thing: object = None) -> str:
+    """Describe: {{ text }}"""
+
+
+async def test_a_failing_sink_changes_nothing(recorder: Recorder, store_url: str) -> None:
+    sink = BrokenSink()
+    instrument.add_sink(sink)
+    error = ValueError("own error")
+    try:
+        with override_model(FakeModel(["result", error])):
+            assert await describe("x") == "result"
+            with pytest.raises(ValueError) as raised:
+                await describe("y")
+    finally:
+        instrument.remove_sink(sink)
+    assert raised.value is error
+    assert len(rows_after_flush(recorder, store_url)) == 4  # the recorder still got everything
+
+
+async def test_unserialisable_arguments_are_stored_as_repr(
+    recorder: Recorder, store_url: str
+) -> None:
+    with override_model(FakeModel()):
+        assert await describe("one", Unserialisable()) == "Describe: one"
+        assert await describe("two", BrokenRepr()) == "Describe: two"
+        assert await describe("three", {1, 2}) == "Describe: three"  # recording goes on after
+    store = EventStore(store_url)
+    inputs = {e["inputs"]["text"]: e["inputs"]["thing"] for e in store.get_executions("describe")}
+    assert inputs["one"].startswith("<") and "Unserialisable object" in inputs["one"]
+    assert "BrokenRepr" in inputs["two"]
+    assert inputs["three"] == [1, 2]
+    assert all(e["status"] == "completed" for e in store.get_executions(kind=None))
+
+
+@pytest.fixture
+def unopenable_url(store_url: str, tmp_path: Path) -> str:
+    if is_postgres(store_url):
+        return f"postgresql://postgres@127.0.0.1:{free_port()}/nothing_listens_here"
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    return str(blocker / "events.db")
+
+
+async def test_a_store_that_cannot_be_opened_changes_nothing(
+    record_to: Callable[..., Recorder], unopenable_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    recorder = record_to(unopenable_url)
+    error = ValueError("own error")
+    with override_model(FakeModel(["result", error])):
+        assert await describe("x") == "result"
+        with pytest.raises(ValueError) as raised:
+            await describe("y")
+    assert raised.value is error
+    assert recorder.flush() is False  # it says nothing was recorded
+    assert recorder.broken
+    assert "cannot open the event store" in caplog.text
+    with override_model(FakeModel()):
+        assert await describe("later") == "Describe: later"
+
+
+# -- secrets and privacy ------------------------------------------------------------------------
+
+KEY_SHAPED = "sk-proj-AbCdEfGhIjKlMnOp1234567890"
+NOT_KEY_SHAPED = "hunter2-correct-horse"
+
+
+def every_text(url: str) -> str:
+    return "\n".join(
+        str(value)
+        for table in ("kagura_spans", "kagura_events")
+        for row in rows(url, table)
+        for value in row.values()
+    )
+
+
+@agent
+async def ask(question: str, api_key: str = "") -> str:
+    """Question: {{ question }}"""
+
+
+async def test_api_keys_are_never_stored(recorder: Recorder, store_url: str) -> None:
+    @workflow
+    async def pipeline(question: str, *, api_key: str) -> str:
+        return await ask(question, api_key=api_key)
+
+    leaked = ProviderError(f"Incorrect API key provided: {KEY_SHAPED}", status_code=401)
+    with override_model(FakeModel()):
+        answer = await pipeline(f"is {KEY_SHAPED} valid?", api_key=NOT_KEY_SHAPED)
+    assert KEY_SHAPED in answer  # the agent's own result is untouched
+    with override_model(FakeModel([leaked])), pytest.raises(ProviderError):
+        await ask("again", api_key=KEY_SHAPED)
+    assert recorder.flush()
+    text = every_text(store_url)
+    assert KEY_SHAPED not in text
+    assert NOT_KEY_SHAPED not in text
+    store = EventStore(store_url)
+    failed, call = store.get_executions("ask")
+    assert call["inputs"] == {"question": "is [REDACTED] valid?", "api_key": "[REDACTED]"}
+    assert call["output"] == "Question: is [REDACTED] valid?"
+    assert failed["error"] == "HTTP 401: Incorrect API key provided: [REDACTED]"
+    (run,) = store.get_executions("pipeline")
+    assert run["inputs"]["kwargs"] == {"api_key": "[REDACTED]"}
+
+
+MARKER = "zanzibar"
+
+
+async def _run_content_workload() -> None:
+    fake = FakeModel(
+        [Reply(tool_calls=(ToolCall("c1", "double", f'{{"x": 3, "n": "{MARKER}"}}'),))]
+    )
+
+    @workflow
+    async def pipeline(text: str) -> list[str]:
+        return [await calculator(text), await summarise(text), await summarise(text)]
+
+    with override_model(fake):
+        await pipeline(f"secret plans for {MARKER}")
+
+
+async def test_content_hash_stores_hashes_only(
+    record_to: Callable[..., Recorder], store_url: str
+) -> None:
+    recorder = record_to(store_url, KAGURA_RECORD_CONTENT="hash")
+    await _run_content_workload()
+    assert recorder.flush()
+    assert MARKER not in every_text(store_url)
+    spans = rows(store_url)
+    stored = [s[column] for s in spans for column in ("inputs", "output") if s[column] is not None]
+    assert len(stored) == 2 * len(spans)  # every span has hashed inputs and output
+    assert all(re.fullmatch(r'\{"sha256":"[0-9a-f]{64}"\}', value) for value in stored)
+    # Equal content gives equal hashes: repeated prompts can still be found.
+    agent_inputs = [s["inputs"] for s in spans if s["name"] == "summarise"]
+    assert len(agent_inputs) == 2
+    assert agent_inputs[0] == agent_inputs[1]
+
+
+async def test_content_none_stores_no_prompts_or_outputs(
+    record_to: Callable[..., Recorder], store_url: str
+) -> None:
+    recorder = record_to(store_url, KAGURA_RECORD_CONTENT="none")
+    await _run_content_workload()
+    assert recorder.flush()
+    assert MARKER not in every_text(store_url)
+    spans = rows(store_url)
+    assert Counter(s["kind"] for s in spans) == {"workflow": 1, "agent": 3, "llm": 4, "tool": 1}
+    assert all(s["inputs"] is None and s["output"] is None for s in spans)
+    assert all(s["total_tokens"] > 0 for s in spans if s["kind"] == "llm")  # metrics still kept
+
+
+async def test_kagura_record_0_records_nothing(
+    record_to: Callable[..., Recorder], store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uninstall_default()
+    instrument.reset_recording_check()
+    monkeypatch.setenv("KAGURA_DB", store_url)
+    monkeypatch.setenv("KAGURA_RECORD", "0")
+
+    @workflow
+    async def pipeline() -> str:
+        return await summarise("x")
+
+    with override_model(FakeModel()):
+        assert await pipeline() == "Summarise: x"
+    assert default_recorder() is None
+    assert not any(isinstance(s, Recorder) for s in instrument.sinks())
+    if not is_postgres(store_url):
+        assert not await asyncio.to_thread(Path(store_url).exists)  # not even created
+    assert EventStore(store_url).get_executions(kind=None) == []
+
+
+# -- nothing lost -------------------------------------------------------------------------------
+
+WORKLOAD = """
+import asyncio, os, signal, sys
+from kagura import agent, workflow
+from kagura.testing import FakeModel, Reply, override_model
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+@workflow
+async def pipeline(n: int) -> list[str]:
+    return list(await asyncio.gather(*(summarise(f"doc {i}") for i in range(n))))
+
+@workflow
+async def failing() -> None:
+    await summarise("before the error")
+    raise RuntimeError("boom at the end")
+
+def interrupt(request):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this LLM request is in flight
+    return Reply("never", delay=120)
+
+@workflow
+async def interrupted() -> None:
+    await summarise("before the interrupt")
+    with override_model(FakeModel([interrupt])):
+        await summarise("during the interrupt")
+
+async def main(mode: str) -> None:
+    for i in range(20):
+        await summarise(f"solo {i}")
+    await pipeline(30)
+    if mode == "error":
+        await failing()
+    if mode == "interrupt":
+        await interrupted()
+
+asyncio.run(main(sys.argv[1]))  # and exit: nothing calls flush()
+"""
+
+
+@pytest.mark.parametrize("mode", ["normal", "error", "interrupt"])
+def test_nothing_is_lost_when_the_process_ends(store_url: str, mode: str) -> None:
+    result = run_script(
+        WORKLOAD, {"KAGURA_DB": store_url, "KAGURA_MODEL": "fake"}, mode, timeout=SUBPROCESS_TIMEOUT
+    )
+    if mode == "normal":
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        expected = "boom at the end" if mode == "error" else "KeyboardInterrupt"
+        assert expected in result.stderr
+    spans = rows(store_url)
+    assert_one_tree_per_run({s["span_id"]: s for s in spans})
+    statuses = Counter((s["kind"], s["name"], s["status"]) for s in spans)
+    assert statuses[("agent", "summarise", "completed")] == 20 + 30 + (mode != "normal")
+    assert statuses[("workflow", "pipeline", "completed")] == 1
+    assert not any(s["status"] == "running" for s in spans)
+    if mode == "error":
+        (run,) = [s for s in spans if s["name"] == "failing"]
+        assert (run["status"], run["error"]) == ("failed", "boom at the end")
+        assert len(spans) == 2 * 50 + 1 + 3
+    if mode == "interrupt":
+        assert statuses[("workflow", "interrupted", "cancelled")] == 1
+        assert statuses[("agent", "summarise", "cancelled")] == 1
+        assert statuses[("llm", "fake/echo", "cancelled")] == 1
+        assert len(spans) == 2 * 50 + 1 + 5
+
+
+WRITER = """
+import asyncio, pathlib, sys, time
+from kagura import agent
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+async def main(worker: str, calls: int) -> None:
+    for i in range(calls):
+        await summarise(f"worker {worker} doc {i}")
+
+barrier, worker, workers, calls = pathlib.Path(sys.argv[1]), sys.argv[2], *map(int, sys.argv[3:])
+(barrier / f"ready-{worker}").touch()
+deadline = time.monotonic() + 30
+while len(list(barrier.glob("ready-*"))) < workers:  # start together: maximal contention
+    if time.monotonic() > deadline:
+        sys.exit("the other writers never started")
+    time.sleep(0.01)
+asyncio.run(main(worker, calls))
+"""
+
+
+def test_several_processes_write_to_one_store(store_url: str, tmp_path: Path) -> None:
+    workers, calls = 4, 200
+    env = {"KAGURA_DB": store_url, "KAGURA_MODEL": "fake"}
+    processes = [
+        spawn_script(WRITER, env, str(tmp_path), str(n), str(workers), str(calls))
+        for n in range(workers)
+    ]
+    results = []
+    try:
+        for process in processes:
+            _, stderr = process.communicate(timeout=SUBPROCESS_TIMEOUT)
+            results.append((process.returncode, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+    for returncode, stderr in results:
+        assert returncode == 0, stderr
+        assert "locked" not in stderr.lower(), stderr
+        assert "Traceback" not in stderr, stderr
+        assert "kagura:" not in stderr, stderr  # the recorder logs nothing when all goes well
+    spans = rows(store_url)
+    assert len(spans) == workers * calls * 2
+    assert all(s["status"] == "completed" for s in spans)
+    assert len({s["pid"] for s in spans}) == workers
+    assert Counter(s["kind"] for s in spans) == {"agent": workers * calls, "llm": workers * calls}
+
+
+# -- the loop is never blocked ------------------------------------------------------------------
+
+
+async def test_disk_io_never_blocks_the_event_loop(
+    recorder: Recorder, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writing, release = threading.Event(), threading.Event()
+    write = recorder._write
+
+    def stuck_write(*args: Any) -> None:
+        writing.set()
+        if not release.wait(SUBPROCESS_TIMEOUT):
+            raise AssertionError("the test never released the writer")
+        write(*args)
+
+    monkeypatch.setattr(recorder, "_write", stuck_write)
+    try:
+        with override_model(FakeModel()):
+            await summarise("first")
+            # The writer thread is now stuck inside a write, as on a slow or locked disk...
+            assert await asyncio.to_thread(writing.wait, SUBPROCESS_TIMEOUT)
+
+            @workflow
+            async def busy() -> list[str]:
+                return list(await asyncio.gather(*(summarise(str(i)) for i in range(50))))
+
+            # ...and the loop still runs every call to the end.
+            results = await busy()
+        assert results == [f"Summarise: {i}" for i in range(50)]
+        assert recorder.written_spans == 0
+    finally:
+        release.set()
+    assert recorder.flush()
+    assert len(rows(store_url)) == 2 + 1 + 50 * 2
+
+
+def test_importing_kagura_does_not_import_the_database_layer() -> None:
+    code = (
+        "import sys, kagura, kagura.observability\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('sqlalchemy', 'psycopg')]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = run_script(code, {}, timeout=SUBPROCESS_TIMEOUT)
+    assert result.returncode == 0, result.stderr
