@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest clean
+.PHONY: install demo test lint typecheck pytest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,21 +16,32 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job: the advanced-workflow examples on the embedded local model.
+# The main job: the advanced-workflow examples on the embedded local model, then a look at what
+# Kagura recorded of them (in $KAGURA_HOME/events.db, ~/.kagura by default).
+demo: export COLUMNS ?= 120
 demo: $(STAMP)
 	$(BIN)/python examples/advanced_workflows/conditional_workflow.py
 	$(BIN)/python examples/advanced_workflows/parallel_workflow.py
 	$(BIN)/python examples/advanced_workflows/retry_workflow.py
+	$(BIN)/kagura monitor stats --since 15m
+	$(BIN)/kagura monitor cost --by agent --since 15m
+	$(BIN)/kagura monitor list --kind workflow --since 15m --limit 15
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests examples
-	$(BIN)/ruff format --check src tests examples
+	$(BIN)/ruff check src tests examples benchmarks
+	$(BIN)/ruff format --check src tests examples benchmarks
 
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
 pytest: $(STAMP)
 	$(BIN)/pytest
+
+# Benchmarks print figures; they are not tests.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_recording.py
+	$(BIN)/python benchmarks/bench_breaker.py
+	$(BIN)/python benchmarks/bench_ratelimit.py
 
 # The whole suite: lint, types, tests.
 test: lint typecheck pytest

@@ -125,3 +125,17 @@ def test_unregister_price_makes_the_model_unknown_again() -> None:
     assert pricing.cost_of("acme", "house-model", USAGE) == pytest.approx(0.002)
     pricing.unregister_price("house-model")
     assert pricing.cost_of("acme", "house-model", USAGE) is None
+
+
+async def test_a_model_wrapper_can_answer_for_its_own_price() -> None:
+    class Wrapper(FakeModel):
+        provider = "wrapper"
+
+        def cost(self, usage: Usage) -> float | None:
+            return 0.5  # e.g. delegate to the wrapped model
+
+    @agent(model=Wrapper(["hi"]))
+    async def hello(x: str) -> str:
+        """{{ x }}"""
+
+    assert (await hello.run("x")).cost_usd == 0.5

@@ -46,7 +46,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from kagura import ProviderError, agent, workflow
+from kagura import ProviderError, Usage, agent, workflow
 from kagura.parallel import gather, gather_partial
 from kagura.providers import Model, ModelRequest, ModelResponse, resolve_model
 from kagura.resilience import (
@@ -144,6 +144,9 @@ class FlakyModel(Model):
     @property
     def inner(self) -> Model:
         return resolve_model(None)
+
+    def cost(self, usage: Usage) -> float | None:
+        return self.inner.cost(usage)  # answers come from the wrapped model, at its price
 
     @property
     def supports_output_schema(self) -> bool:  # type: ignore[override]

@@ -11,7 +11,6 @@ import asyncio
 from ._context import Span
 from ._instrument import span_finished, span_started, status_of
 from .errors import ProviderTimeout
-from .pricing import cost_of
 from .providers import Model, ModelRequest, ModelResponse
 
 
@@ -44,7 +43,7 @@ async def attempt(
     except BaseException as exc:
         span_finished(span, status_of(exc), exc, attributes={"model": model.id})
         raise
-    cost = cost_of(model.provider, model.model_name, response.usage)
+    cost = model.cost(response.usage)
     span_finished(
         span,
         "completed",

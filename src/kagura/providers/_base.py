@@ -81,6 +81,13 @@ class Model(abc.ABC):
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Send one request and return the answer, raising :class:`kagura.errors.ProviderError`."""
 
+    def cost(self, usage: Usage) -> float | None:
+        """USD for ``usage`` on this model (``None`` when unknown). Wrappers delegate this to
+        the model they wrap; by default it is looked up by ``provider`` and ``model_name``."""
+        from ..pricing import cost_of
+
+        return cost_of(self.provider, self.model_name, usage)
+
     def check_ready(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Raise :class:`kagura.errors.UsageError` if the model cannot be used as configured."""
 

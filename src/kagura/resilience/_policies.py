@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import _llm
 from .._context import Span
-from ..pricing import is_free
+from .._usage import Usage
 from ..providers import Model, ModelRequest, ModelResponse
 from ._breaker import CircuitBreaker, circuit_breaker
 from ._budget import current_cost_budget
@@ -92,6 +92,9 @@ LIBRARY_DEFAULTS = Policies(
     retry=DEFAULT_RETRY, timeout=None, total_timeout=None, breaker=None, rate_limit=None
 )
 
+# A model whose price for this is exactly 0 is free (local, fakes, or a wrapper of one).
+_ONE_TOKEN_EACH = Usage(1, 1)
+
 _workflow_policies: ContextVar[Policies | None] = ContextVar("kagura_policies", default=None)
 
 
@@ -139,7 +142,7 @@ async def call_model(
     async def one_attempt() -> tuple[ModelResponse, float | None]:
         budget = current_cost_budget()
         if budget is not None:
-            budget.check(free=is_free(model.provider))
+            budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
         if breaker is not None:
             breaker.before_call()
         try:
