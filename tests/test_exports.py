@@ -13,6 +13,7 @@ EXPECTED_ALL = [
     "AgentRun",
     "KaguraError",
     "MissingCredentialsError",
+    "NonDeterminismError",
     "OutputParseError",
     "ProviderError",
     "RunError",
@@ -25,6 +26,7 @@ EXPECTED_ALL = [
     "agent",
     "current_run_id",
     "get_current_span",
+    "step",
     "tool",
     "workflow",
 ]

@@ -8,9 +8,11 @@ from ._context import current_run_id, get_current_span
 from ._tool import Tool, tool
 from ._usage import Usage
 from ._workflow import Workflow, workflow
+from .durable import step
 from .errors import (
     KaguraError,
     MissingCredentialsError,
+    NonDeterminismError,
     OutputParseError,
     ProviderError,
     RunError,
@@ -25,6 +27,7 @@ __all__ = [
     "AgentRun",
     "KaguraError",
     "MissingCredentialsError",
+    "NonDeterminismError",
     "OutputParseError",
     "ProviderError",
     "RunError",
@@ -37,6 +40,7 @@ __all__ = [
     "agent",
     "current_run_id",
     "get_current_span",
+    "step",
     "tool",
     "workflow",
 ]

@@ -26,6 +26,7 @@ from ._output import OutputSpec, OutputValidationError, json_candidates
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._tool import Tool, as_tool
 from ._usage import Usage
+from .durable._run import current_durable_run, input_hash
 from .errors import OutputParseError, RunError, ToolLoopError, UsageError
 from .providers import Message, Model, ModelRequest, OutputSchema, ToolCall, resolve_model
 from .providers import _parse as _parse_model_string
@@ -189,7 +190,13 @@ class Agent(Generic[P, R]):
         token = current_span.set(span)
         span_started(span, {"model": model.id, "inputs": arguments})
         totals = _Totals()
+        durable = current_durable_run.get()
         try:
+            if durable is not None:
+                digest = input_hash(arguments)
+                record = durable.lookup(span.step_key, self.name, "agent", digest)
+                if record is not None:
+                    return self._replayed(record.output, span)
             prompt = self.prompt.render(arguments)
             total = policies.total_timeout
             if total is None and isinstance(policies.retry, Retry):
@@ -209,9 +216,17 @@ class Agent(Generic[P, R]):
             cost_usd=totals.cost,
             attributes={"output": result, "answered_by": answered_by},
         )
+        if durable is not None:
+            durable.record(span.step_key, self.name, "agent", digest, self.output.dump(result))
         return AgentRun(
             cast(R, result), answered_by, totals.usage, totals.cost, span.span_id, span.run_id
         )
+
+    def _replayed(self, output: str | None, span: Span) -> AgentRun[R]:
+        """The journaled answer of this call, in place of calling the model again."""
+        value = self.output.load(output)
+        span_finished(span, "completed", attributes={"output": value, "replayed": True})
+        return AgentRun(cast(R, value), "journal", Usage(), 0.0, span.span_id, span.run_id)
 
     async def _run_chain(
         self, model: Model, prompt: str, span: Span, totals: _Totals, policies: Policies
@@ -304,6 +319,14 @@ class Agent(Generic[P, R]):
             error = f"Error: there is no tool named {call.name!r}; tools: {', '.join(self.tools)}"
             span_finished(span, "failed", LookupError(error))
             return error
+        durable = current_durable_run.get()
+        digest = input_hash(call.arguments) if durable is not None else ""
+        if durable is not None:
+            record = durable.lookup(span.step_key, call.name, "tool", digest)
+            if record is not None:
+                text = json.loads(record.output) if record.output else ""
+                span_finished(span, "completed", attributes={"output": text, "replayed": True})
+                return str(text)
         token = current_span.set(span)
         try:
             value = await tool.invoke(call.arguments)
@@ -317,6 +340,8 @@ class Agent(Generic[P, R]):
             current_span.reset(token)
         text = value if isinstance(value, str) else _to_json(value)
         span_finished(span, "completed", attributes={"output": text})
+        if durable is not None:
+            durable.record(span.step_key, call.name, "tool", digest, json.dumps(text))
         return text
 
     @staticmethod

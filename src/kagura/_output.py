@@ -15,6 +15,7 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 import pydantic
+import pydantic_core
 from pydantic import TypeAdapter
 from typing_extensions import is_typeddict  # pydantic's dependency
 
@@ -96,6 +97,18 @@ class OutputSpec:
             return ""
         schema = json.dumps(self.schema.schema, separators=(",", ":"))
         return f"\n\nAnswer with only a JSON value that follows this JSON schema: {schema}"
+
+    def dump(self, value: Any) -> str:
+        """JSON for the journal of durable runs."""
+        return pydantic_core.to_json(value, fallback=repr).decode()
+
+    def load(self, text: str | None) -> Any:
+        """A journaled value back as the return type."""
+        if text is None:
+            return None
+        if self.is_text:
+            return json.loads(text)
+        return self._adapter.validate_json(text)
 
     def parse(self, text: str) -> Any:
         if self.is_text:

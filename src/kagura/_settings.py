@@ -46,3 +46,8 @@ def record_content() -> str:
     """``KAGURA_RECORD_CONTENT``: ``full`` (default), ``hash`` or ``none`` (prompts, outputs)."""
     value = os.environ.get("KAGURA_RECORD_CONTENT", "full").lower()
     return value if value in ("full", "hash", "none") else "full"
+
+
+def durable_default() -> bool:
+    """``KAGURA_DURABLE=1`` makes every top-level workflow run durable unless it says otherwise."""
+    return os.environ.get("KAGURA_DURABLE", "0").lower() in ("1", "true", "yes", "on")

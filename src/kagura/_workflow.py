@@ -16,8 +16,11 @@ from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
+from . import _settings
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_finished, span_started, status_of
+from .durable import _execute as _durable
+from .durable._run import current_durable_run
 from .errors import UsageError
 from .resilience._backoff import seconds
 from .resilience._breaker import CircuitBreaker
@@ -49,6 +52,7 @@ class Workflow(Generic[P, R]):
         retry_budget: int | None = None,
         budget_usd: float | None = None,
         budget_tokens: int | None = None,
+        durable: bool | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
             raise UsageError(
@@ -62,14 +66,38 @@ class Workflow(Generic[P, R]):
         self.retry_budget = retry_budget
         self.budget_usd = budget_usd
         self.budget_tokens = budget_tokens
+        self.durable = durable
         if retry_budget is not None:
             RetryBudget(retry_budget)  # validate now rather than at the first run
         if budget_usd is not None or budget_tokens is not None:
             CostBudget(usd=budget_usd, tokens=budget_tokens)
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        durable = self.durable if self.durable is not None else _settings.durable_default()
+        if durable and current_durable_run.get() is None:
+            result: R = await _durable.start(self, args, kwargs, None)
+            return result
+        return await self._execute(args, kwargs)
+
+    # Typed with Any: a ParamSpec cannot be followed by the run_id keyword.
+    async def run(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> R:
+        """Run durably under ``run_id`` (a new id when omitted): each step is journaled, and
+        starting the same id again, while it runs or after it completed, returns the same
+        result instead of running twice. (A workflow parameter named ``run_id`` is shadowed.)"""
+        result: R = await _durable.start(self, args, kwargs, run_id)
+        return result
+
+    async def resume(self, run_id: str) -> R:
+        """Finish run ``run_id`` after its process died or it failed, in this process: steps
+        found in the journal return their recorded results without calling a provider."""
+        result: R = await _durable.resume(self, run_id)
+        return result
+
+    async def _execute(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, span_id: str | None = None
+    ) -> R:
         ensure_recording()
-        span = Span("workflow", self.name, current_span.get())
+        span = Span("workflow", self.name, current_span.get(), span_id=span_id)
         token = current_span.set(span)
         span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
         policy_token = None if self.policies is None else set_workflow_policies(self.policies)
@@ -110,6 +138,7 @@ def workflow(
     retry_budget: int | None = None,
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
+    durable: bool | None = None,
 ) -> Callable[[WorkflowFunction[P, R]], Workflow[P, R]]: ...
 def workflow(
     fn: WorkflowFunction[P, R] | None = None,
@@ -124,6 +153,7 @@ def workflow(
     retry_budget: int | None = None,
     budget_usd: float | None = None,
     budget_tokens: int | None = None,
+    durable: bool | None = None,
 ) -> Workflow[P, R] | Callable[[WorkflowFunction[P, R]], Workflow[P, R]]:
     """Record an async function as a workflow run; agent calls inside it join the run.
 
@@ -131,6 +161,11 @@ def workflow(
     every agent call in the run (an agent's own settings win). ``retry_budget`` caps the retries of
     the whole run; ``budget_usd`` and ``budget_tokens`` cap what its LLM calls may spend, after
     which calls raise :class:`kagura.resilience.BudgetExceeded`.
+
+    ``durable=True`` journals every completed agent call, tool call and ``kagura.step`` of each
+    top-level run, so that a run that died can be resumed without paying for them again
+    (``KAGURA_DURABLE=1`` makes it the default); see :meth:`Workflow.run` and
+    :meth:`Workflow.resume`.
     """
     given = Policies(
         retry=retry,
@@ -153,6 +188,7 @@ def workflow(
             retry_budget=retry_budget,
             budget_usd=budget_usd,
             budget_tokens=budget_tokens,
+            durable=durable,
         )
 
     if fn is not None:

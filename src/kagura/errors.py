@@ -13,6 +13,9 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
         │   └── ProviderConnectionError  the connection failed or was reset
         ├── OutputParseError        the model's answer never validated against the return type
         ├── ToolLoopError           the model kept calling tools past the round limit
+        ├── NonDeterminismError     a resumed durable run took another path than its journal
+        ├── RunInProgressError      another process is executing this durable run
+        ├── RunFailedError          a durable run with this id failed before
         └── CircuitOpenError, BudgetExceeded (see kagura.resilience)
 
 Errors raised by provider SDKs are translated at the provider boundary with ``raise ... from exc``,
@@ -28,11 +31,14 @@ from collections.abc import Mapping
 __all__ = [
     "KaguraError",
     "MissingCredentialsError",
+    "NonDeterminismError",
     "OutputParseError",
     "ProviderConnectionError",
     "ProviderError",
     "ProviderTimeout",
     "RunError",
+    "RunFailedError",
+    "RunInProgressError",
     "TemplateError",
     "ToolLoopError",
     "UsageError",
@@ -137,3 +143,28 @@ class OutputParseError(RunError):
 
 class ToolLoopError(RunError):
     """The model kept requesting tool calls beyond ``max_tool_rounds``."""
+
+
+class NonDeterminismError(RunError):
+    """A resumed or replayed durable run took a different path than its journal recorded."""
+
+    def __init__(self, step_key: str, message: str) -> None:
+        self.step_key = step_key
+        super().__init__(f"step {step_key!r}: {message}")
+
+
+class RunInProgressError(RunError):
+    """The durable run is being executed by another live process."""
+
+
+class RunFailedError(RunError):
+    """A durable run with this id already failed; ``resume`` it to try again."""
+
+    def __init__(self, run_id: str, error: str | None, error_type: str | None) -> None:
+        self.run_id = run_id
+        self.error = error
+        self.error_type = error_type
+        super().__init__(
+            f"durable run {run_id!r} failed earlier ({error_type}: {error}); "
+            f"resume it with workflow.resume({run_id!r}) or `kagura runs resume {run_id}`"
+        )

@@ -68,3 +68,39 @@ events = Table(
 
 Index("ix_kagura_events_span", events.c.span_id)
 Index("ix_kagura_events_run", events.c.run_id)
+
+# -- durable runs: the journal (see kagura.durable) ---------------------------------------------
+
+runs = Table(
+    "kagura_runs",
+    metadata,
+    Column("run_id", String(255), primary_key=True),
+    Column("workflow", String(255), nullable=False),
+    Column("target", Text),  # "module:qualname" (or "path.py:qualname") to import on resume
+    Column("status", String(16), nullable=False),  # running, completed, failed (interrupted: stale)
+    Column("arguments", Text),  # JSON of the bound arguments
+    Column("result", Text),  # JSON
+    Column("error", Text),
+    Column("error_type", String(255)),
+    Column("owner", String(64)),  # who holds the lease
+    Column("pid", BigInteger),
+    Column("host", String(255)),
+    Column("heartbeat_at", Float),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("attempts", Integer, nullable=False, default=1),
+)
+
+Index("ix_kagura_runs_status", runs.c.status, runs.c.updated_at)
+
+steps = Table(
+    "kagura_steps",
+    metadata,
+    Column("run_id", String(255), primary_key=True),
+    Column("step_key", String(1024), primary_key=True),
+    Column("name", String(255), nullable=False),
+    Column("kind", String(16), nullable=False),
+    Column("input_hash", String(64), nullable=False),
+    Column("output", Text),  # JSON
+    Column("created_at", Float, nullable=False),
+)

@@ -25,7 +25,24 @@ from .._instrument import add_sink, remove_sink
 from .._usage import Usage
 from ..providers import Model, ModelRequest, ModelResponse, ToolCall, model_override_var
 
-__all__ = ["CapturedEvents", "FakeModel", "Reply", "capture_events", "override_model"]
+__all__ = [
+    "CapturedEvents",
+    "FakeModel",
+    "Reply",
+    "capture_events",
+    "override_model",
+    "replay",
+]
+
+
+async def replay(run_id: str, workflow: Any = None, *, db: str | None = None) -> Any:
+    """Run durable run ``run_id`` again against its journal alone, with no provider at all: a
+    check that a changed workflow still follows yesterday's real traffic. Returns its result;
+    a step the journal lacks (or that changed) raises :class:`kagura.NonDeterminismError`.
+    ``workflow`` defaults to the one the run recorded; pass the new version to check it."""
+    from ..durable._execute import replay as _replay
+
+    return await _replay(run_id, workflow, db=db)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,249 @@
+"""Starting, resuming and replaying durable workflow runs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+import time
+import uuid
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_type_hints
+
+import pydantic_core
+from pydantic import TypeAdapter
+
+from ..errors import RunFailedError, RunInProgressError, UsageError
+from ._journal import Journal, RunRecord, journal_for, lease_seconds
+from ._run import DurableRun, current_durable_run
+
+if TYPE_CHECKING:
+    from .._workflow import Workflow
+
+_log = logging.getLogger("kagura.durable")
+
+
+def target_of(workflow: Workflow[Any, Any]) -> str:
+    """Where another process finds this workflow: ``module:qualname`` or ``file.py:qualname``."""
+    fn = workflow.fn
+    module = fn.__module__
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file:
+            return f"{Path(main_file).resolve()}:{fn.__qualname__}"
+    return f"{module}:{fn.__qualname__}"
+
+
+def import_target(target: str) -> Workflow[Any, Any]:
+    """The workflow object named by :func:`target_of` (used by ``kagura runs resume``)."""
+    from .._workflow import Workflow
+
+    location, _, qualname = target.rpartition(":")
+    main = sys.modules.get("__main__")
+    main_file = getattr(main, "__file__", None)
+    if location.endswith(".py") and main_file and Path(main_file).resolve() == Path(location):
+        module = main  # the script running now defines it: no second import
+    elif location.endswith(".py"):
+        spec = importlib.util.spec_from_file_location("kagura_resumed_main", location)
+        if spec is None or spec.loader is None:
+            raise UsageError(f"cannot load the workflow's file {location!r}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)  # under another name: its __main__ block does not run
+    else:
+        module = importlib.import_module(location)
+    found: Any = module
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, Workflow):
+        raise UsageError(f"{target!r} does not name a @workflow")
+    return found
+
+
+def _dump_arguments(
+    workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[inspect.BoundArguments, str]:
+    bound = inspect.signature(workflow.fn).bind(*args, **kwargs)
+    bound.apply_defaults()
+    try:
+        text = pydantic_core.to_json(dict(bound.arguments)).decode()
+    except pydantic_core.PydanticSerializationError as exc:
+        raise UsageError(
+            f"durable workflow {workflow.name!r}: its arguments must be JSON-serialisable so that "
+            f"another process can resume the run ({exc})"
+        ) from exc
+    return bound, text
+
+
+def _load_arguments(workflow: Workflow[Any, Any], text: str | None) -> inspect.BoundArguments:
+    signature = inspect.signature(workflow.fn)
+    stored: dict[str, Any] = pydantic_core.from_json(text) if text else {}
+    hints = get_type_hints(workflow.fn)
+    values: OrderedDict[str, Any] = OrderedDict()
+    for name in signature.parameters:
+        if name in stored:
+            hint = hints.get(name)
+            values[name] = (
+                stored[name] if hint is None else TypeAdapter(hint).validate_python(stored[name])
+            )
+    return inspect.BoundArguments(signature, values)
+
+
+def _load_result(workflow: Workflow[Any, Any], text: str | None) -> Any:
+    if text is None:
+        return None
+    hint = get_type_hints(workflow.fn).get("return")
+    if hint is None:
+        return pydantic_core.from_json(text)
+    return TypeAdapter(hint).validate_json(text)
+
+
+async def start(
+    workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], run_id: str | None
+) -> Any:
+    """Run ``workflow`` durably under ``run_id``: once, whoever asks and however often."""
+    bound, arguments = _dump_arguments(workflow, args, kwargs)
+    run_id = run_id or uuid.uuid4().hex
+    journal = journal_for()
+    owner = uuid.uuid4().hex
+    outcome, record = await asyncio.to_thread(
+        journal.start, run_id, workflow.name, target_of(workflow), arguments, owner
+    )
+    if record.workflow != workflow.name:
+        raise UsageError(
+            f"run id {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
+        )
+    if outcome == "completed":
+        return _load_result(workflow, record.result)
+    if outcome == "failed":
+        raise RunFailedError(run_id, record.error, record.error_type)
+    if outcome == "busy":
+        return await _wait_for(workflow, journal, run_id)
+    if outcome == "claimed" and record.arguments != arguments:
+        raise UsageError(
+            f"run id {run_id!r} was started with other arguments; resume it with "
+            f"{workflow.name}.resume({run_id!r}) to finish it as it was started"
+        )
+    steps = {} if outcome == "started" else await asyncio.to_thread(journal.load_steps, run_id)
+    return await _execute(workflow, journal, record, owner, bound, steps)
+
+
+async def resume(workflow: Workflow[Any, Any], run_id: str) -> Any:
+    """Finish an interrupted or failed run: journaled steps return their recorded results."""
+    journal = journal_for()
+    record = await asyncio.to_thread(journal.get_run, run_id)
+    if record is None:
+        raise UsageError(f"there is no durable run {run_id!r} in the store")
+    if record.workflow != workflow.name:
+        raise UsageError(
+            f"run {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
+        )
+    if record.status == "completed":
+        return _load_result(workflow, record.result)
+    owner = uuid.uuid4().hex
+    if not await asyncio.to_thread(journal.claim, run_id, owner):
+        latest = await asyncio.to_thread(journal.get_run, run_id)
+        if latest is not None and latest.status == "completed":
+            return _load_result(workflow, latest.result)
+        raise RunInProgressError(_busy_message(latest or record))
+    claimed = await asyncio.to_thread(journal.get_run, run_id)
+    assert claimed is not None
+    steps = await asyncio.to_thread(journal.load_steps, run_id)
+    bound = _load_arguments(workflow, claimed.arguments)
+    return await _execute(workflow, journal, claimed, owner, bound, steps)
+
+
+def _busy_message(record: RunRecord) -> str:
+    age = time.time() - (record.heartbeat_at or 0)
+    return (
+        f"durable run {record.run_id!r} is being executed by process {record.pid} on "
+        f"{record.host} (last heartbeat {age:.1f}s ago); it can be resumed once that process "
+        f"stops and its lease of {lease_seconds():g}s runs out"
+    )
+
+
+async def _wait_for(workflow: Workflow[Any, Any], journal: Journal, run_id: str) -> Any:
+    """Another process runs it: wait for its result instead of running it twice."""
+    while True:
+        await asyncio.sleep(0.2)
+        record = await asyncio.to_thread(journal.get_run, run_id)
+        assert record is not None
+        if record.status == "completed":
+            return _load_result(workflow, record.result)
+        if record.status == "failed":
+            raise RunFailedError(run_id, record.error, record.error_type)
+        if record.status == "interrupted":
+            return await resume(workflow, run_id)
+
+
+async def _heartbeat(journal: Journal, run_id: str, owner: str) -> None:
+    interval = max(0.05, lease_seconds() / 3)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            still_ours = await asyncio.to_thread(journal.heartbeat, run_id, owner)
+        except Exception:
+            _log.exception("kagura: heartbeat of run %s failed", run_id)
+            continue
+        if not still_ours:
+            _log.error("kagura: run %s was taken over by another process", run_id)
+            return
+
+
+async def _execute(
+    workflow: Workflow[Any, Any],
+    journal: Journal,
+    record: RunRecord,
+    owner: str,
+    bound: inspect.BoundArguments,
+    steps: dict[str, Any],
+) -> Any:
+    run_id = record.run_id
+    durable = DurableRun(run_id, journal, steps)
+    token = current_durable_run.set(durable)
+    heartbeat = asyncio.create_task(_heartbeat(journal, run_id, owner))
+    span_id = run_id if record.attempts <= 1 else f"{run_id}~{record.attempts}"
+    try:
+        result = await workflow._execute(bound.args, bound.kwargs, span_id=span_id)
+    except asyncio.CancelledError:
+        # Cancelled is not failed: give the lease up so the run can be resumed at once.
+        with contextlib.suppress(Exception):
+            await asyncio.shield(asyncio.to_thread(journal.release, run_id, owner))
+        raise
+    except BaseException as exc:
+        await asyncio.shield(asyncio.to_thread(journal.finish, run_id, owner, error=exc))
+        raise
+    finally:
+        heartbeat.cancel()
+        current_durable_run.reset(token)
+    dumped = pydantic_core.to_json(result, fallback=repr).decode()
+    await asyncio.shield(asyncio.to_thread(journal.finish, run_id, owner, result=dumped))
+    return result
+
+
+async def replay(
+    run_id: str, workflow: Workflow[Any, Any] | None = None, *, db: str | None = None
+) -> Any:
+    """Run a recorded run again against its journal only: no provider is called, nothing is
+    written. A step the journal does not have raises :class:`NonDeterminismError`."""
+    journal = journal_for(db)
+    record = await asyncio.to_thread(journal.get_run, run_id)
+    if record is None:
+        raise UsageError(f"there is no durable run {run_id!r} to replay")
+    if workflow is None:
+        if not record.target:
+            raise UsageError(f"run {run_id!r} does not say where its workflow is; pass workflow=")
+        workflow = import_target(record.target)
+    steps = await asyncio.to_thread(journal.load_steps, run_id)
+    bound = _load_arguments(workflow, record.arguments)
+    durable = DurableRun(run_id, None, steps, replay_only=True)
+    token = current_durable_run.set(durable)
+    try:
+        return await workflow._execute(bound.args, bound.kwargs, span_id=None)
+    finally:
+        current_durable_run.reset(token)

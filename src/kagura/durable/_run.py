@@ -1,0 +1,148 @@
+"""A durable run in progress: what agent calls, tool calls and steps consult and feed.
+
+Each journaled call is identified by its step key (the call site within the run: the names of the
+calls it is nested in plus a sequence number, stable under ``asyncio.gather`` and ``create_task``
+because tasks start in creation order) and checked by a hash of its inputs. A step found in the
+journal returns its recorded output without running; a step found under the same key with another
+name or inputs means the code took another path, which raises :class:`NonDeterminismError` rather
+than mixing results of two different executions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from typing import Any, TypeVar, cast, get_type_hints
+
+import pydantic_core
+from pydantic import TypeAdapter
+
+from .._context import Span, current_span
+from .._instrument import ensure_recording, span_finished, span_started, status_of
+from ..errors import NonDeterminismError
+from ._journal import Journal, StepRecord
+
+T = TypeVar("T")
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def input_hash(value: Any) -> str:
+    """A stable hash of a call's inputs (memory addresses in reprs are ignored)."""
+
+    def fallback(obj: Any) -> str:
+        return _ADDRESS.sub("", repr(obj))
+
+    data = pydantic_core.to_json(value, fallback=fallback)
+    return hashlib.sha256(data).hexdigest()
+
+
+class DurableRun:
+    """The journal of one run, loaded at its start, and where new steps are recorded.
+
+    ``replay_only`` runs (``kagura.testing.replay``) never call out: a step missing from the
+    journal is an error, and nothing is written.
+    """
+
+    __slots__ = ("journal", "replay_only", "replayed", "run_id", "steps")
+
+    def __init__(
+        self,
+        run_id: str,
+        journal: Journal | None,
+        steps: dict[str, StepRecord],
+        *,
+        replay_only: bool = False,
+    ) -> None:
+        self.run_id = run_id
+        self.journal = journal
+        self.steps = steps
+        self.replay_only = replay_only
+        self.replayed = 0
+
+    def lookup(self, key: str, name: str, kind: str, digest: str) -> StepRecord | None:
+        record = self.steps.get(key)
+        if record is None:
+            if self.replay_only:
+                raise NonDeterminismError(
+                    key, f"{kind} {name!r} is not in the journal of run {self.run_id!r}"
+                )
+            return None
+        if record.name != name:
+            raise NonDeterminismError(
+                key,
+                f"the journal has {record.kind} {record.name!r} here, the code now calls "
+                f"{kind} {name!r}",
+            )
+        if record.input_hash != digest:
+            if kind == "tool" and not self.replay_only:
+                # The agent around this tool call is running again, and a model need not ask
+                # for the same arguments twice: run the tool anew rather than fail the run.
+                return None
+            raise NonDeterminismError(
+                key, f"{kind} {name!r} is called with other inputs than the journal recorded"
+            )
+        self.replayed += 1
+        return record
+
+    def record(self, key: str, name: str, kind: str, digest: str, output: str | None) -> None:
+        if self.replay_only or self.journal is None:
+            return
+        self.steps[key] = StepRecord(key, name, kind, digest, output)
+        self.journal.record_step(self.run_id, key, name, kind, digest, output)
+
+
+current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_run", default=None)
+
+
+async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **kwargs: Any) -> T:
+    """Run ``fn(*args, **kwargs)`` as a named, recorded step of the current workflow.
+
+    In a durable run the step's result is journaled, and a resumed run returns it without
+    calling ``fn`` again: use it for side effects that must happen once (charging a card,
+    sending an email). The result must be JSON-serialisable; on replay it is validated against
+    ``fn``'s return annotation when it has one. Outside a durable run it just runs and records.
+    """
+    ensure_recording()
+    span = Span("step", name, current_span.get())
+    token = current_span.set(span)
+    durable = current_durable_run.get()
+    digest = input_hash({"args": args, "kwargs": kwargs}) if durable is not None else ""
+    span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
+    try:
+        if durable is not None:
+            record = durable.lookup(span.step_key, name, "step", digest)
+            if record is not None:
+                replayed: T = _load(record.output, fn)
+                span_finished(span, "completed", attributes={"output": replayed, "replayed": True})
+                return replayed
+        result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        value = cast(T, result)  # the awaited result of fn: its declared T
+        if durable is not None:
+            durable.record(
+                span.step_key, name, "step", digest, pydantic_core.to_json(value).decode()
+            )
+    except BaseException as exc:
+        span_finished(span, status_of(exc), exc)
+        raise
+    finally:
+        current_span.reset(token)
+    span_finished(span, "completed", attributes={"output": value})
+    return value
+
+
+def _load(output: str | None, fn: Callable[..., Any]) -> Any:
+    if output is None:
+        return None
+    try:
+        hint = get_type_hints(fn).get("return")
+    except Exception:
+        hint = None
+    if hint is None:
+        return pydantic_core.from_json(output)
+    return TypeAdapter(hint).validate_json(output)
