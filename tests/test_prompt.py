@@ -225,3 +225,27 @@ async def test_wrong_arguments_raise_type_error_naming_the_agent() -> None:
     with pytest.raises(TypeError, match="needs_two"):
         await needs_two("only one")  # type: ignore[call-arg]
     assert fake.requests == []
+
+
+@pytest.mark.parametrize(
+    "value", ["text", "", None, 0, 3.5, True, [1, "a"], {"k": "v"}, ("t",), "x\n{{ y }}"]
+)
+def test_plain_templates_render_exactly_as_jinja_does(value: object) -> None:
+    @agent(model=FakeModel())
+    async def speak(a: object, b: object = "default") -> str:
+        """Line one: {{ a }}
+        then {{b}} and {{ a }} again.
+        """
+
+    assert speak.prompt._pieces is not None  # the fast path is taken
+    arguments = {"a": value, "b": value}
+    assert speak.prompt.render(arguments) == speak.prompt._template.render(arguments)
+
+
+def test_templates_with_filters_or_tags_use_jinja() -> None:
+    @agent(model=FakeModel())
+    async def shout(words: list[str]) -> str:
+        """{% for w in words %}{{ w | upper }} {% endfor %}"""
+
+    assert shout.prompt._pieces is None
+    assert shout.render(["a", "b"]) == "A B "

@@ -20,6 +20,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overl
 
 import pydantic_core
 
+from . import _instrument
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, json_candidates
@@ -138,7 +139,29 @@ class Agent(Generic[P, R]):
             if wrapped.name in self.tools:
                 raise UsageError(f"agent {self.name!r}: two tools are named {wrapped.name!r}")
             self.tools[wrapped.name] = wrapped
+        self._tool_specs = [t.spec for t in self.tools.values()]
         self._signature = inspect.signature(fn)
+        # For the common signature (plain parameters, no *args/**kwargs/positional-only), calls
+        # are bound by a dict fill rather than Signature.bind, which costs several times more.
+        plain = all(
+            p.kind is p.POSITIONAL_OR_KEYWORD or p.kind is p.KEYWORD_ONLY
+            for p in self._signature.parameters.values()
+        )
+        self._positional: tuple[str, ...] | None = (
+            tuple(
+                name
+                for name, p in self._signature.parameters.items()
+                if p.kind is p.POSITIONAL_OR_KEYWORD
+            )
+            if plain
+            else None
+        )
+        self._defaults = {
+            name: p.default
+            for name, p in self._signature.parameters.items()
+            if p.default is not p.empty
+        }
+        self._parameter_count = len(self._signature.parameters)
         self.prompt = PromptTemplate(fn, self._signature)
         try:
             return_type = get_type_hints(fn, include_extras=True).get("return", str)
@@ -166,6 +189,24 @@ class Agent(Generic[P, R]):
         return self.prompt.render(self._bind(args, kwargs))
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        positional = self._positional
+        if positional is not None and len(args) <= len(positional):
+            arguments = dict(self._defaults)
+            arguments.update(zip(positional, args, strict=False))  # may be fewer args
+            if kwargs:
+                if any(name in arguments and name in positional[: len(args)] for name in kwargs):
+                    return self._bind_slowly(args, kwargs)  # "multiple values": its error message
+                arguments.update(kwargs)
+            if len(arguments) == self._parameter_count and (
+                not kwargs or all(name in self._signature.parameters for name in kwargs)
+            ):
+                # In signature order, as Signature.bind would give them.
+                if kwargs or self._defaults:
+                    return {name: arguments[name] for name in self._signature.parameters}
+                return arguments
+        return self._bind_slowly(args, kwargs)
+
+    def _bind_slowly(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         try:
             bound = self._signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -188,7 +229,8 @@ class Agent(Generic[P, R]):
         policies = effective(self.policies)
         span = Span("agent", self.name, current_span.get())
         token = current_span.set(span)
-        span_started(span, {"model": model.id, "inputs": arguments})
+        if _instrument._sinks:
+            span_started(span, {"model": model.id, "inputs": arguments})
         totals = _Totals()
         durable = current_durable_run.get()
         try:
@@ -201,21 +243,27 @@ class Agent(Generic[P, R]):
             total = policies.total_timeout
             if total is None and isinstance(policies.retry, Retry):
                 total = policies.retry.total_timeout
-            result, answered_by = await with_total_timeout(
-                total, self._run_chain(model, prompt, span, totals, policies)
-            )
+            if total is None and not self.fallback:  # the common case, without extra layers
+                model.check_ready()
+                result = await self._run(model, prompt, span, totals, policies)
+                answered_by = model.id
+            else:
+                result, answered_by = await with_total_timeout(
+                    total, self._run_chain(model, prompt, span, totals, policies)
+                )
         except BaseException as exc:
             span_finished(span, status_of(exc), exc, usage=totals.usage, cost_usd=totals.cost)
             raise
         finally:
             current_span.reset(token)
-        span_finished(
-            span,
-            "completed",
-            usage=totals.usage,
-            cost_usd=totals.cost,
-            attributes={"output": result, "answered_by": answered_by},
-        )
+        if _instrument._sinks:
+            span_finished(
+                span,
+                "completed",
+                usage=totals.usage,
+                cost_usd=totals.cost,
+                attributes={"output": result, "answered_by": answered_by},
+            )
         if durable is not None:
             durable.record(span.step_key, self.name, "agent", digest, self.output.dump(result))
         return AgentRun(
@@ -267,13 +315,13 @@ class Agent(Generic[P, R]):
             messages.append({"role": "user", "content": prompt + self._prompted_tools_text(schema)})
         else:
             schema = self.output.schema
-            messages.append({"role": "user", "content": prompt + self.output.instructions()})
+            messages.append({"role": "user", "content": prompt + self.output.instructions})
         request = ModelRequest(
             messages,
             temperature=self.temperature,
             max_tokens=self.max_tokens,
             output_schema=schema if model.supports_output_schema else None,
-            tools=[t.spec for t in self.tools.values()] if not prompted_tools else [],
+            tools=self._tool_specs if not prompted_tools else [],
             extra=self.provider_kwargs,
         )
         tool_rounds = 0
@@ -281,7 +329,7 @@ class Agent(Generic[P, R]):
         while True:
             response, cost = await call_model(model, request, span, policies)
             totals.add(response.usage, cost)
-            calls = list(response.tool_calls)
+            calls = list(response.tool_calls) if response.tool_calls else []
             answer_text = response.text
             if prompted_tools:
                 calls, answer_text = self._read_prompted(response.text, tool_rounds)
@@ -306,7 +354,7 @@ class Agent(Generic[P, R]):
                     {
                         "role": "user",
                         "content": f"That answer is not valid: {exc}. Answer again."
-                        + self.output.instructions(),
+                        + self.output.instructions,
                     }
                 )
 

@@ -12,7 +12,7 @@ import itertools
 import os
 import time
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Literal
 
 SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 
@@ -31,7 +31,8 @@ class Span:
 
     __slots__ = (
         "_child_seq",
-        "attributes",
+        "_key",
+        "_seq",
         "depth",
         "kind",
         "name",
@@ -39,7 +40,6 @@ class Span:
         "run_id",
         "span_id",
         "start_ns",
-        "step_key",
     )
 
     def __init__(
@@ -49,7 +49,6 @@ class Span:
         parent: Span | None,
         *,
         span_id: str | None = None,
-        attributes: dict[str, Any] | None = None,
     ) -> None:
         self.kind: SpanKind = kind
         self.name = name
@@ -57,24 +56,35 @@ class Span:
         self.span_id = span_id or new_id()
         self.run_id: str = parent.run_id if parent is not None else self.span_id
         self.depth: int = parent.depth + 1 if parent is not None else 0
-        self.attributes: dict[str, Any] = attributes if attributes is not None else {}
         self.start_ns = time.time_ns()
         self._child_seq: dict[str, int] | None = None
         # The step key names the call site within its parent: name plus how many children of that
         # name the parent had started before. Tasks made by gather/create_task start in creation
-        # order, so the key is the same on every execution of the same code path.
-        self.step_key = parent._next_step_key(name) if parent is not None else name
+        # order, so the key is the same on every execution of the same code path. The number is
+        # taken now; the string is built only when someone asks (recording, durable runs).
+        self._seq = parent._next_seq(name) if parent is not None else 0
+        self._key: str | None = None
 
     @property
     def parent_id(self) -> str | None:
         return self.parent.span_id if self.parent is not None else None
 
-    def _next_step_key(self, name: str) -> str:
-        if self._child_seq is None:
-            self._child_seq = {}
-        seq = self._child_seq.get(name, 0)
-        self._child_seq[name] = seq + 1
-        return f"{self.step_key}/{name}#{seq}"
+    @property
+    def step_key(self) -> str:
+        key = self._key
+        if key is None:
+            parent = self.parent
+            key = self.name if parent is None else f"{parent.step_key}/{self.name}#{self._seq}"
+            self._key = key
+        return key
+
+    def _next_seq(self, name: str) -> int:
+        seen = self._child_seq
+        if seen is None:
+            seen = self._child_seq = {}
+        seq = seen.get(name, 0)
+        seen[name] = seq + 1
+        return seq
 
     def __repr__(self) -> str:
         return f"Span({self.kind}:{self.name} id={self.span_id} run={self.run_id})"

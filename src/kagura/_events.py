@@ -1,4 +1,8 @@
-"""The records that instrumentation hands to sinks: small, frozen and slotted.
+"""The records that instrumentation hands to sinks: small and slotted.
+
+Treat them as read-only: they are not frozen only because a frozen dataclass costs several times
+more to build (every field goes through ``object.__setattr__``), and four of them are built per
+agent step on the hot path.
 
 Every span (workflow run, agent call, LLM attempt, tool call) produces one :class:`SpanStarted`
 and one :class:`SpanFinished`; things that happen inside a span (a retry wait, a breaker changing
@@ -16,7 +20,7 @@ from ._usage import Usage
 Status = Literal["running", "completed", "failed", "cancelled", "timed_out"]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SpanStarted:
     span_id: str
     parent_id: str | None
@@ -28,7 +32,7 @@ class SpanStarted:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SpanFinished:
     span_id: str
     parent_id: str | None
@@ -50,7 +54,7 @@ class SpanFinished:
         return (self.end_ns - self.start_ns) / 1e9
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SpanEvent:
     """Something that happened inside a span: a retry wait, a breaker state change, ..."""
 

@@ -52,7 +52,7 @@ def span_started(span: Span, attributes: dict[str, Any] | None = None) -> None:
                 span.name,
                 span.step_key,
                 span.start_ns,
-                attributes if attributes is not None else span.attributes,
+                attributes if attributes is not None else {},
             )
         )
 

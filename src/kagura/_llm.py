@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from . import _instrument
 from ._context import Span
 from ._instrument import span_finished, span_started, status_of
 from .errors import ProviderTimeout
@@ -22,9 +23,12 @@ async def attempt(
     timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit the caller configures
 ) -> tuple[ModelResponse, float | None]:
     """Send one request to ``model`` and return its answer and cost (``None`` when unknown)."""
-    span = Span("llm", model.id, parent)
-    # A snapshot: the agent appends to its message list after this attempt.
-    span_started(span, {"model": model.id, "messages": tuple(request.messages)})
+    model_id = model.id
+    span = Span("llm", model_id, parent)
+    recording = bool(_instrument._sinks)  # attributes are built only for someone to read them
+    if recording:
+        # A snapshot: the agent appends to its message list after this attempt.
+        span_started(span, {"model": model_id, "messages": tuple(request.messages)})
     try:
         if timeout is None:
             response = await model.request(request)
@@ -44,16 +48,17 @@ async def attempt(
         span_finished(span, status_of(exc), exc, attributes={"model": model.id})
         raise
     cost = model.cost(response.usage)
-    span_finished(
-        span,
-        "completed",
-        usage=response.usage,
-        cost_usd=cost,
-        attributes={
-            "model": model.id,
-            "response_model": response.model,
-            "output": response.text,
-            "finish_reason": response.finish_reason,
-        },
-    )
+    if recording:
+        span_finished(
+            span,
+            "completed",
+            usage=response.usage,
+            cost_usd=cost,
+            attributes={
+                "model": model_id,
+                "response_model": response.model,
+                "output": response.text,
+                "finish_reason": response.finish_reason,
+            },
+        )
     return response, cost

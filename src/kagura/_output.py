@@ -56,7 +56,16 @@ def _choices(tp: Any) -> list[Any] | None:
 class OutputSpec:
     """How to ask for, and read back, one return type."""
 
-    __slots__ = ("_adapter", "_choices", "_wrapped_adapter", "is_text", "schema", "type", "wrapped")
+    __slots__ = (
+        "_adapter",
+        "_choices",
+        "_wrapped_adapter",
+        "instructions",
+        "is_text",
+        "schema",
+        "type",
+        "wrapped",
+    )
 
     def __init__(self, tp: Any) -> None:
         self.type = tp
@@ -64,6 +73,8 @@ class OutputSpec:
         self.wrapped = False
         self.schema: OutputSchema | None = None
         self._choices: list[Any] | None = None
+        #: The sentence appended to the prompt so the model knows the shape wanted.
+        self.instructions = ""
         if self.is_text:
             return
         try:
@@ -90,13 +101,10 @@ class OutputSpec:
             if defs:
                 schema["$defs"] = defs
             self.schema = OutputSchema("Result", schema)
-
-    def instructions(self) -> str:
-        """The sentence appended to the prompt so the model knows the shape wanted."""
-        if self.is_text or self.schema is None:
-            return ""
-        schema = json.dumps(self.schema.schema, separators=(",", ":"))
-        return f"\n\nAnswer with only a JSON value that follows this JSON schema: {schema}"
+        compact = json.dumps(self.schema.schema, separators=(",", ":"))
+        self.instructions = (
+            f"\n\nAnswer with only a JSON value that follows this JSON schema: {compact}"
+        )
 
     def dump(self, value: Any) -> str:
         """JSON for the journal of durable runs."""

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateRuntimeError, TemplateSyntaxError, meta
+from jinja2 import StrictUndefined, TemplateRuntimeError, TemplateSyntaxError, meta, nodes
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import TemplateError
@@ -26,7 +26,7 @@ def _environment() -> SandboxedEnvironment:
 
 
 class PromptTemplate:
-    __slots__ = ("_template", "_var_keyword", "owner", "source")
+    __slots__ = ("_pieces", "_template", "_var_keyword", "owner", "source")
 
     def __init__(self, fn: Callable[..., Any], signature: inspect.Signature) -> None:
         name = getattr(fn, "__qualname__", repr(fn))
@@ -59,14 +59,41 @@ class PromptTemplate:
                     f"such parameter (parameters: {', '.join(params) or 'none'})"
                 )
         self._template = env.from_string(parsed)
+        self._pieces = (
+            _plain_substitutions(parsed, set(params)) if self._var_keyword is None else None
+        )
 
     def render(self, arguments: dict[str, Any]) -> str:
+        pieces = self._pieces
+        if pieces is not None:
+            # Text and {{ parameter }} only: the same string Jinja would build, without a
+            # render context per call (the most common prompts, on the hot path).
+            return "".join([str(arguments[p]) if is_name else p for is_name, p in pieces])
         if self._var_keyword is not None:
             arguments = {**arguments.get(self._var_keyword, {}), **arguments}
         try:
             return self._template.render(arguments)
         except TemplateRuntimeError as exc:  # undefined attributes, sandbox refusals
             raise TemplateError(f"{self.owner}: rendering the prompt failed: {exc}") from exc
+
+
+def _plain_substitutions(
+    parsed: nodes.Template, params: set[str]
+) -> tuple[tuple[bool, str], ...] | None:
+    """The template as (is_parameter, text-or-name) pieces, if it is nothing but text and
+    ``{{ name }}`` of parameters; ``None`` when it uses anything else (filters, tags, ...)."""
+    pieces: list[tuple[bool, str]] = []
+    for node in parsed.body:
+        if not isinstance(node, nodes.Output):
+            return None
+        for child in node.nodes:
+            if isinstance(child, nodes.TemplateData):
+                pieces.append((False, child.data))
+            elif isinstance(child, nodes.Name) and child.ctx == "load" and child.name in params:
+                pieces.append((True, child.name))
+            else:
+                return None
+    return tuple(pieces)
 
 
 def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:

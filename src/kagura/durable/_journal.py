@@ -41,6 +41,7 @@ class StepRecord:
     kind: str
     input_hash: str
     output: str | None
+    created_at: float | None = None  # when it was journaled (None: not read from the store)
 
 
 @dataclass(frozen=True, slots=True)
@@ -295,7 +296,9 @@ class Journal:
         with self.engine.connect() as connection:
             rows = connection.execute(select(steps).where(steps.c.run_id == run_id)).all()
         return {
-            row.step_key: StepRecord(row.step_key, row.name, row.kind, row.input_hash, row.output)
+            row.step_key: StepRecord(
+                row.step_key, row.name, row.kind, row.input_hash, row.output, row.created_at
+            )
             for row in rows
         }
 

@@ -8,6 +8,7 @@ translate at their boundary.
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,9 @@ class Model(abc.ABC):
     #: The adapter speaks native tool calling; otherwise tools are offered through the prompt.
     supports_tools: bool = False
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
+        """``provider/model``: the model's name in recordings, breakers and rate limits."""
         return f"{self.provider}/{self.model_name}"
 
     @abc.abstractmethod

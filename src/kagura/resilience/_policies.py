@@ -112,10 +112,23 @@ def reset_workflow_policies(token: Any) -> None:
     _workflow_policies.reset(token)
 
 
+# Policies objects are immutable, so each (agent, workflow) pair is merged once; keyed by identity
+# (cheaper than hashing the dataclasses), holding the pair so the ids stay theirs.
+_merged: dict[tuple[int, int], tuple[Policies, Policies | None, Policies]] = {}
+
+
 def effective(agent_policies: Policies) -> Policies:
     outer = _workflow_policies.get()
+    key = (id(agent_policies), id(outer))
+    hit = _merged.get(key)
+    if hit is not None and hit[0] is agent_policies and hit[1] is outer:
+        return hit[2]
     merged = agent_policies.over(outer) if outer is not None else agent_policies
-    return merged.over(LIBRARY_DEFAULTS)
+    result = merged.over(LIBRARY_DEFAULTS)
+    if len(_merged) > 4096:
+        _merged.clear()
+    _merged[key] = (agent_policies, outer, result)
+    return result
 
 
 def _breaker_for(setting: CircuitBreaker | bool | None, model: Model) -> CircuitBreaker | None:

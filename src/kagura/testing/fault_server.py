@@ -21,6 +21,12 @@ RST), ``"malformed"`` (200 with a body that is not JSON) and ``"truncated"`` (a 
 larger than the body, then close). :class:`Fault` adds options: a fixed answer text, tool calls,
 the ``Retry-After`` value, a delay before answering, the usage reported.
 
+``rules`` (or :meth:`FaultServer.set_rules`) pick a fault by prompt instead: a list of
+``(substring, fault)`` pairs, the first whose substring occurs in the request's last user message
+wins, every time it matches (rules are not consumed and come before the script)::
+
+    FaultServer.run_in_thread(rules=[("slow", "hang")])  # hang on prompts mentioning "slow"
+
 Every request is recorded (path, headers with credentials redacted, parsed JSON body, the fault
 served, whether the client went away while waiting). From the command line::
 
@@ -177,6 +183,7 @@ class FaultServer:
         self,
         script: Iterable[ScriptItem] = (),
         *,
+        rules: Iterable[tuple[str, ScriptItem]] = (),
         port: int = 0,
         answer: str | None = None,
         json_answer: Any = None,
@@ -204,6 +211,7 @@ class FaultServer:
         self.model_name = model_name
         self._rng = random.Random(seed)
         self._script: deque[Fault] = deque(_as_fault(item) for item in script)
+        self._rules: list[tuple[str, Fault]] = [(text, _as_fault(item)) for text, item in rules]
         self._requests: list[RecordedRequest] = []
         self._disconnects = 0
         #: Chat requests being answered right now, and the most there ever were at once.
@@ -225,6 +233,12 @@ class FaultServer:
         faults = [_as_fault(item) for item in items]
         with self._lock:
             self._script.extend(faults)
+
+    def set_rules(self, *rules: tuple[str, ScriptItem]) -> None:
+        """Replace the per-prompt rules (none: every request goes by the script again)."""
+        parsed = [(text, _as_fault(item)) for text, item in rules]
+        with self._lock:
+            self._rules = parsed
 
     def set_answer(self, text: str | None) -> None:
         """The content of normal answers from now on (``None``: echo the last user message)."""
@@ -429,8 +443,19 @@ class FaultServer:
         if self._changed is not None:
             self._changed.set()
 
-    def _next_fault(self) -> Fault:
+    def _next_fault(self, record: RecordedRequest) -> Fault:
+        last_user = next(
+            (
+                _content_text(m.get("content"))
+                for m in reversed(record.messages)
+                if m.get("role") == "user"
+            ),
+            "",
+        )
         with self._lock:
+            for text, fault in self._rules:
+                if text in last_user:
+                    return fault
             if self._script:
                 return self._script.popleft()
             if self.random_faults and self.fault_kinds and self._rng.random() < self.random_faults:
@@ -488,7 +513,7 @@ class FaultServer:
         path = target.split("?", 1)[0]
         record = self._record(method, path, raw_headers, body_bytes)
         if method == "POST" and path.rstrip("/") in ("/v1/chat/completions", "/chat/completions"):
-            fault = self._next_fault()
+            fault = self._next_fault(record)
             record.fault = fault.kind
             logger.info("fault server: %s %s -> %s", method, path, fault.kind)
             with self._lock:

@@ -1,0 +1,256 @@
+"""What ``kagura runs`` draws: rich renderables built from :class:`Journal` records.
+
+Each function turns journal records into one renderable (or one formatted value) and does nothing
+else: no queries, no printing, so the CLI composes them and tests can render them alone. Recorded
+text (ids, names, arguments, outputs, errors) goes into :class:`~rich.text.Text` objects, never
+into markup, so a ``[`` in a step's output is shown as it is.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+
+from rich import box
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from ..observability._monitor import DASH, excerpt, format_seconds, format_time, format_when
+from ._journal import RunRecord, StepRecord
+
+RUN_STATUSES = ("running", "completed", "failed", "interrupted")
+RUN_STATUS_STYLES = {
+    "running": "cyan",
+    "completed": "green",
+    "failed": "bold red",
+    "interrupted": "bold yellow",
+}
+RUN_STATUS_ICONS = {"running": "…", "completed": "✓", "failed": "✗", "interrupted": "↯"}
+
+# Columns of the runs table, and the order in which a narrow terminal drops them.
+_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("run id", "left"),
+    ("workflow", "left"),
+    ("status", "left"),
+    ("steps", "right"),
+    ("attempts", "right"),
+    ("started", "left"),
+    ("updated", "left"),
+    ("pid@host", "left"),
+    ("error", "left"),
+)
+_DROP_ORDER = ("attempts", "pid@host", "updated", "started", "workflow")
+_MAX_WIDTHS = {"run id": 36, "workflow": 28, "pid@host": 28, "error": 60}
+_MIN_ERROR_WIDTH = 12
+
+# -- single values ----------------------------------------------------------------------------
+
+
+def run_status_text(status: str) -> Text:
+    """The run's status, coloured, with an icon (``interrupted``: running, lease expired)."""
+    icon = RUN_STATUS_ICONS.get(status, "?")
+    return Text(f"{icon} {status}", style=RUN_STATUS_STYLES.get(status, ""))
+
+
+def as_datetime(timestamp: float | None) -> datetime | None:
+    """A journal timestamp (seconds since the epoch) as a local, zone-aware datetime."""
+    return None if not timestamp else datetime.fromtimestamp(timestamp).astimezone()
+
+
+def owner_text(record: RunRecord) -> str:
+    """``pid@host`` of the process that executes (or last executed) the run."""
+    if record.pid is None and not record.host:
+        return DASH
+    return f"{record.pid if record.pid is not None else '?'}@{record.host or '?'}"
+
+
+def run_error(record: RunRecord, width: int = 60) -> str:
+    """``ErrorType: message`` on one line, cut to ``width``; empty when the run has no error."""
+    if not record.error:
+        return ""
+    shown = f"{record.error_type}: {record.error}" if record.error_type else record.error
+    return excerpt(shown, width)
+
+
+def ordered_steps(steps: Mapping[str, StepRecord] | Iterable[StepRecord]) -> list[StepRecord]:
+    """Steps in the order they were journaled (by step key when the time is unknown)."""
+    records = list(steps.values()) if isinstance(steps, Mapping) else list(steps)
+    return sorted(records, key=lambda s: (s.created_at or 0.0, s.step_key))
+
+
+# -- list -------------------------------------------------------------------------------------
+
+
+def run_cells(record: RunRecord, *, now: datetime | None = None) -> dict[str, Text]:
+    """The table cells of one run, by column."""
+    return {
+        "run id": Text(record.run_id, style="bold"),
+        "workflow": Text(record.workflow),
+        "status": run_status_text(record.status),
+        "steps": Text(str(record.steps)),
+        "attempts": Text(str(record.attempts), style="yellow" if record.attempts > 1 else ""),
+        "started": Text(format_when(as_datetime(record.created_at), now=now)),
+        "updated": Text(format_when(as_datetime(record.updated_at), now=now)),
+        "pid@host": Text(owner_text(record), style="dim"),
+        "error": Text(run_error(record), style="red"),
+    }
+
+
+def _needed(name: str, rows: Sequence[Mapping[str, Text]]) -> int:
+    widest = max([len(name), *(row[name].cell_len for row in rows)])
+    if name == "error":
+        return min(widest, _MIN_ERROR_WIDTH) if any(r[name].plain for r in rows) else 0
+    return min(widest, _MAX_WIDTHS.get(name, widest))
+
+
+def fit_run_columns(rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
+    """The columns that fit in ``width`` cells: the least useful go first."""
+    names = [name for name, _ in _COLUMNS]
+    if width is None:
+        return names
+    for name in _DROP_ORDER:
+        widths = [_needed(n, rows) for n in names]
+        if sum(widths) + 2 * (len(widths) - 1) + 2 <= width:
+            break
+        names.remove(name)
+    return names
+
+
+def runs_table(
+    records: Sequence[RunRecord], *, title: str | None = "Durable runs", width: int | None = None
+) -> Table:
+    """One row per run: id, workflow, status, steps journaled, attempts, start, last update,
+    ``pid@host`` and an excerpt of the error. With ``width`` (the terminal's), the least useful
+    columns are left out rather than every column squeezed."""
+    rows = [run_cells(r) for r in records]
+    columns = fit_run_columns(rows, width)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+        title_justify="left",
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    justify = dict(_COLUMNS)
+    limits = dict(_MAX_WIDTHS)
+    if width is not None and "error" in columns:
+        # The error excerpt takes what the other columns leave.
+        others = [_needed(c, rows) for c in columns if c != "error"]
+        room = width - (sum(others) + 2 * len(others) + 2) - 1
+        limits["error"] = max(_MIN_ERROR_WIDTH, min(limits["error"], room))
+    for name in columns:
+        table.add_column(
+            name,
+            justify="right" if justify[name] == "right" else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=limits.get(name),
+        )
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
+    return table
+
+
+# -- show -------------------------------------------------------------------------------------
+
+
+def lease_text(record: RunRecord, lease: float, *, now: float | None = None) -> Text:
+    """Who holds the run and how fresh its heartbeat is."""
+    now = time.time() if now is None else now
+    text = Text(f"pid {record.pid} on {record.host}" if record.pid else owner_text(record))
+    if record.status in ("running", "interrupted") and record.heartbeat_at:
+        age = max(0.0, now - record.heartbeat_at)
+        text.append(f", last heartbeat {format_seconds(age)} ago ", style="dim")
+        if record.status == "interrupted":
+            text.append(f"(lease of {lease:g}s expired: the process is gone)", style="yellow")
+        else:
+            text.append(f"(lease {lease:g}s)", style="dim")
+    return text
+
+
+def run_header(record: RunRecord, lease: float, *, now: float | None = None) -> Table:
+    """The run's own fields: workflow, status, target, arguments, attempts, times, owner, and
+    its result or error."""
+    table = Table(box=None, show_header=False, padding=(0, 2, 0, 0))
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    table.add_row("run", Text(record.run_id, style="bold"))
+    table.add_row("workflow", Text(record.workflow))
+    table.add_row("status", run_status_text(record.status))
+    table.add_row("target", Text(record.target or DASH, style="dim"))
+    table.add_row("arguments", Text(excerpt(record.arguments, 200) or DASH))
+    table.add_row("steps", Text(f"{record.steps} journaled"))
+    table.add_row("attempts", Text(str(record.attempts)))
+    table.add_row("started", Text(format_time(as_datetime(record.created_at))))
+    table.add_row("updated", Text(format_time(as_datetime(record.updated_at))))
+    table.add_row("process", lease_text(record, lease, now=now))
+    if record.status == "completed":
+        table.add_row("result", Text(excerpt(record.result, 200) or DASH))
+    if record.error:
+        table.add_row("error", Text(run_error(record, 200), style="red"))
+    return table
+
+
+def steps_table(steps: Mapping[str, StepRecord] | Iterable[StepRecord]) -> Table:
+    """One row per journaled step, in journal order: step key, kind, name, the prefix of its
+    input hash and an excerpt of its recorded output."""
+    table = Table(
+        title="Journaled steps",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+        title_justify="left",
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    table.add_column("#", justify="right", style="dim")
+    table.add_column("step key", overflow="fold", max_width=48)
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=28)
+    table.add_column("input", no_wrap=True, style="dim")
+    table.add_column("output", no_wrap=True, overflow="ellipsis", max_width=60)
+    records = ordered_steps(steps)
+    for number, record in enumerate(records, 1):
+        table.add_row(
+            str(number),
+            Text(record.step_key),
+            Text(record.kind, style="yellow" if record.kind == "step" else "blue"),
+            Text(record.name),
+            Text(record.input_hash[:12]),
+            Text(excerpt(record.output, 60) or DASH),
+        )
+    if not records:
+        table.add_row("", Text("none yet", style="dim"), "", "", "", "")
+    return table
+
+
+def next_step_hint(record: RunRecord) -> Text | None:
+    """What can be done with the run now, when something can."""
+    if record.status in ("interrupted", "failed"):
+        return Text(
+            f"Resume it with: kagura runs resume {record.run_id}  (journaled steps are not "
+            "run again)",
+            style="yellow",
+        )
+    if record.status == "running":
+        return Text(
+            "It is being executed now; once its process stops and the lease runs out it is "
+            "listed as interrupted and can be resumed.",
+            style="dim",
+        )
+    return None
+
+
+def run_view(
+    record: RunRecord,
+    steps: Mapping[str, StepRecord] | Iterable[StepRecord],
+    lease: float,
+    *,
+    now: float | None = None,
+) -> Group:
+    """``kagura runs show``: the header, the journaled steps and what to do next."""
+    hint = next_step_hint(record)
+    parts = [run_header(record, lease, now=now), steps_table(steps)]
+    return Group(*parts, *([hint] if hint is not None else []))

@@ -1,0 +1,43 @@
+"""Runs or resumes a durable run in a fresh process, for the multi-process tests::
+
+    python -m tests.durable.runner run WORKFLOW RUN_ID ARGS_JSON
+    python -m tests.durable.runner resume RUN_ID
+
+``resume`` finds the workflow from the target the run recorded, as ``kagura runs resume`` does.
+Prints one JSON line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TYPE, ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from typing import Any
+
+from kagura.durable import import_target, journal_for
+from kagura.errors import KaguraError
+
+from . import workflows
+
+
+async def main(argv: list[str]) -> Any:
+    if argv[0] == "run":
+        flow = getattr(workflows, argv[1])
+        return await flow.run(*json.loads(argv[3]), run_id=argv[2])
+    if argv[0] == "resume":
+        record = await asyncio.to_thread(journal_for().get_run, argv[1])
+        if record is None or record.target is None:
+            raise SystemExit(f"no run {argv[1]!r} with a target")
+        return await import_target(record.target).resume(argv[1])
+    raise SystemExit(f"unknown action {argv[0]!r}")
+
+
+if __name__ == "__main__":
+    try:
+        outcome: dict[str, Any] = {"ok": True, "result": asyncio.run(main(sys.argv[1:]))}
+    except KaguraError as exc:
+        outcome = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+    outcome["pid"] = os.getpid()
+    print(json.dumps(outcome), flush=True)
+    sys.exit(0 if outcome["ok"] else 3)
