@@ -1,9 +1,10 @@
 """The ``kagura`` command line.
 
 ``kagura monitor list|stats|trace|cost|live`` reads what agents and workflows recorded in the
-event store. Each command group is added by one ``_add_<group>`` function, so further groups sit
-beside ``monitor``. Importing this module stays cheap: rich, SQLAlchemy and the store are imported
-inside the commands.
+event store; ``kagura runs list|show|resume`` lists the durable workflow runs journaled there and
+finishes interrupted ones. Each command group is added by one ``_add_<group>`` function.
+Importing this module stays cheap: rich, SQLAlchemy, the store and the durable machinery are
+imported inside the commands.
 
 Exit codes: 0 on success, 1 on user errors (a bad ``--since``, an unknown id, an unreadable
 store), 2 on command-line syntax errors.
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from .durable import Journal, RunRecord
     from .observability import EventStore
 
 __all__ = ["main"]
@@ -31,6 +33,7 @@ __all__ = ["main"]
 STATUSES = ("running", "completed", "failed", "cancelled", "timed_out")
 KINDS = ("agent", "workflow", "llm", "tool")
 GROUPS = ("agent", "model", "day")
+RUN_STATUSES = ("running", "completed", "failed", "interrupted")
 
 _SINCE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SINCE_HELP = (
@@ -296,6 +299,184 @@ def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
     )
 
 
+# -- runs commands ----------------------------------------------------------------------------
+
+
+def _runs_store(args: argparse.Namespace, *, required: bool = False) -> str | None:
+    """Point this process at the store named by ``--db`` (``KAGURA_DB``, set before anything
+    opens it, so a resumed workflow journals there too) and return its URL; ``None`` when
+    nothing has been recorded yet. A ``--db`` SQLite file that does not exist is an error."""
+    from .observability._engine import default_url
+
+    if args.db:
+        os.environ["KAGURA_DB"] = args.db
+    url = default_url()
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        if args.db or required:
+            raise CliError(f"no event store at {path}")
+        print(
+            f"No durable runs yet: there is no event store at {path}. Durable workflows journal "
+            "there when they run (set KAGURA_DB to use another store).",
+            file=sys.stderr,
+        )
+        return None
+    return url
+
+
+def _find_run_ids(journal: Journal, prefix: str, limit: int = 6) -> list[str]:
+    """Ids of runs that start with ``prefix`` (at most ``limit``), for ids typed short."""
+    from sqlalchemy import select
+
+    from .observability._schema import runs
+
+    query = (
+        select(runs.c.run_id)
+        .where(runs.c.run_id.startswith(prefix, autoescape=True))
+        .order_by(runs.c.run_id)
+        .limit(limit)
+    )
+    with journal.engine.connect() as connection:
+        return [str(run_id) for run_id in connection.execute(query).scalars()]
+
+
+def _resolve_run(journal: Journal, given: str) -> RunRecord:
+    """The run with id ``given``, or the one whose id starts with it."""
+    from .observability._engine import redact_url
+
+    record = journal.get_run(given)
+    if record is not None:
+        return record
+    matches = _find_run_ids(journal, given) if given else []
+    if len(matches) > 1:
+        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
+        raise CliError(f"run id prefix {given!r} matches several runs: {shown}")
+    record = journal.get_run(matches[0]) if matches else None
+    if record is None:
+        raise CliError(f"no durable run with id {given!r} in {redact_url(journal.url)}")
+    return record
+
+
+def _runs_list(args: argparse.Namespace) -> int:
+    from .durable import _cli, journal_for, lease_seconds
+    from .observability._engine import redact_url
+
+    url = _runs_store(args)
+    if url is None:
+        return 0
+    records = journal_for(url).list_runs(
+        status=args.status, workflow=args.workflow, limit=args.limit
+    )
+    console = _console()
+    if not records:
+        what = " ".join(
+            part
+            for part in (
+                args.status,
+                "durable runs",
+                f"of workflow {args.workflow!r}" if args.workflow else "",
+            )
+            if part
+        )
+        console.print(f"No {what} in {redact_url(url)}.")
+        return 0
+    table = _cli.runs_table(records, width=console.width)
+    table.caption = (
+        f"{len(records)} shown, most recently updated first · interrupted = running with an "
+        f"expired lease (KAGURA_LEASE_SECONDS={lease_seconds():g}) · {redact_url(url)}"
+    )
+    console.print(table)
+    return 0
+
+
+def _runs_show(args: argparse.Namespace) -> int:
+    from .durable import _cli, journal_for, lease_seconds
+
+    url = _runs_store(args, required=True)
+    journal = journal_for(url)
+    record = _resolve_run(journal, args.id.strip())
+    steps = journal.load_steps(record.run_id)
+    console = _console()
+    console.print(_cli.run_view(record, steps, lease_seconds(), width=console.width))
+    return 0
+
+
+def _format_result(result: Any) -> str:
+    """A workflow's result as text: strings as they are, anything else as indented JSON."""
+    if isinstance(result, str):
+        return result
+    import pydantic_core
+
+    return pydantic_core.to_json(result, indent=2, fallback=repr).decode()
+
+
+def _import_workflow(record: RunRecord) -> Any:
+    """The workflow object the run recorded as its target, imported in this process."""
+    from .durable import import_target
+
+    if not record.target:
+        raise CliError(f"run {record.run_id!r} does not record where its workflow is defined")
+    # Like `python -m`, look in the current directory first: that is where projects keep the
+    # module a target such as "app.workflows:report" names.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return import_target(record.target)
+    except Exception as error:
+        raise CliError(
+            f"cannot import the workflow of run {record.run_id!r} from {record.target!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _runs_resume(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from rich.text import Text
+
+    from .durable import journal_for
+    from .errors import RunInProgressError, UsageError
+
+    url = _runs_store(args, required=True)
+    journal = journal_for(url)
+    record = _resolve_run(journal, args.id.strip())
+    workflow = _import_workflow(record)
+    console = _console()
+    if record.status == "completed":
+        console.print(Text(f"Run {record.run_id} has already completed; its recorded result:"))
+    else:
+        console.print(
+            Text(
+                f"Resuming run {record.run_id} ({record.status}, {record.steps} steps "
+                f"journaled, attempt {record.attempts + 1}) of workflow {record.workflow} "
+                f"from {record.target}"
+            )
+        )
+    try:
+        result = asyncio.run(workflow.resume(record.run_id))
+    except (RunInProgressError, UsageError) as error:
+        raise CliError(str(error)) from error
+    except Exception as error:
+        if _is_store_error(error):
+            raise
+        raise CliError(
+            f"run {record.run_id!r} failed again: {type(error).__name__}: {error} "
+            f"(see: kagura runs show {record.run_id})"
+        ) from error
+    if record.status != "completed":
+        after = journal.get_run(record.run_id)
+        new_steps = (after.steps if after is not None else record.steps) - record.steps
+        console.print(
+            Text(
+                f"Run {record.run_id} completed: {record.steps} steps came from the journal "
+                f"(not run again), {new_steps} ran now.",
+                style="green",
+            )
+        )
+    print(_format_result(result))
+    return 0
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -418,18 +599,76 @@ def _add_monitor(commands: Any) -> None:
     live.set_defaults(handler=_monitor_live)
 
 
+def _add_runs(commands: Any) -> None:
+    runs = commands.add_parser(
+        "runs",
+        help="durable workflow runs: list, show, resume",
+        description="The durable workflow runs journaled in the event store "
+        "(@workflow(durable=True), Workflow.run(..., run_id=...)): their status, their "
+        "journaled steps, and resuming one whose process died or that failed.",
+    )
+    runs.set_defaults(handler=None, group_parser=runs)
+    sub = runs.add_subparsers(title="commands", metavar="COMMAND")
+    common = _store_options()
+    formatter = argparse.RawDescriptionHelpFormatter
+
+    listing = sub.add_parser(
+        "list",
+        parents=[common],
+        help="a table of durable runs",
+        description="Durable runs, most recently updated first: status, steps journaled, "
+        "attempts, times, the process that runs (or ran) them and their error. A run is "
+        "'interrupted' when it is still marked running but its process stopped renewing its "
+        "lease (KAGURA_LEASE_SECONDS, default 30): it died, and can be resumed.",
+        epilog="examples:\n  kagura runs list --status interrupted\n"
+        "  kagura runs list --workflow write_report --limit 10",
+        formatter_class=formatter,
+    )
+    listing.add_argument("--status", choices=RUN_STATUSES, help="only runs in this status")
+    listing.add_argument("--workflow", metavar="NAME", help="only runs of this workflow")
+    listing.add_argument(
+        "--limit", type=_positive_int, default=50, metavar="N", help="at most N rows (default 50)"
+    )
+    listing.set_defaults(handler=_runs_list)
+
+    show = sub.add_parser(
+        "show",
+        parents=[common],
+        help="one run and its journaled steps",
+        description="One durable run: its workflow, arguments, status, attempts and owner, "
+        "then every journaled step (agent call, tool call, kagura.step) with its key, kind, "
+        "name, input hash and recorded output.",
+    )
+    show.add_argument("id", metavar="ID", help="a run id (or a unique prefix of one)")
+    show.set_defaults(handler=_runs_show)
+
+    resume = sub.add_parser(
+        "resume",
+        parents=[common],
+        help="finish an interrupted or failed run in this process",
+        description="Import the run's workflow from the target it recorded (module:name or "
+        "file.py:name; the current directory is searched first) and finish the run here: "
+        "journaled steps return their recorded results without calling a model again, the "
+        "rest run. Prints the result. A run still held by a live process is refused.",
+    )
+    resume.add_argument("id", metavar="ID", help="a run id (or a unique prefix of one)")
+    resume.set_defaults(handler=_runs_resume)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = argparse.ArgumentParser(
         prog="kagura",
         description="Kagura: reliable LLM agent workflows on plain asyncio.",
-        epilog="Run 'kagura monitor --help' for the commands that read the event store.",
+        epilog="Run 'kagura monitor --help' for the commands that read the event store, and "
+        "'kagura runs --help' for durable workflow runs.",
     )
     parser.add_argument("--version", action="version", version=f"kagura {__version__}")
     parser.set_defaults(handler=None, group_parser=parser)
     commands = parser.add_subparsers(title="command groups", metavar="GROUP")
     _add_monitor(commands)
+    _add_runs(commands)
     return parser
 
 

@@ -9,6 +9,7 @@ an OpenAI-compatible server: the fault server, found through ``OPENAI_BASE_URL``
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ def require_file(path: str) -> str:
 async def wait_for_file(path: str) -> str:
     """Blocks (bounded) until ``path`` exists: holds a run in flight until the test lets it go."""
     deadline = time.monotonic() + GATE_TIMEOUT
-    while not Path(path).exists():
+    while not await asyncio.to_thread(os.path.exists, path):
         if time.monotonic() > deadline:
             raise TimeoutError(f"gate {path} was not opened within {GATE_TIMEOUT}s")
         await asyncio.sleep(0.01)
@@ -175,3 +176,9 @@ async def crash_pipeline(topic: str, ledger: str) -> dict[str, str]:
     first, second, third = await asyncio.gather(alpha(topic), beta(topic), gamma(topic))
     final = await combine(first, second, third)
     return {"receipt": receipt, "final": final}
+
+
+@workflow(durable=True)
+async def nested(topic: str) -> list[str]:
+    """Workflows inside a durable workflow are part of its run, not runs of their own."""
+    return list(await asyncio.gather(plain(topic), plain(f"{topic}!")))

@@ -41,9 +41,9 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("pid@host", "left"),
     ("error", "left"),
 )
-_DROP_ORDER = ("attempts", "pid@host", "updated", "started", "workflow")
+_DROP_ORDER = ("updated", "pid@host", "attempts", "started", "workflow")
 _MAX_WIDTHS = {"run id": 36, "workflow": 28, "pid@host": 28, "error": 60}
-_MIN_ERROR_WIDTH = 12
+_MIN_ERROR_WIDTH = 24
 
 # -- single values ----------------------------------------------------------------------------
 
@@ -194,9 +194,51 @@ def run_header(record: RunRecord, lease: float, *, now: float | None = None) -> 
     return table
 
 
-def steps_table(steps: Mapping[str, StepRecord] | Iterable[StepRecord]) -> Table:
+def step_cells(number: int, record: StepRecord) -> dict[str, Text]:
+    """The table cells of one journaled step, by column."""
+    return {
+        "#": Text(str(number), style="dim"),
+        "step key": Text(record.step_key),
+        "kind": Text(record.kind, style="yellow" if record.kind == "step" else "blue"),
+        "name": Text(record.name),
+        "input": Text(record.input_hash[:10], style="dim"),
+        "output": Text(excerpt(record.output, 200) or DASH),
+    }
+
+
+_STEP_COLUMNS = ("#", "step key", "kind", "name", "input", "output")
+_STEP_DROP_ORDER = ("name", "#")  # the step key already ends with the name
+_STEP_MAX_WIDTHS = {"step key": 44, "name": 24, "output": 80}
+_MIN_OUTPUT_WIDTH = 20
+
+
+def _output_room(rows: Sequence[Mapping[str, Text]], columns: Sequence[str], width: int) -> int:
+    """The cells left for the output column when the others take what they need."""
+    others = [
+        min(max([len(c), *(r[c].cell_len for r in rows)]), _STEP_MAX_WIDTHS.get(c, width))
+        for c in columns
+        if c != "output"
+    ]
+    return width - (sum(others) + 2 * len(others) + 2)
+
+
+def steps_table(
+    steps: Mapping[str, StepRecord] | Iterable[StepRecord], *, width: int | None = None
+) -> Table:
     """One row per journaled step, in journal order: step key, kind, name, the prefix of its
-    input hash and an excerpt of its recorded output."""
+    input hash and an excerpt of its recorded output. With ``width`` (the terminal's), the
+    output excerpt takes what the other columns leave, and a narrow terminal drops the name
+    (the step key ends with it)."""
+    rows = [step_cells(n, r) for n, r in enumerate(ordered_steps(steps), 1)]
+    columns = list(_STEP_COLUMNS)
+    limits = dict(_STEP_MAX_WIDTHS)
+    if width is not None:
+        for name in _STEP_DROP_ORDER:
+            if _output_room(rows, columns, width) >= _MIN_OUTPUT_WIDTH:
+                break
+            columns.remove(name)
+        room = _output_room(rows, columns, width)
+        limits["output"] = max(_MIN_OUTPUT_WIDTH, min(limits["output"], room))
     table = Table(
         title="Journaled steps",
         box=box.SIMPLE_HEAD,
@@ -205,24 +247,18 @@ def steps_table(steps: Mapping[str, StepRecord] | Iterable[StepRecord]) -> Table
         collapse_padding=True,
         pad_edge=False,
     )
-    table.add_column("#", justify="right", style="dim")
-    table.add_column("step key", overflow="fold", max_width=48)
-    table.add_column("kind", no_wrap=True)
-    table.add_column("name", no_wrap=True, overflow="ellipsis", max_width=28)
-    table.add_column("input", no_wrap=True, style="dim")
-    table.add_column("output", no_wrap=True, overflow="ellipsis", max_width=60)
-    records = ordered_steps(steps)
-    for number, record in enumerate(records, 1):
-        table.add_row(
-            str(number),
-            Text(record.step_key),
-            Text(record.kind, style="yellow" if record.kind == "step" else "blue"),
-            Text(record.name),
-            Text(record.input_hash[:12]),
-            Text(excerpt(record.output, 60) or DASH),
+    for name in columns:
+        table.add_column(
+            name,
+            justify="right" if name == "#" else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            max_width=limits.get(name),
         )
-    if not records:
-        table.add_row("", Text("none yet", style="dim"), "", "", "", "")
+    for row in rows:
+        table.add_row(*(row[name] for name in columns))
+    if not rows:
+        table.add_row(*(Text("none yet", style="dim") if c == "step key" else "" for c in columns))
     return table
 
 
@@ -249,8 +285,9 @@ def run_view(
     lease: float,
     *,
     now: float | None = None,
+    width: int | None = None,
 ) -> Group:
     """``kagura runs show``: the header, the journaled steps and what to do next."""
     hint = next_step_hint(record)
-    parts = [run_header(record, lease, now=now), steps_table(steps)]
+    parts = [run_header(record, lease, now=now), steps_table(steps, width=width)]
     return Group(*parts, *([hint] if hint is not None else []))

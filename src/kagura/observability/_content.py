@@ -21,6 +21,8 @@ _SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk-ant-[A-Za-z0-9_\-]{12,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|Bearer\s+[A-Za-z0-9._\-]{12,})"
 )
+# Either of the above, in one pass: the fast path's only check on ordinary values.
+_SUSPICIOUS = re.compile(f"{_SECRET_KEY.pattern}|{_SECRET_VALUE.pattern}", re.I)
 _MAX_TEXT = 64_000
 
 
@@ -59,10 +61,18 @@ def encode(value: Any, mode: ContentMode) -> str | None:
     """Stored text for a recorded value, or ``None`` when content is not recorded."""
     if mode == "none" or value is None:
         return None
+    text: str | None
     try:
-        text = pydantic_core.to_json(scrub(value)).decode()
+        # Fast path: serialise in one go, and scrub only when something looks like a secret
+        # (most values have neither a secret-named key nor a key-shaped string).
+        text = pydantic_core.to_json(value, fallback=_repr).decode()
     except Exception:
-        text = pydantic_core.to_json(_SECRET_VALUE.sub(REDACTED, _repr(value))).decode()
+        text = None
+    if text is None or _SUSPICIOUS.search(text):
+        try:
+            text = pydantic_core.to_json(scrub(value)).decode()
+        except Exception:
+            text = pydantic_core.to_json(_SECRET_VALUE.sub(REDACTED, _repr(value))).decode()
     if mode == "hash":
         return pydantic_core.to_json({"sha256": hashlib.sha256(text.encode()).hexdigest()}).decode()
     if len(text) > _MAX_TEXT:

@@ -15,7 +15,8 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,12 @@ class _Open:
     """A span that started and has not finished, with the totals of its finished descendants."""
 
     started: SpanStarted
+    row: dict[str, Any]  # its "running" row, completed in place when it finishes
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost: float | None = 0.0
     llm_calls: int = 0
     retries: int = 0
-    children_cost_unknown: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _FlushMarker:
@@ -162,8 +162,9 @@ class Recorder:
         events: list[dict[str, Any]],
     ) -> None:
         if isinstance(event, SpanStarted):
-            self._open[event.span_id] = _Open(event)
-            started[event.span_id] = self._start_row(event)
+            row = self._start_row(event)
+            self._open[event.span_id] = _Open(event, row)
+            started[event.span_id] = row
         elif isinstance(event, SpanFinished):
             row = self._finish_row(event)
             started.pop(event.span_id, None)
@@ -250,7 +251,7 @@ class Recorder:
                 event.parent_id, prompt=prompt, completion=completion, cost=cost, llm_calls=1
             )
         if node is not None:
-            row = self._start_row(node.started)
+            row = node.row
             prompt, completion = node.prompt_tokens, node.completion_tokens
             cost, llm_calls, retries = node.cost, node.llm_calls, node.retries
         else:  # started before this recorder was installed: only the finish is known
@@ -302,28 +303,51 @@ class Recorder:
     ) -> None:
         if not (started or finished or events):
             return
-        from ._schema import events as events_table
-        from ._schema import spans
-
-        insert = _dialect_insert(engine)
+        statements = _statements(engine.dialect.name)
+        # Straight to the driver's executemany with the row dicts: the rows are already plain
+        # values, and SQLAlchemy's per-row processing would cost more than the insert itself.
         with engine.begin() as connection:
             if started:
-                connection.execute(
-                    insert(spans).on_conflict_do_nothing(index_elements=["span_id"]), started
-                )
+                connection.exec_driver_sql(statements.insert_running, started)
             if finished:
-                statement = insert(spans)
-                update = {
-                    c.name: statement.excluded[c.name] for c in spans.columns if c.name != "span_id"
-                }
-                connection.execute(
-                    statement.on_conflict_do_update(index_elements=["span_id"], set_=update),
-                    finished,
-                )
+                connection.exec_driver_sql(statements.upsert_finished, finished)
             if events:
-                connection.execute(events_table.insert(), events)
+                connection.exec_driver_sql(statements.insert_events, events)
         self.written_spans += len(finished)
         self.written_events += len(events)
+
+
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    insert_running: str
+    upsert_finished: str
+    insert_events: str
+
+
+@lru_cache(maxsize=4)
+def _statements(dialect: str) -> _Statements:
+    """The recorder's SQL, in the driver's named-parameter style. ``INSERT ... ON CONFLICT``
+    is the same on SQLite and PostgreSQL."""
+    from ._schema import events, spans
+
+    def param(name: str) -> str:
+        return f"%({name})s" if dialect == "postgresql" else f":{name}"
+
+    columns = [c.name for c in spans.columns]
+    insert = (
+        f"INSERT INTO {spans.name} ({', '.join(columns)}) "
+        f"VALUES ({', '.join(param(c) for c in columns)})"
+    )
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "span_id")
+    event_columns = [c.name for c in events.columns if c.name != "id"]
+    return _Statements(
+        insert_running=f"{insert} ON CONFLICT (span_id) DO NOTHING",
+        upsert_finished=f"{insert} ON CONFLICT (span_id) DO UPDATE SET {updates}",
+        insert_events=(
+            f"INSERT INTO {events.name} ({', '.join(event_columns)}) "
+            f"VALUES ({', '.join(param(c) for c in event_columns)})"
+        ),
+    )
 
 
 def _dialect_insert(engine: Any) -> Any:

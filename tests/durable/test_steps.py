@@ -1,0 +1,118 @@
+"""What a durable run journals: every agent call, tool call and ``kagura.step``, each under a
+step key that is the same on every execution of the same code, with a hash of its inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kagura.durable import Journal, input_hash
+from kagura.providers import ModelRequest
+from kagura.testing import FakeModel, Reply, override_model
+
+from . import workflows
+from .conftest import respond
+
+FANOUT_STEPS = {
+    "fanout/charge#0": ("charge", "step"),
+    "fanout/draft#0": ("draft", "agent"),
+    "fanout/draft#1": ("draft", "agent"),
+    "fanout/review#0": ("review", "agent"),
+    "fanout/shopper#0": ("shopper", "agent"),
+    "fanout/shopper#0/price#0": ("price", "tool"),
+    "fanout/count#0": ("count", "step"),
+}
+
+
+def first_draft_last(request: ModelRequest) -> str | Reply:
+    """Answers the first of the gathered drafts after the second, so that the calls finish (and
+    are journaled) out of the order they started in."""
+    answer = respond(request)
+    if "apples one" in str(request.messages[-1].get("content")):
+        return Reply(str(answer), delay=0.05)
+    return answer
+
+
+async def test_every_step_is_journaled_under_a_stable_key(
+    journal: Journal, tmp_path: Path
+) -> None:
+    ledger = str(tmp_path / "ledger.txt")
+    model = FakeModel([first_draft_last] * 100)
+    with override_model(model):
+        first = await workflows.fanout.run("apples", ledger, run_id="first")
+        second = await workflows.fanout.run("apples", ledger, run_id="second")
+
+    assert first == second
+    assert first["drafts"] == ["Draft a note about apples one.", "Draft a note about apples two."]
+    assert first["bought"] == "bought: apples costs 3"
+    assert first["receipt"] == "receipt for apples"
+    assert len(model.requests) == 2 * 5  # two drafts, review, shopper twice (tool round)
+
+    steps = journal.load_steps("first")
+    again = journal.load_steps("second")
+    assert {key: (s.name, s.kind) for key, s in steps.items()} == FANOUT_STEPS
+    # Same keys, same inputs and outputs: the second run is the first one again, step for step.
+    assert {k: (s.name, s.kind, s.input_hash, s.output) for k, s in steps.items()} == {
+        k: (s.name, s.kind, s.input_hash, s.output) for k, s in again.items()
+    }
+
+    # Each key belongs to its call site, not to the order calls finished in.
+    assert steps["fanout/draft#0"].input_hash == input_hash({"topic": "apples one"})
+    assert steps["fanout/draft#1"].input_hash == input_hash({"topic": "apples two"})
+    assert json.loads(steps["fanout/draft#0"].output or "") == "Draft a note about apples one."
+    assert steps["fanout/review#0"].input_hash == input_hash(
+        {"text": "Draft a note about apples one."}
+    )
+    assert steps["fanout/shopper#0/price#0"].input_hash == input_hash('{"item": "apples"}')
+    assert json.loads(steps["fanout/shopper#0/price#0"].output or "") == "apples costs 3"
+    assert steps["fanout/charge#0"].input_hash == input_hash(
+        {"args": (ledger, "apples"), "kwargs": {}}
+    )
+    assert json.loads(steps["fanout/count#0"].output or "") == first["length"]
+    assert all(len(s.input_hash) == 64 for s in steps.values())
+
+    for run_id in ("first", "second"):
+        record = journal.get_run(run_id)
+        assert record is not None
+        assert (record.status, record.workflow, record.steps) == ("completed", "fanout", 7)
+        assert record.target == "tests.durable.workflows:fanout"
+        assert json.loads(record.result or "") == first
+    assert Path(ledger).read_text().splitlines() == ["charged apples"] * 2
+
+
+async def test_kagura_durable_makes_every_workflow_durable(
+    journal: Journal, model: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert await workflows.plain("pears") == "Review this: DRAFT A NOTE ABOUT PEARS."
+    assert journal.list_runs() == []  # not durable unless asked
+
+    monkeypatch.setenv("KAGURA_DURABLE", "1")
+    assert await workflows.plain("pears") == "Review this: DRAFT A NOTE ABOUT PEARS."
+    assert await workflows.never_durable("pears") == "Draft a note about pears."  # opted out
+
+    (record,) = journal.list_runs()
+    assert (record.workflow, record.status, record.steps) == ("plain", "completed", 3)
+    assert len(record.run_id) == 32  # a fresh id per call
+    assert set(journal.load_steps(record.run_id)) == {
+        "plain/draft#0",
+        "plain/check#0",
+        "plain/review#0",
+    }
+
+
+async def test_nested_workflows_are_steps_of_the_outer_run(
+    journal: Journal, model: FakeModel
+) -> None:
+    results = [await workflows.nested.run("figs", run_id=f"nested-{n}") for n in range(2)]
+    assert results[0] == results[1] == [
+        "Review this: DRAFT A NOTE ABOUT FIGS.",
+        "Review this: DRAFT A NOTE ABOUT FIGS!.",
+    ]
+    assert [r.run_id for r in journal.list_runs()] == ["nested-1", "nested-0"]  # newest first
+    keys = [journal.load_steps(f"nested-{n}") for n in range(2)]
+    assert set(keys[0]) == set(keys[1]) == {
+        f"nested/plain#{n}/{step}" for n in (0, 1) for step in ("draft#0", "check#0", "review#0")
+    }
+    assert keys[0]["nested/plain#1/draft#0"].input_hash == input_hash({"topic": "figs!"})
