@@ -5,13 +5,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint typecheck pytest bench clean
+.PHONY: install demo test lint typecheck pytest bench bench-suite bench-components clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles on first install (about 5 minutes on 2 cores); pip caches the wheel.
-	$(BIN)/python -m pip install --quiet -e '.[local,litellm,postgres,otel,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[local,litellm,postgres,otel,dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,9 +38,18 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/pytest
 
-# Benchmarks print figures; they are not tests.
-bench: $(STAMP)
+# Benchmarks print figures; they are not tests. `bench` runs the suite of benchmarks/run_all.py
+# (framework overhead against raw asyncio, LangGraph and LlamaIndex Workflows; fan-out; import
+# time; the embedded model; the event store), which writes docs/benchmarks.md (about 10 minutes),
+# then the benchmarks of single components (about 3 minutes).
+bench: bench-suite bench-components
+
+bench-suite: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+bench-components: $(STAMP)
 	$(BIN)/python benchmarks/bench_recording.py
+	$(BIN)/python benchmarks/bench_durable.py
 	$(BIN)/python benchmarks/bench_breaker.py
 	$(BIN)/python benchmarks/bench_ratelimit.py
 

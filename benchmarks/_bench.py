@@ -85,9 +85,7 @@ class Report:
         console.print()
         console.rule(f"[bold]{self.title}")
         if self.params:
-            console.print(
-                "  " + ", ".join(f"{k}={v}" for k, v in self.params.items()), style="dim"
-            )
+            console.print("  " + ", ".join(f"{k}={v}" for k, v in self.params.items()), style="dim")
         for table in self.tables:
             rich_table = RichTable(title=table.title, title_justify="left")
             for i, column in enumerate(table.columns):

@@ -34,7 +34,7 @@ import gc  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
-from typing import Any, TypedDict  # noqa: E402
+from typing import TypedDict  # noqa: E402
 
 from _bench import Report, console, fmt, median, ratio  # noqa: E402
 
@@ -234,13 +234,15 @@ def build_contenders(report: Report) -> list[Contender]:
     try:
         contenders.append(Contender(LANGGRAPH, build_langgraph()))
     except ImportError as exc:
-        report.line(f"NOTE: LangGraph skipped ({exc}); install the bench extra: pip install -e .[bench]")
+        report.line(
+            f"NOTE: LangGraph skipped ({exc}); install the bench extra: pip install -e '.[bench]'"
+        )
     try:
         contenders.append(Contender(LLAMAINDEX, build_llamaindex()))
     except ImportError as exc:
         report.line(
             f"NOTE: LlamaIndex Workflows skipped ({exc}); install the bench extra: "
-            "pip install -e .[bench]"
+            "pip install -e '.[bench]'"
         )
 
     recorder_holder.append(_install_recorder())
@@ -379,7 +381,7 @@ def main() -> None:
         description=(
             "One run: three agent calls in parallel, then one agent call over their results "
             "(4 steps), on a zero-latency fake provider. Raw asyncio, LangGraph and LlamaIndex "
-            "call an `async def` echo; Kagura agents use `model=\"fake\"` (`FakeModel`, an echo) "
+            'call an `async def` echo; Kagura agents use `model="fake"` (`FakeModel`, an echo) '
             "with every other setting at its default. Kagura with recording on writes to a fresh "
             "SQLite store in a temporary `KAGURA_HOME`; recording off removes the recorder's sink "
             "for those rounds; durable runs journal every step (and record). All runs of a round "

@@ -247,12 +247,14 @@ def main() -> None:
     record = wait_for_steps(journal, run_id, KILL_AFTER_STEPS, child)
 
     header("2. Kill the child with SIGKILL")
-    if child.poll() is None:
+    if record is not None and record.status == "running" and child.poll() is None:
         kill(child)
-        say(f"  killed pid {child.pid} with {KILL_AFTER_STEPS} steps journaled")
+        say(f"  killed pid {child.pid} with {record.steps} steps journaled")
     else:
-        say(f"  the child exited first (status {record.status if record else 'unknown'}): a model")
-        say("  this fast finishes the run before it can be killed; the resume just returns it")
+        child.wait(timeout=60)
+        status = record.status if record is not None else "unknown"
+        say(f"  the child finished the run first (status {status}): with a model this fast the")
+        say("  run is done before it can be killed, and the resume below just returns it")
     say(f"  journaled so far: {', '.join(journaled_names(journal, run_id)) or 'nothing'}")
 
     header("3. Wait for the lease to run out")

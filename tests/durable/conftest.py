@@ -162,3 +162,9 @@ def spawn(db: str, tmp_path: Path) -> Iterator[Callable[..., Child]]:
         if child.process.poll() is None:
             child.process.kill()
             child.process.wait(10)
+
+
+def lines(path: str | Path) -> list[str]:
+    """The lines of a (ledger) file; none if it does not exist."""
+    file = Path(path)
+    return file.read_text().splitlines() if file.exists() else []

@@ -13,7 +13,7 @@ from kagura.providers import ModelRequest
 from kagura.testing import FakeModel, Reply, override_model
 
 from . import workflows
-from .conftest import respond
+from .conftest import lines, respond
 
 FANOUT_STEPS = {
     "fanout/charge#0": ("charge", "step"),
@@ -35,9 +35,7 @@ def first_draft_last(request: ModelRequest) -> str | Reply:
     return answer
 
 
-async def test_every_step_is_journaled_under_a_stable_key(
-    journal: Journal, tmp_path: Path
-) -> None:
+async def test_every_step_is_journaled_under_a_stable_key(journal: Journal, tmp_path: Path) -> None:
     ledger = str(tmp_path / "ledger.txt")
     model = FakeModel([first_draft_last] * 100)
     with override_model(model):
@@ -79,7 +77,7 @@ async def test_every_step_is_journaled_under_a_stable_key(
         assert (record.status, record.workflow, record.steps) == ("completed", "fanout", 7)
         assert record.target == "tests.durable.workflows:fanout"
         assert json.loads(record.result or "") == first
-    assert Path(ledger).read_text().splitlines() == ["charged apples"] * 2
+    assert lines(ledger) == ["charged apples"] * 2
 
 
 async def test_kagura_durable_makes_every_workflow_durable(
@@ -106,13 +104,23 @@ async def test_nested_workflows_are_steps_of_the_outer_run(
     journal: Journal, model: FakeModel
 ) -> None:
     results = [await workflows.nested.run("figs", run_id=f"nested-{n}") for n in range(2)]
-    assert results[0] == results[1] == [
-        "Review this: DRAFT A NOTE ABOUT FIGS.",
-        "Review this: DRAFT A NOTE ABOUT FIGS!.",
-    ]
+    assert (
+        results[0]
+        == results[1]
+        == [
+            "Review this: DRAFT A NOTE ABOUT FIGS.",
+            "Review this: DRAFT A NOTE ABOUT FIGS!.",
+        ]
+    )
     assert [r.run_id for r in journal.list_runs()] == ["nested-1", "nested-0"]  # newest first
     keys = [journal.load_steps(f"nested-{n}") for n in range(2)]
-    assert set(keys[0]) == set(keys[1]) == {
-        f"nested/plain#{n}/{step}" for n in (0, 1) for step in ("draft#0", "check#0", "review#0")
-    }
+    assert (
+        set(keys[0])
+        == set(keys[1])
+        == {
+            f"nested/plain#{n}/{step}"
+            for n in (0, 1)
+            for step in ("draft#0", "check#0", "review#0")
+        }
+    )
     assert keys[0]["nested/plain#1/draft#0"].input_hash == input_hash({"topic": "figs!"})

@@ -42,7 +42,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
     ("error", "left"),
 )
 _DROP_ORDER = ("updated", "pid@host", "attempts", "started", "workflow")
-_MAX_WIDTHS = {"run id": 36, "workflow": 28, "pid@host": 28, "error": 60}
+_MAX_WIDTHS = {"run id": 36, "workflow": 28, "pid@host": 40, "error": 60}
 _MIN_ERROR_WIDTH = 24
 
 # -- single values ----------------------------------------------------------------------------

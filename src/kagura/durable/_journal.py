@@ -148,9 +148,28 @@ class Journal:
                     attempts=1,
                 )
                 .on_conflict_do_nothing(index_elements=["run_id"])
+                # A row back means this call created the run (psycopg reports no INSERT rowcount).
+                .returning(runs.c.run_id)
+            ).first()
+        if created is not None:
+            # What was just inserted: no need to read it back.
+            return "started", RunRecord(
+                run_id,
+                workflow,
+                target,
+                "running",
+                arguments,
+                None,
+                None,
+                None,
+                owner,
+                os.getpid(),
+                self.host,
+                now,
+                now,
+                now,
+                1,
             )
-        if created.rowcount == 1:
-            return "started", self.get_run(run_id)  # type: ignore[return-value]
         existing = self.get_run(run_id)
         assert existing is not None
         if existing.status == "interrupted" and self.claim(run_id, owner, allow_failed=False):

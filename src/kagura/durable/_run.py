@@ -71,7 +71,7 @@ class DurableRun:
                     key, f"{kind} {name!r} is not in the journal of run {self.run_id!r}"
                 )
             return None
-        if record.name != name:
+        if record.name != name or record.kind != kind:
             raise NonDeterminismError(
                 key,
                 f"the journal has {record.kind} {record.name!r} here, the code now calls "

@@ -7,6 +7,7 @@ file (readers never block the writer, writers queue instead of failing with "dat
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,16 @@ _created: set[str] = set()
 
 
 def default_url() -> str:
-    env = _settings.event_store_url()
-    if env:
-        return normalise_url(env)
-    return normalise_url(str(_settings.kagura_home() / DEFAULT_DB_NAME))
+    """``KAGURA_DB``, else ``KAGURA_HOME/events.db``, as a URL (read afresh: tests change them)."""
+    return _default_url(_settings.event_store_url(), str(_settings.kagura_home()))
+
+
+@lru_cache(maxsize=64)
+def _default_url(explicit: str | None, home: str) -> str:
+    # Cached per setting: resolving the path costs system calls on every durable run.
+    if explicit:
+        return normalise_url(explicit)
+    return normalise_url(str(Path(home) / DEFAULT_DB_NAME))
 
 
 def normalise_url(db_path_or_url: str | Path) -> str:

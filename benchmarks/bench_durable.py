@@ -1,0 +1,168 @@
+"""What durable runs cost.
+
+1. Overhead per agent step: the same workflow (three agents in parallel, then one over their
+   results) on the zero-latency fake model "fake", durable=False and durable=True, alternated in
+   one run (the order flips every round); median of the rounds.
+2. Resuming a run whose steps are all journaled: runs that failed just after their last step are
+   resumed, every agent call answered from the journal. Per replayed step, with
+   ``kagura.testing.replay`` (the same run against its journal, read-only) beside it.
+
+Recording is off (``KAGURA_RECORD=0``) unless ``--record``: ``bench_recording.py`` measures it.
+The journal goes to a fresh SQLite file in a temporary directory.
+
+Run: .venv/bin/python benchmarks/bench_durable.py [--runs N] [--rounds K] [--record]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+# Settings are read when kagura first needs them: set them before anything runs.
+_HOME = tempfile.mkdtemp(prefix="kagura-bench-durable-")
+os.environ["KAGURA_HOME"] = _HOME
+os.environ["KAGURA_DB"] = str(Path(_HOME) / "journal.db")
+os.environ["KAGURA_RECORD"] = "1" if "--record" in sys.argv else "0"
+for _name in ("KAGURA_DURABLE", "KAGURA_MODEL_OVERRIDE", "KAGURA_LEASE_SECONDS"):
+    os.environ.pop(_name, None)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Awaitable  # noqa: E402
+
+from kagura import Workflow, agent, workflow  # noqa: E402
+from kagura.durable import journal_for  # noqa: E402
+from kagura.testing import replay  # noqa: E402
+
+STEPS_PER_RUN = 4
+
+
+@agent(model="fake")
+async def step(text: str) -> str:
+    """{{ text }}"""
+
+
+async def fan_in(text: str) -> str:
+    a, b, c = await asyncio.gather(step(text), step(text), step(text))
+    return await step(a + b + c)
+
+
+plain = workflow(durable=False, name="fan_in")(fan_in)
+durable = workflow(durable=True, name="fan_in_durable")(fan_in)
+
+
+class Crash:
+    """Whether ``fan_in_crashing`` fails after its last step (the runs to resume)."""
+
+    on = True
+
+
+@workflow(durable=True)
+async def fan_in_crashing(text: str) -> str:
+    result = await fan_in(text)
+    if Crash.on:
+        raise RuntimeError("crashed after the last step")
+    return result
+
+
+async def per_step_us(calls: list[Awaitable[object]]) -> float:
+    """µs per agent step of ``calls`` (runs not started yet), all started at once."""
+    started = time.perf_counter()
+    await asyncio.gather(*calls)
+    return (time.perf_counter() - started) / (len(calls) * STEPS_PER_RUN) * 1e6
+
+
+def batch(flow: Workflow[[str], str], runs: int) -> list[Awaitable[object]]:
+    return [flow("x") for _ in range(runs)]
+
+
+async def overhead(runs: int, rounds: int) -> tuple[float, float]:
+    """Median µs per step of durable=False and durable=True, alternated round by round."""
+    await per_step_us(batch(plain, 200))  # warm-up: imports, caches, the journal's schema
+    await per_step_us(batch(durable, 200))
+    off: list[float] = []
+    on: list[float] = []
+    for number in range(rounds):
+        pair = ((off, plain), (on, durable))
+        for results, flow in pair if number % 2 == 0 else reversed(pair):
+            results.append(await per_step_us(batch(flow, runs)))
+    return statistics.median(off), statistics.median(on)
+
+
+async def crashed_runs(runs: int) -> list[str]:
+    """Ids of ``runs`` runs that failed just after journaling all their steps."""
+    ids = [f"crashed-{uuid.uuid4().hex}" for _ in range(runs)]
+    Crash.on = True
+    outcomes = await asyncio.gather(
+        *(fan_in_crashing.run("x", run_id=run_id) for run_id in ids), return_exceptions=True
+    )
+    assert all(isinstance(o, RuntimeError) for o in outcomes), outcomes[:3]
+    return ids
+
+
+async def resume_cost(runs: int, rounds: int) -> tuple[float, float]:
+    """Median µs per replayed step of resuming fully journaled runs, and of replaying them."""
+    journal = journal_for()
+    resumed: list[float] = []
+    replayed: list[float] = []
+    for number in range(rounds + 1):  # the first round warms up
+        ids = await crashed_runs(runs)
+        steps = await asyncio.to_thread(journal.load_steps, ids[0])
+        assert len(steps) == STEPS_PER_RUN, steps
+        Crash.on = False
+        resume_us = await per_step_us([fan_in_crashing.resume(i) for i in ids])
+        replay_us = await per_step_us([replay(i, fan_in_crashing) for i in ids])
+        record = await asyncio.to_thread(journal.get_run, ids[-1])
+        assert record is not None and record.status == "completed", record
+        if number:
+            resumed.append(resume_us)
+            replayed.append(replay_us)
+    return statistics.median(resumed), statistics.median(replayed)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=500, help="runs per round (default 500)")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds (default 7)")
+    parser.add_argument("--record", action="store_true", help="record spans too (default off)")
+    args = parser.parse_args()
+    recording = "on" if args.record else "off"
+
+    try:
+        print(
+            f"Overhead per agent step ({args.runs} runs x {STEPS_PER_RUN} steps at once, "
+            f"median of {args.rounds} alternating rounds, recording {recording}, SQLite journal):"
+        )
+        off, on = asyncio.run(overhead(args.runs, args.rounds))
+        extra = on - off
+        print(f"  durable=False: {off:8.1f} µs/step")
+        print(
+            f"  durable=True:  {on:8.1f} µs/step   ({on / off:.2f}x, +{extra:.1f} µs/step, "
+            f"+{extra * STEPS_PER_RUN / 1000:.2f} ms per run)"
+        )
+
+        print(
+            f"\nResuming runs whose {STEPS_PER_RUN} steps are all journaled ({args.runs} runs at "
+            f"once, median of {args.rounds} rounds):"
+        )
+        resume_us, replay_us = asyncio.run(resume_cost(args.runs, args.rounds))
+        print(
+            f"  resume:  {resume_us:8.1f} µs per replayed step "
+            f"({resume_us * STEPS_PER_RUN / 1000:.2f} ms per run: claim, load, replay, finish)"
+        )
+        print(
+            f"  replay:  {replay_us:8.1f} µs per replayed step (kagura.testing.replay, read-only)"
+        )
+        print(f"  a fresh durable run: {on:.1f} µs/step, without durability: {off:.1f} µs/step")
+    finally:
+        shutil.rmtree(_HOME, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

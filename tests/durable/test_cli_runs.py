@@ -1,0 +1,464 @@
+"""``kagura runs list|show|resume``: the commands run against durable runs made by real workflows
+on the fake model, in a temporary SQLite store.
+
+The workflows live in a module written into ``tmp_path`` (unique name per test), so that a
+``kagura runs resume`` subprocess can import them from the target the run recorded. One test
+kills a process in the middle of a run (SIGKILL) and finishes the run from the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from kagura.cli import main
+from kagura.durable import Journal, RunRecord, _cli, journal_for
+from kagura.observability import _engine as engine_registry
+
+LEASE = 2.0  # seconds: long enough for a loaded machine to renew, short enough to wait out
+WAIT_TIMEOUT = 30.0
+
+WORKFLOWS = '''
+import asyncio
+import os
+import time
+
+import kagura
+from kagura import agent, workflow
+
+
+@agent(model="fake/echo")
+async def outline(topic: str) -> str:
+    """Outline a report on {{ topic }}."""
+
+
+@agent(model="fake/echo")
+async def section(topic: str, title: str) -> str:
+    """Write the {{ title }} section of a report on {{ topic }}."""
+
+
+async def hold(path: str) -> str:
+    """Wait (bounded) while ``path`` exists: keeps a run in flight until the test lets go."""
+    deadline = time.monotonic() + 60
+    while os.path.exists(path) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return "released"
+
+
+def publish(topic: str, flag: str, ledger: str) -> str:
+    """Fails while ``flag`` exists; otherwise a side effect: one line in ``ledger``."""
+    if os.path.exists(flag):
+        raise RuntimeError(f"publishing [{topic}] failed: the CMS is down")
+    with open(ledger, "a", encoding="utf-8") as file:
+        file.write(topic + "\\n")
+    return f"published {topic}"
+
+
+@workflow(durable=True)
+async def report(topic: str, hold_file: str, flag: str, ledger: str) -> str:
+    plan = await outline(topic)
+    intro, body = await asyncio.gather(section(topic, "intro"), section(topic, "body"))
+    await kagura.step("hold", hold, hold_file)
+    done = await kagura.step("publish", publish, topic, flag, ledger)
+    return f"{done}: {plan} | {intro} | {body}"
+
+
+@workflow(durable=True)
+async def other(topic: str) -> str:
+    return await outline(topic)
+'''
+
+
+@dataclass
+class Env:
+    """This test's store, workflow module and the files that steer its workflows."""
+
+    db: Path
+    module: ModuleType
+    hold_file: Path
+    flag: Path
+    ledger: Path
+
+    @property
+    def journal(self) -> Journal:
+        return journal_for(str(self.db))
+
+    def start(self, topic: str, run_id: str) -> str:
+        """Run ``report`` durably in this process; its result, or the error's text."""
+        try:
+            result: str = asyncio.run(
+                self.module.report.run(
+                    topic, str(self.hold_file), str(self.flag), str(self.ledger), run_id=run_id
+                )
+            )
+        except RuntimeError as error:
+            return str(error)
+        return result
+
+    def ledger_lines(self) -> list[str]:
+        return self.ledger.read_text().splitlines() if self.ledger.exists() else []
+
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
+    db = tmp_path / "events.db"
+    monkeypatch.setenv("KAGURA_DB", str(db))
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", str(LEASE))
+    monkeypatch.setenv("KAGURA_RECORD", "0")
+    monkeypatch.setenv("COLUMNS", "220")  # every column of the tables fits
+    monkeypatch.delenv("KAGURA_DURABLE", raising=False)
+    name = f"kagura_cli_runs_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(WORKFLOWS, encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module(name)
+    yield Env(db, module, tmp_path / "hold", tmp_path / "flag", tmp_path / "ledger.txt")
+    sys.modules.pop(name, None)
+    url = engine_registry.normalise_url(str(db))
+    with engine_registry._lock:
+        engine = engine_registry._engines.pop(url, None)
+        engine_registry._created.discard(url)
+    if engine is not None:
+        engine.dispose()
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = WAIT_TIMEOUT) -> Any:
+    """Poll ``condition`` until it returns something truthy (returned); fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def cli_command() -> list[str]:
+    """The installed ``kagura`` script (whose sys.path does not hold the current directory)."""
+    script = Path(sys.executable).with_name("kagura")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "kagura.cli"]
+
+
+def child_env(env: Env, **extra: str) -> dict[str, str]:
+    full = {**os.environ, "KAGURA_DB": str(env.db), "KAGURA_LEASE_SECONDS": str(LEASE)}
+    full["KAGURA_RECORD"] = "0"
+    full.update(extra)
+    return full
+
+
+@pytest.fixture
+def made(env: Env) -> Env:
+    """Three runs: ``done-1`` completed, ``broken-1`` failed at publish, ``elsewhere-1`` of
+    another workflow."""
+    assert env.start("solar", "done-1").startswith("published solar")
+    env.flag.touch()
+    assert "CMS is down" in env.start("wind", "broken-1")
+    asyncio.run(env.module.other.run("tides", run_id="elsewhere-1"))
+    return env
+
+
+# -- list -------------------------------------------------------------------------------------
+
+
+def test_list_shows_every_run_with_status_steps_attempts_owner_and_error(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "runs", "list")
+    assert code == 0
+    for run_id in ("done-1", "broken-1", "elsewhere-1"):
+        assert run_id in out
+    for column in ("run id", "workflow", "status", "steps", "attempts", "started", "pid@host"):
+        assert column in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
+    assert "✓ completed" in lines["done-1"] and " 5 " in lines["done-1"]  # 3 agents, 2 steps
+    assert "✗ failed" in lines["broken-1"] and " 4 " in lines["broken-1"]  # publish failed
+    assert "RuntimeError: publishing [wind] failed" in lines["broken-1"]
+    assert "other" in lines["elsewhere-1"]
+    assert f"{os.getpid()}@" in lines["done-1"]
+    # Most recently updated first.
+    assert out.index("elsewhere-1") < out.index("broken-1") < out.index("done-1")
+    assert "3 shown" in out and f"KAGURA_LEASE_SECONDS={LEASE:g}" in out
+
+
+def test_list_filters_by_status_workflow_and_limit(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, failed, _ = run_cli(capsys, "runs", "list", "--status", "failed")
+    assert "broken-1" in failed and "done-1" not in failed and "elsewhere-1" not in failed
+
+    _, completed, _ = run_cli(capsys, "runs", "list", "--status", "completed")
+    assert "done-1" in completed and "elsewhere-1" in completed and "broken-1" not in completed
+
+    _, mine, _ = run_cli(capsys, "runs", "list", "--workflow", "report")
+    assert "done-1" in mine and "broken-1" in mine and "elsewhere-1" not in mine
+
+    _, one, _ = run_cli(capsys, "runs", "list", "--limit", "1")
+    assert "elsewhere-1" in one and "done-1" not in one and "1 shown" in one
+
+    code, none, _ = run_cli(capsys, "runs", "list", "--status", "interrupted")
+    assert code == 0 and "No interrupted durable runs in sqlite:///" in none
+
+    code, _, err = run_cli(capsys, "runs", "list", "--status", "lost")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_list_marks_a_run_whose_lease_expired_as_interrupted(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process claimed the run and stopped renewing its lease: it is gone.
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "0.3")
+    outcome, _ = env.journal.start("ghost-1", "report", "nowhere:report", "{}", owner="ghost")
+    assert outcome == "started"
+    _, running, _ = run_cli(capsys, "runs", "list", "--status", "running")
+    assert "ghost-1" in running and "… running" in running
+
+    wait_until(
+        lambda: env.journal.list_runs(status="interrupted"), "the lease to run out", timeout=10
+    )
+    code, out, _ = run_cli(capsys, "runs", "list", "--status", "interrupted")
+    assert code == 0 and "ghost-1" in out and "↯ interrupted" in out
+    _, running, _ = run_cli(capsys, "runs", "list", "--status", "running")
+    assert "ghost-1" not in running
+    _, shown, _ = run_cli(capsys, "runs", "show", "ghost-1")
+    assert "lease of 0.3s expired" in shown and "kagura runs resume ghost-1" in shown
+
+
+def test_list_with_nothing_recorded_yet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAGURA_DB", str(tmp_path / "absent.db"))
+    code, out, err = run_cli(capsys, "runs", "list")
+    assert code == 0 and out == "" and "No durable runs yet" in err
+    assert not (tmp_path / "absent.db").exists()  # listing does not create a store
+
+
+def test_db_option_selects_the_store_for_the_command(
+    made: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KAGURA_DB", str(tmp_path / "elsewhere.db"))  # restored after the test
+    code, out, _ = run_cli(capsys, "runs", "list", "--db", str(made.db))
+    assert code == 0 and "done-1" in out
+    assert os.environ["KAGURA_DB"] == str(made.db)  # set for the process: a resume journals there
+
+    code, _, err = run_cli(capsys, "runs", "show", "done-1", "--db", str(tmp_path / "no.db"))
+    assert code == 1 and "no event store at" in err
+
+
+# -- show -------------------------------------------------------------------------------------
+
+
+def test_show_prints_the_run_and_its_steps_in_journal_order(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "runs", "show", "done-1")
+    assert code == 0
+    record = made.journal.get_run("done-1")
+    assert record is not None and record.target == f"{made.module.__name__}:report"
+    assert "✓ completed" in out and record.target in out
+    assert '"topic":"solar"' in out and "5 journaled" in out
+    assert f"pid {os.getpid()} on" in out
+    assert "published solar" in out  # the result
+    steps = made.journal.load_steps("done-1")
+    keys = [
+        "report/outline#0",
+        "report/section#0",
+        "report/section#1",
+        "report/hold#0",
+        "report/publish#0",
+    ]
+    assert set(steps) == set(keys)
+    positions = [
+        out.index(key) for key in ("report/outline#0", "report/hold#0", "report/publish#0")
+    ]
+    assert positions == sorted(positions)
+    for step in steps.values():
+        assert step.input_hash[:10] in out
+    assert '"Outline a report on solar."' in out  # the output excerpt (JSON)
+    assert "agent" in out and "step" in out and "section" in out
+    assert "Resume it with" not in out
+
+
+def test_show_a_failed_run_says_how_to_resume_it_and_accepts_a_prefix(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "runs", "show", "brok")
+    assert code == 0
+    assert "✗ failed" in out and "RuntimeError: publishing [wind] failed" in out
+    assert "kagura runs resume broken-1" in out
+    assert "report/publish#0" not in out  # it failed: nothing journaled for it
+
+
+def test_show_unknown_or_ambiguous_ids_are_errors(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run_cli(capsys, "runs", "show", "nope")
+    assert code == 1 and out == "" and "no durable run with id 'nope'" in err
+    asyncio.run(made.module.other.run("sea", run_id="done-2"))
+    code, _, err = run_cli(capsys, "runs", "show", "done")
+    assert code == 1 and "matches several runs: done-1, done-2" in err
+
+
+# -- resume -----------------------------------------------------------------------------------
+
+
+def test_resume_finishes_a_failed_run_without_repeating_journaled_steps(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    made.flag.unlink()
+    code, out, err = run_cli(capsys, "runs", "resume", "broken-1")
+    assert code == 0, err
+    assert "Resuming run broken-1 (failed, 4 steps journaled, attempt 2)" in out
+    assert "4 steps came from the journal (not run again), 1 ran now" in out
+    assert "published wind: Outline a report on wind." in out
+    record = made.journal.get_run("broken-1")
+    assert record is not None and record.status == "completed" and record.attempts == 2
+    assert made.ledger_lines() == ["solar", "wind"]  # published once each
+
+    code, out, _ = run_cli(capsys, "runs", "resume", "broken-1")
+    assert code == 0 and "already completed" in out and "published wind" in out
+    assert made.ledger_lines() == ["solar", "wind"]
+
+
+def test_resume_errors_exit_with_1(made: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "runs", "resume", "missing-run")
+    assert code == 1 and "no durable run with id 'missing-run'" in err
+
+    # Still failing: the error is reported, and the run stays resumable.
+    code, _, err = run_cli(capsys, "runs", "resume", "broken-1")
+    assert code == 1
+    assert "run 'broken-1' failed again: RuntimeError: publishing [wind] failed" in err
+    record = made.journal.get_run("broken-1")
+    assert record is not None and record.status == "failed" and record.attempts == 2
+
+    made.journal.start("lost-1", "report", "no_such_module_xyz:report", "{}", owner="x")
+    code, _, err = run_cli(capsys, "runs", "resume", "lost-1")
+    assert code == 1 and "cannot import the workflow of run 'lost-1'" in err
+
+
+def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.hold_file.touch()  # the child stops at the "hold" step, three steps journaled
+    script = (
+        f"import asyncio, {env.module.__name__} as m\n"
+        f"asyncio.run(m.report.run('hydro', {str(env.hold_file)!r}, {str(env.flag)!r}, "
+        f"{str(env.ledger)!r}, run_id='killed-1'))"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=child_env(env, PYTHONPATH=str(tmp_path)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+
+        def three_steps() -> RunRecord | None:
+            assert child.poll() is None, child.stderr.read() if child.stderr else ""
+            record = env.journal.get_run("killed-1")
+            return record if record is not None and record.steps >= 3 else None
+
+        wait_until(three_steps, "the child to journal three steps")
+        _, out, _ = run_cli(capsys, "runs", "list")
+        assert "killed-1" in out and "… running" in out and f"{child.pid}@" in out
+
+        # While its process lives, the run is not taken over.
+        code, _, err = run_cli(capsys, "runs", "resume", "killed-1")
+        assert code == 1 and "is being executed by process" in err
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        if child.stderr is not None:
+            child.stderr.close()
+
+    wait_until(
+        lambda: getattr(env.journal.get_run("killed-1"), "status", None) == "interrupted",
+        "the lease of the killed process to run out",
+    )
+    _, out, _ = run_cli(capsys, "runs", "list", "--status", "interrupted")
+    assert "killed-1" in out and "↯ interrupted" in out
+
+    env.hold_file.unlink()
+    # The installed script, run where the workflow module is: the current directory is searched.
+    resumed = subprocess.run(
+        [*cli_command(), "runs", "resume", "killed-1", "--db", str(env.db)],
+        env=child_env(env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "3 steps came from the journal (not run again), 2 ran now" in resumed.stdout
+    assert "published hydro: Outline a report on hydro." in resumed.stdout
+    assert env.ledger_lines() == ["hydro"]
+
+    record = env.journal.get_run("killed-1")
+    assert record is not None and record.status == "completed" and record.attempts == 2
+    assert record.pid not in (os.getpid(), child.pid)  # the resuming process finished it
+    assert "report/publish#0" in env.journal.load_steps("killed-1")
+    _, out, _ = run_cli(capsys, "runs", "list", "--status", "completed")
+    assert "killed-1" in out
+
+
+# -- the parser and the renderers -------------------------------------------------------------
+
+
+def test_runs_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "runs")
+    assert code == 2 and "list" in err and "show" in err and "resume" in err
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0 and "kagura runs --help" in out
+
+
+def test_runs_table_keeps_the_error_on_a_narrow_terminal() -> None:
+    from rich.console import Console
+
+    now = time.time()
+    record = RunRecord(
+        "run-with-a-long-identifier",
+        "write_report",
+        "app:write_report",
+        "failed",
+        "{}",
+        None,
+        "the CMS is [down]",
+        "RuntimeError",
+        "owner",
+        4242,
+        "worker-7.example.internal",
+        now,
+        now,
+        now,
+        3,
+        6,
+    )
+    console = Console(width=80, record=True, color_system=None)
+    console.print(_cli.runs_table([record], width=80))
+    text = console.export_text()
+    assert "RuntimeError: the CMS is [down]" in text  # recorded text, never markup
+    assert "pid@host" not in text and "updated" not in text  # dropped first
+    assert "run-with-a-long-identifier" in text and "✗ failed" in text
+
+    wide = Console(width=200, record=True, color_system=None)
+    wide.print(_cli.runs_table([record], width=200))
+    assert "4242@worker-7.example.internal" in wide.export_text()

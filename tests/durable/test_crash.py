@@ -1,0 +1,135 @@
+"""The durable-run promise, end to end: a process killed (SIGKILL) in the middle of a workflow is
+resumed by another process, which finishes it with the same result as an uninterrupted run and
+without sending any call that completed before the kill to the provider again.
+
+The provider is the fault server on loopback, in this process; the workflow runs in real
+subprocesses (``tests/durable/runner.py``) on the test's store, SQLite or PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kagura.durable import Journal
+from kagura.testing import replay
+from kagura.testing.fault_server import FaultServer, RecordedRequest
+
+from . import workflows
+from .conftest import Child, await_until, lines
+
+DONE_BEFORE_KILL = {"crash_pipeline/charge#0", "crash_pipeline/alpha#0", "crash_pipeline/beta#0"}
+ALL_STEPS = DONE_BEFORE_KILL | {"crash_pipeline/gamma#0", "crash_pipeline/combine#0"}
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer.run_in_thread(hang_seconds=30) as running:
+        yield running
+
+
+def prompt_of(request: RecordedRequest) -> str:
+    """Which crash agent sent it: the first word of its prompt (ALPHA, BETA, ...)."""
+    return str(request.messages[-1]["content"]).split()[0]
+
+
+async def test_a_killed_run_resumes_without_repeating_completed_calls(
+    journal: Journal,
+    server: FaultServer,
+    spawn: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = {"KAGURA_LEASE_SECONDS": "1", "OPENAI_BASE_URL": server.base_url}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+    # The same workflow, uninterrupted: the result the resumed run must reach.
+    clean = await workflows.crash_pipeline.run("tides", str(tmp_path / "clean.txt"), run_id="clean")
+    assert clean["final"].startswith("COMBINE these: ALPHA report on tides.")
+    clean_requests = len(server.chat_requests)
+    assert clean_requests == 4
+
+    # Run it in a subprocess while the server hangs on the SLOW agent's prompt.
+    server.set_rules(("SLOW", "hang"))
+    ledger = tmp_path / "ledger.txt"
+    child: Child = spawn(
+        "run", "crash_pipeline", "crashed", json.dumps(["tides", str(ledger)]), env=env
+    )
+
+    def hanging() -> list[RecordedRequest]:
+        return [
+            r
+            for r in server.chat_requests[clean_requests:]
+            if r.fault == "hang" and not r.client_gone
+        ]
+
+    def mid_flight() -> bool:
+        done = set(journal.load_steps("crashed"))
+        return done == DONE_BEFORE_KILL and server.in_flight == 1 and len(hanging()) == 1
+
+    await await_until(mid_flight, "the two quick agents journaled and the slow one hanging")
+    journaled_before = journal.load_steps("crashed")
+    sent_before_kill = len(server.chat_requests)
+    assert child.process.poll() is None
+
+    os.kill(child.pid, signal.SIGKILL)
+    await asyncio.to_thread(child.process.wait, 10)
+    assert child.process.returncode == -signal.SIGKILL
+    await server.wait_disconnects(1)  # the hanging call died with the process
+
+    # Nobody renews the lease any more: once it expires the run is listed as interrupted.
+    await await_until(
+        lambda: [r.run_id for r in journal.list_runs(status="interrupted")] == ["crashed"],
+        "the killed run to be reported interrupted",
+    )
+
+    # A new process resumes it; the server answers normally now.
+    server.set_rules()
+    resumed = spawn("resume", "crashed", env=env)
+    outcome = await asyncio.to_thread(resumed.finish)
+    assert outcome == {"ok": True, "result": clean, "pid": resumed.pid}, resumed.stderr
+
+    # Nothing journaled before the kill went to the provider again: only the calls that had not
+    # completed (the hung one, and the one after it) were sent after the kill.
+    after_kill = Counter(prompt_of(r) for r in server.chat_requests[sent_before_kill:])
+    assert after_kill == Counter({"GAMMA": 1, "COMBINE": 1})
+    journaled_agents = {s.name for s in journaled_before.values() if s.kind == "agent"}
+    assert journaled_agents == {"alpha", "beta"}
+    assert not {workflows.CRASH_PROMPTS[name] for name in journaled_agents} & set(after_kill)
+    # Over the whole crashed run: every call once, but the one that hung.
+    crashed_run = server.chat_requests[clean_requests:]
+    assert Counter(prompt_of(r) for r in crashed_run) == Counter(
+        {"ALPHA": 1, "BETA": 1, "GAMMA": 2, "COMBINE": 1}
+    )
+    assert [r.fault for r in crashed_run if prompt_of(r) == "GAMMA"] == ["hang", "ok"]
+    assert lines(ledger) == ["charged tides"]  # the paid side effect happened once
+
+    record = journal.get_run("crashed")
+    assert record is not None
+    assert (record.status, record.attempts, record.pid, record.steps) == (
+        "completed",
+        2,
+        resumed.pid,
+        5,
+    )
+    steps = journal.load_steps("crashed")
+    assert set(steps) == ALL_STEPS
+    assert all(steps[key] == journaled_before[key] for key in DONE_BEFORE_KILL)
+    listed = {r.run_id: r for r in journal.list_runs(status="completed")}
+    assert set(listed) == {"crashed", "clean"}
+    assert listed["crashed"].steps == 5
+    assert journal.list_runs(status="interrupted") == []
+
+    # And the run replays from its journal alone: no request reaches the server.
+    sent = len(server.chat_requests)
+    assert await replay("crashed") == clean
+    assert len(server.chat_requests) == sent

@@ -1,0 +1,87 @@
+"""A resumed run that takes another path than its journal fails with NonDeterminismError naming
+the step; ``kagura.testing.replay`` runs a recorded run against its journal alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kagura import NonDeterminismError
+from kagura.durable import Journal
+from kagura.testing import FakeModel, override_model, replay
+
+from . import workflows
+from .conftest import lines
+
+
+async def failed_checked_run(tmp_path: Path) -> Path:
+    """Run ``checked`` as ``order-1`` until its check fails: the draft is journaled."""
+    gate = tmp_path / "gate"
+    with pytest.raises(FileNotFoundError):
+        await workflows.checked.run("tea", str(gate), run_id="order-1")
+    gate.touch()
+    return gate
+
+
+async def test_an_agent_called_with_other_inputs_is_named(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    await failed_checked_run(tmp_path)
+    with pytest.raises(NonDeterminismError) as changed:
+        await workflows.checked_other_inputs.resume("order-1")
+    assert changed.value.step_key == "checked/draft#0"
+    assert str(changed.value) == (
+        "step 'checked/draft#0': agent 'draft' is called with other inputs than the journal "
+        "recorded"
+    )
+    assert len(model.requests) == 1  # nothing was sent for the changed call
+    record = journal.get_run("order-1")
+    assert record is not None
+    assert (record.status, record.error_type) == ("failed", "NonDeterminismError")
+
+    # The code as it was still resumes the run.
+    assert await workflows.checked.resume("order-1") == "Review this: Draft a note about tea."
+    assert len(model.requests) == 2
+
+
+async def test_another_call_at_a_journaled_step_key_is_named(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    await failed_checked_run(tmp_path)
+    with pytest.raises(NonDeterminismError) as changed:
+        await workflows.checked_step_for_agent.resume("order-1")
+    assert changed.value.step_key == "checked/draft#0"
+    assert "the journal has agent 'draft' here, the code now calls step 'draft'" in str(
+        changed.value
+    )
+    assert len(model.requests) == 1
+
+
+async def test_replay_runs_against_the_journal_alone(journal: Journal, tmp_path: Path) -> None:
+    ledger = tmp_path / "ledger.txt"
+    with override_model(FakeModel(name="recording")):
+        recorded = await workflows.fanout.run("plums", str(ledger), run_id="yesterday")
+    before = journal.get_run("yesterday")
+    steps = journal.load_steps("yesterday")
+
+    with override_model(FakeModel(name="replaying")) as offline:
+        # The workflow is found from the run's recorded target; no provider, no side effects.
+        assert await replay("yesterday") == recorded
+        assert await replay("yesterday", workflows.fanout) == recorded
+    assert isinstance(offline, FakeModel) and offline.requests == []
+    assert lines(ledger) == ["charged plums"]
+    assert journal.get_run("yesterday") == before  # nothing written
+    assert journal.load_steps("yesterday") == steps
+
+
+async def test_replay_of_changed_code_names_the_new_step(journal: Journal, tmp_path: Path) -> None:
+    with override_model(FakeModel()):
+        await workflows.fanout.run("plums", str(tmp_path / "ledger.txt"), run_id="yesterday")
+    with override_model(FakeModel()) as offline, pytest.raises(NonDeterminismError) as new:
+        await replay("yesterday", workflows.fanout_with_summary)
+    assert new.value.step_key == "fanout/summarise#0"
+    assert "agent 'summarise' is not in the journal of run 'yesterday'" in str(new.value)
+    assert isinstance(offline, FakeModel) and offline.requests == []
+    record = journal.get_run("yesterday")
+    assert record is not None and record.status == "completed"

@@ -1,0 +1,192 @@
+"""Run ids: a run happens once however often it is started; failed and interrupted runs are
+resumed from their journal, without calling the provider again for journaled steps."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kagura.durable import Journal, _execute
+from kagura.errors import RunFailedError, RunInProgressError, UsageError
+from kagura.testing import FakeModel
+
+from . import workflows
+from .conftest import Child, await_until, wait_until
+
+EXPECTED = "Review this: Draft a note about tea."
+
+
+def prompts(model: FakeModel) -> list[str]:
+    return [str(r.messages[-1].get("content")) for r in model.requests]
+
+
+async def test_a_run_id_runs_once(journal: Journal, model: FakeModel, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    assert await workflows.gated.run("tea", str(gate), run_id="order-42") == EXPECTED
+    assert len(model.requests) == 2
+    assert await workflows.gated.run("tea", str(gate), run_id="order-42") == EXPECTED
+    assert len(model.requests) == 2  # the second start took the recorded result
+
+    record = journal.get_run("order-42")
+    assert record is not None
+    assert (record.status, record.attempts, record.steps) == ("completed", 1, 3)
+    assert json.loads(record.arguments or "") == {"topic": "tea", "gate": str(gate)}
+
+    with pytest.raises(UsageError, match="belongs to workflow 'gated'"):
+        await workflows.checked.run("tea", str(gate), run_id="order-42")
+
+
+async def test_starting_a_running_id_waits_for_its_result(
+    journal: Journal, model: FakeModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    waiting = asyncio.Event()
+    wait_for = _execute._wait_for
+
+    async def spy(*args: Any) -> Any:
+        waiting.set()
+        return await wait_for(*args)
+
+    monkeypatch.setattr(_execute, "_wait_for", spy)
+    gate = tmp_path / "gate"
+    first = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-42"))
+    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-42"), "the draft")
+    second = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-42"))
+    async with asyncio.timeout(10):
+        await waiting.wait()  # the second start found the run busy and waits for it
+    gate.touch()
+    async with asyncio.timeout(20):
+        assert await asyncio.gather(first, second) == [EXPECTED, EXPECTED]
+    assert prompts(model) == ["Draft a note about tea.", EXPECTED]  # each step ran once
+    record = journal.get_run("order-42")
+    assert record is not None and (record.status, record.attempts) == ("completed", 1)
+
+
+async def test_a_failed_run_id_raises_until_resumed(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    with pytest.raises(FileNotFoundError, match="is closed"):
+        await workflows.checked.run("tea", str(gate), run_id="order-7")
+    assert prompts(model) == ["Draft a note about tea."]
+
+    with pytest.raises(RunFailedError) as failed:
+        await workflows.checked.run("tea", str(gate), run_id="order-7")
+    assert failed.value.run_id == "order-7"
+    assert failed.value.error_type == "FileNotFoundError"
+    assert "resume" in str(failed.value)
+    assert [r.run_id for r in journal.list_runs(status="failed")] == ["order-7"]
+
+    gate.touch()
+    assert await workflows.checked.resume("order-7") == EXPECTED
+    # The journaled draft came from the journal; only the review went to the provider.
+    assert prompts(model) == ["Draft a note about tea.", EXPECTED]
+    assert await workflows.checked.run("tea", str(gate), run_id="order-7") == EXPECTED
+    assert await workflows.checked.resume("order-7") == EXPECTED  # completed: just the result
+    assert len(model.requests) == 2
+    record = journal.get_run("order-7")
+    assert record is not None
+    assert (record.status, record.attempts, record.error, record.steps) == (
+        "completed",
+        2,
+        None,
+        3,
+    )
+
+
+async def test_resume_needs_a_known_run_of_that_workflow(journal: Journal, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="no durable run 'nope'"):
+        await workflows.gated.resume("nope")
+    with pytest.raises(FileNotFoundError):
+        await workflows.checked.run("tea", str(tmp_path / "gate"), run_id="order-8")
+    with pytest.raises(UsageError, match="belongs to workflow 'checked'"):
+        await workflows.gated.resume("order-8")
+
+
+async def test_a_cancelled_run_is_resumable_at_once(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    task = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-9"))
+    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-9"), "the draft")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # Cancelled is not failed, and gives the lease up: the run is interrupted at once.
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["order-9"]
+
+    gate.touch()
+    assert await workflows.gated.resume("order-9") == EXPECTED
+    assert prompts(model) == ["Draft a note about tea.", EXPECTED]
+    steps = journal.load_steps("order-9")
+    assert set(steps) == {"gated/draft#0", "gated/gate#0", "gated/review#0"}
+
+
+async def test_resuming_a_live_run_is_refused(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    task = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-10"))
+    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-10"), "the draft")
+    with pytest.raises(RunInProgressError) as refused:
+        await workflows.gated.resume("order-10")
+    message = str(refused.value)
+    assert "'order-10' is being executed by process" in message
+    assert str(os.getpid()) in message
+    assert "lease of 30s" in message
+    assert [r.run_id for r in journal.list_runs(status="running")] == ["order-10"]
+    assert journal.list_runs(status="interrupted") == []
+
+    gate.touch()
+    async with asyncio.timeout(20):
+        assert await task == EXPECTED
+    assert len(model.requests) == 2
+
+
+async def test_a_dead_process_run_is_interrupted_once_its_lease_expires(
+    journal: Journal,
+    model: FakeModel,
+    spawn: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "1")
+    gate = tmp_path / "gate"
+    child: Child = spawn(
+        "run",
+        "gated",
+        "order-11",
+        json.dumps(["tea", str(gate)]),
+        env={"KAGURA_LEASE_SECONDS": "1"},
+    )
+    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-11"), "the draft")
+    with pytest.raises(RunInProgressError, match=f"process {child.pid} "):
+        await workflows.gated.resume("order-11")
+
+    child.process.kill()
+    await asyncio.to_thread(child.process.wait, 10)
+    interrupted = await await_until(
+        lambda: journal.list_runs(status="interrupted"), "the lease to expire"
+    )
+    assert [(r.run_id, r.status, r.pid, r.steps) for r in interrupted] == [
+        ("order-11", "interrupted", child.pid, 1)
+    ]
+    record = journal.get_run("order-11")
+    assert record is not None and record.status == "interrupted"
+
+    gate.touch()
+    assert await workflows.gated.resume("order-11") == EXPECTED
+    assert prompts(model) == [EXPECTED]  # the draft the dead process journaled is not redone
+    record = journal.get_run("order-11")
+    assert record is not None
+    assert (record.status, record.attempts, record.pid) == ("completed", 2, os.getpid())
+
+
+def test_wait_until_is_bounded() -> None:
+    with pytest.raises(pytest.fail.Exception, match="timed out"):
+        wait_until(lambda: False, "nothing", timeout=0.05)
