@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kagura.durable import Journal
@@ -39,6 +40,24 @@ def server() -> Iterator[FaultServer]:
 def prompt_of(request: RecordedRequest) -> str:
     """Which crash agent sent it: the first word of its prompt (ALPHA, BETA, ...)."""
     return str(request.messages[-1]["content"]).split()[0]
+
+
+def test_fault_server_rules_pick_a_fault_by_prompt() -> None:
+    with FaultServer.run_in_thread(["500"], rules=[("slow", "503"), ("low", "429")]) as server:
+
+        def ask(prompt: str) -> int:
+            body = {"model": "m", "messages": [{"role": "user", "content": prompt}]}
+            return httpx.post(
+                f"{server.base_url}/chat/completions", json=body, timeout=10
+            ).status_code
+
+        assert ask("a slow one") == 503  # the first rule that matches
+        assert ask("below") == 429
+        assert ask("slow again") == 503  # rules are not used up
+        assert ask("other") == 500  # the script serves what no rule matches
+        server.set_rules()
+        assert ask("slow") == 200
+        assert [r.fault for r in server.chat_requests] == ["503", "429", "503", "500", "ok"]
 
 
 async def test_a_killed_run_resumes_without_repeating_completed_calls(

@@ -61,7 +61,7 @@ async def test_starting_a_running_id_waits_for_its_result(
         await waiting.wait()  # the second start found the run busy and waits for it
     gate.touch()
     async with asyncio.timeout(20):
-        assert await asyncio.gather(first, second) == [EXPECTED, EXPECTED]
+        assert list(await asyncio.gather(first, second)) == [EXPECTED, EXPECTED]
     assert prompts(model) == ["Draft a note about tea.", EXPECTED]  # each step ran once
     record = journal.get_run("order-42")
     assert record is not None and (record.status, record.attempts) == ("completed", 1)

@@ -142,25 +142,23 @@ async def checked_step_for_agent(topic: str, gate: str) -> str:
 
 # -- against the fault server (OPENAI_BASE_URL) --------------------------------------------------
 
-SERVER = {"model": "openai/test-model", "api_key": "sk-test", "retry": False}
 
-
-@agent(**SERVER)
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
 async def alpha(topic: str) -> str:
     """ALPHA report on {{ topic }}."""
 
 
-@agent(**SERVER)
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
 async def beta(topic: str) -> str:
     """BETA report on {{ topic }}."""
 
 
-@agent(**SERVER)
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
 async def gamma(topic: str) -> str:
     """GAMMA report on {{ topic }}, the SLOW one."""
 
 
-@agent(**SERVER)
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
 async def combine(first: str, second: str, third: str) -> str:
     """COMBINE these: {{ first }} / {{ second }} / {{ third }}"""
 

@@ -110,6 +110,8 @@ class Journal:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
+        # Held by the writer from taking rows off the queue until they are committed.
+        self._writing = threading.Lock()
         self.host = socket.gethostname()
 
     @property
@@ -215,7 +217,9 @@ class Journal:
         with self.engine.begin() as connection:
             renewed = connection.execute(
                 update(runs)
-                .where(runs.c.run_id == run_id, runs.c.owner == owner)
+                # heartbeat_at 0 is a released lease (the run was cancelled): a heartbeat still
+                # in flight must not revive it, or the run stays unresumable for a whole lease.
+                .where(runs.c.run_id == run_id, runs.c.owner == owner, runs.c.heartbeat_at > 0)
                 .values(heartbeat_at=now, updated_at=now)
             )
         return bool(renewed.rowcount == 1)
@@ -341,7 +345,9 @@ class Journal:
         self._wake.set()
 
     def flush(self, timeout: float = 60.0) -> None:
-        if not self._queue:
+        # An empty queue is not enough: the writer may hold rows it has not committed yet.
+        # (Queue first, then the lock: the writer takes the lock before it empties the queue.)
+        if not self._queue and not self._writing.locked():
             return
         self._ensure_thread()
         marker = _Flush()
@@ -367,17 +373,18 @@ class Journal:
             while self._queue:
                 rows: list[dict[str, Any]] = []
                 markers: list[_Flush] = []
-                while self._queue and len(rows) < 1000:
-                    item = self._queue.popleft()
-                    if isinstance(item, _Flush):
-                        markers.append(item)
-                        break
-                    rows.append(item)
-                if rows:
-                    try:
-                        self._write_steps(rows)
-                    except Exception:
-                        _log.exception("kagura: journaling %d steps failed", len(rows))
+                with self._writing:
+                    while self._queue and len(rows) < 1000:
+                        item = self._queue.popleft()
+                        if isinstance(item, _Flush):
+                            markers.append(item)
+                            break
+                        rows.append(item)
+                    if rows:
+                        try:
+                            self._write_steps(rows)
+                        except Exception:
+                            _log.exception("kagura: journaling %d steps failed", len(rows))
                 for marker in markers:
                     marker.done.set()
 

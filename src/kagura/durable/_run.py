@@ -15,7 +15,7 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, TypeVar, cast, get_type_hints
+from typing import Any, TypeVar, cast, get_type_hints, overload
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -98,6 +98,11 @@ class DurableRun:
 current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_run", default=None)
 
 
+# Two overloads: with ``Awaitable[T] | T`` alone, mypy cannot solve T for an async ``fn``.
+@overload
+async def step(name: str, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T: ...
+@overload
+async def step(name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
 async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **kwargs: Any) -> T:
     """Run ``fn(*args, **kwargs)`` as a named, recorded step of the current workflow.
 

@@ -1,0 +1,65 @@
+"""The journal's own guarantees, below the workflow level."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from kagura.durable import Journal
+from kagura.durable._journal import _Flush
+
+from .conftest import wait_until
+
+
+def test_flush_waits_for_steps_the_writer_is_still_committing(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finish`` and ``load_steps`` flush first: with the queue already emptied by the writer
+    thread, flush must still wait until those rows are committed."""
+    taken, release = threading.Event(), threading.Event()
+    committed: list[bool] = []
+    write = Journal._write_steps
+
+    def held_write(self: Journal, rows: list[dict[str, Any]]) -> None:
+        taken.set()
+        assert release.wait(10)
+        write(self, rows)
+        committed.append(True)
+
+    monkeypatch.setattr(Journal, "_write_steps", held_write)
+    journal.record_step("run-1", "wf/step#0", "step", "step", "hash", "1")
+    assert taken.wait(10)  # the writer has taken the row off the queue, not committed it
+
+    seen: list[bool] = []
+
+    def flush() -> None:
+        journal.flush(10)
+        seen.append(bool(committed))
+
+    flusher = threading.Thread(target=flush)
+    flusher.start()
+    # Either flush returned at once (the bug) or it queued its marker and waits behind the row.
+    wait_until(
+        lambda: not flusher.is_alive() or any(isinstance(i, _Flush) for i in list(journal._queue)),
+        "flush to return or to wait",
+    )
+    release.set()
+    flusher.join(10)
+    assert seen == [True]
+    assert set(journal.load_steps("run-1")) == {"wf/step#0"}
+
+
+def test_a_late_heartbeat_does_not_revive_a_released_lease(journal: Journal) -> None:
+    """A cancelled run gives its lease up; a heartbeat already on its way (its thread cannot be
+    cancelled) must not take it back, or the run could not be resumed for a whole lease."""
+    outcome, _ = journal.start("run-1", "wf", None, "{}", owner="me")
+    assert outcome == "started"
+    assert journal.heartbeat("run-1", "me")
+    journal.release("run-1", "me")
+    assert not journal.heartbeat("run-1", "me")
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["run-1"]
+    assert journal.claim("run-1", "you")
+    assert journal.heartbeat("run-1", "you")
+    assert not journal.heartbeat("run-1", "me")
