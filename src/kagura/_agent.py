@@ -236,7 +236,7 @@ class Agent(Generic[P, R]):
         try:
             if durable is not None:
                 digest = input_hash(arguments)
-                record = durable.lookup(span.step_key, self.name, "agent", digest)
+                record = durable.lookup(span.step_key, self.name, "agent", digest, span._position)
                 if record is not None:
                     return self._replayed(record.output, span)
             prompt = self.prompt.render(arguments)
@@ -265,7 +265,14 @@ class Agent(Generic[P, R]):
                 attributes={"output": result, "answered_by": answered_by},
             )
         if durable is not None:
-            durable.record(span.step_key, self.name, "agent", digest, self.output.dump(result))
+            durable.record(
+                span.step_key,
+                self.name,
+                "agent",
+                digest,
+                self.output.dump(result),
+                span._position,
+            )
         return AgentRun(
             cast(R, result), answered_by, totals.usage, totals.cost, span.span_id, span.run_id
         )

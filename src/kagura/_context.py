@@ -31,7 +31,9 @@ class Span:
 
     __slots__ = (
         "_child_seq",
+        "_children",
         "_key",
+        "_position",
         "_seq",
         "depth",
         "kind",
@@ -64,6 +66,13 @@ class Span:
         # taken now; the string is built only when someone asks (recording, durable runs).
         self._seq = parent._next_seq(name) if parent is not None else 0
         self._key: str | None = None
+        # Its place among its parent's steps whatever their names (LLM attempts, whose number
+        # varies with retries, are not steps): how a durable run notices a renamed step.
+        self._children = 0
+        self._position = -1
+        if parent is not None and kind != "llm":
+            self._position = parent._children
+            parent._children += 1
 
     @property
     def parent_id(self) -> str | None:

@@ -118,17 +118,20 @@ async def start(
         raise UsageError(
             f"run id {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
         )
+    if outcome != "started" and record.arguments != arguments:
+        # One run id is one piece of work: other arguments would silently get another's result.
+        if outcome == "claimed":
+            await asyncio.to_thread(journal.release, run_id, owner)
+        raise UsageError(
+            f"run id {run_id!r} was started with other arguments ({record.arguments}); use "
+            f"another run id, or {workflow.name}.resume({run_id!r}) to finish it as it was started"
+        )
     if outcome == "completed":
         return _load_result(workflow, record.result)
     if outcome == "failed":
         raise RunFailedError(run_id, record.error, record.error_type)
     if outcome == "busy":
         return await _wait_for(workflow, journal, run_id)
-    if outcome == "claimed" and record.arguments != arguments:
-        raise UsageError(
-            f"run id {run_id!r} was started with other arguments; resume it with "
-            f"{workflow.name}.resume({run_id!r}) to finish it as it was started"
-        )
     steps = {} if outcome == "started" else await asyncio.to_thread(journal.load_steps, run_id)
     return await _execute(workflow, journal, record, owner, bound, steps)
 

@@ -42,6 +42,7 @@ class StepRecord:
     input_hash: str
     output: str | None
     created_at: float | None = None  # when it was journaled (None: not read from the store)
+    position: int | None = None  # its place among its parent's steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +321,13 @@ class Journal:
             rows = connection.execute(select(steps).where(steps.c.run_id == run_id)).all()
         return {
             row.step_key: StepRecord(
-                row.step_key, row.name, row.kind, row.input_hash, row.output, row.created_at
+                row.step_key,
+                row.name,
+                row.kind,
+                row.input_hash,
+                row.output,
+                row.created_at,
+                row.position,
             )
             for row in rows
         }
@@ -328,7 +335,14 @@ class Journal:
     # -- steps (from the event loop: queued, written in order by a thread) --------------------
 
     def record_step(
-        self, run_id: str, key: str, name: str, kind: str, input_hash: str, output: str | None
+        self,
+        run_id: str,
+        key: str,
+        name: str,
+        kind: str,
+        input_hash: str,
+        output: str | None,
+        position: int | None = None,
     ) -> None:
         self._queue.append(
             {
@@ -339,6 +353,7 @@ class Journal:
                 "input_hash": input_hash,
                 "output": output,
                 "created_at": time.time(),
+                "position": position,
             }
         )
         self._ensure_thread()
@@ -396,7 +411,10 @@ class Journal:
         # A re-executed step (a tool called again by an agent that itself re-ran) replaces its row.
         upsert = statement.on_conflict_do_update(
             index_elements=["run_id", "step_key"],
-            set_={c: statement.excluded[c] for c in ("name", "kind", "input_hash", "output")},
+            set_={
+                c: statement.excluded[c]
+                for c in ("name", "kind", "input_hash", "output", "position")
+            },
         )
         with self.engine.begin() as connection:
             connection.execute(upsert, rows)

@@ -47,7 +47,7 @@ class DurableRun:
     journal is an error, and nothing is written.
     """
 
-    __slots__ = ("journal", "replay_only", "replayed", "run_id", "steps")
+    __slots__ = ("_by_position", "journal", "replay_only", "replayed", "run_id", "steps")
 
     def __init__(
         self,
@@ -62,14 +62,19 @@ class DurableRun:
         self.steps = steps
         self.replay_only = replay_only
         self.replayed = 0
+        self._by_position: dict[tuple[str, int], StepRecord] | None = None
 
-    def lookup(self, key: str, name: str, kind: str, digest: str) -> StepRecord | None:
+    def lookup(
+        self, key: str, name: str, kind: str, digest: str, position: int = -1
+    ) -> StepRecord | None:
         record = self.steps.get(key)
         if record is None:
             if self.replay_only:
                 raise NonDeterminismError(
                     key, f"{kind} {name!r} is not in the journal of run {self.run_id!r}"
                 )
+            if kind != "tool" and position >= 0:
+                self._check_position(key, name, kind, position)
             return None
         if record.name != name or record.kind != kind:
             raise NonDeterminismError(
@@ -88,11 +93,36 @@ class DurableRun:
         self.replayed += 1
         return record
 
-    def record(self, key: str, name: str, kind: str, digest: str, output: str | None) -> None:
+    def _check_position(self, key: str, name: str, kind: str, position: int) -> None:
+        """A new step where the journal has another one (renamed, replaced or reordered code)."""
+        if self._by_position is None:
+            self._by_position = {
+                (r.step_key.rpartition("/")[0], r.position): r
+                for r in self.steps.values()
+                if r.position is not None and r.kind != "tool"
+            }
+        there = self._by_position.get((key.rpartition("/")[0], position))
+        if there is not None and there.step_key != key:
+            raise NonDeterminismError(
+                key,
+                f"the journal has {there.kind} {there.name!r} ({there.step_key}) at this point "
+                f"of the run, the code now calls {kind} {name!r}",
+            )
+
+    def record(
+        self,
+        key: str,
+        name: str,
+        kind: str,
+        digest: str,
+        output: str | None,
+        position: int = -1,
+    ) -> None:
         if self.replay_only or self.journal is None:
             return
-        self.steps[key] = StepRecord(key, name, kind, digest, output)
-        self.journal.record_step(self.run_id, key, name, kind, digest, output)
+        pos = position if position >= 0 else None
+        self.steps[key] = StepRecord(key, name, kind, digest, output, None, pos)
+        self.journal.record_step(self.run_id, key, name, kind, digest, output, pos)
 
 
 current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_run", default=None)
@@ -119,7 +149,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
     try:
         if durable is not None:
-            record = durable.lookup(span.step_key, name, "step", digest)
+            record = durable.lookup(span.step_key, name, "step", digest, span._position)
             if record is not None:
                 replayed: T = _load(record.output, fn)
                 span_finished(span, "completed", attributes={"output": replayed, "replayed": True})
@@ -130,7 +160,12 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
         value = cast(T, result)  # the awaited result of fn: its declared T
         if durable is not None:
             durable.record(
-                span.step_key, name, "step", digest, pydantic_core.to_json(value).decode()
+                span.step_key,
+                name,
+                "step",
+                digest,
+                pydantic_core.to_json(value).decode(),
+                span._position,
             )
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)

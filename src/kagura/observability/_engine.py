@@ -94,10 +94,29 @@ def _create_schema(engine: Any) -> None:
     for attempt in range(3):
         try:
             metadata.create_all(engine, checkfirst=True)
+            _add_missing_columns(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == 2:
                 raise
+
+
+def _add_missing_columns(engine: Any) -> None:
+    """Columns added to a table after a store was created (a store outlives versions)."""
+    from sqlalchemy import inspect
+
+    from ._schema import metadata
+
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    connection.exec_driver_sql(
+                        f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
+                    )
 
 
 def dispose_all() -> None:

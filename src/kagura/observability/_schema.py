@@ -103,4 +103,5 @@ steps = Table(
     Column("input_hash", String(64), nullable=False),
     Column("output", Text),  # JSON
     Column("created_at", Float, nullable=False),
+    Column("position", Integer),  # its place among its parent's steps (see Span._position)
 )
