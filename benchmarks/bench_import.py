@@ -136,7 +136,7 @@ def add_table(report: Report, title: str, snippets: list[Snippet], reps: int) ->
             s.name,
             "" if s is snippets[0] else fmt(own * 1000, 1),
             fmt(median(s.seconds) * 1000, 1),
-            "" if s is snippets[0] or ref <= 0 else f"{own / ref:.2f}×",
+            "" if s is snippets[0] or ref <= 0 else f"{max(own, 0.0) / ref:.2f}×",
         )
     table.notes.append(
         f"Median of {reps} fresh interpreters per snippet, snippets taking turns; the first row "

@@ -462,7 +462,8 @@ def main() -> None:
         command="python benchmarks/bench_store.py",
         description=(
             "Rows per second through the `Recorder` into SQLite, and the time of "
-            "`kagura monitor stats` over a store of 1,000,000 recorded agent calls."
+            f"`kagura monitor stats` over a store of {args.executions:,} recorded agent calls "
+            "(the executions it counts), with their LLM attempts and workflow runs."
         ),
         params={"runs": args.runs, "executions": args.executions, "reps": args.reps},
     )

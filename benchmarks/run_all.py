@@ -24,6 +24,22 @@ from pathlib import Path
 from _bench import ROOT, Report, console, load_report, machine
 
 
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has spent busy since boot (Linux; 0 elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds used by this process's finished children (and theirs)."""
+    times = os.times()
+    return times.children_user + times.children_system
+
+
 @dataclass(frozen=True)
 class Bench:
     name: str
@@ -54,8 +70,11 @@ def markdown_table(columns: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+Outcome = tuple[Bench, list[str], Report | None, float]  # the last: other processes' CPU share
+
+
 def render(
-    reports: list[tuple[Bench, list[str], Report | None]],
+    reports: list[Outcome],
     info: dict[str, object],
     quick: bool,
     load: tuple[float, float],
@@ -78,7 +97,7 @@ def render(
         ]
     checks = [
         (bench, text)
-        for bench, _, report in reports
+        for bench, _, report, _ in reports
         if report is not None
         for text in report.lines
         if text.startswith(("PASS", "MISS"))
@@ -118,13 +137,17 @@ def render(
         "`benchmarks/README.md` for what each one measures and why.",
         "",
     ]
-    for bench, argv, report in reports:
+    for bench, argv, report, others in reports:
         command = " ".join([".venv/bin/python", f"benchmarks/{bench.script}", *argv])
         if report is None:
             out += [f"## {bench.name}", "", f"**Failed**: `{command}` exited with an error.", ""]
             continue
         out += [f"## {report.title}", "", report.description, ""]
-        out += [f"Command: `{command}` ({report.seconds:.0f} s).", ""]
+        out += [
+            f"Command: `{command}` ({report.seconds:.0f} s; other processes used "
+            f"{others:.0%} of the machine's CPU meanwhile).",
+            "",
+        ]
         for table in report.tables:
             out += [f"**{table.title}**", ""]
             out += markdown_table(table.columns, table.rows)
@@ -166,7 +189,7 @@ def main() -> int:
             style="yellow",
         )
     started = time.perf_counter()
-    reports: list[tuple[Bench, list[str], Report | None]] = []
+    reports: list[Outcome] = []
     failed = 0
     with tempfile.TemporaryDirectory(prefix="kagura-bench-") as tmp:
         for bench in SUITE:
@@ -175,6 +198,7 @@ def main() -> int:
             argv = list(bench.quick if args.quick else bench.full)
             json_path = Path(tmp) / f"{bench.name}.json"
             say.rule(f"[bold]{bench.script} {' '.join(argv)}")
+            busy, ours, wall = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
             done = subprocess.run(
                 [
                     sys.executable,
@@ -186,12 +210,19 @@ def main() -> int:
                 cwd=ROOT,
                 check=False,
             )
+            wall = time.perf_counter() - wall
+            others = busy_cpu_seconds() - busy - (children_cpu_seconds() - ours)
+            others_share = max(0.0, others) / (wall * (os.cpu_count() or 1))
+            say.print(
+                f"other processes used {others_share:.0%} of the machine's CPU meanwhile",
+                style="yellow" if others_share > 0.05 else "dim",
+            )
             if done.returncode != 0 or not json_path.exists():
                 failed += 1
                 say.print(f"{bench.script} failed (exit status {done.returncode})", style="red")
-                reports.append((bench, argv, None))
+                reports.append((bench, argv, None, others_share))
                 continue
-            reports.append((bench, argv, load_report(json_path)))
+            reports.append((bench, argv, load_report(json_path), others_share))
     load_end = os.getloadavg()[0]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
