@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -102,6 +104,31 @@ class Report:
     def save(self, path: str | None) -> None:
         if path:
             Path(path).write_text(json.dumps(asdict(self), indent=2), encoding="utf-8")
+
+    def finish(self, started: float, path: str | None) -> None:
+        """The time since ``started`` (a ``time.perf_counter()``), then the report printed, and
+        saved as JSON to ``path`` when given."""
+        self.seconds = time.perf_counter() - started
+        self.print(console())
+        self.save(path)
+
+
+def run_recorded(report: Report, home: str, path: str | None, run: Callable[[], object]) -> None:
+    """Time ``run()``, then (whatever happens) close the default recorder and remove ``home``,
+    the temporary ``KAGURA_HOME`` it recorded to; then finish the report (see ``finish``)."""
+    started = time.perf_counter()
+    try:
+        run()
+    finally:
+        # Imported here: the scripts that only report (run_all.py, bench_import.py) never load
+        # kagura in their own process.
+        from kagura.observability._recorder import default_recorder
+
+        recorder = default_recorder()
+        if recorder is not None:
+            recorder.close()
+        shutil.rmtree(home, ignore_errors=True)
+    report.finish(started, path)
 
 
 def load_report(path: Path) -> Report:

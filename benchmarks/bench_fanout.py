@@ -36,9 +36,8 @@ import tracemalloc  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
-from _bench import Report, console, fmt, median  # noqa: E402
+from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
 
 from kagura import Agent, _instrument, agent  # noqa: E402
 from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
@@ -258,20 +257,12 @@ def serve(delay: float) -> None:
     until stdin closes."""
     from kagura.testing.fault_server import Fault, FaultServer
 
-    # FaultServer listens with asyncio's default backlog of 100: a burst of hundreds of new
-    # connections overflows it, the kernel drops SYNs and clients retry after 1 s, 3 s, ...
-    # (TcpExtListenOverflows), which would measure the kernel's retransmission timer instead of
-    # the clients. Give this process's listening socket a deep backlog (net.core.somaxconn caps it).
-    start_server = asyncio.start_server
-
-    async def deep_backlog(*args: Any, **kwargs: Any) -> asyncio.Server:
-        kwargs.setdefault("backlog", 4096)
-        return await start_server(*args, **kwargs)
-
-    asyncio.start_server = deep_backlog  # type: ignore[assignment]
-
     async def run() -> None:
-        server = FaultServer(rules=[("", Fault("ok", delay=delay))])  # "" matches every prompt
+        # "" matches every prompt. A deep listen backlog (net.core.somaxconn caps it): with
+        # asyncio's default of 100, a burst of hundreds of new connections overflows it, the
+        # kernel drops SYNs and clients retry after 1 s, 3 s, ... (TcpExtListenOverflows), which
+        # would measure the kernel's retransmission timer instead of the clients.
+        server = FaultServer(rules=[("", Fault("ok", delay=delay))], backlog=4096)
         async with server:
             print(server.base_url, flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -431,21 +422,15 @@ def main() -> None:
             "http_rounds": args.http_rounds,
         },
     )
-    started = time.perf_counter()
-    try:
+
+    def run() -> None:
         if args.skip_http:
             asyncio.run(main_async(args, report, None))
         else:
             with ServerProcess(args.delay) as server:
                 asyncio.run(main_async(args, report, server))
-    finally:
-        found = default_recorder()
-        if found is not None:
-            found.close()
-        shutil.rmtree(_HOME, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
-    report.print(console())
-    report.save(args.json)
+
+    run_recorded(report, _HOME, args.json, run)
 
 
 if __name__ == "__main__":

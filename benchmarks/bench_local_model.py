@@ -15,7 +15,6 @@ outputs are compared to show that both really ran the same generation.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 _HOME = tempfile.mkdtemp(prefix="kagura-bench-local-")
@@ -30,10 +29,9 @@ import time  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import Any  # noqa: E402
 
-from _bench import Report, console, fmt, median  # noqa: E402
+from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
 
 from kagura import Agent, agent  # noqa: E402
-from kagura.observability._recorder import default_recorder  # noqa: E402
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -162,17 +160,7 @@ def main() -> None:
         ),
         params={"reps": args.reps, "max_tokens": args.max_tokens},
     )
-    started = time.perf_counter()
-    try:
-        asyncio.run(measure(args, report))
-    finally:
-        recorder = default_recorder()
-        if recorder is not None:
-            recorder.close()
-        shutil.rmtree(_HOME, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
-    report.print(console())
-    report.save(args.json)
+    run_recorded(report, _HOME, args.json, lambda: asyncio.run(measure(args, report)))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ measured in the same rounds.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 
 # Recording on is the normal configuration: the default recorder writes to KAGURA_HOME/events.db.
@@ -36,7 +35,7 @@ from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from typing import TypedDict  # noqa: E402
 
-from _bench import Report, console, fmt, median, ratio  # noqa: E402
+from _bench import Report, console, fmt, median, ratio, run_recorded  # noqa: E402
 
 from kagura import _instrument, agent, workflow  # noqa: E402
 from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
@@ -388,17 +387,7 @@ def main() -> None:
             "are started at once; contenders take turns, in a rotating order, in one process."
         ),
     )
-    started = time.perf_counter()
-    try:
-        asyncio.run(main_async(args, report))
-    finally:
-        recorder = default_recorder()
-        if recorder is not None:
-            recorder.close()
-        shutil.rmtree(_HOME, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
-    report.print(console())
-    report.save(args.json)
+    run_recorded(report, _HOME, args.json, lambda: asyncio.run(main_async(args, report)))
 
 
 if __name__ == "__main__":

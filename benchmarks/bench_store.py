@@ -551,9 +551,7 @@ def main() -> None:
     finally:
         dispose_all()
         shutil.rmtree(workdir, ignore_errors=True)
-    report.seconds = time.perf_counter() - started
-    report.print(console())
-    report.save(args.json)
+    report.finish(started, args.json)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from .._table import FittedTable
 from ..observability._monitor import DASH, excerpt, format_seconds, format_time, format_when
 from ._journal import RunRecord, StepRecord
 
@@ -44,6 +45,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
 _DROP_ORDER = ("updated", "pid@host", "attempts", "started", "workflow")
 _MAX_WIDTHS = {"run id": 36, "workflow": 28, "pid@host": 40, "error": 60}
 _MIN_ERROR_WIDTH = 24
+_RUNS_TABLE = FittedTable(_COLUMNS, _DROP_ORDER, _MAX_WIDTHS, _MIN_ERROR_WIDTH)
 
 # -- single values ----------------------------------------------------------------------------
 
@@ -98,24 +100,9 @@ def run_cells(record: RunRecord, *, now: datetime | None = None) -> dict[str, Te
     }
 
 
-def _needed(name: str, rows: Sequence[Mapping[str, Text]]) -> int:
-    widest = max([len(name), *(row[name].cell_len for row in rows)])
-    if name == "error":
-        return min(widest, _MIN_ERROR_WIDTH) if any(r[name].plain for r in rows) else 0
-    return min(widest, _MAX_WIDTHS.get(name, widest))
-
-
 def fit_run_columns(rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
     """The columns that fit in ``width`` cells: the least useful go first."""
-    names = [name for name, _ in _COLUMNS]
-    if width is None:
-        return names
-    for name in _DROP_ORDER:
-        widths = [_needed(n, rows) for n in names]
-        if sum(widths) + 2 * (len(widths) - 1) + 2 <= width:
-            break
-        names.remove(name)
-    return names
+    return _RUNS_TABLE.fit(rows, width)
 
 
 def runs_table(
@@ -124,34 +111,7 @@ def runs_table(
     """One row per run: id, workflow, status, steps journaled, attempts, start, last update,
     ``pid@host`` and an excerpt of the error. With ``width`` (the terminal's), the least useful
     columns are left out rather than every column squeezed."""
-    rows = [run_cells(r) for r in records]
-    columns = fit_run_columns(rows, width)
-    table = Table(
-        title=title,
-        box=box.SIMPLE_HEAD,
-        header_style="bold",
-        title_justify="left",
-        collapse_padding=True,
-        pad_edge=False,
-    )
-    justify = dict(_COLUMNS)
-    limits = dict(_MAX_WIDTHS)
-    if width is not None and "error" in columns:
-        # The error excerpt takes what the other columns leave.
-        others = [_needed(c, rows) for c in columns if c != "error"]
-        room = width - (sum(others) + 2 * len(others) + 2) - 1
-        limits["error"] = max(_MIN_ERROR_WIDTH, min(limits["error"], room))
-    for name in columns:
-        table.add_column(
-            name,
-            justify="right" if justify[name] == "right" else "left",
-            no_wrap=True,
-            overflow="ellipsis",
-            max_width=limits.get(name),
-        )
-    for row in rows:
-        table.add_row(*(row[name] for name in columns))
-    return table
+    return _RUNS_TABLE.table([run_cells(r) for r in records], title=title, width=width)
 
 
 # -- show -------------------------------------------------------------------------------------

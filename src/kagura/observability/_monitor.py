@@ -18,6 +18,8 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
+from .._table import FittedTable
+
 STATUS_STYLES = {
     "completed": "green",
     "failed": "bold red",
@@ -178,6 +180,7 @@ _COLUMNS: tuple[tuple[str, str], ...] = (
 _DROP_ORDER = ("llm calls", "retries", "kind", "tokens", "model", "started", "duration")
 _MAX_WIDTHS = {"name": 32, "model": 28, "error": 60}
 _MIN_ERROR_WIDTH = 12
+_EXECUTIONS_TABLE = FittedTable(_COLUMNS, _DROP_ORDER, _MAX_WIDTHS, _MIN_ERROR_WIDTH)
 
 
 def execution_cells(execution: Mapping[str, Any]) -> dict[str, Text]:
@@ -201,32 +204,10 @@ def execution_cells(execution: Mapping[str, Any]) -> dict[str, Text]:
     }
 
 
-def table_width(widths: Sequence[int]) -> int:
-    """The width of an executions table with columns this wide (gaps of 2, edges of 1)."""
-    return sum(widths) + 2 * (len(widths) - 1) + 2
-
-
 def fit_columns(rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
     """The columns that fit in ``width`` cells: the least useful go first, and the error
     column keeps at least a short excerpt."""
-    names = [name for name, _ in _COLUMNS]
-    if width is None:
-        return names
-
-    def needed(name: str) -> int:
-        widest = max([len(name), *(row[name].cell_len for row in rows)])
-        if name == "error":
-            return min(widest, _MIN_ERROR_WIDTH) if any(r[name].plain for r in rows) else 0
-        return min(widest, _MAX_WIDTHS.get(name, widest))
-
-    def total(columns: list[str]) -> int:
-        return table_width([needed(c) for c in columns])
-
-    for name in _DROP_ORDER:
-        if total(names) <= width:
-            break
-        names.remove(name)
-    return names
+    return _EXECUTIONS_TABLE.fit(rows, width)
 
 
 def executions_table(
@@ -238,38 +219,9 @@ def executions_table(
     """One row per execution: id, kind, name, status, start, duration, model, tokens, cost, LLM
     calls, retries and an excerpt of the error. With ``width`` (the terminal's), the least
     useful columns are left out rather than every column squeezed."""
-    rows = [execution_cells(e) for e in executions]
-    columns = fit_columns(rows, width)
-    table = Table(
-        title=title,
-        box=box.SIMPLE_HEAD,
-        header_style="bold",
-        title_justify="left",
-        collapse_padding=True,
-        pad_edge=False,
+    return _EXECUTIONS_TABLE.table(
+        [execution_cells(e) for e in executions], title=title, width=width
     )
-    justify = dict(_COLUMNS)
-    limits = dict(_MAX_WIDTHS)
-    if width is not None and "error" in columns:
-        # The error excerpt takes what the other columns leave, so they are never squeezed.
-        others = [
-            min(max([len(c), *(r[c].cell_len for r in rows)]), limits.get(c, width))
-            for c in columns
-            if c != "error"
-        ]
-        room = width - table_width([*others, 0]) - 1
-        limits["error"] = max(_MIN_ERROR_WIDTH, min(limits["error"], room))
-    for name in columns:
-        table.add_column(
-            name,
-            justify="right" if justify[name] == "right" else "left",
-            no_wrap=True,
-            overflow="ellipsis",
-            max_width=limits.get(name),
-        )
-    for row in rows:
-        table.add_row(*(row[name] for name in columns))
-    return table
 
 
 # -- stats ------------------------------------------------------------------------------------

@@ -10,11 +10,38 @@ from __future__ import annotations
 
 from contextvars import ContextVar, Token
 from types import TracebackType
+from typing import Any, ClassVar, Self
 
 from .._usage import Usage
 from ..errors import RunError, UsageError
 
 __all__ = ["BudgetExceeded", "CostBudget", "RetryBudget"]
+
+_retry_budget: ContextVar[RetryBudget | None] = ContextVar("kagura_retry_budget", default=None)
+_cost_budget: ContextVar[CostBudget | None] = ContextVar("kagura_cost_budget", default=None)
+
+
+class _Scope:
+    """``with budget:`` makes the budget current, through the context variable ``_current``, for
+    the code inside and every task started there; on exit the previous one is current again
+    (entering the same budget again, nested, is fine)."""
+
+    _current: ClassVar[ContextVar[Any]]
+
+    def __init__(self) -> None:
+        self._tokens: list[Token[Any]] = []
+
+    def __enter__(self) -> Self:
+        self._tokens.append(self._current.set(self))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._current.reset(self._tokens.pop())
 
 
 class BudgetExceeded(RunError):
@@ -25,19 +52,21 @@ class BudgetExceeded(RunError):
         super().__init__(message)
 
 
-class RetryBudget:
+class RetryBudget(_Scope):
     """At most ``max_retries`` retries in total, across every call that shares the budget.
 
     When it is spent, failures pass through unretried (with a note saying so), so one bad
     dependency cannot multiply the load of a whole batch.
     """
 
+    _current = _retry_budget
+
     def __init__(self, max_retries: int) -> None:
         if max_retries < 0:
             raise UsageError(f"max_retries must be 0 or more, got {max_retries}")
         self.max_retries = max_retries
         self.used = 0
-        self._tokens: list[Token[RetryBudget | None]] = []
+        super().__init__()
 
     @property
     def remaining(self) -> int:
@@ -52,23 +81,11 @@ class RetryBudget:
     def describe(self) -> str:
         return f"retry budget spent ({self.used} of {self.max_retries} retries used)"
 
-    def __enter__(self) -> RetryBudget:
-        self._tokens.append(_retry_budget.set(self))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _retry_budget.reset(self._tokens.pop())
-
     def __repr__(self) -> str:
         return f"RetryBudget(used={self.used}, max_retries={self.max_retries})"
 
 
-class CostBudget:
+class CostBudget(_Scope):
     """A ceiling on USD and/or tokens spent by LLM calls. Calls once it is spent raise
     :class:`BudgetExceeded` before reaching the provider; calls to models known to be free
     (the local model) still pass a USD budget, which is what makes a cheap fallback useful.
@@ -76,6 +93,8 @@ class CostBudget:
     The check happens before each call and the charge after it, so calls already in flight when
     the budget runs out may overspend it by their own cost; bound that with a concurrency limit.
     """
+
+    _current = _cost_budget
 
     def __init__(self, *, usd: float | None = None, tokens: int | None = None) -> None:
         if usd is None and tokens is None:
@@ -87,7 +106,7 @@ class CostBudget:
         self.spent_usd = 0.0
         self.spent_tokens = 0
         self.unpriced_calls = 0
-        self._tokens: list[Token[CostBudget | None]] = []
+        super().__init__()
 
     def check(self, *, free: bool) -> None:
         """Raise :class:`BudgetExceeded` if the next call may not be sent."""
@@ -107,27 +126,11 @@ class CostBudget:
         else:
             self.spent_usd += cost
 
-    def __enter__(self) -> CostBudget:
-        self._tokens.append(_cost_budget.set(self))
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        _cost_budget.reset(self._tokens.pop())
-
     def __repr__(self) -> str:
         return (
             f"CostBudget(spent_usd={self.spent_usd:.6f}, usd={self.usd}, "
             f"spent_tokens={self.spent_tokens}, tokens={self.tokens})"
         )
-
-
-_retry_budget: ContextVar[RetryBudget | None] = ContextVar("kagura_retry_budget", default=None)
-_cost_budget: ContextVar[CostBudget | None] = ContextVar("kagura_cost_budget", default=None)
 
 
 def current_retry_budget() -> RetryBudget | None:

@@ -177,6 +177,10 @@ class FaultServer:
     Run it on the current event loop with ``async with FaultServer(...) as server``, or in a thread
     of its own with ``with FaultServer(...) as server`` (the same as
     ``FaultServer.run_in_thread(...)``). It stops, closing every connection, when the block exits.
+
+    ``backlog`` is the listening socket's queue of connections not yet accepted (the kernel caps
+    it at ``net.core.somaxconn``); asyncio's default of 100 overflows when hundreds of clients
+    connect at once, and the kernel then drops their SYNs, to be retried a second or more later.
     """
 
     def __init__(
@@ -194,6 +198,7 @@ class FaultServer:
         hang_seconds: float = 60.0,
         io_timeout: float = 30.0,
         model_name: str = "fault-model",
+        backlog: int = 1024,
     ) -> None:
         if not 0.0 <= random_faults <= 1.0:
             raise ValueError(f"random_faults must be between 0 and 1, got {random_faults}")
@@ -209,6 +214,7 @@ class FaultServer:
         self.hang_seconds = hang_seconds
         self.io_timeout = io_timeout
         self.model_name = model_name
+        self.backlog = backlog
         self._rng = random.Random(seed)
         self._script: deque[Fault] = deque(_as_fault(item) for item in script)
         self._rules: list[tuple[str, Fault]] = [(text, _as_fault(item)) for text, item in rules]
@@ -345,7 +351,7 @@ class FaultServer:
         self._loop_thread = threading.get_ident()
         self._changed = asyncio.Event()
         self._server = await asyncio.start_server(
-            self._serve_connection, self.host, self.port, limit=2**20
+            self._serve_connection, self.host, self.port, limit=2**20, backlog=self.backlog
         )
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("fault server listening on %s", self.base_url)

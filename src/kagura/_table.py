@@ -1,0 +1,86 @@
+"""A rich table that fits the terminal by leaving out its least useful columns.
+
+Shared by ``kagura monitor`` (executions) and ``kagura runs`` (durable runs): each keeps its own
+columns; this module only decides which of them fit and how wide the error excerpt may be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+ERROR = "error"
+
+
+def table_width(widths: Sequence[int]) -> int:
+    """The width of a table with columns this wide (gaps of 2, edges of 1)."""
+    return sum(widths) + 2 * (len(widths) - 1) + 2
+
+
+@dataclass(frozen=True)
+class FittedTable:
+    """Columns as ``(name, "left" | "right")``, the order in which a narrow terminal drops
+    them, the widest each may be, and the fewest cells the ``error`` column keeps."""
+
+    columns: tuple[tuple[str, str], ...]
+    drop_order: tuple[str, ...]
+    max_widths: Mapping[str, int]
+    min_error_width: int
+
+    def needed(self, name: str, rows: Sequence[Mapping[str, Text]]) -> int:
+        """The cells column ``name`` takes: its widest cell, up to its limit (the error column:
+        a short excerpt, or nothing when no row has an error)."""
+        widest = max([len(name), *(row[name].cell_len for row in rows)])
+        if name == ERROR:
+            return min(widest, self.min_error_width) if any(r[name].plain for r in rows) else 0
+        return min(widest, self.max_widths.get(name, widest))
+
+    def fit(self, rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
+        """The columns that fit in ``width`` cells: the least useful go first, and the error
+        column keeps at least a short excerpt."""
+        names = [name for name, _ in self.columns]
+        if width is None:
+            return names
+        for name in self.drop_order:
+            if table_width([self.needed(n, rows) for n in names]) <= width:
+                break
+            names.remove(name)
+        return names
+
+    def table(
+        self, rows: Sequence[Mapping[str, Text]], *, title: str | None, width: int | None
+    ) -> Table:
+        """The rows (cells by column) as a table. With ``width`` (the terminal's), the least
+        useful columns are left out rather than every column squeezed, and the error excerpt
+        takes what the other columns leave."""
+        columns = self.fit(rows, width)
+        table = Table(
+            title=title,
+            box=box.SIMPLE_HEAD,
+            header_style="bold",
+            title_justify="left",
+            collapse_padding=True,
+            pad_edge=False,
+        )
+        justify = dict(self.columns)
+        limits = dict(self.max_widths)
+        if width is not None and ERROR in columns:
+            # The error excerpt takes what the other columns leave, so they are never squeezed.
+            others = [self.needed(c, rows) for c in columns if c != ERROR]
+            room = width - table_width([*others, 0]) - 1
+            limits[ERROR] = max(self.min_error_width, min(limits[ERROR], room))
+        for name in columns:
+            table.add_column(
+                name,
+                justify="right" if justify[name] == "right" else "left",
+                no_wrap=True,
+                overflow="ellipsis",
+                max_width=limits.get(name),
+            )
+        for row in rows:
+            table.add_row(*(row[name] for name in columns))
+        return table
