@@ -380,7 +380,10 @@ def test_stats_for_one_agent(recorded: Recorded, capsys: pytest.CaptureFixture[s
     assert code == 0
     assert "agent doomed" in out
     assert "100.0%" in out
-    assert "Top models" not in out
+    # Its models only: the one it called, not the ones other agents called.
+    assert "Top models" in out
+    assert "fake/dead" in out
+    assert "fake/flaky" not in out
 
 
 # -- live -------------------------------------------------------------------------------------

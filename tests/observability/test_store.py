@@ -469,6 +469,14 @@ async def test_tokens_and_cost_by_agent_model_and_day(recorder: Recorder, store_
     known = store.stats(since=at("2024-03-01T00:00:00"), agent_name="writer")
     assert known["executions"] == 2
 
+    # One agent's share: its calls, and the LLM attempts they made, by model and by day.
+    assert [r["agent"] for r in store.cost(by="agent", agent_name="reader")] == ["reader"]
+    readers_models = store.cost(by="model", agent_name="reader")
+    assert [r["model"] for r in readers_models] == ["anth/c", "myst/u"]
+    assert [r["total_tokens"] for r in store.cost(by="day", agent_name="writer")] == [150, 300]
+    assert known["by_model"] == store.cost(by="model", agent_name="writer", since=day1 - 1)
+    assert known["tokens"] == {"prompt": 300, "completion": 150, "total": 450}
+
 
 # -- retention ----------------------------------------------------------------------------------
 

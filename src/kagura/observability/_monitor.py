@@ -305,26 +305,16 @@ def top_table(rows: Sequence[Mapping[str, Any]], by: str, *, limit: int = 5) -> 
 
 
 def stats_view(stats: Mapping[str, Any], *, agent: str | None = None) -> Group:
-    """``EventStore.stats()`` as tables. With ``agent``, usage is that agent's own (and models,
-    which the store does not break down per agent, are left out)."""
+    """``EventStore.stats()`` as tables. With ``agent`` (stats filtered to that agent), the
+    workflow-run count and the top-agents table, which say nothing about one agent, are left out."""
     parts: list[RenderableType] = [
         status_counts_table(stats, show_workflows=agent is None),
         latency_table(stats["latency_ms"]),
+        usage_table(stats["tokens"], stats.get("cost_usd")),
     ]
     if agent is None:
-        parts.append(usage_table(stats["tokens"], stats.get("cost_usd")))
         parts.append(top_table(stats.get("by_agent") or [], "agent"))
-        parts.append(top_table(stats.get("by_model") or [], "model"))
-    else:
-        mine = [r for r in stats.get("by_agent") or [] if r.get("agent") == agent]
-        tokens = {
-            "prompt": sum(int(r["prompt_tokens"]) for r in mine),
-            "completion": sum(int(r["completion_tokens"]) for r in mine),
-            "total": sum(int(r["total_tokens"]) for r in mine),
-        }
-        costs = [r["cost_usd"] for r in mine]
-        cost = None if any(c is None for c in costs) else float(sum(costs))
-        parts.append(usage_table(tokens, cost))
+    parts.append(top_table(stats.get("by_model") or [], "model"))
     return Group(*parts)
 
 

@@ -234,9 +234,10 @@ class EventStore:
                     )
                 ).scalar_one(),
             }
-        result["by_agent"] = self.cost(by="agent", since=since, _synced=True)
-        result["by_model"] = self.cost(by="model", since=since, _synced=True)
-        result["by_day"] = self.cost(by="day", since=since, _synced=True)
+        for group in _GROUPS:
+            result[f"by_{group}"] = self.cost(
+                by=group, since=since, agent_name=agent_name, _synced=True
+            )
         totals = result["by_model"]
         result["tokens"] = {
             "prompt": sum(r["prompt_tokens"] for r in totals),
@@ -273,9 +274,11 @@ class EventStore:
         *,
         by: str = "agent",
         since: datetime | float | None = None,
+        agent_name: str | None = None,
         _synced: bool = False,
     ) -> list[dict[str, Any]]:
-        """Calls, tokens and cost grouped ``by`` agent, model or day (UTC), costliest first.
+        """Calls, tokens and cost grouped ``by`` agent, model or day (UTC), costliest first;
+        ``agent_name`` keeps only that agent's calls (and their LLM attempts).
 
         ``cost_usd`` is ``None`` for a group where some call had no known price.
         """
@@ -319,6 +322,14 @@ class EventStore:
         )
         if since is not None:
             query = query.where(spans.c.started_at >= _timestamp(since))
+        if agent_name is not None:
+            if kind == "agent":
+                query = query.where(spans.c.name == agent_name)
+            else:
+                calls = select(spans.c.span_id).where(
+                    spans.c.kind == "agent", spans.c.name == agent_name
+                )
+                query = query.where(spans.c.parent_id.in_(calls))
         with self.engine.connect() as connection:
             rows = connection.execute(query).all()
         result = [
