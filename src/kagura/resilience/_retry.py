@@ -242,28 +242,8 @@ def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
     raise UsageError(f"retry_on must be a predicate or exception types, got {retry_on!r}")
 
 
-def retry(
-    *,
-    attempts: int = 4,
-    backoff: Backoff | None = None,
-    retry_on: RetryOn = is_transient,
-    timeout: float | timedelta | None = None,
-    total_timeout: float | timedelta | None = None,
-    respect_retry_after: bool = True,
-    max_retry_after: float | timedelta = 60.0,
-    on_retry: Callable[[RetryDetails], None] | None = None,
-) -> Retry:
-    """Build a :class:`Retry` policy; the result is also a decorator and a context iterator."""
-    return Retry(
-        attempts=attempts,
-        backoff=backoff,
-        retry_on=retry_on,
-        timeout=timeout,
-        total_timeout=total_timeout,
-        respect_retry_after=respect_retry_after,
-        max_retry_after=max_retry_after,
-        on_retry=on_retry,
-    )
+#: The lowercase spelling, for decorator use (``@retry(attempts=3)``): the same class.
+retry = Retry
 
 
 #: What an agent uses when nothing else is configured: 3 retries of transient errors with jittered
