@@ -38,6 +38,7 @@ from typing import TypedDict  # noqa: E402
 from _bench import Report, console, fmt, median, ratio, run_recorded  # noqa: E402
 
 from kagura import _instrument, agent, workflow  # noqa: E402
+from kagura.providers import Model, ModelRequest, ModelResponse  # noqa: E402
 from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
 
 STEPS_PER_RUN = 4
@@ -74,9 +75,20 @@ async def raw_run(text: str) -> str:
 # -- Kagura ------------------------------------------------------------------------------------
 
 
-# model="fake": the shared zero-latency FakeModel (echo, no request history). Every other setting
-# is the default (retry, breaker, timeouts): the normal configuration.
-@agent(model="fake")
+class EchoModel(Model):
+    """The zero-latency provider of Kagura: the same echo as ``fake_llm``, behind the provider
+    interface (a ``ModelResponse`` with no usage). Not ``model="fake"``: ``FakeModel`` is a test
+    double (scripts, request history, word-count usage) and its own work is not framework work."""
+
+    provider = "fake"  # a free provider: its price is looked up as for any model
+    model_name = "bench-echo"
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        return ModelResponse(request.messages[-1]["content"])
+
+
+# Every other setting is the default (retry, breaker, timeouts): the normal configuration.
+@agent(model=EchoModel())
 async def summarise(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
     """Summarise: {{ text }}"""
 
@@ -380,8 +392,9 @@ def main() -> None:
         description=(
             "One run: three agent calls in parallel, then one agent call over their results "
             "(4 steps), on a zero-latency fake provider. Raw asyncio, LangGraph and LlamaIndex "
-            'call an `async def` echo; Kagura agents use `model="fake"` (`FakeModel`, an echo) '
-            "with every other setting at its default. Kagura with recording on writes to a fresh "
+            "call an `async def` echo; Kagura agents use the same echo behind the provider "
+            "interface (`EchoModel`: a `ModelResponse` of the prompt) with every other setting "
+            "at its default. Kagura with recording on writes to a fresh "
             "SQLite store in a temporary `KAGURA_HOME`; recording off removes the recorder's sink "
             "for those rounds; durable runs journal every step (and record). All runs of a round "
             "are started at once; contenders take turns, in a rotating order, in one process."

@@ -16,13 +16,14 @@ import json
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overload
+from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
 
 import pydantic_core
 
 from . import _instrument
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
+from ._llm import attempt
 from ._output import OutputSpec, OutputValidationError, json_candidates
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._tool import Tool, as_tool
@@ -33,7 +34,14 @@ from .providers import Message, Model, ModelRequest, OutputSchema, ToolCall, res
 from .providers import _parse as _parse_model_string
 from .resilience._backoff import seconds
 from .resilience._breaker import CircuitBreaker
-from .resilience._policies import UNSET, Policies, call_model, effective, with_total_timeout
+from .resilience._policies import (
+    UNSET,
+    Policies,
+    call_model,
+    effective,
+    is_unguarded,
+    with_total_timeout,
+)
 from .resilience._ratelimit import RateLimiter
 from .resilience._retry import Retry
 
@@ -41,20 +49,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 AgentFunction = Callable[P, Coroutine[Any, Any, R]]
-
-
-class _Totals:
-    """Tokens and cost over every attempt of one agent call. Cost is unknown if any part is."""
-
-    __slots__ = ("cost", "usage")
-
-    def __init__(self) -> None:
-        self.usage = Usage()
-        self.cost: float | None = 0.0
-
-    def add(self, usage: Usage, cost: float | None) -> None:
-        self.usage = self.usage + usage
-        self.cost = None if cost is None or self.cost is None else self.cost + cost
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +184,8 @@ class Agent(Generic[P, R]):
 
     def _bind(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         positional = self._positional
+        if not kwargs and positional is not None and len(args) == self._parameter_count:
+            return dict(zip(positional, args, strict=True))  # every parameter, by position
         if positional is not None and len(args) <= len(positional):
             arguments = dict(self._defaults)
             arguments.update(zip(positional, args, strict=False))  # may be fewer args
@@ -214,56 +210,71 @@ class Agent(Generic[P, R]):
         bound.apply_defaults()
         return bound.arguments
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        return (await self._call(args, kwargs)).output
+    # A plain method returning the call's coroutine: an ``async def`` here would wrap every call
+    # in one more coroutine, on the hot path, only to await the inner one.
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        return self._call(args, kwargs, False)
+
+    #: Lets ``Retry`` (and anyone asking) know that calling an agent returns an awaitable.
+    _is_async_callable = True
 
     async def run(self, *args: P.args, **kwargs: P.kwargs) -> AgentRun[R]:
         """Call the agent and return its output with what it took: the model that answered
         (after any fallback), tokens, cost and the ids of its recorded span and run."""
-        return await self._call(args, kwargs)
+        output, answered_by, span = await self._call(args, kwargs, True)
+        return AgentRun(
+            output,
+            answered_by,
+            Usage(span.prompt_tokens, span.completion_tokens),
+            span.cost,
+            span.span_id,
+            span.run_id,
+        )
 
-    async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> AgentRun[R]:
-        ensure_recording()
+    async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any], full: bool) -> Any:
+        """The output; with ``full``, (output, the model that answered, the call's span, which
+        holds its totals)."""
+        if not _instrument._recording_checked:
+            ensure_recording()
         arguments = self._bind(args, kwargs)
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
         policies = effective(self.policies)
         span = Span("agent", self.name, current_span.get())
         token = current_span.set(span)
-        if _instrument._sinks:
+        if _instrument.recording:
             span_started(span, {"model": model.id, "inputs": arguments})
-        totals = _Totals()
         durable = current_durable_run.get()
         try:
             if durable is not None:
                 digest = input_hash(arguments)
                 record = durable.lookup(span.step_key, self.name, "agent", digest, span._position)
                 if record is not None:
-                    return self._replayed(record.output, span)
+                    replayed = self._replayed(record.output, span)
+                    return replayed if full else replayed[0]
             prompt = self.prompt.render(arguments)
             total = policies.total_timeout
             if total is None and isinstance(policies.retry, Retry):
                 total = policies.retry.total_timeout
             if total is None and not self.fallback:  # the common case, without extra layers
                 model.check_ready()
-                result = await self._run(model, prompt, span, totals, policies)
+                result = await self._run(model, prompt, span, policies)
                 answered_by = model.id
             else:
                 result, answered_by = await with_total_timeout(
-                    total, self._run_chain(model, prompt, span, totals, policies)
+                    total, self._run_chain(model, prompt, span, policies)
                 )
         except BaseException as exc:
-            span_finished(span, status_of(exc), exc, usage=totals.usage, cost_usd=totals.cost)
+            span_finished(span, status_of(exc), exc)
             raise
         finally:
             current_span.reset(token)
-        if _instrument._sinks:
-            span_finished(
-                span,
-                "completed",
-                usage=totals.usage,
-                cost_usd=totals.cost,
-                attributes={"output": result, "answered_by": answered_by},
-            )
+        span_finished(
+            span,
+            "completed",
+            attributes={"output": result, "answered_by": answered_by}
+            if _instrument.recording
+            else None,
+        )
         if durable is not None:
             durable.record(
                 span.step_key,
@@ -273,18 +284,16 @@ class Agent(Generic[P, R]):
                 self.output.dump(result),
                 span._position,
             )
-        return AgentRun(
-            cast(R, result), answered_by, totals.usage, totals.cost, span.span_id, span.run_id
-        )
+        return (result, answered_by, span) if full else result
 
-    def _replayed(self, output: str | None, span: Span) -> AgentRun[R]:
+    def _replayed(self, output: str | None, span: Span) -> tuple[Any, str, Span]:
         """The journaled answer of this call, in place of calling the model again."""
         value = self.output.load(output)
         span_finished(span, "completed", attributes={"output": value, "replayed": True})
-        return AgentRun(cast(R, value), "journal", Usage(), 0.0, span.span_id, span.run_id)
+        return value, "journal", span
 
     async def _run_chain(
-        self, model: Model, prompt: str, span: Span, totals: _Totals, policies: Policies
+        self, model: Model, prompt: str, span: Span, policies: Policies
     ) -> tuple[Any, str]:
         """The primary model, then each fallback model in turn after a run failure."""
         chain = [model, *(resolve_model(spec) for spec in self.fallback)]
@@ -296,7 +305,7 @@ class Agent(Generic[P, R]):
                 policies = dataclasses.replace(policies, breaker=True)
             try:
                 current.check_ready()
-                return await self._run(current, prompt, span, totals, policies), current.id
+                return await self._run(current, prompt, span, policies), current.id
             except RunError as exc:
                 if position == len(chain) - 1:
                     raise
@@ -309,9 +318,7 @@ class Agent(Generic[P, R]):
                 )
         raise AssertionError("unreachable: the chain is never empty")
 
-    async def _run(
-        self, model: Model, prompt: str, span: Span, totals: _Totals, policies: Policies
-    ) -> Any:
+    async def _run(self, model: Model, prompt: str, span: Span, policies: Policies) -> Any:
         prompted_tools = bool(self.tools) and not model.supports_tools
         messages: list[Message] = []
         if self.system:
@@ -333,9 +340,17 @@ class Agent(Generic[P, R]):
         )
         tool_rounds = 0
         failures = 0
+        unguarded = is_unguarded(policies, model)
         while True:
-            response, cost = await call_model(model, request, span, policies)
-            totals.add(response.usage, cost)
+            if unguarded:
+                # Nothing guards an attempt (the default): make it here, and build the retry
+                # machinery only once it has failed. The hot path of every agent call.
+                try:
+                    response = (await attempt(model, request, span))[0]
+                except Exception as error:
+                    response = await call_model(model, request, span, policies, error)
+            else:
+                response = await call_model(model, request, span, policies)
             calls = list(response.tool_calls) if response.tool_calls else []
             answer_text = response.text
             if prompted_tools:

@@ -12,7 +12,7 @@ import itertools
 import os
 import time
 from contextvars import ContextVar
-from typing import Literal
+from typing import Any, Literal
 
 SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 
@@ -27,21 +27,39 @@ def new_id() -> str:
 
 
 class Span:
-    """One unit of work in a run tree: a workflow run, an agent call, an LLM attempt or a tool."""
+    """One unit of work in a run tree: a workflow run, an agent call, an LLM attempt or a tool.
+
+    It is also the record that sinks read: :func:`kagura._instrument.span_finished` fills in how
+    it ended and adds its tokens, cost, LLM calls and retries to its parent's, so every span
+    carries the totals of its subtree and a sink need not rebuild the tree.
+    """
 
     __slots__ = (
         "_child_seq",
         "_children",
         "_key",
         "_position",
+        "_recorded",
         "_seq",
+        "attributes",
+        "completion_tokens",
+        "cost",
         "depth",
+        "end_ns",
+        "error",
+        "error_type",
         "kind",
+        "llm_calls",
         "name",
         "parent",
+        "parent_id",
+        "prompt_tokens",
+        "result",
+        "retries",
         "run_id",
         "span_id",
         "start_ns",
+        "status",
     )
 
     def __init__(
@@ -54,29 +72,71 @@ class Span:
     ) -> None:
         self.kind: SpanKind = kind
         self.name = name
+        self._children = 0
         self.parent = parent
         self.span_id = span_id or new_id()
-        self.run_id: str = parent.run_id if parent is not None else self.span_id
-        self.depth: int = parent.depth + 1 if parent is not None else 0
+        if parent is not None:
+            self.parent_id: str | None = parent.span_id
+            self.run_id: str = parent.run_id
+            self.depth: int = parent.depth + 1
+            # The step key names the call site within its parent: name plus how many children of
+            # that name the parent had started before. Tasks made by gather/create_task start in
+            # creation order, so the key is the same on every execution of the same code path.
+            # The number is taken now; the string is built only when someone asks for it.
+            self._seq = parent._next_seq(name)
+            # Its place among its parent's steps whatever their names (LLM attempts, whose number
+            # varies with retries, are not steps): how a durable run notices a renamed step.
+            if kind != "llm":
+                self._position = parent._children
+                parent._children += 1
+            else:
+                self._position = -1
+        else:
+            self.parent_id = None
+            self.run_id = self.span_id
+            self.depth = 0
+            self._seq = 0
+            self._position = -1
         self.start_ns = time.time_ns()
         self._child_seq: dict[str, int] | None = None
-        # The step key names the call site within its parent: name plus how many children of that
-        # name the parent had started before. Tasks made by gather/create_task start in creation
-        # order, so the key is the same on every execution of the same code path. The number is
-        # taken now; the string is built only when someone asks (recording, durable runs).
-        self._seq = parent._next_seq(name) if parent is not None else 0
         self._key: str | None = None
-        # Its place among its parent's steps whatever their names (LLM attempts, whose number
-        # varies with retries, are not steps): how a durable run notices a renamed step.
-        self._children = 0
-        self._position = -1
-        if parent is not None and kind != "llm":
-            self._position = parent._children
-            parent._children += 1
+        # How it ended; "running" until span_finished sets the rest and then, last, the status.
+        self.status: str = "running"
+        self.end_ns = 0
+        self.error: str | None = None
+        self.error_type: str | None = None
+        #: What it started with (model, inputs, messages, arguments), when someone records it.
+        self.attributes: dict[str, Any] | None = None
+        #: What it ended with (output, answered_by, finish_reason, ...), when someone records it.
+        self.result: dict[str, Any] | None = None
+        # Totals over the subtree, its own LLM attempt included.
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.cost: float | None = 0.0
+        self.llm_calls = 0
+        self.retries = 0
+        self._recorded = 0  # the recorder's: 0 not written, 1 written as running, 2 written whole
 
-    @property
-    def parent_id(self) -> str | None:
-        return self.parent.span_id if self.parent is not None else None
+    @classmethod
+    def detached(
+        cls,
+        kind: SpanKind,
+        name: str,
+        span_id: str,
+        parent_id: str | None,
+        run_id: str,
+        step_key: str,
+        start_ns: int,
+        parent: Span | None = None,
+    ) -> Span:
+        """A span rebuilt from its recorded ids rather than opened by running code."""
+        span = cls(kind, name, None, span_id=span_id)
+        span.parent = parent
+        span.parent_id = parent_id
+        span.run_id = run_id
+        span._key = step_key
+        span.start_ns = start_ns
+        return span
 
     @property
     def step_key(self) -> str:

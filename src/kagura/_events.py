@@ -13,9 +13,12 @@ sink must only enqueue: the event store's writer does its I/O elsewhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 from ._usage import Usage
+
+if TYPE_CHECKING:
+    from ._context import Span
 
 Status = Literal["running", "completed", "failed", "cancelled", "timed_out"]
 
@@ -72,3 +75,15 @@ class Sink(Protocol):
     """Receives every instrumentation record. Called on the event loop: must not block."""
 
     def handle(self, event: Event) -> None: ...
+
+
+@runtime_checkable
+class SpanSink(Protocol):
+    """Receives each :class:`~kagura._context.Span` when it starts and when it finishes (read its
+    ``status``: ``"running"`` until every other field is set), and each :class:`SpanEvent`.
+
+    Called on the event loop: must not block. Cheaper than :class:`Sink` because nothing is built
+    per record; the span must be treated as read-only.
+    """
+
+    def handle_span(self, item: Span | SpanEvent) -> None: ...

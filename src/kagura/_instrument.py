@@ -1,35 +1,59 @@
-"""Where instrumentation records go. With no sink installed, emitting costs one tuple check."""
+"""Where instrumentation records go. With no sink installed, emitting costs one global check.
+
+Two kinds of sink: a :class:`~kagura._events.Sink` gets a record object per start, finish and
+event; a :class:`~kagura._events.SpanSink` (the event store's recorder) gets the :class:`Span`
+itself, which already holds everything, so the hot path builds nothing for it.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ._context import Span
-from ._events import Event, Sink, SpanEvent, SpanFinished, SpanStarted, Status
+from ._events import Event, Sink, SpanEvent, SpanFinished, SpanSink, SpanStarted, Status
 from ._usage import Usage
 
 _log = logging.getLogger("kagura.instrument")
 
 _sinks: tuple[Sink, ...] = ()
+#: Sinks that take the finished :class:`Span` itself (see :class:`SpanSink`): no record is built.
+_span_sinks: tuple[SpanSink, ...] = ()
+_span_handlers: tuple[Callable[[Span | SpanEvent], None], ...] = ()
+#: Is anyone listening? Attributes for records are only built when someone will read them.
+recording = False
 
 
-def add_sink(sink: Sink) -> None:
+def add_sink(sink: Sink | SpanSink) -> None:
     """Send every future instrumentation record to ``sink`` as well."""
-    global _sinks
-    if sink not in _sinks:
+    global _sinks, _span_sinks
+    if sink in _sinks or sink in _span_sinks:
+        return
+    if isinstance(sink, SpanSink):
+        _span_sinks = (*_span_sinks, sink)
+    else:
         _sinks = (*_sinks, sink)
+    _refresh()
 
 
-def remove_sink(sink: Sink) -> None:
-    global _sinks
+def remove_sink(sink: Sink | SpanSink) -> None:
+    global _sinks, _span_sinks
     _sinks = tuple(s for s in _sinks if s is not sink)
+    _span_sinks = tuple(s for s in _span_sinks if s is not sink)
+    _refresh()
 
 
-def sinks() -> tuple[Sink, ...]:
-    return _sinks
+def _refresh() -> None:
+    global _span_handlers, recording
+    _span_handlers = tuple(s.handle_span for s in _span_sinks)
+    recording = bool(_sinks or _span_sinks)
+
+
+def sinks() -> tuple[Sink | SpanSink, ...]:
+    return (*_span_sinks, *_sinks)
 
 
 def emit(event: Event) -> None:
@@ -41,20 +65,32 @@ def emit(event: Event) -> None:
             _log.exception("instrumentation sink %r failed; event dropped", sink)
 
 
+def _hand_over(item: Span | SpanEvent) -> None:
+    for handler in _span_handlers:
+        try:
+            handler(item)
+        except Exception:
+            _log.exception("instrumentation sink %r failed; record dropped", handler)
+
+
 def span_started(span: Span, attributes: dict[str, Any] | None = None) -> None:
-    if _sinks:
-        emit(
-            SpanStarted(
-                span.span_id,
-                span.parent_id,
-                span.run_id,
-                span.kind,
-                span.name,
-                span.step_key,
-                span.start_ns,
-                attributes if attributes is not None else {},
+    if recording:
+        span.attributes = attributes
+        if _span_handlers:
+            _hand_over(span)
+        if _sinks:
+            emit(
+                SpanStarted(
+                    span.span_id,
+                    span.parent_id,
+                    span.run_id,
+                    span.kind,
+                    span.name,
+                    span.step_key,
+                    span.start_ns,
+                    attributes if attributes is not None else {},
+                )
             )
-        )
 
 
 def span_finished(
@@ -66,38 +102,84 @@ def span_finished(
     cost_usd: float | None = None,
     attributes: dict[str, Any] | None = None,
 ) -> None:
-    if _sinks:
-        emit(
-            SpanFinished(
-                span.span_id,
-                span.parent_id,
-                span.run_id,
-                span.kind,
-                span.name,
-                span.step_key,
-                span.start_ns,
-                time.time_ns(),
-                status,
-                None if error is None else (str(error) or type(error).__name__),
-                None if error is None else type(error).__qualname__,
-                usage,
-                cost_usd,
-                attributes or {},
+    """Close ``span``: how it ended, and (for an LLM attempt) its tokens and cost, which are
+    added to its parent's totals. Called whether or not anyone records: agents read the totals."""
+    close(span, status, error, usage, cost_usd, attributes)
+    if recording:
+        if _span_handlers:
+            _hand_over(span)
+        if _sinks:
+            if span.kind == "agent":  # an agent's record carries its attempts' totals
+                usage = Usage(span.prompt_tokens, span.completion_tokens)
+                cost_usd = span.cost
+            emit(
+                SpanFinished(
+                    span.span_id,
+                    span.parent_id,
+                    span.run_id,
+                    span.kind,
+                    span.name,
+                    span.step_key,
+                    span.start_ns,
+                    span.end_ns,
+                    status,
+                    span.error,
+                    span.error_type,
+                    usage,
+                    cost_usd,
+                    attributes or {},
+                )
             )
-        )
+
+
+def close(
+    span: Span,
+    status: str,
+    error: BaseException | None,
+    usage: Usage | None,
+    cost_usd: float | None,
+    attributes: dict[str, Any] | None,
+    end_ns: int | None = None,
+) -> None:
+    """Fill in how ``span`` ended and add its totals to its parent's."""
+    span.end_ns = time.time_ns() if end_ns is None else end_ns
+    if error is not None:
+        span.error = str(error) or type(error).__name__
+        span.error_type = type(error).__qualname__
+    if span.kind == "llm":
+        if usage is not None:
+            span.prompt_tokens += usage.prompt_tokens
+            span.completion_tokens += usage.completion_tokens
+        # A failed attempt with no usage cost nothing; with usage, its price (maybe unknown).
+        span.cost = cost_usd if status == "completed" or usage is not None else 0.0
+        span.llm_calls += 1
+    parent = span.parent
+    if parent is not None:
+        parent.prompt_tokens += span.prompt_tokens
+        parent.completion_tokens += span.completion_tokens
+        cost = span.cost
+        parent.cost = None if cost is None or parent.cost is None else parent.cost + cost
+        parent.llm_calls += span.llm_calls
+        parent.retries += span.retries
+    span.result = attributes
+    span.status = status  # last: a sink on another thread reads "not running" as "all set"
 
 
 def span_event(span: Span | None, name: str, /, **attributes: Any) -> None:
-    if _sinks:
-        emit(
-            SpanEvent(
-                span.span_id if span else None,
-                span.run_id if span else None,
-                name,
-                time.time_ns(),
-                attributes,
-            )
+    if span is not None and name == "retry_wait":
+        span.retries += 1
+    if recording:
+        event = SpanEvent(
+            span.span_id if span else None,
+            span.run_id if span else None,
+            name,
+            time.time_ns(),
+            attributes,
         )
+        if _span_handlers:
+            _hand_over(event)
+        if _sinks:
+            emit(event)
 
 
 def status_of(error: BaseException) -> Status:

@@ -22,10 +22,11 @@ async def attempt(
     *,
     timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit the caller configures
 ) -> tuple[ModelResponse, float | None]:
-    """Send one request to ``model`` and return its answer and cost (``None`` when unknown)."""
+    """Send one request to ``model`` and return its answer and cost (``None`` when unknown).
+    The attempt's tokens and cost are also added to ``parent``'s totals."""
     model_id = model.id
     span = Span("llm", model_id, parent)
-    recording = bool(_instrument._sinks)  # attributes are built only for someone to read them
+    recording = _instrument.recording  # attributes are built only for someone to read them
     if recording:
         # A snapshot: the agent appends to its message list after this attempt.
         span_started(span, {"model": model_id, "messages": tuple(request.messages)})
@@ -39,26 +40,27 @@ async def attempt(
         error = exc
         if timeout is not None and not isinstance(exc, ProviderTimeout):
             # Our own per-attempt timeout expired (and cancelled the request).
-            error = ProviderTimeout(f"no answer within {timeout:g}s", model=model.id)
-        span_finished(span, "timed_out", error, attributes={"model": model.id})
+            error = ProviderTimeout(f"no answer within {timeout:g}s", model=model_id)
+        span_finished(span, "timed_out", error, attributes={"model": model_id})
         if error is exc:
             raise
         raise error from exc
     except BaseException as exc:
-        span_finished(span, status_of(exc), exc, attributes={"model": model.id})
+        span_finished(span, status_of(exc), exc, attributes={"model": model_id})
         raise
     cost = model.cost(response.usage)
-    if recording:
-        span_finished(
-            span,
-            "completed",
-            usage=response.usage,
-            cost_usd=cost,
-            attributes={
-                "model": model_id,
-                "response_model": response.model,
-                "output": response.text,
-                "finish_reason": response.finish_reason,
-            },
-        )
+    span_finished(
+        span,
+        "completed",
+        usage=response.usage,
+        cost_usd=cost,
+        attributes={
+            "model": model_id,
+            "response_model": response.model,
+            "output": response.text,
+            "finish_reason": response.finish_reason,
+        }
+        if recording
+        else None,
+    )
     return response, cost

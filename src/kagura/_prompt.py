@@ -26,7 +26,7 @@ def _environment() -> SandboxedEnvironment:
 
 
 class PromptTemplate:
-    __slots__ = ("_pieces", "_template", "_var_keyword", "owner", "source")
+    __slots__ = ("_format", "_names", "_pieces", "_template", "_var_keyword", "owner", "source")
 
     def __init__(self, fn: Callable[..., Any], signature: inspect.Signature) -> None:
         name = getattr(fn, "__qualname__", repr(fn))
@@ -62,13 +62,24 @@ class PromptTemplate:
         self._pieces = (
             _plain_substitutions(parsed, set(params)) if self._var_keyword is None else None
         )
+        # The plain case as one %-format: ``%s`` is ``str()``, as Jinja's ``{{ x }}`` is.
+        self._format: str | None = None
+        self._names: tuple[str, ...] = ()
+        if self._pieces is not None:
+            self._format = "".join(
+                "%s" if is_name else piece.replace("%", "%%") for is_name, piece in self._pieces
+            )
+            self._names = tuple(piece for is_name, piece in self._pieces if is_name)
 
     def render(self, arguments: dict[str, Any]) -> str:
-        pieces = self._pieces
-        if pieces is not None:
+        template = self._format
+        if template is not None:
             # Text and {{ parameter }} only: the same string Jinja would build, without a
             # render context per call (the most common prompts, on the hot path).
-            return "".join([str(arguments[p]) if is_name else p for is_name, p in pieces])
+            names = self._names
+            if len(names) == 1:
+                return template % (arguments[names[0]],)
+            return template % tuple([arguments[name] for name in names])
         if self._var_keyword is not None:
             arguments = {**arguments.get(self._var_keyword, {}), **arguments}
         try:

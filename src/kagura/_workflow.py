@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
-from . import _settings
+from . import _instrument, _settings
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_finished, span_started, status_of
 from .durable import _execute as _durable
@@ -72,12 +72,16 @@ class Workflow(Generic[P, R]):
         if budget_usd is not None or budget_tokens is not None:
             CostBudget(usd=budget_usd, tokens=budget_tokens)
 
-    async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+    # A plain method returning the run's coroutine: an ``async def`` would add a coroutine per
+    # call only to await the inner one.
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         durable = self.durable if self.durable is not None else _settings.durable_default()
         if durable and current_durable_run.get() is None:
-            result: R = await _durable.start(self, args, kwargs, None)
-            return result
-        return await self._execute(args, kwargs)
+            return _durable.start(self, args, kwargs, None)
+        return self._execute(args, kwargs)
+
+    #: Lets ``Retry`` (and anyone asking) know that calling a workflow returns an awaitable.
+    _is_async_callable = True
 
     # Typed with Any: a ParamSpec cannot be followed by the run_id keyword.
     async def run(self, *args: Any, run_id: str | None = None, **kwargs: Any) -> R:
@@ -96,20 +100,25 @@ class Workflow(Generic[P, R]):
     async def _execute(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, span_id: str | None = None
     ) -> R:
-        ensure_recording()
+        if not _instrument._recording_checked:
+            ensure_recording()
         span = Span("workflow", self.name, current_span.get(), span_id=span_id)
         token = current_span.set(span)
-        span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
+        if _instrument.recording:
+            span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
         policy_token = None if self.policies is None else set_workflow_policies(self.policies)
         try:
-            with ExitStack() as budgets:
-                if self.retry_budget is not None:
-                    budgets.enter_context(RetryBudget(self.retry_budget))
-                if self.budget_usd is not None or self.budget_tokens is not None:
-                    budgets.enter_context(
-                        CostBudget(usd=self.budget_usd, tokens=self.budget_tokens)
-                    )
+            if self.retry_budget is None and self.budget_usd is None and self.budget_tokens is None:
                 result = await self.fn(*args, **kwargs)
+            else:
+                with ExitStack() as budgets:
+                    if self.retry_budget is not None:
+                        budgets.enter_context(RetryBudget(self.retry_budget))
+                    if self.budget_usd is not None or self.budget_tokens is not None:
+                        budgets.enter_context(
+                            CostBudget(usd=self.budget_usd, tokens=self.budget_tokens)
+                        )
+                    result = await self.fn(*args, **kwargs)
         except BaseException as exc:
             span_finished(span, status_of(exc), exc)
             raise
@@ -117,7 +126,9 @@ class Workflow(Generic[P, R]):
             if policy_token is not None:
                 reset_workflow_policies(policy_token)
             current_span.reset(token)
-        span_finished(span, "completed", attributes={"output": result})
+        span_finished(
+            span, "completed", attributes={"output": result} if _instrument.recording else None
+        )
         return result
 
     def __repr__(self) -> str:

@@ -1,10 +1,11 @@
 """The recorder: an instrumentation sink that writes every span and event to the event store.
 
-On the event loop it only appends the record to a deque. A writer thread does the rest in order:
-it keeps the tree of open spans, adds each LLM attempt's tokens and cost (and each retry) to every
-ancestor, and writes batches in one transaction. So recording never blocks the loop on disk I/O,
-never touches the recorded function's result or exception, and nothing is lost on exit: an
-``atexit`` hook flushes what is queued.
+On the event loop it only appends the finished (or started) :class:`~kagura._context.Span` to a
+deque: the span already carries its subtree's tokens, cost, LLM calls and retries (see
+:func:`kagura._instrument.close`), so nothing is built there. A writer thread turns a batch into
+rows and writes it in one transaction. So recording never blocks the loop on disk I/O, never
+touches the recorded function's result or exception, and nothing is lost on exit: an ``atexit``
+hook flushes what is queued.
 """
 
 from __future__ import annotations
@@ -20,24 +21,47 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from .. import _settings
+from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
-from ._content import ContentMode, encode, scrub
+from .._instrument import close
+from ._content import MAX_TEXT, ContentMode, encode, looks_secret, repr_of, scrub, truncated
 
 _log = logging.getLogger("kagura.recorder")
 
+_EMPTY: dict[str, Any] = {}
 
-@dataclass(slots=True)
-class _Open:
-    """A span that started and has not finished, with the totals of its finished descendants."""
-
-    started: SpanStarted
-    row: dict[str, Any]  # its "running" row, completed in place when it finishes
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost: float | None = 0.0
-    llm_calls: int = 0
-    retries: int = 0
+#: The spans table's columns in the order of the rows :meth:`Recorder._row` builds.
+SPAN_COLUMNS = (
+    "span_id",
+    "run_id",
+    "parent_id",
+    "kind",
+    "name",
+    "step_key",
+    "status",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+    "llm_calls",
+    "retries",
+    "error",
+    "error_type",
+    "inputs",
+    "output",
+    "attributes",
+    "pid",
+)
+#: Where the columns holding recorded content (stored as JSON text) are in a row.
+_CONTENT_AT = tuple(SPAN_COLUMNS.index(c) for c in ("inputs", "output", "attributes"))
+_ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")  # not content: never hashed or dropped
 
 
 class _FlushMarker:
@@ -57,7 +81,7 @@ class Recorder:
         *,
         content: ContentMode | None = None,
         flush_interval: float = 0.05,
-        batch_size: int = 2000,
+        batch_size: int = 5000,
     ) -> None:
         from ._engine import normalise_url
 
@@ -67,10 +91,12 @@ class Recorder:
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self._queue: deque[Event | _FlushMarker] = deque()
+        self._queue: deque[Span | SpanEvent | _FlushMarker] = deque()
         self._wake = threading.Event()
         self._stopping = False
-        self._open: dict[str, _Open] = {}
+        # Spans given as records (handle), by id, until they finish: their children's totals
+        # are added to them, as running code adds them to live spans.
+        self._detached: dict[str, Span] = {}
         self._pid = os.getpid()
         self.written_spans = 0
         self.written_events = 0
@@ -80,9 +106,47 @@ class Recorder:
 
     # -- on the event loop ----------------------------------------------------------------
 
-    def handle(self, event: Event) -> None:
+    def handle_span(self, item: Span | SpanEvent) -> None:
         if not self.broken:  # a store that cannot be opened must not grow the queue forever
-            self._queue.append(event)
+            self._queue.append(item)
+
+    def handle(self, event: Event) -> None:
+        """Take a record object (for producers other than Kagura's own instrumentation)."""
+        if isinstance(event, SpanStarted):
+            span = self._span_of(event)
+            span.attributes = dict(event.attributes)
+            self._detached[event.span_id] = span
+            self.handle_span(span)
+        elif isinstance(event, SpanFinished):
+            span = self._detached.pop(event.span_id, None) or self._span_of(event)  # type: ignore[arg-type]
+            span.error, span.error_type = event.error, event.error_type
+            close(
+                span,
+                event.status,
+                None,
+                event.usage,
+                event.cost_usd,
+                dict(event.attributes),
+                end_ns=event.end_ns,
+            )
+            self.handle_span(span)
+        else:
+            if event.name == "retry_wait" and event.span_id in self._detached:
+                self._detached[event.span_id].retries += 1
+            self.handle_span(event)
+
+    def _span_of(self, event: SpanStarted | SpanFinished) -> Span:
+        parent = self._detached.get(event.parent_id) if event.parent_id else None
+        return Span.detached(
+            event.kind,  # type: ignore[arg-type]
+            event.name,
+            event.span_id,
+            event.parent_id,
+            event.run_id,
+            event.step_key,
+            event.start_ns,
+            parent,
+        )
 
     # -- anywhere -------------------------------------------------------------------------
 
@@ -127,192 +191,170 @@ class Recorder:
                 item.done.set()
 
     def _drain(self, engine: Any) -> None:
-        while self._queue:
-            started: dict[str, dict[str, Any]] = {}
-            finished: dict[str, dict[str, Any]] = {}
-            events: list[dict[str, Any]] = []
+        queue = self._queue
+        while queue:
+            running: list[Span] = []
+            finished: list[Span] = []
+            events: list[SpanEvent] = []
             markers: list[_FlushMarker] = []
             count = 0
-            while self._queue and count < self.batch_size:
-                item = self._queue.popleft()
+            while queue and count < self.batch_size:
+                item = queue.popleft()
                 count += 1
-                if isinstance(item, _FlushMarker):
+                if type(item) is Span:
+                    # A span is queued when it starts and when it finishes; whichever sighting
+                    # first finds it finished writes it whole, and the other is skipped.
+                    state = item._recorded
+                    if state == 2:
+                        continue
+                    if item.status != "running":
+                        item._recorded = 2
+                        finished.append(item)
+                    elif state == 0:
+                        item._recorded = 1
+                        running.append(item)
+                elif isinstance(item, _FlushMarker):
                     markers.append(item)
                     break  # write what came before the marker, then release its waiter
-                try:
-                    self._absorb(item, started, finished, events)
-                except Exception:  # one bad record must not stop the writer thread
-                    _log.exception("kagura: a recorded %s could not be stored", type(item).__name__)
+                else:
+                    events.append(item)  # type: ignore[arg-type]
             try:
-                self._write(engine, list(started.values()), list(finished.values()), events)
+                self._write(engine, running, finished, events)
             except Exception:
                 self.failed_batches += 1
                 _log.exception(
                     "kagura: writing %d recorded rows failed; they are dropped",
-                    len(started) + len(finished) + len(events),
+                    len(running) + len(finished) + len(events),
                 )
             for marker in markers:
                 marker.done.set()
 
-    def _absorb(
-        self,
-        event: Event,
-        started: dict[str, dict[str, Any]],
-        finished: dict[str, dict[str, Any]],
-        events: list[dict[str, Any]],
-    ) -> None:
-        if isinstance(event, SpanStarted):
-            row = self._start_row(event)
-            self._open[event.span_id] = _Open(event, row)
-            started[event.span_id] = row
-        elif isinstance(event, SpanFinished):
-            row = self._finish_row(event)
-            started.pop(event.span_id, None)
-            finished[event.span_id] = row
-        elif isinstance(event, SpanEvent):
-            if event.name == "retry_wait" and event.span_id is not None:
-                self._add_to_ancestors(event.span_id, retries=1)
-            events.append(
-                {
-                    "span_id": event.span_id,
-                    "run_id": event.run_id,
-                    "name": event.name,
-                    "at": event.time_ns / 1e9,
-                    "attributes": encode(event.attributes, "full"),
-                }
-            )
+    def _rows(self, spans: list[Span]) -> list[tuple[Any, ...]]:
+        """The spans' rows, their content as stored text (redacted, hashed or dropped)."""
+        rows = [self._row(span) for span in spans]
+        if self.content == "full" and self._serialise_checked(rows):
+            return [tuple(row) for row in rows]
+        # Something looked like a secret (or would not serialise): value by value, redacting.
+        rows = [self._row(span) for span in spans]
+        for row in rows:
+            for at in _CONTENT_AT:
+                value = row[at]
+                if value is not None:
+                    row[at] = encode(value, "full" if at == _ATTRIBUTES_AT else self.content)
+        return [tuple(row) for row in rows]
 
-    def _add_to_ancestors(
-        self,
-        span_id: str | None,
-        *,
-        prompt: int = 0,
-        completion: int = 0,
-        cost: float | None = 0.0,
-        llm_calls: int = 0,
-        retries: int = 0,
-    ) -> None:
-        seen = 0
-        while span_id is not None and seen < 64:
-            node = self._open.get(span_id)
-            if node is None:
-                return
-            node.prompt_tokens += prompt
-            node.completion_tokens += completion
-            node.cost = None if cost is None or node.cost is None else node.cost + cost
-            node.llm_calls += llm_calls
-            node.retries += retries
-            span_id = node.started.parent_id
-            seen += 1
+    @staticmethod
+    def _serialise_checked(rows: list[list[Any]]) -> bool:
+        """Serialise the rows' content in place; ``False`` if it may hold a secret."""
+        texts: list[str] = []
+        try:
+            for row in rows:
+                for at in _CONTENT_AT:
+                    value = row[at]
+                    if value is not None:
+                        text = pydantic_core.to_json(value, fallback=repr_of).decode()
+                        if len(text) > MAX_TEXT:
+                            text = truncated(text)
+                        row[at] = text
+                        texts.append(text)
+        except Exception:
+            return False
+        # One search over the whole batch: most batches hold nothing that looks like a secret.
+        return not looks_secret("\n".join(texts))
 
-    def _start_row(self, event: SpanStarted) -> dict[str, Any]:
-        attrs = event.attributes
-        return {
-            "span_id": event.span_id,
-            "run_id": event.run_id,
-            "parent_id": event.parent_id,
-            "kind": event.kind,
-            "name": event.name,
-            "step_key": event.step_key,
-            "status": "running",
-            "started_at": event.start_ns / 1e9,
-            "ended_at": None,
-            "duration_ms": None,
-            "model": attrs.get("model"),
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "total_tokens": 0,
-            "cost_usd": None,
-            "llm_calls": 0,
-            "retries": 0,
-            "error": None,
-            "error_type": None,
-            "inputs": self._content(
-                attrs.get("inputs", attrs.get("messages", attrs.get("arguments")))
-            ),
-            "output": None,
-            "attributes": None,
-            "pid": self._pid,
-        }
-
-    def _finish_row(self, event: SpanFinished) -> dict[str, Any]:
-        node = self._open.pop(event.span_id, None)
-        if event.kind == "llm":
-            usage = event.usage
-            prompt = usage.prompt_tokens if usage else 0
-            completion = usage.completion_tokens if usage else 0
-            cost = event.cost_usd if event.status == "completed" or usage else 0.0
-            if node is not None:
-                node.prompt_tokens += prompt
-                node.completion_tokens += completion
-                node.cost = cost
-                node.llm_calls += 1
-            self._add_to_ancestors(
-                event.parent_id, prompt=prompt, completion=completion, cost=cost, llm_calls=1
-            )
-        if node is not None:
-            row = node.row
-            prompt, completion = node.prompt_tokens, node.completion_tokens
-            cost, llm_calls, retries = node.cost, node.llm_calls, node.retries
-        else:  # started before this recorder was installed: only the finish is known
-            row = self._start_row(
-                SpanStarted(
-                    event.span_id,
-                    event.parent_id,
-                    event.run_id,
-                    event.kind,
-                    event.name,
-                    event.step_key,
-                    event.start_ns,
-                )
-            )
-            usage = event.usage
-            prompt = usage.prompt_tokens if usage else 0
-            completion = usage.completion_tokens if usage else 0
-            cost, llm_calls, retries = event.cost_usd, int(event.kind == "llm"), 0
-        attrs = dict(event.attributes)
-        output = attrs.pop("output", None)
-        if row["model"] is None:
-            row["model"] = attrs.get("model")
-        row.update(
-            status=event.status,
-            ended_at=event.end_ns / 1e9,
-            duration_ms=(event.end_ns - event.start_ns) / 1e6,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            total_tokens=prompt + completion,
-            cost_usd=cost,
-            llm_calls=llm_calls,
-            retries=retries,
-            error=scrub(event.error),  # provider errors may quote a key
-            error_type=event.error_type,
-            output=self._content(output),
-            attributes=encode(attrs, "full") if attrs else None,
-        )
-        return row
-
-    def _content(self, value: Any) -> str | None:
-        return encode(value, self.content)
+    def _row(self, span: Span) -> list[Any]:
+        """The span's row, its content (inputs, output, attributes) as the values themselves."""
+        attrs = span.attributes or _EMPTY
+        inputs = attrs.get("inputs")
+        if inputs is None:
+            inputs = attrs.get("messages", attrs.get("arguments"))
+        if span.status == "running":  # its totals and result are not all in yet
+            return [
+                span.span_id,
+                span.run_id,
+                span.parent_id,
+                span.kind,
+                span.name,
+                span.step_key,
+                "running",
+                span.start_ns / 1e9,
+                None,
+                None,
+                attrs.get("model"),
+                0,
+                0,
+                0,
+                None,
+                0,
+                0,
+                None,
+                None,
+                inputs,
+                None,
+                None,
+                self._pid,
+            ]
+        result = span.result or _EMPTY
+        extra = {k: v for k, v in result.items() if k != "output"} if result else None
+        end_ns = span.end_ns
+        error = span.error
+        return [
+            span.span_id,
+            span.run_id,
+            span.parent_id,
+            span.kind,
+            span.name,
+            span.step_key,
+            span.status,
+            span.start_ns / 1e9,
+            end_ns / 1e9,
+            (end_ns - span.start_ns) / 1e6,
+            attrs.get("model") or result.get("model"),
+            span.prompt_tokens,
+            span.completion_tokens,
+            span.prompt_tokens + span.completion_tokens,
+            span.cost,
+            span.llm_calls,
+            span.retries,
+            None if error is None else scrub(error),  # provider errors may quote a key
+            span.error_type,
+            inputs,
+            result.get("output"),
+            extra or None,
+            self._pid,
+        ]
 
     def _write(
         self,
         engine: Any,
-        started: list[dict[str, Any]],
-        finished: list[dict[str, Any]],
-        events: list[dict[str, Any]],
+        running: list[Span],
+        finished: list[Span],
+        events: list[SpanEvent],
     ) -> None:
-        if not (started or finished or events):
+        if not (running or finished or events):
             return
         statements = _statements(engine.dialect.name)
-        # Straight to the driver's executemany with the row dicts: the rows are already plain
-        # values, and SQLAlchemy's per-row processing would cost more than the insert itself.
+        # Straight to the driver's executemany: the rows are already plain values, and
+        # SQLAlchemy's per-row processing would cost more than the insert itself.
         with engine.begin() as connection:
-            if started:
-                connection.exec_driver_sql(statements.insert_running, started)
+            if running:
+                connection.exec_driver_sql(statements.insert_running, self._rows(running))
             if finished:
-                connection.exec_driver_sql(statements.upsert_finished, finished)
+                connection.exec_driver_sql(statements.upsert_finished, self._rows(finished))
             if events:
-                connection.exec_driver_sql(statements.insert_events, events)
+                connection.exec_driver_sql(
+                    statements.insert_events,
+                    [
+                        (
+                            event.span_id,
+                            event.run_id,
+                            event.name,
+                            event.time_ns / 1e9,
+                            encode(event.attributes, "full"),
+                        )
+                        for event in events
+                    ],
+                )
         self.written_spans += len(finished)
         self.written_events += len(events)
 
@@ -326,27 +368,29 @@ class _Statements:
 
 @lru_cache(maxsize=4)
 def _statements(dialect: str) -> _Statements:
-    """The recorder's SQL, in the driver's named-parameter style. ``INSERT ... ON CONFLICT``
-    is the same on SQLite and PostgreSQL."""
+    """The recorder's SQL, with positional parameters in the driver's style. ``INSERT ... ON
+    CONFLICT`` is the same on SQLite and PostgreSQL."""
     from ._schema import events, spans
 
-    def param(name: str) -> str:
-        return f"%({name})s" if dialect == "postgresql" else f":{name}"
+    if [c.name for c in spans.columns] != list(SPAN_COLUMNS):
+        raise RuntimeError("the recorder's columns do not match the kagura_spans table")
+    mark = "%s" if dialect == "postgresql" else "?"
 
-    columns = [c.name for c in spans.columns]
-    insert = (
-        f"INSERT INTO {spans.name} ({', '.join(columns)}) "
-        f"VALUES ({', '.join(param(c) for c in columns)})"
-    )
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns if c != "span_id")
-    event_columns = [c.name for c in events.columns if c.name != "id"]
+    def insert(table: str, columns: tuple[str, ...]) -> str:
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join(mark for _ in columns)})"
+        )
+
+    spans_insert = insert(spans.name, SPAN_COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
+    event_columns = tuple(c.name for c in events.columns if c.name != "id")
+    if event_columns != ("span_id", "run_id", "name", "at", "attributes"):
+        raise RuntimeError("the recorder's columns do not match the kagura_events table")
     return _Statements(
-        insert_running=f"{insert} ON CONFLICT (span_id) DO NOTHING",
-        upsert_finished=f"{insert} ON CONFLICT (span_id) DO UPDATE SET {updates}",
-        insert_events=(
-            f"INSERT INTO {events.name} ({', '.join(event_columns)}) "
-            f"VALUES ({', '.join(param(c) for c in event_columns)})"
-        ),
+        insert_running=f"{spans_insert} ON CONFLICT (span_id) DO NOTHING",
+        upsert_finished=f"{spans_insert} ON CONFLICT (span_id) DO UPDATE SET {updates}",
+        insert_events=insert(events.name, event_columns),
     )
 
 

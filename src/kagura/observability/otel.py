@@ -69,7 +69,7 @@ from .. import __version__
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import add_sink, remove_sink
 from ..errors import UsageError
-from ._content import _MAX_TEXT, encode, scrub
+from ._content import MAX_TEXT, encode, scrub
 
 
 class OpenTelemetryMissing(UsageError, ImportError):
@@ -424,7 +424,7 @@ def _json(value: Any) -> str:
 def _text(value: Any) -> str:
     """Redacted text: strings as they are, anything else as JSON."""
     if isinstance(value, str):
-        return _clip(scrub(value), _MAX_TEXT)
+        return _clip(scrub(value), MAX_TEXT)
     return _json(value)
 
 

@@ -52,11 +52,15 @@ class ModelRequest:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+#: Usage is immutable, so responses that report none share this one.
+NO_USAGE = Usage()
+
+
 @dataclass(frozen=True, slots=True)
 class ModelResponse:
     text: str
     tool_calls: tuple[ToolCall, ...] = ()
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = NO_USAGE
     model: str = ""
     finish_reason: str | None = None
 

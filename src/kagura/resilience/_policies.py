@@ -139,10 +139,29 @@ def _breaker_for(setting: CircuitBreaker | bool | None, model: Model) -> Circuit
     return None
 
 
+def is_unguarded(policies: Policies, model: Model) -> bool:
+    """Would an attempt of ``model`` under ``policies`` pass no guard at all (no cost budget,
+    breaker, rate limiter or per-attempt timeout)? Then its first attempt needs no machinery."""
+    return (
+        policies.timeout is None
+        and policies.breaker is None
+        and policies.rate_limit is None
+        and (not isinstance(policies.retry, Retry) or policies.retry.timeout is None)
+        and limiter_for_model(model.id) is None
+        and current_cost_budget() is None
+    )
+
+
 async def call_model(
-    model: Model, request: ModelRequest, parent: Span, policies: Policies
-) -> tuple[ModelResponse, float | None]:
-    """One logical model call: attempts under the retry policy, each guarded by the others."""
+    model: Model,
+    request: ModelRequest,
+    parent: Span,
+    policies: Policies,
+    first_error: Exception | None = None,
+) -> ModelResponse:
+    """One logical model call: attempts under the retry policy, each guarded by the others.
+    ``first_error``: the caller made the first attempt itself (see :func:`is_unguarded`), and it
+    failed with this."""
     breaker = _breaker_for(policies.breaker, model)
     limiter = policies.rate_limit or limiter_for_model(model.id)
     retry = policies.retry
@@ -151,9 +170,11 @@ async def call_model(
     timeout = policies.timeout
     if timeout is None and isinstance(retry, Retry):
         timeout = retry.timeout
+    budget = current_cost_budget()
+    if first_error is not None and not isinstance(retry, Retry):
+        raise first_error
 
-    async def one_attempt() -> tuple[ModelResponse, float | None]:
-        budget = current_cost_budget()
+    async def one_attempt() -> ModelResponse:
         if budget is not None:
             budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
         if breaker is not None:
@@ -176,7 +197,7 @@ async def call_model(
             permit.settle(response.usage.total_tokens)
         if budget is not None:
             budget.charge(response.usage, cost)
-        return response, cost
+        return response
 
     if not isinstance(retry, Retry):
         return await one_attempt()
@@ -184,7 +205,7 @@ async def call_model(
         # The agent applies these itself; the policy's copy would apply them twice.
         retry = _without_timeouts(retry)
     # The call's total timeout still bounds the retries: a wait that would pass it is not begun.
-    return await retry._loop(one_attempt, model.id, _call_deadline.get())
+    return await retry._loop(one_attempt, model.id, _call_deadline.get(), first_error)
 
 
 def _without_timeouts(policy: Retry) -> Retry:

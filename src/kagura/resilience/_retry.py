@@ -105,8 +105,22 @@ class Retry:
         async with asyncio.timeout(self.total_timeout):
             return await self._loop(fn, name, deadline)
 
-    async def _loop(self, fn: Callable[[], Awaitable[T]], name: str, deadline: float | None) -> T:
+    async def _loop(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        name: str,
+        deadline: float | None,
+        first_error: Exception | None = None,
+    ) -> T:
+        """Attempts of ``fn`` until one succeeds or the policy gives up. ``first_error``: the
+        first attempt was already made by the caller, and failed with it."""
         attempt = 0
+        if first_error is not None:
+            attempt = 1
+            wait = self._wait_before_retry(first_error, attempt, name, deadline)
+            if wait is None:
+                raise first_error
+            await _config.sleep(wait)
         while True:
             attempt += 1
             try:
@@ -167,7 +181,11 @@ class Retry:
         """Use the policy as a decorator on any async callable (an agent included)."""
         if not callable(fn) or inspect.isclass(fn):
             raise UsageError(f"Retry(...) decorates async callables, got {fn!r}")
-        if not (asyncio.iscoroutinefunction(fn) or asyncio.iscoroutinefunction(type(fn).__call__)):
+        if not (
+            asyncio.iscoroutinefunction(fn)
+            or asyncio.iscoroutinefunction(type(fn).__call__)
+            or getattr(fn, "_is_async_callable", False)  # an agent
+        ):
             raise UsageError(
                 f"Retry(...) decorates async callables; {fn!r} is not (wrap a sync function "
                 f"in an async def, or retry it with `async for attempt in policy`)"
