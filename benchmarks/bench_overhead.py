@@ -4,42 +4,35 @@ and LlamaIndex Workflows, side by side (not a test: it prints figures; see bench
 The workload of one run: three agent calls in parallel, then one agent call over their three
 results (4 steps). The provider is a zero-latency fake (the awaited call returns at once), so what
 is measured is the framework. ``--runs`` runs (default 2,000) are started at once with
-``asyncio.gather`` and timed from the first call to the last result; every contender does one
-round in turn (in a rotating order), over ``--rounds`` rounds, after one untimed warm-up round
-each. Figures are medians over the rounds, in µs per agent step; ratios are against raw asyncio
-measured in the same rounds.
+``asyncio.gather`` and timed from the first call to the last result.
+
+Each contender runs each round in a fresh worker process of its own, importing only itself (as a
+user's program would): in one shared process, every contender's garbage collections would also
+walk the objects of the frameworks imported next to it. A worker does one untimed warm-up round,
+then the timed one. Contenders take turns, in a rotating order, over ``--rounds`` rounds; figures
+are medians over the rounds, in µs per agent step, and ratios are against raw asyncio measured in
+the same rounds.
 
     .venv/bin/python benchmarks/bench_overhead.py [--runs 2000] [--rounds 7] [--only kagura]
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import gc
+import json
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypedDict
 
-# Recording on is the normal configuration: the default recorder writes to KAGURA_HOME/events.db.
-# Point it at a fresh directory before kagura is imported, so no real store is touched.
-_HOME = tempfile.mkdtemp(prefix="kagura-bench-overhead-")
-os.environ["KAGURA_HOME"] = _HOME
-for _name in ("KAGURA_DB", "KAGURA_RECORD", "KAGURA_DURABLE", "KAGURA_MODEL_OVERRIDE"):
-    os.environ.pop(_name, None)
-# The peers' own tracing is off by default; make sure no environment turns it on.
-for _name in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
-    os.environ.pop(_name, None)
-
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import gc  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Awaitable, Callable  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import TypedDict  # noqa: E402
-
-from _bench import Report, console, fmt, median, ratio, run_recorded  # noqa: E402
-
-from kagura import _instrument, agent, workflow  # noqa: E402
-from kagura.providers import Model, ModelRequest, ModelResponse  # noqa: E402
-from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
+from _bench import Report, console, fmt, median, ratio
 
 STEPS_PER_RUN = 4
 TEXT = "x"
@@ -53,6 +46,7 @@ KAGURA_OFF = "Kagura, recording off"
 KAGURA_DURABLE = "Kagura, durable=True"
 LANGGRAPH = "LangGraph"
 LLAMAINDEX = "LlamaIndex Workflows"
+CONTENDERS = (RAW, KAGURA_ON, KAGURA_OFF, KAGURA_DURABLE, LANGGRAPH, LLAMAINDEX)
 
 
 async def fake_llm(prompt: str) -> str:
@@ -75,31 +69,40 @@ async def raw_run(text: str) -> str:
 # -- Kagura ------------------------------------------------------------------------------------
 
 
-class EchoModel(Model):
-    """The zero-latency provider of Kagura: the same echo as ``fake_llm``, behind the provider
-    interface (a ``ModelResponse`` with no usage). Not ``model="fake"``: ``FakeModel`` is a test
-    double (scripts, request history, word-count usage) and its own work is not framework work."""
+def build_kagura(durable: bool) -> Callable[[str], Awaitable[str]]:
+    """Two agents' worth of workflow on an echo model; every other setting at its default."""
+    from kagura import agent, workflow
+    from kagura.providers import Model, ModelRequest, ModelResponse
 
-    provider = "fake"  # a free provider: its price is looked up as for any model
-    model_name = "bench-echo"
+    class EchoModel(Model):
+        """The same echo as ``fake_llm``, behind the provider interface (a ``ModelResponse``
+        with no usage). Not ``model="fake"``: ``FakeModel`` is a test double (scripts, request
+        history, word-count usage), and its own work is not the framework's."""
 
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        return ModelResponse(request.messages[-1]["content"])
+        provider = "fake"  # a free provider: its price is looked up as for any model
+        model_name = "bench-echo"
+
+        async def request(self, request: ModelRequest) -> ModelResponse:
+            return ModelResponse(request.messages[-1]["content"])
+
+    @agent(model=EchoModel())
+    async def summarise(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
+        """Summarise: {{ text }}"""
+
+    async def fan_in(text: str) -> str:
+        a, b, c = await asyncio.gather(summarise(text), summarise(text), summarise(text))
+        return await summarise(a + b + c)
+
+    return workflow(name="fan_in_durable" if durable else "fan_in", durable=durable)(fan_in)
 
 
-# Every other setting is the default (retry, breaker, timeouts): the normal configuration.
-@agent(model=EchoModel())
-async def summarise(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
-    """Summarise: {{ text }}"""
+def kagura_flush() -> None:
+    """Wait for the default recorder to write everything queued (timed: part of the cost)."""
+    from kagura.observability._recorder import default_recorder
 
-
-async def _fan_in(text: str) -> str:
-    a, b, c = await asyncio.gather(summarise(text), summarise(text), summarise(text))
-    return await summarise(a + b + c)
-
-
-kagura_run = workflow(name="fan_in")(_fan_in)
-kagura_durable_run = workflow(name="fan_in_durable", durable=True)(_fan_in)
+    recorder = default_recorder()
+    if recorder is None or not recorder.flush(timeout=600):
+        raise RuntimeError("the default recorder is not installed or did not flush")
 
 
 # -- LangGraph ---------------------------------------------------------------------------------
@@ -183,108 +186,126 @@ def build_llamaindex() -> Callable[[str], Awaitable[str]]:
     return run
 
 
-# -- measuring ---------------------------------------------------------------------------------
+# -- one worker process per contender and round ----------------------------------------------
 
 
-def _nothing() -> None:
-    pass
+def build(name: str) -> tuple[Callable[[str], Awaitable[str]], Callable[[], None] | None]:
+    """The contender's run, and what to call (timed) once every run has returned."""
+    if name == RAW:
+        return raw_run, None
+    if name in (KAGURA_ON, KAGURA_OFF, KAGURA_DURABLE):
+        return build_kagura(name == KAGURA_DURABLE), None if name == KAGURA_OFF else kagura_flush
+    if name == LANGGRAPH:
+        return build_langgraph(), None
+    if name == LLAMAINDEX:
+        return build_llamaindex(), None
+    raise ValueError(f"no contender named {name!r}")
+
+
+async def timed_round(
+    run: Callable[[str], Awaitable[str]], settle: Callable[[], None] | None, runs: int
+) -> tuple[float, float]:
+    """(µs per step with ``settle``, µs per step until the last result) for one round."""
+    gc.collect()
+    start = time.perf_counter()
+    results = await asyncio.gather(*(run(TEXT) for _ in range(runs)))
+    returned = time.perf_counter()
+    if settle is not None:
+        settle()
+    settled = time.perf_counter()
+    wrong = sum(1 for r in results if r != EXPECTED)
+    if wrong:  # a correctness check of the harness, not a timing assertion
+        raise RuntimeError(f"{wrong} of {runs} runs returned a wrong result")
+    steps = runs * STEPS_PER_RUN
+    return (settled - start) / steps * 1e6, (returned - start) / steps * 1e6
+
+
+def worker(name: str, runs: int, warmup: int) -> None:
+    """Run in a fresh process: one warm-up round, one timed round; print the figures as JSON."""
+    run, settle = build(name)
+
+    async def rounds() -> tuple[float, float]:
+        await timed_round(run, settle, warmup)
+        return await timed_round(run, settle, runs)
+
+    total, loop = asyncio.run(rounds())
+    print(json.dumps({"total_us": total, "loop_us": loop}))
+
+
+def worker_environment(name: str, home: str) -> dict[str, str]:
+    env = dict(os.environ)
+    # Recording on is the normal configuration: the default recorder writes to
+    # KAGURA_HOME/events.db, here a fresh directory, so no real store is touched.
+    env["KAGURA_HOME"] = home
+    for key in ("KAGURA_DB", "KAGURA_RECORD", "KAGURA_DURABLE", "KAGURA_MODEL_OVERRIDE"):
+        env.pop(key, None)
+    if name == KAGURA_OFF:
+        env["KAGURA_RECORD"] = "0"
+    # The peers' own tracing is off by default; make sure no environment turns it on.
+    for key in ("LANGSMITH_TRACING", "LANGCHAIN_TRACING_V2", "LANGCHAIN_TRACING"):
+        env.pop(key, None)
+    return env
 
 
 @dataclass
 class Contender:
     name: str
-    run: Callable[[str], Awaitable[str]]
-    #: Called before and after each round, outside the timed window.
-    before: Callable[[], None] = _nothing
-    after: Callable[[], None] = _nothing
-    #: Called inside the timed window once every run has returned: the writer's remaining work.
-    settle: Callable[[], None] | None = None
     total_us: list[float] = field(default_factory=list)  # per step, settle included
     loop_us: list[float] = field(default_factory=list)  # per step, until the last run returned
+    settles: bool = False
 
-    async def round(self, runs: int) -> tuple[float, float]:
-        """(µs per step with ``settle``, µs per step until the last result) for one round."""
-        self.before()
-        gc.collect()
-        start = time.perf_counter()
-        results = await asyncio.gather(*(self.run(TEXT) for _ in range(runs)))
-        returned = time.perf_counter()
-        if self.settle is not None:
-            self.settle()
-        settled = time.perf_counter()
-        self.after()
-        wrong = sum(1 for r in results if r != EXPECTED)
-        if wrong:  # a correctness check of the harness, not a timing assertion
-            raise RuntimeError(f"{self.name}: {wrong} of {runs} runs returned a wrong result")
-        steps = runs * STEPS_PER_RUN
-        return (settled - start) / steps * 1e6, (returned - start) / steps * 1e6
+    @staticmethod
+    def _sizes(runs: int, warmup: int) -> list[str]:
+        return ["--runs", str(runs), "--warmup", str(warmup)]
+
+    def round(self, runs: int, warmup: int) -> None:
+        home = tempfile.mkdtemp(prefix="kagura-bench-overhead-")
+        try:
+            done = subprocess.run(
+                [*(sys.executable, __file__, "--worker", self.name), *self._sizes(runs, warmup)],
+                env=worker_environment(self.name, home),
+                capture_output=True,
+                text=True,
+                timeout=1800,
+                check=False,
+            )
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{self.name}: the worker failed:\n{done.stderr[-3000:]}")
+        figures = json.loads(done.stdout.strip().splitlines()[-1])
+        self.total_us.append(figures["total_us"])
+        self.loop_us.append(figures["loop_us"])
 
 
-def build_contenders(report: Report) -> list[Contender]:
-    recorder_holder: list[Recorder] = []
-
-    def recorder() -> Recorder:
-        return recorder_holder[0]
-
-    def recording_off() -> None:
-        _instrument.remove_sink(recorder())
-
-    def recording_on() -> None:
-        _instrument.add_sink(recorder())
-
-    def flush() -> None:
-        if not recorder().flush(timeout=600):
-            raise RuntimeError("the recorder did not flush")
-
-    contenders = [
-        Contender(RAW, raw_run),
-        Contender(KAGURA_ON, kagura_run, before=recording_on, settle=flush),
-        Contender(KAGURA_OFF, kagura_run, before=recording_off, after=recording_on),
-        Contender(KAGURA_DURABLE, kagura_durable_run, before=recording_on, settle=flush),
-    ]
-    try:
-        contenders.append(Contender(LANGGRAPH, build_langgraph()))
-    except ImportError as exc:
-        report.line(
-            f"NOTE: LangGraph skipped ({exc}); install the bench extra: pip install -e '.[bench]'"
+def available(report: Report) -> list[str]:
+    """The contenders whose framework is installed."""
+    names = [RAW, KAGURA_ON, KAGURA_OFF, KAGURA_DURABLE]
+    for name, module in ((LANGGRAPH, "langgraph"), (LLAMAINDEX, "workflows")):
+        found = subprocess.run(
+            [sys.executable, "-c", f"import importlib.util as u; assert u.find_spec({module!r})"],
+            capture_output=True,
+            check=False,
         )
-    try:
-        contenders.append(Contender(LLAMAINDEX, build_llamaindex()))
-    except ImportError as exc:
-        report.line(
-            f"NOTE: LlamaIndex Workflows skipped ({exc}); install the bench extra: "
-            "pip install -e '.[bench]'"
-        )
-
-    recorder_holder.append(_install_recorder())
-    return contenders
+        if found.returncode == 0:
+            names.append(name)
+        else:
+            report.line(
+                f"NOTE: {name} skipped ({module} is not installed); install the bench extra: "
+                "pip install -e '.[bench]'"
+            )
+    return names
 
 
-def _install_recorder() -> Recorder:
-    """The default recorder, installed as the first Kagura call would (KAGURA_RECORD is unset)."""
-    _instrument.ensure_recording()
-    installed = default_recorder()
-    if installed is None or installed not in _instrument.sinks():
-        raise RuntimeError("the default recorder is not installed: is KAGURA_RECORD=0 set?")
-    if not installed.flush():
-        raise RuntimeError(f"the default recorder cannot write to {installed.url}")
-    return installed
-
-
-async def measure(
+def measure(
     contenders: list[Contender], runs: int, warmup: int, rounds: int, say: Callable[[str], None]
 ) -> None:
-    for c in contenders:
-        say(f"warm-up: {c.name} ({warmup} runs)")
-        await c.round(warmup)
     for r in range(rounds):
         shift = r % len(contenders)
         order = contenders[shift:] + contenders[:shift]
         say(f"round {r + 1}/{rounds}")
         for c in order:
-            total, loop = await c.round(runs)
-            c.total_us.append(total)
-            c.loop_us.append(loop)
+            c.round(runs, warmup)
 
 
 def render(report: Report, contenders: list[Contender], runs: int, rounds: int) -> None:
@@ -313,8 +334,8 @@ def render(report: Report, contenders: list[Contender], runs: int, rounds: int) 
             fmt(min(c.total_us), 2),
             fmt(max(c.total_us), 2),
             ratio(total, base),
-            fmt(loop, 2) if c.settle is not None else "",
-            ratio(loop, median(raw.loop_us)) if c.settle is not None else "",
+            fmt(loop, 2) if c.settles else "",
+            ratio(loop, median(raw.loop_us)) if c.settles else "",
         )
     table.notes.append(
         "µs/step: wall time from starting the runs to the last result, plus (recording on, "
@@ -349,28 +370,17 @@ def render(report: Report, contenders: list[Contender], runs: int, rounds: int) 
             )
 
 
-async def main_async(args: argparse.Namespace, report: Report) -> None:
+def run(args: argparse.Namespace, report: Report) -> None:
     out = console()
-    contenders = build_contenders(report)
+    names = available(report)
     if args.only:
-        contenders = [
-            c
-            for c in contenders
-            if c.name == RAW or any(o.lower() in c.name.lower() for o in args.only)
-        ]
+        names = [n for n in names if n == RAW or any(o.lower() in n.lower() for o in args.only)]
+    contenders = [Contender(n, settles=n in (KAGURA_ON, KAGURA_DURABLE)) for n in names]
+    warmup = args.warmup or args.runs
     report.params.update(
-        runs=args.runs,
-        rounds=args.rounds,
-        warmup=args.warmup or args.runs,
-        contenders=len(contenders),
+        runs=args.runs, rounds=args.rounds, warmup=warmup, contenders=len(contenders)
     )
-    await measure(
-        contenders,
-        args.runs,
-        args.warmup or args.runs,
-        args.rounds,
-        lambda text: out.print(text, style="dim"),
-    )
+    measure(contenders, args.runs, warmup, args.rounds, lambda t: out.print(t, style="dim"))
     render(report, contenders, args.runs, args.rounds)
 
 
@@ -383,7 +393,11 @@ def main() -> None:
         "--only", action="append", help="only contenders whose name contains TEXT (repeatable)"
     )
     parser.add_argument("--json", metavar="PATH", help="also save the report as JSON")
+    parser.add_argument("--worker", choices=CONTENDERS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.runs, args.warmup or args.runs)
+        return
 
     report = Report(
         name="overhead",
@@ -394,13 +408,16 @@ def main() -> None:
             "(4 steps), on a zero-latency fake provider. Raw asyncio, LangGraph and LlamaIndex "
             "call an `async def` echo; Kagura agents use the same echo behind the provider "
             "interface (`EchoModel`: a `ModelResponse` of the prompt) with every other setting "
-            "at its default. Kagura with recording on writes to a fresh "
-            "SQLite store in a temporary `KAGURA_HOME`; recording off removes the recorder's sink "
-            "for those rounds; durable runs journal every step (and record). All runs of a round "
-            "are started at once; contenders take turns, in a rotating order, in one process."
+            "at its default. Kagura with recording on writes to a fresh SQLite store in a "
+            "temporary `KAGURA_HOME`; recording off is `KAGURA_RECORD=0`; durable runs journal "
+            "every step (and record). All runs of a round are started at once. Every contender "
+            "runs every round in a fresh process of its own (a warm-up round, then the timed "
+            "one), taking turns in a rotating order."
         ),
     )
-    run_recorded(report, _HOME, args.json, lambda: asyncio.run(main_async(args, report)))
+    started = time.perf_counter()
+    run(args, report)
+    report.finish(started, args.json)
 
 
 if __name__ == "__main__":
