@@ -647,3 +647,65 @@ def test_importing_kagura_does_not_import_the_database_layer() -> None:
     )
     result = run_script(code, {}, timeout=SUBPROCESS_TIMEOUT)
     assert result.returncode == 0, result.stderr
+
+
+# -- the writer process -------------------------------------------------------------------------
+
+
+async def test_the_writer_process_is_given_no_secret_on_its_command_line(
+    recorder: Recorder, store_url: str
+) -> None:
+    assert recorder.flush()
+    sidecar = recorder._writer
+    assert sidecar is not None and hasattr(sidecar, "process")
+    command = " ".join(sidecar.process.args)
+    assert store_url not in command  # a database URL may hold a password: `ps` shows argv
+    assert "kagura.observability._writer" in command
+
+
+async def test_recording_goes_on_when_the_writer_process_dies(
+    recorder: Recorder, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with override_model(FakeModel()):
+        await summarise("before")
+        assert recorder.flush()
+        sidecar = recorder._writer
+        assert sidecar is not None and hasattr(sidecar, "process")
+        sidecar.process.kill()
+        sidecar.process.wait(SUBPROCESS_TIMEOUT)
+        await summarise("after")
+    assert recorder.flush()
+    assert "writer process stopped" in caplog.text
+    inputs = Counter(
+        (row["kind"], row["status"], json.loads(row["inputs"])["text"])
+        for row in rows(store_url)
+        if row["kind"] == "agent"
+    )
+    assert inputs == {("agent", "completed", "before"): 1, ("agent", "completed", "after"): 1}
+
+
+@pytest.mark.parametrize("setting", ["0", "1"])
+async def test_the_writer_runs_in_a_thread_or_a_process_with_the_same_rows(
+    record_to: Callable[..., Recorder], store_url: str, setting: str
+) -> None:
+    recorder = record_to(store_url, KAGURA_RECORD_PROCESS=setting)
+
+    @workflow
+    async def pipeline(text: str) -> str:
+        return await calculator(await summarise(text))
+
+    calls = [ToolCall("c1", "double", '{"x": 21}')]
+    with override_model(FakeModel(["short", Reply("", tool_calls=calls), "42"])):
+        assert await pipeline("a long text") == "42"
+    spans = by_id(recorder, store_url)
+    assert hasattr(recorder._writer, "process") is (setting == "1")
+    assert Counter((s["kind"], s["name"], s["status"]) for s in spans.values()) == {
+        ("workflow", "pipeline", "completed"): 1,
+        ("agent", "summarise", "completed"): 1,
+        ("agent", "calculator", "completed"): 1,
+        ("llm", "fake/echo", "completed"): 3,
+        ("tool", "double", "completed"): 1,
+    }
+    (run,) = [s for s in spans.values() if s["kind"] == "workflow"]
+    assert run["llm_calls"] == 3
+    assert json.loads(run["output"]) == "42"

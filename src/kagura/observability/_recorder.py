@@ -1,67 +1,38 @@
 """The recorder: an instrumentation sink that writes every span and event to the event store.
 
-On the event loop it only appends the finished (or started) :class:`~kagura._context.Span` to a
-deque: the span already carries its subtree's tokens, cost, LLM calls and retries (see
-:func:`kagura._instrument.close`), so nothing is built there. A writer thread turns a batch into
-rows and writes it in one transaction. So recording never blocks the loop on disk I/O, never
-touches the recorded function's result or exception, and nothing is lost on exit: an ``atexit``
-hook flushes what is queued.
+On the event loop it builds each span's row when the span finishes (the span already carries its
+subtree's tokens, cost, LLM calls and retries: see :func:`kagura._instrument.close`) and appends it
+to a deque. A thread hands batches to the writer (see :mod:`._writer`): by default a process of
+its own, so serialising, redacting and inserting run on another core. So recording never blocks
+the loop on disk I/O, never touches the recorded function's result or exception, and nothing is
+lost on exit: an ``atexit`` hook flushes what is queued.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import itertools
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import pydantic_core
 
 from .. import _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
-from ._content import MAX_TEXT, ContentMode, encode, looks_secret, repr_of, scrub, truncated
+from ._content import ContentMode
+from ._writer import Blob, StoreWriter, dump, receive, send
 
 _log = logging.getLogger("kagura.recorder")
 
 _EMPTY: dict[str, Any] = {}
-
-#: The spans table's columns in the order of the rows :meth:`Recorder._row` builds.
-SPAN_COLUMNS = (
-    "span_id",
-    "run_id",
-    "parent_id",
-    "kind",
-    "name",
-    "step_key",
-    "status",
-    "started_at",
-    "ended_at",
-    "duration_ms",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_usd",
-    "llm_calls",
-    "retries",
-    "error",
-    "error_type",
-    "inputs",
-    "output",
-    "attributes",
-    "pid",
-)
-#: Where the columns holding recorded content (stored as JSON text) are in a row.
-_CONTENT_AT = tuple(SPAN_COLUMNS.index(c) for c in ("inputs", "output", "attributes"))
-_ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")  # not content: never hashed or dropped
 
 
 class _FlushMarker:
@@ -71,9 +42,86 @@ class _FlushMarker:
         self.done = threading.Event()
 
 
+class _SidecarGone(Exception):
+    """The writer process stopped answering."""
+
+
+class _StoreUnopenable(Exception):
+    """The writer process could not open the store (nor would this one)."""
+
+
+class _Sidecar:
+    """The client end of a writer process (:func:`kagura.observability._writer.main`)."""
+
+    def __init__(self, url: str, content: ContentMode) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", "from kagura.observability._writer import main; main()"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self._inbox = self.process.stdin
+        self._outbox = self.process.stdout
+        self._tokens = itertools.count(1)
+        self.written_spans = 0
+        self.written_events = 0
+        self.failed_batches = 0
+        # The URL goes through the pipe, not the command line: it may hold a password.
+        self._send(("open", url, content))
+        reply = self._receive()
+        if not reply[1]:
+            self.close()
+            raise _StoreUnopenable(reply[2])
+
+    def write(self, running: list[Blob], finished: list[Blob], events: list[Blob]) -> None:
+        self._send(("rows", running, finished, events))
+
+    def sync(self) -> None:
+        """Wait until the writer has committed everything sent so far."""
+        token = next(self._tokens)
+        self._send(("sync", token))
+        while True:
+            reply = self._receive()
+            if reply[0] == "synced" and reply[1] == token:
+                self.written_spans, self.written_events, self.failed_batches = reply[2:5]
+                return
+
+    def close(self, timeout: float = 30.0) -> None:
+        with contextlib.suppress(OSError):
+            self._inbox.close()  # the writer finishes what it has read, then exits
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._outbox.close()
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        try:
+            send(self._inbox, message)
+        except (BrokenPipeError, ConnectionError, OSError) as exc:
+            raise _SidecarGone(str(exc)) from exc
+
+    def _receive(self) -> tuple[Any, ...]:
+        try:
+            reply = receive(self._outbox)
+        except (OSError, ValueError, EOFError) as exc:
+            raise _SidecarGone(str(exc)) from exc
+        if reply is None:
+            raise _SidecarGone(f"the writer process ended (exit code {self.process.poll()})")
+        return reply
+
+
+def _use_sidecar() -> bool:
+    """``KAGURA_RECORD_PROCESS=0`` keeps the writer in the recording process (a thread)."""
+    value = os.environ.get("KAGURA_RECORD_PROCESS", "1").lower()
+    return value not in ("0", "false", "no", "off") and bool(sys.executable)
+
+
 class Recorder:
-    """Writes instrumentation records to the store at ``url`` (a SQLite path or a database URL)
-    from a background thread."""
+    """Writes instrumentation records to the store at ``url`` (a SQLite path or a database URL),
+    through a writer process of its own (``process=False``: a thread of this one)."""
 
     def __init__(
         self,
@@ -82,6 +130,7 @@ class Recorder:
         content: ContentMode | None = None,
         flush_interval: float = 0.05,
         batch_size: int = 5000,
+        process: bool | None = None,
     ) -> None:
         from ._engine import normalise_url
 
@@ -91,23 +140,35 @@ class Recorder:
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self._queue: deque[Span | SpanEvent | _FlushMarker] = deque()
+        self.process = _use_sidecar() if process is None else process
+        self._queue: deque[Span | Blob | SpanEvent | _FlushMarker] = deque()
         self._wake = threading.Event()
         self._stopping = False
         # Spans given as records (handle), by id, until they finish: their children's totals
         # are added to them, as running code adds them to live spans.
         self._detached: dict[str, Span] = {}
+        # Spans that started and have not finished (see handle_span).
+        self._open_spans: dict[str, Span] = {}
         self._pid = os.getpid()
-        self.written_spans = 0
-        self.written_events = 0
-        self.failed_batches = 0
+        self._writer: _Sidecar | StoreWriter | None = None
         self._thread = threading.Thread(target=self._run, name="kagura-recorder", daemon=True)
         self._thread.start()
 
     # -- on the event loop ----------------------------------------------------------------
 
     def handle_span(self, item: Span | SpanEvent) -> None:
-        if not self.broken:  # a store that cannot be opened must not grow the queue forever
+        if self.broken:  # a store that cannot be opened must not grow the queue forever
+            return
+        if type(item) is Span:
+            if item.status == "running":
+                # Open spans are only listed (they are alive anyway): most end within the same
+                # batch, and the writer's thread writes a "running" row only for those that don't.
+                self._open_spans[item.span_id] = item
+            else:
+                # Its row, now, as bytes: nothing here keeps the span or its values alive.
+                self._open_spans.pop(item.span_id, None)
+                self._queue.append(self._row(item))
+        else:
             self._queue.append(item)
 
     def handle(self, event: Event) -> None:
@@ -148,7 +209,83 @@ class Recorder:
             parent,
         )
 
+    def _row(self, span: Span) -> Blob:
+        """The span's row as the writer takes it (see ``_writer.dump``)."""
+        attrs = span.attributes or _EMPTY
+        inputs = attrs.get("inputs")
+        if inputs is None:
+            inputs = attrs.get("messages", attrs.get("arguments"))
+        if span.status == "running":  # its totals and result are not all in yet
+            return dump(
+                (
+                    span.span_id,
+                    span.run_id,
+                    span.parent_id,
+                    span.kind,
+                    span.name,
+                    span.step_key,
+                    "running",
+                    span.start_ns / 1e9,
+                    None,
+                    None,
+                    attrs.get("model"),
+                    0,
+                    0,
+                    0,
+                    None,
+                    0,
+                    0,
+                    None,
+                    None,
+                    inputs,
+                    None,
+                    self._pid,
+                )
+            )
+        result = span.result
+        end_ns = span.end_ns
+        prompt, completion = span.prompt_tokens, span.completion_tokens
+        return dump(
+            (
+                span.span_id,
+                span.run_id,
+                span.parent_id,
+                span.kind,
+                span.name,
+                span.step_key,
+                span.status,
+                span.start_ns / 1e9,
+                end_ns / 1e9,
+                (end_ns - span.start_ns) / 1e6,
+                attrs.get("model") or (result.get("model") if result else None),
+                prompt,
+                completion,
+                prompt + completion,
+                span.cost,
+                span.llm_calls,
+                span.retries,
+                span.error,
+                span.error_type,
+                inputs,
+                result,
+                self._pid,
+            )
+        )
+
     # -- anywhere -------------------------------------------------------------------------
+
+    @property
+    def written_spans(self) -> int:
+        """Spans written so far (as of the last flush, with a writer process)."""
+        return self._writer.written_spans if self._writer is not None else 0
+
+    @property
+    def written_events(self) -> int:
+        return self._writer.written_events if self._writer is not None else 0
+
+    @property
+    def failed_batches(self) -> int:
+        return self._writer.failed_batches if self._writer is not None else 0
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Block until everything queued so far is written (or ``timeout`` passes)."""
@@ -165,24 +302,36 @@ class Recorder:
         self._wake.set()
         self._thread.join(timeout)
 
-    # -- the writer thread ----------------------------------------------------------------
+    # -- the recorder's thread ------------------------------------------------------------
 
     def _run(self) -> None:
-        from ._engine import engine_for
-
         try:
-            engine = engine_for(self.url)
-        except Exception:
-            _log.exception("kagura: cannot open the event store; recording is off")
+            self._writer = self._open()
+        except Exception as exc:
+            _log.error("kagura: cannot open the event store; recording is off: %s", exc)
             self.broken = True
             self._fail_pending()
             return
-        while True:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            self._drain(engine)
-            if self._stopping and not self._queue:
-                return
+        try:
+            while True:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                self._drain()
+                if self._stopping and not self._queue:
+                    return
+        finally:
+            if isinstance(self._writer, _Sidecar):
+                self._writer.close()
+            else:
+                self._writer.dispose()
+
+    def _open(self) -> _Sidecar | StoreWriter:
+        if self.process:
+            try:
+                return _Sidecar(self.url, self.content)
+            except (_SidecarGone, OSError) as exc:  # could not start it: write from here
+                _log.warning("kagura: no writer process (%s); writing from a thread", exc)
+        return StoreWriter(self.url, self.content)
 
     def _fail_pending(self) -> None:
         while self._queue:
@@ -190,208 +339,83 @@ class Recorder:
             if isinstance(item, _FlushMarker):
                 item.done.set()
 
-    def _drain(self, engine: Any) -> None:
+    def _drain(self) -> None:
         queue = self._queue
-        while queue:
-            running: list[Span] = []
-            finished: list[Span] = []
-            events: list[SpanEvent] = []
+        while True:
+            finished: list[Blob] = []
+            events: list[Blob] = []
             markers: list[_FlushMarker] = []
             count = 0
             while queue and count < self.batch_size:
                 item = queue.popleft()
                 count += 1
-                if type(item) is Span:
-                    # A span is queued when it starts and when it finishes; whichever sighting
-                    # first finds it finished writes it whole, and the other is skipped.
-                    state = item._recorded
-                    if state == 2:
-                        continue
-                    if item.status != "running":
-                        item._recorded = 2
-                        finished.append(item)
-                    elif state == 0:
-                        item._recorded = 1
-                        running.append(item)
+                if type(item) is bytes:
+                    finished.append(item)
                 elif isinstance(item, _FlushMarker):
                     markers.append(item)
                     break  # write what came before the marker, then release its waiter
-                else:
-                    events.append(item)  # type: ignore[arg-type]
-            try:
-                self._write(engine, running, finished, events)
-            except Exception:
-                self.failed_batches += 1
-                _log.exception(
-                    "kagura: writing %d recorded rows failed; they are dropped",
-                    len(running) + len(finished) + len(events),
-                )
+                elif isinstance(item, SpanEvent):
+                    row = (
+                        item.span_id,
+                        item.run_id,
+                        item.name,
+                        item.time_ns / 1e9,
+                        item.attributes,
+                    )
+                    events.append(dump(row))
+            # After taking the batch: a span whose row is in it had left _open_spans before.
+            running = self._running_rows(everything=bool(markers))
+            self._write(running, finished, events)
+            if markers:
+                self._sync()
             for marker in markers:
                 marker.done.set()
+            if not queue:
+                return
 
-    def _rows(self, spans: list[Span]) -> list[tuple[Any, ...]]:
-        """The spans' rows, their content as stored text (redacted, hashed or dropped)."""
-        rows = [self._row(span) for span in spans]
-        if self.content == "full" and self._serialise_checked(rows):
-            return [tuple(row) for row in rows]
-        # Something looked like a secret (or would not serialise): value by value, redacting.
-        rows = [self._row(span) for span in spans]
-        for row in rows:
-            for at in _CONTENT_AT:
-                value = row[at]
-                if value is not None:
-                    row[at] = encode(value, "full" if at == _ATTRIBUTES_AT else self.content)
-        return [tuple(row) for row in rows]
+    def _running_rows(self, *, everything: bool) -> list[Blob]:
+        """ "Running" rows for open spans not written yet: those open for longer than the flush
+        interval (most spans end sooner), or all of them when someone waits for a flush."""
+        started_before = time.time_ns() - int(self.flush_interval * 1e9)
+        rows = []
+        for span in list(self._open_spans.values()):
+            if span._recorded == 0 and (everything or span.start_ns < started_before):
+                span._recorded = 1
+                rows.append(self._row(span))
+        return rows
 
-    @staticmethod
-    def _serialise_checked(rows: list[list[Any]]) -> bool:
-        """Serialise the rows' content in place; ``False`` if it may hold a secret."""
-        texts: list[str] = []
-        try:
-            for row in rows:
-                for at in _CONTENT_AT:
-                    value = row[at]
-                    if value is not None:
-                        text = pydantic_core.to_json(value, fallback=repr_of).decode()
-                        if len(text) > MAX_TEXT:
-                            text = truncated(text)
-                        row[at] = text
-                        texts.append(text)
-        except Exception:
-            return False
-        # One search over the whole batch: most batches hold nothing that looks like a secret.
-        return not looks_secret("\n".join(texts))
-
-    def _row(self, span: Span) -> list[Any]:
-        """The span's row, its content (inputs, output, attributes) as the values themselves."""
-        attrs = span.attributes or _EMPTY
-        inputs = attrs.get("inputs")
-        if inputs is None:
-            inputs = attrs.get("messages", attrs.get("arguments"))
-        if span.status == "running":  # its totals and result are not all in yet
-            return [
-                span.span_id,
-                span.run_id,
-                span.parent_id,
-                span.kind,
-                span.name,
-                span.step_key,
-                "running",
-                span.start_ns / 1e9,
-                None,
-                None,
-                attrs.get("model"),
-                0,
-                0,
-                0,
-                None,
-                0,
-                0,
-                None,
-                None,
-                inputs,
-                None,
-                None,
-                self._pid,
-            ]
-        result = span.result or _EMPTY
-        extra = {k: v for k, v in result.items() if k != "output"} if result else None
-        end_ns = span.end_ns
-        error = span.error
-        return [
-            span.span_id,
-            span.run_id,
-            span.parent_id,
-            span.kind,
-            span.name,
-            span.step_key,
-            span.status,
-            span.start_ns / 1e9,
-            end_ns / 1e9,
-            (end_ns - span.start_ns) / 1e6,
-            attrs.get("model") or result.get("model"),
-            span.prompt_tokens,
-            span.completion_tokens,
-            span.prompt_tokens + span.completion_tokens,
-            span.cost,
-            span.llm_calls,
-            span.retries,
-            None if error is None else scrub(error),  # provider errors may quote a key
-            span.error_type,
-            inputs,
-            result.get("output"),
-            extra or None,
-            self._pid,
-        ]
-
-    def _write(
-        self,
-        engine: Any,
-        running: list[Span],
-        finished: list[Span],
-        events: list[SpanEvent],
-    ) -> None:
+    def _write(self, running: list[Blob], finished: list[Blob], events: list[Blob]) -> None:
         if not (running or finished or events):
             return
-        statements = _statements(engine.dialect.name)
-        # Straight to the driver's executemany: the rows are already plain values, and
-        # SQLAlchemy's per-row processing would cost more than the insert itself.
-        with engine.begin() as connection:
-            if running:
-                connection.exec_driver_sql(statements.insert_running, self._rows(running))
-            if finished:
-                connection.exec_driver_sql(statements.upsert_finished, self._rows(finished))
-            if events:
-                connection.exec_driver_sql(
-                    statements.insert_events,
-                    [
-                        (
-                            event.span_id,
-                            event.run_id,
-                            event.name,
-                            event.time_ns / 1e9,
-                            encode(event.attributes, "full"),
-                        )
-                        for event in events
-                    ],
-                )
-        self.written_spans += len(finished)
-        self.written_events += len(events)
+        writer = self._writer
+        assert writer is not None
+        try:
+            writer.write(running, finished, events)
+        except _SidecarGone as exc:
+            self._fall_back(exc)
+            self._writer.write(running, finished, events)  # type: ignore[union-attr]
 
+    def _sync(self) -> None:
+        writer = self._writer
+        if isinstance(writer, _Sidecar):
+            try:
+                writer.sync()
+            except _SidecarGone as exc:
+                self._fall_back(exc)
 
-@dataclass(frozen=True, slots=True)
-class _Statements:
-    insert_running: str
-    upsert_finished: str
-    insert_events: str
-
-
-@lru_cache(maxsize=4)
-def _statements(dialect: str) -> _Statements:
-    """The recorder's SQL, with positional parameters in the driver's style. ``INSERT ... ON
-    CONFLICT`` is the same on SQLite and PostgreSQL."""
-    from ._schema import events, spans
-
-    if [c.name for c in spans.columns] != list(SPAN_COLUMNS):
-        raise RuntimeError("the recorder's columns do not match the kagura_spans table")
-    mark = "%s" if dialect == "postgresql" else "?"
-
-    def insert(table: str, columns: tuple[str, ...]) -> str:
-        return (
-            f"INSERT INTO {table} ({', '.join(columns)}) "
-            f"VALUES ({', '.join(mark for _ in columns)})"
+    def _fall_back(self, why: Exception) -> None:
+        """The writer process died: write from this thread from now on. (What it had read but
+        not committed is lost; everything after is not.)"""
+        _log.error(
+            "kagura: the event store's writer process stopped (%s); writing from a thread", why
         )
-
-    spans_insert = insert(spans.name, SPAN_COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
-    event_columns = tuple(c.name for c in events.columns if c.name != "id")
-    if event_columns != ("span_id", "run_id", "name", "at", "attributes"):
-        raise RuntimeError("the recorder's columns do not match the kagura_events table")
-    return _Statements(
-        insert_running=f"{spans_insert} ON CONFLICT (span_id) DO NOTHING",
-        upsert_finished=f"{spans_insert} ON CONFLICT (span_id) DO UPDATE SET {updates}",
-        insert_events=insert(events.name, event_columns),
-    )
+        gone = self._writer
+        self._writer = StoreWriter(self.url, self.content)
+        if isinstance(gone, _Sidecar):
+            self._writer.written_spans = gone.written_spans
+            self._writer.written_events = gone.written_events
+            self._writer.failed_batches = gone.failed_batches
+            gone.close(timeout=1.0)
 
 
 def _dialect_insert(engine: Any) -> Any:

@@ -1,0 +1,308 @@
+"""The event store's writer: rows in, one transaction per batch out.
+
+The recorder builds each span's row where the span ends and hands batches to a writer. By default
+the writer is a process of its own (:func:`main`, the recorder's sidecar): serialising the
+content, checking it for secrets and the inserts themselves then run on another core, without the
+GIL, so recording costs the event loop little more than building the rows. If the sidecar cannot
+be started, or dies, the recorder writes from its own thread with the same :class:`StoreWriter`.
+
+The sidecar speaks a small protocol over its stdin and stdout: frames of a 4-byte length and a
+:mod:`marshal` payload (the same interpreter is at both ends, and rows are plain values, so
+marshal is the fastest codec there is). It writes everything it has read, then exits, when its
+stdin closes: also when the recording process is killed.
+"""
+
+from __future__ import annotations
+
+import logging
+import marshal
+import os
+import signal
+import struct
+import sys
+from typing import IO, Any
+
+import pydantic_core
+
+from ._content import MAX_TEXT, ContentMode, encode, looks_secret, repr_of, scrub, truncated
+
+_log = logging.getLogger("kagura.recorder")
+
+#: The spans table's columns, in the order of the rows the recorder builds.
+SPAN_COLUMNS = (
+    "span_id",
+    "run_id",
+    "parent_id",
+    "kind",
+    "name",
+    "step_key",
+    "status",
+    "started_at",
+    "ended_at",
+    "duration_ms",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "total_tokens",
+    "cost_usd",
+    "llm_calls",
+    "retries",
+    "error",
+    "error_type",
+    "inputs",
+    "output",
+    "attributes",
+    "pid",
+)
+EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
+_ERROR_AT = SPAN_COLUMNS.index("error")
+_ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")  # not content: never hashed or dropped
+#: Where the columns holding recorded values (stored as JSON text) are in a row.
+_CONTENT_AT = (SPAN_COLUMNS.index("inputs"), SPAN_COLUMNS.index("output"), _ATTRIBUTES_AT)
+
+#: What the recorder sends: each row as :mod:`marshal` bytes. Bytes are not tracked by the garbage
+#: collector: thousands of queued rows holding dicts and tuples would make every collection walk
+#: them, which (measured) costs the event loop more than building the rows.
+Blob = bytes
+#: A span's row as sent: ``SPAN_COLUMNS`` up to ``inputs``, then the span's result attributes
+#: (``output`` among them) as one dict, then ``pid``. An event: ``EVENT_COLUMNS``.
+_RESULT_AT = SPAN_COLUMNS.index("inputs") + 1
+
+
+def dump(row: tuple[Any, ...]) -> Blob:
+    """A row (of a span or an event) as bytes; values marshal cannot carry become plain data."""
+    try:
+        return marshal.dumps(row)
+    except ValueError:
+        return marshal.dumps(_plain(row))
+
+
+def _plain(row: tuple[Any, ...]) -> Any:
+    try:
+        return pydantic_core.to_jsonable_python(row, fallback=repr_of)
+    except Exception:  # not even that: keep what can be kept, as text
+        return [value if _marshals(value) else repr_of(value) for value in row]
+
+
+def _marshals(value: Any) -> bool:
+    try:
+        marshal.dumps(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _span_row(blob: Blob) -> list[Any]:
+    """A span's row as stored (``SPAN_COLUMNS``), its recorded values as the values themselves
+    and its error redacted."""
+    row = list(marshal.loads(blob))
+    result = row[_RESULT_AT]
+    if result:
+        output = result.get("output")
+        extra = {k: v for k, v in result.items() if k != "output"} or None
+    else:
+        output = extra = None
+    row[_RESULT_AT] = output
+    row.insert(_RESULT_AT + 1, extra)
+    error = row[_ERROR_AT]
+    if error is not None:
+        row[_ERROR_AT] = scrub(error)  # provider errors may quote a key
+    return row
+
+
+class StoreWriter:
+    """Writes batches of rows to the store at ``url``. Opening it opens (and creates) the store."""
+
+    def __init__(self, url: str, content: ContentMode) -> None:
+        from ._engine import engine_for
+
+        self.url = url
+        self.content: ContentMode = content
+        self.engine = engine_for(url)
+        self.written_spans = 0
+        self.written_events = 0
+        self.failed_batches = 0
+
+    def write(self, running: list[Blob], finished: list[Blob], events: list[Blob]) -> None:
+        """Write one batch in one transaction. Rows hold their recorded values as the values
+        themselves: here they are redacted, serialised (or hashed, or dropped)."""
+        if not (running or finished or events):
+            return
+        try:
+            statements = _statements(self.engine.dialect.name)
+            # Straight to the driver's executemany: the rows are already plain values, and
+            # SQLAlchemy's per-row processing would cost more than the insert itself.
+            with self.engine.begin() as connection:
+                if running:
+                    connection.exec_driver_sql(statements.insert_running, self._stored(running))
+                if finished:
+                    connection.exec_driver_sql(statements.upsert_finished, self._stored(finished))
+                if events:
+                    connection.exec_driver_sql(statements.insert_events, _event_rows(events))
+        except Exception:
+            self.failed_batches += 1
+            _log.exception(
+                "kagura: writing %d recorded rows failed; they are dropped",
+                len(running) + len(finished) + len(events),
+            )
+            return
+        self.written_spans += len(finished)
+        self.written_events += len(events)
+
+    def _stored(self, blobs: list[Blob]) -> list[tuple[Any, ...]]:
+        rows = [_span_row(blob) for blob in blobs]
+        if self.content == "full" and _serialise_checked(rows):
+            return [tuple(row) for row in rows]
+        # Something looked like a secret (or would not serialise): value by value, redacting.
+        rows = [_span_row(blob) for blob in blobs]
+        for row in rows:
+            for at in _CONTENT_AT:
+                value = row[at]
+                if value is not None:
+                    row[at] = encode(value, "full" if at == _ATTRIBUTES_AT else self.content)
+        return [tuple(row) for row in rows]
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _event_rows(blobs: list[Blob]) -> list[tuple[Any, ...]]:
+    rows = []
+    for blob in blobs:
+        event = marshal.loads(blob)
+        rows.append((*event[:-1], encode(event[-1], "full")))
+    return rows
+
+
+def _serialise_checked(rows: list[list[Any]]) -> bool:
+    """Serialise the rows' recorded values in place; ``False`` if any may hold a secret."""
+    texts: list[str] = []
+    try:
+        for row in rows:
+            for at in _CONTENT_AT:
+                value = row[at]
+                if value is not None:
+                    text = pydantic_core.to_json(value, fallback=repr_of).decode()
+                    if len(text) > MAX_TEXT:
+                        text = truncated(text)
+                    row[at] = text
+                    texts.append(text)
+    except Exception:
+        return False
+    # One search over the whole batch: most batches hold nothing that looks like a secret.
+    return not looks_secret("\n".join(texts))
+
+
+class _Statements:
+    __slots__ = ("insert_events", "insert_running", "upsert_finished")
+
+    def __init__(self, insert_running: str, upsert_finished: str, insert_events: str) -> None:
+        self.insert_running = insert_running
+        self.upsert_finished = upsert_finished
+        self.insert_events = insert_events
+
+
+_statement_cache: dict[str, _Statements] = {}
+
+
+def _statements(dialect: str) -> _Statements:
+    """The writer's SQL, with positional parameters in the driver's style. ``INSERT ... ON
+    CONFLICT`` is the same on SQLite and PostgreSQL."""
+    cached = _statement_cache.get(dialect)
+    if cached is not None:
+        return cached
+    from ._schema import events, spans
+
+    if tuple(c.name for c in spans.columns) != SPAN_COLUMNS:
+        raise RuntimeError("the writer's columns do not match the kagura_spans table")
+    if tuple(c.name for c in events.columns if c.name != "id") != EVENT_COLUMNS:
+        raise RuntimeError("the writer's columns do not match the kagura_events table")
+    mark = "%s" if dialect == "postgresql" else "?"
+
+    def insert(table: str, columns: tuple[str, ...]) -> str:
+        return (
+            f"INSERT INTO {table} ({', '.join(columns)}) "
+            f"VALUES ({', '.join(mark for _ in columns)})"
+        )
+
+    spans_insert = insert(spans.name, SPAN_COLUMNS)
+    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
+    statements = _Statements(
+        insert_running=f"{spans_insert} ON CONFLICT (span_id) DO NOTHING",
+        upsert_finished=f"{spans_insert} ON CONFLICT (span_id) DO UPDATE SET {updates}",
+        insert_events=insert(events.name, EVENT_COLUMNS),
+    )
+    _statement_cache[dialect] = statements
+    return statements
+
+
+# -- the sidecar's protocol --------------------------------------------------------------------
+
+_LENGTH = struct.Struct(">I")
+
+
+def send(stream: IO[bytes], message: tuple[Any, ...]) -> None:
+    """Write one frame. Raises ``ValueError`` if the message holds a value marshal cannot."""
+    payload = marshal.dumps(message)
+    stream.write(_LENGTH.pack(len(payload)) + payload)
+    stream.flush()
+
+
+def receive(stream: IO[bytes]) -> tuple[Any, ...] | None:
+    """Read one frame; ``None`` at the end of the stream."""
+    head = _read_exactly(stream, _LENGTH.size)
+    if head is None:
+        return None
+    (length,) = _LENGTH.unpack(head)
+    payload = _read_exactly(stream, length)
+    if payload is None:
+        return None
+    message: tuple[Any, ...] = marshal.loads(payload)
+    return message
+
+
+def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
+    chunks: list[bytes] = []
+    while size:
+        chunk = stream.read(size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
+    """The sidecar: open the store the first frame names, then write every batch, answering
+    each ``sync`` once everything before it is committed. Ends when ``inbox`` ends."""
+    opening = receive(inbox)
+    if opening is None or opening[0] != "open":
+        return 2
+    _, url, content = opening
+    try:
+        writer = StoreWriter(url, content)
+    except Exception as exc:
+        _log.exception("kagura: cannot open the event store; recording is off")
+        send(outbox, ("opened", False, f"{type(exc).__name__}: {scrub(str(exc))}"))
+        return 1
+    send(outbox, ("opened", True, ""))
+    try:
+        while (message := receive(inbox)) is not None:
+            if message[0] == "rows":
+                writer.write(message[1], message[2], message[3])
+            elif message[0] == "sync":
+                counts = (writer.written_spans, writer.written_events, writer.failed_batches)
+                send(outbox, ("synced", message[1], *counts))
+    finally:
+        writer.dispose()
+    return 0
+
+
+def main() -> None:
+    # Ctrl-C reaches the whole process group: the recording process decides when to stop, and
+    # the end of stdin tells this one to finish writing and exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    inbox = os.fdopen(sys.stdin.fileno(), "rb", buffering=1 << 16)
+    outbox = os.fdopen(sys.stdout.fileno(), "wb", buffering=0)
+    sys.exit(serve(inbox, outbox))
