@@ -346,7 +346,7 @@ class Agent(Generic[P, R]):
                 # Nothing guards an attempt (the default): make it here, and build the retry
                 # machinery only once it has failed. The hot path of every agent call.
                 try:
-                    response = (await attempt(model, request, span))[0]
+                    response = await attempt(model, request, span)
                 except Exception as error:
                     response = await call_model(model, request, span, policies, error)
             else:

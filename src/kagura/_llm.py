@@ -21,9 +21,9 @@ async def attempt(
     parent: Span,
     *,
     timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit the caller configures
-) -> tuple[ModelResponse, float | None]:
-    """Send one request to ``model`` and return its answer and cost (``None`` when unknown).
-    The attempt's tokens and cost are also added to ``parent``'s totals."""
+) -> ModelResponse:
+    """Send one request to ``model`` and return its answer. The attempt's tokens and cost
+    (``None`` when its price is unknown) go on its span and are added to ``parent``'s totals."""
     model_id = model.id
     span = Span("llm", model_id, parent)
     recording = _instrument.recording  # attributes are built only for someone to read them
@@ -48,12 +48,11 @@ async def attempt(
     except BaseException as exc:
         span_finished(span, status_of(exc), exc, attributes={"model": model_id})
         raise
-    cost = model.cost(response.usage)
     span_finished(
         span,
         "completed",
         usage=response.usage,
-        cost_usd=cost,
+        cost_usd=model.cost(response.usage),
         attributes={
             "model": model_id,
             "response_model": response.model,
@@ -63,4 +62,4 @@ async def attempt(
         if recording
         else None,
     )
-    return response, cost
+    return response

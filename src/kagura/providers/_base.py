@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._usage import Usage
+from ..pricing import cost_of
 
 Message = dict[str, Any]
 
@@ -90,8 +91,6 @@ class Model(abc.ABC):
     def cost(self, usage: Usage) -> float | None:
         """USD for ``usage`` on this model (``None`` when unknown). Wrappers delegate this to
         the model they wrap; by default it is looked up by ``provider`` and ``model_name``."""
-        from ..pricing import cost_of
-
         return cost_of(self.provider, self.model_name, usage)
 
     def check_ready(self) -> None:  # noqa: B027 - optional hook, a no-op by default

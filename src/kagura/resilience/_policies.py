@@ -184,7 +184,7 @@ async def call_model(
             if limiter is not None:
                 estimate = estimate_tokens(request.messages)
                 permit = await limiter.acquire(estimate)
-            response, cost = await _llm.attempt(model, request, parent, timeout=timeout)
+            response = await _llm.attempt(model, request, parent, timeout=timeout)
         except BaseException as error:
             if breaker is not None:
                 breaker.record_failure(error)
@@ -196,7 +196,7 @@ async def call_model(
         if limiter is not None:
             permit.settle(response.usage.total_tokens)
         if budget is not None:
-            budget.charge(response.usage, cost)
+            budget.charge(response.usage, model.cost(response.usage))
         return response
 
     if not isinstance(retry, Retry):
