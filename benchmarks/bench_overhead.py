@@ -342,7 +342,7 @@ def render(report: Report, contenders: list[Contender], runs: int, rounds: int) 
         "durable) the recorder's flush of everything queued, divided by runs × 4 steps."
     )
     table.notes.append(
-        "before the final flush: the same without that flush (the writer thread's work done while "
+        "before the final flush: the same without that flush (the writer process's work done while "
         "the runs were going on is in both)."
     )
 

@@ -480,8 +480,10 @@ def main() -> None:
         table.add("seconds until all on disk", fmt(elapsed, 2))
         table.add("µs per span on the caller's thread (queueing)", fmt(queued / spans * 1e6, 2))
         table.notes.append(
-            "Each span is inserted as running when it starts and completed when it finishes; the "
-            "writer batches both, so most spans are written once. One row per span."
+            "Records go in through `Recorder.handle` (record objects, as a producer other than "
+            "Kagura's own instrumentation would send them), are written by the recorder's writer "
+            "process, one row per span; a span still open a flush interval after it started is "
+            "also written as running first."
         )
 
         path = Path(args.store) if args.store else workdir / "million.db"

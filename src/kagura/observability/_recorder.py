@@ -54,11 +54,16 @@ class _Sidecar:
     """The client end of a writer process (:func:`kagura.observability._writer.main`)."""
 
     def __init__(self, url: str, content: ContentMode) -> None:
+        # The same kagura as this process's, wherever it was imported from.
+        here = str(Path(__file__).resolve().parents[2])
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": here if not path else f"{here}{os.pathsep}{path}"}
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from kagura.observability._writer import main; main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             close_fds=True,
+            env=env,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self._inbox = self.process.stdin
