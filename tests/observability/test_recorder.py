@@ -5,15 +5,18 @@ on PostgreSQL, without ever changing what the recorded code does.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import re
 import threading
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 import kagura._instrument as instrument
 from kagura import agent, workflow
@@ -341,6 +344,36 @@ async def test_unserialisable_arguments_are_stored_as_repr(
     assert "BrokenRepr" in inputs["two"]
     assert inputs["three"] == [1, 2]
     assert all(e["status"] == "completed" for e in store.get_executions(kind=None))
+
+
+class Ticket(BaseModel):
+    title: str
+    priority: int
+
+
+@dataclass
+class Customer:
+    name: str
+    since: datetime.date
+
+
+@agent
+async def triage(customer: Customer, text: str) -> Ticket:
+    """Triage for {{ customer.name }}: {{ text }}"""
+
+
+async def test_models_and_dataclasses_are_stored_as_their_json(
+    recorder: Recorder, store_url: str
+) -> None:
+    customer = Customer("Ada", datetime.date(2024, 5, 1))
+    with override_model(FakeModel(['{"title": "printer", "priority": 2}'])):
+        assert await triage(customer, "it jams") == Ticket(title="printer", priority=2)
+    (call,) = EventStore(store_url).get_executions("triage")
+    assert call["inputs"] == {
+        "customer": {"name": "Ada", "since": "2024-05-01"},
+        "text": "it jams",
+    }
+    assert call["output"] == {"title": "printer", "priority": 2}
 
 
 @pytest.fixture
@@ -709,3 +742,36 @@ async def test_the_writer_runs_in_a_thread_or_a_process_with_the_same_rows(
     (run,) = [s for s in spans.values() if s["kind"] == "workflow"]
     assert run["llm_calls"] == 3
     assert json.loads(run["output"]) == "42"
+
+
+FORKED = """
+import asyncio, multiprocessing, sys
+from kagura import agent
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+def child() -> None:
+    asyncio.run(summarise("in the child"))
+
+if __name__ == "__main__":
+    asyncio.run(summarise("in the parent"))  # the parent's recorder and writer are running
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    sys.exit(process.exitcode)
+"""
+
+
+def test_a_forked_child_records_through_a_recorder_of_its_own(store_url: str) -> None:
+    result = run_script(
+        FORKED, {"KAGURA_DB": store_url, "KAGURA_MODEL": "fake"}, timeout=SUBPROCESS_TIMEOUT
+    )
+    assert result.returncode == 0, result.stderr
+    spans = [s for s in rows(store_url) if s["kind"] == "agent"]
+    assert sorted(json.loads(s["inputs"])["text"] for s in spans) == [
+        "in the child",
+        "in the parent",
+    ]
+    assert len({s["pid"] for s in spans}) == 2

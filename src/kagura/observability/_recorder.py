@@ -455,6 +455,12 @@ def install_default() -> Recorder:
             _default = Recorder(default_url())
             add_sink(_default)
             atexit.register(_close_default)
+            if "multiprocessing" in sys.modules:
+                # A multiprocessing child started by fork leaves through os._exit, which skips
+                # atexit; multiprocessing runs its own finalizers first.
+                from multiprocessing import util
+
+                util.Finalize(None, _close_default, exitpriority=10)
         return _default
 
 
@@ -464,6 +470,24 @@ def _close_default() -> None:
         started = time.monotonic()
         recorder.close(timeout=30.0)
         _log.debug("kagura: recorder flushed in %.3fs", time.monotonic() - started)
+
+
+def _forget_default_in_child() -> None:
+    """A forked child has the default recorder's state but not its thread (threads do not
+    survive fork) and shares its writer's pipe: it starts a recorder of its own instead, on its
+    first call."""
+    global _default, _default_lock
+    from .. import _instrument
+
+    if _default is not None:
+        _instrument.remove_sink(_default)
+        _default = None
+    _default_lock = threading.Lock()
+    _instrument.reset_recording_check()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_default_in_child)
 
 
 def uninstall_default() -> None:
