@@ -89,15 +89,18 @@ def _create_schema(engine: Any) -> None:
 
     from ._schema import metadata
 
-    # Two processes may create the schema at the same moment: the loser's CREATE fails because
-    # the table now exists, and a second checkfirst pass finds everything in place.
-    for attempt in range(3):
+    # Processes may create the schema at the same moment: a CREATE fails because another process
+    # has just made that table or index, and the next checkfirst pass skips it. Every failure
+    # means someone else made progress, so the attempts are bounded by the schema's size (times
+    # a few racing processes).
+    attempts = 4 * sum(1 + len(table.indexes) for table in metadata.sorted_tables)
+    for attempt in range(attempts):
         try:
             metadata.create_all(engine, checkfirst=True)
             _add_missing_columns(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
-            if attempt == 2:
+            if attempt == attempts - 1:
                 raise
 
 
