@@ -39,6 +39,7 @@ from kagura._events import Event, SpanFinished, SpanStarted
 from kagura._usage import Usage
 from kagura.observability import EventStore, Recorder
 from kagura.observability._engine import dispose_all, engine_for, normalise_url
+from kagura.observability._writer import SPAN_COLUMNS as COLUMNS
 
 DAY = 86_400.0
 
@@ -66,32 +67,6 @@ OUTCOMES: tuple[tuple[str, float, str | None, str | None], ...] = (
     ("cancelled", 0.005, "CancelledError", "CancelledError"),
 )
 RETRY_SHARE = 0.04  # agent calls whose first LLM attempt failed and was retried
-
-COLUMNS = (
-    "span_id",
-    "run_id",
-    "parent_id",
-    "kind",
-    "name",
-    "step_key",
-    "status",
-    "started_at",
-    "ended_at",
-    "duration_ms",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_usd",
-    "llm_calls",
-    "retries",
-    "error",
-    "error_type",
-    "inputs",
-    "output",
-    "attributes",
-    "pid",
-)
 
 
 # -- 1. recorder throughput --------------------------------------------------------------------
@@ -236,7 +211,7 @@ class StoreCounts:
 
 
 def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tuple[Any, ...]]:
-    """Rows of ``kagura_spans``, in the column order of ``COLUMNS``."""
+    """Rows of ``kagura_spans``, in the column order of ``COLUMNS`` (the recorder's)."""
     rng = random.Random(seed)
     now = time.time()
     pid = 4242

@@ -79,18 +79,20 @@ def span_started(span: Span, attributes: dict[str, Any] | None = None) -> None:
         if _span_handlers:
             _hand_over(span)
         if _sinks:
-            emit(
-                SpanStarted(
-                    span.span_id,
-                    span.parent_id,
-                    span.run_id,
-                    span.kind,
-                    span.name,
-                    span.step_key,
-                    span.start_ns,
-                    attributes if attributes is not None else {},
-                )
-            )
+            emit(SpanStarted(*_identity(span), attributes if attributes is not None else {}))
+
+
+def _identity(span: Span) -> tuple[str, str | None, str, str, str, str, int]:
+    """What every record of ``span`` starts with: its ids, kind, name, step key and start."""
+    return (
+        span.span_id,
+        span.parent_id,
+        span.run_id,
+        span.kind,
+        span.name,
+        span.step_key,
+        span.start_ns,
+    )
 
 
 def span_finished(
@@ -114,13 +116,7 @@ def span_finished(
                 cost_usd = span.cost
             emit(
                 SpanFinished(
-                    span.span_id,
-                    span.parent_id,
-                    span.run_id,
-                    span.kind,
-                    span.name,
-                    span.step_key,
-                    span.start_ns,
+                    *_identity(span),
                     span.end_ns,
                     status,
                     span.error,

@@ -215,40 +215,15 @@ class Recorder:
         )
 
     def _row(self, span: Span) -> Blob:
-        """The span's row as the writer takes it (see ``_writer.dump``)."""
+        """The span's row as the writer takes it (see ``_writer.dump``). A running span's row
+        has its totals so far and no end, cost or result yet."""
         attrs = span.attributes or _EMPTY
         inputs = attrs.get("inputs")
         if inputs is None:
             inputs = attrs.get("messages", attrs.get("arguments"))
-        if span.status == "running":  # its totals and result are not all in yet
-            return dump(
-                (
-                    span.span_id,
-                    span.run_id,
-                    span.parent_id,
-                    span.kind,
-                    span.name,
-                    span.step_key,
-                    "running",
-                    span.start_ns / 1e9,
-                    None,
-                    None,
-                    attrs.get("model"),
-                    0,
-                    0,
-                    0,
-                    None,
-                    0,
-                    0,
-                    None,
-                    None,
-                    inputs,
-                    None,
-                    self._pid,
-                )
-            )
         result = span.result
-        end_ns = span.end_ns
+        running = span.status == "running"
+        start_ns, end_ns = span.start_ns, span.end_ns
         prompt, completion = span.prompt_tokens, span.completion_tokens
         return dump(
             (
@@ -259,14 +234,14 @@ class Recorder:
                 span.name,
                 span.step_key,
                 span.status,
-                span.start_ns / 1e9,
-                end_ns / 1e9,
-                (end_ns - span.start_ns) / 1e6,
+                start_ns / 1e9,
+                None if running else end_ns / 1e9,
+                None if running else (end_ns - start_ns) / 1e6,
                 attrs.get("model") or (result.get("model") if result else None),
                 prompt,
                 completion,
                 prompt + completion,
-                span.cost,
+                None if running else span.cost,
                 span.llm_calls,
                 span.retries,
                 span.error,
