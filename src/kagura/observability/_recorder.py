@@ -33,6 +33,10 @@ from ._writer import Blob, StoreWriter, dump, receive, send
 _log = logging.getLogger("kagura.recorder")
 
 _EMPTY: dict[str, Any] = {}
+#: How long a span runs before it is written as running (``kagura monitor live`` shows it).
+_RUNNING_AFTER_NS = 1_000_000_000
+#: Queued rows that wake the writer's thread before its flush interval is up.
+_WAKE_AT = 1000
 
 
 class _FlushMarker:
@@ -172,7 +176,10 @@ class Recorder:
             else:
                 # Its row, now, as bytes: nothing here keeps the span or its values alive.
                 self._open_spans.pop(item.span_id, None)
-                self._queue.append(self._row(item))
+                queue = self._queue
+                queue.append(self._row(item))
+                if len(queue) == _WAKE_AT:  # a batch's worth: no need to wait for the timer
+                    self._wake.set()
         else:
             self._queue.append(item)
 
@@ -354,9 +361,10 @@ class Recorder:
                 return
 
     def _running_rows(self, *, everything: bool) -> list[Blob]:
-        """ "Running" rows for open spans not written yet: those open for longer than the flush
-        interval (most spans end sooner), or all of them when someone waits for a flush."""
-        started_before = time.time_ns() - int(self.flush_interval * 1e9)
+        """ "Running" rows for open spans not written yet: those open for a second or more (most
+        spans end sooner, and a row each would double the writer's work), or all of them when
+        someone waits for a flush."""
+        started_before = time.time_ns() - _RUNNING_AFTER_NS
         rows = []
         for span in list(self._open_spans.values()):
             if span._recorded == 0 and (everything or span.start_ns < started_before):
