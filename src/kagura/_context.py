@@ -115,7 +115,7 @@ class Span:
         self.cost: float | None = 0.0
         self.llm_calls = 0
         self.retries = 0
-        self._recorded = 0  # the recorder's: 0 not written, 1 written as running, 2 written whole
+        self._recorded = 0  # the recorder's: 1 once written as running
 
     @classmethod
     def detached(

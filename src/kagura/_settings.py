@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,16 @@ def event_store_url() -> str | None:
 def recording_enabled() -> bool:
     """``KAGURA_RECORD=0`` turns automatic recording off."""
     return os.environ.get("KAGURA_RECORD", "1").lower() not in ("0", "false", "no", "off")
+
+
+def record_in_a_process() -> bool:
+    """Does the recorder write through a process of its own? ``KAGURA_RECORD_PROCESS=0`` keeps
+    the writer in a thread of the recording process. A frozen application (PyInstaller and the
+    like) always does: its executable is the application itself, not an interpreter to start."""
+    value = os.environ.get("KAGURA_RECORD_PROCESS", "1").lower()
+    if value in ("0", "false", "no", "off"):
+        return False
+    return bool(sys.executable) and not getattr(sys, "frozen", False)
 
 
 def record_content() -> str:

@@ -122,12 +122,6 @@ class _Sidecar:
         return reply
 
 
-def _use_sidecar() -> bool:
-    """``KAGURA_RECORD_PROCESS=0`` keeps the writer in the recording process (a thread)."""
-    value = os.environ.get("KAGURA_RECORD_PROCESS", "1").lower()
-    return value not in ("0", "false", "no", "off") and bool(sys.executable)
-
-
 class Recorder:
     """Writes instrumentation records to the store at ``url`` (a SQLite path or a database URL),
     through a writer process of its own (``process=False``: a thread of this one)."""
@@ -149,7 +143,7 @@ class Recorder:
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self.process = _use_sidecar() if process is None else process
+        self.process = _settings.record_in_a_process() if process is None else process
         self._queue: deque[Span | Blob | SpanEvent | _FlushMarker] = deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -229,7 +223,8 @@ class Recorder:
         if inputs is None:
             inputs = attrs.get("messages", attrs.get("arguments"))
         result = span.result
-        running = span.status == "running"
+        status = span.status  # read once: the loop may end the span while its row is built
+        running = status == "running"
         start_ns, end_ns = span.start_ns, span.end_ns
         prompt, completion = span.prompt_tokens, span.completion_tokens
         return dump(
@@ -240,7 +235,7 @@ class Recorder:
                 span.kind,
                 span.name,
                 span.step_key,
-                span.status,
+                status,
                 start_ns / 1e9,
                 None if running else end_ns / 1e9,
                 None if running else (end_ns - start_ns) / 1e6,

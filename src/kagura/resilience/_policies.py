@@ -144,7 +144,7 @@ def is_unguarded(policies: Policies, model: Model) -> bool:
     breaker, rate limiter or per-attempt timeout)? Then its first attempt needs no machinery."""
     return (
         policies.timeout is None
-        and policies.breaker is None
+        and (policies.breaker is None or policies.breaker is False)
         and policies.rate_limit is None
         and (not isinstance(policies.retry, Retry) or policies.retry.timeout is None)
         and limiter_for_model(model.id) is None
