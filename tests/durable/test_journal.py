@@ -20,15 +20,15 @@ def test_flush_waits_for_steps_the_writer_is_still_committing(
     thread, flush must still wait until those rows are committed."""
     taken, release = threading.Event(), threading.Event()
     committed: list[bool] = []
-    write = Journal._write_steps
+    write = Journal._write_batch
 
-    def held_write(self: Journal, rows: list[dict[str, Any]]) -> None:
+    def held_write(self: Journal, batch: list[Any]) -> None:
         taken.set()
         assert release.wait(10)
-        write(self, rows)
+        write(self, batch)
         committed.append(True)
 
-    monkeypatch.setattr(Journal, "_write_steps", held_write)
+    monkeypatch.setattr(Journal, "_write_batch", held_write)
     journal.record_step("run-1", "wf/step#0", "step", "step", "hash", "1")
     assert taken.wait(10)  # the writer has taken the row off the queue, not committed it
 

@@ -190,3 +190,57 @@ async def test_a_dead_process_run_is_interrupted_once_its_lease_expires(
 def test_wait_until_is_bounded() -> None:
     with pytest.raises(pytest.fail.Exception, match="timed out"):
         wait_until(lambda: False, "nothing", timeout=0.05)
+
+
+# -- many runs at once: starts and finishes are committed in groups ------------------------------
+
+
+async def test_many_runs_started_at_once_each_run_once_and_are_journaled(
+    journal: Journal, model: FakeModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transactions: list[int] = []
+    write = Journal._write_batch
+
+    def counted(self: Journal, batch: list[Any]) -> None:
+        transactions.append(len(batch))
+        write(self, batch)
+
+    monkeypatch.setattr(Journal, "_write_batch", counted)
+    gate = tmp_path / "gate"
+    gate.touch()
+    topics = [f"topic {n}" for n in range(40)]
+    # The same ids twice over, in one burst: each id's start shares a batch with its repeat.
+    async with asyncio.timeout(30):
+        results = await asyncio.gather(
+            *(
+                workflows.gated.run(topic, str(gate), run_id=f"burst-{n}")
+                for _ in range(2)
+                for n, topic in enumerate(topics)
+            )
+        )
+    expected = [f"Review this: Draft a note about {topic}." for topic in topics]
+    assert results == expected * 2
+    assert len(model.requests) == 2 * len(topics)  # every run's two agent calls, once
+    records = {r.run_id: r for r in journal.list_runs(limit=100)}
+    assert set(records) == {f"burst-{n}" for n in range(len(topics))}
+    assert {(r.status, r.attempts, r.steps) for r in records.values()} == {("completed", 1, 3)}
+    # 80 starts, 120 steps and 40 finishes (and the repeats' waits), in far fewer commits.
+    assert sum(transactions) >= 80 + 120 + 40
+    assert len(transactions) < 80
+
+
+async def test_a_start_that_cannot_be_written_raises_instead_of_hanging(
+    journal: Journal, model: FakeModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*args: Any) -> set[str]:
+        raise RuntimeError("the database refused the insert")
+
+    gate = tmp_path / "gate"
+    gate.touch()
+    with monkeypatch.context() as patched:
+        patched.setattr(Journal, "_insert_runs", refuse)
+        async with asyncio.timeout(10):
+            with pytest.raises(RuntimeError, match="refused the insert"):
+                await workflows.gated.run("tea", str(gate), run_id="refused-1")
+    assert model.requests == []  # nothing ran without its run on record
+    assert await workflows.gated.run("tea", str(gate), run_id="refused-1") == EXPECTED

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
@@ -30,7 +31,15 @@ _log = logging.getLogger("kagura.durable")
 
 def target_of(workflow: Workflow[Any, Any]) -> str:
     """Where another process finds this workflow: ``module:qualname`` or ``file.py:qualname``."""
-    fn = workflow.fn
+    # Asked at every run's start, and resolving the script's path takes system calls: kept on
+    # the workflow (not in a global cache, which would keep every workflow ever made alive).
+    target: str | None = workflow.__dict__.get("_durable_target")
+    if target is None:
+        target = workflow.__dict__["_durable_target"] = _target(workflow.fn)
+    return target
+
+
+def _target(fn: Callable[..., Any]) -> str:
     module = fn.__module__
     if module == "__main__":
         main_file = getattr(sys.modules.get("__main__"), "__file__", None)
@@ -68,7 +77,10 @@ def import_target(target: str) -> Workflow[Any, Any]:
 def _dump_arguments(
     workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[inspect.BoundArguments, str]:
-    bound = inspect.signature(workflow.fn).bind(*args, **kwargs)
+    signature = workflow.__dict__.get("_durable_signature")
+    if signature is None:
+        signature = workflow.__dict__["_durable_signature"] = inspect.signature(workflow.fn)
+    bound = signature.bind(*args, **kwargs)
     bound.apply_defaults()
     try:
         text = pydantic_core.to_json(dict(bound.arguments)).decode()
@@ -111,8 +123,8 @@ async def start(
     run_id = run_id or uuid.uuid4().hex
     journal = journal_for()
     owner = uuid.uuid4().hex
-    outcome, record = await asyncio.to_thread(
-        journal.start, run_id, workflow.name, target_of(workflow), arguments, owner
+    outcome, record = await journal.start_soon(
+        run_id, workflow.name, target_of(workflow), arguments, owner
     )
     if record.workflow != workflow.name:
         raise UsageError(
@@ -219,13 +231,13 @@ async def _execute(
             await asyncio.shield(asyncio.to_thread(journal.release, run_id, owner))
         raise
     except BaseException as exc:
-        await asyncio.shield(asyncio.to_thread(journal.finish, run_id, owner, error=exc))
+        await asyncio.shield(journal.finish_soon(run_id, owner, error=exc))
         raise
     finally:
         heartbeat.cancel()
         current_durable_run.reset(token)
     dumped = pydantic_core.to_json(result, fallback=repr).decode()
-    await asyncio.shield(asyncio.to_thread(journal.finish, run_id, owner, result=dumped))
+    await asyncio.shield(journal.finish_soon(run_id, owner, result=dumped))
     return result
 
 

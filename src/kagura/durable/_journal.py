@@ -12,7 +12,9 @@ never blocks the event loop; the run's completion is written only after its step
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import socket
@@ -100,6 +102,29 @@ class _Flush:
         self.done = threading.Event()
 
 
+class _RunRequest:
+    """A run's start or finish, queued for the writer's thread, answered on the caller's loop."""
+
+    __slots__ = ("future", "kind", "loop", "values")
+
+    def __init__(self, kind: Literal["start", "finish"], values: dict[str, Any]) -> None:
+        self.kind = kind
+        self.values = values
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+
+
+def _answer(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    """On the caller's loop: settle the futures of one batch (a caller may have given up)."""
+    for future, value, error in answers:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(value)
+        else:
+            future.set_exception(error)
+
+
 class Journal:
     """Durable-run storage at one database URL. One per URL per process (:func:`journal_for`)."""
 
@@ -107,7 +132,7 @@ class Journal:
         from ..observability._engine import normalise_url
 
         self.url = normalise_url(url)
-        self._queue: deque[dict[str, Any] | _Flush] = deque()
+        self._queue: deque[dict[str, Any] | _Flush | _RunRequest] = deque()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
@@ -121,6 +146,40 @@ class Journal:
 
         return engine_for(self.url)
 
+    # -- runs, from the event loop: group-committed by the writer's thread ---------------------
+
+    async def start_soon(
+        self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
+    ) -> tuple[StartOutcome, RunRecord]:
+        """:meth:`start`, committed together with every other start, step and finish queued
+        meanwhile: thousands of runs starting at once cost a few transactions, not thousands
+        of them fighting for the database's write lock."""
+        request = _RunRequest(
+            "start", self._start_values(run_id, workflow, target, arguments, owner)
+        )
+        self._enqueue(request)
+        outcome: tuple[StartOutcome, RunRecord] = await request.future
+        return outcome
+
+    async def finish_soon(
+        self,
+        run_id: str,
+        owner: str,
+        *,
+        result: str | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """:meth:`finish`, group-committed like :meth:`start_soon`. Queued after the run's
+        steps, so it is never on disk before them."""
+        request = _RunRequest("finish", self._finish_values(run_id, owner, result, error))
+        self._enqueue(request)
+        await request.future
+
+    def _enqueue(self, item: _RunRequest) -> None:
+        self._queue.append(item)
+        self._ensure_thread()
+        self._wake.set()
+
     # -- runs (synchronous: call them from a worker thread) -----------------------------------
 
     def start(
@@ -128,49 +187,63 @@ class Journal:
     ) -> tuple[StartOutcome, RunRecord]:
         """Create the run, or report what state an existing run with this id is in; an
         interrupted run is claimed for this owner."""
+        values = self._start_values(run_id, workflow, target, arguments, owner)
+        with self.engine.begin() as connection:
+            created = self._insert_runs(connection, [values])
+        return self._started(values, created)
+
+    def _start_values(
+        self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
+    ) -> dict[str, Any]:
+        now = time.time()
+        return {
+            "run_id": run_id,
+            "workflow": workflow,
+            "target": target,
+            "status": "running",
+            "arguments": arguments,
+            "owner": owner,
+            "pid": os.getpid(),
+            "host": self.host,
+            "heartbeat_at": now,
+            "created_at": now,
+            "updated_at": now,
+            "attempts": 1,
+        }
+
+    def _insert_runs(self, connection: Any, rows: list[dict[str, Any]]) -> set[str]:
+        """Insert the runs whose id is new; the ids of those inserted. ``rows`` must not repeat
+        an id (both rows would see it come back)."""
         from ..observability._recorder import _dialect_insert
         from ..observability._schema import runs
 
-        now = time.time()
-        insert = _dialect_insert(self.engine)
-        with self.engine.begin() as connection:
-            created = connection.execute(
-                insert(runs)
-                .values(
-                    run_id=run_id,
-                    workflow=workflow,
-                    target=target,
-                    status="running",
-                    arguments=arguments,
-                    owner=owner,
-                    pid=os.getpid(),
-                    host=self.host,
-                    heartbeat_at=now,
-                    created_at=now,
-                    updated_at=now,
-                    attempts=1,
-                )
-                .on_conflict_do_nothing(index_elements=["run_id"])
-                # A row back means this call created the run (psycopg reports no INSERT rowcount).
-                .returning(runs.c.run_id)
-            ).first()
-        if created is not None:
+        statement = (
+            _dialect_insert(self.engine)(runs)
+            .on_conflict_do_nothing(index_elements=["run_id"])
+            # A row back means this call created the run (psycopg reports no INSERT rowcount).
+            .returning(runs.c.run_id)
+        )
+        return {row.run_id for row in connection.execute(statement, rows)}
+
+    def _started(self, values: dict[str, Any], created: set[str]) -> tuple[StartOutcome, RunRecord]:
+        run_id, owner = values["run_id"], values["owner"]
+        if run_id in created:
             # What was just inserted: no need to read it back.
             return "started", RunRecord(
                 run_id,
-                workflow,
-                target,
+                values["workflow"],
+                values["target"],
                 "running",
-                arguments,
+                values["arguments"],
                 None,
                 None,
                 None,
                 owner,
-                os.getpid(),
+                values["pid"],
                 self.host,
-                now,
-                now,
-                now,
+                values["heartbeat_at"],
+                values["created_at"],
+                values["updated_at"],
                 1,
             )
         existing = self.get_run(run_id)
@@ -233,26 +306,28 @@ class Journal:
         result: str | None = None,
         error: BaseException | None = None,
     ) -> None:
-        from sqlalchemy import update
-
-        from ..observability._content import scrub
-        from ..observability._schema import runs
-
         self.flush()  # the steps are on disk before the run says it is done
-        now = time.time()
-        values: dict[str, Any] = {"updated_at": now, "heartbeat_at": now}
-        if error is None:
-            values.update(status="completed", result=result)
-        else:
-            values.update(
-                status="failed",
-                error=scrub(str(error) or type(error).__name__),
-                error_type=type(error).__qualname__,
-            )
+        values = self._finish_values(run_id, owner, result, error)
         with self.engine.begin() as connection:
-            connection.execute(
-                update(runs).where(runs.c.run_id == run_id, runs.c.owner == owner).values(**values)
-            )
+            connection.execute(_finish_statement(), [values])
+
+    @staticmethod
+    def _finish_values(
+        run_id: str, owner: str, result: str | None, error: BaseException | None
+    ) -> dict[str, Any]:
+        from ..observability._content import scrub
+
+        now = time.time()
+        return {
+            "b_run_id": run_id,
+            "b_owner": owner,
+            "status": "completed" if error is None else "failed",
+            "result": result if error is None else None,
+            "error": None if error is None else scrub(str(error) or type(error).__name__),
+            "error_type": None if error is None else type(error).__qualname__,
+            "updated_at": now,
+            "heartbeat_at": now,
+        }
 
     def release(self, run_id: str, owner: str) -> None:
         """Give the lease up at once (the run was cancelled): it is resumable immediately."""
@@ -386,38 +461,107 @@ class Journal:
             self._wake.wait(1.0)
             self._wake.clear()
             while self._queue:
-                rows: list[dict[str, Any]] = []
+                batch: list[dict[str, Any] | _RunRequest] = []
                 markers: list[_Flush] = []
                 with self._writing:
-                    while self._queue and len(rows) < 1000:
+                    while self._queue and len(batch) < 1000:
                         item = self._queue.popleft()
                         if isinstance(item, _Flush):
                             markers.append(item)
                             break
-                        rows.append(item)
-                    if rows:
-                        try:
-                            self._write_steps(rows)
-                        except Exception:
-                            _log.exception("kagura: journaling %d steps failed", len(rows))
+                        batch.append(item)
+                    if batch:
+                        self._write_batch(batch)
                 for marker in markers:
                     marker.done.set()
 
-    def _write_steps(self, rows: list[dict[str, Any]]) -> None:
+    def _write_batch(self, batch: list[dict[str, Any] | _RunRequest]) -> None:
+        """Everything queued, in one transaction: run starts, steps, run finishes. A run's
+        start was queued before its steps, and its steps before its finish, so whichever of
+        them share a batch are committed together, and none is on disk before what preceded it.
+        """
+        rows = [item for item in batch if isinstance(item, dict)]
+        requests = [item for item in batch if isinstance(item, _RunRequest)]
+        starts: dict[str, _RunRequest] = {}
+        repeats: list[_RunRequest] = []  # an id started twice in one batch: the second waits
+        finishes: list[_RunRequest] = []
+        for request in requests:
+            if request.kind == "finish":
+                finishes.append(request)
+            elif request.values["run_id"] in starts:
+                repeats.append(request)
+            else:
+                starts[request.values["run_id"]] = request
+        try:
+            with self.engine.begin() as connection:
+                created = (
+                    self._insert_runs(connection, [r.values for r in starts.values()])
+                    if starts
+                    else set()
+                )
+                if rows:
+                    connection.execute(self._steps_upsert(), rows)
+                if finishes:
+                    connection.execute(_finish_statement(), [r.values for r in finishes])
+        except Exception as exc:
+            if rows:
+                _log.exception("kagura: journaling %d steps failed", len(rows))
+            _settle([(r, None, exc) for r in requests])
+            return
+        answers: list[tuple[_RunRequest, Any, BaseException | None]] = [
+            (r, None, None) for r in finishes
+        ]
+        for request in (*starts.values(), *repeats):
+            try:
+                answers.append((request, self._started(request.values, created), None))
+            except Exception as exc:
+                answers.append((request, None, exc))
+            created.discard(request.values["run_id"])  # a repeat finds it made, not by itself
+        _settle(answers)
+
+    def _steps_upsert(self) -> Any:
         from ..observability._recorder import _dialect_insert
         from ..observability._schema import steps
 
         statement = _dialect_insert(self.engine)(steps)
         # A re-executed step (a tool called again by an agent that itself re-ran) replaces its row.
-        upsert = statement.on_conflict_do_update(
+        return statement.on_conflict_do_update(
             index_elements=["run_id", "step_key"],
             set_={
                 c: statement.excluded[c]
                 for c in ("name", "kind", "input_hash", "output", "position")
             },
         )
-        with self.engine.begin() as connection:
-            connection.execute(upsert, rows)
+
+
+def _finish_statement() -> Any:
+    """A run's end, for the owner that holds it (``b_run_id``, ``b_owner``, then the values)."""
+    from sqlalchemy import bindparam, update
+
+    from ..observability._schema import runs
+
+    return (
+        update(runs)
+        .where(runs.c.run_id == bindparam("b_run_id"), runs.c.owner == bindparam("b_owner"))
+        .values(
+            status=bindparam("status"),
+            result=bindparam("result"),
+            error=bindparam("error"),
+            error_type=bindparam("error_type"),
+            updated_at=bindparam("updated_at"),
+            heartbeat_at=bindparam("heartbeat_at"),
+        )
+    )
+
+
+def _settle(answers: list[tuple[_RunRequest, Any, BaseException | None]]) -> None:
+    """Hand each answer to its caller's loop: one call per loop, not one per run."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+    for request, value, error in answers:
+        by_loop.setdefault(request.loop, []).append((request.future, value, error))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_answer, settled)
 
 
 _journals: dict[str, Journal] = {}
