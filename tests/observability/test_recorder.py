@@ -464,6 +464,53 @@ async def test_a_key_quoted_by_an_error_alone_is_redacted(
     assert failed["inputs"] == {"text": "plain words"}
 
 
+def test_records_from_other_producers_with_odd_values_are_stored_as_text(
+    recorder: Recorder, store_url: str
+) -> None:
+    """A producer may hand over a record whose fields are not the plain values Kagura's own
+    instrumentation makes: stored as their repr, and the rest of the batch with them."""
+    from kagura._events import SpanFinished, SpanStarted
+
+    class Odd:
+        def __repr__(self) -> str:
+            return "<odd error>"
+
+    recorder.handle(SpanStarted("odd-1", None, "odd-1", "step", "odd", "odd", 1_000, {}))
+    recorder.handle(
+        SpanFinished(
+            "odd-1",
+            None,
+            "odd-1",
+            "step",
+            "odd",
+            "odd",
+            1_000,
+            2_000,
+            "failed",
+            Odd(),  # type: ignore[arg-type]  # what a careless producer might send
+            "Odd",
+            None,
+            0.0,
+            {"output": Odd()},
+        )
+    )
+    with override_model(FakeModel()):
+        asyncio.run(agent_in_a_fresh_loop())
+    assert recorder.flush()
+    stored = {r["span_id"]: r for r in rows(store_url)}
+    assert stored["odd-1"]["error"] == "<odd error>"
+    assert json.loads(stored["odd-1"]["output"]) == "<odd error>"
+    assert any(r["kind"] == "agent" for r in stored.values())  # the batch's other rows too
+
+
+async def agent_in_a_fresh_loop() -> None:
+    @agent
+    async def echo(text: str) -> str:
+        """Echo: {{ text }}"""
+
+    await echo("hello")
+
+
 MARKER = "zanzibar"
 
 

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import itertools
 import logging
+import marshal
 import os
 import subprocess
 import sys
@@ -27,8 +28,8 @@ from .. import _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
-from ._content import ContentMode
-from ._writer import Blob, StoreWriter, dump, receive, send
+from ._content import ContentMode, span_texts, to_text
+from ._writer import Row, StoreWriter, plain, receive, send
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -88,8 +89,12 @@ class _Sidecar:
             self.close()
             raise _StoreUnopenable(reply[2])
 
-    def write(self, running: list[Blob], finished: list[Blob], events: list[Blob]) -> None:
-        self._send(("rows", running, finished, events))
+    def write(self, running: list[Row], finished: list[Row], events: list[Row]) -> None:
+        try:
+            message = marshal.dumps(("rows", running, finished, events))
+        except ValueError:  # a value marshal cannot carry (the recorder makes none): as text
+            message = marshal.dumps(("rows", plain(running), plain(finished), plain(events)))
+        self._send_bytes(message)
 
     def sync(self) -> None:
         """Wait until the writer has committed everything sent so far."""
@@ -112,8 +117,11 @@ class _Sidecar:
         self._outbox.close()
 
     def _send(self, message: tuple[Any, ...]) -> None:
+        self._send_bytes(marshal.dumps(message))
+
+    def _send_bytes(self, payload: bytes) -> None:
         try:
-            send(self._inbox, message)
+            send(self._inbox, payload)
         except (BrokenPipeError, ConnectionError, OSError) as exc:
             raise _SidecarGone(str(exc)) from exc
 
@@ -172,7 +180,7 @@ class Recorder:
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.process = _settings.record_in_a_process() if process is None else process
-        self._queue: deque[Span | Blob | SpanEvent | _FlushMarker] = deque()
+        self._queue: deque[Row | SpanEvent | _FlushMarker] = deque()
         self._wake = threading.Event()
         self._stopping = False
         # Spans given as records (handle), by id, until they finish: their children's totals
@@ -197,13 +205,13 @@ class Recorder:
                 # batch, and the writer's thread writes a "running" row only for those that don't.
                 self._open_spans[item.span_id] = item
             else:
-                # Its row, now, as bytes: nothing here keeps the span or its values alive.
+                # Its row, now, as plain values: nothing here keeps the span or its values alive.
                 self._open_spans.pop(item.span_id, None)
                 queue = self._queue
                 queue.append(self._row(item))
                 if len(queue) == _WAKE_AT:  # a batch's worth: no need to wait for the timer
                     self._wake.set()
-        else:
+        elif isinstance(item, SpanEvent):
             self._queue.append(item)
 
     def handle(self, event: Event) -> None:
@@ -244,8 +252,8 @@ class Recorder:
             parent,
         )
 
-    def _row(self, span: Span) -> Blob:
-        """The span's row as the writer takes it (see ``_writer.dump``). A running span's row
+    def _row(self, span: Span) -> Row:
+        """The span's row as the writer takes it (see ``_writer.Row``). A running span's row
         has its totals so far and no end, cost or result yet."""
         attrs = span.attributes or _EMPTY
         inputs = attrs.get("inputs")
@@ -256,31 +264,34 @@ class Recorder:
         running = status == "running"
         start_ns, end_ns = span.start_ns, span.end_ns
         prompt, completion = span.prompt_tokens, span.completion_tokens
-        return dump(
-            (
-                span.span_id,
-                span.run_id,
-                span.parent_id,
-                span.kind,
-                span.name,
-                span.step_key,
-                status,
-                start_ns / 1e9,
-                None if running else end_ns / 1e9,
-                None if running else (end_ns - start_ns) / 1e6,
-                attrs.get("model") or (result.get("model") if result else None),
-                prompt,
-                completion,
-                prompt + completion,
-                None if running else span.cost,
-                span.llm_calls,
-                span.retries,
-                span.error,
-                span.error_type,
-                inputs,
-                result,
-                self._pid,
-            )
+        # The recorded values as JSON text now, here: about as cheap as marshalling them
+        # (measured), and it spares the writer unpacking and re-encoding them.
+        inputs_text, output, extra = span_texts(inputs, result)
+        model = attrs.get("model") or (result.get("model") if result else None)
+        return (
+            span.span_id,
+            span.run_id,
+            span.parent_id,
+            span.kind,
+            span.name,
+            span.step_key,
+            status,
+            start_ns / 1e9,
+            None if running else end_ns / 1e9,
+            None if running else (end_ns - start_ns) / 1e6,
+            model if model is None or type(model) is str else str(model),
+            prompt,
+            completion,
+            prompt + completion,
+            None if running else span.cost,
+            span.llm_calls,
+            span.retries,
+            span.error,
+            span.error_type,
+            inputs_text,
+            output,
+            extra,
+            self._pid,
         )
 
     # -- anywhere -------------------------------------------------------------------------
@@ -353,38 +364,45 @@ class Recorder:
     def _drain(self) -> None:
         queue = self._queue
         while True:
-            finished: list[Blob] = []
-            events: list[Blob] = []
+            finished: list[Row] = []
+            events: list[Row] = []
             markers: list[_FlushMarker] = []
             count = 0
             while queue and count < self.batch_size:
                 item = queue.popleft()
                 count += 1
-                if type(item) is bytes:
+                if type(item) is tuple:
                     finished.append(item)
                 elif isinstance(item, _FlushMarker):
                     markers.append(item)
                     break  # write what came before the marker, then release its waiter
                 elif isinstance(item, SpanEvent):
-                    row = (
-                        item.span_id,
-                        item.run_id,
-                        item.name,
-                        item.time_ns / 1e9,
-                        item.attributes,
+                    events.append(
+                        (
+                            item.span_id,
+                            item.run_id,
+                            item.name,
+                            item.time_ns / 1e9,
+                            to_text(item.attributes),
+                        )
                     )
-                    events.append(dump(row))
             # After taking the batch: a span whose row is in it had left _open_spans before.
-            running = self._running_rows(everything=bool(markers))
-            self._write(running, finished, events)
-            if markers:
-                self._sync()
+            try:
+                running = self._running_rows(everything=bool(markers))
+                self._write(running, finished, events)
+                if markers:
+                    self._sync()
+            except Exception:  # a bug of ours must not end recording, nor strand a flush
+                _log.exception(
+                    "kagura: recording a batch failed; %d rows are dropped",
+                    len(finished) + len(events),
+                )
             for marker in markers:
                 marker.done.set()
             if not queue:
                 return
 
-    def _running_rows(self, *, everything: bool) -> list[Blob]:
+    def _running_rows(self, *, everything: bool) -> list[Row]:
         """ "Running" rows for open spans not written yet: those open for a second or more (most
         spans end sooner, and a row each would double the writer's work), or all of them when
         someone waits for a flush."""
@@ -401,7 +419,7 @@ class Recorder:
                 rows.append(self._row(span))
         return rows
 
-    def _write(self, running: list[Blob], finished: list[Blob], events: list[Blob]) -> None:
+    def _write(self, running: list[Row], finished: list[Row], events: list[Row]) -> None:
         if not (running or finished or events):
             return
         writer = self._writer

@@ -22,9 +22,7 @@ import struct
 import sys
 from typing import IO, Any
 
-import pydantic_core
-
-from ._content import MAX_TEXT, ContentMode, encode, looks_secret, repr_of, scrub, truncated
+from ._content import MAX_TEXT, ContentMode, encode_text, looks_secret, repr_of, scrub
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -57,94 +55,60 @@ SPAN_COLUMNS = (
 EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
 _ERROR_AT = SPAN_COLUMNS.index("error")
 
-#: What the recorder sends: each row as :mod:`marshal` bytes. Bytes are not tracked by the garbage
-#: collector: thousands of queued rows holding dicts and tuples would make every collection walk
-#: them, which (measured) costs the event loop more than building the rows.
-Blob = bytes
-#: A span's row as sent: ``SPAN_COLUMNS`` up to ``inputs``, then the span's result attributes
-#: (``output`` among them) as one dict, then ``pid``. An event: ``EVENT_COLUMNS``.
-_RESULT_AT = SPAN_COLUMNS.index("inputs") + 1
+#: What the recorder sends: a span's row is a flat tuple of ``SPAN_COLUMNS``, with its recorded
+#: values (``inputs``, ``output``, ``attributes``) as JSON text not redacted yet (see
+#: ``_content.span_texts``); an event's, of ``EVENT_COLUMNS``. Only strings, numbers and ``None``:
+#: the garbage collector stops tracking such a tuple the first time it sees it, so a queue of
+#: thousands costs collections nothing (a queue holding dicts made every collection walk them,
+#: which cost the event loop more than building the rows), and :mod:`marshal` sends a whole batch
+#: in one call.
+Row = tuple[Any, ...]
+_INPUTS_AT = SPAN_COLUMNS.index("inputs")
+_ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")
 
 
-def dump(row: tuple[Any, ...]) -> Blob:
-    """A row (of a span or an event) as bytes; values marshal cannot carry become plain data."""
-    try:
-        return marshal.dumps(row)
-    except ValueError:
-        return marshal.dumps(_plain(row))
+def plain(rows: list[Row]) -> list[Row]:
+    """``rows`` with every value marshal cannot carry (none, from the recorder) as its repr."""
+    return [
+        tuple(v if v is None or type(v) in (str, int, float, bool) else repr_of(v) for v in row)
+        for row in rows
+    ]
 
 
-def _plain(row: tuple[Any, ...]) -> Any:
-    try:
-        return pydantic_core.to_jsonable_python(row, fallback=repr_of)
-    except Exception:  # not even that: keep what can be kept, as text
-        return [value if _marshals(value) else repr_of(value) for value in row]
-
-
-def _marshals(value: Any) -> bool:
-    try:
-        marshal.dumps(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _span_row(blob: Blob, content: ContentMode) -> tuple[Any, ...]:
-    """A span's row as stored (``SPAN_COLUMNS``): its error redacted and its recorded values
-    redacted and serialised (or hashed, or dropped) value by value. The careful path."""
-    row = marshal.loads(blob)
-    output, extra = _split_result(row[_RESULT_AT])
+def _span_row(row: Row, content: ContentMode) -> Row:
+    """A span's row as stored: its error redacted and its recorded values redacted (or hashed,
+    or dropped) value by value. The careful path."""
     error = row[_ERROR_AT]
     return (
         *row[:_ERROR_AT],
         None if error is None else scrub(error),  # provider errors may quote a key
-        *row[_ERROR_AT + 1 : _RESULT_AT - 1],
-        encode(row[_RESULT_AT - 1], content),
-        encode(output, content),
-        encode(extra, "full"),  # attributes are not content: never hashed or dropped
-        row[_RESULT_AT + 1],
+        *row[_ERROR_AT + 1 : _INPUTS_AT],
+        encode_text(row[_INPUTS_AT], content),
+        encode_text(row[_INPUTS_AT + 1], content),
+        encode_text(row[_ATTRIBUTES_AT], "full"),  # not content: never hashed or dropped
+        *row[_ATTRIBUTES_AT + 1 :],
     )
 
 
-def _split_result(result: dict[str, Any] | None) -> tuple[Any, dict[str, Any] | None]:
-    """(the output, the other result attributes or ``None``), from a freshly loaded dict."""
-    if not result:
-        return None, None
-    output = result.pop("output", None)
-    return output, result or None
+def _fast_rows(rows: list[Row]) -> list[Row] | None:
+    """The rows as stored with ``content="full"``; ``None`` when the batch needs the careful
+    path: something may be a secret, or is too long to keep whole.
 
-
-def _fast_rows(blobs: list[Blob]) -> list[tuple[Any, ...]] | None:
-    """Rows as stored with ``content="full"``, in one pass; ``None`` when the batch needs the
-    careful path: something may be a secret, or would not serialise.
-
-    The common case of every batch, so it builds each stored tuple once and searches the batch's
-    text for secrets in one go (most batches hold nothing that looks like one).
+    The common case of every batch: a row arrives as it is stored, and the batch's text is
+    searched for secrets in one go (most batches hold nothing that looks like one).
     """
-    to_json = pydantic_core.to_json
-    rows = []
+    stored = []
     texts: list[str] = []
-    try:
-        for blob in blobs:
-            row = marshal.loads(blob)
-            if row[_ERROR_AT] is not None:  # provider errors may quote a key
-                row = (*row[:_ERROR_AT], scrub(row[_ERROR_AT]), *row[_ERROR_AT + 1 :])
-            output, extra = _split_result(row[_RESULT_AT])
-            inputs = row[_RESULT_AT - 1]
-            stored: list[str | None] = []
-            for value in (inputs, output, extra):
-                if value is None:
-                    stored.append(None)
-                    continue
-                text = to_json(value, fallback=repr_of).decode()
+    for row in rows:
+        for text in row[_INPUTS_AT : _ATTRIBUTES_AT + 1]:
+            if text is not None:
                 if len(text) > MAX_TEXT:
-                    text = truncated(text)
+                    return None
                 texts.append(text)
-                stored.append(text)
-            rows.append((*row[: _RESULT_AT - 1], *stored, row[_RESULT_AT + 1]))
-    except Exception:
-        return None
-    return None if looks_secret("\n".join(texts)) else rows
+        if row[_ERROR_AT] is not None:  # provider errors may quote a key
+            row = (*row[:_ERROR_AT], scrub(row[_ERROR_AT]), *row[_ERROR_AT + 1 :])
+        stored.append(row)
+    return None if looks_secret("\n".join(texts)) else stored
 
 
 class StoreWriter:
@@ -160,7 +124,7 @@ class StoreWriter:
         self.written_events = 0
         self.failed_batches = 0
 
-    def write(self, running: list[Blob], finished: list[Blob], events: list[Blob]) -> None:
+    def write(self, running: list[Row], finished: list[Row], events: list[Row]) -> None:
         """Write one batch in one transaction. Rows hold their recorded values as the values
         themselves: here they are redacted, serialised (or hashed, or dropped)."""
         if not (running or finished or events):
@@ -186,23 +150,19 @@ class StoreWriter:
         self.written_spans += len(finished)
         self.written_events += len(events)
 
-    def _stored(self, blobs: list[Blob]) -> list[tuple[Any, ...]]:
+    def _stored(self, rows: list[Row]) -> list[Row]:
         if self.content == "full":
-            rows = _fast_rows(blobs)
-            if rows is not None:
-                return rows
-        return [_span_row(blob, self.content) for blob in blobs]
+            stored = _fast_rows(rows)
+            if stored is not None:
+                return stored
+        return [_span_row(row, self.content) for row in rows]
 
     def dispose(self) -> None:
         self.engine.dispose()
 
 
-def _event_rows(blobs: list[Blob]) -> list[tuple[Any, ...]]:
-    rows = []
-    for blob in blobs:
-        event = marshal.loads(blob)
-        rows.append((*event[:-1], encode(event[-1], "full")))
-    return rows
+def _event_rows(rows: list[Row]) -> list[Row]:
+    return [(*event[:-1], encode_text(event[-1], "full")) for event in rows]
 
 
 class _Statements:
@@ -253,10 +213,12 @@ def _statements(dialect: str) -> _Statements:
 _LENGTH = struct.Struct(">I")
 
 
-def send(stream: IO[bytes], message: tuple[Any, ...]) -> None:
-    """Write one frame. Raises ``ValueError`` if the message holds a value marshal cannot."""
-    payload = marshal.dumps(message)
-    stream.write(_LENGTH.pack(len(payload)) + payload)
+def send(stream: IO[bytes], message: tuple[Any, ...] | bytes) -> None:
+    """Write one frame: a message, or one already marshalled. Raises ``ValueError`` if the
+    message holds a value marshal cannot carry."""
+    payload = message if type(message) is bytes else marshal.dumps(message)
+    stream.write(_LENGTH.pack(len(payload)))
+    stream.write(payload)  # not concatenated: a batch is large, and a copy is not free
     stream.flush()
 
 
