@@ -103,7 +103,7 @@ def _create_schema(engine: Any) -> None:
         try:
             metadata.create_all(engine, checkfirst=True)
             _add_missing_columns(engine)
-            _drop_retired_indexes(engine)
+            _update_indexes(engine)
             return
         except (OperationalError, ProgrammingError, IntegrityError):
             if attempt == attempts - 1:
@@ -128,20 +128,26 @@ def _add_missing_columns(engine: Any) -> None:
                     )
 
 
-def _drop_retired_indexes(engine: Any) -> None:
-    """Indexes an earlier version made that no query uses any more: each one slows every insert."""
+def _update_indexes(engine: Any) -> None:
+    """Indexes as this version wants them on a store an earlier version made: those no query
+    uses any more dropped (each slows every insert), new ones made (``create_all`` adds the
+    indexes of new tables only). Making one on a large store takes a few seconds, once."""
     from sqlalchemy import inspect
 
-    from ._schema import RETIRED_INDEXES, spans
+    from ._schema import RETIRED_INDEXES, metadata
 
-    # Looked up first: on PostgreSQL a DROP would lock the table even where there is nothing
-    # to drop, and every process opening the store passes here.
-    present = {index["name"] for index in inspect(engine).get_indexes(spans.name)}
-    retired = [name for name in RETIRED_INDEXES if name in present]
-    if retired:
-        with engine.begin() as connection:
-            for name in retired:
-                connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+    inspector = inspect(engine)
+    with engine.begin() as connection:
+        for table in metadata.sorted_tables:
+            # Looked up first: on PostgreSQL a DROP would lock the table even where there is
+            # nothing to drop, and every process opening the store passes here.
+            present = {index["name"] for index in inspector.get_indexes(table.name)}
+            for name in RETIRED_INDEXES:
+                if name in present:
+                    connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
+            for index in table.indexes:
+                if index.name not in present:
+                    index.create(connection, checkfirst=True)
 
 
 def dispose_all() -> None:
