@@ -76,7 +76,6 @@ class _Sidecar:
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self._inbox = self.process.stdin
-        _widen_pipe(self._inbox.fileno())
         self._outbox = self.process.stdout
         self._tokens = itertools.count(1)
         self.written_spans = 0
@@ -133,29 +132,6 @@ class _Sidecar:
         if reply is None:
             raise _SidecarGone(f"the writer process ended (exit code {self.process.poll()})")
         return reply
-
-
-def _widen_pipe(fd: int) -> None:
-    """Let the pipe to the writer hold a whole batch (Linux; a no-op elsewhere or when refused).
-
-    At the default 64 KiB a batch of a thousand rows fills it a fifth of the way in, and the
-    recorder's thread then blocks: each time the writer empties it, the thread must win the GIL
-    back from a busy event loop (up to the 5 ms switch interval) before sending more. Measured,
-    the thread could then pass on fewer rows a second than the loop made.
-    """
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        return
-    size_flag = getattr(fcntl, "F_SETPIPE_SZ", None)
-    if size_flag is None:
-        return
-    for size in (4 << 20, 1 << 20):  # /proc/sys/fs/pipe-max-size is 1 MiB by default
-        try:
-            fcntl.fcntl(fd, size_flag, size)
-            return
-        except OSError:
-            continue
 
 
 class Recorder:
