@@ -432,7 +432,10 @@ class Journal:
             }
         )
         self._ensure_thread()
-        self._wake.set()
+        # Setting an Event takes a lock: once per batch is enough. The writer clears it before
+        # it empties the queue, so a step appended while it is still set is written all the same.
+        if not self._wake.is_set():
+            self._wake.set()
 
     def flush(self, timeout: float = 60.0) -> None:
         # An empty queue is not enough: the writer may hold rows it has not committed yet.
