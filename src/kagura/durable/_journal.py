@@ -6,8 +6,10 @@
 
 Run rows are claimed with single conditional statements (an insert that does nothing on conflict,
 an update guarded by status and heartbeat), so two processes racing for one run id cannot both
-win, on SQLite or PostgreSQL. Step rows go through a writer thread, in order, so journaling
-never blocks the event loop; the run's completion is written only after its steps.
+win, on SQLite or PostgreSQL. From the event loop, run starts, step rows and run completions all
+go through one writer thread, in order, which commits whatever is queued in one transaction: so
+journaling never blocks the event loop, runs started together share their commits instead of
+queueing for the database's write lock, and a run's completion is written only after its steps.
 """
 
 from __future__ import annotations
@@ -175,10 +177,13 @@ class Journal:
         self._enqueue(request)
         await request.future
 
-    def _enqueue(self, item: _RunRequest) -> None:
+    def _enqueue(self, item: dict[str, Any] | _RunRequest) -> None:
         self._queue.append(item)
         self._ensure_thread()
-        self._wake.set()
+        # Setting an Event takes a lock: once per batch is enough. The writer clears it before
+        # it empties the queue, so an item appended while it is still set is written all the same.
+        if not self._wake.is_set():
+            self._wake.set()
 
     # -- runs (synchronous: call them from a worker thread) -----------------------------------
 
@@ -419,7 +424,7 @@ class Journal:
         output: str | None,
         position: int | None = None,
     ) -> None:
-        self._queue.append(
+        self._enqueue(
             {
                 "run_id": run_id,
                 "step_key": key,
@@ -431,11 +436,6 @@ class Journal:
                 "position": position,
             }
         )
-        self._ensure_thread()
-        # Setting an Event takes a lock: once per batch is enough. The writer clears it before
-        # it empties the queue, so a step appended while it is still set is written all the same.
-        if not self._wake.is_set():
-            self._wake.set()
 
     def flush(self, timeout: float = 60.0) -> None:
         # An empty queue is not enough: the writer may hold rows it has not committed yet.
