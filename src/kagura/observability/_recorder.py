@@ -2,8 +2,8 @@
 
 On the event loop it builds each span's row when the span finishes (the span already carries its
 subtree's tokens, cost, LLM calls and retries: see :func:`kagura._instrument.close`) and appends it
-to a deque. A thread hands batches to the writer (see :mod:`._writer`): by default a process of
-its own, so serialising, redacting and inserting run on another core. So recording never blocks
+to a deque. A thread marshals batches of rows to the writer (see :mod:`._writer`): by default a
+process of its own, so redacting and inserting run on another core. So recording never blocks
 the loop on disk I/O, never touches the recorded function's result or exception, and nothing is
 lost on exit: an ``atexit`` hook flushes what is queued.
 """

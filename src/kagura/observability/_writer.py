@@ -1,10 +1,11 @@
 """The event store's writer: rows in, one transaction per batch out.
 
-The recorder builds each span's row where the span ends and hands batches to a writer. By default
-the writer is a process of its own (:func:`main`, the recorder's sidecar): serialising the
-content, checking it for secrets and the inserts themselves then run on another core, without the
-GIL, so recording costs the event loop little more than building the rows. If the sidecar cannot
-be started, or dies, the recorder writes from its own thread with the same :class:`StoreWriter`.
+The recorder builds each span's row where the span ends (its recorded values already JSON text)
+and hands batches to a writer. By default the writer is a process of its own (:func:`main`, the
+recorder's sidecar): checking the text for secrets, redacting it and the inserts themselves then
+run on another core, without the GIL, so recording costs the event loop little more than building
+the rows. If the sidecar cannot be started, or dies, the recorder writes from its own thread with
+the same :class:`StoreWriter`.
 
 The sidecar speaks a small protocol over its stdin and stdout: frames of a 4-byte length and a
 :mod:`marshal` payload (the same interpreter is at both ends, and rows are plain values, so
