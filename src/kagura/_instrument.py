@@ -2,7 +2,8 @@
 
 Two kinds of sink: a :class:`~kagura._events.Sink` gets a record object per start, finish and
 event; a :class:`~kagura._events.SpanSink` (the event store's recorder) gets the :class:`Span`
-itself, which already holds everything, so the hot path builds nothing for it.
+itself, which already holds everything, so the hot path builds nothing for it. A span sink's
+methods are called directly, one loop per hand-over, with no dispatch on the kind of item.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ _log = logging.getLogger("kagura.instrument")
 _sinks: tuple[Sink, ...] = ()
 #: Sinks that take the finished :class:`Span` itself (see :class:`SpanSink`): no record is built.
 _span_sinks: tuple[SpanSink, ...] = ()
-_span_handlers: tuple[Callable[[Span | SpanEvent], None], ...] = ()
+_on_start: tuple[Callable[[Span, dict[str, Any] | None], None], ...] = ()
+_on_finish: tuple[Callable[[Span], None], ...] = ()
+_on_event: tuple[Callable[[SpanEvent], None], ...] = ()
 #: Is anyone listening? Attributes for records are only built when someone will read them.
 recording = False
 
@@ -47,8 +50,10 @@ def remove_sink(sink: Sink | SpanSink) -> None:
 
 
 def _refresh() -> None:
-    global _span_handlers, recording
-    _span_handlers = tuple(s.handle_span for s in _span_sinks)
+    global _on_start, _on_finish, _on_event, recording
+    _on_start = tuple(s.span_started for s in _span_sinks)
+    _on_finish = tuple(s.span_finished for s in _span_sinks)
+    _on_event = tuple(s.span_event for s in _span_sinks)
     recording = bool(_sinks or _span_sinks)
 
 
@@ -65,19 +70,20 @@ def emit(event: Event) -> None:
             _log.exception("instrumentation sink %r failed; event dropped", sink)
 
 
-def _hand_over(item: Span | SpanEvent) -> None:
-    for handler in _span_handlers:
-        try:
-            handler(item)
-        except Exception:
-            _log.exception("instrumentation sink %r failed; record dropped", handler)
+def _failed(handler: Callable[..., None]) -> None:
+    # Recording must never change the outcome of the code it records.
+    _log.exception("instrumentation sink %r failed; record dropped", handler)
 
 
 def span_started(span: Span, attributes: dict[str, Any] | None = None) -> None:
+    """Open ``span``. Its ``attributes`` (model, inputs, ...) go to the sinks now and are not
+    kept on the span: a call in flight keeps nothing alive for the sake of recording it."""
     if recording:
-        span.attributes = attributes
-        if _span_handlers:
-            _hand_over(span)
+        for handler in _on_start:
+            try:
+                handler(span, attributes)
+            except Exception:
+                _failed(handler)
         if _sinks:
             emit(SpanStarted(*_identity(span), attributes if attributes is not None else {}))
 
@@ -108,8 +114,11 @@ def span_finished(
     added to its parent's totals. Called whether or not anyone records: agents read the totals."""
     close(span, status, error, usage, cost_usd, attributes)
     if recording:
-        if _span_handlers:
-            _hand_over(span)
+        for handler in _on_finish:
+            try:
+                handler(span)
+            except Exception:
+                _failed(handler)
         if _sinks:
             if span.kind == "agent":  # an agent's record carries its attempts' totals
                 usage = Usage(span.prompt_tokens, span.completion_tokens)
@@ -172,8 +181,11 @@ def span_event(span: Span | None, name: str, /, **attributes: Any) -> None:
             time.time_ns(),
             attributes,
         )
-        if _span_handlers:
-            _hand_over(event)
+        for handler in _on_event:
+            try:
+                handler(event)
+            except Exception:
+                _failed(handler)
         if _sinks:
             emit(event)
 

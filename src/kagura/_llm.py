@@ -7,6 +7,7 @@ wrap calls to :func:`attempt`, so every retry is its own recorded attempt.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from . import _instrument
 from ._context import Span
@@ -48,18 +49,19 @@ async def attempt(
     except BaseException as exc:
         span_finished(span, status_of(exc), exc, attributes={"model": model_id})
         raise
+    result: dict[str, Any] | None = None
+    if recording:
+        # The model is among the start attributes; what the provider did not say is left out.
+        result = {"output": response.text}
+        if response.model:
+            result["response_model"] = response.model
+        if response.finish_reason is not None:
+            result["finish_reason"] = response.finish_reason
     span_finished(
         span,
         "completed",
         usage=response.usage,
         cost_usd=model.cost(response.usage),
-        attributes={
-            "model": model_id,
-            "response_model": response.model,
-            "output": response.text,
-            "finish_reason": response.finish_reason,
-        }
-        if recording
-        else None,
+        attributes=result,
     )
     return response

@@ -102,14 +102,20 @@ class Workflow(Generic[P, R]):
     ) -> R:
         if not _instrument._recording_checked:
             ensure_recording()
-        span = Span("workflow", self.name, current_span.get(), span_id=span_id)
-        token = current_span.set(span)
+        outer = current_span.get()
+        span = Span("workflow", self.name, outer, span_id=span_id)
+        # Undone by setting ``outer`` back rather than by a reset token: a token would be one
+        # more object per run in flight for the garbage collector to track.
+        current_span.set(span)
         if _instrument.recording:
             span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
         policy_token = None if self.policies is None else set_workflow_policies(self.policies)
+        # The run's coroutine keeps what it needs of its arguments; the tuple is let go now.
+        run = self.fn(*args, **kwargs)
+        del args, kwargs
         try:
             if self.retry_budget is None and self.budget_usd is None and self.budget_tokens is None:
-                result = await self.fn(*args, **kwargs)
+                result = await run
             else:
                 with ExitStack() as budgets:
                     if self.retry_budget is not None:
@@ -118,14 +124,15 @@ class Workflow(Generic[P, R]):
                         budgets.enter_context(
                             CostBudget(usd=self.budget_usd, tokens=self.budget_tokens)
                         )
-                    result = await self.fn(*args, **kwargs)
+                    result = await run
         except BaseException as exc:
+            run.close()  # unless it was awaited (then this does nothing): no "never awaited"
             span_finished(span, status_of(exc), exc)
             raise
         finally:
             if policy_token is not None:
                 reset_workflow_policies(policy_token)
-            current_span.reset(token)
+            current_span.set(outer)
         span_finished(
             span, "completed", attributes={"output": result} if _instrument.recording else None
         )

@@ -3,8 +3,11 @@ step key that is the same on every execution of the same code, with a hash of it
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +16,7 @@ from kagura.providers import ModelRequest
 from kagura.testing import FakeModel, Reply, override_model
 
 from . import workflows
-from .conftest import lines, respond
+from .conftest import WAIT_TIMEOUT, lines, respond
 
 FANOUT_STEPS = {
     "fanout/charge#0": ("charge", "step"),
@@ -124,3 +127,34 @@ async def test_nested_workflows_are_steps_of_the_outer_run(
         }
     )
     assert keys[0]["nested/plain#1/draft#0"].input_hash == input_hash({"topic": "figs!"})
+
+
+async def test_a_step_returns_once_its_journal_entry_is_committed(
+    journal: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The journal's writer is held inside its commit until the test lets it go: a workflow that
+    # went on past its step before then would have done so with the step not yet on disk.
+    committing, release = threading.Event(), threading.Event()
+    write_batch = Journal._write_batch
+
+    def held(self: Journal, batch: list[Any]) -> None:
+        if any(isinstance(item, dict) and item.get("name") == "charge" for item in batch):
+            committing.set()
+            release.wait(WAIT_TIMEOUT)
+        write_batch(self, batch)
+
+    monkeypatch.setattr(Journal, "_write_batch", held)
+    workflows.AFTER_CHARGE.clear()
+    run = asyncio.create_task(
+        workflows.charge_then_note.run(str(tmp_path / "ledger.txt"), run_id="held")
+    )
+    await asyncio.to_thread(committing.wait, WAIT_TIMEOUT)
+    assert committing.is_set()
+    await asyncio.sleep(0)  # the workflow had its turns: the step is still waiting for the commit
+    assert workflows.AFTER_CHARGE == []
+    assert not run.done()
+
+    release.set()
+    assert await run == "receipt for once"
+    assert workflows.AFTER_CHARGE == ["receipt for once"]
+    assert "charge_then_note/charge#0" in journal.load_steps("held")

@@ -180,3 +180,14 @@ async def crash_pipeline(topic: str, ledger: str) -> dict[str, str]:
 async def nested(topic: str) -> list[str]:
     """Workflows inside a durable workflow are part of its run, not runs of their own."""
     return list(await asyncio.gather(plain(topic), plain(f"{topic}!")))
+
+
+#: What ``charge_then_note`` did after its step returned (a test reads it).
+AFTER_CHARGE: list[str] = []
+
+
+@workflow(durable=True)
+async def charge_then_note(ledger: str) -> str:
+    receipt = await kagura.step("charge", charge, ledger, "once")
+    AFTER_CHARGE.append(receipt)
+    return receipt

@@ -112,13 +112,16 @@ async def _record_runs() -> None:
 async def _with_ids(call: object, ids: list[str]) -> None:
     """Run ``call`` with its spans given these ids (so one id has a unique prefix)."""
     assert asyncio.iscoroutine(call)
-    original = _context.new_id
-    given = iter(ids)
-    _context.new_id = lambda: next(given, None) or original()
+    prefix = "zz-cli-test-"
+    assert all(i.startswith(prefix) for i in ids)
+    original = _context._ID_FORMAT, _context._counter
+    # Spans take their id as _ID_FORMAT % next(_counter).
+    _context._ID_FORMAT = prefix + "%s"
+    _context._counter = iter([i.removeprefix(prefix) for i in ids])  # type: ignore[assignment]
     try:
         await call
     finally:
-        _context.new_id = original
+        _context._ID_FORMAT, _context._counter = original
 
 
 @pytest.fixture(scope="module")

@@ -105,11 +105,12 @@ class _Flush:
 
 
 class _RunRequest:
-    """A run's start or finish, queued for the writer's thread, answered on the caller's loop."""
+    """A run's start or finish (or a wait for what was queued before it to be committed),
+    queued for the writer's thread, answered on the caller's loop."""
 
     __slots__ = ("future", "kind", "loop", "values")
 
-    def __init__(self, kind: Literal["start", "finish"], values: dict[str, Any]) -> None:
+    def __init__(self, kind: Literal["start", "finish", "sync"], values: dict[str, Any]) -> None:
         self.kind = kind
         self.values = values
         self.loop = asyncio.get_running_loop()
@@ -174,6 +175,13 @@ class Journal:
         """:meth:`finish`, group-committed like :meth:`start_soon`. Queued after the run's
         steps, so it is never on disk before them."""
         request = _RunRequest("finish", self._finish_values(run_id, owner, result, error))
+        self._enqueue(request)
+        await request.future
+
+    async def committed(self) -> None:
+        """Wait until everything queued so far (steps, starts, finishes) is committed. Raises
+        what the commit raised."""
+        request = _RunRequest("sync", {})
         self._enqueue(request)
         await request.future
 
@@ -488,9 +496,12 @@ class Journal:
         starts: dict[str, _RunRequest] = {}
         repeats: list[_RunRequest] = []  # an id started twice in one batch: the second waits
         finishes: list[_RunRequest] = []
+        syncs: list[_RunRequest] = []
         for request in requests:
             if request.kind == "finish":
                 finishes.append(request)
+            elif request.kind == "sync":
+                syncs.append(request)
             elif request.values["run_id"] in starts:
                 repeats.append(request)
             else:
@@ -512,7 +523,7 @@ class Journal:
             _settle([(r, None, exc) for r in requests])
             return
         answers: list[tuple[_RunRequest, Any, BaseException | None]] = [
-            (r, None, None) for r in finishes
+            (r, None, None) for r in (*finishes, *syncs)
         ]
         for request in (*starts.values(), *repeats):
             try:

@@ -10,6 +10,7 @@ than mixing results of two different executions.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import re
@@ -124,6 +125,14 @@ class DurableRun:
         self.steps[key] = StepRecord(key, name, kind, digest, output, None, pos)
         self.journal.record_step(self.run_id, key, name, kind, digest, output, pos)
 
+    async def committed(self) -> None:
+        """Wait until the steps recorded so far are committed; a failed commit was logged, and
+        the run goes on (as it does when an agent call's step fails to be journaled)."""
+        if self.replay_only or self.journal is None:
+            return
+        with contextlib.suppress(Exception):
+            await self.journal.committed()
+
 
 current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_run", default=None)
 
@@ -138,8 +147,11 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
 
     In a durable run the step's result is journaled, and a resumed run returns it without
     calling ``fn`` again: use it for side effects that must happen once (charging a card,
-    sending an email). The result must be JSON-serialisable; on replay it is validated against
-    ``fn``'s return annotation when it has one. Outside a durable run it just runs and records.
+    sending an email). The journal entry is committed before ``step`` returns, so nothing after
+    the step runs until it is; a process that dies between ``fn``'s effect and that commit runs
+    ``fn`` again on resume (give the effect an idempotency key where the service takes one).
+    The result must be JSON-serialisable; on replay it is validated against ``fn``'s return
+    annotation when it has one. Outside a durable run it just runs and records.
     """
     ensure_recording()
     span = Span("step", name, current_span.get())
@@ -167,6 +179,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
                 pydantic_core.to_json(value).decode(),
                 span._position,
             )
+            await durable.committed()
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)
         raise

@@ -121,31 +121,21 @@ def to_text(value: Any) -> str | None:
 _OUTPUT = {"output"}
 
 
-def span_texts(
-    inputs: Any, result: dict[str, Any] | None
-) -> tuple[str | None, str | None, str | None]:
-    """A span's ``inputs``, ``output`` and other result attributes, as :func:`to_text` makes
-    them: on the event loop for every span, so written for speed (one ``try``, no new dict)."""
+def result_texts(result: dict[str, Any]) -> tuple[str | None, str | None]:
+    """A span's ``output`` and its other result attributes, as :func:`to_text` makes them: on
+    the event loop for every span, so written for speed (one ``try``, no new dict)."""
     to_json = pydantic_core.to_json
     try:
-        inputs_text = None if inputs is None else to_json(inputs, fallback=repr_of).decode()
-        if not result:
-            return inputs_text, None, None
         output = result.get("output")
         return (
-            inputs_text,
             None if output is None else to_json(output, fallback=repr_of).decode(),
             to_json(result, exclude=_OUTPUT, fallback=repr_of).decode()
             if len(result) > 1 or (output is None and "output" not in result)
             else None,
         )
     except Exception:  # one value would not serialise: each on its own, the careful way
-        extra = {k: v for k, v in result.items() if k != "output"} if result else None
-        return (
-            to_text(inputs),
-            to_text(result.get("output")) if result else None,
-            to_text(extra or None),
-        )
+        extra = {k: v for k, v in result.items() if k != "output"}
+        return to_text(result.get("output")), to_text(extra or None)
 
 
 def encode_text(text: str | None, mode: ContentMode) -> str | None:

@@ -53,6 +53,8 @@ SPAN_COLUMNS = (
     "attributes",
     "pid",
 )
+#: Values in a span's row.
+ROW_WIDTH = len(SPAN_COLUMNS)
 EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
 _ERROR_AT = SPAN_COLUMNS.index("error")
 
@@ -70,10 +72,19 @@ _ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")
 
 def plain(rows: list[Row]) -> list[Row]:
     """``rows`` with every value marshal cannot carry (none, from the recorder) as its repr."""
-    return [
-        tuple(v if v is None or type(v) in (str, int, float, bool) else repr_of(v) for v in row)
-        for row in rows
-    ]
+    return [tuple(plain_values(row)) for row in rows]
+
+
+def plain_values(values: list[Any] | Row) -> list[Any]:
+    """``values`` with each one marshal cannot carry as its repr."""
+    return [v if v is None or type(v) in (str, int, float, bool) else repr_of(v) for v in values]
+
+
+def rows_of(values: list[Any]) -> list[Row]:
+    """Finished spans' rows from the flat list the recorder queues them in (see
+    ``Recorder._rows``): every ``ROW_WIDTH`` values, one row."""
+    each = iter(values)
+    return list(zip(*[each] * ROW_WIDTH, strict=True))
 
 
 def _span_row(row: Row, content: ContentMode) -> Row:
@@ -264,7 +275,7 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
     try:
         while (message := receive(inbox)) is not None:
             if message[0] == "rows":
-                writer.write(message[1], message[2], message[3])
+                writer.write(message[1], rows_of(message[2]), message[3])
             elif message[0] == "sync":
                 counts = (writer.written_spans, writer.written_events, writer.failed_batches)
                 send(outbox, ("synced", message[1], *counts))

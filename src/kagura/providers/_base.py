@@ -57,7 +57,9 @@ class ModelRequest:
 NO_USAGE = Usage()
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, unlike the request's parts: every LLM attempt builds one, and a frozen dataclass's
+# __init__ costs 4.5x as much (measured: 456 ns against 101 ns). Treat it as read-only.
+@dataclass(slots=True)
 class ModelResponse:
     text: str
     tool_calls: tuple[ToolCall, ...] = ()
