@@ -6,7 +6,17 @@ import asyncio
 
 import pytest
 
-from kagura import Agent, ProviderError, Usage, UsageError, agent, get_current_span
+from kagura import (
+    Agent,
+    ProviderError,
+    Usage,
+    UsageError,
+    agent,
+    current_run_id,
+    get_current_span,
+    workflow,
+)
+from kagura.providers import ModelRequest, ModelResponse
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
 
@@ -192,6 +202,57 @@ async def test_failed_agent_span_still_carries_usage() -> None:
     assert span.status == "failed"
     assert span.error_type == "OutputParseError"
     assert span.usage == Usage(5, 1)
+
+
+def test_a_wrong_call_raises_at_the_call_as_for_an_async_function() -> None:
+    @agent(model=FakeModel())
+    async def pair(a: str, b: str) -> str:
+        """{{ a }} {{ b }}"""
+
+    # Nothing awaited: like an ``async def``, the call itself checks its arguments.
+    with pytest.raises(TypeError, match="agent 'pair'"):
+        pair("only one")  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match="agent 'pair'"):
+        pair("a", "b", c="extra")  # type: ignore[call-arg]
+
+
+async def test_a_one_parameter_agent_takes_its_value_by_position_or_by_name() -> None:
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def echo(text: str) -> str:
+        """Say {{ text }}"""
+
+    assert await echo("hi") == "Say hi"
+    assert await echo(text="there") == "Say there"
+    assert [r.messages[-1]["content"] for r in fake.requests] == ["Say hi", "Say there"]
+    with pytest.raises(TypeError, match="agent 'echo'"):
+        echo("a", "b")  # type: ignore[call-arg]
+
+
+async def test_code_under_a_provider_sees_the_run_it_belongs_to() -> None:
+    seen: list[str | None] = []
+
+    class Peeking(FakeModel):
+        async def request(self, request: ModelRequest) -> ModelResponse:
+            seen.append(current_run_id())
+            return await super().request(request)
+
+    @agent(model=Peeking())
+    async def solo(x: str) -> str:
+        """{{ x }}"""
+
+    @workflow
+    async def pipeline(x: str) -> str:
+        parts = await asyncio.gather(solo(x), solo(x))
+        return await solo("".join(parts))
+
+    with capture_events() as events:
+        await solo("alone")
+        await pipeline("in a run")
+    (alone,) = [s for s in events.spans(kind="agent") if s.parent_id is None]
+    (run,) = events.spans(kind="workflow")
+    assert seen == [alone.run_id, run.run_id, run.run_id, run.run_id]
 
 
 async def test_agent_outside_a_workflow_is_its_own_run() -> None:

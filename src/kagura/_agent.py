@@ -233,8 +233,8 @@ class Agent(Generic[P, R]):
     # counts, per call in flight, makes its collections more frequent, and thousands of calls
     # start at once in a fan-out. So an agent of one parameter called with one value keeps the
     # value alone (its dict is made when the call runs), any other call the dict of its bound
-    # arguments rather than the args tuple and kwargs dict (measured, 2,000 runs of four calls:
-    # 19 fewer young collections, one full collection fewer).
+    # arguments rather than the args tuple and kwargs dict (measured, 2,000 concurrent runs of
+    # four calls: 15 fewer young collections).
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         if self._sole is not None and len(args) == 1 and not kwargs:
             return self._call(None, False, args[0])
@@ -271,7 +271,7 @@ class Agent(Generic[P, R]):
         # The call's span is made current only around the code that reads it: tools and the
         # resilience policies (see _run), and the whole call when it is a run of its own. Not
         # for a plain first attempt inside a run, whose span is explicit: each set and reset
-        # leaves the task's context two new objects for the garbage collector to track, and a
+        # leaves the task's context two new objects for the garbage collector to count, and a
         # workflow's parallel calls each run in a task of their own (measured: 11 fewer young
         # collections for 2,000 runs of three parallel calls). Code under a provider's request
         # still sees the run (or tool) it belongs to.

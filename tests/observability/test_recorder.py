@@ -809,6 +809,31 @@ async def test_the_writer_runs_in_a_thread_or_a_process_with_the_same_rows(
     assert json.loads(run["output"]) == "42"
 
 
+async def test_a_flush_writes_every_queued_row_however_many_batches_they_make(
+    store_url: str,
+) -> None:
+    # A timer that never fires and batches of four rows: the flush alone writes the 30 rows of
+    # 15 calls, in several batches, and each of them once.
+    recorder = Recorder(store_url, flush_interval=3600, batch_size=4)
+    instrument.add_sink(recorder)
+    try:
+        with override_model(FakeModel()):
+            await asyncio.gather(*(summarise(f"text {i}") for i in range(15)))
+        assert recorder.flush()
+        assert recorder.written_spans == 30
+        written = rows(store_url)
+        assert Counter(r["kind"] for r in written) == {"agent": 15, "llm": 15}
+        assert sorted(json.loads(r["inputs"])["text"] for r in written if r["kind"] == "agent") == (
+            sorted(f"text {i}" for i in range(15))
+        )
+        await summarise("after the flush")
+        assert recorder.flush()
+        assert recorder.written_spans == 32
+    finally:
+        instrument.remove_sink(recorder)
+        recorder.close()
+
+
 FORKED = """
 import asyncio, multiprocessing, sys
 from kagura import agent
