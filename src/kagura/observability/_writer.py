@@ -121,7 +121,9 @@ def _fast_rows(rows: list[Row]) -> list[Row] | None:
         if row[_ERROR_AT] is not None:  # provider errors may quote a key
             row = (*row[:_ERROR_AT], scrub(row[_ERROR_AT]), *row[_ERROR_AT + 1 :])
         stored.append(row)
-    return None if looks_secret("\n".join(texts)) else stored
+    # Each distinct text once: an agent's output is its last attempt's, and attributes repeat
+    # from call to call (the model that answered, finish reasons).
+    return None if looks_secret("\n".join(dict.fromkeys(texts))) else stored
 
 
 class StoreWriter:
