@@ -165,6 +165,19 @@ async def test_failed_workflow_is_recorded_and_reraised(fake: FakeModel) -> None
     assert by_kind(events, "agent")[0].status == "completed"
 
 
+async def test_a_workflow_called_with_wrong_arguments_is_a_failed_run() -> None:
+    @workflow
+    async def pipeline(text: str) -> str:
+        return text
+
+    with capture_events() as events, pytest.raises(TypeError):
+        await pipeline()  # type: ignore[call-arg]
+    (run,) = by_kind(events, "workflow")
+    assert run.status == "failed"
+    assert run.error_type == "TypeError"
+    assert get_current_span() is None  # the run's span is not left behind as current
+
+
 async def test_failing_agent_fails_the_workflow() -> None:
     model = FakeModel([RuntimeError("provider exploded")])
 

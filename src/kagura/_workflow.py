@@ -110,10 +110,11 @@ class Workflow(Generic[P, R]):
         if _instrument.recording:
             span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
         policy_token = None if self.policies is None else set_workflow_policies(self.policies)
-        # The run's coroutine keeps what it needs of its arguments; the tuple is let go now.
-        run = self.fn(*args, **kwargs)
-        del args, kwargs
+        run: Coroutine[Any, Any, R] | None = None
         try:
+            # The run's coroutine keeps what it needs of its arguments; the tuple is let go now.
+            run = self.fn(*args, **kwargs)
+            del args, kwargs
             if self.retry_budget is None and self.budget_usd is None and self.budget_tokens is None:
                 result = await run
             else:
@@ -126,7 +127,8 @@ class Workflow(Generic[P, R]):
                         )
                     result = await run
         except BaseException as exc:
-            run.close()  # unless it was awaited (then this does nothing): no "never awaited"
+            if run is not None:
+                run.close()  # unless it was awaited (then this does nothing): no "never awaited"
             span_finished(span, status_of(exc), exc)
             raise
         finally:

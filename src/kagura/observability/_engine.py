@@ -83,10 +83,6 @@ def _create(url: str) -> Any:
             # (measured); ten times rarer, a page the index inserts keep touching is copied once
             # per checkpoint rather than many times. The WAL grows to about 40 MB before one.
             cursor.execute("PRAGMA wal_autocheckpoint=10000")
-            # SQLite's default page cache (2 MiB) holds too little of a growing store's five
-            # B-trees: profiled under load, the writer spent 14% of its time reading pages back
-            # from the OS. An upper bound, not an allocation.
-            cursor.execute("PRAGMA cache_size=-65536")
             cursor.close()
 
         return engine
@@ -160,3 +156,21 @@ def dispose_all() -> None:
             engine.dispose()
         _engines.clear()
         _created.clear()
+
+
+def use_a_large_page_cache(engine: Any) -> None:
+    """Give the engine's SQLite connections a 64 MiB page cache (an upper bound, not an
+    allocation). For the writer process only, which is the engine's only user there: SQLite's
+    default of 2 MiB holds too little of a growing store's five B-trees, and the writer spent
+    14% of its time reading pages back from the OS (profiled under load). Not for readers: a
+    large cache slows the scans of ``kagura monitor stats`` (measured over 1M calls: 8.1 s
+    against 5.7 s)."""
+    if engine.dialect.name != "sqlite":
+        return
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def _page_cache(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.execute("PRAGMA cache_size=-65536")
+
+    engine.dispose()  # connections made before this are made again, with it

@@ -25,6 +25,7 @@ import sys
 from typing import IO, Any
 
 from ._content import MAX_TEXT, ContentMode, encode_text, looks_secret, repr_of, scrub
+from ._engine import use_a_large_page_cache
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -275,6 +276,7 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
         send(outbox, ("opened", False, f"{type(exc).__name__}: {scrub(str(exc))}"))
         return 1
     send(outbox, ("opened", True, ""))
+    use_a_large_page_cache(writer.engine)
     # Every batch makes thousands of short-lived objects (rows, texts) that reference counting
     # frees; at the default threshold the collector walked each batch's live rows many times
     # over (11% of this process's time, profiled under load). What the imports and the engine
