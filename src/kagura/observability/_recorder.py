@@ -170,7 +170,7 @@ class Recorder:
         # Spans given as records (handle), by id, until they finish: their children's totals
         # are added to them, as running code adds them to live spans.
         self._detached: dict[str, Span] = {}
-        # Spans that started and have not finished (see handle_span).
+        # Spans that started and have not finished (see span_started).
         self._open_spans: dict[str, Span] = {}
         self._open_spans_seen_ns = 0
         self._pid = os.getpid()

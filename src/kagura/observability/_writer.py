@@ -60,13 +60,12 @@ ROW_WIDTH = len(SPAN_COLUMNS)
 EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
 _ERROR_AT = SPAN_COLUMNS.index("error")
 
-#: What the recorder sends: a span's row is a flat tuple of ``SPAN_COLUMNS``, with its recorded
-#: values (``inputs``, ``output``, ``attributes``) as JSON text not redacted yet (see
-#: ``_content.span_texts``); an event's, of ``EVENT_COLUMNS``. Only strings, numbers and ``None``:
-#: the garbage collector stops tracking such a tuple the first time it sees it, so a queue of
-#: thousands costs collections nothing (a queue holding dicts made every collection walk them,
-#: which cost the event loop more than building the rows), and :mod:`marshal` sends a whole batch
-#: in one call.
+#: A span's row: the values of ``SPAN_COLUMNS``, with its recorded values (``inputs``,
+#: ``output``, ``attributes``) as JSON text not redacted yet (see ``_content.to_text`` and
+#: ``result_texts``); an event's, of ``EVENT_COLUMNS``. Only strings, numbers and ``None``, so
+#: :mod:`marshal` sends a whole batch in one call. The recorder queues and sends finished spans'
+#: rows as one flat list of values (see ``rows_of``), not a tuple each: every tuple would be an
+#: object the garbage collector counts while it waits in the queue.
 Row = tuple[Any, ...]
 _INPUTS_AT = SPAN_COLUMNS.index("inputs")
 _ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")
