@@ -23,6 +23,8 @@ from kagura import agent, workflow
 from kagura._events import Event
 from kagura.errors import ProviderError
 from kagura.observability import EventStore, Recorder, default_recorder, uninstall_default
+from kagura.observability._engine import normalise_url
+from kagura.observability._writer import SPAN_COLUMNS, StoreWriter
 from kagura.providers import ModelRequest, ToolCall
 from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits
 from kagura.testing import FakeModel, Reply, override_model
@@ -832,6 +834,39 @@ async def test_a_flush_writes_every_queued_row_however_many_batches_they_make(
     finally:
         instrument.remove_sink(recorder)
         recorder.close()
+
+
+def test_a_batch_keeps_each_column_whether_or_not_other_rows_leave_it_empty(
+    store_url: str,
+) -> None:
+    writer = StoreWriter(normalise_url(store_url), "full")
+
+    def row(span_id: str, **values: Any) -> tuple[Any, ...]:
+        fields: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
+        fields.update(span_id=span_id, run_id="r", kind="agent", name="n", status="completed")
+        fields.update(started_at=1.0, prompt_tokens=0, completion_tokens=0, total_tokens=0)
+        fields.update(llm_calls=0, retries=0, pid=7, **values)
+        return tuple(fields[column] for column in SPAN_COLUMNS)
+
+    try:
+        writer.write([row("a", status="running", model="m", output='"early"')], [], [])
+        # Nobody's model or attributes in this batch; one row's error, the other's output.
+        writer.write([], [row("a", output='"late"'), row("b", error="boom", error_type="E")], [])
+    finally:
+        writer.dispose()
+    stored = {r["span_id"]: r for r in rows(store_url)}
+    assert (stored["a"]["status"], stored["a"]["model"], stored["a"]["output"]) == (
+        "completed",
+        None,  # the finished row replaces the running one, column by column
+        '"late"',
+    )
+    assert (stored["a"]["error"], stored["b"]["error"], stored["b"]["error_type"]) == (
+        None,
+        "boom",
+        "E",
+    )
+    assert stored["b"]["output"] is None and stored["b"]["attributes"] is None
+    assert {r["pid"] for r in stored.values()} == {7}
 
 
 FORKED = """

@@ -15,6 +15,7 @@ stdin closes: also when the recording process is killed.
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import marshal
@@ -145,14 +146,15 @@ class StoreWriter:
         if not (running or finished or events):
             return
         try:
-            statements = _statements(self.engine.dialect.name)
+            dialect = self.engine.dialect.name
+            statements = _statements(dialect)
             # Straight to the driver's executemany: the rows are already plain values, and
             # SQLAlchemy's per-row processing would cost more than the insert itself.
             with self.engine.begin() as connection:
                 if running:
                     connection.exec_driver_sql(statements.insert_running, self._stored(running))
                 if finished:
-                    connection.exec_driver_sql(statements.upsert_finished, self._stored(finished))
+                    connection.exec_driver_sql(*_upsert_finished(dialect, self._stored(finished)))
                 if events:
                     connection.exec_driver_sql(statements.insert_events, _event_rows(events))
         except Exception:
@@ -204,23 +206,45 @@ def _statements(dialect: str) -> _Statements:
         raise RuntimeError("the writer's columns do not match the kagura_spans table")
     if tuple(c.name for c in events.columns if c.name != "id") != EVENT_COLUMNS:
         raise RuntimeError("the writer's columns do not match the kagura_events table")
-    mark = "%s" if dialect == "postgresql" else "?"
-
-    def insert(table: str, columns: tuple[str, ...]) -> str:
-        return (
-            f"INSERT INTO {table} ({', '.join(columns)}) "
-            f"VALUES ({', '.join(mark for _ in columns)})"
-        )
-
-    spans_insert = insert(spans.name, SPAN_COLUMNS)
-    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
     statements = _Statements(
-        insert_running=f"{spans_insert} ON CONFLICT (span_id) DO NOTHING",
-        upsert_finished=f"{spans_insert} ON CONFLICT (span_id) DO UPDATE SET {updates}",
-        insert_events=insert(events.name, EVENT_COLUMNS),
+        insert_running=(
+            f"{_insert(dialect, spans.name, SPAN_COLUMNS)} ON CONFLICT (span_id) DO NOTHING"
+        ),
+        upsert_finished=_span_upsert(dialect, SPAN_COLUMNS),
+        insert_events=_insert(dialect, events.name, EVENT_COLUMNS),
     )
     _statement_cache[dialect] = statements
     return statements
+
+
+def _insert(dialect: str, table: str, columns: tuple[str, ...]) -> str:
+    mark = "%s" if dialect == "postgresql" else "?"
+    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(mark for _ in columns)})"
+
+
+@functools.lru_cache(maxsize=256)
+def _span_upsert(dialect: str, columns: tuple[str, ...]) -> str:
+    """A span's row written whatever was there: its ``running`` row, if any, is replaced. A
+    column left out of ``columns`` is stored as NULL (``excluded`` holds its default)."""
+    from ._schema import spans
+
+    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
+    insert = _insert(dialect, spans.name, columns)
+    return f"{insert} ON CONFLICT (span_id) DO UPDATE SET {updates}"
+
+
+def _upsert_finished(dialect: str, rows: list[Row]) -> tuple[str, list[Row]]:
+    """The upsert of finished spans' ``rows`` and its parameters, leaving out the columns that
+    no row has a value in (stored as NULL all the same). Binding a ``None`` costs sqlite3 an
+    adapter lookup, about 220 ns (measured), and most rows leave the same columns empty:
+    ``error``, ``error_type``, often ``attributes``, ``parent_id`` and ``model`` of a run."""
+    columns = list(zip(*rows, strict=True))
+    count = len(rows)
+    kept = tuple(i for i, values in enumerate(columns) if values.count(None) != count)
+    if len(kept) == len(columns):
+        return _statements(dialect).upsert_finished, rows
+    names = tuple(SPAN_COLUMNS[i] for i in kept)
+    return _span_upsert(dialect, names), list(zip(*(columns[i] for i in kept), strict=True))
 
 
 # -- the sidecar's protocol --------------------------------------------------------------------
