@@ -157,11 +157,9 @@ class Journal:
         """:meth:`start`, committed together with every other start, step and finish queued
         meanwhile: thousands of runs starting at once cost a few transactions, not thousands
         of them fighting for the database's write lock."""
-        request = _RunRequest(
+        outcome: tuple[StartOutcome, RunRecord] = await self._submit(
             "start", self._start_values(run_id, workflow, target, arguments, owner)
         )
-        self._enqueue(request)
-        outcome: tuple[StartOutcome, RunRecord] = await request.future
         return outcome
 
     async def finish_soon(
@@ -174,16 +172,20 @@ class Journal:
     ) -> None:
         """:meth:`finish`, group-committed like :meth:`start_soon`. Queued after the run's
         steps, so it is never on disk before them."""
-        request = _RunRequest("finish", self._finish_values(run_id, owner, result, error))
-        self._enqueue(request)
-        await request.future
+        await self._submit("finish", self._finish_values(run_id, owner, result, error))
 
     async def committed(self) -> None:
         """Wait until everything queued so far (steps, starts, finishes) is committed. Raises
         what the commit raised."""
-        request = _RunRequest("sync", {})
+        await self._submit("sync", {})
+
+    def _submit(
+        self, kind: Literal["start", "finish", "sync"], values: dict[str, Any]
+    ) -> asyncio.Future[Any]:
+        """Queue a request for the writer's thread; its answer comes back on this loop."""
+        request = _RunRequest(kind, values)
         self._enqueue(request)
-        await request.future
+        return request.future
 
     def _enqueue(self, item: dict[str, Any] | _RunRequest) -> None:
         self._queue.append(item)
