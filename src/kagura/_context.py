@@ -111,10 +111,11 @@ class Span:
         self.end_ns = 0
         self.error: str | None = None
         self.error_type: str | None = None
-        # The recorder's: the model and the inputs (as JSON text) it started with, taken from
-        # its start attributes, which the span does not keep (see span_started).
+        # The recorder's: the model and the inputs (as it sends them: see
+        # observability._content.recorded) it started with, taken from its start attributes,
+        # which the span does not keep (see span_started).
         self._model: str | None = None
-        self._inputs: str | None = None
+        self._inputs: Any = None
         #: What it ended with (output, answered_by, finish_reason, ...), when someone records it.
         self.result: dict[str, Any] | None = None
         # Totals over the subtree, its own LLM attempt included.

@@ -25,7 +25,7 @@ from kagura.errors import ProviderError
 from kagura.observability import EventStore, Recorder, default_recorder, uninstall_default
 from kagura.observability._engine import normalise_url
 from kagura.observability._writer import SPAN_COLUMNS, StoreWriter
-from kagura.providers import ModelRequest, ToolCall
+from kagura.providers import Model, ModelRequest, ModelResponse, ToolCall
 from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits
 from kagura.testing import FakeModel, Reply, override_model
 
@@ -376,6 +376,51 @@ async def test_models_and_dataclasses_are_stored_as_their_json(
         "text": "it jams",
     }
     assert call["output"] == {"title": "printer", "priority": 2}
+
+
+class ChangingModel(Model):
+    """Answers after changing, while the call is on, the values its caller passed."""
+
+    provider = "fake"
+    model_name = "changing"
+
+    def __init__(self, items: list[str], options: dict[str, str]) -> None:
+        self.items, self.options = items, options
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        self.items.append("added during the call")
+        self.options["mode"] = "changed during the call"
+        return ModelResponse("done")
+
+
+async def test_inputs_are_recorded_as_they_were_when_the_call_started(
+    recorder: Recorder, store_url: str
+) -> None:
+    items, options = ["first"], {"mode": "as called"}
+
+    @agent(model=ChangingModel(items, options))
+    async def tally(items: list[str], options: dict[str, str], note: str) -> str:
+        """Tally {{ items }} ({{ options }}): {{ note }}"""
+
+    @workflow
+    async def count(items: list[str], note: str) -> str:
+        answer = await tally(items, options, note)
+        items.append("added by the workflow")
+        return answer
+
+    assert await count(items, "plain text") == "done"
+    store = EventStore(store_url)
+    (call,) = store.get_executions("tally")
+    assert call["inputs"] == {
+        "items": ["first"],
+        "options": {"mode": "as called"},
+        "note": "plain text",
+    }
+    (run,) = store.get_executions("count")
+    assert run["inputs"] == {"args": [["first"], "plain text"], "kwargs": {}}
+    (attempt,) = store.get_executions(kind="llm")
+    assert "as called" in attempt["inputs"][0]["content"]
+    assert "changed" not in attempt["inputs"][0]["content"]
 
 
 @pytest.fixture
@@ -849,9 +894,9 @@ def test_a_batch_keeps_each_column_whether_or_not_other_rows_leave_it_empty(
         return tuple(fields[column] for column in SPAN_COLUMNS)
 
     try:
-        writer.write([row("a", status="running", model="m", output='"early"')], [], [])
+        writer.write([row("a", status="running", model="m", output="early")], [], [])
         # Nobody's model or attributes in this batch; one row's error, the other's output.
-        writer.write([], [row("a", output='"late"'), row("b", error="boom", error_type="E")], [])
+        writer.write([], [row("a", output="late"), row("b", error="boom", error_type="E")], [])
     finally:
         writer.dispose()
     stored = {r["span_id"]: r for r in rows(store_url)}

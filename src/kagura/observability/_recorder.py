@@ -28,7 +28,7 @@ from .. import _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
-from ._content import ContentMode, result_texts, to_text
+from ._content import ContentMode, recorded, recorded_result, to_text
 from ._writer import ROW_WIDTH, Row, StoreWriter, plain, plain_values, receive, rows_of, send
 
 _log = logging.getLogger("kagura.recorder")
@@ -191,7 +191,7 @@ class Recorder:
             if inputs is None:
                 inputs = attributes.get("messages", attributes.get("arguments"))
             span._model = model if model is None or type(model) is str else str(model)
-            span._inputs = to_text(inputs)
+            span._inputs = recorded(inputs)
         # Open spans are only listed (they are alive anyway): most end within the same batch,
         # and the writer's thread writes a "running" row only for those that don't.
         self._open_spans[span.span_id] = span
@@ -255,9 +255,8 @@ class Recorder:
         result = None if running else span.result
         start_ns, end_ns = span.start_ns, span.end_ns
         prompt, completion = span.prompt_tokens, span.completion_tokens
-        # The recorded values as JSON text now, here: about as cheap as marshalling them
-        # (measured), and it spares the writer unpacking and re-encoding them.
-        output, extra = result_texts(result) if result else (None, None)
+        # Plain values as they are: the writer process encodes them, off the event loop.
+        output, extra = recorded_result(result) if result else (None, None)
         model = span._model
         if model is None and result:
             model = result.get("model")

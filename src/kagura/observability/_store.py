@@ -18,6 +18,7 @@ from typing import Any
 from ..errors import UsageError
 from ._engine import default_url, engine_for, normalise_url, redact_url
 from ._recorder import default_recorder
+from ._writer import catch_up
 
 EXECUTION_KINDS = ("agent", "workflow")
 _GROUPS = ("agent", "model", "day")
@@ -102,9 +103,12 @@ class EventStore:
         return self._engine
 
     def _sync(self) -> None:
+        """Every recorded row in the tables before a query reads them: this process's recorder
+        flushed, and what any writer has staged written in."""
         recorder = default_recorder()
         if recorder is not None and recorder.url == self.url:
             recorder.flush()
+        catch_up(self.url)
 
     # -- queries ------------------------------------------------------------------------------
 
