@@ -18,15 +18,32 @@ SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 
 # A process-unique prefix plus a counter is much cheaper than uuid4() on the hot path while staying
 # unique across processes writing to one store.
-_PREFIX = os.urandom(6).hex()
+PREFIX = os.urandom(6).hex()
 _counter = itertools.count(1)
 # printf-style with the prefix baked in: about 60% of the time of the equivalent f-string
-# (measured: 100 ns against 165 ns), and every span takes one.
-_ID_FORMAT = _PREFIX.replace("%", "%%") + "%010x"
+# (measured: 100 ns against 165 ns).
+_ID_FORMAT = PREFIX + "%010x"  # hex digits: no "%" to escape
+
+
+def _new_prefix() -> None:
+    """A forked child's spans must not take the ids its parent's take next: it inherits the
+    counter, so it gets a prefix of its own."""
+    global PREFIX, _ID_FORMAT
+    PREFIX = os.urandom(6).hex()
+    _ID_FORMAT = id_format(PREFIX)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_prefix)
 
 
 def new_id() -> str:
     return _ID_FORMAT % next(_counter)
+
+
+def id_format(prefix: str) -> str:
+    """The format that makes a span id of a process's numbers (``prefix``: its ``PREFIX``)."""
+    return prefix.replace("%", "%%") + "%010x"
 
 
 class Span:
@@ -40,11 +57,15 @@ class Span:
     __slots__ = (
         "_child_seq",
         "_children",
+        "_id",
         "_inputs",
         "_key",
         "_model",
+        "_n",
+        "_parent_id",
         "_position",
         "_recorded",
+        "_run",
         "_seq",
         "completion_tokens",
         "cost",
@@ -55,12 +76,9 @@ class Span:
         "llm_calls",
         "name",
         "parent",
-        "parent_id",
         "prompt_tokens",
         "result",
         "retries",
-        "run_id",
-        "span_id",
         "start_ns",
         "status",
     )
@@ -77,10 +95,14 @@ class Span:
         self.name = name
         self._children = 0
         self.parent = parent
-        self.span_id = span_id or _ID_FORMAT % next(_counter)
+        # The id is a number until someone reads it as text (span_id): most never are in this
+        # process, since the recorder sends the number and the writer makes the text (measured:
+        # formatting it took a tenth of an agent call with recording off). The run's too.
+        self._id = span_id
+        self._n = 0 if span_id else next(_counter)
+        self._parent_id: str | None = None  # a detached span's, given as text
         if parent is not None:
-            self.parent_id: str | None = parent.span_id
-            self.run_id: str = parent.run_id
+            self._run: int | str = parent._run
             # The step key names the call site within its parent: name plus how many children of
             # that name the parent had started before. Tasks made by gather/create_task start in
             # creation order, so the key is the same on every execution of the same code path.
@@ -99,8 +121,7 @@ class Span:
             else:
                 self._position = -1
         else:
-            self.parent_id = None
-            self.run_id = self.span_id
+            self._run = span_id or self._n
             self._seq = 0
             self._position = -1
         self.start_ns = time.time_ns()
@@ -141,11 +162,43 @@ class Span:
         """A span rebuilt from its recorded ids rather than opened by running code."""
         span = cls(kind, name, None, span_id=span_id)
         span.parent = parent
-        span.parent_id = parent_id
-        span.run_id = run_id
+        span._parent_id = parent_id
+        span._run = run_id
         span._key = step_key
         span.start_ns = start_ns
         return span
+
+    @property
+    def span_id(self) -> str:
+        span_id = self._id
+        if span_id is None:
+            span_id = self._id = _ID_FORMAT % self._n
+        return span_id
+
+    @property
+    def run_id(self) -> str:
+        """The id of the run: its root span's."""
+        run = self._run
+        if type(run) is str:
+            return run
+        run = self._run = _ID_FORMAT % run
+        return run
+
+    @property
+    def parent_id(self) -> str | None:
+        parent = self.parent
+        return parent.span_id if self._parent_id is None and parent is not None else self._parent_id
+
+    @property
+    def ids(self) -> tuple[int | str, int | str, int | str | None]:
+        """Its id, its run's and its parent's, each as a number when no one has asked for it as
+        text yet (see :func:`format_id`): what the recorder sends."""
+        parent = self.parent
+        if self._parent_id is not None or parent is None:
+            parent_id: int | str | None = self._parent_id
+        else:
+            parent_id = parent._id or parent._n
+        return self._id or self._n, self._run, parent_id
 
     @property
     def step_key(self) -> str:

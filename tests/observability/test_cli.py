@@ -115,9 +115,10 @@ async def _with_ids(call: object, ids: list[str]) -> None:
     prefix = "zz-cli-test-"
     assert all(i.startswith(prefix) for i in ids)
     original = _context._ID_FORMAT, _context._counter
-    # Spans take their id as _ID_FORMAT % next(_counter).
-    _context._ID_FORMAT = prefix + "%s"
-    _context._counter = iter([i.removeprefix(prefix) for i in ids])  # type: ignore[assignment]
+    # A span's id is next(_counter), made text as _ID_FORMAT % it by whoever reads it (here, or
+    # the writer with the recording process's format, which leaves a text id as it is).
+    _context._ID_FORMAT = "%s"
+    _context._counter = iter(ids)  # type: ignore[assignment]
     try:
         await call
     finally:

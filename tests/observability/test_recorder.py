@@ -930,6 +930,8 @@ if __name__ == "__main__":
     process = multiprocessing.get_context("fork").Process(target=child)
     process.start()
     process.join(60)
+    # The child's spans took the numbers the parent takes next: never the same ids.
+    asyncio.run(summarise("in the parent, after the child"))
     sys.exit(process.exitcode)
 """
 
@@ -943,5 +945,6 @@ def test_a_forked_child_records_through_a_recorder_of_its_own(store_url: str) ->
     assert sorted(json.loads(s["inputs"])["text"] for s in spans) == [
         "in the child",
         "in the parent",
+        "in the parent, after the child",
     ]
     assert len({s["pid"] for s in spans}) == 2

@@ -25,7 +25,7 @@ from .conftest import rows
 KEY_SHAPED = "sk-proj-AbCdEfGhIjKlMnOp1234567890"
 
 
-def span_row(span_id: str, **values: Any) -> tuple[Any, ...]:
+def span_row(span_id: str | int, **values: Any) -> tuple[Any, ...]:
     """A finished span's row as the recorder sends it (recorded values as they are)."""
     fields: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
     fields.update(span_id=span_id, run_id=span_id, kind="agent", name="summarise")
@@ -36,11 +36,15 @@ def span_row(span_id: str, **values: Any) -> tuple[Any, ...]:
     return tuple(fields[column] for column in SPAN_COLUMNS)
 
 
-def batch_of(*span_ids: str, **values: Any) -> tuple[tuple[Any, ...], bytes]:
+#: The id prefix of the recording process the batches come from (not this one's).
+PREFIX = "0f0f0f0f0f0f"
+
+
+def batch_of(*span_ids: str | int, **values: Any) -> tuple[tuple[Any, ...], bytes]:
     """A recorder message of finished spans (flat values, as it queues them) and its bytes."""
     finished = [value for span_id in span_ids for value in span_row(span_id, **values)]
-    events = [(span_ids[0], span_ids[0], "retry_wait", 1.5, '{"seconds": 0.5}')]
-    message = ("rows", [], finished, events)
+    events = [(str(span_ids[0]), str(span_ids[0]), "retry_wait", 1.5, '{"seconds": 0.5}')]
+    message = ("rows", [], finished, events, PREFIX)
     return message, marshal.dumps(message)
 
 
@@ -74,6 +78,18 @@ def test_a_staged_batch_is_durable_and_every_query_sees_its_rows(
     assert staged_count(store_url) == 0  # the query wrote it in first
     assert {r["span_id"] for r in raw_spans(store_url)} == {"a", "b"}
     assert [e["name"] for e in rows(store_url, "kagura_events")] == ["retry_wait"]
+
+
+def test_ids_sent_as_numbers_are_the_recording_processes_ids(
+    writer: StoreWriter, store_url: str
+) -> None:
+    # The recorder sends the ids no one has read as text as their numbers: whoever writes the
+    # batch in (here a reader, in another process than the recording one) makes the same text.
+    writer.take(*batch_of(7, 8, parent_id=7))
+    assert {r["span_id"]: (r["run_id"], r["parent_id"]) for r in rows(store_url)} == {
+        f"{PREFIX}0000000007": (f"{PREFIX}0000000007", f"{PREFIX}0000000007"),
+        f"{PREFIX}0000000008": (f"{PREFIX}0000000008", f"{PREFIX}0000000007"),
+    }
 
 
 def test_a_batch_that_may_hold_a_secret_is_never_staged(

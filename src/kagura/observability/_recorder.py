@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .. import _settings
+from .. import _context, _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
@@ -90,9 +90,11 @@ class _Sidecar:
     def write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
         """Send rows: ``finished`` as the flat list of values the recorder queues them in."""
         try:
-            message = marshal.dumps(("rows", running, finished, events))
+            message = marshal.dumps(("rows", running, finished, events, _context.PREFIX))
         except ValueError:  # a value marshal cannot carry (the recorder makes none): as text
-            message = marshal.dumps(("rows", plain(running), plain_values(finished), plain(events)))
+            message = marshal.dumps(
+                ("rows", plain(running), plain_values(finished), plain(events), _context.PREFIX)
+            )
         self._send_bytes(message)
 
     def sync(self) -> None:
@@ -171,7 +173,7 @@ class Recorder:
         # are added to them, as running code adds them to live spans.
         self._detached: dict[str, Span] = {}
         # Spans that started and have not finished (see span_started).
-        self._open_spans: dict[str, Span] = {}
+        self._open_spans: set[Span] = set()
         self._open_spans_seen_ns = 0
         self._pid = os.getpid()
         self._writer: _Sidecar | StoreWriter | None = None
@@ -194,13 +196,13 @@ class Recorder:
             span._inputs = recorded(inputs)
         # Open spans are only listed (they are alive anyway): most end within the same batch,
         # and the writer's thread writes a "running" row only for those that don't.
-        self._open_spans[span.span_id] = span
+        self._open_spans.add(span)
 
     def span_finished(self, span: Span) -> None:
         if self.broken:
             return
         # Its row, now, as plain values: nothing here keeps the span or its values alive.
-        self._open_spans.pop(span.span_id, None)
+        self._open_spans.discard(span)
         rows = self._rows
         rows.extend(self._row(span))
         if len(rows) == _WAKE_AT:  # a batch's worth: no need to wait for the timer
@@ -262,10 +264,11 @@ class Recorder:
             model = result.get("model")
             if model is not None and type(model) is not str:
                 model = str(model)
+        span_id, run_id, parent_id = span.ids  # numbers, mostly: the writer makes them text
         return (
-            span.span_id,
-            span.run_id,
-            span.parent_id,
+            span_id,
+            run_id,
+            parent_id,
             span.kind,
             span.name,
             span.step_key,
@@ -411,7 +414,7 @@ class Recorder:
             self._open_spans_seen_ns = now
         started_before = now - _RUNNING_AFTER_NS
         rows = []
-        for span in list(self._open_spans.values()):
+        for span in list(self._open_spans):
             if span._recorded == 0 and (everything or span.start_ns < started_before):
                 span._recorded = 1
                 rows.append(self._row(span))

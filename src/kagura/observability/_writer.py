@@ -27,6 +27,8 @@ import sys
 import threading
 from typing import IO, Any
 
+from .. import _context
+from .._context import id_format
 from ._content import (
     MAX_TEXT,
     ContentMode,
@@ -162,14 +164,24 @@ class StoreWriter:
         #: Rows staged in the store and not written in yet, as far as this writer knows.
         self.staged_rows = 0
 
-    def write(self, running: list[Row], finished: list[Row], events: list[Row]) -> None:
-        """Write one batch in one transaction. Rows hold their recorded values as the values
-        themselves: here they are redacted, serialised (or hashed, or dropped)."""
+    def write(
+        self,
+        running: list[Row],
+        finished: list[Row],
+        events: list[Row],
+        prefix: str | None = None,
+    ) -> None:
+        """Write one batch in one transaction. Rows hold their recorded values unencoded: here
+        they are serialised, redacted (or hashed, or dropped). Ids given as numbers are made
+        text with ``prefix``, the recording process's (by default, this one's: see
+        ``Span.ids``)."""
         if not (running or finished or events):
             return
+        if prefix is None:
+            prefix = _context.PREFIX
         try:
             with self.engine.begin() as connection:
-                self._insert(connection, running, finished, events)
+                self._insert(connection, running, finished, events, prefix)
         except Exception:
             self.failed_batches += 1
             _log.exception(
@@ -181,16 +193,22 @@ class StoreWriter:
         self.written_events += len(events)
 
     def _insert(
-        self, connection: Any, running: list[Row], finished: list[Row], events: list[Row]
+        self,
+        connection: Any,
+        running: list[Row],
+        finished: list[Row],
+        events: list[Row],
+        prefix: str,
     ) -> None:
         dialect = self.engine.dialect.name
         statements = _statements(dialect)
         # Straight to the driver's executemany: the rows are already plain values, and
         # SQLAlchemy's per-row processing would cost more than the insert itself.
         if running:
-            connection.exec_driver_sql(statements.insert_running, self._stored(running))
+            connection.exec_driver_sql(statements.insert_running, self._stored(running, prefix))
         if finished:
-            connection.exec_driver_sql(*_upsert_finished(dialect, self._stored(finished)))
+            stored = self._stored(finished, prefix)
+            connection.exec_driver_sql(*_upsert_finished(dialect, stored))
         if events:
             connection.exec_driver_sql(statements.insert_events, _event_rows(events))
 
@@ -205,7 +223,7 @@ class StoreWriter:
         # Redacted, hashed or dropped values are never staged: the bytes on disk must already be
         # what may be stored. Staged batches first, so that rows land in the order they came.
         self.catch_up()
-        self.write(message[1], rows_of(message[2]), message[3])
+        self.write(message[1], rows_of(message[2]), message[3], message[4])
 
     def stage(self, message: tuple[Any, ...], batch: bytes) -> None:
         """Make a batch durable without writing its rows into the tables yet: one insert of its
@@ -253,7 +271,8 @@ class StoreWriter:
                     return None
                 taken, count = int(row[0]), int(row[1])
                 message = marshal.loads(row[2])
-                self._insert(connection, message[1], rows_of(message[2]), message[3])
+                running, finished, events, prefix = message[1:5]
+                self._insert(connection, running, rows_of(finished), events, prefix)
         except Exception:
             if taken is None:
                 raise
@@ -276,10 +295,12 @@ class StoreWriter:
         with self.engine.connect() as connection:
             return connection.exec_driver_sql(_ANY_STAGED).first() is not None
 
-    def _stored(self, rows: list[Row]) -> list[Row]:
+    def _stored(self, rows: list[Row], prefix: str) -> list[Row]:
+        text_id = id_format(prefix)
         rows = [
             (
-                *row[:_INPUTS_AT],
+                *(i if i is None or type(i) is str else text_id % i for i in row[:3]),
+                *row[3:_INPUTS_AT],
                 as_text(row[_INPUTS_AT]),
                 as_text(row[_INPUTS_AT + 1]),
                 as_text(row[_ATTRIBUTES_AT]),
@@ -303,7 +324,7 @@ class StoreWriter:
 STAGED_ROWS_MAX = 100_000
 #: How long the writer process waits for the next batch before it writes staged ones in: a
 #: burst's batches come much closer together (every 50 ms at most: the recorder's interval).
-QUIET_S = 0.1
+QUIET_S = float(os.environ.get("XQ", "0.1"))
 # Plain SQL, the same on SQLite (3.35 and later) and PostgreSQL. In SQLite the DELETE takes the
 # write lock, so two processes take batches one after the other. In PostgreSQL the second waits
 # for the first's row lock, then finds the row gone and gets nothing: it looks again.
