@@ -8,6 +8,7 @@ import asyncio
 import datetime
 import json
 import re
+import signal
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -806,6 +807,54 @@ async def test_the_writer_process_is_given_no_secret_on_its_command_line(
     command = " ".join(sidecar.process.args)
     assert store_url not in command  # a database URL may hold a password: `ps` shows argv
     assert "kagura.observability._writer" in command
+
+
+async def test_a_burst_is_handed_over_by_the_loop_and_every_row_lands_once(
+    recorder: Recorder, store_url: str
+) -> None:
+    # 3,000 rows: the loop hands over batches of 1,000 itself, as the thread does the rest.
+    with override_model(FakeModel()):
+        await asyncio.gather(*(summarise(f"text {i}") for i in range(1500)))
+    assert recorder.flush()
+    assert recorder.written_spans == 3000
+    spans = rows(store_url)
+    assert Counter(s["kind"] for s in spans) == {"agent": 1500, "llm": 1500}
+    texts = {json.loads(s["inputs"])["text"] for s in spans if s["kind"] == "agent"}
+    assert texts == {f"text {i}" for i in range(1500)}
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
+async def test_a_writer_process_that_stops_reading_never_blocks_the_loop(
+    recorder: Recorder, store_url: str
+) -> None:
+    with override_model(FakeModel()):
+        await summarise("the writer process is up")
+    assert recorder.flush()
+    sidecar = recorder._writer
+    assert sidecar is not None and hasattr(sidecar, "process")
+    finished, blocked = threading.Event(), threading.Event()
+
+    def watchdog() -> None:  # were the loop stuck in a write, nothing else would let it go
+        if not finished.wait(SUBPROCESS_TIMEOUT):
+            blocked.set()
+            sidecar.process.send_signal(signal.SIGCONT)
+
+    sidecar.process.send_signal(signal.SIGSTOP)
+    guard = threading.Thread(target=watchdog, daemon=True)
+    guard.start()
+    try:
+        # About 3 MB of rows: more than the pipe holds, while nothing reads it.
+        with override_model(FakeModel()):
+            for start in range(0, 20_000, 2_000):
+                await asyncio.gather(*(summarise(f"text {i}") for i in range(start, start + 2000)))
+    finally:
+        finished.set()
+        sidecar.process.send_signal(signal.SIGCONT)
+        guard.join()
+    assert not blocked.is_set(), "the event loop waited for the stopped writer process"
+    assert recorder.flush(timeout=SUBPROCESS_TIMEOUT)
+    assert recorder.written_spans == 1 * 2 + 20_000 * 2
+    assert len(rows(store_url)) == 2 + 40_000
 
 
 async def test_recording_goes_on_when_the_writer_process_dies(

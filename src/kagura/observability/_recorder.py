@@ -16,6 +16,7 @@ import itertools
 import logging
 import marshal
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -29,14 +30,15 @@ from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
 from ._content import ContentMode, recorded, recorded_result, to_text
-from ._writer import ROW_WIDTH, Row, StoreWriter, plain, plain_values, receive, rows_of, send
+from ._writer import LENGTH, ROW_WIDTH, Row, StoreWriter, plain, plain_values, receive, rows_of
 
 _log = logging.getLogger("kagura.recorder")
 
 #: How long a span runs before it is written as running (``kagura monitor live`` shows it).
 _RUNNING_AFTER_NS = 1_000_000_000
-#: Queued rows that wake the writer's thread before its flush interval is up (in values).
-_WAKE_AT = 1000 * ROW_WIDTH
+#: Queued rows the loop hands over to the writer itself (or wakes the recorder's thread for,
+#: before its flush interval is up), in values.
+_HAND_OVER_AT = 1000 * ROW_WIDTH
 #: How often the writer's thread looks for spans open long enough to be written as running. A
 #: look walks every open span while holding the GIL (thousands, in a large fan-out), so not at
 #: every batch.
@@ -59,7 +61,13 @@ class _StoreUnopenable(Exception):
 
 
 class _Sidecar:
-    """The client end of a writer process (:func:`kagura.observability._writer.main`)."""
+    """The client end of a writer process (:func:`kagura.observability._writer.main`).
+
+    Frames go into the pipe to its stdin through a non-blocking file descriptor, so that the
+    event loop can hand a batch over itself (:meth:`send_nowait`) and never wait: what does not
+    fit in the pipe stays pending, in order, for the recorder's thread to write
+    (:meth:`send`). Every write holds ``lock``.
+    """
 
     def __init__(self, url: str, content: ContentMode) -> None:
         # The same kagura as this process's, wherever it was imported from.
@@ -75,8 +83,15 @@ class _Sidecar:
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self._inbox = self.process.stdin
+        self._fd = self._inbox.fileno()
+        os.set_blocking(self._fd, False)
+        _widen_pipe(self._fd)
         self._outbox = self.process.stdout
         self._tokens = itertools.count(1)
+        # Re-entrant: the recorder's thread closes a writer process that died while it held it.
+        self.lock = threading.RLock()
+        #: Bytes of frames not in the pipe yet (written before any later frame).
+        self.pending = bytearray()
         self.written_spans = 0
         self.written_events = 0
         self.failed_batches = 0
@@ -88,17 +103,47 @@ class _Sidecar:
             raise _StoreUnopenable(reply[2])
 
     def write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
-        """Send rows: ``finished`` as the flat list of values the recorder queues them in."""
+        """Send rows: ``finished`` as the flat list of values the recorder queues them in (the
+        caller holds ``lock``)."""
+        self._send_bytes(_rows_message(running, finished, events))
+
+    def send_nowait(self, payload: bytes) -> bool:
+        """Put a frame in the pipe as far as it fits now, the rest pending (the caller holds
+        ``lock``). ``True`` when all of it went in."""
+        head = LENGTH.pack(len(payload))
+        if self.pending:
+            self.pending += head
+            self.pending += payload
+            return False
         try:
-            message = marshal.dumps(("rows", running, finished, events, _context.PREFIX))
-        except ValueError:  # a value marshal cannot carry (the recorder makes none): as text
-            message = marshal.dumps(
-                ("rows", plain(running), plain_values(finished), plain(events), _context.PREFIX)
-            )
-        self._send_bytes(message)
+            written = os.writev(self._fd, (head, payload))
+        except BlockingIOError:
+            written = 0
+        except OSError as exc:
+            raise _SidecarGone(str(exc)) from exc
+        if written == len(head) + len(payload):
+            return True
+        self.pending += (head + payload)[written:]
+        return False
+
+    def send_pending(self) -> None:
+        """Write what is pending, waiting for the pipe as long as it takes (the caller holds
+        ``lock``; the writer process reads without stopping, or has died)."""
+        while self.pending:
+            try:
+                written = os.write(self._fd, self.pending)
+            except BlockingIOError:
+                if self.process.poll() is not None:
+                    raise _SidecarGone("the writer process ended") from None
+                select.select([], [self._fd], [], 1.0)
+                continue
+            except OSError as exc:
+                raise _SidecarGone(str(exc)) from exc
+            del self.pending[:written]
 
     def sync(self) -> None:
-        """Wait until the writer has committed everything sent so far."""
+        """Wait until the writer has committed everything sent so far (the caller holds
+        ``lock``)."""
         token = next(self._tokens)
         self._send(("sync", token))
         while True:
@@ -108,6 +153,8 @@ class _Sidecar:
                 return
 
     def close(self, timeout: float = 30.0) -> None:
+        with contextlib.suppress(OSError, _SidecarGone), self.lock:
+            self.send_pending()
         with contextlib.suppress(OSError):
             self._inbox.close()  # the writer finishes what it has read, then exits
         try:
@@ -121,10 +168,10 @@ class _Sidecar:
         self._send_bytes(marshal.dumps(message))
 
     def _send_bytes(self, payload: bytes) -> None:
-        try:
-            send(self._inbox, payload)
-        except (BrokenPipeError, ConnectionError, OSError) as exc:
-            raise _SidecarGone(str(exc)) from exc
+        """Send a frame after whatever is pending, waiting as long as it takes (the caller
+        holds ``lock``, or is the only one to write)."""
+        self.send_nowait(payload)
+        self.send_pending()
 
     def _receive(self) -> tuple[Any, ...]:
         try:
@@ -134,6 +181,26 @@ class _Sidecar:
         if reply is None:
             raise _SidecarGone(f"the writer process ended (exit code {self.process.poll()})")
         return reply
+
+
+def _rows_message(running: list[Row], finished: list[Any], events: list[Row]) -> bytes:
+    try:
+        return marshal.dumps(("rows", running, finished, events, _context.PREFIX))
+    except ValueError:  # a value marshal cannot carry (the recorder makes none): as text
+        return marshal.dumps(
+            ("rows", plain(running), plain_values(finished), plain(events), _context.PREFIX)
+        )
+
+
+def _widen_pipe(fd: int) -> None:
+    """A pipe of 1 MiB where Linux allows it (64 KiB by default): a batch the loop hands over
+    then fits whole."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError):
+        pass
 
 
 class Recorder:
@@ -205,7 +272,29 @@ class Recorder:
         self._open_spans.discard(span)
         rows = self._rows
         rows.extend(self._row(span))
-        if len(rows) == _WAKE_AT:  # a batch's worth: no need to wait for the timer
+        if len(rows) >= _HAND_OVER_AT:
+            self._hand_over(rows)
+
+    def _hand_over(self, rows: list[Any]) -> None:
+        """Send a batch's worth of rows to the writer process from here, without waiting (see
+        ``_Sidecar.send_nowait``), or else wake the recorder's thread to. From here because
+        the thread would have to take the GIL from the loop for each batch, and give it back:
+        a batch handed over this way cost the loop less than a third as much (measured: 1 µs
+        less per agent step, with 2,000 runs at once)."""
+        writer = self._writer
+        if type(writer) is _Sidecar and not writer.pending and writer.lock.acquire(False):
+            try:
+                # Under the lock, nothing else takes rows: every one queued so far is whole.
+                finished = rows[:]
+                del rows[:]
+                if not writer.send_nowait(_rows_message([], finished, [])):
+                    self._wake.set()  # the rest of the frame is pending: the thread writes it
+            except _SidecarGone:
+                rows[:0] = finished  # the thread finds the writer gone, and writes them
+                self._wake.set()
+            finally:
+                writer.lock.release()
+        elif not self._wake.is_set():
             self._wake.set()
 
     def span_event(self, event: SpanEvent) -> None:
@@ -380,24 +469,29 @@ class Recorder:
                             to_text(item.attributes),
                         )
                     )
-            # Whole rows only (each was added in one piece); for a flush marker, every row so
-            # far, since all those finished before the flush are among them.
-            taken = len(rows) if markers else min(len(rows), batch)
-            finished = rows[:taken]
-            del rows[:taken]
-            # After taking the rows: a span whose row is among them had left _open_spans before.
-            try:
-                running = self._running_rows(everything=bool(markers))
-                for start in range(0, max(taken, 1), batch):
-                    self._write(running, finished[start : start + batch], events)
-                    running, events = [], []
-                if markers:
-                    self._sync()
-            except Exception:  # a bug of ours must not end recording, nor strand a flush
-                _log.exception(
-                    "kagura: recording a batch failed; %d rows are dropped",
-                    taken // ROW_WIDTH + len(events),
-                )
+            writer = self._writer
+            # The loop hands batches over too (see _hand_over), under the writer process's
+            # lock: taking rows and writing them hold it here as well.
+            lock = writer.lock if isinstance(writer, _Sidecar) else contextlib.nullcontext()
+            with lock:
+                # Whole rows only (each was added in one piece); for a flush marker, every row
+                # so far, since all those finished before the flush are among them.
+                taken = len(rows) if markers else min(len(rows), batch)
+                finished = rows[:taken]
+                del rows[:taken]
+                # After taking the rows: a span whose row is among them had left _open_spans.
+                try:
+                    running = self._running_rows(everything=bool(markers))
+                    for start in range(0, max(taken, 1), batch):
+                        self._write(running, finished[start : start + batch], events)
+                        running, events = [], []
+                    if markers:
+                        self._sync()
+                except Exception:  # a bug of ours must not end recording, nor strand a flush
+                    _log.exception(
+                        "kagura: recording a batch failed; %d rows are dropped",
+                        taken // ROW_WIDTH + len(events),
+                    )
             for marker in markers:
                 marker.done.set()
             if not queue and len(rows) < batch:
@@ -421,11 +515,17 @@ class Recorder:
         return rows
 
     def _write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
-        """Write rows: ``finished`` as flat values (see ``_rows``)."""
-        if not (running or finished or events):
-            return
+        """Write rows: ``finished`` as flat values (see ``_rows``). With a writer process, the
+        caller holds its lock."""
         writer = self._writer
         assert writer is not None
+        if not (running or finished or events):
+            if isinstance(writer, _Sidecar) and writer.pending:  # left by _hand_over
+                try:
+                    writer.send_pending()
+                except _SidecarGone as exc:
+                    self._fall_back(exc)
+            return
         if isinstance(writer, _Sidecar):
             try:
                 writer.write(running, finished, events)

@@ -425,14 +425,14 @@ def _upsert_finished(dialect: str, rows: list[Row]) -> tuple[str, list[Row]]:
 
 # -- the sidecar's protocol --------------------------------------------------------------------
 
-_LENGTH = struct.Struct(">I")
+LENGTH = struct.Struct(">I")
 
 
 def send(stream: IO[bytes], message: tuple[Any, ...] | bytes) -> None:
     """Write one frame: a message, or one already marshalled. Raises ``ValueError`` if the
     message holds a value marshal cannot carry."""
     payload = message if type(message) is bytes else marshal.dumps(message)
-    stream.write(_LENGTH.pack(len(payload)))
+    stream.write(LENGTH.pack(len(payload)))
     stream.write(payload)  # not concatenated: a batch is large, and a copy is not free
     stream.flush()
 
@@ -448,10 +448,10 @@ def receive(stream: IO[bytes]) -> tuple[Any, ...] | None:
 
 def receive_bytes(stream: IO[bytes]) -> bytes | None:
     """Read one frame's payload, as marshal made it; ``None`` at the end of the stream."""
-    head = _read_exactly(stream, _LENGTH.size)
+    head = _read_exactly(stream, LENGTH.size)
     if head is None:
         return None
-    (length,) = _LENGTH.unpack(head)
+    (length,) = LENGTH.unpack(head)
     return _read_exactly(stream, length)
 
 
