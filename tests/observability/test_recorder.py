@@ -25,7 +25,7 @@ from kagura._events import Event
 from kagura.errors import ProviderError
 from kagura.observability import EventStore, Recorder, default_recorder, uninstall_default
 from kagura.observability._engine import normalise_url
-from kagura.observability._writer import SPAN_COLUMNS, StoreWriter
+from kagura.observability._writer import WIRE_COLUMNS, StoreWriter
 from kagura.providers import Model, ModelRequest, ModelResponse, ToolCall
 from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits
 from kagura.testing import FakeModel, Reply, override_model
@@ -135,6 +135,25 @@ async def test_every_span_joins_one_tree_under_gather_and_create_task(
 
 
 # -- statuses -----------------------------------------------------------------------------------
+
+
+async def test_every_span_is_stored_with_its_step_key(recorder: Recorder, store_url: str) -> None:
+    @workflow
+    async def pipeline(text: str) -> list[str]:
+        return list(await asyncio.gather(summarise(text), summarise(text), classify(text)))
+
+    with override_model(FakeModel()):
+        await pipeline("a text")
+    keys = {(s["kind"], s["step_key"]) for s in rows_after_flush(recorder, store_url)}
+    assert keys == {
+        ("workflow", "pipeline"),
+        ("agent", "pipeline/summarise#0"),
+        ("agent", "pipeline/summarise#1"),
+        ("agent", "pipeline/classify#0"),
+        ("llm", "pipeline/summarise#0/fake/echo#0"),
+        ("llm", "pipeline/summarise#1/fake/echo#0"),
+        ("llm", "pipeline/classify#0/fake/echo#0"),
+    }
 
 
 async def test_failed_calls_keep_their_error_text_and_type(
@@ -936,16 +955,17 @@ def test_a_batch_keeps_each_column_whether_or_not_other_rows_leave_it_empty(
     writer = StoreWriter(normalise_url(store_url), "full")
 
     def row(span_id: str, **values: Any) -> tuple[Any, ...]:
-        fields: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
-        fields.update(span_id=span_id, run_id="r", kind="agent", name="n", status="completed")
-        fields.update(started_at=1.0, prompt_tokens=0, completion_tokens=0, total_tokens=0)
-        fields.update(llm_calls=0, retries=0, pid=7, **values)
-        return tuple(fields[column] for column in SPAN_COLUMNS)
+        fields: dict[str, Any] = dict.fromkeys(WIRE_COLUMNS)
+        fields.update(span_id=span_id, run_id="r", kind="agent", name="n", key="n")
+        fields.update(status="completed", start_ns=10**9, prompt_tokens=0, completion_tokens=0)
+        fields.update(llm_calls=0, retries=0, **values)
+        return tuple(fields[column] for column in WIRE_COLUMNS)
 
     try:
-        writer.write([row("a", status="running", model="m", output="early")], [], [])
+        writer.write([row("a", status="running", model="m", output="early")], [], [], ("p", 7))
         # Nobody's model or attributes in this batch; one row's error, the other's output.
-        writer.write([], [row("a", output="late"), row("b", error="boom", error_type="E")], [])
+        finished = [row("a", output="late"), row("b", error="boom", error_type="E")]
+        writer.write([], finished, [], ("p", 7))
     finally:
         writer.dispose()
     stored = {r["span_id"]: r for r in rows(store_url)}

@@ -17,7 +17,7 @@ from kagura import agent
 from kagura.observability import EventStore, Recorder
 from kagura.observability import _writer as writer_module
 from kagura.observability._engine import engine_for, normalise_url
-from kagura.observability._writer import SPAN_COLUMNS, StoreWriter
+from kagura.observability._writer import WIRE_COLUMNS, StoreWriter
 from kagura.testing import FakeModel, override_model
 
 from .conftest import rows
@@ -27,13 +27,13 @@ KEY_SHAPED = "sk-proj-AbCdEfGhIjKlMnOp1234567890"
 
 def span_row(span_id: str | int, **values: Any) -> tuple[Any, ...]:
     """A finished span's row as the recorder sends it (recorded values as they are)."""
-    fields: dict[str, Any] = dict.fromkeys(SPAN_COLUMNS)
+    fields: dict[str, Any] = dict.fromkeys(WIRE_COLUMNS)
     fields.update(span_id=span_id, run_id=span_id, kind="agent", name="summarise")
-    fields.update(status="completed", started_at=1.0, ended_at=2.0, duration_ms=1000.0)
-    fields.update(prompt_tokens=1, completion_tokens=2, total_tokens=3, llm_calls=1, retries=0)
-    fields.update(inputs={"text": "doc"}, output="summary", pid=7)
+    fields.update(key="summarise", status="completed", start_ns=10**9, end_ns=2 * 10**9)
+    fields.update(prompt_tokens=1, completion_tokens=2, llm_calls=1, retries=0)
+    fields.update(inputs=b'{"text":"doc"}', output="summary")
     fields.update(values)
-    return tuple(fields[column] for column in SPAN_COLUMNS)
+    return tuple(fields[column] for column in WIRE_COLUMNS)
 
 
 #: The id prefix of the recording process the batches come from (not this one's).
@@ -44,7 +44,7 @@ def batch_of(*span_ids: str | int, **values: Any) -> tuple[tuple[Any, ...], byte
     """A recorder message of finished spans (flat values, as it queues them) and its bytes."""
     finished = [value for span_id in span_ids for value in span_row(span_id, **values)]
     events = [(str(span_ids[0]), str(span_ids[0]), "retry_wait", 1.5, '{"seconds": 0.5}')]
-    message = ("rows", [], finished, events, PREFIX)
+    message = ("rows", [], finished, events, PREFIX, 7)
     return message, marshal.dumps(message)
 
 
@@ -95,7 +95,7 @@ def test_ids_sent_as_numbers_are_the_recording_processes_ids(
 def test_a_batch_that_may_hold_a_secret_is_never_staged(
     writer: StoreWriter, store_url: str
 ) -> None:
-    writer.take(*batch_of("a", inputs={"text": f"key {KEY_SHAPED}"}))
+    writer.take(*batch_of("a", inputs=f'{{"text":"key {KEY_SHAPED}"}}'.encode()))
     assert staged_count(store_url) == 0  # written at once, redacted: the key is never on disk
     (stored,) = raw_spans(store_url)
     assert stored["inputs"] == '{"text":"key [REDACTED]"}'

@@ -185,10 +185,17 @@ class _Sidecar:
 
 def _rows_message(running: list[Row], finished: list[Any], events: list[Row]) -> bytes:
     try:
-        return marshal.dumps(("rows", running, finished, events, _context.PREFIX))
+        return marshal.dumps(("rows", running, finished, events, _context.PREFIX, os.getpid()))
     except ValueError:  # a value marshal cannot carry (the recorder makes none): as text
         return marshal.dumps(
-            ("rows", plain(running), plain_values(finished), plain(events), _context.PREFIX)
+            (
+                "rows",
+                plain(running),
+                plain_values(finished),
+                plain(events),
+                _context.PREFIX,
+                os.getpid(),
+            )
         )
 
 
@@ -242,7 +249,6 @@ class Recorder:
         # Spans that started and have not finished (see span_started).
         self._open_spans: set[Span] = set()
         self._open_spans_seen_ns = 0
-        self._pid = os.getpid()
         self._writer: _Sidecar | StoreWriter | None = None
         self._thread = threading.Thread(target=self._run, name="kagura-recorder", daemon=True)
         self._thread.start()
@@ -339,14 +345,14 @@ class Recorder:
         )
 
     def _row(self, span: Span) -> Row:
-        """The span's row as the writer takes it (see ``_writer.Row``). A running span's row
-        has its totals so far and no end, cost or result yet."""
+        """The span's row as the writer takes it (see ``_writer.WIRE_COLUMNS``): only what the
+        span holds, as it holds it; the writer derives the rest (times in seconds, duration,
+        total tokens, the step key's text). A running span's row has its totals so far and no
+        end, cost or result yet."""
         status = span.status  # read once: the loop may end the span while its row is built
         running = status == "running"
         result = None if running else span.result
-        start_ns, end_ns = span.start_ns, span.end_ns
-        prompt, completion = span.prompt_tokens, span.completion_tokens
-        # Plain values as they are: the writer process encodes them, off the event loop.
+        # Atomic values as they are: the writer process encodes them, off the event loop.
         output, extra = recorded_result(result) if result else (None, None)
         model = span._model
         if model is None and result:
@@ -354,21 +360,26 @@ class Recorder:
             if model is not None and type(model) is not str:
                 model = str(model)
         span_id, run_id, parent_id = span.ids  # numbers, mostly: the writer makes them text
+        key = span._key
+        parent = span.parent
+        if key is not None or parent is None:
+            seq = None
+        else:  # the parent's key and this span's number under it: see Span.step_key
+            key, seq = parent.step_key, span._seq
         return (
             span_id,
             run_id,
             parent_id,
             span.kind,
             span.name,
-            span.step_key,
+            key,
+            seq,
             status,
-            start_ns / 1e9,
-            None if running else end_ns / 1e9,
-            None if running else (end_ns - start_ns) / 1e6,
+            span.start_ns,
+            None if running else span.end_ns,
             model,
-            prompt,
-            completion,
-            prompt + completion,
+            span.prompt_tokens,
+            span.completion_tokens,
             None if running else span.cost,
             span.llm_calls,
             span.retries,
@@ -377,7 +388,6 @@ class Recorder:
             span._inputs,
             output,
             extra,
-            self._pid,
         )
 
     # -- anywhere -------------------------------------------------------------------------

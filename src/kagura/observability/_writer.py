@@ -43,7 +43,7 @@ from ._engine import use_a_large_page_cache
 
 _log = logging.getLogger("kagura.recorder")
 
-#: The spans table's columns, in the order of the rows the recorder builds.
+#: The spans table's columns, in the order of the rows the writer stores.
 SPAN_COLUMNS = (
     "span_id",
     "run_id",
@@ -69,12 +69,39 @@ SPAN_COLUMNS = (
     "attributes",
     "pid",
 )
-#: Values in a span's row.
-ROW_WIDTH = len(SPAN_COLUMNS)
+#: A span's row as the recorder sends it: what the span holds, as it holds it. The writer
+#: derives the rest (see ``_table_rows``): ids given as numbers made text with the recording
+#: process's prefix, ``step_key`` from ``key`` (with ``seq``, the parent's key), times in
+#: seconds from nanoseconds, the duration, the total tokens and the process id.
+WIRE_COLUMNS = (
+    "span_id",
+    "run_id",
+    "parent_id",
+    "kind",
+    "name",
+    "key",
+    "seq",
+    "status",
+    "start_ns",
+    "end_ns",
+    "model",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost_usd",
+    "llm_calls",
+    "retries",
+    "error",
+    "error_type",
+    "inputs",
+    "output",
+    "attributes",
+)
+#: Values in a span's row as the recorder sends it.
+ROW_WIDTH = len(WIRE_COLUMNS)
 EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
 _ERROR_AT = SPAN_COLUMNS.index("error")
 
-#: A span's row: the values of ``SPAN_COLUMNS``, with its recorded values (``inputs``,
+#: A span's row: the values of ``WIRE_COLUMNS``, with its recorded values (``inputs``,
 #: ``output``, ``attributes``) as JSON bytes, or as they are when atomic (see
 #: ``_content.recorded``): the writer makes them JSON text and redacts them. An event's row:
 #: the values of ``EVENT_COLUMNS``. Only strings, bytes, numbers and ``None``, so :mod:`marshal`
@@ -169,19 +196,19 @@ class StoreWriter:
         running: list[Row],
         finished: list[Row],
         events: list[Row],
-        prefix: str | None = None,
+        sender: tuple[str, int] | None = None,
     ) -> None:
         """Write one batch in one transaction. Rows hold their recorded values unencoded: here
         they are serialised, redacted (or hashed, or dropped). Ids given as numbers are made
-        text with ``prefix``, the recording process's (by default, this one's: see
-        ``Span.ids``)."""
+        text with the id prefix of ``sender``, the recording process's (its prefix and pid; by
+        default, this one's: see ``Span.ids``)."""
         if not (running or finished or events):
             return
-        if prefix is None:
-            prefix = _context.PREFIX
+        if sender is None:
+            sender = (_context.PREFIX, os.getpid())
         try:
             with self.engine.begin() as connection:
-                self._insert(connection, running, finished, events, prefix)
+                self._insert(connection, running, finished, events, sender)
         except Exception:
             self.failed_batches += 1
             _log.exception(
@@ -198,16 +225,16 @@ class StoreWriter:
         running: list[Row],
         finished: list[Row],
         events: list[Row],
-        prefix: str,
+        sender: tuple[str, int],
     ) -> None:
         dialect = self.engine.dialect.name
         statements = _statements(dialect)
         # Straight to the driver's executemany: the rows are already plain values, and
         # SQLAlchemy's per-row processing would cost more than the insert itself.
         if running:
-            connection.exec_driver_sql(statements.insert_running, self._stored(running, prefix))
+            connection.exec_driver_sql(statements.insert_running, self._stored(running, sender))
         if finished:
-            stored = self._stored(finished, prefix)
+            stored = self._stored(finished, sender)
             connection.exec_driver_sql(*_upsert_finished(dialect, stored))
         if events:
             connection.exec_driver_sql(statements.insert_events, _event_rows(events))
@@ -223,7 +250,7 @@ class StoreWriter:
         # Redacted, hashed or dropped values are never staged: the bytes on disk must already be
         # what may be stored. Staged batches first, so that rows land in the order they came.
         self.catch_up()
-        self.write(message[1], rows_of(message[2]), message[3], message[4])
+        self.write(message[1], rows_of(message[2]), message[3], message[4:6])
 
     def stage(self, message: tuple[Any, ...], batch: bytes) -> None:
         """Make a batch durable without writing its rows into the tables yet: one insert of its
@@ -271,8 +298,8 @@ class StoreWriter:
                     return None
                 taken, count = int(row[0]), int(row[1])
                 message = marshal.loads(row[2])
-                running, finished, events, prefix = message[1:5]
-                self._insert(connection, running, rows_of(finished), events, prefix)
+                running, finished, events = message[1:4]
+                self._insert(connection, running, rows_of(finished), events, message[4:6])
         except Exception:
             if taken is None:
                 raise
@@ -295,19 +322,8 @@ class StoreWriter:
         with self.engine.connect() as connection:
             return connection.exec_driver_sql(_ANY_STAGED).first() is not None
 
-    def _stored(self, rows: list[Row], prefix: str) -> list[Row]:
-        text_id = id_format(prefix)
-        rows = [
-            (
-                *(i if i is None or type(i) is str else text_id % i for i in row[:3]),
-                *row[3:_INPUTS_AT],
-                as_text(row[_INPUTS_AT]),
-                as_text(row[_INPUTS_AT + 1]),
-                as_text(row[_ATTRIBUTES_AT]),
-                *row[_ATTRIBUTES_AT + 1 :],
-            )
-            for row in rows
-        ]
+    def _stored(self, rows: list[Row], sender: tuple[str, int]) -> list[Row]:
+        rows = _table_rows(rows, *sender)
         if self.content == "full":
             stored = _fast_rows(rows)
             if stored is not None:
@@ -352,6 +368,44 @@ def catch_up(url: str) -> None:
             return
     # Staged batches hold what may be stored as it is (see StoreWriter.take): "full".
     StoreWriter(url, "full").catch_up()
+
+
+def _table_rows(rows: list[Row], prefix: str, pid: int) -> list[Row]:
+    """Rows of ``WIRE_COLUMNS`` as rows of ``SPAN_COLUMNS`` (recorded values as JSON text, not
+    redacted yet)."""
+    text_id = id_format(prefix)
+    table = []
+    for row in rows:
+        (span_id, run_id, parent_id, kind, name, key, seq, status, start_ns, end_ns) = row[:10]
+        model, prompt, completion, cost, llm_calls, retries, error, error_type = row[10:18]
+        table.append(
+            (
+                span_id if type(span_id) is str else text_id % span_id,
+                run_id if type(run_id) is str else text_id % run_id,
+                parent_id if parent_id is None or type(parent_id) is str else text_id % parent_id,
+                kind,
+                name,
+                key if seq is None else f"{key}/{name}#{seq}",
+                status,
+                start_ns / 1e9,
+                None if end_ns is None else end_ns / 1e9,
+                None if end_ns is None else (end_ns - start_ns) / 1e6,
+                model,
+                prompt,
+                completion,
+                prompt + completion,
+                cost,
+                llm_calls,
+                retries,
+                error,
+                error_type,
+                as_text(row[18]),
+                as_text(row[19]),
+                as_text(row[20]),
+                pid,
+            )
+        )
+    return table
 
 
 def _event_rows(rows: list[Row]) -> list[Row]:
