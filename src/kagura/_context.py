@@ -190,17 +190,6 @@ class Span:
         return parent.span_id if self._parent_id is None and parent is not None else self._parent_id
 
     @property
-    def ids(self) -> tuple[int | str, int | str, int | str | None]:
-        """Its id, its run's and its parent's, each as a number when no one has asked for it as
-        text yet (see :func:`format_id`): what the recorder sends."""
-        parent = self.parent
-        if self._parent_id is not None or parent is None:
-            parent_id: int | str | None = self._parent_id
-        else:
-            parent_id = parent._id or parent._n
-        return self._id or self._n, self._run, parent_id
-
-    @property
     def step_key(self) -> str:
         key = self._key
         if key is None:

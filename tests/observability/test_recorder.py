@@ -156,6 +156,27 @@ async def test_every_span_is_stored_with_its_step_key(recorder: Recorder, store_
     }
 
 
+async def test_an_attempt_is_stored_with_the_messages_it_sent(
+    recorder: Recorder, store_url: str
+) -> None:
+    @agent(system="Be brief.")
+    async def briefly(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with override_model(FakeModel()):
+        await summarise("one message")
+        await briefly("two messages")
+    store = EventStore(store_url)
+    sent = {a["inputs"][-1]["content"]: a["inputs"] for a in store.get_executions(kind="llm")}
+    assert sent == {
+        "Summarise: one message": [{"role": "user", "content": "Summarise: one message"}],
+        "Summarise: two messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Summarise: two messages"},
+        ],
+    }
+
+
 async def test_failed_calls_keep_their_error_text_and_type(
     recorder: Recorder, store_url: str
 ) -> None:

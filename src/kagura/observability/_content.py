@@ -175,6 +175,19 @@ def recorded(value: Any) -> Any:
     return value if type(value) in _ATOMIC else to_json(value)
 
 
+def recorded_messages(messages: Any) -> Any:
+    """An LLM attempt's messages as the recorder sends them: the text alone when they are one
+    user message (an agent's first attempt), else as :func:`recorded` sends any value. Only an
+    LLM attempt's inputs are ever sent as text (see ``as_inputs_text``)."""
+    if type(messages) in (tuple, list) and len(messages) == 1:
+        message = messages[0]
+        if type(message) is dict and len(message) == 2 and message.get("role") == "user":
+            content = message.get("content")
+            if type(content) is str:
+                return content
+    return recorded(messages)
+
+
 def recorded_result(result: dict[str, Any]) -> tuple[Any, bytes | None]:
     """A span's ``output`` and its other result attributes as the recorder sends them: the
     output as it is when atomic, else as JSON bytes; the attributes as JSON bytes."""
@@ -191,6 +204,14 @@ def recorded_result(result: dict[str, Any]) -> tuple[Any, bytes | None]:
         except Exception:  # one value would not serialise: the careful way
             pass
     return result_texts(result)
+
+
+def as_inputs_text(value: Any, kind: str) -> str | None:
+    """A span's inputs as the recorder sent them (see :func:`recorded_messages`), as JSON text
+    (in the writer)."""
+    if kind == "llm" and type(value) is str:
+        return to_text([{"role": "user", "content": value}])
+    return as_text(value)
 
 
 @functools.lru_cache(maxsize=256)

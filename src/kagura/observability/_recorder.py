@@ -29,7 +29,7 @@ from .. import _context, _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
-from ._content import ContentMode, recorded, recorded_result, to_text
+from ._content import ContentMode, recorded, recorded_messages, recorded_result, to_text
 from ._writer import LENGTH, ROW_WIDTH, Row, StoreWriter, plain, plain_values, receive, rows_of
 
 _log = logging.getLogger("kagura.recorder")
@@ -262,11 +262,14 @@ class Recorder:
             # What the row needs of the start attributes, taken now: the span does not keep
             # them, and the inputs are recorded as they were when the span started.
             model = attributes.get("model")
-            inputs = attributes.get("inputs")
-            if inputs is None:
-                inputs = attributes.get("messages", attributes.get("arguments"))
             span._model = model if model is None or type(model) is str else str(model)
-            span._inputs = recorded(inputs)
+            inputs = attributes.get("inputs")
+            if inputs is not None:
+                span._inputs = recorded(inputs)
+            elif "messages" in attributes:
+                span._inputs = recorded_messages(attributes["messages"])
+            else:
+                span._inputs = recorded(attributes.get("arguments"))
         # Open spans are only listed (they are alive anyway): most end within the same batch,
         # and the writer's thread writes a "running" row only for those that don't.
         self._open_spans.add(span)
@@ -352,23 +355,30 @@ class Recorder:
         status = span.status  # read once: the loop may end the span while its row is built
         running = status == "running"
         result = None if running else span.result
-        # Atomic values as they are: the writer process encodes them, off the event loop.
-        output, extra = recorded_result(result) if result else (None, None)
         model = span._model
-        if model is None and result:
-            model = result.get("model")
-            if model is not None and type(model) is not str:
-                model = str(model)
-        span_id, run_id, parent_id = span.ids  # numbers, mostly: the writer makes them text
-        key = span._key
+        if not result:
+            output = extra = None
+        else:
+            # Atomic values as they are: the writer process encodes them, off the event loop.
+            output, extra = recorded_result(result)
+            if model is None:
+                model = result.get("model")
+                if model is not None and type(model) is not str:
+                    model = str(model)
+        # Ids as numbers unless someone read them as text (see Span.__init__): the writer
+        # makes them text.
         parent = span.parent
+        parent_id: int | str | None = span._parent_id
+        if parent_id is None and parent is not None:
+            parent_id = parent._id or parent._n
+        key = span._key
         if key is not None or parent is None:
             seq = None
         else:  # the parent's key and this span's number under it: see Span.step_key
             key, seq = parent.step_key, span._seq
         return (
-            span_id,
-            run_id,
+            span._id or span._n,
+            span._run,
             parent_id,
             span.kind,
             span.name,

@@ -32,6 +32,7 @@ from .._context import id_format
 from ._content import (
     MAX_TEXT,
     ContentMode,
+    as_inputs_text,
     as_text,
     bytes_look_secret,
     encode_text,
@@ -201,7 +202,7 @@ class StoreWriter:
         """Write one batch in one transaction. Rows hold their recorded values unencoded: here
         they are serialised, redacted (or hashed, or dropped). Ids given as numbers are made
         text with the id prefix of ``sender``, the recording process's (its prefix and pid; by
-        default, this one's: see ``Span.ids``)."""
+        default, this one's: see ``Recorder._row``)."""
         if not (running or finished or events):
             return
         if sender is None:
@@ -399,7 +400,7 @@ def _table_rows(rows: list[Row], prefix: str, pid: int) -> list[Row]:
                 retries,
                 error,
                 error_type,
-                as_text(row[18]),
+                as_inputs_text(row[18], kind),
                 as_text(row[19]),
                 as_text(row[20]),
                 pid,
