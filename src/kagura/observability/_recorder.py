@@ -219,7 +219,7 @@ class Recorder:
         url: str | Path,
         *,
         content: ContentMode | None = None,
-        flush_interval: float = 0.05,
+        flush_interval: float = 0.25,
         batch_size: int = 5000,
         process: bool | None = None,
     ) -> None:
@@ -229,6 +229,10 @@ class Recorder:
         #: Set when the store could not be opened: nothing is being recorded.
         self.broken = False
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
+        # How long finished rows may wait to be sent when fewer than a batch's worth are queued
+        # (a batch's worth is handed over at once). Each time the recorder's thread wakes, it
+        # takes the GIL from the event loop: at every 50 ms, a burst of 2,000 runs took 6% longer
+        # (measured, with the thread waking two or three times in it).
         self.flush_interval = flush_interval
         self.batch_size = batch_size
         self.process = _settings.record_in_a_process() if process is None else process

@@ -339,9 +339,11 @@ class StoreWriter:
 #: one, as fast as it wrote them at once. A burst of up to about 11,000 workflow runs of four
 #: agent calls is absorbed; a reader catches up that many in about a second.
 STAGED_ROWS_MAX = 100_000
-#: How long the writer process waits for the next batch before it writes staged ones in: a
-#: burst's batches come much closer together (every 50 ms at most: the recorder's interval).
-QUIET_S = float(os.environ.get("XQ", "0.1"))
+#: How long the writer process waits for the next batch before it writes staged ones in. A
+#: burst's batches come milliseconds apart (the event loop hands one over every 1,000 rows);
+#: when few spans end, the recorder sends what it has every quarter of a second, and the staged
+#: batches are written in between.
+QUIET_S = 0.1
 # Plain SQL, the same on SQLite (3.35 and later) and PostgreSQL. In SQLite the DELETE takes the
 # write lock, so two processes take batches one after the other. In PostgreSQL the second waits
 # for the first's row lock, then finds the row gone and gets nothing: it looks again.
