@@ -29,8 +29,10 @@ async def attempt(
     span = Span("llm", model_id, parent)
     recording = _instrument.recording  # attributes are built only for someone to read them
     if recording:
-        # A snapshot: the agent appends to its message list after this attempt.
-        span_started(span, {"model": model_id, "messages": tuple(request.messages)})
+        # The agent appends to its message list after this attempt: a sink that keeps record
+        # objects gets a snapshot (span sinks take what they need at once).
+        messages = request.messages if not _instrument._sinks else tuple(request.messages)
+        span_started(span, {"model": model_id, "messages": messages})
     try:
         if timeout is None:
             response = await model.request(request)

@@ -163,11 +163,28 @@ async def test_an_attempt_is_stored_with_the_messages_it_sent(
     async def briefly(text: str) -> str:
         """Summarise: {{ text }}"""
 
+    @agent
+    async def count(text: str) -> int:
+        """Count: {{ text }}"""
+
     with override_model(FakeModel()):
         await summarise("one message")
         await briefly("two messages")
+    with override_model(FakeModel(["many", "3"])):  # one answer the output retry corrects
+        assert await count("three words here") == 3
     store = EventStore(store_url)
-    sent = {a["inputs"][-1]["content"]: a["inputs"] for a in store.get_executions(kind="llm")}
+    first, second = sorted(
+        (a for a in store.get_executions(kind="llm") if "Count" in a["inputs"][0]["content"]),
+        key=lambda a: a["started_at"],
+    )
+    # Each attempt as it was sent: the agent added to the conversation after the first.
+    assert [m["role"] for m in first["inputs"]] == ["user"]
+    assert [m["role"] for m in second["inputs"]] == ["user", "assistant", "user"]
+    sent = {
+        a["inputs"][-1]["content"]: a["inputs"]
+        for a in store.get_executions(kind="llm")
+        if "Count" not in a["inputs"][0]["content"]
+    }
     assert sent == {
         "Summarise: one message": [{"role": "user", "content": "Summarise: one message"}],
         "Summarise: two messages": [
