@@ -880,6 +880,29 @@ async def test_a_burst_is_handed_over_by_the_loop_and_every_row_lands_once(
     assert texts == {f"text {i}" for i in range(1500)}
 
 
+def test_event_loops_in_several_threads_record_every_row_once(
+    recorder: Recorder, store_url: str
+) -> None:
+    def calls(thread: int) -> None:
+        async def main() -> None:
+            await asyncio.gather(*(summarise(f"thread {thread} text {i}") for i in range(1500)))
+
+        with override_model(FakeModel()):  # a context variable: each thread sets its own
+            asyncio.run(main())
+
+    threads = [threading.Thread(target=calls, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SUBPROCESS_TIMEOUT)
+    assert not any(thread.is_alive() for thread in threads)
+    assert recorder.flush()
+    spans = rows(store_url)
+    texts = Counter(json.loads(s["inputs"])["text"] for s in spans if s["kind"] == "agent")
+    assert len(texts) == 4500 and set(texts.values()) == {1}
+    assert len(spans) == 9000
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="needs SIGSTOP")
 async def test_a_writer_process_that_stops_reading_never_blocks_the_loop(
     recorder: Recorder, store_url: str

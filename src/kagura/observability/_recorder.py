@@ -126,15 +126,19 @@ class _Sidecar:
         self.pending += (head + payload)[written:]
         return False
 
-    def send_pending(self) -> None:
-        """Write what is pending, waiting for the pipe as long as it takes (the caller holds
-        ``lock``; the writer process reads without stopping, or has died)."""
+    def send_pending(self, timeout: float | None = None) -> None:
+        """Write what is pending, waiting for the pipe as long as it takes, or ``timeout``
+        seconds (the caller holds ``lock``; the writer process reads without stopping, or has
+        died)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.pending:
             try:
                 written = os.write(self._fd, self.pending)
             except BlockingIOError:
                 if self.process.poll() is not None:
                     raise _SidecarGone("the writer process ended") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    raise _SidecarGone("the writer process stopped reading") from None
                 select.select([], [self._fd], [], 1.0)
                 continue
             except OSError as exc:
@@ -154,7 +158,7 @@ class _Sidecar:
 
     def close(self, timeout: float = 30.0) -> None:
         with contextlib.suppress(OSError, _SidecarGone), self.lock:
-            self.send_pending()
+            self.send_pending(timeout)
         with contextlib.suppress(OSError):
             self._inbox.close()  # the writer finishes what it has read, then exits
         try:
@@ -297,9 +301,11 @@ class Recorder:
         writer = self._writer
         if type(writer) is _Sidecar and not writer.pending and writer.lock.acquire(False):
             try:
-                # Under the lock, nothing else takes rows: every one queued so far is whole.
-                finished = rows[:]
-                del rows[:]
+                # Under the lock, nothing else takes rows; another thread's loop may add some
+                # meanwhile (each in one piece), after the ones counted here.
+                taken = len(rows)
+                finished = rows[:taken]
+                del rows[:taken]
                 if not writer.send_nowait(_rows_message([], finished, [])):
                     self._wake.set()  # the rest of the frame is pending: the thread writes it
             except _SidecarGone:
