@@ -581,6 +581,10 @@ def test_records_from_other_producers_with_odd_values_are_stored_as_text(
             return "<odd error>"
 
     recorder.handle(SpanStarted("odd-1", None, "odd-1", "step", "odd", "odd", 1_000, {}))
+    # An LLM attempt whose inputs are text, not messages: stored as that text.
+    attempt = ("odd-2", "odd-1", "odd-1", "llm", "other/model", "odd/other#0", 1_000)
+    recorder.handle(SpanStarted(*attempt, {"model": "other/model", "inputs": "plain text"}))
+    recorder.handle(SpanFinished(*attempt, 2_000, "completed", None, None, None, 0.0, {}))
     recorder.handle(
         SpanFinished(
             "odd-1",
@@ -605,6 +609,7 @@ def test_records_from_other_producers_with_odd_values_are_stored_as_text(
     stored = {r["span_id"]: r for r in rows(store_url)}
     assert stored["odd-1"]["error"] == "<odd error>"
     assert json.loads(stored["odd-1"]["output"]) == "<odd error>"
+    assert json.loads(stored["odd-2"]["inputs"]) == "plain text"
     assert any(r["kind"] == "agent" for r in stored.values())  # the batch's other rows too
 
 

@@ -29,7 +29,14 @@ from .. import _context, _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
-from ._content import ContentMode, recorded, recorded_messages, recorded_result, to_text
+from ._content import (
+    ContentMode,
+    recorded,
+    recorded_messages,
+    recorded_result,
+    to_json,
+    to_text,
+)
 from ._writer import LENGTH, ROW_WIDTH, Row, StoreWriter, plain, plain_values, receive, rows_of
 
 _log = logging.getLogger("kagura.recorder")
@@ -273,7 +280,9 @@ class Recorder:
             span._model = model if model is None or type(model) is str else str(model)
             inputs = attributes.get("inputs")
             if inputs is not None:
-                span._inputs = recorded(inputs)
+                # An attempt's inputs sent as text are its one user message (see
+                # recorded_messages): inputs given as text by another producer are encoded.
+                span._inputs = recorded(inputs) if span.kind != "llm" else to_json(inputs)
             elif "messages" in attributes:
                 span._inputs = recorded_messages(attributes["messages"])
             else:
