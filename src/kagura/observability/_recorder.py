@@ -73,7 +73,7 @@ class _Sidecar:
     Frames go into the pipe to its stdin through a non-blocking file descriptor, so that the
     event loop can hand a batch over itself (:meth:`send_nowait`) and never wait: what does not
     fit in the pipe stays pending, in order, for the recorder's thread to write
-    (:meth:`send`). Every write holds ``lock``.
+    (:meth:`send_pending`). Every write holds ``lock``.
     """
 
     def __init__(self, url: str, content: ContentMode) -> None:
