@@ -102,19 +102,9 @@ def _positive_float(text: str) -> float:
 
 def _scrub(text: str, url: str) -> str:
     """``text`` with the URL's password (if any) masked: messages never show it."""
-    try:
-        from sqlalchemy.engine import make_url
+    from .observability._engine import scrub_url
 
-        password = make_url(url).password
-    except Exception:
-        return text
-    if not password:
-        return text
-    from urllib.parse import quote
-
-    for form in {str(password), quote(str(password), safe="")}:
-        text = text.replace(form, "***")
-    return text
+    return scrub_url(text, url)
 
 
 def _sqlite_path(url: str) -> Path | None:

@@ -6,7 +6,9 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
     KaguraError
     ├── UsageError                  you used the library wrong; fix the code or the configuration
     │   ├── TemplateError           the agent's docstring prompt is invalid
-    │   └── MissingCredentialsError the provider has no API key; names the env var to set
+    │   ├── MissingCredentialsError the provider has no API key; names the env var to set
+    │   └── EncryptionKeyError      the store's encrypted values need another (or a) key
+    ├── StoreError                  the event store could not be opened, read or written
     └── RunError                    a run failed at run time
         ├── ProviderError           the model provider failed (status code and headers kept)
         │   ├── ProviderTimeout     the request timed out
@@ -15,6 +17,7 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
         ├── ToolLoopError           the model kept calling tools past the round limit
         ├── NonDeterminismError     a resumed durable run took another path than its journal
         ├── RunInProgressError      another process is executing this durable run
+        ├── RunTakenOverError       another process took this durable run over (lease lost)
         ├── RunFailedError          a durable run with this id failed before
         └── CircuitOpenError, BudgetExceeded (see kagura.resilience)
 
@@ -29,6 +32,7 @@ import email.utils
 from collections.abc import Mapping
 
 __all__ = [
+    "EncryptionKeyError",
     "KaguraError",
     "MissingCredentialsError",
     "NonDeterminismError",
@@ -39,6 +43,8 @@ __all__ = [
     "RunError",
     "RunFailedError",
     "RunInProgressError",
+    "RunTakenOverError",
+    "StoreError",
     "TemplateError",
     "ToolLoopError",
     "UsageError",
@@ -68,6 +74,21 @@ class MissingCredentialsError(UsageError):
             f"pass api_key= to the agent, or run offline on the embedded model with "
             f"KAGURA_MODEL_OVERRIDE=local/smollm2"
         )
+
+
+class EncryptionKeyError(UsageError):
+    """Values in the store are encrypted and ``KAGURA_ENCRYPTION_KEY`` does not hold a key that
+    decrypts them (or is not set). Never a garbled value: the read fails."""
+
+
+class StoreError(KaguraError):
+    """The event store (recordings and the durable journal) could not be opened, read or
+    written. The message names the store (its path, or its URL without the password) and the
+    cause; the database driver's exception is kept as ``__cause__``."""
+
+    def __init__(self, store: str, message: str) -> None:
+        self.store = store
+        super().__init__(f"event store {store}: {message}")
 
 
 class RunError(KaguraError):
@@ -155,6 +176,19 @@ class NonDeterminismError(RunError):
 
 class RunInProgressError(RunError):
     """The durable run is being executed by another live process."""
+
+
+class RunTakenOverError(RunError):
+    """This process lost the lease of a durable run and another process took it over: nothing
+    more of the run is committed from here (the step that raised this was not journaled)."""
+
+    def __init__(self, run_id: str, detail: str = "") -> None:
+        self.run_id = run_id
+        super().__init__(
+            f"durable run {run_id!r} was taken over by another process (this process's lease "
+            f"ran out{': ' + detail if detail else ''}); this process stops without committing "
+            f"more of it, and the other finishes it"
+        )
 
 
 class RunFailedError(RunError):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _settings
+from ..errors import StoreError
 
 DEFAULT_DB_NAME = "events.db"
 
@@ -49,6 +50,44 @@ def redact_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
+
+
+def store_name(url: str) -> str:
+    """How messages name the store at ``url``: a SQLite file's path, else the URL without its
+    password."""
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///") :] or url
+    try:
+        return redact_url(url)
+    except Exception:  # not even a URL SQLAlchemy can parse: say nothing that may hold a secret
+        return url.split("://", 1)[0] + "://..."
+
+
+def scrub_url(text: str, url: str) -> str:
+    """``text`` with the URL's password (if any) masked: messages never show it."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        return text
+    if not password:
+        return text
+    from urllib.parse import quote
+
+    for form in {str(password), quote(str(password), safe="")}:
+        text = text.replace(form, "***")
+    return text
+
+
+def store_error(url: str, doing: str, error: BaseException) -> StoreError:
+    """A :class:`~kagura.errors.StoreError` for ``error``, raised while ``doing`` something
+    with the store at ``url``: names the store and the cause, never the password. Raise it
+    ``from error``."""
+    lines = str(error).strip().splitlines()
+    # SQLAlchemy appends the statement and a link to its docs: the first line is the cause.
+    cause = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return StoreError(store_name(url), f"cannot {doing}: {scrub_url(cause, url)}")
 
 
 def engine_for(url: str) -> Any:
