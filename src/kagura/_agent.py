@@ -298,6 +298,17 @@ class Agent(Generic[P, R]):
                 result, answered_by = await with_total_timeout(
                     total, self._run_chain(model, prompt, span, policies)
                 )
+            if durable is not None:
+                # Committed before the caller sees the result: a crash from here on never
+                # sends this call to the provider again.
+                await durable.record(
+                    span.step_key,
+                    self.name,
+                    "agent",
+                    digest,
+                    self.output.dump(result),
+                    span._position,
+                )
         except BaseException as exc:
             span_finished(span, status_of(exc), exc)
             raise
@@ -311,15 +322,6 @@ class Agent(Generic[P, R]):
             if _instrument.recording
             else None,
         )
-        if durable is not None:
-            durable.record(
-                span.step_key,
-                self.name,
-                "agent",
-                digest,
-                self.output.dump(result),
-                span._position,
-            )
         return (result, answered_by, span) if full else result
 
     def _replayed(self, output: str | None, span: Span) -> tuple[Any, str, Span]:
@@ -448,9 +450,13 @@ class Agent(Generic[P, R]):
         finally:
             current_span.reset(token)
         text = value if isinstance(value, str) else _to_json(value)
-        span_finished(span, "completed", attributes={"output": text})
         if durable is not None:
-            durable.record(span.step_key, call.name, "tool", digest, json.dumps(text))
+            try:  # committed before the model (and the workflow) sees the result
+                await durable.record(span.step_key, call.name, "tool", digest, json.dumps(text))
+            except BaseException as exc:
+                span_finished(span, status_of(exc), exc)
+                raise
+        span_finished(span, "completed", attributes={"output": text})
         return text
 
     @staticmethod

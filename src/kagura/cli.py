@@ -424,17 +424,15 @@ def _runs_resume(args: argparse.Namespace) -> int:
 
     from rich.text import Text
 
-    from .durable import journal_for
-    from .errors import RunInProgressError, UsageError
+    from .durable import journal_for, resume_run
+    from .errors import RunInProgressError, StoreError, UsageError
 
     url = _runs_store(args, required=True)
     journal = journal_for(url)
     record = _resolve_run(journal, args.id.strip())
     workflow = _import_workflow(record)
     console = _console()
-    if record.status == "completed":
-        console.print(Text(f"Run {record.run_id} has already completed; its recorded result:"))
-    else:
+    if record.status != "completed":
         console.print(
             Text(
                 f"Resuming run {record.run_id} ({record.status}, {record.steps} steps "
@@ -443,8 +441,8 @@ def _runs_resume(args: argparse.Namespace) -> int:
             )
         )
     try:
-        result = asyncio.run(workflow.resume(record.run_id))
-    except (RunInProgressError, UsageError) as error:
+        resumed = asyncio.run(resume_run(workflow, record.run_id))
+    except (RunInProgressError, UsageError, StoreError) as error:
         raise CliError(str(error)) from error
     except Exception as error:
         if _is_store_error(error):
@@ -453,18 +451,47 @@ def _runs_resume(args: argparse.Namespace) -> int:
             f"run {record.run_id!r} failed again: {type(error).__name__}: {error} "
             f"(see: kagura runs show {record.run_id})"
         ) from error
-    if record.status != "completed":
-        after = journal.get_run(record.run_id)
-        new_steps = (after.steps if after is not None else record.steps) - record.steps
+    if resumed.already_completed:
+        console.print(Text(f"Run {record.run_id} has already completed; its recorded result:"))
+    else:
+        # What this resume did, counted as it happened: not the journal's size before it.
         console.print(
             Text(
-                f"Run {record.run_id} completed: {record.steps} steps came from the journal "
-                f"(not run again), {new_steps} ran now.",
+                f"Run {record.run_id} completed: {resumed.replayed} steps came from the journal "
+                f"(not run again), {resumed.ran} ran now.",
                 style="green",
             )
         )
-    print(_format_result(result))
+    print(_format_result(resumed.result))
     return 0
+
+
+def _runs_recover(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .durable import _cli, recover
+
+    url = _runs_store(args)
+    if url is None:
+        return 0
+    # Like `python -m`, look in the current directory first for the modules targets name.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    outcomes = asyncio.run(recover(all_hosts=args.all_hosts, concurrency=args.concurrency))
+    console = _console()
+    where = "any host" if args.all_hosts else f"this host ({_host()})"
+    if not outcomes:
+        console.print(f"No interrupted durable runs of {where} to recover.")
+        return 0
+    console.print(_cli.recovered_table(outcomes, width=console.width))
+    bad = [o for o in outcomes if o.outcome in ("failed", "unloadable")]
+    return 1 if bad else 0
+
+
+def _host() -> str:
+    from ._process import HOST
+
+    return HOST
 
 
 # -- the parser -------------------------------------------------------------------------------
@@ -592,7 +619,7 @@ def _add_monitor(commands: Any) -> None:
 def _add_runs(commands: Any) -> None:
     runs = commands.add_parser(
         "runs",
-        help="durable workflow runs: list, show, resume",
+        help="durable workflow runs: list, show, resume, recover",
         description="The durable workflow runs journaled in the event store "
         "(@workflow(durable=True), Workflow.run(..., run_id=...)): their status, their "
         "journaled steps, and resuming one whose process died or that failed.",
@@ -643,6 +670,29 @@ def _add_runs(commands: Any) -> None:
     )
     resume.add_argument("id", metavar="ID", help="a run id (or a unique prefix of one)")
     resume.set_defaults(handler=_runs_resume)
+
+    recover = sub.add_parser(
+        "recover",
+        parents=[common],
+        help="resume every interrupted run (this host's by default)",
+        description="Resume, in this process, every durable run that is interrupted: those "
+        "this host was executing when their process died (known at once), or with --all-hosts "
+        "also other hosts' runs whose lease has run out. Each run is resumed once even when "
+        "several processes recover at the same moment: the others report it as taken. Run it "
+        "when a service starts. Exits with 1 if a run failed again or its workflow could not "
+        "be imported.",
+    )
+    recover.add_argument(
+        "--all-hosts", action="store_true", help="also recover runs of other hosts"
+    )
+    recover.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="runs resumed at once (default 8)",
+    )
+    recover.set_defaults(handler=_runs_recover)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,8 +2,11 @@
 
     python -m tests.durable.runner run WORKFLOW RUN_ID ARGS_JSON
     python -m tests.durable.runner resume RUN_ID
+    python -m tests.durable.runner recover
 
-``resume`` finds the workflow from the target the run recorded, as ``kagura runs resume`` does.
+``resume`` finds the workflow from the target the run recorded, as ``kagura runs resume`` does;
+``recover`` resumes every interrupted run of this host (``kagura.durable.recover``) and prints
+``[run id, outcome]`` pairs.
 Prints one JSON line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TYPE, ...}``.
 """
 
@@ -15,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from kagura.durable import import_target, journal_for
+from kagura.durable import import_target, journal_for, recover
 from kagura.errors import KaguraError
 
 from . import workflows
@@ -30,6 +33,8 @@ async def main(argv: list[str]) -> Any:
         if record is None or record.target is None:
             raise SystemExit(f"no run {argv[1]!r} with a target")
         return await import_target(record.target).resume(argv[1])
+    if argv[0] == "recover":
+        return [[o.run_id, o.outcome] for o in await recover()]
     raise SystemExit(f"unknown action {argv[0]!r}")
 
 

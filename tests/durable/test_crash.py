@@ -152,3 +152,113 @@ async def test_a_killed_run_resumes_without_repeating_completed_calls(
     sent = len(server.chat_requests)
     assert await replay("crashed") == clean
     assert len(server.chat_requests) == sent
+
+
+# -- kills at the worst moment: right after the workflow saw a result ---------------------------
+
+
+async def kill_when_stopped(child: Child) -> list[str]:
+    """Wait until the child has stopped itself (SIGSTOP, in ``workflows.seen``), SIGKILL it
+    there; the labels of the results it saw, in order."""
+    _, status = await asyncio.to_thread(os.waitpid, child.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), f"the child ended instead of stopping: {child.stderr}"
+    os.kill(child.pid, signal.SIGKILL)
+    await asyncio.to_thread(child.process.wait, 10)
+    return [
+        line.split(" ", 1)[1]
+        for line in child.out.read_text().splitlines()
+        if line.startswith("seen ")
+    ]
+
+
+async def test_kills_right_after_each_result_is_seen_never_send_a_finished_step_again(
+    journal: Journal,
+    server: FaultServer,
+    spawn: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """20 kills, one at each step of a run: every process is killed at the instant its workflow
+    saw the result of one more step (an agent call to the server, a tool call or a step), and
+    the next process resumes the run. Every step reached the provider (or ran its side effect)
+    exactly once in all."""
+    tallies = tmp_path / "tallies.txt"
+    env = {
+        "OPENAI_BASE_URL": server.base_url,
+        "KAGURA_TEST_LEDGER": str(tallies),
+        "KAGURA_RECORD": "0",  # recording is not what is tested here; it costs each child time
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ledger = tmp_path / "ledger.txt"
+    steps = workflows.CHAIN_STEPS
+    for k in range(steps):
+        args = ("run", "chain", "chained", json.dumps(["tides", str(ledger)]))
+        child = spawn(
+            *(args if k == 0 else ("resume", "chained")),
+            env={
+                **env,
+                "KAGURA_TEST_STOP_AT": str(k),
+            },
+        )
+        seen = await kill_when_stopped(child)
+        assert seen == [str(i) for i in range(k + 1)], child.stderr
+    last = spawn("resume", "chained", env=env)
+    outcome = await asyncio.to_thread(last.finish)
+    assert outcome["ok"], last.stderr
+
+    # Every agent call went to the server once, every tool and step ran once.
+    links = Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
+    assert links == Counter({f"LINK tides {i}": 1 for i in range(0, steps, 3)})
+    assert lines(tallies) == [f"tally tides-{i}" for i in range(1, steps, 3)]
+    assert lines(ledger) == [f"stamp tides {i}" for i in range(2, steps, 3)]
+    record = journal.get_run("chained")
+    assert record is not None
+    assert (record.status, record.attempts) == ("completed", steps + 1)
+
+    # The same as a run that was never killed.
+    sent = len(server.chat_requests)
+    clean = await workflows.chain.run("tides", str(tmp_path / "clean.txt"), run_id="clean")
+    assert outcome["result"] == clean
+    assert len(server.chat_requests) == sent + len(links)
+
+
+async def test_a_kill_in_the_middle_of_a_burst_sends_no_seen_call_again(
+    journal: Journal,
+    server: FaultServer,
+    spawn: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """24 agent calls at once; the process is killed at the instant its workflow has seen 12 of
+    their results. The resumed run sends none of those 12 again; a call whose answer had not
+    reached the workflow may be sent a second time, never a third."""
+    calls = 24
+    env = {"OPENAI_BASE_URL": server.base_url, "KAGURA_RECORD": "0"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    child = spawn(
+        "run",
+        "burst",
+        "burst-1",
+        json.dumps(["reef", calls]),
+        env={**env, "KAGURA_TEST_STOP_AFTER": "12"},
+    )
+    seen = await kill_when_stopped(child)
+    assert len(seen) == 12
+    before = Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
+
+    resumed = spawn("resume", "burst-1", env=env)
+    outcome = await asyncio.to_thread(resumed.finish)
+    assert outcome == {
+        "ok": True,
+        "result": [f"LINK reef b{i}" for i in range(calls)],
+        "pid": resumed.pid,
+    }, resumed.stderr
+    sent = Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
+    assert set(sent) == {f"LINK reef b{i}" for i in range(calls)}
+    for label in seen:
+        assert sent[f"LINK reef {label}"] == 1, label  # seen: journaled, never sent again
+    assert max(sent.values()) <= 2
+    # What the resumed process sent is exactly what the killed one had not seen.
+    again = sent - before
+    assert not {f"LINK reef {label}" for label in seen} & set(again)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -28,8 +29,13 @@ def test_flush_waits_for_steps_the_writer_is_still_committing(
         write(self, batch)
         committed.append(True)
 
+    journal.start("run-1", "wf", None, "{}", owner="me")
     monkeypatch.setattr(Journal, "_write_batch", held_write)
-    journal.record_step("run-1", "wf/step#0", "step", "step", "hash", "1")
+    step = threading.Thread(
+        target=asyncio.run,
+        args=(journal.commit_step("run-1", "me", "wf/step#0", "step", "step", "hash", "1"),),
+    )
+    step.start()
     assert taken.wait(10)  # the writer has taken the row off the queue, not committed it
 
     seen: list[bool] = []
@@ -47,6 +53,7 @@ def test_flush_waits_for_steps_the_writer_is_still_committing(
     )
     release.set()
     flusher.join(10)
+    step.join(10)
     assert seen == [True]
     assert set(journal.load_steps("run-1")) == {"wf/step#0"}
 

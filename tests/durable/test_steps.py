@@ -129,32 +129,45 @@ async def test_nested_workflows_are_steps_of_the_outer_run(
     assert keys[0]["nested/plain#1/draft#0"].input_hash == input_hash({"topic": "figs!"})
 
 
-async def test_a_step_returns_once_its_journal_entry_is_committed(
-    journal: Journal, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("kind", "journaled"),
+    [("step", "charge"), ("agent", "draft"), ("tool", "price")],
+)
+async def test_a_result_reaches_the_workflow_only_once_it_is_committed(
+    kind: str,
+    journaled: str,
+    journal: Journal,
+    model: FakeModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The journal's writer is held inside its commit until the test lets it go: a workflow that
-    # went on past its step before then would have done so with the step not yet on disk.
+    # The journal's writer is held inside the commit of the step's row until the test lets it
+    # go: a workflow (or a model, for a tool's result) that went on before then would have done
+    # so with the step not on disk, and a crash there would run it again.
     committing, release = threading.Event(), threading.Event()
     write_batch = Journal._write_batch
 
     def held(self: Journal, batch: list[Any]) -> None:
-        if any(isinstance(item, dict) and item.get("name") == "charge" for item in batch):
+        if any(item.values.get("name") == journaled for item in batch):
             committing.set()
             release.wait(WAIT_TIMEOUT)
         write_batch(self, batch)
 
     monkeypatch.setattr(Journal, "_write_batch", held)
-    workflows.AFTER_CHARGE.clear()
+    workflows.NOTED.clear()
     run = asyncio.create_task(
-        workflows.charge_then_note.run(str(tmp_path / "ledger.txt"), run_id="held")
+        workflows.see_then_note.run(kind, str(tmp_path / "ledger.txt"), run_id="held")
     )
     await asyncio.to_thread(committing.wait, WAIT_TIMEOUT)
     assert committing.is_set()
-    await asyncio.sleep(0)  # the workflow had its turns: the step is still waiting for the commit
-    assert workflows.AFTER_CHARGE == []
+    requests_then = len(model.requests)
+    for _ in range(20):  # the workflow has had its turns: it still waits for the commit
+        await asyncio.sleep(0)
+    assert workflows.NOTED == []
+    assert len(model.requests) == requests_then  # a tool's result went nowhere yet either
     assert not run.done()
 
     release.set()
-    assert await run == "receipt for once"
-    assert workflows.AFTER_CHARGE == ["receipt for once"]
-    assert "charge_then_note/charge#0" in journal.load_steps("held")
+    result, noted = await run, workflows.NOTED
+    assert noted == [result]
+    assert any(s.name == journaled for s in journal.load_steps("held").values())

@@ -9,13 +9,17 @@ an OpenAI-compatible server: the fault server, found through ``OPENAI_BASE_URL``
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import kagura
 from kagura import agent, workflow
+from kagura.providers import ModelRequest, ToolCall
+from kagura.testing import FakeModel, Reply
 
 GATE_TIMEOUT = 30.0
 
@@ -182,12 +186,110 @@ async def nested(topic: str) -> list[str]:
     return list(await asyncio.gather(plain(topic), plain(f"{topic}!")))
 
 
-#: What ``charge_then_note`` did after its step returned (a test reads it).
-AFTER_CHARGE: list[str] = []
+#: What ``see_then_note`` did after each journaled result reached it (a test reads it).
+NOTED: list[str] = []
 
 
 @workflow(durable=True)
-async def charge_then_note(ledger: str) -> str:
-    receipt = await kagura.step("charge", charge, ledger, "once")
-    AFTER_CHARGE.append(receipt)
-    return receipt
+async def see_then_note(kind: str, ledger: str) -> str:
+    """One journaled result of ``kind`` (step, agent or tool), then a note that it was seen."""
+    if kind == "step":
+        result = await kagura.step("charge", charge, ledger, "once")
+    elif kind == "agent":
+        result = await draft("tea")
+    else:
+        result = await shopper("tea")  # its tool's result is journaled before the model sees it
+    NOTED.append(result)
+    return result
+
+
+# -- crash tests: the workflow stops itself at the moment the test kills it ----------------------
+
+
+def seen(label: str) -> None:
+    """The workflow has seen a result: say so on stdout. At the label the test waits for
+    (``KAGURA_TEST_STOP_AT``), or once this process has seen ``KAGURA_TEST_STOP_AFTER`` results,
+    stop the whole process with SIGSTOP: every thread (the journal's writer too) halts at this
+    very instant, and the test kills it there."""
+    print(f"seen {label}", flush=True)
+    _SEEN_HERE.append(label)
+    after = os.environ.get("KAGURA_TEST_STOP_AFTER")
+    if os.environ.get("KAGURA_TEST_STOP_AT") == label or (after and len(_SEEN_HERE) == int(after)):
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+_SEEN_HERE: list[str] = []
+
+
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
+async def link(topic: str) -> str:
+    """LINK {{ topic }}"""
+
+
+def tally(item: str) -> str:
+    """Count one item: a side effect, one line in the file KAGURA_TEST_LEDGER names."""
+    with open(os.environ["KAGURA_TEST_LEDGER"], "a", encoding="utf-8") as file:
+        file.write(f"tally {item}\n")
+    return f"{item} tallied"
+
+
+def _tally_model(request: ModelRequest) -> str | Reply:
+    """Asks for one tally of the item its prompt ends with, then reports the tool's result."""
+    last = request.messages[-1]
+    if last.get("role") == "tool":
+        return f"done: {last.get('content')}"
+    item = str(last.get("content")).rsplit(" ", 1)[-1]
+    return Reply(tool_calls=(ToolCall("call_1", "tally", json.dumps({"item": item})),))
+
+
+@agent(model=FakeModel([_tally_model] * 100_000, record_requests=False), tools=[tally])
+async def counter(item: str) -> str:
+    """TALLY {{ item }}"""
+
+
+def stamp(ledger: str, what: str) -> str:
+    """A side effect: one line in the ledger."""
+    with open(ledger, "a", encoding="utf-8") as file:
+        file.write(f"stamp {what}\n")
+    return f"stamped {what}"
+
+
+CHAIN_STEPS = 20
+
+
+@workflow(durable=True)
+async def chain(topic: str, ledger: str) -> list[str]:
+    """Agent calls (to the fault server), tool calls and steps, one after the other; each result
+    is announced with :func:`seen` as soon as the workflow has it."""
+    results = []
+    for i in range(CHAIN_STEPS):
+        if i % 3 == 0:
+            result = await link(f"{topic} {i}")
+        elif i % 3 == 1:
+            result = await counter(f"{topic}-{i}")
+        else:
+            result = await kagura.step("stamp", stamp, ledger, f"{topic} {i}")
+        seen(str(i))
+        results.append(result)
+    return results
+
+
+@workflow(durable=True)
+async def burst(topic: str, calls: int) -> list[str]:
+    """``calls`` agent calls at once, each announced with :func:`seen` as its result arrives."""
+
+    async def one(i: int) -> str:
+        result = await link(f"{topic} b{i}")
+        seen(f"b{i}")
+        return result
+
+    return list(await asyncio.gather(*(one(i) for i in range(calls))))
+
+
+@workflow(durable=True)
+async def relay(topic: str, gate: str) -> str:
+    """An agent call, a wait at the gate (file), another agent call: on the fault server, so
+    that a test counts across processes what reached the provider."""
+    first = await alpha(topic)
+    await kagura.step("gate", wait_for_file, gate)
+    return await beta(first)

@@ -19,6 +19,7 @@ from rich.text import Text
 
 from .._table import FittedTable
 from ..observability._monitor import DASH, excerpt, format_seconds, format_time, format_when
+from ._execute import Recovered
 from ._journal import RunRecord, StepRecord
 
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")
@@ -124,7 +125,9 @@ def lease_text(record: RunRecord, lease: float, *, now: float | None = None) -> 
     if record.status in ("running", "interrupted") and record.heartbeat_at:
         age = max(0.0, now - record.heartbeat_at)
         text.append(f", last heartbeat {format_seconds(age)} ago ", style="dim")
-        if record.status == "interrupted":
+        if record.status == "interrupted" and age < lease:
+            text.append("(the process is gone)", style="yellow")
+        elif record.status == "interrupted":
             text.append(f"(lease of {lease:g}s expired: the process is gone)", style="yellow")
         else:
             text.append(f"(lease {lease:g}s)", style="dim")
@@ -232,8 +235,8 @@ def next_step_hint(record: RunRecord) -> Text | None:
         )
     if record.status == "running":
         return Text(
-            "It is being executed now; once its process stops and the lease runs out it is "
-            "listed as interrupted and can be resumed.",
+            "It is being executed now. If its process dies it is listed as interrupted and can "
+            "be resumed: at once on its own host, elsewhere once its lease runs out.",
             style="dim",
         )
     return None
@@ -251,3 +254,47 @@ def run_view(
     hint = next_step_hint(record)
     parts = [run_header(record, lease, now=now), steps_table(steps, width=width)]
     return Group(*parts, *([hint] if hint is not None else []))
+
+
+# -- recover ----------------------------------------------------------------------------------
+
+_OUTCOME_STYLES = {
+    "completed": "green",
+    "failed": "bold red",
+    "taken": "dim",
+    "unloadable": "bold red",
+}
+
+
+def recovered_table(outcomes: Sequence[Recovered], *, width: int | None = None) -> Table:
+    """``kagura runs recover``: one row per interrupted run, what became of it, how many of its
+    steps came from the journal and ran now, and the error of those that did not complete."""
+    table = Table(
+        title="Recovered runs",
+        box=box.SIMPLE_HEAD,
+        header_style="bold",
+        title_justify="left",
+        width=width,
+    )
+    for name, justify in (
+        ("run id", "left"),
+        ("workflow", "left"),
+        ("outcome", "left"),
+        ("from journal", "right"),
+        ("ran now", "right"),
+        ("error", "left"),
+    ):
+        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    for o in outcomes:
+        error = "" if o.error is None else f"{type(o.error).__name__}: {o.error}"
+        table.add_row(
+            Text(o.run_id, style="bold"),
+            Text(o.workflow),
+            Text(o.outcome, style=_OUTCOME_STYLES.get(o.outcome, "")),
+            Text(str(o.replayed) if o.outcome == "completed" else DASH),
+            Text(str(o.ran) if o.outcome == "completed" else DASH),
+            Text(excerpt(error, 120), style="red" if o.outcome != "taken" else "dim"),
+        )
+    counts = {k: sum(o.outcome == k for o in outcomes) for k in _OUTCOME_STYLES}
+    table.caption = ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+    return table

@@ -13,14 +13,15 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_type_hints
 
 import pydantic_core
 from pydantic import TypeAdapter
 
-from ..errors import RunFailedError, RunInProgressError, UsageError
-from ._journal import Journal, RunRecord, journal_for, lease_seconds
+from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
+from ._journal import Journal, RunRecord, attempt_span_id, journal_for, lease_seconds
 from ._run import DurableRun, current_durable_run
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ async def start(
     if outcome != "started" and record.arguments != arguments:
         # One run id is one piece of work: other arguments would silently get another's result.
         if outcome == "claimed":
-            await asyncio.to_thread(journal.release, run_id, owner)
+            await journal.release_soon(run_id, owner)
         raise UsageError(
             f"run id {run_id!r} was started with other arguments ({record.arguments}); use "
             f"another run id, or {workflow.name}.resume({run_id!r}) to finish it as it was started"
@@ -145,11 +146,29 @@ async def start(
     if outcome == "busy":
         return await _wait_for(workflow, journal, run_id)
     steps = {} if outcome == "started" else await asyncio.to_thread(journal.load_steps, run_id)
-    return await _execute(workflow, journal, record, owner, bound, steps)
+    durable = DurableRun(run_id, journal, steps, owner=owner)
+    return await _execute(workflow, journal, record, durable, bound)
+
+
+@dataclass(frozen=True, slots=True)
+class Resumed:
+    """What resuming a run did: its result, and how many of its steps came from the journal
+    (not run again) and how many ran now. A run that had already completed took none."""
+
+    run_id: str
+    result: Any
+    replayed: int
+    ran: int
+    already_completed: bool = False
 
 
 async def resume(workflow: Workflow[Any, Any], run_id: str) -> Any:
     """Finish an interrupted or failed run: journaled steps return their recorded results."""
+    return (await resume_run(workflow, run_id)).result
+
+
+async def resume_run(workflow: Workflow[Any, Any], run_id: str) -> Resumed:
+    """:func:`resume`, saying what it did (see :class:`Resumed`)."""
     journal = journal_for()
     record = await asyncio.to_thread(journal.get_run, run_id)
     if record is None:
@@ -159,27 +178,40 @@ async def resume(workflow: Workflow[Any, Any], run_id: str) -> Any:
             f"run {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
         )
     if record.status == "completed":
-        return _load_result(workflow, record.result)
+        return Resumed(run_id, _load_result(workflow, record.result), 0, 0, True)
     owner = uuid.uuid4().hex
     if not await asyncio.to_thread(journal.claim, run_id, owner):
         latest = await asyncio.to_thread(journal.get_run, run_id)
         if latest is not None and latest.status == "completed":
-            return _load_result(workflow, latest.result)
+            return Resumed(run_id, _load_result(workflow, latest.result), 0, 0, True)
         raise RunInProgressError(_busy_message(latest or record))
     claimed = await asyncio.to_thread(journal.get_run, run_id)
     assert claimed is not None
     steps = await asyncio.to_thread(journal.load_steps, run_id)
     bound = _load_arguments(workflow, claimed.arguments)
-    return await _execute(workflow, journal, claimed, owner, bound, steps)
+    durable = DurableRun(run_id, journal, steps, owner=owner)
+    result = await _execute(workflow, journal, claimed, durable, bound)
+    return Resumed(run_id, result, durable.replayed, durable.recorded)
 
 
 def _busy_message(record: RunRecord) -> str:
     age = time.time() - (record.heartbeat_at or 0)
-    return (
-        f"durable run {record.run_id!r} is being executed by process {record.pid} on "
-        f"{record.host} (last heartbeat {age:.1f}s ago); it can be resumed once that process "
-        f"stops and its lease of {lease_seconds():g}s runs out"
+    where = (
+        "this host"
+        if record.host == journal_host()
+        else f"{record.host} (another host: its lease is how this one knows it is gone)"
     )
+    return (
+        f"durable run {record.run_id!r} is being executed by process {record.pid} on {where}, "
+        f"last heartbeat {age:.1f}s ago; it can be resumed once that process stops (at once on "
+        f"its own host, else when its lease of {lease_seconds():g}s runs out)"
+    )
+
+
+def journal_host() -> str:
+    from .._process import HOST
+
+    return HOST
 
 
 async def _wait_for(workflow: Workflow[Any, Any], journal: Journal, run_id: str) -> Any:
@@ -196,49 +228,95 @@ async def _wait_for(workflow: Workflow[Any, Any], journal: Journal, run_id: str)
             return await resume(workflow, run_id)
 
 
-async def _heartbeat(journal: Journal, run_id: str, owner: str) -> None:
-    interval = max(0.05, lease_seconds() / 3)
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            still_ours = await asyncio.to_thread(journal.heartbeat, run_id, owner)
-        except Exception:
-            _log.exception("kagura: heartbeat of run %s failed", run_id)
-            continue
-        if not still_ours:
-            _log.error("kagura: run %s was taken over by another process", run_id)
-            return
-
-
 async def _execute(
     workflow: Workflow[Any, Any],
     journal: Journal,
     record: RunRecord,
-    owner: str,
+    durable: DurableRun,
     bound: inspect.BoundArguments,
-    steps: dict[str, Any],
 ) -> Any:
-    run_id = record.run_id
-    durable = DurableRun(run_id, journal, steps)
+    run_id, owner = record.run_id, durable.owner
     token = current_durable_run.set(durable)
-    heartbeat = asyncio.create_task(_heartbeat(journal, run_id, owner))
-    span_id = run_id if record.attempts <= 1 else f"{run_id}~{record.attempts}"
+    journal.hold(run_id, owner)  # its lease is renewed by the journal's thread until it ends
     try:
-        result = await workflow._execute(bound.args, bound.kwargs, span_id=span_id)
+        result = await workflow._execute(
+            bound.args, bound.kwargs, span_id=attempt_span_id(run_id, record.attempts)
+        )
     except asyncio.CancelledError:
         # Cancelled is not failed: give the lease up so the run can be resumed at once.
         with contextlib.suppress(Exception):
-            await asyncio.shield(asyncio.to_thread(journal.release, run_id, owner))
+            await asyncio.shield(journal.release_soon(run_id, owner))
         raise
+    except RunTakenOverError:
+        raise  # the run is another process's now: nothing to write
     except BaseException as exc:
         await asyncio.shield(journal.finish_soon(run_id, owner, error=exc))
         raise
     finally:
-        heartbeat.cancel()
+        journal.let_go(run_id, owner)
         current_durable_run.reset(token)
     dumped = pydantic_core.to_json(result, fallback=repr).decode()
     await asyncio.shield(journal.finish_soon(run_id, owner, result=dumped))
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class Recovered:
+    """What :func:`recover` did with one interrupted run: ``outcome`` is ``completed``,
+    ``failed`` (``error`` says why, and the run is marked failed), ``taken`` (another process
+    claimed it first: it finishes it) or ``unloadable`` (its workflow could not be imported;
+    the run stays interrupted)."""
+
+    run_id: str
+    workflow: str
+    outcome: Literal["completed", "failed", "taken", "unloadable"]
+    result: Any = None
+    error: BaseException | None = None
+    replayed: int = 0
+    ran: int = 0
+
+
+async def recover(
+    *, all_hosts: bool = False, concurrency: int = 8, db: str | None = None
+) -> list[Recovered]:
+    """Resume every interrupted durable run, as DBOS does at launch: call it when a process
+    starts. By default only the runs this host was executing (known interrupted at once when
+    their process is gone); ``all_hosts`` takes those of other hosts too (interrupted once
+    their lease has run out). Each run is resumed exactly once, however many processes recover
+    at the same moment: the others see it ``taken``. ``concurrency`` runs are resumed at once.
+    """
+    if concurrency < 1:
+        raise UsageError(f"concurrency must be at least 1, got {concurrency}")
+    journal = journal_for(db)
+    interrupted = await asyncio.to_thread(journal.list_runs, status="interrupted", limit=None)
+    if not all_hosts:
+        interrupted = [r for r in interrupted if r.host == journal.host]
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(record: RunRecord) -> Recovered:
+        async with gate:
+            return await _recover_one(record)
+
+    return list(await asyncio.gather(*(one(r) for r in interrupted)))
+
+
+async def _recover_one(record: RunRecord) -> Recovered:
+    run_id, name = record.run_id, record.workflow
+    try:
+        if not record.target:
+            raise UsageError(f"run {run_id!r} does not say where its workflow is")
+        workflow = import_target(record.target)
+    except Exception as exc:
+        return Recovered(run_id, name, "unloadable", error=exc)
+    try:
+        resumed = await resume_run(workflow, run_id)
+    except (RunInProgressError, RunTakenOverError) as exc:
+        return Recovered(run_id, name, "taken", error=exc)
+    except Exception as exc:
+        return Recovered(run_id, name, "failed", error=exc)
+    if resumed.already_completed:
+        return Recovered(run_id, name, "taken", resumed.result)
+    return Recovered(run_id, name, "completed", resumed.result, None, resumed.replayed, resumed.ran)
 
 
 async def replay(

@@ -1,15 +1,32 @@
 """The journal of durable runs, kept in the event store's database.
 
-``kagura_runs`` has one row per run id: its workflow, arguments, status, result, and the lease
-(owner and heartbeat) of the process executing it. ``kagura_steps`` has one row per completed step
-(agent call, tool call, ``kagura.step``) with its input hash and output.
+``kagura_runs`` has one row per run id: its workflow, arguments, status, result, and the lease of
+the process executing it (an owner token, the process's host, pid and pid start, and a heartbeat).
+``kagura_steps`` has one row per completed step (agent call, tool call, ``kagura.step``) with its
+input hash and output.
 
-Run rows are claimed with single conditional statements (an insert that does nothing on conflict,
-an update guarded by status and heartbeat), so two processes racing for one run id cannot both
-win, on SQLite or PostgreSQL. From the event loop, run starts, step rows and run completions all
-go through one writer thread, in order, which commits whatever is queued in one transaction: so
-journaling never blocks the event loop, runs started together share their commits instead of
-queueing for the database's write lock, and a run's completion is written only after its steps.
+The guarantees, and where each is kept:
+
+- *Durable before visible.* A step's caller gets its result only once the step's row is committed
+  (:meth:`Journal.commit_step`): a process killed at any moment after a workflow saw a result
+  never runs that step again.
+- *Group commit.* From event loops, run starts, steps, finishes and releases go through one writer
+  thread, in order, which commits whatever is queued in one transaction and answers each caller
+  once its batch is committed: concurrent runs share commits instead of queueing for the
+  database's write lock, and a run's finish is never on disk before its steps.
+- *Fencing.* Each batch first renews the lease of every run it writes for, on the condition that
+  the writing process still owns it, and writes only for the runs it does: a process whose run
+  was taken over commits nothing more of it, and its workflow gets :class:`RunTakenOverError`.
+  The renewal and the writes are one transaction, so a takeover lands either before (and the
+  batch writes nothing for that run) or after (and the new owner loads those steps).
+- *Claims are atomic.* Run rows are created and taken over with single conditional statements, so
+  two processes racing for one run cannot both win, on SQLite or PostgreSQL.
+- *Recovery in seconds on one host.* A run is interrupted (resumable) when its lease has expired,
+  or at once when its process is known gone: on the host that ran it, a pid that no longer exists
+  or now names another process (see :mod:`kagura._process`). Other hosts wait for the lease.
+
+The writer thread also renews the leases of the runs this process executes, every third of a
+lease, in one transaction; steps committed meanwhile renew them too.
 """
 
 from __future__ import annotations
@@ -19,23 +36,34 @@ import atexit
 import contextlib
 import logging
 import os
-import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from .. import _process
+from ..errors import RunTakenOverError, StoreError
 
 _log = logging.getLogger("kagura.durable")
 
 RunStatus = Literal["running", "completed", "failed", "interrupted"]
 StartOutcome = Literal["started", "claimed", "completed", "failed", "busy"]
+_Kind = Literal["start", "step", "finish", "release", "sync"]
+
+#: Ids per ``IN (...)`` list: well under every SQLite build's limit on bound parameters.
+_CHUNK = 500
 
 
 def lease_seconds() -> float:
     """How long a run's heartbeat stays valid: ``KAGURA_LEASE_SECONDS`` (default 30)."""
     return float(os.environ.get("KAGURA_LEASE_SECONDS", "30"))
+
+
+def _heartbeat_interval() -> float:
+    return min(10.0, max(0.05, lease_seconds() / 3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +95,30 @@ class RunRecord:
     updated_at: float
     attempts: int
     steps: int = 0
+    #: Which process ``pid`` named (see :mod:`kagura._process`), when it could be read.
+    pid_start: str | None = None
+
+    @property
+    def span_ids(self) -> list[str]:
+        """The ids of the workflow spans of its attempts so far (see ``attempt_span_id``)."""
+        return [attempt_span_id(self.run_id, n) for n in range(1, self.attempts + 1)]
 
 
-def _effective_status(row: Any, now: float, lease: float) -> RunStatus:
-    if row.status == "running" and (row.heartbeat_at or 0) < now - lease:
-        return "interrupted"  # its process stopped renewing the lease: it died
-    status: RunStatus = row.status
-    return status
+def attempt_span_id(run_id: str, attempt: int) -> str:
+    """The workflow span id of a durable run's ``attempt``-th execution: the run id, then
+    ``run_id~2``, ``run_id~3``, ... for resumed ones (each attempt is a run tree of its own)."""
+    return run_id if attempt <= 1 else f"{run_id}~{attempt}"
+
+
+def _status(row: Any, now: float, lease: float) -> RunStatus:
+    if row.status != "running":
+        status: RunStatus = row.status
+        return status
+    if (row.heartbeat_at or 0) < now - lease:
+        return "interrupted"  # its process stopped renewing the lease
+    if _process.is_gone(row.host, row.pid, row.pid_start):
+        return "interrupted"  # its process is gone: no need to wait for the lease
+    return "running"
 
 
 def _record(row: Any, now: float, lease: float, steps: int = 0) -> RunRecord:
@@ -81,7 +126,7 @@ def _record(row: Any, now: float, lease: float, steps: int = 0) -> RunRecord:
         row.run_id,
         row.workflow,
         row.target,
-        _effective_status(row, now, lease),
+        _status(row, now, lease),
         row.arguments,
         row.result,
         row.error,
@@ -94,6 +139,7 @@ def _record(row: Any, now: float, lease: float, steps: int = 0) -> RunRecord:
         row.updated_at,
         row.attempts,
         steps,
+        row.pid_start,
     )
 
 
@@ -104,17 +150,25 @@ class _Flush:
         self.done = threading.Event()
 
 
-class _RunRequest:
-    """A run's start or finish (or a wait for what was queued before it to be committed),
-    queued for the writer's thread, answered on the caller's loop."""
+class _Request:
+    """One write (a run's start, a step, a finish, a release, or a wait for what was queued
+    before it), queued for the writer's thread and answered on the caller's loop once the
+    batch it went in is committed."""
 
     __slots__ = ("future", "kind", "loop", "values")
 
-    def __init__(self, kind: Literal["start", "finish", "sync"], values: dict[str, Any]) -> None:
+    def __init__(self, kind: _Kind, values: dict[str, Any]) -> None:
         self.kind = kind
         self.values = values
         self.loop = asyncio.get_running_loop()
         self.future: asyncio.Future[Any] = self.loop.create_future()
+
+    @property
+    def lease(self) -> tuple[str, str] | None:
+        """The (run id, owner) whose lease this write needs; ``None`` for starts and waits."""
+        if self.kind in ("step", "finish", "release"):
+            return self.values["b_run_id"], self.values["b_owner"]
+        return None
 
 
 def _answer(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -135,13 +189,17 @@ class Journal:
         from ..observability._engine import normalise_url
 
         self.url = normalise_url(url)
-        self._queue: deque[dict[str, Any] | _Flush | _RunRequest] = deque()
+        self._queue: deque[_Request | _Flush] = deque()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
-        # Held by the writer from taking rows off the queue until they are committed.
+        # Held by the writer from taking requests off the queue until they are committed.
         self._writing = threading.Lock()
-        self.host = socket.gethostname()
+        #: Runs this process executes, by run id: their owner tokens (for heartbeats).
+        self._held: dict[str, str] = {}
+        self._held_lock = threading.Lock()
+        self._next_heartbeat = 0.0
+        self.host = _process.HOST
 
     @property
     def engine(self) -> Any:
@@ -149,18 +207,61 @@ class Journal:
 
         return engine_for(self.url)
 
-    # -- runs, from the event loop: group-committed by the writer's thread ---------------------
+    @contextlib.contextmanager
+    def _store(self, doing: str) -> Iterator[None]:
+        """Database errors as a :class:`StoreError` that names this store and the cause."""
+        try:
+            yield
+        except StoreError:
+            raise
+        except Exception as exc:
+            if not _is_database_error(exc):
+                raise
+            from ..observability._engine import store_error
+
+            raise store_error(self.url, doing, exc) from exc
+
+    # -- from the event loop: group-committed by the writer's thread -----------------------
 
     async def start_soon(
         self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
     ) -> tuple[StartOutcome, RunRecord]:
-        """:meth:`start`, committed together with every other start, step and finish queued
-        meanwhile: thousands of runs starting at once cost a few transactions, not thousands
-        of them fighting for the database's write lock."""
+        """:meth:`start`, committed together with every other write queued meanwhile: thousands
+        of runs starting at once cost a few transactions, not thousands of them fighting for
+        the database's write lock."""
         outcome: tuple[StartOutcome, RunRecord] = await self._submit(
             "start", self._start_values(run_id, workflow, target, arguments, owner)
         )
         return outcome
+
+    async def commit_step(
+        self,
+        run_id: str,
+        owner: str,
+        key: str,
+        name: str,
+        kind: str,
+        input_hash: str,
+        output: str | None,
+        position: int | None = None,
+    ) -> None:
+        """Journal a completed step; returns once it is committed. Raises
+        :class:`RunTakenOverError` (and writes nothing) if ``owner`` no longer holds the run."""
+        await self._submit(
+            "step",
+            {
+                "b_run_id": run_id,
+                "b_owner": owner,
+                "run_id": run_id,
+                "step_key": key,
+                "name": name,
+                "kind": kind,
+                "input_hash": input_hash,
+                "output": output,
+                "created_at": time.time(),
+                "position": position,
+            },
+        )
 
     async def finish_soon(
         self,
@@ -170,32 +271,44 @@ class Journal:
         result: str | None = None,
         error: BaseException | None = None,
     ) -> None:
-        """:meth:`finish`, group-committed like :meth:`start_soon`. Queued after the run's
-        steps, so it is never on disk before them."""
+        """:meth:`finish`, group-committed; queued after the run's steps, so it is never on disk
+        before them. Raises :class:`RunTakenOverError` if ``owner`` no longer holds the run."""
         await self._submit("finish", self._finish_values(run_id, owner, result, error))
 
+    async def release_soon(self, run_id: str, owner: str) -> None:
+        """:meth:`release`, group-committed (a cancelled run: resumable at once)."""
+        await self._submit("release", {"b_run_id": run_id, "b_owner": owner})
+
     async def committed(self) -> None:
-        """Wait until everything queued so far (steps, starts, finishes) is committed. Raises
-        what the commit raised."""
+        """Wait until everything queued so far is committed. Raises what the commit raised."""
         await self._submit("sync", {})
 
-    def _submit(
-        self, kind: Literal["start", "finish", "sync"], values: dict[str, Any]
-    ) -> asyncio.Future[Any]:
+    def _submit(self, kind: _Kind, values: dict[str, Any]) -> asyncio.Future[Any]:
         """Queue a request for the writer's thread; its answer comes back on this loop."""
-        request = _RunRequest(kind, values)
-        self._enqueue(request)
-        return request.future
-
-    def _enqueue(self, item: dict[str, Any] | _RunRequest) -> None:
-        self._queue.append(item)
+        request = _Request(kind, values)
+        self._queue.append(request)
         self._ensure_thread()
         # Setting an Event takes a lock: once per batch is enough. The writer clears it before
-        # it empties the queue, so an item appended while it is still set is written all the same.
+        # it empties the queue, so a request appended while it is still set is written too.
         if not self._wake.is_set():
             self._wake.set()
+        return request.future
 
-    # -- runs (synchronous: call them from a worker thread) -----------------------------------
+    # -- the leases of this process's runs ---------------------------------------------------
+
+    def hold(self, run_id: str, owner: str) -> None:
+        """This process executes ``run_id`` as ``owner``: keep its lease renewed."""
+        with self._held_lock:
+            self._held[run_id] = owner
+        self._ensure_thread()
+
+    def let_go(self, run_id: str, owner: str) -> None:
+        """Stop renewing the lease (the run finished, failed, was cancelled or taken over)."""
+        with self._held_lock:
+            if self._held.get(run_id) == owner:
+                del self._held[run_id]
+
+    # -- synchronous (call them from a worker thread) ----------------------------------------
 
     def start(
         self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
@@ -203,7 +316,7 @@ class Journal:
         """Create the run, or report what state an existing run with this id is in; an
         interrupted run is claimed for this owner."""
         values = self._start_values(run_id, workflow, target, arguments, owner)
-        with self.engine.begin() as connection:
+        with self._store("start a durable run"), self.engine.begin() as connection:
             created = self._insert_runs(connection, [values])
         return self._started(values, created)
 
@@ -220,6 +333,7 @@ class Journal:
             "owner": owner,
             "pid": os.getpid(),
             "host": self.host,
+            "pid_start": _process.pid_start(),
             "heartbeat_at": now,
             "created_at": now,
             "updated_at": now,
@@ -260,6 +374,8 @@ class Journal:
                 values["created_at"],
                 values["updated_at"],
                 1,
+                0,
+                values["pid_start"],
             )
         existing = self.get_run(run_id)
         assert existing is not None
@@ -270,23 +386,34 @@ class Journal:
         return "busy", existing
 
     def claim(self, run_id: str, owner: str, *, allow_failed: bool = True) -> bool:
-        """Take over a run whose process died (or, with ``allow_failed``, one that failed)."""
-        from sqlalchemy import and_, or_, update
+        """Take over a run whose process died or stopped renewing its lease (or, with
+        ``allow_failed``, one that failed), for ``owner``. The spans its dead attempts left
+        running are closed as interrupted in the same transaction."""
+        from sqlalchemy import and_, or_, select, update
 
         from ..observability._schema import runs
 
         now = time.time()
-        stale = and_(runs.c.status == "running", runs.c.heartbeat_at < now - lease_seconds())
-        condition = or_(stale, runs.c.status == "failed") if allow_failed else stale
-        with self.engine.begin() as connection:
+        with self._store("claim a durable run"), self.engine.begin() as connection:
+            row = connection.execute(select(runs).where(runs.c.run_id == run_id)).first()
+            if row is None:
+                return False
+            stale = and_(runs.c.status == "running", runs.c.heartbeat_at < now - lease_seconds())
+            conditions = [stale]
+            if row.status == "running" and _process.is_gone(row.host, row.pid, row.pid_start):
+                # Its process is gone: take the lease from that owner, whatever its heartbeat.
+                conditions.append(and_(runs.c.status == "running", runs.c.owner == row.owner))
+            if allow_failed:
+                conditions.append(runs.c.status == "failed")
             claimed = connection.execute(
                 update(runs)
-                .where(runs.c.run_id == run_id, condition)
+                .where(runs.c.run_id == run_id, or_(*conditions))
                 .values(
                     status="running",
                     owner=owner,
                     pid=os.getpid(),
                     host=self.host,
+                    pid_start=_process.pid_start(),
                     heartbeat_at=now,
                     updated_at=now,
                     error=None,
@@ -294,24 +421,18 @@ class Journal:
                     attempts=runs.c.attempts + 1,
                 )
             )
-        return bool(claimed.rowcount == 1)
+            if claimed.rowcount != 1:
+                return False
+            close_interrupted_spans(
+                connection, [attempt_span_id(run_id, n) for n in range(1, row.attempts + 1)], now
+            )
+        return True
 
     def heartbeat(self, run_id: str, owner: str) -> bool:
-        """Renew the lease; ``False`` if another process has taken the run over."""
-        from sqlalchemy import update
-
-        from ..observability._schema import runs
-
-        now = time.time()
-        with self.engine.begin() as connection:
-            renewed = connection.execute(
-                update(runs)
-                # heartbeat_at 0 is a released lease (the run was cancelled): a heartbeat still
-                # in flight must not revive it, or the run stays unresumable for a whole lease.
-                .where(runs.c.run_id == run_id, runs.c.owner == owner, runs.c.heartbeat_at > 0)
-                .values(heartbeat_at=now, updated_at=now)
-            )
-        return bool(renewed.rowcount == 1)
+        """Renew the lease; ``False`` if ``owner`` no longer holds it (taken over, released or
+        finished)."""
+        with self._store("renew a durable run's lease"), self.engine.begin() as connection:
+            return (run_id, owner) in self._renew(connection, [(run_id, owner)], time.time())
 
     def finish(
         self,
@@ -323,7 +444,7 @@ class Journal:
     ) -> None:
         self.flush()  # the steps are on disk before the run says it is done
         values = self._finish_values(run_id, owner, result, error)
-        with self.engine.begin() as connection:
+        with self._store("finish a durable run"), self.engine.begin() as connection:
             connection.execute(_finish_statement(), [values])
 
     @staticmethod
@@ -346,24 +467,16 @@ class Journal:
 
     def release(self, run_id: str, owner: str) -> None:
         """Give the lease up at once (the run was cancelled): it is resumable immediately."""
-        from sqlalchemy import update
-
-        from ..observability._schema import runs
-
         self.flush()
-        with self.engine.begin() as connection:
-            connection.execute(
-                update(runs)
-                .where(runs.c.run_id == run_id, runs.c.owner == owner)
-                .values(heartbeat_at=0.0, updated_at=time.time())
-            )
+        with self._store("release a durable run"), self.engine.begin() as connection:
+            connection.execute(_release_statement(), [{"b_run_id": run_id, "b_owner": owner}])
 
     def get_run(self, run_id: str) -> RunRecord | None:
         from sqlalchemy import func, select
 
         from ..observability._schema import runs, steps
 
-        with self.engine.connect() as connection:
+        with self._store("read a durable run"), self.engine.connect() as connection:
             row = connection.execute(select(runs).where(runs.c.run_id == run_id)).first()
             if row is None:
                 return None
@@ -373,10 +486,15 @@ class Journal:
         return _record(row, time.time(), lease_seconds(), int(count))
 
     def list_runs(
-        self, *, status: str | None = None, workflow: str | None = None, limit: int = 50
+        self,
+        *,
+        status: str | None = None,
+        workflow: str | None = None,
+        limit: int | None = 50,
     ) -> list[RunRecord]:
-        """Runs, newest first; ``status`` may be ``interrupted`` (running, lease expired)."""
-        from sqlalchemy import and_, func, select
+        """Runs, most recently updated first. ``status`` ``interrupted`` means marked running
+        but resumable (lease expired, or its process known gone); ``running`` means held."""
+        from sqlalchemy import func, select
 
         from ..observability._schema import runs, steps
 
@@ -386,20 +504,23 @@ class Journal:
             select(runs, func.coalesce(counts.c.n, 0).label("n"))
             .outerjoin(counts, counts.c.run_id == runs.c.run_id)
             .order_by(runs.c.updated_at.desc())
-            .limit(limit)
         )
         if workflow is not None:
             query = query.where(runs.c.workflow == workflow)
-        if status == "interrupted":
-            query = query.where(and_(runs.c.status == "running", runs.c.heartbeat_at < now - lease))
-        elif status == "running":
-            query = query.where(
-                and_(runs.c.status == "running", runs.c.heartbeat_at >= now - lease)
-            )
+        # Whether a running row is still held is decided here, not in SQL (its process may be
+        # gone): those statuses are filtered after reading every running row.
+        derived = status in ("running", "interrupted")
+        if derived:
+            query = query.where(runs.c.status == "running")
         elif status is not None:
             query = query.where(runs.c.status == status)
-        with self.engine.connect() as connection:
-            return [_record(row, now, lease, int(row.n)) for row in connection.execute(query)]
+        if limit is not None and not derived:
+            query = query.limit(limit)
+        with self._store("list durable runs"), self.engine.connect() as connection:
+            records = [_record(row, now, lease, int(row.n)) for row in connection.execute(query)]
+        if derived:
+            records = [r for r in records if r.status == status]
+        return records if limit is None else records[:limit]
 
     def load_steps(self, run_id: str) -> dict[str, StepRecord]:
         from sqlalchemy import select
@@ -407,7 +528,7 @@ class Journal:
         from ..observability._schema import steps
 
         self.flush()
-        with self.engine.connect() as connection:
+        with self._store("read a durable run's steps"), self.engine.connect() as connection:
             rows = connection.execute(select(steps).where(steps.c.run_id == run_id)).all()
         return {
             row.step_key: StepRecord(
@@ -422,32 +543,10 @@ class Journal:
             for row in rows
         }
 
-    # -- steps (from the event loop: queued, written in order by a thread) --------------------
-
-    def record_step(
-        self,
-        run_id: str,
-        key: str,
-        name: str,
-        kind: str,
-        input_hash: str,
-        output: str | None,
-        position: int | None = None,
-    ) -> None:
-        self._enqueue(
-            {
-                "run_id": run_id,
-                "step_key": key,
-                "name": name,
-                "kind": kind,
-                "input_hash": input_hash,
-                "output": output,
-                "created_at": time.time(),
-                "position": position,
-            }
-        )
+    # -- the writer's thread ----------------------------------------------------------------
 
     def flush(self, timeout: float = 60.0) -> None:
+        """From any thread: wait until everything queued so far is committed (or failed)."""
         # An empty queue is not enough: the writer may hold rows it has not committed yet.
         # (Queue first, then the lock: the writer takes the lock before it empties the queue.)
         if not self._queue and not self._writing.locked():
@@ -471,10 +570,15 @@ class Journal:
 
     def _run(self) -> None:
         while True:
-            self._wake.wait(1.0)
+            now = time.monotonic()
+            if self._held and now >= self._next_heartbeat:
+                self._next_heartbeat = now + _heartbeat_interval()
+                self._renew_held()
+            wait = _heartbeat_interval() if self._held else 1.0
+            self._wake.wait(wait)
             self._wake.clear()
             while self._queue:
-                batch: list[dict[str, Any] | _RunRequest] = []
+                batch: list[_Request] = []
                 markers: list[_Flush] = []
                 with self._writing:
                     while self._queue and len(batch) < 1000:
@@ -488,45 +592,82 @@ class Journal:
                 for marker in markers:
                     marker.done.set()
 
-    def _write_batch(self, batch: list[dict[str, Any] | _RunRequest]) -> None:
-        """Everything queued, in one transaction: run starts, steps, run finishes. A run's
-        start was queued before its steps, and its steps before its finish, so whichever of
-        them share a batch are committed together, and none is on disk before what preceded it.
-        """
-        rows = [item for item in batch if isinstance(item, dict)]
-        requests = [item for item in batch if isinstance(item, _RunRequest)]
-        starts: dict[str, _RunRequest] = {}
-        repeats: list[_RunRequest] = []  # an id started twice in one batch: the second waits
-        finishes: list[_RunRequest] = []
-        syncs: list[_RunRequest] = []
-        for request in requests:
-            if request.kind == "finish":
-                finishes.append(request)
+    def _renew_held(self) -> None:
+        """Renew the leases of every run this process executes, in one transaction."""
+        with self._held_lock:
+            held = list(self._held.items())
+        try:
+            with self._store("renew leases"), self.engine.begin() as connection:
+                kept = self._renew(connection, held, time.time())
+        except Exception as exc:  # the next commit reports it to the run; keep trying
+            _log.warning("kagura: renewing %d durable runs' leases failed: %s", len(held), exc)
+            return
+        for run_id, owner in held:
+            if (run_id, owner) not in kept and self._held.get(run_id) == owner:
+                _log.warning(
+                    "kagura: durable run %s was taken over by another process; this process "
+                    "commits nothing more of it",
+                    run_id,
+                )
+                self.let_go(run_id, owner)
+
+    def _write_batch(self, batch: list[_Request]) -> None:
+        """Everything queued, in one transaction: starts, then (for the runs this process still
+        holds: see the module's docstring) steps, finishes and releases. Requests were queued in
+        order, so none is on disk before what preceded it."""
+        starts: dict[str, _Request] = {}
+        repeats: list[_Request] = []  # an id started twice in one batch: the second waits
+        leased: list[_Request] = []
+        syncs: list[_Request] = []
+        for request in batch:
+            if request.kind == "start":
+                if request.values["run_id"] in starts:
+                    repeats.append(request)
+                else:
+                    starts[request.values["run_id"]] = request
             elif request.kind == "sync":
                 syncs.append(request)
-            elif request.values["run_id"] in starts:
-                repeats.append(request)
             else:
-                starts[request.values["run_id"]] = request
+                leased.append(request)
+        held: set[tuple[str, str]] = set()
         try:
-            with self.engine.begin() as connection:
+            with self._store("journal durable runs"), self.engine.begin() as connection:
+                now = time.time()
+                # The lease first: its renewal takes the write lock (SQLite) or the run rows'
+                # locks (PostgreSQL), so no claim can slip in before this transaction commits.
+                pairs = {r.lease for r in leased if r.lease is not None}
+                held = self._renew(connection, pairs, now) if pairs else set()
                 created = (
                     self._insert_runs(connection, [r.values for r in starts.values()])
                     if starts
                     else set()
                 )
+                mine = [r for r in leased if r.lease in held]
+                rows = [r.values for r in mine if r.kind == "step"]
                 if rows:
                     connection.execute(self._steps_upsert(), rows)
+                finishes = [r.values for r in mine if r.kind == "finish"]
                 if finishes:
-                    connection.execute(_finish_statement(), [r.values for r in finishes])
+                    connection.execute(_finish_statement(), finishes)
+                releases = [r.values for r in mine if r.kind == "release"]
+                if releases:
+                    connection.execute(_release_statement(), releases)
         except Exception as exc:
-            if rows:
-                _log.exception("kagura: journaling %d steps failed", len(rows))
-            _settle([(r, None, exc) for r in requests])
+            if leased:
+                _log.warning("kagura: journaling %d durable writes failed: %s", len(leased), exc)
+            _settle([(r, None, exc) for r in batch])
             return
-        answers: list[tuple[_RunRequest, Any, BaseException | None]] = [
-            (r, None, None) for r in (*finishes, *syncs)
-        ]
+        answers: list[tuple[_Request, Any, BaseException | None]] = [(r, None, None) for r in syncs]
+        for request in leased:
+            lease = request.lease
+            assert lease is not None
+            if lease not in held:
+                self.let_go(*lease)
+                answers.append((request, None, RunTakenOverError(lease[0])))
+                continue
+            if request.kind != "step":  # finished or released: no lease to renew any more
+                self.let_go(*lease)
+            answers.append((request, None, None))
         for request in (*starts.values(), *repeats):
             try:
                 answers.append((request, self._started(request.values, created), None))
@@ -534,6 +675,41 @@ class Journal:
                 answers.append((request, None, exc))
             created.discard(request.values["run_id"])  # a repeat finds it made, not by itself
         _settle(answers)
+
+    def _renew(
+        self, connection: Any, pairs: Iterable[tuple[str, str]], now: float
+    ) -> set[tuple[str, str]]:
+        """Renew the lease of each (run id, owner) whose owner still holds the run; the pairs
+        that do. In the caller's transaction, which this makes hold those runs until it ends."""
+        from sqlalchemy import bindparam, select, update
+
+        from ..observability._schema import runs
+
+        pairs = list(pairs)
+        if not pairs:
+            return set()
+        connection.execute(
+            update(runs)
+            .where(
+                runs.c.run_id == bindparam("b_run_id"),
+                runs.c.owner == bindparam("b_owner"),
+                runs.c.status == "running",
+                # 0 is a released lease (a cancelled run): a heartbeat must not revive it.
+                runs.c.heartbeat_at > 0,
+            )
+            .values(heartbeat_at=now),
+            [{"b_run_id": run_id, "b_owner": owner} for run_id, owner in pairs],
+        )
+        held: set[tuple[str, str]] = set()
+        ids = sorted({run_id for run_id, _ in pairs})
+        for start in range(0, len(ids), _CHUNK):
+            query = select(runs.c.run_id, runs.c.owner).where(
+                runs.c.run_id.in_(ids[start : start + _CHUNK]),
+                runs.c.status == "running",
+                runs.c.heartbeat_at == now,
+            )
+            held.update((row.run_id, row.owner) for row in connection.execute(query))
+        return held & set(pairs)
 
     def _steps_upsert(self) -> Any:
         from ..observability._recorder import _dialect_insert
@@ -548,6 +724,38 @@ class Journal:
                 for c in ("name", "kind", "input_hash", "output", "position")
             },
         )
+
+
+def close_interrupted_spans(connection: Any, run_ids: list[str], now: float) -> int:
+    """Close the spans still marked running in the run trees ``run_ids`` as interrupted (their
+    process is known dead, or the run was taken over); how many."""
+    from sqlalchemy import update
+
+    from ..observability._schema import spans
+
+    if not run_ids:
+        return 0
+    closed = connection.execute(
+        update(spans)
+        .where(spans.c.run_id.in_(run_ids), spans.c.status == "running")
+        .values(
+            status="interrupted",
+            ended_at=now,
+            duration_ms=(now - spans.c.started_at) * 1000.0,
+            error="its process stopped before it ended (the run was taken over)",
+            error_type="Interrupted",
+        )
+    )
+    return int(closed.rowcount or 0)
+
+
+def _is_database_error(error: BaseException) -> bool:
+    """Raised by the database or its driver (not a bug of ours)?"""
+    if isinstance(error, OSError | ImportError):
+        return True
+    from sqlalchemy.exc import DBAPIError, NoSuchModuleError
+
+    return isinstance(error, DBAPIError | NoSuchModuleError)
 
 
 def _finish_statement() -> Any:
@@ -570,8 +778,21 @@ def _finish_statement() -> Any:
     )
 
 
-def _settle(answers: list[tuple[_RunRequest, Any, BaseException | None]]) -> None:
-    """Hand each answer to its caller's loop: one call per loop, not one per run."""
+def _release_statement() -> Any:
+    """A run's lease given up by the owner that holds it: resumable at once."""
+    from sqlalchemy import bindparam, update
+
+    from ..observability._schema import runs
+
+    return (
+        update(runs)
+        .where(runs.c.run_id == bindparam("b_run_id"), runs.c.owner == bindparam("b_owner"))
+        .values(heartbeat_at=0.0, updated_at=time.time())
+    )
+
+
+def _settle(answers: list[tuple[_Request, Any, BaseException | None]]) -> None:
+    """Hand each answer to its caller's loop: one call per loop, not one per request."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
     for request, value, error in answers:
         by_loop.setdefault(request.loop, []).append((request.future, value, error))

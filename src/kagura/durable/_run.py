@@ -10,7 +10,6 @@ than mixing results of two different executions.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import inspect
 import re
@@ -45,10 +44,20 @@ class DurableRun:
     """The journal of one run, loaded at its start, and where new steps are recorded.
 
     ``replay_only`` runs (``kagura.testing.replay``) never call out: a step missing from the
-    journal is an error, and nothing is written.
+    journal is an error, and nothing is written. ``replayed`` counts the steps this execution
+    took from the journal, ``recorded`` those it ran and journaled.
     """
 
-    __slots__ = ("_by_position", "journal", "replay_only", "replayed", "run_id", "steps")
+    __slots__ = (
+        "_by_position",
+        "journal",
+        "owner",
+        "recorded",
+        "replay_only",
+        "replayed",
+        "run_id",
+        "steps",
+    )
 
     def __init__(
         self,
@@ -56,13 +65,16 @@ class DurableRun:
         journal: Journal | None,
         steps: dict[str, StepRecord],
         *,
+        owner: str = "",
         replay_only: bool = False,
     ) -> None:
         self.run_id = run_id
         self.journal = journal
+        self.owner = owner
         self.steps = steps
         self.replay_only = replay_only
         self.replayed = 0
+        self.recorded = 0
         self._by_position: dict[tuple[str, int], StepRecord] | None = None
 
     def lookup(
@@ -110,7 +122,7 @@ class DurableRun:
                 f"of the run, the code now calls {kind} {name!r}",
             )
 
-    def record(
+    async def record(
         self,
         key: str,
         name: str,
@@ -119,19 +131,19 @@ class DurableRun:
         output: str | None,
         position: int = -1,
     ) -> None:
+        """Journal a completed step and return once it is committed: nothing of the workflow
+        sees the step's result before it is durable. Raises
+        :class:`~kagura.errors.RunTakenOverError` when another process has taken the run over
+        (the step is then not journaled), :class:`~kagura.errors.StoreError` when the store
+        cannot be written."""
         if self.replay_only or self.journal is None:
             return
         pos = position if position >= 0 else None
+        await self.journal.commit_step(
+            self.run_id, self.owner, key, name, kind, digest, output, pos
+        )
         self.steps[key] = StepRecord(key, name, kind, digest, output, None, pos)
-        self.journal.record_step(self.run_id, key, name, kind, digest, output, pos)
-
-    async def committed(self) -> None:
-        """Wait until the steps recorded so far are committed; a failed commit was logged, and
-        the run goes on (as it does when an agent call's step fails to be journaled)."""
-        if self.replay_only or self.journal is None:
-            return
-        with contextlib.suppress(Exception):
-            await self.journal.committed()
+        self.recorded += 1
 
 
 current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_run", default=None)
@@ -147,9 +159,10 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
 
     In a durable run the step's result is journaled, and a resumed run returns it without
     calling ``fn`` again: use it for side effects that must happen once (charging a card,
-    sending an email). The journal entry is committed before ``step`` returns, so nothing after
-    the step runs until it is; a process that dies between ``fn``'s effect and that commit runs
-    ``fn`` again on resume (give the effect an idempotency key where the service takes one).
+    sending an email). The journal entry is committed before ``step`` returns (as for agent and
+    tool calls), so nothing after the step runs until it is; a process that dies between
+    ``fn``'s effect and that commit runs ``fn`` again on resume: steps run at least once, so
+    give the effect an idempotency key where the service takes one.
     The result must be JSON-serialisable; on replay it is validated against ``fn``'s return
     annotation when it has one. Outside a durable run it just runs and records.
     """
@@ -171,7 +184,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
             result = await result
         value = cast(T, result)  # the awaited result of fn: its declared T
         if durable is not None:
-            durable.record(
+            await durable.record(
                 span.step_key,
                 name,
                 "step",
@@ -179,7 +192,6 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
                 pydantic_core.to_json(value).decode(),
                 span._position,
             )
-            await durable.committed()
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)
         raise

@@ -101,6 +101,9 @@ runs = Table(
     Column("owner", String(64)),  # who holds the lease
     Column("pid", BigInteger),
     Column("host", String(255)),
+    # Which process the pid named (boot id and start time, see kagura._process): a reused pid
+    # is told apart from the process that held the run.
+    Column("pid_start", String(64)),
     Column("heartbeat_at", Float),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),

@@ -1,0 +1,237 @@
+"""Leases: a run whose process is gone is resumable at once on its own host (other hosts wait for
+the lease); a process that lost its lease commits nothing more of the run; ``recover`` resumes
+every interrupted run exactly once, however many processes recover at the same moment.
+
+No test here depends on a heartbeat arriving on time: leases are made stale by writing the
+store, and heartbeats are switched off where a test needs a lease to stay stale.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+import kagura
+from kagura import _process, workflow
+from kagura.durable import Journal
+from kagura.errors import RunInProgressError, RunTakenOverError
+from kagura.observability._schema import runs
+from kagura.testing.fault_server import FaultServer
+
+from . import workflows
+from .conftest import Child, await_until
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
+    """The fault server, as every process's OpenAI endpoint (this one's and the children's)."""
+    with FaultServer.run_in_thread() as running:
+        monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
+        yield running
+
+
+def sent(server: FaultServer) -> Counter[str]:
+    """What reached the provider, from any process: prompts and how often each was sent."""
+    return Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
+
+
+def set_run(journal: Journal, run_id: str, **values: Any) -> None:
+    with journal.engine.begin() as connection:
+        connection.execute(update(runs).where(runs.c.run_id == run_id).values(**values))
+
+
+# -- a dead process's run is interrupted at once on its host --------------------------------------
+
+
+async def test_a_killed_process_run_is_resumable_at_once(
+    journal: Journal, server: FaultServer, spawn: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    child: Child = spawn("run", "relay", "relay-1", json.dumps(["tea", str(gate)]))
+    await await_until(lambda: "relay/alpha#0" in journal.load_steps("relay-1"), "the first call")
+    with pytest.raises(RunInProgressError, match=f"process {child.pid} on this host"):
+        await workflows.relay.resume("relay-1")
+    assert [r.run_id for r in journal.list_runs(status="running")] == ["relay-1"]
+
+    os.kill(child.pid, signal.SIGKILL)
+    await asyncio.to_thread(child.process.wait, 10)
+    # No waiting: its process is gone, and this is its host. (The lease is the default 30 s.)
+    record = journal.get_run("relay-1")
+    assert record is not None and record.status == "interrupted"
+    assert time.time() - (record.heartbeat_at or 0) < 30
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["relay-1"]
+    assert journal.list_runs(status="running") == []
+
+    gate.touch()
+    assert await workflows.relay.resume("relay-1") == "BETA report on ALPHA report on tea.."
+    assert sent(server) == Counter(
+        {"ALPHA report on tea.": 1, "BETA report on ALPHA report on tea..": 1}
+    )
+    record = journal.get_run("relay-1")
+    assert record is not None
+    assert (record.status, record.attempts, record.pid) == ("completed", 2, os.getpid())
+
+
+def test_a_reused_pid_or_a_restarted_host_holds_no_run(journal: Journal) -> None:
+    """The pid alone is not the process: a live process that got the dead one's pid, or any
+    process after the machine restarted, does not hold the run."""
+    journal.start("held-1", "wf", None, "{}", owner="me")
+    record = journal.get_run("held-1")
+    assert record is not None and record.status == "running"
+    assert record.pid == os.getpid() and record.host == _process.HOST
+    boot = (record.pid_start or "").partition(":")[0]
+    if not boot:
+        pytest.skip("no /proc here: a reused pid cannot be told apart")
+
+    set_run(journal, "held-1", pid_start=f"{boot}:1")  # this pid, another process's start
+    assert getattr(journal.get_run("held-1"), "status", None) == "interrupted"
+    set_run(journal, "held-1", pid_start=f"another-boot:{record.pid_start}")
+    assert getattr(journal.get_run("held-1"), "status", None) == "interrupted"
+
+    # Another host's run: nothing can be known of its process from here; its lease decides.
+    set_run(journal, "held-1", host="elsewhere.example", pid_start="x:1")
+    assert getattr(journal.get_run("held-1"), "status", None) == "running"
+    set_run(journal, "held-1", heartbeat_at=time.time() - 31)
+    assert getattr(journal.get_run("held-1"), "status", None) == "interrupted"
+
+
+def test_a_gone_process_run_is_claimed_whatever_its_heartbeat(journal: Journal) -> None:
+    journal.start("held-2", "wf", None, "{}", owner="me")
+    record = journal.get_run("held-2")
+    assert record is not None and record.pid_start
+    assert not journal.claim("held-2", "you")  # its process (this one) is alive
+    set_run(journal, "held-2", pid_start=record.pid_start.partition(":")[0] + ":1")
+    assert journal.claim("held-2", "you")
+    assert not journal.claim("held-2", "them")  # once: the new owner holds it now
+    assert not journal.heartbeat("held-2", "me") and journal.heartbeat("held-2", "you")
+
+
+# -- fencing: a process that lost its lease commits nothing more ---------------------------------
+
+
+async def test_a_process_that_lost_its_lease_commits_nothing_more(
+    journal: Journal,
+    server: FaultServer,
+    spawn: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """This process runs ``relay`` and stalls at its gate (as a loaded machine stalls) long
+    enough for its lease to run out; another process takes the run over. When this one goes
+    on, its next commit is refused: it ends with RunTakenOverError, and the other finishes."""
+    monkeypatch.setattr(Journal, "_renew_held", lambda self: None)  # no heartbeats from here
+    gate = tmp_path / "gate"
+    here = asyncio.create_task(workflows.relay.run("tea", str(gate), run_id="fenced"))
+    await await_until(lambda: "relay/alpha#0" in journal.load_steps("fenced"), "the first call")
+    set_run(journal, "fenced", heartbeat_at=1.0)  # the lease ran out while this process stalled
+
+    taker: Child = spawn("resume", "fenced")
+    await await_until(
+        lambda: getattr(journal.get_run("fenced"), "pid", None) == taker.pid, "the takeover"
+    )
+    gate.touch()  # both go on past the gate: only the new owner's commit is taken
+    with pytest.raises(RunTakenOverError, match="'fenced' was taken over by another process"):
+        await here
+    outcome = await asyncio.to_thread(taker.finish)
+    assert outcome == {
+        "ok": True,
+        "result": "BETA report on ALPHA report on tea..",
+        "pid": taker.pid,
+    }, taker.stderr
+    record = journal.get_run("fenced")
+    assert record is not None
+    assert (record.status, record.attempts, record.pid) == ("completed", 2, taker.pid)
+    # This process never went past its refused commit: the second call was sent once, by the
+    # process that took the run over.
+    assert sent(server) == Counter(
+        {"ALPHA report on tea.": 1, "BETA report on ALPHA report on tea..": 1}
+    )
+
+
+async def test_no_step_is_committed_after_a_takeover(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run committing steps as fast as it can is taken over at an arbitrary moment. Every
+    step its process was told is committed is among those the new owner loads right after its
+    claim (none lands after it), and the old process ends with RunTakenOverError."""
+    monkeypatch.setattr(Journal, "_renew_held", lambda self: None)
+    acknowledged: list[int] = []
+
+    @workflow(durable=True, name="busy")
+    async def busy() -> int:
+        for n in range(100_000):
+            await kagura.step("tick", int, n)
+            acknowledged.append(n)
+        return -1
+
+    loaded: dict[str, Any] = {}
+
+    def take_over() -> None:
+        record = journal.get_run("busy-1")
+        assert record is not None and record.pid_start
+        # Its process is alive, but looks gone (a pid start of another process): the claim
+        # does not depend on any heartbeat, and lands whenever this thread gets to it.
+        set_run(journal, "busy-1", pid_start=record.pid_start.partition(":")[0] + ":1")
+        assert journal.claim("busy-1", "taker", allow_failed=False)
+        loaded.update(journal.load_steps("busy-1"))
+
+    run = asyncio.create_task(busy.run(run_id="busy-1"))
+    await await_until(lambda: len(journal.load_steps("busy-1")) >= 50, "fifty steps")
+    thread = threading.Thread(target=take_over)
+    thread.start()
+    with pytest.raises(RunTakenOverError):
+        async with asyncio.timeout(60):
+            await run
+    await asyncio.to_thread(thread.join, 30)
+    assert acknowledged, "no step was committed before the takeover"
+    committed = {int(key.rsplit("#", 1)[1]) for key in loaded}
+    assert set(acknowledged) <= committed
+    record = journal.get_run("busy-1")
+    assert record is not None and record.owner == "taker" and record.status == "running"
+
+
+# -- recover: every interrupted run, once --------------------------------------------------------
+
+
+async def test_processes_recovering_at_once_resume_each_run_exactly_once(
+    journal: Journal, server: FaultServer, spawn: Any, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    topics = [f"topic{n}" for n in range(6)]
+    tasks = [asyncio.create_task(workflows.relay.run(t, str(gate), run_id=t)) for t in topics]
+    await await_until(
+        lambda: all("relay/alpha#0" in journal.load_steps(t) for t in topics), "the first calls"
+    )
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert {r.run_id for r in journal.list_runs(status="interrupted")} == set(topics)
+    gate.touch()
+
+    recoverers = [spawn("recover") for _ in range(3)]
+    outcomes = [await asyncio.to_thread(child.finish) for child in recoverers]
+    assert all(o["ok"] for o in outcomes), [c.stderr for c in recoverers]
+    completed = Counter(run for o in outcomes for run, what in o["result"] if what == "completed")
+    assert completed == Counter({t: 1 for t in topics})
+    assert {what for o in outcomes for _, what in o["result"]} <= {"completed", "taken"}
+    for topic in topics:
+        record = journal.get_run(topic)
+        assert record is not None and (record.status, record.attempts) == ("completed", 2)
+    # Each run's second call went to the provider once, from whichever process resumed it.
+    assert sent(server) == Counter(
+        {
+            **{f"ALPHA report on {t}.": 1 for t in topics},
+            **{f"BETA report on ALPHA report on {t}..": 1 for t in topics},
+        }
+    )
