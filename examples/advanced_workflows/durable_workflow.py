@@ -7,17 +7,19 @@ run in the event store. This script shows what that buys when the process runnin
    research -> outline -> three sections in parallel -> summary -> publish (a ``kagura.step``
    side effect: it appends the report to an outbox file).
 2. This process watches the journal and, once research and outline are journaled, kills the child
-   with SIGKILL: no cleanup, no ``finally``, like an OOM kill or a lost machine.
-3. The run stays marked ``running`` until its lease runs out (nobody renews the heartbeat), then
-   it is listed as ``interrupted`` (``kagura runs list --status interrupted``).
+   with SIGKILL: no cleanup, no ``finally``, like an OOM kill.
+3. The run is listed as ``interrupted`` at once (``kagura runs list --status interrupted``): its
+   process is gone, and this is the host it ran on. (A run of another host is interrupted once
+   its lease runs out: ``KAGURA_LEASE_SECONDS``, 30 s by default.)
 4. ``await write_report.resume(run_id)`` finishes it in this process: research and outline come
-   from the journal (no model call), the sections, summary and publish run.
+   from the journal (no model call), the sections, summary and publish run. Each step's result
+   was journaled before the workflow saw it, so nothing the child saw is run again.
 5. Running the same run id again returns the recorded result; ``kagura.testing.replay`` runs the
    workflow against its journal alone; the outbox got exactly one entry.
 6. ``kagura runs show`` prints the run and its journaled steps.
 
-The lease is 30 s by default (``KAGURA_LEASE_SECONDS``); this demo sets it to 2 s for itself and
-its child so that it does not wait that long.
+A service would call ``kagura.durable.recover()`` (or run ``kagura runs recover``) when it
+starts, to resume every run its host was executing when it died.
 
 Run it (no API key needed: agents that name no model run on the embedded SmolLM2-135M model):
 
@@ -47,7 +49,6 @@ from kagura.durable import Journal, RunRecord, journal_for
 from kagura.providers import resolve_model
 from kagura.testing import replay
 
-LEASE_SECONDS = "2"  # the default is 30: how long a dead process keeps its run
 TOPIC = "community solar power"
 SECTIONS = ("Background", "Today", "Outlook")
 KILL_AFTER_STEPS = 2  # research and outline
@@ -163,7 +164,7 @@ def start_child(run_id: str, outbox: str) -> subprocess.Popen[bytes]:
 
 
 # ---------------------------------------------------------------------------------------------
-# The parent: watch the journal, kill, wait for the lease, resume
+# The parent: watch the journal, kill, resume
 # ---------------------------------------------------------------------------------------------
 
 
@@ -190,17 +191,6 @@ def kill(child: subprocess.Popen[bytes]) -> None:
     """SIGKILL: the process cannot catch it, clean up or mark its run as anything."""
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=30)
-
-
-def wait_until_interrupted(journal: Journal, run_id: str, timeout: float = 60.0) -> float:
-    """Seconds until the run's lease has run out and it shows as interrupted."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        record = journal.get_run(run_id)
-        if record is not None and record.status == "interrupted":
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise TimeoutError(f"run {run_id} still holds its lease after {timeout:g} s")
 
 
 def journaled_names(journal: Journal, run_id: str) -> list[str]:
@@ -241,16 +231,11 @@ async def finish(run_id: str, outbox: str) -> Report:
 
 def main() -> None:
     started = time.perf_counter()
-    os.environ["KAGURA_LEASE_SECONDS"] = LEASE_SECONDS  # inherited by the child
     run_id = f"report-{uuid.uuid4().hex[:8]}"
     outbox = str(Path(tempfile.mkdtemp(prefix="kagura-outbox-")) / "outbox.jsonl")
     journal = journal_for()
     say(f"Agents that name no model run on: {resolve_model(None).id}")
     say(f"Journal: the event store {journal.url}")
-    say(
-        f"KAGURA_LEASE_SECONDS={LEASE_SECONDS}: set by this demo for itself and its child (the "
-        "default is 30 s),\nso that a dead process's run can be resumed after 2 s."
-    )
 
     header(f"1. A child process starts durable run {run_id}")
     child = start_child(run_id, outbox)
@@ -268,16 +253,15 @@ def main() -> None:
         say("  run is done before it can be killed, and the resume below just returns it")
     say(f"  journaled so far: {', '.join(journaled_names(journal, run_id)) or 'nothing'}")
 
-    header("3. Wait for the lease to run out")
+    header("3. The run is interrupted at once")
     record = journal.get_run(run_id)
     if record is not None and record.status in ("running", "interrupted"):
-        say(f"  status now: {record.status} (the lease is {LEASE_SECONDS} s; nobody renews it)")
-        waited = wait_until_interrupted(journal, run_id)
-        say(f"  interrupted after {waited:.1f} s. `kagura runs list --status interrupted`:")
+        say(f"  status right after the kill: {record.status} (its process is gone, and this is")
+        say("  the host it ran on: no lease to wait for). `kagura runs list --status interrupted`:")
         sys.stdout.flush()
         kagura_cli(["runs", "list", "--status", "interrupted", "--limit", "3"])
     else:
-        say(f"  nothing to wait for: the run is {record.status if record else 'missing'}")
+        say(f"  nothing to resume: the run is {record.status if record else 'missing'}")
 
     asyncio.run(finish(run_id, outbox))
 

@@ -372,8 +372,9 @@ def _runs_list(args: argparse.Namespace) -> int:
         return 0
     table = _cli.runs_table(records, width=console.width)
     table.caption = (
-        f"{len(records)} shown, most recently updated first · interrupted = running with an "
-        f"expired lease (KAGURA_LEASE_SECONDS={lease_seconds():g}) · {redact_url(url)}"
+        f"{len(records)} shown, most recently updated first · interrupted = its process is "
+        f"gone, or its lease (KAGURA_LEASE_SECONDS={lease_seconds():g}) ran out · "
+        f"{redact_url(url)}"
     )
     console.print(table)
     return 0
@@ -635,8 +636,9 @@ def _add_runs(commands: Any) -> None:
         help="a table of durable runs",
         description="Durable runs, most recently updated first: status, steps journaled, "
         "attempts, times, the process that runs (or ran) them and their error. A run is "
-        "'interrupted' when it is still marked running but its process stopped renewing its "
-        "lease (KAGURA_LEASE_SECONDS, default 30): it died, and can be resumed.",
+        "'interrupted' when it is still marked running but its process is gone (known at once "
+        "on the host that ran it) or stopped renewing its lease (KAGURA_LEASE_SECONDS, default "
+        "30): it can be resumed.",
         epilog="examples:\n  kagura runs list --status interrupted\n"
         "  kagura runs list --workflow write_report --limit 10",
         formatter_class=formatter,

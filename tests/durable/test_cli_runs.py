@@ -2,8 +2,10 @@
 on the fake model, in a temporary SQLite store.
 
 The workflows live in a module written into ``tmp_path`` (unique name per test), so that a
-``kagura runs resume`` subprocess can import them from the target the run recorded. One test
-kills a process in the middle of a run (SIGKILL) and finishes the run from the command line.
+``kagura runs resume`` subprocess can import them from the target the run recorded. Their agents
+call the fault server, whichever process runs them: the tests count there what reached the
+provider. One test kills a process in the middle of a run (SIGKILL) and finishes the run from the
+command line.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +26,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from kagura.cli import main
 from kagura.durable import Journal, RunRecord, _cli, journal_for
 from kagura.observability import _engine as engine_registry
+from kagura.observability._schema import runs
+from kagura.testing.fault_server import FaultServer
 
-LEASE = 2.0  # seconds: long enough for a loaded machine to renew, short enough to wait out
 WAIT_TIMEOUT = 30.0
 
 WORKFLOWS = '''
@@ -40,12 +45,12 @@ import kagura
 from kagura import agent, workflow
 
 
-@agent(model="fake/echo")
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
 async def outline(topic: str) -> str:
     """Outline a report on {{ topic }}."""
 
 
-@agent(model="fake/echo")
+@agent(model="openai/test-model", api_key="sk-test", retry=False)
 async def section(topic: str, title: str) -> str:
     """Write the {{ title }} section of a report on {{ topic }}."""
 
@@ -91,6 +96,7 @@ class Env:
     hold_file: Path
     flag: Path
     ledger: Path
+    server: FaultServer
 
     @property
     def journal(self) -> Journal:
@@ -111,12 +117,16 @@ class Env:
     def ledger_lines(self) -> list[str]:
         return self.ledger.read_text().splitlines() if self.ledger.exists() else []
 
+    def sent(self) -> Counter[str]:
+        """What reached the provider from any process: each prompt and how often."""
+        return Counter(str(r.messages[-1]["content"]) for r in self.server.chat_requests)
+
 
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     db = tmp_path / "events.db"
     monkeypatch.setenv("KAGURA_DB", str(db))
-    monkeypatch.setenv("KAGURA_LEASE_SECONDS", str(LEASE))
+    monkeypatch.delenv("KAGURA_LEASE_SECONDS", raising=False)  # the default, 30 s
     monkeypatch.setenv("KAGURA_RECORD", "0")
     monkeypatch.setenv("COLUMNS", "220")  # every column of the tables fits
     monkeypatch.delenv("KAGURA_DURABLE", raising=False)
@@ -124,7 +134,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     (tmp_path / f"{name}.py").write_text(WORKFLOWS, encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module(name)
-    yield Env(db, module, tmp_path / "hold", tmp_path / "flag", tmp_path / "ledger.txt")
+    with FaultServer.run_in_thread() as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+        yield Env(db, module, tmp_path / "hold", tmp_path / "flag", tmp_path / "ledger.txt", server)
     sys.modules.pop(name, None)
     url = engine_registry.normalise_url(str(db))
     with engine_registry._lock:
@@ -159,7 +171,7 @@ def cli_command() -> list[str]:
 
 
 def child_env(env: Env, **extra: str) -> dict[str, str]:
-    full = {**os.environ, "KAGURA_DB": str(env.db), "KAGURA_LEASE_SECONDS": str(LEASE)}
+    full = {**os.environ, "KAGURA_DB": str(env.db)}
     full["KAGURA_RECORD"] = "0"
     full.update(extra)
     return full
@@ -196,7 +208,7 @@ def test_list_shows_every_run_with_status_steps_attempts_owner_and_error(
     assert f"{os.getpid()}@" in lines["done-1"]
     # Most recently updated first.
     assert out.index("elsewhere-1") < out.index("broken-1") < out.index("done-1")
-    assert "3 shown" in out and f"KAGURA_LEASE_SECONDS={LEASE:g}" in out
+    assert "3 shown" in out and "KAGURA_LEASE_SECONDS=30" in out
 
 
 def test_list_filters_by_status_workflow_and_limit(
@@ -222,24 +234,28 @@ def test_list_filters_by_status_workflow_and_limit(
 
 
 def test_list_marks_a_run_whose_lease_expired_as_interrupted(
-    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    env: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # A process claimed the run and stopped renewing its lease: it is gone.
-    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "0.3")
+    # A process of another host claimed the run and stopped renewing its lease: it is gone.
     outcome, _ = env.journal.start("ghost-1", "report", "nowhere:report", "{}", owner="ghost")
     assert outcome == "started"
+    with env.journal.engine.begin() as connection:
+        connection.execute(
+            update(runs).where(runs.c.run_id == "ghost-1").values(host="elsewhere.example")
+        )
     _, running, _ = run_cli(capsys, "runs", "list", "--status", "running")
     assert "ghost-1" in running and "… running" in running
 
-    wait_until(
-        lambda: env.journal.list_runs(status="interrupted"), "the lease to run out", timeout=10
-    )
+    with env.journal.engine.begin() as connection:  # its last heartbeat, 31 s ago
+        connection.execute(
+            update(runs).where(runs.c.run_id == "ghost-1").values(heartbeat_at=time.time() - 31)
+        )
     code, out, _ = run_cli(capsys, "runs", "list", "--status", "interrupted")
     assert code == 0 and "ghost-1" in out and "↯ interrupted" in out
     _, running, _ = run_cli(capsys, "runs", "list", "--status", "running")
     assert "ghost-1" not in running
     _, shown, _ = run_cli(capsys, "runs", "show", "ghost-1")
-    assert "lease of 0.3s expired" in shown and "kagura runs resume ghost-1" in shown
+    assert "lease of 30s expired" in shown and "kagura runs resume ghost-1" in shown
 
 
 def test_list_with_nothing_recorded_yet(
@@ -324,10 +340,12 @@ def test_resume_finishes_a_failed_run_without_repeating_journaled_steps(
     made: Env, capsys: pytest.CaptureFixture[str]
 ) -> None:
     made.flag.unlink()
+    sent_before = made.sent()
     code, out, err = run_cli(capsys, "runs", "resume", "broken-1")
     assert code == 0, err
     assert "Resuming run broken-1 (failed, 4 steps journaled, attempt 2)" in out
     assert "4 steps came from the journal (not run again), 1 ran now" in out
+    assert made.sent() == sent_before  # the journaled agent calls were not sent again
     assert "published wind: Outline a report on wind." in out
     record = made.journal.get_run("broken-1")
     assert record is not None and record.status == "completed" and record.attempts == 2
@@ -389,10 +407,8 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line
         if child.stderr is not None:
             child.stderr.close()
 
-    wait_until(
-        lambda: getattr(env.journal.get_run("killed-1"), "status", None) == "interrupted",
-        "the lease of the killed process to run out",
-    )
+    # At once: its process is gone, and this is its host (the lease is the default 30 s).
+    assert getattr(env.journal.get_run("killed-1"), "status", None) == "interrupted"
     _, out, _ = run_cli(capsys, "runs", "list", "--status", "interrupted")
     assert "killed-1" in out and "↯ interrupted" in out
 
@@ -411,6 +427,15 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line
     assert "3 steps came from the journal (not run again), 2 ran now" in resumed.stdout
     assert "published hydro: Outline a report on hydro." in resumed.stdout
     assert env.ledger_lines() == ["hydro"]
+    # Each agent call reached the provider once: the killed process's, journaled, were not
+    # sent again by the process that resumed the run.
+    assert env.sent() == Counter(
+        {
+            "Outline a report on hydro.": 1,
+            "Write the intro section of a report on hydro.": 1,
+            "Write the body section of a report on hydro.": 1,
+        }
+    )
 
     record = env.journal.get_run("killed-1")
     assert record is not None and record.status == "completed" and record.attempts == 2
@@ -420,12 +445,70 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line
     assert "killed-1" in out
 
 
+def test_recover_resumes_every_interrupted_run_of_this_host(
+    env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    env.hold_file.touch()
+    children = []
+    for topic in ("wind", "tide"):
+        script = (
+            f"import asyncio, {env.module.__name__} as m\n"
+            f"asyncio.run(m.report.run({topic!r}, {str(env.hold_file)!r}, {str(env.flag)!r}, "
+            f"{str(env.ledger)!r}, run_id='crashed-{topic}'))"
+        )
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=child_env(env, PYTHONPATH=str(tmp_path)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        wait_until(
+            lambda: all(
+                getattr(env.journal.get_run(f"crashed-{t}"), "steps", 0) >= 3
+                for t in ("wind", "tide")
+            ),
+            "both children to reach the hold step",
+        )
+    finally:
+        for child in children:
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=30)
+    env.hold_file.unlink()
+
+    recovered = subprocess.run(
+        [*cli_command(), "runs", "recover", "--db", str(env.db)],
+        env=child_env(env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert recovered.returncode == 0, recovered.stderr
+    rows = {line.split()[0]: line for line in recovered.stdout.splitlines() if line.strip()}
+    for topic in ("wind", "tide"):
+        assert "completed" in rows[f"crashed-{topic}"]
+        assert rows[f"crashed-{topic}"].split()[3:5] == ["3", "2"]  # from journal, ran now
+        record = env.journal.get_run(f"crashed-{topic}")
+        assert record is not None and (record.status, record.attempts) == ("completed", 2)
+    assert "2 completed" in recovered.stdout
+    assert sorted(env.ledger_lines()) == ["tide", "wind"]
+    assert max(env.sent().values()) == 1  # nothing journaled was sent again
+
+    code, out, _ = run_cli(capsys, "runs", "recover")
+    assert code == 0 and "No interrupted durable runs of this host" in out
+
+
 # -- the parser and the renderers -------------------------------------------------------------
 
 
 def test_runs_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(capsys, "runs")
     assert code == 2 and "list" in err and "show" in err and "resume" in err
+    assert "recover" in err
     code, out, _ = run_cli(capsys, "--help")
     assert code == 0 and "kagura runs --help" in out
 

@@ -1,32 +1,56 @@
 """Several processes on one store: resuming different runs at once, racing for the same run,
-and starting a run id that another process is executing."""
+and starting a run id that another process is executing.
+
+The workflow (``relay``) calls the fault server, in this process and in the children alike, so
+the tests count at the server what reached the provider from every process.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kagura.durable import Journal, _execute
-from kagura.testing import FakeModel
+from kagura.testing.fault_server import FaultServer
 
 from . import workflows
 from .conftest import Child, await_until
 
-EXPECTED = "Review this: Draft a note about {}."
+
+def first(topic: str) -> str:
+    return f"ALPHA report on {topic}."
+
+
+def second(topic: str) -> str:
+    return f"BETA report on ALPHA report on {topic}.."
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
+    """The fault server, as every process's OpenAI endpoint (this one's and the children's)."""
+    with FaultServer.run_in_thread() as running:
+        monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
+        yield running
+
+
+def sent(server: FaultServer) -> Counter[str]:
+    return Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
 
 
 async def interrupted_runs(journal: Journal, gate: Path, *topics: str) -> None:
-    """Start a ``gated`` run per topic (run id = topic), each until its draft is journaled, then
-    cancel them: they are interrupted, resumable at once."""
+    """Start a ``relay`` run per topic (run id = topic), each until its first call is
+    journaled, then cancel them: they are interrupted, resumable at once."""
     tasks = [
-        asyncio.create_task(workflows.gated.run(topic, str(gate), run_id=topic)) for topic in topics
+        asyncio.create_task(workflows.relay.run(topic, str(gate), run_id=topic)) for topic in topics
     ]
     await await_until(
-        lambda: all("gated/draft#0" in journal.load_steps(t) for t in topics), "the drafts"
+        lambda: all("relay/alpha#0" in journal.load_steps(t) for t in topics), "the first calls"
     )
     for task in tasks:
         task.cancel()
@@ -35,7 +59,7 @@ async def interrupted_runs(journal: Journal, gate: Path, *topics: str) -> None:
 
 
 async def test_processes_resume_different_runs_at_once(
-    journal: Journal, model: FakeModel, spawn: Any, tmp_path: Path
+    journal: Journal, server: FaultServer, spawn: Any, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     topics = ("tea", "coffee", "cocoa")
@@ -55,7 +79,7 @@ async def test_processes_resume_different_runs_at_once(
     gate.touch()
     for topic, child in children.items():
         outcome = await asyncio.to_thread(child.finish)
-        assert outcome == {"ok": True, "result": EXPECTED.format(topic), "pid": child.pid}
+        assert outcome == {"ok": True, "result": second(topic), "pid": child.pid}, child.stderr
     for topic in topics:
         record = journal.get_run(topic)
         assert record is not None
@@ -65,12 +89,16 @@ async def test_processes_resume_different_runs_at_once(
             children[topic].pid,
             3,
         )
-        assert set(journal.load_steps(topic)) == {"gated/draft#0", "gated/gate#0", "gated/review#0"}
-    assert len(model.requests) == 3  # the drafts, before the interruption: none was redone
+        assert set(journal.load_steps(topic)) == {"relay/alpha#0", "relay/gate#0", "relay/beta#0"}
+    # Every call reached the provider once, from whichever process made it: the first calls,
+    # journaled before the interruption, were not sent again by the resuming processes.
+    assert sent(server) == Counter(
+        {**{first(t): 1 for t in topics}, **{second(t): 1 for t in topics}}
+    )
 
 
 async def test_two_processes_resuming_one_run_one_wins(
-    journal: Journal, model: FakeModel, spawn: Any, tmp_path: Path
+    journal: Journal, server: FaultServer, spawn: Any, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
     await interrupted_runs(journal, gate, "tea")
@@ -85,20 +113,21 @@ async def test_two_processes_resuming_one_run_one_wins(
     refused = loser.finish()
     assert refused["ok"] is False, refused
     assert refused["error"] == "RunInProgressError"
-    assert f"'tea' is being executed by process {winner.pid} " in refused["message"]
+    assert f"'tea' is being executed by process {winner.pid} on this host" in refused["message"]
     assert winner.process.poll() is None
 
     gate.touch()
     outcome = await asyncio.to_thread(winner.finish)
-    assert outcome == {"ok": True, "result": EXPECTED.format("tea"), "pid": winner.pid}
+    assert outcome == {"ok": True, "result": second("tea"), "pid": winner.pid}
     record = journal.get_run("tea")
     assert record is not None
     assert (record.status, record.attempts, record.pid) == ("completed", 2, winner.pid)
+    assert sent(server) == Counter({first("tea"): 1, second("tea"): 1})
 
 
 async def test_starting_an_id_another_process_runs_waits_for_its_result(
     journal: Journal,
-    model: FakeModel,
+    server: FaultServer,
     spawn: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -112,18 +141,19 @@ async def test_starting_an_id_another_process_runs_waits_for_its_result(
 
     monkeypatch.setattr(_execute, "_wait_for", spy)
     gate = tmp_path / "gate"
-    child = spawn("run", "gated", "order-42", json.dumps(["tea", str(gate)]))
-    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-42"), "the draft")
+    child = spawn("run", "relay", "order-42", json.dumps(["tea", str(gate)]))
+    await await_until(lambda: "relay/alpha#0" in journal.load_steps("order-42"), "the first call")
 
-    here = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-42"))
+    here = asyncio.create_task(workflows.relay.run("tea", str(gate), run_id="order-42"))
     async with asyncio.timeout(10):
         await waiting.wait()  # it found the run busy in the other process
     gate.touch()
     async with asyncio.timeout(30):
-        assert await here == EXPECTED.format("tea")
-    assert model.requests == []  # this process ran nothing: it took the other one's result
+        assert await here == second("tea")
     outcome = await asyncio.to_thread(child.finish)
-    assert outcome == {"ok": True, "result": EXPECTED.format("tea"), "pid": child.pid}
+    assert outcome == {"ok": True, "result": second("tea"), "pid": child.pid}
     record = journal.get_run("order-42")
     assert record is not None
     assert (record.status, record.attempts, record.pid) == ("completed", 1, child.pid)
+    # This process ran nothing: it took the other one's result.
+    assert sent(server) == Counter({first("tea"): 1, second("tea"): 1})

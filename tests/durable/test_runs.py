@@ -16,7 +16,7 @@ from kagura.errors import RunFailedError, RunInProgressError, UsageError
 from kagura.testing import FakeModel
 
 from . import workflows
-from .conftest import Child, await_until, wait_until
+from .conftest import await_until, wait_until
 
 EXPECTED = "Review this: Draft a note about tea."
 
@@ -146,45 +146,6 @@ async def test_resuming_a_live_run_is_refused(
     async with asyncio.timeout(20):
         assert await task == EXPECTED
     assert len(model.requests) == 2
-
-
-async def test_a_dead_process_run_is_interrupted_once_its_lease_expires(
-    journal: Journal,
-    model: FakeModel,
-    spawn: Any,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "1")
-    gate = tmp_path / "gate"
-    child: Child = spawn(
-        "run",
-        "gated",
-        "order-11",
-        json.dumps(["tea", str(gate)]),
-        env={"KAGURA_LEASE_SECONDS": "1"},
-    )
-    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-11"), "the draft")
-    with pytest.raises(RunInProgressError, match=f"process {child.pid} "):
-        await workflows.gated.resume("order-11")
-
-    child.process.kill()
-    await asyncio.to_thread(child.process.wait, 10)
-    interrupted = await await_until(
-        lambda: journal.list_runs(status="interrupted"), "the lease to expire"
-    )
-    assert [(r.run_id, r.status, r.pid, r.steps) for r in interrupted] == [
-        ("order-11", "interrupted", child.pid, 1)
-    ]
-    record = journal.get_run("order-11")
-    assert record is not None and record.status == "interrupted"
-
-    gate.touch()
-    assert await workflows.gated.resume("order-11") == EXPECTED
-    assert prompts(model) == [EXPECTED]  # the draft the dead process journaled is not redone
-    record = journal.get_run("order-11")
-    assert record is not None
-    assert (record.status, record.attempts, record.pid) == ("completed", 2, os.getpid())
 
 
 def test_wait_until_is_bounded() -> None:

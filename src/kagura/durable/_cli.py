@@ -52,7 +52,8 @@ _RUNS_TABLE = FittedTable(_COLUMNS, _DROP_ORDER, _MAX_WIDTHS, _MIN_ERROR_WIDTH)
 
 
 def run_status_text(status: str) -> Text:
-    """The run's status, coloured, with an icon (``interrupted``: running, lease expired)."""
+    """The run's status, coloured, with an icon (``interrupted``: marked running, but its
+    process is gone or its lease ran out)."""
     icon = RUN_STATUS_ICONS.get(status, "?")
     return Text(f"{icon} {status}", style=RUN_STATUS_STYLES.get(status, ""))
 
