@@ -1,7 +1,8 @@
 """The one seam every LLM attempt passes through.
 
 Each attempt gets its own ``llm`` span (model, tokens, cost, latency, status). Resilience policies
-wrap calls to :func:`attempt`, so every retry is its own recorded attempt.
+wrap calls to :func:`attempt`, so every retry is its own recorded attempt. A model not yet set up
+(:meth:`kagura.providers.Model.prepare`) is set up first, outside the attempt's timeout.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ async def attempt(
         messages = request.messages if not _instrument._sinks else tuple(request.messages)
         span_started(span, {"model": model_id, "messages": messages})
     try:
+        if not model.prepared:
+            # Set-up (an SDK import, loading weights) is not the provider being slow: the
+            # attempt's timeout starts once it is done. It stays in the attempt's span, as the
+            # time the attempt took and, should it fail, as the attempt's error.
+            await model.prepare()
         if timeout is None:
             response = await model.request(request)
         else:

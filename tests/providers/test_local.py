@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -113,3 +114,52 @@ async def test_a_cancelled_call_leaves_no_generation_running() -> None:
     assert local._workers is not None and local._workers.in_flight == 0
     # The worker is free again for the next call.
     assert await complete("After the storm")
+
+
+async def test_prepare_loads_an_instance_for_every_worker() -> None:
+    model = local.LocalModel()
+    await model.prepare()
+    workers = local._workers
+    assert model.prepared and workers is not None
+    assert workers._instances == workers.count
+    assert len(workers._free) == workers.count  # loaded, and none in use
+    assert await complete("Once upon a")
+
+
+def _stub_pool(
+    monkeypatch: pytest.MonkeyPatch, count: int, failures: int = 0
+) -> tuple[local._Workers, list[object]]:
+    """Workers whose loads hand out plain objects (the first ``failures`` loads fail)."""
+    workers = local._Workers(Path("unused.gguf"), count, 128)
+    loaded: list[object] = []
+
+    def load() -> object:
+        if len(loaded) < failures:
+            loaded.append(None)
+            raise UsageError("no llama-cpp-python")
+        loaded.append(object())
+        return loaded[-1]
+
+    monkeypatch.setattr(workers, "_load", load)
+    return workers, loaded
+
+
+def test_the_pool_loads_no_more_instances_than_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    workers, loaded = _stub_pool(monkeypatch, 2)
+    with workers.llama() as first:  # a generation before set-up loads its own instance
+        workers.load_all()  # and set-up loads only the one missing
+    assert len(loaded) == 2 and first in workers._free
+    with workers.llama() as one, workers.llama() as two:
+        assert {id(one), id(two)} == {id(x) for x in loaded}
+    workers.load_all()
+    assert len(loaded) == 2 and len(workers._free) == 2
+
+
+def test_a_failed_load_leaves_room_for_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    workers, loaded = _stub_pool(monkeypatch, 1, failures=1)
+    with pytest.raises(UsageError, match="no llama-cpp-python"):
+        workers.load_all()
+    assert workers._instances == 0
+    with workers.llama() as llm:
+        assert llm is loaded[-1]
+    assert workers._instances == 1

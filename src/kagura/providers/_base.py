@@ -80,6 +80,9 @@ class Model(abc.ABC):
     supports_output_schema: bool = False
     #: The adapter speaks native tool calling; otherwise tools are offered through the prompt.
     supports_tools: bool = False
+    #: Nothing is left for :meth:`prepare` to do. Adapters with set-up make it false per instance
+    #: and their ``prepare`` makes it true; attempts check it, so a prepared model costs nothing.
+    prepared: bool = True
 
     @functools.cached_property
     def id(self) -> str:
@@ -89,6 +92,20 @@ class Model(abc.ABC):
     @abc.abstractmethod
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Send one request and return the answer, raising :class:`kagura.errors.ProviderError`."""
+
+    async def prepare(self) -> None:  # noqa: B027 - optional hook, a no-op by default
+        """Set up what requests need: import the SDK, build the client, load the weights.
+
+        Every attempt awaits it while :attr:`prepared` is false, before the attempt's timeout
+        starts: set-up does not count against a per-attempt timeout (the call's
+        ``total_timeout`` does include it). Await it yourself to warm a model up at start-up.
+
+        An implementation does slow work off the event loop, shares one set-up between
+        concurrent callers, and sets ``prepared`` once done. A failure raises (the attempt fails
+        with that error) and leaves ``prepared`` false, so that the next attempt tries again.
+        :meth:`request` must still work on a model that was never prepared. A wrapper delegates
+        both this and ``prepared`` to the model it wraps.
+        """
 
     def cost(self, usage: Usage) -> float | None:
         """USD for ``usage`` on this model (``None`` when unknown). Wrappers delegate this to

@@ -1,16 +1,21 @@
 """LiteLLM, for the providers the ``openai`` SDK does not speak (the ``[litellm]`` extra).
 
 LiteLLM answers in the OpenAI response shape, so the OpenAI adapter's response reader is reused.
-Its exceptions subclass the ``openai`` SDK's, and are translated the same way.
+Its exceptions subclass the ``openai`` SDK's, and are translated the same way. Importing it takes
+seconds, so it is imported by :meth:`LiteLLMModel.prepare`, off the event loop.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
 from ._base import Model, ModelRequest, ModelResponse
+from ._setup import SharedSetUp
 from .openai import _error_message, _to_response
+
+_INSTALL_HINT = "litellm/... models need LiteLLM: pip install 'kagura[litellm]'"
 
 
 class LiteLLMModel(Model):
@@ -24,9 +29,16 @@ class LiteLLMModel(Model):
         self.model_name = model_name
         self._base_url = base_url
         self._api_key = api_key
+        self.prepared = False
 
     def check_ready(self) -> None:
-        _import_litellm()
+        # Found, not imported: the import is the slow part of set-up, left to prepare().
+        if importlib.util.find_spec("litellm") is None:
+            raise UsageError(_INSTALL_HINT)
+
+    async def prepare(self) -> None:
+        await _litellm()
+        self.prepared = True
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         litellm = _import_litellm()
@@ -86,5 +98,8 @@ def _import_litellm() -> Any:
     try:
         import litellm
     except ImportError:
-        raise UsageError("litellm/... models need LiteLLM: pip install 'kagura[litellm]'") from None
+        raise UsageError(_INSTALL_HINT) from None
     return litellm
+
+
+_litellm = SharedSetUp(_import_litellm, "kagura-litellm-import")

