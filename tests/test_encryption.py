@@ -1,5 +1,6 @@
 """``kagura._encryption``: values encrypted with ``KAGURA_ENCRYPTION_KEY``, plaintext passed
-through, key rotation, and clear errors (never a garbled value, never a key in a message)."""
+through, key rotation, and clear errors (never a garbled value, never a key in a message);
+``kagura keygen``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from cryptography.fernet import Fernet
 
 from kagura import _encryption
 from kagura._encryption import MARKER, decrypt, enabled, encrypt, generate_key, is_encrypted
+from kagura.cli import main
 from kagura.errors import EncryptionKeyError, UsageError
 
 ENV = "KAGURA_ENCRYPTION_KEY"
@@ -198,3 +200,53 @@ def test_importing_kagura_or_the_module_does_not_import_cryptography() -> None:
         env={k: v for k, v in os.environ.items() if k != ENV},
     )
     assert out.stdout.strip() == ""
+
+
+# -- kagura keygen ------------------------------------------------------------------------------
+
+
+def test_keygen_prints_only_a_new_key_on_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen"]) == 0
+    out, err = capsys.readouterr()
+    assert out.endswith("\n") and out.count("\n") == 1
+    key = out.strip()
+    Fernet(key)  # a valid key
+    assert len(key) == 44
+    # How to use it and rotate, on stderr, without the key itself.
+    assert ENV in err and "rotate" in err and "comma-separated" in err
+    assert key not in err
+    assert 1 <= len(err.strip().splitlines()) <= 2
+    assert main(["keygen"]) == 0
+    assert capsys.readouterr().out.strip() != key
+
+
+def test_keygen_output_works_as_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As `export KAGURA_ENCRYPTION_KEY=$(kagura keygen)` takes it: stdout, whitespace stripped.
+    made = subprocess.run(
+        [sys.executable, "-m", "kagura.cli", "keygen"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    monkeypatch.setenv(ENV, made.stdout.strip())
+    assert decrypt(encrypt(SECRET)) == SECRET
+    assert "KAGURA_ENCRYPTION_KEY" in made.stderr
+
+
+def test_keygen_without_cryptography_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "cryptography.fernet", None)
+    assert main(["keygen"]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("kagura: error: ") and err.count("\n") == 1
+    assert "pip install 'kagura[encryption]'" in err
+
+
+def test_keygen_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen", "--help"]) == 0
+    assert ENV in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    assert "keygen" in capsys.readouterr().out
