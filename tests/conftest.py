@@ -22,7 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
 def _isolated_model_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests choose their model explicitly; the developer's shell settings must not leak in.
 
-    ``KAGURA_MODEL_OVERRIDE`` would beat even ``model=FakeModel(...)``, so it is always cleared.
+    ``KAGURA_MODEL_OVERRIDE`` would beat even ``model=FakeModel(...)``, so it is always cleared;
+    so is ``KAGURA_ENCRYPTION_KEY``: tests that read stored values as they are set it themselves.
     """
     monkeypatch.delenv("KAGURA_MODEL_OVERRIDE", raising=False)
     monkeypatch.delenv("KAGURA_MODEL", raising=False)
+    monkeypatch.delenv("KAGURA_ENCRYPTION_KEY", raising=False)

@@ -2,12 +2,13 @@
 
 ``kagura monitor list|stats|trace|cost|live`` reads what agents and workflows recorded in the
 event store; ``kagura runs list|show|resume`` lists the durable workflow runs journaled there and
-finishes interrupted ones. Each command group is added by one ``_add_<group>`` function.
+finishes interrupted ones; ``kagura keygen`` prints a new key for ``KAGURA_ENCRYPTION_KEY``. Each
+command group is added by one ``_add_<group>`` function.
 Importing this module stays cheap: rich, SQLAlchemy, the store and the durable machinery are
 imported inside the commands.
 
 Exit codes: 0 on success, 1 on user errors (a bad ``--since``, an unknown id, an unreadable
-store), 2 on command-line syntax errors.
+store, encrypted values and no key that decrypts them), 2 on command-line syntax errors.
 """
 
 from __future__ import annotations
@@ -495,6 +496,39 @@ def _host() -> str:
     return HOST
 
 
+# -- keygen -----------------------------------------------------------------------------------
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from ._encryption import ENV, generate_key
+
+    # Only the key on stdout, so that `export KAGURA_ENCRYPTION_KEY=$(kagura keygen)` works; the
+    # advice on stderr, without the key (stderr tends to end up in logs).
+    print(generate_key())
+    print(
+        f"kagura: a new key for {ENV}. Every process that records, journals or reads the store "
+        f"needs it; without it, what was encrypted cannot be read: keep it safe.\n"
+        f"kagura: to rotate keys, put the new key first and keep the old ones after it, "
+        f"comma-separated: {ENV}=<new key>,<old key> (the first encrypts, every one decrypts).",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_keygen(commands: Any) -> None:
+    keygen = commands.add_parser(
+        "keygen",
+        help="print a new key for KAGURA_ENCRYPTION_KEY",
+        description="Print a new random key for KAGURA_ENCRYPTION_KEY on stdout, and nothing "
+        "else there: export KAGURA_ENCRYPTION_KEY=$(kagura keygen). With a key set, recorded "
+        "prompts, outputs, arguments and error texts and the durable journal's payloads are "
+        "encrypted in the store (needs the cryptography package: pip install "
+        "'kagura[encryption]'). Several keys, comma-separated: the first encrypts, every one "
+        "decrypts.",
+    )
+    keygen.set_defaults(handler=_keygen)
+
+
 # -- the parser -------------------------------------------------------------------------------
 
 
@@ -703,14 +737,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kagura",
         description="Kagura: reliable LLM agent workflows on plain asyncio.",
-        epilog="Run 'kagura monitor --help' for the commands that read the event store, and "
-        "'kagura runs --help' for durable workflow runs.",
+        epilog="Run 'kagura monitor --help' for the commands that read the event store, "
+        "'kagura runs --help' for durable workflow runs, and 'kagura keygen' for a key that "
+        "encrypts what the store keeps of your data (KAGURA_ENCRYPTION_KEY).",
     )
     parser.add_argument("--version", action="version", version=f"kagura {__version__}")
     parser.set_defaults(handler=None, group_parser=parser)
     commands = parser.add_subparsers(title="command groups", metavar="GROUP")
     _add_monitor(commands)
     _add_runs(commands)
+    _add_keygen(commands)
     return parser
 
 
@@ -722,9 +758,13 @@ def _store_url(args: argparse.Namespace) -> str:
 
 
 def _run(handler: Handler, args: argparse.Namespace) -> int:
+    from .errors import UsageError
+
     try:
         return handler(args)
-    except CliError as error:
+    except (CliError, UsageError) as error:
+        # UsageError: among others, encrypted values with no key that decrypts them
+        # (EncryptionKeyError), or a key set and the cryptography package missing.
         print(f"kagura: error: {_scrub(str(error), _store_url(args))}", file=sys.stderr)
         return 1
     except Exception as error:

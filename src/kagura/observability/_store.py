@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .. import _encryption
 from ..errors import UsageError
 from ._engine import default_url, engine_for, normalise_url, redact_url
 from ._recorder import default_recorder
@@ -36,7 +37,8 @@ def _when(seconds: float | None) -> datetime | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
 
 
-def _json(text: str | None) -> Any:
+def _json(text: str | None, what: str) -> Any:
+    text = _encryption.decrypt(text, what)
     if text is None:
         return None
     try:
@@ -57,7 +59,9 @@ def _metrics(row: Any) -> dict[str, Any]:
     }
 
 
-def _execution(row: Any) -> dict[str, Any]:
+def _execution(row: Any, what: str) -> dict[str, Any]:
+    """An execution's dict from its row; ``what`` names the store's recorded content in the
+    error raised when it is encrypted and no configured key decrypts it."""
     return {
         "id": row.span_id,
         "run_id": row.run_id,
@@ -70,11 +74,11 @@ def _execution(row: Any) -> dict[str, Any]:
         "ended_at": _when(row.ended_at),
         "duration_ms": row.duration_ms,
         "model": row.model,
-        "error": row.error,
+        "error": _encryption.decrypt(row.error, what),
         "error_type": row.error_type,
-        "inputs": _json(row.inputs),
-        "output": _json(row.output),
-        "attributes": _json(row.attributes) or {},
+        "inputs": _json(row.inputs, what),
+        "output": _json(row.output, what),
+        "attributes": _json(row.attributes, what) or {},
         "metrics": _metrics(row),
     }
 
@@ -87,6 +91,10 @@ class EventStore:
     datetimes), ``duration_ms``, ``model``, ``error``, ``inputs``, ``output`` and ``metrics``
     (``total_cost`` in USD, ``None`` when a price was unknown; ``prompt_tokens``,
     ``completion_tokens``, ``total_tokens``, ``llm_calls``, ``retries``).
+
+    Inputs, outputs, errors and attributes recorded encrypted (``KAGURA_ENCRYPTION_KEY``) are
+    decrypted with the configured keys; when none does, the query raises
+    :class:`~kagura.errors.EncryptionKeyError`. Counts, tokens, costs and latencies need no key.
     """
 
     def __init__(self, db_path_or_url: str | Path | None = None) -> None:
@@ -95,6 +103,11 @@ class EventStore:
 
     def __repr__(self) -> str:
         return f"EventStore({redact_url(self.url)!r})"
+
+    @property
+    def _content(self) -> str:
+        """What :func:`kagura._encryption.decrypt` calls this store's encrypted values."""
+        return f"recorded content in the event store {redact_url(self.url)}"
 
     @property
     def engine(self) -> Any:
@@ -145,7 +158,8 @@ class EventStore:
         if limit is not None:
             query = query.limit(limit)
         with self.engine.connect() as connection:
-            return [_execution(row) for row in connection.execute(query)]
+            found = connection.execute(query).all()
+        return [_execution(row, self._content) for row in found]
 
     def get_execution(self, execution_id: str) -> dict[str, Any] | None:
         """One execution with its subtree under ``children`` and its ``events``."""
@@ -164,7 +178,10 @@ class EventStore:
             event_rows = connection.execute(
                 select(events).where(events.c.run_id == root.run_id).order_by(events.c.at)
             ).all()
-        nodes = {row.span_id: {**_execution(row), "children": [], "events": []} for row in rows}
+        what = self._content
+        nodes = {
+            row.span_id: {**_execution(row, what), "children": [], "events": []} for row in rows
+        }
         for event in event_rows:
             node = nodes.get(event.span_id)
             if node is not None:
@@ -172,7 +189,7 @@ class EventStore:
                     {
                         "name": event.name,
                         "at": _when(event.at),
-                        "attributes": _json(event.attributes),
+                        "attributes": _json(event.attributes, what),
                     }
                 )
         for node in nodes.values():

@@ -2,9 +2,10 @@
 
 The recorder builds each span's row where the span ends (its recorded values already JSON text)
 and hands batches to a writer. By default the writer is a process of its own (:func:`main`, the
-recorder's sidecar): checking the text for secrets, redacting it and the inserts themselves then
-run on another core, without the GIL, so recording costs the event loop little more than building
-the rows. If the sidecar cannot be started, or dies, the recorder writes from its own thread with
+recorder's sidecar): checking the text for secrets, redacting it, encrypting it (with
+``KAGURA_ENCRYPTION_KEY`` set, see :mod:`kagura._encryption`) and the inserts themselves then run
+on another core, without the GIL, so recording costs the event loop little more than building the
+rows. If the sidecar cannot be started, or dies, the recorder writes from its own thread with
 the same :class:`StoreWriter`.
 
 The sidecar speaks a small protocol over its stdin and stdout: frames of a 4-byte length and a
@@ -27,7 +28,7 @@ import sys
 import threading
 from typing import IO, Any
 
-from .. import _context
+from .. import _context, _encryption
 from .._context import id_format
 from ._content import (
     MAX_TEXT,
@@ -112,6 +113,10 @@ _ERROR_AT = SPAN_COLUMNS.index("error")
 Row = tuple[Any, ...]
 _INPUTS_AT = SPAN_COLUMNS.index("inputs")
 _ATTRIBUTES_AT = SPAN_COLUMNS.index("attributes")
+#: The columns encrypted when ``KAGURA_ENCRYPTION_KEY`` is set: users' data (prompts, outputs,
+#: arguments, error texts, and attributes, which may hold more of them). The rest (names, kinds,
+#: status, error type, model, times, tokens, cost) stays plain, for queries to read.
+_SEALED_AT = tuple(SPAN_COLUMNS.index(c) for c in ("error", "inputs", "output", "attributes"))
 
 
 def plain(rows: list[Row]) -> list[Row]:
@@ -177,6 +182,19 @@ def _fast_rows(rows: list[Row]) -> list[Row] | None:
     return None if looks_secret("\n".join(dict.fromkeys(texts))) else stored
 
 
+def _sealed(rows: list[Row]) -> list[Row]:
+    """Rows as stored with a key configured: their ``_SEALED_AT`` values encrypted, after
+    redaction (a redacted value stays redacted once decrypted)."""
+    encrypt = _encryption.encrypt
+    sealed = []
+    for row in rows:
+        values = list(row)
+        for at in _SEALED_AT:
+            values[at] = encrypt(values[at])
+        sealed.append(tuple(values))
+    return sealed
+
+
 class StoreWriter:
     """Writes batches of rows to the store at ``url``. Opening it opens (and creates) the store."""
 
@@ -185,6 +203,9 @@ class StoreWriter:
 
         self.url = url
         self.content: ContentMode = content
+        # A key that cannot be used fails the writer at once (recording is then off): never
+        # written in plaintext when it was meant to be encrypted.
+        _encryption.enabled()
         self.engine = engine_for(url)
         self.written_spans = 0
         self.written_events = 0
@@ -243,13 +264,14 @@ class StoreWriter:
     def take(self, message: tuple[Any, ...], batch: bytes) -> None:
         """The writer process's way with a batch of rows (``message``, which marshal made
         ``batch`` of): staged when it can be (see :meth:`stage`), else written at once."""
-        if self.content == "full" and not bytes_look_secret(batch):
+        if self.content == "full" and not _encryption.enabled() and not bytes_look_secret(batch):
             self.stage(message, batch)
             while self.staged_rows > STAGED_ROWS_MAX and self.catch_up(batches=1):
                 pass
             return
-        # Redacted, hashed or dropped values are never staged: the bytes on disk must already be
-        # what may be stored. Staged batches first, so that rows land in the order they came.
+        # Redacted, hashed, dropped or encrypted values are never staged: the bytes on disk must
+        # already be what may be stored (a staged batch is the recorder's message, plaintext).
+        # Staged batches first, so that rows land in the order they came.
         self.catch_up()
         self.write(message[1], rows_of(message[2]), message[3], message[4:6])
 
@@ -325,11 +347,10 @@ class StoreWriter:
 
     def _stored(self, rows: list[Row], sender: tuple[str, int]) -> list[Row]:
         rows = _table_rows(rows, *sender)
-        if self.content == "full":
-            stored = _fast_rows(rows)
-            if stored is not None:
-                return stored
-        return [_span_row(row, self.content) for row in rows]
+        stored = _fast_rows(rows) if self.content == "full" else None
+        if stored is None:
+            stored = [_span_row(row, self.content) for row in rows]
+        return _sealed(stored) if _encryption.enabled() else stored
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -369,7 +390,8 @@ def catch_up(url: str) -> None:
     with engine_for(url).connect() as connection:
         if connection.exec_driver_sql(_ANY_STAGED).first() is None:
             return
-    # Staged batches hold what may be stored as it is (see StoreWriter.take): "full".
+    # Staged batches hold what may be stored as it is (see StoreWriter.take): "full". Staged by
+    # a writer with no key (one with a key never stages): encrypted now if this process has one.
     StoreWriter(url, "full").catch_up()
 
 
@@ -412,6 +434,11 @@ def _table_rows(rows: list[Row], prefix: str, pid: int) -> list[Row]:
 
 
 def _event_rows(rows: list[Row]) -> list[Row]:
+    """Events as stored: their attributes redacted, and encrypted with a key configured (retry
+    waits and fallbacks carry error texts)."""
+    if _encryption.enabled():
+        encrypt = _encryption.encrypt
+        return [(*event[:-1], encrypt(encode_text(event[-1], "full"))) for event in rows]
     return [(*event[:-1], encode_text(event[-1], "full")) for event in rows]
 
 
