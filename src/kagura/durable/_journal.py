@@ -45,7 +45,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .. import _process
-from ..errors import RunTakenOverError, StoreError
+from .._encryption import ENV as ENCRYPTION_ENV
+from .._encryption import decrypt, encrypt
+from ..errors import EncryptionKeyError, RunTakenOverError, StoreError
 
 _log = logging.getLogger("kagura.durable")
 
@@ -121,15 +123,30 @@ def _status(row: Any, now: float, lease: float) -> RunStatus:
     return "running"
 
 
-def _record(row: Any, now: float, lease: float, steps: int = 0) -> RunRecord:
+def _record(
+    row: Any, now: float, lease: float, steps: int = 0, *, lenient: bool = False
+) -> RunRecord:
+    """The run of ``row``, its payloads decrypted (see :mod:`kagura._encryption`). ``lenient``
+    (for listings, which show no payload but the error): a value no configured key decrypts
+    reads as a note saying so, instead of raising."""
+    run_id = row.run_id
+
+    def readable(text: str | None, what: str) -> str | None:
+        try:
+            return decrypt(text, f"the {what} of durable run {run_id!r}")
+        except EncryptionKeyError:
+            if not lenient:
+                raise
+            return f"(encrypted: set {ENCRYPTION_ENV} to the key it was written with)"
+
     return RunRecord(
-        row.run_id,
+        run_id,
         row.workflow,
         row.target,
         _status(row, now, lease),
-        row.arguments,
-        row.result,
-        row.error,
+        readable(row.arguments, "arguments"),
+        readable(row.result, "result"),
+        readable(row.error, "error"),
         row.error_type,
         row.owner,
         row.pid,
@@ -257,7 +274,7 @@ class Journal:
                 "name": name,
                 "kind": kind,
                 "input_hash": input_hash,
-                "output": output,
+                "output": encrypt(output),
                 "created_at": time.time(),
                 "position": position,
             },
@@ -329,7 +346,8 @@ class Journal:
             "workflow": workflow,
             "target": target,
             "status": "running",
-            "arguments": arguments,
+            "arguments": encrypt(arguments),
+            "b_arguments": arguments,  # as the caller gave them (not a column)
             "owner": owner,
             "pid": os.getpid(),
             "host": self.host,
@@ -352,7 +370,8 @@ class Journal:
             # A row back means this call created the run (psycopg reports no INSERT rowcount).
             .returning(runs.c.run_id)
         )
-        return {row.run_id for row in connection.execute(statement, rows)}
+        columns = [{k: v for k, v in row.items() if k != "b_arguments"} for row in rows]
+        return {row.run_id for row in connection.execute(statement, columns)}
 
     def _started(self, values: dict[str, Any], created: set[str]) -> tuple[StartOutcome, RunRecord]:
         run_id, owner = values["run_id"], values["owner"]
@@ -363,7 +382,7 @@ class Journal:
                 values["workflow"],
                 values["target"],
                 "running",
-                values["arguments"],
+                values["b_arguments"],
                 None,
                 None,
                 None,
@@ -458,8 +477,8 @@ class Journal:
             "b_run_id": run_id,
             "b_owner": owner,
             "status": "completed" if error is None else "failed",
-            "result": result if error is None else None,
-            "error": None if error is None else scrub(str(error) or type(error).__name__),
+            "result": encrypt(result) if error is None else None,
+            "error": None if error is None else encrypt(scrub(str(error) or type(error).__name__)),
             "error_type": None if error is None else type(error).__qualname__,
             "updated_at": now,
             "heartbeat_at": now,
@@ -517,7 +536,10 @@ class Journal:
         if limit is not None and not derived:
             query = query.limit(limit)
         with self._store("list durable runs"), self.engine.connect() as connection:
-            records = [_record(row, now, lease, int(row.n)) for row in connection.execute(query)]
+            records = [
+                _record(row, now, lease, int(row.n), lenient=True)
+                for row in connection.execute(query)
+            ]
         if derived:
             records = [r for r in records if r.status == status]
         return records if limit is None else records[:limit]
@@ -536,7 +558,7 @@ class Journal:
                 row.name,
                 row.kind,
                 row.input_hash,
-                row.output,
+                decrypt(row.output, f"the output of step {row.step_key!r} of run {run_id!r}"),
                 row.created_at,
                 row.position,
             )
