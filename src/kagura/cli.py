@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = ["main"]
 
-STATUSES = ("running", "completed", "failed", "cancelled", "timed_out")
+STATUSES = ("running", "completed", "failed", "cancelled", "timed_out", "interrupted")
 KINDS = ("agent", "workflow", "llm", "tool")
 GROUPS = ("agent", "model", "day")
 RUN_STATUSES = ("running", "completed", "failed", "interrupted")

@@ -25,6 +25,8 @@ STATUS_STYLES = {
     "failed": "bold red",
     "timed_out": "red",
     "cancelled": "yellow",
+    # Its process died (or its run was taken over) before it ended: known once the death is.
+    "interrupted": "bold yellow",
     "running": "cyan",
 }
 STATUS_ICONS = {
@@ -32,6 +34,7 @@ STATUS_ICONS = {
     "failed": "✗",
     "timed_out": "⏱",
     "cancelled": "⊘",
+    "interrupted": "↯",
     "running": "…",
 }
 KIND_STYLES = {"workflow": "bold magenta", "agent": "bold blue", "llm": "cyan", "tool": "yellow"}
