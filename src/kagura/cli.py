@@ -702,7 +702,9 @@ def _add_runs(commands: Any) -> None:
         description="Import the run's workflow from the target it recorded (module:name or "
         "file.py:name; the current directory is searched first) and finish the run here: "
         "journaled steps return their recorded results without calling a model again, the "
-        "rest run. Prints the result. A run still held by a live process is refused.",
+        "rest run. Prints the result. A run still held by a live process is refused, and so "
+        "is a file whose top-level code would start the script again (an asyncio.run(...) "
+        'outside `if __name__ == "__main__":`), before any of it runs.',
     )
     resume.add_argument("id", metavar="ID", help="a run id (or a unique prefix of one)")
     resume.set_defaults(handler=_runs_resume)

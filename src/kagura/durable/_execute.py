@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
 from ._journal import Journal, RunRecord, attempt_span_id, journal_for, lease_seconds
 from ._run import DurableRun, current_durable_run
+from ._script import check_not_loading, check_source, loading_target
 
 if TYPE_CHECKING:
     from .._workflow import Workflow
@@ -59,14 +60,18 @@ def import_target(target: str) -> Workflow[Any, Any]:
     if location.endswith(".py") and main_file and Path(main_file).resolve() == Path(location):
         module = main  # the script running now defines it: no second import
     elif location.endswith(".py"):
+        check_source(location, target)  # a script's unguarded main code: refused before it runs
         spec = importlib.util.spec_from_file_location("kagura_resumed_main", location)
         if spec is None or spec.loader is None:
             raise UsageError(f"cannot load the workflow's file {location!r}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
-        spec.loader.exec_module(module)  # under another name: its __main__ block does not run
+        with loading_target(target):
+            spec.loader.exec_module(module)  # under another name: its __main__ block does not run
     else:
-        module = importlib.import_module(location)
+        with loading_target(target):  # finding the module's spec imports its packages
+            check_source(location, target)
+            module = importlib.import_module(location)
     found: Any = module
     for part in qualname.split("."):
         found = getattr(found, part, None)
@@ -120,6 +125,7 @@ async def start(
     workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], run_id: str | None
 ) -> Any:
     """Run ``workflow`` durably under ``run_id``: once, whoever asks and however often."""
+    check_not_loading(f"workflow {workflow.name!r} started a durable run")
     bound, arguments = _dump_arguments(workflow, args, kwargs)
     run_id = run_id or uuid.uuid4().hex
     journal = journal_for()
