@@ -28,6 +28,7 @@ from ._output import OutputSpec, OutputValidationError, json_candidates
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._tool import Tool, as_tool
 from ._usage import Usage
+from .durable import _script
 from .durable._run import current_durable_run, input_hash
 from .errors import OutputParseError, RunError, ToolLoopError, UsageError
 from .providers import (
@@ -262,6 +263,8 @@ class Agent(Generic[P, R]):
         holds its totals)."""
         if arguments is None:
             arguments = {self._sole: sole}  # type: ignore[dict-item]  # set when this is called
+        if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
+            _script.check_not_loading(f"agent {self.name!r} was called")
         if not _instrument._recording_checked:
             ensure_recording()
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)

@@ -20,6 +20,7 @@ from . import _instrument, _settings
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_finished, span_started, status_of
 from .durable import _execute as _durable
+from .durable import _script
 from .durable._run import current_durable_run
 from .errors import UsageError
 from .resilience._backoff import seconds
@@ -100,6 +101,8 @@ class Workflow(Generic[P, R]):
     async def _execute(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, span_id: str | None = None
     ) -> R:
+        if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
+            _script.check_not_loading(f"workflow {self.name!r} was started")
         if not _instrument._recording_checked:
             ensure_recording()
         outer = current_span.get()

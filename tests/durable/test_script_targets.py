@@ -364,7 +364,60 @@ def test_a_run_started_by_a_helper_while_the_module_loads_is_refused(
     # The module's code ran up to the call, which was refused before the run started.
     assert files.ledger_lines() == (["imported", "caught", "loaded"] if swallowed else ["imported"])
     assert run_ids(journal) == [run_id]
-    assert _script._loads_in_progress == 0
+    assert _script.loads_in_progress == 0
+
+
+PLAIN_HELPER = '''
+import asyncio
+
+from kagura import agent, workflow
+
+
+@agent(model="fake/echo")
+async def draft(topic: str) -> str:
+    """Draft {{ topic }}."""
+
+
+@workflow
+async def outline(topic: str) -> str:
+    return topic
+
+
+def call_agent() -> str:
+    return asyncio.run(draft("tides"))
+
+
+def start_plain_workflow() -> str:
+    return asyncio.run(outline("tides"))
+'''
+
+
+@pytest.mark.parametrize(
+    ("call", "refused"),
+    [
+        ("call_agent()", "agent 'draft' was called while kagura was importing"),
+        ("start_plain_workflow()", "workflow 'outline' was started while kagura was importing"),
+    ],
+)
+def test_an_agent_call_or_a_plain_workflow_started_while_the_module_loads_is_refused(
+    journal: Journal, files: Files, monkeypatch: pytest.MonkeyPatch, call: str, refused: str
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    helper, jobs = f"kagura_script_plain_{suffix}", f"kagura_script_paid_{suffix}"
+    (files.root / f"{helper}.py").write_text(PLAIN_HELPER, encoding="utf-8")
+    path = files.root / f"{jobs}.py"
+    path.write_text(f"import {helper}\n" + files.source(f"{helper}.{call}"), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(files.root))
+    run_id = failed_run(journal, f"{jobs}:report")
+    try:
+        with pytest.raises(UsageError, match=refused):
+            import_target(f"{jobs}:report")
+    finally:
+        for name in (helper, jobs):
+            sys.modules.pop(name, None)
+    assert files.ledger_lines() == ["imported"]
+    assert run_ids(journal) == [run_id]
+    assert _script.loads_in_progress == 0
 
 
 def test_a_script_the_static_check_let_through_is_stopped_by_the_dynamic_guard(
@@ -403,7 +456,7 @@ def test_check_not_loading_refuses_only_work_started_by_the_import() -> None:
         thread.join()
         assert other_thread == [None]
         _script.check_not_loading("agent 'draft' was called")
-    assert _script._loads_in_progress == 0
+    assert _script.loads_in_progress == 0
     _script.check_not_loading("agent 'draft' was called")
 
 

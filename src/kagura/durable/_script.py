@@ -296,7 +296,7 @@ class _Loading:
 # was started by the import itself: a loop run by the module's code (asyncio.run copies the
 # context into its tasks), not another thread's workflows that happen to run meanwhile. A thread
 # the module's code starts by hand does not inherit the context, and is not caught.
-_loads_in_progress = 0
+loads_in_progress = 0
 _loads_lock = threading.Lock()
 _loading: ContextVar[_Loading | None] = ContextVar("kagura_loading_target", default=None)
 
@@ -305,7 +305,7 @@ def check_not_loading(what: str) -> None:
     """Raise :class:`UsageError` when called from code run by the import of a run's workflow
     (in :func:`loading_target`): that code started ``what`` (a clause, such as "workflow
     'report' started a durable run") by surprise, as the script's main code would."""
-    if _loads_in_progress and (loading := _loading.get()) is not None:
+    if loads_in_progress and (loading := _loading.get()) is not None:
         _refuse(loading, what)
 
 
@@ -346,10 +346,10 @@ def loading_target(target: str) -> Iterator[None]:
     The refusal stands even when the module's code catches it and carries on (or fails with
     another error): the import is then reported as refused, not as loaded.
     """
-    global _loads_in_progress
+    global loads_in_progress
     loading = _Loading(target)
     with _loads_lock:
-        _loads_in_progress += 1
+        loads_in_progress += 1
     token = _loading.set(loading)
     try:
         yield
@@ -360,6 +360,6 @@ def loading_target(target: str) -> Iterator[None]:
     finally:
         _loading.reset(token)
         with _loads_lock:
-            _loads_in_progress -= 1
+            loads_in_progress -= 1
     if loading.error is not None:
         raise loading.error
