@@ -18,4 +18,5 @@ def test_the_readme_has_python_blocks() -> None:
 @pytest.mark.parametrize("source", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_block_runs(source: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KAGURA_MODEL", "fake")
-    exec(compile(source, str(README), "exec"), {"__name__": "readme_block"})
+    # As a script, the way a reader runs it: `if __name__ == "__main__":` blocks run too.
+    exec(compile(source, str(README), "exec"), {"__name__": "__main__"})
