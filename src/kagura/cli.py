@@ -760,33 +760,32 @@ def _store_url(args: argparse.Namespace) -> str:
 
 
 def _run(handler: Handler, args: argparse.Namespace) -> int:
-    from .errors import UsageError
+    from .errors import StoreError, UsageError
 
     try:
         return handler(args)
-    except (CliError, UsageError) as error:
-        # UsageError: among others, encrypted values with no key that decrypts them
-        # (EncryptionKeyError), or a key set and the cryptography package missing.
+    except (CliError, StoreError, UsageError) as error:
+        # StoreError names the store and the cause; UsageError includes encrypted values with
+        # no key that decrypts them (EncryptionKeyError), or a key set and no cryptography.
         print(f"kagura: error: {_scrub(str(error), _store_url(args))}", file=sys.stderr)
         return 1
     except Exception as error:
         if not _is_store_error(error):
             raise
-        from .observability._engine import redact_url
+        from .observability._engine import store_error
 
+        # A database error that reached here untranslated: said as a StoreError says it.
         url = _store_url(args)
-        lines = str(error).strip().splitlines()
-        detail = _scrub(f"{type(error).__name__}: {lines[0] if lines else ''}", url)
-        print(
-            f"kagura: error: cannot read the event store {redact_url(url)}: {detail}",
-            file=sys.stderr,
-        )
+        print(f"kagura: error: {store_error(url, 'read', error)}", file=sys.stderr)
         return 1
 
 
 def _is_store_error(error: Exception) -> bool:
-    """Database errors (and a missing database driver) are reported, not raised."""
-    if isinstance(error, ImportError):
+    """Store errors, database errors (and a missing database driver) are reported, not
+    raised."""
+    from .errors import StoreError
+
+    if isinstance(error, (ImportError, StoreError)):
         return True
     try:
         from sqlalchemy.exc import ArgumentError, SQLAlchemyError

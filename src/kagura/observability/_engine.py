@@ -2,14 +2,21 @@
 
 SQLite runs in WAL mode with a generous busy timeout, so several processes can record into one
 file (readers never block the writer, writers queue instead of failing with "database is locked").
+
+A store that cannot be opened, read or written raises :class:`~kagura.errors.StoreError`, naming
+the store and the cause (see :func:`store_errors`); the driver's exception is its ``__cause__``.
 """
 
 from __future__ import annotations
 
+import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .. import _settings
 from ..errors import StoreError
@@ -17,8 +24,10 @@ from ..errors import StoreError
 DEFAULT_DB_NAME = "events.db"
 
 _engines: dict[str, Any] = {}
+_read_only_engines: dict[str, Any] = {}
 _lock = threading.Lock()
 _created: set[str] = set()
+_POSTGRES_DRIVER = "postgresql+psycopg://"
 
 
 def default_url() -> str:
@@ -38,7 +47,7 @@ def normalise_url(db_path_or_url: str | Path) -> str:
     """A SQLAlchemy URL from a path or a URL (``postgresql://`` uses the psycopg 3 driver)."""
     text = str(db_path_or_url)
     if text.startswith(("postgresql://", "postgres://")):
-        return "postgresql+psycopg://" + text.split("://", 1)[1]
+        return _POSTGRES_DRIVER + text.split("://", 1)[1]
     if "://" in text:
         return text
     path = Path(text).expanduser().resolve()
@@ -54,13 +63,16 @@ def redact_url(url: str) -> str:
 
 def store_name(url: str) -> str:
     """How messages name the store at ``url``: a SQLite file's path, else the URL without its
-    password."""
+    password (``postgresql://`` as the user wrote it, without the driver we add)."""
     if url.startswith("sqlite:///"):
         return url[len("sqlite:///") :] or url
     try:
-        return redact_url(url)
+        name = redact_url(url)
     except Exception:  # not even a URL SQLAlchemy can parse: say nothing that may hold a secret
         return url.split("://", 1)[0] + "://..."
+    if name.startswith(_POSTGRES_DRIVER):
+        name = "postgresql://" + name[len(_POSTGRES_DRIVER) :]
+    return name
 
 
 def scrub_url(text: str, url: str) -> str:
@@ -73,70 +85,275 @@ def scrub_url(text: str, url: str) -> str:
         return text
     if not password:
         return text
-    from urllib.parse import quote
-
     for form in {str(password), quote(str(password), safe="")}:
         text = text.replace(form, "***")
     return text
 
 
+# SQLite's primary result codes that blame the store, not the statement: PERM, BUSY, LOCKED,
+# NOMEM, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, AUTH, NOTADB. Its generic ERROR (a
+# syntax error, "no such table") and its misuse codes are the code's.
+_SQLITE_FAULTS = frozenset({3, 5, 6, 7, 8, 10, 11, 13, 14, 15, 23, 26})
+# PostgreSQL's SQLSTATE classes that blame the store: connection exception, invalid
+# authorization, invalid catalog name (no such database), insufficient resources (a full disk),
+# operator intervention (a server shutting down), system error, internal error (data corrupted).
+_POSTGRES_FAULTS = frozenset({"08", "28", "3D", "53", "57", "58", "XX"})
+# And two single ones: insufficient_privilege (a role that may read but not write, say) and
+# read_only_sql_transaction (a standby server).
+_POSTGRES_FAULT_STATES = frozenset({"42501", "25006"})
+
+
+def is_store_fault(error: BaseException) -> bool:
+    """Whether ``error``, raised by a database call, is the store's fault rather than the
+    code's: the store cannot be reached, opened, read or written (permissions, a damaged file, a
+    full disk, a lost connection, a server that refuses the login). Programming errors (bad SQL,
+    a violated constraint, a value the database refuses) are not: they are bugs, and keep their
+    own type and traceback."""
+    from sqlalchemy import exc
+
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    orig = error.orig
+    code = getattr(orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _SQLITE_FAULTS
+    if type(orig).__module__.split(".")[0] == "sqlite3":
+        return False  # raised by Python's sqlite3 module itself: misused
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate in _POSTGRES_FAULT_STATES or sqlstate[:2] in _POSTGRES_FAULTS
+    # No code from the server (a connection that failed or broke), or another driver: by the
+    # DB-API's classes. Its base class, on its own, is what a damaged file raises.
+    return (
+        isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.InternalError))
+        or type(error) is exc.DatabaseError
+    )
+
+
 def store_error(url: str, doing: str, error: BaseException) -> StoreError:
     """A :class:`~kagura.errors.StoreError` for ``error``, raised while ``doing`` something
-    with the store at ``url``: names the store and the cause, never the password. Raise it
-    ``from error``."""
-    lines = str(error).strip().splitlines()
-    # SQLAlchemy appends the statement and a link to its docs: the first line is the cause.
-    cause = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return StoreError(store_name(url), f"cannot {doing}: {scrub_url(cause, url)}")
+    with the store at ``url`` ("open", "read", "write the journal"): it reads ``event store
+    <name>: cannot <doing>: <cause>``, naming the store and the cause, never the password. Raise
+    it ``from error``."""
+    return StoreError(store_name(url), f"cannot {doing}: {scrub_url(_cause(url, error), url)}")
 
 
-def engine_for(url: str) -> Any:
-    """The shared engine for ``url``, with the schema created on first use."""
+@contextmanager
+def store_errors(url: str, doing: str) -> Iterator[None]:
+    """Run the block's database calls on the store at ``url``, raising a
+    :class:`~kagura.errors.StoreError` (see :func:`store_error`) for a store fault (see
+    :func:`is_store_fault`); anything else, a :class:`StoreError` included, goes through as it
+    is."""
+    try:
+        yield
+    except StoreError:
+        raise
+    except Exception as error:
+        if not is_store_fault(error):
+            raise
+        raise store_error(url, doing, error) from error
+
+
+def _cause(url: str, error: BaseException) -> str:
+    from sqlalchemy.exc import DBAPIError
+
+    orig = getattr(error, "orig", None)
+    if isinstance(error, DBAPIError) and orig is not None:
+        # The driver's message says it all; SQLAlchemy's adds the statement and a link.
+        text = str(orig)
+    elif isinstance(error, OSError) and error.strerror:
+        text = error.strerror + (f": {error.filename}" if error.filename else "")
+    else:
+        text = f"{type(error).__name__}: {error}"
+    lines = text.strip().splitlines()
+    cause = lines[0].strip() if lines else type(error).__name__
+    path = sqlite_path(url)
+    # SQLite's primary result codes CANTOPEN, READONLY and PERM: a file or directory this
+    # user may not use, said tersely.
+    if path is not None and (getattr(orig, "sqlite_errorcode", None) or 0) & 0xFF in (14, 8, 3):
+        hint = _sqlite_hint(path)
+        if hint:
+            cause = f"{cause} ({hint})"
+    return cause
+
+
+def _sqlite_hint(path: str) -> str:
+    """What SQLite's terse "unable to open database file" or "attempt to write a readonly
+    database" most likely means for the file at ``path``."""
+    file = Path(path)
+    if file.is_dir():
+        return "it is a directory"
+    if not os.access(file.parent, os.W_OK | os.X_OK):
+        # SQLite makes its -wal and -shm files beside the database.
+        return f"this user may not write in {file.parent}"
+    if file.exists() and not os.access(file, os.W_OK):
+        return "this user may not write the file"
+    if file.exists() and not os.access(file, os.R_OK):
+        return "this user may not read the file"
+    return ""
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file behind a SQLite URL (``None`` for other databases, in-memory and URI ones)."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database
+    except Exception:
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return database
+
+
+def can_write(url: str) -> bool:
+    """Whether this process may write the store at ``url``, as far as can be told without
+    opening it: ``False`` for a SQLite file that exists where this user may not write it, or may
+    not write its directory (where SQLite makes its -wal and -shm files). ``True`` for other
+    databases: their server decides, query by query."""
+    path = sqlite_path(url)
+    if path is None or not os.path.exists(path):
+        return True
+    return os.access(path, os.W_OK) and os.access(os.path.dirname(path), os.W_OK | os.X_OK)
+
+
+def engine_for(url: str, *, read_only: bool = False) -> Any:
+    """The shared engine for ``url``, with the schema created (or brought up to date) on first
+    use: the first connection to the store is made here, so a store that cannot be opened raises
+    :class:`~kagura.errors.StoreError` here.
+
+    ``read_only`` (a SQLite file this process may not write: see :func:`can_write`): an engine
+    that never writes, not even the schema. Its queries see the tables as the writers left them;
+    a store made by an older version, with columns or tables missing, fails to be read."""
+    if read_only and sqlite_path(url) is not None:
+        return _read_only_engine(url)
     with _lock:
         engine = _engines.get(url)
         if engine is None:
             engine = _engines[url] = _create(url)
         if url not in _created:
-            _create_schema(engine)
+            with store_errors(url, "open"):
+                _create_schema(engine)
             _created.add(url)
         return engine
 
 
 def _create(url: str) -> Any:
     from sqlalchemy import create_engine, event
+    from sqlalchemy.exc import ArgumentError
 
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[1] if "///" in url else ""
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-
-        @event.listens_for(engine, "connect")
-        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-            cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=60000")
-            # A checkpoint copies the WAL's pages into the database and syncs it. At SQLite's
-            # default (every 1,000 pages) the recorder's inserts paid ~1.5 µs a row for them
-            # (measured); ten times rarer, a page the index inserts keep touching is copied once
-            # per checkpoint rather than many times. The WAL grows to about 40 MB before one.
-            cursor.execute("PRAGMA wal_autocheckpoint=10000")
-            cursor.close()
-
+    try:
+        if url.startswith("sqlite"):
+            path = sqlite_path(url)
+            if path is not None:
+                _make_directory(url, Path(path).parent)
+            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except ImportError as error:  # the dialect imports its driver here
+        if url.startswith("postgres"):
+            reason = "the PostgreSQL driver is not installed: pip install 'kagura[postgres]'"
+        else:
+            reason = f"its database driver is not installed ({error})"
+        raise StoreError(store_name(url), f"cannot open: {reason}") from error
+    except ArgumentError as error:  # not a URL, or a database SQLAlchemy has no dialect for
+        raise store_error(url, "open", error) from error
+    if engine.dialect.name != "sqlite":
         return engine
-    return create_engine(url, pool_pre_ping=True)
+
+    @event.listens_for(engine, "connect")
+    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        # A checkpoint copies the WAL's pages into the database and syncs it. At SQLite's
+        # default (every 1,000 pages) the recorder's inserts paid ~1.5 µs a row for them
+        # (measured); ten times rarer, a page the index inserts keep touching is copied once
+        # per checkpoint rather than many times. The WAL grows to about 40 MB before one.
+        cursor.execute("PRAGMA wal_autocheckpoint=10000")
+        cursor.close()
+
+    return engine
+
+
+def _make_directory(url: str, directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        # mkdir says "File exists" or "Not a directory" when a file stands in the way: name it.
+        blocking = next((p for p in (directory, *directory.parents) if p.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            reason = f"{blocking} is not a directory"
+        else:
+            reason = _cause(url, error)
+        raise StoreError(
+            store_name(url), f"cannot create its directory {directory}: {reason}"
+        ) from error
+
+
+def _read_only_engine(url: str) -> Any:
+    """An engine that opens the SQLite file at ``url`` read-only (``mode=ro``).
+
+    A WAL database is read through its -shm file, which SQLite makes when it is missing: in a
+    directory this user may not write, it cannot, and the database is opened ``immutable``
+    instead (SQLite's documented way to read it: https://www.sqlite.org/wal.html, "Read-Only
+    Databases"). Immutable, SQLite ignores any -wal file and assumes nothing changes the file
+    meanwhile: it is chosen only when there is no -wal file, i.e. no process is writing (every
+    committed row is in the database file). A writer that starts while this reads may make a
+    query fail, or miss its latest rows."""
+    with _lock:
+        engine = _read_only_engines.get(url)
+        if engine is None:
+            engine = _read_only_engines[url] = _create_read_only(url)
+        return engine
+
+
+def _create_read_only(url: str) -> Any:
+    import sqlite3
+
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import QueuePool
+
+    path = sqlite_path(url)
+    assert path is not None
+
+    def engine_on(uri: str) -> Any:
+        def connect() -> sqlite3.Connection:
+            return sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+
+        # A creator, not a URL: the path is quoted as SQLite's URIs want it. The pool made
+        # explicit: for "sqlite://" SQLAlchemy would pick the in-memory database's.
+        engine = create_engine("sqlite://", creator=connect, poolclass=QueuePool)
+        try:
+            with store_errors(url, "open"), engine.connect() as connection:
+                connection.exec_driver_sql("SELECT count(*) FROM sqlite_master").all()
+        except BaseException:
+            engine.dispose()
+            raise
+        return engine
+
+    file = "file:" + quote(path)
+    try:
+        return engine_on(f"{file}?mode=ro")
+    except StoreError:
+        if os.path.exists(path + "-wal"):
+            raise
+        return engine_on(f"{file}?mode=ro&immutable=1")
 
 
 def _create_schema(engine: Any) -> None:
-    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+    from sqlalchemy.exc import DBAPIError
 
     from ._schema import metadata
 
     # Processes may create the schema at the same moment: a CREATE fails because another process
-    # has just made that table or index, and the next checkfirst pass skips it. Every failure
-    # means someone else made progress, so the attempts are bounded by the schema's size (times
-    # a few racing processes).
+    # has just made that table or index, and the next checkfirst pass skips it. Every such
+    # failure means someone else made progress, so the attempts are bounded by the schema's size
+    # (times a few racing processes). Any other failure (the store cannot be opened or written)
+    # is raised at once.
     attempts = 4 * sum(1 + len(table.indexes) for table in metadata.sorted_tables)
     for attempt in range(attempts):
         try:
@@ -144,9 +361,25 @@ def _create_schema(engine: Any) -> None:
             _add_missing_columns(engine)
             _update_indexes(engine)
             return
-        except (OperationalError, ProgrammingError, IntegrityError):
-            if attempt == attempts - 1:
+        except DBAPIError as error:
+            if attempt == attempts - 1 or not _lost_a_race(error):
                 raise
+
+
+def _lost_a_race(error: Any) -> bool:
+    """Whether creating the schema failed because another process was creating it too."""
+    from sqlalchemy.exc import IntegrityError
+
+    orig = getattr(error, "orig", None)
+    sqlstate = str(getattr(orig, "sqlstate", None) or "")
+    # PostgreSQL: a duplicate table, object or type row; a deadlock or serialisation failure
+    # (class 40) between two CREATEs. SQLite: "table ... already exists".
+    return (
+        isinstance(error, IntegrityError)
+        or sqlstate in ("42P07", "42710")
+        or sqlstate.startswith("40")
+        or "already exists" in str(orig)
+    )
 
 
 def _add_missing_columns(engine: Any) -> None:
@@ -191,9 +424,10 @@ def _update_indexes(engine: Any) -> None:
 
 def dispose_all() -> None:
     with _lock:
-        for engine in _engines.values():
+        for engine in [*_engines.values(), *_read_only_engines.values()]:
             engine.dispose()
         _engines.clear()
+        _read_only_engines.clear()
         _created.clear()
 
 

@@ -29,6 +29,7 @@ from .. import _context, _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
+from ..errors import StoreError
 from ._content import (
     ContentMode,
     recorded,
@@ -37,7 +38,17 @@ from ._content import (
     to_json,
     to_text,
 )
-from ._writer import LENGTH, ROW_WIDTH, Row, StoreWriter, plain, plain_values, receive, rows_of
+from ._writer import (
+    LENGTH,
+    ROW_WIDTH,
+    WRITER_THREAD,
+    Row,
+    StoreWriter,
+    plain,
+    plain_values,
+    receive,
+    rows_of,
+)
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -64,7 +75,12 @@ class _SidecarGone(Exception):
 
 
 class _StoreUnopenable(Exception):
-    """The writer process could not open the store (nor would this one)."""
+    """The writer process could not open the store (nor would this one): its message says
+    which store and why."""
+
+
+class _RecordingOff(Exception):
+    """The writer process died and this one cannot open the store either."""
 
 
 class _Sidecar:
@@ -265,7 +281,7 @@ class Recorder:
         self._open_spans: set[Span] = set()
         self._open_spans_seen_ns = 0
         self._writer: _Sidecar | StoreWriter | None = None
-        self._thread = threading.Thread(target=self._run, name="kagura-recorder", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
         self._thread.start()
 
     # -- on the event loop ----------------------------------------------------------------
@@ -455,9 +471,7 @@ class Recorder:
         try:
             self._writer = self._open()
         except Exception as exc:
-            _log.error("kagura: cannot open the event store; recording is off: %s", exc)
-            self.broken = True
-            self._fail_pending()
+            self._recording_off(exc)
             return
         try:
             while True:
@@ -466,11 +480,28 @@ class Recorder:
                 self._drain()
                 if self._stopping and not self._queue and not self._rows:
                     return
+        except _RecordingOff:  # said and done in _fall_back
+            return
         finally:
             if isinstance(self._writer, _Sidecar):
                 self._writer.close()
-            else:
+            elif self._writer is not None:
                 self._writer.dispose()
+
+    def _recording_off(self, why: BaseException) -> None:
+        """The store cannot be opened: say so once, and record nothing from now on (the
+        application's calls go on as if nothing were recorded)."""
+        from ._engine import scrub_url
+
+        if isinstance(why, (StoreError, _StoreUnopenable)):  # they name the store and the cause
+            reason = str(why)
+        else:  # a bug of ours
+            reason = scrub_url(
+                f"cannot open the event store: {type(why).__name__}: {why}", self.url
+            )
+        _log.warning("kagura: recording is off: %s", reason)
+        self.broken = True
+        self._fail_pending()
 
     def _open(self) -> _Sidecar | StoreWriter:
         if self.process:
@@ -482,6 +513,7 @@ class Recorder:
 
     def _fail_pending(self) -> None:
         self._rows.clear()
+        self._open_spans.clear()  # spans that finish now are not recorded: nothing keeps them
         while self._queue:
             item = self._queue.popleft()
             if isinstance(item, _FlushMarker):
@@ -512,27 +544,32 @@ class Recorder:
             # The loop hands batches over too (see _hand_over), under the writer process's
             # lock: taking rows and writing them hold it here as well.
             lock = writer.lock if isinstance(writer, _Sidecar) else contextlib.nullcontext()
-            with lock:
-                # Whole rows only (each was added in one piece); for a flush marker, every row
-                # so far, since all those finished before the flush are among them.
-                taken = len(rows) if markers else min(len(rows), batch)
-                finished = rows[:taken]
-                del rows[:taken]
-                # After taking the rows: a span whose row is among them had left _open_spans.
-                try:
-                    running = self._running_rows(everything=bool(markers))
-                    for start in range(0, max(taken, 1), batch):
-                        self._write(running, finished[start : start + batch], events)
-                        running, events = [], []
-                    if markers:
-                        self._sync()
-                except Exception:  # a bug of ours must not end recording, nor strand a flush
-                    _log.exception(
-                        "kagura: recording a batch failed; %d rows are dropped",
-                        taken // ROW_WIDTH + len(events),
-                    )
-            for marker in markers:
-                marker.done.set()
+            try:
+                with lock:
+                    # Whole rows only (each was added in one piece); for a flush marker, every
+                    # row so far, since all those finished before the flush are among them.
+                    taken = len(rows) if markers else min(len(rows), batch)
+                    finished = rows[:taken]
+                    del rows[:taken]
+                    # After taking the rows: a span whose row is among them had left
+                    # _open_spans.
+                    try:
+                        running = self._running_rows(everything=bool(markers))
+                        for start in range(0, max(taken, 1), batch):
+                            self._write(running, finished[start : start + batch], events)
+                            running, events = [], []
+                        if markers:
+                            self._sync()
+                    except _RecordingOff:
+                        raise
+                    except Exception:  # a bug of ours must not end recording, nor strand a flush
+                        _log.exception(
+                            "kagura: recording a batch failed; %d rows are dropped",
+                            taken // ROW_WIDTH + len(events),
+                        )
+            finally:
+                for marker in markers:
+                    marker.done.set()
             if not queue and len(rows) < batch:
                 return
 
@@ -585,16 +622,26 @@ class Recorder:
 
     def _fall_back(self, why: Exception) -> None:
         """The writer process died: write from this thread from now on. (What it had read but
-        not committed is lost; everything after is not.)"""
+        not committed is lost; everything after is not.) Raises ``_RecordingOff`` when this
+        thread cannot open the store either."""
         _log.error(
             "kagura: the event store's writer process stopped (%s); writing from a thread", why
         )
         gone = self._writer
-        self._writer = StoreWriter(self.url, self.content)
+        try:
+            writer = StoreWriter(self.url, self.content)
+        except StoreError as error:
+            self._writer = None
+            if isinstance(gone, _Sidecar):
+                gone.close(timeout=1.0)
+            # Before the flushes waiting are released: they learn that nothing was written.
+            self._recording_off(error)
+            raise _RecordingOff from error
+        self._writer = writer
         if isinstance(gone, _Sidecar):
-            self._writer.written_spans = gone.written_spans
-            self._writer.written_events = gone.written_events
-            self._writer.failed_batches = gone.failed_batches
+            writer.written_spans = gone.written_spans
+            writer.written_events = gone.written_events
+            writer.failed_batches = gone.failed_batches
             gone.close(timeout=1.0)
 
 

@@ -4,25 +4,48 @@
 ``KAGURA_HOME/events.db``); pass a path or a ``postgresql://`` URL for another. Reads first flush
 this process's recorder when it writes to the same store, so an execution that just finished is
 visible at once. Every method has an ``a``-prefixed async twin that runs in a worker thread.
+
+A SQLite store this user may not write (its file, or its directory) is read without writing
+anything; a store that cannot be opened or read raises :class:`~kagura.errors.StoreError`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .. import _encryption
 from ..errors import UsageError
-from ._engine import default_url, engine_for, normalise_url, redact_url
+from ._engine import can_write, default_url, engine_for, normalise_url, redact_url, store_errors
 from ._recorder import default_recorder
 from ._writer import catch_up
 
 EXECUTION_KINDS = ("agent", "workflow")
 _GROUPS = ("agent", "model", "day")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+_Method = Callable[Concatenate["EventStore", _P], _R]
+
+
+def _using_the_store(doing: str) -> Callable[[_Method[_P, _R]], _Method[_P, _R]]:
+    """The method's store faults raised as :class:`~kagura.errors.StoreError` (see
+    :func:`~kagura.observability._engine.store_errors`), saying it could not ``doing``."""
+
+    def decorate(method: _Method[_P, _R]) -> _Method[_P, _R]:
+        @functools.wraps(method)
+        def wrapper(store: EventStore, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with store_errors(store.url, doing):
+                return method(store, *args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 def _timestamp(value: datetime | float | None) -> float | None:
@@ -100,6 +123,9 @@ class EventStore:
     def __init__(self, db_path_or_url: str | Path | None = None) -> None:
         self.url = default_url() if db_path_or_url is None else normalise_url(db_path_or_url)
         self._engine: Any = None
+        # A store this user may only read is read as it is: no schema made or brought up to
+        # date, nothing staged written in (see _sync).
+        self._read_only = not can_write(self.url)
 
     def __repr__(self) -> str:
         return f"EventStore({redact_url(self.url)!r})"
@@ -112,19 +138,22 @@ class EventStore:
     @property
     def engine(self) -> Any:
         if self._engine is None:
-            self._engine = engine_for(self.url)
+            self._engine = engine_for(self.url, read_only=self._read_only)
         return self._engine
 
     def _sync(self) -> None:
         """Every recorded row in the tables before a query reads them: this process's recorder
-        flushed, and what any writer has staged written in."""
+        flushed, and what any writer has staged written in (unless this user may not write the
+        store: then the rows still staged are not seen, see ``_writer.catch_up``)."""
         recorder = default_recorder()
         if recorder is not None and recorder.url == self.url:
             recorder.flush()
-        catch_up(self.url)
+        if not self._read_only:
+            catch_up(self.url)
 
     # -- queries ------------------------------------------------------------------------------
 
+    @_using_the_store("read")
     def get_executions(
         self,
         agent_name: str | None = None,
@@ -161,6 +190,7 @@ class EventStore:
             found = connection.execute(query).all()
         return [_execution(row, self._content) for row in found]
 
+    @_using_the_store("read")
     def get_execution(self, execution_id: str) -> dict[str, Any] | None:
         """One execution with its subtree under ``children`` and its ``events``."""
         from sqlalchemy import select
@@ -199,6 +229,7 @@ class EventStore:
         result: dict[str, Any] = nodes[root.span_id]
         return result
 
+    @_using_the_store("read")
     def find_ids(self, prefix: str, *, limit: int = 10) -> list[str]:
         """Ids of spans that start with ``prefix`` (at most ``limit``), for ids typed short."""
         from sqlalchemy import select
@@ -215,6 +246,7 @@ class EventStore:
         with self.engine.connect() as connection:
             return [str(span_id) for span_id in connection.execute(query).scalars()]
 
+    @_using_the_store("read")
     def stats(
         self, *, since: datetime | float | None = None, agent_name: str | None = None
     ) -> dict[str, Any]:
@@ -288,6 +320,7 @@ class EventStore:
             out[name] = connection.execute(ordered.limit(1).offset(offset)).scalar()
         return out
 
+    @_using_the_store("read")
     def cost(
         self,
         *,
@@ -388,6 +421,7 @@ class EventStore:
             return func.coalesce(spans.c.model, "unknown")
         return spans.c.name
 
+    @_using_the_store("delete old runs")
     def delete_older_than(self, age: timedelta | datetime | float) -> int:
         """Retention: delete runs that started before ``age`` ago (a timedelta or seconds) or
         before a datetime. Returns the number of spans deleted."""

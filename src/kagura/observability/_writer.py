@@ -26,10 +26,12 @@ import signal
 import struct
 import sys
 import threading
+import time
 from typing import IO, Any
 
 from .. import _context, _encryption
 from .._context import id_format
+from ..errors import StoreError
 from ._content import (
     MAX_TEXT,
     ContentMode,
@@ -41,7 +43,13 @@ from ._content import (
     repr_of,
     scrub,
 )
-from ._engine import use_a_large_page_cache
+from ._engine import (
+    is_store_fault,
+    scrub_url,
+    store_error,
+    store_name,
+    use_a_large_page_cache,
+)
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -195,8 +203,23 @@ def _sealed(rows: list[Row]) -> list[Row]:
     return sealed
 
 
+#: How long a writer drops batches untried once writing failed because of the store (it is
+#: read-only, full, damaged or unreachable); then the next batch tries again. Again at all,
+#: because stores recover (a disk gets space, a database server comes back) and a process that
+#: records for days should not lose the rest of its recordings to a minute's outage. Not at every
+#: batch, because a failing attempt may take long (a server that does not answer, a lock held
+#: past the busy timeout): batches would pile up in the recording process meanwhile.
+RETRY_S = 30.0
+
+
 class StoreWriter:
-    """Writes batches of rows to the store at ``url``. Opening it opens (and creates) the store."""
+    """Writes batches of rows to the store at ``url``. Opening it opens (and creates) the store,
+    or raises :class:`~kagura.errors.StoreError`.
+
+    When the store cannot be written, the writer says so once (a warning naming the store and
+    the cause), then drops batches quietly, counting them in ``failed_batches``, and tries again
+    every ``RETRY_S`` seconds; it says so again when writing works again.
+    """
 
     def __init__(self, url: str, content: ContentMode) -> None:
         from ._engine import engine_for
@@ -207,11 +230,53 @@ class StoreWriter:
         # written in plaintext when it was meant to be encrypted.
         _encryption.enabled()
         self.engine = engine_for(url)
+        if self.engine.dialect.name == "postgresql":
+            _quiet_pipeline_warnings()
         self.written_spans = 0
         self.written_events = 0
         self.failed_batches = 0
         #: Rows staged in the store and not written in yet, as far as this writer knows.
         self.staged_rows = 0
+        #: While the store cannot be written: when (``time.monotonic()``) a batch tries again.
+        self._retry_at: float | None = None
+        self._dropped_batches = 0
+
+    def _dropping(self) -> bool:
+        """Whether to drop a batch untried: the store failed, and it is not time to try again."""
+        if self._retry_at is None or time.monotonic() >= self._retry_at:
+            return False
+        self.failed_batches += 1
+        self._dropped_batches += 1
+        return True
+
+    def _failed(self, error: Exception, doing: str, rows: int) -> None:
+        """A batch of ``rows`` failed while ``doing`` something with it, and is dropped."""
+        self.failed_batches += 1
+        if not is_store_fault(error):  # a bug, or a value the database refuses: this batch only
+            _log.exception("kagura: %s %d recorded rows failed; they are dropped", doing, rows)
+            return
+        self._store_failed(error)
+        self._dropped_batches += 1
+
+    def _store_failed(self, error: Exception) -> None:
+        if self._retry_at is None:
+            _log.warning(
+                "kagura: %s; recordings are dropped until it can be written (tried again "
+                "every %gs)",
+                store_error(self.url, "write", error),
+                RETRY_S,
+            )
+        self._retry_at = time.monotonic() + RETRY_S
+
+    def _succeeded(self) -> None:
+        if self._retry_at is not None:
+            _log.warning(
+                "kagura: event store %s: writing again (%d batches of recordings were dropped)",
+                store_name(self.url),
+                self._dropped_batches,
+            )
+            self._retry_at = None
+            self._dropped_batches = 0
 
     def write(
         self,
@@ -228,16 +293,15 @@ class StoreWriter:
             return
         if sender is None:
             sender = (_context.PREFIX, os.getpid())
+        if self._dropping():
+            return
         try:
             with self.engine.begin() as connection:
                 self._insert(connection, running, finished, events, sender)
-        except Exception:
-            self.failed_batches += 1
-            _log.exception(
-                "kagura: writing %d recorded rows failed; they are dropped",
-                len(running) + len(finished) + len(events),
-            )
+        except Exception as error:
+            self._failed(error, "writing", len(running) + len(finished) + len(events))
             return
+        self._succeeded()
         self.written_spans += len(finished)
         self.written_events += len(events)
 
@@ -266,13 +330,13 @@ class StoreWriter:
         ``batch`` of): staged when it can be (see :meth:`stage`), else written at once."""
         if self.content == "full" and not _encryption.enabled() and not bytes_look_secret(batch):
             self.stage(message, batch)
-            while self.staged_rows > STAGED_ROWS_MAX and self.catch_up(batches=1):
+            while self.staged_rows > STAGED_ROWS_MAX and self.try_catch_up(batches=1):
                 pass
             return
         # Redacted, hashed, dropped or encrypted values are never staged: the bytes on disk must
         # already be what may be stored (a staged batch is the recorder's message, plaintext).
         # Staged batches first, so that rows land in the order they came.
-        self.catch_up()
+        self.try_catch_up()
         self.write(message[1], rows_of(message[2]), message[3], message[4:6])
 
     def stage(self, message: tuple[Any, ...], batch: bytes) -> None:
@@ -283,23 +347,41 @@ class StoreWriter:
         running, finished, events = message[1], message[2], message[3]
         spans = len(finished) // ROW_WIDTH
         count = len(running) + spans + len(events)
-        if not count:
+        if not count or self._dropping():
             return
         try:
             with self.engine.begin() as connection:
                 connection.execute(_staged().insert(), {"spans": count, "batch": batch})
-        except Exception:
-            self.failed_batches += 1
-            _log.exception("kagura: staging %d recorded rows failed; they are dropped", count)
+        except Exception as error:
+            self._failed(error, "staging", count)
             return
+        self._succeeded()
         self.staged_rows += count
         self.written_spans += spans
         self.written_events += len(events)
 
+    def try_catch_up(self, batches: int | None = None) -> int:
+        """:meth:`catch_up` as the writer does it: a store that cannot be written is reported
+        (once) and tried again later, not raised; its staged batches stay staged."""
+        if self._retry_at is not None and time.monotonic() < self._retry_at:
+            return 0
+        try:
+            done = self.catch_up(batches)
+        except Exception as error:
+            if not is_store_fault(error):
+                raise
+            self._store_failed(error)
+            return 0
+        if done:
+            self._succeeded()
+        return done
+
     def catch_up(self, batches: int | None = None) -> int:
         """Write staged batches into the tables, oldest first, each in one transaction: every
         one (or at most ``batches``). Returns how many this call wrote in. Safe against other
-        processes doing the same: each batch is taken by the one whose ``DELETE`` gets it."""
+        processes doing the same: each batch is taken by the one whose ``DELETE`` gets it.
+        Raises what the database raised when the store cannot be written (see
+        :func:`~kagura.observability._engine.is_store_fault`)."""
         done = 0
         while batches is None or done < batches:
             taken = self._take_staged()
@@ -323,8 +405,9 @@ class StoreWriter:
                 message = marshal.loads(row[2])
                 running, finished, events = message[1:4]
                 self._insert(connection, running, rows_of(finished), events, message[4:6])
-        except Exception:
-            if taken is None:
+        except Exception as error:
+            # The store's fault rolled the DELETE back: the batch stays staged for later.
+            if taken is None or is_store_fault(error):
                 raise
             # A batch that cannot be written must not stop every later one: it is dropped,
             # as a batch that fails to be written at once is.
@@ -356,6 +439,34 @@ class StoreWriter:
         self.engine.dispose()
 
 
+#: The recorder's thread (see ``Recorder``): the thread that writes when there is no writer
+#: process.
+WRITER_THREAD = "kagura-recorder"
+_in_writer_process = False
+_quieted = False
+
+
+class _NoPipelineWarnings(logging.Filter):
+    """psycopg runs ``executemany`` in a pipeline, and when a statement in it fails, ending the
+    pipeline fails too ("pipeline aborted"): psycopg then warns "error ignored terminating
+    <Pipeline>" on its own logger. For the writer that is a second line about a failure it
+    reports itself (once): dropped in the writer's thread and process, and nowhere else, so
+    that an application's own psycopg logging is as it was."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            str(record.msg).startswith("error ignored terminating")
+            and (_in_writer_process or threading.current_thread().name == WRITER_THREAD)
+        )
+
+
+def _quiet_pipeline_warnings() -> None:
+    global _quieted
+    if not _quieted:
+        _quieted = True
+        logging.getLogger("psycopg").addFilter(_NoPipelineWarnings())
+
+
 #: Rows a writer leaves staged at most: beyond, it writes in the oldest staged batch for each new
 #: one, as fast as it wrote them at once. A burst of up to about 11,000 workflow runs of four
 #: agent calls is absorbed; a reader catches up that many in about a second.
@@ -384,7 +495,14 @@ def _staged() -> Any:
 
 def catch_up(url: str) -> None:
     """Write in whatever the store's writers have staged: what a reader does first, so that
-    every recorded row is in the tables it reads. One quick query when nothing is staged."""
+    every recorded row is in the tables it reads. One quick query when nothing is staged.
+
+    A reader that may not write the store does without: it does not call this on a store it
+    may only read (see ``EventStore``), and the writes failing because of the store (a
+    PostgreSQL role that may only read, say) are not an error. It then does not see the rows
+    still staged: those of a writer process's latest burst, which it writes in once it has been
+    quiet for ``QUIET_S`` and when its recording process ends, and those a killed writer process
+    left (the next reader that may write writes them in)."""
     from ._engine import engine_for
 
     with engine_for(url).connect() as connection:
@@ -392,7 +510,11 @@ def catch_up(url: str) -> None:
             return
     # Staged batches hold what may be stored as it is (see StoreWriter.take): "full". Staged by
     # a writer with no key (one with a key never stages): encrypted now if this process has one.
-    StoreWriter(url, "full").catch_up()
+    try:
+        StoreWriter(url, "full").catch_up()
+    except Exception as error:
+        if not is_store_fault(error):
+            raise
 
 
 def _table_rows(rows: list[Row], prefix: str, pid: int) -> list[Row]:
@@ -561,9 +683,13 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
     _, url, content = opening
     try:
         writer = StoreWriter(url, content)
-    except Exception as exc:
-        _log.exception("kagura: cannot open the event store; recording is off")
-        send(outbox, ("opened", False, f"{type(exc).__name__}: {scrub(str(exc))}"))
+    except StoreError as exc:  # the recorder reports it: it ends recording there
+        send(outbox, ("opened", False, str(exc)))
+        return 1
+    except Exception as exc:  # a bug of ours: its traceback helps
+        _log.exception("kagura: the writer process cannot open the event store")
+        cause = f"{type(exc).__name__}: {scrub(scrub_url(str(exc), url))}"
+        send(outbox, ("opened", False, f"event store {store_name(url)}: cannot open: {cause}"))
         return 1
     send(outbox, ("opened", True, ""))
     use_a_large_page_cache(writer.engine)
@@ -573,7 +699,12 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
     # made is frozen out of the collector's way, and it runs after 100,000 objects, not 700.
     gc.freeze()
     gc.set_threshold(100_000, 20, 20)
-    writer.staged_rows = writer.count_staged()  # a writer before it may have left some
+    try:
+        writer.staged_rows = writer.count_staged()  # a writer before it may have left some
+    except Exception as error:
+        if not is_store_fault(error):
+            raise
+        writer._store_failed(error)
     # Frames are read on a thread of their own, so that this one can tell when none has come for
     # a while (and write staged batches in) without polling the pipe. A few frames ahead at
     # most: beyond, the pipe holds the recorder back, as it did before.
@@ -584,7 +715,7 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
             try:
                 frame = frames.get(timeout=QUIET_S) if writer.staged_rows else frames.get()
             except queue.Empty:  # quiet: a burst is over, or there was none
-                writer.catch_up(batches=1)
+                writer.try_catch_up(batches=1)
                 continue
             if frame is None:
                 break
@@ -594,7 +725,7 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
             elif message[0] == "sync":
                 counts = (writer.written_spans, writer.written_events, writer.failed_batches)
                 send(outbox, ("synced", message[1], *counts))
-        writer.catch_up()  # the recording process has ended: leave the tables complete
+        writer.try_catch_up()  # the recording process has ended: leave the tables complete
     finally:
         writer.dispose()
     return 0
@@ -613,6 +744,8 @@ def _read_frames(
 
 
 def main() -> None:
+    global _in_writer_process
+    _in_writer_process = True
     # Ctrl-C reaches the whole process group: the recording process decides when to stop, and
     # the end of stdin tells this one to finish writing and exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
