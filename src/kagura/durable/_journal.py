@@ -39,7 +39,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +47,7 @@ from typing import Any, Literal
 from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
-from ..errors import EncryptionKeyError, RunTakenOverError, StoreError
+from ..errors import EncryptionKeyError, RunTakenOverError
 
 _log = logging.getLogger("kagura.durable")
 
@@ -224,19 +224,12 @@ class Journal:
 
         return engine_for(self.url)
 
-    @contextlib.contextmanager
-    def _store(self, doing: str) -> Iterator[None]:
-        """Database errors as a :class:`StoreError` that names this store and the cause."""
-        try:
-            yield
-        except StoreError:
-            raise
-        except Exception as exc:
-            if not _is_database_error(exc):
-                raise
-            from ..observability._engine import store_error
+    def _store(self, doing: str) -> contextlib.AbstractContextManager[None]:
+        """Store faults in the block as a :class:`StoreError` that names this store and the
+        cause (bugs of ours keep their type)."""
+        from ..observability._engine import store_errors
 
-            raise store_error(self.url, doing, exc) from exc
+        return store_errors(self.url, doing)
 
     # -- from the event loop: group-committed by the writer's thread -----------------------
 
@@ -769,15 +762,6 @@ def close_interrupted_spans(connection: Any, run_ids: list[str], now: float) -> 
         )
     )
     return int(closed.rowcount or 0)
-
-
-def _is_database_error(error: BaseException) -> bool:
-    """Raised by the database or its driver (not a bug of ours)?"""
-    if isinstance(error, OSError | ImportError):
-        return True
-    from sqlalchemy.exc import DBAPIError, NoSuchModuleError
-
-    return isinstance(error, DBAPIError | NoSuchModuleError)
 
 
 def _finish_statement() -> Any:
