@@ -18,7 +18,7 @@ import functools
 import os
 import socket
 
-__all__ = ["HOST", "is_gone", "pid_start"]
+__all__ = ["HOST", "is_gone", "pid_start", "this_process"]
 
 #: This machine's name, as runs and spans record it.
 HOST = socket.gethostname()
@@ -73,3 +73,16 @@ def is_gone(host: str | None, pid: int | None, start: str | None) -> bool:
     except OSError:  # it exists (another user's, say)
         return False
     return False
+
+
+_this: tuple[int, str, str | None] | None = None
+
+
+def this_process() -> tuple[int, str, str | None]:
+    """This process as recordings name it: its pid, host and pid start (read once per pid: a
+    forked child is another process)."""
+    global _this
+    pid = os.getpid()
+    if _this is None or _this[0] != pid:
+        _this = (pid, HOST, pid_start(pid))
+    return _this

@@ -138,12 +138,7 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
         monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         yield Env(db, module, tmp_path / "hold", tmp_path / "flag", tmp_path / "ledger.txt", server)
     sys.modules.pop(name, None)
-    url = engine_registry.normalise_url(str(db))
-    with engine_registry._lock:
-        engine = engine_registry._engines.pop(url, None)
-        engine_registry._created.discard(url)
-    if engine is not None:
-        engine.dispose()
+    engine_registry.forget(engine_registry.normalise_url(str(db)))
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

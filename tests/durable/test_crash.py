@@ -23,6 +23,7 @@ import pytest
 from kagura.durable import Journal
 from kagura.testing import replay
 from kagura.testing.fault_server import FaultServer, RecordedRequest
+from tests.observability.conftest import rows
 
 from . import workflows
 from .conftest import Child, await_until, lines
@@ -62,6 +63,7 @@ def test_fault_server_rules_pick_a_fault_by_prompt() -> None:
 
 async def test_a_killed_run_resumes_without_repeating_completed_calls(
     journal: Journal,
+    db: str,
     server: FaultServer,
     spawn: Any,
     tmp_path: Path,
@@ -96,6 +98,21 @@ async def test_a_killed_run_resumes_without_repeating_completed_calls(
         return done == DONE_BEFORE_KILL and server.in_flight == 1 and len(hanging()) == 1
 
     await await_until(mid_flight, "the two quick agents journaled and the slow one hanging")
+    # The hanging call in flight long enough to be on record as running (see the recorder's
+    # _RUNNING_AFTER_NS), and the two quick ones' ends recorded: a SIGKILL loses what the
+    # recorder had not sent yet (spans that ended in its last quarter of a second).
+    await await_until(
+        lambda: (
+            {(r["name"], r["status"]) for r in rows(db) if r["run_id"] == "crashed"}
+            >= {
+                ("crash_pipeline", "running"),
+                ("gamma", "running"),
+                ("alpha", "completed"),
+                ("beta", "completed"),
+            }
+        ),
+        "the run and the hanging call recorded as running, the others as completed",
+    )
     journaled_before = journal.load_steps("crashed")
     sent_before_kill = len(server.chat_requests)
     assert child.process.poll() is None
@@ -147,6 +164,15 @@ async def test_a_killed_run_resumes_without_repeating_completed_calls(
     assert set(listed) == {"crashed", "clean"}
     assert listed["crashed"].steps == 5
     assert journal.list_runs(status="interrupted") == []
+
+    # The dead attempt's spans that said running were closed as interrupted when the run was
+    # claimed (read here without a reader's own sweep); the resumed attempt completed.
+    spans = {(r["run_id"], r["name"]): r["status"] for r in rows(db) if "crashed" in r["run_id"]}
+    assert "running" not in spans.values()
+    assert spans[("crashed", "crash_pipeline")] == "interrupted"
+    assert spans[("crashed", "gamma")] == "interrupted"
+    assert spans[("crashed", "alpha")] == spans[("crashed", "beta")] == "completed"
+    assert spans[("crashed~2", "crash_pipeline")] == "completed"
 
     # And the run replays from its journal alone: no request reaches the server.
     sent = len(server.chat_requests)

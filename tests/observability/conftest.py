@@ -187,12 +187,7 @@ _database_numbers = itertools.count(1)
 
 def _forget_engine(url: str) -> None:
     """Close this process's pooled connections to ``url`` (so its database can be dropped)."""
-    normalised = engine_registry.normalise_url(url)
-    with engine_registry._lock:
-        engine = engine_registry._engines.pop(normalised, None)
-        engine_registry._created.discard(normalised)
-    if engine is not None:
-        engine.dispose()
+    engine_registry.forget(engine_registry.normalise_url(url))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

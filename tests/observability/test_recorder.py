@@ -1028,10 +1028,12 @@ def test_a_batch_keeps_each_column_whether_or_not_other_rows_leave_it_empty(
         return tuple(fields[column] for column in WIRE_COLUMNS)
 
     try:
-        writer.write([row("a", status="running", model="m", output="early")], [], [], ("p", 7))
+        writer.write(
+            [row("a", status="running", model="m", output="early")], [], [], ("p", 7, "h", None)
+        )
         # Nobody's model or attributes in this batch; one row's error, the other's output.
         finished = [row("a", output="late"), row("b", error="boom", error_type="E")]
-        writer.write([], finished, [], ("p", 7))
+        writer.write([], finished, [], ("p", 7, "h", None))
     finally:
         writer.dispose()
     stored = {r["span_id"]: r for r in rows(store_url)}

@@ -48,6 +48,7 @@ from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
 from ..errors import EncryptionKeyError, RunTakenOverError
+from ..observability._interrupted import close_run_spans
 
 _log = logging.getLogger("kagura.durable")
 
@@ -220,9 +221,11 @@ class Journal:
 
     @property
     def engine(self) -> Any:
-        from ..observability._engine import engine_for
+        # Every commit on disk before it returns: a step the workflow has seen survives a power
+        # loss too (see synced_engine_for).
+        from ..observability._engine import synced_engine_for
 
-        return engine_for(self.url)
+        return synced_engine_for(self.url)
 
     def _store(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """Store faults in the block as a :class:`StoreError` that names this store and the
@@ -435,7 +438,8 @@ class Journal:
             )
             if claimed.rowcount != 1:
                 return False
-            close_interrupted_spans(
+            # Its earlier attempts' spans that still say running never will end: closed now.
+            close_run_spans(
                 connection, [attempt_span_id(run_id, n) for n in range(1, row.attempts + 1)], now
             )
         return True
@@ -739,29 +743,6 @@ class Journal:
                 for c in ("name", "kind", "input_hash", "output", "position")
             },
         )
-
-
-def close_interrupted_spans(connection: Any, run_ids: list[str], now: float) -> int:
-    """Close the spans still marked running in the run trees ``run_ids`` as interrupted (their
-    process is known dead, or the run was taken over); how many."""
-    from sqlalchemy import update
-
-    from ..observability._schema import spans
-
-    if not run_ids:
-        return 0
-    closed = connection.execute(
-        update(spans)
-        .where(spans.c.run_id.in_(run_ids), spans.c.status == "running")
-        .values(
-            status="interrupted",
-            ended_at=now,
-            duration_ms=(now - spans.c.started_at) * 1000.0,
-            error="its process stopped before it ended (the run was taken over)",
-            error_type="Interrupted",
-        )
-    )
-    return int(closed.rowcount or 0)
 
 
 def _finish_statement() -> Any:

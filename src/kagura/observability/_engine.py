@@ -24,6 +24,8 @@ from ..errors import StoreError
 DEFAULT_DB_NAME = "events.db"
 
 _engines: dict[str, Any] = {}
+#: SQLite engines that sync every commit (see synced_engine_for), by URL.
+_synced_engines: dict[str, Any] = {}
 _read_only_engines: dict[str, Any] = {}
 _lock = threading.Lock()
 _created: set[str] = set()
@@ -422,12 +424,54 @@ def _update_indexes(engine: Any) -> None:
                     index.create(connection, checkfirst=True)
 
 
+def synced_engine_for(url: str) -> Any:
+    """:func:`engine_for`, with each commit on disk before it returns: for writes that must
+    survive the machine going down, not only the process (the durable journal's). A SQLite store
+    in WAL mode at ``synchronous=NORMAL`` (the recorder's setting, for speed) syncs only at
+    checkpoints, so a commit it returned from survives a killed process but not a power loss;
+    this engine's connections sync every commit (``FULL``). Other databases sync commits as
+    their server is configured to (PostgreSQL: by default, every commit)."""
+    engine = engine_for(url)  # the schema, and the store's faults, as every user gets them
+    if sqlite_path(url) is None:
+        return engine
+    with _lock:
+        synced = _synced_engines.get(url)
+        if synced is None:
+            from sqlalchemy import event
+
+            synced = _synced_engines[url] = _create(url)
+
+            @event.listens_for(synced, "connect")
+            def _sync_every_commit(dbapi_connection: Any, _record: Any) -> None:
+                dbapi_connection.execute("PRAGMA synchronous=FULL")  # after _create's NORMAL
+
+        return synced
+
+
+def forget(url: str) -> None:
+    """Close this process's engines for ``url`` and forget them (its schema is checked again
+    by the next user): so that its database can be dropped, or its file removed."""
+    with _lock:
+        engines = [
+            registry.pop(url, None) for registry in (_engines, _read_only_engines, _synced_engines)
+        ]
+        _created.discard(url)
+    for engine in engines:
+        if engine is not None:
+            engine.dispose()
+
+
 def dispose_all() -> None:
     with _lock:
-        for engine in [*_engines.values(), *_read_only_engines.values()]:
+        for engine in [
+            *_engines.values(),
+            *_read_only_engines.values(),
+            *_synced_engines.values(),
+        ]:
             engine.dispose()
         _engines.clear()
         _read_only_engines.clear()
+        _synced_engines.clear()
         _created.clear()
 
 

@@ -25,7 +25,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from .. import _context, _settings
+from .. import _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
@@ -48,12 +48,16 @@ from ._writer import (
     plain_values,
     receive,
     rows_of,
+    this_sender,
 )
 
 _log = logging.getLogger("kagura.recorder")
 
-#: How long a span runs before it is written as running (``kagura monitor live`` shows it).
-_RUNNING_AFTER_NS = 1_000_000_000
+#: How long a span runs before it is written as running (``kagura monitor live`` shows it, and if
+#: its process is killed it is closed as interrupted once that is known: see _interrupted).
+#: With the look every quarter of a second below, every call in flight for half a second is on
+#: record; most spans end sooner, and a row each would double the writer's work.
+_RUNNING_AFTER_NS = 250_000_000
 #: Queued rows the loop hands over to the writer itself (or wakes the recorder's thread for,
 #: before its flush interval is up), in values.
 _HAND_OVER_AT = 1000 * ROW_WIDTH
@@ -211,18 +215,12 @@ class _Sidecar:
 
 
 def _rows_message(running: list[Row], finished: list[Any], events: list[Row]) -> bytes:
+    sender = this_sender()
     try:
-        return marshal.dumps(("rows", running, finished, events, _context.PREFIX, os.getpid()))
+        return marshal.dumps(("rows", running, finished, events, *sender))
     except ValueError:  # a value marshal cannot carry (the recorder makes none): as text
         return marshal.dumps(
-            (
-                "rows",
-                plain(running),
-                plain_values(finished),
-                plain(events),
-                _context.PREFIX,
-                os.getpid(),
-            )
+            ("rows", plain(running), plain_values(finished), plain(events), *sender)
         )
 
 

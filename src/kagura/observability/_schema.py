@@ -49,6 +49,10 @@ spans = Table(
     Column("output", Text),
     Column("attributes", Text),  # JSON
     Column("pid", BigInteger),
+    # The process that recorded it (with pid): once it is known gone, its running spans are
+    # closed as interrupted (see _interrupted).
+    Column("host", String(255)),
+    Column("pid_start", String(64)),
 )
 
 Index("ix_kagura_spans_run", spans.c.run_id)
@@ -59,6 +63,15 @@ Index("ix_kagura_spans_name_started", spans.c.name, spans.c.started_at)
 # Latency percentiles walk it in duration order; with the status in it, counting calls by status
 # reads the index alone (measured over 1M agent calls: 0.2 s, against 4.5 s through the table).
 Index("ix_kagura_spans_kind_duration_status", spans.c.kind, spans.c.duration_ms, spans.c.status)
+# Only the running rows (a few, at any time): finding those of processes that are gone costs a
+# look at them, not a scan of the table; finished rows never enter it.
+Index(
+    "ix_kagura_spans_running",
+    spans.c.host,
+    spans.c.pid,
+    sqlite_where=spans.c.status == "running",
+    postgresql_where=spans.c.status == "running",
+)
 
 events = Table(
     "kagura_events",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from .. import _encryption
 from ..errors import UsageError
 from ._engine import can_write, default_url, engine_for, normalise_url, redact_url, store_errors
+from ._interrupted import close_spans_of_gone_processes
 from ._recorder import default_recorder
 from ._writer import catch_up
 
@@ -150,6 +152,9 @@ class EventStore:
             recorder.flush()
         if not self._read_only:
             catch_up(self.url)
+            # Spans of this host's processes that died say running until someone notices.
+            with self.engine.begin() as connection:
+                close_spans_of_gone_processes(connection, time.time())
 
     # -- queries ------------------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import IO, Any
 
 from .. import _context, _encryption
 from .._context import id_format
+from .._process import this_process
 from ..errors import StoreError
 from ._content import (
     MAX_TEXT,
@@ -78,6 +79,8 @@ SPAN_COLUMNS = (
     "output",
     "attributes",
     "pid",
+    "host",
+    "pid_start",
 )
 #: A span's row as the recorder sends it: what the span holds, as it holds it. The writer
 #: derives the rest (see ``_table_rows``): ids given as numbers made text with the recording
@@ -283,16 +286,16 @@ class StoreWriter:
         running: list[Row],
         finished: list[Row],
         events: list[Row],
-        sender: tuple[str, int] | None = None,
+        sender: Sender | None = None,
     ) -> None:
         """Write one batch in one transaction. Rows hold their recorded values unencoded: here
         they are serialised, redacted (or hashed, or dropped). Ids given as numbers are made
-        text with the id prefix of ``sender``, the recording process's (its prefix and pid; by
-        default, this one's: see ``Recorder._row``)."""
+        text with the id prefix of ``sender``, the recording process (by default, this one:
+        see ``Recorder._row``)."""
         if not (running or finished or events):
             return
         if sender is None:
-            sender = (_context.PREFIX, os.getpid())
+            sender = this_sender()
         if self._dropping():
             return
         try:
@@ -311,7 +314,7 @@ class StoreWriter:
         running: list[Row],
         finished: list[Row],
         events: list[Row],
-        sender: tuple[str, int],
+        sender: Sender,
     ) -> None:
         dialect = self.engine.dialect.name
         statements = _statements(dialect)
@@ -337,7 +340,7 @@ class StoreWriter:
         # already be what may be stored (a staged batch is the recorder's message, plaintext).
         # Staged batches first, so that rows land in the order they came.
         self.try_catch_up()
-        self.write(message[1], rows_of(message[2]), message[3], message[4:6])
+        self.write(message[1], rows_of(message[2]), message[3], sender_of(message))
 
     def stage(self, message: tuple[Any, ...], batch: bytes) -> None:
         """Make a batch durable without writing its rows into the tables yet: one insert of its
@@ -404,7 +407,7 @@ class StoreWriter:
                 taken, count = int(row[0]), int(row[1])
                 message = marshal.loads(row[2])
                 running, finished, events = message[1:4]
-                self._insert(connection, running, rows_of(finished), events, message[4:6])
+                self._insert(connection, running, rows_of(finished), events, sender_of(message))
         except Exception as error:
             # The store's fault rolled the DELETE back: the batch stays staged for later.
             if taken is None or is_store_fault(error):
@@ -428,7 +431,7 @@ class StoreWriter:
         with self.engine.connect() as connection:
             return connection.exec_driver_sql(_ANY_STAGED).first() is not None
 
-    def _stored(self, rows: list[Row], sender: tuple[str, int]) -> list[Row]:
+    def _stored(self, rows: list[Row], sender: Sender) -> list[Row]:
         rows = _table_rows(rows, *sender)
         stored = _fast_rows(rows) if self.content == "full" else None
         if stored is None:
@@ -517,7 +520,28 @@ def catch_up(url: str) -> None:
             raise
 
 
-def _table_rows(rows: list[Row], prefix: str, pid: int) -> list[Row]:
+#: The process that recorded a batch: its span id prefix, pid, host and pid start (see
+#: :mod:`kagura._process`), sent with every batch: the writer that stores it may be another
+#: process, even on another host (a reader writing in staged batches).
+Sender = tuple[str, int, "str | None", "str | None"]
+
+
+def this_sender() -> Sender:
+    """This process, as the sender of the batches it records."""
+    pid, host, start = this_process()
+    return (_context.PREFIX, pid, host, start)
+
+
+def sender_of(message: tuple[Any, ...]) -> Sender:
+    """The sender of a ``rows`` message (one staged by an earlier version names no host)."""
+    prefix, pid, *rest = message[4:8]
+    host, start = (*rest, None, None)[:2]
+    return (prefix, pid, host, start)
+
+
+def _table_rows(
+    rows: list[Row], prefix: str, pid: int, host: str | None, start: str | None
+) -> list[Row]:
     """Rows of ``WIRE_COLUMNS`` as rows of ``SPAN_COLUMNS`` (recorded values as JSON text, not
     redacted yet)."""
     text_id = id_format(prefix)
@@ -550,6 +574,8 @@ def _table_rows(rows: list[Row], prefix: str, pid: int) -> list[Row]:
                 as_text(row[19]),
                 as_text(row[20]),
                 pid,
+                host,
+                start,
             )
         )
     return table
