@@ -288,12 +288,14 @@ async def recover(
     """Resume every interrupted durable run, as DBOS does at launch: call it when a process
     starts. By default only the runs this host was executing (known interrupted at once when
     their process is gone); ``all_hosts`` takes those of other hosts too (interrupted once
-    their lease has run out). Each run is resumed exactly once, however many processes recover
+    their lease has run out). The spans this host's dead processes left running are closed as
+    interrupted first. Each run is resumed exactly once, however many processes recover
     at the same moment: the others see it ``taken``. ``concurrency`` runs are resumed at once.
     """
     if concurrency < 1:
         raise UsageError(f"concurrency must be at least 1, got {concurrency}")
     journal = journal_for(db)
+    await asyncio.to_thread(journal.close_spans_of_gone_processes)
     interrupted = await asyncio.to_thread(journal.list_runs, status="interrupted", limit=None)
     if not all_hosts:
         interrupted = [r for r in interrupted if r.host == journal.host]

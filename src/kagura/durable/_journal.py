@@ -48,7 +48,7 @@ from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
 from ..errors import EncryptionKeyError, RunTakenOverError
-from ..observability._interrupted import close_run_spans
+from ..observability._interrupted import close_run_spans, close_spans_of_gone_processes
 
 _log = logging.getLogger("kagura.durable")
 
@@ -443,6 +443,12 @@ class Journal:
                 connection, [attempt_span_id(run_id, n) for n in range(1, row.attempts + 1)], now
             )
         return True
+
+    def close_spans_of_gone_processes(self) -> int:
+        """Close as interrupted the spans this host's dead processes left running (see
+        ``observability._interrupted``); how many. Recovery does it when it starts."""
+        with self._store("close interrupted spans"), self.engine.begin() as connection:
+            return close_spans_of_gone_processes(connection, time.time())
 
     def heartbeat(self, run_id: str, owner: str) -> bool:
         """Renew the lease; ``False`` if ``owner`` no longer holds it (taken over, released or
