@@ -2,8 +2,11 @@
 
 1. Overhead per agent step: the same workflow (three agents in parallel, then one over their
    results) on the zero-latency fake model "fake", durable=False and durable=True, alternated in
-   one run (the order flips every round); median of the rounds.
-2. Resuming a run whose steps are all journaled: runs that failed just after their last step are
+   one run (the order flips every round); median of the rounds. Every step of a durable run is
+   committed before the workflow sees its result.
+2. The same on a provider answering in 100 ms (the fake model with a delay): what durability
+   adds to a run's wall time, as a share of it.
+3. Resuming a run whose steps are all journaled: runs that failed just after their last step are
    resumed, every agent call answered from the journal. Per replayed step, with
    ``kagura.testing.replay`` (the same run against its journal, read-only) beside it.
 
@@ -38,7 +41,7 @@ from collections.abc import Awaitable  # noqa: E402
 
 from kagura import Workflow, agent, workflow  # noqa: E402
 from kagura.durable import journal_for  # noqa: E402
-from kagura.testing import replay  # noqa: E402
+from kagura.testing import FakeModel, replay  # noqa: E402
 
 STEPS_PER_RUN = 4
 
@@ -55,6 +58,22 @@ async def fan_in(text: str) -> str:
 
 plain = workflow(durable=False, name="fan_in")(fan_in)
 durable = workflow(durable=True, name="fan_in_durable")(fan_in)
+
+SLOW = FakeModel(delay=0.1, record_requests=False)  # a provider answering in 100 ms
+
+
+@agent(model=SLOW)
+async def slow_step(text: str) -> str:
+    """{{ text }}"""
+
+
+async def slow_fan_in(text: str) -> str:
+    a, b, c = await asyncio.gather(slow_step(text), slow_step(text), slow_step(text))
+    return await slow_step(a[:20] + b[:20] + c[:20])
+
+
+slow_plain = workflow(durable=False, name="slow_fan_in")(slow_fan_in)
+slow_durable = workflow(durable=True, name="slow_fan_in_durable")(slow_fan_in)
 
 
 class Crash:
@@ -92,6 +111,26 @@ async def overhead(runs: int, rounds: int) -> tuple[float, float]:
         pair = ((off, plain), (on, durable))
         for results, flow in pair if number % 2 == 0 else reversed(pair):
             results.append(await per_step_us(batch(flow, runs)))
+    return statistics.median(off), statistics.median(on)
+
+
+async def slow_overhead(runs: int, rounds: int) -> tuple[float, float]:
+    """Median ms of wall time per round of ``runs`` runs at once on the 100 ms provider,
+    durable=False and durable=True, alternated round by round."""
+
+    async def round_ms(flow: Workflow[[str], str]) -> float:
+        started = time.perf_counter()
+        await asyncio.gather(*(flow("x") for _ in range(runs)))
+        return (time.perf_counter() - started) * 1e3
+
+    await round_ms(slow_plain)
+    await round_ms(slow_durable)
+    off: list[float] = []
+    on: list[float] = []
+    for number in range(rounds):
+        pair = ((off, slow_plain), (on, slow_durable))
+        for results, flow in pair if number % 2 == 0 else reversed(pair):
+            results.append(await round_ms(flow))
     return statistics.median(off), statistics.median(on)
 
 
@@ -145,6 +184,18 @@ def main() -> None:
         print(
             f"  durable=True:  {on:8.1f} µs/step   ({on / off:.2f}x, +{extra:.1f} µs/step, "
             f"+{extra * STEPS_PER_RUN / 1000:.2f} ms per run)"
+        )
+
+        slow_runs = min(args.runs, 200)
+        print(
+            f"\nOn a provider answering in 100 ms ({slow_runs} runs x {STEPS_PER_RUN} steps at "
+            f"once, two calls deep, median of {args.rounds} alternating rounds):"
+        )
+        slow_off, slow_on = asyncio.run(slow_overhead(slow_runs, args.rounds))
+        print(f"  durable=False: {slow_off:8.1f} ms per round")
+        print(
+            f"  durable=True:  {slow_on:8.1f} ms per round   (+{slow_on - slow_off:.1f} ms, "
+            f"{(slow_on - slow_off) / slow_off * 100:+.1f}% of the run's time)"
         )
 
         print(
