@@ -40,7 +40,8 @@ pytest: $(STAMP)
 
 # Benchmarks print figures; they are not tests. `bench` runs the suite of benchmarks/run_all.py
 # (framework overhead against raw asyncio, LangGraph and LlamaIndex Workflows; fan-out; import
-# time; the embedded model; the event store), which writes docs/benchmarks.md (about 10 minutes),
+# time; the embedded model; the event store; durable runs), which writes docs/benchmarks.md (about
+# 12 minutes),
 # then the benchmarks of single components (about 3 minutes).
 bench: bench-suite bench-components
 
@@ -49,7 +50,6 @@ bench-suite: $(STAMP)
 
 bench-components: $(STAMP)
 	$(BIN)/python benchmarks/bench_recording.py
-	$(BIN)/python benchmarks/bench_durable.py
 	$(BIN)/python benchmarks/bench_breaker.py
 	$(BIN)/python benchmarks/bench_ratelimit.py
 

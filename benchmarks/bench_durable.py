@@ -13,7 +13,7 @@
 Recording is off (``KAGURA_RECORD=0``) unless ``--record``: ``bench_recording.py`` measures it.
 The journal goes to a fresh SQLite file in a temporary directory.
 
-Run: .venv/bin/python benchmarks/bench_durable.py [--runs N] [--rounds K] [--record]
+Run: .venv/bin/python benchmarks/bench_durable.py [--runs N] [--rounds K] [--record] [--json F]
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ for _name in ("KAGURA_DURABLE", "KAGURA_MODEL_OVERRIDE", "KAGURA_LEASE_SECONDS")
 
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import shutil  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Awaitable  # noqa: E402
+
+from _bench import Report, run_recorded  # noqa: E402
 
 from kagura import Workflow, agent, workflow  # noqa: E402
 from kagura.durable import journal_for  # noqa: E402
@@ -170,49 +171,66 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=500, help="runs per round (default 500)")
     parser.add_argument("--rounds", type=int, default=7, help="rounds (default 7)")
     parser.add_argument("--record", action="store_true", help="record spans too (default off)")
+    parser.add_argument("--json", metavar="PATH", help="also save the report as JSON")
     args = parser.parse_args()
     recording = "on" if args.record else "off"
+    slow_runs = min(args.runs, 200)
+    report = Report(
+        "durable",
+        "Durable runs: what journaling every step costs",
+        "benchmarks/bench_durable.py",
+        "Every agent call of a durable run is committed to the journal (SQLite, synced to disk) "
+        "before the workflow sees its result; concurrent runs share commits. Workflow: three "
+        "agent calls in parallel, then one over their results; durable=False and durable=True "
+        "alternated round by round.",
+        {"runs": args.runs, "rounds": args.rounds, "recording": recording},
+    )
 
-    try:
-        print(
-            f"Overhead per agent step ({args.runs} runs x {STEPS_PER_RUN} steps at once, "
-            f"median of {args.rounds} alternating rounds, recording {recording}, SQLite journal):"
-        )
+    def run() -> None:
         off, on = asyncio.run(overhead(args.runs, args.rounds))
-        extra = on - off
-        print(f"  durable=False: {off:8.1f} µs/step")
-        print(
-            f"  durable=True:  {on:8.1f} µs/step   ({on / off:.2f}x, +{extra:.1f} µs/step, "
-            f"+{extra * STEPS_PER_RUN / 1000:.2f} ms per run)"
+        table = report.table(
+            f"Per agent step, zero-latency fake model ({args.runs} runs x {STEPS_PER_RUN} steps "
+            f"at once; median of {args.rounds} rounds)",
+            ["", "µs/step", "× durable=False"],
+        )
+        table.add("durable=False", f"{off:.1f}", "1.00×")
+        table.add("durable=True", f"{on:.1f}", f"{on / off:.2f}×")
+        table.notes.append(
+            f"durable=True adds {on - off:.1f} µs a step ({(on - off) * STEPS_PER_RUN / 1000:.2f} "
+            "ms a run): the run's start, each step's commit and its finish."
         )
 
-        slow_runs = min(args.runs, 200)
-        print(
-            f"\nOn a provider answering in 100 ms ({slow_runs} runs x {STEPS_PER_RUN} steps at "
-            f"once, two calls deep, median of {args.rounds} alternating rounds):"
-        )
         slow_off, slow_on = asyncio.run(slow_overhead(slow_runs, args.rounds))
-        print(f"  durable=False: {slow_off:8.1f} ms per round")
-        print(
-            f"  durable=True:  {slow_on:8.1f} ms per round   (+{slow_on - slow_off:.1f} ms, "
-            f"{(slow_on - slow_off) / slow_off * 100:+.1f}% of the run's time)"
+        table = report.table(
+            f"A provider answering in 100 ms ({slow_runs} runs x {STEPS_PER_RUN} steps at once, "
+            f"two calls deep; median of {args.rounds} rounds)",
+            ["", "ms per round", "added"],
+        )
+        table.add("durable=False", f"{slow_off:.1f}", "")
+        table.add(
+            "durable=True",
+            f"{slow_on:.1f}",
+            f"+{slow_on - slow_off:.1f} ms ({(slow_on - slow_off) / slow_off * 100:+.1f}%)",
         )
 
-        print(
-            f"\nResuming runs whose {STEPS_PER_RUN} steps are all journaled ({args.runs} runs at "
-            f"once, median of {args.rounds} rounds):"
-        )
         resume_us, replay_us = asyncio.run(resume_cost(args.runs, args.rounds))
-        print(
-            f"  resume:  {resume_us:8.1f} µs per replayed step "
-            f"({resume_us * STEPS_PER_RUN / 1000:.2f} ms per run: claim, load, replay, finish)"
+        table = report.table(
+            f"Resuming runs whose {STEPS_PER_RUN} steps are all journaled ({args.runs} runs at "
+            f"once; median of {args.rounds} rounds)",
+            ["", "µs per replayed step", "ms per run"],
         )
-        print(
-            f"  replay:  {replay_us:8.1f} µs per replayed step (kagura.testing.replay, read-only)"
+        table.add(
+            "resume (claim, load, replay, finish)",
+            f"{resume_us:.1f}",
+            f"{resume_us * STEPS_PER_RUN / 1000:.2f}",
         )
-        print(f"  a fresh durable run: {on:.1f} µs/step, without durability: {off:.1f} µs/step")
-    finally:
-        shutil.rmtree(_HOME, ignore_errors=True)
+        table.add(
+            "kagura.testing.replay (read-only)",
+            f"{replay_us:.1f}",
+            f"{replay_us * STEPS_PER_RUN / 1000:.2f}",
+        )
+
+    run_recorded(report, _HOME, args.json, run)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ SUITE = (
     Bench("import", "bench_import.py", (), ("--reps", "5")),
     Bench("local_model", "bench_local_model.py", (), ("--reps", "3")),
     Bench("store", "bench_store.py", (), ("--executions", "200000", "--runs", "5000")),
+    Bench("durable", "bench_durable.py", (), ("--runs", "300", "--rounds", "3")),
+    Bench("sigkill", "bench_sigkill.py", (), ("--trials", "3")),
 )
 
 

@@ -54,7 +54,7 @@ _log = logging.getLogger("kagura.durable")
 
 RunStatus = Literal["running", "completed", "failed", "interrupted"]
 StartOutcome = Literal["started", "claimed", "completed", "failed", "busy"]
-_Kind = Literal["start", "step", "finish", "release", "sync"]
+_Kind = Literal["start", "step", "finish", "release"]
 
 #: Ids per ``IN (...)`` list: well under every SQLite build's limit on bound parameters.
 _CHUNK = 500
@@ -100,11 +100,6 @@ class RunRecord:
     steps: int = 0
     #: Which process ``pid`` named (see :mod:`kagura._process`), when it could be read.
     pid_start: str | None = None
-
-    @property
-    def span_ids(self) -> list[str]:
-        """The ids of the workflow spans of its attempts so far (see ``attempt_span_id``)."""
-        return [attempt_span_id(self.run_id, n) for n in range(1, self.attempts + 1)]
 
 
 def attempt_span_id(run_id: str, attempt: int) -> str:
@@ -169,9 +164,8 @@ class _Flush:
 
 
 class _Request:
-    """One write (a run's start, a step, a finish, a release, or a wait for what was queued
-    before it), queued for the writer's thread and answered on the caller's loop once the
-    batch it went in is committed."""
+    """One write (a run's start, a step, a finish or a release), queued for the writer's
+    thread and answered on the caller's loop once the batch it went in is committed."""
 
     __slots__ = ("future", "kind", "loop", "values")
 
@@ -183,7 +177,7 @@ class _Request:
 
     @property
     def lease(self) -> tuple[str, str] | None:
-        """The (run id, owner) whose lease this write needs; ``None`` for starts and waits."""
+        """The (run id, owner) whose lease this write needs; ``None`` for a start."""
         if self.kind in ("step", "finish", "release"):
             return self.values["b_run_id"], self.values["b_owner"]
         return None
@@ -291,10 +285,6 @@ class Journal:
     async def release_soon(self, run_id: str, owner: str) -> None:
         """:meth:`release`, group-committed (a cancelled run: resumable at once)."""
         await self._submit("release", {"b_run_id": run_id, "b_owner": owner})
-
-    async def committed(self) -> None:
-        """Wait until everything queued so far is committed. Raises what the commit raised."""
-        await self._submit("sync", {})
 
     def _submit(self, kind: _Kind, values: dict[str, Any]) -> asyncio.Future[Any]:
         """Queue a request for the writer's thread; its answer comes back on this loop."""
@@ -644,17 +634,13 @@ class Journal:
         starts: dict[str, _Request] = {}
         repeats: list[_Request] = []  # an id started twice in one batch: the second waits
         leased: list[_Request] = []
-        syncs: list[_Request] = []
         for request in batch:
-            if request.kind == "start":
-                if request.values["run_id"] in starts:
-                    repeats.append(request)
-                else:
-                    starts[request.values["run_id"]] = request
-            elif request.kind == "sync":
-                syncs.append(request)
-            else:
+            if request.kind != "start":
                 leased.append(request)
+            elif request.values["run_id"] in starts:
+                repeats.append(request)
+            else:
+                starts[request.values["run_id"]] = request
         held: set[tuple[str, str]] = set()
         try:
             with self._store("journal durable runs"), self.engine.begin() as connection:
@@ -683,7 +669,7 @@ class Journal:
                 _log.warning("kagura: journaling %d durable writes failed: %s", len(leased), exc)
             _settle([(r, None, exc) for r in batch])
             return
-        answers: list[tuple[_Request, Any, BaseException | None]] = [(r, None, None) for r in syncs]
+        answers: list[tuple[_Request, Any, BaseException | None]] = []
         for request in leased:
             lease = request.lease
             assert lease is not None
