@@ -197,6 +197,8 @@ async def kill_when_stopped(child: Child) -> list[str]:
     ]
 
 
+# 21 processes one after the other: on a loaded machine, more than the suite's 120 s per test.
+@pytest.mark.timeout(900)
 async def test_kills_right_after_each_result_is_seen_never_send_a_finished_step_again(
     journal: Journal,
     server: FaultServer,
@@ -249,6 +251,7 @@ async def test_kills_right_after_each_result_is_seen_never_send_a_finished_step_
     assert len(server.chat_requests) == sent + len(links)
 
 
+@pytest.mark.timeout(300)
 async def test_a_kill_in_the_middle_of_a_burst_sends_no_seen_call_again(
     journal: Journal,
     server: FaultServer,
