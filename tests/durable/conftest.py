@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from kagura.durable import Journal, journal_for
 from kagura.observability import Recorder
 from kagura.providers import ModelRequest, ToolCall
 from kagura.testing import FakeModel, Reply, override_model
+from kagura.testing.fault_server import FaultServer
 from tests.observability import conftest as store_fixtures
 
 # The event store tests' fixtures, shared by import: a store per test on SQLite and PostgreSQL.
@@ -85,6 +87,19 @@ def respond(request: ModelRequest) -> str | Reply:
         item = prompt.rsplit(" ", 1)[-1].rstrip(".")
         return Reply(tool_calls=(ToolCall("call_1", "price", json.dumps({"item": item})),))
     return prompt
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
+    """The fault server, as every process's OpenAI endpoint (this one's and the children's)."""
+    with FaultServer.run_in_thread() as running:
+        monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
+        yield running
+
+
+def sent(server: FaultServer) -> Counter[str]:
+    """What reached the provider, from any process: each prompt and how often it was sent."""
+    return Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
 
 
 @pytest.fixture

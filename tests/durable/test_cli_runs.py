@@ -165,6 +165,36 @@ def cli_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "kagura.cli"]
 
 
+def kagura_in(env: Env, cwd: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    """The installed ``kagura`` script, run in ``cwd`` (where the workflow module is: the
+    current directory is searched) on this test's store."""
+    return subprocess.run(
+        [*cli_command(), *argv, "--db", str(env.db)],
+        env=child_env(env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def start_report(env: Env, cwd: Path, topic: str, run_id: str) -> subprocess.Popen[bytes]:
+    """A process that runs ``report`` durably (it holds at the "hold" step while the hold file
+    exists)."""
+    script = (
+        f"import asyncio, {env.module.__name__} as m\n"
+        f"asyncio.run(m.report.run({topic!r}, {str(env.hold_file)!r}, {str(env.flag)!r}, "
+        f"{str(env.ledger)!r}, run_id={run_id!r}))"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=child_env(env, PYTHONPATH=str(cwd)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
 def child_env(env: Env, **extra: str) -> dict[str, str]:
     full = {**os.environ, "KAGURA_DB": str(env.db)}
     full["KAGURA_RECORD"] = "0"
@@ -371,17 +401,7 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line
     env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env.hold_file.touch()  # the child stops at the "hold" step, three steps journaled
-    script = (
-        f"import asyncio, {env.module.__name__} as m\n"
-        f"asyncio.run(m.report.run('hydro', {str(env.hold_file)!r}, {str(env.flag)!r}, "
-        f"{str(env.ledger)!r}, run_id='killed-1'))"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script],
-        env=child_env(env, PYTHONPATH=str(tmp_path)),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    child = start_report(env, tmp_path, "hydro", "killed-1")
     try:
 
         def three_steps() -> RunRecord | None:
@@ -408,16 +428,7 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line
     assert "killed-1" in out and "↯ interrupted" in out
 
     env.hold_file.unlink()
-    # The installed script, run where the workflow module is: the current directory is searched.
-    resumed = subprocess.run(
-        [*cli_command(), "runs", "resume", "killed-1", "--db", str(env.db)],
-        env=child_env(env),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    resumed = kagura_in(env, tmp_path, "runs", "resume", "killed-1")
     assert resumed.returncode == 0, resumed.stderr
     assert "3 steps came from the journal (not run again), 2 ran now" in resumed.stdout
     assert "published hydro: Outline a report on hydro." in resumed.stdout
@@ -444,21 +455,7 @@ def test_recover_resumes_every_interrupted_run_of_this_host(
     env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     env.hold_file.touch()
-    children = []
-    for topic in ("wind", "tide"):
-        script = (
-            f"import asyncio, {env.module.__name__} as m\n"
-            f"asyncio.run(m.report.run({topic!r}, {str(env.hold_file)!r}, {str(env.flag)!r}, "
-            f"{str(env.ledger)!r}, run_id='crashed-{topic}'))"
-        )
-        children.append(
-            subprocess.Popen(
-                [sys.executable, "-c", script],
-                env=child_env(env, PYTHONPATH=str(tmp_path)),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
+    children = [start_report(env, tmp_path, t, f"crashed-{t}") for t in ("wind", "tide")]
     try:
         wait_until(
             lambda: all(
@@ -471,17 +468,11 @@ def test_recover_resumes_every_interrupted_run_of_this_host(
         for child in children:
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=30)
+            if child.stderr is not None:
+                child.stderr.close()
     env.hold_file.unlink()
 
-    recovered = subprocess.run(
-        [*cli_command(), "runs", "recover", "--db", str(env.db)],
-        env=child_env(env),
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    recovered = kagura_in(env, tmp_path, "runs", "recover")
     assert recovered.returncode == 0, recovered.stderr
     rows = {line.split()[0]: line for line in recovered.stdout.splitlines() if line.strip()}
     for topic in ("wind", "tide"):

@@ -8,7 +8,7 @@ API key is never stored, with a key or without.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -29,13 +29,6 @@ ENV = "KAGURA_ENCRYPTION_KEY"
 #: The provider's key: key-shaped, so the span tables would redact it anyway; it must not reach
 #: the journal either, where nothing is redacted.
 PROVIDER_KEY = "sk-proj-" + "Q7x" * 12
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
-    with FaultServer.run_in_thread() as running:
-        monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
-        yield running
 
 
 @agent(model="openai/test-model", api_key=PROVIDER_KEY, retry=False)

@@ -72,13 +72,13 @@ def test_a_late_heartbeat_does_not_revive_a_released_lease(journal: Journal) -> 
     assert not journal.heartbeat("run-1", "me")
 
 
+# PostgreSQL syncs every commit as its server is configured to (by default, it does).
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 def test_journal_commits_are_synced_to_disk(journal: Journal) -> None:
     """A step the workflow has seen survives the machine going down, not only the process: on
     SQLite, the journal's connections sync every commit (the recorder's need not)."""
     from kagura.observability._engine import engine_for
 
-    if journal.engine.dialect.name != "sqlite":
-        pytest.skip("PostgreSQL syncs every commit as its server is configured to")
     with journal.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
     with engine_for(journal.url).connect() as connection:

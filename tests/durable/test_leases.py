@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,20 +29,7 @@ from kagura.observability._schema import runs
 from kagura.testing.fault_server import FaultServer
 
 from . import workflows
-from .conftest import Child, await_until
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
-    """The fault server, as every process's OpenAI endpoint (this one's and the children's)."""
-    with FaultServer.run_in_thread() as running:
-        monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
-        yield running
-
-
-def sent(server: FaultServer) -> Counter[str]:
-    """What reached the provider, from any process: prompts and how often each was sent."""
-    return Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
+from .conftest import Child, await_until, sent
 
 
 def set_run(journal: Journal, run_id: str, **values: Any) -> None:

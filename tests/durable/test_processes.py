@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from kagura.durable import Journal, _execute
 from kagura.testing.fault_server import FaultServer
 
 from . import workflows
-from .conftest import Child, await_until
+from .conftest import Child, await_until, sent
 
 
 def first(topic: str) -> str:
@@ -29,18 +28,6 @@ def first(topic: str) -> str:
 
 def second(topic: str) -> str:
     return f"BETA report on ALPHA report on {topic}.."
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultServer]:
-    """The fault server, as every process's OpenAI endpoint (this one's and the children's)."""
-    with FaultServer.run_in_thread() as running:
-        monkeypatch.setenv("OPENAI_BASE_URL", running.base_url)
-        yield running
-
-
-def sent(server: FaultServer) -> Counter[str]:
-    return Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
 
 
 async def interrupted_runs(journal: Journal, gate: Path, *topics: str) -> None:
