@@ -284,6 +284,8 @@ def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tupl
                     "ok" if llm_status == "completed" else None,
                     None,
                     pid,
+                    "bench-host",
+                    None,
                 )
                 t += llm_ms / 1000 + (0.5 if not last else 0.0)  # the retry's backoff
             agent_ms = (t - agent_start) * 1000 + rng.uniform(0.05, 0.4)
@@ -312,6 +314,8 @@ def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tupl
                 '"ok"' if status == "completed" else None,
                 None,
                 pid,
+                "bench-host",
+                None,
             )
             wf["end"] = max(wf["end"], agent_start + agent_ms / 1000)
             wf["prompt"] += prompt
@@ -350,6 +354,8 @@ def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tupl
             '"done"' if wf_failed is None else None,
             None,
             pid,
+            "bench-host",
+            None,
         )
 
 

@@ -23,7 +23,7 @@ from sqlalchemy import update
 
 import kagura
 from kagura import _process, workflow
-from kagura.durable import Journal
+from kagura.durable import Journal, recover
 from kagura.errors import RunInProgressError, RunTakenOverError
 from kagura.observability._schema import runs
 from kagura.testing.fault_server import FaultServer
@@ -221,3 +221,24 @@ async def test_processes_recovering_at_once_resume_each_run_exactly_once(
             **{f"BETA report on ALPHA report on {t}..": 1 for t in topics},
         }
     )
+
+
+async def test_recover_takes_other_hosts_runs_only_when_asked(
+    journal: Journal, model: Any, tmp_path: Path
+) -> None:
+    """Another host's run is interrupted once its lease has run out; ``recover()`` leaves it to
+    that host's own recovery unless ``all_hosts``."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    arguments = json.dumps({"topic": "tea", "gate": str(gate)})
+    journal.start("elsewhere-1", "gated", "tests.durable.workflows:gated", arguments, "them")
+    set_run(journal, "elsewhere-1", host="elsewhere.example", heartbeat_at=time.time() - 31)
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["elsewhere-1"]
+
+    assert await recover() == []  # this host's runs only
+    (recovered,) = await recover(all_hosts=True)
+    assert (recovered.run_id, recovered.outcome) == ("elsewhere-1", "completed")
+    assert recovered.result == "Review this: Draft a note about tea."
+    record = journal.get_run("elsewhere-1")
+    assert record is not None
+    assert (record.status, record.attempts, record.host) == ("completed", 2, _process.HOST)
