@@ -8,7 +8,9 @@ on first use so that ``import kagura`` stays fast, in a thread of its own (see :
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -139,10 +141,8 @@ class OpenAIChatModel(Model):
         _client(self.base_url, self._resolve_key())
         self.prepared = True
 
-    async def request(self, request: ModelRequest) -> ModelResponse:
-        import openai
-
-        client = _client(self.base_url, self._resolve_key())
+    def _chat_kwargs(self, request: ModelRequest) -> dict[str, Any]:
+        """The keyword arguments of ``chat.completions.create`` for ``request``."""
         kwargs: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
@@ -170,8 +170,15 @@ class OpenAIChatModel(Model):
                 for t in request.tools
             ]
         kwargs.update(request.extra)
+        return kwargs
+
+    @contextlib.contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
+        """The SDK's exceptions as Kagura's :class:`~kagura.errors.ProviderError` family."""
+        import openai
+
         try:
-            completion = await client.chat.completions.create(**kwargs)
+            yield
         except openai.APITimeoutError as exc:
             raise ProviderTimeout("request timed out", model=self.id) from exc
         except openai.APIConnectionError as exc:
@@ -189,6 +196,11 @@ class OpenAIChatModel(Model):
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             # The SDK raises these when the body is not the JSON it expects.
             raise ProviderError(f"malformed response: {exc}", model=self.id) from exc
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        client = _client(self.base_url, self._resolve_key())
+        with self._errors_mapped():
+            completion = await client.chat.completions.create(**self._chat_kwargs(request))
         return _to_response(completion, self.id)
 
 
