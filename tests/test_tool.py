@@ -382,14 +382,16 @@ async def test_prompted_tools_mode() -> None:
     assert first.tools == []  # no native tools offered
     prompt = first.messages[-1]["content"]
     assert prompt.startswith("2+5?")
-    assert "- add: Add two integers." in prompt
-    assert '"a":{' in prompt and "The first number." in prompt
-    assert '{"tool": "<name>", "arguments": {...}}' in prompt
-    assert '{"answer": <the answer>}' in prompt
-    # The model must answer either a tool call or a typed final answer.
+    assert "- add(a: integer, b: integer): Add two integers." in prompt
+    assert "a: The first number" in prompt
+    # A worked example with the tool's real name and arguments, which small models follow.
+    assert '{"tool": "add", "arguments": {"a": "...", "b": "..."}}' in prompt
+    assert '{"answer": ...}' in prompt
+    # The model must answer either a call of a tool with its arguments, or a typed answer.
     assert first.output_schema is not None
     options = first.output_schema.schema["anyOf"]
     assert options[0]["properties"]["tool"] == {"enum": ["add"]}
+    assert options[0]["properties"]["arguments"] == add.spec.parameters
     assert options[1]["properties"]["answer"] == {"type": "integer"}
     assert second.messages[-2] == {"role": "assistant", "content": call_text}
     assert second.messages[-1] == {"role": "user", "content": "Result of add: 7\nNow continue."}

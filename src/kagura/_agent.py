@@ -20,24 +20,33 @@ from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
 
 import pydantic_core
 
-from . import _instrument
+from . import _instrument, _prompted
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
 from ._llm import attempt
-from ._output import OutputSpec, OutputValidationError, json_candidates
+from ._output import OutputSpec, OutputValidationError
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._tool import Tool, as_tool
 from ._usage import Usage
 from .durable import _script
 from .durable._run import current_durable_run, input_hash
-from .errors import OutputParseError, RunError, ToolLoopError, UsageError
+from .errors import (
+    OutputParseError,
+    RunError,
+    ToolLoopError,
+    UnsupportedRequestError,
+    UsageError,
+)
 from .providers import (
+    OUTPUT_MODES,
+    TOOL_MODES,
     Message,
     Model,
     ModelRequest,
     ModelResponse,
-    OutputSchema,
+    OutputMode,
     ToolCall,
+    ToolMode,
     resolve_model,
 )
 from .providers import _parse as _parse_model_string
@@ -95,6 +104,8 @@ class Agent(Generic[P, R]):
         breaker: CircuitBreaker | bool | None = UNSET,
         rate_limit: RateLimiter | None = UNSET,
         fallback: Iterable[str | Model] = (),
+        output_mode: OutputMode | None = None,
+        tool_mode: ToolMode | None = None,
         provider_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not inspect.iscoroutinefunction(fn):
@@ -109,6 +120,16 @@ class Agent(Generic[P, R]):
             raise UsageError(f"output_retries must be 0 or more, got {output_retries}")
         if max_tool_rounds < 1:
             raise UsageError(f"max_tool_rounds must be at least 1, got {max_tool_rounds}")
+        if output_mode is not None and output_mode not in OUTPUT_MODES:
+            raise UsageError(
+                f"output_mode must be one of {', '.join(map(repr, OUTPUT_MODES))} (or None for "
+                f"the endpoint's default), got {output_mode!r}"
+            )
+        if tool_mode is not None and tool_mode not in TOOL_MODES:
+            raise UsageError(
+                f"tool_mode must be one of {', '.join(map(repr, TOOL_MODES))} (or None for "
+                f"the endpoint's default), got {tool_mode!r}"
+            )
         if isinstance(model, str):
             _parse_model_string(
                 model, base_url, api_key
@@ -122,6 +143,8 @@ class Agent(Generic[P, R]):
         self.system = system
         self.output_retries = output_retries
         self.max_tool_rounds = max_tool_rounds
+        self.output_mode: OutputMode | None = output_mode
+        self.tool_mode: ToolMode | None = tool_mode
         self.base_url = base_url
         self._api_key = api_key
         self.provider_kwargs = dict(provider_kwargs or {})
@@ -360,45 +383,57 @@ class Agent(Generic[P, R]):
         raise AssertionError("unreachable: the chain is never empty")
 
     async def _run(self, model: Model, prompt: str, span: Span, policies: Policies) -> Any:
-        prompted_tools = bool(self.tools) and not model.supports_tools
+        prompted_tools = bool(self.tools) and (
+            self.tool_mode == "prompted" or (self.tool_mode is None and not model.supports_tools)
+        )
         messages: list[Message] = []
         if self.system:
             messages.append({"role": "system", "content": self.system})
-        schema: OutputSchema | None
-        if prompted_tools:
-            schema = self._prompted_tools_schema()
-            messages.append({"role": "user", "content": prompt + self._prompted_tools_text(schema)})
-        else:
-            schema = self.output.schema
-            messages.append({"role": "user", "content": prompt + self.output.instructions})
-        # By position: half the time of the same call by keyword (measured: 150 ns against 310),
-        # and every agent call builds one. In the order of ModelRequest's fields: messages,
-        # temperature, max_tokens, output_schema, tools, extra.
-        request = ModelRequest(
-            messages,
-            self.temperature,
-            self.max_tokens,
-            schema if model.supports_output_schema else None,
-            self._tool_specs if not prompted_tools else [],
-            self.provider_kwargs,
-        )
+        first = len(messages)
+        messages.append(self._first_message(prompt, prompted_tools))
+        request = self._request(model, messages, prompted_tools)
         tool_rounds = 0
         failures = 0
+        prompted_results: dict[tuple[str, str], str] = {}
         unguarded = is_unguarded(policies, model)
         while True:
-            if unguarded:
-                # Nothing guards an attempt (the default): make it here, and build the retry
-                # machinery only once it has failed. The hot path of every agent call.
-                try:
-                    response = await attempt(model, request, span)
-                except Exception as error:
-                    response = await _guarded(model, request, span, policies, error)
-            else:
-                response = await _guarded(model, request, span, policies, None)
+            try:
+                if unguarded:
+                    # Nothing guards an attempt (the default): make it here, and build the retry
+                    # machinery only once it has failed. The hot path of every agent call.
+                    try:
+                        response = await attempt(model, request, span)
+                    except Exception as error:
+                        response = await _guarded(model, request, span, policies, error)
+                else:
+                    response = await _guarded(model, request, span, policies, None)
+            except UnsupportedRequestError as exc:
+                if exc.feature != "tools" or prompted_tools or tool_rounds or self.tool_mode:
+                    raise
+                # The endpoint refused native tools before any ran: offer them in the prompt.
+                span_event(span, "tools_prompted", error=str(exc))
+                prompted_tools = True
+                messages[first] = self._first_message(prompt, prompted_tools)
+                request = self._request(model, messages, prompted_tools)
+                continue
             calls = list(response.tool_calls) if response.tool_calls else []
             answer_text = response.text
+            invalid: OutputValidationError | None = None
             if prompted_tools:
-                calls, answer_text = self._read_prompted(response.text, tool_rounds)
+                try:
+                    calls, answer_text = _prompted.read(response.text, tool_rounds, self.output)
+                except OutputValidationError as exc:
+                    invalid = exc
+            if (
+                response.finish_reason == "length"
+                and not calls
+                and (prompted_tools or not self.output.is_text)
+            ):
+                # Cut short, a structured answer is at best a prefix of the right one: never a
+                # result. Asking again under the same limit would cut it short again.
+                raise OutputParseError(
+                    self.name, response.text, _cut_off(request, model), failures + 1
+                )
             if calls:
                 tool_rounds += 1
                 if tool_rounds > self.max_tool_rounds:
@@ -406,23 +441,68 @@ class Agent(Generic[P, R]):
                         f"agent {self.name!r}: the model was still calling tools after "
                         f"{self.max_tool_rounds} rounds (raise max_tool_rounds if that is expected)"
                     )
+                if prompted_tools and _prompted.call_key(calls[0]) in prompted_results:
+                    # Asked again for a result it has: give it back, and hold the next answer to
+                    # the final answer's shape (where the endpoint constrains output).
+                    result = prompted_results[_prompted.call_key(calls[0])]
+                    messages.extend(_prompted.repeated(response.text, calls[0], result))
+                    request = dataclasses.replace(
+                        request,
+                        output_schema=_prompted.answer_schema(self.output)
+                        if model.supports_output_schema
+                        else None,
+                    )
+                    continue
                 results = await asyncio.gather(*(self._run_tool(call, span) for call in calls))
+                if prompted_tools:
+                    prompted_results.update(
+                        zip(map(_prompted.call_key, calls), results, strict=True)
+                    )
+                    request = self._request(model, messages, prompted_tools)
                 messages.extend(self._tool_messages(response.text, calls, results, prompted_tools))
                 continue
-            try:
-                return self.output.parse(answer_text)
-            except OutputValidationError as exc:
-                failures += 1
-                if failures > self.output_retries:
-                    raise OutputParseError(self.name, response.text, str(exc), failures) from None
-                messages.append({"role": "assistant", "content": response.text})
-                messages.append(
-                    {
-                        "role": "user",
-                        "content": f"That answer is not valid: {exc}. Answer again."
-                        + self.output.instructions,
-                    }
-                )
+            if invalid is None:
+                try:
+                    return self.output.parse(answer_text)
+                except OutputValidationError as exc:
+                    invalid = exc
+            failures += 1
+            if failures > self.output_retries:
+                raise OutputParseError(self.name, response.text, str(invalid), failures)
+            messages.append({"role": "assistant", "content": response.text})
+            messages.append(
+                {
+                    "role": "user",
+                    "content": f"That answer is not valid: {invalid}. Answer again."
+                    + self.output.instructions,
+                }
+            )
+
+    def _first_message(self, prompt: str, prompted_tools: bool) -> Message:
+        if prompted_tools:
+            text = prompt + _prompted.instructions(self._tool_specs)
+        else:
+            text = prompt + self.output.instructions
+        return {"role": "user", "content": text}
+
+    def _request(self, model: Model, messages: list[Message], prompted_tools: bool) -> ModelRequest:
+        schema = (
+            _prompted.schema(self._tool_specs, self.output)
+            if prompted_tools
+            else self.output.schema
+        )
+        # By position: half the time of the same call by keyword (measured: 150 ns against 310),
+        # and every agent call builds one. In the order of ModelRequest's fields: messages,
+        # temperature, max_tokens, output_schema, tools, extra, output_mode.
+        return ModelRequest(
+            messages,
+            self.temperature,
+            self.max_tokens,
+            schema if model.supports_output_schema else None,
+            self._tool_specs if self.tools and not prompted_tools else [],
+            self.provider_kwargs,
+            self.output_mode,
+        )
 
     async def _run_tool(self, call: ToolCall, parent: Span) -> str:
         """Run one tool call. Failures go back to the model as text; only cancellation escapes."""
@@ -467,16 +547,11 @@ class Agent(Generic[P, R]):
         text: str, calls: list[ToolCall], results: list[str], prompted: bool
     ) -> list[Message]:
         if prompted:
-            shown = "\n".join(
-                f"Result of {c.name}: {r}" for c, r in zip(calls, results, strict=True)
-            )
-            return [
-                {"role": "assistant", "content": text},
-                {"role": "user", "content": shown + "\nNow continue."},
-            ]
+            return _prompted.messages(text, calls, results)
         assistant: Message = {
             "role": "assistant",
-            "content": text or None,
+            # Text, never null: servers such as llama.cpp's reject a null content.
+            "content": text,
             "tool_calls": [
                 {
                     "id": c.id,
@@ -493,58 +568,6 @@ class Agent(Generic[P, R]):
                 for c, r in zip(calls, results, strict=True)
             ),
         ]
-
-    # Models without native tool calling get the tools described in the prompt and answer with
-    # {"tool": ..., "arguments": ...} or {"answer": ...}; the local model is held to that shape by
-    # its grammar, so even a small model produces parseable calls.
-    def _prompted_tools_schema(self) -> OutputSchema:
-        answer: dict[str, Any] = {"type": "string"}
-        defs: dict[str, Any] = {}
-        if self.output.schema is not None:
-            inner = dict(self.output.schema.schema)
-            defs = inner.pop("$defs", {})
-            answer = inner["properties"]["result"] if self.output.wrapped else inner
-        call = {
-            "type": "object",
-            "properties": {
-                "tool": {"enum": list(self.tools)},
-                "arguments": {"type": "object"},
-            },
-            "required": ["tool", "arguments"],
-        }
-        final = {"type": "object", "properties": {"answer": answer}, "required": ["answer"]}
-        schema: dict[str, Any] = {"anyOf": [call, final]}
-        if defs:
-            schema["$defs"] = defs
-        return OutputSchema("ToolCallOrAnswer", schema)
-
-    def _prompted_tools_text(self, schema: OutputSchema) -> str:
-        lines = ["", "", "You can call these tools:"]
-        for t in self.tools.values():
-            params = json.dumps(t.spec.parameters.get("properties", {}), separators=(",", ":"))
-            lines.append(f"- {t.name}: {t.description} Arguments: {params}")
-        lines.append(
-            'To call a tool, answer with only {"tool": "<name>", "arguments": {...}}. '
-            'When you know the final answer, answer with only {"answer": <the answer>}.'
-        )
-        return "\n".join(lines)
-
-    def _read_prompted(self, text: str, round_no: int) -> tuple[list[ToolCall], str]:
-        for candidate in json_candidates(text):
-            try:
-                data = json.loads(candidate)
-            except ValueError:
-                continue
-            if isinstance(data, dict) and isinstance(data.get("tool"), str):
-                arguments = data.get("arguments") or {}
-                call = ToolCall(f"call_{round_no}", data["tool"], _to_json(arguments))
-                return [call], text
-            if isinstance(data, dict) and "answer" in data:
-                answer = data["answer"]
-                if self.output.is_text:
-                    return [], answer if isinstance(answer, str) else _to_json(answer)
-                return [], _to_json({"result": answer} if self.output.wrapped else answer)
-        return [], text
 
     def __repr__(self) -> str:
         return f"<Agent {self.name}>"
@@ -564,6 +587,20 @@ async def _guarded(
         return await call_model(model, request, span, policies, first_error)
     finally:
         current_span.reset(token)
+
+
+def _cut_off(request: ModelRequest, model: Model) -> str:
+    """What an OutputParseError says of an answer that the output limit cut short."""
+    if request.max_tokens is not None:
+        limit = f"max_tokens={request.max_tokens}"
+    elif model.default_max_tokens is not None:
+        limit = f"max_tokens={model.default_max_tokens} ({model.id}'s default)"
+    else:
+        limit = "the server's default output limit (max_tokens is not set)"
+    return (
+        f"the answer was cut off by {limit} before it was complete (finish_reason 'length'); "
+        f"give the agent more room with @agent(max_tokens=...), or ask for a shorter answer"
+    )
 
 
 def _optional_seconds(value: Any, what: str) -> Any:
@@ -603,6 +640,8 @@ def agent(
     breaker: CircuitBreaker | bool | None = UNSET,
     rate_limit: RateLimiter | None = UNSET,
     fallback: Iterable[str | Model] = (),
+    output_mode: OutputMode | None = None,
+    tool_mode: ToolMode | None = None,
     **provider_kwargs: Any,
 ) -> Callable[[AgentFunction[P, R]], Agent[P, R]]: ...
 def agent(
@@ -625,6 +664,8 @@ def agent(
     breaker: CircuitBreaker | bool | None = UNSET,
     rate_limit: RateLimiter | None = UNSET,
     fallback: Iterable[str | Model] = (),
+    output_mode: OutputMode | None = None,
+    tool_mode: ToolMode | None = None,
     **provider_kwargs: Any,
 ) -> Agent[P, R] | Callable[[AgentFunction[P, R]], Agent[P, R]]:
     """Turn an async function into an LLM agent.
@@ -655,6 +696,8 @@ def agent(
             breaker=breaker,
             rate_limit=rate_limit,
             fallback=fallback,
+            output_mode=output_mode,
+            tool_mode=tool_mode,
             provider_kwargs=provider_kwargs,
         )
 

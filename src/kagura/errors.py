@@ -12,7 +12,8 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
     └── RunError                    a run failed at run time
         ├── ProviderError           the model provider failed (status code and headers kept)
         │   ├── ProviderTimeout     the request timed out
-        │   └── ProviderConnectionError  the connection failed or was reset
+        │   ├── ProviderConnectionError  the connection failed or was reset
+        │   └── UnsupportedRequestError  the endpoint rejected a response format or native tools
         ├── OutputParseError        the model's answer never validated against the return type
         ├── ToolLoopError           the model kept calling tools past the round limit
         ├── NonDeterminismError     a resumed durable run took another path than its journal
@@ -30,6 +31,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = [
     "EncryptionKeyError",
@@ -47,6 +49,7 @@ __all__ = [
     "StoreError",
     "TemplateError",
     "ToolLoopError",
+    "UnsupportedRequestError",
     "UsageError",
 ]
 
@@ -145,6 +148,16 @@ class ProviderTimeout(ProviderError, TimeoutError):
 
 class ProviderConnectionError(ProviderError):
     """The connection to the provider failed, was refused or was reset."""
+
+
+class UnsupportedRequestError(ProviderError):
+    """The endpoint rejected something the request asked for that it does not support (a
+    ``response_format``, native tools). Never retried: sending it again gets the same answer.
+    ``feature`` names it: ``"output_mode"`` or ``"tools"``."""
+
+    def __init__(self, message: str, *, feature: str, **details: Any) -> None:
+        self.feature = feature
+        super().__init__(message, **details)
 
 
 class OutputParseError(RunError):

@@ -301,7 +301,8 @@ async def test_broken_connections_become_provider_errors(server: FaultServer, fa
     assert isinstance(error, ProviderConnectionError)
     assert isinstance(error.__cause__, openai.APIConnectionError)
     assert error.status_code is None
-    assert str(error).split("connection failed: ", 1)[1]  # says what happened
+    # Says where it tried to connect and what happened.
+    assert str(error).split(f"connection to {server.base_url} failed: ", 1)[1]
     _secret_free(error)
     assert server.request_count == 1
 

@@ -19,15 +19,33 @@ from functools import lru_cache
 
 from .. import _settings
 from ..errors import UsageError
-from ._base import Message, Model, ModelRequest, ModelResponse, OutputSchema, ToolCall, ToolSpec
+from ._base import (
+    OUTPUT_MODES,
+    TOOL_MODES,
+    Message,
+    Model,
+    ModelRequest,
+    ModelResponse,
+    OutputMode,
+    OutputSchema,
+    Profile,
+    ToolCall,
+    ToolMode,
+    ToolSpec,
+)
 
 __all__ = [
+    "OUTPUT_MODES",
+    "TOOL_MODES",
     "Message",
     "Model",
     "ModelRequest",
     "ModelResponse",
+    "OutputMode",
     "OutputSchema",
+    "Profile",
     "ToolCall",
+    "ToolMode",
     "ToolSpec",
     "resolve_model",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .._usage import Usage
 from ..pricing import cost_of
@@ -42,6 +42,28 @@ class OutputSchema:
     schema: dict[str, Any]
 
 
+#: How a server is asked for an answer that follows a JSON schema, most constrained first:
+#: ``response_format`` of type ``json_schema`` (OpenAI, vLLM, Ollama); ``json_object`` with the
+#: schema under ``"schema"`` (llama.cpp's servers, which turn it into a grammar); ``json_object``
+#: alone; or nothing but the prompt. The prompt always carries the schema as well.
+OutputMode = Literal["json_schema", "json_object_schema", "json_object", "prompt"]
+OUTPUT_MODES: tuple[OutputMode, ...] = get_args(OutputMode)
+
+#: How tools are offered: the API's ``tools`` (the server must support function calling), or in
+#: the prompt, the model answering with a JSON tool call held to a schema where the server
+#: constrains output.
+ToolMode = Literal["native", "prompted"]
+TOOL_MODES: tuple[ToolMode, ...] = get_args(ToolMode)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What an endpoint supports: how to ask it for structured output and for tool calls."""
+
+    output: OutputMode = "json_schema"
+    tools: ToolMode = "native"
+
+
 @dataclass(slots=True)
 class ModelRequest:
     messages: list[Message]
@@ -51,6 +73,8 @@ class ModelRequest:
     tools: list[ToolSpec] = field(default_factory=list)
     # Provider keywords passed through untouched from @agent(...), e.g. top_p or seed.
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The agent's choice (``@agent(output_mode=...)``); ``None``: the endpoint's profile.
+    output_mode: OutputMode | None = None
 
 
 #: Usage is immutable, so responses that report none share this one.
@@ -80,6 +104,8 @@ class Model(abc.ABC):
     supports_output_schema: bool = False
     #: The adapter speaks native tool calling; otherwise tools are offered through the prompt.
     supports_tools: bool = False
+    #: The output limit applied when a request sets no ``max_tokens`` (``None``: the server's).
+    default_max_tokens: int | None = None
     #: Nothing is left for :meth:`prepare` to do. Adapters with set-up make it false per instance
     #: and their ``prepare`` makes it true; attempts check it, so a prepared model costs nothing.
     prepared: bool = True

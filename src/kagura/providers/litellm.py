@@ -7,11 +7,14 @@ seconds, so it is imported by :meth:`LiteLLMModel.prepare`, off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
-from ._base import Model, ModelRequest, ModelResponse
+from ._base import Model, ModelRequest, ModelResponse, OutputMode
+from ._chat import Endpoint, chat_kwargs
 from ._setup import SharedSetUp
 from .openai import _error_message, _to_response
 
@@ -21,7 +24,6 @@ _INSTALL_HINT = "litellm/... models need LiteLLM: pip install 'kagura[litellm]'"
 class LiteLLMModel(Model):
     provider = "litellm"
     supports_output_schema = True
-    supports_tools = True
 
     def __init__(
         self, model_name: str, *, base_url: str | None = None, api_key: str | None = None
@@ -30,6 +32,12 @@ class LiteLLMModel(Model):
         self._base_url = base_url
         self._api_key = api_key
         self.prepared = False
+        # LiteLLM translates the json_schema response format for the providers it speaks.
+        self._endpoint = Endpoint(self.provider, base_url, model_name, "json_schema")
+
+    @property
+    def supports_tools(self) -> bool:  # type: ignore[override]
+        return not self._endpoint.native_tools_rejected
 
     def check_ready(self) -> None:
         # Found, not imported: the import is the slow part of set-up, left to prepare().
@@ -42,44 +50,26 @@ class LiteLLMModel(Model):
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         litellm = _import_litellm()
+
+        async def send(mode: OutputMode) -> Any:
+            kwargs = chat_kwargs(self.model_name, request, mode)
+            kwargs["num_retries"] = 0
+            if self._base_url:
+                kwargs["api_base"] = self._base_url
+            if self._api_key:
+                kwargs["api_key"] = self._api_key
+            with self._errors_mapped():
+                return await litellm.acompletion(**kwargs)
+
+        completion = await self._endpoint.send(request, send)
+        return _to_response(completion, self.id)
+
+    @contextlib.contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
         import openai
 
-        kwargs: dict[str, Any] = {
-            "model": self.model_name,
-            "messages": request.messages,
-            "num_retries": 0,
-        }
-        if self._base_url:
-            kwargs["api_base"] = self._base_url
-        if self._api_key:
-            kwargs["api_key"] = self._api_key
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.output_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": request.output_schema.name,
-                    "schema": request.output_schema.schema,
-                },
-            }
-        if request.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": t.name,
-                        "description": t.description,
-                        "parameters": t.parameters,
-                    },
-                }
-                for t in request.tools
-            ]
-        kwargs.update(request.extra)
         try:
-            completion = await litellm.acompletion(**kwargs)
+            yield
         except openai.APITimeoutError as exc:
             raise ProviderTimeout("request timed out", model=self.id) from exc
         except openai.APIConnectionError as exc:
@@ -91,7 +81,6 @@ class LiteLLMModel(Model):
                 status_code=exc.status_code,
                 headers=dict(exc.response.headers),
             ) from exc
-        return _to_response(completion, self.id)
 
 
 def _import_litellm() -> Any:

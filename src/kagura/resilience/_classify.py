@@ -1,8 +1,8 @@
 """Which failures are worth retrying.
 
 Transient: HTTP 408, 409, 425, 429 and 5xx, timeouts, connection errors. Never: authentication,
-permission, bad requests, usage errors, output that did not parse, and cancellation (which is not
-an error at all: it always propagates).
+permission, bad requests, features the endpoint does not support, usage errors, output that did
+not parse, and cancellation (which is not an error at all: it always propagates).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from ..errors import (
     ProviderConnectionError,
     ProviderError,
     ProviderTimeout,
+    UnsupportedRequestError,
     UsageError,
 )
 
@@ -21,7 +22,7 @@ TRANSIENT_STATUS = frozenset({408, 409, 425, 429})
 
 def is_transient(error: BaseException) -> bool:
     """The default ``retry_on`` predicate."""
-    if isinstance(error, asyncio.CancelledError | UsageError):
+    if isinstance(error, asyncio.CancelledError | UsageError | UnsupportedRequestError):
         return False
     if isinstance(error, ProviderTimeout | ProviderConnectionError | TimeoutError):
         return True

@@ -53,6 +53,8 @@ class Reply:
     tool_calls: tuple[ToolCall, ...] = ()
     delay: float = 0.0
     usage: Usage | None = None
+    #: ``"length"``: the answer was cut off by ``max_tokens``.
+    finish_reason: str = "stop"
 
 
 Script = str | Reply | BaseException | Callable[[ModelRequest], "str | Reply"]
@@ -96,6 +98,7 @@ class FakeModel(Model):
                     request.output_schema,
                     list(request.tools),
                     dict(request.extra),
+                    request.output_mode,
                 )
             )
         item: Script | None = self._script.popleft() if self._script else None
@@ -113,7 +116,7 @@ class FakeModel(Model):
             reply = Reply(_default_answer(request))
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages)
         usage = reply.usage or Usage(prompt_tokens, len(reply.text.split()))
-        return ModelResponse(reply.text, reply.tool_calls, usage, self.id, "stop")
+        return ModelResponse(reply.text, reply.tool_calls, usage, self.id, reply.finish_reason)
 
 
 def _default_answer(request: ModelRequest) -> str:

@@ -100,13 +100,15 @@ _ERRORS: dict[int, tuple[str, str, str | None]] = {
 class Fault:
     """One scripted behaviour, with options; a plain string in a script means ``Fault(kind)``.
 
-    - ``text``: the answer's content for ``"ok"`` (otherwise the server's answer, or an echo).
+    - ``text``: the answer's content for ``"ok"`` (otherwise the server's answer, or an echo); for
+      an HTTP status, the error's message.
     - ``tool_calls``: for ``"ok"``, answer with these tool calls instead of text; each is
       ``{"name": ..., "arguments": dict or JSON text, "id": optional}``.
     - ``retry_after``: the ``Retry-After`` header value (``"429"`` sends the server's default when
       this is ``None``; other statuses send it only when set).
     - ``delay``: seconds to wait before answering (the client going away is noticed and recorded).
     - ``usage``: ``(prompt_tokens, completion_tokens)`` to report instead of word counts.
+    - ``finish_reason``: to report instead of ``"stop"`` (``"length"``: cut off by max_tokens).
     """
 
     kind: str = "ok"
@@ -115,6 +117,7 @@ class Fault:
     retry_after: float | str | None = None
     delay: float = 0.0
     usage: tuple[int, int] | None = None
+    finish_reason: str | None = None
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
@@ -647,6 +650,8 @@ class FaultServer:
         message, err_type, code = _ERRORS.get(
             status, (f"HTTP {status} (fault injected)", "server_error", None)
         )
+        if fault.text is not None:
+            message = fault.text
         headers: dict[str, str] = {}
         retry_after = fault.retry_after
         if retry_after is None and status == 429:
@@ -681,7 +686,7 @@ class FaultServer:
         else:
             text = fault.text if fault.text is not None else self._default_text(body, messages)
             message["content"] = text
-            finish = "stop"
+            finish = fault.finish_reason or "stop"
             produced = text
         if fault.usage is not None:
             prompt_tokens, completion_tokens = fault.usage

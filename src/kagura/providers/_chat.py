@@ -1,0 +1,153 @@
+"""The chat-completions request both OpenAI-shaped adapters send, and what they learn per endpoint.
+
+The openai SDK adapter and the LiteLLM adapter build the same request: the messages, sampling
+settings, tools and a ``response_format`` chosen by the endpoint's :class:`Profile`. A server
+that rejects the response format it was sent gets the next, less constrained one, once; what it
+accepted is remembered for that endpoint and model for the rest of the process, so the rejection
+is paid once, not on every call, and never retried as if it were a transient failure.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from ..errors import ProviderError, UnsupportedRequestError
+from ._base import OUTPUT_MODES, ModelRequest, OutputMode, OutputSchema, ToolSpec
+from ._grammar import grammar_schema
+
+T = TypeVar("T")
+
+logger = logging.getLogger("kagura.providers")
+
+#: Where a rejected output mode goes next.
+_LOWER: dict[OutputMode, OutputMode] = {
+    "json_schema": "json_object_schema",
+    "json_object_schema": "json_object",
+    "json_object": "prompt",
+}
+
+#: (provider, base URL, model) -> the output mode the endpoint accepted after rejecting others.
+_accepted_modes: dict[tuple[str, str | None, str], OutputMode] = {}
+#: Endpoints (same key) that rejected native tools: tools go through the prompt there.
+_rejected_tools: set[tuple[str, str | None, str]] = set()
+
+#: HTTP statuses with which servers reject a request field they do not support: 400 and 422
+#: (OpenAI, vLLM, Ollama), 500 (llama-cpp-python's server, whose request validation errors
+#: surface as internal errors) and 501.
+_REJECTION_STATUSES = frozenset({400, 422, 500, 501})
+
+
+def response_format(schema: OutputSchema, mode: OutputMode) -> dict[str, Any] | None:
+    """The ``response_format`` asking for ``schema`` in ``mode`` (``None`` for the prompt only)."""
+    if mode == "json_schema":
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": schema.name, "schema": schema.schema, "strict": False},
+        }
+    if mode == "json_object_schema":
+        # llama.cpp builds a grammar from this schema: keep only what its grammar can express
+        # (the answer is validated against the full schema afterwards).
+        return {"type": "json_object", "schema": grammar_schema(schema.schema)}
+    if mode == "json_object":
+        return {"type": "json_object"}
+    return None
+
+
+def tools_param(tools: list[ToolSpec]) -> list[dict[str, Any]]:
+    return [
+        {
+            "type": "function",
+            "function": {"name": t.name, "description": t.description, "parameters": t.parameters},
+        }
+        for t in tools
+    ]
+
+
+def chat_kwargs(model_name: str, request: ModelRequest, mode: OutputMode) -> dict[str, Any]:
+    """The keyword arguments of a chat-completions call for ``request``."""
+    kwargs: dict[str, Any] = {"model": model_name, "messages": request.messages}
+    if request.temperature is not None:
+        kwargs["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        kwargs["max_tokens"] = request.max_tokens
+    if request.output_schema is not None:
+        fmt = response_format(request.output_schema, mode)
+        if fmt is not None:
+            kwargs["response_format"] = fmt
+    if request.tools:
+        kwargs["tools"] = tools_param(request.tools)
+        # Some servers (llama.cpp's among them) call tools only when asked to choose.
+        kwargs["tool_choice"] = "auto"
+    kwargs.update(request.extra)
+    return kwargs
+
+
+class Endpoint:
+    """What one (provider, base URL, model) has accepted so far; adapters keep one each."""
+
+    __slots__ = ("key", "label", "profile_mode")
+
+    def __init__(
+        self, provider: str, base_url: str | None, model_name: str, profile_mode: OutputMode
+    ) -> None:
+        self.key = (provider, base_url, model_name)
+        self.label = f"{provider}/{model_name}" + (f" at {base_url}" if base_url else "")
+        self.profile_mode = profile_mode
+
+    @property
+    def native_tools_rejected(self) -> bool:
+        return self.key in _rejected_tools
+
+    def output_mode(self, request: ModelRequest) -> OutputMode:
+        """The mode to send ``request`` in: the agent's choice, else what the endpoint accepts."""
+        return request.output_mode or _accepted_modes.get(self.key, self.profile_mode)
+
+    async def send(self, request: ModelRequest, send: Callable[[OutputMode], Awaitable[T]]) -> T:
+        """``send(mode)``, stepping down the output modes while the server rejects them."""
+        mode = self.output_mode(request)
+        while True:
+            try:
+                return await send(mode)
+            except ProviderError as exc:
+                if (
+                    request.output_schema is None
+                    or mode == "prompt"
+                    or not _rejects(exc, ("response_format", "json_schema", "json_object"))
+                ):
+                    if request.tools and _rejects(exc, ("tool",)):
+                        _rejected_tools.add(self.key)
+                        raise UnsupportedRequestError(
+                            f"{self.label} does not take native tool calls ({exc}); tools go "
+                            f"through the prompt from now on (@agent(tool_mode='prompted'))",
+                            feature="tools",
+                            model=exc.model,
+                        ) from exc
+                    raise
+                if request.output_mode is not None:
+                    choices = ", ".join(repr(m) for m in OUTPUT_MODES)
+                    raise UnsupportedRequestError(
+                        f"{self.label} rejected output_mode={mode!r} ({exc}); choose one it "
+                        f"supports with @agent(output_mode=...): one of {choices}",
+                        feature="output_mode",
+                        model=exc.model,
+                    ) from exc
+                lower = _LOWER[mode]
+                logger.warning(
+                    "%s rejected response_format %r (%s); asking it with %r from now on",
+                    self.label,
+                    mode,
+                    exc,
+                    lower,
+                )
+                _accepted_modes[self.key] = lower
+                mode = lower
+
+
+def _rejects(error: ProviderError, words: tuple[str, ...]) -> bool:
+    """The server refused the request for a field named by one of ``words``."""
+    if error.status_code not in _REJECTION_STATUSES:
+        return False
+    text = f"{error} {error.body or ''}".lower()
+    return any(word in text for word in words)

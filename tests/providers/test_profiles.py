@@ -1,0 +1,398 @@
+"""Structured-output and tool profiles, over real HTTP against the fault server on 127.0.0.1.
+
+What goes on the wire for each kind of endpoint (the request bodies the server received), how a
+rejected response format is stepped down once and remembered, native tools refused, the shape
+of a tool round, answers cut off by ``max_tokens``, and connection errors that say where.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from kagura import agent, tool
+from kagura.errors import (
+    OutputParseError,
+    ProviderConnectionError,
+    UnsupportedRequestError,
+    UsageError,
+)
+from kagura.providers import ModelRequest
+from kagura.providers.openai import ENDPOINTS, Endpoint, OpenAIChatModel
+from kagura.testing import FakeModel, Reply, capture_events
+from kagura.testing.fault_server import Fault, FaultServer
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class City(BaseModel):
+    name: str
+    country: str
+
+
+@tool
+def weather(city: str) -> str:
+    """The weather in a city."""
+    return f"sunny in {city}"
+
+
+@pytest.fixture(autouse=True)
+def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[FaultServer]:
+    async with FaultServer() as srv:
+        yield srv
+
+
+def _city_agent(model: str, base_url: str, **settings: Any) -> Any:
+    @agent(model=model, base_url=base_url, **settings)
+    async def city(text: str) -> City:
+        """Which city: {{ text }}"""
+
+    return city
+
+
+def _format(body: Any) -> Any:
+    return body.get("response_format")
+
+
+@pytest.mark.parametrize(
+    ("prefix", "expected"),
+    [
+        ("openai/", "json_schema"),
+        ("vllm/", "json_schema"),
+        ("ollama/", "json_schema"),
+        ("openrouter/", "json_schema"),
+        ("", "json_schema"),  # any base URL
+        ("llamacpp/", "json_object"),
+    ],
+)
+async def test_each_endpoint_gets_its_response_format(
+    server: FaultServer, prefix: str, expected: str
+) -> None:
+    # A distinct model name per case: what an endpoint accepted is remembered per process.
+    city = _city_agent(f"{prefix}profile-{prefix.strip('/') or 'any'}", server.base_url)
+    server.script(Fault.ok('{"name": "Oslo", "country": "Norway"}'))
+    assert await city("Oslo") == City(name="Oslo", country="Norway")
+    fmt = _format(server.chat_requests[0].body)
+    assert fmt["type"] == expected
+    if expected == "json_schema":
+        assert fmt["json_schema"]["schema"]["required"] == ["name", "country"]
+    else:  # llama.cpp's servers: json_object with the schema, which they turn into a grammar
+        assert fmt["schema"]["required"] == ["name", "country"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("json_schema", ("json_schema", False)),
+        ("json_object_schema", ("json_object", True)),
+        ("json_object", ("json_object", False)),
+        ("prompt", None),
+    ],
+)
+async def test_an_agent_chooses_its_output_mode(
+    server: FaultServer, mode: str, expected: Any
+) -> None:
+    city = _city_agent("llamacpp/override", server.base_url, output_mode=mode)
+    server.script(Fault.ok('{"name": "Oslo", "country": "Norway"}'))
+    assert await city("Oslo") == City(name="Oslo", country="Norway")
+    body = server.chat_requests[0].body
+    fmt = _format(body)
+    if expected is None:
+        assert fmt is None
+    else:
+        kind, with_schema = expected
+        assert fmt["type"] == kind
+        assert ("schema" in fmt) == with_schema
+    # Whatever the mode, the prompt carries the schema: the answer is validated against it.
+    assert '"required":["name","country"]' in body["messages"][-1]["content"]
+
+
+def test_bad_modes_are_refused_at_decoration() -> None:
+    with pytest.raises(UsageError, match="output_mode must be one of 'json_schema'"):
+
+        @agent(output_mode="xml")  # type: ignore[arg-type]
+        async def a(text: str) -> City:
+            """{{ text }}"""
+
+    with pytest.raises(UsageError, match="tool_mode must be one of 'native', 'prompted'"):
+
+        @agent(tool_mode="auto")  # type: ignore[arg-type]
+        async def b(text: str) -> str:
+            """{{ text }}"""
+
+
+async def test_a_rejected_response_format_is_stepped_down_once_and_remembered(
+    server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As llama-cpp-python's server answers json_schema: HTTP 500, naming response_format.
+    rejection = Fault(
+        "500", text="Input should be 'text' or 'json_object' (body.response_format.type)"
+    )
+    city = _city_agent("stepped-down", server.base_url)
+    server.script(rejection, Fault.ok('{"name": "Oslo", "country": "Norway"}'))
+    with caplog.at_level(logging.WARNING, logger="kagura.providers"):
+        assert await city("Oslo") == City(name="Oslo", country="Norway")
+    first, second = server.chat_requests
+    assert _format(first.body)["type"] == "json_schema"
+    assert _format(second.body)["type"] == "json_object"
+    assert _format(second.body)["schema"]["required"] == ["name", "country"]
+    [warning] = [r for r in caplog.records if r.name == "kagura.providers"]
+    assert "rejected response_format 'json_schema'" in warning.getMessage()
+    assert server.base_url in warning.getMessage()
+
+    # Remembered for the endpoint and model: the next call (another agent, too) goes straight
+    # to what the server accepts.
+    server.script(Fault.ok('{"name": "Rome", "country": "Italy"}'))
+    other = _city_agent("stepped-down", server.base_url)
+    assert await other("Rome") == City(name="Rome", country="Italy")
+    assert _format(server.chat_requests[2].body)["type"] == "json_object"
+    assert len(server.chat_requests) == 3
+
+
+async def test_an_ordinary_server_error_is_retried_not_stepped_down(server: FaultServer) -> None:
+    city = _city_agent("plain-500", server.base_url, retry=True)
+    server.script("500", Fault.ok('{"name": "Oslo", "country": "Norway"}'))
+    assert await city("Oslo") == City(name="Oslo", country="Norway")
+    assert [_format(r.body)["type"] for r in server.chat_requests] == ["json_schema"] * 2
+
+
+async def test_a_chosen_mode_the_server_rejects_is_an_error_never_retried(
+    server: FaultServer,
+) -> None:
+    city = _city_agent("chosen", server.base_url, output_mode="json_schema", retry=True)
+    server.script(Fault("400", text="response_format json_schema is not supported"))
+    with pytest.raises(UnsupportedRequestError, match="rejected output_mode='json_schema'") as e:
+        await city("Oslo")
+    assert e.value.feature == "output_mode"
+    assert "@agent(output_mode=...)" in str(e.value)
+    assert len(server.chat_requests) == 1  # not retried
+
+
+async def test_native_tools_send_tool_choice_and_a_text_content(server: FaultServer) -> None:
+    @agent(model="vllm/tools", base_url=server.base_url, tools=[weather])
+    async def travel(text: str) -> str:
+        """{{ text }}"""
+
+    server.script(Fault.tool_call("weather", {"city": "Paris"}), Fault.ok("Sunny."))
+    assert await travel("Weather in Paris?") == "Sunny."
+    first, second = server.chat_requests
+    assert first.body["tool_choice"] == "auto"
+    assert [t["function"]["name"] for t in first.body["tools"]] == ["weather"]
+    assistant, result = second.body["messages"][-2:]
+    # llama.cpp's server rejects a null content: the assistant's tool-call turn carries "".
+    assert assistant["content"] == ""
+    assert assistant["tool_calls"][0]["function"]["name"] == "weather"
+    assert result == {
+        "role": "tool",
+        "tool_call_id": assistant["tool_calls"][0]["id"],
+        "content": "sunny in Paris",
+    }
+
+
+async def test_llamacpp_offers_tools_through_the_prompt(server: FaultServer) -> None:
+    @agent(model="llamacpp/tools", base_url=server.base_url, tools=[weather])
+    async def travel(text: str) -> str:
+        """{{ text }}"""
+
+    server.script(
+        Fault.ok('{"tool": "weather", "arguments": {"city": "Paris"}}'),
+        Fault.ok('{"answer": "Sunny in Paris."}'),
+    )
+    assert await travel("Weather in Paris?") == "Sunny in Paris."
+    first, second = server.chat_requests
+    assert "tools" not in first.body and "tool_choice" not in first.body
+    # Held to a tool call with the tool's own arguments, or an answer.
+    options = first.body["response_format"]["schema"]["anyOf"]
+    assert options[0]["properties"]["arguments"]["required"] == ["city"]
+    assert second.body["messages"][-1]["content"].startswith("Result of weather: sunny in Paris")
+
+
+async def test_native_tools_refused_by_the_server_go_through_the_prompt(
+    server: FaultServer,
+) -> None:
+    @agent(model="vllm/no-tools", base_url=server.base_url, tools=[weather])
+    async def travel(text: str) -> str:
+        """{{ text }}"""
+
+    # vLLM without --enable-auto-tool-choice answers so.
+    refusal = Fault("400", text='"auto" tool choice requires --enable-auto-tool-choice')
+    server.script(
+        refusal,
+        Fault.ok('{"tool": "weather", "arguments": {"city": "Paris"}}'),
+        Fault.ok('{"answer": "Sunny."}'),
+    )
+    with capture_events() as events:
+        assert await travel("Weather in Paris?") == "Sunny."
+    first, second, third = server.chat_requests
+    assert "tools" in first.body
+    assert "tools" not in second.body and "weather(city: string)" in str(second.body)
+    assert [s.name for s in events.spans(kind="tool")] == ["weather"]
+    # Remembered: the next call offers the tools through the prompt at once.
+    server.script(Fault.ok('{"answer": "Cloudy."}'))
+    assert await travel("Weather in Oslo?") == "Cloudy."
+    assert "tools" not in server.chat_requests[3].body
+
+
+async def test_native_tools_chosen_and_refused_is_an_error(server: FaultServer) -> None:
+    @agent(model="vllm/no-tools-2", base_url=server.base_url, tools=[weather], tool_mode="native")
+    async def travel(text: str) -> str:
+        """{{ text }}"""
+
+    server.script(Fault("400", text='"auto" tool choice requires --enable-auto-tool-choice'))
+    with pytest.raises(UnsupportedRequestError, match="does not take native tool calls") as e:
+        await travel("Weather in Paris?")
+    assert e.value.feature == "tools"
+    assert len(server.chat_requests) == 1
+
+
+async def test_the_embedded_model_refuses_native_tools() -> None:
+    from kagura.providers.local import LocalModel
+
+    with pytest.raises(UsageError, match="no native tool calling"):
+        await LocalModel().request(
+            ModelRequest([{"role": "user", "content": "hi"}], tools=[weather.spec])
+        )
+
+
+# -- answers cut off by max_tokens ----------------------------------------------------------------
+
+
+async def test_a_typed_answer_cut_off_by_max_tokens_is_never_a_result(server: FaultServer) -> None:
+    city = _city_agent("cut-off", server.base_url, max_tokens=8)
+    server.script(Fault.ok('{"name": "Os', finish_reason="length"))
+    with pytest.raises(OutputParseError) as caught:
+        await city("Oslo")
+    message = str(caught.value)
+    assert "cut off by max_tokens=8" in message
+    assert "@agent(max_tokens=...)" in message
+    assert len(server.chat_requests) == 1  # asking again under the same limit would not help
+
+
+async def test_an_answer_that_parses_but_was_cut_off_is_not_a_result() -> None:
+    # "4" of "42": a prefix that happens to validate.
+    fake = FakeModel([Reply("4", finish_reason="length")])
+
+    @agent(model=fake, max_tokens=1)
+    async def answer(q: str) -> int:
+        """{{ q }}"""
+
+    with pytest.raises(OutputParseError, match="cut off by max_tokens=1"):
+        await answer("six times seven?")
+
+
+async def test_a_prompted_tool_answer_cut_off_is_not_a_result() -> None:
+    # The README's travel_agent on the embedded model returned this, truncated, as its answer.
+    fake = FakeModel(
+        [Reply('{ "answer": ".100 euros is 100 euros, but', finish_reason="length")],
+        supports_tools=False,
+    )
+
+    @agent(model=fake, tools=[weather])
+    async def travel(question: str) -> str:
+        """{{ question }}"""
+
+    with pytest.raises(OutputParseError, match="cut off by the server's default output limit"):
+        await travel("How much is 100 euros?")
+
+
+async def test_cut_off_text_stays_a_text_result() -> None:
+    # For str results max_tokens caps the text: the shortened text is the answer.
+    fake = FakeModel([Reply("Once upon a time", finish_reason="length")])
+
+    @agent(model=fake, max_tokens=4)
+    async def story(q: str) -> str:
+        """{{ q }}"""
+
+    assert await story("a story") == "Once upon a time"
+
+
+async def test_a_prompted_answer_that_is_broken_json_is_asked_again() -> None:
+    fake = FakeModel(['{"answer": "Sunny', '{"answer": "Sunny."}'], supports_tools=False)
+
+    @agent(model=fake, tools=[weather])
+    async def travel(question: str) -> str:
+        """{{ question }}"""
+
+    assert await travel("Weather?") == "Sunny."
+    assert "is not valid" in fake.requests[1].messages[-1]["content"]
+
+
+async def test_a_repeated_prompted_call_gets_its_result_and_an_answer_only_schema() -> None:
+    call = '{"tool": "weather", "arguments": {"city": "Paris"}}'
+    fake = FakeModel([call, call, '{"answer": "Sunny."}'], supports_tools=False)
+    runs: list[str] = []
+
+    @tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        runs.append(city)
+        return f"sunny in {city}"
+
+    @agent(model=fake, tools=[weather])
+    async def travel(question: str) -> str:
+        """{{ question }}"""
+
+    assert await travel("Weather?") == "Sunny."
+    assert runs == ["Paris"]  # the tool ran once
+    third = fake.requests[2]
+    assert "You already called weather" in third.messages[-1]["content"]
+    assert third.output_schema is not None and "anyOf" not in third.output_schema.schema
+
+
+# -- connection errors name the endpoint ----------------------------------------------------------
+
+
+def _closed_port_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+async def test_a_connection_failure_names_the_base_url_and_where_it_came_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = _closed_port_url()
+    endpoint = Endpoint("llamacpp", url, "LLAMACPP_BASE_URL", None, False)
+    monkeypatch.delenv("LLAMACPP_BASE_URL", raising=False)
+    model = OpenAIChatModel("smollm2", endpoint=endpoint)
+
+    @agent(model=model, retry=False)
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    with pytest.raises(ProviderConnectionError) as caught:
+        await ask("hi")
+    assert f"connection to {url} failed" in str(caught.value)
+    assert "llamacpp's default: set LLAMACPP_BASE_URL or pass base_url=" in str(caught.value)
+
+    monkeypatch.setenv("LLAMACPP_BASE_URL", url)
+    other = OpenAIChatModel("smollm2", endpoint=ENDPOINTS["llamacpp"])
+    with pytest.raises(ProviderConnectionError, match=r"\(from LLAMACPP_BASE_URL\)"):
+        await agent(model=other, retry=False)(ask.fn)("hi")
+
+
+async def test_credentials_in_a_base_url_never_reach_the_error() -> None:
+    url = _closed_port_url().replace("http://", "http://user:hunter2@")
+
+    @agent(model="vllm/x", base_url=url, retry=False)
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    with pytest.raises(ProviderConnectionError) as caught:
+        await ask("hi")
+    assert "hunter2" not in str(caught.value)
+    assert "(the agent's base_url)" in str(caught.value)
