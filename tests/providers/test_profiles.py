@@ -236,7 +236,7 @@ async def test_native_tools_refused_by_the_server_go_through_the_prompt(
     )
     with capture_events() as events:
         assert await travel("Weather in Paris?") == "Sunny."
-    first, second, third = server.chat_requests
+    first, second, _ = server.chat_requests
     assert "tools" in first.body
     assert "tools" not in second.body and "weather(city: string)" in str(second.body)
     assert [s.name for s in events.spans(kind="tool")] == ["weather"]
