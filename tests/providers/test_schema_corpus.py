@@ -15,10 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from kagura.providers._grammar import MAX_REPEAT, grammar_pattern, grammar_schema
 
+from .. import _llamacpp
 from .schema_corpus import CORPUS, IsoDay, output_schema
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -326,3 +328,64 @@ def _outcome(line: dict[str, Any] | None) -> str:
     if "value" in line:
         return f"value {line['value']}"
     return f"{line['error']}: {line['detail'].splitlines()[0]}"
+
+
+# --- a llama.cpp server -------------------------------------------------------------------------
+
+
+def _chat_body(schema: dict[str, Any], response_schema: dict[str, Any]) -> dict[str, Any]:
+    text = "Give an example value.\n\nAnswer with only a JSON value that follows this JSON schema: "
+    return {
+        "messages": [{"role": "user", "content": text + json.dumps(schema)}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "response_format": {"type": "json_object", "schema": response_schema},
+    }
+
+
+@pytest.mark.local_model
+@pytest.mark.timeout(900)
+def test_every_return_type_gets_an_http_answer_from_a_llama_cpp_server(
+    llamacpp_server: _llamacpp.LlamaCppServer,
+) -> None:
+    answers: dict[str, str] = {}
+    with httpx.Client(base_url=llamacpp_server.base_url, timeout=120) as client:
+        for name, tp in CORPUS:
+            schema = output_schema(tp)
+            try:
+                response = client.post(
+                    "/chat/completions", json=_chat_body(schema, grammar_schema(schema))
+                )
+            except httpx.TransportError as exc:
+                pytest.fail(
+                    f"no HTTP answer for {name!r} ({exc!r}); server alive: "
+                    f"{llamacpp_server.alive()}\n{llamacpp_server.log_tail()}"
+                )
+            answers[name] = f"{response.status_code} {_content(response)}"
+    print("llama.cpp server, per case:\n" + "\n".join(f"  {n}: {a}" for n, a in answers.items()))
+    assert llamacpp_server.alive(), llamacpp_server.log_tail()
+    assert all(a.startswith("200 ") for a in answers.values()), answers
+
+
+def _content(response: httpx.Response) -> str:
+    try:
+        return repr(response.json()["choices"][0]["message"]["content"][:100])
+    except (ValueError, LookupError, TypeError):
+        return response.text[:100]
+
+
+@pytest.mark.local_model
+@pytest.mark.timeout(300)
+def test_without_grammar_schema_a_regex_class_kills_the_server(tmp_path: Path) -> None:
+    """Why grammar_schema exists: llama-cpp-python's own server dies of pydantic's ``\\d``."""
+    server = _llamacpp.start_server(_llamacpp.gguf_or_skip(), tmp_path)
+    try:
+        schema = output_schema(IsoDay)
+        with pytest.raises(httpx.TransportError):
+            httpx.post(
+                f"{server.base_url}/chat/completions", json=_chat_body(schema, schema), timeout=120
+            )
+        assert server.process.wait(timeout=60) == -11  # SIGSEGV
+        assert "unknown escape at \\d" in server.log_tail(100_000)
+    finally:
+        server.stop()
