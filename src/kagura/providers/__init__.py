@@ -19,7 +19,16 @@ from functools import lru_cache
 
 from .. import _settings
 from ..errors import UsageError
-from ._base import Message, Model, ModelRequest, ModelResponse, OutputSchema, ToolCall, ToolSpec
+from ._base import (
+    Message,
+    Model,
+    ModelRequest,
+    ModelResponse,
+    OutputSchema,
+    StreamChunk,
+    ToolCall,
+    ToolSpec,
+)
 
 __all__ = [
     "Message",
@@ -27,6 +36,7 @@ __all__ = [
     "ModelRequest",
     "ModelResponse",
     "OutputSchema",
+    "StreamChunk",
     "ToolCall",
     "ToolSpec",
     "resolve_model",

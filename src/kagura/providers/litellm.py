@@ -7,11 +7,14 @@ seconds, so it is imported by :meth:`LiteLLMModel.prepare`, off the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from typing import Any
 
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
-from ._base import Model, ModelRequest, ModelResponse
+from ._base import Model, ModelRequest, ModelResponse, StreamChunk
+from ._chunks import read_chunks
 from ._setup import SharedSetUp
 from .openai import _error_message, _to_response
 
@@ -42,8 +45,12 @@ class LiteLLMModel(Model):
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         litellm = _import_litellm()
-        import openai
+        with self._errors_mapped():
+            completion = await litellm.acompletion(**self._kwargs(request))
+        return _to_response(completion, self.id)
 
+    def _kwargs(self, request: ModelRequest) -> dict[str, Any]:
+        """The keyword arguments of ``litellm.acompletion`` for ``request``."""
         kwargs: dict[str, Any] = {
             "model": self.model_name,
             "messages": request.messages,
@@ -78,8 +85,15 @@ class LiteLLMModel(Model):
                 for t in request.tools
             ]
         kwargs.update(request.extra)
+        return kwargs
+
+    @contextlib.contextmanager
+    def _errors_mapped(self) -> Iterator[None]:
+        """LiteLLM's exceptions (subclasses of the ``openai`` SDK's) as Kagura's."""
+        import openai
+
         try:
-            completion = await litellm.acompletion(**kwargs)
+            yield
         except openai.APITimeoutError as exc:
             raise ProviderTimeout("request timed out", model=self.id) from exc
         except openai.APIConnectionError as exc:
@@ -91,7 +105,20 @@ class LiteLLMModel(Model):
                 status_code=exc.status_code,
                 headers=dict(exc.response.headers),
             ) from exc
-        return _to_response(completion, self.id)
+
+    supports_streaming = True
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """``litellm.acompletion(stream=True)``: text deltas, then the whole answer (with usage
+        when the provider reports it). The stream is closed however the iterator ends."""
+
+        def open_stream() -> Awaitable[Any]:
+            kwargs = self._kwargs(request)
+            kwargs["stream"] = True
+            kwargs.setdefault("stream_options", {"include_usage": True})
+            return _import_litellm().acompletion(**kwargs)  # type: ignore[no-any-return]
+
+        return read_chunks(open_stream, self.id, self._errors_mapped)
 
 
 def _import_litellm() -> Any:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +21,8 @@ from ..errors import (
     ProviderError,
     ProviderTimeout,
 )
-from ._base import Model, ModelRequest, ModelResponse, ToolCall
+from ._base import Model, ModelRequest, ModelResponse, StreamChunk, ToolCall
+from ._chunks import read_chunks
 from ._setup import SharedSetUp
 
 if TYPE_CHECKING:
@@ -202,6 +203,40 @@ class OpenAIChatModel(Model):
         with self._errors_mapped():
             completion = await client.chat.completions.create(**self._chat_kwargs(request))
         return _to_response(completion, self.id)
+
+    supports_streaming = True
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """Chat completions with ``stream=True`` (server-sent events): text deltas as the server
+        sends them, then the whole answer. Usage is asked for with
+        ``stream_options={"include_usage": True}``; a server that ignores it (llama.cpp's)
+        leaves the answer's usage unreported. However the iterator ends (finished, closed early,
+        cancelled), the HTTP response is closed: a server stops generating when its client goes.
+        """
+
+        def open_stream() -> Awaitable[Any]:
+            client = _client(self.base_url, self._resolve_key())
+            kwargs = self._chat_kwargs(request)
+            kwargs["stream"] = True
+            kwargs.setdefault("stream_options", {"include_usage": True})
+            return client.chat.completions.create(**kwargs)
+
+        return read_chunks(open_stream, self.id, self._stream_errors_mapped)
+
+    @contextlib.contextmanager
+    def _stream_errors_mapped(self) -> Iterator[None]:
+        """:meth:`_errors_mapped`, and the error events a stream can carry part-way."""
+        import openai
+
+        try:
+            with self._errors_mapped():
+                yield
+        except openai.APIError as exc:  # the ones with a status or a connection are mapped above
+            raise ProviderError(
+                f"error event in the stream: {_error_message(exc)}",
+                model=self.id,
+                body=repr(exc.body)[:2000],
+            ) from exc
 
 
 def _connection_detail(exc: BaseException) -> str:
