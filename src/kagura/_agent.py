@@ -26,6 +26,7 @@ from ._instrument import ensure_recording, span_event, span_finished, span_start
 from ._llm import attempt
 from ._output import OutputSpec, OutputValidationError, json_candidates
 from ._prompt import PromptTemplate, warn_if_body_has_code
+from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool
 from ._usage import Usage
 from .durable import _script
@@ -125,6 +126,11 @@ class Agent(Generic[P, R]):
         self.base_url = base_url
         self._api_key = api_key
         self.provider_kwargs = dict(provider_kwargs or {})
+        if "stream" in self.provider_kwargs:
+            raise UsageError(
+                f"agent {self.name!r}: stream= is not an agent setting; stream a call with "
+                f"{self.name}.stream(...), an async iterator of the answer as it arrives"
+            )
         self.policies = Policies(
             retry=_check_retry(retry),
             timeout=_optional_seconds(timeout, "timeout"),
@@ -548,6 +554,27 @@ class Agent(Generic[P, R]):
 
     def __repr__(self) -> str:
         return f"<Agent {self.name}>"
+
+    def stream(self, *args: P.args, **kwargs: P.kwargs) -> AgentStream[R]:
+        """Call the agent and iterate over its answer as the model generates it.
+
+        A ``str`` agent yields the text deltas; a typed agent yields partial values as its JSON
+        arrives (each validated, each different from the one before), the last item being the
+        validated result. Use it as ``async for item in agent.stream(...)``, or as
+        ``async with agent.stream(...) as stream:`` to close it at the end of the block: closing
+        it, or cancelling the task reading it, stops the provider's generation.
+
+        Retries, and fallback models, apply until the first item; a failure after that raises
+        :class:`~kagura.errors.StreamBrokenError`. The per-attempt ``timeout`` bounds each
+        wait for the next chunk (the first included); ``total_timeout`` the whole stream. The
+        answer is never re-asked: one that does not validate, or that ``max_tokens`` cut off,
+        raises :class:`~kagura.errors.OutputParseError`. Tools run between model rounds on
+        models with native tool calling; an agent with tools on a model without it (the
+        embedded one) is refused here with :class:`~kagura.errors.UsageError`. In a durable
+        run the result is journaled before the stream ends, and a resumed run yields it as one
+        item.
+        """
+        return open_agent_stream(self, self._bind(args, kwargs))
 
 
 async def _guarded(

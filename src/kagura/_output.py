@@ -171,6 +171,22 @@ class OutputSpec:
                     pass
         return _MISSING
 
+    def validate_partial(self, data: Any) -> Any:
+        """The value of an answer still arriving, from its partial JSON ``data`` (as
+        ``pydantic_core.from_json(text, allow_partial="trailing-strings")`` reads it), validated
+        with pydantic's partial validation: a string still arriving counts as far as it has
+        come. Raises :class:`OutputValidationError` while it is no valid value yet."""
+        if self.wrapped:
+            if not isinstance(data, dict) or "result" not in data:
+                raise OutputValidationError("no result yet")
+            data = data["result"]
+        try:
+            return self._adapter.validate_python(
+                data, experimental_allow_partial="trailing-strings"
+            )
+        except pydantic.ValidationError as exc:
+            raise OutputValidationError(_describe(exc)) from None
+
 
 _MISSING: Any = object()
 

@@ -12,7 +12,8 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
     └── RunError                    a run failed at run time
         ├── ProviderError           the model provider failed (status code and headers kept)
         │   ├── ProviderTimeout     the request timed out
-        │   └── ProviderConnectionError  the connection failed or was reset
+        │   ├── ProviderConnectionError  the connection failed or was reset
+        │   └── StreamBrokenError   a streamed answer failed after part of it was yielded
         ├── OutputParseError        the model's answer never validated against the return type
         ├── ToolLoopError           the model kept calling tools past the round limit
         ├── NonDeterminismError     a resumed durable run took another path than its journal
@@ -45,6 +46,7 @@ __all__ = [
     "RunInProgressError",
     "RunTakenOverError",
     "StoreError",
+    "StreamBrokenError",
     "TemplateError",
     "ToolLoopError",
     "UsageError",
@@ -145,6 +147,29 @@ class ProviderTimeout(ProviderError, TimeoutError):
 
 class ProviderConnectionError(ProviderError):
     """The connection to the provider failed, was refused or was reset."""
+
+
+class StreamBrokenError(ProviderError):
+    """A streamed answer failed part-way, after some of it had been yielded to the reader.
+
+    Never retried: a new attempt would yield the same beginning again. The provider's error
+    (a :class:`ProviderConnectionError`, a :class:`ProviderTimeout` when the stream stalled
+    longer than the per-attempt timeout, ...) is ``__cause__``; ``text`` is the answer as far
+    as it had arrived.
+    """
+
+    def __init__(self, cause: ProviderError, text: str, items: int) -> None:
+        super().__init__(
+            f"the stream broke after {len(text)} characters ({items} items yielded), and is "
+            f"not retried, which would yield them again: {cause}"
+        )
+        # The cause's, given after the message: the cause's text already names them.
+        self.model = cause.model
+        self.status_code = cause.status_code
+        self.headers = cause.headers
+        self.body = cause.body
+        self.text = text
+        self.items = items
 
 
 class OutputParseError(RunError):
