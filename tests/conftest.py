@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
 
 import pytest
+
+from . import _llamacpp
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,3 +31,20 @@ def _isolated_model_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KAGURA_MODEL_OVERRIDE", raising=False)
     monkeypatch.delenv("KAGURA_MODEL", raising=False)
     monkeypatch.delenv("KAGURA_ENCRYPTION_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_llamacpp.LlamaCppServer]:
+    """``python -m llama_cpp.server`` on the embedded model, for the session (see _llamacpp.py).
+
+    ``.alive()`` tells whether it still runs and answers; it is not restarted if a test kills it.
+    """
+    model = _llamacpp.gguf_or_skip()
+    try:
+        server = _llamacpp.start_server(model, tmp_path_factory.mktemp("llamacpp"))
+    except _llamacpp.ServerFailed as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

