@@ -103,7 +103,6 @@ def open_agent_stream(agent: Agent[Any, Any], arguments: dict[str, Any]) -> Agen
     """The stream of ``agent`` for the bound ``arguments``. Usage errors raise here, at once;
     the call itself starts with the first item asked for."""
     model = resolve_model(agent.model, base_url=agent.base_url, api_key=agent._api_key)
-    model.check_ready()
     chain = [model, *(resolve_model(spec) for spec in agent.fallback)]
     if agent.tools:
         for candidate in chain:
@@ -162,8 +161,7 @@ async def _items(
                     # model gets the breaker shared under its name.
                     policies = dataclasses.replace(policies, breaker=True)
                 try:
-                    if position:
-                        model.check_ready()
+                    model.check_ready()  # here, not earlier: a replayed call needs no credentials
                     request = _request(agent, model, prompt)
                     rounds = 0
                     while True:
