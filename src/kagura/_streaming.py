@@ -47,7 +47,7 @@ from .errors import (
 )
 from .providers import Message, Model, ModelRequest, ModelResponse, resolve_model
 from .resilience._breaker import CircuitBreaker
-from .resilience._policies import effective
+from .resilience._policies import Policies, effective
 from .resilience._retry import Retry
 from .resilience._stream import GuardedStream, open_stream
 
@@ -255,7 +255,7 @@ async def _open(
     model: Model,
     request: ModelRequest,
     span: Span,
-    policies: Any,
+    policies: Policies,
     output: OutputSpec,
     deadline: float | None,
 ) -> tuple[GuardedStream, tuple[_Reader, Any, ModelResponse | None]]:
