@@ -76,8 +76,9 @@ async def test_closing_a_stream_stops_the_generation_at_the_next_token() -> None
     assert len(deltas) == 3
     # Closing returned once the worker let go: no generation is left running...
     assert local._workers is not None and local._workers.in_flight == 0
-    # ...and the one that was stopped made a handful of its 2,000 tokens.
-    assert tokens_evaluated() - before < 50
+    # ...and the one that was stopped made few of its 2,000 tokens (a handful, unless this
+    # thread was held up for seconds while the worker's ran on).
+    assert tokens_evaluated() - before < 400
     assert [s.status for s in events.spans(kind="llm")] == ["cancelled"]
 
 
@@ -97,4 +98,4 @@ async def test_cancelling_the_reading_task_stops_the_generation() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert local._workers is not None and local._workers.in_flight == 0
-    assert tokens_evaluated() - before < 50
+    assert tokens_evaluated() - before < 400
