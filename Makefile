@@ -24,6 +24,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/advanced_workflows/parallel_workflow.py
 	$(BIN)/python examples/advanced_workflows/retry_workflow.py
 	$(BIN)/python examples/advanced_workflows/durable_workflow.py
+	$(BIN)/python examples/advanced_workflows/streaming_workflow.py
 	$(BIN)/kagura monitor stats --since 15m
 	$(BIN)/kagura monitor cost --by agent --since 15m
 	$(BIN)/kagura monitor list --kind workflow --since 15m --limit 15

@@ -24,8 +24,9 @@ from . import _instrument, _prompted
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
 from ._llm import attempt
-from ._output import OutputSpec, OutputValidationError
+from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
+from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool
 from ._usage import Usage
 from .durable import _script
@@ -148,6 +149,11 @@ class Agent(Generic[P, R]):
         self.base_url = base_url
         self._api_key = api_key
         self.provider_kwargs = dict(provider_kwargs or {})
+        if "stream" in self.provider_kwargs:
+            raise UsageError(
+                f"agent {self.name!r}: stream= is not an agent setting; stream a call with "
+                f"{self.name}.stream(...), an async iterator of the answer as it arrives"
+            )
         self.policies = Policies(
             retry=_check_retry(retry),
             timeout=_optional_seconds(timeout, "timeout"),
@@ -432,7 +438,7 @@ class Agent(Generic[P, R]):
                 # Cut short, a structured answer is at best a prefix of the right one: never a
                 # result. Asking again under the same limit would cut it short again.
                 raise OutputParseError(
-                    self.name, response.text, _cut_off(request, model), failures + 1
+                    self.name, response.text, cut_off(request, model), failures + 1
                 )
             if calls:
                 tool_rounds += 1
@@ -572,6 +578,27 @@ class Agent(Generic[P, R]):
     def __repr__(self) -> str:
         return f"<Agent {self.name}>"
 
+    def stream(self, *args: P.args, **kwargs: P.kwargs) -> AgentStream[R]:
+        """Call the agent and iterate over its answer as the model generates it.
+
+        A ``str`` agent yields the text deltas; a typed agent yields partial values as its JSON
+        arrives (each validated, each different from the one before), the last item being the
+        validated result. Use it as ``async for item in agent.stream(...)``, or as
+        ``async with agent.stream(...) as stream:`` to close it at the end of the block: closing
+        it, or cancelling the task reading it, stops the provider's generation.
+
+        Retries, and fallback models, apply until the first item; a failure after that raises
+        :class:`~kagura.errors.StreamBrokenError`. The per-attempt ``timeout`` bounds each
+        wait for the next chunk (the first included); ``total_timeout`` the whole stream. The
+        answer is never re-asked: one that does not validate, or that ``max_tokens`` cut off,
+        raises :class:`~kagura.errors.OutputParseError`. Tools run between model rounds on
+        models with native tool calling; an agent with tools on a model without it (the
+        embedded one) is refused here with :class:`~kagura.errors.UsageError`. In a durable
+        run the result is journaled before the stream ends, and a resumed run yields it as one
+        item.
+        """
+        return open_agent_stream(self, self._bind(args, kwargs))
+
 
 async def _guarded(
     model: Model,
@@ -587,20 +614,6 @@ async def _guarded(
         return await call_model(model, request, span, policies, first_error)
     finally:
         current_span.reset(token)
-
-
-def _cut_off(request: ModelRequest, model: Model) -> str:
-    """What an OutputParseError says of an answer that the output limit cut short."""
-    if request.max_tokens is not None:
-        limit = f"max_tokens={request.max_tokens}"
-    elif model.default_max_tokens is not None:
-        limit = f"max_tokens={model.default_max_tokens} ({model.id}'s default)"
-    else:
-        limit = "the server's default output limit (max_tokens is not set)"
-    return (
-        f"the answer was cut off by {limit} before it was complete (finish_reason 'length'); "
-        f"give the agent more room with @agent(max_tokens=...), or ask for a shorter answer"
-    )
 
 
 def _optional_seconds(value: Any, what: str) -> Any:

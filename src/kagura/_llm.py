@@ -8,13 +8,17 @@ wrap calls to :func:`attempt`, so every retry is its own recorded attempt. A mod
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from . import _instrument
 from ._context import Span
 from ._instrument import span_finished, span_started, status_of
-from .errors import ProviderTimeout
-from .providers import Model, ModelRequest, ModelResponse
+from ._usage import Usage
+from .errors import ProviderError, ProviderTimeout
+from .providers import Model, ModelRequest, ModelResponse, StreamChunk
+from .providers._base import NO_USAGE
 
 
 async def attempt(
@@ -73,3 +77,159 @@ async def attempt(
         attributes=result,
     )
     return response
+
+
+class StreamedAttempt:
+    """One streamed LLM attempt and its ``llm`` span: :meth:`start` it, read it chunk by chunk
+    with :meth:`next` up to the final :class:`ModelResponse`, or end it early with :meth:`close`.
+
+    The span records the time from sending the request to the first chunk (``ttft_ms``), and
+    the tokens and cost when the stream reports its usage. ``timeout`` bounds every wait for a
+    chunk, the first included (a stream that keeps producing may run longer); ``deadline``
+    (``loop.time()``) is when the whole call must be over.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_first_ns",
+        "_request",
+        "_sent_ns",
+        "deadline",
+        "model",
+        "span",
+        "text",
+        "timeout",
+    )
+
+    def __init__(
+        self,
+        model: Model,
+        request: ModelRequest,
+        parent: Span,
+        *,
+        timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> None:
+        self.model = model
+        self.timeout = timeout
+        self.deadline = deadline
+        self.span = Span("llm", model.id, parent)
+        #: The text deltas so far.
+        self.text: list[str] = []
+        self._chunks: AsyncIterator[StreamChunk] | None = None
+        self._sent_ns = 0
+        self._first_ns = 0
+        if _instrument.recording:
+            messages = request.messages if not _instrument._sinks else tuple(request.messages)
+            span_started(self.span, {"model": model.id, "messages": messages, "stream": True})
+        self._request = request
+
+    async def start(self) -> None:
+        """Set the model up if needed (before any timeout starts, as for :func:`attempt`), then
+        send the request: the provider's stream begins with the first :meth:`next`."""
+        try:
+            if not self.model.prepared:
+                await self.model.prepare()
+        except BaseException as exc:
+            self._end(status_of(exc), exc)
+            raise
+        self._sent_ns = time.perf_counter_ns()
+        self._chunks = self.model.stream(self._request)
+
+    async def next(self) -> StreamChunk:
+        """The next text delta, or the final answer (then the attempt is over and its span
+        closed). A failure closes the span and is raised; an expired ``timeout`` raises
+        :class:`~kagura.errors.ProviderTimeout`, an expired ``deadline`` a bare ``TimeoutError``
+        for the caller to word."""
+        chunks = self._chunks
+        if chunks is None:
+            raise RuntimeError("the streamed attempt is not started, or is over")
+        when = self.deadline
+        per_chunk = False
+        if self.timeout is not None:
+            limit = asyncio.get_running_loop().time() + self.timeout
+            if when is None or limit < when:
+                when, per_chunk = limit, True
+        scope = asyncio.timeout_at(when)
+        try:
+            async with scope:
+                chunk = await anext(chunks)
+        except StopAsyncIteration:
+            ended = ProviderError("the stream ended without its final answer", model=self.model.id)
+            self._end("failed", ended)
+            raise ended from None
+        except TimeoutError as exc:
+            if not scope.expired():
+                self._end("timed_out", exc)
+                raise
+            error: BaseException = TimeoutError()
+            if per_chunk:
+                which = "next" if self._first_ns else "first"
+                error = ProviderTimeout(
+                    f"no {which} chunk within {self.timeout:g}s", model=self.model.id
+                )
+            self._end("timed_out", error)
+            raise error from exc
+        except BaseException as exc:
+            self._end(status_of(exc), exc)
+            raise
+        if not self._first_ns:
+            self._first_ns = time.perf_counter_ns()
+        if isinstance(chunk, str):
+            self.text.append(chunk)
+            return chunk
+        await self._close_chunks()
+        self._completed(chunk)
+        return chunk
+
+    async def close(self, reason: BaseException | None = None) -> None:
+        """End the attempt before its stream did: the provider's stream is closed (a server then
+        stops generating) and the span, if still open, ends as ``reason`` says (by default:
+        cancelled, the reader having stopped)."""
+        try:
+            await self._close_chunks()
+        finally:
+            if self.span.status == "running":
+                if reason is None:
+                    reason = asyncio.CancelledError(
+                        f"the stream was closed by its reader after {sum(map(len, self.text))} "
+                        f"characters"
+                    )
+                self._end(status_of(reason), reason)
+
+    async def _close_chunks(self) -> None:
+        chunks, self._chunks = self._chunks, None
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def _attributes(self) -> dict[str, Any]:
+        found: dict[str, Any] = {"model": self.model.id}
+        if self._first_ns:
+            found["ttft_ms"] = (self._first_ns - self._sent_ns) / 1e6
+        return found
+
+    def _end(self, status: Any, error: BaseException) -> None:
+        self._chunks = None
+        span_finished(self.span, status, error, attributes=self._attributes())
+
+    def _completed(self, response: ModelResponse) -> None:
+        model = self.model
+        result: dict[str, Any] | None = None
+        if _instrument.recording:
+            result = self._attributes()
+            del result["model"]  # among the start attributes
+            result["output"] = response.text
+            if response.model:
+                result["response_model"] = response.model
+            if response.finish_reason is not None:
+                result["finish_reason"] = response.finish_reason
+        if response.usage is NO_USAGE:
+            # Not reported (llama.cpp's server streams none): unknown, unless the model is free.
+            usage, cost = None, (0.0 if model.cost(_ONE_TOKEN_EACH) == 0.0 else None)
+        else:
+            usage, cost = response.usage, model.cost(response.usage)
+        span_finished(self.span, "completed", usage=usage, cost_usd=cost, attributes=result)
+
+
+_ONE_TOKEN_EACH = Usage(1, 1)

@@ -19,7 +19,7 @@ import pydantic_core
 from pydantic import TypeAdapter
 from typing_extensions import is_typeddict  # pydantic's dependency
 
-from .providers import OutputSchema
+from .providers import Model, ModelRequest, OutputSchema
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?")
@@ -171,6 +171,22 @@ class OutputSpec:
                     pass
         return _MISSING
 
+    def validate_partial(self, data: Any) -> Any:
+        """The value of an answer still arriving, from its partial JSON ``data`` (as
+        ``pydantic_core.from_json(text, allow_partial="trailing-strings")`` reads it), validated
+        with pydantic's partial validation: a string still arriving counts as far as it has
+        come. Raises :class:`OutputValidationError` while it is no valid value yet."""
+        if self.wrapped:
+            if not isinstance(data, dict) or "result" not in data:
+                raise OutputValidationError("no result yet")
+            data = data["result"]
+        try:
+            return self._adapter.validate_python(
+                data, experimental_allow_partial="trailing-strings"
+            )
+        except pydantic.ValidationError as exc:
+            raise OutputValidationError(_describe(exc)) from None
+
 
 _MISSING: Any = object()
 
@@ -222,3 +238,19 @@ def _balanced_spans(text: str) -> list[str]:
             if depth == 0:
                 spans.append(text[start : i + 1])
     return spans
+
+
+def cut_off(request: ModelRequest, model: Model) -> str:
+    """What an OutputParseError says of an answer that the output limit cut short: never a
+    typed result (at best a prefix of the right one), and not asked again (the same limit would
+    cut it short again)."""
+    if request.max_tokens is not None:
+        limit = f"max_tokens={request.max_tokens}"
+    elif model.default_max_tokens is not None:
+        limit = f"max_tokens={model.default_max_tokens} ({model.id}'s default)"
+    else:
+        limit = "the server's default output limit (max_tokens is not set)"
+    return (
+        f"the answer was cut off by {limit} before it was complete (finish_reason 'length'); "
+        f"give the agent more room with @agent(max_tokens=...), or ask for a shorter answer"
+    )

@@ -13,7 +13,8 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
         ├── ProviderError           the model provider failed (status code and headers kept)
         │   ├── ProviderTimeout     the request timed out
         │   ├── ProviderConnectionError  the connection failed or was reset
-        │   └── UnsupportedRequestError  the endpoint rejected a response format or native tools
+        │   ├── UnsupportedRequestError  the endpoint rejected a response format or native tools
+        │   └── StreamBrokenError   a streamed answer failed after part of it was yielded
         ├── OutputParseError        the model's answer never validated against the return type
         ├── ToolLoopError           the model kept calling tools past the round limit
         ├── NonDeterminismError     a resumed durable run took another path than its journal
@@ -47,6 +48,7 @@ __all__ = [
     "RunInProgressError",
     "RunTakenOverError",
     "StoreError",
+    "StreamBrokenError",
     "TemplateError",
     "ToolLoopError",
     "UnsupportedRequestError",
@@ -158,6 +160,29 @@ class UnsupportedRequestError(ProviderError):
     def __init__(self, message: str, *, feature: str, **details: Any) -> None:
         self.feature = feature
         super().__init__(message, **details)
+
+
+class StreamBrokenError(ProviderError):
+    """A streamed answer failed part-way, after some of it had been yielded to the reader.
+
+    Never retried: a new attempt would yield the same beginning again. The provider's error
+    (a :class:`ProviderConnectionError`, a :class:`ProviderTimeout` when the stream stalled
+    longer than the per-attempt timeout, ...) is ``__cause__``; ``text`` is the answer as far
+    as it had arrived.
+    """
+
+    def __init__(self, cause: ProviderError, text: str, items: int) -> None:
+        super().__init__(
+            f"the stream broke after {len(text)} characters ({items} items yielded), and is "
+            f"not retried, which would yield them again: {cause}"
+        )
+        # The cause's, given after the message: the cause's text already names them.
+        self.model = cause.model
+        self.status_code = cause.status_code
+        self.headers = cause.headers
+        self.body = cause.body
+        self.text = text
+        self.items = items
 
 
 class OutputParseError(RunError):

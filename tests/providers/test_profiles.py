@@ -396,3 +396,16 @@ async def test_credentials_in_a_base_url_never_reach_the_error() -> None:
         await ask("hi")
     assert "hunter2" not in str(caught.value)
     assert "(the agent's base_url)" in str(caught.value)
+
+
+async def test_a_stream_steps_down_a_rejected_response_format_too(server: FaultServer) -> None:
+    city = _city_agent("stream-stepped-down", server.base_url)
+    server.script(
+        Fault("500", text="Input should be 'text' or 'json_object' (body.response_format.type)"),
+        Fault.ok('{"name": "Oslo", "country": "Norway"}'),
+    )
+    items = [item async for item in city.stream("Oslo")]
+    assert items[-1] == City(name="Oslo", country="Norway")
+    first, second = server.chat_requests
+    assert first.body["stream"] is True and _format(first.body)["type"] == "json_schema"
+    assert second.body["stream"] is True and _format(second.body)["type"] == "json_object"

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import abc
 import functools
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, TypeAlias, get_args
 
 from .._usage import Usage
 from ..pricing import cost_of
@@ -92,6 +93,11 @@ class ModelResponse:
     finish_reason: str | None = None
 
 
+#: What :meth:`Model.stream` yields: text deltas as they arrive, then one final
+#: :class:`ModelResponse` with the whole text, the tool calls, the usage and the finish reason.
+StreamChunk: TypeAlias = str | ModelResponse
+
+
 class Model(abc.ABC):
     """A model adapter: owns the wire format behind one request method.
 
@@ -143,3 +149,25 @@ class Model(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.id}>"
+
+    #: :meth:`stream` really streams; otherwise it is the fallback of one chunk from
+    #: :meth:`request`.
+    supports_streaming: bool = False
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """Send one request and yield the answer as it is generated: text deltas (``str``),
+        then exactly one final :class:`ModelResponse` (the whole text, tool calls, usage,
+        finish reason), or raise :class:`kagura.errors.ProviderError`.
+
+        Closing the iterator early (``aclose()``, or cancelling the task reading it) must stop
+        the provider's generation: an HTTP adapter drops the connection, the embedded model stops
+        at the next token. A response that reports no usage keeps :data:`NO_USAGE` itself, so
+        that callers can tell "not reported" from zero.
+
+        This default is for adapters that cannot stream (``supports_streaming`` false): it
+        awaits :meth:`request` and yields its whole text as one delta, then the response.
+        """
+        response = await self.request(request)
+        if response.text:
+            yield response.text
+        yield response

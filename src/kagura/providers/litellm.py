@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
-from ._base import Model, ModelRequest, ModelResponse, OutputMode
+from ._base import Model, ModelRequest, ModelResponse, OutputMode, StreamChunk
 from ._chat import Endpoint, chat_kwargs
+from ._chunks import read_chunks
 from ._setup import SharedSetUp
 from .openai import _error_message, _to_response
 
@@ -52,20 +53,25 @@ class LiteLLMModel(Model):
         litellm = _import_litellm()
 
         async def send(mode: OutputMode) -> Any:
-            kwargs = chat_kwargs(self.model_name, request, mode)
-            kwargs["num_retries"] = 0
-            if self._base_url:
-                kwargs["api_base"] = self._base_url
-            if self._api_key:
-                kwargs["api_key"] = self._api_key
             with self._errors_mapped():
-                return await litellm.acompletion(**kwargs)
+                return await litellm.acompletion(**self._kwargs(request, mode))
 
         completion = await self._endpoint.send(request, send)
         return _to_response(completion, self.id)
 
+    def _kwargs(self, request: ModelRequest, mode: OutputMode) -> dict[str, Any]:
+        """The keyword arguments of ``litellm.acompletion`` for ``request``."""
+        kwargs = chat_kwargs(self.model_name, request, mode)
+        kwargs["num_retries"] = 0
+        if self._base_url:
+            kwargs["api_base"] = self._base_url
+        if self._api_key:
+            kwargs["api_key"] = self._api_key
+        return kwargs
+
     @contextlib.contextmanager
     def _errors_mapped(self) -> Iterator[None]:
+        """LiteLLM's exceptions (subclasses of the ``openai`` SDK's) as Kagura's."""
         import openai
 
         try:
@@ -81,6 +87,21 @@ class LiteLLMModel(Model):
                 status_code=exc.status_code,
                 headers=dict(exc.response.headers),
             ) from exc
+
+    supports_streaming = True
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """``litellm.acompletion(stream=True)``: text deltas, then the whole answer (with usage
+        when the provider reports it). The stream is closed however the iterator ends."""
+
+        async def send(mode: OutputMode) -> Any:
+            kwargs = self._kwargs(request, mode)
+            kwargs["stream"] = True
+            kwargs.setdefault("stream_options", {"include_usage": True})
+            with self._errors_mapped():
+                return await _import_litellm().acompletion(**kwargs)
+
+        return read_chunks(lambda: self._endpoint.send(request, send), self.id, self._errors_mapped)
 
 
 def _import_litellm() -> Any:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any
 
 from .._usage import Usage
 from ..errors import ProviderError, UsageError
-from ._base import Model, ModelRequest, ModelResponse
+from ._base import Model, ModelRequest, ModelResponse, StreamChunk
 from ._grammar import grammar_schema
 from ._setup import SharedSetUp
 
@@ -282,6 +282,123 @@ class LocalModel(Model):
             model=self.id,
             finish_reason=choice.get("finish_reason"),
         )
+
+    supports_streaming = True
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """The answer token by token. The generation runs in a worker thread, as for
+        :meth:`request` and with the same settings and grammar, and hands each text delta to the
+        event loop as it is produced. Closing the iterator early or cancelling the task reading
+        it stops the generation at the next token; either returns once the worker has let go of
+        its model instance, so no generation is left running."""
+        workers = _get_workers()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def hand_over(item: StreamChunk | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody reads this stream any more
+                cancelled.set()
+
+        job = workers.executor.submit(
+            self._generate_stream, workers, request, cancelled.is_set, hand_over
+        )
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, ModelResponse):
+                    return
+        finally:
+            cancelled.set()
+            if not job.cancel():
+                with contextlib.suppress(Exception):  # its errors were handed over already
+                    await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(job)), 30)
+
+    def _generate_stream(
+        self,
+        workers: _Workers,
+        request: ModelRequest,
+        is_cancelled: Callable[[], bool],
+        hand_over: Callable[[StreamChunk | BaseException], None],
+    ) -> None:
+        """The worker's side of :meth:`stream`: every delta, then the answer or the error, go
+        to ``hand_over``; nothing does once the stream is cancelled."""
+        try:
+            if is_cancelled():
+                return
+            workers.track(+1)
+            try:
+                with workers.llama() as llm:
+                    response = self._complete_streaming(llm, request, is_cancelled, hand_over)
+            finally:
+                workers.track(-1)
+        except _Cancelled:
+            return
+        except BaseException as exc:
+            hand_over(exc)
+            return
+        hand_over(response)
+
+    def _complete_streaming(
+        self,
+        llm: Any,
+        request: ModelRequest,
+        is_cancelled: Callable[[], bool],
+        hand_over: Callable[[StreamChunk | BaseException], None],
+    ) -> ModelResponse:
+        """:meth:`_complete`, with the text completion under the chat API streamed.
+
+        llama-cpp-python's chat handler formats the prompt, builds the grammar of the response
+        format and calls the instance's ``create_completion``; replacing that one call (as
+        :func:`_with_cancellation` does) keeps every setting of the non-streamed path, while the
+        text arrives token by token. What it returns is the non-streamed completion, with the
+        usage it would have had: the prompt's tokens as sent, the answer's counted by
+        tokenising it (llama.cpp's stream reports no usage).
+        """
+        original = llm.create_completion
+
+        def create_completion(**kwargs: Any) -> dict[str, Any]:
+            kwargs["stream"] = True
+            parts: list[str] = []
+            finish_reason = None
+            last: dict[str, Any] = {}
+            for chunk in original(**kwargs):
+                last = chunk
+                choice = chunk["choices"][0]
+                if choice["text"]:
+                    parts.append(choice["text"])
+                    hand_over(choice["text"])
+                finish_reason = choice.get("finish_reason") or finish_reason
+            text = "".join(parts)
+            prompt = kwargs.get("prompt", "")
+            if not isinstance(prompt, list):
+                prompt = llm.tokenize(str(prompt).encode("utf-8"), add_bos=False, special=True)
+            answer = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True) if text else []
+            return {
+                "id": last.get("id", "cmpl-stream"),
+                "object": "text_completion",
+                "created": last.get("created", 0),
+                "model": last.get("model", self.model_name),
+                "choices": [
+                    {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+                ],
+                "usage": {
+                    "prompt_tokens": len(prompt),
+                    "completion_tokens": len(answer),
+                    "total_tokens": len(prompt) + len(answer),
+                },
+            }
+
+        llm.create_completion = create_completion
+        try:
+            return self._complete(llm, request, is_cancelled)
+        finally:
+            llm.create_completion = original
 
 
 def grammar_format(schema: dict[str, Any]) -> dict[str, Any]:

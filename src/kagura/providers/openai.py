@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import os
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +23,8 @@ from ..errors import (
     ProviderTimeout,
 )
 from . import _chat
-from ._base import Model, ModelRequest, ModelResponse, OutputMode, Profile, ToolCall
+from ._base import Model, ModelRequest, ModelResponse, OutputMode, Profile, StreamChunk, ToolCall
+from ._chunks import read_chunks
 from ._setup import SharedSetUp
 
 if TYPE_CHECKING:
@@ -236,6 +237,44 @@ class OpenAIChatModel(Model):
 
         completion = await self._endpoint().send(request, send)
         return _to_response(completion, self.id)
+
+    supports_streaming = True
+
+    def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """Chat completions with ``stream=True`` (server-sent events): text deltas as the server
+        sends them, then the whole answer. Usage is asked for with
+        ``stream_options={"include_usage": True}``; a server that ignores it (llama.cpp's)
+        leaves the answer's usage unreported. However the iterator ends (finished, closed early,
+        cancelled), the HTTP response is closed: a server stops generating when its client goes.
+        """
+
+        async def send(mode: OutputMode) -> Any:
+            client = _client(self.base_url, self._resolve_key())
+            kwargs = self._chat_kwargs(request, mode)
+            kwargs["stream"] = True
+            kwargs.setdefault("stream_options", {"include_usage": True})
+            with self._errors_mapped():
+                return await client.chat.completions.create(**kwargs)
+
+        # Opened through the endpoint, which steps down a response format the server rejects.
+        return read_chunks(
+            lambda: self._endpoint().send(request, send), self.id, self._stream_errors_mapped
+        )
+
+    @contextlib.contextmanager
+    def _stream_errors_mapped(self) -> Iterator[None]:
+        """:meth:`_errors_mapped`, and the error events a stream can carry part-way."""
+        import openai
+
+        try:
+            with self._errors_mapped():
+                yield
+        except openai.APIError as exc:  # the ones with a status or a connection are mapped above
+            raise ProviderError(
+                f"error event in the stream: {_error_message(exc)}",
+                model=self.id,
+                body=repr(exc.body)[:2000],
+            ) from exc
 
 
 def _without_credentials(url: str) -> str:

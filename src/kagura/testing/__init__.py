@@ -8,14 +8,20 @@ fits it). In tests, script its answers, errors and latency per call::
     with override_model(fake):
         await my_workflow("text")
     assert len(fake.requests) == 3
+
+It streams too (``agent.stream(...)``): a reply's text a word at a time, or the ``chunks`` it is
+given, among which an exception breaks the stream at that point::
+
+    FakeModel([Reply(chunks=("Hello", ", wor", ProviderConnectionError("reset")))])
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +29,14 @@ from typing import Any
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import add_sink, remove_sink
 from .._usage import Usage
-from ..providers import Model, ModelRequest, ModelResponse, ToolCall, model_override_var
+from ..providers import (
+    Model,
+    ModelRequest,
+    ModelResponse,
+    StreamChunk,
+    ToolCall,
+    model_override_var,
+)
 
 __all__ = [
     "CapturedEvents",
@@ -53,7 +66,10 @@ class Reply:
     tool_calls: tuple[ToolCall, ...] = ()
     delay: float = 0.0
     usage: Usage | None = None
-    #: ``"length"``: the answer was cut off by ``max_tokens``.
+    #: How a stream delivers it (by default the text a word at a time): the text is these
+    #: pieces joined, and an exception among them is raised when the stream reaches it (an
+    #: awaited call raises it instead of answering).
+    chunks: tuple[str | BaseException, ...] = ()
     finish_reason: str = "stop"
 
 
@@ -88,6 +104,14 @@ class FakeModel(Model):
         self._script.extend(responses)
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        reply = await self._reply(request)
+        for piece in reply.chunks:
+            if isinstance(piece, BaseException):
+                raise piece
+        return self._response(request, reply)
+
+    async def _reply(self, request: ModelRequest) -> Reply:
+        """The next scripted reply (after its delay), or raise the next scripted error."""
         if self.record_requests:
             # Snapshot: the agent keeps appending to its message list after this call.
             self.requests.append(
@@ -114,9 +138,30 @@ class FakeModel(Model):
             await asyncio.sleep(delay)
         if reply is None:
             reply = Reply(_default_answer(request))
+        return reply
+
+    def _response(self, request: ModelRequest, reply: Reply) -> ModelResponse:
+        text = reply.text or "".join(p for p in reply.chunks if isinstance(p, str))
         prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages)
-        usage = reply.usage or Usage(prompt_tokens, len(reply.text.split()))
-        return ModelResponse(reply.text, reply.tool_calls, usage, self.id, reply.finish_reason)
+        usage = reply.usage or Usage(prompt_tokens, len(text.split()))
+        return ModelResponse(text, reply.tool_calls, usage, self.id, reply.finish_reason)
+
+    supports_streaming = True
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """The scripted reply as a stream: its ``chunks``, or its text a word at a time, then
+        the whole answer. A scripted error (or one among the chunks) is raised where it is."""
+        reply = await self._reply(request)
+        response = self._response(request, reply)
+        for piece in reply.chunks or _WORDS.findall(response.text):
+            if isinstance(piece, BaseException):
+                raise piece
+            if piece:
+                yield piece
+        yield response
+
+
+_WORDS = re.compile(r"\s*\S+|\s+$")
 
 
 def _default_answer(request: ModelRequest) -> str:

@@ -21,6 +21,14 @@ RST), ``"malformed"`` (200 with a body that is not JSON) and ``"truncated"`` (a 
 larger than the body, then close). :class:`Fault` adds options: a fixed answer text, tool calls,
 the ``Retry-After`` value, a delay before answering, the usage reported.
 
+Requests with ``"stream": true`` are answered with server-sent events, as OpenAI streams: a chunk
+per word of the answer, one with the finish reason, one with the usage when
+``stream_options.include_usage`` asks, then ``data: [DONE]``. Faults for streams, after
+``Fault.after_chunks`` chunks of the answer (1 by default): ``"stream_reset"`` (a TCP RST),
+``"stream_cut"`` (the body ends without a finish reason or ``[DONE]``) and ``"stream_hang"`` (no
+more until the client goes away or ``hang_seconds`` pass). To a request that is not streamed they
+are ``"reset"``, ``"truncated"`` and ``"hang"``.
+
 ``rules`` (or :meth:`FaultServer.set_rules`) pick a fault by prompt instead: a list of
 ``(substring, fault)`` pairs, the first whose substring occurs in the request's last user message
 wins, every time it matches (rules are not consumed and come before the script)::
@@ -45,6 +53,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import signal
 import socket
 import struct
@@ -76,7 +85,13 @@ FAULT_KINDS = (
     "reset",
     "malformed",
     "truncated",
+    "stream_reset",
+    "stream_cut",
+    "stream_hang",
 )
+#: The faults that happen part-way through a stream, and what they are to a request that is not
+#: streamed.
+STREAM_FAULTS = {"stream_reset": "reset", "stream_cut": "truncated", "stream_hang": "hang"}
 #: What ``random_faults`` draws from unless told otherwise: the transient failures a client should
 #: survive by retrying (``hang`` needs a client timeout, 401/400 are not retryable).
 DEFAULT_RANDOM_FAULTS = ("429", "500", "503", "reset", "malformed", "truncated")
@@ -108,7 +123,9 @@ class Fault:
       this is ``None``; other statuses send it only when set).
     - ``delay``: seconds to wait before answering (the client going away is noticed and recorded).
     - ``usage``: ``(prompt_tokens, completion_tokens)`` to report instead of word counts.
-    - ``finish_reason``: to report instead of ``"stop"`` (``"length"``: cut off by max_tokens).
+    - ``finish_reason``: to report instead of ``"stop"`` (``"length"``: cut off by max_tokens;
+      ``"tool_calls"`` with tool calls).
+    - ``after_chunks``: for the stream faults, how many chunks of the answer come first.
     """
 
     kind: str = "ok"
@@ -118,6 +135,7 @@ class Fault:
     delay: float = 0.0
     usage: tuple[int, int] | None = None
     finish_reason: str | None = None
+    after_chunks: int = 1
 
     def __post_init__(self) -> None:
         _check_kind(self.kind)
@@ -608,6 +626,9 @@ class FaultServer:
         keep_alive: bool,
     ) -> bool:
         kind = fault.kind
+        streamed = isinstance(record.body, dict) and record.body.get("stream") is True
+        if not streamed:
+            kind = STREAM_FAULTS.get(kind, kind)
         wait = self.hang_seconds if kind == "hang" else fault.delay
         if wait > 0 and not await self._hold(reader, wait):
             with self._lock:
@@ -618,6 +639,9 @@ class FaultServer:
             return False
         close = not keep_alive
         if kind == "hang":  # the hang time passed: close without answering
+            return False
+        if streamed and kind in ("ok", "malformed", *STREAM_FAULTS):
+            await self._answer_stream(fault, kind, record, reader, writer)
             return False
         if kind == "ok":
             await self._send(writer, 200, self._completion(fault, record), close=close)
@@ -686,8 +710,9 @@ class FaultServer:
         else:
             text = fault.text if fault.text is not None else self._default_text(body, messages)
             message["content"] = text
-            finish = fault.finish_reason or "stop"
+            finish = "stop"
             produced = text
+        finish = fault.finish_reason or finish
         if fault.usage is not None:
             prompt_tokens, completion_tokens = fault.usage
         else:
@@ -705,6 +730,66 @@ class FaultServer:
                 "total_tokens": prompt_tokens + completion_tokens,
             },
         }
+
+    async def _answer_stream(
+        self,
+        fault: Fault,
+        kind: str,
+        record: RecordedRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        """Answer a streamed request with server-sent events (the body ends when the connection
+        closes), or break the stream as ``kind`` says."""
+        head = (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            "connection: close\r\n\r\n"
+        )
+        writer.write(head.encode("latin-1"))
+        if kind == "malformed":
+            writer.write(b'data: {"id": "chatcmpl-broken", "choices": [{"del\n\n')
+            await _bounded(writer.drain(), self.io_timeout)
+            return
+        completion = self._completion(fault, record)
+        body = record.body if isinstance(record.body, dict) else {}
+        options = body.get("stream_options")
+        with_usage = isinstance(options, dict) and options.get("include_usage") is True
+        events = _stream_events(completion, with_usage)
+        answer = events[1:-2] if with_usage else events[1:-1]  # the answer's own chunks
+        breaks_at = 1 + min(max(0, fault.after_chunks), len(answer)) if kind != "ok" else -1
+        try:
+            for n, event in enumerate([*events, "[DONE]"]):
+                if n == breaks_at:
+                    await self._break_stream(kind, record, reader, writer)
+                    return
+                data = event if isinstance(event, str) else json.dumps(event)
+                writer.write(f"data: {data}\n\n".encode())
+                await _bounded(writer.drain(), self.io_timeout)
+        except ConnectionError:
+            self._client_went(record)
+
+    async def _break_stream(
+        self,
+        kind: str,
+        record: RecordedRequest,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        if kind == "stream_reset":
+            sock = writer.get_extra_info("socket")
+            if sock is not None:  # closing sends RST instead of FIN (see "reset")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        elif kind == "stream_hang" and not await self._hold(reader, self.hang_seconds):
+            self._client_went(record)
+        # "stream_cut", or a hang that ran its time: the body just ends (the caller closes).
+
+    def _client_went(self, record: RecordedRequest) -> None:
+        with self._lock:
+            record.client_gone = True
+            self._disconnects += 1
+        logger.info("fault server: request %d: the client went away", record.index)
+        self._notify()
 
     def _default_text(self, body: Mapping[str, Any], messages: list[dict[str, Any]]) -> str:
         last_user = next(
@@ -752,6 +837,39 @@ async def _bounded(awaitable: Awaitable[T], seconds: float | None) -> T:
     cancellation that arrives as the awaited operation completes, and ``stop()`` relies on it."""
     async with asyncio.timeout(seconds):
         return await awaitable
+
+
+def _stream_events(completion: Mapping[str, Any], with_usage: bool) -> list[dict[str, Any]]:
+    """The chunks of ``completion`` as OpenAI streams it: the role, the text a word at a time
+    (tool calls: the id and name, then the arguments in two pieces), the finish reason, and the
+    usage when asked for."""
+    choice = completion["choices"][0]
+    message = choice["message"]
+    base = {k: completion[k] for k in ("id", "created", "model")}
+    base["object"] = "chat.completion.chunk"
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+
+    events = [chunk({"role": "assistant", "content": ""})]
+    events += [chunk({"content": word}) for word in _WORDS.findall(message.get("content") or "")]
+    for index, call in enumerate(message.get("tool_calls") or ()):
+        function = call["function"]
+        opening = {"id": call["id"], "type": "function"}
+        opening["function"] = {"name": function["name"], "arguments": ""}
+        events.append(chunk({"tool_calls": [{"index": index, **opening}]}))
+        arguments = function["arguments"]
+        half = len(arguments) // 2
+        for piece in (arguments[:half], arguments[half:]):
+            more = {"index": index, "function": {"arguments": piece}}
+            events.append(chunk({"tool_calls": [more]}))
+    events.append(chunk({}, choice["finish_reason"]))
+    if with_usage:
+        events.append({**base, "choices": [], "usage": completion["usage"]})
+    return events
+
+
+_WORDS = re.compile(r"\s*\S+|\s+$")
 
 
 def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = None) -> Any:

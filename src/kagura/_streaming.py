@@ -1,0 +1,383 @@
+"""``Agent.stream``: an agent's answer as the model generates it.
+
+A ``str`` agent yields the text deltas as they arrive. A typed agent yields its value while the
+JSON grows: each partial value that validates (pydantic's partial validation: the fields so far,
+a string still arriving as far as it has come) and differs from the one before, then the
+result, validated as a call's answer is, unless it equals the last partial value: the last item
+is always the result. An answer is never re-asked, since what was shown cannot be taken back: an
+answer that does not validate raises :class:`~kagura.errors.OutputParseError`, and so does a
+typed answer cut off by ``max_tokens``.
+
+A stream is recorded as one ``agent`` span, with an ``llm`` span per attempt (time to first
+chunk, and usage when the stream reports it). Attempts are retried, and fallback models tried,
+only until the reader has been shown something (see :mod:`kagura.resilience._stream`); after
+that a failure raises :class:`~kagura.errors.StreamBrokenError`. Closing the stream early, or
+cancelling the task reading it, closes the provider's stream. In a durable run the result is
+journaled before the stream ends, and a resumed run yields the journaled result as one item.
+
+The generator never leaves a context variable set across a ``yield``: the code reading the
+stream runs in its own context between items, and an abandoned stream is closed from another
+task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncGenerator
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import pydantic_core
+
+from . import _instrument
+from ._context import Span, current_span
+from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
+from ._output import OutputSpec, OutputValidationError, cut_off
+from .durable import _script
+from .durable._run import current_durable_run, input_hash
+from .errors import (
+    OutputParseError,
+    ProviderError,
+    RunError,
+    StreamBrokenError,
+    ToolLoopError,
+    UsageError,
+)
+from .providers import Message, Model, ModelRequest, ModelResponse, resolve_model
+from .resilience._breaker import CircuitBreaker
+from .resilience._policies import Policies, effective
+from .resilience._retry import Retry
+from .resilience._stream import GuardedStream, open_stream
+
+if TYPE_CHECKING:
+    from ._agent import Agent
+
+T = TypeVar("T")
+
+#: No item to show (yet).
+_NOTHING: Any = object()
+# A number at the end of partial JSON may still grow (the 3 of 36): it is not shown until it ends.
+_NUMBER_END = frozenset("0123456789.-+eE")
+
+
+class AgentStream(Generic[T]):
+    """What :meth:`kagura.Agent.stream` returns: an async iterator of the answer's items.
+
+    Closing it stops the provider's generation. ``async with agent.stream(...) as stream:``
+    closes it when the block ends; an ``async for`` left early closes it once the stream is
+    garbage-collected (at once on CPython, unless something else still refers to it), and
+    :meth:`aclose` closes it whenever you choose.
+    """
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: AsyncGenerator[T, None]) -> None:
+        self._items = items
+
+    def __aiter__(self) -> AgentStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        return await self._items.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop the stream: the provider's stream is closed and the call recorded as cancelled
+        (nothing happens to a stream that is over)."""
+        await self._items.aclose()
+
+    async def __aenter__(self) -> AgentStream[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def open_agent_stream(agent: Agent[Any, Any], arguments: dict[str, Any]) -> AgentStream[Any]:
+    """The stream of ``agent`` for the bound ``arguments``. Usage errors raise here, at once;
+    the call itself starts with the first item asked for."""
+    model = resolve_model(agent.model, base_url=agent.base_url, api_key=agent._api_key)
+    chain = [model, *(resolve_model(spec) for spec in agent.fallback)]
+    if agent.tools:
+        for candidate in chain:
+            if agent.tool_mode == "prompted" or (
+                agent.tool_mode is None and not candidate.supports_tools
+            ):
+                raise UsageError(
+                    f"agent {agent.name!r} has tools, and on {candidate.id} they are offered "
+                    f"through the prompt (tool_mode='prompted'), whose answers are "
+                    f"JSON to read rather than text to stream. Await the agent instead, or "
+                    f"stream it on a model with tool calling"
+                )
+    return AgentStream(_items(agent, arguments, chain))
+
+
+@dataclasses.dataclass(slots=True)
+class _State:
+    """What the handlers of an ending stream need: the stream being read, what was shown."""
+
+    live: GuardedStream | None = None
+    items: int = 0
+    ended: bool = False
+
+
+async def _items(
+    agent: Agent[Any, Any], arguments: dict[str, Any], chain: list[Model]
+) -> AsyncGenerator[Any, None]:
+    if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
+        _script.check_not_loading(f"agent {agent.name!r} was streamed")
+    if not _instrument._recording_checked:
+        ensure_recording()
+    policies = effective(agent.policies)
+    span = Span("agent", agent.name, current_span.get())
+    if _instrument.recording:
+        span_started(span, {"model": chain[0].id, "inputs": arguments, "stream": True})
+    state = _State()
+    total = policies.total_timeout
+    if total is None and isinstance(policies.retry, Retry):
+        total = policies.retry.total_timeout
+    try:
+        try:
+            durable = current_durable_run.get()
+            digest = ""
+            if durable is not None:
+                digest = input_hash(arguments)
+                record = durable.lookup(span.step_key, agent.name, "agent", digest, span._position)
+                if record is not None:
+                    value = agent.output.load(record.output)
+                    state.ended = True
+                    span_finished(span, "completed", attributes={"output": value, "replayed": True})
+                    yield value
+                    return
+            prompt = agent.prompt.render(arguments)
+            deadline = None if total is None else time.monotonic() + total
+            for position, model in enumerate(chain):
+                if position == 1 and isinstance(policies.breaker, CircuitBreaker):
+                    # As for a call: an agent's own breaker guards its own model; each fallback
+                    # model gets the breaker shared under its name.
+                    policies = dataclasses.replace(policies, breaker=True)
+                try:
+                    model.check_ready()  # here, not earlier: a replayed call needs no credentials
+                    request = _request(agent, model, prompt)
+                    rounds = 0
+                    while True:
+                        live, (reader, item, final) = await _open(
+                            model, request, span, policies, agent.output, deadline
+                        )
+                        state.live = live
+                        while final is None:
+                            if item is not _NOTHING:
+                                state.items += 1
+                                yield item
+                            try:
+                                chunk = await live.next()
+                            except ProviderError as exc:
+                                raise StreamBrokenError(exc, live.text, state.items) from exc
+                            if isinstance(chunk, str):
+                                item = reader.feed(chunk)
+                            else:
+                                final, item = chunk, _NOTHING
+                        state.live = None
+                        if not final.tool_calls:
+                            break
+                        rounds += 1
+                        if rounds > agent.max_tool_rounds:
+                            raise ToolLoopError(
+                                f"agent {agent.name!r}: the model was still calling tools after "
+                                f"{agent.max_tool_rounds} rounds (raise max_tool_rounds if that "
+                                f"is expected)"
+                            )
+                        calls = list(final.tool_calls)
+                        results = await asyncio.gather(*(agent._run_tool(c, span) for c in calls))
+                        request.messages.extend(
+                            agent._tool_messages(final.text, calls, results, False)
+                        )
+                    result = _result(agent, model, request, final)
+                except RunError as exc:
+                    if state.items or position == len(chain) - 1:
+                        raise
+                    span_event(
+                        span,
+                        "fallback",
+                        failed=model.id,
+                        next=chain[position + 1].id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                    continue
+                if durable is not None:
+                    # Committed before the reader sees the result, or the end of the text.
+                    await durable.record(
+                        span.step_key,
+                        agent.name,
+                        "agent",
+                        digest,
+                        agent.output.dump(result),
+                        span._position,
+                    )
+                # Over before the last item: a reader that stops at the result (and never asks
+                # for the end of the stream) leaves a completed call.
+                state.ended = True
+                span_finished(
+                    span,
+                    "completed",
+                    attributes={"output": result, "answered_by": model.id}
+                    if _instrument.recording
+                    else None,
+                )
+                if not agent.output.is_text and (state.items == 0 or result != reader.last):
+                    yield result
+                return
+        except TimeoutError as exc:
+            if str(exc) or total is None:
+                raise
+            raise TimeoutError(f"no answer within the total timeout of {total:g}s") from exc
+    except GeneratorExit:
+        # The reader closed the stream (aclose, or it was garbage-collected unfinished).
+        stopped = asyncio.CancelledError(
+            f"the stream was closed by its reader after {state.items} items"
+        )
+        await _stop(state, None)
+        if not state.ended:
+            span_finished(span, "cancelled", stopped)
+        raise
+    except BaseException as exc:
+        await _stop(state, exc)
+        if not state.ended:
+            span_finished(span, status_of(exc), exc)
+        raise
+
+
+async def _open(
+    model: Model,
+    request: ModelRequest,
+    span: Span,
+    policies: Policies,
+    output: OutputSpec,
+    deadline: float | None,
+) -> tuple[GuardedStream, tuple[_Reader, Any, ModelResponse | None]]:
+    """Open a round's stream under the policies, up to its first item or its end, with the
+    agent's span current (the policies record their retries and breaker changes on it)."""
+
+    async def first(stream: GuardedStream) -> tuple[_Reader, Any, ModelResponse | None]:
+        reader = _Reader(output)
+        while True:
+            chunk = await stream.next()
+            if isinstance(chunk, ModelResponse):
+                return reader, _NOTHING, chunk
+            item = reader.feed(chunk)
+            if item is not _NOTHING:
+                return reader, item, None
+
+    token = current_span.set(span)
+    try:
+        if deadline is None:
+            return await open_stream(model, request, span, policies, first)
+        # Set-up and retry waits included; each read after this stops at the deadline itself.
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+            return await open_stream(model, request, span, policies, first, deadline=deadline)
+    finally:
+        current_span.reset(token)
+
+
+async def _stop(state: _State, reason: BaseException | None) -> None:
+    """Close the stream being read, if any, when the call ends before it."""
+    live, state.live = state.live, None
+    if live is not None:
+        await live.close(reason)
+
+
+def _request(agent: Agent[Any, Any], model: Model, prompt: str) -> ModelRequest:
+    """The first request of a streamed call: as an awaited call's (streams have native tools
+    only, see :func:`open_agent_stream`)."""
+    messages: list[Message] = []
+    if agent.system:
+        messages.append({"role": "system", "content": agent.system})
+    messages.append(agent._first_message(prompt, False))
+    return agent._request(model, messages, False)
+
+
+def _result(
+    agent: Agent[Any, Any], model: Model, request: ModelRequest, response: ModelResponse
+) -> Any:
+    """The call's result from the whole answer, parsed as an awaited call's is."""
+    output = agent.output
+    if output.is_text:
+        return output.parse(response.text)
+    if response.finish_reason == "length":
+        raise OutputParseError(agent.name, response.text, cut_off(request, model), 1)
+    try:
+        return output.parse(response.text)
+    except OutputValidationError as exc:
+        raise OutputParseError(agent.name, response.text, str(exc), 1) from None
+
+
+class _Reader:
+    """What the reader is shown of one round's answer, delta by delta: the delta itself for a
+    ``str`` agent, a new partial value (or nothing) for a typed one."""
+
+    __slots__ = ("_escaped", "_in_string", "_length", "_output", "_parts", "_start", "last")
+
+    def __init__(self, output: OutputSpec) -> None:
+        self._output = output
+        self._parts: list[str] = []
+        self._length = 0
+        self._start = -1  # where the JSON starts (text before it is chatter)
+        self._in_string = False
+        self._escaped = False
+        #: The last partial value shown.
+        self.last: Any = _NOTHING
+
+    def feed(self, delta: str) -> Any:
+        if self._output.is_text:
+            return delta
+        self._parts.append(delta)
+        offset = 0
+        if self._start < 0:
+            found = [i for i in (delta.find("{"), delta.find("[")) if i >= 0]
+            if not found:
+                self._length += len(delta)
+                return _NOTHING
+            offset = min(found)
+            self._start = self._length + offset
+        self._length += len(delta)
+        self._scan(delta, offset)
+        text = "".join(self._parts)[self._start :].rstrip()
+        if not self._in_string and text[-1] in _NUMBER_END:
+            return _NOTHING
+        try:
+            pydantic_core.from_json(text)
+        except ValueError:
+            pass
+        else:
+            return _NOTHING  # complete: it is the result, once validated at the end
+        try:
+            data = pydantic_core.from_json(text, allow_partial="trailing-strings")
+            value = self._output.validate_partial(data)
+        except ValueError:  # OutputValidationError included
+            return _NOTHING
+        if self.last is not _NOTHING and value == self.last:
+            return _NOTHING
+        self.last = value
+        return value
+
+    def _scan(self, delta: str, offset: int) -> None:
+        """Follow whether the JSON text ends inside a string (where digits are not a number)."""
+        in_string, escaped = self._in_string, self._escaped
+        for char in delta[offset:]:
+            if escaped:
+                escaped = False
+            elif in_string:
+                if char == "\\":
+                    escaped = True
+                elif char == '"':
+                    in_string = False
+            elif char == '"':
+                in_string = True
+        self._in_string, self._escaped = in_string, escaped

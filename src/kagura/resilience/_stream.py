@@ -1,0 +1,176 @@
+"""The policies around a streamed model call: those of :func:`call_model`, around its opening.
+
+A streamed call can be retried only until its reader has been shown something: a new attempt
+would show the same beginning again. So the retry policy wraps opening the stream and reading
+it up to its first item (what counts as one is the caller's, see :func:`open_stream`), each
+attempt guarded as in :func:`call_model`: cost budget, circuit breaker, rate limiter. What comes
+after is read outside the retries, and settles the guards when the stream ends: the breaker
+learns the outcome, the rate limiter the tokens really used, the budget the cost.
+
+Timeouts: ``timeout`` bounds each wait for a chunk, the first included (so a stalled stream
+fails, while a long answer that keeps coming does not); the call's total timeout is a deadline
+for all of it, the reader's own time between items included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from .._context import Span
+from .._llm import StreamedAttempt
+from .._usage import Usage
+from ..providers import Model, ModelRequest, ModelResponse, StreamChunk
+from ..providers._base import NO_USAGE
+from ._breaker import CircuitBreaker
+from ._budget import CostBudget, current_cost_budget
+from ._classify import retry_after
+from ._policies import _ONE_TOKEN_EACH, Policies, _breaker_for, _without_timeouts
+from ._ratelimit import Permit, RateLimiter, estimate_tokens, limiter_for_model
+from ._retry import DEFAULT_RETRY, Retry
+
+T = TypeVar("T")
+
+
+class GuardedStream:
+    """A streamed attempt that opened under the policies. Read it with :meth:`next`; its end,
+    its failure or :meth:`close` settles the guards it passed, once."""
+
+    __slots__ = ("_breaker", "_budget", "_limiter", "_permit", "_settled", "attempt")
+
+    def __init__(
+        self,
+        attempt: StreamedAttempt,
+        breaker: CircuitBreaker | None,
+        limiter: RateLimiter | None,
+        permit: Permit | None,
+        budget: CostBudget | None,
+    ) -> None:
+        self.attempt = attempt
+        self._breaker = breaker
+        self._limiter = limiter
+        self._permit = permit
+        self._budget = budget
+        self._settled = False
+
+    @property
+    def text(self) -> str:
+        """The answer as far as it has arrived."""
+        return "".join(self.attempt.text)
+
+    async def next(self) -> StreamChunk:
+        """The next text delta, or the final answer."""
+        try:
+            chunk = await self.attempt.next()
+        except BaseException as error:
+            self.failed(error)
+            raise
+        if isinstance(chunk, ModelResponse):
+            self._succeeded(chunk)
+        return chunk
+
+    async def close(self, reason: BaseException | None = None) -> None:
+        """Stop reading: the provider's stream is closed, and the attempt counts as ended by
+        ``reason`` (by default, the reader stopping: no sign of the provider's health)."""
+        try:
+            await self.attempt.close(reason)
+        finally:
+            self.failed(reason if reason is not None else asyncio.CancelledError())
+
+    def failed(self, error: BaseException) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._breaker is not None:
+            self._breaker.record_failure(error)
+        if self._limiter is not None and getattr(error, "status_code", None) == 429:
+            self._limiter.penalise(retry_after(error))
+        if self._budget is not None and self.attempt.text:
+            # Tokens were generated, and their number is unknown: counted as a call of unknown
+            # price (so a report can say the spend is a floor), or as free on a free model.
+            free = self.attempt.model.cost(_ONE_TOKEN_EACH) == 0.0
+            self._budget.charge(Usage(), 0.0 if free else None)
+
+    def _succeeded(self, response: ModelResponse) -> None:
+        if self._settled:
+            return
+        self._settled = True
+        if self._breaker is not None:
+            self._breaker.record_success()
+        reported = response.usage is not NO_USAGE
+        if self._permit is not None and reported:
+            self._permit.settle(response.usage.total_tokens)
+        if self._budget is not None:
+            model = self.attempt.model
+            cost = model.cost(response.usage) if reported else None
+            if not reported and model.cost(_ONE_TOKEN_EACH) == 0.0:
+                cost = 0.0
+            self._budget.charge(response.usage, cost)
+
+
+async def open_stream(
+    model: Model,
+    request: ModelRequest,
+    parent: Span,
+    policies: Policies,
+    first: Callable[[GuardedStream], Awaitable[T]],
+    *,
+    deadline: float | None = None,
+) -> tuple[GuardedStream, T]:
+    """Open a stream of ``model`` under ``policies``, and read it with ``first`` until it has
+    something to show the reader; returns the open stream and what ``first`` returned.
+
+    An attempt fails when opening it or ``first`` raises; it is then closed and, under the retry
+    policy, made again (each attempt its own ``llm`` span). ``deadline`` (``time.monotonic()``)
+    is when the whole call must be over: no retry wait goes past it, and every read stops at it.
+    The caller sets the current span (where retries and breaker changes are recorded).
+    """
+    breaker = _breaker_for(policies.breaker, model)
+    limiter = policies.rate_limit or limiter_for_model(model.id)
+    retry = policies.retry
+    if retry is True:
+        retry = DEFAULT_RETRY
+    timeout = policies.timeout
+    if timeout is None and isinstance(retry, Retry):
+        timeout = retry.timeout
+    budget = current_cost_budget()
+    loop_deadline = None
+    if deadline is not None:
+        loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
+
+    async def one_attempt() -> tuple[GuardedStream, T]:
+        if budget is not None:
+            budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
+        if breaker is not None:
+            breaker.before_call()
+        stream: GuardedStream | None = None
+        try:
+            permit = None
+            if limiter is not None:
+                permit = await limiter.acquire(estimate_tokens(request.messages))
+            attempt = StreamedAttempt(
+                model, request, parent, timeout=timeout, deadline=loop_deadline
+            )
+            stream = GuardedStream(attempt, breaker, limiter, permit, budget)
+            await attempt.start()
+            return stream, await first(stream)
+        except BaseException as error:
+            if stream is None:
+                if breaker is not None:
+                    breaker.record_failure(error)
+                if limiter is not None and getattr(error, "status_code", None) == 429:
+                    limiter.penalise(retry_after(error))
+            else:
+                # The attempt's own error is the one to report, should closing fail too.
+                with contextlib.suppress(Exception):
+                    await stream.close(error)
+            raise
+
+    if not isinstance(retry, Retry):
+        return await one_attempt()
+    if retry.timeout is not None or retry.total_timeout is not None:
+        retry = _without_timeouts(retry)  # applied here: per chunk, and as the deadline
+    return await retry._loop(one_attempt, model.id, deadline)
