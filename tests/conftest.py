@@ -31,6 +31,11 @@ def _isolated_model_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KAGURA_MODEL_OVERRIDE", raising=False)
     monkeypatch.delenv("KAGURA_MODEL", raising=False)
     monkeypatch.delenv("KAGURA_ENCRYPTION_KEY", raising=False)
+    # A proxy configured in the environment must not capture requests meant for 127.0.0.1.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
 
 
 @pytest.fixture(scope="session")

@@ -35,15 +35,6 @@ SECRET = "sk-test-secret"
 LIMIT = 15  # seconds: the bound put on each network interaction below
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy configured in the environment must not capture requests meant for 127.0.0.1."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[FaultServer]:
     async with FaultServer() as srv:

@@ -39,15 +39,6 @@ LIMIT = 15.0  # seconds: the bound on every wait below that is not meant to expi
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A proxy configured in the environment must not capture requests meant for 127.0.0.1."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-
-
 @pytest.fixture
 async def server() -> AsyncIterator[FaultServer]:
     async with FaultServer() as srv:

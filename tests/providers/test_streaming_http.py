@@ -37,12 +37,8 @@ LIMIT = 15  # seconds: the bound put on each network interaction with the fault 
 
 
 @pytest.fixture(autouse=True)
-def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No proxy between the tests and 127.0.0.1; retry waits are not slept."""
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+def _no_waits() -> Iterator[None]:
+    """Retry waits are not slept; breakers start closed."""
     previous = is_testing()
     set_testing(True)
     reset_breakers()

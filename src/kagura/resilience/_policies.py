@@ -12,14 +12,14 @@ import asyncio
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .. import _llm
 from .._context import Span
 from .._usage import Usage
 from ..providers import Model, ModelRequest, ModelResponse
 from ._breaker import CircuitBreaker, circuit_breaker
-from ._budget import current_cost_budget
+from ._budget import CostBudget, current_cost_budget
 from ._classify import retry_after
 from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
 from ._retry import DEFAULT_RETRY, Retry
@@ -152,6 +152,33 @@ def is_unguarded(policies: Policies, model: Model) -> bool:
     )
 
 
+class Guards(NamedTuple):
+    """The policies as they apply to the attempts of one model."""
+
+    breaker: CircuitBreaker | None
+    limiter: RateLimiter | None
+    retry: Retry | bool | None
+    timeout: float | None
+    budget: CostBudget | None
+
+
+def guards_for(policies: Policies, model: Model) -> Guards:
+    """What guards each attempt of ``model`` under ``policies`` (awaited or streamed)."""
+    retry = policies.retry
+    if retry is True:
+        retry = DEFAULT_RETRY
+    timeout = policies.timeout
+    if timeout is None and isinstance(retry, Retry):
+        timeout = retry.timeout
+    return Guards(
+        _breaker_for(policies.breaker, model),
+        policies.rate_limit or limiter_for_model(model.id),
+        retry,
+        timeout,
+        current_cost_budget(),
+    )
+
+
 async def call_model(
     model: Model,
     request: ModelRequest,
@@ -162,15 +189,7 @@ async def call_model(
     """One logical model call: attempts under the retry policy, each guarded by the others.
     ``first_error``: the caller made the first attempt itself (see :func:`is_unguarded`), and it
     failed with this."""
-    breaker = _breaker_for(policies.breaker, model)
-    limiter = policies.rate_limit or limiter_for_model(model.id)
-    retry = policies.retry
-    if retry is True:
-        retry = DEFAULT_RETRY
-    timeout = policies.timeout
-    if timeout is None and isinstance(retry, Retry):
-        timeout = retry.timeout
-    budget = current_cost_budget()
+    breaker, limiter, retry, timeout, budget = guards_for(policies, model)
     if first_error is not None and not isinstance(retry, Retry):
         raise first_error
 

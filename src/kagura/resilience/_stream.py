@@ -26,11 +26,11 @@ from .._usage import Usage
 from ..providers import Model, ModelRequest, ModelResponse, StreamChunk
 from ..providers._base import NO_USAGE
 from ._breaker import CircuitBreaker
-from ._budget import CostBudget, current_cost_budget
+from ._budget import CostBudget
 from ._classify import retry_after
-from ._policies import _ONE_TOKEN_EACH, Policies, _breaker_for, _without_timeouts
-from ._ratelimit import Permit, RateLimiter, estimate_tokens, limiter_for_model
-from ._retry import DEFAULT_RETRY, Retry
+from ._policies import _ONE_TOKEN_EACH, Policies, _without_timeouts, guards_for
+from ._ratelimit import Permit, RateLimiter, estimate_tokens
+from ._retry import Retry
 
 T = TypeVar("T")
 
@@ -128,15 +128,7 @@ async def open_stream(
     is when the whole call must be over: no retry wait goes past it, and every read stops at it.
     The caller sets the current span (where retries and breaker changes are recorded).
     """
-    breaker = _breaker_for(policies.breaker, model)
-    limiter = policies.rate_limit or limiter_for_model(model.id)
-    retry = policies.retry
-    if retry is True:
-        retry = DEFAULT_RETRY
-    timeout = policies.timeout
-    if timeout is None and isinstance(retry, Retry):
-        timeout = retry.timeout
-    budget = current_cost_budget()
+    breaker, limiter, retry, timeout, budget = guards_for(policies, model)
     loop_deadline = None
     if deadline is not None:
         loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
