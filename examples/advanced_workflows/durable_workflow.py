@@ -243,8 +243,13 @@ def main() -> None:
     record = wait_for_steps(journal, run_id, KILL_AFTER_STEPS, child)
 
     header("2. Kill the child with SIGKILL")
+    killed = False
     if record is not None and record.status == "running" and child.poll() is None:
         kill(child)
+        # Read again: the child may have finished the run between that read and the kill.
+        record = journal.get_run(run_id)
+        killed = record is not None and record.status != "completed"
+    if killed and record is not None:
         say(f"  killed pid {child.pid} with {record.steps} steps journaled")
     else:
         child.wait(timeout=60)
