@@ -24,6 +24,7 @@ from kagura.errors import (
     ProviderTimeout,
     StreamBrokenError,
 )
+from kagura.providers.openai import OpenAIChatModel
 from kagura.resilience import reset_breakers, set_testing
 from kagura.resilience._config import is_testing
 from kagura.testing import capture_events
@@ -50,6 +51,9 @@ def _no_waits() -> Iterator[None]:
 @pytest.fixture
 async def server() -> AsyncIterator[FaultServer]:
     async with FaultServer() as srv:
+        # The SDK imported and this loop's client built before any test starts a clock: set-up
+        # counts against a total_timeout, and takes seconds on a loaded machine.
+        await OpenAIChatModel("test-model", base_url=srv.base_url, api_key=SECRET).prepare()
         yield srv
 
 
