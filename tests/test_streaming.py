@@ -24,8 +24,7 @@ from kagura.errors import (
     UsageError,
 )
 from kagura.providers import Model, ModelRequest, ModelResponse, ToolCall
-from kagura.resilience import CircuitBreaker, CircuitOpenError, reset_breakers, set_testing
-from kagura.resilience._config import is_testing
+from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits, reset_breakers
 from kagura.testing import CapturedEvents, FakeModel, Reply, capture_events, override_model
 
 pytestmark = pytest.mark.timeout(30)
@@ -58,11 +57,9 @@ PERSON = '{"name": "Ada Lovelace", "age": 36, "tags": ["math", "poetry"]}'
 @pytest.fixture(autouse=True)
 def _no_waits() -> Iterator[None]:
     """Retry waits are computed and recorded, not slept; no breaker outlives its test."""
-    previous = is_testing()
-    set_testing(True)
     reset_breakers()
-    yield
-    set_testing(previous)
+    with no_waits():
+        yield
     reset_breakers()
 
 

@@ -25,8 +25,7 @@ from kagura.errors import (
     StreamBrokenError,
 )
 from kagura.providers.openai import OpenAIChatModel
-from kagura.resilience import reset_breakers, set_testing
-from kagura.resilience._config import is_testing
+from kagura.resilience import no_waits, reset_breakers
 from kagura.testing import capture_events
 from kagura.testing.fault_server import Fault, FaultServer
 from tests import _llamacpp
@@ -40,11 +39,9 @@ LIMIT = 15  # seconds: the bound put on each network interaction with the fault 
 @pytest.fixture(autouse=True)
 def _no_waits() -> Iterator[None]:
     """Retry waits are not slept; breakers start closed."""
-    previous = is_testing()
-    set_testing(True)
     reset_breakers()
-    yield
-    set_testing(previous)
+    with no_waits():
+        yield
     reset_breakers()
 
 
