@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
 from kagura import ProviderError, Usage, agent
 from kagura.providers import ModelRequest, ToolCall
+from kagura.providers.fake import example_for_schema
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
 
@@ -155,3 +157,35 @@ async def test_capture_events_stops_at_the_end_of_the_block() -> None:
     assert [e.kind for e in events.started] == ["agent", "llm"]
     assert [e.kind for e in events.finished] == ["llm", "agent"]
     assert events.spans(name="ask")[0].kind == "agent"
+
+
+def test_one_schema_example_generator_serves_the_fake_and_the_fault_server() -> None:
+    from kagura.testing import fault_server
+
+    assert fault_server.example_for_schema is example_for_schema
+
+
+@pytest.mark.parametrize(
+    ("schema", "expected"),
+    [
+        # anyOf and oneOf: the first option that is not null, whatever the order.
+        ({"anyOf": [{"type": "integer"}, {"type": "string"}]}, 0),
+        ({"anyOf": [{"type": "string"}, {"type": "integer"}]}, "text"),
+        ({"anyOf": [{"type": "null"}, {"type": "boolean"}]}, True),
+        ({"anyOf": [{"type": "integer"}, {"type": "null"}]}, 0),
+        ({"anyOf": [{"type": "null"}]}, None),
+        ({"oneOf": [{"type": "null"}, {"type": "string", "maxLength": 2}]}, "te"),
+        ({"allOf": [{"type": "integer", "minimum": 2}]}, 2),
+    ],
+)
+def test_schema_examples_take_the_first_non_null_option(schema: Any, expected: Any) -> None:
+    assert example_for_schema(schema) == expected
+
+
+async def test_the_fake_answers_a_union_with_its_first_option() -> None:
+    @agent
+    async def pick(q: str) -> int | str:
+        """{{ q }}"""
+
+    with override_model(FakeModel()):
+        assert await pick("q") == 0

@@ -392,12 +392,9 @@ class Agent(Generic[P, R]):
         prompted_tools = bool(self.tools) and (
             self.tool_mode == "prompted" or (self.tool_mode is None and not model.supports_tools)
         )
-        messages: list[Message] = []
-        if self.system:
-            messages.append({"role": "system", "content": self.system})
-        first = len(messages)
-        messages.append(self._first_message(prompt, prompted_tools))
-        request = self._request(model, messages, prompted_tools)
+        request = self.first_request(model, prompt, prompted_tools)
+        messages = request.messages
+        first = len(messages) - 1
         tool_rounds = 0
         failures = 0
         prompted_results: dict[tuple[str, str], str] = {}
@@ -459,13 +456,15 @@ class Agent(Generic[P, R]):
                         else None,
                     )
                     continue
-                results = await asyncio.gather(*(self._run_tool(call, span) for call in calls))
+                results, replies = await self.tool_round(
+                    response.text, calls, span, prompted=prompted_tools
+                )
                 if prompted_tools:
                     prompted_results.update(
                         zip(map(_prompted.call_key, calls), results, strict=True)
                     )
                     request = self._request(model, messages, prompted_tools)
-                messages.extend(self._tool_messages(response.text, calls, results, prompted_tools))
+                messages.extend(replies)
                 continue
             if invalid is None:
                 try:
@@ -483,6 +482,34 @@ class Agent(Generic[P, R]):
                     + self.output.instructions,
                 }
             )
+
+    # -- the seam a streamed call (kagura._streaming) shares with an awaited one ---------------
+
+    def model_chain(self) -> list[Model]:
+        """The models a call tries, in order: its own (after any test override), then each
+        fallback model."""
+        model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
+        return [model, *(resolve_model(spec) for spec in self.fallback)]
+
+    def first_request(
+        self, model: Model, prompt: str, prompted_tools: bool = False
+    ) -> ModelRequest:
+        """A call's first request to ``model``: the system message, then the rendered
+        ``prompt`` with the instructions for the answer's shape (or, with ``prompted_tools``,
+        for calling the tools through the answer)."""
+        messages: list[Message] = []
+        if self.system:
+            messages.append({"role": "system", "content": self.system})
+        messages.append(self._first_message(prompt, prompted_tools))
+        return self._request(model, messages, prompted_tools)
+
+    async def tool_round(
+        self, text: str, calls: list[ToolCall], span: Span, *, prompted: bool = False
+    ) -> tuple[list[str], list[Message]]:
+        """Run the tool ``calls`` of an answer (``text``) at once, as children of ``span``:
+        their results, and the messages that give them back to the model."""
+        results = list(await asyncio.gather(*(self._run_tool(call, span) for call in calls)))
+        return results, self._tool_messages(text, calls, results, prompted)
 
     def _first_message(self, prompt: str, prompted_tools: bool) -> Message:
         if prompted_tools:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import pydantic_core
 
@@ -35,6 +35,7 @@ from . import _instrument
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
+from ._prompt import PromptTemplate
 from .durable import _script
 from .durable._run import current_durable_run, input_hash
 from .errors import (
@@ -45,14 +46,11 @@ from .errors import (
     ToolLoopError,
     UsageError,
 )
-from .providers import Message, Model, ModelRequest, ModelResponse, resolve_model
+from .providers import Message, Model, ModelRequest, ModelResponse, ToolCall, ToolMode
 from .resilience._breaker import CircuitBreaker
 from .resilience._policies import Policies, effective
 from .resilience._retry import Retry
 from .resilience._stream import GuardedStream, open_stream
-
-if TYPE_CHECKING:
-    from ._agent import Agent
 
 T = TypeVar("T")
 
@@ -60,6 +58,36 @@ T = TypeVar("T")
 _NOTHING: Any = object()
 # A number at the end of partial JSON may still grow (the 3 of 36): it is not shown until it ends.
 _NUMBER_END = frozenset("0123456789.-+eE")
+
+
+class Streamed(Protocol):
+    """What a streamed call needs of its agent (:class:`kagura.Agent` is one). Named here so
+    that this module depends on the agent's seam, and only the agent module on this one."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def output(self) -> OutputSpec: ...
+    @property
+    def prompt(self) -> PromptTemplate: ...
+    @property
+    def policies(self) -> Policies: ...
+    @property
+    def tools(self) -> Mapping[str, Any]: ...
+    @property
+    def tool_mode(self) -> ToolMode | None: ...
+    @property
+    def max_tool_rounds(self) -> int: ...
+
+    def model_chain(self) -> list[Model]: ...
+
+    def first_request(
+        self, model: Model, prompt: str, prompted_tools: bool = False
+    ) -> ModelRequest: ...
+
+    async def tool_round(
+        self, text: str, calls: list[ToolCall], span: Span, *, prompted: bool = False
+    ) -> tuple[list[str], list[Message]]: ...
 
 
 class AgentStream(Generic[T]):
@@ -99,11 +127,10 @@ class AgentStream(Generic[T]):
         await self.aclose()
 
 
-def open_agent_stream(agent: Agent[Any, Any], arguments: dict[str, Any]) -> AgentStream[Any]:
+def open_agent_stream(agent: Streamed, arguments: dict[str, Any]) -> AgentStream[Any]:
     """The stream of ``agent`` for the bound ``arguments``. Usage errors raise here, at once;
     the call itself starts with the first item asked for."""
-    model = resolve_model(agent.model, base_url=agent.base_url, api_key=agent._api_key)
-    chain = [model, *(resolve_model(spec) for spec in agent.fallback)]
+    chain = agent.model_chain()
     if agent.tools:
         for candidate in chain:
             if agent.tool_mode == "prompted" or (
@@ -128,7 +155,7 @@ class _State:
 
 
 async def _items(
-    agent: Agent[Any, Any], arguments: dict[str, Any], chain: list[Model]
+    agent: Streamed, arguments: dict[str, Any], chain: list[Model]
 ) -> AsyncGenerator[Any, None]:
     if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
         _script.check_not_loading(f"agent {agent.name!r} was streamed")
@@ -164,7 +191,7 @@ async def _items(
                     policies = dataclasses.replace(policies, breaker=True)
                 try:
                     model.check_ready()  # here, not earlier: a replayed call needs no credentials
-                    request = _request(agent, model, prompt)
+                    request = agent.first_request(model, prompt)
                     rounds = 0
                     while True:
                         live, (reader, item, final) = await _open(
@@ -194,10 +221,8 @@ async def _items(
                                 f"is expected)"
                             )
                         calls = list(final.tool_calls)
-                        results = await asyncio.gather(*(agent._run_tool(c, span) for c in calls))
-                        request.messages.extend(
-                            agent._tool_messages(final.text, calls, results, False)
-                        )
+                        _, replies = await agent.tool_round(final.text, calls, span)
+                        request.messages.extend(replies)
                     result = _result(agent, model, request, final)
                 except RunError as exc:
                     if state.items or position == len(chain) - 1:
@@ -293,19 +318,7 @@ async def _stop(state: _State, reason: BaseException | None) -> None:
         await live.close(reason)
 
 
-def _request(agent: Agent[Any, Any], model: Model, prompt: str) -> ModelRequest:
-    """The first request of a streamed call: as an awaited call's (streams have native tools
-    only, see :func:`open_agent_stream`)."""
-    messages: list[Message] = []
-    if agent.system:
-        messages.append({"role": "system", "content": agent.system})
-    messages.append(agent._first_message(prompt, False))
-    return agent._request(model, messages, False)
-
-
-def _result(
-    agent: Agent[Any, Any], model: Model, request: ModelRequest, response: ModelResponse
-) -> Any:
+def _result(agent: Streamed, model: Model, request: ModelRequest, response: ModelResponse) -> Any:
     """The call's result from the whole answer, parsed as an awaited call's is."""
     output = agent.output
     if output.is_text:

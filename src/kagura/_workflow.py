@@ -79,7 +79,7 @@ class Workflow(Generic[P, R]):
         durable = self.durable if self.durable is not None else _settings.durable_default()
         if durable and current_durable_run.get() is None:
             return _durable.start(self, args, kwargs, None)
-        return self._execute(args, kwargs)
+        return self.execute(args, kwargs)
 
     #: Lets ``Retry`` (and anyone asking) know that calling a workflow returns an awaitable.
     _is_async_callable = True
@@ -98,9 +98,14 @@ class Workflow(Generic[P, R]):
         result: R = await _durable.resume(self, run_id)
         return result
 
-    async def _execute(
+    async def execute(
         self, args: tuple[Any, ...], kwargs: dict[str, Any], *, span_id: str | None = None
     ) -> R:
+        """Run the function once, here and now, as one ``workflow`` span (with id ``span_id``
+        when given) under the workflow's policies and budgets; nothing is journaled here.
+
+        The seam :mod:`kagura.durable` runs a workflow through (a durable run sets its journal
+        up around this call); a plain call of the workflow is this too."""
         if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
             _script.check_not_loading(f"workflow {self.name!r} was started")
         if not _instrument._recording_checked:

@@ -11,11 +11,12 @@ import logging
 import sys
 import time
 import uuid
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_type_hints
+from typing import Any, Literal, Protocol, get_type_hints, runtime_checkable
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -25,20 +26,49 @@ from ._journal import Journal, RunRecord, attempt_span_id, journal_for, lease_se
 from ._run import DurableRun, current_durable_run
 from ._script import check_not_loading, check_source, loading_target
 
-if TYPE_CHECKING:
-    from .._workflow import Workflow
-
 _log = logging.getLogger("kagura.durable")
 
 
-def target_of(workflow: Workflow[Any, Any]) -> str:
+@runtime_checkable
+class Workflow(Protocol):
+    """What a durable run needs of a workflow; :class:`kagura.Workflow` is one. Typed here,
+    rather than imported, so that durable runs depend on the workflow's seam and the workflow
+    module on durable runs, not each on the other."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def fn(self) -> Callable[..., Coroutine[Any, Any, Any]]: ...
+
+    def execute(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, span_id: str | None = None
+    ) -> Coroutine[Any, Any, Any]:
+        """Run the workflow once as one span (see :meth:`kagura.Workflow.execute`)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    target: str
+    signature: inspect.Signature
+
+
+# Asked at every run's start, and resolving a script's path takes system calls: kept per
+# workflow, weakly, so that a workflow let go of is not kept alive by the cache.
+_facts: weakref.WeakKeyDictionary[Workflow, _Facts] = weakref.WeakKeyDictionary()
+
+
+def _facts_of(workflow: Workflow) -> _Facts:
+    facts = _facts.get(workflow)
+    if facts is None:
+        facts = _facts[workflow] = _Facts(_target(workflow.fn), inspect.signature(workflow.fn))
+    return facts
+
+
+def target_of(workflow: Workflow) -> str:
     """Where another process finds this workflow: ``module:qualname`` or ``file.py:qualname``."""
-    # Asked at every run's start, and resolving the script's path takes system calls: kept on
-    # the workflow (not in a global cache, which would keep every workflow ever made alive).
-    target: str | None = workflow.__dict__.get("_durable_target")
-    if target is None:
-        target = workflow.__dict__["_durable_target"] = _target(workflow.fn)
-    return target
+    return _facts_of(workflow).target
 
 
 def _target(fn: Callable[..., Any]) -> str:
@@ -50,10 +80,8 @@ def _target(fn: Callable[..., Any]) -> str:
     return f"{module}:{fn.__qualname__}"
 
 
-def import_target(target: str) -> Workflow[Any, Any]:
+def import_target(target: str) -> Workflow:
     """The workflow object named by :func:`target_of` (used by ``kagura runs resume``)."""
-    from .._workflow import Workflow
-
     location, _, qualname = target.rpartition(":")
     main = sys.modules.get("__main__")
     main_file = getattr(main, "__file__", None)
@@ -81,12 +109,9 @@ def import_target(target: str) -> Workflow[Any, Any]:
 
 
 def _dump_arguments(
-    workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    workflow: Workflow, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[inspect.BoundArguments, str]:
-    signature = workflow.__dict__.get("_durable_signature")
-    if signature is None:
-        signature = workflow.__dict__["_durable_signature"] = inspect.signature(workflow.fn)
-    bound = signature.bind(*args, **kwargs)
+    bound = _facts_of(workflow).signature.bind(*args, **kwargs)
     bound.apply_defaults()
     try:
         text = pydantic_core.to_json(dict(bound.arguments)).decode()
@@ -98,8 +123,8 @@ def _dump_arguments(
     return bound, text
 
 
-def _load_arguments(workflow: Workflow[Any, Any], text: str | None) -> inspect.BoundArguments:
-    signature = inspect.signature(workflow.fn)
+def _load_arguments(workflow: Workflow, text: str | None) -> inspect.BoundArguments:
+    signature = _facts_of(workflow).signature
     stored: dict[str, Any] = pydantic_core.from_json(text) if text else {}
     hints = get_type_hints(workflow.fn)
     values: OrderedDict[str, Any] = OrderedDict()
@@ -112,7 +137,7 @@ def _load_arguments(workflow: Workflow[Any, Any], text: str | None) -> inspect.B
     return inspect.BoundArguments(signature, values)
 
 
-def _load_result(workflow: Workflow[Any, Any], text: str | None) -> Any:
+def _load_result(workflow: Workflow, text: str | None) -> Any:
     if text is None:
         return None
     hint = get_type_hints(workflow.fn).get("return")
@@ -122,7 +147,7 @@ def _load_result(workflow: Workflow[Any, Any], text: str | None) -> Any:
 
 
 async def start(
-    workflow: Workflow[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any], run_id: str | None
+    workflow: Workflow, args: tuple[Any, ...], kwargs: dict[str, Any], run_id: str | None
 ) -> Any:
     """Run ``workflow`` durably under ``run_id``: once, whoever asks and however often."""
     check_not_loading(f"workflow {workflow.name!r} started a durable run")
@@ -168,12 +193,12 @@ class Resumed:
     already_completed: bool = False
 
 
-async def resume(workflow: Workflow[Any, Any], run_id: str) -> Any:
+async def resume(workflow: Workflow, run_id: str) -> Any:
     """Finish an interrupted or failed run: journaled steps return their recorded results."""
     return (await resume_run(workflow, run_id)).result
 
 
-async def resume_run(workflow: Workflow[Any, Any], run_id: str) -> Resumed:
+async def resume_run(workflow: Workflow, run_id: str) -> Resumed:
     """:func:`resume`, saying what it did (see :class:`Resumed`)."""
     journal = journal_for()
     record = await asyncio.to_thread(journal.get_run, run_id)
@@ -220,7 +245,7 @@ def journal_host() -> str:
     return HOST
 
 
-async def _wait_for(workflow: Workflow[Any, Any], journal: Journal, run_id: str) -> Any:
+async def _wait_for(workflow: Workflow, journal: Journal, run_id: str) -> Any:
     """Another process runs it: wait for its result instead of running it twice."""
     while True:
         await asyncio.sleep(0.2)
@@ -235,7 +260,7 @@ async def _wait_for(workflow: Workflow[Any, Any], journal: Journal, run_id: str)
 
 
 async def _execute(
-    workflow: Workflow[Any, Any],
+    workflow: Workflow,
     journal: Journal,
     record: RunRecord,
     durable: DurableRun,
@@ -245,7 +270,7 @@ async def _execute(
     token = current_durable_run.set(durable)
     journal.hold(run_id, owner)  # its lease is renewed by the journal's thread until it ends
     try:
-        result = await workflow._execute(
+        result = await workflow.execute(
             bound.args, bound.kwargs, span_id=attempt_span_id(run_id, record.attempts)
         )
     except asyncio.CancelledError:
@@ -327,9 +352,7 @@ async def _recover_one(record: RunRecord) -> Recovered:
     return Recovered(run_id, name, "completed", resumed.result, None, resumed.replayed, resumed.ran)
 
 
-async def replay(
-    run_id: str, workflow: Workflow[Any, Any] | None = None, *, db: str | None = None
-) -> Any:
+async def replay(run_id: str, workflow: Workflow | None = None, *, db: str | None = None) -> Any:
     """Run a recorded run again against its journal only: no provider is called, nothing is
     written. A step the journal does not have raises :class:`NonDeterminismError`."""
     journal = journal_for(db)
@@ -345,6 +368,6 @@ async def replay(
     durable = DurableRun(run_id, None, steps, replay_only=True)
     token = current_durable_run.set(durable)
     try:
-        return await workflow._execute(bound.args, bound.kwargs, span_id=None)
+        return await workflow.execute(bound.args, bound.kwargs, span_id=None)
     finally:
         current_durable_run.reset(token)

@@ -7,7 +7,7 @@ Model strings:
 - ``"ollama/llama3.2"``, ``"vllm/..."``, ``"llamacpp/..."``, ``"openrouter/..."``: OpenAI-compatible
   endpoints; their base URLs come from ``OLLAMA_BASE_URL``, ``VLLM_BASE_URL``, ... or ``base_url=``.
 - ``"litellm/<model>"``: anything LiteLLM speaks (the ``[litellm]`` extra).
-- ``"fake"``: the deterministic fake from :mod:`kagura.testing`, for tests and benchmarks.
+- ``"fake"``: the deterministic fake model (:mod:`kagura.providers.fake`), for tests and benchmarks.
 
 Any other ``"org/model"`` string goes to an OpenAI-compatible server when ``base_url`` is given.
 """
@@ -80,7 +80,7 @@ def _parse(spec: str, base_url: str | None, api_key: str | None) -> Model:
     prefix, sep, rest = spec.partition("/")
     if not sep:
         if spec == "fake":
-            from ..testing import FakeModel
+            from .fake import FakeModel
 
             # Shared by every agent naming "fake" (benchmarks): keep no request history.
             return FakeModel(record_requests=False)
@@ -92,7 +92,7 @@ def _parse(spec: str, base_url: str | None, api_key: str | None) -> Model:
 
         return LocalModel(rest)
     if prefix == "fake":
-        from ..testing import FakeModel
+        from .fake import FakeModel
 
         return FakeModel(name=rest, record_requests=False)
     if prefix == "litellm":

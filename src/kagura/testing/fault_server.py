@@ -1,9 +1,10 @@
 """A fault-injecting OpenAI-compatible HTTP server, for testing clients over real sockets.
 
-Standard library only (``asyncio`` streams, HTTP/1.1 by hand). It binds 127.0.0.1, on an ephemeral
-port unless told otherwise, and serves ``POST /v1/chat/completions`` and ``GET /v1/models``. Each
-chat request takes its behaviour from the script (a queue of faults, one consumed per request),
-else from a seeded random draw, else answers normally::
+Built on the standard library (``asyncio`` streams, HTTP/1.1 by hand); a JSON answer is the fake
+model's :func:`~kagura.providers.fake.example_for_schema` for the schema asked for. It binds
+127.0.0.1, on an ephemeral port unless told otherwise, and serves ``POST /v1/chat/completions``
+and ``GET /v1/models``. Each chat request takes its behaviour from the script (a queue of faults,
+one consumed per request), else from a seeded random draw, else answers normally::
 
     async with FaultServer(script=["429", "500", "ok"]) as server:
         ...  # point a client at server.base_url (it ends with /v1)
@@ -66,6 +67,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from types import TracebackType
 from typing import Any, TypeVar
+
+from ..providers.fake import example_for_schema
 
 __all__ = ["FAULT_KINDS", "Fault", "FaultServer", "RecordedRequest", "main"]
 
@@ -870,46 +873,6 @@ def _stream_events(completion: Mapping[str, Any], with_usage: bool) -> list[dict
 
 
 _WORDS = re.compile(r"\s*\S+|\s+$")
-
-
-def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = None) -> Any:
-    """The simplest value valid for a simple JSON schema (strings echo ``text``, shortened)."""
-    root = schema if root is None else root
-    if "$ref" in schema:
-        name = str(schema["$ref"]).rsplit("/", 1)[-1]
-        defs = root.get("$defs") or root.get("definitions") or {}
-        return example_for_schema(defs.get(name, {}), text, root)
-    if "const" in schema:
-        return schema["const"]
-    if schema.get("enum"):
-        return schema["enum"][0]
-    for key in ("anyOf", "oneOf", "allOf"):
-        options = schema.get(key)
-        if options:
-            non_null = [s for s in options if s.get("type") != "null"] or options
-            return example_for_schema(non_null[0], text, root)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or (kind is None and "properties" in schema):
-        props = schema.get("properties") or {}
-        return {k: example_for_schema(v, text, root) for k, v in props.items()}
-    if kind == "array":
-        prefix = schema.get("prefixItems")
-        if prefix:
-            return [example_for_schema(s, text, root) for s in prefix]
-        item = example_for_schema(schema.get("items") or {}, text, root)
-        return [item] * max(1, int(schema.get("minItems", 1)))
-    if kind in ("integer", "number"):
-        low = schema.get("minimum", schema.get("exclusiveMinimum"))
-        value = 0 if low is None else low + (1 if "exclusiveMinimum" in schema else 0)
-        return int(value) if kind == "integer" else value
-    if kind == "boolean":
-        return True
-    if kind == "null":
-        return None
-    words = text.strip()[: int(schema.get("maxLength", 80))] or "text"
-    return words.ljust(int(schema.get("minLength", 0)), "x")
 
 
 def _check_kind(kind: str) -> None:

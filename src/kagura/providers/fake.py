@@ -1,0 +1,178 @@
+"""The deterministic fake model: the ``"fake"`` model string, and :class:`kagura.testing.FakeModel`.
+
+It answers at once with an echo of the prompt or, when a JSON schema is asked for, with the
+smallest value that fits it (:func:`example_for_schema`, which the fault-injecting HTTP server in
+:mod:`kagura.testing.fault_server` uses too). Tests script its answers, errors and latency per call;
+:mod:`kagura.testing` documents how. It lives with the providers, not the test helpers, because
+production code resolves ``"fake"`` (benchmarks, examples) and must not import the test package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import re
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .._usage import Usage
+from ._base import Model, ModelRequest, ModelResponse, StreamChunk, ToolCall
+
+__all__ = ["FakeModel", "Reply", "Script", "example_for_schema"]
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One scripted answer: text and/or tool calls, after an optional delay (seconds)."""
+
+    text: str = ""
+    tool_calls: tuple[ToolCall, ...] = ()
+    delay: float = 0.0
+    usage: Usage | None = None
+    #: How a stream delivers it (by default the text a word at a time): the text is these
+    #: pieces joined, and an exception among them is raised when the stream reaches it (an
+    #: awaited call raises it instead of answering).
+    chunks: tuple[str | BaseException, ...] = ()
+    finish_reason: str = "stop"
+
+
+Script = str | Reply | BaseException | Callable[[ModelRequest], "str | Reply"]
+
+
+class FakeModel(Model):
+    """A model that answers from a script, then by echoing the prompt. Records every request."""
+
+    provider = "fake"
+    supports_output_schema = True
+    supports_tools = True
+    supports_streaming = True
+
+    def __init__(
+        self,
+        responses: Iterable[Script] = (),
+        *,
+        name: str = "echo",
+        delay: float = 0.0,
+        supports_tools: bool = True,
+        record_requests: bool = True,
+    ) -> None:
+        self.model_name = name
+        self.record_requests = record_requests
+        self.delay = delay
+        self.supports_tools = supports_tools
+        self._script: deque[Script] = deque(responses)
+        self.requests: list[ModelRequest] = []
+
+    def add(self, *responses: Script) -> None:
+        """Queue more scripted answers."""
+        self._script.extend(responses)
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        reply = await self._reply(request)
+        for piece in reply.chunks:
+            if isinstance(piece, BaseException):
+                raise piece
+        return self._response(request, reply)
+
+    async def _reply(self, request: ModelRequest) -> Reply:
+        """The next scripted reply (after its delay), or raise the next scripted error."""
+        if self.record_requests:
+            # Snapshot: the agent keeps appending to its message list after this call.
+            self.requests.append(
+                dataclasses.replace(
+                    request,
+                    messages=list(request.messages),
+                    tools=list(request.tools),
+                    extra=dict(request.extra),
+                )
+            )
+        item: Script | None = self._script.popleft() if self._script else None
+        if callable(item) and not isinstance(item, BaseException):
+            item = item(request)
+        if isinstance(item, BaseException):
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            raise item
+        reply = Reply(item) if isinstance(item, str) else item
+        delay = reply.delay if reply is not None and reply.delay else self.delay
+        if delay:
+            await asyncio.sleep(delay)
+        if reply is None:
+            reply = Reply(_default_answer(request))
+        return reply
+
+    def _response(self, request: ModelRequest, reply: Reply) -> ModelResponse:
+        text = reply.text or "".join(p for p in reply.chunks if isinstance(p, str))
+        prompt_tokens = sum(len(str(m.get("content") or "").split()) for m in request.messages)
+        usage = reply.usage or Usage(prompt_tokens, len(text.split()))
+        return ModelResponse(text, reply.tool_calls, usage, self.id, reply.finish_reason)
+
+    async def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
+        """The scripted reply as a stream: its ``chunks``, or its text a word at a time, then
+        the whole answer. A scripted error (or one among the chunks) is raised where it is."""
+        reply = await self._reply(request)
+        response = self._response(request, reply)
+        for piece in reply.chunks or WORDS.findall(response.text):
+            if isinstance(piece, BaseException):
+                raise piece
+            if piece:
+                yield piece
+        yield response
+
+
+#: How a fake streams text: a word at a time, each with the spaces before it.
+WORDS = re.compile(r"\s*\S+|\s+$")
+
+
+def _default_answer(request: ModelRequest) -> str:
+    prompt = str(request.messages[-1].get("content") or "") if request.messages else ""
+    if request.output_schema is None:
+        return prompt
+    return json.dumps(example_for_schema(request.output_schema.schema, prompt))
+
+
+def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = None) -> Any:
+    """The simplest value valid for a simple JSON schema (strings echo ``text``, shortened).
+
+    Of the options of an ``anyOf`` or ``oneOf`` the first that is not ``null`` is taken (so
+    ``int | None`` gives 0 and ``int | str`` gives 0); of an ``allOf``, the first.
+    """
+    root = schema if root is None else root
+    if "$ref" in schema:
+        name = str(schema["$ref"]).rsplit("/", 1)[-1]
+        defs = root.get("$defs") or root.get("definitions") or {}
+        return example_for_schema(defs.get(name, {}), text, root)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        options = schema.get(key)
+        if options:
+            non_null = [s for s in options if s.get("type") != "null"] or options
+            return example_for_schema(non_null[0], text, root)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        props = schema.get("properties") or {}
+        return {k: example_for_schema(v, text, root) for k, v in props.items()}
+    if kind == "array":
+        prefix = schema.get("prefixItems")
+        if prefix:
+            return [example_for_schema(s, text, root) for s in prefix]
+        item = example_for_schema(schema.get("items") or {}, text, root)
+        return [item] * max(1, int(schema.get("minItems", 1)))
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum"))
+        value = 0 if low is None else low + (1 if "exclusiveMinimum" in schema else 0)
+        return int(value) if kind == "integer" else value
+    if kind == "boolean":
+        return True
+    if kind == "null":
+        return None
+    words = (text.strip() or "text")[: int(schema.get("maxLength", 80))]
+    return words.ljust(int(schema.get("minLength", 0)), "x")
