@@ -23,7 +23,6 @@ import pydantic_core
 from . import _instrument, _prompted
 from ._context import Span, current_span
 from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
-from ._llm import attempt
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._streaming import AgentStream, open_agent_stream
@@ -58,7 +57,6 @@ from .resilience._policies import (
     Policies,
     call_model,
     effective,
-    is_unguarded,
     with_total_timeout,
 )
 from .resilience._ratelimit import RateLimiter
@@ -263,8 +261,7 @@ class Agent(Generic[P, R]):
     # counts, per call in flight, makes its collections more frequent, and thousands of calls
     # start at once in a fan-out. So an agent of one parameter called with one value keeps the
     # value alone (its dict is made when the call runs), any other call the dict of its bound
-    # arguments rather than the args tuple and kwargs dict (measured, 2,000 concurrent runs of
-    # four calls: 15 fewer young collections).
+    # arguments rather than the args tuple and kwargs dict.
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
         if self._sole is not None and len(args) == 1 and not kwargs:
             return self._call(None, False, args[0])
@@ -301,12 +298,10 @@ class Agent(Generic[P, R]):
         parent = current_span.get()
         span = Span("agent", self.name, parent)
         # The call's span is made current only around the code that reads it: tools and the
-        # resilience policies (see _run), and the whole call when it is a run of its own. Not
-        # for a plain first attempt inside a run, whose span is explicit: each set and reset
-        # leaves the task's context two new objects for the garbage collector to count, and a
-        # workflow's parallel calls each run in a task of their own (measured: 11 fewer young
-        # collections for 2,000 runs of three parallel calls). Code under a provider's request
-        # still sees the run (or tool) it belongs to.
+        # resilience policies (see _run), and the whole call when it is a run of its own. The
+        # rest of the call passes it explicitly: each set and reset leaves the task's context
+        # new objects for the garbage collector to count, and a workflow's parallel calls each
+        # run in a task of their own.
         token = current_span.set(span) if parent is None else None
         if _instrument.recording:
             span_started(span, {"model": model.id, "inputs": arguments})
@@ -398,18 +393,9 @@ class Agent(Generic[P, R]):
         tool_rounds = 0
         failures = 0
         prompted_results: dict[tuple[str, str], str] = {}
-        unguarded = is_unguarded(policies, model)
         while True:
             try:
-                if unguarded:
-                    # Nothing guards an attempt (the default): make it here, and build the retry
-                    # machinery only once it has failed. The hot path of every agent call.
-                    try:
-                        response = await attempt(model, request, span)
-                    except Exception as error:
-                        response = await _guarded(model, request, span, policies, error)
-                else:
-                    response = await _guarded(model, request, span, policies, None)
+                response = await _guarded(model, request, span, policies)
             except UnsupportedRequestError as exc:
                 if exc.feature != "tools" or prompted_tools or tool_rounds or self.tool_mode:
                     raise
@@ -524,17 +510,14 @@ class Agent(Generic[P, R]):
             if prompted_tools
             else self.output.schema
         )
-        # By position: half the time of the same call by keyword (measured: 150 ns against 310),
-        # and every agent call builds one. In the order of ModelRequest's fields: messages,
-        # temperature, max_tokens, output_schema, tools, extra, output_mode.
         return ModelRequest(
-            messages,
-            self.temperature,
-            self.max_tokens,
-            schema if model.supports_output_schema else None,
-            self._tool_specs if self.tools and not prompted_tools else [],
-            self.provider_kwargs,
-            self.output_mode,
+            messages=messages,
+            temperature=self.temperature,
+            max_tokens=self.max_tokens,
+            output_schema=schema if model.supports_output_schema else None,
+            tools=self._tool_specs if self.tools and not prompted_tools else [],
+            extra=self.provider_kwargs,
+            output_mode=self.output_mode,
         )
 
     async def _run_tool(self, call: ToolCall, parent: Span) -> str:
@@ -628,17 +611,13 @@ class Agent(Generic[P, R]):
 
 
 async def _guarded(
-    model: Model,
-    request: ModelRequest,
-    span: Span,
-    policies: Policies,
-    first_error: Exception | None,
+    model: Model, request: ModelRequest, span: Span, policies: Policies
 ) -> ModelResponse:
     """``call_model`` with the agent's span current: the policies record their retries, waits
     and breaker changes on the current span."""
     token = current_span.set(span)
     try:
-        return await call_model(model, request, span, policies, first_error)
+        return await call_model(model, request, span, policies)
     finally:
         current_span.reset(token)
 

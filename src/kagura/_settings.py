@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 LOCAL_MODEL = "local/smollm2"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
@@ -27,28 +26,7 @@ def default_model() -> str:
 
 def model_override() -> str | None:
     """``KAGURA_MODEL_OVERRIDE`` forces every agent onto one model, whatever it names."""
-    return _hot_env("KAGURA_MODEL_OVERRIDE") or None
-
-
-def _hot_env(name: str) -> str | None:
-    """``os.environ.get(name)`` for settings read on every agent or workflow call.
-
-    ``os.environ.get`` encodes the key and goes through a few Python calls (about half a
-    microsecond); a lookup in CPython's backing dict with the key encoded once takes a tenth.
-    """
-    if _environ_data is None:
-        return os.environ.get(name)
-    key = _encoded.get(name)
-    if key is None:
-        key = _encoded[name] = os.environ.encodekey(name)
-    raw = _environ_data.get(key)
-    return None if raw is None else os.environ.decodevalue(raw)
-
-
-_environ_data: dict[Any, Any] | None = getattr(os.environ, "_data", None)
-_encoded: dict[str, Any] = {}
-if not (hasattr(os.environ, "encodekey") and hasattr(os.environ, "decodevalue")):
-    _environ_data = None  # not CPython's os.environ: use the public path
+    return os.environ.get("KAGURA_MODEL_OVERRIDE") or None
 
 
 def kagura_home() -> Path:
@@ -83,4 +61,4 @@ def record_content() -> str:
 
 def durable_default() -> bool:
     """``KAGURA_DURABLE=1`` makes every top-level workflow run durable unless it says otherwise."""
-    return (_hot_env("KAGURA_DURABLE") or "0").lower() in ("1", "true", "yes", "on")
+    return (os.environ.get("KAGURA_DURABLE") or "0").lower() in ("1", "true", "yes", "on")

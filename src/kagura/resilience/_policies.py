@@ -98,10 +98,6 @@ _ONE_TOKEN_EACH = Usage(1, 1)
 _workflow_policies: ContextVar[Policies | None] = ContextVar("kagura_policies", default=None)
 
 
-def workflow_policies() -> Policies | None:
-    return _workflow_policies.get()
-
-
 def set_workflow_policies(policies: Policies) -> Any:
     """Install ``policies`` as the defaults for the current context (returns the reset token)."""
     outer = _workflow_policies.get()
@@ -139,19 +135,6 @@ def _breaker_for(setting: CircuitBreaker | bool | None, model: Model) -> Circuit
     return None
 
 
-def is_unguarded(policies: Policies, model: Model) -> bool:
-    """Would an attempt of ``model`` under ``policies`` pass no guard at all (no cost budget,
-    breaker, rate limiter or per-attempt timeout)? Then its first attempt needs no machinery."""
-    return (
-        policies.timeout is None
-        and (policies.breaker is None or policies.breaker is False)
-        and policies.rate_limit is None
-        and (not isinstance(policies.retry, Retry) or policies.retry.timeout is None)
-        and limiter_for_model(model.id) is None
-        and current_cost_budget() is None
-    )
-
-
 class Guards(NamedTuple):
     """The policies as they apply to the attempts of one model."""
 
@@ -180,18 +163,11 @@ def guards_for(policies: Policies, model: Model) -> Guards:
 
 
 async def call_model(
-    model: Model,
-    request: ModelRequest,
-    parent: Span,
-    policies: Policies,
-    first_error: Exception | None = None,
+    model: Model, request: ModelRequest, parent: Span, policies: Policies
 ) -> ModelResponse:
-    """One logical model call: attempts under the retry policy, each guarded by the others.
-    ``first_error``: the caller made the first attempt itself (see :func:`is_unguarded`), and it
-    failed with this."""
+    """One logical model call: every attempt, the first included, made by the retry policy, and
+    each guarded by the others (cost budget, breaker, rate limiter, per-attempt timeout)."""
     breaker, limiter, retry, timeout, budget = guards_for(policies, model)
-    if first_error is not None and not isinstance(retry, Retry):
-        raise first_error
 
     async def one_attempt() -> ModelResponse:
         if budget is not None:
@@ -220,20 +196,9 @@ async def call_model(
 
     if not isinstance(retry, Retry):
         return await one_attempt()
-    if retry.timeout is not None or retry.total_timeout is not None:
-        # The agent applies these itself; the policy's copy would apply them twice.
-        retry = _without_timeouts(retry)
-    # The call's total timeout still bounds the retries: a wait that would pass it is not begun.
-    return await retry._loop(one_attempt, model.id, _call_deadline.get(), first_error)
-
-
-def _without_timeouts(policy: Retry) -> Retry:
-    stripped = Retry.__new__(Retry)
-    for slot in Retry.__slots__:
-        setattr(stripped, slot, getattr(policy, slot))
-    stripped.timeout = None
-    stripped.total_timeout = None
-    return stripped
+    # The attempt applies the per-attempt timeout, and the agent the total one, which still
+    # bounds the retries: a wait that would pass the call's deadline is not begun.
+    return await retry.run_attempts(one_attempt, model.id, deadline=_call_deadline.get())
 
 
 #: When the agent call under way must end (``time.monotonic()``), if it has a total timeout.

@@ -98,35 +98,36 @@ class Retry:
         return f"Retry(attempts={self.attempts}, backoff={self.backoff!r}, timeout={self.timeout})"
 
     async def call(self, fn: Callable[[], Awaitable[T]], *, name: str = "call") -> T:
-        """Run ``fn()`` (a fresh awaitable per attempt) under this policy."""
+        """Run ``fn()`` (a fresh awaitable per attempt) under this policy, its ``timeout`` per
+        attempt and its ``total_timeout`` included."""
         if self.total_timeout is None:
-            return await self._loop(fn, name, None)
+            return await self.run_attempts(fn, name, timeout=self.timeout)
         deadline = time.monotonic() + self.total_timeout
         async with asyncio.timeout(self.total_timeout):
-            return await self._loop(fn, name, deadline)
+            return await self.run_attempts(fn, name, deadline=deadline, timeout=self.timeout)
 
-    async def _loop(
+    async def run_attempts(
         self,
         fn: Callable[[], Awaitable[T]],
         name: str,
-        deadline: float | None,
-        first_error: Exception | None = None,
+        *,
+        deadline: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit, not the call's
     ) -> T:
-        """Attempts of ``fn`` until one succeeds or the policy gives up. ``first_error``: the
-        first attempt was already made by the caller, and failed with it."""
+        """Every attempt of ``fn()``, the first included, until one succeeds or the policy
+        gives up (then the last error is raised, with a note saying why). ``timeout`` bounds
+        each attempt; no wait is begun that would pass ``deadline`` (``time.monotonic()``).
+
+        The policy's own ``timeout`` and ``total_timeout`` are not applied here but by
+        :meth:`call`: an agent call applies them itself (as the attempt's timeout, recorded on
+        its span, and as the call's deadline, which covers its fallbacks and tools too)."""
         attempt = 0
-        if first_error is not None:
-            attempt = 1
-            wait = self._wait_before_retry(first_error, attempt, name, deadline)
-            if wait is None:
-                raise first_error
-            await _config.sleep(wait)
         while True:
             attempt += 1
             try:
-                if self.timeout is None:
+                if timeout is None:
                     return await fn()
-                async with asyncio.timeout(self.timeout):
+                async with asyncio.timeout(timeout):
                     return await fn()
             except Exception as error:
                 wait = self._wait_before_retry(error, attempt, name, deadline)

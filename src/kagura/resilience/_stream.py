@@ -28,7 +28,7 @@ from ..providers._base import NO_USAGE
 from ._breaker import CircuitBreaker
 from ._budget import CostBudget
 from ._classify import retry_after
-from ._policies import _ONE_TOKEN_EACH, Policies, _without_timeouts, guards_for
+from ._policies import _ONE_TOKEN_EACH, Policies, guards_for
 from ._ratelimit import Permit, RateLimiter, estimate_tokens
 from ._retry import Retry
 
@@ -163,6 +163,5 @@ async def open_stream(
 
     if not isinstance(retry, Retry):
         return await one_attempt()
-    if retry.timeout is not None or retry.total_timeout is not None:
-        retry = _without_timeouts(retry)  # applied here: per chunk, and as the deadline
-    return await retry._loop(one_attempt, model.id, deadline)
+    # The policy's timeouts are applied here, per chunk and as the deadline: not by the policy.
+    return await retry.run_attempts(one_attempt, model.id, deadline=deadline)
