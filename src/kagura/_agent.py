@@ -15,8 +15,7 @@ import inspect
 import json
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, get_type_hints, overload
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, overload
 
 import pydantic_core
 
@@ -50,17 +49,14 @@ from .providers import (
     resolve_model,
 )
 from .providers import _parse as _parse_model_string
-from .resilience._backoff import seconds
 from .resilience._breaker import CircuitBreaker
 from .resilience._policies import (
-    UNSET,
     Policies,
+    PolicyOptions,
     call_model,
     effective,
     with_total_timeout,
 )
-from .resilience._ratelimit import RateLimiter
-from .resilience._retry import Retry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -80,33 +76,64 @@ class AgentRun(Generic[R]):
     run_id: str
 
 
-class Agent(Generic[P, R]):
-    """An LLM-backed async callable. Create it with :func:`agent`."""
+class AgentOptions(PolicyOptions, total=False):
+    """The settings of an agent, as :func:`agent` and :class:`Agent` take them; all optional.
 
-    def __init__(
-        self,
-        fn: AgentFunction[P, R],
-        *,
-        name: str | None = None,
-        model: str | Model | None = None,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        system: str | None = None,
-        tools: Iterable[Tool[Any, Any] | Callable[..., Any]] = (),
-        output_retries: int = 2,
-        max_tool_rounds: int = 5,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        retry: Retry | bool | None = UNSET,
-        timeout: float | timedelta | None = UNSET,
-        total_timeout: float | timedelta | None = UNSET,
-        breaker: CircuitBreaker | bool | None = UNSET,
-        rate_limit: RateLimiter | None = UNSET,
-        fallback: Iterable[str | Model] = (),
-        output_mode: OutputMode | None = None,
-        tool_mode: ToolMode | None = None,
-        provider_kwargs: Mapping[str, Any] | None = None,
-    ) -> None:
+    The resilience settings (``retry``, ``timeout``, ``total_timeout``, ``breaker``,
+    ``rate_limit``) are those of :class:`~kagura.resilience.PolicyOptions`: left unset, they come
+    from the innermost ``@workflow(...)`` around the call, then from the library defaults.
+    """
+
+    #: The agent's name in recordings and errors (default: the function's).
+    name: str | None
+    #: A model string (see :mod:`kagura.providers`) or a model; default: ``KAGURA_MODEL``, else
+    #: OpenAI's ``gpt-4o-mini`` with an ``OPENAI_API_KEY``, else the embedded local model.
+    model: str | Model | None
+    #: Sampling temperature, 0 to 2 (default: the provider's).
+    temperature: float | None
+    #: A cap on the answer's tokens (default: the provider's).
+    max_tokens: int | None
+    #: A system message sent before the prompt.
+    system: str | None
+    #: Tools the model may call: :class:`Tool` objects or plain functions.
+    tools: Iterable[Tool[Any, Any] | Callable[..., Any]]
+    #: How often an answer that does not parse into the return type is asked again (default 2).
+    output_retries: int
+    #: How many rounds of tool calls one call may take (default 5).
+    max_tool_rounds: int
+    #: The endpoint of an OpenAI-compatible server, and its key (default: from the environment).
+    base_url: str | None
+    api_key: str | None
+    #: Models to try in turn when the agent's own fails with a run error.
+    fallback: Iterable[str | Model]
+    #: How structured output is asked for, and how tools are offered (default: the endpoint's).
+    output_mode: OutputMode | None
+    tool_mode: ToolMode | None
+    #: Keywords passed through to the provider untouched (``top_p``, ``seed``, ...).
+    provider_kwargs: Mapping[str, Any] | None
+
+
+class Agent(Generic[P, R]):
+    """An LLM-backed async callable. Create it with :func:`agent`; its settings are those of
+    :class:`AgentOptions`."""
+
+    def __init__(self, fn: AgentFunction[P, R], /, **options: Unpack[AgentOptions]) -> None:
+        unknown = options.keys() - AgentOptions.__optional_keys__
+        if unknown:
+            raise TypeError(
+                f"Agent() got unexpected keyword arguments {', '.join(sorted(unknown))}; "
+                f"provider keywords go in provider_kwargs="
+            )
+        name = options.get("name")
+        model = options.get("model")
+        temperature = options.get("temperature")
+        max_tokens = options.get("max_tokens")
+        output_retries = options.get("output_retries", 2)
+        max_tool_rounds = options.get("max_tool_rounds", 5)
+        output_mode = options.get("output_mode")
+        tool_mode = options.get("tool_mode")
+        base_url = options.get("base_url")
+        api_key = options.get("api_key")
         if not inspect.iscoroutinefunction(fn):
             raise UsageError(
                 f"@agent needs an 'async def' function; {getattr(fn, '__qualname__', fn)!r} is not"
@@ -139,32 +166,26 @@ class Agent(Generic[P, R]):
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.system = system
+        self.system = options.get("system")
         self.output_retries = output_retries
         self.max_tool_rounds = max_tool_rounds
         self.output_mode: OutputMode | None = output_mode
         self.tool_mode: ToolMode | None = tool_mode
         self.base_url = base_url
         self._api_key = api_key
-        self.provider_kwargs = dict(provider_kwargs or {})
+        self.provider_kwargs = dict(options.get("provider_kwargs") or {})
         if "stream" in self.provider_kwargs:
             raise UsageError(
                 f"agent {self.name!r}: stream= is not an agent setting; stream a call with "
                 f"{self.name}.stream(...), an async iterator of the answer as it arrives"
             )
-        self.policies = Policies(
-            retry=_check_retry(retry),
-            timeout=_optional_seconds(timeout, "timeout"),
-            total_timeout=_optional_seconds(total_timeout, "total_timeout"),
-            breaker=breaker,
-            rate_limit=rate_limit,
-        )
-        self.fallback: tuple[str | Model, ...] = tuple(fallback)
+        self.policies = Policies.from_options(options)
+        self.fallback: tuple[str | Model, ...] = tuple(options.get("fallback", ()))
         for spec in self.fallback:
             if isinstance(spec, str):
                 _parse_model_string(spec, None, None)
         self.tools: dict[str, Tool[Any, Any]] = {}
-        for t in tools:
+        for t in options.get("tools", ()):
             wrapped = as_tool(t)
             if wrapped.name in self.tools:
                 raise UsageError(f"agent {self.name!r}: two tools are named {wrapped.name!r}")
@@ -314,9 +335,7 @@ class Agent(Generic[P, R]):
                     replayed = self._replayed(record.output, span)
                     return replayed if full else replayed[0]
             prompt = self.prompt.render(arguments)
-            total = policies.total_timeout
-            if total is None and isinstance(policies.retry, Retry):
-                total = policies.retry.total_timeout
+            total = policies.call_timeout()
             if total is None and not self.fallback:  # the common case, without extra layers
                 model.check_ready()
                 result = await self._run(model, prompt, span, policies)
@@ -622,18 +641,6 @@ async def _guarded(
         current_span.reset(token)
 
 
-def _optional_seconds(value: Any, what: str) -> Any:
-    if value is UNSET or value is None:
-        return value
-    return seconds(value, what)
-
-
-def _check_retry(value: Any) -> Any:
-    if value is UNSET or value is None or isinstance(value, bool | Retry):
-        return value
-    raise UsageError(f"retry must be a kagura.resilience.Retry, True, False or None, got {value!r}")
-
-
 def _to_json(value: Any) -> str:
     return pydantic_core.to_json(value, fallback=repr).decode()
 
@@ -641,51 +648,9 @@ def _to_json(value: Any) -> str:
 @overload
 def agent(fn: AgentFunction[P, R], /) -> Agent[P, R]: ...
 @overload
+def agent(**options: Unpack[AgentOptions]) -> Callable[[AgentFunction[P, R]], Agent[P, R]]: ...
 def agent(
-    *,
-    name: str | None = None,
-    model: str | Model | None = None,
-    temperature: float | None = None,
-    max_tokens: int | None = None,
-    system: str | None = None,
-    tools: Iterable[Tool[Any, Any] | Callable[..., Any]] = (),
-    output_retries: int = 2,
-    max_tool_rounds: int = 5,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    retry: Retry | bool | None = UNSET,
-    timeout: float | timedelta | None = UNSET,
-    total_timeout: float | timedelta | None = UNSET,
-    breaker: CircuitBreaker | bool | None = UNSET,
-    rate_limit: RateLimiter | None = UNSET,
-    fallback: Iterable[str | Model] = (),
-    output_mode: OutputMode | None = None,
-    tool_mode: ToolMode | None = None,
-    **provider_kwargs: Any,
-) -> Callable[[AgentFunction[P, R]], Agent[P, R]]: ...
-def agent(
-    fn: AgentFunction[P, R] | None = None,
-    /,
-    *,
-    name: str | None = None,
-    model: str | Model | None = None,
-    temperature: float | None = None,
-    max_tokens: int | None = None,
-    system: str | None = None,
-    tools: Iterable[Tool[Any, Any] | Callable[..., Any]] = (),
-    output_retries: int = 2,
-    max_tool_rounds: int = 5,
-    base_url: str | None = None,
-    api_key: str | None = None,
-    retry: Retry | bool | None = UNSET,
-    timeout: float | timedelta | None = UNSET,
-    total_timeout: float | timedelta | None = UNSET,
-    breaker: CircuitBreaker | bool | None = UNSET,
-    rate_limit: RateLimiter | None = UNSET,
-    fallback: Iterable[str | Model] = (),
-    output_mode: OutputMode | None = None,
-    tool_mode: ToolMode | None = None,
-    **provider_kwargs: Any,
+    fn: AgentFunction[P, R] | None = None, /, **options: Any
 ) -> Agent[P, R] | Callable[[AgentFunction[P, R]], Agent[P, R]]:
     """Turn an async function into an LLM agent.
 
@@ -693,32 +658,24 @@ def agent(
     decides the result's type (``str`` by default). The body is never executed. Keywords that
     Kagura does not know (``top_p``, ``seed``, ...) are passed through to the provider.
 
-    Usable bare (``@agent``) or with arguments (``@agent(model="gpt-4o-mini", temperature=0)``).
+    Usable bare (``@agent``) or with arguments (``@agent(model="gpt-4o-mini", temperature=0)``);
+    the arguments are those of :class:`AgentOptions`. Provider keywords given bare are accepted
+    too, but type checkers know only ``provider_kwargs=``: a ``TypedDict`` cannot yet say "and
+    any other keyword" to mypy (PEP 728).
     """
 
+    known: AgentOptions = {}
+    extra: dict[str, Any] = {}
+    for key, value in options.items():
+        if key in AgentOptions.__optional_keys__:
+            known[key] = value  # type: ignore[literal-required]  # a key of AgentOptions
+        else:
+            extra[key] = value
+    if extra:
+        known["provider_kwargs"] = {**(known.get("provider_kwargs") or {}), **extra}
+
     def decorate(f: AgentFunction[P, R]) -> Agent[P, R]:
-        return Agent(
-            f,
-            name=name,
-            model=model,
-            temperature=temperature,
-            max_tokens=max_tokens,
-            system=system,
-            tools=tools,
-            output_retries=output_retries,
-            max_tool_rounds=max_tool_rounds,
-            base_url=base_url,
-            api_key=api_key,
-            retry=retry,
-            timeout=timeout,
-            total_timeout=total_timeout,
-            breaker=breaker,
-            rate_limit=rate_limit,
-            fallback=fallback,
-            output_mode=output_mode,
-            tool_mode=tool_mode,
-            provider_kwargs=provider_kwargs,
-        )
+        return Agent(f, **known)
 
     if fn is not None:
         return decorate(fn)

@@ -49,7 +49,6 @@ from .errors import (
 from .providers import Message, Model, ModelRequest, ModelResponse, ToolCall, ToolMode
 from .resilience._breaker import CircuitBreaker
 from .resilience._policies import Policies, effective
-from .resilience._retry import Retry
 from .resilience._stream import GuardedStream, open_stream
 
 T = TypeVar("T")
@@ -166,9 +165,7 @@ async def _items(
     if _instrument.recording:
         span_started(span, {"model": chain[0].id, "inputs": arguments, "stream": True})
     state = _State()
-    total = policies.total_timeout
-    if total is None and isinstance(policies.retry, Retry):
-        total = policies.retry.total_timeout
+    total = policies.call_timeout()
     try:
         try:
             durable = current_durable_run.get()

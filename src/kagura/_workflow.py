@@ -13,8 +13,7 @@ import functools
 import inspect
 from collections.abc import Callable, Coroutine
 from contextlib import ExitStack
-from datetime import timedelta
-from typing import Any, Generic, ParamSpec, TypeVar, overload
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from . import _instrument, _settings
 from ._context import Span, current_span
@@ -23,17 +22,13 @@ from .durable import _execute as _durable
 from .durable import _script
 from .durable._run import current_durable_run
 from .errors import UsageError
-from .resilience._backoff import seconds
-from .resilience._breaker import CircuitBreaker
 from .resilience._budget import CostBudget, RetryBudget
 from .resilience._policies import (
-    UNSET,
     Policies,
+    PolicyOptions,
     reset_workflow_policies,
     set_workflow_policies,
 )
-from .resilience._ratelimit import RateLimiter
-from .resilience._retry import Retry
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -152,36 +147,30 @@ class Workflow(Generic[P, R]):
         return f"<Workflow {self.name}>"
 
 
+class WorkflowOptions(PolicyOptions, total=False):
+    """The settings of :func:`workflow`, all optional. The resilience settings (those of
+    :class:`~kagura.resilience.PolicyOptions`) become the defaults of every agent call in the
+    run."""
+
+    #: The workflow's name in recordings and the journal (default: the function's).
+    name: str | None
+    #: A cap on the retries of the whole run.
+    retry_budget: int | None
+    #: Caps on what the run's LLM calls may spend, in US dollars and in tokens.
+    budget_usd: float | None
+    budget_tokens: int | None
+    #: Journal the run's steps so that it can be resumed (default: ``KAGURA_DURABLE``).
+    durable: bool | None
+
+
 @overload
 def workflow(fn: WorkflowFunction[P, R], /) -> Workflow[P, R]: ...
 @overload
 def workflow(
-    *,
-    name: str | None = None,
-    retry: Retry | bool | None = UNSET,
-    timeout: float | timedelta | None = UNSET,
-    total_timeout: float | timedelta | None = UNSET,
-    breaker: CircuitBreaker | bool | None = UNSET,
-    rate_limit: RateLimiter | None = UNSET,
-    retry_budget: int | None = None,
-    budget_usd: float | None = None,
-    budget_tokens: int | None = None,
-    durable: bool | None = None,
+    **options: Unpack[WorkflowOptions],
 ) -> Callable[[WorkflowFunction[P, R]], Workflow[P, R]]: ...
 def workflow(
-    fn: WorkflowFunction[P, R] | None = None,
-    /,
-    *,
-    name: str | None = None,
-    retry: Retry | bool | None = UNSET,
-    timeout: float | timedelta | None = UNSET,
-    total_timeout: float | timedelta | None = UNSET,
-    breaker: CircuitBreaker | bool | None = UNSET,
-    rate_limit: RateLimiter | None = UNSET,
-    retry_budget: int | None = None,
-    budget_usd: float | None = None,
-    budget_tokens: int | None = None,
-    durable: bool | None = None,
+    fn: WorkflowFunction[P, R] | None = None, /, **options: Unpack[WorkflowOptions]
 ) -> Workflow[P, R] | Callable[[WorkflowFunction[P, R]], Workflow[P, R]]:
     """Record an async function as a workflow run; agent calls inside it join the run.
 
@@ -195,28 +184,21 @@ def workflow(
     (``KAGURA_DURABLE=1`` makes it the default); see :meth:`Workflow.run` and
     :meth:`Workflow.resume`.
     """
-    given = Policies(
-        retry=retry,
-        timeout=timeout if timeout is UNSET or timeout is None else seconds(timeout, "timeout"),
-        total_timeout=(
-            total_timeout
-            if total_timeout is UNSET or total_timeout is None
-            else seconds(total_timeout, "total_timeout")
-        ),
-        breaker=breaker,
-        rate_limit=rate_limit,
-    )
+    unknown = options.keys() - WorkflowOptions.__optional_keys__
+    if unknown:
+        raise TypeError(f"workflow() got unexpected keyword arguments {', '.join(sorted(unknown))}")
+    given = Policies.from_options(options)
     policies = None if given == Policies() else given
 
     def decorate(f: WorkflowFunction[P, R]) -> Workflow[P, R]:
         return Workflow(
             f,
-            name=name,
+            name=options.get("name"),
             policies=policies,
-            retry_budget=retry_budget,
-            budget_usd=budget_usd,
-            budget_tokens=budget_tokens,
-            durable=durable,
+            retry_budget=options.get("retry_budget"),
+            budget_usd=options.get("budget_usd"),
+            budget_tokens=options.get("budget_tokens"),
+            durable=options.get("durable"),
         )
 
     if fn is not None:

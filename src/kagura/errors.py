@@ -21,7 +21,10 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
         ├── RunInProgressError      another process is executing this durable run
         ├── RunTakenOverError       another process took this durable run over (lease lost)
         ├── RunFailedError          a durable run with this id failed before
-        └── CircuitOpenError, BudgetExceeded (see kagura.resilience)
+        ├── CircuitOpenError        a circuit breaker is open: the call was refused at once
+        └── BudgetExceeded          a cost or token budget is spent: the call was not sent
+
+The last two are raised by :mod:`kagura.resilience` (which re-exports them).
 
 Errors raised by provider SDKs are translated at the provider boundary with ``raise ... from exc``,
 so the SDK's own exception stays available as ``__cause__``.
@@ -35,6 +38,8 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "BudgetExceeded",
+    "CircuitOpenError",
     "EncryptionKeyError",
     "KaguraError",
     "MissingCredentialsError",
@@ -240,3 +245,25 @@ class RunFailedError(RunError):
             f"durable run {run_id!r} failed earlier ({error_type}: {error}); "
             f"resume it with workflow.resume({run_id!r}) or `kagura runs resume {run_id}`"
         )
+
+
+class CircuitOpenError(RunError):
+    """The circuit breaker is open: the call was refused without reaching the dependency."""
+
+    def __init__(self, name: str, retry_in: float) -> None:
+        self.name = name
+        self.retry_in = retry_in
+        super().__init__(
+            f"circuit breaker {name!r} is open: failing fast; "
+            f"the next probe is allowed in {retry_in:.1f}s"
+        )
+
+
+class BudgetExceeded(RunError):
+    """A cost or token budget is spent: the call was not sent."""
+
+    def __init__(self, message: str, *, budget: Any) -> None:
+        #: The :class:`kagura.resilience.CostBudget` that is spent (typed ``Any``: this module
+        #: imports nothing of the packages that raise its errors, so they can all import it).
+        self.budget = budget
+        super().__init__(message)

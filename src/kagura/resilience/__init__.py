@@ -6,12 +6,15 @@ inside a ``@workflow(...)``, and on any async function (as a decorator, a contex
 retries, a context iterator). With nothing configured an agent retries transient errors (429, 5xx,
 timeouts, connection errors) up to 3 times with jittered exponential backoff (0.5 s doubling,
 capped at 30 s), honouring ``Retry-After``; ``@agent(retry=False)`` turns that off.
+
+Their errors, :class:`CircuitOpenError` and :class:`BudgetExceeded`, live in :mod:`kagura.errors`
+with the rest of the exception tree, and are re-exported here.
 """
 
+from ..errors import BudgetExceeded, CircuitOpenError
 from ._backoff import Backoff, exponential, fixed, jittered
-from ._breaker import CircuitBreaker, CircuitOpenError, circuit_breaker, reset_breakers
+from ._breaker import CircuitBreaker, circuit_breaker, reset_breakers
 from ._budget import (
-    BudgetExceeded,
     CostBudget,
     RetryBudget,
     current_cost_budget,

@@ -19,7 +19,7 @@ from typing import Literal, ParamSpec, TypeVar
 
 from .._context import current_span
 from .._instrument import span_event
-from ..errors import RunError, UsageError
+from ..errors import CircuitOpenError, UsageError
 from ._backoff import seconds
 from ._classify import is_transient
 
@@ -27,18 +27,6 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 BreakerState = Literal["closed", "open", "half_open"]
-
-
-class CircuitOpenError(RunError):
-    """The circuit breaker is open: the call was refused without reaching the dependency."""
-
-    def __init__(self, name: str, retry_in: float) -> None:
-        self.name = name
-        self.retry_in = retry_in
-        super().__init__(
-            f"circuit breaker {name!r} is open: failing fast; "
-            f"the next probe is allowed in {retry_in:.1f}s"
-        )
 
 
 class CircuitBreaker:

@@ -13,7 +13,7 @@ from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from .._usage import Usage
-from ..errors import RunError, UsageError
+from ..errors import BudgetExceeded, UsageError
 
 __all__ = ["BudgetExceeded", "CostBudget", "RetryBudget"]
 
@@ -42,14 +42,6 @@ class _Scope:
         tb: TracebackType | None,
     ) -> None:
         self._current.reset(self._tokens.pop())
-
-
-class BudgetExceeded(RunError):
-    """A cost or token budget is spent: the call was not sent."""
-
-    def __init__(self, message: str, *, budget: CostBudget) -> None:
-        self.budget = budget
-        super().__init__(message)
 
 
 class RetryBudget(_Scope):

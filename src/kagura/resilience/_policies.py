@@ -9,15 +9,19 @@ the innermost ``@workflow(...)`` around the call, then from the library defaults
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from datetime import timedelta
+from typing import Any, Final, NamedTuple, TypedDict, TypeVar
 
 from .. import _llm
 from .._context import Span
 from .._usage import Usage
+from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
+from ._backoff import seconds
 from ._breaker import CircuitBreaker, circuit_breaker
 from ._budget import CostBudget, current_cost_budget
 from ._classify import retry_after
@@ -25,15 +29,12 @@ from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
 from ._retry import DEFAULT_RETRY, Retry
 
 
-class _Unset:
-    """Marks an agent setting left to the workflow or library default (``None`` means "off")."""
+class Unset(enum.Enum):
+    """The type of :data:`UNSET`: an agent setting left to the workflow or library default
+    (``None`` means "off"). An enum of one member, so that type checkers narrow
+    ``value is UNSET`` away."""
 
-    _instance: _Unset | None = None
-
-    def __new__(cls) -> _Unset:
-        if cls._instance is None:
-            cls._instance = super().__new__(cls)
-        return cls._instance
+    UNSET = "UNSET"
 
     def __repr__(self) -> str:
         return "UNSET"
@@ -42,7 +43,26 @@ class _Unset:
         return False
 
 
-UNSET: Any = _Unset()
+UNSET: Final = Unset.UNSET
+
+T = TypeVar("T")
+
+
+class PolicyOptions(TypedDict, total=False):
+    """The resilience settings an agent and a workflow take, all optional: left unset, one
+    falls through to the next level (an agent's to its workflow's, a workflow's to the library
+    defaults); ``None`` turns it off."""
+
+    #: A :class:`~kagura.resilience.Retry`, ``True`` (the default policy) or ``False``/``None``.
+    retry: Retry | bool | Unset | None
+    #: Seconds per attempt.
+    timeout: float | timedelta | Unset | None
+    #: Seconds per agent call: retries, fallbacks and tools included.
+    total_timeout: float | timedelta | Unset | None
+    #: A :class:`~kagura.resilience.CircuitBreaker`, or ``True`` for the one shared per model.
+    breaker: CircuitBreaker | bool | Unset | None
+    #: A :class:`~kagura.resilience.RateLimiter` (default: the one set for the model, if any).
+    rate_limit: RateLimiter | Unset | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +75,32 @@ class Policies:
     rate_limit: a :class:`RateLimiter`; by default the one set with ``limit_model`` for the model.
     """
 
-    retry: Retry | bool | None = UNSET
-    timeout: float | None = UNSET
-    total_timeout: float | None = UNSET
-    breaker: CircuitBreaker | bool | None = UNSET
-    rate_limit: RateLimiter | None = UNSET
+    retry: Retry | bool | Unset | None = UNSET
+    timeout: float | Unset | None = UNSET
+    total_timeout: float | Unset | None = UNSET
+    breaker: CircuitBreaker | bool | Unset | None = UNSET
+    rate_limit: RateLimiter | Unset | None = UNSET
+
+    @classmethod
+    def from_options(cls, options: PolicyOptions) -> Policies:
+        """The settings given to ``@agent(...)`` or ``@workflow(...)``, checked, with durations
+        in seconds."""
+        retry = options.get("retry", UNSET)
+        if not (retry is None or isinstance(retry, bool | Retry | Unset)):
+            raise UsageError(
+                f"retry must be a kagura.resilience.Retry, True, False or None, got {retry!r}"
+            )
+        timeout = options.get("timeout", UNSET)
+        total = options.get("total_timeout", UNSET)
+        return cls(
+            retry=retry,
+            timeout=timeout if timeout is None or timeout is UNSET else seconds(timeout, "timeout"),
+            total_timeout=total
+            if total is None or total is UNSET
+            else seconds(total, "total_timeout"),
+            breaker=options.get("breaker", UNSET),
+            rate_limit=options.get("rate_limit", UNSET),
+        )
 
     def over(self, base: Policies) -> Policies:
         """These settings, with the unset ones taken from ``base``."""
@@ -69,6 +110,18 @@ class Policies:
                 for mine, theirs in zip(_values(_lifted(self)), _values(base), strict=True)
             )
         )
+
+    def call_timeout(self) -> float | None:
+        """Seconds a whole call may take, retries, fallbacks and tools included: the
+        ``total_timeout``, else the retry policy's, else none."""
+        total = None if self.total_timeout is UNSET else self.total_timeout
+        if total is None and isinstance(self.retry, Retry):
+            total = self.retry.total_timeout
+        return total
+
+
+def _duration(value: float | timedelta | Unset | None, what: str) -> float | Unset | None:
+    return value if value is None or isinstance(value, Unset) else seconds(value, what)
 
 
 def _values(p: Policies) -> tuple[Any, ...]:
@@ -154,12 +207,17 @@ def guards_for(policies: Policies, model: Model) -> Guards:
     if timeout is None and isinstance(retry, Retry):
         timeout = retry.timeout
     return Guards(
-        _breaker_for(policies.breaker, model),
-        policies.rate_limit or limiter_for_model(model.id),
-        retry,
-        timeout,
+        _breaker_for(_set(policies.breaker), model),
+        _set(policies.rate_limit) or limiter_for_model(model.id),
+        _set(retry),
+        _set(timeout),
         current_cost_budget(),
     )
+
+
+def _set(value: T | Unset) -> T | None:
+    """A setting of merged policies (never unset, unless a caller skipped the merge)."""
+    return None if isinstance(value, Unset) else value
 
 
 async def call_model(
