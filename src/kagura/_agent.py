@@ -49,7 +49,7 @@ from .providers import (
     resolve_model,
 )
 from .providers import _parse as _parse_model_string
-from .resilience._breaker import CircuitBreaker
+from .resilience._fallback import record_fallback
 from .resilience._policies import (
     Policies,
     PolicyOptions,
@@ -382,24 +382,15 @@ class Agent(Generic[P, R]):
         """The primary model, then each fallback model in turn after a run failure."""
         chain = [model, *(resolve_model(spec) for spec in self.fallback)]
         for position, current in enumerate(chain):
-            if position == 1 and isinstance(policies.breaker, CircuitBreaker):
-                # A breaker given as an object guards the agent's own model: were it to guard the
-                # fallbacks too, the failure that opened it would also refuse every fallback.
-                # Each fallback model gets the breaker shared under its own name instead.
-                policies = dataclasses.replace(policies, breaker=True)
+            if position == 1:
+                policies = policies.for_fallbacks()
             try:
                 current.check_ready()
                 return await self._run(current, prompt, span, policies), current.id
             except RunError as exc:
                 if position == len(chain) - 1:
                     raise
-                span_event(
-                    span,
-                    "fallback",
-                    failed=current.id,
-                    next=chain[position + 1].id,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+                record_fallback(span, current.id, chain[position + 1].id, exc)
         raise AssertionError("unreachable: the chain is never empty")
 
     async def _run(self, model: Model, prompt: str, span: Span, policies: Policies) -> Any:

@@ -33,7 +33,7 @@ import pydantic_core
 
 from . import _instrument
 from ._context import Span, current_span
-from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
+from ._instrument import ensure_recording, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate
 from .durable import _script
@@ -47,7 +47,7 @@ from .errors import (
     UsageError,
 )
 from .providers import Message, Model, ModelRequest, ModelResponse, ToolCall, ToolMode
-from .resilience._breaker import CircuitBreaker
+from .resilience._fallback import record_fallback
 from .resilience._policies import Policies, effective
 from .resilience._stream import GuardedStream, open_stream
 
@@ -182,10 +182,8 @@ async def _items(
             prompt = agent.prompt.render(arguments)
             deadline = None if total is None else time.monotonic() + total
             for position, model in enumerate(chain):
-                if position == 1 and isinstance(policies.breaker, CircuitBreaker):
-                    # As for a call: an agent's own breaker guards its own model; each fallback
-                    # model gets the breaker shared under its name.
-                    policies = dataclasses.replace(policies, breaker=True)
+                if position == 1:
+                    policies = policies.for_fallbacks()
                 try:
                     model.check_ready()  # here, not earlier: a replayed call needs no credentials
                     request = agent.first_request(model, prompt)
@@ -224,13 +222,7 @@ async def _items(
                 except RunError as exc:
                     if state.items or position == len(chain) - 1:
                         raise
-                    span_event(
-                        span,
-                        "fallback",
-                        failed=model.id,
-                        next=chain[position + 1].id,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
+                    record_fallback(span, model.id, chain[position + 1].id, exc)
                     continue
                 if durable is not None:
                     # Committed before the reader sees the result, or the end of the text.

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from .._context import current_span
+from .._context import Span, current_span
 from .._instrument import span_event
 from ..errors import UsageError
 
@@ -70,12 +70,7 @@ class Fallback(Generic[P, T]):
                 value = await option(*args, **kwargs)
             except self.on as error:
                 errors.append((name, error))
-                span_event(
-                    current_span.get(),
-                    "fallback",
-                    failed=name,
-                    error=f"{type(error).__name__}: {error}",
-                )
+                record_fallback(current_span.get(), name, None, error)
                 continue
             return Answer(value, name, tuple(errors))
         if self.default is not _NO_DEFAULT:
@@ -87,3 +82,15 @@ class Fallback(Generic[P, T]):
                 f"{type(earlier).__name__}: {earlier}"
             )
         raise last
+
+
+def record_fallback(
+    span: Span | None, failed: str, next_: str | None, error: BaseException
+) -> None:
+    """Record on ``span`` that ``failed`` failed with ``error`` and ``next_`` is tried next
+    (``None``: the next option of a :class:`Fallback`, or its default)."""
+    attributes = {"failed": failed}
+    if next_ is not None:
+        attributes["next"] = next_
+    attributes["error"] = f"{type(error).__name__}: {error}"
+    span_event(span, "fallback", **attributes)

@@ -111,6 +111,15 @@ class Policies:
             )
         )
 
+    def for_fallbacks(self) -> Policies:
+        """These settings for an agent's fallback models. A breaker given as an object guards
+        the agent's own model: were it to guard the fallbacks too, the failure that opened it
+        would also refuse every fallback. Each fallback model gets the breaker shared under its
+        own name instead."""
+        if isinstance(self.breaker, CircuitBreaker):
+            return replace(self, breaker=True)
+        return self
+
     def call_timeout(self) -> float | None:
         """Seconds a whole call may take, retries, fallbacks and tools included: the
         ``total_timeout``, else the retry policy's, else none."""
