@@ -28,7 +28,7 @@ from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool
 from ._usage import Usage
 from .durable import _script
-from .durable._run import current_durable_run, input_hash
+from .durable._run import current_durable_run, journaled
 from .errors import (
     OutputParseError,
     RunError,
@@ -328,33 +328,24 @@ class Agent(Generic[P, R]):
             span_started(span, {"model": model.id, "inputs": arguments})
         durable = current_durable_run.get()
         try:
-            if durable is not None:
-                digest = input_hash(arguments)
-                record = durable.lookup(span.step_key, self.name, "agent", digest, span._position)
-                if record is not None:
-                    replayed = self._replayed(record.output, span)
-                    return replayed if full else replayed[0]
-            prompt = self.prompt.render(arguments)
-            total = policies.call_timeout()
-            if total is None and not self.fallback:  # the common case, without extra layers
-                model.check_ready()
-                result = await self._run(model, prompt, span, policies)
-                answered_by = model.id
+            if durable is None:
+                result, answered_by = await self._answer(model, arguments, span, policies)
             else:
-                result, answered_by = await with_total_timeout(
-                    total, self._run_chain(model, prompt, span, policies)
-                )
-            if durable is not None:
-                # Committed before the caller sees the result: a crash from here on never
-                # sends this call to the provider again.
-                await durable.record(
-                    span.step_key,
-                    self.name,
+                (result, answered_by), replayed = await journaled(
+                    durable,
+                    span,
                     "agent",
-                    digest,
-                    self.output.dump(result),
-                    span._position,
+                    arguments,
+                    lambda: self._answer(model, arguments, span, policies),
+                    dump=lambda answer: self.output.dump(answer[0]),
+                    load=lambda output: (self.output.load(output), "journal"),
+                    position=span._position,
                 )
+                if replayed:
+                    span_finished(
+                        span, "completed", attributes={"output": result, "replayed": True}
+                    )
+                    return (result, answered_by, span) if full else result
         except BaseException as exc:
             span_finished(span, status_of(exc), exc)
             raise
@@ -370,11 +361,19 @@ class Agent(Generic[P, R]):
         )
         return (result, answered_by, span) if full else result
 
-    def _replayed(self, output: str | None, span: Span) -> tuple[Any, str, Span]:
-        """The journaled answer of this call, in place of calling the model again."""
-        value = self.output.load(output)
-        span_finished(span, "completed", attributes={"output": value, "replayed": True})
-        return value, "journal", span
+    async def _answer(
+        self, model: Model, arguments: dict[str, Any], span: Span, policies: Policies
+    ) -> tuple[Any, str]:
+        """The call's output, and the model that answered: the agent's own, or a fallback."""
+        prompt = self.prompt.render(arguments)
+        total = policies.call_timeout()
+        if total is None and not self.fallback:  # the common case, without extra layers
+            model.check_ready()
+            return await self._run(model, prompt, span, policies), model.id
+        answer: tuple[Any, str] = await with_total_timeout(
+            total, self._run_chain(model, prompt, span, policies)
+        )
+        return answer
 
     async def _run_chain(
         self, model: Model, prompt: str, span: Span, policies: Policies
@@ -539,33 +538,41 @@ class Agent(Generic[P, R]):
             error = f"Error: there is no tool named {call.name!r}; tools: {', '.join(self.tools)}"
             span_finished(span, "failed", LookupError(error))
             return error
+
+        async def invoke() -> str:
+            token = current_span.set(span)
+            try:
+                value = await tool.invoke(call.arguments)
+            except Exception as exc:
+                raise _ToolFailed(exc) from exc
+            finally:
+                current_span.reset(token)
+            return value if isinstance(value, str) else _to_json(value)
+
         durable = current_durable_run.get()
-        digest = input_hash(call.arguments) if durable is not None else ""
-        if durable is not None:
-            record = durable.lookup(span.step_key, call.name, "tool", digest)
-            if record is not None:
-                text = json.loads(record.output) if record.output else ""
-                span_finished(span, "completed", attributes={"output": text, "replayed": True})
-                return str(text)
-        token = current_span.set(span)
         try:
-            value = await tool.invoke(call.arguments)
-        except Exception as exc:
-            span_finished(span, "failed", exc)
-            return f"Error: {type(exc).__name__}: {exc}"
+            if durable is None:
+                text, replayed = await invoke(), False
+            else:
+                text, replayed = await journaled(
+                    durable,
+                    span,
+                    "tool",
+                    call.arguments,
+                    invoke,
+                    dump=json.dumps,
+                    load=lambda output: str(json.loads(output)) if output else "",
+                )
+        except _ToolFailed as failed:
+            # Given back to the model, which may try another way; not journaled, so that a
+            # resumed run calls the tool again.
+            span_finished(span, "failed", failed.error)
+            return f"Error: {type(failed.error).__name__}: {failed.error}"
         except BaseException as exc:
             span_finished(span, status_of(exc), exc)
             raise
-        finally:
-            current_span.reset(token)
-        text = value if isinstance(value, str) else _to_json(value)
-        if durable is not None:
-            try:  # committed before the model (and the workflow) sees the result
-                await durable.record(span.step_key, call.name, "tool", digest, json.dumps(text))
-            except BaseException as exc:
-                span_finished(span, status_of(exc), exc)
-                raise
-        span_finished(span, "completed", attributes={"output": text})
+        attributes = {"output": text, "replayed": True} if replayed else {"output": text}
+        span_finished(span, "completed", attributes=attributes)
         return text
 
     @staticmethod
@@ -630,6 +637,15 @@ async def _guarded(
         return await call_model(model, request, span, policies)
     finally:
         current_span.reset(token)
+
+
+class _ToolFailed(Exception):
+    """A tool raised ``error``: told apart from a failure to journal its result, which ends
+    the call."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _to_json(value: Any) -> str:

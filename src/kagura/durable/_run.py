@@ -149,6 +149,32 @@ class DurableRun:
 current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_run", default=None)
 
 
+async def journaled(
+    durable: DurableRun,
+    span: Span,
+    kind: str,
+    inputs: Any,
+    run: Callable[[], Awaitable[T]],
+    *,
+    dump: Callable[[T], str | None],
+    load: Callable[[str | None], T],
+    position: int = -1,
+) -> tuple[T, bool]:
+    """One journaled step of ``durable`` (an agent call, a tool call or a :func:`step`, named
+    ``span.name``): its recorded result when the journal has it, without calling ``run``; else
+    ``run()``'s, journaled before it is returned, so that a crash from then on never runs it
+    again. Returns the result, and whether it came from the journal. ``dump`` and ``load``
+    turn a result into the journal's JSON text and back; ``position`` is the step's place among
+    its siblings (checked against the journal, except for tool calls)."""
+    digest = input_hash(inputs)
+    record = durable.lookup(span.step_key, span.name, kind, digest, position)
+    if record is not None:
+        return load(record.output), True
+    result = await run()
+    await durable.record(span.step_key, span.name, kind, digest, dump(result), position)
+    return result, False
+
+
 # Two overloads: with ``Awaitable[T] | T`` alone, mypy cannot solve T for an async ``fn``.
 @overload
 async def step(name: str, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T: ...
@@ -170,34 +196,35 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     span = Span("step", name, current_span.get())
     token = current_span.set(span)
     durable = current_durable_run.get()
-    digest = input_hash({"args": args, "kwargs": kwargs}) if durable is not None else ""
     span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
-    try:
-        if durable is not None:
-            record = durable.lookup(span.step_key, name, "step", digest, span._position)
-            if record is not None:
-                replayed: T = _load(record.output, fn)
-                span_finished(span, "completed", attributes={"output": replayed, "replayed": True})
-                return replayed
+
+    async def run() -> T:
         result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
             result = await result
-        value = cast(T, result)  # the awaited result of fn: its declared T
-        if durable is not None:
-            await durable.record(
-                span.step_key,
-                name,
+        return cast(T, result)  # the awaited result of fn: its declared T
+
+    try:
+        if durable is None:
+            value, replayed = await run(), False
+        else:
+            value, replayed = await journaled(
+                durable,
+                span,
                 "step",
-                digest,
-                pydantic_core.to_json(value).decode(),
-                span._position,
+                {"args": args, "kwargs": kwargs},
+                run,
+                dump=lambda v: pydantic_core.to_json(v).decode(),
+                load=lambda output: cast(T, _load(output, fn)),
+                position=span._position,
             )
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)
         raise
     finally:
         current_span.reset(token)
-    span_finished(span, "completed", attributes={"output": value})
+    attributes = {"output": value, "replayed": True} if replayed else {"output": value}
+    span_finished(span, "completed", attributes=attributes)
     return value
 
 
