@@ -211,9 +211,9 @@ def test_a_wrong_call_raises_at_the_call_as_for_an_async_function() -> None:
 
     # Nothing awaited: like an ``async def``, the call itself checks its arguments.
     with pytest.raises(TypeError, match="agent 'pair'"):
-        pair("only one")  # type: ignore[call-arg]
+        pair("only one")
     with pytest.raises(TypeError, match="agent 'pair'"):
-        pair("a", "b", c="extra")  # type: ignore[call-arg]
+        pair("a", "b", c="extra")
 
 
 async def test_a_one_parameter_agent_takes_its_value_by_position_or_by_name() -> None:
@@ -227,7 +227,7 @@ async def test_a_one_parameter_agent_takes_its_value_by_position_or_by_name() ->
     assert await echo(text="there") == "Say there"
     assert [r.messages[-1]["content"] for r in fake.requests] == ["Say hi", "Say there"]
     with pytest.raises(TypeError, match="agent 'echo'"):
-        echo("a", "b")  # type: ignore[call-arg]
+        echo("a", "b")
 
 
 async def test_code_under_a_provider_sees_the_run_it_belongs_to() -> None:
@@ -307,3 +307,34 @@ async def test_run_names_the_fallback_model_that_answered() -> None:
 
     result = await ask.run("anything")
     assert (result.output, result.model) == ("from the backup", "fake/backup")
+
+
+def test_an_agent_refuses_options_it_does_not_know() -> None:
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    with pytest.raises(TypeError, match="top_p; provider keywords go in provider_kwargs="):
+        Agent(ask, top_p=0.9)
+
+
+async def test_provider_keywords_given_bare_join_provider_kwargs() -> None:
+    fake = FakeModel(["ok"])
+
+    @agent(model=fake, provider_kwargs={"top_p": 0.5}, seed=7)
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    await ask("q")
+    assert fake.requests[0].extra == {"top_p": 0.5, "seed": 7}
+
+
+def test_a_bad_retry_setting_is_refused_by_agents_and_workflows() -> None:
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    with pytest.raises(UsageError, match="retry must be"):
+        agent(retry=3)(ask)
+    with pytest.raises(UsageError, match="retry must be"):
+        workflow(retry="often")(ask)
+    with pytest.raises(TypeError, match="retri"):
+        workflow(retri=3)(ask)

@@ -328,7 +328,7 @@ class Agent(Generic[P, R]):
             span_started(span, {"model": model.id, "inputs": arguments})
         durable = current_durable_run.get()
         try:
-            if durable is None:
+            if durable is None:  # the hot path: no closures for a journal there is not
                 result, answered_by = await self._answer(model, arguments, span, policies)
             else:
                 (result, answered_by), replayed = await journaled(
@@ -549,20 +549,17 @@ class Agent(Generic[P, R]):
                 current_span.reset(token)
             return value if isinstance(value, str) else _to_json(value)
 
-        durable = current_durable_run.get()
+        text: str
         try:
-            if durable is None:
-                text, replayed = await invoke(), False
-            else:
-                text, replayed = await journaled(
-                    durable,
-                    span,
-                    "tool",
-                    call.arguments,
-                    invoke,
-                    dump=json.dumps,
-                    load=lambda output: str(json.loads(output)) if output else "",
-                )
+            text, replayed = await journaled(
+                current_durable_run.get(),
+                span,
+                "tool",
+                call.arguments,
+                invoke,
+                dump=json.dumps,
+                load=lambda output: str(json.loads(output)) if output else "",
+            )
         except _ToolFailed as failed:
             # Given back to the model, which may try another way; not journaled, so that a
             # resumed run calls the tool again.

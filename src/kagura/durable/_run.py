@@ -150,7 +150,7 @@ current_durable_run: ContextVar[DurableRun | None] = ContextVar("kagura_durable_
 
 
 async def journaled(
-    durable: DurableRun,
+    durable: DurableRun | None,
     span: Span,
     kind: str,
     inputs: Any,
@@ -165,7 +165,10 @@ async def journaled(
     ``run()``'s, journaled before it is returned, so that a crash from then on never runs it
     again. Returns the result, and whether it came from the journal. ``dump`` and ``load``
     turn a result into the journal's JSON text and back; ``position`` is the step's place among
-    its siblings (checked against the journal, except for tool calls)."""
+    its siblings (checked against the journal, except for tool calls). Outside a durable run
+    (``durable`` is ``None``) it is ``run()``."""
+    if durable is None:
+        return await run(), False
     digest = input_hash(inputs)
     record = durable.lookup(span.step_key, span.name, kind, digest, position)
     if record is not None:
@@ -195,7 +198,6 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     ensure_recording()
     span = Span("step", name, current_span.get())
     token = current_span.set(span)
-    durable = current_durable_run.get()
     span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
 
     async def run() -> T:
@@ -205,19 +207,16 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
         return cast(T, result)  # the awaited result of fn: its declared T
 
     try:
-        if durable is None:
-            value, replayed = await run(), False
-        else:
-            value, replayed = await journaled(
-                durable,
-                span,
-                "step",
-                {"args": args, "kwargs": kwargs},
-                run,
-                dump=lambda v: pydantic_core.to_json(v).decode(),
-                load=lambda output: cast(T, _load(output, fn)),
-                position=span._position,
-            )
+        value, replayed = await journaled(
+            current_durable_run.get(),
+            span,
+            "step",
+            {"args": args, "kwargs": kwargs},
+            run,
+            dump=lambda v: pydantic_core.to_json(v).decode(),
+            load=lambda output: cast(T, _load(output, fn)),
+            position=span._position,
+        )
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)
         raise

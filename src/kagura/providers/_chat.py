@@ -9,12 +9,27 @@ is paid once, not on every call, and never retried as if it were a transient fai
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-from ..errors import ProviderError, UnsupportedRequestError
-from ._base import OUTPUT_MODES, ModelRequest, OutputMode, OutputSchema, ToolSpec
+from .._usage import Usage
+from ..errors import (
+    ProviderConnectionError,
+    ProviderError,
+    ProviderTimeout,
+    UnsupportedRequestError,
+)
+from ._base import (
+    OUTPUT_MODES,
+    ModelRequest,
+    ModelResponse,
+    OutputMode,
+    OutputSchema,
+    ToolCall,
+    ToolSpec,
+)
 from ._grammar import grammar_schema
 
 T = TypeVar("T")
@@ -151,3 +166,85 @@ def _rejects(error: ProviderError, words: tuple[str, ...]) -> bool:
         return False
     text = f"{error} {error.body or ''}".lower()
     return any(word in text for word in words)
+
+
+@contextlib.contextmanager
+def errors_mapped(model_id: str, where: str, hint: str = "") -> Iterator[None]:
+    """The ``openai`` SDK's exceptions (LiteLLM's are subclasses of them) as Kagura's
+    :class:`~kagura.errors.ProviderError` family. ``where`` names the endpoint (without
+    credentials); ``hint`` says, after a connection failure, where its address came from."""
+    import openai
+
+    try:
+        yield
+    except openai.APITimeoutError as exc:
+        raise ProviderTimeout(f"request to {where} timed out", model=model_id) from exc
+    except openai.APIConnectionError as exc:
+        raise ProviderConnectionError(
+            f"connection to {where} failed: {connection_detail(exc)}{hint}", model=model_id
+        ) from exc
+    except openai.APIStatusError as exc:
+        raise ProviderError(
+            error_message(exc),
+            model=model_id,
+            status_code=exc.status_code,
+            headers=dict(exc.response.headers),
+            body=_body_of(exc.response),
+        ) from exc
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # The SDK raises these when the body is not the JSON it expects.
+        raise ProviderError(f"malformed response: {exc}", model=model_id) from exc
+
+
+def _body_of(response: Any) -> str | None:
+    """The start of an error response's body, if it was read (LiteLLM makes up responses)."""
+    try:
+        return str(response.text)[:2000]
+    except Exception:  # httpx's ResponseNotRead, or a response that is not httpx's
+        return None
+
+
+def connection_detail(exc: BaseException) -> str:
+    """The first informative message down the cause chain (httpx errors often have none)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if str(current):
+            return f"{type(current).__name__}: {current}"
+        current = current.__cause__ or current.__context__
+    return type(exc.__cause__ or exc).__name__
+
+
+def error_message(exc: Any) -> str:
+    """What an SDK error says went wrong: the message of its JSON body, when it has one."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+    return str(getattr(exc, "message", exc))
+
+
+def to_response(completion: Any, model_id: str) -> ModelResponse:
+    """A chat completion (as the SDK, or LiteLLM, parsed it) as the answer Kagura reads."""
+    try:
+        choice = completion.choices[0]
+        message = choice.message
+        calls = tuple(
+            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
+            for c in (message.tool_calls or ())
+        )
+        usage = completion.usage
+        return ModelResponse(
+            text=message.content or "",
+            tool_calls=calls,
+            usage=Usage(
+                usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
+            ),
+            model=completion.model or model_id,
+            finish_reason=choice.finish_reason,
+        )
+    except (AttributeError, IndexError, TypeError) as exc:
+        raw = completion if isinstance(completion, str) else repr(completion)
+        raise ProviderError(f"malformed response: {exc}", model=model_id, body=raw[:2000]) from exc

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
+from ..errors import UsageError
 from ._base import Model, ModelRequest, ModelResponse, OutputMode, StreamChunk
-from ._chat import Endpoint, chat_kwargs
+from ._chat import Endpoint, chat_kwargs, errors_mapped, to_response
 from ._chunks import read_chunks
 from ._setup import SharedSetUp
-from .openai import _error_message, _to_response
 
 _INSTALL_HINT = "litellm/... models need LiteLLM: pip install 'kagura[litellm]'"
 
@@ -57,7 +56,7 @@ class LiteLLMModel(Model):
                 return await litellm.acompletion(**self._kwargs(request, mode))
 
         completion = await self._endpoint.send(request, send)
-        return _to_response(completion, self.id)
+        return to_response(completion, self.id)
 
     def _kwargs(self, request: ModelRequest, mode: OutputMode) -> dict[str, Any]:
         """The keyword arguments of ``litellm.acompletion`` for ``request``."""
@@ -69,24 +68,9 @@ class LiteLLMModel(Model):
             kwargs["api_key"] = self._api_key
         return kwargs
 
-    @contextlib.contextmanager
-    def _errors_mapped(self) -> Iterator[None]:
+    def _errors_mapped(self) -> contextlib.AbstractContextManager[None]:
         """LiteLLM's exceptions (subclasses of the ``openai`` SDK's) as Kagura's."""
-        import openai
-
-        try:
-            yield
-        except openai.APITimeoutError as exc:
-            raise ProviderTimeout("request timed out", model=self.id) from exc
-        except openai.APIConnectionError as exc:
-            raise ProviderConnectionError(f"connection failed: {exc}", model=self.id) from exc
-        except openai.APIStatusError as exc:
-            raise ProviderError(
-                _error_message(exc),
-                model=self.id,
-                status_code=exc.status_code,
-                headers=dict(exc.response.headers),
-            ) from exc
+        return errors_mapped(self.id, f"LiteLLM ({self.model_name})")
 
     supports_streaming = True
 

@@ -15,15 +15,12 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .._usage import Usage
 from ..errors import (
     MissingCredentialsError,
-    ProviderConnectionError,
     ProviderError,
-    ProviderTimeout,
 )
 from . import _chat
-from ._base import Model, ModelRequest, ModelResponse, OutputMode, Profile, StreamChunk, ToolCall
+from ._base import Model, ModelRequest, ModelResponse, OutputMode, Profile, StreamChunk
 from ._chunks import read_chunks
 from ._setup import SharedSetUp
 
@@ -187,31 +184,9 @@ class OpenAIChatModel(Model):
             mode = self._endpoint().output_mode(request)
         return _chat.chat_kwargs(self.model_name, request, mode)
 
-    @contextlib.contextmanager
-    def _errors_mapped(self) -> Iterator[None]:
+    def _errors_mapped(self) -> contextlib.AbstractContextManager[None]:
         """The SDK's exceptions as Kagura's :class:`~kagura.errors.ProviderError` family."""
-        import openai
-
-        try:
-            yield
-        except openai.APITimeoutError as exc:
-            raise ProviderTimeout(f"request to {self._where()} timed out", model=self.id) from exc
-        except openai.APIConnectionError as exc:
-            raise ProviderConnectionError(
-                f"connection to {self._where()} failed: {_connection_detail(exc)}{self._hint()}",
-                model=self.id,
-            ) from exc
-        except openai.APIStatusError as exc:
-            raise ProviderError(
-                _error_message(exc),
-                model=self.id,
-                status_code=exc.status_code,
-                headers=dict(exc.response.headers),
-                body=exc.response.text[:2000],
-            ) from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # The SDK raises these when the body is not the JSON it expects.
-            raise ProviderError(f"malformed response: {exc}", model=self.id) from exc
+        return _chat.errors_mapped(self.id, self._where(), self._hint())
 
     def _where(self) -> str:
         """The base URL requests go to, without any credentials in it."""
@@ -236,7 +211,7 @@ class OpenAIChatModel(Model):
                 return await client.chat.completions.create(**self._chat_kwargs(request, mode))
 
         completion = await self._endpoint().send(request, send)
-        return _to_response(completion, self.id)
+        return _chat.to_response(completion, self.id)
 
     supports_streaming = True
 
@@ -271,7 +246,7 @@ class OpenAIChatModel(Model):
                 yield
         except openai.APIError as exc:  # the ones with a status or a connection are mapped above
             raise ProviderError(
-                f"error event in the stream: {_error_message(exc)}",
+                f"error event in the stream: {_chat.error_message(exc)}",
                 model=self.id,
                 body=repr(exc.body)[:2000],
             ) from exc
@@ -285,47 +260,3 @@ def _without_credentials(url: str) -> str:
     if parts.port is not None:
         host = f"{host}:{parts.port}"
     return urllib.parse.urlunsplit(parts._replace(netloc=host))
-
-
-def _connection_detail(exc: BaseException) -> str:
-    """The first informative message down the cause chain (httpx errors often have none)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc.__cause__ or exc.__context__
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if str(current):
-            return f"{type(current).__name__}: {current}"
-        current = current.__cause__ or current.__context__
-    return type(exc.__cause__ or exc).__name__
-
-
-def _error_message(exc: Any) -> str:
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return str(getattr(exc, "message", exc))
-
-
-def _to_response(completion: Any, model_id: str) -> ModelResponse:
-    try:
-        choice = completion.choices[0]
-        message = choice.message
-        calls = tuple(
-            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
-            for c in (message.tool_calls or ())
-        )
-        usage = completion.usage
-        return ModelResponse(
-            text=message.content or "",
-            tool_calls=calls,
-            usage=Usage(
-                usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
-            ),
-            model=completion.model or model_id,
-            finish_reason=choice.finish_reason,
-        )
-    except (AttributeError, IndexError, TypeError) as exc:
-        raw = completion if isinstance(completion, str) else repr(completion)
-        raise ProviderError(f"malformed response: {exc}", model=model_id, body=raw[:2000]) from exc

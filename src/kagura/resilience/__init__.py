@@ -23,12 +23,13 @@ from ._budget import (
 from ._classify import is_transient
 from ._config import no_waits, set_testing
 from ._fallback import Answer, Fallback
-from ._policies import Policies
+from ._policies import UNSET, Policies, PolicyOptions, Unset
 from ._ratelimit import Permit, RateLimiter, limit_model, reset_rate_limits
 from ._retry import DEFAULT_RETRY, Attempt, Retry, RetryDetails, retry
 
 __all__ = [
     "DEFAULT_RETRY",
+    "UNSET",
     "Answer",
     "Attempt",
     "Backoff",
@@ -39,10 +40,12 @@ __all__ = [
     "Fallback",
     "Permit",
     "Policies",
+    "PolicyOptions",
     "RateLimiter",
     "Retry",
     "RetryBudget",
     "RetryDetails",
+    "Unset",
     "circuit_breaker",
     "current_cost_budget",
     "current_retry_budget",
