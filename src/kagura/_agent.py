@@ -1,8 +1,11 @@
 """``@agent``: an async function whose docstring is the prompt and whose return type is the result.
 
-The call path, in order: bind the arguments, render the prompt, pick the model, then loop over
-LLM attempts (each through :func:`kagura._llm.attempt`) until the answer parses into the return
-type, running any tools the model asks for in between.
+The call path, in order: bind the arguments, pick the model, take the answer from the journal
+in a durable run that has it, else render the prompt and loop over model calls until the answer
+parses into the return type, running any tools the model asks for in between. Each model call
+is handed once to the resilience policies (:func:`kagura.resilience._policies.call_model`),
+whose retry policy makes every attempt, the first included (:meth:`Retry.run_attempts`), each
+through :func:`kagura._llm.attempt` to the provider.
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ from .providers import (
     Message,
     Model,
     ModelRequest,
-    ModelResponse,
     OutputMode,
     ToolCall,
     ToolMode,
@@ -117,7 +119,7 @@ class Agent(Generic[P, R]):
     """An LLM-backed async callable. Create it with :func:`agent`; its settings are those of
     :class:`AgentOptions`."""
 
-    def __init__(self, fn: AgentFunction[P, R], /, **options: Unpack[AgentOptions]) -> None:
+    def __init__(self, fn: AgentFunction[P, R], **options: Unpack[AgentOptions]) -> None:
         unknown = options.keys() - AgentOptions.__optional_keys__
         if unknown:
             raise TypeError(
@@ -404,7 +406,7 @@ class Agent(Generic[P, R]):
         prompted_results: dict[tuple[str, str], str] = {}
         while True:
             try:
-                response = await _guarded(model, request, span, policies)
+                response = await call_model(model, request, span, policies)
             except UnsupportedRequestError as exc:
                 if exc.feature != "tools" or prompted_tools or tool_rounds or self.tool_mode:
                     raise
@@ -622,18 +624,6 @@ class Agent(Generic[P, R]):
         item.
         """
         return open_agent_stream(self, self._bind(args, kwargs))
-
-
-async def _guarded(
-    model: Model, request: ModelRequest, span: Span, policies: Policies
-) -> ModelResponse:
-    """``call_model`` with the agent's span current: the policies record their retries, waits
-    and breaker changes on the current span."""
-    token = current_span.set(span)
-    try:
-        return await call_model(model, request, span, policies)
-    finally:
-        current_span.reset(token)
 
 
 class _ToolFailed(Exception):

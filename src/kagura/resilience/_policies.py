@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
+from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
-from typing import Any, Final, NamedTuple, TypedDict, TypeVar
+from typing import Any, Final, TypedDict
 
 from .. import _llm
-from .._context import Span
+from .._context import Span, current_span
 from .._usage import Usage
 from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
@@ -44,8 +46,6 @@ class Unset(enum.Enum):
 
 
 UNSET: Final = Unset.UNSET
-
-T = TypeVar("T")
 
 
 class PolicyOptions(TypedDict, total=False):
@@ -104,11 +104,10 @@ class Policies:
 
     def over(self, base: Policies) -> Policies:
         """These settings, with the unset ones taken from ``base``."""
-        return Policies(
-            *(
-                mine if mine is not UNSET else theirs
-                for mine, theirs in zip(_values(_lifted(self)), _values(base), strict=True)
-            )
+        mine = _lifted(self)
+        return replace(
+            mine,
+            **{name: getattr(base, name) for name in _FIELDS if getattr(mine, name) is UNSET},
         )
 
     def for_fallbacks(self) -> Policies:
@@ -133,10 +132,6 @@ def _duration(value: float | timedelta | Unset | None, what: str) -> float | Uns
     return value if value is None or isinstance(value, Unset) else seconds(value, what)
 
 
-def _values(p: Policies) -> tuple[Any, ...]:
-    return (p.retry, p.timeout, p.total_timeout, p.breaker, p.rate_limit)
-
-
 def _lifted(p: Policies) -> Policies:
     """A level's ``Retry(timeout=..., total_timeout=...)`` counts as that level's own timeouts,
     so it beats the timeouts of an outer level (an agent's policy over its workflow's)."""
@@ -149,6 +144,8 @@ def _lifted(p: Policies) -> Policies:
         p = replace(p, total_timeout=retry.total_timeout)
     return p
 
+
+_FIELDS = tuple(field.name for field in fields(Policies))
 
 LIBRARY_DEFAULTS = Policies(
     retry=DEFAULT_RETRY, timeout=None, total_timeout=None, breaker=None, rate_limit=None
@@ -189,83 +186,101 @@ def effective(agent_policies: Policies) -> Policies:
     return result
 
 
-def _breaker_for(setting: CircuitBreaker | bool | None, model: Model) -> CircuitBreaker | None:
-    if isinstance(setting, CircuitBreaker):
-        return setting
-    if setting is True:
-        return circuit_breaker(model.id)
-    return None
-
-
-class Guards(NamedTuple):
-    """The policies as they apply to the attempts of one model."""
-
-    breaker: CircuitBreaker | None
-    limiter: RateLimiter | None
-    retry: Retry | bool | None
-    timeout: float | None
-    budget: CostBudget | None
+#: The policies as they apply to the attempts of one model: breaker, rate limiter, retry
+#: policy, per-attempt timeout and cost budget. A plain tuple, not a NamedTuple: it is made for
+#: every model call, and a NamedTuple's constructor is a Python function, several times slower.
+Guards = tuple[
+    CircuitBreaker | None, RateLimiter | None, Retry | None, float | None, CostBudget | None
+]
 
 
 def guards_for(policies: Policies, model: Model) -> Guards:
-    """What guards each attempt of ``model`` under ``policies`` (awaited or streamed)."""
+    """What guards each attempt of ``model`` under ``policies`` (awaited or streamed). Merged
+    policies (see :func:`effective`) have every setting; one left unset counts as off."""
     retry = policies.retry
     if retry is True:
         retry = DEFAULT_RETRY
+    elif retry is False or retry is UNSET:
+        retry = None
     timeout = policies.timeout
-    if timeout is None and isinstance(retry, Retry):
+    if timeout is UNSET:
+        timeout = None
+    if timeout is None and retry is not None:
         timeout = retry.timeout
-    return Guards(
-        _breaker_for(_set(policies.breaker), model),
-        _set(policies.rate_limit) or limiter_for_model(model.id),
-        _set(retry),
-        _set(timeout),
-        current_cost_budget(),
-    )
-
-
-def _set(value: T | Unset) -> T | None:
-    """A setting of merged policies (never unset, unless a caller skipped the merge)."""
-    return None if isinstance(value, Unset) else value
+    breaker = policies.breaker
+    if breaker is True:
+        breaker = circuit_breaker(model.id)
+    elif breaker is False or breaker is UNSET:
+        breaker = None
+    limiter = policies.rate_limit
+    if limiter is None or limiter is UNSET:
+        limiter = limiter_for_model(model.id)
+    return breaker, limiter, retry, timeout, current_cost_budget()
 
 
 async def call_model(
     model: Model, request: ModelRequest, parent: Span, policies: Policies
 ) -> ModelResponse:
-    """One logical model call: every attempt, the first included, made by the retry policy, and
-    each guarded by the others (cost budget, breaker, rate limiter, per-attempt timeout)."""
+    """One logical model call of the agent call ``parent``: every attempt, the first included,
+    made by the retry policy, and each guarded by the others (cost budget, breaker, rate limiter,
+    per-attempt timeout). What the policies do is recorded on ``parent``."""
     breaker, limiter, retry, timeout, budget = guards_for(policies, model)
+    attempt: Callable[[], Awaitable[ModelResponse]]
+    if breaker is None and limiter is None and budget is None:
+        # Nothing to guard (the default): each attempt is the provider's request itself.
+        attempt = functools.partial(_llm.attempt, model, request, parent, timeout=timeout)
+    else:
 
-    async def one_attempt() -> ModelResponse:
-        if budget is not None:
-            budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
-        if breaker is not None:
-            breaker.before_call()
-        try:
-            estimate = 0
-            if limiter is not None:
-                estimate = estimate_tokens(request.messages)
-                permit = await limiter.acquire(estimate)
-            response = await _llm.attempt(model, request, parent, timeout=timeout)
-        except BaseException as error:
-            if breaker is not None:
-                breaker.record_failure(error)
-            if limiter is not None and getattr(error, "status_code", None) == 429:
-                limiter.penalise(retry_after(error))
-            raise
-        if breaker is not None:
-            breaker.record_success()
-        if limiter is not None:
-            permit.settle(response.usage.total_tokens)
-        if budget is not None:
-            budget.charge(response.usage, model.cost(response.usage))
-        return response
+        async def attempt() -> ModelResponse:
+            # The breaker and the limiter record on the current span: the call's, here.
+            token = current_span.set(parent)
+            try:
+                return await _guarded_attempt(
+                    model, request, parent, timeout, breaker, limiter, budget
+                )
+            finally:
+                current_span.reset(token)
 
-    if not isinstance(retry, Retry):
-        return await one_attempt()
+    if retry is None:
+        return await attempt()
     # The attempt applies the per-attempt timeout, and the agent the total one, which still
     # bounds the retries: a wait that would pass the call's deadline is not begun.
-    return await retry.run_attempts(one_attempt, model.id, deadline=_call_deadline.get())
+    return await retry.run_attempts(attempt, model.id, deadline=_call_deadline.get(), span=parent)
+
+
+async def _guarded_attempt(
+    model: Model,
+    request: ModelRequest,
+    parent: Span,
+    timeout: float | None,  # noqa: ASYNC109 - the per-attempt limit, applied by _llm.attempt
+    breaker: CircuitBreaker | None,
+    limiter: RateLimiter | None,
+    budget: CostBudget | None,
+) -> ModelResponse:
+    """One attempt, through the cost budget, the breaker and the rate limiter."""
+    if budget is not None:
+        budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
+    if breaker is not None:
+        breaker.before_call()
+    try:
+        estimate = 0
+        if limiter is not None:
+            estimate = estimate_tokens(request.messages)
+            permit = await limiter.acquire(estimate)
+        response = await _llm.attempt(model, request, parent, timeout=timeout)
+    except BaseException as error:
+        if breaker is not None:
+            breaker.record_failure(error)
+        if limiter is not None and getattr(error, "status_code", None) == 429:
+            limiter.penalise(retry_after(error))
+        raise
+    if breaker is not None:
+        breaker.record_success()
+    if limiter is not None:
+        permit.settle(response.usage.total_tokens)
+    if budget is not None:
+        budget.charge(response.usage, model.cost(response.usage))
+    return response
 
 
 #: When the agent call under way must end (``time.monotonic()``), if it has a total timeout.

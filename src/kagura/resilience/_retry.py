@@ -17,7 +17,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import ParamSpec, TypeVar
 
-from .._context import current_span
+from .._context import Span, current_span
 from .._instrument import span_event
 from ..errors import UsageError
 from . import _config
@@ -113,10 +113,12 @@ class Retry:
         *,
         deadline: float | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit, not the call's
+        span: Span | None = None,
     ) -> T:
         """Every attempt of ``fn()``, the first included, until one succeeds or the policy
         gives up (then the last error is raised, with a note saying why). ``timeout`` bounds
         each attempt; no wait is begun that would pass ``deadline`` (``time.monotonic()``).
+        Retries are recorded on ``span`` (by default the current span).
 
         The policy's own ``timeout`` and ``total_timeout`` are not applied here but by
         :meth:`call`: an agent call applies them itself (as the attempt's timeout, recorded on
@@ -130,15 +132,22 @@ class Retry:
                 async with asyncio.timeout(timeout):
                     return await fn()
             except Exception as error:
-                wait = self._wait_before_retry(error, attempt, name, deadline)
+                wait = self._wait_before_retry(error, attempt, name, deadline, span)
                 if wait is None:
                     raise
             await _config.sleep(wait)
 
     def _wait_before_retry(
-        self, error: Exception, attempt: int, name: str, deadline: float | None
+        self,
+        error: Exception,
+        attempt: int,
+        name: str,
+        deadline: float | None,
+        span: Span | None = None,
     ) -> float | None:
         """Seconds to wait before the next attempt, or ``None`` to give up and re-raise."""
+        if span is None:
+            span = current_span.get()
         if not self.retry_on(error):
             return None
         if attempt >= self.attempts:
@@ -160,11 +169,11 @@ class Retry:
         budget = current_retry_budget()
         if budget is not None and not budget.try_spend():
             error.add_note(f"kagura: not retried: {budget.describe()}")
-            span_event(current_span.get(), "retry_budget_exhausted", name=name)
+            span_event(span, "retry_budget_exhausted", name=name)
             return None
         details = RetryDetails(name, attempt, self.attempts, error, wait, asked)
         span_event(
-            current_span.get(),
+            span,
             "retry_wait",
             name=name,
             attempt=attempt,

@@ -30,7 +30,6 @@ from ._budget import CostBudget
 from ._classify import retry_after
 from ._policies import _ONE_TOKEN_EACH, Policies, guards_for
 from ._ratelimit import Permit, RateLimiter, estimate_tokens
-from ._retry import Retry
 
 T = TypeVar("T")
 
@@ -161,7 +160,7 @@ async def open_stream(
                     await stream.close(error)
             raise
 
-    if not isinstance(retry, Retry):
+    if retry is None:
         return await one_attempt()
     # The policy's timeouts are applied here, per chunk and as the deadline: not by the policy.
     return await retry.run_attempts(one_attempt, model.id, deadline=deadline)
