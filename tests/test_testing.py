@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -189,3 +191,17 @@ async def test_the_fake_answers_a_union_with_its_first_option() -> None:
 
     with override_model(FakeModel()):
         assert await pick("q") == 0
+
+
+def test_production_code_never_imports_the_test_package() -> None:
+    """The "fake" model string resolves to the fake model without importing kagura.testing."""
+    code = (
+        "import sys, kagura, kagura.durable\n"
+        "from kagura.providers import resolve_model\n"
+        "assert type(resolve_model('fake')).__name__ == 'FakeModel'\n"
+        "print(sorted(m for m in sys.modules if m.startswith('kagura.testing')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.strip() == "[]"
