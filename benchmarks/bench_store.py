@@ -37,9 +37,9 @@ from typing import Any
 from _bench import Report, console, fmt, median
 
 from kagura._events import Event, SpanFinished, SpanStarted
+from kagura._storage import dispose_all, engine_for, normalise_url
 from kagura._usage import Usage
 from kagura.observability import EventStore, Recorder
-from kagura.observability._engine import dispose_all, engine_for, normalise_url
 from kagura.observability._writer import SPAN_COLUMNS as COLUMNS
 
 DAY = 86_400.0

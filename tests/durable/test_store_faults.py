@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from kagura import agent, workflow
+from kagura._storage import engine_for, normalise_url
 from kagura.errors import StoreError
-from kagura.observability._engine import engine_for, normalise_url
 from kagura.testing import FakeModel, override_model
 from tests.observability.test_store_faults import (
     ON_POSTGRES,

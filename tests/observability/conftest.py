@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 import kagura._instrument as instrument
+from kagura import _storage as engine_registry
 from kagura import observability
 from kagura.observability import Recorder
-from kagura.observability import _engine as engine_registry
 from kagura.resilience import reset_breakers, reset_rate_limits
 
 PG_STARTUP_TIMEOUT = 30.0

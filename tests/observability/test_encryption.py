@@ -20,11 +20,11 @@ from sqlalchemy import text
 
 from kagura import agent, observability, workflow
 from kagura._encryption import MARKER, decrypt, generate_key, is_encrypted
+from kagura._redact import looks_secret
+from kagura._storage import engine_for, normalise_url
 from kagura.cli import main
 from kagura.errors import EncryptionKeyError, ProviderError
 from kagura.observability import EventStore, Recorder
-from kagura.observability._content import looks_secret
-from kagura.observability._engine import engine_for, normalise_url
 from kagura.observability._writer import StoreWriter
 from kagura.resilience import no_waits
 from kagura.testing import FakeModel, override_model

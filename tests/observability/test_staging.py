@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from kagura import agent
+from kagura._storage import engine_for, normalise_url
 from kagura.observability import EventStore, Recorder
 from kagura.observability import _writer as writer_module
-from kagura.observability._engine import engine_for, normalise_url
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter
 from kagura.testing import FakeModel, override_model
 

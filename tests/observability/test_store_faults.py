@@ -24,16 +24,16 @@ from typing import Any
 import pytest
 from sqlalchemy import exc, text
 
-from kagura.errors import StoreError
-from kagura.observability import EventStore, Recorder, _recorder, _writer
-from kagura.observability import _engine as engines
-from kagura.observability._engine import (
+from kagura import _storage as engines
+from kagura._storage import (
     engine_for,
     is_store_fault,
     normalise_url,
     store_error,
     store_errors,
 )
+from kagura.errors import StoreError
+from kagura.observability import EventStore, Recorder, _recorder, _writer
 from kagura.observability._writer import ROW_WIDTH, StoreWriter
 from kagura.testing import FakeModel, override_model
 

@@ -248,7 +248,7 @@ class Recorder:
         batch_size: int = 5000,
         process: bool | None = None,
     ) -> None:
-        from ._engine import normalise_url
+        from .._storage import normalise_url
 
         self.url = normalise_url(url)
         #: Set when the store could not be opened: nothing is being recorded.
@@ -489,7 +489,7 @@ class Recorder:
     def _recording_off(self, why: BaseException) -> None:
         """The store cannot be opened: say so once, and record nothing from now on (the
         application's calls go on as if nothing were recorded)."""
-        from ._engine import scrub_url
+        from .._storage import scrub_url
 
         if isinstance(why, (StoreError, _StoreUnopenable)):  # they name the store and the cause
             reason = str(why)
@@ -643,17 +643,6 @@ class Recorder:
             gone.close(timeout=1.0)
 
 
-def _dialect_insert(engine: Any) -> Any:
-    """The dialect's INSERT, which (unlike the generic one) has ON CONFLICT for upserts."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert
-
-
 # -- the process-wide default recorder ----------------------------------------------------
 
 _default: Recorder | None = None
@@ -668,7 +657,7 @@ def install_default() -> Recorder:
     """Start recording to the default store (``KAGURA_DB`` or ``KAGURA_HOME/events.db``)."""
     global _default
     from .._instrument import add_sink
-    from ._engine import default_url
+    from .._storage import default_url
 
     with _default_lock:
         if _default is None:

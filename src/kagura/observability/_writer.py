@@ -32,25 +32,16 @@ from typing import IO, Any
 from .. import _context, _encryption
 from .._context import id_format
 from .._process import this_process
-from ..errors import StoreError
-from ._content import (
-    MAX_TEXT,
-    ContentMode,
-    as_inputs_text,
-    as_text,
-    bytes_look_secret,
-    encode_text,
-    looks_secret,
-    repr_of,
-    scrub,
-)
-from ._engine import (
+from .._redact import bytes_look_secret, looks_secret, repr_of, scrub
+from .._storage import (
     is_store_fault,
     scrub_url,
     store_error,
     store_name,
     use_a_large_page_cache,
 )
+from ..errors import StoreError
+from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -225,7 +216,7 @@ class StoreWriter:
     """
 
     def __init__(self, url: str, content: ContentMode) -> None:
-        from ._engine import engine_for
+        from .._storage import engine_for
 
         self.url = url
         self.content: ContentMode = content
@@ -384,7 +375,7 @@ class StoreWriter:
         one (or at most ``batches``). Returns how many this call wrote in. Safe against other
         processes doing the same: each batch is taken by the one whose ``DELETE`` gets it.
         Raises what the database raised when the store cannot be written (see
-        :func:`~kagura.observability._engine.is_store_fault`)."""
+        `kagura._storage.is_store_fault`)."""
         done = 0
         while batches is None or done < batches:
             taken = self._take_staged()
@@ -491,7 +482,7 @@ _COUNT_STAGED = "SELECT coalesce(sum(spans), 0) FROM kagura_staged"
 
 
 def _staged() -> Any:
-    from ._schema import staged
+    from .._storage import staged
 
     return staged
 
@@ -506,7 +497,7 @@ def catch_up(url: str) -> None:
     still staged: those of a writer process's latest burst, which it writes in once it has been
     quiet for ``QUIET_S`` and when its recording process ends, and those a killed writer process
     left (the next reader that may write writes them in)."""
-    from ._engine import engine_for
+    from .._storage import engine_for
 
     with engine_for(url).connect() as connection:
         if connection.exec_driver_sql(_ANY_STAGED).first() is None:
@@ -608,7 +599,7 @@ def _statements(dialect: str) -> _Statements:
     cached = _statement_cache.get(dialect)
     if cached is not None:
         return cached
-    from ._schema import events, spans
+    from .._storage import events, spans
 
     if tuple(c.name for c in spans.columns) != SPAN_COLUMNS:
         raise RuntimeError("the writer's columns do not match the kagura_spans table")
@@ -634,7 +625,7 @@ def _insert(dialect: str, table: str, columns: tuple[str, ...]) -> str:
 def _span_upsert(dialect: str, columns: tuple[str, ...]) -> str:
     """A span's row written whatever was there: its ``running`` row, if any, is replaced. A
     column left out of ``columns`` is stored as NULL (``excluded`` holds its default)."""
-    from ._schema import spans
+    from .._storage import spans
 
     updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
     insert = _insert(dialect, spans.name, columns)
