@@ -62,7 +62,7 @@ async def test_a_step_that_cannot_be_journaled_never_reaches_the_workflow(
     engine_for(normalise_url(store_url))  # the schema, made by its owner
     role = pg_role(
         "GRANT SELECT, INSERT, UPDATE ON kagura_runs TO {role}; "
-        "GRANT SELECT ON kagura_steps, kagura_spans, kagura_events, kagura_staged TO {role}"
+        "GRANT SELECT ON kagura_steps, kagura_spans, kagura_events, kagura_schema TO {role}"
     )
     monkeypatch.setenv("KAGURA_DB", role.url)
     monkeypatch.setenv("KAGURA_RECORD", "0")

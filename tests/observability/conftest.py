@@ -281,13 +281,9 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def rows(url: str, table: str = "kagura_spans") -> list[dict[str, Any]]:
-    """Every row of a store table, read straight from the database (not through EventStore),
-    once what the writers staged is written in (as EventStore does first)."""
+    """Every row of a store table, read straight from the database (not through EventStore)."""
     from sqlalchemy import text
 
-    from kagura.observability._writer import catch_up
-
-    catch_up(engine_registry.normalise_url(url))
     engine = engine_registry.engine_for(engine_registry.normalise_url(url))
     with engine.connect() as connection:
         return [dict(r._mapping) for r in connection.execute(text(f"SELECT * FROM {table}"))]

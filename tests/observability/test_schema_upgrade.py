@@ -7,10 +7,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from sqlalchemy import create_engine, inspect
+import pytest
+from sqlalchemy import create_engine, inspect, select
 
 from kagura import _storage as engines
 from kagura import agent, workflow
+from kagura._encryption import ENV, decrypt, generate_key, is_encrypted
 from kagura.durable._journal import journal_for
 from kagura.observability import EventStore, Recorder
 from kagura.testing import FakeModel, override_model
@@ -149,3 +151,50 @@ def test_a_store_opened_again_is_not_migrated_again(store_url: str) -> None:
     url = engines.normalise_url(store_url)
     engine = engines.engine_for(url)
     assert engines.upgrade(engine) == engines.SCHEMA_VERSION  # found at the latest version
+
+
+def _stage_an_old_batch(url: str) -> None:
+    """A batch in ``kagura_staged`` as cf3ef53's writer process left it when killed in a burst:
+    the recorder's message, a finished agent span's row (ids as numbers) and an event."""
+    import marshal
+
+    finished = [7, 7, None, "agent", "staged_agent", "staged_agent", None, "completed"]
+    finished += [10**9, 2 * 10**9, "m", 1, 2, None, 1, 0, None, None, b'{"t":"doc"}', "ok", None]
+    events = [("0f0f0f0f0f0f0000000007", "0f0f0f0f0f0f0000000007", "retry_wait", 1.5, "{}")]
+    message = ("rows", [], finished, events, "0f0f0f0f0f0f", 7, "elsewhere", None)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(old.staged.insert(), {"spans": 2, "batch": marshal.dumps(message)})
+    finally:
+        engine.dispose()
+
+
+def test_batches_an_earlier_version_left_staged_are_written_in_on_open(store_url: str) -> None:
+    url = engines.normalise_url(store_url)
+    _make_old_store(url)
+    _stage_an_old_batch(url)
+    engine = engines.engine_for(url)
+    assert not inspect(engine).has_table("kagura_staged")
+    execution = EventStore(store_url).get_execution("0f0f0f0f0f0f0000000007")
+    assert execution is not None
+    assert (execution["name"], execution["status"]) == ("staged_agent", "completed")
+    assert (execution["inputs"], execution["output"]) == ({"t": "doc"}, "ok")
+    assert execution["metrics"]["total_tokens"] == 3
+    assert [e["name"] for e in execution["events"]] == ["retry_wait"]
+
+
+def test_with_a_key_staged_batches_are_encrypted_when_written_in(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = engines.normalise_url(store_url)
+    _make_old_store(url)
+    _stage_an_old_batch(url)
+    monkeypatch.setenv(ENV, generate_key())
+    engines.engine_for(url)
+    with engines.engine_for(url).connect() as connection:
+        (stored,) = connection.execute(
+            select(engines.spans).where(engines.spans.c.name == "staged_agent")
+        ).all()
+    assert is_encrypted(stored.inputs) and is_encrypted(stored.output)
+    assert decrypt(stored.output) == '"ok"'

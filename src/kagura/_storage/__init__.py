@@ -42,9 +42,9 @@ from ._interrupted import INTERRUPTED, close_run_spans, close_spans_of_gone_proc
 from ._migrations import SCHEMA_VERSION, stored_version, upgrade
 
 if TYPE_CHECKING:
-    from ._schema import events, metadata, runs, schema_version, spans, staged, steps
+    from ._schema import events, metadata, runs, schema_version, spans, steps
 
-_TABLES = frozenset({"events", "metadata", "runs", "schema_version", "spans", "staged", "steps"})
+_TABLES = frozenset({"events", "metadata", "runs", "schema_version", "spans", "steps"})
 
 
 def __getattr__(name: str) -> Any:
@@ -77,7 +77,6 @@ __all__ = [
     "scrub_url",
     "spans",
     "sqlite_path",
-    "staged",
     "steps",
     "store_error",
     "store_errors",

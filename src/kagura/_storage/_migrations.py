@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 #: The schema version this code writes and reads: the number of the last step.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def _step_1_baseline(connection: Any) -> None:
@@ -60,8 +60,140 @@ def _step_1_baseline(connection: Any) -> None:
                 index.create(connection, checkfirst=True)
 
 
+def _step_2_no_staging(connection: Any) -> None:
+    """``kagura_staged`` retired: the recorder's writer no longer stages batches for readers to
+    write in (see :mod:`kagura.observability._recorder`). Batches an earlier version left there
+    (its writer process killed in a burst) are written into the spans and events tables first,
+    then the table is dropped."""
+    import logging
+    import marshal
+
+    from sqlalchemy import inspect
+
+    if not inspect(connection).has_table("kagura_staged"):
+        return
+    batches = connection.exec_driver_sql("SELECT id, batch FROM kagura_staged ORDER BY id").all()
+    for batch_id, batch in batches:
+        try:
+            spans, events = _staged_rows(marshal.loads(batch))
+        except Exception:  # damaged: the earlier version would have dropped it too
+            logging.getLogger("kagura.storage").warning(
+                "kagura: a batch of recordings staged by an earlier version (%s) cannot be "
+                "read; it is dropped",
+                batch_id,
+            )
+            continue
+        _write_staged(connection, spans, events)
+    connection.exec_driver_sql("DROP TABLE kagura_staged")
+
+
+#: The columns of a span's row in a staged batch: the recorder's message of versions 1 and
+#: earlier (``kagura.observability._writer.WIRE_COLUMNS`` at commit cf3ef53).
+_STAGED_COLUMNS = 21
+
+
+def _staged_rows(message: tuple[Any, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of the spans and events tables in a staged batch, as the earlier version's
+    writer made them: ids sent as numbers made text with the recording process's prefix, times
+    in seconds, recorded values as JSON text. (Staged batches never held anything to redact:
+    batches that might were written at once, never staged.)"""
+    import json
+
+    from .._context import id_format
+
+    _, running, finished, events, prefix, pid, *rest = message
+    host, start = (*rest, None, None)[:2]
+    if finished and not isinstance(finished[0], (tuple, list)):  # one flat list of values
+        each = iter(finished)
+        finished = list(zip(*[each] * _STAGED_COLUMNS, strict=True))
+    text_id = id_format(prefix)
+
+    def ident(value: Any) -> Any:
+        return value if value is None or type(value) is str else text_id % value
+
+    def as_text(value: Any) -> str | None:
+        if type(value) is bytes:
+            return value.decode()
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    spans = []
+    for row in [*running, *finished]:
+        (span_id, run_id, parent_id, kind, name, key, seq, status, start_ns, end_ns) = row[:10]
+        model, prompt, completion, cost, llm_calls, retries, error, error_type = row[10:18]
+        inputs = row[18]
+        if kind == "llm" and type(inputs) is str:  # an attempt's one user message
+            inputs = json.dumps([{"role": "user", "content": inputs}], ensure_ascii=False)
+        else:
+            inputs = as_text(inputs)
+        spans.append(
+            {
+                "span_id": ident(span_id),
+                "run_id": ident(run_id),
+                "parent_id": ident(parent_id),
+                "kind": kind,
+                "name": name,
+                "step_key": key if seq is None else f"{key}/{name}#{seq}",
+                "status": status,
+                "started_at": start_ns / 1e9,
+                "ended_at": None if end_ns is None else end_ns / 1e9,
+                "duration_ms": None if end_ns is None else (end_ns - start_ns) / 1e6,
+                "model": model,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "cost_usd": cost,
+                "llm_calls": llm_calls,
+                "retries": retries,
+                "error": error,
+                "error_type": error_type,
+                "inputs": inputs,
+                "output": as_text(row[19]),
+                "attributes": as_text(row[20]),
+                "pid": pid,
+                "host": host,
+                "pid_start": start,
+            }
+        )
+    names = ("span_id", "run_id", "name", "at", "attributes")
+    return spans, [dict(zip(names, event, strict=True)) for event in events]
+
+
+def _write_staged(
+    connection: Any, spans: list[dict[str, Any]], events: list[dict[str, Any]]
+) -> None:
+    """Rows of a staged batch into the tables (encrypted, if this process has a key, as the
+    earlier version's readers did when they wrote staged batches in)."""
+    from .. import _encryption
+    from ._dialect import insert
+    from ._schema import events as events_table
+    from ._schema import spans as spans_table
+
+    if _encryption.enabled():
+        for row in spans:
+            for column in ("error", "inputs", "output", "attributes"):
+                row[column] = _encryption.encrypt(row[column])
+        for row in events:
+            row["attributes"] = _encryption.encrypt(row["attributes"])
+    if spans:
+        statement = insert(connection, spans_table)
+        # A finished row replaces its running one (as the earlier writer's upsert did).
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=["span_id"],
+                set_={
+                    c.name: statement.excluded[c.name]
+                    for c in spans_table.columns
+                    if c.name != "span_id"
+                },
+            ),
+            spans,
+        )
+    if events:
+        connection.execute(events_table.insert(), events)
+
+
 #: The steps, in order: ``STEPS[n - 1]`` takes a store from version ``n - 1`` to ``n``.
-STEPS: tuple[Callable[[Any], None], ...] = (_step_1_baseline,)
+STEPS: tuple[Callable[[Any], None], ...] = (_step_1_baseline, _step_2_no_staging)
 assert len(STEPS) == SCHEMA_VERSION
 
 

@@ -5,7 +5,6 @@ journal's (:mod:`kagura.durable`).
 ``spans`` holds one row per workflow run, agent call, LLM attempt and tool call, inserted as
 ``running`` when it starts and completed when it ends; its metrics columns are totals over the
 span's subtree. ``events`` holds what happened inside spans (retry waits, breaker changes, ...).
-``staged`` holds recorded batches not yet written into those two.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from sqlalchemy import (
     Float,
     Index,
     Integer,
-    LargeBinary,
     MetaData,
     String,
     Table,
@@ -88,17 +86,6 @@ events = Table(
 
 Index("ix_kagura_events_span", events.c.span_id)
 Index("ix_kagura_events_run", events.c.run_id)
-
-# Batches the writer has made durable but not yet written into the tables above (a burst's, while
-# it goes on: see ``_writer.StoreWriter.stage``). Every reader writes them in first
-# (``_writer.catch_up``), so queries never miss a recorded row.
-staged = Table(
-    "kagura_staged",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("spans", Integer, nullable=False),  # rows in the batch (spans and events)
-    Column("batch", LargeBinary, nullable=False),  # the recorder's message, as marshal made it
-)
 
 # -- durable runs: the journal (see kagura.durable) ---------------------------------------------
 

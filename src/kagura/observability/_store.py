@@ -32,7 +32,6 @@ from .._storage import (
 )
 from ..errors import UsageError
 from ._recorder import default_recorder
-from ._writer import catch_up
 
 EXECUTION_KINDS = ("agent", "workflow")
 _GROUPS = ("agent", "model", "day")
@@ -134,7 +133,7 @@ class EventStore:
         self.url = default_url() if db_path_or_url is None else normalise_url(db_path_or_url)
         self._engine: Any = None
         # A store this user may only read is read as it is: no schema made or brought up to
-        # date, nothing staged written in (see _sync).
+        # date, no interrupted spans closed (see _sync).
         self._read_only = not can_write(self.url)
 
     def __repr__(self) -> str:
@@ -152,14 +151,13 @@ class EventStore:
         return self._engine
 
     def _sync(self) -> None:
-        """Every recorded row in the tables before a query reads them: this process's recorder
-        flushed, and what any writer has staged written in (unless this user may not write the
-        store: then the rows still staged are not seen, see ``_writer.catch_up``)."""
+        """Before a query: what this process has recorded so far in the tables (its recorder
+        flushed: a reader waits for the writer, never does its work), and the spans of this
+        host's processes that died closed (unless this user may not write the store)."""
         recorder = default_recorder()
         if recorder is not None and recorder.url == self.url:
             recorder.flush()
         if not self._read_only:
-            catch_up(self.url)
             # Spans of this host's processes that died say running until someone notices.
             with self.engine.begin() as connection:
                 close_spans_of_gone_processes(connection, time.time())
