@@ -5,8 +5,9 @@ and hands batches to a writer. By default the writer is a process of its own (:f
 recorder's sidecar): checking the text for secrets, redacting it, encrypting it (with
 ``KAGURA_ENCRYPTION_KEY`` set, see :mod:`kagura._encryption`) and the inserts themselves then run
 on another core, without the GIL, so recording costs the event loop little more than building the
-rows. If the sidecar cannot be started, or dies, the recorder writes from its own thread with
-the same :class:`StoreWriter`.
+rows. Every batch goes straight into the tables (:meth:`StoreWriter.write`), in one
+transaction. If the sidecar cannot be started, or dies, the recorder writes from its own thread
+with the same :class:`StoreWriter`.
 
 The sidecar speaks a small protocol over its stdin and stdout: frames of a 4-byte length and a
 :mod:`marshal` payload (the same interpreter is at both ends, and rows are plain values, so
