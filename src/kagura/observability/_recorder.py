@@ -92,6 +92,11 @@ _WAKE_AT = 1000 * ROW_WIDTH
 _OPEN_SPANS_EVERY_NS = 250_000_000
 
 
+#: What the recorder keeps of an open span's start: its model, its inputs (as the writer takes
+#: them, see ``_content.recorded``), and whether its running row was written.
+_Started = list[Any]
+
+
 class _FlushMarker:
     __slots__ = ("done",)
 
@@ -244,8 +249,9 @@ class Recorder:
         # Spans given as records (handle), by id, until they finish: their children's totals
         # are added to them, as running code adds them to live spans.
         self._detached: dict[str, Span] = {}
-        # Spans that started and have not finished (see span_started).
-        self._open_spans: set[Span] = set()
+        # Spans that started and have not finished (see span_started), with what their rows
+        # need of their start: the model, the inputs, and whether a running row was written.
+        self._open_spans: dict[Span, _Started] = {}
         self._open_spans_seen_ns = 0
         self._writer: _Sidecar | StoreWriter | None = None
         self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
@@ -256,31 +262,33 @@ class Recorder:
     def span_started(self, span: Span, attributes: dict[str, Any] | None) -> None:
         if self.broken:  # a store that cannot be opened must not grow the queue forever
             return
+        model = inputs = None
         if attributes:
             # What the row needs of the start attributes, taken now: the span does not keep
             # them, and the inputs are recorded as they were when the span started.
             model = attributes.get("model")
-            span._model = model if model is None or type(model) is str else str(model)
+            if model is not None and type(model) is not str:
+                model = str(model)
             inputs = attributes.get("inputs")
             if inputs is not None:
                 # An attempt's inputs sent as text are its one user message (see
                 # recorded_messages): inputs given as text by another producer are encoded.
-                span._inputs = recorded(inputs) if span.kind != "llm" else to_json(inputs)
+                inputs = recorded(inputs) if span.kind != "llm" else to_json(inputs)
             elif "messages" in attributes:
-                span._inputs = recorded_messages(attributes["messages"])
+                inputs = recorded_messages(attributes["messages"])
             else:
-                span._inputs = recorded(attributes.get("arguments"))
+                inputs = recorded(attributes.get("arguments"))
         # Open spans are only listed (they are alive anyway): most end within the same batch,
         # and the writer's thread writes a "running" row only for those that don't.
-        self._open_spans.add(span)
+        self._open_spans[span] = [model, inputs, False]
 
     def span_finished(self, span: Span) -> None:
         if self.broken:
             return
         # Its row, now, as plain values: nothing here keeps the span or its values alive.
-        self._open_spans.discard(span)
+        started = self._open_spans.pop(span, None)
         rows = self._rows
-        rows.extend(self._row(span))
+        rows.extend(self._row(span, started))
         if len(rows) >= _WAKE_AT and not self._wake.is_set():
             self._wake.set()  # a batch's worth: the thread sends it before its interval is up
 
@@ -325,15 +333,15 @@ class Recorder:
             parent,
         )
 
-    def _row(self, span: Span) -> Row:
+    def _row(self, span: Span, started: _Started | None) -> Row:
         """The span's row as the writer takes it (see ``_writer.WIRE_COLUMNS``): only what the
         span holds, as it holds it; the writer derives the rest (times in seconds, duration,
         total tokens, the step key's text). A running span's row has its totals so far and no
-        end, cost or result yet."""
+        end, cost or result yet. ``started``: what :meth:`span_started` took of its start."""
         status = span.status  # read once: the loop may end the span while its row is built
         running = status == "running"
         result = None if running else span.result
-        model = span._model
+        model, inputs = (None, None) if started is None else (started[0], started[1])
         if not result:
             output = extra = None
         else:
@@ -343,20 +351,13 @@ class Recorder:
                 model = result.get("model")
                 if model is not None and type(model) is not str:
                     model = str(model)
-        # Ids as numbers unless someone read them as text (see Span.__init__): the writer
+        # Ids as numbers unless someone read them as text (see Span.wire_ids): the writer
         # makes them text.
-        parent = span.parent
-        parent_id: int | str | None = span._parent_id
-        if parent_id is None and parent is not None:
-            parent_id = parent._id or parent._n
-        key = span._key
-        if key is not None or parent is None:
-            seq = None
-        else:  # the parent's key and this span's number under it: see Span.step_key
-            key, seq = parent.step_key, span._seq
+        span_id, run_id, parent_id = span.wire_ids()
+        key, seq = span.wire_step_key()
         return (
-            span._id or span._n,
-            span._run,
+            span_id,
+            run_id,
             parent_id,
             span.kind,
             span.name,
@@ -373,7 +374,7 @@ class Recorder:
             span.retries,
             span.error,
             span.error_type,
-            span._inputs,
+            inputs,
             output,
             extra,
         )
@@ -521,10 +522,10 @@ class Recorder:
             self._open_spans_seen_ns = now
         started_before = now - _RUNNING_AFTER_NS
         rows = []
-        for span in list(self._open_spans):
-            if span._recorded == 0 and (everything or span.start_ns < started_before):
-                span._recorded = 1
-                rows.append(self._row(span))
+        for span, started in list(self._open_spans.items()):
+            if not started[2] and (everything or span.start_ns < started_before):
+                started[2] = True
+                rows.append(self._row(span, started))
         return rows
 
     def _write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
