@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._dialect import insert
+from ._dialect import insert, positional_sql
 from ._engine import (
     can_write,
     default_url,
@@ -71,6 +71,7 @@ __all__ = [
     "is_store_fault",
     "metadata",
     "normalise_url",
+    "positional_sql",
     "redact_url",
     "runs",
     "schema_version",

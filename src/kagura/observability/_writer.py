@@ -305,17 +305,18 @@ class StoreWriter:
         events: list[Row],
         sender: Sender,
     ) -> None:
-        dialect = self.engine.dialect.name
-        statements = _statements(dialect)
-        # Straight to the driver's executemany: the rows are already plain values, and
-        # SQLAlchemy's per-row processing would cost more than the insert itself.
+        dialect = self.engine.dialect
+        # Straight to the driver's executemany (see positional_sql): the rows are already
+        # plain values.
         if running:
-            connection.exec_driver_sql(statements.insert_running, self._stored(running, sender))
+            insert_running = _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "nothing")
+            connection.exec_driver_sql(insert_running, self._stored(running, sender))
         if finished:
             stored = self._stored(finished, sender)
             connection.exec_driver_sql(*_upsert_finished(dialect, stored))
         if events:
-            connection.exec_driver_sql(statements.insert_events, _event_rows(events))
+            insert_events = _insert_sql(dialect, "kagura_events", EVENT_COLUMNS, "")
+            connection.exec_driver_sql(insert_events, _event_rows(events))
 
     def _stored(self, rows: list[Row], sender: Sender) -> list[Row]:
         rows = _table_rows(rows, *sender)
@@ -425,58 +426,36 @@ def _event_rows(rows: list[Row]) -> list[Row]:
     return [(*event[:-1], encode_text(event[-1], "full")) for event in rows]
 
 
-class _Statements:
-    __slots__ = ("insert_events", "insert_running", "upsert_finished")
-
-    def __init__(self, insert_running: str, upsert_finished: str, insert_events: str) -> None:
-        self.insert_running = insert_running
-        self.upsert_finished = upsert_finished
-        self.insert_events = insert_events
-
-
-_statement_cache: dict[str, _Statements] = {}
-
-
-def _statements(dialect: str) -> _Statements:
-    """The writer's SQL, with positional parameters in the driver's style. ``INSERT ... ON
-    CONFLICT`` is the same on SQLite and PostgreSQL."""
-    cached = _statement_cache.get(dialect)
-    if cached is not None:
-        return cached
-    from .._storage import events, spans
-
-    if tuple(c.name for c in spans.columns) != SPAN_COLUMNS:
-        raise RuntimeError("the writer's columns do not match the kagura_spans table")
-    if tuple(c.name for c in events.columns if c.name != "id") != EVENT_COLUMNS:
-        raise RuntimeError("the writer's columns do not match the kagura_events table")
-    statements = _Statements(
-        insert_running=(
-            f"{_insert(dialect, spans.name, SPAN_COLUMNS)} ON CONFLICT (span_id) DO NOTHING"
-        ),
-        upsert_finished=_span_upsert(dialect, SPAN_COLUMNS),
-        insert_events=_insert(dialect, events.name, EVENT_COLUMNS),
-    )
-    _statement_cache[dialect] = statements
-    return statements
-
-
-def _insert(dialect: str, table: str, columns: tuple[str, ...]) -> str:
-    mark = "%s" if dialect == "postgresql" else "?"
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(mark for _ in columns)})"
-
-
 @functools.lru_cache(maxsize=256)
-def _span_upsert(dialect: str, columns: tuple[str, ...]) -> str:
-    """A span's row written whatever was there: its ``running`` row, if any, is replaced. A
-    column left out of ``columns`` is stored as NULL (``excluded`` holds its default)."""
-    from .._storage import spans
+def _insert_sql(dialect: Any, table: str, columns: tuple[str, ...], on_conflict: str) -> str:
+    """The SQL of an insert of ``columns`` into ``table`` (``kagura_spans`` or
+    ``kagura_events``) in the driver's positional style, for rows of those columns' values in
+    that order. ``on_conflict`` (spans only): ``"nothing"`` keeps the row there (a running
+    row written twice), ``"update"`` replaces it (a finished row replaces its running one; a
+    column left out of ``columns`` is stored as NULL)."""
+    from sqlalchemy import bindparam, null
 
-    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
-    insert = _insert(dialect, spans.name, columns)
-    return f"{insert} ON CONFLICT (span_id) DO UPDATE SET {updates}"
+    from .._storage import events, insert, positional_sql, spans
+
+    target = spans if table == spans.name else events
+    # NULL, not the column's default, for a column left out (every row's value was None).
+    values: dict[str, Any] = {c.name: null() for c in target.columns if c.default is not None}
+    values.update({c: bindparam(c) for c in columns})
+    statement = insert(dialect, target).values(values)
+    if on_conflict == "nothing":
+        statement = statement.on_conflict_do_nothing(index_elements=["span_id"])
+    elif on_conflict == "update":
+        statement = statement.on_conflict_do_update(
+            index_elements=["span_id"],
+            set_={c: statement.excluded[c] for c in SPAN_COLUMNS if c != "span_id"},
+        )
+    sql, order = positional_sql(statement, dialect)
+    if order != columns:  # a default SQLAlchemy added, say: the rows would not fit
+        raise RuntimeError(f"the writer's columns do not match the {table} table")
+    return sql
 
 
-def _upsert_finished(dialect: str, rows: list[Row]) -> tuple[str, list[Row]]:
+def _upsert_finished(dialect: Any, rows: list[Row]) -> tuple[str, list[Row]]:
     """The upsert of finished spans' ``rows`` and its parameters, leaving out the columns that
     no row has a value in (stored as NULL all the same). Binding a ``None`` costs sqlite3 an
     adapter lookup, about 220 ns (measured), and most rows leave the same columns empty:
@@ -485,9 +464,10 @@ def _upsert_finished(dialect: str, rows: list[Row]) -> tuple[str, list[Row]]:
     count = len(rows)
     kept = tuple(i for i, values in enumerate(columns) if values.count(None) != count)
     if len(kept) == len(columns):
-        return _statements(dialect).upsert_finished, rows
+        return _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "update"), rows
     names = tuple(SPAN_COLUMNS[i] for i in kept)
-    return _span_upsert(dialect, names), list(zip(*(columns[i] for i in kept), strict=True))
+    upsert = _insert_sql(dialect, "kagura_spans", names, "update")
+    return upsert, list(zip(*(columns[i] for i in kept), strict=True))
 
 
 # -- the sidecar's protocol --------------------------------------------------------------------
