@@ -39,7 +39,7 @@ from pathlib import Path  # noqa: E402
 
 from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
 
-from kagura import Agent, _instrument, agent  # noqa: E402
+from kagura import Agent, _instrument, _recording, agent  # noqa: E402
 from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
 from kagura.testing import FakeModel  # noqa: E402
 
@@ -68,7 +68,7 @@ class Contender:
 
 
 def recorder() -> Recorder:
-    _instrument.ensure_recording()
+    _recording.ensure_recording()
     found = default_recorder()
     if found is None:
         raise RuntimeError("the default recorder is not installed: is KAGURA_RECORD=0 set?")

@@ -87,8 +87,8 @@ def wait_gone(pid: int, timeout: float = 60.0) -> None:
 def trial(calls: int, stop_after: int) -> tuple[int, int, int]:
     """(recorded as finished, recorded as interrupted, no row) among the ``stop_after`` calls
     that had finished when the child was killed."""
+    from kagura._storage import forget, normalise_url
     from kagura.observability import EventStore
-    from kagura.observability._engine import forget, normalise_url
 
     with tempfile.TemporaryDirectory() as home:
         db = str(Path(home) / "events.db")

@@ -24,9 +24,10 @@ import pydantic_core
 
 from . import _instrument, _prompted
 from ._context import Span, current_span
-from ._instrument import ensure_recording, span_event, span_finished, span_started, status_of
+from ._instrument import span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
+from ._recording import ensure_recording
 from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool
 from ._usage import Usage

@@ -58,13 +58,10 @@ class Span:
         "_child_seq",
         "_children",
         "_id",
-        "_inputs",
         "_key",
-        "_model",
         "_n",
         "_parent_id",
         "_position",
-        "_recorded",
         "_run",
         "_seq",
         "completion_tokens",
@@ -132,11 +129,6 @@ class Span:
         self.end_ns = 0
         self.error: str | None = None
         self.error_type: str | None = None
-        # The recorder's: the model and the inputs (as it sends them: see
-        # observability._content.recorded) it started with, taken from its start attributes,
-        # which the span does not keep (see span_started).
-        self._model: str | None = None
-        self._inputs: Any = None
         #: What it ended with (output, answered_by, finish_reason, ...), when someone records it.
         self.result: dict[str, Any] | None = None
         # Totals over the subtree, its own LLM attempt included.
@@ -145,7 +137,6 @@ class Span:
         self.cost: float | None = 0.0
         self.llm_calls = 0
         self.retries = 0
-        self._recorded = 0  # the recorder's: 1 once written as running
 
     @classmethod
     def detached(
@@ -197,6 +188,30 @@ class Span:
             key = self.name if parent is None else f"{parent.step_key}/{self.name}#{self._seq}"
             self._key = key
         return key
+
+    # -- for sinks that send spans elsewhere (the recorder) --------------------------------------
+
+    def wire_ids(self) -> tuple[int | str, int | str, int | str | None]:
+        """The span's id, its run's and its parent's, each as text if someone has read it as
+        text, else as its number in this process: ``id_format(PREFIX) % number`` makes the text,
+        in whichever process needs it (the recorder's writer does). Formatting an id costs
+        about 100 ns, and most are never read as text in the process that made them."""
+        parent = self.parent
+        parent_id: int | str | None = self._parent_id
+        if parent_id is None and parent is not None:
+            parent_id = parent._id or parent._n
+        return self._id or self._n, self._run, parent_id
+
+    def wire_step_key(self) -> tuple[str | None, int | None]:
+        """The span's step key as ``(key, None)`` when it is known as text (``(None, None)``
+        for a run's root span no one asked), else as ``(parent's step key, seq)``: the key is
+        then ``f"{parent_key}/{name}#{seq}"`` (see :attr:`step_key`), built in whichever
+        process needs it."""
+        key = self._key
+        parent = self.parent
+        if key is not None or parent is None:
+            return key, None
+        return parent.step_key, self._seq
 
     def __repr__(self) -> str:
         return f"Span({self.kind}:{self.name} id={self.span_id} run={self.run_id})"

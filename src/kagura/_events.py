@@ -1,8 +1,7 @@
-"""The records that instrumentation hands to sinks: small and slotted.
+"""The records that instrumentation hands to sinks: small, slotted and frozen.
 
-Treat them as read-only: they are not frozen only because a frozen dataclass costs several times
-more to build (every field goes through ``object.__setattr__``), and four of them are built per
-agent step on the hot path.
+They are built only while a :class:`Sink` is installed (the event store's recorder takes the
+spans themselves, see :class:`SpanSink`), so being frozen costs the default path nothing.
 
 Every span (workflow run, agent call, LLM attempt, tool call) produces one :class:`SpanStarted`
 and one :class:`SpanFinished`; things that happen inside a span (a retry wait, a breaker changing
@@ -23,7 +22,7 @@ if TYPE_CHECKING:
 Status = Literal["running", "completed", "failed", "cancelled", "timed_out"]
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SpanStarted:
     span_id: str
     parent_id: str | None
@@ -35,7 +34,7 @@ class SpanStarted:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SpanFinished:
     span_id: str
     parent_id: str | None
@@ -57,7 +56,7 @@ class SpanFinished:
         return (self.end_ns - self.start_ns) / 1e9
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class SpanEvent:
     """Something that happened inside a span: a retry wait, a breaker state change, ..."""
 
@@ -71,8 +70,11 @@ class SpanEvent:
 Event = SpanStarted | SpanFinished | SpanEvent
 
 
+@runtime_checkable
 class Sink(Protocol):
-    """Receives every instrumentation record. Called on the event loop: must not block."""
+    """Receives every instrumentation record (install one with
+    :func:`kagura.observability.add_sink`). Called on the event loop: must not block, and what
+    it raises is logged and dropped, never seen by the recorded code."""
 
     def handle(self, event: Event) -> None: ...
 

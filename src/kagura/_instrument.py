@@ -199,25 +199,9 @@ def status_of(error: BaseException) -> Status:
     return "failed"
 
 
+#: Whether the first agent or workflow call has decided to record (see
+#: :func:`kagura._recording.ensure_recording`): after that, one global check per call.
 _recording_checked = False
-
-
-def ensure_recording() -> None:
-    """Install the default recorder on the first agent or workflow call, unless turned off.
-
-    Deferred to the first call so that ``import kagura`` stays light; after that it is one global
-    check per call.
-    """
-    global _recording_checked
-    if _recording_checked:
-        return
-    _recording_checked = True
-    from . import _settings
-
-    if _settings.recording_enabled():
-        from .observability._recorder import install_default
-
-        install_default()
 
 
 def reset_recording_check() -> None:

@@ -33,9 +33,10 @@ import pydantic_core
 
 from . import _instrument
 from ._context import Span, current_span
-from ._instrument import ensure_recording, span_finished, span_started, status_of
+from ._instrument import span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate
+from ._recording import ensure_recording
 from .durable import _script
 from .durable._run import current_durable_run, input_hash
 from .errors import (

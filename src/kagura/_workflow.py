@@ -17,7 +17,8 @@ from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from . import _instrument, _settings
 from ._context import Span, current_span
-from ._instrument import ensure_recording, span_finished, span_started, status_of
+from ._instrument import span_finished, span_started, status_of
+from ._recording import ensure_recording
 from .durable import _execute as _durable
 from .durable import _script
 from .durable._run import current_durable_run

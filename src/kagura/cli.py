@@ -103,7 +103,7 @@ def _positive_float(text: str) -> float:
 
 def _scrub(text: str, url: str) -> str:
     """``text`` with the URL's password (if any) masked: messages never show it."""
-    from .observability._engine import scrub_url
+    from ._storage import scrub_url
 
     return scrub_url(text, url)
 
@@ -121,7 +121,7 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def _store_name(store: EventStore) -> str:
-    from .observability._engine import redact_url
+    from ._storage import redact_url
 
     return redact_url(store.url)
 
@@ -297,7 +297,7 @@ def _runs_store(args: argparse.Namespace, *, required: bool = False) -> str | No
     """Point this process at the store named by ``--db`` (``KAGURA_DB``, set before anything
     opens it, so a resumed workflow journals there too) and return its URL; ``None`` when
     nothing has been recorded yet. A ``--db`` SQLite file that does not exist is an error."""
-    from .observability._engine import default_url
+    from ._storage import default_url
 
     if args.db:
         os.environ["KAGURA_DB"] = args.db
@@ -319,7 +319,7 @@ def _find_run_ids(journal: Journal, prefix: str, limit: int = 6) -> list[str]:
     """Ids of runs that start with ``prefix`` (at most ``limit``), for ids typed short."""
     from sqlalchemy import select
 
-    from .observability._schema import runs
+    from ._storage import runs
 
     query = (
         select(runs.c.run_id)
@@ -333,7 +333,7 @@ def _find_run_ids(journal: Journal, prefix: str, limit: int = 6) -> list[str]:
 
 def _resolve_run(journal: Journal, given: str) -> RunRecord:
     """The run with id ``given``, or the one whose id starts with it."""
-    from .observability._engine import redact_url
+    from ._storage import redact_url
 
     record = journal.get_run(given)
     if record is not None:
@@ -349,8 +349,8 @@ def _resolve_run(journal: Journal, given: str) -> RunRecord:
 
 
 def _runs_list(args: argparse.Namespace) -> int:
+    from ._storage import redact_url
     from .durable import _cli, journal_for, lease_seconds
-    from .observability._engine import redact_url
 
     url = _runs_store(args)
     if url is None:
@@ -753,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _store_url(args: argparse.Namespace) -> str:
-    from .observability._engine import default_url, normalise_url
+    from ._storage import default_url, normalise_url
 
     db: str | None = getattr(args, "db", None)
     return normalise_url(db) if db else default_url()
@@ -772,7 +772,7 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
     except Exception as error:
         if not _is_store_error(error):
             raise
-        from .observability._engine import store_error
+        from ._storage import store_error
 
         # A database error that reached here untranslated: said as a StoreError says it.
         url = _store_url(args)

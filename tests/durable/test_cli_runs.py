@@ -28,10 +28,10 @@ from typing import Any
 import pytest
 from sqlalchemy import update
 
+from kagura import _storage as engine_registry
+from kagura._storage import runs
 from kagura.cli import main
 from kagura.durable import Journal, RunRecord, _cli, journal_for
-from kagura.observability import _engine as engine_registry
-from kagura.observability._schema import runs
 from kagura.testing.fault_server import FaultServer
 
 WAIT_TIMEOUT = 30.0

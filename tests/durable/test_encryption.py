@@ -16,11 +16,11 @@ import pytest
 import kagura
 from kagura import agent, observability, workflow
 from kagura._encryption import generate_key, is_encrypted
+from kagura._redact import looks_secret
 from kagura.cli import main
 from kagura.durable import Journal
 from kagura.errors import EncryptionKeyError, RunFailedError
 from kagura.observability import Recorder
-from kagura.observability._content import looks_secret
 from kagura.testing import replay
 from kagura.testing.fault_server import FaultServer
 from tests.observability.test_encryption import found_on_disk

@@ -77,7 +77,7 @@ def test_a_late_heartbeat_does_not_revive_a_released_lease(journal: Journal) -> 
 def test_journal_commits_are_synced_to_disk(journal: Journal) -> None:
     """A step the workflow has seen survives the machine going down, not only the process: on
     SQLite, the journal's connections sync every commit (the recorder's need not)."""
-    from kagura.observability._engine import engine_for
+    from kagura._storage import engine_for
 
     with journal.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL

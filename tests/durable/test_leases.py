@@ -23,9 +23,9 @@ from sqlalchemy import update
 
 import kagura
 from kagura import _process, workflow
+from kagura._storage import runs
 from kagura.durable import Journal, recover
 from kagura.errors import RunInProgressError, RunTakenOverError
-from kagura.observability._schema import runs
 from kagura.testing.fault_server import FaultServer
 
 from . import workflows

@@ -11,8 +11,8 @@ from collections.abc import Callable
 import pytest
 
 from kagura import agent, workflow
+from kagura._storage import engine_for, normalise_url
 from kagura.errors import StoreError
-from kagura.observability._engine import engine_for, normalise_url
 from kagura.testing import FakeModel, override_model
 from tests.observability.test_store_faults import (
     ON_POSTGRES,
@@ -62,7 +62,7 @@ async def test_a_step_that_cannot_be_journaled_never_reaches_the_workflow(
     engine_for(normalise_url(store_url))  # the schema, made by its owner
     role = pg_role(
         "GRANT SELECT, INSERT, UPDATE ON kagura_runs TO {role}; "
-        "GRANT SELECT ON kagura_steps, kagura_spans, kagura_events, kagura_staged TO {role}"
+        "GRANT SELECT ON kagura_steps, kagura_spans, kagura_events, kagura_schema TO {role}"
     )
     monkeypatch.setenv("KAGURA_DB", role.url)
     monkeypatch.setenv("KAGURA_RECORD", "0")

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 
 import kagura._instrument as instrument
+from kagura import _storage as engine_registry
 from kagura import observability
 from kagura.observability import Recorder
-from kagura.observability import _engine as engine_registry
 from kagura.resilience import reset_breakers, reset_rate_limits
 
 PG_STARTUP_TIMEOUT = 30.0
@@ -281,13 +281,9 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def rows(url: str, table: str = "kagura_spans") -> list[dict[str, Any]]:
-    """Every row of a store table, read straight from the database (not through EventStore),
-    once what the writers staged is written in (as EventStore does first)."""
+    """Every row of a store table, read straight from the database (not through EventStore)."""
     from sqlalchemy import text
 
-    from kagura.observability._writer import catch_up
-
-    catch_up(engine_registry.normalise_url(url))
     engine = engine_registry.engine_for(engine_registry.normalise_url(url))
     with engine.connect() as connection:
         return [dict(r._mapping) for r in connection.execute(text(f"SELECT * FROM {table}"))]

@@ -20,17 +20,17 @@ from sqlalchemy import text
 
 from kagura import agent, observability, workflow
 from kagura._encryption import MARKER, decrypt, generate_key, is_encrypted
+from kagura._redact import looks_secret
+from kagura._storage import engine_for, normalise_url
 from kagura.cli import main
 from kagura.errors import EncryptionKeyError, ProviderError
 from kagura.observability import EventStore, Recorder
-from kagura.observability._content import looks_secret
-from kagura.observability._engine import engine_for, normalise_url
 from kagura.observability._writer import StoreWriter
 from kagura.resilience import no_waits
 from kagura.testing import FakeModel, override_model
 
 from .conftest import is_postgres, rows
-from .test_staging import KEY_SHAPED, batch_of, raw_spans, staged_count
+from .test_writer import KEY_SHAPED, batch_of, raw_spans, take
 
 ENV = "KAGURA_ENCRYPTION_KEY"
 SEALED_SPAN_COLUMNS = ("error", "inputs", "output", "attributes")
@@ -174,7 +174,7 @@ async def test_with_a_key_no_secret_is_in_the_files_and_readers_decrypt(
     assert recorder.flush()
     assert hasattr(recorder._writer, "process") is (process == "1")
     assert found_on_disk(store_url, *secrets.all(), "handle") == {"handle"}  # the WAL too
-    observability.uninstall_default()  # the writer ends (and writes in anything staged)
+    observability.uninstall_default()  # the writer ends
     assert found_on_disk(store_url, *secrets.all(), "handle") == {"handle"}
 
     # In the columns: users' data encrypted, and nothing else.
@@ -296,10 +296,8 @@ def keyed_writer(store_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[St
     opened.dispose()
 
 
-def test_with_a_key_a_batch_is_never_staged(keyed_writer: StoreWriter, store_url: str) -> None:
-    # A staged batch is the recorder's message as it came: plaintext.
-    keyed_writer.take(*batch_of("a", "b"))
-    assert staged_count(store_url) == 0
+def test_with_a_key_a_batch_is_written_encrypted(keyed_writer: StoreWriter, store_url: str) -> None:
+    take(keyed_writer, *batch_of("a", "b"))
     stored = raw_spans(store_url)
     assert {span["span_id"] for span in stored} == {"a", "b"}
     assert all(is_encrypted(span["inputs"]) and is_encrypted(span["output"]) for span in stored)
@@ -311,32 +309,15 @@ def test_with_a_key_a_batch_is_never_staged(keyed_writer: StoreWriter, store_url
 def test_a_key_is_redacted_before_it_is_encrypted(
     keyed_writer: StoreWriter, store_url: str
 ) -> None:
-    keyed_writer.take(*batch_of("a", error=f"HTTP 401: {KEY_SHAPED}"))
+    take(keyed_writer, *batch_of("a", error=f"HTTP 401: {KEY_SHAPED}"))
     (stored,) = raw_spans(store_url)
     assert decrypt(stored["error"]) == "HTTP 401: [REDACTED]"
-
-
-def test_batches_staged_without_a_key_are_encrypted_when_written_in(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    writer = StoreWriter(normalise_url(store_url), "full")
-    try:
-        writer.take(*batch_of("a"))
-    finally:
-        writer.dispose()
-    assert staged_count(store_url) == 1  # no key: staged, as before
-    monkeypatch.setenv(ENV, generate_key())
-    (execution,) = EventStore(store_url).get_executions("summarise")  # writes it in first
-    assert execution["output"] == "summary"
-    (stored,) = raw_spans(store_url)
-    assert is_encrypted(stored["inputs"]) and is_encrypted(stored["output"])
 
 
 async def test_a_burst_through_the_writer_process_leaves_no_plaintext(
     record_to: Callable[..., Recorder], store_url: str, secrets: Secrets
 ) -> None:
-    # 3,000 rows handed over in batches of 1,000: without a key, the writer process would
-    # stage them (see test_staging); with one, it writes them at once, encrypted.
+    # 3,000 rows handed over in batches of 1,000, each written at once, encrypted.
     recorder = record_to(store_url, KAGURA_ENCRYPTION_KEY=generate_key())
     with override_model(FakeModel()):
         await asyncio.gather(*(echo(f"{secrets.argument} {i}") for i in range(1500)))

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
+from kagura._storage import INTERRUPTED
 from kagura.observability import EventStore, Recorder
-from kagura.observability._interrupted import INTERRUPTED
 from kagura.testing.fault_server import FaultServer
 
 from .conftest import rows, spawn_script

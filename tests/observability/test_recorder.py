@@ -22,9 +22,9 @@ from pydantic import BaseModel
 import kagura._instrument as instrument
 from kagura import agent, workflow
 from kagura._events import Event
+from kagura._storage import normalise_url
 from kagura.errors import ProviderError
 from kagura.observability import EventStore, Recorder, default_recorder, uninstall_default
-from kagura.observability._engine import normalise_url
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter
 from kagura.providers import Model, ModelRequest, ModelResponse, ToolCall
 from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits

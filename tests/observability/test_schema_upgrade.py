@@ -1,19 +1,26 @@
-"""A store made by an earlier version opens with this one: the columns and indexes added since
-are added on open, and recording and durable runs work on it."""
+"""A store made by an earlier version opens with this one: it is upgraded on open (see
+``kagura._storage._migrations``), its rows read as they were, and recording and durable runs
+write new ones into it. On SQLite and PostgreSQL (see ``store_url``)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
-from sqlalchemy import inspect
+import pytest
+from sqlalchemy import create_engine, inspect, select
 
+from kagura import _storage as engines
 from kagura import agent, workflow
+from kagura._encryption import ENV, decrypt, generate_key, is_encrypted
+from kagura.durable._journal import journal_for
 from kagura.observability import EventStore, Recorder
-from kagura.observability import _engine as engines
 from kagura.testing import FakeModel, override_model
 
-#: Columns this version added to tables an earlier one made (recording which process wrote a
-#: span, and which process a run's pid named).
+from . import schema_cf3ef53 as old
+
+#: Columns added to tables after the first stores were made (which process wrote a span, and
+#: which process a run's pid named).
 ADDED = {"kagura_spans": ("host", "pid_start"), "kagura_runs": ("pid_start",)}
 
 
@@ -27,12 +34,99 @@ async def note(topic: str) -> str:
     return await draft(topic)
 
 
-async def test_a_store_of_an_earlier_version_is_brought_up_to_date(
+def _make_old_store(url: str) -> None:
+    """The store as commit cf3ef53 left it: its tables, and a finished run's rows in each."""
+    engine = create_engine(url)
+    now = time.time()
+    try:
+        old.metadata.create_all(engine)
+        with engine.begin() as connection:
+            connection.execute(
+                old.spans.insert(),
+                {
+                    "span_id": "old-span",
+                    "run_id": "old-span",
+                    "kind": "workflow",
+                    "name": "old_note",
+                    "step_key": "old_note",
+                    "status": "completed",
+                    "started_at": now - 60,
+                    "ended_at": now - 59,
+                    "duration_ms": 1000.0,
+                    "output": '"kept"',
+                    "host": "elsewhere",
+                    "pid": 1,
+                },
+            )
+            connection.execute(
+                old.events.insert(),
+                {"span_id": "old-span", "run_id": "old-span", "name": "retry_wait", "at": now},
+            )
+            connection.execute(
+                old.runs.insert(),
+                {
+                    "run_id": "old-run",
+                    "workflow": "old_note",
+                    "status": "completed",
+                    "result": '"kept"',
+                    "created_at": now - 60,
+                    "updated_at": now - 59,
+                },
+            )
+            connection.execute(
+                old.steps.insert(),
+                {
+                    "run_id": "old-run",
+                    "step_key": "old_note/draft#0",
+                    "name": "draft",
+                    "kind": "agent",
+                    "input_hash": "0" * 64,
+                    "output": '"kept"',
+                    "created_at": now - 60,
+                    "position": 0,
+                },
+            )
+    finally:
+        engine.dispose()
+
+
+async def test_a_store_made_by_cf3ef53_is_upgraded_on_open(
+    store_url: str, record_to: Callable[..., Recorder]
+) -> None:
+    url = engines.normalise_url(store_url)
+    _make_old_store(url)
+    engine = engines.engine_for(url)  # opening it upgrades it
+    with engine.connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION
+
+    # Its rows read as they were...
+    (span,) = EventStore(store_url).get_executions(kind="workflow")
+    assert (span["name"], span["status"], span["output"]) == ("old_note", "completed", "kept")
+    assert [e["name"] for e in EventStore(store_url).get_execution("old-span")["events"]] == [
+        "retry_wait"
+    ]
+    journal = journal_for(url)
+    old_run = journal.get_run("old-run")
+    assert old_run is not None and (old_run.status, old_run.steps) == ("completed", 1)
+    assert list(journal.load_steps("old-run")) == ["old_note/draft#0"]
+
+    # ... and new ones write.
+    record_to(store_url)
+    with override_model(FakeModel()):
+        assert await note.run("tides", run_id="upgraded") == "Draft tides."
+    names = {run["name"] for run in EventStore(store_url).get_executions(kind="workflow")}
+    assert names == {"old_note", "note"}
+    new_run = journal.get_run("upgraded")
+    assert new_run is not None and new_run.status == "completed"
+
+
+async def test_a_store_older_than_the_version_table_gets_the_columns_added_since(
     store_url: str, record_to: Callable[..., Recorder]
 ) -> None:
     url = engines.normalise_url(store_url)
     engine = engines.engine_for(url)
-    with engine.begin() as connection:  # the store as the earlier version left it
+    with engine.begin() as connection:  # the store as a version before those columns left it
+        connection.exec_driver_sql("DROP TABLE kagura_schema")
         connection.exec_driver_sql("DROP INDEX ix_kagura_spans_running")
         for table, columns in ADDED.items():
             for column in columns:
@@ -47,5 +141,60 @@ async def test_a_store_of_an_earlier_version_is_brought_up_to_date(
     for table, columns in ADDED.items():
         assert set(columns) <= {c["name"] for c in found.get_columns(table)}
     assert "ix_kagura_spans_running" in {i["name"] for i in found.get_indexes("kagura_spans")}
+    with engine.connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION
     (run,) = EventStore(store_url).get_executions(kind="workflow")
     assert (run["name"], run["status"]) == ("note", "completed")
+
+
+def test_a_store_opened_again_is_not_migrated_again(store_url: str) -> None:
+    url = engines.normalise_url(store_url)
+    engine = engines.engine_for(url)
+    assert engines.upgrade(engine) == engines.SCHEMA_VERSION  # found at the latest version
+
+
+def _stage_an_old_batch(url: str) -> None:
+    """A batch in ``kagura_staged`` as cf3ef53's writer process left it when killed in a burst:
+    the recorder's message, a finished agent span's row (ids as numbers) and an event."""
+    import marshal
+
+    finished = [7, 7, None, "agent", "staged_agent", "staged_agent", None, "completed"]
+    finished += [10**9, 2 * 10**9, "m", 1, 2, None, 1, 0, None, None, b'{"t":"doc"}', "ok", None]
+    events = [("0f0f0f0f0f0f0000000007", "0f0f0f0f0f0f0000000007", "retry_wait", 1.5, "{}")]
+    message = ("rows", [], finished, events, "0f0f0f0f0f0f", 7, "elsewhere", None)
+    engine = create_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(old.staged.insert(), {"spans": 2, "batch": marshal.dumps(message)})
+    finally:
+        engine.dispose()
+
+
+def test_batches_an_earlier_version_left_staged_are_written_in_on_open(store_url: str) -> None:
+    url = engines.normalise_url(store_url)
+    _make_old_store(url)
+    _stage_an_old_batch(url)
+    engine = engines.engine_for(url)
+    assert not inspect(engine).has_table("kagura_staged")
+    execution = EventStore(store_url).get_execution("0f0f0f0f0f0f0000000007")
+    assert execution is not None
+    assert (execution["name"], execution["status"]) == ("staged_agent", "completed")
+    assert (execution["inputs"], execution["output"]) == ({"t": "doc"}, "ok")
+    assert execution["metrics"]["total_tokens"] == 3
+    assert [e["name"] for e in execution["events"]] == ["retry_wait"]
+
+
+def test_with_a_key_staged_batches_are_encrypted_when_written_in(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = engines.normalise_url(store_url)
+    _make_old_store(url)
+    _stage_an_old_batch(url)
+    monkeypatch.setenv(ENV, generate_key())
+    engines.engine_for(url)
+    with engines.engine_for(url).connect() as connection:
+        (stored,) = connection.execute(
+            select(engines.spans).where(engines.spans.c.name == "staged_agent")
+        ).all()
+    assert is_encrypted(stored.inputs) and is_encrypted(stored.output)
+    assert decrypt(stored.output) == '"ok"'

@@ -47,8 +47,8 @@ from typing import Any, Literal
 from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
+from .._storage import close_run_spans, close_spans_of_gone_processes
 from ..errors import EncryptionKeyError, RunTakenOverError
-from ..observability._interrupted import close_run_spans, close_spans_of_gone_processes
 
 _log = logging.getLogger("kagura.durable")
 
@@ -198,7 +198,7 @@ class Journal:
     """Durable-run storage at one database URL. One per URL per process (:func:`journal_for`)."""
 
     def __init__(self, url: str | Path) -> None:
-        from ..observability._engine import normalise_url
+        from .._storage import normalise_url
 
         self.url = normalise_url(url)
         self._queue: deque[_Request | _Flush] = deque()
@@ -217,14 +217,14 @@ class Journal:
     def engine(self) -> Any:
         # Every commit on disk before it returns: a step the workflow has seen survives a power
         # loss too (see synced_engine_for).
-        from ..observability._engine import synced_engine_for
+        from .._storage import synced_engine_for
 
         return synced_engine_for(self.url)
 
     def _store(self, doing: str) -> contextlib.AbstractContextManager[None]:
         """Store faults in the block as a :class:`StoreError` that names this store and the
         cause (bugs of ours keep their type)."""
-        from ..observability._engine import store_errors
+        from .._storage import store_errors
 
         return store_errors(self.url, doing)
 
@@ -348,11 +348,10 @@ class Journal:
     def _insert_runs(self, connection: Any, rows: list[dict[str, Any]]) -> set[str]:
         """Insert the runs whose id is new; the ids of those inserted. ``rows`` must not repeat
         an id (both rows would see it come back)."""
-        from ..observability._recorder import _dialect_insert
-        from ..observability._schema import runs
+        from .._storage import insert, runs
 
         statement = (
-            _dialect_insert(self.engine)(runs)
+            insert(self.engine, runs)
             .on_conflict_do_nothing(index_elements=["run_id"])
             # A row back means this call created the run (psycopg reports no INSERT rowcount).
             .returning(runs.c.run_id)
@@ -397,7 +396,7 @@ class Journal:
         running are closed as interrupted in the same transaction."""
         from sqlalchemy import and_, or_, select, update
 
-        from ..observability._schema import runs
+        from .._storage import runs
 
         now = time.time()
         with self._store("claim a durable run"), self.engine.begin() as connection:
@@ -437,7 +436,7 @@ class Journal:
 
     def close_spans_of_gone_processes(self) -> int:
         """Close as interrupted the spans this host's dead processes left running (see
-        ``observability._interrupted``); how many. Recovery does it when it starts."""
+        ``kagura._storage``); how many. Recovery does it when it starts."""
         with self._store("close interrupted spans"), self.engine.begin() as connection:
             return close_spans_of_gone_processes(connection, time.time())
 
@@ -464,7 +463,7 @@ class Journal:
     def _finish_values(
         run_id: str, owner: str, result: str | None, error: BaseException | None
     ) -> dict[str, Any]:
-        from ..observability._content import scrub
+        from .._redact import scrub
 
         now = time.time()
         return {
@@ -487,7 +486,7 @@ class Journal:
     def get_run(self, run_id: str) -> RunRecord | None:
         from sqlalchemy import func, select
 
-        from ..observability._schema import runs, steps
+        from .._storage import runs, steps
 
         with self._store("read a durable run"), self.engine.connect() as connection:
             row = connection.execute(select(runs).where(runs.c.run_id == run_id)).first()
@@ -509,7 +508,7 @@ class Journal:
         but resumable (lease expired, or its process known gone); ``running`` means held."""
         from sqlalchemy import func, select
 
-        from ..observability._schema import runs, steps
+        from .._storage import runs, steps
 
         now, lease = time.time(), lease_seconds()
         counts = select(steps.c.run_id, func.count().label("n")).group_by(steps.c.run_id).subquery()
@@ -541,7 +540,7 @@ class Journal:
     def load_steps(self, run_id: str) -> dict[str, StepRecord]:
         from sqlalchemy import select
 
-        from ..observability._schema import steps
+        from .._storage import steps
 
         self.flush()
         with self._store("read a durable run's steps"), self.engine.connect() as connection:
@@ -749,7 +748,7 @@ def _finish_statement() -> Any:
     """A run's end, for the owner that holds it (``b_run_id``, ``b_owner``, then the values)."""
     from sqlalchemy import bindparam, update
 
-    from ..observability._schema import runs
+    from .._storage import runs
 
     return (
         update(runs)
@@ -769,7 +768,7 @@ def _release_statement() -> Any:
     """A run's lease given up by the owner that holds it: resumable at once."""
     from sqlalchemy import bindparam, update
 
-    from ..observability._schema import runs
+    from .._storage import runs
 
     return (
         update(runs)
@@ -794,7 +793,7 @@ _journals_lock = threading.Lock()
 
 def journal_for(url: str | None = None) -> Journal:
     """The journal at ``url`` (default: the event store's URL)."""
-    from ..observability._engine import default_url, normalise_url
+    from .._storage import default_url, normalise_url
 
     key = default_url() if url is None else normalise_url(url)
     with _journals_lock:

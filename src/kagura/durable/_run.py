@@ -21,7 +21,8 @@ import pydantic_core
 from pydantic import TypeAdapter
 
 from .._context import Span, current_span
-from .._instrument import ensure_recording, span_finished, span_started, status_of
+from .._instrument import span_finished, span_started, status_of
+from .._recording import ensure_recording
 from ..errors import NonDeterminismError
 from ._journal import Journal, StepRecord
 

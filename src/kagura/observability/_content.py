@@ -6,93 +6,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import re
 from typing import Any, Literal
 
 import pydantic_core
 
+from .._redact import looks_secret, redact_text, repr_of, scrub
+
 ContentMode = Literal["full", "hash", "none"]
 
-REDACTED = "[REDACTED]"
-_SECRET_KEY = re.compile(
-    r"(api[_-]?key|secret|password|passwd|token|authorization|credential)", re.I
-)
-# Provider key shapes (OpenAI, Anthropic, OpenRouter, Google, bearer tokens) inside free text.
-_SECRET_VALUE = re.compile(
-    r"(sk-[A-Za-z0-9_\-]{12,}|sk-ant-[A-Za-z0-9_\-]{12,}|AIza[0-9A-Za-z_\-]{20,}"
-    r"|Bearer\s+[A-Za-z0-9._\-]{12,})"
-)
-# Either of the above, in one pass: the fast path's only check on ordinary values.
-_SUSPICIOUS = re.compile(f"{_SECRET_KEY.pattern}|{_SECRET_VALUE.pattern}", re.I)
-# Every match of _SUSPICIOUS contains one of these (lowercased). Substring search is a C loop
-# over the text, while the regex, an alternation with no literal prefix, is tried at each
-# position: about 30 times slower on ordinary text, which rarely holds any of these.
-_SUSPICIOUS_WORDS = (
-    "api_key",
-    "api-key",
-    "apikey",
-    "secret",
-    "password",
-    "passwd",
-    "token",
-    "authorization",
-    "credential",
-    "sk-",
-    "aiza",
-    "bearer",
-)
-
-
-def looks_secret(text: str) -> bool:
-    """Does ``text`` hold something that may be a secret (a key name or a key-shaped value)?"""
-    lowered = text.lower()
-    return any(word in lowered for word in _SUSPICIOUS_WORDS) and bool(_SUSPICIOUS.search(text))
-
-
-_SUSPICIOUS_BYTES = tuple(word.encode() for word in _SUSPICIOUS_WORDS)
-
-
-def bytes_look_secret(data: bytes) -> bool:
-    """:func:`looks_secret` for a marshalled message: every string in it is there as its UTF-8
-    bytes, so its words and key shapes are found in the bytes as they are in the text."""
-    lowered = data.lower()
-    return any(word in lowered for word in _SUSPICIOUS_BYTES) and bool(
-        _SUSPICIOUS.search(data.decode("latin-1"))
-    )
-
-
 MAX_TEXT = 64_000
-
-
-def scrub(value: Any, depth: int = 0) -> Any:
-    """A JSON-ready copy of ``value`` with secret-looking keys and values redacted."""
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, str):
-        return _SECRET_VALUE.sub(REDACTED, value)
-    if depth > 20:
-        text = repr_of(value)
-        return REDACTED if _SECRET_VALUE.search(text) else text[:200]
-    if isinstance(value, dict):
-        return {
-            str(k): (REDACTED if _SECRET_KEY.search(str(k)) else scrub(v, depth + 1))
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple | set | frozenset):
-        return [scrub(v, depth + 1) for v in value]
-    try:
-        plain = pydantic_core.to_jsonable_python(value)
-    except Exception:  # unserialisable: stored as its repr, never an error
-        return _SECRET_VALUE.sub(REDACTED, repr_of(value))
-    return scrub(plain, depth + 1)
-
-
-def repr_of(value: Any) -> str:
-    """``repr(value)``, or a placeholder when the object's ``__repr__`` itself fails."""
-    try:
-        return repr(value)
-    except Exception:
-        return f"<unrepresentable {type(value).__qualname__}>"
 
 
 def encode(value: Any, mode: ContentMode) -> str | None:
@@ -110,7 +32,7 @@ def encode(value: Any, mode: ContentMode) -> str | None:
         try:
             text = pydantic_core.to_json(scrub(value)).decode()
         except Exception:
-            text = pydantic_core.to_json(_SECRET_VALUE.sub(REDACTED, repr_of(value))).decode()
+            text = pydantic_core.to_json(redact_text(repr_of(value))).decode()
     if mode == "hash":
         return pydantic_core.to_json({"sha256": hashlib.sha256(text.encode()).hexdigest()}).decode()
     if len(text) > MAX_TEXT:
@@ -234,7 +156,7 @@ def encode_text(text: str | None, mode: ContentMode) -> str | None:
         try:
             text = pydantic_core.to_json(scrub(pydantic_core.from_json(text))).decode()
         except Exception:
-            text = pydantic_core.to_json(_SECRET_VALUE.sub(REDACTED, text)).decode()
+            text = pydantic_core.to_json(redact_text(text)).decode()
     if mode == "hash":
         return pydantic_core.to_json({"sha256": hashlib.sha256(text.encode()).hexdigest()}).decode()
     if len(text) > MAX_TEXT:

@@ -1,11 +1,37 @@
 """The recorder: an instrumentation sink that writes every span and event to the event store.
 
-On the event loop it builds each span's row when the span finishes (the span already carries its
-subtree's tokens, cost, LLM calls and retries: see :func:`kagura._instrument.close`) and adds its
-values to a flat list. A thread marshals batches of rows to the writer (see :mod:`._writer`): by
-default a process of its own, so redacting and inserting run on another core. So recording never
-blocks the loop on disk I/O, never touches the recorded function's result or exception, and
-nothing is lost on exit: an ``atexit`` hook flushes what is queued.
+A finished span reaches its row in three hops:
+
+1. on the event loop, :meth:`Recorder.span_finished` builds the span's row (plain values: the
+   span already carries its subtree's tokens, cost, LLM calls and retries, see
+   :func:`kagura._instrument.close`) and appends it to a list;
+2. the recorder's thread takes what is queued (every ``flush_interval``, or at once when a
+   batch's worth is queued) and sends it to the writer, a process of its own
+   (:mod:`._writer`: marshal frames through a pipe);
+3. the writer process redacts (and encrypts) the rows and inserts them into the tables, one
+   transaction per batch (:meth:`._writer.StoreWriter.write`: the only write path).
+
+Readers never do the writer's work: a query reads the tables as they are, waiting only for this
+process's recorder to flush when it records to the same store, so that what just finished is
+seen. Recording never blocks the loop on disk I/O, never touches the recorded function's result
+or exception, and nothing is lost on exit: an ``atexit`` hook flushes what is queued.
+
+Why a writer process rather than a thread: redacting, serialising and inserting a row costs
+about 10 µs of CPU (a row of ``kagura_spans`` updates five B-trees). In a thread of this process
+that work holds the GIL against the event loop; in a process of its own it runs on another
+core. Measured with ``benchmarks/bench_overhead.py --only raw --only "recording on"`` on the
+same (loaded, 2-core) machine: 149 µs per agent step with a writer thread, 78-132 µs with the
+writer process. If the process cannot be started, or dies, the recorder writes from its thread
+with the same :class:`~._writer.StoreWriter`.
+
+Why no staging: earlier versions made a burst's batches durable as one blob each in a staging
+table and wrote them into the indexed tables later, readers doing so before their first query.
+That kept the flush cheap (the rows' insertion was left for later: the first query after a burst
+of 10,000 spans took 0.26 s, after larger ones seconds) at the price of a second write path, a
+merge on every read and readers that wrote. Here the flush pays for the insertion (the same
+burst: flush 0.15 s, then the first query 3 ms); per agent step, flush included, recording went
+from 95 µs to 132 µs in the measurement above (raw asyncio: 19 µs), while the loop's own share
+(before the flush) stayed the same (4.8x against 5.0x raw asyncio).
 """
 
 from __future__ import annotations
@@ -16,7 +42,6 @@ import itertools
 import logging
 import marshal
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -39,7 +64,6 @@ from ._content import (
     to_text,
 )
 from ._writer import (
-    LENGTH,
     ROW_WIDTH,
     WRITER_THREAD,
     Row,
@@ -48,6 +72,7 @@ from ._writer import (
     plain_values,
     receive,
     rows_of,
+    send,
     this_sender,
 )
 
@@ -58,13 +83,18 @@ _log = logging.getLogger("kagura.recorder")
 #: With the look every quarter of a second below, every call in flight for half a second is on
 #: record; most spans end sooner, and a row each would double the writer's work.
 _RUNNING_AFTER_NS = 250_000_000
-#: Queued rows the loop hands over to the writer itself (or wakes the recorder's thread for,
-#: before its flush interval is up), in values.
-_HAND_OVER_AT = 1000 * ROW_WIDTH
+#: Queued rows (in values) for which the loop wakes the recorder's thread before its flush
+#: interval is up.
+_WAKE_AT = 1000 * ROW_WIDTH
 #: How often the writer's thread looks for spans open long enough to be written as running. A
 #: look walks every open span while holding the GIL (thousands, in a large fan-out), so not at
 #: every batch.
 _OPEN_SPANS_EVERY_NS = 250_000_000
+
+
+#: What the recorder keeps of an open span's start: its model, its inputs (as the writer takes
+#: them, see ``_content.recorded``), and whether its running row was written.
+_Started = list[Any]
 
 
 class _FlushMarker:
@@ -88,13 +118,8 @@ class _RecordingOff(Exception):
 
 
 class _Sidecar:
-    """The client end of a writer process (:func:`kagura.observability._writer.main`).
-
-    Frames go into the pipe to its stdin through a non-blocking file descriptor, so that the
-    event loop can hand a batch over itself (:meth:`send_nowait`) and never wait: what does not
-    fit in the pipe stays pending, in order, for the recorder's thread to write
-    (:meth:`send_pending`). Every write holds ``lock``.
-    """
+    """The client end of a writer process (:func:`kagura.observability._writer.main`): frames
+    into its stdin, replies from its stdout. Used by the recorder's thread only."""
 
     def __init__(self, url: str, content: ContentMode) -> None:
         # The same kagura as this process's, wherever it was imported from.
@@ -110,73 +135,27 @@ class _Sidecar:
         )
         assert self.process.stdin is not None and self.process.stdout is not None
         self._inbox = self.process.stdin
-        self._fd = self._inbox.fileno()
-        os.set_blocking(self._fd, False)
-        _widen_pipe(self._fd)
+        _widen_pipe(self._inbox.fileno())
         self._outbox = self.process.stdout
         self._tokens = itertools.count(1)
-        # Re-entrant: the recorder's thread closes a writer process that died while it held it.
-        self.lock = threading.RLock()
-        #: Bytes of frames not in the pipe yet (written before any later frame).
-        self.pending = bytearray()
         self.written_spans = 0
         self.written_events = 0
         self.failed_batches = 0
         # The URL goes through the pipe, not the command line: it may hold a password.
-        self._send(("open", url, content))
+        self._send(marshal.dumps(("open", url, content)))
         reply = self._receive()
         if not reply[1]:
             self.close()
             raise _StoreUnopenable(reply[2])
 
     def write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
-        """Send rows: ``finished`` as the flat list of values the recorder queues them in (the
-        caller holds ``lock``)."""
-        self._send_bytes(_rows_message(running, finished, events))
-
-    def send_nowait(self, payload: bytes) -> bool:
-        """Put a frame in the pipe as far as it fits now, the rest pending (the caller holds
-        ``lock``). ``True`` when all of it went in."""
-        head = LENGTH.pack(len(payload))
-        if self.pending:
-            self.pending += head
-            self.pending += payload
-            return False
-        try:
-            written = os.writev(self._fd, (head, payload))
-        except BlockingIOError:
-            written = 0
-        except OSError as exc:
-            raise _SidecarGone(str(exc)) from exc
-        if written == len(head) + len(payload):
-            return True
-        self.pending += (head + payload)[written:]
-        return False
-
-    def send_pending(self, timeout: float | None = None) -> None:
-        """Write what is pending, waiting for the pipe as long as it takes, or ``timeout``
-        seconds (the caller holds ``lock``; the writer process reads without stopping, or has
-        died)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.pending:
-            try:
-                written = os.write(self._fd, self.pending)
-            except BlockingIOError:
-                if self.process.poll() is not None:
-                    raise _SidecarGone("the writer process ended") from None
-                if deadline is not None and time.monotonic() > deadline:
-                    raise _SidecarGone("the writer process stopped reading") from None
-                select.select([], [self._fd], [], 1.0)
-                continue
-            except OSError as exc:
-                raise _SidecarGone(str(exc)) from exc
-            del self.pending[:written]
+        """Send rows: ``finished`` as the flat list of values the recorder queues them in."""
+        self._send(_rows_message(running, finished, events))
 
     def sync(self) -> None:
-        """Wait until the writer has committed everything sent so far (the caller holds
-        ``lock``)."""
+        """Wait until the writer has committed everything sent so far."""
         token = next(self._tokens)
-        self._send(("sync", token))
+        self._send(marshal.dumps(("sync", token)))
         while True:
             reply = self._receive()
             if reply[0] == "synced" and reply[1] == token:
@@ -184,8 +163,6 @@ class _Sidecar:
                 return
 
     def close(self, timeout: float = 30.0) -> None:
-        with contextlib.suppress(OSError, _SidecarGone), self.lock:
-            self.send_pending(timeout)
         with contextlib.suppress(OSError):
             self._inbox.close()  # the writer finishes what it has read, then exits
         try:
@@ -195,14 +172,11 @@ class _Sidecar:
             self.process.wait()
         self._outbox.close()
 
-    def _send(self, message: tuple[Any, ...]) -> None:
-        self._send_bytes(marshal.dumps(message))
-
-    def _send_bytes(self, payload: bytes) -> None:
-        """Send a frame after whatever is pending, waiting as long as it takes (the caller
-        holds ``lock``, or is the only one to write)."""
-        self.send_nowait(payload)
-        self.send_pending()
+    def _send(self, payload: bytes) -> None:
+        try:
+            send(self._inbox, payload)
+        except (OSError, ValueError) as exc:  # a closed pipe: the writer process has ended
+            raise _SidecarGone(str(exc)) from exc
 
     def _receive(self) -> tuple[Any, ...]:
         try:
@@ -225,8 +199,8 @@ def _rows_message(running: list[Row], finished: list[Any], events: list[Row]) ->
 
 
 def _widen_pipe(fd: int) -> None:
-    """A pipe of 1 MiB where Linux allows it (64 KiB by default): a batch the loop hands over
-    then fits whole."""
+    """A pipe of 1 MiB where Linux allows it (64 KiB by default): a batch then fits whole, and
+    the recorder's thread rarely waits for the writer process to read."""
     try:
         import fcntl
 
@@ -248,14 +222,14 @@ class Recorder:
         batch_size: int = 5000,
         process: bool | None = None,
     ) -> None:
-        from ._engine import normalise_url
+        from .._storage import normalise_url
 
         self.url = normalise_url(url)
         #: Set when the store could not be opened: nothing is being recorded.
         self.broken = False
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
         # How long finished rows may wait to be sent when fewer than a batch's worth are queued
-        # (a batch's worth is handed over at once). Each time the recorder's thread wakes, it
+        # (the loop wakes the thread once a batch's worth is queued). Each time it wakes, it
         # takes the GIL from the event loop: at every 50 ms, a burst of 2,000 runs took 6% longer
         # (measured, with the thread waking two or three times in it).
         self.flush_interval = flush_interval
@@ -275,8 +249,9 @@ class Recorder:
         # Spans given as records (handle), by id, until they finish: their children's totals
         # are added to them, as running code adds them to live spans.
         self._detached: dict[str, Span] = {}
-        # Spans that started and have not finished (see span_started).
-        self._open_spans: set[Span] = set()
+        # Spans that started and have not finished (see span_started), with what their rows
+        # need of their start: the model, the inputs, and whether a running row was written.
+        self._open_spans: dict[Span, _Started] = {}
         self._open_spans_seen_ns = 0
         self._writer: _Sidecar | StoreWriter | None = None
         self._thread = threading.Thread(target=self._run, name=WRITER_THREAD, daemon=True)
@@ -287,57 +262,35 @@ class Recorder:
     def span_started(self, span: Span, attributes: dict[str, Any] | None) -> None:
         if self.broken:  # a store that cannot be opened must not grow the queue forever
             return
+        model = inputs = None
         if attributes:
             # What the row needs of the start attributes, taken now: the span does not keep
             # them, and the inputs are recorded as they were when the span started.
             model = attributes.get("model")
-            span._model = model if model is None or type(model) is str else str(model)
+            if model is not None and type(model) is not str:
+                model = str(model)
             inputs = attributes.get("inputs")
             if inputs is not None:
                 # An attempt's inputs sent as text are its one user message (see
                 # recorded_messages): inputs given as text by another producer are encoded.
-                span._inputs = recorded(inputs) if span.kind != "llm" else to_json(inputs)
+                inputs = recorded(inputs) if span.kind != "llm" else to_json(inputs)
             elif "messages" in attributes:
-                span._inputs = recorded_messages(attributes["messages"])
+                inputs = recorded_messages(attributes["messages"])
             else:
-                span._inputs = recorded(attributes.get("arguments"))
+                inputs = recorded(attributes.get("arguments"))
         # Open spans are only listed (they are alive anyway): most end within the same batch,
         # and the writer's thread writes a "running" row only for those that don't.
-        self._open_spans.add(span)
+        self._open_spans[span] = [model, inputs, False]
 
     def span_finished(self, span: Span) -> None:
         if self.broken:
             return
         # Its row, now, as plain values: nothing here keeps the span or its values alive.
-        self._open_spans.discard(span)
+        started = self._open_spans.pop(span, None)
         rows = self._rows
-        rows.extend(self._row(span))
-        if len(rows) >= _HAND_OVER_AT:
-            self._hand_over(rows)
-
-    def _hand_over(self, rows: list[Any]) -> None:
-        """Send a batch's worth of rows to the writer process from here, without waiting (see
-        ``_Sidecar.send_nowait``), or else wake the recorder's thread to. From here because
-        the thread would have to take the GIL from the loop for each batch, and give it back:
-        a batch handed over this way cost the loop less than a third as much (measured: 1 µs
-        less per agent step, with 2,000 runs at once)."""
-        writer = self._writer
-        if type(writer) is _Sidecar and not writer.pending and writer.lock.acquire(False):
-            try:
-                # Under the lock, nothing else takes rows; another thread's loop may add some
-                # meanwhile (each in one piece), after the ones counted here.
-                taken = len(rows)
-                finished = rows[:taken]
-                del rows[:taken]
-                if not writer.send_nowait(_rows_message([], finished, [])):
-                    self._wake.set()  # the rest of the frame is pending: the thread writes it
-            except _SidecarGone:
-                rows[:0] = finished  # the thread finds the writer gone, and writes them
-                self._wake.set()
-            finally:
-                writer.lock.release()
-        elif not self._wake.is_set():
-            self._wake.set()
+        rows.extend(self._row(span, started))
+        if len(rows) >= _WAKE_AT and not self._wake.is_set():
+            self._wake.set()  # a batch's worth: the thread sends it before its interval is up
 
     def span_event(self, event: SpanEvent) -> None:
         if not self.broken:
@@ -380,15 +333,15 @@ class Recorder:
             parent,
         )
 
-    def _row(self, span: Span) -> Row:
+    def _row(self, span: Span, started: _Started | None) -> Row:
         """The span's row as the writer takes it (see ``_writer.WIRE_COLUMNS``): only what the
         span holds, as it holds it; the writer derives the rest (times in seconds, duration,
         total tokens, the step key's text). A running span's row has its totals so far and no
-        end, cost or result yet."""
+        end, cost or result yet. ``started``: what :meth:`span_started` took of its start."""
         status = span.status  # read once: the loop may end the span while its row is built
         running = status == "running"
         result = None if running else span.result
-        model = span._model
+        model, inputs = (None, None) if started is None else (started[0], started[1])
         if not result:
             output = extra = None
         else:
@@ -398,20 +351,13 @@ class Recorder:
                 model = result.get("model")
                 if model is not None and type(model) is not str:
                     model = str(model)
-        # Ids as numbers unless someone read them as text (see Span.__init__): the writer
+        # Ids as numbers unless someone read them as text (see Span.wire_ids): the writer
         # makes them text.
-        parent = span.parent
-        parent_id: int | str | None = span._parent_id
-        if parent_id is None and parent is not None:
-            parent_id = parent._id or parent._n
-        key = span._key
-        if key is not None or parent is None:
-            seq = None
-        else:  # the parent's key and this span's number under it: see Span.step_key
-            key, seq = parent.step_key, span._seq
+        span_id, run_id, parent_id = span.wire_ids()
+        key, seq = span.wire_step_key()
         return (
-            span._id or span._n,
-            span._run,
+            span_id,
+            run_id,
             parent_id,
             span.kind,
             span.name,
@@ -428,7 +374,7 @@ class Recorder:
             span.retries,
             span.error,
             span.error_type,
-            span._inputs,
+            inputs,
             output,
             extra,
         )
@@ -489,7 +435,7 @@ class Recorder:
     def _recording_off(self, why: BaseException) -> None:
         """The store cannot be opened: say so once, and record nothing from now on (the
         application's calls go on as if nothing were recorded)."""
-        from ._engine import scrub_url
+        from .._storage import scrub_url
 
         if isinstance(why, (StoreError, _StoreUnopenable)):  # they name the store and the cause
             reason = str(why)
@@ -538,33 +484,27 @@ class Recorder:
                             to_text(item.attributes),
                         )
                     )
-            writer = self._writer
-            # The loop hands batches over too (see _hand_over), under the writer process's
-            # lock: taking rows and writing them hold it here as well.
-            lock = writer.lock if isinstance(writer, _Sidecar) else contextlib.nullcontext()
             try:
-                with lock:
-                    # Whole rows only (each was added in one piece); for a flush marker, every
-                    # row so far, since all those finished before the flush are among them.
-                    taken = len(rows) if markers else min(len(rows), batch)
-                    finished = rows[:taken]
-                    del rows[:taken]
-                    # After taking the rows: a span whose row is among them had left
-                    # _open_spans.
-                    try:
-                        running = self._running_rows(everything=bool(markers))
-                        for start in range(0, max(taken, 1), batch):
-                            self._write(running, finished[start : start + batch], events)
-                            running, events = [], []
-                        if markers:
-                            self._sync()
-                    except _RecordingOff:
-                        raise
-                    except Exception:  # a bug of ours must not end recording, nor strand a flush
-                        _log.exception(
-                            "kagura: recording a batch failed; %d rows are dropped",
-                            taken // ROW_WIDTH + len(events),
-                        )
+                # Whole rows only (each was added in one piece); for a flush marker, every row
+                # so far, since all those finished before the flush are among them.
+                taken = len(rows) if markers else min(len(rows), batch)
+                finished = rows[:taken]
+                del rows[:taken]
+                # After taking the rows: a span whose row is among them had left _open_spans.
+                try:
+                    running = self._running_rows(everything=bool(markers))
+                    for start in range(0, max(taken, 1), batch):
+                        self._write(running, finished[start : start + batch], events)
+                        running, events = [], []
+                    if markers:
+                        self._sync()
+                except _RecordingOff:
+                    raise
+                except Exception:  # a bug of ours must not end recording, nor strand a flush
+                    _log.exception(
+                        "kagura: recording a batch failed; %d rows are dropped",
+                        taken // ROW_WIDTH + len(events),
+                    )
             finally:
                 for marker in markers:
                     marker.done.set()
@@ -582,23 +522,17 @@ class Recorder:
             self._open_spans_seen_ns = now
         started_before = now - _RUNNING_AFTER_NS
         rows = []
-        for span in list(self._open_spans):
-            if span._recorded == 0 and (everything or span.start_ns < started_before):
-                span._recorded = 1
-                rows.append(self._row(span))
+        for span, started in list(self._open_spans.items()):
+            if not started[2] and (everything or span.start_ns < started_before):
+                started[2] = True
+                rows.append(self._row(span, started))
         return rows
 
     def _write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
-        """Write rows: ``finished`` as flat values (see ``_rows``). With a writer process, the
-        caller holds its lock."""
+        """Write rows: ``finished`` as flat values (see ``_rows``)."""
         writer = self._writer
         assert writer is not None
         if not (running or finished or events):
-            if isinstance(writer, _Sidecar) and writer.pending:  # left by _hand_over
-                try:
-                    writer.send_pending()
-                except _SidecarGone as exc:
-                    self._fall_back(exc)
             return
         if isinstance(writer, _Sidecar):
             try:
@@ -643,17 +577,6 @@ class Recorder:
             gone.close(timeout=1.0)
 
 
-def _dialect_insert(engine: Any) -> Any:
-    """The dialect's INSERT, which (unlike the generic one) has ON CONFLICT for upserts."""
-    if engine.dialect.name == "postgresql":
-        from sqlalchemy.dialects import postgresql
-
-        return postgresql.insert
-    from sqlalchemy.dialects import sqlite
-
-    return sqlite.insert
-
-
 # -- the process-wide default recorder ----------------------------------------------------
 
 _default: Recorder | None = None
@@ -668,7 +591,7 @@ def install_default() -> Recorder:
     """Start recording to the default store (``KAGURA_DB`` or ``KAGURA_HOME/events.db``)."""
     global _default
     from .._instrument import add_sink
-    from ._engine import default_url
+    from .._storage import default_url
 
     with _default_lock:
         if _default is None:

@@ -21,11 +21,17 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .. import _encryption
+from .._storage import (
+    can_write,
+    close_spans_of_gone_processes,
+    default_url,
+    engine_for,
+    normalise_url,
+    redact_url,
+    store_errors,
+)
 from ..errors import UsageError
-from ._engine import can_write, default_url, engine_for, normalise_url, redact_url, store_errors
-from ._interrupted import close_spans_of_gone_processes
 from ._recorder import default_recorder
-from ._writer import catch_up
 
 EXECUTION_KINDS = ("agent", "workflow")
 _GROUPS = ("agent", "model", "day")
@@ -37,7 +43,7 @@ _Method = Callable[Concatenate["EventStore", _P], _R]
 
 def _using_the_store(doing: str) -> Callable[[_Method[_P, _R]], _Method[_P, _R]]:
     """The method's store faults raised as :class:`~kagura.errors.StoreError` (see
-    :func:`~kagura.observability._engine.store_errors`), saying it could not ``doing``."""
+    `kagura._storage.store_errors`), saying it could not ``doing``."""
 
     def decorate(method: _Method[_P, _R]) -> _Method[_P, _R]:
         @functools.wraps(method)
@@ -127,7 +133,7 @@ class EventStore:
         self.url = default_url() if db_path_or_url is None else normalise_url(db_path_or_url)
         self._engine: Any = None
         # A store this user may only read is read as it is: no schema made or brought up to
-        # date, nothing staged written in (see _sync).
+        # date, no interrupted spans closed (see _sync).
         self._read_only = not can_write(self.url)
 
     def __repr__(self) -> str:
@@ -145,14 +151,13 @@ class EventStore:
         return self._engine
 
     def _sync(self) -> None:
-        """Every recorded row in the tables before a query reads them: this process's recorder
-        flushed, and what any writer has staged written in (unless this user may not write the
-        store: then the rows still staged are not seen, see ``_writer.catch_up``)."""
+        """Before a query: what this process has recorded so far in the tables (its recorder
+        flushed: a reader waits for the writer, never does its work), and the spans of this
+        host's processes that died closed (unless this user may not write the store)."""
         recorder = default_recorder()
         if recorder is not None and recorder.url == self.url:
             recorder.flush()
         if not self._read_only:
-            catch_up(self.url)
             # Spans of this host's processes that died say running until someone notices.
             with self.engine.begin() as connection:
                 close_spans_of_gone_processes(connection, time.time())
@@ -174,7 +179,7 @@ class EventStore:
         """Executions, newest first. ``agent_name`` matches agent and workflow names."""
         from sqlalchemy import select
 
-        from ._schema import spans
+        from .._storage import spans
 
         self._sync()
         query = select(spans).order_by(spans.c.started_at.desc())
@@ -201,7 +206,7 @@ class EventStore:
         """One execution with its subtree under ``children`` and its ``events``."""
         from sqlalchemy import select
 
-        from ._schema import events, spans
+        from .._storage import events, spans
 
         self._sync()
         with self.engine.connect() as connection:
@@ -240,7 +245,7 @@ class EventStore:
         """Ids of spans that start with ``prefix`` (at most ``limit``), for ids typed short."""
         from sqlalchemy import select
 
-        from ._schema import spans
+        from .._storage import spans
 
         self._sync()
         query = (
@@ -260,7 +265,7 @@ class EventStore:
         model and day."""
         from sqlalchemy import and_, func, select
 
-        from ._schema import spans
+        from .._storage import spans
 
         self._sync()
         start = _timestamp(since)
@@ -308,7 +313,7 @@ class EventStore:
     def _percentiles(self, connection: Any, where: Any, count: int) -> dict[str, float | None]:
         from sqlalchemy import select
 
-        from ._schema import spans
+        from .._storage import spans
 
         out: dict[str, float | None] = {"p50": None, "p95": None, "p99": None}
         if count == 0:
@@ -353,7 +358,7 @@ class EventStore:
         from LLM attempts (never nested, so nothing is counted twice), both from one query."""
         from sqlalchemy import case, func, select
 
-        from ._schema import spans
+        from .._storage import spans
 
         by_agent = "agent" in groups
         by_attempts = [group for group in groups if group != "agent"]
@@ -402,7 +407,7 @@ class EventStore:
     def _kind_column(self, since: datetime | float | None) -> Any:
         from sqlalchemy import literal_column
 
-        from ._schema import spans
+        from .._storage import spans
 
         if since is None and self.engine.dialect.name == "sqlite":
             # Over a whole store, the kinds asked for are a large share of it: a plain scan reads
@@ -415,7 +420,7 @@ class EventStore:
     def _group_key(self, by: str) -> Any:
         from sqlalchemy import func
 
-        from ._schema import spans
+        from .._storage import spans
 
         if by == "day":
             if self.engine.dialect.name == "postgresql":
@@ -433,7 +438,7 @@ class EventStore:
         before a datetime. Returns the number of spans deleted."""
         from sqlalchemy import delete, select
 
-        from ._schema import events, spans
+        from .._storage import events, spans
 
         self._sync()
         if isinstance(age, datetime):

@@ -5,8 +5,9 @@ and hands batches to a writer. By default the writer is a process of its own (:f
 recorder's sidecar): checking the text for secrets, redacting it, encrypting it (with
 ``KAGURA_ENCRYPTION_KEY`` set, see :mod:`kagura._encryption`) and the inserts themselves then run
 on another core, without the GIL, so recording costs the event loop little more than building the
-rows. If the sidecar cannot be started, or dies, the recorder writes from its own thread with
-the same :class:`StoreWriter`.
+rows. Every batch goes straight into the tables (:meth:`StoreWriter.write`), in one
+transaction. If the sidecar cannot be started, or dies, the recorder writes from its own thread
+with the same :class:`StoreWriter`.
 
 The sidecar speaks a small protocol over its stdin and stdout: frames of a 4-byte length and a
 :mod:`marshal` payload (the same interpreter is at both ends, and rows are plain values, so
@@ -21,7 +22,6 @@ import gc
 import logging
 import marshal
 import os
-import queue
 import signal
 import struct
 import sys
@@ -32,25 +32,16 @@ from typing import IO, Any
 from .. import _context, _encryption
 from .._context import id_format
 from .._process import this_process
-from ..errors import StoreError
-from ._content import (
-    MAX_TEXT,
-    ContentMode,
-    as_inputs_text,
-    as_text,
-    bytes_look_secret,
-    encode_text,
-    looks_secret,
-    repr_of,
-    scrub,
-)
-from ._engine import (
+from .._redact import looks_secret, repr_of, scrub
+from .._storage import (
     is_store_fault,
     scrub_url,
     store_error,
     store_name,
     use_a_large_page_cache,
 )
+from ..errors import StoreError
+from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -225,7 +216,7 @@ class StoreWriter:
     """
 
     def __init__(self, url: str, content: ContentMode) -> None:
-        from ._engine import engine_for
+        from .._storage import engine_for
 
         self.url = url
         self.content: ContentMode = content
@@ -238,8 +229,6 @@ class StoreWriter:
         self.written_spans = 0
         self.written_events = 0
         self.failed_batches = 0
-        #: Rows staged in the store and not written in yet, as far as this writer knows.
-        self.staged_rows = 0
         #: While the store cannot be written: when (``time.monotonic()``) a batch tries again.
         self._retry_at: float | None = None
         self._dropped_batches = 0
@@ -316,120 +305,18 @@ class StoreWriter:
         events: list[Row],
         sender: Sender,
     ) -> None:
-        dialect = self.engine.dialect.name
-        statements = _statements(dialect)
-        # Straight to the driver's executemany: the rows are already plain values, and
-        # SQLAlchemy's per-row processing would cost more than the insert itself.
+        dialect = self.engine.dialect
+        # Straight to the driver's executemany (see positional_sql): the rows are already
+        # plain values.
         if running:
-            connection.exec_driver_sql(statements.insert_running, self._stored(running, sender))
+            insert_running = _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "nothing")
+            connection.exec_driver_sql(insert_running, self._stored(running, sender))
         if finished:
             stored = self._stored(finished, sender)
             connection.exec_driver_sql(*_upsert_finished(dialect, stored))
         if events:
-            connection.exec_driver_sql(statements.insert_events, _event_rows(events))
-
-    def take(self, message: tuple[Any, ...], batch: bytes) -> None:
-        """The writer process's way with a batch of rows (``message``, which marshal made
-        ``batch`` of): staged when it can be (see :meth:`stage`), else written at once."""
-        if self.content == "full" and not _encryption.enabled() and not bytes_look_secret(batch):
-            self.stage(message, batch)
-            while self.staged_rows > STAGED_ROWS_MAX and self.try_catch_up(batches=1):
-                pass
-            return
-        # Redacted, hashed, dropped or encrypted values are never staged: the bytes on disk must
-        # already be what may be stored (a staged batch is the recorder's message, plaintext).
-        # Staged batches first, so that rows land in the order they came.
-        self.try_catch_up()
-        self.write(message[1], rows_of(message[2]), message[3], sender_of(message))
-
-    def stage(self, message: tuple[Any, ...], batch: bytes) -> None:
-        """Make a batch durable without writing its rows into the tables yet: one insert of its
-        bytes, where its rows would cost about 8 µs each (measured: a row of ``kagura_spans``
-        updates five B-trees). Its rows are written in later by :meth:`catch_up`: when no batch
-        has come for a while, when too many are staged, or by the first reader."""
-        running, finished, events = message[1], message[2], message[3]
-        spans = len(finished) // ROW_WIDTH
-        count = len(running) + spans + len(events)
-        if not count or self._dropping():
-            return
-        try:
-            with self.engine.begin() as connection:
-                connection.execute(_staged().insert(), {"spans": count, "batch": batch})
-        except Exception as error:
-            self._failed(error, "staging", count)
-            return
-        self._succeeded()
-        self.staged_rows += count
-        self.written_spans += spans
-        self.written_events += len(events)
-
-    def try_catch_up(self, batches: int | None = None) -> int:
-        """:meth:`catch_up` as the writer does it: a store that cannot be written is reported
-        (once) and tried again later, not raised; its staged batches stay staged."""
-        if self._retry_at is not None and time.monotonic() < self._retry_at:
-            return 0
-        try:
-            done = self.catch_up(batches)
-        except Exception as error:
-            if not is_store_fault(error):
-                raise
-            self._store_failed(error)
-            return 0
-        if done:
-            self._succeeded()
-        return done
-
-    def catch_up(self, batches: int | None = None) -> int:
-        """Write staged batches into the tables, oldest first, each in one transaction: every
-        one (or at most ``batches``). Returns how many this call wrote in. Safe against other
-        processes doing the same: each batch is taken by the one whose ``DELETE`` gets it.
-        Raises what the database raised when the store cannot be written (see
-        :func:`~kagura.observability._engine.is_store_fault`)."""
-        done = 0
-        while batches is None or done < batches:
-            taken = self._take_staged()
-            if taken is None:
-                if self._staged_left():  # PostgreSQL: someone else had the oldest; next one
-                    continue
-                self.staged_rows = 0
-                break
-            done += 1
-        return done
-
-    def _take_staged(self) -> int | None:
-        """Write in the oldest staged batch; its id, or ``None`` when none was there to take."""
-        taken: int | None = None
-        try:
-            with self.engine.begin() as connection:
-                row = connection.exec_driver_sql(_TAKE_OLDEST).first()
-                if row is None:
-                    return None
-                taken, count = int(row[0]), int(row[1])
-                message = marshal.loads(row[2])
-                running, finished, events = message[1:4]
-                self._insert(connection, running, rows_of(finished), events, sender_of(message))
-        except Exception as error:
-            # The store's fault rolled the DELETE back: the batch stays staged for later.
-            if taken is None or is_store_fault(error):
-                raise
-            # A batch that cannot be written must not stop every later one: it is dropped,
-            # as a batch that fails to be written at once is.
-            self.failed_batches += 1
-            _log.exception("kagura: writing staged batch %s failed; it is dropped", taken)
-            with self.engine.begin() as connection:
-                connection.execute(_staged().delete().where(_staged().c.id == taken))
-            return taken
-        self.staged_rows = max(0, self.staged_rows - count)
-        return taken
-
-    def count_staged(self) -> int:
-        """Rows staged in the store, by every writer."""
-        with self.engine.connect() as connection:
-            return int(connection.exec_driver_sql(_COUNT_STAGED).scalar_one())
-
-    def _staged_left(self) -> bool:
-        with self.engine.connect() as connection:
-            return connection.exec_driver_sql(_ANY_STAGED).first() is not None
+            insert_events = _insert_sql(dialect, "kagura_events", EVENT_COLUMNS, "")
+            connection.exec_driver_sql(insert_events, _event_rows(events))
 
     def _stored(self, rows: list[Row], sender: Sender) -> list[Row]:
         rows = _table_rows(rows, *sender)
@@ -470,59 +357,9 @@ def _quiet_pipeline_warnings() -> None:
         logging.getLogger("psycopg").addFilter(_NoPipelineWarnings())
 
 
-#: Rows a writer leaves staged at most: beyond, it writes in the oldest staged batch for each new
-#: one, as fast as it wrote them at once. A burst of up to about 11,000 workflow runs of four
-#: agent calls is absorbed; a reader catches up that many in about a second.
-STAGED_ROWS_MAX = 100_000
-#: How long the writer process waits for the next batch before it writes staged ones in. A
-#: burst's batches come milliseconds apart (the event loop hands one over every 1,000 rows);
-#: when few spans end, the recorder sends what it has every quarter of a second, and the staged
-#: batches are written in between.
-QUIET_S = 0.1
-# Plain SQL, the same on SQLite (3.35 and later) and PostgreSQL. In SQLite the DELETE takes the
-# write lock, so two processes take batches one after the other. In PostgreSQL the second waits
-# for the first's row lock, then finds the row gone and gets nothing: it looks again.
-_TAKE_OLDEST = (
-    "DELETE FROM kagura_staged WHERE id = (SELECT min(id) FROM kagura_staged) "
-    "RETURNING id, spans, batch"
-)
-_ANY_STAGED = "SELECT 1 FROM kagura_staged LIMIT 1"
-_COUNT_STAGED = "SELECT coalesce(sum(spans), 0) FROM kagura_staged"
-
-
-def _staged() -> Any:
-    from ._schema import staged
-
-    return staged
-
-
-def catch_up(url: str) -> None:
-    """Write in whatever the store's writers have staged: what a reader does first, so that
-    every recorded row is in the tables it reads. One quick query when nothing is staged.
-
-    A reader that may not write the store does without: it does not call this on a store it
-    may only read (see ``EventStore``), and the writes failing because of the store (a
-    PostgreSQL role that may only read, say) are not an error. It then does not see the rows
-    still staged: those of a writer process's latest burst, which it writes in once it has been
-    quiet for ``QUIET_S`` and when its recording process ends, and those a killed writer process
-    left (the next reader that may write writes them in)."""
-    from ._engine import engine_for
-
-    with engine_for(url).connect() as connection:
-        if connection.exec_driver_sql(_ANY_STAGED).first() is None:
-            return
-    # Staged batches hold what may be stored as it is (see StoreWriter.take): "full". Staged by
-    # a writer with no key (one with a key never stages): encrypted now if this process has one.
-    try:
-        StoreWriter(url, "full").catch_up()
-    except Exception as error:
-        if not is_store_fault(error):
-            raise
-
-
 #: The process that recorded a batch: its span id prefix, pid, host and pid start (see
 #: :mod:`kagura._process`), sent with every batch: the writer that stores it may be another
-#: process, even on another host (a reader writing in staged batches).
+#: process.
 Sender = tuple[str, int, "str | None", "str | None"]
 
 
@@ -533,9 +370,8 @@ def this_sender() -> Sender:
 
 
 def sender_of(message: tuple[Any, ...]) -> Sender:
-    """The sender of a ``rows`` message (one staged by an earlier version names no host)."""
-    prefix, pid, *rest = message[4:8]
-    host, start = (*rest, None, None)[:2]
+    """The sender of a ``rows`` message."""
+    prefix, pid, host, start = message[4:8]
     return (prefix, pid, host, start)
 
 
@@ -590,58 +426,36 @@ def _event_rows(rows: list[Row]) -> list[Row]:
     return [(*event[:-1], encode_text(event[-1], "full")) for event in rows]
 
 
-class _Statements:
-    __slots__ = ("insert_events", "insert_running", "upsert_finished")
-
-    def __init__(self, insert_running: str, upsert_finished: str, insert_events: str) -> None:
-        self.insert_running = insert_running
-        self.upsert_finished = upsert_finished
-        self.insert_events = insert_events
-
-
-_statement_cache: dict[str, _Statements] = {}
-
-
-def _statements(dialect: str) -> _Statements:
-    """The writer's SQL, with positional parameters in the driver's style. ``INSERT ... ON
-    CONFLICT`` is the same on SQLite and PostgreSQL."""
-    cached = _statement_cache.get(dialect)
-    if cached is not None:
-        return cached
-    from ._schema import events, spans
-
-    if tuple(c.name for c in spans.columns) != SPAN_COLUMNS:
-        raise RuntimeError("the writer's columns do not match the kagura_spans table")
-    if tuple(c.name for c in events.columns if c.name != "id") != EVENT_COLUMNS:
-        raise RuntimeError("the writer's columns do not match the kagura_events table")
-    statements = _Statements(
-        insert_running=(
-            f"{_insert(dialect, spans.name, SPAN_COLUMNS)} ON CONFLICT (span_id) DO NOTHING"
-        ),
-        upsert_finished=_span_upsert(dialect, SPAN_COLUMNS),
-        insert_events=_insert(dialect, events.name, EVENT_COLUMNS),
-    )
-    _statement_cache[dialect] = statements
-    return statements
-
-
-def _insert(dialect: str, table: str, columns: tuple[str, ...]) -> str:
-    mark = "%s" if dialect == "postgresql" else "?"
-    return f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(mark for _ in columns)})"
-
-
 @functools.lru_cache(maxsize=256)
-def _span_upsert(dialect: str, columns: tuple[str, ...]) -> str:
-    """A span's row written whatever was there: its ``running`` row, if any, is replaced. A
-    column left out of ``columns`` is stored as NULL (``excluded`` holds its default)."""
-    from ._schema import spans
+def _insert_sql(dialect: Any, table: str, columns: tuple[str, ...], on_conflict: str) -> str:
+    """The SQL of an insert of ``columns`` into ``table`` (``kagura_spans`` or
+    ``kagura_events``) in the driver's positional style, for rows of those columns' values in
+    that order. ``on_conflict`` (spans only): ``"nothing"`` keeps the row there (a running
+    row written twice), ``"update"`` replaces it (a finished row replaces its running one; a
+    column left out of ``columns`` is stored as NULL)."""
+    from sqlalchemy import bindparam, null
 
-    updates = ", ".join(f"{c} = excluded.{c}" for c in SPAN_COLUMNS if c != "span_id")
-    insert = _insert(dialect, spans.name, columns)
-    return f"{insert} ON CONFLICT (span_id) DO UPDATE SET {updates}"
+    from .._storage import events, insert, positional_sql, spans
+
+    target = spans if table == spans.name else events
+    # NULL, not the column's default, for a column left out (every row's value was None).
+    values: dict[str, Any] = {c.name: null() for c in target.columns if c.default is not None}
+    values.update({c: bindparam(c) for c in columns})
+    statement = insert(dialect, target).values(values)
+    if on_conflict == "nothing":
+        statement = statement.on_conflict_do_nothing(index_elements=["span_id"])
+    elif on_conflict == "update":
+        statement = statement.on_conflict_do_update(
+            index_elements=["span_id"],
+            set_={c: statement.excluded[c] for c in SPAN_COLUMNS if c != "span_id"},
+        )
+    sql, order = positional_sql(statement, dialect)
+    if order != columns:  # a default SQLAlchemy added, say: the rows would not fit
+        raise RuntimeError(f"the writer's columns do not match the {table} table")
+    return sql
 
 
-def _upsert_finished(dialect: str, rows: list[Row]) -> tuple[str, list[Row]]:
+def _upsert_finished(dialect: Any, rows: list[Row]) -> tuple[str, list[Row]]:
     """The upsert of finished spans' ``rows`` and its parameters, leaving out the columns that
     no row has a value in (stored as NULL all the same). Binding a ``None`` costs sqlite3 an
     adapter lookup, about 220 ns (measured), and most rows leave the same columns empty:
@@ -650,9 +464,10 @@ def _upsert_finished(dialect: str, rows: list[Row]) -> tuple[str, list[Row]]:
     count = len(rows)
     kept = tuple(i for i, values in enumerate(columns) if values.count(None) != count)
     if len(kept) == len(columns):
-        return _statements(dialect).upsert_finished, rows
+        return _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "update"), rows
     names = tuple(SPAN_COLUMNS[i] for i in kept)
-    return _span_upsert(dialect, names), list(zip(*(columns[i] for i in kept), strict=True))
+    upsert = _insert_sql(dialect, "kagura_spans", names, "update")
+    return upsert, list(zip(*(columns[i] for i in kept), strict=True))
 
 
 # -- the sidecar's protocol --------------------------------------------------------------------
@@ -699,10 +514,8 @@ def _read_exactly(stream: IO[bytes], size: int) -> bytes | None:
 
 
 def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
-    """The sidecar: open the store the first frame names, then stage or write every batch
-    (see :meth:`StoreWriter.take`), answering each ``sync`` once everything before it is
-    committed. Writes staged batches in when none has come for ``QUIET_S``, and all of them
-    when ``inbox`` ends, then ends."""
+    """The sidecar: open the store the first frame names, then write every batch as it comes,
+    answering each ``sync`` once everything before it is committed; end when ``inbox`` ends."""
     opening = receive(inbox)
     if opening is None or opening[0] != "open":
         return 2
@@ -726,47 +539,15 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
     gc.freeze()
     gc.set_threshold(100_000, 20, 20)
     try:
-        writer.staged_rows = writer.count_staged()  # a writer before it may have left some
-    except Exception as error:
-        if not is_store_fault(error):
-            raise
-        writer._store_failed(error)
-    # Frames are read on a thread of their own, so that this one can tell when none has come for
-    # a while (and write staged batches in) without polling the pipe. A few frames ahead at
-    # most: beyond, the pipe holds the recorder back, as it did before.
-    frames: queue.Queue[tuple[tuple[Any, ...], bytes] | None] = queue.Queue(maxsize=4)
-    threading.Thread(target=_read_frames, args=(inbox, frames), daemon=True).start()
-    try:
-        while True:
-            try:
-                frame = frames.get(timeout=QUIET_S) if writer.staged_rows else frames.get()
-            except queue.Empty:  # quiet: a burst is over, or there was none
-                writer.try_catch_up(batches=1)
-                continue
-            if frame is None:
-                break
-            message, batch = frame
+        while (message := receive(inbox)) is not None:
             if message[0] == "rows":
-                writer.take(message, batch)
+                writer.write(message[1], rows_of(message[2]), message[3], sender_of(message))
             elif message[0] == "sync":
                 counts = (writer.written_spans, writer.written_events, writer.failed_batches)
                 send(outbox, ("synced", message[1], *counts))
-        writer.try_catch_up()  # the recording process has ended: leave the tables complete
     finally:
         writer.dispose()
     return 0
-
-
-def _read_frames(
-    inbox: IO[bytes], frames: queue.Queue[tuple[tuple[Any, ...], bytes] | None]
-) -> None:
-    try:
-        while (batch := receive_bytes(inbox)) is not None:
-            frames.put((marshal.loads(batch), batch))
-    except Exception:
-        _log.exception("kagura: the writer process cannot read the recorder's messages")
-    finally:
-        frames.put(None)
 
 
 def main() -> None:

@@ -68,8 +68,9 @@ from typing import Any
 from .. import __version__
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import add_sink, remove_sink
+from .._redact import scrub
 from ..errors import UsageError
-from ._content import MAX_TEXT, encode, scrub
+from ._content import MAX_TEXT, encode
 
 
 class OpenTelemetryMissing(UsageError, ImportError):

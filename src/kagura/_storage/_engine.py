@@ -1,4 +1,4 @@
-"""Engines for the event store: a SQLite file by default, PostgreSQL for ``postgresql://`` URLs.
+"""Engines for the store: a SQLite file by default, PostgreSQL for ``postgresql://`` URLs.
 
 SQLite runs in WAL mode with a generous busy timeout, so several processes can record into one
 file (readers never block the writer, writers queue instead of failing with "database is locked").
@@ -222,8 +222,9 @@ def can_write(url: str) -> bool:
 
 
 def engine_for(url: str, *, read_only: bool = False) -> Any:
-    """The shared engine for ``url``, with the schema created (or brought up to date) on first
-    use: the first connection to the store is made here, so a store that cannot be opened raises
+    """The shared engine for ``url``, with the schema created (or upgraded: see
+    :mod:`._migrations`) on first use in this process: the first connection to the store is
+    made here, so a store that cannot be opened raises
     :class:`~kagura.errors.StoreError` here.
 
     ``read_only`` (a SQLite file this process may not write: see :func:`can_write`): an engine
@@ -236,8 +237,10 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
         if engine is None:
             engine = _engines[url] = _create(url)
         if url not in _created:
+            from ._migrations import upgrade
+
             with store_errors(url, "open"):
-                _create_schema(engine)
+                upgrade(engine)
             _created.add(url)
         return engine
 
@@ -344,84 +347,6 @@ def _create_read_only(url: str) -> Any:
         if os.path.exists(path + "-wal"):
             raise
         return engine_on(f"{file}?mode=ro&immutable=1")
-
-
-def _create_schema(engine: Any) -> None:
-    from sqlalchemy.exc import DBAPIError
-
-    from ._schema import metadata
-
-    # Processes may create the schema at the same moment: a CREATE fails because another process
-    # has just made that table or index, and the next checkfirst pass skips it. Every such
-    # failure means someone else made progress, so the attempts are bounded by the schema's size
-    # (times a few racing processes). Any other failure (the store cannot be opened or written)
-    # is raised at once.
-    attempts = 4 * sum(1 + len(table.indexes) for table in metadata.sorted_tables)
-    for attempt in range(attempts):
-        try:
-            metadata.create_all(engine, checkfirst=True)
-            _add_missing_columns(engine)
-            _update_indexes(engine)
-            return
-        except DBAPIError as error:
-            if attempt == attempts - 1 or not _lost_a_race(error):
-                raise
-
-
-def _lost_a_race(error: Any) -> bool:
-    """Whether creating the schema failed because another process was creating it too."""
-    from sqlalchemy.exc import IntegrityError
-
-    orig = getattr(error, "orig", None)
-    sqlstate = str(getattr(orig, "sqlstate", None) or "")
-    # PostgreSQL: a duplicate table, object or type row; a deadlock or serialisation failure
-    # (class 40) between two CREATEs. SQLite: "table ... already exists".
-    return (
-        isinstance(error, IntegrityError)
-        or sqlstate in ("42P07", "42710")
-        or sqlstate.startswith("40")
-        or "already exists" in str(orig)
-    )
-
-
-def _add_missing_columns(engine: Any) -> None:
-    """Columns added to a table after a store was created (a store outlives versions)."""
-    from sqlalchemy import inspect
-
-    from ._schema import metadata
-
-    inspector = inspect(engine)
-    with engine.begin() as connection:
-        for table in metadata.sorted_tables:
-            present = {c["name"] for c in inspector.get_columns(table.name)}
-            for column in table.columns:
-                if column.name not in present and column.nullable:
-                    kind = column.type.compile(dialect=engine.dialect)
-                    connection.exec_driver_sql(
-                        f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
-                    )
-
-
-def _update_indexes(engine: Any) -> None:
-    """Indexes as this version wants them on a store an earlier version made: those no query
-    uses any more dropped (each slows every insert), new ones made (``create_all`` adds the
-    indexes of new tables only). Making one on a large store takes a few seconds, once."""
-    from sqlalchemy import inspect
-
-    from ._schema import RETIRED_INDEXES, metadata
-
-    inspector = inspect(engine)
-    with engine.begin() as connection:
-        for table in metadata.sorted_tables:
-            # Looked up first: on PostgreSQL a DROP would lock the table even where there is
-            # nothing to drop, and every process opening the store passes here.
-            present = {index["name"] for index in inspector.get_indexes(table.name)}
-            for name in RETIRED_INDEXES:
-                if name in present:
-                    connection.exec_driver_sql(f"DROP INDEX IF EXISTS {name}")
-            for index in table.indexes:
-                if index.name not in present:
-                    index.create(connection, checkfirst=True)
 
 
 def synced_engine_for(url: str) -> Any:

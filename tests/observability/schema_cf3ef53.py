@@ -1,10 +1,6 @@
-"""The event store's tables (SQLAlchemy Core, so SQLite and PostgreSQL share one definition).
-
-``spans`` holds one row per workflow run, agent call, LLM attempt and tool call, inserted as
-``running`` when it starts and completed when it ends; its metrics columns are totals over the
-span's subtree. ``events`` holds what happened inside spans (retry waits, breaker changes, ...).
-``staged`` holds recorded batches not yet written into those two.
-"""
+"""The store's schema as commit cf3ef53 made it (before stores kept a schema version): a copy of
+that commit's ``kagura/observability/_schema.py``, for the upgrade tests to make such a store.
+Never change it: it is what old stores on users' disks look like."""
 
 from __future__ import annotations
 

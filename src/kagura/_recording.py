@@ -1,0 +1,24 @@
+"""Recording on by default: the first agent or workflow call starts the event store's recorder.
+
+Kept apart from :mod:`kagura._instrument` (where records go) so that instrumentation does not
+depend on the event store: the recorder imports instrumentation and registers itself as a sink,
+never the other way round.
+"""
+
+from __future__ import annotations
+
+from . import _instrument, _settings
+
+
+def ensure_recording() -> None:
+    """Install the default recorder on the first agent or workflow call, unless turned off.
+
+    Deferred to the first call so that ``import kagura`` stays light; after that it is one global
+    check per call (``_instrument._recording_checked``)."""
+    if _instrument._recording_checked:
+        return
+    _instrument._recording_checked = True
+    if _settings.recording_enabled():
+        from .observability._recorder import install_default
+
+        install_default()

@@ -1,0 +1,89 @@
+"""The storage layer: one database for the event store and the durable journal.
+
+Everything that touches the database's shape lives here, and :mod:`kagura.observability` and
+:mod:`kagura.durable` use it through this package's names (never its modules):
+
+- engines, and store faults as :class:`~kagura.errors.StoreError` (``_engine``);
+- the schema of every table (``_schema``): the event store's spans and events, the journal's
+  runs and steps, and the schema version;
+- dialect-specific statements (``_dialect``);
+- migrations, by one version table (``_migrations``): a store made by an older version is
+  upgraded when it is opened;
+- closing spans whose process died (``_interrupted``), which readers, recovery and the journal's
+  take-overs all do.
+
+Importing it is light: SQLAlchemy is imported when a table or an engine is first used, so that
+``import kagura`` does not pay for it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from ._dialect import insert, positional_sql
+from ._engine import (
+    can_write,
+    default_url,
+    dispose_all,
+    engine_for,
+    forget,
+    is_store_fault,
+    normalise_url,
+    redact_url,
+    scrub_url,
+    sqlite_path,
+    store_error,
+    store_errors,
+    store_name,
+    synced_engine_for,
+    use_a_large_page_cache,
+)
+from ._interrupted import INTERRUPTED, close_run_spans, close_spans_of_gone_processes
+from ._migrations import SCHEMA_VERSION, stored_version, upgrade
+
+if TYPE_CHECKING:
+    from ._schema import events, metadata, runs, schema_version, spans, steps
+
+_TABLES = frozenset({"events", "metadata", "runs", "schema_version", "spans", "steps"})
+
+
+def __getattr__(name: str) -> Any:
+    # The tables import SQLAlchemy: loaded on first use (see the module docstring).
+    if name in _TABLES:
+        from . import _schema
+
+        return getattr(_schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "INTERRUPTED",
+    "SCHEMA_VERSION",
+    "can_write",
+    "close_run_spans",
+    "close_spans_of_gone_processes",
+    "default_url",
+    "dispose_all",
+    "engine_for",
+    "events",
+    "forget",
+    "insert",
+    "is_store_fault",
+    "metadata",
+    "normalise_url",
+    "positional_sql",
+    "redact_url",
+    "runs",
+    "schema_version",
+    "scrub_url",
+    "spans",
+    "sqlite_path",
+    "steps",
+    "store_error",
+    "store_errors",
+    "store_name",
+    "stored_version",
+    "synced_engine_for",
+    "upgrade",
+    "use_a_large_page_cache",
+]

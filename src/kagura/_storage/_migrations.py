@@ -1,0 +1,273 @@
+"""Migrations: a store made by an older version is brought up to this version's schema on open.
+
+One mechanism, a version table: ``kagura_schema`` holds one row, the number of the last step in
+:data:`STEPS` the store has had. Opening a store (:func:`upgrade`, called by ``engine_for`` once
+per process and store) reads that number, one query, and runs the steps after it in order, each
+in its own transaction, recording its number as it commits. A store without the table is at 0:
+either new, or made by a version before the table existed (Kagura 0.x up to the schema of
+commit cf3ef53), and step 1 brings both to that schema.
+
+Every step is idempotent: it may find its change already made (``create_all`` of a newer schema
+makes new tables whole; another process may be opening the same store at the same moment), and
+then does nothing. Processes racing through a step may fail with "already exists": such a
+failure means someone else made progress, and the step is tried again (see :func:`upgrade`).
+
+Why not Alembic: it would be a dependency for a handful of steps, and a store is opened on an
+agent's first call, which must stay fast; importing Alembic and running its environment costs
+more than the whole of this module's check (one ``SELECT``). Its autogenerate and branching
+serve applications with many hand-written migrations, not a library with a small fixed schema.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+#: The schema version this code writes and reads: the number of the last step.
+SCHEMA_VERSION = 2
+
+
+def _step_1_baseline(connection: Any) -> None:
+    """The schema of commit cf3ef53, for a new store or one made before versions were kept:
+    tables and indexes created, columns added to tables made before those columns existed,
+    indexes no query uses any more dropped."""
+    from sqlalchemy import inspect
+    from sqlalchemy.schema import CreateColumn
+
+    from ._schema import RETIRED_INDEXES, metadata
+
+    metadata.create_all(connection, checkfirst=True)
+    inspector = inspect(connection)
+    dialect = connection.dialect
+    preparer = dialect.identifier_preparer
+    for table in metadata.sorted_tables:
+        present = {c["name"] for c in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name not in present and column.nullable:
+                # SQLAlchemy Core has no ALTER TABLE; the column's DDL is its own compiler's.
+                definition = CreateColumn(column).compile(dialect=dialect)
+                connection.exec_driver_sql(
+                    f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {definition}"
+                )
+        # Looked up first: on PostgreSQL a DROP would lock the table even where there is
+        # nothing to drop.
+        indexes = {index["name"] for index in inspector.get_indexes(table.name)}
+        for name in RETIRED_INDEXES:
+            if name in indexes:
+                connection.exec_driver_sql(f"DROP INDEX IF EXISTS {preparer.quote(name)}")
+        for index in table.indexes:
+            if index.name not in indexes:  # create_all makes the indexes of new tables only
+                index.create(connection, checkfirst=True)
+
+
+def _step_2_no_staging(connection: Any) -> None:
+    """``kagura_staged`` retired: the recorder's writer no longer stages batches for readers to
+    write in (see :mod:`kagura.observability._recorder`). Batches an earlier version left there
+    (its writer process killed in a burst) are written into the spans and events tables first,
+    then the table is dropped."""
+    import logging
+    import marshal
+
+    from sqlalchemy import inspect
+
+    if not inspect(connection).has_table("kagura_staged"):
+        return
+    batches = connection.exec_driver_sql("SELECT id, batch FROM kagura_staged ORDER BY id").all()
+    for batch_id, batch in batches:
+        try:
+            spans, events = _staged_rows(marshal.loads(batch))
+        except Exception:  # damaged: the earlier version would have dropped it too
+            logging.getLogger("kagura.storage").warning(
+                "kagura: a batch of recordings staged by an earlier version (%s) cannot be "
+                "read; it is dropped",
+                batch_id,
+            )
+            continue
+        _write_staged(connection, spans, events)
+    connection.exec_driver_sql("DROP TABLE kagura_staged")
+
+
+#: The columns of a span's row in a staged batch: the recorder's message of versions 1 and
+#: earlier (``kagura.observability._writer.WIRE_COLUMNS`` at commit cf3ef53).
+_STAGED_COLUMNS = 21
+
+
+def _staged_rows(message: tuple[Any, ...]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of the spans and events tables in a staged batch, as the earlier version's
+    writer made them: ids sent as numbers made text with the recording process's prefix, times
+    in seconds, recorded values as JSON text. (Staged batches never held anything to redact:
+    batches that might were written at once, never staged.)"""
+    import json
+
+    from .._context import id_format
+
+    _, running, finished, events, prefix, pid, *rest = message
+    host, start = (*rest, None, None)[:2]
+    if finished and not isinstance(finished[0], (tuple, list)):  # one flat list of values
+        each = iter(finished)
+        finished = list(zip(*[each] * _STAGED_COLUMNS, strict=True))
+    text_id = id_format(prefix)
+
+    def ident(value: Any) -> Any:
+        return value if value is None or type(value) is str else text_id % value
+
+    def as_text(value: Any) -> str | None:
+        if type(value) is bytes:
+            return value.decode()
+        return None if value is None else json.dumps(value, ensure_ascii=False)
+
+    spans = []
+    for row in [*running, *finished]:
+        (span_id, run_id, parent_id, kind, name, key, seq, status, start_ns, end_ns) = row[:10]
+        model, prompt, completion, cost, llm_calls, retries, error, error_type = row[10:18]
+        inputs = row[18]
+        if kind == "llm" and type(inputs) is str:  # an attempt's one user message
+            inputs = json.dumps([{"role": "user", "content": inputs}], ensure_ascii=False)
+        else:
+            inputs = as_text(inputs)
+        spans.append(
+            {
+                "span_id": ident(span_id),
+                "run_id": ident(run_id),
+                "parent_id": ident(parent_id),
+                "kind": kind,
+                "name": name,
+                "step_key": key if seq is None else f"{key}/{name}#{seq}",
+                "status": status,
+                "started_at": start_ns / 1e9,
+                "ended_at": None if end_ns is None else end_ns / 1e9,
+                "duration_ms": None if end_ns is None else (end_ns - start_ns) / 1e6,
+                "model": model,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+                "cost_usd": cost,
+                "llm_calls": llm_calls,
+                "retries": retries,
+                "error": error,
+                "error_type": error_type,
+                "inputs": inputs,
+                "output": as_text(row[19]),
+                "attributes": as_text(row[20]),
+                "pid": pid,
+                "host": host,
+                "pid_start": start,
+            }
+        )
+    names = ("span_id", "run_id", "name", "at", "attributes")
+    return spans, [dict(zip(names, event, strict=True)) for event in events]
+
+
+def _write_staged(
+    connection: Any, spans: list[dict[str, Any]], events: list[dict[str, Any]]
+) -> None:
+    """Rows of a staged batch into the tables (encrypted, if this process has a key, as the
+    earlier version's readers did when they wrote staged batches in)."""
+    from .. import _encryption
+    from ._dialect import insert
+    from ._schema import events as events_table
+    from ._schema import spans as spans_table
+
+    if _encryption.enabled():
+        for row in spans:
+            for column in ("error", "inputs", "output", "attributes"):
+                row[column] = _encryption.encrypt(row[column])
+        for row in events:
+            row["attributes"] = _encryption.encrypt(row["attributes"])
+    if spans:
+        statement = insert(connection, spans_table)
+        # A finished row replaces its running one (as the earlier writer's upsert did).
+        connection.execute(
+            statement.on_conflict_do_update(
+                index_elements=["span_id"],
+                set_={
+                    c.name: statement.excluded[c.name]
+                    for c in spans_table.columns
+                    if c.name != "span_id"
+                },
+            ),
+            spans,
+        )
+    if events:
+        connection.execute(events_table.insert(), events)
+
+
+#: The steps, in order: ``STEPS[n - 1]`` takes a store from version ``n - 1`` to ``n``.
+STEPS: tuple[Callable[[Any], None], ...] = (_step_1_baseline, _step_2_no_staging)
+assert len(STEPS) == SCHEMA_VERSION
+
+
+def stored_version(connection: Any) -> int:
+    """The store's schema version: 0 for a new store, or one made before versions were kept."""
+    from sqlalchemy import inspect, select
+
+    from ._schema import schema_version
+
+    if not inspect(connection).has_table(schema_version.name):
+        return 0
+    return int(connection.execute(select(schema_version.c.version)).scalar() or 0)
+
+
+def upgrade(engine: Any) -> int:
+    """Bring the store behind ``engine`` to :data:`SCHEMA_VERSION`; the version it was at.
+
+    A store at a newer version than this code's is left alone: its tables are a superset of
+    ours (steps only add, or drop what no version reads any more)."""
+    from sqlalchemy.exc import DBAPIError
+
+    with engine.connect() as connection:
+        found = stored_version(connection)
+        connection.rollback()
+    version = found
+    # Bounded: every race lost means another process made progress on the same steps.
+    attempts = 20
+    while version < SCHEMA_VERSION:
+        step = STEPS[version]
+        try:
+            with engine.begin() as connection:
+                step(connection)
+                _record(connection, version + 1)
+        except DBAPIError as error:
+            attempts -= 1
+            if attempts == 0 or not _lost_a_race(error):
+                raise
+            continue
+        version += 1
+    return found
+
+
+def _record(connection: Any, version: int) -> None:
+    """Record that the store is at ``version`` (never lower a version another process wrote)."""
+    from sqlalchemy import update
+
+    from ._dialect import insert
+    from ._schema import schema_version
+
+    connection.execute(
+        insert(connection, schema_version)
+        .values(id=1, version=version)
+        .on_conflict_do_nothing(index_elements=["id"])
+    )
+    connection.execute(
+        update(schema_version)
+        .where(schema_version.c.id == 1, schema_version.c.version < version)
+        .values(version=version)
+    )
+
+
+def _lost_a_race(error: Any) -> bool:
+    """Whether a step failed because another process was making the same change."""
+    from sqlalchemy.exc import IntegrityError
+
+    orig = getattr(error, "orig", None)
+    sqlstate = str(getattr(orig, "sqlstate", None) or "")
+    # PostgreSQL: a duplicate table, object, column or type row; a deadlock or serialisation
+    # failure (class 40) between two CREATEs. SQLite: "table ... already exists", "duplicate
+    # column name".
+    return (
+        isinstance(error, IntegrityError)
+        or sqlstate in ("42P07", "42710", "42701")
+        or sqlstate.startswith("40")
+        or "already exists" in str(orig)
+        or "duplicate column" in str(orig)
+    )

@@ -1,0 +1,121 @@
+"""The writer: each batch the recorder sends goes straight into the tables, in one transaction,
+redacted; readers never write anything in for it.
+"""
+
+from __future__ import annotations
+
+import marshal
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import text
+
+from kagura import agent
+from kagura._storage import engine_for, normalise_url
+from kagura.observability import EventStore, Recorder
+from kagura.observability._writer import WIRE_COLUMNS, StoreWriter, rows_of, sender_of
+from kagura.testing import FakeModel, override_model
+
+from .conftest import rows
+
+KEY_SHAPED = "sk-proj-AbCdEfGhIjKlMnOp1234567890"
+
+
+def span_row(span_id: str | int, **values: Any) -> tuple[Any, ...]:
+    """A finished span's row as the recorder sends it (recorded values as they are)."""
+    fields: dict[str, Any] = dict.fromkeys(WIRE_COLUMNS)
+    fields.update(span_id=span_id, run_id=span_id, kind="agent", name="summarise")
+    fields.update(key="summarise", status="completed", start_ns=10**9, end_ns=2 * 10**9)
+    fields.update(prompt_tokens=1, completion_tokens=2, llm_calls=1, retries=0)
+    fields.update(inputs=b'{"text":"doc"}', output="summary")
+    fields.update(values)
+    return tuple(fields[column] for column in WIRE_COLUMNS)
+
+
+#: The id prefix of the recording process the batches come from (not this one's).
+PREFIX = "0f0f0f0f0f0f"
+
+
+def batch_of(*span_ids: str | int, **values: Any) -> tuple[tuple[Any, ...], bytes]:
+    """A recorder message of finished spans (flat values, as it queues them) and its bytes."""
+    finished = [value for span_id in span_ids for value in span_row(span_id, **values)]
+    events = [(str(span_ids[0]), str(span_ids[0]), "retry_wait", 1.5, '{"seconds": 0.5}')]
+    message = ("rows", [], finished, events, PREFIX, 7, "elsewhere", None)
+    return message, marshal.dumps(message)
+
+
+def raw_spans(url: str) -> list[dict[str, Any]]:
+    """``kagura_spans`` as it is on disk."""
+    with engine_for(normalise_url(url)).connect() as connection:
+        return [dict(r._mapping) for r in connection.execute(text("SELECT * FROM kagura_spans"))]
+
+
+def take(writer: StoreWriter, message: tuple[Any, ...], batch: bytes) -> None:
+    """What the writer process does with a batch of the recorder's (see ``_writer.serve``)."""
+    assert marshal.loads(batch) == message
+    writer.write(message[1], rows_of(message[2]), message[3], sender_of(message))
+
+
+@pytest.fixture
+def writer(store_url: str) -> Iterator[StoreWriter]:
+    opened = StoreWriter(normalise_url(store_url), "full")
+    yield opened
+    opened.dispose()
+
+
+def test_a_batch_is_in_the_tables_once_written_and_a_query_writes_nothing(
+    writer: StoreWriter, store_url: str
+) -> None:
+    take(writer, *batch_of("a", "b"))
+    assert {r["span_id"] for r in raw_spans(store_url)} == {"a", "b"}
+    assert [e["name"] for e in rows(store_url, "kagura_events")] == ["retry_wait"]
+    assert (writer.written_spans, writer.written_events) == (2, 1)
+    store = EventStore(store_url)
+    assert sorted(e["id"] for e in store.get_executions("summarise")) == ["a", "b"]
+
+
+def test_ids_sent_as_numbers_are_the_recording_processes_ids(
+    writer: StoreWriter, store_url: str
+) -> None:
+    # The recorder sends the ids no one has read as text as their numbers: the writer (another
+    # process than the recording one) makes the text with the recording process's prefix.
+    take(writer, *batch_of(7, 8, parent_id=7))
+    assert {r["span_id"]: (r["run_id"], r["parent_id"]) for r in rows(store_url)} == {
+        f"{PREFIX}0000000007": (f"{PREFIX}0000000007", f"{PREFIX}0000000007"),
+        f"{PREFIX}0000000008": (f"{PREFIX}0000000008", f"{PREFIX}0000000007"),
+    }
+    assert {(r["pid"], r["host"]) for r in rows(store_url)} == {(7, "elsewhere")}
+
+
+def test_a_batch_that_may_hold_a_secret_is_redacted_before_it_is_written(
+    writer: StoreWriter, store_url: str
+) -> None:
+    take(writer, *batch_of("a", inputs=f'{{"text":"key {KEY_SHAPED}"}}'.encode()))
+    (stored,) = raw_spans(store_url)
+    assert stored["inputs"] == '{"text":"key [REDACTED]"}'
+
+
+def test_batches_are_written_in_the_order_they_came(writer: StoreWriter, store_url: str) -> None:
+    take(writer, *batch_of("a"))
+    take(writer, *batch_of("b", error=f"HTTP 401: {KEY_SHAPED}"))
+    assert [r["span_id"] for r in rows(store_url, "kagura_events")] == ["a", "b"]
+    errors = {r["span_id"]: r["error"] for r in raw_spans(store_url)}
+    assert errors == {"a": None, "b": "HTTP 401: [REDACTED]"}
+
+
+@agent
+async def summarise(text: str) -> str:
+    """Summarise: {{ text }}"""
+
+
+async def test_the_tables_are_complete_once_the_recording_process_is_done(
+    recorder: Recorder, store_url: str
+) -> None:
+    with override_model(FakeModel()):
+        for n in range(20):
+            await summarise(f"doc {n}")
+    recorder.close()  # as at exit: the writer process writes what it was sent, then ends
+    spans = raw_spans(store_url)
+    assert sorted(s["kind"] for s in spans) == ["agent"] * 20 + ["llm"] * 20
+    assert all(s["status"] == "completed" for s in spans)
