@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +21,33 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("KAGURA_DB", None)
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY"):
         os.environ.pop(name, None)
+
+
+@functools.cache
+def _embedded_model_missing() -> str | None:
+    """Why the embedded model cannot run here (the [local] extra is missing), or None."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed"
+    from kagura.errors import UsageError
+    from kagura.providers.local import find_gguf
+
+    try:
+        find_gguf()
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A test marked local_model is skipped without the [local] extra (an error in CI, where it
+    # must run), rather than failing somewhere inside the provider.
+    if item.get_closest_marker("local_model") is not None:
+        reason = _embedded_model_missing()
+        if reason is None:
+            return
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"local_model tests must run in CI, but {reason}", pytrace=False)
+        pytest.skip(f"needs the embedded model: {reason}; pip install -e '.[local]'")
 
 
 @pytest.fixture(autouse=True)
