@@ -404,7 +404,7 @@ def _format_result(result: Any) -> str:
 
 def _import_workflow(record: RunRecord) -> Any:
     """The workflow object the run recorded as its target, imported in this process."""
-    from .durable import import_target
+    from .durable._execute import import_target
 
     if not record.target:
         raise CliError(f"run {record.run_id!r} does not record where its workflow is defined")
