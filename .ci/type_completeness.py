@@ -12,6 +12,7 @@ Run by ``make test`` with the venv's Python, which has kagura and pyright instal
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -35,13 +36,14 @@ def main() -> int:
     missing: dict[str, list[str]] = defaultdict(list)
     for symbol in report["symbols"]:
         if symbol["isExported"] and not symbol["isTypeKnown"]:
-            for diagnostic in symbol["diagnostics"]:
-                line = diagnostic["range"]["start"]["line"] + 1
-                missing[diagnostic["file"]].append(f"{line}: {symbol['name']}")
-                break
+            for diagnostic in symbol["diagnostics"][:1]:
+                where = diagnostic.get("file") or "(pyright names no file)"
+                missing[os.path.relpath(where) if os.path.isabs(where) else where].append(
+                    symbol["name"]
+                )
     for where, names in sorted(missing.items()):
         print(f"{where}: {len(names)} without a declared type")
-        for name in sorted(names, key=lambda text: int(text.split(":")[0])):
+        for name in sorted(names):
             print(f"    {name}")
     counts = report["exportedSymbolCounts"]
     score = report["completenessScore"]
