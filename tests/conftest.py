@@ -38,6 +38,14 @@ def _embedded_model_missing() -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The llama.cpp server runs the embedded model, so a test that uses it needs the model too.
+    for item in items:
+        if "llamacpp_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.local_model)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     # A test marked local_model is skipped without the [local] extra (an error in CI, where it
     # must run), rather than failing somewhere inside the provider.
