@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +21,41 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("KAGURA_DB", None)
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY"):
         os.environ.pop(name, None)
+
+
+@functools.cache
+def _embedded_model_missing() -> str | None:
+    """Why the embedded model cannot run here (the [local] extra is missing), or None."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed: pip install -e '.[local]'"
+    from kagura.errors import UsageError
+    from kagura.providers.local import find_gguf
+
+    try:
+        find_gguf()
+    except UsageError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The llama.cpp server runs the embedded model, so a test that uses it needs the model too.
+    for item in items:
+        if "llamacpp_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.local_model)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # A test marked local_model is skipped without the [local] extra (an error in CI, where it
+    # must run), rather than failing somewhere inside the provider.
+    if item.get_closest_marker("local_model") is not None:
+        reason = _embedded_model_missing()
+        if reason is None:
+            return
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"local_model tests must run in CI, but {reason}", pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)

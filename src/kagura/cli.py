@@ -350,7 +350,7 @@ def _resolve_run(journal: Journal, given: str) -> RunRecord:
 
 def _runs_list(args: argparse.Namespace) -> int:
     from ._storage import redact_url
-    from .durable import _cli, journal_for, lease_seconds
+    from .durable import _views, journal_for, lease_seconds
 
     url = _runs_store(args)
     if url is None:
@@ -371,7 +371,7 @@ def _runs_list(args: argparse.Namespace) -> int:
         )
         console.print(f"No {what} in {redact_url(url)}.")
         return 0
-    table = _cli.runs_table(records, width=console.width)
+    table = _views.runs_table(records, width=console.width)
     table.caption = (
         f"{len(records)} shown, most recently updated first · interrupted = its process is "
         f"gone, or its lease (KAGURA_LEASE_SECONDS={lease_seconds():g}) ran out · "
@@ -382,14 +382,14 @@ def _runs_list(args: argparse.Namespace) -> int:
 
 
 def _runs_show(args: argparse.Namespace) -> int:
-    from .durable import _cli, journal_for, lease_seconds
+    from .durable import _views, journal_for, lease_seconds
 
     url = _runs_store(args, required=True)
     journal = journal_for(url)
     record = _resolve_run(journal, args.id.strip())
     steps = journal.load_steps(record.run_id)
     console = _console()
-    console.print(_cli.run_view(record, steps, lease_seconds(), width=console.width))
+    console.print(_views.run_view(record, steps, lease_seconds(), width=console.width))
     return 0
 
 
@@ -404,7 +404,7 @@ def _format_result(result: Any) -> str:
 
 def _import_workflow(record: RunRecord) -> Any:
     """The workflow object the run recorded as its target, imported in this process."""
-    from .durable import import_target
+    from .durable._execute import import_target
 
     if not record.target:
         raise CliError(f"run {record.run_id!r} does not record where its workflow is defined")
@@ -471,7 +471,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
 def _runs_recover(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .durable import _cli, recover
+    from .durable import _views, recover
 
     url = _runs_store(args)
     if url is None:
@@ -485,7 +485,7 @@ def _runs_recover(args: argparse.Namespace) -> int:
     if not outcomes:
         console.print(f"No interrupted durable runs of {where} to recover.")
         return 0
-    console.print(_cli.recovered_table(outcomes, width=console.width))
+    console.print(_views.recovered_table(outcomes, width=console.width))
     bad = [o for o in outcomes if o.outcome in ("failed", "unloadable")]
     return 1 if bad else 0
 

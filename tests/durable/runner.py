@@ -18,7 +18,8 @@ import os
 import sys
 from typing import Any
 
-from kagura.durable import import_target, journal_for, recover
+from kagura.durable import journal_for, recover
+from kagura.durable._execute import import_target
 from kagura.errors import KaguraError
 
 from . import workflows

@@ -31,7 +31,7 @@ from sqlalchemy import update
 from kagura import _storage as engine_registry
 from kagura._storage import runs
 from kagura.cli import main
-from kagura.durable import Journal, RunRecord, _cli, journal_for
+from kagura.durable import Journal, RunRecord, _views, journal_for
 from kagura.testing.fault_server import FaultServer
 
 WAIT_TIMEOUT = 30.0
@@ -522,12 +522,12 @@ def test_runs_table_keeps_the_error_on_a_narrow_terminal() -> None:
         6,
     )
     console = Console(width=80, record=True, color_system=None)
-    console.print(_cli.runs_table([record], width=80))
+    console.print(_views.runs_table([record], width=80))
     text = console.export_text()
     assert "RuntimeError: the CMS is [down]" in text  # recorded text, never markup
     assert "pid@host" not in text and "updated" not in text  # dropped first
     assert "run-with-a-long-identifier" in text and "✗ failed" in text
 
     wide = Console(width=200, record=True, color_system=None)
-    wide.print(_cli.runs_table([record], width=200))
+    wide.print(_views.runs_table([record], width=200))
     assert "4242@worker-7.example.internal" in wide.export_text()

@@ -28,7 +28,8 @@ import pytest
 
 import kagura.durable._script as _script
 from kagura.cli import main as cli_main
-from kagura.durable import Journal, _execute, import_target
+from kagura.durable import Journal, _execute
+from kagura.durable._execute import import_target
 from kagura.errors import UsageError
 from kagura.testing import replay
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from kagura.durable import Journal, input_hash
+from kagura.durable import Journal
+from kagura.durable._run import input_hash
 from kagura.providers import ModelRequest
 from kagura.testing import FakeModel, Reply, override_model
 

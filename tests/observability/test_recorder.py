@@ -990,6 +990,7 @@ async def test_the_writer_runs_in_a_thread_or_a_process_with_the_same_rows(
     assert json.loads(run["output"]) == "42"
 
 
+@pytest.mark.local_model  # its last call, outside the override, reaches the embedded model
 async def test_a_flush_writes_every_queued_row_however_many_batches_they_make(
     store_url: str,
 ) -> None:

@@ -26,7 +26,7 @@ from kagura.errors import ToolLoopError
 from kagura.testing import capture_events
 from tests._llamacpp import LlamaCppServer, gguf_or_skip, start_server
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = [pytest.mark.local_model, pytest.mark.timeout(300)]
 
 
 class City(BaseModel):

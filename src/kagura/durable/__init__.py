@@ -9,9 +9,9 @@ interrupted when its process is known gone (at once, on the host that ran it) or
 run out (``KAGURA_LEASE_SECONDS``, default 30); a process that lost its lease commits nothing more.
 """
 
-from ._execute import Recovered, Resumed, import_target, recover, resume_run
+from ._execute import Recovered, Resumed, recover, resume_run
 from ._journal import Journal, RunRecord, StepRecord, journal_for, lease_seconds
-from ._run import DurableRun, input_hash, step
+from ._run import DurableRun, step
 
 __all__ = [
     "DurableRun",
@@ -20,8 +20,6 @@ __all__ = [
     "Resumed",
     "RunRecord",
     "StepRecord",
-    "import_target",
-    "input_hash",
     "journal_for",
     "lease_seconds",
     "recover",

@@ -207,12 +207,6 @@ def execution_cells(execution: Mapping[str, Any]) -> dict[str, Text]:
     }
 
 
-def fit_columns(rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
-    """The columns that fit in ``width`` cells: the least useful go first, and the error
-    column keeps at least a short excerpt."""
-    return _EXECUTIONS_TABLE.fit(rows, width)
-
-
 def executions_table(
     executions: Sequence[Mapping[str, Any]],
     *,

@@ -190,10 +190,6 @@ class RecordedRequest:
         """Whether the request carried ``Authorization: Bearer <api_key>`` (checked by digest)."""
         return self._credential_digests.get("authorization") == _digest(f"Bearer {api_key}")
 
-    @property
-    def has_authorization(self) -> bool:
-        return "authorization" in self._credential_digests
-
 
 class FaultServer:
     """An OpenAI-compatible server on 127.0.0.1 that misbehaves on cue. See the module docstring.
@@ -358,9 +354,6 @@ class FaultServer:
         """Wait until ``count`` requests have arrived; returns them."""
         await self.wait(lambda s: s.request_count >= count, timeout)
         return self.requests
-
-    def wait_for_disconnects(self, count: int = 1, timeout: float = 10.0) -> None:
-        self.wait_for(lambda s: s.disconnects >= count, timeout)
 
     async def wait_disconnects(self, count: int = 1, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         """Wait until ``count`` clients have gone away while an answer was held back."""

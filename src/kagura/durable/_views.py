@@ -102,11 +102,6 @@ def run_cells(record: RunRecord, *, now: datetime | None = None) -> dict[str, Te
     }
 
 
-def fit_run_columns(rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
-    """The columns that fit in ``width`` cells: the least useful go first."""
-    return _RUNS_TABLE.fit(rows, width)
-
-
 def runs_table(
     records: Sequence[RunRecord], *, title: str | None = "Durable runs", width: int | None = None
 ) -> Table:
