@@ -52,6 +52,7 @@ EXPORTS: dict[str, list[str]] = {
         "journal_for",
         "lease_seconds",
         "recover",
+        "replay",
         "resume_run",
         "step",
     ],

@@ -7,6 +7,7 @@ from ._agent import Agent, AgentRun, agent
 from ._context import current_run_id, get_current_span
 from ._tool import Tool, tool
 from ._usage import Usage
+from ._version import __version__
 from ._workflow import Workflow, workflow
 from .durable import step
 from .errors import (
@@ -19,8 +20,6 @@ from .errors import (
     ToolLoopError,
     UsageError,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "Agent",

@@ -15,10 +15,9 @@ from typing import Any
 from . import _instrument
 from ._context import Span
 from ._instrument import span_finished, span_started, status_of
-from ._usage import Usage
+from ._usage import NO_USAGE, Usage
 from .errors import ProviderError, ProviderTimeout
 from .providers import Model, ModelRequest, ModelResponse, StreamChunk
-from .providers._base import NO_USAGE
 
 
 async def attempt(

@@ -1,19 +1,22 @@
 """A rich table that fits the terminal by leaving out its least useful columns.
 
 Shared by ``kagura monitor`` (executions) and ``kagura runs`` (durable runs): each keeps its own
-columns; this module only decides which of them fit and how wide the error excerpt may be.
+columns; this module decides which of them fit and how wide the error excerpt may be, and
+formats the values both show (times, durations, excerpts) the same way.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
 ERROR = "error"
+DASH = "—"
 
 
 def table_width(widths: Sequence[int]) -> int:
@@ -84,3 +87,53 @@ class FittedTable:
         for row in rows:
             table.add_row(*(row[name] for name in columns))
         return table
+
+
+def format_duration(ms: float | None) -> str:
+    """``0.08 ms``, ``12 ms``, ``1.25 s``, ``2m 05s``, ``1h 02m``; a dash when not finished."""
+    if ms is None:
+        return DASH
+    if ms < 1:
+        return f"{ms:.2f} ms"
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m"
+
+
+def format_seconds(seconds: float | None) -> str:
+    return DASH if seconds is None else format_duration(seconds * 1000)
+
+
+def format_time(when: datetime | None) -> str:
+    """Local time, to the second."""
+    if when is None:
+        return DASH
+    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def format_when(when: datetime | None, *, now: datetime | None = None) -> str:
+    """Local time, short: ``14:03:07`` today, ``06-01 14:03`` this year, else the date."""
+    if when is None:
+        return DASH
+    local = when.astimezone()
+    now = (now or datetime.now()).astimezone()
+    if local.date() == now.date():
+        return local.strftime("%H:%M:%S")
+    if local.year == now.year:
+        return local.strftime("%m-%d %H:%M")
+    return local.strftime("%Y-%m-%d")
+
+
+def excerpt(text: str | None, width: int = 60) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    if not text:
+        return ""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"

@@ -21,3 +21,7 @@ class Usage:
             self.prompt_tokens + other.prompt_tokens,
             self.completion_tokens + other.completion_tokens,
         )
+
+
+#: Usage is immutable, so responses that report none share this one (and are told apart by it).
+NO_USAGE = Usage()

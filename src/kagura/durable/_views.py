@@ -17,8 +17,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .._table import FittedTable
-from ..observability._monitor import DASH, excerpt, format_seconds, format_time, format_when
+from .._table import DASH, FittedTable, excerpt, format_seconds, format_time, format_when
 from ._execute import Recovered
 from ._journal import RunRecord, StepRecord
 

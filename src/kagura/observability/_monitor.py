@@ -18,7 +18,15 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from .._table import FittedTable
+from .._table import (
+    DASH,
+    FittedTable,
+    excerpt,
+    format_duration,
+    format_seconds,
+    format_time,
+    format_when,
+)
 
 STATUS_STYLES = {
     "completed": "green",
@@ -38,7 +46,6 @@ STATUS_ICONS = {
     "running": "…",
 }
 KIND_STYLES = {"workflow": "bold magenta", "agent": "bold blue", "llm": "cyan", "tool": "yellow"}
-DASH = "—"
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
 _SPARKS = "▁▂▃▄▅▆▇█"
@@ -50,28 +57,6 @@ def status_text(status: str) -> Text:
     """The status, coloured, with an icon."""
     icon = STATUS_ICONS.get(status, "?")
     return Text(f"{icon} {status}", style=STATUS_STYLES.get(status, ""))
-
-
-def format_duration(ms: float | None) -> str:
-    """``0.08 ms``, ``12 ms``, ``1.25 s``, ``2m 05s``, ``1h 02m``; a dash when not finished."""
-    if ms is None:
-        return DASH
-    if ms < 1:
-        return f"{ms:.2f} ms"
-    if ms < 1000:
-        return f"{ms:.0f} ms"
-    seconds = ms / 1000
-    if seconds < 60:
-        return f"{seconds:.2f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    if minutes < 60:
-        return f"{minutes}m {secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
-
-
-def format_seconds(seconds: float | None) -> str:
-    return DASH if seconds is None else format_duration(seconds * 1000)
 
 
 def format_cost(cost: float | None) -> str:
@@ -97,36 +82,8 @@ def format_tokens(count: int | None) -> str:
     return DASH if count is None else f"{count:,}"
 
 
-def format_time(when: datetime | None) -> str:
-    """Local time, to the second."""
-    if when is None:
-        return DASH
-    return when.astimezone().strftime("%Y-%m-%d %H:%M:%S")
-
-
-def format_when(when: datetime | None, *, now: datetime | None = None) -> str:
-    """Local time, short: ``14:03:07`` today, ``06-01 14:03`` this year, else the date."""
-    if when is None:
-        return DASH
-    local = when.astimezone()
-    now = (now or datetime.now()).astimezone()
-    if local.date() == now.date():
-        return local.strftime("%H:%M:%S")
-    if local.year == now.year:
-        return local.strftime("%m-%d %H:%M")
-    return local.strftime("%Y-%m-%d")
-
-
 def format_rate(rate: float) -> str:
     return f"{rate * 100:.1f}%"
-
-
-def excerpt(text: str | None, width: int = 60) -> str:
-    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
-    if not text:
-        return ""
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
 
 
 def error_line(execution: Mapping[str, Any], width: int = 60) -> str:

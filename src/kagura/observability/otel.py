@@ -65,10 +65,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import __version__
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import add_sink, remove_sink
 from .._redact import scrub
+from .._version import __version__
 from ..errors import UsageError
 from ._content import MAX_TEXT, encode
 

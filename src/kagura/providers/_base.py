@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias, get_args
 
-from .._usage import Usage
+from .._usage import NO_USAGE, Usage
 from ..pricing import cost_of
 
 Message = dict[str, Any]
@@ -76,10 +76,6 @@ class ModelRequest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: The agent's choice (``@agent(output_mode=...)``); ``None``: the endpoint's profile.
     output_mode: OutputMode | None = None
-
-
-#: Usage is immutable, so responses that report none share this one.
-NO_USAGE = Usage()
 
 
 # Not frozen, unlike the request's parts: every LLM attempt builds one, and a frozen dataclass's

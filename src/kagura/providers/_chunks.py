@@ -13,9 +13,9 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._usage import Usage
+from .._usage import NO_USAGE, Usage
 from ..errors import ProviderConnectionError, ProviderError
-from ._base import NO_USAGE, ModelResponse, StreamChunk, ToolCall
+from ._base import ModelResponse, StreamChunk, ToolCall
 
 
 @dataclass(slots=True)

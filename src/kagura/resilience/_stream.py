@@ -22,9 +22,8 @@ from typing import TypeVar
 
 from .._context import Span
 from .._llm import StreamedAttempt
-from .._usage import Usage
+from .._usage import NO_USAGE, Usage
 from ..providers import Model, ModelRequest, ModelResponse, StreamChunk
-from ..providers._base import NO_USAGE
 from ._breaker import CircuitBreaker
 from ._budget import CostBudget
 from ._classify import retry_after

@@ -42,9 +42,9 @@ async def replay(run_id: str, workflow: Any = None, *, db: str | None = None) ->
     check that a changed workflow still follows yesterday's real traffic. Returns its result;
     a step the journal lacks (or that changed) raises :class:`kagura.NonDeterminismError`.
     ``workflow`` defaults to the one the run recorded; pass the new version to check it."""
-    from ..durable._execute import replay as _replay
+    from ..durable import replay as replay_run
 
-    return await _replay(run_id, workflow, db=db)
+    return await replay_run(run_id, workflow, db=db)
 
 
 @contextmanager
