@@ -132,7 +132,7 @@ def as_inputs_text(value: Any, kind: str) -> str | None:
     """A span's inputs as the recorder sent them (see :func:`recorded_messages`), as JSON text
     (in the writer)."""
     if kind == "llm" and type(value) is str:
-        return to_text([{"role": "user", "content": value}])
+        return pydantic_core.to_json([{"role": "user", "content": value}]).decode()
     return as_text(value)
 
 
@@ -145,7 +145,11 @@ def _answered_by(model: str) -> bytes:
 def as_text(value: Any) -> str | None:
     """A recorded value as :func:`recorded` or :func:`recorded_result` sent it, as JSON text
     (in the writer)."""
-    return value.decode() if type(value) is bytes else to_text(value)
+    if type(value) is bytes:
+        return value.decode()
+    if type(value) is str:  # most outputs: no fallback needed (and none to pay for)
+        return pydantic_core.to_json(value).decode()
+    return to_text(value)
 
 
 def encode_text(text: str | None, mode: ContentMode) -> str | None:
