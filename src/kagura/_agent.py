@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import inspect
 import json
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, overload
 
@@ -32,7 +32,7 @@ from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool
 from ._usage import Usage
 from .durable import _script
-from .durable._run import current_durable_run, journaled
+from .durable._run import DurableRun, current_durable_run, journaled
 from .errors import (
     OutputParseError,
     RunError,
@@ -334,15 +334,8 @@ class Agent(Generic[P, R]):
             if durable is None:  # the hot path: no closures for a journal there is not
                 result, answered_by = await self._answer(model, arguments, span, policies)
             else:
-                (result, answered_by), replayed = await journaled(
-                    durable,
-                    span,
-                    "agent",
-                    arguments,
-                    lambda: self._answer(model, arguments, span, policies),
-                    dump=lambda answer: self.output.dump(answer[0]),
-                    load=lambda output: (self.output.load(output), "journal"),
-                    position=span._position,
+                (result, answered_by), replayed = await self._answer_journaled(
+                    durable, model, arguments, span, policies
                 )
                 if replayed:
                     span_finished(
@@ -363,6 +356,31 @@ class Agent(Generic[P, R]):
             else None,
         )
         return (result, answered_by, span) if full else result
+
+    # Not inline in _call: a variable that a nested function (these lambdas) uses is made a cell
+    # at every call of the function that holds it, whether or not the nested function is ever
+    # made. Five cells per agent call in flight, for the garbage collector to count, made a
+    # fan-out's collections more frequent (measured: 150 young collections and a full one per
+    # 2,000 runs, against 112 and none).
+    def _answer_journaled(
+        self,
+        durable: DurableRun,
+        model: Model,
+        arguments: dict[str, Any],
+        span: Span,
+        policies: Policies,
+    ) -> Awaitable[tuple[tuple[Any, str], bool]]:
+        """The call's answer through the durable run's journal: ``(answer, replayed)``."""
+        return journaled(
+            durable,
+            span,
+            "agent",
+            arguments,
+            lambda: self._answer(model, arguments, span, policies),
+            dump=lambda answer: self.output.dump(answer[0]),
+            load=lambda output: (self.output.load(output), "journal"),
+            position=span._position,
+        )
 
     async def _answer(
         self, model: Model, arguments: dict[str, Any], span: Span, policies: Policies

@@ -368,7 +368,7 @@ class FaultServer:
         self._loop_thread = threading.get_ident()
         self._changed = asyncio.Event()
         self._server = await asyncio.start_server(
-            self._serve_connection, self.host, self.port, limit=2**20, backlog=self.backlog
+            self._connected, self.host, self.port, limit=2**20, backlog=self.backlog
         )
         self.port = self._server.sockets[0].getsockname()[1]
         logger.info("fault server listening on %s", self.base_url)
@@ -485,12 +485,21 @@ class FaultServer:
                 return Fault(self._rng.choice(self.fault_kinds))
         return Fault("ok")
 
+    def _connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """A client connected: serve it in a task, listed at once. (Given a coroutine, asyncio
+        would start the task itself, and a connection accepted just before ``stop()`` would run
+        a task that ``stop()`` had not seen, outliving the server.)"""
+        if self._server is None:  # stopping: accepted before the close, not to be served
+            writer.transport.abort()
+            return
+        task = asyncio.get_running_loop().create_task(self._serve_connection(reader, writer))
+        self._connections[task] = writer
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections[task] = writer
         try:
             while await self._serve_one(reader, writer):
                 pass
