@@ -16,22 +16,31 @@ process's recorder to flush when it records to the same store, so that what just
 seen. Recording never blocks the loop on disk I/O, never touches the recorded function's result
 or exception, and nothing is lost on exit: an ``atexit`` hook flushes what is queued.
 
-Why a writer process rather than a thread: redacting, serialising and inserting a row costs
-about 10 µs of CPU (a row of ``kagura_spans`` updates five B-trees). In a thread of this process
-that work holds the GIL against the event loop; in a process of its own it runs on another
-core. Measured with ``benchmarks/bench_overhead.py --only raw --only "recording on"`` on the
-same (loaded, 2-core) machine: 149 µs per agent step with a writer thread, 78-132 µs with the
-writer process. If the process cannot be started, or dies, the recorder writes from its thread
-with the same :class:`~._writer.StoreWriter`.
+Why a writer process rather than a thread: storing a span's row costs the writer about 95,000
+instructions (callgrind, a burst of 18,000 rows into a fresh SQLite store), some 25 µs: about
+55,000 inside sqlite3, binding included (the four secondary indexes take 7,000 to 8,000 each),
+the rest Python deriving the stored columns and looking for secrets. In a thread of this
+process much of that holds the GIL against the event loop; in a process of its own it runs on
+another core. Measured with ``benchmarks/bench_overhead.py --only raw --only "recording on"`` on
+the same (loaded, 2-core) machine: 149 µs per agent step with a writer thread, 78-132 µs with
+the writer process. If the process cannot be started, or dies, the recorder writes from its
+thread with the same :class:`~._writer.StoreWriter`.
 
 Why no staging: earlier versions made a burst's batches durable as one blob each in a staging
 table and wrote them into the indexed tables later, readers doing so before their first query.
 That kept the flush cheap (the rows' insertion was left for later: the first query after a burst
 of 10,000 spans took 0.26 s, after larger ones seconds) at the price of a second write path, a
 merge on every read and readers that wrote. Here the flush pays for the insertion (the same
-burst: flush 0.15 s, then the first query 3 ms); per agent step, flush included, recording went
-from 95 µs to 132 µs in the measurement above (raw asyncio: 19 µs), while the loop's own share
-(before the flush) stayed the same (4.8x against 5.0x raw asyncio).
+burst: flush 0.15 s, then the first query 3 ms). What that costs, measured: at 2.25 rows an
+agent step, the writer needs more CPU per step than the event loop spends on the step itself,
+so in a burst it falls behind and the final flush waits for its backlog. In
+``bench_overhead.py`` (2,000 concurrent runs of 4 steps on a zero-latency model, the flush
+included) recording on costs 5-7x raw asyncio per step, against 3.0-3.8x with staging: the
+target of 3x is missed. The simpler design is kept all the same, for one write path and readers
+that never write. The recording's own cost on the event loop is what it was with staging (about
+58,000 instructions per step, counted with callgrind). What would bring the target back is a
+cheaper writer, not a second path: fewer indexes once rollups answer the monitor's statistics,
+and less Python per row.
 """
 
 from __future__ import annotations
