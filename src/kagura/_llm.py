@@ -24,7 +24,6 @@ async def attempt(
     model: Model,
     request: ModelRequest,
     parent: Span,
-    *,
     timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit the caller configures
 ) -> ModelResponse:
     """Send one request to ``model`` and return its answer. The attempt's tokens and cost

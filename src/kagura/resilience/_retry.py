@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, TypeVarTuple
 
 from .._context import Span, current_span
 from .._instrument import span_event
@@ -27,6 +27,7 @@ from ._classify import is_transient, retry_after
 
 P = ParamSpec("P")
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 RetryOn = Callable[[BaseException], bool] | type[BaseException] | tuple[type[BaseException], ...]
 
@@ -108,14 +109,14 @@ class Retry:
 
     async def run_attempts(
         self,
-        fn: Callable[[], Awaitable[T]],
+        fn: Callable[[*Ts], Awaitable[T]],
         name: str,
-        *,
+        *args: *Ts,
         deadline: float | None = None,
         timeout: float | None = None,  # noqa: ASYNC109 - a per-attempt limit, not the call's
         span: Span | None = None,
     ) -> T:
-        """Every attempt of ``fn()``, the first included, until one succeeds or the policy
+        """Every attempt of ``fn(*args)``, the first included, until one succeeds or the policy
         gives up (then the last error is raised, with a note saying why). ``timeout`` bounds
         each attempt; no wait is begun that would pass ``deadline`` (``time.monotonic()``).
         Retries are recorded on ``span`` (by default the current span).
@@ -128,9 +129,9 @@ class Retry:
             attempt += 1
             try:
                 if timeout is None:
-                    return await fn()
+                    return await fn(*args)
                 async with asyncio.timeout(timeout):
-                    return await fn()
+                    return await fn(*args)
             except Exception as error:
                 wait = self._wait_before_retry(error, attempt, name, deadline, span)
                 if wait is None:
