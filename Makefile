@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# llama-cpp-python compiles on first install (about 5 minutes on 2 cores); pip caches the wheel.
-	$(BIN)/python -m pip install --quiet -e '.[local,litellm,postgres,otel,encryption,dev,bench]'
+	$(BIN)/python -m pip install --quiet -e '.[local,litellm,postgres,otel,encryption,ray,dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,10 @@ import pytest
 
 from . import _llamacpp
 
+# The kagura.ray tests start a Ray cluster, which must be in a private network namespace:
+# tests/test_ray.py runs them there, in a pytest of their own that sets KAGURA_RAY_TESTS.
+collect_ignore = [] if os.environ.get("KAGURA_RAY_TESTS") else ["cluster"]
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Recordings of the test run go to a throwaway KAGURA_HOME, never to the developer's

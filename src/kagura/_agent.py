@@ -164,6 +164,7 @@ class Agent(Generic[P, R]):
                 model, base_url, api_key
             )  # a bad model string fails here, not later
         functools.update_wrapper(self, fn)
+        self._options = options  # to make it again in another process (__reduce__)
         self.fn = fn
         self.name = name or fn.__name__
         self.model = model
@@ -234,6 +235,17 @@ class Agent(Generic[P, R]):
             ) from exc
         self.output = OutputSpec(return_type)
         warn_if_body_has_code(fn)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as the function and its settings, made again where it is unpickled (a Ray
+        worker): the compiled prompt and output schema do not pickle. The ``api_key`` stays
+        behind: a key must not travel in pickles (Ray keeps task arguments in its object store);
+        the other process takes it from its own environment."""
+        options = {
+            name: value for name, value in self._options.items() if name != "api_key"
+        }
+        options.update(model=self.model, base_url=self.base_url)
+        return _agent_from, (self.fn, options)
 
     def using(self, model: str | Model) -> Agent[P, R]:
         """This agent on another model (same prompt, type, tools and policies); for fallbacks."""
@@ -656,6 +668,10 @@ class _ToolFailed(Exception):
 
 def _to_json(value: Any) -> str:
     return pydantic_core.to_json(value, fallback=repr).decode()
+
+
+def _agent_from(fn: AgentFunction[Any, Any], options: AgentOptions) -> Agent[Any, Any]:
+    return Agent(fn, **options)
 
 
 @overload

@@ -106,8 +106,17 @@ class Tool(Generic[P, R]):
         # Sync tools run in a worker thread so a slow one cannot stall every other task.
         return await asyncio.to_thread(self.fn, **kwargs)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Made again from the function where it is unpickled (a Ray worker): the arguments
+        # model pydantic creates here belongs to no module, so it does not pickle.
+        return _tool_from, (self.fn, self.name)
+
     def __repr__(self) -> str:
         return f"<Tool {self.name}>"
+
+
+def _tool_from(fn: Callable[..., Any], name: str) -> Tool[Any, Any]:
+    return Tool(fn, name=name)
 
 
 @overload

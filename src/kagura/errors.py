@@ -21,6 +21,7 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
         ├── RunInProgressError      another process is executing this durable run
         ├── RunTakenOverError       another process took this durable run over (lease lost)
         ├── RunFailedError          a durable run with this id failed before
+        ├── RunCancelledError       a durable run was cancelled by its caller
         ├── CircuitOpenError        a circuit breaker is open: the call was refused at once
         └── BudgetExceeded          a cost or token budget is spent: the call was not sent
 
@@ -48,6 +49,7 @@ __all__ = [
     "ProviderConnectionError",
     "ProviderError",
     "ProviderTimeout",
+    "RunCancelledError",
     "RunError",
     "RunFailedError",
     "RunInProgressError",
@@ -245,6 +247,16 @@ class RunFailedError(RunError):
             f"durable run {run_id!r} failed earlier ({error_type}: {error}); "
             f"resume it with workflow.resume({run_id!r}) or `kagura runs resume {run_id}`"
         )
+
+
+class RunCancelledError(RunError):
+    """The durable run was cancelled by its caller (``kagura.ray``'s ``RunHandle.cancel()``); it is
+    recorded as failed with this error, so that recovery does not start it again. ``resume`` it
+    to run it after all."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"durable run {run_id!r} was cancelled by its caller")
 
 
 class CircuitOpenError(RunError):

@@ -26,12 +26,14 @@ from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import add_sink, remove_sink
 from ..providers import Model, model_override_var
 from ..providers.fake import FakeModel, Reply
+from ._network import in_private_network
 
 __all__ = [
     "CapturedEvents",
     "FakeModel",
     "Reply",
     "capture_events",
+    "in_private_network",
     "override_model",
     "replay",
 ]

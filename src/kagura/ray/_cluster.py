@@ -1,0 +1,104 @@
+"""The cluster kagura.ray runs on: Ray joined (or started), the store every worker records to,
+and the pool of worker actors that runs workflows and batch items.
+
+A worker is an async Ray actor: one process that runs many runs at once on its event loop (a
+run mostly waits for a model), so a worker takes no CPU from Ray's accounting and the CPUs stay
+for what computes (the embedded model's actors, :mod:`kagura.ray._models`). Workers are
+restarted by Ray when their process dies, and Ray then retries the calls they had in flight:
+that, with the durable journal, is the failover (see :mod:`kagura.ray._worker`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from ..errors import UsageError
+from ._config import NAMESPACE, ClusterConfig, sqlite_hosts_message, worker_settings
+from ._worker import Worker
+
+
+def ensure_ray() -> None:
+    """Join the cluster named by ``RAY_ADDRESS`` (or the one ``ray.init`` was called for), else
+    start a local one."""
+    if not ray.is_initialized():
+        ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
+
+
+def cluster_hosts() -> set[str]:
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return {node["NodeManagerHostname"] for node in nodes if node.get("Alive")}
+
+
+class Pool:
+    """The driver's worker actors, each given work in turn."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        ensure_ray()
+        settings = worker_settings(config)
+        if settings.sqlite:
+            hosts = cluster_hosts()
+            if len(hosts) > 1:
+                raise UsageError(sqlite_hosts_message(hosts))
+        cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
+        count = config.workers or max(1, int(cpus))
+        actor: Any = ray.remote(Worker).options(
+            num_cpus=0,
+            max_concurrency=config.worker_concurrency,
+            # A worker whose process dies is started again and its calls in flight are sent
+            # again: a durable run resumes from its journal, a batch item runs again.
+            max_restarts=-1,
+            max_task_retries=-1,
+            scheduling_strategy="SPREAD",
+            namespace=NAMESPACE,
+        )
+        self.config = config
+        self.workers: list[ActorHandle[Worker]] = [actor.remote(settings) for _ in range(count)]
+        # Raised here rather than at the first run: a worker that refused the store says why.
+        ray.get([worker.ready.remote() for worker in self.workers])
+        self._turn = itertools.cycle(self.workers)
+
+    def next(self) -> ActorHandle[Worker]:
+        return next(self._turn)
+
+
+_config = ClusterConfig()
+_pool: Pool | None = None
+_lock = threading.Lock()
+
+
+def configure(config: ClusterConfig) -> None:
+    global _config, _pool
+    with _lock:
+        if _pool is not None and _pool.config != config:
+            _stop(_pool)
+            _pool = None
+        _config = config
+
+
+def pool() -> Pool:
+    global _pool
+    with _lock:
+        if _pool is None:
+            _pool = Pool(_config)
+        return _pool
+
+
+def shutdown() -> None:
+    global _pool
+    with _lock:
+        if _pool is not None:
+            _stop(_pool)
+            _pool = None
+
+
+def _stop(pool: Pool) -> None:
+    from ._models import stop_model_actors
+
+    for worker in pool.workers:
+        ray.kill(worker, no_restart=True)
+    stop_model_actors()

@@ -1,0 +1,79 @@
+"""``map``: one agent or workflow over many items, across the workers of the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sys
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import ray
+
+from ..errors import UsageError
+from ..parallel import Partial
+from ..resilience import CostBudget, RetryBudget
+from . import _cluster, _shared
+from ._worker import parent_here
+
+T = TypeVar("T")
+U = TypeVar("U")
+
+
+async def map(
+    fn: Callable[[T], Awaitable[U]],
+    items: Iterable[T],
+    *,
+    concurrency: int = 64,
+    retry_budget: RetryBudget | None = None,
+    cost_budget: CostBudget | None = None,
+    progress: bool | None = None,
+    description: str = "working",
+) -> Partial[int, U]:
+    values = builtins.list(items)
+    if concurrency < 1:
+        raise UsageError(f"concurrency must be at least 1, got {concurrency}")
+    if not callable(fn):
+        raise UsageError(
+            f"kagura.ray.map needs an agent, a workflow or an async function, got {fn!r}"
+        )
+    # Starting the pool waits for the workers to be up: not on the event loop.
+    pool = await asyncio.to_thread(_cluster.pool)
+    function = ray.put(fn)  # sent once, not with every item
+    budgets = tuple(budget for budget in (retry_budget, cost_budget) if budget is not None)
+    parent = parent_here()
+    gate = asyncio.Semaphore(concurrency)
+    outcomes: builtins.list[tuple[bool, Any]] = [(False, None)] * len(values)
+    show = sys.stderr.isatty() if progress is None else progress
+    advance: Callable[[], None] = lambda: None  # noqa: E731
+
+    async def one(index: int, item: T) -> None:
+        async with gate:
+            try:
+                outcomes[index] = await pool.next().call.remote(function, item, parent, budgets)
+            except ray.exceptions.RayError as error:  # the item's call itself broke
+                outcomes[index] = (False, getattr(error, "cause", None) or error)
+        advance()
+
+    async def run_all() -> None:
+        async with asyncio.TaskGroup() as group:
+            for index, item in enumerate(values):
+                group.create_task(one(index, item))
+
+    if show:
+        from rich.progress import Progress
+
+        with Progress(transient=False) as bar:
+            task_id = bar.add_task(description, total=len(values))
+            advance = lambda: bar.advance(task_id)  # noqa: E731
+            await run_all()
+    else:
+        await run_all()
+    await _shared.settle(budgets)  # the driver's budget objects show what the batch spent
+    partial: Partial[int, U] = Partial()
+    for index, (ok, value) in enumerate(outcomes):
+        if ok:
+            partial.results[index] = value
+        else:
+            partial.errors[index] = value
+    return partial
