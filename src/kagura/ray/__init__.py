@@ -20,8 +20,9 @@ program called ``ray.init`` itself; see docs/ray.md for a cluster of several mac
 
 from __future__ import annotations
 
-from ._cluster import ClusterConfig, shutdown
 from ._cluster import configure as _configure
+from ._cluster import shutdown
+from ._config import ClusterConfig
 from ._map import map
 from ._submit import RunHandle, submit
 
