@@ -134,6 +134,14 @@ EXPORTS: dict[str, list[str]] = {
         "Script",
         "example_for_schema",
     ],
+    "kagura.ray": [
+        "ClusterConfig",
+        "RunHandle",
+        "configure",
+        "map",
+        "shutdown",
+        "submit",
+    ],
     "kagura.resilience": [
         "Answer",
         "Attempt",

@@ -241,9 +241,7 @@ class Agent(Generic[P, R]):
         worker): the compiled prompt and output schema do not pickle. The ``api_key`` stays
         behind: a key must not travel in pickles (Ray keeps task arguments in its object store);
         the other process takes it from its own environment."""
-        options = {
-            name: value for name, value in self._options.items() if name != "api_key"
-        }
+        options = {name: value for name, value in self._options.items() if name != "api_key"}
         options.update(model=self.model, base_url=self.base_url)
         return _agent_from, (self.fn, options)
 

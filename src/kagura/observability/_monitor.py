@@ -388,7 +388,24 @@ def _timeline(node: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
     return [(what, value) for _, _, what, value in items]
 
 
-def _grow(tree: Tree, node: Mapping[str, Any]) -> None:
+def _where(node: Mapping[str, Any]) -> tuple[Any, Any]:
+    return node.get("host"), node.get("pid")
+
+
+def _processes(node: Mapping[str, Any]) -> set[tuple[Any, Any]]:
+    found = {_where(node)}
+    for child in node.get("children") or []:
+        found |= _processes(child)
+    return found
+
+
+def _with_where(label: Text, node: Mapping[str, Any]) -> Text:
+    host, pid = _where(node)
+    label.append(f"  on {host} pid {pid}", style="dim")
+    return label
+
+
+def _grow(tree: Tree, node: Mapping[str, Any], show_where: bool) -> None:
     attempt = 0
     for what, item in _timeline(node):
         if what == "event":
@@ -396,17 +413,25 @@ def _grow(tree: Tree, node: Mapping[str, Any]) -> None:
             continue
         if item.get("kind") == "llm":
             attempt += 1
-            branch = tree.add(node_label(item, attempt=attempt))
+            label = node_label(item, attempt=attempt)
         else:
-            branch = tree.add(node_label(item))
-        _grow(branch, item)
+            label = node_label(item)
+        # Where a span ran, when it is not where its parent ran (a kagura.ray worker).
+        if show_where and _where(item) != _where(node):
+            label = _with_where(label, item)
+        _grow(tree.add(label), item, show_where)
 
 
 def trace_tree(execution: Mapping[str, Any]) -> Tree:
     """An execution from ``EventStore.get_execution()``: every span with its timing, tokens,
-    cost, status and error, and each span's events where they happened among its children."""
-    tree = Tree(node_label(execution), guide_style="dim")
-    _grow(tree, execution)
+    cost, status and error, and each span's events where they happened among its children.
+    When the spans of the tree were recorded by more than one process (a run on a Ray cluster),
+    the root and every span that ran in another process than its parent say which host and
+    process ran them."""
+    show_where = len(_processes(execution)) > 1
+    label = node_label(execution)
+    tree = Tree(_with_where(label, execution) if show_where else label, guide_style="dim")
+    _grow(tree, execution, show_where)
     return tree
 
 

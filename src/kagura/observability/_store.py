@@ -111,6 +111,8 @@ def _execution(row: Any, what: str) -> dict[str, Any]:
         "output": _json(row.output, what),
         "attributes": _json(row.attributes, what) or {},
         "metrics": _metrics(row),
+        "host": row.host,
+        "pid": row.pid,
     }
 
 
@@ -120,9 +122,9 @@ class EventStore:
     Executions are dicts: ``id``, ``run_id``, ``parent_id``, ``kind``, ``name``, ``status``
     (running, completed, failed, cancelled, timed_out, interrupted: its process died first),
     ``started_at``/``ended_at`` (UTC datetimes), ``duration_ms``, ``model``, ``error``,
-    ``inputs``, ``output`` and ``metrics`` (``total_cost`` in USD, ``None`` when a price was
-    unknown; ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``llm_calls``,
-    ``retries``).
+    ``inputs``, ``output``, ``host`` and ``pid`` (the process that recorded it) and ``metrics``
+    (``total_cost`` in USD, ``None`` when a price was unknown; ``prompt_tokens``,
+    ``completion_tokens``, ``total_tokens``, ``llm_calls``, ``retries``).
 
     Inputs, outputs, errors and attributes recorded encrypted (``KAGURA_ENCRYPTION_KEY``) are
     decrypted with the configured keys; when none does, the query raises

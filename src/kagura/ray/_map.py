@@ -70,6 +70,8 @@ async def map(
     else:
         await run_all()
     await _shared.settle(budgets)  # the driver's budget objects show what the batch spent
+    # The batch's spans are in the store before the caller looks at its trace.
+    await asyncio.gather(*(worker.flush.remote() for worker in pool.workers))
     partial: Partial[int, U] = Partial()
     for index, (ok, value) in enumerate(outcomes):
         if ok:

@@ -78,12 +78,23 @@ class Worker:
         """Run ``workflow`` durably as ``run_id`` (or finish it, or return its result)."""
         try:
             with under(parent):
-                return await workflow.run(*args, run_id=run_id, **kwargs)
+                result = await workflow.run(*args, run_id=run_id, **kwargs)
         except asyncio.CancelledError:
             # Cancelled by its handle: the run ends as cancelled rather than staying
             # resumable, so that recovery does not start again what its caller stopped.
             await asyncio.shield(asyncio.to_thread(_mark_cancelled, run_id))
             raise
+        # What the caller sees next is the run's trace: its spans are in the store first.
+        await self.flush()
+        return result
+
+    async def flush(self) -> None:
+        """Wait until what this worker recorded is in the store."""
+        from ..observability import default_recorder
+
+        recorder = default_recorder()
+        if recorder is not None:
+            await asyncio.to_thread(recorder.flush)
 
     async def call(
         self,

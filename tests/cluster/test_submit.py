@@ -1,0 +1,181 @@
+"""kagura.ray.submit and kagura.ray.map on a local cluster: results, errors, cancellation, and
+one trace for spans recorded by several processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+import kagura.ray
+from kagura import agent, workflow
+from kagura.durable import journal_for
+from kagura.errors import RunCancelledError, UsageError
+from kagura.observability import EventStore
+from kagura.observability._monitor import trace_tree
+from kagura.testing.fault_server import FaultServer
+
+pytestmark = pytest.mark.usefixtures("cluster")
+
+
+@pytest.fixture
+def server() -> Iterator[FaultServer]:
+    with FaultServer.run_in_thread(answer="fine") as server:
+        yield server
+
+
+def _agents(base_url: str) -> tuple[object, object]:
+    @agent(model="vllm/test", base_url=base_url, retry=False)
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    @workflow
+    async def summary(text: str) -> str:
+        first = await summarise(text)
+        return f"{first} ({os.getpid()})"
+
+    return summarise, summary
+
+
+def _prompts(server: FaultServer, word: str) -> int:
+    return sum(
+        1 for r in server.chat_requests if any(word in str(m.get("content")) for m in r.messages)
+    )
+
+
+async def test_a_submitted_run_returns_its_result_and_is_journaled(server: FaultServer) -> None:
+    _, summary = _agents(server.base_url)
+    run_id = f"submit-{uuid.uuid4().hex[:8]}"
+    handle = kagura.ray.submit(summary, "the quarterly report", run_id=run_id)
+    assert handle.run_id == run_id
+    result = await handle
+    answer, pid = result.rsplit(" (", 1)
+    assert answer == "fine"
+    assert int(pid.rstrip(")")) != os.getpid()  # it ran on a worker
+    record = journal_for().get_run(run_id)
+    assert record is not None and record.status == "completed" and record.steps == 1
+    assert record.pid != os.getpid()
+
+
+async def test_the_same_run_id_runs_once(server: FaultServer) -> None:
+    _, summary = _agents(server.base_url)
+    run_id = f"once-{uuid.uuid4().hex[:8]}"
+    first = await kagura.ray.submit(summary, "memo once", run_id=run_id)
+    second = await kagura.ray.submit(summary, "memo once", run_id=run_id)
+    assert first == second
+    assert _prompts(server, "memo once") == 1
+
+
+async def test_the_workflows_own_error_reaches_the_caller() -> None:
+    @workflow
+    async def refuses(order: str) -> str:
+        raise ValueError(f"order {order} is not ours")
+
+    with pytest.raises(ValueError, match="order 42 is not ours"):
+        await kagura.ray.submit(refuses, "42")
+
+
+async def test_bad_submissions_fail_in_the_caller_before_anything_is_sent() -> None:
+    @workflow
+    async def takes_a_set(items: set[int]) -> int:
+        return len(items)
+
+    with pytest.raises(UsageError, match="JSON-serialisable"):
+        kagura.ray.submit(takes_a_set, {1, object()})
+    with pytest.raises(UsageError, match="takes_a_set"):
+        kagura.ray.submit(takes_a_set, 1, 2)
+    with pytest.raises(UsageError, match="runs a @workflow"):
+        kagura.ray.submit(len, [1])  # type: ignore[arg-type]
+
+
+async def test_cancel_stops_the_run_where_it_runs_and_records_it_cancelled() -> None:
+    with FaultServer.run_in_thread(rules=[("forever", "hang")], hang_seconds=600) as server:
+        _, summary = _agents(server.base_url)
+        run_id = f"cancel-{uuid.uuid4().hex[:8]}"
+        handle = kagura.ray.submit(summary, "wait forever", run_id=run_id)
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 1, 60)
+        handle.cancel()
+        with pytest.raises(RunCancelledError):
+            await handle
+        # The worker let go of the request: the server saw its client leave.
+        await asyncio.to_thread(server.wait_for, lambda s: s.disconnects >= 1, 60)
+    record = await _settled(run_id)
+    assert record.status == "failed" and record.error_type == "RunCancelledError"
+
+
+async def _settled(run_id: str) -> object:
+    """The run's record once its worker has written how it ended (cancellation is recorded
+    after the caller hears of it)."""
+    journal = journal_for()
+    while True:
+        record = await asyncio.to_thread(journal.get_run, run_id)
+        if record is not None and record.status != "running":
+            return record
+        await asyncio.sleep(0.05)  # polling the store: the worker gives no other signal
+
+
+async def test_map_keeps_input_order_and_each_items_error(server: FaultServer) -> None:
+    async def shout(word: str) -> str:
+        if word.startswith("bad"):
+            raise ValueError(f"{word} is unwelcome")
+        return word.upper()
+
+    words = ["alpha", "bad-1", "gamma", "delta", "bad-2", *[f"w{i}" for i in range(20)]]
+    batch = await kagura.ray.map(shout, words, concurrency=4, progress=False)
+    assert list(batch.results) == [i for i, w in enumerate(words) if not w.startswith("bad")]
+    assert [batch.results[i] for i in batch.results] == [
+        w.upper() for w in words if not w.startswith("bad")
+    ]
+    assert sorted(batch.errors) == [1, 4]
+    assert isinstance(batch.errors[1], ValueError) and "bad-1" in str(batch.errors[1])
+    assert not batch.complete
+
+
+async def test_map_runs_an_agent_on_every_worker(server: FaultServer) -> None:
+    summarise, _ = _agents(server.base_url)
+    items = [f"note {i}" for i in range(12)]
+    batch = await kagura.ray.map(summarise, items, concurrency=6, progress=False)
+    assert batch.complete and list(batch.results.values()) == ["fine"] * 12
+    assert _prompts(server, "note ") == 12
+
+
+async def test_spans_of_every_worker_land_in_one_tree(server: FaultServer) -> None:
+    summarise, summary = _agents(server.base_url)
+
+    @workflow
+    async def fan_out(count: int) -> list[str]:
+        batch = await kagura.ray.map(summarise, [f"part {i}" for i in range(count)], progress=False)
+        run = kagura.ray.submit(summary, "the whole")
+        return [*batch.results.values(), await run]
+
+    results = await fan_out(6)
+    assert len(results) == 7
+    store = EventStore()
+    root = next(
+        e for e in store.get_executions(kind="workflow", limit=50) if e["name"] == "fan_out"
+    )
+    tree = store.get_execution(root["id"])
+    assert tree is not None
+
+    def walk(node: dict[str, object]) -> Iterator[dict[str, object]]:
+        yield node
+        for child in node["children"]:  # type: ignore[attr-defined]
+            yield from walk(child)
+
+    spans = list(walk(tree))
+    assert {s["run_id"] for s in spans} == {root["run_id"]}
+    agents = [s for s in spans if s["kind"] == "agent"]
+    assert len(agents) == 7  # six items and the submitted run's call, all under fan_out
+    workers = {s["pid"] for s in agents}
+    assert os.getpid() not in workers and len(workers) == 2  # both workers recorded
+    assert len([s for s in spans if s["kind"] == "llm"]) == 7
+    # `kagura monitor trace` says which process ran what.
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(trace_tree(tree))
+    text = console.export_text()
+    assert all(f"pid {pid}" in text for pid in workers)
