@@ -25,7 +25,14 @@ def ray_cluster() -> Iterator[None]:
         f"the kagura.ray tests start Ray, which binds to the machine's address: run them in a "
         f"private network namespace (tests/test_ray.py does), not beside {sorted(interfaces)}"
     )
-    ray.init(num_cpus=2, include_dashboard=False, namespace="kagura", log_to_driver=False)
+    # address="local": a new cluster, never one a `ray start` on this machine left behind.
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace="kagura",
+        log_to_driver=False,
+    )
     yield
     kagura.ray.shutdown()
     ray.shutdown()

@@ -16,6 +16,7 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..errors import UsageError
 from ._config import NAMESPACE, ClusterConfig, sqlite_hosts_message, worker_settings
@@ -29,9 +30,17 @@ def ensure_ray() -> None:
         ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=True)
 
 
-def cluster_hosts() -> set[str]:
+def _alive() -> list[dict[str, Any]]:
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
-    return {node["NodeManagerHostname"] for node in nodes if node.get("Alive")}
+    return [node for node in nodes if node.get("Alive")]
+
+
+def cluster_hosts() -> set[str]:
+    return {node["NodeManagerHostname"] for node in _alive()}
+
+
+def alive_nodes() -> list[str]:
+    return [str(node["NodeID"]) for node in _alive()]
 
 
 class Pool:
@@ -46,18 +55,30 @@ class Pool:
                 raise UsageError(sqlite_hosts_message(hosts))
         cpus = ray.cluster_resources().get("CPU", 1)  # type: ignore[no-untyped-call]
         count = config.workers or max(1, int(cpus))
-        actor: Any = ray.remote(Worker).options(
+        actor: Any = ray.remote(Worker)
+        options: dict[str, Any] = dict(
             num_cpus=0,
             max_concurrency=config.worker_concurrency,
             # A worker whose process dies is started again and its calls in flight are sent
             # again: a durable run resumes from its journal, a batch item runs again.
             max_restarts=-1,
             max_task_retries=-1,
-            scheduling_strategy="SPREAD",
             namespace=NAMESPACE,
         )
+        # Dealt over the nodes in turn: Ray's SPREAD is a preference that may put every worker
+        # (they ask for no CPU) on one node. Soft, so that a worker of a lost node starts again
+        # on another one.
+        nodes = sorted(alive_nodes())
         self.config = config
-        self.workers: list[ActorHandle[Worker]] = [actor.remote(settings) for _ in range(count)]
+        self.workers: list[ActorHandle[Worker]] = [
+            actor.options(
+                **options,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    nodes[index % len(nodes)], soft=True
+                ),
+            ).remote(settings)
+            for index in range(count)
+        ]
         # Raised here rather than at the first run: a worker that refused the store says why.
         ray.get([worker.ready.remote() for worker in self.workers])
         self._turn = itertools.cycle(self.workers)
