@@ -48,6 +48,11 @@ class Pool:
 
     def __init__(self, config: ClusterConfig) -> None:
         ensure_ray()
+        from . import _shared
+
+        # Before anything is sent to a worker: limiters, breakers and budgets travel as their
+        # cluster-wide state actors from the first task on.
+        _shared.install_in_driver()
         settings = worker_settings(config)
         if settings.sqlite:
             hosts = cluster_hosts()

@@ -134,14 +134,29 @@ class CircuitBreaker:
             self._failures = 0
             self._set("closed")
 
-    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+    # The awaited seams of the guarded paths (an agent's attempts, ``call``, ``async with``):
+    # here they only call the methods above, while a breaker whose state lives elsewhere (one
+    # shared by a Ray cluster, kagura.ray) asks for it there without blocking the event loop.
+
+    async def admit(self) -> None:
+        """:meth:`before_call`, awaited."""
         self.before_call()
+
+    async def settle(self, error: BaseException | None) -> None:
+        """:meth:`record_success` (``error`` is ``None``) or :meth:`record_failure`, awaited."""
+        if error is None:
+            self.record_success()
+        else:
+            self.record_failure(error)
+
+    async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        await self.admit()
         try:
             result = await fn()
         except BaseException as error:
-            self.record_failure(error)
+            await self.settle(error)
             raise
-        self.record_success()
+        await self.settle(None)
         return result
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -154,14 +169,11 @@ class CircuitBreaker:
         return wrapper
 
     async def __aenter__(self) -> CircuitBreaker:
-        self.before_call()
+        await self.admit()
         return self
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if exc is None:
-            self.record_success()
-        else:
-            self.record_failure(exc)
+        await self.settle(exc)
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self._state} failures={self._failures}>"

@@ -3,7 +3,8 @@
 A budget applies to the code inside ``with budget:`` (or each run of ``@workflow(retry_budget=...,
 budget_usd=...)``) and to every task started there, through a context variable. Budgets are
 counters shared by the concurrent tasks of one event loop; they need no lock because the loop runs
-one task at a time.
+one task at a time. Under kagura.ray a budget taken to the workers is one for the whole cluster
+(its counters in a Ray actor); ``name=`` shares one by name there.
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ class RetryBudget(_Scope):
 
     _current = _retry_budget
 
-    def __init__(self, max_retries: int) -> None:
+    def __init__(self, max_retries: int, *, name: str | None = None) -> None:
         if max_retries < 0:
             raise UsageError(f"max_retries must be 0 or more, got {max_retries}")
         self.max_retries = max_retries
+        self.name = name
         self.used = 0
         super().__init__()
 
@@ -69,6 +71,11 @@ class RetryBudget(_Scope):
             return False
         self.used += 1
         return True
+
+    async def spend(self) -> bool:
+        """:meth:`try_spend`, awaited: the seam the retry policy uses, which a budget shared
+        by a Ray cluster (kagura.ray) overrides to ask its actor without blocking the loop."""
+        return self.try_spend()
 
     def describe(self) -> str:
         return f"retry budget spent ({self.used} of {self.max_retries} retries used)"
@@ -88,13 +95,16 @@ class CostBudget(_Scope):
 
     _current = _cost_budget
 
-    def __init__(self, *, usd: float | None = None, tokens: int | None = None) -> None:
+    def __init__(
+        self, *, usd: float | None = None, tokens: int | None = None, name: str | None = None
+    ) -> None:
         if usd is None and tokens is None:
             raise UsageError("CostBudget needs usd=, tokens= or both")
         if (usd is not None and usd < 0) or (tokens is not None and tokens < 0):
             raise UsageError("budget limits must not be negative")
         self.usd = usd
         self.tokens = tokens
+        self.name = name
         self.spent_usd = 0.0
         self.spent_tokens = 0
         self.unpriced_calls = 0
@@ -117,6 +127,17 @@ class CostBudget(_Scope):
             self.unpriced_calls += 1  # counted, so a report can say the USD figure is a floor
         else:
             self.spent_usd += cost
+
+    # The awaited seams of a guarded attempt: a budget shared by a Ray cluster (kagura.ray)
+    # overrides them to ask its actor without blocking the event loop.
+
+    async def admit(self, *, free: bool) -> None:
+        """:meth:`check`, awaited."""
+        self.check(free=free)
+
+    async def settle(self, usage: Usage, cost: float | None) -> None:
+        """:meth:`charge`, awaited."""
+        self.charge(usage, cost)
 
     def __repr__(self) -> str:
         return (

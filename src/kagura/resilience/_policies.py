@@ -286,10 +286,12 @@ async def _guarded_attempt(
     budget: CostBudget | None,
 ) -> ModelResponse:
     """One attempt, through the cost budget, the breaker and the rate limiter."""
+    # The awaited seams (admit, settle) rather than the sync methods: a breaker or budget shared
+    # by a Ray cluster answers from its actor. Only this guarded path pays for them.
     if budget is not None:
-        budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
+        await budget.admit(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
     if breaker is not None:
-        breaker.before_call()
+        await breaker.admit()
     try:
         estimate = 0
         if limiter is not None:
@@ -298,16 +300,16 @@ async def _guarded_attempt(
         response = await _llm.attempt(model, request, parent, timeout=timeout)
     except BaseException as error:
         if breaker is not None:
-            breaker.record_failure(error)
+            await breaker.settle(error)
         if limiter is not None and getattr(error, "status_code", None) == 429:
             limiter.penalise(retry_after(error))
         raise
     if breaker is not None:
-        breaker.record_success()
+        await breaker.settle(None)
     if limiter is not None:
         permit.settle(response.usage.total_tokens)
     if budget is not None:
-        budget.charge(response.usage, model.cost(response.usage))
+        await budget.settle(response.usage, model.cost(response.usage))
     return response
 
 

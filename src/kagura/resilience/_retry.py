@@ -133,12 +133,12 @@ class Retry:
                 async with asyncio.timeout(timeout):
                     return await fn(*args)
             except Exception as error:
-                wait = self._wait_before_retry(error, attempt, name, deadline, span)
+                wait = await self._wait_before_retry(error, attempt, name, deadline, span)
                 if wait is None:
                     raise
             await _config.sleep(wait)
 
-    def _wait_before_retry(
+    async def _wait_before_retry(
         self,
         error: Exception,
         attempt: int,
@@ -146,7 +146,11 @@ class Retry:
         deadline: float | None,
         span: Span | None = None,
     ) -> float | None:
-        """Seconds to wait before the next attempt, or ``None`` to give up and re-raise."""
+        """Seconds to wait before the next attempt, or ``None`` to give up and re-raise.
+
+        A coroutine for the retry budget, whose :meth:`~RetryBudget.spend` is awaited (one
+        shared by a Ray cluster asks its actor); it runs only after a failed attempt, so a call
+        that succeeds at once does not pay for it."""
         if span is None:
             span = current_span.get()
         if not self.retry_on(error):
@@ -168,7 +172,7 @@ class Retry:
             error.add_note("kagura: not retried: the wait would pass the total timeout")
             return None
         budget = current_retry_budget()
-        if budget is not None and not budget.try_spend():
+        if budget is not None and not await budget.spend():
             error.add_note(f"kagura: not retried: {budget.describe()}")
             span_event(span, "retry_budget_exhausted", name=name)
             return None
@@ -228,7 +232,7 @@ class Retry:
             yield block
             if block.error is None:
                 return
-            wait = self._wait_before_retry(block.error, number, "block", deadline)
+            wait = await self._wait_before_retry(block.error, number, "block", deadline)
             if wait is None:
                 raise block.error
             await _config.sleep(wait)

@@ -133,9 +133,9 @@ async def open_stream(
 
     async def one_attempt() -> tuple[GuardedStream, T]:
         if budget is not None:
-            budget.check(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
+            await budget.admit(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
         if breaker is not None:
-            breaker.before_call()
+            await breaker.admit()
         stream: GuardedStream | None = None
         try:
             permit = None
@@ -150,7 +150,7 @@ async def open_stream(
         except BaseException as error:
             if stream is None:
                 if breaker is not None:
-                    breaker.record_failure(error)
+                    await breaker.settle(error)
                 if limiter is not None and getattr(error, "status_code", None) == 429:
                     limiter.penalise(retry_after(error))
             else:

@@ -177,6 +177,9 @@ class RecordedRequest:
     fault: str | None = None
     #: The client closed the connection while the server was still holding the answer back.
     client_gone: bool = False
+    #: When it arrived (``time.monotonic()`` in the server's process): for rates seen by the
+    #: server, such as those of a cluster's shared rate limiter.
+    received_at: float = 0.0
     _credential_digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -604,7 +607,14 @@ class FaultServer:
                 raw = text
         with self._lock:
             record = RecordedRequest(
-                len(self._requests), method, path, shown, body, raw, _credential_digests=digests
+                len(self._requests),
+                method,
+                path,
+                shown,
+                body,
+                raw,
+                received_at=time.monotonic(),
+                _credential_digests=digests,
             )
             self._requests.append(record)
         return record
