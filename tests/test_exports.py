@@ -126,6 +126,7 @@ EXPORTS: dict[str, list[str]] = {
         "ToolCall",
         "ToolMode",
         "ToolSpec",
+        "register_provider",
         "resolve_model",
     ],
     "kagura.providers.fake": [

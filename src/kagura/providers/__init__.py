@@ -10,10 +10,14 @@ Model strings:
 - ``"fake"``: the deterministic fake model (:mod:`kagura.providers.fake`), for tests and benchmarks.
 
 Any other ``"org/model"`` string goes to an OpenAI-compatible server when ``base_url`` is given.
+
+A runtime that serves a provider its own way claims its prefix in its process with
+:func:`register_provider` (kagura.ray's workers send ``local/...`` to their model actors).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextvars import ContextVar
 from functools import lru_cache
 
@@ -49,11 +53,35 @@ __all__ = [
     "ToolCall",
     "ToolMode",
     "ToolSpec",
+    "register_provider",
     "resolve_model",
 ]
 
 # Set by kagura.testing.override_model(): a model instance every agent uses, whatever it names.
 model_override_var: ContextVar[Model | None] = ContextVar("kagura_model_override", default=None)
+
+# Prefixes claimed by register_provider(), asked before the built-in providers.
+_registered: dict[str, Callable[[str], Model]] = {}
+
+
+def register_provider(prefix: str, factory: Callable[[str], Model] | None) -> None:
+    """In this process, make ``"<prefix>/<name>"`` model strings resolve to ``factory(name)``,
+    before any built-in provider of that prefix; ``None`` gives the prefix back to them.
+
+    For a runtime that serves a provider its own way: kagura.ray's workers claim ``local`` so
+    that the embedded model runs in its model actors. The default model and
+    ``KAGURA_MODEL_OVERRIDE`` resolve through it too. A model string resolves to one model per
+    process, so models resolved before the call are forgotten: agents get the new ones from
+    their next call on. ``factory`` must be cheap (it runs at agent definition, to check the
+    string) and raise :class:`~kagura.errors.UsageError` for a name it does not serve.
+    """
+    if not prefix or "/" in prefix:
+        raise UsageError(f"a provider prefix is a name without '/', got {prefix!r}")
+    if factory is None:
+        _registered.pop(prefix, None)
+    else:
+        _registered[prefix] = factory
+    _parse.cache_clear()
 
 
 def resolve_model(
@@ -87,6 +115,9 @@ def _parse(spec: str, base_url: str | None, api_key: str | None) -> Model:
         return OpenAIChatModel(spec, base_url=base_url, api_key=api_key)
     if not rest:
         raise UsageError(f"model string {spec!r} names no model after {prefix + '/'!r}")
+    factory = _registered.get(prefix)
+    if factory is not None:
+        return factory(rest)
     if prefix == "local":
         from .local import LocalModel
 
@@ -104,7 +135,7 @@ def _parse(spec: str, base_url: str | None, api_key: str | None) -> Model:
         return OpenAIChatModel(rest, endpoint=endpoint, base_url=base_url, api_key=api_key)
     if base_url is not None:
         return OpenAIChatModel(spec, base_url=base_url, api_key=api_key)
-    known = ", ".join(sorted([*ENDPOINTS, "local", "litellm", "fake"]))
+    known = ", ".join(sorted({*ENDPOINTS, *_registered, "local", "litellm", "fake"}))
     raise UsageError(
         f"unknown model provider {prefix!r} in {spec!r}: use one of {known} as the prefix, "
         f"or pass base_url= to send {spec!r} to an OpenAI-compatible server"
