@@ -269,8 +269,9 @@ def main() -> None:
             )
         table.notes.append(
             "One process: asyncio.gather of workflow.run(..., run_id=...) in the driver, in the "
-            "rounds alternated with those of the same line. The floor of one run is 0.2 s (two "
-            "calls of 100 ms): at that floor, runs/s would be the number of runs over 0.2 s."
+            "rounds alternated with those of the same line. A run takes at least 0.2 s (two calls "
+            f"of 100 ms): {args.runs} runs at once would be {args.runs / 0.2:,.0f} runs/s at that "
+            "floor."
         )
 
         cost_us = asyncio.run(submit_cost(args.runs, args.rounds))
@@ -303,8 +304,8 @@ def main() -> None:
         table.notes.append(
             f"A run through a worker costs {remote_ms - local_ms:.2f} ms more than in process, of "
             f"which {floor_ms:.2f} ms is Ray's round trip to the worker; the rest is the worker's "
-            "side: unpickling the workflow and its agents (sent with every submission), then the "
-            "same durable run."
+            "side around the same durable run, unpickling the workflow and its agents (sent with "
+            "every submission) among it (see benchmarks/README.md)."
         )
 
     run_recorded(report, _HOME, args.json, run)
