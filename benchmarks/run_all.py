@@ -56,6 +56,8 @@ SUITE = (
     Bench("store", "bench_store.py", (), ("--executions", "200000", "--runs", "5000")),
     Bench("durable", "bench_durable.py", (), ("--runs", "300", "--rounds", "3")),
     Bench("sigkill", "bench_sigkill.py", (), ("--trials", "3")),
+    # Starts a local Ray cluster, in a private network namespace it runs itself again in.
+    Bench("ray", "bench_ray.py", (), ("--runs", "200", "--rounds", "3", "--serial", "50")),
 )
 
 
