@@ -58,6 +58,7 @@ SUITE = (
     Bench("sigkill", "bench_sigkill.py", (), ("--trials", "3")),
     # Starts a local Ray cluster, in a private network namespace it runs itself again in.
     Bench("ray", "bench_ray.py", (), ("--runs", "200", "--rounds", "3", "--serial", "50")),
+    Bench("ray_models", "bench_ray_models.py", (), ("--reps", "2")),
 )
 
 

@@ -29,7 +29,7 @@ from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._recording import ensure_recording
 from ._streaming import AgentStream, open_agent_stream
-from ._tool import Tool, as_tool
+from ._tool import Tool, as_tool, with_resolved_annotations
 from ._usage import Usage
 from .durable import _script
 from .durable._run import DurableRun, current_durable_run, journaled
@@ -243,7 +243,7 @@ class Agent(Generic[P, R]):
         the other process takes it from its own environment."""
         options = {name: value for name, value in self._options.items() if name != "api_key"}
         options.update(model=self.model, base_url=self.base_url)
-        return _agent_from, (self.fn, options)
+        return _agent_from, (with_resolved_annotations(self.fn), options)
 
     def using(self, model: str | Model) -> Agent[P, R]:
         """This agent on another model (same prompt, type, tools and policies); for fallbacks."""

@@ -109,7 +109,7 @@ class Tool(Generic[P, R]):
     def __reduce__(self) -> tuple[Any, ...]:
         # Made again from the function where it is unpickled (a Ray worker): the arguments
         # model pydantic creates here belongs to no module, so it does not pickle.
-        return _tool_from, (self.fn, self.name)
+        return _tool_from, (with_resolved_annotations(self.fn), self.name)
 
     def __repr__(self) -> str:
         return f"<Tool {self.name}>"
@@ -117,6 +117,25 @@ class Tool(Generic[P, R]):
 
 def _tool_from(fn: Callable[..., Any], name: str) -> Tool[Any, Any]:
     return Tool(fn, name=name)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def with_resolved_annotations(fn: F) -> F:
+    """``fn`` with its annotations as objects rather than text, before it is pickled for
+    another process. cloudpickle sends a function's globals only as far as its code uses them,
+    so under ``from __future__ import annotations`` a type named only in an annotation
+    (``Literal``, a model class) could not be resolved there. Resolved here, where it can be,
+    in place: the annotations then say the same as ``typing.get_type_hints`` does."""
+    try:
+        hints = get_type_hints(fn, include_extras=True)
+    except Exception:
+        return fn  # left as it is: the other process says what it cannot resolve
+    annotations = getattr(fn, "__annotations__", None)
+    if isinstance(annotations, dict) and any(isinstance(v, str) for v in annotations.values()):
+        annotations.update(hints)
+    return fn
 
 
 @overload

@@ -19,6 +19,7 @@ from . import _instrument, _settings
 from ._context import Span, current_span
 from ._instrument import span_finished, span_started, status_of
 from ._recording import ensure_recording
+from ._tool import with_resolved_annotations
 from .durable import _execute as _durable
 from .durable import _script
 from .durable._run import current_durable_run
@@ -144,8 +145,27 @@ class Workflow(Generic[P, R]):
         )
         return result
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Made again where it is unpickled (a Ray worker), from the function with its
+        # annotations resolved: durable runs read them to load arguments and results.
+        return _workflow_from, (
+            with_resolved_annotations(self.fn),
+            {
+                "name": self.name,
+                "policies": self.policies,
+                "retry_budget": self.retry_budget,
+                "budget_usd": self.budget_usd,
+                "budget_tokens": self.budget_tokens,
+                "durable": self.durable,
+            },
+        )
+
     def __repr__(self) -> str:
         return f"<Workflow {self.name}>"
+
+
+def _workflow_from(fn: WorkflowFunction[..., Any], settings: dict[str, Any]) -> Workflow[..., Any]:
+    return Workflow(fn, **settings)
 
 
 class WorkflowOptions(PolicyOptions, total=False):

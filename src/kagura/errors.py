@@ -66,6 +66,19 @@ __all__ = [
 class KaguraError(Exception):
     """Base class of every exception Kagura raises on purpose."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled as it is, attributes and notes included, not by calling the constructor
+        # again: most take more than the message (a run id, a status code), and an error must
+        # come back whole from another process (a kagura.ray worker).
+        return _unpickled, (type(self), self.args, self.__dict__)
+
+
+def _unpickled(cls: type[KaguraError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 class UsageError(KaguraError):
     """The library was used wrongly: a bad decorator argument, model string or configuration."""

@@ -16,6 +16,7 @@ import kagura.ray
 from kagura import agent
 from kagura.errors import BudgetExceeded, CircuitOpenError, ProviderError
 from kagura.ray import _cluster
+from kagura.ray._worker import ship
 from kagura.resilience import CircuitBreaker, CostBudget, RateLimiter, Retry, RetryBudget, fixed
 from kagura.testing.fault_server import Fault, FaultServer
 
@@ -83,7 +84,7 @@ async def test_a_breaker_opened_on_one_worker_fails_fast_on_the_other(
     hosts = ray.get([first.ready.remote(), second.ready.remote()])
     assert hosts[0][1] != hosts[1][1]  # two processes
 
-    function = ray.put(ask)
+    function = ship(ask)
     for i in range(3):  # one after another, on the first worker: the breaker opens there
         ok, error = await first.call.remote(function, f"fails {i}", None, ())
         assert not ok and isinstance(error, ProviderError)

@@ -130,7 +130,7 @@ def _stub_pool(
     monkeypatch: pytest.MonkeyPatch, count: int, failures: int = 0
 ) -> tuple[local._Workers, list[object]]:
     """Workers whose loads hand out plain objects (the first ``failures`` loads fail)."""
-    workers = local._Workers(Path("unused.gguf"), count, 128)
+    workers = local._Workers(Path("unused.gguf"), count, 128, None)
     loaded: list[object] = []
 
     def load() -> object:

@@ -5,6 +5,7 @@ overridden without Ray: the sync methods must then not be called on those paths.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -12,7 +13,14 @@ import pytest
 from kagura import agent
 from kagura._usage import Usage
 from kagura.errors import BudgetExceeded, CircuitOpenError, ProviderError
-from kagura.resilience import CircuitBreaker, CostBudget, Retry, RetryBudget, fixed
+from kagura.resilience import (
+    CircuitBreaker,
+    CostBudget,
+    Retry,
+    RetryBudget,
+    current_retry_budget,
+    fixed,
+)
 from kagura.testing import FakeModel
 
 
@@ -146,3 +154,23 @@ def test_budgets_take_a_name() -> None:
     budgets: list[Any] = [RetryBudget(2, name="batch"), CostBudget(usd=1.0, name="batch")]
     assert [budget.name for budget in budgets] == ["batch", "batch"]
     assert RetryBudget(2).name is None and CostBudget(tokens=5).name is None
+
+
+async def test_tasks_may_enter_one_budget_at_once() -> None:
+    # A batch's items enter the batch's budget each in their own task, overlapping.
+    budget = RetryBudget(3)
+    inside = asyncio.Event()
+    entered = 0
+
+    async def item() -> None:
+        nonlocal entered
+        with budget:
+            entered += 1
+            if entered == 2:
+                inside.set()
+            await inside.wait()
+            assert current_retry_budget() is budget
+        assert current_retry_budget() is None
+
+    await asyncio.gather(item(), item())
+    assert current_retry_budget() is None

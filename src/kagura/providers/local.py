@@ -59,12 +59,12 @@ class _Cancelled(Exception):
 class _Workers:
     """A fixed set of threads, and as many llama.cpp model instances, each used by one at a time."""
 
-    def __init__(self, model_path: Path, workers: int, n_ctx: int) -> None:
+    def __init__(self, model_path: Path, workers: int, n_ctx: int, threads: int | None) -> None:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.count = workers
         cpus = os.cpu_count() or 1
-        self.threads_per_model = max(1, cpus // workers)
+        self.threads_per_model = threads or max(1, cpus // workers)
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kagura-llama")
         self._lock = threading.Lock()
         #: Generations running right now (a cancelled call must bring this back down).
@@ -178,7 +178,19 @@ def _get_workers() -> _Workers:
             count = int(os.environ.get("KAGURA_LOCAL_WORKERS", min(2, cpus)))
             if count < 1:
                 raise UsageError("KAGURA_LOCAL_WORKERS must be at least 1")
-            _workers = _Workers(find_gguf(), count, int(os.environ.get("KAGURA_LOCAL_CTX", 2048)))
+            # KAGURA_LOCAL_THREADS: llama.cpp threads per instance, for a process given only a
+            # share of the machine's cores (a kagura.ray model actor); default: an equal share.
+            threads = os.environ.get("KAGURA_LOCAL_THREADS")
+            if threads is not None and (not threads.isdigit() or int(threads) < 1):
+                raise UsageError(
+                    f"KAGURA_LOCAL_THREADS must be a whole number >= 1, got {threads!r}"
+                )
+            _workers = _Workers(
+                find_gguf(),
+                count,
+                int(os.environ.get("KAGURA_LOCAL_CTX", 2048)),
+                int(threads) if threads else None,
+            )
         return _workers
 
 

@@ -7,7 +7,7 @@ import os
 import socket
 from dataclasses import dataclass
 
-from .._storage import default_url
+from .._storage import default_url, normalise_url
 from ..errors import UsageError
 
 #: The Ray namespace of kagura's named actors (shared state, model actors).
@@ -87,7 +87,7 @@ def _masked(url: str) -> str:
 def _has_password(url: str) -> bool:
     from sqlalchemy.engine import make_url
 
-    return make_url(url).password is not None
+    return make_url(normalise_url(url)).password is not None
 
 
 def _key_fingerprint() -> str | None:

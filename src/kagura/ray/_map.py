@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..parallel import Partial
 from ..resilience import CostBudget, RetryBudget
 from . import _cluster, _shared
-from ._worker import parent_here
+from ._worker import parent_here, ship
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -39,7 +39,7 @@ async def map(
         )
     # Starting the pool waits for the workers to be up: not on the event loop.
     pool = await asyncio.to_thread(_cluster.pool)
-    function = ray.put(fn)  # sent once, not with every item
+    function = ship(fn)
     budgets = tuple(budget for budget in (retry_budget, cost_budget) if budget is not None)
     parent = parent_here()
     gate = asyncio.Semaphore(concurrency)

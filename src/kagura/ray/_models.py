@@ -72,6 +72,8 @@ class ModelActor:
     def __init__(self, name: str, threads: int) -> None:
         # One llama.cpp instance per actor: the model is loaded once.
         os.environ["KAGURA_LOCAL_WORKERS"] = "1"
+        # Ray gives this process `threads` of the node's cores: llama.cpp must not take more.
+        os.environ["KAGURA_LOCAL_THREADS"] = str(threads)
         self.model = LocalModel(name)
         self.threads = threads
         self.loads = 0
@@ -90,12 +92,6 @@ class ModelActor:
         async with self._loading:
             if self.model.prepared:
                 return
-            from ..providers import local
-
-            # LocalModel gives each instance the process's share of the node's cores; this
-            # process is given `threads` of them by Ray, and llama.cpp must not take more.
-            # (kagura.providers.local has no public setting for it yet.)
-            local._get_workers().threads_per_model = self.threads
             await self.model.prepare()
             self.loads += 1
 
@@ -282,7 +278,6 @@ class RemoteLocalModel(Model):
                 # Closed early or cancelled: the actor's generation stops at its next token.
                 with contextlib.suppress(Exception):
                     ray.cancel(chunks)
-
 
 
 def unreachable(error: ray.exceptions.RayError, model: str) -> ProviderError:

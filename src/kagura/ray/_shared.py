@@ -326,38 +326,8 @@ def _deserialize(reference: Reference) -> Any:
 
 
 def install_in_worker() -> None:
-    """Let the errors of shared objects travel back to the driver: ``CircuitOpenError`` and
-    ``BudgetExceeded`` take more than their message to make again."""
-    ray.util.register_serializer(
-        CircuitOpenError, serializer=_open_error_state, deserializer=_open_error
-    )
-    ray.util.register_serializer(
-        BudgetExceeded, serializer=_budget_error_state, deserializer=_budget_error
-    )
-
-
-def _open_error_state(error: CircuitOpenError) -> tuple[str, float, list[str]]:
-    return error.name, error.retry_in, list(getattr(error, "__notes__", ()))
-
-
-def _open_error(state: tuple[str, float, list[str]]) -> CircuitOpenError:
-    name, retry_in, notes = state
-    error = CircuitOpenError(name, retry_in)
-    for note in notes:
-        error.add_note(note)
-    return error
-
-
-def _budget_error_state(error: BudgetExceeded) -> tuple[str, Any, list[str]]:
-    return str(error), error.budget, list(getattr(error, "__notes__", ()))
-
-
-def _budget_error(state: tuple[str, Any, list[str]]) -> BudgetExceeded:
-    message, budget, notes = state
-    error = BudgetExceeded(message, budget=budget)
-    for note in notes:
-        error.add_note(note)
-    return error
+    """Nothing yet: the process-wide registries of a worker (``circuit_breaker(name)``,
+    ``limit_model``) are still its own (see docs/ray.md)."""
 
 
 class _Proxy:

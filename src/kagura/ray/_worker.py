@@ -16,12 +16,62 @@ import os
 import socket
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .._context import Span, current_span
 from ..errors import RunCancelledError
 from ._config import WorkerSettings
+
+#: A callable sent to the workers once (``ray.put``) and named in each task by its reference,
+#: in a list so that Ray passes the reference rather than the value (see :func:`shipped`).
+Shipped = list[Any]
+
+# What the driver has sent once, by the callable it was made of: a workflow or an agent is
+# pickled once per driver, not with every run or item.
+_sent: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def ship(fn: Any) -> Shipped:
+    """``fn`` (a workflow, an agent, a function) for the workers, put in Ray's object store
+    once. Unpickling it cost a worker about 3 ms a run (an agent is made again, its prompt
+    compiled), measured by benchmarks/bench_ray.py, when it travelled with every task."""
+    import ray
+
+    try:
+        reference = _sent.get(fn)
+    except TypeError:  # not weakly referable: sent every time
+        return [ray.put(fn)]
+    if reference is None:
+        reference = _sent[fn] = ray.put(fn)
+    return [reference]
+
+
+# In a worker: what was shipped, unpickled once (a task each, so that runs arriving together
+# wait for one unpickling), the most recent kept.
+_received: OrderedDict[str, asyncio.Task[Any]] = OrderedDict()
+_RECEIVED_KEPT = 256
+
+
+async def received(box: Shipped) -> Any:
+    """The callable :func:`ship` sent, in this worker."""
+    reference = box[0]
+    key = reference.hex()
+    task = _received.get(key)
+    if task is None or (task.done() and task.exception() is not None):
+        task = _received[key] = asyncio.ensure_future(_fetch(reference))
+        while len(_received) > _RECEIVED_KEPT:
+            _received.popitem(last=False)
+    else:
+        _received.move_to_end(key)
+    return await asyncio.shield(task)
+
+
+async def _fetch(reference: Any) -> Any:
+    return await reference
+
 
 #: Where a task's spans hang in the caller's run tree: the caller's span id, run id and step
 #: key (``None`` when the caller was in no run).
@@ -69,13 +119,14 @@ class Worker:
 
     async def run(
         self,
-        workflow: Any,
+        shipped: Shipped,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         run_id: str,
         parent: Parent,
     ) -> Any:
         """Run ``workflow`` durably as ``run_id`` (or finish it, or return its result)."""
+        workflow = await received(shipped)
         try:
             with under(parent):
                 result = await workflow.run(*args, run_id=run_id, **kwargs)
@@ -98,7 +149,7 @@ class Worker:
 
     async def call(
         self,
-        fn: Callable[[Any], Awaitable[Any]],
+        shipped: Shipped,
         item: Any,
         parent: Parent,
         budgets: tuple[Any, ...],
@@ -106,6 +157,7 @@ class Worker:
         """``await fn(item)`` under the batch's budgets: ``(True, result)`` or ``(False,
         error)``, so that one item's error does not lose the batch."""
         try:
+            fn: Callable[[Any], Awaitable[Any]] = await received(shipped)
             with under(parent), contextlib.ExitStack() as stack:
                 for budget in budgets:
                     stack.enter_context(budget)

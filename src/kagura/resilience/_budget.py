@@ -22,18 +22,24 @@ _retry_budget: ContextVar[RetryBudget | None] = ContextVar("kagura_retry_budget"
 _cost_budget: ContextVar[CostBudget | None] = ContextVar("kagura_cost_budget", default=None)
 
 
+# The reset tokens of the ``with budget:`` blocks open in the running context, innermost last.
+# Kept per context rather than on the budget: tasks entering one budget at once (a batch's items)
+# would otherwise each reset the others' tokens.
+_entered: ContextVar[tuple[Token[Any], ...]] = ContextVar("kagura_budget_scopes", default=())
+
+
 class _Scope:
     """``with budget:`` makes the budget current, through the context variable ``_current``, for
     the code inside and every task started there; on exit the previous one is current again
-    (entering the same budget again, nested, is fine)."""
+    (entering the same budget again, nested or from several tasks at once, is fine)."""
 
     _current: ClassVar[ContextVar[Any]]
 
     def __init__(self) -> None:
-        self._tokens: list[Token[Any]] = []
+        pass
 
     def __enter__(self) -> Self:
-        self._tokens.append(self._current.set(self))
+        _entered.set((*_entered.get(), self._current.set(self)))
         return self
 
     def __exit__(
@@ -42,7 +48,9 @@ class _Scope:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._current.reset(self._tokens.pop())
+        *outer, token = _entered.get()
+        _entered.set(tuple(outer))
+        self._current.reset(token)
 
 
 class RetryBudget(_Scope):
