@@ -17,7 +17,18 @@ from kagura import agent
 from kagura.errors import BudgetExceeded, CircuitOpenError, ProviderError
 from kagura.ray import _cluster
 from kagura.ray._worker import ship
-from kagura.resilience import CircuitBreaker, CostBudget, RateLimiter, Retry, RetryBudget, fixed
+from kagura.resilience import (
+    CircuitBreaker,
+    CostBudget,
+    RateLimiter,
+    Retry,
+    RetryBudget,
+    circuit_breaker,
+    fixed,
+    limit_model,
+    reset_breakers,
+    reset_rate_limits,
+)
 from kagura.testing.fault_server import Fault, FaultServer
 
 
@@ -86,11 +97,13 @@ async def test_a_breaker_opened_on_one_worker_fails_fast_on_the_other(
 
     function = ship(ask)
     for i in range(3):  # one after another, on the first worker: the breaker opens there
-        ok, error = await first.call.remote(function, f"fails {i}", None, ())
+        ok, error = await first.call.remote(function, f"fails {i}", None, (), None)
         assert not ok and isinstance(error, ProviderError)
     assert len(server.chat_requests) == 3
 
-    outcomes = [await second.call.remote(function, f"refused {i}", None, ()) for i in range(5)]
+    outcomes = [
+        await second.call.remote(function, f"refused {i}", None, (), None) for i in range(5)
+    ]
     assert all(not ok and isinstance(error, CircuitOpenError) for ok, error in outcomes)
     assert len(server.chat_requests) == 3  # none of the second worker's calls was sent
 
@@ -136,3 +149,46 @@ async def test_a_cost_budget_stops_the_batch(cluster: None, server: FaultServer)
     assert all(error.budget is budget for error in errors)  # the driver's own object again
     assert len(server.chat_requests) == 3
     assert budget.spent_tokens == 30
+
+
+async def test_the_drivers_model_limits_and_named_breakers_hold_for_the_cluster(
+    cluster: None, server: FaultServer
+) -> None:
+    # limit_model and circuit_breaker(name) fill registries of the driver's process; each task
+    # takes them along, so `breaker=True` and a model's limit are one object for the cluster.
+    model = f"vllm/{_unique('model')}"
+    try:
+        limit_model(model, requests_per_second=5, burst=1)
+        circuit_breaker(model, failure_threshold=2, recovery_time=600)
+
+        @agent(model=model, base_url=server.base_url, breaker=True, retry=False)
+        async def ask(text: str) -> str:
+            """Answer: {{ text }}"""
+
+        async def ask_and_say_where(text: str) -> tuple[int, str]:
+            return os.getpid(), await ask(text)
+
+        warm_up = await kagura.ray.map(ask_and_say_where, ["hello", "hello"], progress=False)
+        assert len({pid for pid, _ in warm_up.results.values()}) == 2
+        batch = await kagura.ray.map(
+            ask_and_say_where, [f"q {i}" for i in range(20)], progress=False
+        )
+        assert not batch.errors
+        assert len({pid for pid, _ in batch.results.values()}) == 2
+        times = [request.received_at for request in server.chat_requests[2:]]
+        # At most 1 + 5 * 2 in any two seconds for the cluster (a margin of 4 for requests
+        # delivered late); a limit of each worker's own would let all 20 through in two.
+        assert _most_in_any_window(times, 2.0) <= 11 + 4
+
+        sent = len(server.chat_requests)
+        server.set_rules(("", "500"))
+        failing = await kagura.ray.map(
+            ask, [f"fails {i}" for i in range(8)], concurrency=1, progress=False
+        )
+        errors = [failing.errors[i] for i in range(8)]
+        assert [type(e) for e in errors[:2]] == [ProviderError, ProviderError]
+        assert all(isinstance(e, CircuitOpenError) for e in errors[2:])  # on both workers
+        assert len(server.chat_requests) == sent + 2
+    finally:
+        reset_rate_limits()
+        reset_breakers()

@@ -12,7 +12,7 @@ import ray
 
 from ..errors import UsageError
 from ..parallel import Partial
-from ..resilience import CostBudget, RetryBudget
+from ..resilience import CostBudget, RetryBudget, registry
 from . import _cluster, _shared
 from ._worker import parent_here, ship
 
@@ -40,6 +40,9 @@ async def map(
     # Starting the pool waits for the workers to be up: not on the event loop.
     pool = await asyncio.to_thread(_cluster.pool)
     function = ship(fn)
+    # The driver's model rate limits and named breakers, one object each for the cluster.
+    taken = registry()
+    shipped_registry = [ray.put(taken)] if taken else None
     budgets = tuple(budget for budget in (retry_budget, cost_budget) if budget is not None)
     parent = parent_here()
     gate = asyncio.Semaphore(concurrency)
@@ -50,7 +53,9 @@ async def map(
     async def one(index: int, item: T) -> None:
         async with gate:
             try:
-                outcomes[index] = await pool.next().call.remote(function, item, parent, budgets)
+                outcomes[index] = await pool.next().call.remote(
+                    function, item, parent, budgets, shipped_registry
+                )
             except ray.exceptions.RayError as error:  # the item's call itself broke
                 outcomes[index] = (False, getattr(error, "cause", None) or error)
         advance()

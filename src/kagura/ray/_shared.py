@@ -326,8 +326,8 @@ def _deserialize(reference: Reference) -> Any:
 
 
 def install_in_worker() -> None:
-    """Nothing yet: the process-wide registries of a worker (``circuit_breaker(name)``,
-    ``limit_model``) are still its own (see docs/ray.md)."""
+    """Nothing more: a worker takes the driver's registries (``limit_model``,
+    ``circuit_breaker(name)``) with each task (see :mod:`kagura.ray._worker`)."""
 
 
 class _Proxy:

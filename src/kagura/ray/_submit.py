@@ -13,6 +13,7 @@ from ray.exceptions import TaskCancelledError
 
 from ..durable import journal_for
 from ..errors import RunCancelledError, UsageError
+from ..resilience import registry
 from . import _cluster
 from ._worker import parent_here, ship
 
@@ -81,7 +82,9 @@ def submit(
     journal_for()  # the store opens (and is made) here, not in every worker at once
     run_id = run_id or uuid.uuid4().hex
     worker = _cluster.pool().next()
-    ref: ray.ObjectRef[Any] = worker.run.remote(ship(workflow), args, kwargs, run_id, parent_here())
+    ref: ray.ObjectRef[Any] = worker.run.remote(
+        ship(workflow), args, kwargs, run_id, parent_here(), registry() or None
+    )
     return RunHandle(run_id, ref)
 
 

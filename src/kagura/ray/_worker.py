@@ -23,6 +23,7 @@ from typing import Any
 
 from .._context import Span, current_span
 from ..errors import RunCancelledError
+from ..resilience import Registry, use_registry
 from ._config import WorkerSettings
 
 #: A callable sent to the workers once (``ray.put``) and named in each task by its reference,
@@ -124,8 +125,12 @@ class Worker:
         kwargs: dict[str, Any],
         run_id: str,
         parent: Parent,
+        taken: Registry | None,
     ) -> Any:
-        """Run ``workflow`` durably as ``run_id`` (or finish it, or return its result)."""
+        """Run ``workflow`` durably as ``run_id`` (or finish it, or return its result), with
+        the driver's model rate limits and named breakers (``taken``)."""
+        if taken:
+            use_registry(taken)
         workflow = await received(shipped)
         try:
             with under(parent):
@@ -153,10 +158,14 @@ class Worker:
         item: Any,
         parent: Parent,
         budgets: tuple[Any, ...],
+        taken: Shipped | None,
     ) -> tuple[bool, Any]:
-        """``await fn(item)`` under the batch's budgets: ``(True, result)`` or ``(False,
-        error)``, so that one item's error does not lose the batch."""
+        """``await fn(item)`` under the batch's budgets and the driver's registry (``taken``,
+        shipped once for the batch): ``(True, result)`` or ``(False, error)``, so that one
+        item's error does not lose the batch."""
         try:
+            if taken is not None:
+                use_registry(await received(taken))
             fn: Callable[[Any], Awaitable[Any]] = await received(shipped)
             with under(parent), contextlib.ExitStack() as stack:
                 for budget in budgets:

@@ -25,6 +25,7 @@ from ._config import no_waits, set_testing
 from ._fallback import Answer, Fallback
 from ._policies import UNSET, Policies, PolicyOptions, Unset
 from ._ratelimit import Permit, RateLimiter, limit_model, reset_rate_limits
+from ._registry import Registry, registry, use_registry
 from ._retry import DEFAULT_RETRY, Attempt, Retry, RetryDetails, retry
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "Policies",
     "PolicyOptions",
     "RateLimiter",
+    "Registry",
     "Retry",
     "RetryBudget",
     "RetryDetails",
@@ -55,8 +57,10 @@ __all__ = [
     "jittered",
     "limit_model",
     "no_waits",
+    "registry",
     "reset_breakers",
     "reset_rate_limits",
     "retry",
     "set_testing",
+    "use_registry",
 ]
