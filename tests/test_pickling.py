@@ -104,3 +104,17 @@ def test_an_agent_leaves_its_api_key_behind() -> None:
     copy = cloudpickle.loads(cloudpickle.dumps(ask))
     assert b"sk-secret-value" not in cloudpickle.dumps(ask)
     assert copy.model == "openai/gpt-4o-mini" and copy._api_key is None
+
+
+def test_an_agent_on_another_model_pickles_as_itself() -> None:
+    cloudpickle = pytest.importorskip("ray.cloudpickle")
+    from kagura import agent
+
+    @agent(model="fake", retry=False)
+    async def ask(question: str) -> str:
+        """{{ question }}"""
+
+    other = ask.using("fake/other")
+    copy = cloudpickle.loads(cloudpickle.dumps(other))
+    assert (copy.name, copy.model) == ("ask@fake/other", "fake/other")
+    assert copy.policies == ask.policies

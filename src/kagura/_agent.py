@@ -242,8 +242,15 @@ class Agent(Generic[P, R]):
         behind: a key must not travel in pickles (Ray keeps task arguments in its object store);
         the other process takes it from its own environment."""
         options = {name: value for name, value in self._options.items() if name != "api_key"}
-        options.update(model=self.model, base_url=self.base_url)
+        options.update(model=self.model, base_url=self.base_url, name=self.name)
         return _agent_from, (with_resolved_annotations(self.fn), options)
+
+    def __copy__(self) -> Agent[P, R]:
+        # A copy in this process shares what it can (``using``): not a new agent made from its
+        # settings, as pickling makes one.
+        twin = object.__new__(type(self))
+        twin.__dict__.update(self.__dict__)
+        return twin
 
     def using(self, model: str | Model) -> Agent[P, R]:
         """This agent on another model (same prompt, type, tools and policies); for fallbacks."""

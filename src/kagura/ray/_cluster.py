@@ -115,6 +115,8 @@ def pool() -> Pool:
 
 
 def shutdown() -> None:
+    """Stop the workers and the model actors of this driver (not the Ray cluster); the next
+    ``submit`` or ``map`` starts them again."""
     global _pool
     with _lock:
         if _pool is not None:

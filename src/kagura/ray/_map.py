@@ -30,6 +30,16 @@ async def map(
     progress: bool | None = None,
     description: str = "working",
 ) -> Partial[int, U]:
+    """``await fn(item)`` for every item, across the workers of the cluster, ``concurrency`` at
+    a time: a :class:`~kagura.parallel.Partial` whose ``results`` (by input position, in input
+    order) hold what succeeded and whose ``errors`` hold each failed item's exception, so that
+    one item's error loses none of the others.
+
+    ``fn`` is an agent, a workflow or an async function of one argument, sent to the workers
+    once. ``retry_budget`` and ``cost_budget`` hold for the whole batch, whichever workers spend
+    them; afterwards they show what the batch spent. ``progress=None`` draws a progress bar
+    when stderr is a terminal. An item whose worker died is run again on the restarted worker.
+    """
     values = builtins.list(items)
     if concurrency < 1:
         raise UsageError(f"concurrency must be at least 1, got {concurrency}")

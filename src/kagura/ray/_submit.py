@@ -11,6 +11,7 @@ import pydantic_core
 import ray
 from ray.exceptions import TaskCancelledError
 
+from .._workflow import Workflow
 from ..durable import journal_for
 from ..errors import RunCancelledError, UsageError
 from ..resilience import registry
@@ -28,7 +29,7 @@ class RunHandle(Generic[R]):
     __slots__ = ("_ref", "run_id")
 
     def __init__(self, run_id: str, ref: ray.ObjectRef[R]) -> None:
-        self.run_id = run_id
+        self.run_id: str = run_id
         self._ref = ref
 
     def __await__(self) -> Generator[Any, None, R]:
@@ -69,10 +70,15 @@ def _unwrapped(error: Exception, run_id: str) -> BaseException:
 
 
 def submit(
-    workflow: Any, /, *args: Any, run_id: str | None = None, **kwargs: Any
-) -> RunHandle[Any]:
-    from .._workflow import Workflow
+    workflow: Workflow[..., R], /, *args: Any, run_id: str | None = None, **kwargs: Any
+) -> RunHandle[R]:
+    """Run ``workflow(*args, **kwargs)`` as a durable run on a worker of the cluster, and return
+    its handle at once (the cluster is joined, and the workers started, on the first call).
 
+    ``run_id`` names the run (default: a new id): submitting an id that completed returns its
+    result without running anything, and one running elsewhere waits for it. The arguments must
+    be JSON-serialisable, for another worker to resume the run: a submission whose arguments are
+    not is refused here, before anything is sent (:class:`~kagura.errors.UsageError`)."""
     if not isinstance(workflow, Workflow):
         raise UsageError(
             f"kagura.ray.submit runs a @workflow, got {workflow!r}; for agents and plain "
@@ -82,7 +88,7 @@ def submit(
     journal_for()  # the store opens (and is made) here, not in every worker at once
     run_id = run_id or uuid.uuid4().hex
     worker = _cluster.pool().next()
-    ref: ray.ObjectRef[Any] = worker.run.remote(
+    ref: ray.ObjectRef[R] = worker.run.remote(
         ship(workflow), args, kwargs, run_id, parent_here(), registry() or None
     )
     return RunHandle(run_id, ref)
