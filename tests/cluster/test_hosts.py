@@ -25,6 +25,7 @@ import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
 from kagura.errors import UsageError
+from kagura.ray import _cluster
 from kagura.testing.fault_server import FaultServer
 from tests.observability import conftest as store_fixtures
 
@@ -78,6 +79,28 @@ def second_host(ray_cluster: None) -> Iterator[subprocess.Popen[bytes]]:
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
             node.wait()
+        # The next tests expect one host: wait until the cluster has seen the node go (its
+        # health checks miss it for some seconds first), however this module's tests ended.
+        for _ in range(600):  # two minutes at most
+            if OTHER_HOST not in _alive_hosts():
+                break
+            _wait_a_little()
+
+
+def _spread_workers() -> None:
+    """Two workers, one on each host. The pool deals its workers over the nodes, but Ray's
+    placement is a preference (a node still starting its worker processes is passed over), so
+    the pool is made again until it holds the arrangement this test is about."""
+    for _ in range(10):
+        kagura.ray.shutdown()
+        kagura.ray.configure(workers=2)
+        workers = _cluster.pool().workers
+        if {host for host, _ in ray.get([w.ready.remote() for w in workers])} == {
+            socket.gethostname(),
+            OTHER_HOST,
+        }:
+            return
+    pytest.fail("Ray placed both workers on one host ten times over")
 
 
 @ray.remote(num_cpus=0)
@@ -114,7 +137,7 @@ async def test_a_run_on_a_lost_node_resumes_on_the_other_host(
     monkeypatch.setenv("KAGURA_DB", postgres_server.url(database))
     # Another host's process cannot be known gone: its lease is how the other host knows.
     monkeypatch.setenv("KAGURA_LEASE_SECONDS", "4")
-    kagura.ray.configure(workers=2)
+    _spread_workers()
     topics = [f"lost-{i}" for i in range(4)]
     try:
         # Every run's second step hangs until the node is lost. On the surviving host the hung
