@@ -117,19 +117,24 @@ async def _settled(run_id: str) -> object:
         await asyncio.sleep(0.05)  # polling the store: the worker gives no other signal
 
 
-async def test_map_keeps_input_order_and_each_items_error(server: FaultServer) -> None:
+async def test_map_keeps_input_order_and_each_items_error(
+    server: FaultServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     async def shout(word: str) -> str:
         if word.startswith("bad"):
             raise ValueError(f"{word} is unwelcome")
         return word.upper()
 
     words = ["alpha", "bad-1", "gamma", "delta", "bad-2", *[f"w{i}" for i in range(20)]]
-    batch = await kagura.ray.map(shout, words, concurrency=4, progress=False)
+    # progress=True: the bar is drawn (to stderr) as items finish, here as in a terminal.
+    batch = await kagura.ray.map(shout, words, concurrency=4, progress=True)
     assert list(batch.results) == [i for i, w in enumerate(words) if not w.startswith("bad")]
     assert [batch.results[i] for i in batch.results] == [
         w.upper() for w in words if not w.startswith("bad")
     ]
     assert sorted(batch.errors) == [1, 4]
+    drawn = capsys.readouterr()
+    assert "working" in drawn.out + drawn.err
     assert isinstance(batch.errors[1], ValueError) and "bad-1" in str(batch.errors[1])
     assert not batch.complete
 
