@@ -304,8 +304,8 @@ def main() -> None:
         table.notes.append(
             f"A run through a worker costs {remote_ms - local_ms:.2f} ms more than in process, of "
             f"which {floor_ms:.2f} ms is Ray's round trip to the worker; the rest is the worker's "
-            "side around the same durable run, unpickling the workflow and its agents (sent with "
-            "every submission) among it (see benchmarks/README.md)."
+            "side around the same durable run (the task's arguments unpickled, the store's "
+            "session, the spans flushed before the result returns; see benchmarks/README.md)."
         )
 
     run_recorded(report, _HOME, args.json, run)
