@@ -86,6 +86,41 @@ FIRST_RUNS: dict[str, str] = {
     "LlamaIndex Workflows: import, one-step workflow, run": LLAMAINDEX_FIRST_RUN,
 }
 
+# Issue 17's cold start: a first call to an OpenAI-compatible server (the fault server, answering
+# at once, in a process of its own) against importing the SDK alone.
+SDK_IMPORT = "import openai"
+
+BARE_SDK_FIRST_CALL = """
+import os
+from openai import OpenAI
+client = OpenAI(base_url=os.environ["BENCH_BASE_URL"], api_key="bench", max_retries=0)
+answer = client.chat.completions.create(
+    model="fault-model", messages=[{"role": "user", "content": "x"}]
+)
+assert answer.choices[0].message.content == "x"
+"""
+
+KAGURA_HTTP_FIRST_CALL = '''
+import asyncio, os
+from kagura import agent
+
+@agent(model="fault-model", base_url=os.environ["BENCH_BASE_URL"], api_key="bench")
+async def echo(text: str) -> str:
+    """{{ text }}"""
+
+assert asyncio.run(echo("x")) == "x"
+'''
+
+KAGURA_RECORDING_ON = "Kagura: import, one agent call over HTTP (recording on, the default)"
+KAGURA_RECORDING_OFF = "Kagura: import, one agent call over HTTP (KAGURA_RECORD=0)"
+COLD_STARTS: dict[str, str] = {
+    BASELINE: "pass",
+    SDK_IMPORT: "import openai",
+    "the openai SDK: import, one synchronous chat call": BARE_SDK_FIRST_CALL,
+    KAGURA_RECORDING_ON: KAGURA_HTTP_FIRST_CALL,
+    KAGURA_RECORDING_OFF: "import os; os.environ['KAGURA_RECORD'] = '0'\n" + KAGURA_HTTP_FIRST_CALL,
+}
+
 
 @dataclass
 class Snippet:
@@ -120,11 +155,15 @@ def measure(snippets: list[Snippet], reps: int, env: dict[str, str]) -> None:
             s.seconds.append(seconds)
 
 
-def add_table(report: Report, title: str, snippets: list[Snippet], reps: int) -> None:
+def add_table(
+    report: Report, title: str, snippets: list[Snippet], reps: int, ratio: str = "× Kagura"
+) -> None:
+    """A table of ``snippets``, the first being the interpreter alone, the second the one the
+    ``ratio`` column compares each with."""
     base = median(snippets[0].seconds)
     reference = snippets[1]
     table = report.table(
-        title, ["snippet", "ms, minus interpreter start", "process ms (median)", "× Kagura"]
+        title, ["snippet", "ms, minus interpreter start", "process ms (median)", ratio]
     )
     for s in snippets:
         if s.failed:
@@ -142,6 +181,36 @@ def add_table(report: Report, title: str, snippets: list[Snippet], reps: int) ->
         f"Median of {reps} fresh interpreters per snippet, snippets taking turns; the first row "
         "is the interpreter's own start-up, subtracted from the others."
     )
+
+
+def cold_start(report: Report, reps: int, env: dict[str, str]) -> None:
+    """The cold start of issue 17: import and a first agent call over HTTP, against importing
+    the provider's SDK."""
+    from bench_fanout import ServerProcess
+
+    with ServerProcess(0.0) as server:
+        env = {**env, "BENCH_BASE_URL": server.base_url}
+        snippets = [Snippet(name, code) for name, code in COLD_STARTS.items()]
+        measure(snippets, reps, env)
+    add_table(
+        report, "Cold start: import and a first call to an OpenAI-compatible server", snippets, reps
+    )
+    table = report.tables[-1]
+    table.notes.append(
+        "The server: kagura.testing.fault_server.FaultServer on 127.0.0.1 in a process of its "
+        "own, answering at once."
+    )
+    base = median(snippets[0].seconds)
+    sdk = median(snippets[1].seconds) - base
+    for s in snippets[3:]:
+        if s.failed:
+            continue
+        extra = median(s.seconds) - base - sdk
+        report.check(
+            f"{s.name} ≤ importing the openai SDK + 0.3 s",
+            extra <= 0.3,
+            f"+{extra:.3f} s ({(median(s.seconds) - base):.3f} s against {sdk:.3f} s)",
+        )
 
 
 def main() -> None:
@@ -178,6 +247,8 @@ def main() -> None:
         first = [Snippet(name, code) for name, code in FIRST_RUNS.items()]
         measure(first, args.reps, env)
         add_table(report, "Import, build and run once", first, args.reps)
+        say.print("cold start over HTTP ...", style="dim")
+        cold_start(report, args.reps, env)
     report.seconds = time.perf_counter() - started
     report.print(console())
     report.save(args.json)

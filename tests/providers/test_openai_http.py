@@ -8,6 +8,7 @@ checked end to end, with no network beyond the loopback interface.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import traceback
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -164,6 +166,33 @@ async def test_sampling_settings_and_provider_kwargs_reach_the_body(server: Faul
     assert "response_format" not in body
 
 
+async def test_sdk_request_options_and_server_specific_fields(server: FaultServer) -> None:
+    """``create``'s request options (extra_headers, extra_query, extra_body) are applied as the SDK
+    applies them; a field it does not know (a server's own sampling option) goes into the body."""
+
+    @agent(
+        model="vllm/test-model",
+        base_url=server.base_url,
+        provider_kwargs={
+            "extra_headers": {"X-Request-Tag": "tag-7"},
+            "extra_query": {"trace": "on"},
+            "extra_body": {"top_k": 5},
+            "min_p": 0.1,
+        },
+    )
+    async def answer(question: str) -> str:
+        """{{ question }}"""
+
+    async with asyncio.timeout(LIMIT):
+        assert await answer("Why?") == "Why?"
+    (request,) = server.requests
+    assert request.headers["x-request-tag"] == "tag-7"
+    assert (request.path, request.query) == ("/v1/chat/completions", "trace=on")
+    assert request.body["top_k"] == 5
+    assert request.body["min_p"] == 0.1
+    assert not {"extra_headers", "extra_query", "extra_body"} & request.body.keys()
+
+
 async def test_usage_tokens_are_parsed(server: FaultServer) -> None:
     server.script(Fault.ok("four words right here", usage=(123, 45)))
     model = OpenAIChatModel("test-model", base_url=server.base_url, api_key=SECRET)
@@ -300,6 +329,95 @@ async def test_broken_connections_become_provider_errors(server: FaultServer, fa
     # The client recovers: the next request gets a fresh connection and succeeds.
     async with asyncio.timeout(LIMIT):
         assert await ask("again") == "again"
+
+
+async def test_a_server_that_hangs_up_without_answering_is_a_connection_error() -> None:
+    # The SDK's aiohttp transport calls this a connect timeout; it is not one.
+    async with FaultServer(hang_seconds=0) as server:
+        ask = _asker(server.base_url)
+        server.script("hang")
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(ProviderConnectionError) as caught:
+                await ask("hello")
+            assert await ask("again") == "again"
+    assert f"connection to {server.base_url} failed: ServerDisconnectedError" in str(caught.value)
+    _secret_free(caught.value)
+
+
+async def test_credentials_in_the_base_url_are_sent_as_basic_authentication(
+    server: FaultServer,
+) -> None:
+    url = server.base_url.replace("http://", "http://proxy%20user:p%40ss@")
+    ask = _asker(url)
+    async with asyncio.timeout(LIMIT):
+        assert await ask("hello") == "hello"
+    (request,) = server.requests
+    assert request.authorization_was("Basic " + base64.b64encode(b"proxy user:p@ss").decode())
+    assert request.path == "/v1/chat/completions"
+
+
+async def test_nothing_listening_is_a_connection_error_naming_the_address() -> None:
+    async with FaultServer() as server:
+        base_url = server.base_url
+    ask = _asker(base_url)  # the server has stopped: its port refuses connections
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderConnectionError) as caught:
+            await ask("hello")
+    assert f"connection to {base_url} failed: ClientConnectorError" in str(caught.value)
+    assert "(the agent's base_url)" in str(caught.value)
+    _secret_free(caught.value)
+
+
+async def test_a_burst_keeps_its_connections_for_the_next_one(server: FaultServer) -> None:
+    """The connection pool is sized for fan-out: a burst of calls all in flight at once keeps
+    every connection it opened, and the next burst of as many opens none (httpx's default pool
+    keeps 100)."""
+    ask = _asker(server.base_url)
+    calls = 250
+    for burst in (1, 2):
+        server.hold_answers()
+        asked = [asyncio.create_task(ask(f"question {i}")) for i in range(calls)]
+        await server.wait_requests(calls * burst, timeout=LIMIT)
+        server.release_answers()
+        async with asyncio.timeout(LIMIT):
+            answers = await asyncio.gather(*asked)
+        assert answers == [f"question {i}" for i in range(calls)]
+        assert server.connections_accepted == calls
+
+
+_TWO_LOOPS = '''
+import asyncio, gc
+from kagura import agent
+from kagura.testing.fault_server import FaultServer
+
+async def main():
+    async with FaultServer() as server:
+        @agent(model="m", base_url=server.base_url, api_key="k", retry=False)
+        async def ask(text: str) -> str:
+            """{{ text }}"""
+        print(await ask("one"), await ask("two"))
+
+asyncio.run(main())
+asyncio.run(main())
+gc.collect()
+'''
+
+
+def test_connections_are_closed_when_the_event_loop_ends(tmp_path: Path) -> None:
+    """An aiohttp session left open says so on stderr when collected: the client of each event
+    loop is closed as the loop shuts down, here for two asyncio.run in a row."""
+    script = tmp_path / "two_loops.py"
+    script.write_text(_TWO_LOOPS)
+    done = subprocess.run(
+        [sys.executable, "-X", "dev", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=LIMIT * 4,
+        env={**os.environ, "KAGURA_RECORD": "0"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["one", "two", "one", "two"]
+    assert "Unclosed" not in done.stderr, done.stderr
 
 
 async def test_hang_is_cancelled_cleanly_and_the_server_sees_the_client_go(

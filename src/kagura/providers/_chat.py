@@ -178,7 +178,13 @@ def errors_mapped(model_id: str, where: str, hint: str = "") -> Iterator[None]:
     try:
         yield
     except openai.APITimeoutError as exc:
-        raise ProviderTimeout(f"request to {where} timed out", model=model_id) from exc
+        dropped = _dropped_connection(exc)
+        if dropped is None:
+            raise ProviderTimeout(f"request to {where} timed out", model=model_id) from exc
+        raise ProviderConnectionError(
+            f"connection to {where} failed: {type(dropped).__name__}: {dropped}{hint}",
+            model=model_id,
+        ) from exc
     except openai.APIConnectionError as exc:
         raise ProviderConnectionError(
             f"connection to {where} failed: {connection_detail(exc)}{hint}", model=model_id
@@ -194,6 +200,23 @@ def errors_mapped(model_id: str, where: str, hint: str = "") -> Iterator[None]:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         # The SDK raises these when the body is not the JSON it expects.
         raise ProviderError(f"malformed response: {exc}", model=model_id) from exc
+
+
+def _dropped_connection(exc: BaseException) -> BaseException | None:
+    """A "timeout" that is a connection the server closed or reset. The SDK's aiohttp transport
+    maps every ``aiohttp.ClientConnectionError`` to a connect timeout, a server that hung up
+    without answering (``ServerDisconnectedError``) and a reset (``ClientOSError``) included;
+    aiohttp's own timeouts are ``TimeoutError``s. Returns aiohttp's error, if so."""
+    seen: set[int] = set()
+    current: BaseException | None = exc.__cause__ or exc.__context__
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, TimeoutError):
+            return None
+        if type(current).__module__.startswith("aiohttp"):
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _body_of(response: Any) -> str | None:

@@ -8,10 +8,11 @@ on first use so that ``import kagura`` stays fast, in a thread of its own (see :
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -70,33 +71,106 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 # Clients hold an HTTP connection pool bound to the event loop that created it, so one client is
-# kept per (endpoint settings, loop) and shared by every agent using them.
-_clients: dict[tuple[str | None, str, int], tuple[asyncio.AbstractEventLoop, AsyncOpenAI]] = {}
+# kept per (endpoint settings, loop) and shared by every agent using them, with the async
+# generator that closes it when the loop shuts down (see _closed_with_the_loop).
+_clients: dict[
+    tuple[str | None, str, int],
+    tuple[asyncio.AbstractEventLoop, AsyncOpenAI, AsyncGenerator[None, None]],
+] = {}
+
+#: The connection pool of each client: as many connections as calls in flight, up to this many
+#: (more calls wait for a free connection), and every idle one kept for KEEPALIVE_SECONDS, so
+#: that the next burst of a fan-out reuses them rather than opening as many again.
+MAX_CONNECTIONS = 1000
+KEEPALIVE_SECONDS = 30.0
 
 
-def _client(base_url: str | None, api_key: str) -> AsyncOpenAI:
+def _cached_client(base_url: str | None, api_key: str) -> AsyncOpenAI | None:
     loop = asyncio.get_running_loop()
-    key = (base_url, api_key, id(loop))
-    cached = _clients.get(key)
+    cached = _clients.get((base_url, api_key, id(loop)))
     if cached is not None and cached[0] is loop and not loop.is_closed():
         return cached[1]
-    from openai import AsyncOpenAI
+    return None
 
+
+async def _client(base_url: str | None, api_key: str) -> AsyncOpenAI:
+    client = _cached_client(base_url, api_key)
+    if client is not None:
+        return client
+    import httpx2
+    from openai import AsyncOpenAI, DefaultAioHttpClient
+
+    # The SDK's aiohttp transport: with its default (httpx2) client, a fan-out of 1,000 calls
+    # spends about 8 ms of client CPU per call, most of it in the connection pool's bookkeeping
+    # (benchmarks/bench_fanout.py).
+    http_client = DefaultAioHttpClient(
+        limits=httpx2.Limits(
+            max_connections=MAX_CONNECTIONS,
+            max_keepalive_connections=MAX_CONNECTIONS,
+            keepalive_expiry=KEEPALIVE_SECONDS,
+        ),
+    )
     # Kagura's own policies own retries and timeouts; the SDK's would multiply them.
-    client = AsyncOpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=600.0)
-    for stale in [k for k, (lp, _) in _clients.items() if lp.is_closed()]:
+    client = AsyncOpenAI(
+        api_key=api_key,
+        max_retries=0,
+        timeout=600.0,
+        http_client=http_client,
+        **_address(base_url),
+    )
+    for stale in [k for k, (lp, _, _) in _clients.items() if lp.is_closed()]:
         del _clients[stale]
-    _clients[key] = (loop, client)
+    loop = asyncio.get_running_loop()
+    closer = _closed_with_the_loop(client)
+    await anext(closer)
+    _clients[(base_url, api_key, id(loop))] = (loop, client, closer)
     return client
+
+
+def _address(base_url: str | None) -> dict[str, Any]:
+    """The client's ``base_url``, and for a URL with credentials in it (``user:password@``) the
+    HTTP basic authentication they stand for, in place of the API key's bearer token: what
+    httpx made of such a URL. aiohttp refuses to send a request to it with an Authorization
+    header of its own."""
+    if base_url is None:
+        return {"base_url": None}
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.username is None and parts.password is None:
+        return {"base_url": base_url}
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return {
+        "base_url": _without_credentials(base_url),
+        "default_headers": {"Authorization": f"Basic {token}"},
+    }
+
+
+async def _closed_with_the_loop(client: AsyncOpenAI) -> AsyncGenerator[None, None]:
+    """Closes ``client`` (its connections) when its event loop shuts down.
+
+    An aiohttp session left open when its loop ends says so on stderr ("Unclosed client
+    session") when it is collected, and asyncio has no callback for a loop's end. What it does
+    have: ``loop.shutdown_asyncgens()``, which ``asyncio.run`` (and ``asyncio.Runner``) call
+    before closing the loop, finalises every async generator still suspended in it. This one
+    is suspended for the client's lifetime (the loop keeps a weak reference, ``_clients`` the
+    strong one), and its ``finally`` closes the client.
+    """
+    try:
+        yield
+    finally:
+        await client.close()
 
 
 def _load_sdk() -> None:
     import openai
 
     # The SDK imports more on first use: its HTTP stack when a client is built, its chat resources
-    # when they are first reached. A client built (and closed) here brings both in as well.
+    # when they are first reached, aiohttp when its transport is made. Clients built (and not
+    # used) here bring all of it in as well.
     with openai.OpenAI(api_key="unused", base_url="http://127.0.0.1/", max_retries=0) as client:
         client.chat.completions  # noqa: B018 - reached for the import it triggers
+    openai.DefaultAioHttpClient()  # its session is made on its first request: nothing to close
 
 
 # Shared by every model: the import takes most of a second, and is done once per process.
@@ -174,7 +248,7 @@ class OpenAIChatModel(Model):
         event loop started later, the first request builds that loop's client (tens of
         milliseconds: the CA bundle is read; nothing is imported)."""
         await _sdk()
-        _client(self.base_url, self._resolve_key())
+        await _client(self.base_url, self._resolve_key())
         self.prepared = True
 
     def _chat_kwargs(self, request: ModelRequest, mode: OutputMode | None = None) -> dict[str, Any]:
@@ -204,11 +278,11 @@ class OpenAIChatModel(Model):
         return ""
 
     async def request(self, request: ModelRequest) -> ModelResponse:
-        client = _client(self.base_url, self._resolve_key())
+        client = await _client(self.base_url, self._resolve_key())
 
         async def send(mode: OutputMode) -> Any:
             with self._errors_mapped():
-                return await client.chat.completions.create(**self._chat_kwargs(request, mode))
+                return await _create(client, self._chat_kwargs(request, mode))
 
         completion = await self._endpoint().send(request, send)
         return _chat.to_response(completion, self.id)
@@ -224,12 +298,12 @@ class OpenAIChatModel(Model):
         """
 
         async def send(mode: OutputMode) -> Any:
-            client = _client(self.base_url, self._resolve_key())
+            client = await _client(self.base_url, self._resolve_key())
             kwargs = self._chat_kwargs(request, mode)
             kwargs["stream"] = True
             kwargs.setdefault("stream_options", {"include_usage": True})
             with self._errors_mapped():
-                return await client.chat.completions.create(**kwargs)
+                return await _create(client, kwargs)
 
         # Opened through the endpoint, which steps down a response format the server rejects.
         return read_chunks(
@@ -250,6 +324,45 @@ class OpenAIChatModel(Model):
                 model=self.id,
                 body=repr(exc.body)[:2000],
             ) from exc
+
+
+#: The keyword arguments of ``chat.completions.create`` that are options of the request rather
+#: than fields of its body, and the request option each one is.
+_REQUEST_OPTIONS = {
+    "extra_headers": "headers",
+    "extra_query": "params",
+    "extra_body": "extra_json",
+    "timeout": "timeout",
+}
+
+
+async def _create(client: AsyncOpenAI, kwargs: dict[str, Any]) -> Any:
+    """``client.chat.completions.create(**kwargs)``, without the SDK's transform of the body.
+
+    ``create`` walks every field of the body against the type annotations of its parameters
+    (``_transform.py``) to rename aliases and convert iterables: a quarter of the client's CPU
+    per call in a fan-out of 1,000 (cProfile, benchmarks/bench_fanout.py), for a body that Kagura
+    builds as plain JSON values already. ``client.post`` is the SDK's public way to send a body
+    as it is, parsed into the same types. Keywords ``create`` does not know go into the body (a
+    server's own sampling options, say), where ``create`` would refuse them.
+    """
+    from openai import AsyncStream
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    body = dict(kwargs)
+    options: dict[str, Any] = {}
+    for keyword, option in _REQUEST_OPTIONS.items():
+        if keyword in body:
+            options[option] = body.pop(keyword)
+    # The options' keys are those of the SDK's RequestOptions (a TypedDict of a private module).
+    return await client.post(  # type: ignore[call-overload]
+        "/chat/completions",
+        body=body,
+        cast_to=ChatCompletion,
+        options=options,
+        stream=bool(body.get("stream")),
+        stream_cls=AsyncStream[ChatCompletionChunk],
+    )
 
 
 def _without_credentials(url: str) -> str:

@@ -173,6 +173,8 @@ class RecordedRequest:
     body: Any
     #: The body text when it was not JSON, else ``None``.
     raw_body: str | None = None
+    #: The query string of the request's target (after ``?``), as sent.
+    query: str = ""
     #: The fault served (``"ok"``, ``"429"``, ...); ``None`` for requests outside the chat API.
     fault: str | None = None
     #: The client closed the connection while the server was still holding the answer back.
@@ -191,7 +193,11 @@ class RecordedRequest:
 
     def authorized_with(self, api_key: str) -> bool:
         """Whether the request carried ``Authorization: Bearer <api_key>`` (checked by digest)."""
-        return self._credential_digests.get("authorization") == _digest(f"Bearer {api_key}")
+        return self.authorization_was(f"Bearer {api_key}")
+
+    def authorization_was(self, value: str) -> bool:
+        """Whether the request's ``Authorization`` header was ``value`` (checked by digest)."""
+        return self._credential_digests.get("authorization") == _digest(value)
 
 
 class FaultServer:
@@ -252,6 +258,9 @@ class FaultServer:
         self._loop_thread: int | None = None
         self._changed: asyncio.Event | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        #: Connections accepted so far (a client that reuses its connections opens few).
+        self.connections_accepted = 0
+        self._held: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
 
@@ -277,6 +286,24 @@ class FaultServer:
         """The answer to requests asking for a JSON schema (a JSON text, or a value to encode);
         ``None``: the simplest value valid for the schema."""
         self.json_answer = value
+
+    def hold_answers(self) -> None:
+        """Hold every answer back, from now until :meth:`release_answers` (requests are still
+        received and recorded): the calls of a burst are then all in flight at once, however
+        slowly the client sends them. On the server's event loop only."""
+        self._on_the_loop("hold_answers")
+        if self._held is None or self._held.is_set():
+            self._held = asyncio.Event()
+
+    def release_answers(self) -> None:
+        """Send the answers held back since :meth:`hold_answers` (each after its own delay)."""
+        self._on_the_loop("release_answers")
+        if self._held is not None:
+            self._held.set()
+
+    def _on_the_loop(self, what: str) -> None:
+        if self._loop_thread != threading.get_ident():
+            raise RuntimeError(f"FaultServer.{what}() is for the server's own event loop")
 
     @property
     def pending_script(self) -> list[Fault]:
@@ -497,6 +524,8 @@ class FaultServer:
             return
         task = asyncio.get_running_loop().create_task(self._serve_connection(reader, writer))
         self._connections[task] = writer
+        with self._lock:
+            self.connections_accepted += 1
 
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -545,8 +574,8 @@ class FaultServer:
             "1.1"
         )
 
-        path = target.split("?", 1)[0]
-        record = self._record(method, path, raw_headers, body_bytes)
+        path, _, query = target.partition("?")
+        record = self._record(method, path, query, raw_headers, body_bytes)
         if method == "POST" and path.rstrip("/") in ("/v1/chat/completions", "/chat/completions"):
             fault = self._next_fault(record)
             record.fault = fault.kind
@@ -593,7 +622,7 @@ class FaultServer:
         return await _bounded(reader.readexactly(length), self.io_timeout)
 
     def _record(
-        self, method: str, path: str, headers: Mapping[str, str], body_bytes: bytes
+        self, method: str, path: str, query: str, headers: Mapping[str, str], body_bytes: bytes
     ) -> RecordedRequest:
         shown = {k: (REDACTED if k in _SECRET_HEADERS else v) for k, v in headers.items()}
         digests = {k: _digest(v) for k, v in headers.items() if k in _SECRET_HEADERS}
@@ -613,6 +642,7 @@ class FaultServer:
                 shown,
                 body,
                 raw,
+                query=query,
                 received_at=time.monotonic(),
                 _credential_digests=digests,
             )
@@ -644,6 +674,9 @@ class FaultServer:
         streamed = isinstance(record.body, dict) and record.body.get("stream") is True
         if not streamed:
             kind = STREAM_FAULTS.get(kind, kind)
+        held = self._held
+        if held is not None and not held.is_set():
+            await held.wait()
         wait = self.hang_seconds if kind == "hang" else fault.delay
         if wait > 0 and not await self._hold(reader, wait):
             with self._lock:
