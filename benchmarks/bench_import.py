@@ -79,9 +79,12 @@ async def main() -> str:
 assert asyncio.run(main()) == "Summarise: x"
 """
 
+KAGURA_FAKE_ON = "Kagura: import, one agent call on FakeModel (recording on)"
+KAGURA_FAKE_OFF = "Kagura: the same with KAGURA_RECORD=0"
 FIRST_RUNS: dict[str, str] = {
     BASELINE: "pass",
-    "Kagura: import, one agent call on FakeModel (recording on)": KAGURA_FIRST_RUN,
+    KAGURA_FAKE_ON: KAGURA_FIRST_RUN,
+    KAGURA_FAKE_OFF: "import os; os.environ['KAGURA_RECORD'] = '0'\n" + KAGURA_FIRST_RUN,
     "LangGraph: import, build a one-node graph, ainvoke": LANGGRAPH_FIRST_RUN,
     "LlamaIndex Workflows: import, one-step workflow, run": LLAMAINDEX_FIRST_RUN,
 }
@@ -247,6 +250,14 @@ def main() -> None:
         first = [Snippet(name, code) for name, code in FIRST_RUNS.items()]
         measure(first, args.reps, env)
         add_table(report, "Import, build and run once", first, args.reps)
+        on, off = (next(s for s in first if s.name == n) for n in (KAGURA_FAKE_ON, KAGURA_FAKE_OFF))
+        if not (on.failed or off.failed):
+            added = median(on.seconds) - median(off.seconds)
+            report.check(
+                "recording adds ≤ 0.1 s to a script of one agent call (FakeModel)",
+                added <= 0.1,
+                f"+{added:.3f} s ({median(on.seconds):.3f} s against {median(off.seconds):.3f} s)",
+            )
         say.print("cold start over HTTP ...", style="dim")
         cold_start(report, args.reps, env)
     report.seconds = time.perf_counter() - started

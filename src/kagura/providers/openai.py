@@ -164,13 +164,11 @@ async def _closed_with_the_loop(client: AsyncOpenAI) -> AsyncGenerator[None, Non
 
 def _load_sdk() -> None:
     import openai
+    from openai.types.chat import ChatCompletion  # noqa: F401 - imported for what _create needs
 
-    # The SDK imports more on first use: its HTTP stack when a client is built, its chat resources
-    # when they are first reached, aiohttp when its transport is made. Clients built (and not
-    # used) here bring all of it in as well.
-    with openai.OpenAI(api_key="unused", base_url="http://127.0.0.1/", max_retries=0) as client:
-        client.chat.completions  # noqa: B018 - reached for the import it triggers
-    openai.DefaultAioHttpClient()  # its session is made on its first request: nothing to close
+    # aiohttp is imported when the transport is made; its session only on its first request, so
+    # there is nothing to close.
+    openai.DefaultAioHttpClient()
 
 
 # Shared by every model: the import takes most of a second, and is done once per process.
