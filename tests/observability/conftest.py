@@ -29,6 +29,7 @@ import kagura._instrument as instrument
 from kagura import _storage as engine_registry
 from kagura import observability
 from kagura.observability import Recorder
+from kagura.observability._handoff import wait_for_writers
 from kagura.resilience import reset_breakers, reset_rate_limits
 
 PG_STARTUP_TIMEOUT = 30.0
@@ -256,7 +257,7 @@ def run_script(
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=_child_env(env),
+        env=child_env(env),
         check=False,
     )
 
@@ -268,11 +269,11 @@ def spawn_script(code: str, env: dict[str, str], *args: str) -> subprocess.Popen
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=_child_env(env),
+        env=child_env(env),
     )
 
 
-def _child_env(env: dict[str, str]) -> dict[str, str]:
+def child_env(env: dict[str, str]) -> dict[str, str]:
     full = {**os.environ, **env}
     for name in ("KAGURA_RECORD_CONTENT", "KAGURA_RECORD"):
         if name not in env:
@@ -281,9 +282,12 @@ def _child_env(env: dict[str, str]) -> dict[str, str]:
 
 
 def rows(url: str, table: str = "kagura_spans") -> list[dict[str, Any]]:
-    """Every row of a store table, read straight from the database (not through EventStore)."""
+    """Every row of a store table, read straight from the database (not through EventStore),
+    once the writers that processes handed rows to as they exited have committed them (as
+    every reader waits for them)."""
     from sqlalchemy import text
 
+    wait_for_writers(engine_registry.normalise_url(url))
     engine = engine_registry.engine_for(engine_registry.normalise_url(url))
     with engine.connect() as connection:
         return [dict(r._mapping) for r in connection.execute(text(f"SELECT * FROM {table}"))]

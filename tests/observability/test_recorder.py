@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import fcntl
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -25,12 +29,13 @@ from kagura._events import Event
 from kagura._storage import normalise_url
 from kagura.errors import ProviderError
 from kagura.observability import EventStore, Recorder, default_recorder, uninstall_default
+from kagura.observability._handoff import lock_directory
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter
 from kagura.providers import Model, ModelRequest, ModelResponse, ToolCall
 from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits
 from kagura.testing import FakeModel, Reply, override_model
 
-from .conftest import free_port, is_postgres, rows, run_script, spawn_script
+from .conftest import child_env, free_port, is_postgres, rows, run_script, spawn_script
 
 SUBPROCESS_TIMEOUT = 60.0
 
@@ -757,6 +762,62 @@ def test_nothing_is_lost_when_the_process_ends(store_url: str, mode: str) -> Non
         assert statuses[("agent", "summarise", "cancelled")] == 1
         assert statuses[("llm", "fake/echo", "cancelled")] == 1
         assert len(spans) == 2 * 50 + 1 + 5
+
+
+HANDED_OFF = """
+import asyncio, os, signal
+from kagura import agent
+from kagura.observability._recorder import default_recorder
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+asyncio.run(summarise("the last words"))
+recorder = default_recorder()
+assert recorder._writer_made.wait(30)
+pid = recorder._writer.process.pid
+os.kill(pid, signal.SIGSTOP)  # the writer process cannot commit anything now
+print(pid, flush=True)
+"""
+
+
+def test_a_process_leaves_without_waiting_for_its_writer_and_readers_wait_for_it(
+    store_url: str, tmp_path: Path
+) -> None:
+    """At exit the recording process hands its rows to its writer process and leaves (here the
+    writer is stopped, so the script could not end if it waited); every reader then waits for
+    the writer to commit them, under the lock the writer holds until it has."""
+    # The writer shares the script's stderr (its warnings go where the script's go): a pipe
+    # would stay open as long as the stopped writer.
+    with (tmp_path / "stderr").open("w+") as stderr:
+        result = subprocess.run(
+            [sys.executable, "-c", HANDED_OFF],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=SUBPROCESS_TIMEOUT,
+            env=child_env({"KAGURA_DB": store_url, "KAGURA_MODEL": "fake"}),
+            check=False,
+        )
+        stderr.seek(0)
+        assert result.returncode == 0, stderr.read()
+    writer = int(result.stdout)
+    try:
+        (lock,) = lock_directory(normalise_url(store_url)).iterdir()
+        with lock.open() as file, pytest.raises(BlockingIOError):
+            fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)  # held: the writer is not done
+        found: list[list[dict[str, Any]]] = []
+        reader = threading.Thread(
+            target=lambda: found.append(EventStore(store_url).get_executions())
+        )
+        reader.start()  # reads while the writer is stopped, or after: either way it waits
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    reader.join(SUBPROCESS_TIMEOUT)
+    assert [e["name"] for e in found[0]] == ["summarise"]
+    assert [(s["kind"], s["status"]) for s in rows(store_url)].count(("agent", "completed")) == 1
+    assert not lock.exists()  # the writer removes it once everything is committed
 
 
 WRITER = """

@@ -39,8 +39,8 @@ from kagura.testing import FakeModel, override_model
 
 from .conftest import (
     PostgresServer,
-    _child_env,
     _forget_engine,
+    child_env,
     free_port,
     is_postgres,
     rows,
@@ -79,7 +79,7 @@ def unprivileged() -> list[str]:
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT,
-        env=_child_env({}),
+        env=child_env({}),
         check=False,
     )
     if check.returncode != 0 or check.stdout.strip() != "65534":
@@ -95,7 +95,7 @@ def run_as(
         capture_output=True,
         text=True,
         timeout=SUBPROCESS_TIMEOUT,
-        env=_child_env({"PYTHONDONTWRITEBYTECODE": "1", **env}),
+        env=child_env({"PYTHONDONTWRITEBYTECODE": "1", **env}),
         check=False,
     )
 

@@ -31,6 +31,7 @@ from .._storage import (
     store_errors,
 )
 from ..errors import UsageError
+from ._handoff import wait_for_writers
 from ._recorder import default_recorder
 
 EXECUTION_KINDS = ("agent", "workflow")
@@ -154,8 +155,11 @@ class EventStore:
 
     def _sync(self) -> None:
         """Before a query: what this process has recorded so far in the tables (its recorder
-        flushed: a reader waits for the writer, never does its work), and the spans of this
-        host's processes that died closed (unless this user may not write the store)."""
+        flushed: a reader waits for the writer, never does its work), and what processes that
+        have ended handed to their writers (see _handoff), and the spans of this host's
+        processes that died closed (unless this user may not write the store)."""
+        # Rows that processes gave their writers as they exited: being committed now.
+        wait_for_writers(self.url)
         recorder = default_recorder()
         if recorder is not None and recorder.url == self.url:
             recorder.flush()

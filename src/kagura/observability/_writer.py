@@ -42,6 +42,7 @@ from .._storage import (
 )
 from ..errors import StoreError
 from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
+from ._handoff import let_go
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -504,18 +505,27 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
     opening = receive(inbox)
     if opening is None or opening[0] != "open":
         return 2
-    _, url, content = opening
+    _, url, content, lock_path = opening
+    try:
+        return _serve(url, content, inbox, outbox)
+    finally:
+        if lock_path is not None:  # everything is committed: readers may go on
+            let_go(lock_path)
+
+
+def _serve(url: str, content: ContentMode, inbox: IO[bytes], outbox: IO[bytes]) -> int:
+    reply = _Replies(outbox)
     try:
         writer = StoreWriter(url, content)
     except StoreError as exc:  # the recorder reports it: it ends recording there
-        send(outbox, ("opened", False, str(exc)))
+        reply(("opened", False, str(exc)), warn=str(exc))
         return 1
     except Exception as exc:  # a bug of ours: its traceback helps
         _log.exception("kagura: the writer process cannot open the event store")
         cause = f"{type(exc).__name__}: {scrub(scrub_url(str(exc), url))}"
-        send(outbox, ("opened", False, f"event store {store_name(url)}: cannot open: {cause}"))
+        reply(("opened", False, f"event store {store_name(url)}: cannot open: {cause}"))
         return 1
-    send(outbox, ("opened", True, ""))
+    reply(("opened", True, ""))
     use_a_large_page_cache(writer.engine)
     # Every batch makes thousands of short-lived objects (rows, texts) that reference counting
     # frees; at the default threshold the collector walked each batch's live rows many times
@@ -529,10 +539,30 @@ def serve(inbox: IO[bytes], outbox: IO[bytes]) -> int:
                 writer.write(message[1], rows_of(message[2]), message[3], sender_of(message))
             elif message[0] == "sync":
                 counts = (writer.written_spans, writer.written_events, writer.failed_batches)
-                send(outbox, ("synced", message[1], *counts))
+                reply(("synced", message[1], *counts))
     finally:
         writer.dispose()
     return 0
+
+
+class _Replies:
+    """Answers to the recording process, which may have left already (it hands its last rows
+    off at exit and does not wait: see _handoff); then they go nowhere, and what it would
+    have said of a store that cannot be opened, this process says."""
+
+    def __init__(self, outbox: IO[bytes]) -> None:
+        self.outbox = outbox
+        self.gone = False
+
+    def __call__(self, message: tuple[Any, ...], *, warn: str | None = None) -> None:
+        if not self.gone:
+            try:
+                send(self.outbox, message)
+                return
+            except (BrokenPipeError, ValueError):
+                self.gone = True
+        if warn is not None:
+            _log.warning("kagura: recording is off: %s", warn)
 
 
 def main() -> None:

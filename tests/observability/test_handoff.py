@@ -1,0 +1,137 @@
+"""Writer processes that outlive the process they record for, and the lock files readers wait on
+(``kagura/observability/_handoff.py``). The hand-off itself, a process leaving while its stopped
+writer still holds its rows, is in test_recorder.py."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kagura._storage import normalise_url
+from kagura.observability._handoff import WriterLock, lock_directory, wait_for_writers
+
+from .conftest import child_env, free_port, rows
+
+ONE_CALL = """
+import asyncio
+from kagura import agent
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+print(asyncio.run(summarise("x")))
+"""
+
+
+def _a_dead_pid() -> int:
+    process = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(process.stdout)
+
+
+def test_lock_files_of_dead_writers_go_and_those_held_stay(tmp_path: Path) -> None:
+    url = normalise_url(tmp_path / "events.db")
+    directory = lock_directory(url)
+    assert directory == tmp_path / ".events.db.writers"  # hidden: `events.db*` is the store's
+    directory.mkdir()
+    dead = _a_dead_pid()
+    (directory / f"{dead}-1.lock").touch()  # its writer died before removing it
+    held = directory / f"{dead}-2.lock"
+    held.touch()
+    with held.open() as file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # a writer at work after its process has gone
+        lock = WriterLock.create(url)
+        assert lock is not None
+        assert sorted(p.name for p in directory.iterdir()) == sorted([held.name, lock.path.name])
+        with lock.path.open() as other:
+            fcntl.flock(other, fcntl.LOCK_SH | fcntl.LOCK_NB)  # not held until the hand-off
+    lock.close()
+    held.unlink()
+    wait_for_writers(url)  # nothing to wait for
+    assert not lock.path.exists()
+
+
+def test_readers_go_on_when_no_writer_ever_handed_anything_off(tmp_path: Path) -> None:
+    url = normalise_url(tmp_path / "events.db")
+    wait_for_writers(url)  # no directory at all
+    assert not lock_directory(url).exists()
+
+
+def test_a_store_that_cannot_be_opened_after_the_process_left_is_still_said(
+    tmp_path: Path,
+) -> None:
+    """Nothing listens at the store's address: the process hands off at exit, before its writer
+    has even tried, so the writer process says that nothing was recorded, on the same stderr."""
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing_listens_here"
+    done = subprocess.run(
+        [sys.executable, "-c", ONE_CALL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env({"KAGURA_DB": url, "KAGURA_MODEL": "fake", "KAGURA_HOME": str(tmp_path)}),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Summarise: x"
+    assert done.stderr.count("recording is off: event store ") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+FORKS_AND_LEAVES = """
+import asyncio, os, sys
+from kagura import agent
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+asyncio.run(summarise("before the fork"))
+child = os.fork()
+if child == 0:  # outlives its parent, until the test closes its stdin
+    sys.stdin.read()
+    os._exit(0)
+print(child, flush=True)
+"""
+
+
+def test_a_forked_child_that_outlives_its_parent_keeps_no_writer_waiting(
+    store_url: str, tmp_path: Path
+) -> None:
+    """The child would hold the writer's pipe (the writer would wait for more rows) and its lock
+    file (readers would wait for the writer) for as long as it lives: it lets go of both. (A fork
+    while the writer process was being started used to give the child the pipe through which
+    subprocess learns that the writer started: the parent then waited for it, at exit, for as
+    long as the child lived. Forks now wait for the start.)"""
+    with (tmp_path / "stderr").open("w+") as stderr:
+        script = subprocess.Popen(
+            [sys.executable, "-c", FORKS_AND_LEAVES],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env=child_env({"KAGURA_DB": store_url, "KAGURA_MODEL": "fake"}),
+        )
+        assert script.stdin is not None and script.stdout is not None
+        try:
+            child = int(script.stdout.readline())
+            try:
+                returncode = script.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            stderr.seek(0)
+            assert returncode == 0, stderr.read()
+            spans = rows(store_url)  # waits for the writer, which has nothing more to wait for
+            assert [s["kind"] for s in spans].count("agent") == 1
+            assert not any(lock_directory(normalise_url(store_url)).glob("*.lock"))
+            os.kill(child, 0)  # still alive all along
+        finally:
+            script.stdin.close()  # the child ends
+            script.stdout.close()
