@@ -8,11 +8,19 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint typecheck verifytypes pytest bench bench-suite bench-components clean
 
+# llama.cpp built for AVX2, not for the machine (GGML_NATIVE): on a CPU with AMX (Xeon since
+# Sapphire Rapids) a native build includes llama.cpp's AMX kernels, which crash the process
+# (ggml-org/llama.cpp#20824); the tests' llama.cpp server would load the model with them. Kagura's
+# embedded model keeps out of them whatever the build (providers/local.py).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# llama-cpp-python compiles on first install (about 5 minutes on 2 cores); pip caches the wheel.
-	$(BIN)/python -m pip install --quiet -e '.[local,litellm,postgres,otel,encryption,ray,dev,bench]'
+	# llama-cpp-python compiles on install (about 5 minutes on 2 cores). Not from pip's cache:
+	# a wheel cached from a native build would be taken whatever CMAKE_ARGS says.
+	CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(BIN)/python -m pip install --quiet --no-cache-dir \
+		-e '.[local,litellm,postgres,otel,encryption,ray,dev,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -143,8 +143,8 @@ async def measure(args: argparse.Namespace, report: Report) -> None:
     table.notes.append(
         "One process: the embedded model's default worker threads (one llama.cpp instance per "
         "thread, the cores shared between them). On Ray: each model actor is a process with "
-        "one llama.cpp instance and num_cpus=1 (one thread); the workers call them, taking "
-        "no CPU of their own in Ray's accounting."
+        "one llama.cpp instance and num_cpus=1 (one thread, for the prompt as for the "
+        "generation); the workers call them, taking no CPU of their own in Ray's accounting."
     )
     one = median(rates["kagura.ray.map, 1 model actor"])
     two = median(rates["kagura.ray.map, 2 model actors"])

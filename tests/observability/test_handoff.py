@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import fcntl
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from kagura._storage import normalise_url
 from kagura.observability._handoff import WriterLock, lock_directory, wait_for_writers
+from kagura.observability._writer_log import LOG_NAME, StderrRelay
 
 from .conftest import child_env, free_port, rows
 
@@ -66,23 +70,107 @@ def test_readers_go_on_when_no_writer_ever_handed_anything_off(tmp_path: Path) -
 
 
 def test_a_store_that_cannot_be_opened_after_the_process_left_is_still_said(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Nothing listens at the store's address: the process hands off at exit, before its writer
-    has even tried, so the writer process says that nothing was recorded, on the same stderr."""
+    has even tried, so the writer process says that nothing was recorded, on the same stderr
+    (a file here, as a terminal would be: nobody waits for its end)."""
+    monkeypatch.setenv("KAGURA_HOME", str(tmp_path))
     url = f"postgresql://postgres@127.0.0.1:{free_port()}/nothing_listens_here"
-    done = subprocess.run(
-        [sys.executable, "-c", ONE_CALL],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=child_env({"KAGURA_DB": url, "KAGURA_MODEL": "fake", "KAGURA_HOME": str(tmp_path)}),
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    with (tmp_path / "stderr").open("w+") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-c", ONE_CALL],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            timeout=120,
+            env=child_env({"KAGURA_DB": url, "KAGURA_MODEL": "fake"}),
+            check=False,
+        )
+        wait_for_writers(normalise_url(url))
+        stderr.seek(0)
+        said = stderr.read()
+    assert done.returncode == 0, said
     assert done.stdout.strip() == "Summarise: x"
-    assert done.stderr.count("recording is off: event store ") == 1, done.stderr
-    assert "Traceback" not in done.stderr
+    assert said.count("recording is off: event store ") == 1, said
+    assert "Traceback" not in said
+    assert not (tmp_path / LOG_NAME).exists()
+
+
+def test_a_captured_script_ends_before_its_writer_which_says_the_rest_in_a_log_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever reads a script's stderr through a pipe sees its end when the script exits, not
+    when the writer it handed its rows to does: here the writer cannot finish at all until the
+    test lets it (the store's address accepts connections and never answers). What the writer
+    has to say after that goes to KAGURA_HOME/recorder.log, nobody being left to read the pipe."""
+    monkeypatch.setenv("KAGURA_HOME", str(tmp_path))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)  # never accepts: a connection waits in the backlog for an answer
+        port = listener.getsockname()[1]
+        url = f"postgresql://postgres@127.0.0.1:{port}/never_answers"
+        done = subprocess.run(
+            [sys.executable, "-c", ONE_CALL],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=child_env({"KAGURA_DB": url, "KAGURA_MODEL": "fake"}),
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "Summarise: x"
+        assert done.stderr == ""
+        # The writer is still at work, holding its lock file (readers wait for it).
+        locks = list(lock_directory(normalise_url(url)).glob("*.lock"))
+        assert len(locks) == 1
+        with locks[0].open() as lock, pytest.raises(BlockingIOError):
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    # The listener closed: the connection waiting in its backlog is reset, the writer fails.
+    wait_for_writers(normalise_url(url))
+    said = (tmp_path / LOG_NAME).read_text()
+    assert said.count("recording is off: event store ") == 1, said
+    assert said.count("\n") == 1 and "writer process " in said, said
+    assert "Traceback" not in said
+
+
+def test_the_writer_s_stderr_is_relayed_until_the_hand_off(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A writer started with a pipe for its stderr: what it writes there reaches this process's
+    stderr, and once the relay stops, its writes fail (it then turns to the log file)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITES_TO_STDERR],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    relay = StderrRelay(child.stderr)
+    try:
+        assert child.stdout.readline() == b"said\n"
+        relay.stop()
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == b"broken pipe\n"
+    finally:
+        child.stdin.close()
+        child.wait(60)
+        child.stdout.close()
+    assert capfd.readouterr().err == "a warning from the writer\n"
+
+
+WRITES_TO_STDERR = """
+import os, sys
+os.write(2, b"a warning from the writer\\n")
+print("said", flush=True)
+sys.stdin.readline()
+try:
+    os.write(2, b"too late\\n")
+    print("written", flush=True)
+except BrokenPipeError:
+    print("broken pipe", flush=True)
+"""
 
 
 FORKS_AND_LEAVES = """

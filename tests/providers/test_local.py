@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -124,6 +126,59 @@ async def test_prepare_loads_an_instance_for_every_worker() -> None:
     assert workers._instances == workers.count
     assert len(workers._free) == workers.count  # loaded, and none in use
     assert await complete("Once upon a")
+
+
+async def test_instances_keep_their_weights_as_the_file_has_them() -> None:
+    """No extra buffer types (llama.cpp's --no-repack): on a CPU with AMX they put the Q4_1
+    weights in the AMX buffer, whose matrix multiplication crashed the process (SIGSEGV)."""
+    model = local.LocalModel()
+    await model.prepare()
+    workers = local._workers
+    assert workers is not None and workers._free
+    assert all(llm.model_params.use_extra_bufts is False for llm in workers._free)
+    assert await complete("The river")
+    # Only for the loads: llama-cpp-python's defaults are its own again.
+    from llama_cpp import llama_model_default_params
+
+    assert llama_model_default_params().use_extra_bufts is True
+
+
+THREADS = """
+import asyncio, json
+from kagura.providers import local
+
+async def main():
+    model = local.LocalModel()
+    await model.prepare()
+    llm = local._workers._free[0]
+    print(json.dumps([model.threads, [llm.n_threads, llm.n_threads_batch]]))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # A share of the cores (a kagura.ray model actor): prompts are evaluated within it too.
+        ({"KAGURA_LOCAL_WORKERS": "1", "KAGURA_LOCAL_THREADS": "1"}, [1, 1]),
+        # A process of its own: a prompt borrows every core.
+        ({"KAGURA_LOCAL_WORKERS": "1"}, [os.cpu_count(), os.cpu_count()]),
+    ],
+)
+def test_llama_cpp_threads_keep_to_the_share_given(
+    env: dict[str, str], expected: list[int]
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", THREADS],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "KAGURA_RECORD": "0", **env},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [expected, expected]
 
 
 def _stub_pool(

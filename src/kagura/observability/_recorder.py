@@ -90,6 +90,7 @@ from ._writer import (
     send,
     this_sender,
 )
+from ._writer_log import StderrRelay, relayed
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -144,15 +145,19 @@ class _Sidecar:
         #: The writer's lock file, which lets this process leave before its rows are committed
         #: (see _handoff); without one (not POSIX), this process waits for its writer at exit.
         self.lock = WriterLock.create(url)
+        # A stderr that is a pipe is relayed rather than inherited: see _writer_log.
+        relay = relayed()
         self.process = subprocess.Popen(
             [sys.executable, "-c", "from kagura.observability._writer import main; main()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE if relay else None,
             close_fds=True,
             pass_fds=() if self.lock is None else (self.lock.fd,),
             env=env,
         )
         assert self.process.stdin is not None and self.process.stdout is not None
+        self.relay = StderrRelay(self.process.stderr) if self.process.stderr else None
         self._inbox = self.process.stdin
         _widen_pipe(self._inbox.fileno())
         self._outbox = self.process.stdout
@@ -170,6 +175,8 @@ class _Sidecar:
         holding it (the pipe's buffered file, with what the parent had not sent yet) close it
         harmlessly, not a descriptor the child has reused for something else meanwhile."""
         fds = [] if self.lock is None else [self.lock.fd]
+        if self.relay is not None:
+            fds += self.relay.fds()
         for pipe in (self._inbox, self._outbox):
             with contextlib.suppress(ValueError):  # closed already
                 fds.append(pipe.fileno())
@@ -197,6 +204,8 @@ class _Sidecar:
             self.write(running, finished, events)
         with contextlib.suppress(OSError):
             self._inbox.close()  # the writer finishes what it has read, then exits
+        if self.relay is not None:  # nobody will read it: the writer says the rest in its log
+            self.relay.stop()
 
     def write(self, running: list[Row], finished: list[Any], events: list[Row]) -> None:
         """Send rows: ``finished`` as the flat list of values the recorder queues them in."""
@@ -220,6 +229,8 @@ class _Sidecar:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.relay is not None:
+            self.relay.stop()
         self._outbox.close()
         if self.lock is not None:
             self.lock.close()

@@ -43,6 +43,7 @@ from .._storage import (
 from ..errors import StoreError
 from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
 from ._handoff import let_go
+from ._writer_log import WarningsHandler
 
 _log = logging.getLogger("kagura.recorder")
 
@@ -571,7 +572,8 @@ def main() -> None:
     # Ctrl-C reaches the whole process group: the recording process decides when to stop, and
     # the end of stdin tells this one to finish writing and exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    logging.basicConfig(format="%(message)s", level=logging.WARNING)
+    # Stderr while the recording process reads it, then a log file (see _writer_log).
+    logging.basicConfig(level=logging.WARNING, handlers=[WarningsHandler()])
     inbox = os.fdopen(sys.stdin.fileno(), "rb", buffering=1 << 16)
     outbox = os.fdopen(sys.stdout.fileno(), "wb", buffering=0)
     sys.exit(serve(inbox, outbox))

@@ -65,6 +65,11 @@ class _Workers:
         self.count = workers
         cpus = os.cpu_count() or 1
         self.threads_per_model = threads or max(1, cpus // workers)
+        # llama.cpp evaluates a prompt on every core unless told otherwise (n_threads_batch):
+        # harmless in a process of its own, which lends its idle cores to a prompt, but a process
+        # given a share of the cores (KAGURA_LOCAL_THREADS, a kagura.ray model actor) must keep
+        # to it, or actors side by side take each other's cores.
+        self.batch_threads = threads or cpus
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kagura-llama")
         self._lock = threading.Lock()
         #: Generations running right now (a cancelled call must bring this back down).
@@ -135,15 +140,44 @@ class _Workers:
         # llama.cpp's C log routed to Python logging and the loader's own Python prints captured,
         # then turn verbosity off. One load at a time.
         _route_llama_logs()
-        with _load_lock, contextlib.redirect_stderr(io.StringIO()):
+        with _load_lock, contextlib.redirect_stderr(io.StringIO()), _without_extra_buffers():
             llm = Llama(
                 model_path=str(self.model_path),
                 n_ctx=self.n_ctx,
                 n_threads=self.threads_per_model,
+                n_threads_batch=self.batch_threads,
                 verbose=True,
             )
         llm.verbose = False
         return _with_cancellation(llm)
+
+
+@contextlib.contextmanager
+def _without_extra_buffers() -> Iterator[None]:
+    """Models loaded meanwhile keep their weights as they are in the file (llama.cpp's
+    ``--no-repack``).
+
+    On a CPU with AMX (Intel Xeon since Sapphire Rapids), llama.cpp built for the machine puts a
+    Q4_1 model's weights in its AMX buffer, whose matrix multiplication crashes the process
+    (SIGSEGV in ``ggml_backend_amx_mul_mat``, ggml-org/llama.cpp#20824, open). Elsewhere no extra
+    buffer type takes Q4_1 weights, so this changes nothing. llama-cpp-python 0.3.36 has no
+    argument for the model parameter ``use_extra_bufts``: ``Llama`` takes its parameters from
+    ``llama_model_default_params`` when it is made, so that is what is given the setting, for the
+    duration of one load (under ``_load_lock``)."""
+    import llama_cpp.llama_cpp as low_level
+
+    defaults = low_level.llama_model_default_params
+
+    def without() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = without
+    try:
+        yield
+    finally:
+        low_level.llama_model_default_params = defaults
 
 
 _log = logging.getLogger("kagura.llama_cpp")
@@ -221,6 +255,12 @@ class LocalModel(Model):
 
     def check_ready(self) -> None:
         find_gguf()
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        """The llama.cpp threads of each instance: for generating, and for evaluating a prompt."""
+        workers = _get_workers()
+        return workers.threads_per_model, workers.batch_threads
 
     async def prepare(self) -> None:
         """Load the model instances of every worker (in a thread: the event loop keeps running)."""

@@ -75,7 +75,6 @@ class ModelActor:
         # Ray gives this process `threads` of the node's cores: llama.cpp must not take more.
         os.environ["KAGURA_LOCAL_THREADS"] = str(threads)
         self.model = LocalModel(name)
-        self.threads = threads
         self.loads = 0
         self.served = 0
         self._loading = asyncio.Lock()
@@ -113,13 +112,14 @@ class ModelActor:
             yield _portable(error, self.model.id)
 
     def info(self) -> dict[str, Any]:
-        """Where it runs and what it did: host, pid, loads of the model, requests served."""
+        """Where it runs and what it did: host, pid, loads of the model, requests served, and
+        llama.cpp's threads (generating, evaluating a prompt)."""
         return {
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "loads": self.loads,
             "served": self.served,
-            "threads": self.threads,
+            "threads": self.model.threads,
         }
 
 
