@@ -5,6 +5,7 @@ writer still holds its rows, is in test_recorder.py."""
 from __future__ import annotations
 
 import fcntl
+import marshal
 import os
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from kagura._storage import normalise_url
 from kagura.observability._handoff import WriterLock, lock_directory, wait_for_writers
+from kagura.observability._writer import _Replies, receive, refuse, send
 from kagura.observability._writer_log import LOG_NAME, StderrRelay
 
 from .conftest import child_env, free_port, rows
@@ -171,6 +173,33 @@ try:
 except BrokenPipeError:
     print("broken pipe", flush=True)
 """
+
+
+@pytest.mark.parametrize("answer", [[("said",)], [("rows", [], [], [])], []])
+def test_a_store_that_cannot_be_opened_is_said_by_the_writer_only_if_nobody_else_did(
+    answer: list[tuple[object, ...]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The writer tells the recording process, which says it and answers "said", unless it is
+    leaving: it has handed its last rows off (and closed the pipe) or gone. The writer waits to
+    know which, so that the store's refusal is said once, whenever the process leaves."""
+    to_writer_r, to_writer_w = os.pipe()
+    from_writer_r, from_writer_w = os.pipe()
+    with (
+        os.fdopen(to_writer_r, "rb") as inbox,
+        os.fdopen(from_writer_w, "wb", buffering=0) as outbox,
+        os.fdopen(from_writer_r, "rb") as replies,
+    ):
+        with os.fdopen(to_writer_w, "wb", buffering=0) as recording_process:
+            for message in answer:
+                send(recording_process, marshal.dumps(message))
+        refuse(_Replies(outbox), inbox, "event store x: cannot open: no")
+        assert receive(replies) == ("opened", False, "event store x: cannot open: no")
+    said = [r.getMessage() for r in caplog.records if "recording is off" in r.getMessage()]
+    assert said == (
+        []
+        if answer == [("said",)]
+        else ["kagura: recording is off: event store x: cannot open: no"]
+    )
 
 
 FORKS_AND_LEAVES = """

@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import ssl
 import subprocess
 import sys
 import traceback
@@ -27,6 +28,7 @@ from pydantic import BaseModel
 from kagura import Agent, agent, tool
 from kagura.errors import ProviderConnectionError, ProviderError
 from kagura.providers import ModelRequest
+from kagura.providers import openai as openai_provider
 from kagura.providers.openai import OpenAIChatModel
 from kagura.testing import capture_events
 from kagura.testing.fault_server import REDACTED, Fault, FaultServer, example_for_schema
@@ -418,6 +420,21 @@ def test_connections_are_closed_when_the_event_loop_ends(tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["one", "two", "one", "two"]
     assert "Unclosed" not in done.stderr, done.stderr
+
+
+def test_the_clients_of_every_event_loop_share_one_tls_context_that_verifies() -> None:
+    """The system's certificates are loaded once per process, not once per client (25 ms each,
+    on every event loop), and certificates and host names are still checked."""
+
+    async def transport_context() -> ssl.SSLContext:
+        client = await openai_provider._client("https://example.invalid/v1", "key")
+        # The SDK's httpx2 client and its aiohttp transport: private to them, read here only.
+        context: ssl.SSLContext = client._client._transport.ssl_context  # type: ignore[attr-defined]
+        return context
+
+    first, second = asyncio.run(transport_context()), asyncio.run(transport_context())
+    assert first is second is openai_provider._tls()
+    assert first.verify_mode is ssl.CERT_REQUIRED and first.check_hostname
 
 
 async def test_hang_is_cancelled_cleanly_and_the_server_sees_the_client_go(

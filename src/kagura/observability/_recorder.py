@@ -61,6 +61,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,10 +189,18 @@ class _Sidecar:
         finally:
             os.close(null)
 
-    def wait_opened(self) -> None:
-        """Wait for the writer to have opened the store (its interpreter starts meanwhile)."""
+    def wait_opened(self, say: Callable[[str], bool]) -> None:
+        """Wait for the writer to have opened the store (its interpreter starts meanwhile).
+
+        If it could not, ``say(why)`` says so, unless this process is leaving (it returns
+        ``False``): the writer then says it, having waited to hear which (see
+        ``_writer.refuse``), so that it is said once, even when this process hands its rows off
+        just as the answer comes."""
         reply = self._receive()
         if not reply[1]:
+            if say(reply[2]):
+                with contextlib.suppress(_SidecarGone):
+                    self._send(marshal.dumps(("said",)))
             self.close()
             raise _StoreUnopenable(reply[2])
 
@@ -484,6 +493,8 @@ class Recorder:
         for it: see :mod:`._handoff`). ``False`` when there is no writer process to give it to
         (not started, gone, or no lock file where locks are not available): :meth:`close` then
         writes it, waiting."""
+        if self._handed_off:  # at exit twice: by multiprocessing's finalizers, then atexit
+            return True
         # Starting the writer process takes the thread milliseconds; opening the store takes
         # the process most of a second, which is what is not waited for.
         self._writer_made.wait(5.0)
@@ -525,6 +536,9 @@ class Recorder:
         try:
             self._writer = self._open()
             self._writer_made.set()
+        except _StoreUnopenable:  # said by this process or by the writer (see wait_opened)
+            self._writer_made.set()
+            return
         except Exception as exc:
             self._writer_made.set()
             if self._handed_off:  # this process is leaving: the writer process says it
@@ -566,6 +580,15 @@ class Recorder:
         self.broken = True
         self._fail_pending()
 
+    def _say_unopenable(self, why: str) -> bool:
+        """The writer process could not open the store: say so here and stop recording, unless
+        this process has handed its rows off (it is leaving, and the writer says it)."""
+        with self._sending:  # not while a hand-off is under way
+            if self._handed_off:
+                return False
+            self._recording_off(_StoreUnopenable(why))
+            return True
+
     def _open(self) -> _Sidecar | StoreWriter:
         if self.process:
             try:
@@ -576,7 +599,7 @@ class Recorder:
                     # From here on, a hand-off at exit can give it the rows queued meanwhile.
                     self._writer = sidecar
                 self._writer_made.set()
-                sidecar.wait_opened()
+                sidecar.wait_opened(self._say_unopenable)
                 return sidecar
             except (_SidecarGone, OSError) as exc:  # could not start it: write from here
                 if self._handed_off:

@@ -518,8 +518,8 @@ def _serve(url: str, content: ContentMode, inbox: IO[bytes], outbox: IO[bytes]) 
     reply = _Replies(outbox)
     try:
         writer = StoreWriter(url, content)
-    except StoreError as exc:  # the recorder reports it: it ends recording there
-        reply(("opened", False, str(exc)), warn=str(exc))
+    except StoreError as exc:
+        refuse(reply, inbox, str(exc))
         return 1
     except Exception as exc:  # a bug of ours: its traceback helps
         _log.exception("kagura: the writer process cannot open the event store")
@@ -546,24 +546,34 @@ def _serve(url: str, content: ContentMode, inbox: IO[bytes], outbox: IO[bytes]) 
     return 0
 
 
+def refuse(reply: _Replies, inbox: IO[bytes], why: str) -> None:
+    """The store cannot be opened: have it said once. The recording process says it and answers
+    ``said``, unless it is leaving (it has handed its last rows off at exit, see _handoff, or
+    gone): its end of the pipe then closes without that answer, and this process says it."""
+    if reply(("opened", False, why)):
+        while (message := receive(inbox)) is not None:
+            if message[0] == "said":
+                return
+    _log.warning("kagura: recording is off: %s", why)
+
+
 class _Replies:
     """Answers to the recording process, which may have left already (it hands its last rows
-    off at exit and does not wait: see _handoff); then they go nowhere, and what it would
-    have said of a store that cannot be opened, this process says."""
+    off at exit and does not wait: see _handoff); then they go nowhere."""
 
     def __init__(self, outbox: IO[bytes]) -> None:
         self.outbox = outbox
         self.gone = False
 
-    def __call__(self, message: tuple[Any, ...], *, warn: str | None = None) -> None:
+    def __call__(self, message: tuple[Any, ...]) -> bool:
+        """Whether the answer reached the pipe."""
         if not self.gone:
             try:
                 send(self.outbox, message)
-                return
+                return True
             except (BrokenPipeError, ValueError):
                 self.gone = True
-        if warn is not None:
-            _log.warning("kagura: recording is off: %s", warn)
+        return False
 
 
 def main() -> None:

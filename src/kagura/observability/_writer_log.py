@@ -52,6 +52,7 @@ class StderrRelay:
         self._fd = source.fileno()
         os.set_blocking(self._fd, False)
         self._stop_read, self._stop_write = os.pipe()
+        self._stopped = False
         self._thread = threading.Thread(target=self._run, name="kagura-writer-stderr", daemon=True)
         self._thread.start()
 
@@ -61,7 +62,11 @@ class StderrRelay:
 
     def stop(self) -> None:
         """Copy what the writer has written so far and let go of the pipe: from then on the
-        writer's writes fail, and it says what it has to say in the log file."""
+        writer's writes fail, and it says what it has to say in the log file. (Once: a hand-off
+        stops it, and so does closing the writer's pipes after.)"""
+        if self._stopped:
+            return
+        self._stopped = True
         with contextlib.suppress(OSError):
             os.write(self._stop_write, b"x")
         # It only waits for this process's stderr, which the whole process would wait for.

@@ -26,6 +26,8 @@ from ._chunks import read_chunks
 from ._setup import SharedSetUp
 
 if TYPE_CHECKING:
+    import ssl
+
     from openai import AsyncOpenAI
 
 
@@ -104,6 +106,7 @@ async def _client(base_url: str | None, api_key: str) -> AsyncOpenAI:
     # spends about 8 ms of client CPU per call, most of it in the connection pool's bookkeeping
     # (benchmarks/bench_fanout.py).
     http_client = DefaultAioHttpClient(
+        verify=_tls(),
         limits=httpx2.Limits(
             max_connections=MAX_CONNECTIONS,
             max_keepalive_connections=MAX_CONNECTIONS,
@@ -163,12 +166,25 @@ async def _closed_with_the_loop(client: AsyncOpenAI) -> AsyncGenerator[None, Non
 
 
 def _load_sdk() -> None:
-    import openai
+    import openai  # noqa: F401 - with it, aiohttp (the transport's)
     from openai.types.chat import ChatCompletion  # noqa: F401 - imported for what _create needs
 
-    # aiohttp is imported when the transport is made; its session only on its first request, so
-    # there is nothing to close.
-    openai.DefaultAioHttpClient()
+    _tls()
+
+
+#: The TLS settings of every client: the system's certificates (or SSL_CERT_FILE and
+#: SSL_CERT_DIR), loaded once per process. A transport left to make its own loads them for each
+#: client, that is for each event loop: 25 ms each time.
+_tls_context: ssl.SSLContext | None = None
+
+
+def _tls() -> ssl.SSLContext:
+    global _tls_context
+    if _tls_context is None:
+        import httpx2
+
+        _tls_context = httpx2.create_ssl_context()
+    return _tls_context
 
 
 # Shared by every model: the import takes most of a second, and is done once per process.
