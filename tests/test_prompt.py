@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
+from typing import Any
 
 import jinja2
 import pytest
@@ -177,6 +179,23 @@ async def test_body_with_code_warns_once_at_decoration() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert await chatty("hi") == "Say hi"  # the body is not run, and no second warning
+
+
+def test_an_agent_run_with_exec_under_another_file_s_name_is_made(tmp_path: Path) -> None:
+    """As the README's examples are run: the file named holds text, not the code, so the body
+    cannot be looked at (Python 3.13's tokenizer raised TokenError on an apostrophe there)."""
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("# Notes\n\nIt's the reader's guide: don't run this.\n" * 3)
+    code = (
+        "from kagura import agent\n"
+        "from kagura.testing import FakeModel\n"
+        "@agent(model=FakeModel())\n"
+        "async def greet(name: str) -> str:\n"
+        "    '''Say hello to {{ name }}'''\n"
+    )
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(notes), "exec"), namespace)
+    assert namespace["greet"].render("Ada") == "Say hello to Ada"
 
 
 def test_docstring_pass_and_ellipsis_bodies_do_not_warn() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import textwrap
+import tokenize
 import warnings
 from collections.abc import Callable
 from functools import lru_cache
@@ -112,8 +113,11 @@ def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:
     try:
         source = textwrap.dedent(inspect.getsource(fn))
         tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError):
-        return  # no source available (REPL, exec): nothing to check
+    except (OSError, TypeError, ValueError, SyntaxError, tokenize.TokenError):
+        # No source (a REPL), or not the function's: code run with exec() under the name of a
+        # file that holds something else (a README's examples), which Python 3.13's tokenizer
+        # refuses with a TokenError. Nothing to check either way.
+        return
     func = tree.body[0] if tree.body else None
     if not isinstance(func, ast.AsyncFunctionDef | ast.FunctionDef):
         return
