@@ -788,8 +788,8 @@ def test_a_process_leaves_without_waiting_for_its_writer_and_readers_wait_for_it
     """At exit the recording process hands its rows to its writer process and leaves (here the
     writer is stopped, so the script could not end if it waited); every reader then waits for
     the writer to commit them, under the lock the writer holds until it has."""
-    # The writer shares the script's stderr (its warnings go where the script's go): a pipe
-    # would stay open as long as the stopped writer.
+    # A stderr that is a file, which the writer shares (a pipe it would not hold: it gets one of
+    # its own, see observability/_writer_log.py).
     with (tmp_path / "stderr").open("w+") as stderr:
         result = subprocess.run(
             [sys.executable, "-c", HANDED_OFF],

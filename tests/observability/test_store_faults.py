@@ -140,11 +140,14 @@ asyncio.run(main())
 
 
 def made_by_a_run(url: str) -> None:
-    """A store as a normal run leaves it: three agent calls recorded, the process ended."""
+    """A store as a normal run leaves it: three agent calls recorded, the process ended, and
+    the writer it handed its last rows to at exit ended too (until then its -wal and -shm files
+    may still be there, and a store made read-only meanwhile could still be opened)."""
     result = run_script(
         MADE_BY_A_RUN, {"KAGURA_DB": url, "KAGURA_MODEL": "fake"}, timeout=SUBPROCESS_TIMEOUT
     )
     assert result.returncode == 0, result.stderr
+    wait_for_writers(normalise_url(url))
 
 
 # -- PostgreSQL roles ---------------------------------------------------------------------------

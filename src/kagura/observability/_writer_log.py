@@ -128,11 +128,12 @@ class WarningsHandler(logging.Handler):
             except OSError:
                 pass
         with contextlib.suppress(OSError):  # no log file either: nowhere left to say it
-            self._log_file().write(
+            log = self._log_file()
+            log.write(
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')} writer process {os.getpid()} "
                 f"(recording for process {self._recording_pid}): {text}\n"
             )
-            self._log_file().flush()
+            log.flush()
 
     def _log_file(self) -> TextIO:
         if self._file is None:
