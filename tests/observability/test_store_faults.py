@@ -459,7 +459,7 @@ class Refusing:
 
 def a_batch(span_id: str) -> tuple[list[Any], list[Any], list[Any]]:
     row = [span_id, span_id, None, "agent", "summarise", "k", None, "completed", 1, 2]
-    row += [None, 0, 0, None, 0, 0, None, None, None, None, None]
+    row += [None, 0, 0, None, 0, 0, None, None, None, None, None, None]  # ..., attributes, agent
     assert len(row) == ROW_WIDTH
     return [], [tuple(row)], []
 

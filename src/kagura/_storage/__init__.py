@@ -9,6 +9,7 @@ Everything that touches the database's shape lives here, and :mod:`kagura.observ
 - dialect-specific statements (``_dialect``);
 - migrations, by one version table (``_migrations``): a store made by an older version is
   upgraded when it is opened;
+- rollups (``_rollups``): the running totals the monitor's statistics read, kept by the writer;
 - closing spans whose process died (``_interrupted``), which readers, recovery and the journal's
   take-overs all do.
 
@@ -40,11 +41,26 @@ from ._engine import (
 )
 from ._interrupted import INTERRUPTED, close_run_spans, close_spans_of_gone_processes
 from ._migrations import SCHEMA_VERSION, stored_version, upgrade
+from ._rollups import (
+    HOUR,
+    NOT_FINAL,
+    ROLLUP_COLUMNS,
+    Tally,
+    bucket,
+    bucket_range,
+    day_hour,
+    hour_of,
+    rebuild_rollups,
+    tally_of,
+    write_rollups,
+)
 
 if TYPE_CHECKING:
-    from ._schema import events, metadata, runs, schema_version, spans, steps
+    from ._schema import events, latency, metadata, rollups, runs, schema_version, spans, steps
 
-_TABLES = frozenset({"events", "metadata", "runs", "schema_version", "spans", "steps"})
+_TABLES = frozenset(
+    {"events", "latency", "metadata", "rollups", "runs", "schema_version", "spans", "steps"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -57,22 +73,33 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "HOUR",
     "INTERRUPTED",
+    "NOT_FINAL",
+    "ROLLUP_COLUMNS",
     "SCHEMA_VERSION",
+    "Tally",
+    "bucket",
+    "bucket_range",
     "can_write",
     "close_run_spans",
     "close_spans_of_gone_processes",
+    "day_hour",
     "default_url",
     "dispose_all",
     "engine_for",
     "events",
     "forget",
+    "hour_of",
     "insert",
     "is_store_fault",
+    "latency",
     "metadata",
     "normalise_url",
     "positional_sql",
+    "rebuild_rollups",
     "redact_url",
+    "rollups",
     "runs",
     "schema_version",
     "scrub_url",
@@ -84,6 +111,8 @@ __all__ = [
     "store_name",
     "stored_version",
     "synced_engine_for",
+    "tally_of",
     "upgrade",
     "use_a_large_page_cache",
+    "write_rollups",
 ]

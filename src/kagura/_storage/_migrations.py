@@ -24,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 #: The schema version this code writes and reads: the number of the last step.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 def _step_1_baseline(connection: Any) -> None:
@@ -85,6 +85,33 @@ def _step_2_no_staging(connection: Any) -> None:
             continue
         _write_staged(connection, spans, events)
     connection.exec_driver_sql("DROP TABLE kagura_staged")
+
+
+def _step_3_rollups(connection: Any) -> None:
+    """Rollups (see _rollups): the rollup tables, the spans' ``agent`` column and the index of
+    interrupted spans made; each LLM attempt's and tool call's agent filled in from its parent;
+    then the rollups built from every span. It reads the whole store once: about 10 s per
+    million agent calls on SQLite (``benchmarks/bench_queries.py``)."""
+    from sqlalchemy import and_, select
+
+    from ._rollups import rebuild_rollups
+    from ._schema import spans
+
+    _step_1_baseline(connection)  # the new tables, column and index, as for a new store
+    parent = spans.alias("parent")
+    agent_of_parent = (
+        select(parent.c.name)
+        .where(parent.c.span_id == spans.c.parent_id, parent.c.kind == "agent")
+        .scalar_subquery()
+    )
+    connection.execute(
+        spans.update()
+        .where(
+            and_(spans.c.agent.is_(None), spans.c.parent_id.is_not(None), spans.c.kind != "agent")
+        )
+        .values(agent=agent_of_parent)
+    )
+    rebuild_rollups(connection)
 
 
 #: The columns of a span's row in a staged batch: the recorder's message of versions 1 and
@@ -193,7 +220,11 @@ def _write_staged(
 
 
 #: The steps, in order: ``STEPS[n - 1]`` takes a store from version ``n - 1`` to ``n``.
-STEPS: tuple[Callable[[Any], None], ...] = (_step_1_baseline, _step_2_no_staging)
+STEPS: tuple[Callable[[Any], None], ...] = (
+    _step_1_baseline,
+    _step_2_no_staging,
+    _step_3_rollups,
+)
 assert len(STEPS) == SCHEMA_VERSION
 
 

@@ -433,6 +433,12 @@ class Recorder:
         # makes them text.
         span_id, run_id, parent_id = span.wire_ids()
         key, seq = span.wire_step_key()
+        # The agent call an LLM attempt or tool call was made for: what the rollups count its
+        # cost under when a query asks for one agent's.
+        parent = span.parent
+        agent = None
+        if parent is not None and parent.kind == "agent" and span.kind != "agent":
+            agent = parent.name
         return (
             span_id,
             run_id,
@@ -455,6 +461,7 @@ class Recorder:
             inputs,
             output,
             extra,
+            agent,
         )
 
     # -- anywhere -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import functools
 import gc
 import logging
 import marshal
+import operator
 import os
 import signal
 import struct
@@ -34,11 +35,14 @@ from .._context import id_format
 from .._process import this_process
 from .._redact import looks_secret, repr_of, scrub
 from .._storage import (
+    ROLLUP_COLUMNS,
     is_store_fault,
     scrub_url,
     store_error,
     store_name,
+    tally_of,
     use_a_large_page_cache,
+    write_rollups,
 )
 from ..errors import StoreError
 from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
@@ -74,6 +78,7 @@ SPAN_COLUMNS = (
     "pid",
     "host",
     "pid_start",
+    "agent",
 )
 #: A span's row as the recorder sends it: what the span holds, as it holds it. The writer
 #: derives the rest (see ``_table_rows``): ids given as numbers made text with the recording
@@ -101,11 +106,14 @@ WIRE_COLUMNS = (
     "inputs",
     "output",
     "attributes",
+    "agent",
 )
 #: Values in a span's row as the recorder sends it.
 ROW_WIDTH = len(WIRE_COLUMNS)
 EVENT_COLUMNS = ("span_id", "run_id", "name", "at", "attributes")
 _ERROR_AT = SPAN_COLUMNS.index("error")
+#: A stored row's values that the rollups count (see ``kagura._storage.write_rollups``).
+_ROLLED_UP = operator.itemgetter(*(SPAN_COLUMNS.index(c) for c in ROLLUP_COLUMNS))
 
 #: A span's row: the values of ``WIRE_COLUMNS``, with its recorded values (``inputs``,
 #: ``output``, ``attributes``) as JSON bytes, or as they are when atomic (see
@@ -315,7 +323,9 @@ class StoreWriter:
             connection.exec_driver_sql(insert_running, self._stored(running, sender))
         if finished:
             upsert = _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "update")
-            connection.exec_driver_sql(upsert, self._stored(finished, sender))
+            stored = self._stored(finished, sender)
+            connection.exec_driver_sql(upsert, stored)
+            write_rollups(connection, tally_of(map(_ROLLED_UP, stored)))
         if events:
             insert_events = _insert_sql(dialect, "kagura_events", EVENT_COLUMNS, "")
             connection.exec_driver_sql(insert_events, _event_rows(events))
@@ -414,6 +424,7 @@ def _table_rows(
                 pid,
                 host,
                 start,
+                row[21],
             )
         )
     return table
