@@ -88,10 +88,11 @@ def _step_2_no_staging(connection: Any) -> None:
 
 
 def _step_3_rollups(connection: Any) -> None:
-    """Rollups (see _rollups): the rollup tables, the spans' ``agent`` column and the index of
-    interrupted spans made; each LLM attempt's and tool call's agent filled in from its parent;
-    then the rollups built from every span. It reads the whole store once: about 10 s per
-    million agent calls on SQLite (``benchmarks/bench_queries.py``)."""
+    """Rollups (see _rollups): the rollup tables, the spans' ``agent`` column, the index of
+    interrupted spans and the latency index (in place of the one before it) made; each LLM
+    attempt's and tool call's agent filled in from its parent; then the rollups built from every
+    span. It reads the whole store once: about 25 s per million agent calls on SQLite or
+    PostgreSQL (``benchmarks/bench_queries.py``)."""
     from sqlalchemy import and_, select
 
     from ._rollups import rebuild_rollups
