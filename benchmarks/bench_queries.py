@@ -12,8 +12,8 @@ calls, what ``kagura monitor stats`` counts as executions), a store is built wit
   a new database, the spans table's secondary indexes are dropped, the rows go in with ``COPY``,
   the indexes are made again, then ``VACUUM ANALYZE``.
 
-Then the rollup tables are filled from the spans (``kagura._storage.rebuild_rollups``, when this
-version of Kagura has it), and timed. Then ``EventStore`` queries are timed in-process (median of
+Then the rollup tables are filled from the spans (``kagura._storage.rebuild_rollups``), and
+timed. Then ``EventStore`` queries are timed in-process (median of
 ``--reps`` after one warm-up call), and the whole ``kagura monitor`` commands as subprocesses.
 Each store is deleted once measured (unless ``--keep DIR``), so at most one store per backend is
 on disk at a time.
@@ -129,7 +129,7 @@ class Built:
 
     counts: StoreCounts
     phases: dict[str, float] = field(default_factory=dict)
-    rollups: float | None = None  # None: this Kagura has no rollups to build
+    rollups: float = 0.0  # seconds to build them from the spans
 
     @property
     def seconds(self) -> float:
@@ -160,7 +160,7 @@ class SqliteStores:
         self._remove(building)
         built = Built(StoreCounts())
         built.counts = build_store(building, executions, seed, built.phases)
-        built.rollups = built.phases.pop("rollups", None)  # reported apart from the build
+        built.rollups = built.phases.pop("rollups")  # reported apart from the build
         forget(normalise_url(building))
         for sidecar in ("", "-wal", "-shm"):
             part = Path(f"{building}{sidecar}")
@@ -325,12 +325,7 @@ def measure(
         built = stores.build(executions, args.seed)
         phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in built.phases.items())
         say.print(f"  built in {built.seconds:.0f} s ({phases})", style="dim")
-        if built.rollups is None:
-            say.print(
-                "  no rollups: this Kagura has no kagura._storage.rebuild_rollups", style="yellow"
-            )
-        else:
-            say.print(f"  rollups built from the spans in {built.rollups:.1f} s", style="dim")
+        say.print(f"  rollups built from the spans in {built.rollups:.1f} s", style="dim")
     measured = Measured(stores.name, executions, built, stores.size(executions))
     say.print(f"  on disk: {gib(measured.disk)}", style="dim")
     if not args.build_only:
@@ -397,7 +392,7 @@ def fill_report(report: Report, results: list[Measured], sizes: list[int], reps:
             f"{built.counts.rows:,}",
             gib(m.disk),
             f"{built.seconds:,.0f} s ({phases})",
-            "no rollups in this version" if built.rollups is None else f"{built.rollups:,.1f} s",
+            f"{built.rollups:,.1f} s",
         )
     stores.notes.append(
         "Rows: one per agent call, LLM attempt (4% of calls retried once) and workflow run (four "
@@ -557,11 +552,6 @@ def main() -> None:
                     finally:
                         if not args.keep:
                             stores.remove(executions)
-        if any(m.built is not None and m.built.rollups is None for m in results):
-            report.line(
-                "NOTE: no rollups were built (this Kagura has no "
-                "`kagura._storage.rebuild_rollups`): the queries read the spans table."
-            )
         fill_report(report, results, sizes, args.reps)
     finally:
         dispose_all()

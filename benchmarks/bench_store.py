@@ -11,7 +11,7 @@
    spread over 30 days, with a realistic mix of names, models, statuses, durations and tokens. It
    is built quickly with ``executemany`` straight into ``kagura_spans`` (the schema is Kagura's
    own; its indexes are dropped during the load and created again after), then its rollups are
-   built from the spans, as an upgrade builds them (when this version of Kagura has them). Then
+   built from the spans, as an upgrade builds them. Then
    ``kagura monitor stats --db PATH`` is timed as a subprocess (the whole command, interpreter
    start included), and ``EventStore.stats()`` in-process.
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import operator
 import os
 import random
 import shutil
@@ -38,9 +37,8 @@ from typing import Any
 
 from _bench import Report, console, fmt, median
 
-from kagura import _storage
 from kagura._events import Event, SpanFinished, SpanStarted
-from kagura._storage import dispose_all, engine_for, normalise_url
+from kagura._storage import dispose_all, engine_for, normalise_url, rebuild_rollups
 from kagura._usage import Usage
 from kagura.observability import EventStore, Recorder
 from kagura.observability._writer import SPAN_COLUMNS as COLUMNS
@@ -71,46 +69,6 @@ OUTCOMES: tuple[tuple[str, float, str | None, str | None], ...] = (
     ("cancelled", 0.005, "CancelledError", "CancelledError"),
 )
 RETRY_SHARE = 0.04  # agent calls whose first LLM attempt failed and was retried
-
-#: The columns ``store_rows`` fills, in the order it builds each row. The rows go out in the
-#: order of ``COLUMNS`` (the recorder's), which may place them elsewhere or not have them all yet
-#: (``agent`` is newer than the rest). A tuple reordered by one C-level ``itemgetter`` costs
-#: about 0.2 µs a row (a tenth more than the tuples alone); a dict per row keyed by column costs
-#: several times that, over the ~23 million rows of a 10M store.
-BUILT_COLUMNS = (
-    "span_id",
-    "run_id",
-    "parent_id",
-    "kind",
-    "name",
-    "step_key",
-    "status",
-    "started_at",
-    "ended_at",
-    "duration_ms",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "total_tokens",
-    "cost_usd",
-    "llm_calls",
-    "retries",
-    "error",
-    "error_type",
-    "inputs",
-    "output",
-    "attributes",
-    "pid",
-    "host",
-    "pid_start",
-    "agent",  # an LLM attempt's: the name of the agent call it was made for; NULL otherwise
-)
-# A column of COLUMNS this list does not know takes the None every built row ends with: every
-# column added to the schema since it was made is nullable.
-_IN_COLUMNS_ORDER = operator.itemgetter(
-    *(BUILT_COLUMNS.index(c) if c in BUILT_COLUMNS else len(BUILT_COLUMNS) for c in COLUMNS)
-)
-
 
 # -- 1. recorder throughput --------------------------------------------------------------------
 
@@ -258,7 +216,6 @@ class StoreCounts:
 
 def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tuple[Any, ...]]:
     """Rows of ``kagura_spans``, in the column order of ``COLUMNS`` (the recorder's)."""
-    order = _IN_COLUMNS_ORDER
     rng = random.Random(seed)
     now = time.time()
     pid = 4242
@@ -301,70 +258,64 @@ def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tupl
                 prompt, completion = prompt + p, completion + c
                 cost = None if cost is None or llm_cost is None else cost + llm_cost
                 counts.llm += 1
-                yield order(
-                    (
-                        new_id(),
-                        run_id,
-                        agent_id,
-                        "llm",
-                        model,
-                        f"{key}/{model}#{a}",
-                        llm_status,
-                        t,
-                        t + llm_ms / 1000,
-                        llm_ms,
-                        model,
-                        p,
-                        c,
-                        p + c,
-                        llm_cost,
-                        1,
-                        0,
-                        None if llm_status == "completed" else (error or "rate limit reached"),
-                        None if llm_status == "completed" else (error_type or "ProviderError"),
-                        None,
-                        "ok" if llm_status == "completed" else None,
-                        None,
-                        pid,
-                        "bench-host",
-                        None,
-                        name,
-                        None,
-                    )
-                )
-                t += llm_ms / 1000 + (0.5 if not last else 0.0)  # the retry's backoff
-            agent_ms = (t - agent_start) * 1000 + rng.uniform(0.05, 0.4)
-            counts.agents += 1
-            yield order(
-                (
+                yield (
+                    new_id(),
+                    run_id,
                     agent_id,
-                    run_id,
-                    run_id,
-                    "agent",
-                    name,
-                    key,
-                    status,
-                    agent_start,
-                    agent_start + agent_ms / 1000,
-                    agent_ms,
+                    "llm",
                     model,
-                    prompt,
-                    completion,
-                    prompt + completion,
-                    cost,
-                    attempts,
-                    attempts - 1,
-                    error,
-                    error_type,
-                    inputs,
-                    '"ok"' if status == "completed" else None,
+                    f"{key}/{model}#{a}",
+                    llm_status,
+                    t,
+                    t + llm_ms / 1000,
+                    llm_ms,
+                    model,
+                    p,
+                    c,
+                    p + c,
+                    llm_cost,
+                    1,
+                    0,
+                    None if llm_status == "completed" else (error or "rate limit reached"),
+                    None if llm_status == "completed" else (error_type or "ProviderError"),
+                    None,
+                    "ok" if llm_status == "completed" else None,
                     None,
                     pid,
                     "bench-host",
                     None,
-                    None,
-                    None,
+                    name,
                 )
+                t += llm_ms / 1000 + (0.5 if not last else 0.0)  # the retry's backoff
+            agent_ms = (t - agent_start) * 1000 + rng.uniform(0.05, 0.4)
+            counts.agents += 1
+            yield (
+                agent_id,
+                run_id,
+                run_id,
+                "agent",
+                name,
+                key,
+                status,
+                agent_start,
+                agent_start + agent_ms / 1000,
+                agent_ms,
+                model,
+                prompt,
+                completion,
+                prompt + completion,
+                cost,
+                attempts,
+                attempts - 1,
+                error,
+                error_type,
+                inputs,
+                '"ok"' if status == "completed" else None,
+                None,
+                pid,
+                "bench-host",
+                None,
+                None,
             )
             wf["end"] = max(wf["end"], agent_start + agent_ms / 1000)
             wf["prompt"] += prompt
@@ -379,51 +330,44 @@ def store_rows(executions: int, seed: int, counts: StoreCounts) -> Iterator[tupl
                 wf_failed = (status, error_type or "")
         wf_ms = (wf["end"] - wf_start) * 1000 + 0.2
         counts.workflows += 1
-        yield order(
-            (
-                run_id,
-                run_id,
-                None,
-                "workflow",
-                wf_name,
-                wf_name,
-                "completed" if wf_failed is None else wf_failed[0],
-                wf_start,
-                wf_start + wf_ms / 1000,
-                wf_ms,
-                None,
-                wf["prompt"],
-                wf["completion"],
-                wf["prompt"] + wf["completion"],
-                wf["cost"] if cost_known else None,
-                wf["calls"],
-                wf["retries"],
-                None if wf_failed is None else "a step failed",
-                None if wf_failed is None else wf_failed[1],
-                '{"args": ["..."], "kwargs": {}}',
-                '"done"' if wf_failed is None else None,
-                None,
-                pid,
-                "bench-host",
-                None,
-                None,
-                None,
-            )
+        yield (
+            run_id,
+            run_id,
+            None,
+            "workflow",
+            wf_name,
+            wf_name,
+            "completed" if wf_failed is None else wf_failed[0],
+            wf_start,
+            wf_start + wf_ms / 1000,
+            wf_ms,
+            None,
+            wf["prompt"],
+            wf["completion"],
+            wf["prompt"] + wf["completion"],
+            wf["cost"] if cost_known else None,
+            wf["calls"],
+            wf["retries"],
+            None if wf_failed is None else "a step failed",
+            None if wf_failed is None else wf_failed[1],
+            '{"args": ["..."], "kwargs": {}}',
+            '"done"' if wf_failed is None else None,
+            None,
+            pid,
+            "bench-host",
+            None,
+            None,
         )
 
 
-def build_rollups(url: str) -> float | None:
+def build_rollups(url: str) -> float:
     """Fill the store's rollup tables from its spans (rows inserted straight into the spans
     table bypass the writer, which keeps them as it writes), as Kagura does once when it
-    upgrades a store made before them. The seconds it took; None when this version of Kagura
-    has no rollups."""
-    rebuild = getattr(_storage, "rebuild_rollups", None)
-    if rebuild is None:
-        return None
+    upgrades a store made before them. The seconds it took."""
     engine = engine_for(url)
     start = time.perf_counter()
     with engine.begin() as connection:
-        rebuild(connection)
+        rebuild_rollups(connection)
     seconds = time.perf_counter() - start
     dispose_all()
     return seconds
@@ -433,7 +377,7 @@ def build_store(
     path: Path, executions: int, seed: int, phases: dict[str, float] | None = None
 ) -> StoreCounts:
     """A SQLite event store with Kagura's schema holding ``executions`` agent calls (and its
-    rollups, when this version of Kagura has them); the seconds spent inserting the rows,
+    rollups); the seconds spent inserting the rows,
     creating the indexes and building the rollups go into ``phases`` when given."""
     url = normalise_url(path)
     engine_for(url)  # Kagura creates its schema (tables and indexes)
