@@ -3,9 +3,11 @@ test: it prints figures).
 
 Each snippet runs in a fresh interpreter (``python -c``), ``--reps`` times (default 20), the
 snippets taking turns; the figure is the median wall time of the process minus that of
-``python -c pass``. One untimed run of each first, so every bytecode cache is written. A second
-table times "import, build and run once" of each framework: Kagura defers its heavier imports
-(the openai SDK, SQLAlchemy) to first use, so import time alone flatters it.
+``python -c pass``. One untimed run of each first, so every bytecode cache is written (with
+``PYTHONDONTWRITEBYTECODE`` removed from the snippets' environment: pip wrote the installed
+packages' caches, and an installed Kagura has its own). A second table times "import, build and
+run once" of each framework: Kagura defers its heavier imports (the openai SDK, SQLAlchemy) to
+first use, so import time alone flatters it.
 
     .venv/bin/python benchmarks/bench_import.py [--reps 20]
 """
@@ -229,13 +231,21 @@ def main() -> None:
         description=(
             "Wall time of a fresh `python -c SNIPPET`, minus that of `python -c pass`. Kagura "
             "imports the openai SDK and SQLAlchemy on first use, not at import, so the second "
-            "table also times a first call of each framework."
+            "table also times a first call of each framework. Every snippet runs from bytecode "
+            "caches, written by an untimed run of it first, as after `pip install`."
         ),
         params={"reps": args.reps},
     )
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kagura-bench-import-") as home:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("KAGURA_", "LANGSMITH_"))}
+        # PYTHONDONTWRITEBYTECODE off as well: set (as on these machines), it leaves Kagura, an
+        # editable install, compiled from source in every interpreter, while the packages pip
+        # installed run from the bytecode pip wrote. A user's installed Kagura has its own.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("KAGURA_", "LANGSMITH_")) and k != "PYTHONDONTWRITEBYTECODE"
+        }
         env["KAGURA_HOME"] = home  # the first-call snippet records here
         say = console()
         say.print("import only ...", style="dim")
