@@ -374,11 +374,11 @@ class Agent(Generic[P, R]):
         )
         return (result, answered_by, span) if full else result
 
-    # Not inline in _call: a variable that a nested function (these lambdas) uses is made a cell
-    # at every call of the function that holds it, whether or not the nested function is ever
-    # made. Five cells per agent call in flight, for the garbage collector to count, made a
-    # fan-out's collections more frequent (measured: 150 young collections and a full one per
-    # 2,000 runs, against 112 and none).
+    # No closures here: a variable that a nested function uses is made a cell at every call of
+    # the function that holds it. A durable step waits for its commit with everything it made
+    # still alive, and every object of it is one more for the garbage collector to count: three
+    # lambdas and five cells per step made a full collection more frequent
+    # (benchmarks/bench_durable.py).
     def _answer_journaled(
         self,
         durable: DurableRun,
@@ -393,11 +393,17 @@ class Agent(Generic[P, R]):
             span,
             "agent",
             arguments,
-            lambda: self._answer(model, arguments, span, policies),
-            dump=lambda answer: self.output.dump(answer[0]),
-            load=lambda output: (self.output.load(output), "journal"),
+            functools.partial(self._answer, model, arguments, span, policies),
+            dump=self._dump_answer,
+            load=self._load_answer,
             position=span._position,
         )
+
+    def _dump_answer(self, answer: tuple[Any, str]) -> str:
+        return self.output.dump(answer[0])
+
+    def _load_answer(self, output: str | None) -> tuple[Any, str]:
+        return self.output.load(output), "journal"
 
     async def _answer(
         self, model: Model, arguments: dict[str, Any], span: Span, policies: Policies

@@ -31,10 +31,11 @@ def test_flush_waits_for_steps_the_writer_is_still_committing(
 
     journal.start("run-1", "wf", None, "{}", owner="me")
     monkeypatch.setattr(Journal, "_write_batch", held_write)
-    step = threading.Thread(
-        target=asyncio.run,
-        args=(journal.commit_step("run-1", "me", "wf/step#0", "step", "step", "hash", "1"),),
-    )
+
+    async def commit() -> None:
+        await journal.commit_step("run-1", "me", "wf/step#0", "step", "step", "hash", "1")
+
+    step = threading.Thread(target=asyncio.run, args=(commit(),))
     step.start()
     assert taken.wait(10)  # the writer has taken the row off the queue, not committed it
 

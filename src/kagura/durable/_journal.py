@@ -230,18 +230,19 @@ class Journal:
 
     # -- from the event loop: group-committed by the writer's thread -----------------------
 
-    async def start_soon(
+    # These return the request's future rather than being coroutines: a durable step waits on
+    # one of them, and a coroutine (or the task asyncio.shield makes of one) around it was one
+    # more object per step for the garbage collector to walk while the batch commits.
+
+    def start_soon(
         self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
-    ) -> tuple[StartOutcome, RunRecord]:
+    ) -> asyncio.Future[tuple[StartOutcome, RunRecord]]:
         """:meth:`start`, committed together with every other write queued meanwhile: thousands
         of runs starting at once cost a few transactions, not thousands of them fighting for
-        the database's write lock."""
-        outcome: tuple[StartOutcome, RunRecord] = await self._submit(
-            "start", self._start_values(run_id, workflow, target, arguments, owner)
-        )
-        return outcome
+        the database's write lock. Await the result (call it on the event loop)."""
+        return self._submit("start", self._start_values(run_id, workflow, target, arguments, owner))
 
-    async def commit_step(
+    def commit_step(
         self,
         run_id: str,
         owner: str,
@@ -251,10 +252,10 @@ class Journal:
         input_hash: str,
         output: str | None,
         position: int | None = None,
-    ) -> None:
-        """Journal a completed step; returns once it is committed. Raises
+    ) -> asyncio.Future[None]:
+        """Journal a completed step; the result is done once it is committed. Raises
         :class:`RunTakenOverError` (and writes nothing) if ``owner`` no longer holds the run."""
-        await self._submit(
+        return self._submit(
             "step",
             {
                 "b_run_id": run_id,
@@ -270,21 +271,21 @@ class Journal:
             },
         )
 
-    async def finish_soon(
+    def finish_soon(
         self,
         run_id: str,
         owner: str,
         *,
         result: str | None = None,
         error: BaseException | None = None,
-    ) -> None:
+    ) -> asyncio.Future[None]:
         """:meth:`finish`, group-committed; queued after the run's steps, so it is never on disk
         before them. Raises :class:`RunTakenOverError` if ``owner`` no longer holds the run."""
-        await self._submit("finish", self._finish_values(run_id, owner, result, error))
+        return self._submit("finish", self._finish_values(run_id, owner, result, error))
 
-    async def release_soon(self, run_id: str, owner: str) -> None:
+    def release_soon(self, run_id: str, owner: str) -> asyncio.Future[None]:
         """:meth:`release`, group-committed (a cancelled run: resumable at once)."""
-        await self._submit("release", {"b_run_id": run_id, "b_owner": owner})
+        return self._submit("release", {"b_run_id": run_id, "b_owner": owner})
 
     def _submit(self, kind: _Kind, values: dict[str, Any]) -> asyncio.Future[Any]:
         """Queue a request for the writer's thread; its answer comes back on this loop."""
