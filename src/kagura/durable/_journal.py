@@ -346,19 +346,24 @@ class Journal:
             "attempts": 1,
         }
 
-    def _insert_runs(self, connection: Any, rows: list[dict[str, Any]]) -> set[str]:
+    @staticmethod
+    def _insert_runs(connection: Any, rows: list[dict[str, Any]]) -> set[str]:
         """Insert the runs whose id is new; the ids of those inserted. ``rows`` must not repeat
         an id (both rows would see it come back)."""
-        from .._storage import insert, runs
-
-        statement = (
-            insert(self.engine, runs)
-            .on_conflict_do_nothing(index_elements=["run_id"])
+        mark = _mark(connection)
+        row = f"({', '.join(mark for _ in _RUN_COLUMNS)})"
+        created: set[str] = set()
+        for start in range(0, len(rows), _CHUNK):
+            chunk = rows[start : start + _CHUNK]
             # A row back means this call created the run (psycopg reports no INSERT rowcount).
-            .returning(runs.c.run_id)
-        )
-        columns = [{k: v for k, v in row.items() if k != "b_arguments"} for row in rows]
-        return {row.run_id for row in connection.execute(statement, columns)}
+            inserted = connection.exec_driver_sql(
+                f"INSERT INTO kagura_runs ({', '.join(_RUN_COLUMNS)}) "
+                f"VALUES {', '.join(row for _ in chunk)} "
+                "ON CONFLICT (run_id) DO NOTHING RETURNING run_id",
+                tuple(values[column] for values in chunk for column in _RUN_COLUMNS),
+            )
+            created.update(run_id for (run_id,) in inserted)
+        return created
 
     def _started(self, values: dict[str, Any], created: set[str]) -> tuple[StartOutcome, RunRecord]:
         run_id, owner = values["run_id"], values["owner"]
@@ -458,7 +463,7 @@ class Journal:
         self.flush()  # the steps are on disk before the run says it is done
         values = self._finish_values(run_id, owner, result, error)
         with self._store("finish a durable run"), self.engine.begin() as connection:
-            connection.execute(_finish_statement(), [values])
+            _finish(connection, [values])
 
     @staticmethod
     def _finish_values(
@@ -482,7 +487,7 @@ class Journal:
         """Give the lease up at once (the run was cancelled): it is resumable immediately."""
         self.flush()
         with self._store("release a durable run"), self.engine.begin() as connection:
-            connection.execute(_release_statement(), [{"b_run_id": run_id, "b_owner": owner}])
+            _release(connection, [{"b_run_id": run_id, "b_owner": owner}])
 
     def get_run(self, run_id: str) -> RunRecord | None:
         from sqlalchemy import func, select
@@ -660,10 +665,10 @@ class Journal:
                     self._insert_steps(connection, rows)
                 finishes = [r.values for r in mine if r.kind == "finish"]
                 if finishes:
-                    connection.execute(_finish_statement(), finishes)
+                    _finish(connection, finishes)
                 releases = [r.values for r in mine if r.kind == "release"]
                 if releases:
-                    connection.execute(_release_statement(), releases)
+                    _release(connection, releases)
         except Exception as exc:
             if leased:
                 _log.warning("kagura: journaling %d durable writes failed: %s", len(leased), exc)
@@ -725,10 +730,26 @@ class Journal:
         )
 
 
-#: The journal's two statements that every batch runs (the lease renewal and the steps) go to the
-#: driver as SQL: SQLAlchemy's per-row work doubled their cost (measured: 200 runs' renewals and
-#: 600 steps took 11.5 ms through SQLAlchemy Core, 5.1 ms as SQL), and each step waits for its
-#: batch. Both statements are the same on SQLite and PostgreSQL, but for the parameter mark.
+#: The journal's writes (runs started, leases renewed, steps, finishes, releases) go to the driver
+#: as SQL: SQLAlchemy's per-row work doubled their cost (measured: 200 runs' renewals and 600
+#: steps took 11.5 ms through SQLAlchemy Core, 5.1 ms as SQL), and each step, and each run's
+#: start and finish, waits for its batch. The statements are the same on SQLite and PostgreSQL,
+#: but for the parameter mark.
+_RUN_COLUMNS = (
+    "run_id",
+    "workflow",
+    "target",
+    "status",
+    "arguments",
+    "owner",
+    "pid",
+    "host",
+    "pid_start",
+    "heartbeat_at",
+    "created_at",
+    "updated_at",
+    "attempts",
+)
 _STEP_COLUMNS = (
     "run_id",
     "step_key",
@@ -745,36 +766,37 @@ def _mark(connection: Any) -> str:
     return "%s" if connection.dialect.paramstyle in ("format", "pyformat") else "?"
 
 
-def _finish_statement() -> Any:
-    """A run's end, for the owner that holds it (``b_run_id``, ``b_owner``, then the values)."""
-    from sqlalchemy import bindparam, update
-
-    from .._storage import runs
-
-    return (
-        update(runs)
-        .where(runs.c.run_id == bindparam("b_run_id"), runs.c.owner == bindparam("b_owner"))
-        .values(
-            status=bindparam("status"),
-            result=bindparam("result"),
-            error=bindparam("error"),
-            error_type=bindparam("error_type"),
-            updated_at=bindparam("updated_at"),
-            heartbeat_at=bindparam("heartbeat_at"),
-        )
+def _finish(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Runs' ends (:meth:`Journal._finish_values`), each for the owner that holds it."""
+    mark = _mark(connection)
+    connection.exec_driver_sql(
+        f"UPDATE kagura_runs SET status = {mark}, result = {mark}, error = {mark}, "
+        f"error_type = {mark}, updated_at = {mark}, heartbeat_at = {mark} "
+        f"WHERE run_id = {mark} AND owner = {mark}",
+        [
+            (
+                row["status"],
+                row["result"],
+                row["error"],
+                row["error_type"],
+                row["updated_at"],
+                row["heartbeat_at"],
+                row["b_run_id"],
+                row["b_owner"],
+            )
+            for row in rows
+        ],
     )
 
 
-def _release_statement() -> Any:
-    """A run's lease given up by the owner that holds it: resumable at once."""
-    from sqlalchemy import bindparam, update
-
-    from .._storage import runs
-
-    return (
-        update(runs)
-        .where(runs.c.run_id == bindparam("b_run_id"), runs.c.owner == bindparam("b_owner"))
-        .values(heartbeat_at=0.0, updated_at=time.time())
+def _release(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Runs' leases given up by the owners that hold them: resumable at once."""
+    mark = _mark(connection)
+    now = time.time()
+    connection.exec_driver_sql(
+        f"UPDATE kagura_runs SET heartbeat_at = 0.0, updated_at = {mark} "
+        f"WHERE run_id = {mark} AND owner = {mark}",
+        [(now, row["b_run_id"], row["b_owner"]) for row in rows],
     )
 
 
