@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kagura.durable import Journal
-from kagura.durable._journal import _Flush
+from kagura.durable._journal import _CHUNK, _Flush, _Request
+from kagura.errors import RunTakenOverError
 
 from .conftest import wait_until
 
@@ -84,3 +85,37 @@ def test_journal_commits_are_synced_to_disk(journal: Journal) -> None:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
     with engine_for(journal.url).connect() as connection:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 1  # NORMAL
+
+
+async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) -> None:
+    """Runs started in one batch go in as one INSERT per chunk of rows: each new run, across
+    the chunks, is told it started; an id already in the journal is not created again, and the
+    batch's finishes and releases reach the runs they name."""
+    journal.start("run-existing", "wf", None, "{}", owner="first")
+    ids = [f"run-{i}" for i in range(_CHUNK * 2 + 1)]
+    starts = [
+        _Request("start", journal._start_values(run_id, "wf", None, "{}", f"owner-{i}"))
+        for i, run_id in enumerate([*ids, "run-existing"])
+    ]
+    await asyncio.to_thread(journal._write_batch, starts)
+    outcomes = [await request.future for request in starts]
+    assert [outcome for outcome, _ in outcomes] == ["started"] * len(ids) + ["busy"]
+    assert outcomes[-1][1].owner == "first"
+
+    ends = [
+        _Request("finish", journal._finish_values(ids[0], "owner-0", "1", None)),
+        _Request(
+            "finish", journal._finish_values(ids[-1], f"owner-{len(ids) - 1}", None, KeyError())
+        ),
+        _Request("release", {"b_run_id": ids[1], "b_owner": "owner-1"}),
+        _Request("finish", journal._finish_values(ids[2], "not-its-owner", "1", None)),
+    ]
+    await asyncio.to_thread(journal._write_batch, ends)
+    results = await asyncio.gather(*(request.future for request in ends), return_exceptions=True)
+    assert results[:3] == [None, None, None]
+    assert isinstance(results[3], RunTakenOverError)
+    first, released, last, other = (journal.get_run(i) for i in (ids[0], ids[1], ids[-1], ids[2]))
+    assert first is not None and (first.status, first.result) == ("completed", "1")
+    assert last is not None and (last.status, last.error_type) == ("failed", "KeyError")
+    assert released is not None and released.status == "interrupted"
+    assert other is not None and other.status == "running"
