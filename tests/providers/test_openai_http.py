@@ -311,6 +311,38 @@ async def test_malformed_json_becomes_a_provider_error(server: FaultServer) -> N
     _secret_free(caught.value)
 
 
+def test_an_answer_missing_optional_fields_is_read_as_they_are_absent() -> None:
+    """The answer is read from the JSON the server sent: servers that call themselves
+    OpenAI-compatible leave out usage, model, finish reason or a tool call's id."""
+    from kagura.providers._chat import to_response
+
+    answer = to_response(
+        {
+            "choices": [
+                {
+                    "message": {
+                        "content": None,
+                        "tool_calls": [{"function": {"name": "add", "arguments": None}}],
+                    }
+                }
+            ]
+        },
+        "openai/test-model",
+    )
+    assert (answer.text, answer.model, answer.finish_reason) == ("", "openai/test-model", None)
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (0, 0)
+    assert [(c.id, c.name, c.arguments) for c in answer.tool_calls] == [(None, "add", "{}")]
+
+
+@pytest.mark.parametrize("body", [{"choices": []}, {"choices": [{}]}, [1, 2], "text", None])
+def test_an_answer_without_a_message_is_a_malformed_response(body: Any) -> None:
+    from kagura.providers._chat import to_response
+
+    with pytest.raises(ProviderError, match="malformed response") as caught:
+        to_response(body, "openai/test-model")
+    assert caught.value.model == "openai/test-model"
+
+
 @pytest.mark.parametrize("fault", ["reset", "truncated"])
 async def test_broken_connections_become_provider_errors(server: FaultServer, fault: str) -> None:
     ask = _asker(server.base_url)

@@ -250,24 +250,30 @@ def error_message(exc: Any) -> str:
 
 
 def to_response(completion: Any, model_id: str) -> ModelResponse:
-    """A chat completion (as the SDK, or LiteLLM, parsed it) as the answer Kagura reads."""
+    """A chat completion as the answer Kagura reads: the JSON object the server sent (what the
+    openai provider reads), or an object with those fields (LiteLLM's), through its
+    ``model_dump()``. Missing optional fields are read as absent, as lenient as the SDK's own
+    model: servers that call themselves OpenAI-compatible leave some out."""
     try:
-        choice = completion.choices[0]
-        message = choice.message
+        data = completion if isinstance(completion, dict) else completion.model_dump()
+        choice = data["choices"][0]
+        message = choice["message"]
         calls = tuple(
-            ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments or "{}")
-            for c in (message.tool_calls or ())
+            ToolCall(
+                id=call.get("id"),
+                name=call["function"]["name"],
+                arguments=call["function"].get("arguments") or "{}",
+            )
+            for call in message.get("tool_calls") or ()
         )
-        usage = completion.usage
+        usage = data.get("usage") or {}
         return ModelResponse(
-            text=message.content or "",
+            text=message.get("content") or "",
             tool_calls=calls,
-            usage=Usage(
-                usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
-            ),
-            model=completion.model or model_id,
-            finish_reason=choice.finish_reason,
+            usage=Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0),
+            model=data.get("model") or model_id,
+            finish_reason=choice.get("finish_reason"),
         )
-    except (AttributeError, IndexError, TypeError) as exc:
+    except (AttributeError, IndexError, KeyError, TypeError) as exc:
         raw = completion if isinstance(completion, str) else repr(completion)
         raise ProviderError(f"malformed response: {exc}", model=model_id, body=raw[:2000]) from exc
