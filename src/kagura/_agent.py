@@ -405,16 +405,18 @@ class Agent(Generic[P, R]):
     def _load_answer(self, output: str | None) -> tuple[Any, str]:
         return self.output.load(output), "journal"
 
-    async def _answer(
+    # A plain method that returns what to await: a coroutine of its own would be one more frame,
+    # kept with everything else while each call in flight waits for its model.
+    def _answer(
         self, model: Model, arguments: dict[str, Any], span: Span, policies: Policies
-    ) -> tuple[Any, str]:
+    ) -> Awaitable[tuple[Any, str]]:
         """The call's output, and the model that answered: the agent's own, or a fallback."""
         prompt = self.prompt.render(arguments)
         total = policies.call_timeout()
         if total is None and not self.fallback:  # the common case, without extra layers
             model.check_ready()
-            return await self._run(model, prompt, span, policies), model.id
-        answer: tuple[Any, str] = await with_total_timeout(
+            return self._run(model, prompt, span, policies)
+        answer: Awaitable[tuple[Any, str]] = with_total_timeout(
             total, self._run_chain(model, prompt, span, policies)
         )
         return answer
@@ -429,14 +431,17 @@ class Agent(Generic[P, R]):
                 policies = policies.for_fallbacks()
             try:
                 current.check_ready()
-                return await self._run(current, prompt, span, policies), current.id
+                return await self._run(current, prompt, span, policies)
             except RunError as exc:
                 if position == len(chain) - 1:
                     raise
                 record_fallback(span, current.id, chain[position + 1].id, exc)
         raise AssertionError("unreachable: the chain is never empty")
 
-    async def _run(self, model: Model, prompt: str, span: Span, policies: Policies) -> Any:
+    async def _run(
+        self, model: Model, prompt: str, span: Span, policies: Policies
+    ) -> tuple[Any, str]:
+        """The output of ``model`` (tool rounds and output retries included), and its id."""
         prompted_tools = bool(self.tools) and (
             self.tool_mode == "prompted" or (self.tool_mode is None and not model.supports_tools)
         )
@@ -507,7 +512,7 @@ class Agent(Generic[P, R]):
                 continue
             if invalid is None:
                 try:
-                    return self.output.parse(answer_text)
+                    return self.output.parse(answer_text), model.id
                 except OutputValidationError as exc:
                     invalid = exc
             failures += 1
