@@ -573,7 +573,9 @@ class Agent(Generic[P, R]):
             temperature=self.temperature,
             max_tokens=self.max_tokens,
             output_schema=schema if model.supports_output_schema else None,
-            tools=self._tool_specs if self.tools and not prompted_tools else [],
+            # The agent's own list, shared by its requests (empty when it has no tools): a fresh
+            # empty one per request was one more object per call in flight.
+            tools=[] if prompted_tools else self._tool_specs,
             extra=self.provider_kwargs,
             output_mode=self.output_mode,
         )
