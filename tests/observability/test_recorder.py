@@ -1147,3 +1147,36 @@ def test_a_forked_child_records_through_a_recorder_of_its_own(store_url: str) ->
         "in the parent, after the child",
     ]
     assert len({s["pid"] for s in spans}) == 2
+
+
+def test_the_open_spans_are_listed_from_a_snapshot(store_url: str) -> None:
+    """The recorder's thread lists the open spans (for their "running" rows) while the event
+    loop's thread opens and closes spans. A garbage collection in the middle of that listing
+    can run Python code (here a gc callback; finalizers in the wild) and so let the other thread
+    change the dict: the listing must not fail. It did, and the batch's finished rows were
+    dropped with it."""
+    import gc
+
+    from kagura._context import Span
+
+    recorder = Recorder(store_url, flush_interval=3600)
+    opened = [Span("agent", f"open-{i}", None) for i in range(2000)]
+    for span in opened:
+        recorder.span_started(span, {"inputs": {"i": span.name}})
+    meanwhile = [Span("agent", f"meanwhile-{i}", None) for i in range(2000)]
+    listing = threading.get_ident()  # the recorder's own thread collects garbage too
+
+    def open_one(phase: str, _info: dict[str, Any]) -> None:
+        if phase == "start" and meanwhile and threading.get_ident() == listing:
+            recorder.span_started(meanwhile.pop(), None)
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)  # a collection at every allocation: inside the listing too
+    gc.callbacks.append(open_one)
+    try:
+        running = recorder._running_rows(everything=True)
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.callbacks.remove(open_one)
+        recorder.close()
+    assert len(running) >= len(opened)

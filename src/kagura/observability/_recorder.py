@@ -674,7 +674,11 @@ class Recorder:
             self._open_spans_seen_ns = now
         started_before = now - _RUNNING_AFTER_NS
         rows = []
-        for span, started in list(self._open_spans.items()):
+        # A copy, taken in one step: the event loop's thread adds and removes spans meanwhile,
+        # and list(items()) is not one step. A garbage collection while it builds the list can
+        # run Python code (finalizers, gc.callbacks), and so let the other thread in: the dict
+        # changed size during the iteration, and the batch's rows were dropped.
+        for span, started in self._open_spans.copy().items():
             if not started[2] and (everything or span.start_ns < started_before):
                 started[2] = True
                 rows.append(self._row(span, started))
