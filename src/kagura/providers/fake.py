@@ -73,13 +73,10 @@ class FakeModel(Model):
     # The wait is in request and stream themselves, not in a coroutine they share: one frame
     # less per call in flight (a fan-out of 10,000 calls holds 10,000 of each).
     async def request(self, request: ModelRequest) -> ModelResponse:
-        reply, delay = self._next(request)
+        scripted, delay = self._next(request)
         if delay:
             await asyncio.sleep(delay)
-        if isinstance(reply, BaseException):
-            raise reply
-        if reply is None:
-            reply = Reply(_default_answer(request))
+        reply = _given(scripted, request)
         for piece in reply.chunks:
             if isinstance(piece, BaseException):
                 raise piece
@@ -117,13 +114,10 @@ class FakeModel(Model):
     async def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
         """The scripted reply as a stream: its ``chunks``, or its text a word at a time, then
         the whole answer. A scripted error (or one among the chunks) is raised where it is."""
-        reply, delay = self._next(request)
+        scripted, delay = self._next(request)
         if delay:
             await asyncio.sleep(delay)
-        if isinstance(reply, BaseException):
-            raise reply
-        if reply is None:
-            reply = Reply(_default_answer(request))
+        reply = _given(scripted, request)
         response = self._response(request, reply)
         for piece in reply.chunks or WORDS.findall(response.text):
             if isinstance(piece, BaseException):
@@ -135,6 +129,14 @@ class FakeModel(Model):
 
 #: How a fake streams text: a word at a time, each with the spaces before it.
 WORDS = re.compile(r"\s*\S+|\s+$")
+
+
+def _given(scripted: Reply | BaseException | None, request: ModelRequest) -> Reply:
+    """What a fake gives once its wait is over: a scripted error is raised, and no script is
+    the default answer."""
+    if isinstance(scripted, BaseException):
+        raise scripted
+    return scripted if scripted is not None else Reply(_default_answer(request))
 
 
 def _default_answer(request: ModelRequest) -> str:
