@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, inspect, select
@@ -151,6 +152,38 @@ def test_a_store_opened_again_is_not_migrated_again(store_url: str) -> None:
     url = engines.normalise_url(store_url)
     engine = engines.engine_for(url)
     assert engines.upgrade(engine) == engines.SCHEMA_VERSION  # found at the latest version
+
+
+def test_steps_another_process_took_meanwhile_are_not_taken_again(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process that read an old version just before another finished upgrading (stood in for
+    by a first read that says 0) reads it again under the lock for upgrades, and takes no step:
+    step 3 would have rebuilt the rollups from the spans, under a writer already adding to them
+    (on PostgreSQL the two deadlocked, and the writer's batch was lost)."""
+    from kagura._storage import _migrations
+
+    url = engines.normalise_url(store_url)
+    engine = engines.engine_for(url)
+    rollups = engines.rollups
+    row = {"kind": "agent", "agent": "", "hour": 1, "name": "kept", "status": "completed"}
+    sums = dict.fromkeys(("calls", "prompt_tokens", "completion_tokens", "total_tokens"), 1)
+    with engine.begin() as connection:  # no span backs it: a rebuild would drop it
+        connection.execute(rollups.insert().values(**row, **sums, cost_usd=0.0, unpriced=0))
+    read = _migrations.stored_version
+    reads = 0
+
+    def stale_first(connection: Any) -> int:
+        nonlocal reads
+        reads += 1
+        return 0 if reads == 1 else read(connection)
+
+    monkeypatch.setattr(_migrations, "stored_version", stale_first)
+    assert engines.upgrade(engine) == 0  # what it found first
+    with engine.connect() as connection:
+        assert [r.name for r in connection.execute(select(rollups))] == ["kept"]
+        assert read(connection) == engines.SCHEMA_VERSION
+    assert reads == 2  # the second, under the lock
 
 
 def _stage_an_old_batch(url: str) -> None:

@@ -5,6 +5,8 @@ redacted; readers never write anything in for it.
 from __future__ import annotations
 
 import marshal
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +15,8 @@ from sqlalchemy import text
 
 from kagura import agent
 from kagura._storage import engine_for, normalise_url
-from kagura.observability import EventStore, Recorder
+from kagura._storage._rollups import _ROLLUPS_LOCK
+from kagura.observability import EventStore, Recorder, _writer
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter, rows_of, sender_of
 from kagura.testing import FakeModel, override_model
 
@@ -119,3 +122,77 @@ async def test_the_tables_are_complete_once_the_recording_process_is_done(
     spans = raw_spans(store_url)
     assert sorted(s["kind"] for s in spans) == ["agent"] * 20 + ["llm"] * 20
     assert all(s["status"] == "completed" for s in spans)
+
+
+def _wait_for_lock_waits(store_url: str, waiting: int) -> None:
+    """Until ``waiting`` sessions of this test's database wait for a lock (bounded)."""
+    engine = engine_for(normalise_url(store_url))
+    deadline = time.monotonic() + 60
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    while True:
+        with engine.connect() as connection:
+            if connection.exec_driver_sql(query).scalar() == waiting:
+                return
+        assert time.monotonic() < deadline, f"{waiting} sessions never waited for a lock"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_batch_rolled_back_by_a_deadlock_is_written_again(
+    writer: StoreWriter, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL ends a deadlock by rolling one of its transactions back. When that is the
+    writer's, the batch is written again rather than dropped. A real deadlock, made in this
+    order: the writer has inserted span "b" and waits for the rollups' lock (held here); another
+    transaction, holding the rollup rows the batch adds to, waits to insert "b" too; the lock
+    goes, the writer waits for those rows, and finds the deadlock (the other side's
+    ``deadlock_timeout`` is an hour, so the writer's check, a second in, is the one that
+    runs)."""
+    take(writer, *batch_of("a"))  # the rollup rows of the hour exist from here on
+    lost: list[BaseException] = []
+    was_lost = _writer.lost_to_another
+
+    def lost_to_another(error: BaseException) -> bool:
+        lost.append(error)
+        return was_lost(error)
+
+    monkeypatch.setattr(_writer, "lost_to_another", lost_to_another)
+    engine = engine_for(normalise_url(store_url))
+    lock = engine.connect()
+    lock.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ROLLUPS_LOCK})")
+    written = threading.Thread(target=take, args=(writer, *batch_of("b")))
+    written.start()
+    other = engine.connect()
+    other.exec_driver_sql("SET deadlock_timeout = '1h'")
+    other.exec_driver_sql("UPDATE kagura_rollups SET calls = calls")
+
+    def insert_b_then_give_up() -> None:
+        other.exec_driver_sql(
+            "INSERT INTO kagura_spans (span_id, run_id, kind, name, status, started_at, "
+            "prompt_tokens, completion_tokens, total_tokens, llm_calls, retries) "
+            "VALUES ('b', 'b', 'agent', 'other', 'running', 0, 0, 0, 0, 0, 0)"
+        )
+        other.rollback()
+
+    inserting = threading.Thread(target=insert_b_then_give_up)
+    try:
+        _wait_for_lock_waits(store_url, 1)  # the writer, for the rollups' lock
+        inserting.start()
+        _wait_for_lock_waits(store_url, 2)  # and the other transaction, for "b"
+        lock.rollback()  # the rollups' lock goes
+        inserting.join(60)
+        written.join(60)
+        assert not written.is_alive() and not inserting.is_alive()
+    finally:
+        lock.close()
+        other.close()
+    assert ["deadlock detected" in str(error) for error in lost] == [True]
+    assert writer.failed_batches == 0
+    assert {(r["span_id"], r["name"]) for r in raw_spans(store_url)} == {
+        ("a", "summarise"),
+        ("b", "summarise"),
+    }
+    assert EventStore(store_url).stats()["executions"] == 2  # the rollups count both

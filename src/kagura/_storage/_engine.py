@@ -132,6 +132,24 @@ def is_store_fault(error: BaseException) -> bool:
     )
 
 
+#: SQLSTATEs of a transaction PostgreSQL rolled back for another's sake: a serialisation
+#: failure, a deadlock.
+_CONFLICT_STATES = frozenset({"40001", "40P01"})
+
+
+def lost_to_another(error: BaseException) -> bool:
+    """Whether a database call failed because another transaction held what it needed (a
+    deadlock, a serialisation failure). Its transaction was rolled back whole, and running it
+    again is the remedy PostgreSQL documents. (SQLite waits for its lock instead, up to the
+    busy timeout.)"""
+    from sqlalchemy import exc
+
+    orig = getattr(error, "orig", None)
+    return isinstance(error, exc.DBAPIError) and getattr(orig, "sqlstate", None) in (
+        _CONFLICT_STATES
+    )
+
+
 def store_error(url: str, doing: str, error: BaseException) -> StoreError:
     """A :class:`~kagura.errors.StoreError` for ``error``, raised while ``doing`` something
     with the store at ``url`` ("open", "read", "write the journal"): it reads ``event store

@@ -7,10 +7,13 @@ in its own transaction, recording its number as it commits. A store without the 
 either new, or made by a version before the table existed (Kagura 0.x up to the schema of
 commit cf3ef53), and step 1 brings both to that schema.
 
-Every step is idempotent: it may find its change already made (``create_all`` of a newer schema
-makes new tables whole; another process may be opening the same store at the same moment), and
-then does nothing. Processes racing through a step may fail with "already exists": such a
-failure means someone else made progress, and the step is tried again (see :func:`upgrade`).
+Processes opening a store at the same moment take the steps one at a time: each step's
+transaction first takes the store's lock for upgrades and reads the version again under it (see
+:func:`_locked_version`), so a step is taken once. Every step is idempotent all the same: it may
+find its change already made (``create_all`` of a newer schema makes new tables whole; an earlier
+version of Kagura, which took no lock, may be opening the same store), and then does nothing. A
+step that fails with "already exists" lost a race to one of those: it is tried again (see
+:func:`upgrade`).
 
 Why not Alembic: it would be a dependency for a handful of steps, and a store is opened on an
 agent's first call, which must stay fast; importing Alembic and running its environment costs
@@ -254,10 +257,12 @@ def upgrade(engine: Any) -> int:
     # Bounded: every race lost means another process made progress on the same steps.
     attempts = 20
     while version < SCHEMA_VERSION:
-        step = STEPS[version]
         try:
             with engine.begin() as connection:
-                step(connection)
+                version = _locked_version(connection)
+                if version >= SCHEMA_VERSION:  # another process took the steps meanwhile
+                    break
+                STEPS[version](connection)
                 _record(connection, version + 1)
         except DBAPIError as error:
             attempts -= 1
@@ -266,6 +271,33 @@ def upgrade(engine: Any) -> int:
             continue
         version += 1
     return found
+
+
+#: The key of PostgreSQL's advisory lock that processes upgrading a store take in turn: "kagura"
+#: in ASCII, then 1 (``kagura._storage._rollups`` has 2).
+_STEPS_LOCK = 0x6B6167757261_0001
+
+
+def _locked_version(connection: Any) -> int:
+    """The store's version, read holding its lock for upgrades until the transaction ends: so
+    processes opening a store at once take its steps one at a time, each after reading where the
+    one before left it. Without it, a process that read an old version before another finished
+    upgrading took the steps again, and step 3 rebuilt the rollups (a DELETE, then inserts) while
+    the other process's writer was already adding to them: on PostgreSQL the two deadlocked,
+    and the writer's batch was lost."""
+    from sqlalchemy import update
+
+    from ._schema import schema_version
+
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_STEPS_LOCK})")
+    else:
+        # SQLite lets one transaction write at a time, and a write takes that lock for the rest
+        # of the transaction: an UPDATE that changes nothing takes it. (The table is made first,
+        # outside the transaction, for a new store; a race to make it is a race lost, below.)
+        schema_version.create(connection, checkfirst=True)
+        connection.execute(update(schema_version).values(version=schema_version.c.version))
+    return stored_version(connection)
 
 
 def _record(connection: Any, version: int) -> None:

@@ -155,10 +155,29 @@ def tally_of(rows: Iterable[tuple[Any, ...]]) -> Tally:
     return tally
 
 
+#: The key of the PostgreSQL advisory lock held by whoever changes the rollups (see
+#: :func:`lock_rollups`): "kagura" in ASCII, then 2.
+_ROLLUPS_LOCK = 0x6B6167757261_0002
+
+
+def lock_rollups(connection: Any) -> None:
+    """Take the rollups' lock until the caller's transaction ends (PostgreSQL; SQLite has one
+    writer at a time anyway).
+
+    Writers adding to the rollups wait for each other on their rows in any case (every batch
+    adds to the same hour's), so this costs them no concurrency; it keeps a rebuild (retention,
+    an upgrade), which deletes rows and writes them again, from interleaving with them. Without
+    it a rebuild and a writer deadlocked, and PostgreSQL rolled one of them back."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ROLLUPS_LOCK})")
+
+
 def write_rollups(connection: Any, tally: Tally) -> None:
-    """Add ``tally`` to the rollup tables (in the caller's transaction). Rows go in key order,
-    so that writers adding to the same rows at once on PostgreSQL wait for each other rather
-    than deadlock."""
+    """Add ``tally`` to the rollup tables (in the caller's transaction, holding the rollups'
+    lock from here to its end: see :func:`lock_rollups`)."""
+    if not tally:
+        return
+    lock_rollups(connection)
     if tally.totals:
         connection.exec_driver_sql(
             _upsert_sql(connection.dialect, "kagura_rollups"),
@@ -208,6 +227,9 @@ def rebuild_rollups(connection: Any, hours: tuple[int, int] | None = None) -> No
 
     from ._schema import latency, rollups, spans
 
+    # First: a writer that has not yet added its spans to the rollups waits until they are
+    # rebuilt, and then adds them; one that has, committed them with its spans, which are read.
+    lock_rollups(connection)
     query = select(*(spans.c[name] for name in ROLLUP_COLUMNS)).where(
         spans.c.status.not_in(NOT_FINAL)
     )
