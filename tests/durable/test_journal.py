@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from kagura._storage import _engine
 from kagura.durable import Journal
 from kagura.durable._journal import _CHUNK, _Flush, _Request
 from kagura.errors import RunTakenOverError
@@ -119,3 +120,70 @@ async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) ->
     assert last is not None and (last.status, last.error_type) == ("failed", "KeyError")
     assert released is not None and released.status == "interrupted"
     assert other is not None and other.status == "running"
+
+
+def _wait_for_lock_waits(journal: Journal, waiting: int) -> None:
+    query = (
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+
+    def waits() -> bool:
+        with journal.engine.connect() as connection:
+            return bool(connection.exec_driver_sql(query).scalar() == waiting)
+
+    wait_until(waits, f"{waiting} sessions to wait for a lock")
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL ends a deadlock by rolling one of its transactions back; when that is the
+    journal's, the batch is committed again, and the workflow waiting for its step never learns
+    of it. A real deadlock, made in this order: the journal's batch has renewed run "y"'s lease
+    (its row is locked) and waits to insert run "x", which a blocker has inserted; another
+    transaction, which has inserted the step the batch commits, waits for "y"'s row; the blocker
+    gives up, and the journal waits for that step: it finds the deadlock (the other side's
+    ``deadlock_timeout`` is an hour, so the journal's check, a second in, is the one that
+    runs)."""
+    lost: list[BaseException] = []
+    was_lost = _engine.lost_to_another
+
+    def lost_to_another(error: BaseException) -> bool:
+        lost.append(error)
+        return was_lost(error)
+
+    monkeypatch.setattr(_engine, "lost_to_another", lost_to_another)
+    journal.start("y", "wf", None, "{}", owner="me")
+    start_x = _Request("start", journal._start_values("x", "wf", None, "{}", "you"))
+    step = journal.commit_step("y", "me", "wf/step#0", "step", "step", "hash", "1")
+    (step_y,) = [item for item in journal._queue if isinstance(item, _Request)]
+    journal._queue.clear()  # written below, with the start, in one batch
+    blocker, other = journal.engine.connect(), journal.engine.connect()
+    try:
+        Journal._insert_runs(blocker, [dict(start_x.values)])
+        other.exec_driver_sql("SET deadlock_timeout = '1h'")
+        Journal._insert_steps(other, [step_y.values])
+        batch = threading.Thread(target=journal._write_batch, args=([start_x, step_y],))
+        batch.start()
+        _wait_for_lock_waits(journal, 1)  # the batch, for "x"
+
+        def lock_y_then_give_up() -> None:
+            other.exec_driver_sql("UPDATE kagura_runs SET owner = owner WHERE run_id = 'y'")
+            other.rollback()
+
+        locking = threading.Thread(target=lock_y_then_give_up)
+        locking.start()
+        _wait_for_lock_waits(journal, 2)  # and the other transaction, for "y"
+        blocker.rollback()
+        locking.join(60)
+        batch.join(60)
+        assert not batch.is_alive() and not locking.is_alive()
+    finally:
+        blocker.close()
+        other.close()
+    assert ["deadlock detected" in str(error) for error in lost] == [True]
+    assert await step is None
+    assert (await start_x.future)[0] == "started"
+    assert set(journal.load_steps("y")) == {"wf/step#0"}

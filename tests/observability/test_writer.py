@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import text
 
 from kagura import agent
-from kagura._storage import engine_for, normalise_url
+from kagura._storage import _engine, engine_for, normalise_url
 from kagura._storage._rollups import _ROLLUPS_LOCK
-from kagura.observability import EventStore, Recorder, _writer
+from kagura.observability import EventStore, Recorder
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter, rows_of, sender_of
 from kagura.testing import FakeModel, override_model
 
@@ -153,13 +153,13 @@ def test_a_batch_rolled_back_by_a_deadlock_is_written_again(
     runs)."""
     take(writer, *batch_of("a"))  # the rollup rows of the hour exist from here on
     lost: list[BaseException] = []
-    was_lost = _writer.lost_to_another
+    was_lost = _engine.lost_to_another
 
     def lost_to_another(error: BaseException) -> bool:
         lost.append(error)
         return was_lost(error)
 
-    monkeypatch.setattr(_writer, "lost_to_another", lost_to_another)
+    monkeypatch.setattr(_engine, "lost_to_another", lost_to_another)
     engine = engine_for(normalise_url(store_url))
     lock = engine.connect()
     lock.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ROLLUPS_LOCK})")

@@ -38,6 +38,7 @@ from ._engine import (
     store_errors,
     store_name,
     synced_engine_for,
+    transaction,
     use_a_large_page_cache,
 )
 from ._interrupted import INTERRUPTED, close_run_spans, close_spans_of_gone_processes
@@ -114,6 +115,7 @@ __all__ = [
     "stored_version",
     "synced_engine_for",
     "tally_of",
+    "transaction",
     "upgrade",
     "use_a_large_page_cache",
     "write_rollups",

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 from .. import _settings
 from ..errors import StoreError
 
 DEFAULT_DB_NAME = "events.db"
+
+T = TypeVar("T")
 
 _engines: dict[str, Any] = {}
 #: SQLite engines that sync every commit (see synced_engine_for), by URL.
@@ -148,6 +150,26 @@ def lost_to_another(error: BaseException) -> bool:
     return isinstance(error, exc.DBAPIError) and getattr(orig, "sqlstate", None) in (
         _CONFLICT_STATES
     )
+
+
+#: How many times :func:`transaction` runs a transaction that loses to another (in all).
+_ATTEMPTS = 5
+
+
+def transaction(engine: Any, work: Callable[[Any], T]) -> T:
+    """``work(connection)`` in a transaction of its own, committed; run again when PostgreSQL
+    rolls the transaction back for another's sake (see :func:`lost_to_another`), up to
+    ``_ATTEMPTS`` times in all. ``work`` must do nothing but database calls, since it may run
+    more than once. Any other error, or the last one, is raised."""
+    attempt = 1
+    while True:
+        try:
+            with engine.begin() as connection:
+                return work(connection)
+        except Exception as error:
+            if attempt == _ATTEMPTS or not lost_to_another(error):
+                raise
+            attempt += 1
 
 
 def store_error(url: str, doing: str, error: BaseException) -> StoreError:

@@ -47,7 +47,7 @@ from typing import Any, Literal
 from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
-from .._storage import close_run_spans, close_spans_of_gone_processes
+from .._storage import close_run_spans, close_spans_of_gone_processes, transaction
 from ..errors import EncryptionKeyError, RunTakenOverError
 
 _log = logging.getLogger("kagura.durable")
@@ -646,29 +646,37 @@ class Journal:
                 repeats.append(request)
             else:
                 starts[request.values["run_id"]] = request
-        held: set[tuple[str, str]] = set()
+
+        def commit(connection: Any) -> tuple[set[tuple[str, str]], set[str]]:
+            now = time.time()
+            # The lease first: its renewal takes the write lock (SQLite) or the run rows' locks
+            # (PostgreSQL), so no claim can slip in before this transaction commits.
+            pairs = {r.lease for r in leased if r.lease is not None}
+            held = self._renew(connection, pairs, now) if pairs else set()
+            # In the order of their ids, as every process inserts them: two starting the same
+            # runs at once wait for each other rather than deadlock.
+            created = (
+                self._insert_runs(connection, [starts[run_id].values for run_id in sorted(starts)])
+                if starts
+                else set()
+            )
+            mine = [r for r in leased if r.lease in held]
+            rows = [r.values for r in mine if r.kind == "step"]
+            if rows:
+                self._insert_steps(connection, rows)
+            finishes = [r.values for r in mine if r.kind == "finish"]
+            if finishes:
+                _finish(connection, finishes)
+            releases = [r.values for r in mine if r.kind == "release"]
+            if releases:
+                _release(connection, releases)
+            return held, created
+
         try:
-            with self._store("journal durable runs"), self.engine.begin() as connection:
-                now = time.time()
-                # The lease first: its renewal takes the write lock (SQLite) or the run rows'
-                # locks (PostgreSQL), so no claim can slip in before this transaction commits.
-                pairs = {r.lease for r in leased if r.lease is not None}
-                held = self._renew(connection, pairs, now) if pairs else set()
-                created = (
-                    self._insert_runs(connection, [r.values for r in starts.values()])
-                    if starts
-                    else set()
-                )
-                mine = [r for r in leased if r.lease in held]
-                rows = [r.values for r in mine if r.kind == "step"]
-                if rows:
-                    self._insert_steps(connection, rows)
-                finishes = [r.values for r in mine if r.kind == "finish"]
-                if finishes:
-                    _finish(connection, finishes)
-                releases = [r.values for r in mine if r.kind == "release"]
-                if releases:
-                    _release(connection, releases)
+            # Committed again if PostgreSQL rolls it back for another transaction's sake (a
+            # deadlock with another process's claim of a run, say).
+            with self._store("journal durable runs"):
+                held, created = transaction(self.engine, commit)
         except Exception as exc:
             if leased:
                 _log.warning("kagura: journaling %d durable writes failed: %s", len(leased), exc)

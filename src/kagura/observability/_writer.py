@@ -37,11 +37,11 @@ from .._redact import looks_secret, repr_of, scrub
 from .._storage import (
     ROLLUP_COLUMNS,
     is_store_fault,
-    lost_to_another,
     scrub_url,
     store_error,
     store_name,
     tally_of,
+    transaction,
     use_a_large_page_cache,
     write_rollups,
 )
@@ -215,10 +215,6 @@ def _sealed(rows: list[Row]) -> list[Row]:
 #: batch, because a failing attempt may take long (a server that does not answer, a lock held
 #: past the busy timeout): batches would pile up in the recording process meanwhile.
 RETRY_S = 30.0
-#: How often a batch is tried when PostgreSQL rolls its transaction back for another's sake (a
-#: deadlock with a transaction that is not a writer's: writers and rebuilds of the rollups take
-#: the rollups' lock, see ``kagura._storage.lock_rollups``).
-_ATTEMPTS = 5
 
 
 class StoreWriter:
@@ -302,16 +298,17 @@ class StoreWriter:
             sender = this_sender()
         if self._dropping():
             return
-        for attempt in range(1, _ATTEMPTS + 1):
-            try:
-                with self.engine.begin() as connection:
-                    self._insert(connection, running, finished, events, sender)
-                break
-            except Exception as error:
-                if attempt < _ATTEMPTS and lost_to_another(error):
-                    continue  # rolled back whole: nothing of it was written
-                self._failed(error, "writing", len(running) + len(finished) + len(events))
-                return
+        # Written again if PostgreSQL rolls it back for another transaction's sake (a
+        # deadlock with one that is not a writer's: writers and rebuilds of the rollups take
+        # the rollups' lock, see kagura._storage.lock_rollups).
+        try:
+            transaction(
+                self.engine,
+                lambda connection: self._insert(connection, running, finished, events, sender),
+            )
+        except Exception as error:
+            self._failed(error, "writing", len(running) + len(finished) + len(events))
+            return
         self._succeeded()
         self.written_spans += len(finished)
         self.written_events += len(events)
