@@ -843,8 +843,14 @@ asyncio.run(main(worker, calls))
 """
 
 
-def test_several_processes_write_to_one_store(store_url: str, tmp_path: Path) -> None:
+def test_several_processes_write_to_one_store(
+    store_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     workers, calls = 4, 200
+    # A home of this test's: what the writer processes say once their recording processes
+    # have gone (their last batch is written after) goes to its recorder.log.
+    home = tmp_path / "home"
+    monkeypatch.setenv("KAGURA_HOME", str(home))
     env = {"KAGURA_DB": store_url, "KAGURA_MODEL": "fake"}
     processes = [
         spawn_script(WRITER, env, str(tmp_path), str(n), str(workers), str(calls))
@@ -866,6 +872,8 @@ def test_several_processes_write_to_one_store(store_url: str, tmp_path: Path) ->
         assert "Traceback" not in stderr, stderr
         assert "kagura:" not in stderr, stderr  # the recorder logs nothing when all goes well
     spans = rows(store_url)
+    log = home / "recorder.log"
+    assert not log.exists(), log.read_text()
     assert len(spans) == workers * calls * 2
     assert all(s["status"] == "completed" for s in spans)
     assert len({s["pid"] for s in spans}) == workers
