@@ -12,6 +12,7 @@ from kagura._storage import _engine
 from kagura.durable import Journal
 from kagura.durable._journal import _CHUNK, _Flush, _Request
 from kagura.errors import RunTakenOverError
+from tests.observability.conftest import wait_for_lock_waits
 
 from .conftest import wait_until
 
@@ -122,19 +123,6 @@ async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) ->
     assert other is not None and other.status == "running"
 
 
-def _wait_for_lock_waits(journal: Journal, waiting: int) -> None:
-    query = (
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-
-    def waits() -> bool:
-        with journal.engine.connect() as connection:
-            return bool(connection.exec_driver_sql(query).scalar() == waiting)
-
-    wait_until(waits, f"{waiting} sessions to wait for a lock")
-
-
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
     journal: Journal, monkeypatch: pytest.MonkeyPatch
@@ -167,7 +155,7 @@ async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
         Journal._insert_steps(other, [step_y.values])
         batch = threading.Thread(target=journal._write_batch, args=([start_x, step_y],))
         batch.start()
-        _wait_for_lock_waits(journal, 1)  # the batch, for "x"
+        wait_for_lock_waits(journal.engine, 1)  # the batch, for "x"
 
         def lock_y_then_give_up() -> None:
             other.exec_driver_sql("UPDATE kagura_runs SET owner = owner WHERE run_id = 'y'")
@@ -175,7 +163,7 @@ async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
 
         locking = threading.Thread(target=lock_y_then_give_up)
         locking.start()
-        _wait_for_lock_waits(journal, 2)  # and the other transaction, for "y"
+        wait_for_lock_waits(journal.engine, 2)  # and the other transaction, for "y"
         blocker.rollback()
         locking.join(60)
         batch.join(60)

@@ -291,3 +291,20 @@ def rows(url: str, table: str = "kagura_spans") -> list[dict[str, Any]]:
     engine = engine_registry.engine_for(engine_registry.normalise_url(url))
     with engine.connect() as connection:
         return [dict(r._mapping) for r in connection.execute(text(f"SELECT * FROM {table}"))]
+
+
+def wait_for_lock_waits(engine: Any, waiting: int) -> None:
+    """Until ``waiting`` client sessions of the PostgreSQL database behind ``engine`` wait for a
+    lock (bounded): how a test that makes a deadlock knows that a transaction is where it must
+    be before the next one moves."""
+    query = (
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND backend_type = 'client backend' AND wait_event_type = 'Lock'"
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        with engine.connect() as connection:
+            if connection.exec_driver_sql(query).scalar() == waiting:
+                return
+        assert time.monotonic() < deadline, f"{waiting} sessions never waited for a lock"
+        time.sleep(0.01)

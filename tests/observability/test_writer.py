@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import marshal
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from kagura.observability import EventStore, Recorder
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter, rows_of, sender_of
 from kagura.testing import FakeModel, override_model
 
-from .conftest import rows
+from .conftest import rows, wait_for_lock_waits
 
 KEY_SHAPED = "sk-proj-AbCdEfGhIjKlMnOp1234567890"
 
@@ -124,22 +123,6 @@ async def test_the_tables_are_complete_once_the_recording_process_is_done(
     assert all(s["status"] == "completed" for s in spans)
 
 
-def _wait_for_lock_waits(store_url: str, waiting: int) -> None:
-    """Until ``waiting`` sessions of this test's database wait for a lock (bounded)."""
-    engine = engine_for(normalise_url(store_url))
-    deadline = time.monotonic() + 60
-    query = (
-        "SELECT count(*) FROM pg_stat_activity "
-        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
-    )
-    while True:
-        with engine.connect() as connection:
-            if connection.exec_driver_sql(query).scalar() == waiting:
-                return
-        assert time.monotonic() < deadline, f"{waiting} sessions never waited for a lock"
-        time.sleep(0.01)
-
-
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 def test_a_batch_rolled_back_by_a_deadlock_is_written_again(
     writer: StoreWriter, store_url: str, monkeypatch: pytest.MonkeyPatch
@@ -179,9 +162,9 @@ def test_a_batch_rolled_back_by_a_deadlock_is_written_again(
 
     inserting = threading.Thread(target=insert_b_then_give_up)
     try:
-        _wait_for_lock_waits(store_url, 1)  # the writer, for the rollups' lock
+        wait_for_lock_waits(engine, 1)  # the writer, for the rollups' lock
         inserting.start()
-        _wait_for_lock_waits(store_url, 2)  # and the other transaction, for "b"
+        wait_for_lock_waits(engine, 2)  # and the other transaction, for "b"
         lock.rollback()  # the rollups' lock goes
         inserting.join(60)
         written.join(60)
