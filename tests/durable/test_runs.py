@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from kagura.durable import Journal, _execute
+from kagura.durable._journal import MAX_RUN_ID
 from kagura.errors import RunFailedError, RunInProgressError, UsageError
 from kagura.testing import FakeModel
 
@@ -205,3 +206,40 @@ async def test_a_start_that_cannot_be_written_raises_instead_of_hanging(
                 await workflows.gated.run("tea", str(gate), run_id="refused-1")
     assert model.requests == []  # nothing ran without its run on record
     assert await workflows.gated.run("tea", str(gate), run_id="refused-1") == EXPECTED
+
+
+async def test_a_run_id_as_long_as_a_run_id_may_be_is_journaled_and_recorded(
+    db: str, journal: Journal, model: FakeModel
+) -> None:
+    """255 characters: the journal keys the run by it, and its workflow span (whose id is the
+    run's) is recorded; on PostgreSQL the spans' ids were 64 characters long, and the batch
+    holding such a run's spans was refused whole."""
+    from kagura.observability import EventStore
+    from kagura.observability._recorder import default_recorder
+
+    run_id = "r" * MAX_RUN_ID
+    assert await workflows.plain.run("tea", run_id=run_id) == "Review this: DRAFT A NOTE ABOUT TEA."
+    record = journal.get_run(run_id)
+    assert record is not None and record.status == "completed"
+    recorder = default_recorder()
+    assert recorder is not None and recorder.flush()
+    (span,) = EventStore(db).get_executions(kind="workflow")
+    assert (span["id"], span["run_id"], span["status"]) == (run_id, run_id, "completed")
+    assert recorder.failed_batches == 0
+
+
+@pytest.mark.parametrize(
+    ("run_id", "said"),
+    [
+        ("r" * (MAX_RUN_ID + 1), "run_id is 256 characters long; a run id is at most 255"),
+        ("", "run_id is empty"),
+        (42, "run_id must be a str"),
+    ],
+)
+async def test_a_run_id_the_store_cannot_key_a_run_by_is_refused_before_anything_runs(
+    journal: Journal, model: FakeModel, run_id: Any, said: str
+) -> None:
+    with pytest.raises(UsageError, match=said):
+        await workflows.plain.run("tea", run_id=run_id)
+    assert model.requests == []
+    assert journal.list_runs() == []

@@ -19,7 +19,7 @@ from kagura.observability import EventStore, Recorder
 from kagura.observability._writer import WIRE_COLUMNS, StoreWriter, rows_of, sender_of
 from kagura.testing import FakeModel, override_model
 
-from .conftest import rows, wait_for_lock_waits
+from .conftest import is_postgres, rows, wait_for_lock_waits
 
 KEY_SHAPED = "sk-proj-AbCdEfGhIjKlMnOp1234567890"
 
@@ -179,3 +179,44 @@ def test_a_batch_rolled_back_by_a_deadlock_is_written_again(
         ("b", "summarise"),
     }
     assert EventStore(store_url).stats()["executions"] == 2  # the rollups count both
+
+
+def _message(*finished: tuple[Any, ...]) -> tuple[tuple[Any, ...], bytes]:
+    message = ("rows", [], [v for row in finished for v in row], [], PREFIX, 7, "elsewhere", None)
+    return message, marshal.dumps(message)
+
+
+def test_values_the_database_refuses_are_made_to_fit_and_the_batch_is_written_whole(
+    writer: StoreWriter, store_url: str
+) -> None:
+    """A NUL character in an error's text, a model's name longer than its column: SQLite takes
+    both as they are. PostgreSQL takes neither, and refused the whole batch they were in (every
+    row of it was lost); now the batch is written again with those values made to fit."""
+    take(
+        writer,
+        *_message(span_row("a", error="HTTP 400: bad\x00byte", model="m" * 300), span_row("b")),
+    )
+    stored = {r["span_id"]: r for r in raw_spans(store_url)}
+    assert set(stored) == {"a", "b"}
+    assert (writer.failed_batches, writer.written_spans) == (0, 2)
+    fitted = stored["a"]["error"], stored["a"]["model"]
+    if is_postgres(store_url):
+        assert fitted == ("HTTP 400: bad\ufffdbyte", "m" * 255)
+    else:
+        assert fitted == ("HTTP 400: bad\x00byte", "m" * 300)
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+def test_a_row_the_database_refuses_still_is_dropped_alone(
+    writer: StoreWriter, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A token count beyond PostgreSQL's integer column cannot be made to fit: that row is
+    dropped, said once with the database's reason (and none of the row's values), and the
+    rest of its batch is written."""
+    bad = span_row("a", prompt_tokens=2**40, inputs=b'{"text":"private words"}')
+    take(writer, *_message(bad, span_row("b"), span_row("c")))
+    assert {r["span_id"] for r in raw_spans(store_url)} == {"b", "c"}
+    assert (writer.failed_batches, writer.written_spans) == (0, 2)
+    (said,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "refused 1 of a batch's 3 recorded rows" in said
+    assert "NumericValueOutOfRange" in said and "private" not in said

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 #: The schema version this code writes and reads: the number of the last step.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 def _step_1_baseline(connection: Any) -> None:
@@ -116,6 +116,22 @@ def _step_3_rollups(connection: Any) -> None:
         .values(agent=agent_of_parent)
     )
     rebuild_rollups(connection)
+
+
+def _step_4_longer_ids(connection: Any) -> None:
+    """Span and event ids as long as a run's (255 characters, was 64): a durable run's workflow
+    span has the run's id, which the user may choose. On PostgreSQL a run whose id was longer
+    than 64 characters had its spans refused, and the batch they were in with them. (SQLite does
+    not enforce a column's declared length: nothing to do there.) Widening a VARCHAR rewrites
+    neither the table nor its indexes on PostgreSQL."""
+    if connection.dialect.name != "postgresql":
+        return
+    for table, columns in (
+        ("kagura_spans", ("span_id", "run_id", "parent_id")),
+        ("kagura_events", ("span_id", "run_id")),
+    ):
+        changes = ", ".join(f"ALTER COLUMN {c} TYPE VARCHAR(255)" for c in columns)
+        connection.exec_driver_sql(f"ALTER TABLE {table} {changes}")
 
 
 #: The columns of a span's row in a staged batch: the recorder's message of versions 1 and
@@ -228,6 +244,7 @@ STEPS: tuple[Callable[[Any], None], ...] = (
     _step_1_baseline,
     _step_2_no_staging,
     _step_3_rollups,
+    _step_4_longer_ids,
 )
 assert len(STEPS) == SCHEMA_VERSION
 

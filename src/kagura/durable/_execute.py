@@ -22,7 +22,13 @@ import pydantic_core
 from pydantic import TypeAdapter
 
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
-from ._journal import Journal, RunRecord, attempt_span_id, journal_for, lease_seconds
+from ._journal import (
+    Journal,
+    RunRecord,
+    attempt_span_id,
+    journal_for,
+    lease_seconds,
+)
 from ._run import DurableRun, current_durable_run
 from ._script import check_not_loading, check_source, loading_target
 
@@ -151,8 +157,8 @@ async def start(
 ) -> Any:
     """Run ``workflow`` durably under ``run_id``: once, whoever asks and however often."""
     check_not_loading(f"workflow {workflow.name!r} started a durable run")
+    run_id = Journal.run_id_for(run_id)
     bound, arguments = _dump_arguments(workflow, args, kwargs)
-    run_id = run_id or uuid.uuid4().hex
     journal = journal_for()
     owner = uuid.uuid4().hex
     outcome, record = await journal.start_soon(

@@ -38,6 +38,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
 from .._storage import close_run_spans, close_spans_of_gone_processes, transaction
-from ..errors import EncryptionKeyError, RunTakenOverError
+from ..errors import EncryptionKeyError, RunTakenOverError, UsageError
 
 _log = logging.getLogger("kagura.durable")
 
@@ -194,8 +195,34 @@ def _answer(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
             future.set_exception(error)
 
 
+#: The longest run id: the length of ``kagura_runs.run_id`` and of the spans' ids (a durable
+#: run's workflow span has the run's id).
+MAX_RUN_ID = 255
+
+
 class Journal:
     """Durable-run storage at one database URL. One per URL per process (:func:`journal_for`)."""
+
+    @staticmethod
+    def run_id_for(run_id: str | None) -> str:
+        """The id of a run started with ``run_id``: a new one for ``None``, else ``run_id`` itself,
+        refused (:class:`~kagura.errors.UsageError`) unless the store can key a run by it. An
+        empty id is refused rather than replaced, since an id left empty by mistake (a variable
+        not set) would silently make every call a run of its own."""
+        if run_id is None:
+            return uuid.uuid4().hex
+        if not isinstance(run_id, str):
+            raise UsageError(
+                f"run_id must be a str (or None for a new id), not {type(run_id).__name__}"
+            )
+        if not run_id:
+            raise UsageError("run_id is empty: pass the run's id, or None for a new one")
+        if len(run_id) > MAX_RUN_ID:
+            raise UsageError(
+                f"run_id is {len(run_id)} characters long; a run id is at most {MAX_RUN_ID} "
+                f"(it keys the run in the store): use a shorter one, or a hash of this one"
+            )
+        return run_id
 
     def __init__(self, url: str | Path) -> None:
         from .._storage import normalise_url

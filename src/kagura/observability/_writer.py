@@ -298,20 +298,85 @@ class StoreWriter:
             sender = this_sender()
         if self._dropping():
             return
+        size = len(running) + len(finished) + len(events)
+        try:
+            self._write(running, finished, events, sender, fit=False)
+        except Exception as error:
+            if not _refused(error):
+                self._failed(error, "writing", size)
+                return
+            lost = self._write_refused(running, finished, events, sender, size)
+            if lost is None:
+                return
+            finished_lost, events_lost = lost
+        else:
+            finished_lost = events_lost = 0
+        self._succeeded()
+        self.written_spans += len(finished) - finished_lost
+        self.written_events += len(events) - events_lost
+
+    def _write(
+        self,
+        running: list[Row],
+        finished: list[Row],
+        events: list[Row],
+        sender: Sender,
+        *,
+        fit: bool,
+    ) -> None:
         # Written again if PostgreSQL rolls it back for another transaction's sake (a
         # deadlock with one that is not a writer's: writers and rebuilds of the rollups take
         # the rollups' lock, see kagura._storage.lock_rollups).
+        transaction(
+            self.engine,
+            lambda connection: self._insert(connection, running, finished, events, sender, fit),
+        )
+
+    def _write_refused(
+        self,
+        running: list[Row],
+        finished: list[Row],
+        events: list[Row],
+        sender: Sender,
+        size: int,
+    ) -> tuple[int, int] | None:
+        """The database refused something in a batch: a value longer than its column, a NUL
+        character in text (PostgreSQL takes neither; SQLite both), which the user's values
+        (a run id, a model's name, an exception's message) may hold. The batch is written again
+        with every value made to fit (see ``_fitted``), then, if it is refused still, row by row:
+        a row the database will not take is dropped alone, not with the others of its batch.
+        How many finished rows and events were dropped; ``None`` if the store itself failed
+        meanwhile (said, and the batch dropped, by ``_failed``)."""
         try:
-            transaction(
-                self.engine,
-                lambda connection: self._insert(connection, running, finished, events, sender),
-            )
+            self._write(running, finished, events, sender, fit=True)
+            return 0, 0
         except Exception as error:
-            self._failed(error, "writing", len(running) + len(finished) + len(events))
-            return
-        self._succeeded()
-        self.written_spans += len(finished)
-        self.written_events += len(events)
+            if not _refused(error):
+                self._failed(error, "writing", size)
+                return None
+        lost = [0, 0, 0]
+        first: Exception | None = None
+        for kind, rows in enumerate((running, finished, events)):
+            for row in rows:
+                one: list[list[Row]] = [[], [], []]
+                one[kind] = [row]
+                try:
+                    self._write(one[0], one[1], one[2], sender, fit=True)
+                except Exception as error:
+                    if not _refused(error):
+                        self._failed(error, "writing", size)
+                        return None
+                    lost[kind] += 1
+                    first = first or error
+        if first is not None:
+            _log.error(
+                "kagura: the event store refused %d of a batch's %d recorded rows; they are "
+                "dropped, the rest is written (%s)",
+                sum(lost),
+                size,
+                _refusal(first),
+            )
+        return lost[1], lost[2]
 
     def _insert(
         self,
@@ -320,21 +385,26 @@ class StoreWriter:
         finished: list[Row],
         events: list[Row],
         sender: Sender,
+        fit: bool,
     ) -> None:
         dialect = self.engine.dialect
         # Straight to the driver's executemany (see positional_sql): the rows are already
         # plain values.
         if running:
             insert_running = _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "nothing")
-            connection.exec_driver_sql(insert_running, self._stored(running, sender))
+            stored = self._stored(running, sender)
+            connection.exec_driver_sql(insert_running, _fitted(stored, "spans") if fit else stored)
         if finished:
             upsert = _insert_sql(dialect, "kagura_spans", SPAN_COLUMNS, "update")
             stored = self._stored(finished, sender)
+            if fit:
+                stored = _fitted(stored, "spans")
             connection.exec_driver_sql(upsert, stored)
             write_rollups(connection, tally_of(map(_ROLLED_UP, stored)))
         if events:
             insert_events = _insert_sql(dialect, "kagura_events", EVENT_COLUMNS, "")
-            connection.exec_driver_sql(insert_events, _event_rows(events))
+            stored = _event_rows(events)
+            connection.exec_driver_sql(insert_events, _fitted(stored, "events") if fit else stored)
 
     def _stored(self, rows: list[Row], sender: Sender) -> list[Row]:
         rows = _table_rows(rows, *sender)
@@ -434,6 +504,55 @@ def _table_rows(
             )
         )
     return table
+
+
+def _refused(error: Exception) -> bool:
+    """Whether the database refused a batch for what is in it (not for the store's fault, and
+    not for a bug of ours)."""
+    from sqlalchemy.exc import DBAPIError
+
+    return isinstance(error, DBAPIError) and not is_store_fault(error)
+
+
+def _refusal(error: Exception) -> str:
+    """What the database said, without the statement and values SQLAlchemy adds (the user's
+    data)."""
+    orig = getattr(error, "orig", None) or error
+    said = str(orig).strip().splitlines()
+    cause: str = scrub(f"{type(orig).__name__}: {said[0] if said else ''}")
+    return cause
+
+
+@functools.cache
+def _limits(table: str) -> tuple[tuple[int, int], ...]:
+    """(position, length) of each column of the ``spans`` or ``events`` table's rows (as the
+    writer stores them) that has a declared length."""
+    from .. import _storage
+
+    columns = SPAN_COLUMNS if table == "spans" else EVENT_COLUMNS
+    schema = getattr(_storage, table)
+    limits = []
+    for at, name in enumerate(columns):
+        length = getattr(schema.c[name].type, "length", None)
+        if length is not None:
+            limits.append((at, length))
+    return tuple(limits)
+
+
+def _fitted(rows: list[Row], table: str) -> list[Row]:
+    """The rows with every text value made storable anywhere: NUL characters replaced (with
+    U+FFFD), and a value longer than its column cut to its length. Only for a batch the
+    database refused: the common batch is stored as it came."""
+    limits = _limits(table)
+    fitted = []
+    for row in rows:
+        values = [v.replace("\x00", "\ufffd") if type(v) is str and "\x00" in v else v for v in row]
+        for at, length in limits:
+            value = values[at]
+            if type(value) is str and len(value) > length:
+                values[at] = value[:length]
+        fitted.append(tuple(values))
+    return fitted
 
 
 def _event_rows(rows: list[Row]) -> list[Row]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import uuid
 from collections.abc import Generator
 from typing import Any, Generic, TypeVar
 
@@ -12,7 +11,7 @@ import ray
 from ray.exceptions import TaskCancelledError
 
 from .._workflow import Workflow
-from ..durable import journal_for
+from ..durable import Journal, journal_for
 from ..errors import RunCancelledError, UsageError
 from ..resilience import registry
 from . import _cluster
@@ -84,9 +83,9 @@ def submit(
             f"kagura.ray.submit runs a @workflow, got {workflow!r}; for agents and plain "
             "functions over many items use kagura.ray.map"
         )
+    run_id = Journal.run_id_for(run_id)
     _check_arguments(workflow, args, kwargs)
     journal_for()  # the store opens (and is made) here, not in every worker at once
-    run_id = run_id or uuid.uuid4().hex
     worker = _cluster.pool().next()
     ref: ray.ObjectRef[R] = worker.run.remote(
         ship(workflow), args, kwargs, run_id, parent_here(), registry() or None
