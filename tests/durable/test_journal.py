@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -11,7 +12,7 @@ import pytest
 from kagura._storage import _engine
 from kagura.durable import Journal
 from kagura.durable._journal import _CHUNK, _Flush, _Request
-from kagura.errors import RunTakenOverError
+from kagura.errors import RunTakenOverError, StoreError
 from tests.observability.conftest import wait_for_lock_waits
 
 from .conftest import wait_until
@@ -123,6 +124,18 @@ async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) ->
     assert other is not None and other.status == "running"
 
 
+def kept_from_the_writer(
+    journal: Journal, submit: Callable[[], asyncio.Future[Any]]
+) -> tuple[asyncio.Future[Any], _Request]:
+    """A write submitted, and taken off the queue before the writer's thread takes it (it
+    takes requests holding ``_writing``), for the test to write in a batch of its own making."""
+    with journal._writing:
+        future = submit()
+        (request,) = [item for item in journal._queue if isinstance(item, _Request)]
+        journal._queue.clear()
+    return future, request
+
+
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
     journal: Journal, monkeypatch: pytest.MonkeyPatch
@@ -145,9 +158,9 @@ async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
     monkeypatch.setattr(_engine, "lost_to_another", lost_to_another)
     journal.start("y", "wf", None, "{}", owner="me")
     start_x = _Request("start", journal._start_values("x", "wf", None, "{}", "you"))
-    step = journal.commit_step("y", "me", "wf/step#0", "step", "step", "hash", "1")
-    (step_y,) = [item for item in journal._queue if isinstance(item, _Request)]
-    journal._queue.clear()  # written below, with the start, in one batch
+    step, step_y = kept_from_the_writer(  # written below, with the start, in one batch
+        journal, lambda: journal.commit_step("y", "me", "wf/step#0", "step", "step", "hash", "1")
+    )
     blocker, other = journal.engine.connect(), journal.engine.connect()
     try:
         Journal._insert_runs(blocker, [dict(start_x.values)])
@@ -175,3 +188,34 @@ async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
     await step  # committed: it raises if the batch failed
     assert (await start_x.future)[0] == "started"
     assert set(journal.load_steps("y")) == {"wf/step#0"}
+
+
+async def test_a_run_that_failed_with_a_nul_in_its_message_is_journaled(journal: Journal) -> None:
+    """PostgreSQL's text takes no NUL character, and an exception's message may quote binary
+    data: the run's finish was refused, and with it every write in its batch."""
+    journal.start("run-1", "wf", None, "{}", owner="me")
+    finish = _Request("finish", journal._finish_values("run-1", "me", None, ValueError("a\x00b")))
+    await asyncio.to_thread(journal._write_batch, [finish])
+    await finish.future
+    record = journal.get_run("run-1")
+    assert record is not None and (record.status, record.error) == ("failed", "a\ufffdb")
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+async def test_a_write_the_database_refuses_fails_alone(journal: Journal) -> None:
+    """A step whose name is longer than its column (PostgreSQL enforces the length): its own
+    commit fails, with the database's reason; the other runs' writes in its batch are
+    committed."""
+    journal.start("run-1", "wf", None, "{}", owner="me")
+    long_name, refused = kept_from_the_writer(  # written below, between two other runs' starts
+        journal, lambda: journal.commit_step("run-1", "me", "wf/x#0", "x" * 300, "step", "h", "1")
+    )
+    before, after = (
+        _Request("start", journal._start_values(run_id, "wf", None, "{}", "you"))
+        for run_id in ("run-0", "run-2")
+    )
+    await asyncio.to_thread(journal._write_batch, [before, refused, after])
+    with pytest.raises(StoreError, match="cannot journal a durable run: value too long"):
+        await long_name
+    assert [(await r.future)[0] for r in (before, after)] == ["started", "started"]
+    assert journal.load_steps("run-1") == {}

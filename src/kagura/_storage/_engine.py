@@ -152,6 +152,15 @@ def lost_to_another(error: BaseException) -> bool:
     )
 
 
+def refused_values(error: BaseException) -> bool:
+    """Whether the database refused a statement for the values it held: one longer than its
+    column or out of its type's range, a NUL character in text (PostgreSQL takes none of
+    these; SQLite all), a missing value. Running it again with other values may succeed."""
+    from sqlalchemy import exc
+
+    return isinstance(error, (exc.DataError, exc.IntegrityError))
+
+
 #: How many times :func:`transaction` runs a transaction that loses to another (in all).
 _ATTEMPTS = 5
 

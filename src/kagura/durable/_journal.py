@@ -48,7 +48,13 @@ from typing import Any, Literal
 from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
-from .._storage import close_run_spans, close_spans_of_gone_processes, transaction
+from .._storage import (
+    close_run_spans,
+    close_spans_of_gone_processes,
+    refused_values,
+    store_error,
+    transaction,
+)
 from ..errors import EncryptionKeyError, RunTakenOverError, UsageError
 
 _log = logging.getLogger("kagura.durable")
@@ -198,6 +204,15 @@ def _answer(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
 #: The longest run id: the length of ``kagura_runs.run_id`` and of the spans' ids (a durable
 #: run's workflow span has the run's id).
 MAX_RUN_ID = 255
+
+
+def _error_text(error: BaseException) -> str:
+    """How a failed run's error is stored: its message redacted, with any NUL character
+    replaced (PostgreSQL's text takes none, and a message may quote binary data)."""
+    from .._redact import scrub
+
+    text: str = scrub(str(error) or type(error).__name__)
+    return text.replace("\x00", "\ufffd")
 
 
 class Journal:
@@ -496,16 +511,14 @@ class Journal:
     def _finish_values(
         run_id: str, owner: str, result: str | None, error: BaseException | None
     ) -> dict[str, Any]:
-        from .._redact import scrub
-
         now = time.time()
         return {
             "b_run_id": run_id,
             "b_owner": owner,
             "status": "completed" if error is None else "failed",
             "result": encrypt(result) if error is None else None,
-            "error": None if error is None else encrypt(scrub(str(error) or type(error).__name__)),
-            "error_type": None if error is None else type(error).__qualname__,
+            "error": None if error is None else encrypt(_error_text(error)),
+            "error_type": None if error is None else type(error).__qualname__[:255],
             "updated_at": now,
             "heartbeat_at": now,
         }
@@ -705,6 +718,17 @@ class Journal:
             with self._store("journal durable runs"):
                 held, created = transaction(self.engine, commit)
         except Exception as exc:
+            if refused_values(exc):
+                if len(batch) > 1:
+                    # The database refused a value one request holds (a name longer than its
+                    # column, say): each on its own, in order, so that that one alone fails,
+                    # not every run with a write in this batch.
+                    for request in batch:
+                        self._write_batch([request])
+                    return
+                refused = store_error(self.url, "journal a durable run", exc)
+                refused.__cause__ = exc
+                exc = refused
             if leased:
                 _log.warning("kagura: journaling %d durable writes failed: %s", len(leased), exc)
             _settle([(r, None, exc) for r in batch])

@@ -37,6 +37,7 @@ from .._redact import looks_secret, repr_of, scrub
 from .._storage import (
     ROLLUP_COLUMNS,
     is_store_fault,
+    refused_values,
     scrub_url,
     store_error,
     store_name,
@@ -302,7 +303,7 @@ class StoreWriter:
         try:
             self._write(running, finished, events, sender, fit=False)
         except Exception as error:
-            if not _refused(error):
+            if not refused_values(error):
                 self._failed(error, "writing", size)
                 return
             lost = self._write_refused(running, finished, events, sender, size)
@@ -351,7 +352,7 @@ class StoreWriter:
             self._write(running, finished, events, sender, fit=True)
             return 0, 0
         except Exception as error:
-            if not _refused(error):
+            if not refused_values(error):
                 self._failed(error, "writing", size)
                 return None
         lost = [0, 0, 0]
@@ -363,7 +364,7 @@ class StoreWriter:
                 try:
                     self._write(one[0], one[1], one[2], sender, fit=True)
                 except Exception as error:
-                    if not _refused(error):
+                    if not refused_values(error):
                         self._failed(error, "writing", size)
                         return None
                     lost[kind] += 1
@@ -504,14 +505,6 @@ def _table_rows(
             )
         )
     return table
-
-
-def _refused(error: Exception) -> bool:
-    """Whether the database refused a batch for what is in it (not for the store's fault, and
-    not for a bug of ours)."""
-    from sqlalchemy.exc import DBAPIError
-
-    return isinstance(error, DBAPIError) and not is_store_fault(error)
 
 
 def _refusal(error: Exception) -> str:
