@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+import kagura
 from kagura import Workflow, agent, current_run_id, get_current_span, workflow
 from kagura._events import SpanFinished
+from kagura.errors import UsageError
 from kagura.testing import CapturedEvents, FakeModel, Reply, capture_events, override_model
 
 
@@ -254,3 +256,28 @@ async def test_workflow_inputs_and_outputs_are_recorded(fake: FakeModel) -> None
     (started,) = events.started
     assert started.attributes["inputs"] == {"args": (1,), "kwargs": {"b": 2}}
     assert events.finished[0].attributes["output"] == 3
+
+
+async def test_names_the_store_cannot_keep_are_refused_where_they_are_given() -> None:
+    """Names are kept in columns of 255 characters: PostgreSQL refused a longer one when it was
+    written (SQLite kept it), so it is refused where it is given, on every store."""
+    long_name = "n" * 256
+
+    async def fn(text: str) -> str:
+        """{{ text }}"""
+        return text
+
+    with pytest.raises(UsageError, match=r"agent name 'nnn.*256 characters long; .* at most 255"):
+        agent(name=long_name)(fn)
+    with pytest.raises(UsageError, match=r"workflow name 'nnn.*256 characters long"):
+        workflow(name=long_name)(fn)
+
+    @workflow
+    async def steps(name: Any) -> str:
+        return await kagura.step(name, str.upper, "x")
+
+    with pytest.raises(UsageError, match=r"step name 'nnn.*256 characters long"):
+        await steps(long_name)
+    with pytest.raises(UsageError, match="a step's name must be a non-empty str, got ''"):
+        await steps("")
+    assert await steps("n" * 255) == "X"

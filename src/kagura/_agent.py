@@ -23,7 +23,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, ove
 import pydantic_core
 
 from . import _instrument, _prompted
-from ._context import Span, current_span
+from ._context import Span, checked_name, current_span
 from ._instrument import span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
@@ -166,7 +166,7 @@ class Agent(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self._options = options  # to make it again in another process (__reduce__)
         self.fn = fn
-        self.name = name or fn.__name__
+        self.name = checked_name("agent", name or fn.__name__)
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens

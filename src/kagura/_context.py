@@ -14,6 +14,8 @@ import time
 from contextvars import ContextVar
 from typing import Any, Literal
 
+from .errors import UsageError
+
 SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 
 # A process-unique prefix plus a counter is much cheaper than uuid4() on the hot path while staying
@@ -35,6 +37,24 @@ def _new_prefix() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_new_prefix)
+
+
+#: The longest name of an agent, workflow or step: the length of the store's name columns.
+MAX_NAME = 255
+
+
+def checked_name(kind: str, name: object) -> str:
+    """``name``, when the store can keep it as the name of a ``kind`` ("agent", "workflow",
+    "step"); else a :class:`~kagura.errors.UsageError` saying why. Said here rather than by the
+    database: SQLite keeps a longer one, PostgreSQL refuses it when it is written."""
+    if not isinstance(name, str) or not name:
+        raise UsageError(f"a {kind}'s name must be a non-empty str, got {name!r}")
+    if len(name) > MAX_NAME:
+        raise UsageError(
+            f"{kind} name {name[:40]!r}... is {len(name)} characters long; names are at most "
+            f"{MAX_NAME}, the length of the event store's name columns"
+        )
+    return name
 
 
 def new_id() -> str:

@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from . import _instrument, _settings
-from ._context import Span, current_span
+from ._context import Span, checked_name, current_span
 from ._instrument import span_finished, span_started, status_of
 from ._recording import ensure_recording
 from ._tool import with_resolved_annotations
@@ -59,7 +59,7 @@ class Workflow(Generic[P, R]):
             )
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.name = name or fn.__name__
+        self.name = checked_name("workflow", name or fn.__name__)
         self.policies = policies
         self.retry_budget = retry_budget
         self.budget_usd = budget_usd

@@ -20,7 +20,7 @@ from typing import Any, TypeVar, cast, get_type_hints, overload
 import pydantic_core
 from pydantic import TypeAdapter
 
-from .._context import Span, current_span
+from .._context import Span, checked_name, current_span
 from .._instrument import span_finished, span_started, status_of
 from .._recording import ensure_recording
 from ..errors import NonDeterminismError
@@ -196,6 +196,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     The result must be JSON-serialisable; on replay it is validated against ``fn``'s return
     annotation when it has one. Outside a durable run it just runs and records.
     """
+    checked_name("step", name)
     ensure_recording()
     span = Span("step", name, current_span.get())
     token = current_span.set(span)
