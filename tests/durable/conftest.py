@@ -28,6 +28,7 @@ from tests.observability import conftest as store_fixtures
 postgres_server = store_fixtures.postgres_server
 store_url = store_fixtures.store_url
 record_to = store_fixtures.record_to
+conflicts = store_fixtures.conflicts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WAIT_TIMEOUT = 20.0

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from kagura._storage import _engine
 from kagura.durable import Journal
 from kagura.durable._journal import _CHUNK, _Flush, _Request
 from kagura.errors import RunTakenOverError, StoreError
@@ -138,7 +137,7 @@ def kept_from_the_writer(
 
 @pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
 async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
-    journal: Journal, monkeypatch: pytest.MonkeyPatch
+    journal: Journal, conflicts: list[BaseException]
 ) -> None:
     """PostgreSQL ends a deadlock by rolling one of its transactions back; when that is the
     journal's, the batch is committed again, and the workflow waiting for its step never learns
@@ -148,14 +147,6 @@ async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
     gives up, and the journal waits for that step: it finds the deadlock (the other side's
     ``deadlock_timeout`` is an hour, so the journal's check, a second in, is the one that
     runs)."""
-    lost: list[BaseException] = []
-    was_lost = _engine.lost_to_another
-
-    def lost_to_another(error: BaseException) -> bool:
-        lost.append(error)
-        return was_lost(error)
-
-    monkeypatch.setattr(_engine, "lost_to_another", lost_to_another)
     journal.start("y", "wf", None, "{}", owner="me")
     start_x = _Request("start", journal._start_values("x", "wf", None, "{}", "you"))
     step, step_y = kept_from_the_writer(  # written below, with the start, in one batch
@@ -184,7 +175,7 @@ async def test_a_batch_rolled_back_by_a_deadlock_is_committed_again(
     finally:
         blocker.close()
         other.close()
-    assert ["deadlock detected" in str(error) for error in lost] == [True]
+    assert ["deadlock detected" in str(error) for error in conflicts] == [True]
     await step  # committed: it raises if the batch failed
     assert (await start_x.future)[0] == "started"
     assert set(journal.load_steps("y")) == {"wf/step#0"}

@@ -308,3 +308,20 @@ def wait_for_lock_waits(engine: Any, waiting: int) -> None:
                 return
         assert time.monotonic() < deadline, f"{waiting} sessions never waited for a lock"
         time.sleep(0.01)
+
+
+@pytest.fixture
+def conflicts(monkeypatch: pytest.MonkeyPatch) -> list[BaseException]:
+    """Every error the store's transactions were asked to be run again for (see
+    ``kagura._storage.transaction``), as it happens."""
+    from kagura._storage import _engine
+
+    seen: list[BaseException] = []
+    lost_to_another = _engine.lost_to_another
+
+    def spy(error: BaseException) -> bool:
+        seen.append(error)
+        return lost_to_another(error)
+
+    monkeypatch.setattr(_engine, "lost_to_another", spy)
+    return seen
