@@ -209,29 +209,36 @@ async def test_a_start_that_cannot_be_written_raises_instead_of_hanging(
 
 
 async def test_a_run_id_as_long_as_a_run_id_may_be_is_journaled_and_recorded(
-    db: str, journal: Journal, model: FakeModel
+    db: str, journal: Journal, model: FakeModel, tmp_path: Path
 ) -> None:
-    """255 characters: the journal keys the run by it, and its workflow span (whose id is the
-    run's) is recorded; on PostgreSQL the spans' ids were 64 characters long, and the batch
-    holding such a run's spans was refused whole."""
+    """The longest run id, its run failed and resumed: the journal keys the run by it, and
+    both attempts' workflow spans are recorded under their ids, the run's and the run's with
+    ``~2`` after it. On PostgreSQL the spans' ids were 64 characters long, and a batch holding
+    a span with a longer one was refused whole."""
     from kagura.observability import EventStore
     from kagura.observability._recorder import default_recorder
 
-    run_id = "r" * MAX_RUN_ID
-    assert await workflows.plain.run("tea", run_id=run_id) == "Review this: DRAFT A NOTE ABOUT TEA."
+    run_id, gate = "r" * MAX_RUN_ID, tmp_path / "gate"
+    with pytest.raises(FileNotFoundError):
+        await workflows.checked.run("tea", str(gate), run_id=run_id)
+    gate.touch()
+    assert await workflows.checked.resume(run_id) == EXPECTED
     record = journal.get_run(run_id)
-    assert record is not None and record.status == "completed"
+    assert record is not None and (record.status, record.attempts) == ("completed", 2)
     recorder = default_recorder()
     assert recorder is not None and recorder.flush()
-    (span,) = EventStore(db).get_executions(kind="workflow")
-    assert (span["id"], span["run_id"], span["status"]) == (run_id, run_id, "completed")
+    spans = EventStore(db).get_executions(kind="workflow")
+    assert sorted((s["id"], s["run_id"], s["status"]) for s in spans) == [
+        (run_id, run_id, "failed"),
+        (f"{run_id}~2", f"{run_id}~2", "completed"),
+    ]
     assert recorder.failed_batches == 0
 
 
 @pytest.mark.parametrize(
     ("run_id", "said"),
     [
-        ("r" * (MAX_RUN_ID + 1), "run_id is 256 characters long; a run id is at most 255"),
+        ("r" * (MAX_RUN_ID + 1), "run_id is 201 characters long; a run id is at most 200"),
         ("", "run_id is empty"),
         (42, "run_id must be a str"),
     ],

@@ -119,11 +119,11 @@ def _step_3_rollups(connection: Any) -> None:
 
 
 def _step_4_longer_ids(connection: Any) -> None:
-    """Span and event ids as long as a run's (255 characters, was 64): a durable run's workflow
-    span has the run's id, which the user may choose. On PostgreSQL a run whose id was longer
-    than 64 characters had its spans refused, and the batch they were in with them. (SQLite does
-    not enforce a column's declared length: nothing to do there.) Widening a VARCHAR rewrites
-    neither the table nor its indexes on PostgreSQL."""
+    """Span and event ids of 255 characters, was 64: a durable run's workflow span has the
+    run's id (up to 200 characters, the user's choice), and ``~2`` after it when resumed. On
+    PostgreSQL a run whose id was longer than 64 characters had its spans refused, and the batch
+    they were in with them. (SQLite does not enforce a column's declared length: nothing to do
+    there.) Widening a VARCHAR rewrites neither the table nor its indexes on PostgreSQL."""
     if connection.dialect.name != "postgresql":
         return
     for table, columns in (

@@ -26,7 +26,7 @@ metadata = MetaData()
 spans = Table(
     "kagura_spans",
     metadata,
-    # Ids as long as a run's (kagura_runs.run_id): a durable run's workflow span has its id.
+    # A durable run's workflow span has the run's id, with ~2 after it when resumed.
     Column("span_id", String(255), primary_key=True),
     Column("run_id", String(255), nullable=False),
     Column("parent_id", String(255)),

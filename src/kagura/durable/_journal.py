@@ -201,9 +201,10 @@ def _answer(answers: list[tuple[asyncio.Future[Any], Any, BaseException | None]]
             future.set_exception(error)
 
 
-#: The longest run id: the length of ``kagura_runs.run_id`` and of the spans' ids (a durable
-#: run's workflow span has the run's id).
-MAX_RUN_ID = 255
+#: The longest run id. A durable run's workflow span has the run's id, and a resumed attempt's
+#: has ``~`` and the attempt's number after it (see ``attempt_span_id``): both must fit the
+#: spans' ids, 255 characters (as ``kagura_runs.run_id``).
+MAX_RUN_ID = 200
 
 
 def _error_text(error: BaseException) -> str:
