@@ -22,13 +22,7 @@ import pydantic_core
 from pydantic import TypeAdapter
 
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
-from ._journal import (
-    Journal,
-    RunRecord,
-    attempt_span_id,
-    journal_for,
-    lease_seconds,
-)
+from ._journal import Journal, RunRecord, attempt_span_id, journal_for, lease_seconds
 from ._run import DurableRun, current_durable_run
 from ._script import check_not_loading, check_source, loading_target
 
