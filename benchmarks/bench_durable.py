@@ -228,9 +228,10 @@ def main() -> None:
             )
         table.notes.append(
             "A run commits four times on its way: its start, the three parallel steps (one "
-            "batch), the last step, its finish; each commit is synced to disk. Runs at once "
-            "share commits, and what durability adds is then the event loop's and the "
-            "journal's thread's time per step (the first table)."
+            "batch), the last step, its finish. The two commits of steps are synced to disk; "
+            "the start and finish are not on their own (the next synced commit takes them "
+            "there). Runs at once share commits, and what durability adds is then the event "
+            "loop's and the journal's thread's time per step (the first table)."
         )
 
         resume_us, replay_us = asyncio.run(resume_cost(args.runs, args.rounds))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,8 +13,10 @@ import pytest
 from kagura.durable import Journal
 from kagura.durable._journal import _CHUNK, _Flush, _Request
 from kagura.errors import RunTakenOverError, StoreError
+from kagura.testing import FakeModel
 from tests.observability.conftest import wait_for_lock_waits
 
+from . import workflows
 from .conftest import wait_until
 
 
@@ -87,6 +90,123 @@ def test_journal_commits_are_synced_to_disk(journal: Journal) -> None:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 2  # FULL
     with engine_for(journal.url).connect() as connection:
         assert connection.exec_driver_sql("PRAGMA synchronous").scalar_one() == 1  # NORMAL
+
+
+def waits_for_the_disk(dialect: str, dbapi_connection: Any) -> bool:
+    """Whether a commit on this connection, now, returns only once it is on disk."""
+    if dialect == "sqlite":
+        return bool(dbapi_connection.execute("PRAGMA synchronous").fetchone()[0] == 2)  # FULL
+    return bool(dbapi_connection.execute("SHOW synchronous_commit").fetchone()[0] == "on")
+
+
+@pytest.fixture
+def batches(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[list[tuple[set[str], bool]]]:
+    """Each batch the journal's writer commits from now on: the kinds of its writes, and whether
+    its commit waited for the disk (read on its connection as it commits)."""
+    from sqlalchemy import event
+
+    seen: list[tuple[set[str], bool]] = []
+    kinds: list[set[str]] = []  # the batch being written (a heartbeat commits between them)
+
+    def on_commit(connection: Any) -> None:
+        if kinds:
+            dbapi_connection = connection.connection.dbapi_connection
+            # Before the batch's callers are answered: they may look at once.
+            seen.append(
+                (kinds.pop(), waits_for_the_disk(connection.dialect.name, dbapi_connection))
+            )
+
+    write = Journal._write_batch
+
+    def spy(self: Journal, batch: list[_Request]) -> None:
+        kinds[:] = [{request.kind for request in batch}]
+        write(self, batch)
+        assert not kinds, "the batch was not committed"
+
+    if journal.engine.dialect.name == "postgresql":
+        # The tests' server does not sync commits (synchronous_commit=off): this database's
+        # sessions do, so that one the journal lets go unsynced stands out.
+        with journal.engine.begin() as connection:
+            name = connection.exec_driver_sql("SELECT current_database()").scalar_one()
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
+        journal.engine.dispose()  # its sessions, made before, keep the server's setting
+    monkeypatch.setattr(Journal, "_write_batch", spy)
+    event.listen(journal.engine, "commit", on_commit)
+    try:
+        yield seen
+    finally:
+        event.remove(journal.engine, "commit", on_commit)
+
+
+async def test_only_a_batch_holding_a_step_waits_for_the_disk(
+    journal: Journal, batches: list[tuple[set[str], bool]]
+) -> None:
+    """A step is what a resumed run must not do again: its batch is on disk before the step's
+    caller hears of it. A run's start and finish alone are not synced (see the journal's
+    docstring), and the journal's next transaction on that connection syncs again."""
+    await journal.start_soon("run-1", "wf", None, "{}", "me")
+    await journal.commit_step("run-1", "me", "wf/step#0", "step", "step", "hash", "1")
+    start_2 = _Request("start", journal._start_values("run-2", "wf", None, "{}", "you"))
+    step_1 = _Request(
+        "step",
+        {"b_run_id": "run-1", "b_owner": "me", "run_id": "run-1", "step_key": "wf/step#1"}
+        | {"name": "step", "kind": "step", "input_hash": "h", "output": "2", "position": 1}
+        | {"created_at": 1.0},
+    )
+    await asyncio.to_thread(journal._write_batch, [start_2, step_1])  # a start and a step
+    await step_1.future
+    await journal.finish_soon("run-1", "me", result="2")
+    await journal.release_soon("run-2", "you")
+    assert batches == [
+        ({"start"}, False),
+        ({"step"}, True),
+        ({"start", "step"}, True),
+        ({"finish"}, False),
+        ({"release"}, False),
+    ]
+    with journal.engine.begin() as connection:
+        assert waits_for_the_disk(connection.dialect.name, connection.connection.dbapi_connection)
+    first, second = journal.get_run("run-1"), journal.get_run("run-2")
+    assert first is not None and (first.status, first.result) == ("completed", "2")
+    assert second is not None and second.status == "interrupted"
+    assert set(journal.load_steps("run-1")) == {"wf/step#0", "wf/step#1"}
+
+
+async def test_a_workflows_steps_are_synced_and_its_start_and_finish_are_not(
+    journal: Journal, model: FakeModel, tmp_path: Path, batches: list[tuple[set[str], bool]]
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    await workflows.gated.run("tea", str(gate), run_id="order-42")
+    assert batches, "the run committed nothing"
+    assert all(synced == ("step" in kinds) for kinds, synced in batches), batches
+    assert [kinds for kinds, _ in batches][:: len(batches) - 1] == [{"start"}, {"finish"}]
+
+
+async def test_a_run_whose_finish_a_power_cut_took_is_answered_from_its_journal(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    """The finish is not synced on its own. Should a power cut take it, the run reads as
+    interrupted; starting its id again resumes it, and every step is replayed from the journal:
+    the provider is not called again."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    expected = "Review this: Draft a note about tea."
+    assert await workflows.gated.run("tea", str(gate), run_id="order-42") == expected
+    calls = len(model.requests)
+    with journal.engine.begin() as connection:  # the run's row as it was before its finish
+        connection.exec_driver_sql(
+            "UPDATE kagura_runs SET status = 'running', result = NULL, heartbeat_at = 0.0 "
+            "WHERE run_id = 'order-42'"
+        )
+    record = journal.get_run("order-42")
+    assert record is not None and record.status == "interrupted"
+    assert await workflows.gated.run("tea", str(gate), run_id="order-42") == expected
+    assert len(model.requests) == calls
+    record = journal.get_run("order-42")
+    assert record is not None and (record.status, record.attempts) == ("completed", 2)
 
 
 async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) -> None:

@@ -165,20 +165,41 @@ def refused_values(error: BaseException) -> bool:
 _ATTEMPTS = 5
 
 
-def transaction(engine: Any, work: Callable[[Any], T]) -> T:
+def transaction(engine: Any, work: Callable[[Any], T], *, synced: bool = True) -> T:
     """``work(connection)`` in a transaction of its own, committed; run again when PostgreSQL
     rolls the transaction back for another's sake (see :func:`lost_to_another`), up to
     ``_ATTEMPTS`` times in all. ``work`` must do nothing but database calls, since it may run
-    more than once. Any other error, or the last one, is raised."""
+    more than once. Any other error, or the last one, is raised.
+
+    With ``synced=False`` the commit returns before it is on disk, where the engine would
+    otherwise wait for that (see :func:`synced_engine_for`): for writes a power cut may lose.
+    Other connections see it at once, a killed process does not lose it, and the next synced
+    commit to the database takes it to disk with its own (a database's log is written in
+    order)."""
     attempt = 1
     while True:
         try:
             with engine.begin() as connection:
+                if not synced:
+                    _unsynced(connection)
                 return work(connection)
         except Exception as error:
             if attempt == _ATTEMPTS or not lost_to_another(error):
                 raise
             attempt += 1
+
+
+def _unsynced(connection: Any) -> None:
+    """Let the transaction begun on ``connection`` commit without waiting for the disk."""
+    name = connection.dialect.name
+    if name == "postgresql":
+        # For this transaction only (PostgreSQL's own remedy for writes that may be lost).
+        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+    elif name == "sqlite" and connection.info.get("synced"):
+        # A setting of the connection, not of the transaction: the synced engine sets it back
+        # when the connection returns to its pool (see synced_engine_for).
+        connection.exec_driver_sql("PRAGMA synchronous=NORMAL")
+        connection.info["unsynced"] = True
 
 
 def store_error(url: str, doing: str, error: BaseException) -> StoreError:
@@ -416,8 +437,15 @@ def synced_engine_for(url: str) -> Any:
             synced = _synced_engines[url] = _create(url)
 
             @event.listens_for(synced, "connect")
-            def _sync_every_commit(dbapi_connection: Any, _record: Any) -> None:
+            def _sync_every_commit(dbapi_connection: Any, record: Any) -> None:
                 dbapi_connection.execute("PRAGMA synchronous=FULL")  # after _create's NORMAL
+                record.info["synced"] = True
+
+            @event.listens_for(synced, "checkin")
+            def _sync_again(dbapi_connection: Any, record: Any) -> None:
+                # After a transaction(synced=False): the next user of the connection syncs.
+                if record.info.pop("unsynced", False) and dbapi_connection is not None:
+                    dbapi_connection.execute("PRAGMA synchronous=FULL")
 
         return synced
 
