@@ -721,8 +721,7 @@ class Journal:
             return held, created
 
         # Only steps wait for the disk (see "What waits for the disk" in the module's docstring):
-        # a run's start and finish each saved a synced commit on its way (two of its four on
-        # the benchmark's workflow).
+        # a run's start and finish would each add a sync to its wall time.
         synced = any(request.kind == "step" for request in leased)
         try:
             # Committed again if PostgreSQL rolls it back for another transaction's sake (a
