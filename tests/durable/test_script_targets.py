@@ -280,6 +280,44 @@ def test_a_script_whose_main_code_is_guarded_resumes(
     assert run_ids(journal) == [run_id]
 
 
+def test_recover_imports_a_script_once_for_all_its_runs(journal: Journal, files: Files) -> None:
+    """Importing a script runs its top level: recovering three of its runs does that once, not
+    once per run."""
+    script = files.script('if __name__ == "__main__":\n    asyncio.run(main())')
+    started = []
+    for _ in range(3):
+        run_id, owner = f"run-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+        outcome, _ = journal.start(run_id, "report", f"{script}:report", '{"topic":"tides"}', owner)
+        assert outcome == "started"
+        journal.release(run_id, owner)  # as if its process had died: interrupted
+        started.append(run_id)
+
+    recovered = asyncio.run(_execute.recover())
+    assert sorted((r.run_id, r.outcome) for r in recovered) == [
+        (run_id, "completed") for run_id in sorted(started)
+    ]
+    assert files.ledger_lines() == ["imported", "loaded"] + ["published tides"] * 3
+
+
+def test_recover_leaves_runs_whose_workflow_cannot_be_loaded_interrupted(journal: Journal) -> None:
+    module = f"kagura_no_such_module_{uuid.uuid4().hex[:8]}"
+    targets = {"run-a": f"{module}:report", "run-b": f"{module}:report", "run-c": None}
+    for run_id, target in targets.items():
+        owner = uuid.uuid4().hex
+        outcome, _ = journal.start(run_id, "report", target, '{"topic":"tides"}', owner)
+        assert outcome == "started"
+        journal.release(run_id, owner)
+
+    recovered = {r.run_id: r for r in asyncio.run(_execute.recover())}
+    assert {run_id: r.outcome for run_id, r in recovered.items()} == dict.fromkeys(
+        targets, "unloadable"
+    )
+    assert isinstance(recovered["run-a"].error, ModuleNotFoundError)
+    assert module in str(recovered["run-b"].error)
+    assert str(recovered["run-c"].error) == "run 'run-c' does not say where its workflow is"
+    assert {r.status for r in journal.list_runs()} == {"interrupted"}
+
+
 # -- module targets -------------------------------------------------------------------------------
 
 

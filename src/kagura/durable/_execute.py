@@ -14,7 +14,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_type_hints, runtime_checkable
 
@@ -22,7 +22,14 @@ import pydantic_core
 from pydantic import TypeAdapter
 
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
-from ._journal import Journal, RunRecord, attempt_span_id, journal_for, lease_seconds
+from ._journal import (
+    Journal,
+    RunRecord,
+    StepRecord,
+    attempt_span_id,
+    journal_for,
+    lease_seconds,
+)
 from ._run import DurableRun, current_durable_run
 from ._script import check_not_loading, check_source, loading_target
 
@@ -52,6 +59,15 @@ class Workflow(Protocol):
 class _Facts:
     target: str
     signature: inspect.Signature
+    #: Validators of the stored JSON of its parameters and of its result ("return"), by name
+    #: (``None``: not annotated): made once, not for every run resumed or answered from the store.
+    adapters: dict[str, TypeAdapter[Any] | None] = field(default_factory=dict)
+
+    def adapter(self, fn: Callable[..., Any], name: str) -> TypeAdapter[Any] | None:
+        if name not in self.adapters:
+            hint = get_type_hints(fn).get(name)
+            self.adapters[name] = None if hint is None else TypeAdapter(hint)
+        return self.adapters[name]
 
 
 # Asked at every run's start, and resolving a script's path takes system calls: kept per
@@ -124,26 +140,25 @@ def _dump_arguments(
 
 
 def _load_arguments(workflow: Workflow, text: str | None) -> inspect.BoundArguments:
-    signature = _facts_of(workflow).signature
+    facts = _facts_of(workflow)
     stored: dict[str, Any] = pydantic_core.from_json(text) if text else {}
-    hints = get_type_hints(workflow.fn)
     values: OrderedDict[str, Any] = OrderedDict()
-    for name in signature.parameters:
+    for name in facts.signature.parameters:
         if name in stored:
-            hint = hints.get(name)
+            adapter = facts.adapter(workflow.fn, name)
             values[name] = (
-                stored[name] if hint is None else TypeAdapter(hint).validate_python(stored[name])
+                stored[name] if adapter is None else adapter.validate_python(stored[name])
             )
-    return inspect.BoundArguments(signature, values)
+    return inspect.BoundArguments(facts.signature, values)
 
 
 def _load_result(workflow: Workflow, text: str | None) -> Any:
     if text is None:
         return None
-    hint = get_type_hints(workflow.fn).get("return")
-    if hint is None:
+    adapter = _facts_of(workflow).adapter(workflow.fn, "return")
+    if adapter is None:
         return pydantic_core.from_json(text)
-    return TypeAdapter(hint).validate_json(text)
+    return adapter.validate_json(text)
 
 
 async def start(
@@ -211,18 +226,26 @@ async def resume_run(workflow: Workflow, run_id: str) -> Resumed:
     if record.status == "completed":
         return Resumed(run_id, _load_result(workflow, record.result), 0, 0, True)
     owner = uuid.uuid4().hex
-    if not await asyncio.to_thread(journal.claim, run_id, owner):
-        latest = await asyncio.to_thread(journal.get_run, run_id)
-        if latest is not None and latest.status == "completed":
-            return Resumed(run_id, _load_result(workflow, latest.result), 0, 0, True)
-        raise RunInProgressError(_busy_message(latest or record))
-    claimed = await asyncio.to_thread(journal.get_run, run_id)
+    claimed, steps = await asyncio.to_thread(_claim, journal, run_id, owner)
+    if steps is None:
+        if claimed is not None and claimed.status == "completed":
+            return Resumed(run_id, _load_result(workflow, claimed.result), 0, 0, True)
+        raise RunInProgressError(_busy_message(claimed or record))
     assert claimed is not None
-    steps = await asyncio.to_thread(journal.load_steps, run_id)
     bound = _load_arguments(workflow, claimed.arguments)
     durable = DurableRun(run_id, journal, steps, owner=owner)
     result = await _execute(workflow, journal, claimed, durable, bound)
     return Resumed(run_id, result, durable.replayed, durable.recorded)
+
+
+def _claim(
+    journal: Journal, run_id: str, owner: str
+) -> tuple[RunRecord | None, dict[str, StepRecord] | None]:
+    """Claim ``run_id`` for ``owner``: the run as it is then, and its journaled steps (``None``
+    if another holds it, or it completed meanwhile). In one trip to a worker thread."""
+    claimed = journal.claim(run_id, owner)
+    record = journal.get_run(run_id)
+    return record, journal.load_steps(run_id) if claimed else None
 
 
 def _busy_message(record: RunRecord) -> str:
@@ -325,22 +348,37 @@ async def recover(
     if not all_hosts:
         interrupted = [r for r in interrupted if r.host == journal.host]
     gate = asyncio.Semaphore(concurrency)
+    # Each workflow is imported once, not once per run: importing a script runs its top-level
+    # code, and runs interrupted together are mostly of a few workflows.
+    workflows: dict[str, Workflow | Exception] = {}
 
     async def one(record: RunRecord) -> Recovered:
         async with gate:
-            return await _recover_one(record)
+            return await _recover_one(record, workflows)
 
     return list(await asyncio.gather(*(one(r) for r in interrupted)))
 
 
-async def _recover_one(record: RunRecord) -> Recovered:
+def _imported(
+    record: RunRecord, workflows: dict[str, Workflow | Exception]
+) -> Workflow | Exception:
+    """The workflow of ``record``, imported on its target's first run, or why it cannot be."""
+    target = record.target
+    if not target:
+        return UsageError(f"run {record.run_id!r} does not say where its workflow is")
+    if target not in workflows:
+        try:
+            workflows[target] = import_target(target)
+        except Exception as exc:
+            workflows[target] = exc
+    return workflows[target]
+
+
+async def _recover_one(record: RunRecord, workflows: dict[str, Workflow | Exception]) -> Recovered:
     run_id, name = record.run_id, record.workflow
-    try:
-        if not record.target:
-            raise UsageError(f"run {run_id!r} does not say where its workflow is")
-        workflow = import_target(record.target)
-    except Exception as exc:
-        return Recovered(run_id, name, "unloadable", error=exc)
+    workflow = _imported(record, workflows)
+    if isinstance(workflow, Exception):
+        return Recovered(run_id, name, "unloadable", error=workflow)
     try:
         resumed = await resume_run(workflow, run_id)
     except (RunInProgressError, RunTakenOverError) as exc:
