@@ -657,9 +657,18 @@ class Journal:
                             break
                         batch.append(item)
                     if batch:
-                        self._write_batch(batch)
+                        self._write_one(batch)
                 for marker in markers:
                     marker.done.set()
+
+    def _write_one(self, batch: list[_Request]) -> None:
+        """:meth:`_write_batch`, kept from ending the writer's thread. A thread on its way out
+        still counts as alive, so a request queued meanwhile would wait on it for ever."""
+        try:
+            self._write_batch(batch)
+        except Exception as exc:  # a bug, since the store's errors are answered in there
+            _log.exception("kagura: the journal failed to write %d durable writes", len(batch))
+            _settle([(request, None, exc) for request in batch])  # answered ones are skipped
 
     def _renew_held(self) -> None:
         """Renew the leases of every run this process executes, in one transaction."""
