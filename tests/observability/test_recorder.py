@@ -713,6 +713,10 @@ async def failing() -> None:
     await summarise("before the error")
     raise RuntimeError("boom at the end")
 
+# Ctrl-C as in a terminal: a suite started in the background (`make test &`) hands its
+# processes SIGINT ignored, and this one would wait out the reply below.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def interrupt(request):
     os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this LLM request is in flight
     return Reply("never", delay=120)
