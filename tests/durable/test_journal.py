@@ -127,13 +127,7 @@ def batches(
         if kinds:
             seen.append((kinds.pop(), None))  # not committed
 
-    if journal.engine.dialect.name == "postgresql":
-        # The tests' server does not sync commits (synchronous_commit=off): this database's
-        # sessions do, so that one the journal lets go unsynced stands out.
-        with journal.engine.begin() as connection:
-            name = connection.exec_driver_sql("SELECT current_database()").scalar_one()
-            connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
-        journal.engine.dispose()  # its sessions, made before, keep the server's setting
+    syncing_every_commit(journal)
     monkeypatch.setattr(Journal, "_write_batch", spy)
     event.listen(journal.engine, "commit", on_commit)
     try:
@@ -142,12 +136,61 @@ def batches(
         event.remove(journal.engine, "commit", on_commit)
 
 
+def syncing_every_commit(journal: Journal) -> None:
+    """On PostgreSQL, this test's database syncs every commit the journal does not say may go
+    unsynced. The tests' server does not sync commits (``synchronous_commit=off``)."""
+    if journal.engine.dialect.name == "postgresql":
+        with journal.engine.begin() as connection:
+            name = connection.exec_driver_sql("SELECT current_database()").scalar_one()
+            connection.exec_driver_sql(f'ALTER DATABASE "{name}" SET synchronous_commit = on')
+        journal.engine.dispose()  # its sessions, made before, keep the server's setting
+
+
+@pytest.fixture
+def commits(journal: Journal) -> Iterator[list[bool]]:
+    """For each commit on the journal's engine from now on: whether it waited for the disk."""
+    from sqlalchemy import event
+
+    seen: list[bool] = []
+
+    def on_commit(connection: Any) -> None:
+        dbapi_connection = connection.connection.dbapi_connection
+        seen.append(waits_for_the_disk(connection.dialect.name, dbapi_connection))
+
+    syncing_every_commit(journal)
+    event.listen(journal.engine, "commit", on_commit)
+    try:
+        yield seen
+    finally:
+        event.remove(journal.engine, "commit", on_commit)
+
+
+def test_a_run_waits_for_the_disk_outside_its_batches_only_for_a_failure(
+    journal: Journal, commits: list[bool]
+) -> None:
+    """The journal's calls outside the writer's batches (a resume's claim, a lease renewal, the
+    Ray worker's finish of a cancelled run) follow the batches' rule: a failure is synced, since
+    resuming a run whose failure a power cut took would call again what failed."""
+    journal.start("run-1", "wf", None, "{}", "me")
+    assert journal.heartbeat("run-1", "me")
+    journal.release("run-1", "me")
+    assert journal.claim("run-1", "you")
+    journal.finish("run-1", "you", result="1")
+    journal.start("run-2", "wf", None, "{}", "me")
+    journal.finish("run-2", "me", error=KeyError("boom"))
+    assert commits == [False, False, False, False, False, False, True]
+    first, second = journal.get_run("run-1"), journal.get_run("run-2")
+    assert first is not None and (first.status, first.attempts) == ("completed", 2)
+    assert second is not None and (second.status, second.error_type) == ("failed", "KeyError")
+
+
 async def test_only_a_batch_holding_a_step_waits_for_the_disk(
     journal: Journal, batches: list[tuple[set[str], bool | None]]
 ) -> None:
     """A step is what a resumed run must not do again: its batch is on disk before the step's
-    caller hears of it. A run's start and finish alone are not synced (see the journal's
-    docstring), and the journal's next transaction on that connection syncs again."""
+    caller hears of it, as is a run's failure. A run's start, release and successful finish
+    alone are not synced (see the journal's docstring), and the journal's next transaction on
+    that connection syncs again."""
     await journal.start_soon("run-1", "wf", None, "{}", "me")
     await journal.commit_step("run-1", "me", "wf/step#0", "step", "step", "hash", "1")
     with journal._writing:  # the writer takes a start and a step in one batch once this lets go
@@ -158,12 +201,16 @@ async def test_only_a_batch_holding_a_step_waits_for_the_disk(
     await asyncio.gather(*together)
     await journal.finish_soon("run-1", "me", result="2")
     await journal.release_soon("run-2", "you")
+    await journal.start_soon("run-3", "wf", None, "{}", "me")
+    await journal.finish_soon("run-3", "me", error=KeyError("boom"))
     assert batches == [
         ({"start"}, False),
         ({"step"}, True),
         ({"start", "step"}, True),
         ({"finish"}, False),
         ({"release"}, False),
+        ({"start"}, False),
+        ({"finish"}, True),
     ]
     with journal.engine.begin() as connection:
         assert waits_for_the_disk(connection.dialect.name, connection.connection.dbapi_connection)

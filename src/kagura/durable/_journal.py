@@ -14,13 +14,21 @@ The guarantees, and where each is kept:
   thread, in order, which commits whatever is queued in one transaction and answers each caller
   once its batch is committed: concurrent runs share commits instead of queueing for the
   database's write lock, and a run's finish is never on disk before its steps.
-- *What waits for the disk.* A batch holding a step is on disk before anyone is answered
-  (SQLite syncs it; PostgreSQL as its server is configured, by default synced). A batch of runs'
-  starts, finishes and releases alone is not synced: every process sees it at once, a killed
-  process does not lose it, and the next synced commit takes it to disk (the database's log is
-  written in order). A power cut may take it. A start lost so has no step on disk after it,
-  so the run starts afresh. A finish or release lost so leaves the run interrupted, and resuming
-  it replays every step from the journal, calling nothing again.
+- *What waits for the disk.* A commit holding a step, or a run's failure, is on disk before
+  anyone is answered (SQLite syncs it; PostgreSQL as its server is configured, by default
+  synced). Every other write is not synced: a run's start, claim, lease renewal, release and
+  successful finish. Every process sees such a write at once, a killed process does not lose
+  it, and the next synced commit takes it to disk (the database's log is written in order). A
+  power cut may take it:
+
+  - a start, or a claim: no step after it is on disk, so the run starts afresh, or is
+    interrupted again, with the steps it had;
+  - a lease renewal: the power cut ended the process that held the lease too;
+  - a successful finish or a release: the run reads as interrupted, and resuming it replays
+    every step from the journal, calling nothing again.
+
+  A failure is synced because resuming a run whose failure was lost would call again what
+  failed.
 - *Fencing.* Each batch first renews the lease of every run it writes for, on the condition that
   the writing process still owns it, and writes only for the runs it does: a process whose run
   was taken over commits nothing more of it, and its workflow gets :class:`RunTakenOverError`.
@@ -370,8 +378,10 @@ class Journal:
         """Create the run, or report what state an existing run with this id is in; an
         interrupted run is claimed for this owner."""
         values = self._start_values(run_id, workflow, target, arguments, owner)
-        with self._store("start a durable run"), self.engine.begin() as connection:
-            created = self._insert_runs(connection, [values])
+        with self._store("start a durable run"):
+            created = transaction(
+                self.engine, lambda c: self._insert_runs(c, [values]), synced=False
+            )
         return self._started(values, created)
 
     def _start_values(
@@ -455,7 +465,8 @@ class Journal:
         from .._storage import runs
 
         now = time.time()
-        with self._store("claim a durable run"), self.engine.begin() as connection:
+
+        def claim(connection: Any) -> bool:
             row = connection.execute(select(runs).where(runs.c.run_id == run_id)).first()
             if row is None:
                 return False
@@ -488,7 +499,10 @@ class Journal:
             close_run_spans(
                 connection, [attempt_span_id(run_id, n) for n in range(1, row.attempts + 1)], now
             )
-        return True
+            return True
+
+        with self._store("claim a durable run"):
+            return transaction(self.engine, claim, synced=False)
 
     def close_spans_of_gone_processes(self) -> int:
         """Close as interrupted the spans this host's dead processes left running (see
@@ -499,8 +513,11 @@ class Journal:
     def heartbeat(self, run_id: str, owner: str) -> bool:
         """Renew the lease; ``False`` if ``owner`` no longer holds it (taken over, released or
         finished)."""
-        with self._store("renew a durable run's lease"), self.engine.begin() as connection:
-            return (run_id, owner) in self._renew(connection, [(run_id, owner)], time.time())
+        with self._store("renew a durable run's lease"):
+            held = transaction(
+                self.engine, lambda c: self._renew(c, [(run_id, owner)], time.time()), synced=False
+            )
+        return (run_id, owner) in held
 
     def finish(
         self,
@@ -512,8 +529,8 @@ class Journal:
     ) -> None:
         self.flush()  # the steps are on disk before the run says it is done
         values = self._finish_values(run_id, owner, result, error)
-        with self._store("finish a durable run"), self.engine.begin() as connection:
-            _finish(connection, [values])
+        with self._store("finish a durable run"):
+            transaction(self.engine, lambda c: _finish(c, [values]), synced=error is not None)
 
     @staticmethod
     def _finish_values(
@@ -534,8 +551,9 @@ class Journal:
     def release(self, run_id: str, owner: str) -> None:
         """Give the lease up at once (the run was cancelled): it is resumable immediately."""
         self.flush()
-        with self._store("release a durable run"), self.engine.begin() as connection:
-            _release(connection, [{"b_run_id": run_id, "b_owner": owner}])
+        values = {"b_run_id": run_id, "b_owner": owner}
+        with self._store("release a durable run"):
+            transaction(self.engine, lambda c: _release(c, [values]), synced=False)
 
     def get_run(self, run_id: str) -> RunRecord | None:
         from sqlalchemy import func, select
@@ -675,8 +693,10 @@ class Journal:
         with self._held_lock:
             held = list(self._held.items())
         try:
-            with self._store("renew leases"), self.engine.begin() as connection:
-                kept = self._renew(connection, held, time.time())
+            with self._store("renew leases"):
+                kept = transaction(
+                    self.engine, lambda c: self._renew(c, held, time.time()), synced=False
+                )
         except Exception as exc:  # the next commit reports it to the run; keep trying
             _log.warning("kagura: renewing %d durable runs' leases failed: %s", len(held), exc)
             return
@@ -729,9 +749,13 @@ class Journal:
                 _release(connection, releases)
             return held, created
 
-        # Only steps wait for the disk (see "What waits for the disk" in the module's docstring):
-        # a run's start and finish would each add a sync to its wall time.
-        synced = any(request.kind == "step" for request in leased)
+        # Only steps and failures wait for the disk (see "What waits for the disk" in the
+        # module's docstring): a run's start and finish would each add a sync to its wall time.
+        synced = any(
+            request.kind == "step"
+            or (request.kind == "finish" and request.values["status"] == "failed")
+            for request in leased
+        )
         try:
             # Committed again if PostgreSQL rolls it back for another transaction's sake (a
             # deadlock with another process's claim of a run, say).
