@@ -48,6 +48,7 @@ Call = Callable[[str], Awaitable[str]]
 RAW = "raw asyncio (sleep + echo)"
 BARE_OPENAI = "bare openai.AsyncOpenAI (its default httpx2 client)"
 BARE_AIOHTTP = "bare openai.AsyncOpenAI + DefaultAioHttpClient"
+AIOHTTP_ALONE = "aiohttp alone (no SDK; JSON body in, JSON answer out)"
 KAGURA_ON = "Kagura agent, recording on"
 KAGURA_OFF = "Kagura agent, recording off"
 
@@ -317,6 +318,7 @@ class ServerProcess:
 async def http_fanout(
     args: argparse.Namespace, report: Report, say: Callable[[str], None], server: ServerProcess
 ) -> None:
+    import aiohttp
     from openai import AsyncOpenAI, DefaultAioHttpClient
 
     # What a user of the SDK writes: no SDK retries and a long timeout (as Kagura's own client),
@@ -339,6 +341,21 @@ async def http_fanout(
 
         return bare
 
+    # What the SDK's transport costs beneath the SDK: the same request and answer, through an
+    # aiohttp session with Kagura's pool settings, and nothing else.
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30.0),
+        headers={"Authorization": "Bearer bench"},
+    )
+    url = server.base_url.rstrip("/") + "/chat/completions"
+
+    async def alone(text: str) -> str:
+        body = {"model": "fault-model", "messages": [{"role": "user", "content": text}]}
+        async with session.post(url, json=body) as response:
+            response.raise_for_status()
+            completion = await response.json()
+        return str(completion["choices"][0]["message"]["content"] or "")
+
     async def ask(question: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
         """{{ question }}"""
 
@@ -348,6 +365,7 @@ async def http_fanout(
             contenders = [
                 Contender(BARE_OPENAI, bare_call(client)),
                 Contender(BARE_AIOHTTP, bare_call(aio_client)),
+                Contender(AIOHTTP_ALONE, alone),
                 Contender(KAGURA_ON, kagura, recording=True),
                 Contender(KAGURA_OFF, kagura, recording=False),
             ]
@@ -379,11 +397,14 @@ async def http_fanout(
                     "Kagura agent's client CPU ≤ 0.5 ms per call",
                     cpu_ms <= 0.5,
                     f"{cpu_ms:.2f} ms (recording on; the SDK with aiohttp: "
-                    f"{median(contenders[1].client_cpu) / concurrency * 1000:.2f} ms)",
+                    f"{median(contenders[1].client_cpu) / concurrency * 1000:.2f} ms, "
+                    f"aiohttp alone: "
+                    f"{median(contenders[2].client_cpu) / concurrency * 1000:.2f} ms)",
                 )
     finally:
         await client.close()
         await aio_client.close()
+        await session.close()
     report.tables[-1].notes.append(
         "The server runs in its own process, with a listen backlog of 4,096 (asyncio's default "
         "of 100 overflows under a burst of new connections, and the kernel's SYN retransmission "
@@ -393,7 +414,10 @@ async def http_fanout(
         "connections in it; its aiohttp client keeps every idle connection. Kagura's client is "
         "the SDK's over aiohttp, with a pool of up to 1,000 connections kept 30 s, sending its "
         "already-built JSON body with `client.post` (the SDK's `create` walks every field of the "
-        "body against its type annotations first). client CPU / server CPU: CPU seconds each "
+        "body against its type annotations first). aiohttp alone is the floor beneath the "
+        "SDK's aiohttp client: what is above it is the SDK's own work per request (its request "
+        "options, httpx2's request and response objects, their conversion to and from "
+        "aiohttp's). client CPU / server CPU: CPU seconds each "
         "process used during a round (median); ms/call: the client's, per call."
     )
 
