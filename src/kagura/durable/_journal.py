@@ -55,10 +55,10 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from .. import _process
 from .._encryption import ENV as ENCRYPTION_ENV
@@ -73,6 +73,7 @@ from .._storage import (
 from ..errors import EncryptionKeyError, RunTakenOverError, UsageError
 
 _log = logging.getLogger("kagura.durable")
+_T = TypeVar("_T")
 
 RunStatus = Literal["running", "completed", "failed", "interrupted"]
 StartOutcome = Literal["started", "claimed", "completed", "failed", "busy"]
@@ -286,6 +287,13 @@ class Journal:
 
         return store_errors(self.url, doing)
 
+    def _commit(self, doing: str, work: Callable[[Any], _T], *, synced: bool = False) -> _T:
+        """``work(connection)`` in a transaction of its own, committed; unless ``synced``,
+        without waiting for the disk (see "What waits for the disk" above). Store faults are
+        raised as by :meth:`_store`."""
+        with self._store(doing):
+            return transaction(self.engine, work, synced=synced)
+
     # -- from the event loop: group-committed by the writer's thread -----------------------
 
     # These return the request's future rather than being coroutines: a durable step waits on
@@ -378,10 +386,7 @@ class Journal:
         """Create the run, or report what state an existing run with this id is in; an
         interrupted run is claimed for this owner."""
         values = self._start_values(run_id, workflow, target, arguments, owner)
-        with self._store("start a durable run"):
-            created = transaction(
-                self.engine, lambda c: self._insert_runs(c, [values]), synced=False
-            )
+        created = self._commit("start a durable run", lambda c: self._insert_runs(c, [values]))
         return self._started(values, created)
 
     def _start_values(
@@ -501,8 +506,7 @@ class Journal:
             )
             return True
 
-        with self._store("claim a durable run"):
-            return transaction(self.engine, claim, synced=False)
+        return self._commit("claim a durable run", claim)
 
     def close_spans_of_gone_processes(self) -> int:
         """Close as interrupted the spans this host's dead processes left running (see
@@ -513,10 +517,9 @@ class Journal:
     def heartbeat(self, run_id: str, owner: str) -> bool:
         """Renew the lease; ``False`` if ``owner`` no longer holds it (taken over, released or
         finished)."""
-        with self._store("renew a durable run's lease"):
-            held = transaction(
-                self.engine, lambda c: self._renew(c, [(run_id, owner)], time.time()), synced=False
-            )
+        held = self._commit(
+            "renew a durable run's lease", lambda c: self._renew(c, [(run_id, owner)], time.time())
+        )
         return (run_id, owner) in held
 
     def finish(
@@ -529,8 +532,9 @@ class Journal:
     ) -> None:
         self.flush()  # the steps are on disk before the run says it is done
         values = self._finish_values(run_id, owner, result, error)
-        with self._store("finish a durable run"):
-            transaction(self.engine, lambda c: _finish(c, [values]), synced=error is not None)
+        self._commit(
+            "finish a durable run", lambda c: _finish(c, [values]), synced=error is not None
+        )
 
     @staticmethod
     def _finish_values(
@@ -552,8 +556,7 @@ class Journal:
         """Give the lease up at once (the run was cancelled): it is resumable immediately."""
         self.flush()
         values = {"b_run_id": run_id, "b_owner": owner}
-        with self._store("release a durable run"):
-            transaction(self.engine, lambda c: _release(c, [values]), synced=False)
+        self._commit("release a durable run", lambda c: _release(c, [values]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
         from sqlalchemy import func, select
@@ -693,10 +696,7 @@ class Journal:
         with self._held_lock:
             held = list(self._held.items())
         try:
-            with self._store("renew leases"):
-                kept = transaction(
-                    self.engine, lambda c: self._renew(c, held, time.time()), synced=False
-                )
+            kept = self._commit("renew leases", lambda c: self._renew(c, held, time.time()))
         except Exception as exc:  # the next commit reports it to the run; keep trying
             _log.warning("kagura: renewing %d durable runs' leases failed: %s", len(held), exc)
             return
@@ -759,8 +759,7 @@ class Journal:
         try:
             # Committed again if PostgreSQL rolls it back for another transaction's sake (a
             # deadlock with another process's claim of a run, say).
-            with self._store("journal durable runs"):
-                held, created = transaction(self.engine, commit, synced=synced)
+            held, created = self._commit("journal durable runs", commit, synced=synced)
         except Exception as exc:
             if refused_values(exc):
                 if len(batch) > 1:
