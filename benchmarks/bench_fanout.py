@@ -41,6 +41,7 @@ from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
 
 from kagura import Agent, _instrument, _recording, agent  # noqa: E402
 from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
+from kagura.providers.openai import KEEPALIVE_SECONDS, MAX_CONNECTIONS  # noqa: E402
 from kagura.testing import FakeModel  # noqa: E402
 
 Call = Callable[[str], Awaitable[str]]
@@ -344,7 +345,7 @@ async def http_fanout(
     # What the SDK's transport costs beneath the SDK: the same request and answer, through an
     # aiohttp session with Kagura's pool settings, and nothing else.
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=1000, keepalive_timeout=30.0),
+        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, keepalive_timeout=KEEPALIVE_SECONDS),
         headers={"Authorization": "Bearer bench"},
     )
     url = server.base_url.rstrip("/") + "/chat/completions"
@@ -411,14 +412,13 @@ async def http_fanout(
         "timer, 1 s, would be what is measured). The SDK's default client keeps 100 connections "
         "alive (at most 1,000 open), so a round of more than 100 calls opens new ones beyond the "
         "100 kept from the round before, and its connection pool's bookkeeping grows with the "
-        "connections in it; its aiohttp client keeps every idle connection. Kagura's client is "
-        "the SDK's over aiohttp, with a pool of up to 1,000 connections kept 30 s, sending its "
-        "already-built JSON body with `client.post` (the SDK's `create` walks every field of the "
-        "body against its type annotations first). aiohttp alone is the floor beneath the "
-        "SDK's aiohttp client: what is above it is the SDK's own work per request (its request "
-        "options, httpx2's request and response objects, their conversion to and from "
-        "aiohttp's). client CPU / server CPU: CPU seconds each "
-        "process used during a round (median); ms/call: the client's, per call."
+        "connections in it; its aiohttp client keeps every idle connection. Kagura sends its "
+        "requests with aiohttp itself, with a pool of up to 1,000 connections kept 30 s, and no "
+        "SDK in between. aiohttp alone is the floor beneath both: the same request and answer "
+        "and nothing else. Above it, the SDK's own work per request (its request options, "
+        "httpx2's request and response objects, their conversion to and from aiohttp's), or "
+        "Kagura's (the agent, its policies, its recording). client CPU / server CPU: CPU "
+        "seconds each process used during a round (median); ms/call: the client's, per call."
     )
 
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible path over real HTTP, against the fault server on 127.0.0.1.
 
-Every test talks to :class:`kagura.testing.fault_server.FaultServer` through the real ``openai``
-SDK (or LiteLLM), so the wire format, the error translation and the cancellation behaviour are
+Every test talks to :class:`kagura.testing.fault_server.FaultServer` over real HTTP (aiohttp,
+or LiteLLM), so the wire format, the error translation and the cancellation behaviour are
 checked end to end, with no network beyond the loopback interface.
 """
 
@@ -11,6 +11,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -21,14 +22,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import openai
+import aiohttp
 import pytest
 from pydantic import BaseModel
 
 from kagura import Agent, agent, tool
-from kagura.errors import ProviderConnectionError, ProviderError
-from kagura.providers import ModelRequest
-from kagura.providers import openai as openai_provider
+from kagura.errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
+from kagura.providers import ModelRequest, _http
 from kagura.providers.openai import OpenAIChatModel
 from kagura.testing import capture_events
 from kagura.testing.fault_server import REDACTED, Fault, FaultServer, example_for_schema
@@ -254,17 +254,10 @@ async def test_native_tool_call_loop_over_http(server: FaultServer) -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "status", "sdk_error"),
-    [
-        ("429", 429, openai.RateLimitError),
-        ("500", 500, openai.InternalServerError),
-        ("503", 503, openai.InternalServerError),
-        ("401", 401, openai.AuthenticationError),
-        ("400", 400, openai.BadRequestError),
-    ],
+    ("fault", "status"), [("429", 429), ("500", 500), ("503", 503), ("401", 401), ("400", 400)]
 )
 async def test_http_errors_become_provider_errors(
-    server: FaultServer, fault: str, status: int, sdk_error: type[Exception]
+    server: FaultServer, fault: str, status: int
 ) -> None:
     ask = _asker(server.base_url)
 
@@ -276,11 +269,14 @@ async def test_http_errors_become_provider_errors(
     assert type(error) is ProviderError
     assert error.status_code == status
     assert error.model == "openai/test-model"
-    assert isinstance(error.__cause__, sdk_error)
-    assert "fault injected" in str(error)
+    # The message is the one in the server's JSON body, which is kept.
+    assert error.body is not None
+    message = json.loads(error.body)["error"]["message"]
+    assert "fault injected" in message
+    assert str(error) == f"openai/test-model: HTTP {status}: {message}"
     assert error.retry_after == (1.0 if status == 429 else None)
     _secret_free(error)
-    # The SDK's own retries are off: exactly one request reached the server.
+    # Kagura's policies own retries (off here): exactly one request reached the server.
     assert server.request_count == 1
 
 
@@ -353,7 +349,7 @@ async def test_broken_connections_become_provider_errors(server: FaultServer, fa
             await ask("hello")
     error = caught.value
     assert isinstance(error, ProviderConnectionError)
-    assert isinstance(error.__cause__, openai.APIConnectionError)
+    assert isinstance(error.__cause__, aiohttp.ClientError)
     assert error.status_code is None
     # Says where it tried to connect and what happened.
     assert str(error).split(f"connection to {server.base_url} failed: ", 1)[1]
@@ -366,7 +362,6 @@ async def test_broken_connections_become_provider_errors(server: FaultServer, fa
 
 
 async def test_a_server_that_hangs_up_without_answering_is_a_connection_error() -> None:
-    # The SDK's aiohttp transport calls this a connect timeout; it is not one.
     async with FaultServer(hang_seconds=0) as server:
         ask = _asker(server.base_url)
         server.script("hang")
@@ -459,13 +454,13 @@ def test_the_clients_of_every_event_loop_share_one_tls_context_that_verifies() -
     on every event loop), and certificates and host names are still checked."""
 
     async def transport_context() -> ssl.SSLContext:
-        client = await openai_provider._client("https://example.invalid/v1", "key")
-        # The SDK's httpx2 client and its aiohttp transport: private to them, read here only.
-        context: ssl.SSLContext = client._client._transport.ssl_context  # type: ignore[attr-defined]
+        client = await _http.client("https://example.invalid/v1", "key")
+        # aiohttp's connector keeps the context it was given in a private attribute.
+        context: ssl.SSLContext = client.session.connector._ssl  # type: ignore[union-attr]
         return context
 
     first, second = asyncio.run(transport_context()), asyncio.run(transport_context())
-    assert first is second is openai_provider._tls()
+    assert first is second is _http.tls()
     assert first.verify_mode is ssl.CERT_REQUIRED and first.check_hostname
 
 
@@ -705,3 +700,100 @@ async def test_litellm_over_http(server: FaultServer, monkeypatch: pytest.Monkey
     assert second.body["model"] == "test-model"
     assert second.body["temperature"] == 0.5
     assert second.authorized_with(SECRET)
+
+
+# -- the wire: proxies, headers, request options, server-sent events -------------------------------
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HTTP_PROXY (read when the client is made, as httpx reads it) carries the request to a
+    host this machine cannot reach itself: the proxy sees the request's whole URL."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", server.base_url.removesuffix("/v1"))
+    ask = _asker("http://models.invalid/v1")
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    # The fault server is no proxy: it records the request and has no route for a full URL.
+    assert caught.value.status_code == 404
+    (request,) = server.requests
+    assert request.path == "http://models.invalid/v1/chat/completions"
+    assert request.authorized_with(SECRET)
+
+
+async def test_no_proxy_sends_the_request_directly(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FaultServer() as stopped:
+        nothing_there = stopped.base_url.removesuffix("/v1")
+    for name in ("no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", nothing_there)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    async with asyncio.timeout(LIMIT):
+        assert await _asker(server.base_url)("direct") == "direct"
+    assert server.requests[0].path == "/v1/chat/completions"
+
+
+async def test_the_organization_and_project_from_the_environment_are_sent(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-kagura")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-tests")
+    async with asyncio.timeout(LIMIT):
+        assert await _asker(server.base_url)("hi") == "hi"
+    headers = server.requests[0].headers
+    assert (headers["openai-organization"], headers["openai-project"]) == (
+        "org-kagura",
+        "proj-tests",
+    )
+    assert headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("provider_kwargs", "says"),
+    [
+        ({"timeout": "soon"}, "timeout='soon'"),
+        ({"timeout": -1}, "timeout=-1"),
+        ({"logit_bias": {1: object()}}, "cannot be sent as JSON"),
+    ],
+)
+async def test_a_request_that_cannot_be_sent_is_a_usage_error_before_anything_is_sent(
+    server: FaultServer, provider_kwargs: dict[str, Any], says: str
+) -> None:
+    ask = _asker(server.base_url, provider_kwargs=provider_kwargs)
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(UsageError, match=re.escape(says)):
+            await ask("hello")
+    assert server.request_count == 0
+
+
+async def test_a_request_timeout_option_bounds_each_read() -> None:
+    async with FaultServer(hang_seconds=LIMIT) as server:
+        ask = _asker(server.base_url, provider_kwargs={"timeout": 0.2})
+        server.script("hang")
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(ProviderTimeout, match=f"request to {server.base_url} timed out"):
+                await ask("hello")
+
+
+async def _events_of(*pieces: bytes) -> list[tuple[str, str]]:
+    async def body() -> AsyncIterator[bytes]:
+        for piece in pieces:
+            yield piece
+
+    return [event async for event in _http._events(body())]
+
+
+async def test_server_sent_events_are_read_as_the_format_says() -> None:
+    """Lines split across reads, CRLF line ends, comments, multi-line data, named events, a
+    field without a space after its colon, and an event the body ends in the middle of."""
+    events = await _events_of(
+        b': keep-alive\r\n\r\ndata: {"a"',
+        b": 1}\r\n\r\nevent: error\ndata:first\ndata: second\n",
+        b"\nid: 7\ndata: [DONE]\n\ndata: cut off",
+    )
+    assert events == [("", '{"a": 1}'), ("error", "first\nsecond"), ("", "[DONE]")]

@@ -2,7 +2,7 @@
 
 Slow set-up is simulated without waiting: the loop's clock is moved forward, and the timers due by
 then run in order of deadline, so a timeout begun before the set-up would fire. The real cold
-start (importing the ``openai`` SDK) is checked in a fresh process.
+start (importing aiohttp, the HTTP client) is checked in a fresh process.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from kagura import _llm, agent
 from kagura._context import Span
 from kagura.errors import ProviderTimeout, UsageError
-from kagura.providers import ModelRequest
+from kagura.providers import ModelRequest, _http
 from kagura.providers import litellm as litellm_provider
 from kagura.providers import openai as openai_provider
 from kagura.providers._setup import SharedSetUp
@@ -272,12 +272,12 @@ async def test_many_first_openai_calls_set_up_once(
 ) -> None:
     runs: list[int] = []
 
-    def load_sdk() -> None:
+    def load_wire() -> None:
         runs.append(threading.get_ident())
-        openai_provider._load_sdk()
+        _http.load()
 
-    monkeypatch.setattr(openai_provider, "_sdk", SharedSetUp(load_sdk, "test-openai-import"))
-    monkeypatch.setattr(openai_provider, "_clients", {})
+    monkeypatch.setattr(openai_provider, "_wire", SharedSetUp(load_wire, "test-http-import"))
+    monkeypatch.setattr(_http, "_clients", {})
     model = OpenAIChatModel("test-model", base_url=server.base_url, api_key="sk-test")
 
     @agent(model=model, timeout=LIMIT)
@@ -287,7 +287,7 @@ async def test_many_first_openai_calls_set_up_once(
     answers = await asyncio.gather(*(ask(f"hello {i}") for i in range(10)))
     assert answers == [f"hello {i}" for i in range(10)]
     assert len(runs) == 1 and runs[0] != threading.get_ident()
-    assert len(openai_provider._clients) == 1  # one client for this loop, shared by all
+    assert len(_http._clients) == 1  # one client for this loop, shared by all
     assert model.prepared
     assert len(server.chat_requests) == 10
 
@@ -299,11 +299,11 @@ COLD_START = textwrap.dedent(
     importers = []
 
     class Spy:
-        """Notes the thread that first looks the SDK up; the usual finders then import it."""
+        """Notes the thread that first looks aiohttp up; the usual finders then import it."""
 
         @staticmethod
         def find_spec(name, path=None, target=None):
-            if name == "openai":
+            if name == "aiohttp":
                 importers.append(threading.current_thread().name)
             return None
 
@@ -320,10 +320,11 @@ COLD_START = textwrap.dedent(
         """{{ text }}"""
 
     async def main():
-        assert "openai" not in sys.modules
+        assert "aiohttp" not in sys.modules
         with capture_events() as events:
             answer = await ask("hello")
         (span,) = events.spans("llm")
+        assert "openai" not in sys.modules  # the SDK is not what sends it
         print(json.dumps({"answer": answer, "importers": importers, "status": span.status}))
 
     asyncio.run(main())
@@ -331,7 +332,7 @@ COLD_START = textwrap.dedent(
 )
 
 
-def test_the_first_call_of_a_process_imports_the_sdk_outside_its_timeout() -> None:
+def test_the_first_call_of_a_process_imports_the_http_client_outside_its_timeout() -> None:
     with FaultServer.run_in_thread() as server:  # the child inherits the loopback-only settings
         out = subprocess.run(
             [sys.executable, "-c", COLD_START, server.base_url],
@@ -344,7 +345,7 @@ def test_the_first_call_of_a_process_imports_the_sdk_outside_its_timeout() -> No
     result = json.loads(out.stdout)
     assert result == {
         "answer": "hello",
-        "importers": ["kagura-openai-import"],  # not the event loop's thread
+        "importers": ["kagura-http-import"],  # not the event loop's thread
         "status": "completed",
     }
 

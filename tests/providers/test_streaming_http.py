@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from kagura import Agent, agent, tool
 from kagura.errors import (
     ProviderConnectionError,
+    ProviderError,
     ProviderTimeout,
     StreamBrokenError,
 )
@@ -130,6 +131,26 @@ async def test_a_stream_that_stops_without_done_is_an_error(server: FaultServer)
                 deltas.append(delta)
     assert deltas == ["One", " two"]
     assert isinstance(caught.value.__cause__, ProviderConnectionError)
+    assert server.request_count == 1
+
+
+async def test_an_error_event_part_way_is_a_provider_error_with_its_message(
+    server: FaultServer,
+) -> None:
+    """A server that fails after it started answering says so in an event of the stream
+    (``data: {"error": {...}}``, as OpenAI does): an error carrying its message, not a chunk."""
+    tell = teller(server.base_url)
+    server.script(Fault("stream_error", text="One two three four.", after_chunks=2))
+    deltas: list[str] = []
+    with pytest.raises(StreamBrokenError) as caught:
+        async with asyncio.timeout(LIMIT):
+            async for delta in tell.stream("count"):
+                deltas.append(delta)
+    assert deltas == ["One", " two"]
+    cause = caught.value.__cause__
+    assert type(cause) is ProviderError
+    assert "error event in the stream: the model failed mid-answer (fault injected)" in str(cause)
+    assert cause.body is not None and json.loads(cause.body)["error"]["type"] == "server_error"
     assert server.request_count == 1
 
 

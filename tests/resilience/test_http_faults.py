@@ -15,7 +15,7 @@ import itertools
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import openai  # noqa: F401 - imported here so that the first request does not pay for it
+import aiohttp  # noqa: F401 - imported here so that the first request does not pay for it
 import pytest
 
 import kagura.pricing

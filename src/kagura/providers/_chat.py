@@ -1,26 +1,23 @@
-"""The chat-completions request both OpenAI-shaped adapters send, and what they learn per endpoint.
+"""The chat-completions request both OpenAI-shaped adapters send, the errors they map, and what
+they learn per endpoint.
 
-The openai SDK adapter and the LiteLLM adapter build the same request: the messages, sampling
-settings, tools and a ``response_format`` chosen by the endpoint's :class:`Profile`. A server
-that rejects the response format it was sent gets the next, less constrained one, once; what it
-accepted is remembered for that endpoint and model for the rest of the process, so the rejection
-is paid once, not on every call, and never retried as if it were a transient failure.
+The OpenAI-compatible adapter and the LiteLLM adapter build the same request: the messages,
+sampling settings, tools and a ``response_format`` chosen by the endpoint's :class:`Profile`; an
+HTTP error answer becomes the same :class:`~kagura.errors.ProviderError` (:func:`status_error`).
+A server that rejects the response format it was sent gets the next, less constrained one, once;
+what it accepted is remembered for that endpoint and model for the rest of the process, so the
+rejection is paid once, not on every call, and never retried as if it were a transient failure.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from .._usage import Usage
-from ..errors import (
-    ProviderConnectionError,
-    ProviderError,
-    ProviderTimeout,
-    UnsupportedRequestError,
-)
+from ..errors import ProviderError, UnsupportedRequestError
 from ._base import (
     OUTPUT_MODES,
     ModelRequest,
@@ -168,85 +165,42 @@ def _rejects(error: ProviderError, words: tuple[str, ...]) -> bool:
     return any(word in text for word in words)
 
 
-@contextlib.contextmanager
-def errors_mapped(model_id: str, where: str, hint: str = "") -> Iterator[None]:
-    """The ``openai`` SDK's exceptions (LiteLLM's are subclasses of them) as Kagura's
-    :class:`~kagura.errors.ProviderError` family. ``where`` names the endpoint (without
-    credentials); ``hint`` says, after a connection failure, where its address came from."""
-    import openai
+def status_error(
+    model_id: str,
+    status: int,
+    headers: Mapping[str, str],
+    body: str | None,
+    message: str | None = None,
+) -> ProviderError:
+    """An HTTP error answer as a :class:`~kagura.errors.ProviderError`: its status, its headers
+    (``Retry-After`` among them) and the start of its body. The message is ``message``, else the
+    one in the body's JSON (``{"error": {"message": ...}}``, what OpenAI-compatible servers
+    send), else the start of the body."""
+    if message is None:
+        message = _message_of(body) or (body or "").strip()[:500] or "(no body)"
+    return ProviderError(
+        message,
+        model=model_id,
+        status_code=status,
+        headers=headers,
+        body=body[:2000] if body is not None else None,
+    )
 
+
+def _message_of(body: str | None) -> str | None:
     try:
-        yield
-    except openai.APITimeoutError as exc:
-        dropped = _dropped_connection(exc)
-        if dropped is None:
-            raise ProviderTimeout(f"request to {where} timed out", model=model_id) from exc
-        raise ProviderConnectionError(
-            f"connection to {where} failed: {type(dropped).__name__}: {dropped}{hint}",
-            model=model_id,
-        ) from exc
-    except openai.APIConnectionError as exc:
-        raise ProviderConnectionError(
-            f"connection to {where} failed: {connection_detail(exc)}{hint}", model=model_id
-        ) from exc
-    except openai.APIStatusError as exc:
-        raise ProviderError(
-            error_message(exc),
-            model=model_id,
-            status_code=exc.status_code,
-            headers=dict(exc.response.headers),
-            body=_body_of(exc.response),
-        ) from exc
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        # The SDK raises these when the body is not the JSON it expects.
-        raise ProviderError(f"malformed response: {exc}", model=model_id) from exc
-
-
-def _dropped_connection(exc: BaseException) -> BaseException | None:
-    """A "timeout" that is a connection the server closed or reset. The SDK's aiohttp transport
-    maps every ``aiohttp.ClientConnectionError`` to a connect timeout, a server that hung up
-    without answering (``ServerDisconnectedError``) and a reset (``ClientOSError``) included;
-    aiohttp's own timeouts are ``TimeoutError``s. Returns aiohttp's error, if so."""
-    seen: set[int] = set()
-    current: BaseException | None = exc.__cause__ or exc.__context__
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, TimeoutError):
-            return None
-        if type(current).__module__.startswith("aiohttp"):
-            return current
-        current = current.__cause__ or current.__context__
-    return None
-
-
-def _body_of(response: Any) -> str | None:
-    """The start of an error response's body, if it was read (LiteLLM makes up responses)."""
-    try:
-        return str(response.text)[:2000]
-    except Exception:  # httpx's ResponseNotRead, or a response that is not httpx's
+        data = json.loads(body) if body else None
+    except ValueError:
         return None
+    return error_message(data) if isinstance(data, dict) else None
 
 
-def connection_detail(exc: BaseException) -> str:
-    """The first informative message down the cause chain (httpx errors often have none)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc.__cause__ or exc.__context__
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if str(current):
-            return f"{type(current).__name__}: {current}"
-        current = current.__cause__ or current.__context__
-    return type(exc.__cause__ or exc).__name__
-
-
-def error_message(exc: Any) -> str:
-    """What an SDK error says went wrong: the message of its JSON body, when it has one."""
-    body = getattr(exc, "body", None)
-    if isinstance(body, dict):
-        inner = body.get("error", body)
-        if isinstance(inner, dict) and inner.get("message"):
-            return str(inner["message"])
-    return str(getattr(exc, "message", exc))
+def error_message(body: Mapping[str, Any]) -> str | None:
+    """The message of an error body: ``{"error": {"message": ...}}``, or the inner object."""
+    inner = body.get("error", body)
+    if isinstance(inner, dict) and inner.get("message"):
+        return str(inner["message"])
+    return None
 
 
 def to_response(completion: Any, model_id: str) -> ModelResponse:

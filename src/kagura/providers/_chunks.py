@@ -1,5 +1,6 @@
-"""Reading a streamed chat completion in the OpenAI chunk format (the ``openai`` SDK's and
-LiteLLM's streams): text deltas out as they come, everything else gathered into the final answer.
+"""Reading a streamed chat completion in the OpenAI chunk format (the JSON objects an
+OpenAI-compatible server streams, and LiteLLM's chunks as such): text deltas out as they come,
+everything else gathered into the final answer.
 
 Tool calls arrive in pieces, keyed by their index: the id and name once, the JSON arguments a
 fragment at a time. Usage comes last, in a chunk of its own with no choices, and only from servers
@@ -8,8 +9,7 @@ that honour ``stream_options.include_usage``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,34 +38,38 @@ class ChunkReader:
         self.finish_reason: str | None = None
         self.usage: Usage = NO_USAGE
 
-    def add(self, chunk: Any) -> str:
-        """Take one chunk in; return its text delta (``""`` when it carries none)."""
+    def add(self, chunk: dict[str, Any]) -> str:
+        """Take one chunk in; return its text delta (``""`` when it carries none). Fields a
+        server leaves out or sends as ``null`` are read as absent."""
         try:
-            if chunk.model and not self._model:
-                self._model = chunk.model
-            usage = getattr(chunk, "usage", None)
-            if usage is not None:
-                self.usage = Usage(usage.prompt_tokens or 0, usage.completion_tokens or 0)
-            if not chunk.choices:
+            if chunk.get("model") and not self._model:
+                self._model = chunk["model"]
+            usage = chunk.get("usage")
+            if usage:
+                self.usage = Usage(
+                    usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+                )
+            choices = chunk.get("choices")
+            if not choices:
                 return ""
-            choice = chunk.choices[0]
-            if choice.finish_reason is not None:
-                self.finish_reason = choice.finish_reason
-            delta = choice.delta
-            if delta is None:
+            choice = choices[0]
+            if choice.get("finish_reason") is not None:
+                self.finish_reason = choice["finish_reason"]
+            delta = choice.get("delta")
+            if not delta:
                 return ""
-            for piece in getattr(delta, "tool_calls", None) or ():
-                call = self._calls.setdefault(piece.index or 0, _PartialCall())
-                if piece.id:
-                    call.id = piece.id
-                function = piece.function
-                if function is not None:
-                    if function.name:
-                        call.name = function.name
-                    if function.arguments:
-                        call.arguments.append(function.arguments)
-            text = delta.content or ""
-        except (AttributeError, IndexError, TypeError) as exc:
+            for piece in delta.get("tool_calls") or ():
+                call = self._calls.setdefault(piece.get("index") or 0, _PartialCall())
+                if piece.get("id"):
+                    call.id = piece["id"]
+                function = piece.get("function")
+                if function:
+                    if function.get("name"):
+                        call.name = function["name"]
+                    if function.get("arguments"):
+                        call.arguments.append(function["arguments"])
+            text = delta.get("content") or ""
+        except (AttributeError, IndexError, KeyError, TypeError) as exc:
             raise ProviderError(
                 f"malformed stream chunk: {exc}", model=self.model_id, body=repr(chunk)[:2000]
             ) from exc
@@ -94,30 +98,21 @@ class ChunkReader:
 
 
 async def read_chunks(
-    open_stream: Callable[[], Awaitable[Any]],
-    model_id: str,
-    errors_mapped: Callable[[], AbstractContextManager[None]],
+    open_stream: Callable[[], Awaitable[AsyncGenerator[dict[str, Any], None]]], model_id: str
 ) -> AsyncIterator[StreamChunk]:
-    """A :meth:`~kagura.providers.Model.stream` over an SDK's chunk stream: ``open_stream()``
-    sends the request and returns the stream; every SDK call is made under ``errors_mapped()``.
+    """A :meth:`~kagura.providers.Model.stream` over a stream of chunks: ``open_stream()`` sends
+    the request and returns the chunks, raising Kagura's errors.
 
-    The SDK's stream is closed however this ends (finished, failed, closed early, cancelled):
-    closing the HTTP response is what tells the server to stop generating.
+    The chunks' generator is closed however this ends (finished, failed, closed early,
+    cancelled): closing the HTTP response is what tells the server to stop generating.
     """
-    with errors_mapped():
-        chunks = await open_stream()
+    chunks = await open_stream()
     reader = ChunkReader(model_id)
     try:
-        while True:
-            with errors_mapped():
-                try:
-                    chunk = await chunks.__anext__()
-                except StopAsyncIteration:
-                    break
+        async for chunk in chunks:
             delta = reader.add(chunk)
             if delta:
                 yield delta
     finally:
-        close = getattr(chunks, "aclose", None) or chunks.close  # LiteLLM's, the openai SDK's
-        await close()
+        await chunks.aclose()
     yield reader.response()

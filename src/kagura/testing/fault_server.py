@@ -26,9 +26,10 @@ Requests with ``"stream": true`` are answered with server-sent events, as OpenAI
 per word of the answer, one with the finish reason, one with the usage when
 ``stream_options.include_usage`` asks, then ``data: [DONE]``. Faults for streams, after
 ``Fault.after_chunks`` chunks of the answer (1 by default): ``"stream_reset"`` (a TCP RST),
-``"stream_cut"`` (the body ends without a finish reason or ``[DONE]``) and ``"stream_hang"`` (no
-more until the client goes away or ``hang_seconds`` pass). To a request that is not streamed they
-are ``"reset"``, ``"truncated"`` and ``"hang"``.
+``"stream_cut"`` (the body ends without a finish reason or ``[DONE]``), ``"stream_hang"`` (no
+more until the client goes away or ``hang_seconds`` pass) and ``"stream_error"`` (an error event,
+``data: {"error": {...}}``, as OpenAI reports a failure part-way, then the end of the body). To a
+request that is not streamed they are ``"reset"``, ``"truncated"``, ``"hang"`` and ``"500"``.
 
 ``rules`` (or :meth:`FaultServer.set_rules`) pick a fault by prompt instead: a list of
 ``(substring, fault)`` pairs, the first whose substring occurs in the request's last user message
@@ -91,10 +92,16 @@ FAULT_KINDS = (
     "stream_reset",
     "stream_cut",
     "stream_hang",
+    "stream_error",
 )
 #: The faults that happen part-way through a stream, and what they are to a request that is not
 #: streamed.
-STREAM_FAULTS = {"stream_reset": "reset", "stream_cut": "truncated", "stream_hang": "hang"}
+STREAM_FAULTS = {
+    "stream_reset": "reset",
+    "stream_cut": "truncated",
+    "stream_hang": "hang",
+    "stream_error": "500",
+}
 #: What ``random_faults`` draws from unless told otherwise: the transient failures a client should
 #: survive by retrying (``hang`` needs a client timeout, 401/400 are not retryable).
 DEFAULT_RANDOM_FAULTS = ("429", "500", "503", "reset", "malformed", "truncated")
@@ -830,6 +837,14 @@ class FaultServer:
             writer.transport.abort()
         elif kind == "stream_hang" and not await self._hold(reader, self.hang_seconds):
             self._client_went(record)
+        elif kind == "stream_error":
+            error = {
+                "message": "the model failed mid-answer (fault injected)",
+                "type": "server_error",
+            }
+            writer.write(f"data: {json.dumps({'error': error})}\n\n".encode())
+            with contextlib.suppress(ConnectionError):
+                await _bounded(writer.drain(), self.io_timeout)
         # "stream_cut", or a hang that ran its time: the body just ends (the caller closes).
 
     def _client_went(self, record: RecordedRequest) -> None:
