@@ -758,7 +758,8 @@ async def test_the_organization_and_project_from_the_environment_are_sent(
     [
         ({"timeout": "soon"}, "timeout='soon'"),
         ({"timeout": -1}, "timeout=-1"),
-        ({"logit_bias": {1: object()}}, "cannot be sent as JSON"),
+        ({"logit_bias": {1: object()}}, "cannot be sent (Object of type object"),
+        ({"extra_body": ["top_k", 5]}, "extra_body and extra_headers as dicts"),
     ],
 )
 async def test_a_request_that_cannot_be_sent_is_a_usage_error_before_anything_is_sent(

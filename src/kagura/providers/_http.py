@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
@@ -115,16 +116,17 @@ class Client:
     def _request(self, kwargs: Mapping[str, Any], model_id: str) -> dict[str, Any]:
         """aiohttp's arguments for a request of ``kwargs``: the body, as JSON, and the options."""
         body = {k: v for k, v in kwargs.items() if k not in REQUEST_OPTIONS}
-        body.update(kwargs.get("extra_body") or {})
         headers = self.headers
-        if kwargs.get("extra_headers"):
-            headers = {**headers, **kwargs["extra_headers"]}
         try:
+            body.update(kwargs.get("extra_body") or {})
+            if kwargs.get("extra_headers"):
+                headers = {**headers, **kwargs["extra_headers"]}
             data = json.dumps(body, ensure_ascii=False).encode()
         except (TypeError, ValueError) as exc:
             raise UsageError(
-                f"the request to {model_id} cannot be sent as JSON ({exc}): give provider_kwargs "
-                f"and messages as JSON values (str, int, float, bool, None, lists, dicts)"
+                f"the request to {model_id} cannot be sent ({exc}): give provider_kwargs and "
+                f"messages as JSON values (str, int, float, bool, None, lists, dicts), and "
+                f"extra_body and extra_headers as dicts"
             ) from exc
         request: dict[str, Any] = {"data": data, "headers": headers, "proxy": self.proxy}
         if kwargs.get("extra_query"):
@@ -133,40 +135,22 @@ class Client:
             request["timeout"] = _timeout(kwargs["timeout"])
         return request
 
-    def _failures_mapped(self, model_id: str, hint: str) -> _FailuresMapped:
-        return _FailuresMapped(self.where, model_id, hint)
-
-
-class _FailuresMapped:
-    """aiohttp's errors as Kagura's: a timeout as :class:`~kagura.errors.ProviderTimeout`,
-    anything else that broke the connection (refused, reset, closed before or while answering,
-    a body cut short) as :class:`~kagura.errors.ProviderConnectionError`, naming the address
-    and, in ``hint``, where it came from."""
-
-    __slots__ = ("hint", "model_id", "where")
-
-    def __init__(self, where: str, model_id: str, hint: str) -> None:
-        self.where = where
-        self.model_id = model_id
-        self.hint = hint
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, _: Any) -> None:
-        if exc is None:
-            return
+    @contextlib.contextmanager
+    def _failures_mapped(self, model_id: str, hint: str) -> Iterator[None]:
+        """aiohttp's errors as Kagura's: a timeout as :class:`~kagura.errors.ProviderTimeout`,
+        anything else that broke the connection (refused, reset, closed before or while
+        answering, a body cut short) as :class:`~kagura.errors.ProviderConnectionError`,
+        naming the address and, in ``hint``, where it came from."""
         import aiohttp
 
-        # aiohttp's own timeouts (ServerTimeoutError, ConnectionTimeoutError) are both.
-        if isinstance(exc, TimeoutError):
-            raise ProviderTimeout(
-                f"request to {self.where} timed out", model=self.model_id
-            ) from exc
-        if isinstance(exc, aiohttp.ClientError | OSError):
+        try:
+            yield
+        except TimeoutError as exc:  # aiohttp's own timeouts (ServerTimeoutError, ...) too
+            raise ProviderTimeout(f"request to {self.where} timed out", model=model_id) from exc
+        except (aiohttp.ClientError, OSError) as exc:
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             raise ProviderConnectionError(
-                f"connection to {self.where} failed: {detail}{self.hint}", model=self.model_id
+                f"connection to {self.where} failed: {detail}{hint}", model=model_id
             ) from exc
 
 
@@ -250,7 +234,7 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str]]:
         password = urllib.parse.unquote(parts.password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         authorization = f"Basic {token}"
-        base_url = without_credentials(base_url)
+        base_url = _without_credentials(base_url)
     headers = {
         "Authorization": authorization,
         "Content-Type": "application/json",
@@ -278,7 +262,7 @@ def _proxy_for(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
-def without_credentials(url: str) -> str:
+def _without_credentials(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.username is None and parts.password is None:
         return url
