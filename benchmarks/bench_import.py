@@ -215,7 +215,7 @@ def cold_start(report: Report, reps: int, env: dict[str, str]) -> None:
         report.check(
             f"{s.name} ≤ importing the openai SDK + 0.3 s",
             extra <= 0.3,
-            f"+{extra:.3f} s ({(median(s.seconds) - base):.3f} s against {sdk:.3f} s)",
+            f"{extra:+.3f} s ({(median(s.seconds) - base):.3f} s against {sdk:.3f} s)",
         )
 
 

@@ -177,7 +177,7 @@ async def test_sdk_request_options_and_server_specific_fields(server: FaultServe
         base_url=server.base_url,
         provider_kwargs={
             "extra_headers": {"X-Request-Tag": "tag-7"},
-            "extra_query": {"trace": "on"},
+            "extra_query": {"trace": "on", "verbose": True, "n": 2},
             "extra_body": {"top_k": 5},
             "min_p": 0.1,
         },
@@ -189,7 +189,7 @@ async def test_sdk_request_options_and_server_specific_fields(server: FaultServe
         assert await answer("Why?") == "Why?"
     (request,) = server.requests
     assert request.headers["x-request-tag"] == "tag-7"
-    assert (request.path, request.query) == ("/v1/chat/completions", "trace=on")
+    assert (request.path, request.query) == ("/v1/chat/completions", "trace=on&verbose=true&n=2")
     assert request.body["top_k"] == 5
     assert request.body["min_p"] == 0.1
     assert not {"extra_headers", "extra_query", "extra_body"} & request.body.keys()
@@ -760,6 +760,7 @@ async def test_the_organization_and_project_from_the_environment_are_sent(
         ({"timeout": -1}, "timeout=-1"),
         ({"logit_bias": {1: object()}}, "cannot be sent (Object of type object"),
         ({"extra_body": ["top_k", 5]}, "extra_body and extra_headers as dicts"),
+        ({"extra_query": "trace=on"}, "give extra_query as a dict"),
     ],
 )
 async def test_a_request_that_cannot_be_sent_is_a_usage_error_before_anything_is_sent(

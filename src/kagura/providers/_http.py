@@ -130,7 +130,7 @@ class Client:
             ) from exc
         request: dict[str, Any] = {"data": data, "headers": headers, "proxy": self.proxy}
         if kwargs.get("extra_query"):
-            request["params"] = kwargs["extra_query"]
+            request["params"] = _query(kwargs["extra_query"], model_id)
         if kwargs.get("timeout") is not None:
             request["timeout"] = _timeout(kwargs["timeout"])
         return request
@@ -202,6 +202,20 @@ def _chunk(event: str, data: str, model_id: str) -> dict[str, Any]:
             "malformed stream chunk: not a JSON object", model=model_id, body=data[:2000]
         )
     return chunk
+
+
+def _query(params: Any, model_id: str) -> dict[str, str]:
+    """``extra_query`` as aiohttp takes it: text values, booleans written as httpx (and so the
+    SDK) writes them, ``true`` and ``false``."""
+    if not isinstance(params, Mapping):
+        raise UsageError(
+            f"the request to {model_id} cannot be sent: give extra_query as a dict of query "
+            f"parameters, not {type(params).__name__}"
+        )
+    return {
+        str(name): ("true" if value else "false") if isinstance(value, bool) else str(value)
+        for name, value in params.items()
+    }
 
 
 def _timeout(value: Any) -> aiohttp.ClientTimeout:
