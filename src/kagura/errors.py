@@ -27,8 +27,9 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
 
 The last two are raised by :mod:`kagura.resilience` (which re-exports them).
 
-Errors raised by provider SDKs are translated at the provider boundary with ``raise ... from exc``,
-so the SDK's own exception stays available as ``__cause__``.
+Errors raised beneath a provider (aiohttp's, LiteLLM's, llama.cpp's) are translated at the
+provider boundary with ``raise ... from exc``, so the original exception stays available as
+``__cause__``. An HTTP error answer has none: its status, headers and body are on the error.
 """
 
 from __future__ import annotations
