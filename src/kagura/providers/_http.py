@@ -26,7 +26,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
-from ._chat import status_error
+from ._chat import error_message, status_error
 
 if TYPE_CHECKING:
     import ssl
@@ -191,7 +191,7 @@ def _chunk(event: str, data: str, model_id: str) -> dict[str, Any]:
         ) from exc
     error = chunk.get("error") if isinstance(chunk, dict) else None
     if error or event == "error":
-        message = error.get("message") if isinstance(error, dict) else None
+        message = error_message(chunk) if isinstance(chunk, dict) else None
         raise ProviderError(
             f"error event in the stream: {message or 'an error occurred during streaming'}",
             model=model_id,

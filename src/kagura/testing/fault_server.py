@@ -843,8 +843,7 @@ class FaultServer:
                 "type": "server_error",
             }
             writer.write(f"data: {json.dumps({'error': error})}\n\n".encode())
-            with contextlib.suppress(ConnectionError):
-                await _bounded(writer.drain(), self.io_timeout)
+            await _bounded(writer.drain(), self.io_timeout)  # a client gone: see _answer_stream
         # "stream_cut", or a hang that ran its time: the body just ends (the caller closes).
 
     def _client_went(self, record: RecordedRequest) -> None:
