@@ -13,7 +13,9 @@ The guarantees, and where each is kept:
 - *Group commit.* From event loops, run starts, steps, finishes and releases go through one writer
   thread, in order, which commits whatever is queued in one transaction and answers each caller
   once its batch is committed: concurrent runs share commits instead of queueing for the
-  database's write lock, and a run's finish is never on disk before its steps.
+  database's write lock, and a run's finish is never on disk before its steps. The writer is
+  woken after the turn of the event loop that queued a write, so what one turn queues (runs
+  started together, steps answered together) is one batch.
 - *What waits for the disk.* A commit holding a step, or a run's failure, is on disk before
   anyone is answered (SQLite syncs it; PostgreSQL as its server is configured, by default
   synced). Every other write is not synced: a run's start, claim, lease renewal, release and
@@ -262,6 +264,8 @@ class Journal:
         self.url = normalise_url(url)
         self._queue: deque[_Request | _Flush] = deque()
         self._wake = threading.Event()
+        #: The event loops that will wake the writer after their turn (see _submit).
+        self._waking: set[asyncio.AbstractEventLoop] = set()
         self._thread: threading.Thread | None = None
         self._thread_lock = threading.Lock()
         # Held by the writer from taking requests off the queue until they are committed.
@@ -358,11 +362,18 @@ class Journal:
         request = _Request(kind, values)
         self._queue.append(request)
         self._ensure_thread()
-        # Setting an Event takes a lock: once per batch is enough. The writer clears it before
-        # it empties the queue, so a request appended while it is still set is written too.
-        if not self._wake.is_set():
-            self._wake.set()
+        # The writer is woken after the loop's turn, once: what the loop's tasks queue in one
+        # turn (runs started together, steps answered together) goes in one batch. Woken at
+        # once, it took the first request or two alone, and each batch costs a commit.
+        loop = request.loop
+        if loop not in self._waking:
+            self._waking.add(loop)
+            loop.call_soon(self._wake_writer, loop)
         return request.future
+
+    def _wake_writer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._waking.discard(loop)
+        self._wake.set()
 
     # -- the leases of this process's runs ---------------------------------------------------
 
@@ -667,6 +678,9 @@ class Journal:
             wait = _heartbeat_interval() if self._held else 1.0
             self._wake.wait(wait)
             self._wake.clear()
+            # Whatever is queued is taken now; a loop that was closed before its turn ended
+            # (its wake never came) is forgotten here.
+            self._waking.clear()
             while self._queue:
                 batch: list[_Request] = []
                 markers: list[_Flush] = []
