@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 LOCAL_MODEL = "local/smollm2"
@@ -30,7 +31,15 @@ def model_override() -> str | None:
 
 
 def kagura_home() -> Path:
-    return Path(os.environ.get("KAGURA_HOME") or Path.home() / ".kagura")
+    """``KAGURA_HOME``, else ``~/.kagura``."""
+    return _home(os.environ.get("KAGURA_HOME") or None, os.environ.get("HOME"))
+
+
+@lru_cache(maxsize=16)
+def _home(explicit: str | None, user_home: str | None) -> Path:
+    # Cached per setting (``user_home`` is what Path.home() reads): making the path took about
+    # 10 µs, and every durable run looks its journal up by it.
+    return Path(explicit) if explicit else Path.home() / ".kagura"
 
 
 def event_store_url() -> str | None:

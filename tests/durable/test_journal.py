@@ -220,6 +220,21 @@ async def test_only_a_batch_holding_a_step_waits_for_the_disk(
     assert set(journal.load_steps("run-1")) == {"wf/step#0", "wf/step#1"}
 
 
+async def test_the_writes_of_one_turn_of_the_loop_go_in_one_batch(
+    journal: Journal, batches: list[tuple[set[str], bool | None]]
+) -> None:
+    """The writer is woken after the event loop's turn, not by its first write: runs started
+    together (and steps answered together) share a commit, where the writer, woken at once,
+    would take the first write or two alone."""
+    await journal.start_soon("run-0", "wf", None, "{}", "me")  # the writer waits again now
+    started = [journal.start_soon(f"run-{n}", "wf", None, "{}", "me") for n in range(1, 51)]
+    assert not journal._wake.is_set()
+    outcomes = await asyncio.gather(*started)
+    assert {outcome for outcome, _ in outcomes} == {"started"}
+    assert batches == [({"start"}, False), ({"start"}, False)]
+    assert not journal._waking  # forgotten once the writer took the queue
+
+
 async def test_a_bug_in_writing_a_batch_fails_its_callers_and_the_writer_goes_on(
     journal: Journal, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -397,3 +412,23 @@ async def test_a_write_the_database_refuses_fails_alone(journal: Journal) -> Non
         await long_name
     assert [(await r.future)[0] for r in (before, after)] == ["started", "started"]
     assert journal.load_steps("run-1") == {}
+
+
+def test_the_default_store_follows_kagura_home_and_home_as_they_change(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Where a durable run's journal goes (``journal_for()``) is read afresh at each run, though
+    the path it makes of the settings is kept per setting."""
+    from kagura.durable import journal_for
+
+    tmp_path = tmp_path.resolve()
+    monkeypatch.delenv("KAGURA_DB", raising=False)
+    monkeypatch.setenv("KAGURA_HOME", str(tmp_path / "a"))
+    assert journal_for().url == f"sqlite:///{tmp_path / 'a' / 'events.db'}"
+    monkeypatch.setenv("KAGURA_HOME", str(tmp_path / "b"))
+    assert journal_for().url == f"sqlite:///{tmp_path / 'b' / 'events.db'}"
+    monkeypatch.delenv("KAGURA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    assert journal_for().url == f"sqlite:///{tmp_path / 'user' / '.kagura' / 'events.db'}"
+    monkeypatch.setenv("KAGURA_DB", str(tmp_path / "elsewhere.db"))
+    assert journal_for().url == f"sqlite:///{tmp_path / 'elsewhere.db'}"
