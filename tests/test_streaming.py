@@ -121,6 +121,16 @@ async def test_a_typed_agent_yields_growing_partial_values_then_the_result() -> 
     assert call.attributes["output"] == Person(name="Ada Lovelace", age=36, tags=["math"])
 
 
+async def test_brackets_and_braces_inside_strings_leave_the_answer_open() -> None:
+    # Only the JSON's own closing bracket ends the answer: one inside a string does not, so the
+    # name still grows as partial values; the result equals the last of them, and is not
+    # repeated. Chatter after the JSON shows nothing more.
+    chunks = ('{"age": 36, "name": "Ada ]', " Lovelace }", '"}', " Hope this helps!")
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        items = await collect(describe.stream("Ada"))
+    assert items == [Person(name="Ada ]", age=36), Person(name="Ada ] Lovelace }", age=36)]
+
+
 async def test_the_result_is_the_last_item_even_when_no_partial_value_matched_it() -> None:
     # The model wrapped an object in {"result": ...}: the partial values cannot read it, the
     # result (parsed as an awaited call's answer is) can.

@@ -325,7 +325,16 @@ class _Reader:
     """What the reader is shown of one round's answer, delta by delta: the delta itself for a
     ``str`` agent, a new partial value (or nothing) for a typed one."""
 
-    __slots__ = ("_escaped", "_in_string", "_length", "_output", "_parts", "_start", "last")
+    __slots__ = (
+        "_depth",
+        "_escaped",
+        "_in_string",
+        "_length",
+        "_output",
+        "_parts",
+        "_start",
+        "last",
+    )
 
     def __init__(self, output: OutputSpec) -> None:
         self._output = output
@@ -334,6 +343,7 @@ class _Reader:
         self._start = -1  # where the JSON starts (text before it is chatter)
         self._in_string = False
         self._escaped = False
+        self._depth = 0  # of the JSON's objects and arrays, at the end of the text so far
         #: The last partial value shown.
         self.last: Any = _NOTHING
 
@@ -354,12 +364,11 @@ class _Reader:
         text = "".join(self._parts)[self._start :].rstrip()
         if not self._in_string and text[-1] in _NUMBER_END:
             return _NOTHING
-        try:
-            pydantic_core.from_json(text)
-        except ValueError:
-            pass
-        else:
-            return _NOTHING  # complete: it is the result, once validated at the end
+        if self._depth <= 0:
+            # Its objects and arrays are closed: the answer is complete, and its value is the
+            # result, once validated at the end. (Followed by chatter, or not JSON at all, it
+            # does not parse as a partial value either.)
+            return _NOTHING
         try:
             data = pydantic_core.from_json(text, allow_partial="trailing-strings")
             value = self._output.validate_partial(data)
@@ -371,8 +380,10 @@ class _Reader:
         return value
 
     def _scan(self, delta: str, offset: int) -> None:
-        """Follow whether the JSON text ends inside a string (where digits are not a number)."""
-        in_string, escaped = self._in_string, self._escaped
+        """Follow whether the JSON text ends inside a string (where digits are not a number),
+        and how deep in its objects and arrays (zero: complete). Parsing the whole text at every
+        delta to learn that took as long as reading the partial value from it."""
+        in_string, escaped, depth = self._in_string, self._escaped, self._depth
         for char in delta[offset:]:
             if escaped:
                 escaped = False
@@ -383,4 +394,8 @@ class _Reader:
                     in_string = False
             elif char == '"':
                 in_string = True
-        self._in_string, self._escaped = in_string, escaped
+            elif char in "{[":
+                depth += 1
+            elif char in "}]":
+                depth -= 1
+        self._in_string, self._escaped, self._depth = in_string, escaped, depth
