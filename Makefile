@@ -56,10 +56,10 @@ pytest: $(STAMP)
 	$(BIN)/pytest
 
 # Benchmarks print figures; they are not tests. `bench` runs the suite of benchmarks/run_all.py
-# (framework overhead against raw asyncio, LangGraph and LlamaIndex Workflows; fan-out; import
-# time; the embedded model; the event store; durable runs), which writes docs/benchmarks.md (about
-# 25 minutes),
-# then the benchmarks of single components (about 3 minutes).
+# (framework overhead against raw asyncio, LangGraph and LlamaIndex Workflows; fan-out; streaming;
+# import time; the embedded model; the event store; durable runs; Ray), which writes
+# docs/benchmarks.md (about 25 minutes), then the benchmarks of single components (about 3
+# minutes).
 bench: bench-suite bench-components
 
 bench-suite: $(STAMP)

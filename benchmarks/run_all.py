@@ -52,6 +52,7 @@ class Bench:
 SUITE = (
     Bench("overhead", "bench_overhead.py", (), ("--rounds", "3")),
     Bench("fanout", "bench_fanout.py", (), ("--reps", "2", "--http-rounds", "2")),
+    Bench("streaming", "bench_streaming.py", (), ("--rounds", "2", "--streams", "10")),
     Bench("import", "bench_import.py", (), ("--reps", "5")),
     Bench("local_model", "bench_local_model.py", (), ("--reps", "3")),
     Bench("store", "bench_store.py", (), ("--executions", "200000", "--runs", "5000")),

@@ -1,0 +1,290 @@
+"""Streaming: what reading answers as they are generated costs the client (not a test).
+
+``--streams`` (default 20) answers are streamed at once from the OpenAI-compatible
+``FaultServer`` on 127.0.0.1, in a process of its own, which sends each answer a word per chunk
+as fast as it can write them: the client reading the streams is the bottleneck. The figure is
+the CPU of the client's process per chunk read. Contenders take turns in one process, for
+``--rounds`` rounds; medians.
+
+- aiohttp alone, the floor: the request, then the server-sent events read line by line and each
+  chunk's JSON decoded, nothing else.
+- the bare ``openai.AsyncOpenAI`` client (``stream=True``, its default HTTP client).
+- a Kagura ``str`` agent's ``stream()``: the text deltas (recording on, the default).
+- a Kagura agent typed with a pydantic model, its ``stream()``: each partial value that
+  validates and differs from the one before, then the result. On answers of ``--words`` and of
+  four times as many: a partial value is validated from the whole answer so far, at every
+  chunk, so the cost per chunk grows with the answer.
+
+    .venv/bin/python benchmarks/bench_streaming.py [--streams 20] [--words 400] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+_HOME = tempfile.mkdtemp(prefix="kagura-bench-streaming-")
+os.environ["KAGURA_HOME"] = _HOME  # recording on writes here, not to ~/.kagura
+for _name in ("KAGURA_DB", "KAGURA_RECORD", "KAGURA_MODEL_OVERRIDE"):
+    os.environ.pop(_name, None)
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import pydantic  # noqa: E402
+from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
+
+from kagura import agent  # noqa: E402
+
+#: Reads one whole stream for a prompt; returns how many chunks (or items) it read.
+Read = Callable[[str], Awaitable[int]]
+
+
+class Item(pydantic.BaseModel):
+    name: str
+    price: int
+    tags: list[str]
+
+
+class Catalogue(pydantic.BaseModel):
+    title: str
+    items: list[Item]
+
+
+def text_answer(words: int) -> str:
+    return " ".join(f"word{i}" for i in range(words))
+
+
+def json_answer(words: int) -> str:
+    """A ``Catalogue`` as JSON of about ``words`` words (what the server sends a word a chunk)."""
+    items = [{"name": f"item {i}", "price": i, "tags": ["a", "b"]} for i in range(words // 8)]
+    return json.dumps({"title": "a catalogue", "items": items})
+
+
+def serve(words: int) -> None:
+    """The server process: the answers by prompt (``large`` and ``json`` name the typed ones),
+    until stdin closes."""
+    from kagura.testing.fault_server import Fault, FaultServer
+
+    async def run() -> None:
+        rules = [
+            ("json large", Fault.ok(json_answer(4 * words))),
+            ("json", Fault.ok(json_answer(words))),
+            ("", Fault.ok(text_answer(words))),
+        ]
+        server = FaultServer(rules=rules, backlog=4096)
+        async with server:
+            print(server.base_url, flush=True)
+            await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(run())
+
+
+class ServerProcess:
+    """The FaultServer in a process of its own (``--serve``), until the block ends."""
+
+    def __init__(self, words: int) -> None:
+        self.words = words
+        self.process: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", "--words", str(self.words)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        self.base_url = self.process.stdout.readline().strip()
+        if not self.base_url.startswith("http://127.0.0.1:"):
+            self.__exit__()
+            raise RuntimeError(f"the fault server did not start (said {self.base_url!r})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()  # the server stops when its stdin closes
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@dataclass
+class Contender:
+    name: str
+    read: Read
+    prompt: str  # what the server answers it with (see serve)
+    chunks: int = 0  # the answer's chunks, as the server sends them
+    walls: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)  # CPU seconds of this process per round
+
+
+async def fire(c: Contender, streams: int) -> None:
+    cpu = time.process_time()
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(c.read(f"{c.prompt} {i}") for i in range(streams)))
+    c.walls.append(time.perf_counter() - started)
+    c.cpu.append(time.process_time() - cpu)
+    if min(counts) < 1:  # a check of the harness, not of timing
+        raise RuntimeError(f"{c.name}: a stream read nothing")
+
+
+async def main_async(args: argparse.Namespace, report: Report, base_url: str) -> None:
+    import aiohttp
+    from openai import AsyncOpenAI
+
+    say = console().print
+    url = base_url.rstrip("/") + "/chat/completions"
+    session = aiohttp.ClientSession(headers={"Authorization": "Bearer bench"})
+    client = AsyncOpenAI(api_key="bench", base_url=base_url, max_retries=0, timeout=600.0)
+
+    async def alone(prompt: str) -> int:
+        body = {
+            "model": "fault-model",
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": True,
+        }
+        chunks = 0
+        async with session.post(url, json=body) as response:
+            response.raise_for_status()
+            async for line in response.content:
+                if line.startswith(b"data: ") and line[6:].strip() != b"[DONE]":
+                    json.loads(line[6:])
+                    chunks += 1
+        return chunks
+
+    async def bare(prompt: str) -> int:
+        stream = await client.chat.completions.create(
+            model="fault-model", messages=[{"role": "user", "content": prompt}], stream=True
+        )
+        chunks = 0
+        async for _ in stream:
+            chunks += 1
+        return chunks
+
+    settings = {"model": "fault-model", "base_url": base_url, "api_key": "bench", "retry": False}
+
+    async def write(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
+        """{{ text }}"""
+
+    async def catalogue(text: str) -> Catalogue:  # type: ignore[empty-body]
+        """{{ text }}"""
+
+    text_agent = agent(**settings)(write)
+    typed_agent = agent(**settings)(catalogue)
+
+    def streamed(stream_of: Callable[[str], object]) -> Read:
+        async def read(prompt: str) -> int:
+            items = 0
+            async with stream_of(prompt) as stream:  # type: ignore[attr-defined]
+                async for _ in stream:
+                    items += 1
+            return items
+
+        return read
+
+    words = args.words
+    contenders = [
+        Contender("aiohttp alone (the floor)", alone, "text", words),
+        Contender("bare openai.AsyncOpenAI, stream=True", bare, "text", words),
+        Contender("Kagura str agent, stream()", streamed(text_agent.stream), "text", words),
+        Contender(
+            f"Kagura typed agent, stream() ({len(json_answer(words)):,} B of JSON)",
+            streamed(typed_agent.stream),
+            "json",
+            len(json_answer(words).split()),
+        ),
+        Contender(
+            f"Kagura typed agent, stream() ({len(json_answer(4 * words)):,} B of JSON)",
+            streamed(typed_agent.stream),
+            "json large",
+            len(json_answer(4 * words).split()),
+        ),
+    ]
+    try:
+        for c in contenders:
+            say(f"warm-up: {c.name}", style="dim")
+            await fire(c, min(args.streams, 5))
+            c.walls.clear()
+            c.cpu.clear()
+        for number in range(args.rounds):
+            say(f"round {number + 1}/{args.rounds}", style="dim")
+            shift = number % len(contenders)
+            for c in contenders[shift:] + contenders[:shift]:
+                await fire(c, args.streams)
+    finally:
+        await session.close()
+        await client.close()
+
+    floor = median(contenders[0].cpu) / (args.streams * contenders[0].chunks) * 1e6
+    table = report.table(
+        f"{args.streams} streams at once, a word a chunk (median of {args.rounds} rounds)",
+        ["contender", "chunks a stream", "wall s", "client CPU µs/chunk", "× aiohttp alone"],
+    )
+    for c in contenders:
+        per_chunk = median(c.cpu) / (args.streams * c.chunks) * 1e6
+        table.add(
+            c.name,
+            f"{c.chunks:,}",
+            fmt(median(c.walls), 3),
+            fmt(per_chunk),
+            f"{per_chunk / floor:.2f}×",
+        )
+    table.notes.append(
+        "client CPU: CPU time of this process during the round (the server has its own), per "
+        "chunk of the answers. The typed agent's partial values come from pydantic's partial "
+        "validation of the whole JSON so far, done at every chunk: its cost per chunk grows "
+        "with the answer (compare its two rows), a whole answer's with its square."
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--streams", type=int, default=20, help="streams at once (default 20)")
+    parser.add_argument("--words", type=int, default=400, help="words of an answer (default 400)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument("--json", metavar="PATH", help="also save the report as JSON")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        try:
+            serve(args.words)
+        finally:
+            shutil.rmtree(_HOME, ignore_errors=True)
+        return
+
+    report = Report(
+        name="streaming",
+        title="Streaming: reading answers as they are generated",
+        command="python benchmarks/bench_streaming.py",
+        description=(
+            f"{args.streams} answers streamed at once from a FaultServer on 127.0.0.1 in its own "
+            "process, a word a chunk, as fast as it writes them: what the client spends per "
+            "chunk, against aiohttp reading the same events and nothing else. Kagura agents run "
+            "with the default settings (recording on) and `retry=False`."
+        ),
+        params={"streams": args.streams, "words": args.words, "rounds": args.rounds},
+    )
+
+    def run() -> None:
+        with ServerProcess(args.words) as server:
+            asyncio.run(main_async(args, report, server.base_url))
+
+    run_recorded(report, _HOME, args.json, run)
+
+
+if __name__ == "__main__":
+    main()
