@@ -132,6 +132,44 @@ def run_recorded(report: Report, home: str, path: str | None, run: Callable[[], 
     report.finish(started, path)
 
 
+class ServerProcess:
+    """A benchmark's server in a process of its own (the script run again with ``--serve`` and
+    ``args``), so that it has a core of its own: it prints its base URL, then serves until its
+    stdin closes, which the end of the block does."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.argv = [sys.executable, script, "--serve", *args]
+        self.process: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen(
+            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        self.base_url = self.process.stdout.readline().strip()
+        if not self.base_url.startswith("http://127.0.0.1:"):
+            self.__exit__()
+            raise RuntimeError(f"the server did not start (said {self.base_url!r})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    @property
+    def pid(self) -> int | None:
+        return None if self.process is None else self.process.pid
+
+
 def load_report(path: Path) -> Report:
     data = json.loads(path.read_text(encoding="utf-8"))
     tables = [Table(**t) for t in data.pop("tables")]

@@ -29,7 +29,6 @@ for _name in ("KAGURA_DB", "KAGURA_RECORD", "KAGURA_MODEL_OVERRIDE"):
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import gc  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
@@ -37,7 +36,7 @@ from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
+from _bench import Report, ServerProcess, console, fmt, median, run_recorded  # noqa: E402
 
 from kagura import Agent, _instrument, _recording, agent  # noqa: E402
 from kagura.observability._recorder import Recorder, default_recorder  # noqa: E402
@@ -277,45 +276,6 @@ def serve(delay: float) -> None:
     asyncio.run(run())
 
 
-class ServerProcess:
-    """The FaultServer in a process of its own (``--serve``), until the block ends."""
-
-    def __init__(self, delay: float) -> None:
-        self.delay = delay
-        self.process: subprocess.Popen[str] | None = None
-        self.base_url = ""
-
-    def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", "--delay", str(self.delay)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        self.base_url = self.process.stdout.readline().strip()
-        if not self.base_url.startswith("http://127.0.0.1:"):
-            self.__exit__()
-            raise RuntimeError(f"the fault server did not start (said {self.base_url!r})")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.stdin is not None:
-            process.stdin.close()  # the server stops when its stdin closes
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    @property
-    def pid(self) -> int | None:
-        return None if self.process is None else self.process.pid
-
-
 async def http_fanout(
     args: argparse.Namespace, report: Report, say: Callable[[str], None], server: ServerProcess
 ) -> None:
@@ -484,7 +444,7 @@ def main() -> None:
         if args.skip_http:
             asyncio.run(main_async(args, report, None))
         else:
-            with ServerProcess(args.delay) as server:
+            with ServerProcess(__file__, "--delay", str(args.delay)) as server:
                 asyncio.run(main_async(args, report, server))
 
     run_recorded(report, _HOME, args.json, run)

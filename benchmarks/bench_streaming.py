@@ -32,14 +32,13 @@ for _name in ("KAGURA_DB", "KAGURA_RECORD", "KAGURA_MODEL_OVERRIDE"):
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Awaitable, Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import pydantic  # noqa: E402
-from _bench import Report, console, fmt, median, run_recorded  # noqa: E402
+from _bench import Report, ServerProcess, console, fmt, median, run_recorded  # noqa: E402
 
 from kagura import agent  # noqa: E402
 
@@ -70,7 +69,7 @@ def json_answer(words: int) -> str:
 
 def serve(words: int) -> None:
     """The server process: the answers by prompt (``large`` and ``json`` name the typed ones),
-    until stdin closes."""
+    until stdin closes. It records nothing: its ``KAGURA_HOME`` goes with it."""
     from kagura.testing.fault_server import Fault, FaultServer
 
     async def run() -> None:
@@ -84,42 +83,10 @@ def serve(words: int) -> None:
             print(server.base_url, flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
-    asyncio.run(run())
-
-
-class ServerProcess:
-    """The FaultServer in a process of its own (``--serve``), until the block ends."""
-
-    def __init__(self, words: int) -> None:
-        self.words = words
-        self.process: subprocess.Popen[str] | None = None
-        self.base_url = ""
-
-    def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--serve", "--words", str(self.words)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.process.stdout is not None
-        self.base_url = self.process.stdout.readline().strip()
-        if not self.base_url.startswith("http://127.0.0.1:"):
-            self.__exit__()
-            raise RuntimeError(f"the fault server did not start (said {self.base_url!r})")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.stdin is not None:
-            process.stdin.close()  # the server stops when its stdin closes
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    try:
+        asyncio.run(run())
+    finally:
+        shutil.rmtree(_HOME, ignore_errors=True)
 
 
 @dataclass
@@ -260,10 +227,7 @@ def main() -> None:
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        try:
-            serve(args.words)
-        finally:
-            shutil.rmtree(_HOME, ignore_errors=True)
+        serve(args.words)
         return
 
     report = Report(
@@ -280,7 +244,7 @@ def main() -> None:
     )
 
     def run() -> None:
-        with ServerProcess(args.words) as server:
+        with ServerProcess(__file__, "--words", str(args.words)) as server:
             asyncio.run(main_async(args, report, server.base_url))
 
     run_recorded(report, _HOME, args.json, run)
