@@ -6,9 +6,9 @@
    committed before the workflow sees its result.
 2. The same on a provider answering in 100 ms (the fake model with a delay), one run at a time
    and 200 at once: what durability adds to a run's wall time, as a share of it. Beside it, the
-   floor of one run on this machine: a bare ``sqlite3`` commit synced as the journal syncs its
-   steps', from a thread and awaited on the event loop after the same 100 ms wait, twice (a run
-   waits for two commits of steps, one per level of its calls).
+   floor of a run on this machine: a bare ``sqlite3`` commit, synced as the journal's commits of
+   steps are, made by a thread and awaited on the event loop after the same 100 ms wait, twice
+   (a run waits for two commits of steps, one per level of its calls).
 3. Resuming a run whose steps are all journaled: runs that failed just after their last step are
    resumed, every agent call answered from the journal. Per replayed step, with
    ``kagura.testing.replay`` (the same run against its journal, read-only) beside it.
