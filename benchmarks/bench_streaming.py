@@ -196,20 +196,17 @@ async def main_async(args: argparse.Namespace, report: Report, base_url: str) ->
         await session.close()
         await client.close()
 
-    floor = median(contenders[0].cpu) / (args.streams * contenders[0].chunks) * 1e6
+    def per_chunk(c: Contender) -> float:
+        return median(c.cpu) / (args.streams * c.chunks) * 1e6
+
+    floor = per_chunk(contenders[0])
     table = report.table(
         f"{args.streams} streams at once, a word a chunk (median of {args.rounds} rounds)",
         ["contender", "chunks a stream", "wall s", "client CPU µs/chunk", "× aiohttp alone"],
     )
     for c in contenders:
-        per_chunk = median(c.cpu) / (args.streams * c.chunks) * 1e6
-        table.add(
-            c.name,
-            f"{c.chunks:,}",
-            fmt(median(c.walls), 3),
-            fmt(per_chunk),
-            f"{per_chunk / floor:.2f}×",
-        )
+        cpu = per_chunk(c)
+        table.add(c.name, f"{c.chunks:,}", fmt(median(c.walls), 3), fmt(cpu), f"{cpu / floor:.2f}×")
     table.notes.append(
         "client CPU: CPU time of this process during the round (the server has its own), per "
         "chunk of the answers. The typed agent's partial values come from pydantic's partial "

@@ -232,7 +232,7 @@ async def test_the_writes_of_one_turn_of_the_loop_go_in_one_batch(
     outcomes = await asyncio.gather(*started)
     assert {outcome for outcome, _ in outcomes} == {"started"}
     assert batches == [({"start"}, False), ({"start"}, False)]
-    assert not journal._waking  # forgotten once the writer took the queue
+    assert not journal._waking  # the loop's wake came: no loop is left to wake the writer
 
 
 async def test_a_bug_in_writing_a_batch_fails_its_callers_and_the_writer_goes_on(
