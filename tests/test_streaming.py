@@ -16,6 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from kagura import agent, tool, workflow
+from kagura._output import OutputSpec
 from kagura.errors import (
     OutputParseError,
     ProviderConnectionError,
@@ -129,6 +130,30 @@ async def test_brackets_and_braces_inside_strings_leave_the_answer_open() -> Non
     with override_model(FakeModel([Reply(chunks=chunks)])):
         items = await collect(describe.stream("Ada"))
     assert items == [Person(name="Ada ]", age=36), Person(name="Ada ] Lovelace }", age=36)]
+
+
+async def test_a_delta_that_adds_nothing_to_the_json_is_not_validated_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A key still without its value reads as the JSON before it: validating it again (most of
+    # what a typed stream's delta costs) would only repeat the last outcome.
+    validated: list[Any] = []
+    validate_partial = OutputSpec.validate_partial
+
+    def counted(self: OutputSpec, data: Any) -> Any:
+        validated.append(data)
+        return validate_partial(self, data)
+
+    monkeypatch.setattr(OutputSpec, "validate_partial", counted)
+    chunks = ('{"name": "Ada"', ', "age"', ": 36", ",", ' "tags"', ': ["x"', "]}")
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        items = await collect(describe.stream("Ada"))
+    assert items == [Person(name="Ada", age=36), Person(name="Ada", age=36, tags=["x"])]
+    assert validated == [
+        {"name": "Ada"},  # not valid yet: no age
+        {"name": "Ada", "age": 36},
+        {"name": "Ada", "age": 36, "tags": ["x"]},
+    ]
 
 
 async def test_the_result_is_the_last_item_even_when_no_partial_value_matched_it() -> None:

@@ -326,6 +326,7 @@ class _Reader:
     ``str`` agent, a new partial value (or nothing) for a typed one."""
 
     __slots__ = (
+        "_data",
         "_depth",
         "_escaped",
         "_in_string",
@@ -344,6 +345,7 @@ class _Reader:
         self._in_string = False
         self._escaped = False
         self._depth = 0  # of the JSON's objects and arrays, at the end of the text so far
+        self._data: Any = _NOTHING  # the partial JSON last validated
         #: The last partial value shown.
         self.last: Any = _NOTHING
 
@@ -371,8 +373,17 @@ class _Reader:
             return _NOTHING
         try:
             data = pydantic_core.from_json(text, allow_partial="trailing-strings")
+        except ValueError:
+            return _NOTHING
+        if data == self._data:
+            # The delta added nothing the value is made of (a key still without its value, a
+            # comma, a closing quote): validating, most of what a delta costs, would give the
+            # value already shown, or fail again.
+            return _NOTHING
+        self._data = data
+        try:
             value = self._output.validate_partial(data)
-        except ValueError:  # OutputValidationError included
+        except OutputValidationError:
             return _NOTHING
         if self.last is not _NOTHING and value == self.last:
             return _NOTHING
