@@ -21,8 +21,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from _bench import Report, console, fmt, median
+from _bench import Report, ServerProcess, console, fmt, median
 
 BASELINE = "python -c pass"
 
@@ -192,9 +193,8 @@ def add_table(
 def cold_start(report: Report, reps: int, env: dict[str, str]) -> None:
     """The cold start of issue 17: import and a first agent call over HTTP, against importing
     the provider's SDK."""
-    from bench_fanout import ServerProcess
-
-    with ServerProcess(0.0) as server:
+    fanout = Path(__file__).with_name("bench_fanout.py")  # its --serve answers every request
+    with ServerProcess(str(fanout), "--delay", "0") as server:
         env = {**env, "BENCH_BASE_URL": server.base_url}
         snippets = [Snippet(name, code) for name, code in COLD_STARTS.items()]
         measure(snippets, reps, env)
