@@ -210,8 +210,8 @@ async def main_async(args: argparse.Namespace, report: Report, base_url: str) ->
     table.notes.append(
         "client CPU: CPU time of this process during the round (the server has its own), per "
         "chunk of the answers. The typed agent's partial values come from pydantic's partial "
-        "validation of the whole JSON so far, done at every chunk: its cost per chunk grows "
-        "with the answer (compare its two rows), a whole answer's with its square."
+        "validation of the whole JSON so far, done at every chunk that changes it: its cost per "
+        "chunk grows with the answer (compare its two rows), a whole answer's with its square."
     )
 
 

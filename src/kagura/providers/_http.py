@@ -2,7 +2,8 @@
 aiohttp, their failures as Kagura's :class:`~kagura.errors.ProviderError` family.
 
 Why not the ``openai`` SDK, over the same aiohttp: at 1,000 concurrent calls it spent 1.0 to
-1.4 ms of client CPU per call, against 0.12 ms for aiohttp alone (benchmarks/bench_fanout.py).
+2.1 ms of client CPU per call, against 0.12 to 0.20 ms for aiohttp alone, by machine
+(benchmarks/bench_fanout.py).
 That CPU goes into deep copies of each request's options and httpx2's request, header and URL
 objects, made and then turned into aiohttp's; none of it can be switched off from outside.
 Kagura sends a body it built as plain JSON, owns retries and timeouts in its policies, and reads
