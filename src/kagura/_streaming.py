@@ -383,7 +383,7 @@ class _Reader:
         self._data = data
         try:
             value = self._output.validate_partial(data)
-        except OutputValidationError:
+        except ValueError:  # OutputValidationError included
             return _NOTHING
         if self.last is not _NOTHING and value == self.last:
             return _NOTHING
