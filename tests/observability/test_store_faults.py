@@ -275,6 +275,38 @@ def test_a_store_that_cannot_be_opened_is_a_store_error_naming_it_and_the_cause(
         assert str(again.value) == message
 
 
+def test_a_new_store_that_another_connection_is_writing_opens_once_it_lets_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new SQLite store is in rollback mode until a first connection switches it to WAL. A
+    connection switching it while another held its write lock was refused at once ("database is
+    locked"), busy timeout or not (see ``_engine._switch_to_wal``). Two writer processes opening
+    a new store together met it, a forked child's and its parent's, and the child's recording
+    was turned off. Here the test holds the other connection, and lets it go when the opener
+    waits for it."""
+    from kagura._storage import _engine
+
+    path = tmp_path / "events.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the write lock, the store still in rollback mode
+    other.execute("CREATE TABLE elsewhere (x)")
+    waits: list[float] = []
+
+    def let_go(seconds: float) -> None:
+        waits.append(seconds)
+        other.execute("COMMIT")
+
+    monkeypatch.setattr(_engine, "_wait_for_the_lock", let_go)
+    url = normalise_url(path)
+    try:
+        with engine_for(url).connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    finally:
+        other.close()
+        engines.forget(url)
+    assert len(waits) == 1
+
+
 @ON_POSTGRES
 def test_a_role_that_may_not_create_the_schema_cannot_open_the_store(
     pg_role: Callable[[str], Role],

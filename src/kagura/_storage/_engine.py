@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -32,6 +33,9 @@ _read_only_engines: dict[str, Any] = {}
 _lock = threading.Lock()
 _created: set[str] = set()
 _POSTGRES_DRIVER = "postgresql+psycopg://"
+#: How long a connection to a SQLite store waits for another's lock before it fails with
+#: "database is locked" (SQLite's busy timeout), in seconds.
+_BUSY_TIMEOUT_S = 60
 
 
 def default_url() -> str:
@@ -324,7 +328,9 @@ def _create(url: str) -> Any:
             path = sqlite_path(url)
             if path is not None:
                 _make_directory(url, Path(path).parent)
-            engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+            engine = create_engine(
+                url, connect_args={"timeout": _BUSY_TIMEOUT_S, "check_same_thread": False}
+            )
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except ImportError as error:  # the dialect imports its driver here
@@ -341,9 +347,9 @@ def _create(url: str) -> Any:
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_S * 1000}")
         # A checkpoint copies the WAL's pages into the database and syncs it. At SQLite's
         # default (every 1,000 pages) the recorder's inserts paid ~1.5 µs a row for them
         # (measured); ten times rarer, a page the index inserts keep touching is copied once
@@ -352,6 +358,39 @@ def _create(url: str) -> Any:
         cursor.close()
 
     return engine
+
+
+def _switch_to_wal(cursor: Any) -> None:
+    """Put the store in WAL mode (the file keeps it), waiting for another connection's lock as
+    long as the busy timeout would.
+
+    The busy timeout does not cover it. A new store is in rollback mode until a first
+    connection switches it, and switching reads the file, then writes it. When two processes
+    switch at once, each holds a read lock and wants the write lock: SQLite refuses one of them
+    at once ("database is locked") rather than wait, since each would wait for the other. The
+    one refused lets go of its read lock, so the other switches; tried again, it finds the store
+    in WAL mode, with nothing left to write. Seen with two writer processes opening a new store
+    together, a forked child's and its parent's: the child's recording was turned off, and its
+    calls were not recorded."""
+    import sqlite3
+
+    deadline = time.monotonic() + _BUSY_TIMEOUT_S
+    pause = 0.001
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            busy = error.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() >= deadline:
+                raise
+        _wait_for_the_lock(pause)
+        pause = min(2 * pause, 0.1)
+
+
+def _wait_for_the_lock(seconds: float) -> None:
+    """Between two tries of :func:`_switch_to_wal` (tests replace it)."""
+    time.sleep(seconds)
 
 
 def _make_directory(url: str, directory: Path) -> None:
@@ -397,7 +436,7 @@ def _create_read_only(url: str) -> Any:
 
     def engine_on(uri: str) -> Any:
         def connect() -> sqlite3.Connection:
-            return sqlite3.connect(uri, uri=True, timeout=60, check_same_thread=False)
+            return sqlite3.connect(uri, uri=True, timeout=_BUSY_TIMEOUT_S, check_same_thread=False)
 
         # A creator, not a URL: the path is quoted as SQLite's URIs want it. The pool made
         # explicit: for "sqlite://" SQLAlchemy would pick the in-memory database's.
