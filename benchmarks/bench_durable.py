@@ -52,7 +52,7 @@ STEPS_PER_RUN = 4
 
 
 @agent(model="fake")
-async def step(text: str) -> str:
+async def step(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
     """{{ text }}"""
 
 
@@ -68,7 +68,7 @@ SLOW = FakeModel(delay=0.1, record_requests=False)  # a provider answering in 10
 
 
 @agent(model=SLOW)
-async def slow_step(text: str) -> str:
+async def slow_step(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
     """{{ text }}"""
 
 

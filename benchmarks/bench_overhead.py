@@ -133,7 +133,7 @@ def build_langgraph() -> Callable[[str], Awaitable[str]]:
     for key in ("a", "b", "c"):
         builder.add_node(key, branch(key))  # type: ignore[call-overload]
         builder.add_edge(START, key)
-    builder.add_node("join", join)  # type: ignore[call-overload]
+    builder.add_node("join", join)
     builder.add_edge(["a", "b", "c"], "join")
     builder.add_edge("join", END)
     graph = builder.compile()
@@ -175,7 +175,7 @@ def build_llamaindex() -> Callable[[str], Awaitable[str]]:
             done = ctx.collect_events(ev, [Done] * 3)
             if done is None:
                 return None
-            text = "".join(e.out for e in done)  # type: ignore[attr-defined]
+            text = "".join(e.out for e in done)
             return StopEvent(result=await fake_llm(PROMPT.format(text=text)))
 
     flow = FanIn(timeout=None)  # the default 45 s would cut off a large concurrent batch

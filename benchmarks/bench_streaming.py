@@ -142,16 +142,15 @@ async def main_async(args: argparse.Namespace, report: Report, base_url: str) ->
             chunks += 1
         return chunks
 
-    settings = {"model": "fault-model", "base_url": base_url, "api_key": "bench", "retry": False}
-
     async def write(text: str) -> str:  # type: ignore[empty-body]  # the docstring is the prompt
         """{{ text }}"""
 
     async def catalogue(text: str) -> Catalogue:  # type: ignore[empty-body]
         """{{ text }}"""
 
-    text_agent = agent(**settings)(write)
-    typed_agent = agent(**settings)(catalogue)
+    as_agent = agent(model="fault-model", base_url=base_url, api_key="bench", retry=False)
+    text_agent = as_agent(write)
+    typed_agent = as_agent(catalogue)
 
     def streamed(stream_of: Callable[[str], object]) -> Read:
         async def read(prompt: str) -> int:
@@ -197,7 +196,7 @@ async def main_async(args: argparse.Namespace, report: Report, base_url: str) ->
         await client.close()
 
     def per_chunk(c: Contender) -> float:
-        return median(c.cpu) / (args.streams * c.chunks) * 1e6
+        return float(median(c.cpu) / (args.streams * c.chunks) * 1e6)
 
     floor = per_chunk(contenders[0])
     table = report.table(
