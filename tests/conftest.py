@@ -6,7 +6,8 @@ import functools
 import importlib.util
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -20,7 +21,8 @@ collect_ignore = [] if os.environ.get("KAGURA_RAY_TESTS") else ["cluster"]
 def pytest_configure(config: pytest.Config) -> None:
     # Recordings of the test run go to a throwaway KAGURA_HOME, never to the developer's
     # ~/.kagura; and a developer's real OpenAI key must not turn tests into paid calls.
-    home = tempfile.mkdtemp(prefix="kagura-test-home-")
+    global _SESSION_HOME
+    home = _SESSION_HOME = tempfile.mkdtemp(prefix="kagura-test-home-")
     os.environ["KAGURA_HOME"] = home
     os.environ.pop("KAGURA_DB", None)
     for name in ("OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENROUTER_API_KEY"):
@@ -50,7 +52,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.local_model)
 
 
+#: The session's KAGURA_HOME (see pytest_configure).
+_SESSION_HOME = ""
+#: How far into the writer processes' log a test started.
+_WRITER_LOG_AT = pytest.StashKey[int]()
+
+
+def _writer_log() -> Path:
+    """Where writer processes log once their recording processes have gone (see
+    kagura.observability._writer_log), in the session's KAGURA_HOME."""
+    from kagura.observability._writer_log import LOG_NAME
+
+    return Path(_SESSION_HOME, LOG_NAME)
+
+
+def _writer_log_size() -> int:
+    try:
+        return _writer_log().stat().st_size
+    except OSError:
+        return 0
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failing test's report shows what writer processes logged meanwhile: a writer that
+    outlives its recording process (it was handed the rows at exit) can say why rows are missing
+    nowhere else. (CI's one failure of the forked-child test was explained by that file alone.)"""
+    report = yield
+    if report.when == "call" and report.failed:
+        start = item.stash.get(_WRITER_LOG_AT, 0)
+        if _writer_log_size() > start:
+            with _writer_log().open(errors="replace") as log:
+                log.seek(start)
+                report.sections.append(("writer processes' log (recorder.log)", log.read()))
+    return report
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[_WRITER_LOG_AT] = _writer_log_size()
     # A test marked local_model is skipped without the [local] extra (an error in CI, where it
     # must run), rather than failing somewhere inside the provider.
     if item.get_closest_marker("local_model") is not None:
