@@ -187,22 +187,44 @@ SINCES = (
     None,
     BASE,  # a whole hour
     BASE + 86_400 + 1_234.5,  # within an hour
+    BASE + 86_400 + 7 * 3_600 + 1_800.0,  # half an hour in
     BASE + 2 * 86_400 + 3_599.999,
     BASE + 10 * 86_400,  # after everything
 )
+#: Moments with agent calls of their hour on both sides (:func:`busy_hours`): in the first half
+#: of a day's first hour and of a later one (a query takes the spans before it off that hour's
+#: rollups), in the second half of an hour (it adds the spans after it to the next hours'), and
+#: in the first half of an hour after the random runs (every call of agent "early" is before it).
+WITHIN_HOURS = (
+    BASE + 86_400 + 900.5,
+    BASE + 86_400 + 9 * 3_600 + 900.5,
+    BASE + 2 * 86_400 + 4 * 3_600 + 2_700.5,
+    BASE + 3 * 86_400 + 3_600 + 900.5,
+)
+
+
+def busy_hours(recorder: Recorder, seed: int) -> None:
+    """Agent calls on both sides of each of :data:`WITHIN_HOURS`, in its hour, and one of an
+    agent "early" before each."""
+    rng = random.Random(seed)
+    for moment in WITHIN_HOURS:
+        for offset in (-600.0, -0.5, 0.5, 600.0):
+            feed(recorder, _agent(rng, moment + offset))
+        feed(recorder, Node("agent", "early", moment - 300.0, 50.0, "cancelled"))
 
 
 async def test_statistics_from_rollups_are_what_every_span_says(
     recorder: Recorder, store_url: str
 ) -> None:
     random_runs(recorder, seed=1)
+    busy_hours(recorder, seed=3)
     recorder.flush()
     interrupt_some(storage.normalise_url(store_url), 0.5, seed=2)
     rows = all_spans(storage.normalise_url(store_url))
     statuses = {r.status for r in rows if r.kind == "agent"}
     assert {"completed", "failed", "running", "interrupted"} <= statuses
     store = EventStore(store_url)
-    for since in SINCES:
+    for since in (*SINCES, *WITHIN_HOURS):
         for agent in (None, *AGENTS, "nobody"):
             assert_agrees(store, rows, since, agent)
 
