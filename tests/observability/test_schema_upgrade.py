@@ -170,6 +170,43 @@ def test_span_and_event_ids_are_as_long_as_run_ids_once_upgraded(store_url: str)
         assert [lengths[c] for c in columns] == [255] * len(columns)
 
 
+def test_the_name_index_of_a_version_4_store_is_made_with_the_durations(store_url: str) -> None:
+    """Version 5 makes the index of spans by name and start time again, with their kind, status
+    and duration: one agent's durations over part of a day are then read from the index alone
+    (``stats(agent_name=..., since=...)``), not looked up span by span in the table."""
+    url = engines.normalise_url(store_url)
+    engine = engines.engine_for(url)
+    with engine.begin() as connection:  # the store as version 4 left it
+        connection.exec_driver_sql("DROP INDEX ix_kagura_spans_name_started_duration")
+        connection.exec_driver_sql(
+            "CREATE INDEX ix_kagura_spans_name_started ON kagura_spans (name, started_at)"
+        )
+        connection.execute(engines.schema_version.update().values(version=4))
+    engines.forget(url)
+
+    engine = engines.engine_for(url)
+    with engine.connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION == 5
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("kagura_spans")}
+    assert "ix_kagura_spans_name_started" not in indexes
+    assert indexes["ix_kagura_spans_name_started_duration"] == [
+        "name",
+        "started_at",
+        "kind",
+        "status",
+        "duration_ms",
+    ]
+    if engine.dialect.name == "sqlite":
+        durations = (
+            "EXPLAIN QUERY PLAN SELECT duration_ms FROM kagura_spans WHERE name = 'a' "
+            "AND kind = 'agent' AND started_at >= 1 AND started_at < 2 "
+            "AND status NOT IN ('running', 'interrupted')"
+        )
+        with engine.connect() as connection:
+            (plan,) = [row[-1] for row in connection.exec_driver_sql(durations)]
+        assert "COVERING INDEX ix_kagura_spans_name_started_duration" in plan
+
+
 def test_steps_another_process_took_meanwhile_are_not_taken_again(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -64,7 +64,18 @@ Index("ix_kagura_spans_run", spans.c.run_id)
 # No index on parent_id: every query that reads a run's tree goes by run_id, and an index the
 # writer must keep up to date costs each recorded span about 1 µs (measured) for no query.
 Index("ix_kagura_spans_kind_started", spans.c.kind, spans.c.started_at)
-Index("ix_kagura_spans_name_started", spans.c.name, spans.c.started_at)
+# One name's spans in time order (``kagura monitor list --agent``), with what the durations of
+# one agent's calls over part of a day are read by (``stats(agent_name=..., since=...)``: see
+# observability/_totals): that read never leaves the index. Looking each span up in the table
+# took 0.5 s for a day of one agent's calls in a store of 10M on SQLite.
+Index(
+    "ix_kagura_spans_name_started_duration",
+    spans.c.name,
+    spans.c.started_at,
+    spans.c.kind,
+    spans.c.status,
+    spans.c.duration_ms,
+)
 # A latency percentile is read from it: the rollups say which 2% range of durations holds it, and
 # the query walks that range here (see observability/_totals). The columns a query may filter on
 # are in it, so the walk never leaves the index: with one agent's name looked up in the table,
@@ -200,4 +211,5 @@ RETIRED_INDEXES = (
     "ix_kagura_spans_parent",
     "ix_kagura_spans_kind_duration",
     "ix_kagura_spans_kind_duration_status",
+    "ix_kagura_spans_name_started",
 )
