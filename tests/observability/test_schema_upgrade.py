@@ -4,13 +4,21 @@ write new ones into it. On SQLite and PostgreSQL (see ``store_url``)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, inspect, select
 
+from kagura import _instrument as instrument
 from kagura import _storage as engines
 from kagura import agent, workflow
 from kagura._encryption import ENV, decrypt, generate_key, is_encrypted
@@ -19,6 +27,7 @@ from kagura.observability import EventStore, Recorder
 from kagura.testing import FakeModel, override_model
 
 from . import schema_cf3ef53 as old
+from .conftest import child_env, rows
 
 #: Columns added to tables after the first stores were made (which process wrote a span, and
 #: which process a run's pid named).
@@ -170,18 +179,24 @@ def test_span_and_event_ids_are_as_long_as_run_ids_once_upgraded(store_url: str)
         assert [lengths[c] for c in columns] == [255] * len(columns)
 
 
-def test_the_name_index_of_a_version_4_store_is_made_with_the_durations(store_url: str) -> None:
-    """Version 5 makes the index of spans by name and start time again, with their kind, status
-    and duration: one agent's durations over part of a day are then read from the index alone
-    (``stats(agent_name=..., since=...)``), not looked up span by span in the table."""
-    url = engines.normalise_url(store_url)
-    engine = engines.engine_for(url)
-    with engine.begin() as connection:  # the store as version 4 left it
+def _back_to_version_4(url: str) -> None:
+    """Make the store at ``url`` (normalised) as version 4 left it: the index that version 5
+    makes again as it was. (This process's engine stays open: ``engines.forget`` it to open the
+    store again.)"""
+    with engines.engine_for(url).begin() as connection:
         connection.exec_driver_sql("DROP INDEX ix_kagura_spans_name_started_duration")
         connection.exec_driver_sql(
             "CREATE INDEX ix_kagura_spans_name_started ON kagura_spans (name, started_at)"
         )
         connection.execute(engines.schema_version.update().values(version=4))
+
+
+def test_the_name_index_of_a_version_4_store_is_made_with_the_durations(store_url: str) -> None:
+    """Version 5 makes the index of spans by name and start time again, with their kind, status
+    and duration: one agent's durations over part of a day are then read from the index alone
+    (``stats(agent_name=..., since=...)``), not looked up span by span in the table."""
+    url = engines.normalise_url(store_url)
+    _back_to_version_4(url)
     engines.forget(url)
 
     engine = engines.engine_for(url)
@@ -237,6 +252,293 @@ def test_steps_another_process_took_meanwhile_are_not_taken_again(
         assert [r.name for r in connection.execute(select(rollups))] == ["kept"]
         assert read(connection) == engines.SCHEMA_VERSION
     assert reads == 2  # the second, under the lock
+
+
+#: A process opening a store, as any does (``engine_for``), whose last step of the upgrade stands
+#: still before its commit, holding the locks it took, until the process reads a line.
+SLOW_UPGRADER = """
+import sys
+from kagura import _storage as engines
+from kagura._storage import _migrations
+
+last = _migrations.STEPS[-1]
+
+def slow(connection):
+    last(connection)
+    print("upgrading", flush=True)
+    sys.stdin.readline()
+
+_migrations.STEPS = (*_migrations.STEPS[:-1], slow)
+engines.engine_for(sys.argv[1])
+print("upgraded", flush=True)
+"""
+
+
+class _SlowUpgrader:
+    """``SLOW_UPGRADER`` on the store at ``url``, in a process of its own. Made, it stands still
+    in the upgrade's last step; :meth:`go_on` lets it finish, :meth:`kill` kills it there. Left
+    running at the end of the ``with`` block, it is killed."""
+
+    def __init__(self, url: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SLOW_UPGRADER, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env({}),
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline() != "upgrading\n":
+            self.process.kill()
+            raise AssertionError(self.process.communicate(timeout=60))
+
+    def go_on(self) -> None:
+        out, err = self.process.communicate("go on\n", timeout=90)
+        assert (self.process.returncode, out) == (0, "upgraded\n"), err
+
+    def kill(self) -> None:
+        self.process.kill()
+        assert self.process.wait(timeout=90) == -signal.SIGKILL
+
+    def __enter__(self) -> _SlowUpgrader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.communicate(timeout=90)
+
+
+class _Said(logging.Handler):
+    """The messages of ``kagura.storage`` (from INFO up) while it is in a ``with`` block;
+    ``waiting`` is set once one says that it waits for an upgrade (or by the test, when what
+    should wait did not)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.waiting = threading.Event()
+        self.logger = logging.getLogger("kagura.storage")
+        monkeypatch.setattr(self.logger, "level", logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        if "is upgrading" in self.messages[-1]:
+            self.waiting.set()
+
+    def __enter__(self) -> _Said:
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.logger.removeHandler(self)
+
+
+@pytest.mark.parametrize("upgrader_ends", ["finishing", "killed"])
+def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
+    store_url: str, upgrader_ends: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upgrade takes minutes on a store of millions of calls. A process that opened the
+    store meanwhile gave up after SQLite's busy timeout ("database is locked"), its recording
+    turned off or its durable run failed. It now waits for the upgrader however long it takes,
+    and says so. It takes no step itself when the upgrader finishes; when the upgrader is killed
+    mid-step, it takes that step. (The busy timeout is made short here: it is not what the
+    process waits on.)"""
+    from kagura._storage import _engine, _migrations
+
+    url = engines.normalise_url(store_url)
+    _back_to_version_4(url)
+    engines.forget(url)
+    monkeypatch.setattr(_engine, "_BUSY_TIMEOUT_S", 0.5)
+    taken: list[str] = []
+
+    def counted(step: Callable[[Any], None]) -> Callable[[Any], None]:
+        def take(connection: Any) -> None:
+            taken.append(step.__name__)
+            step(connection)
+
+        return take
+
+    monkeypatch.setattr(_migrations, "STEPS", tuple(counted(s) for s in _migrations.STEPS))
+    ended: list[BaseException | None] = []
+    with _Said(monkeypatch) as said, _SlowUpgrader(url) as upgrader:
+
+        def open_the_store() -> None:
+            try:
+                engines.engine_for(url)
+                ended.append(None)
+            except BaseException as error:
+                ended.append(error)
+            finally:
+                said.waiting.set()
+
+        opener = threading.Thread(target=open_the_store)
+        opener.start()
+        try:
+            assert said.waiting.wait(timeout=90)
+            assert not ended, ended  # it waits, and has not failed
+            (waiting,) = said.messages
+            assert engines.store_name(url) in waiting
+            assert "from schema version 4 to 5" in waiting
+            if upgrader_ends == "killed":
+                upgrader.kill()
+            else:
+                upgrader.go_on()
+        finally:
+            opener.join(timeout=90)
+    assert ended == [None]
+    # Finished, the upgrader took the step and this process found it taken; killed mid-step,
+    # it left the step to this process.
+    assert taken == ([] if upgrader_ends == "finishing" else ["_step_5_name_index"])
+    assert said.messages[-1].startswith("kagura: waited ")
+    with engines.engine_for(url).connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION
+    if (path := engines.sqlite_path(url)) is not None:
+        lock = Path(path).with_name(".events.db.upgrade.lock")
+        assert lock.exists() and lock.stat().st_size == 0
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("writing", ["recordings", "a durable run"])
+async def test_writes_of_a_process_that_had_the_store_open_wait_for_an_upgrade_of_it(
+    store_url: str,
+    writing: str,
+    record_to: Callable[..., Recorder],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A process that had the store open before another began to upgrade it (of a newer
+    version, whose upgrade may take minutes) found it locked for the whole of SQLite's busy
+    timeout: its writer dropped the batch of recordings, its durable run failed. Its writes now
+    wait for the upgrade, say so, and are written once it is done. (On PostgreSQL a write waits
+    for the upgrade's locks by itself.)"""
+    from kagura._storage import _engine
+
+    url = engines.normalise_url(store_url)
+    monkeypatch.setattr(_engine, "_BUSY_TIMEOUT_S", 0.5)
+    engines.engine_for(url)  # open, at this version
+    _back_to_version_4(url)  # then behind, as a newer version finds it
+    recorder = Recorder(url, process=False, flush_interval=3600)
+    written: asyncio.Future[Any]
+    try:
+        with (
+            _Said(monkeypatch) as said,
+            _SlowUpgrader(url) as upgrader,
+            override_model(FakeModel()),
+        ):
+            if writing == "recordings":
+                instrument.add_sink(recorder)
+                await asyncio.gather(*(draft(f"topic {i}") for i in range(10)))
+                written = asyncio.ensure_future(asyncio.to_thread(recorder.flush, 90))
+            else:
+                record_to(url)
+                written = asyncio.ensure_future(note.run("tides", run_id="meanwhile"))
+            written.add_done_callback(lambda _: said.waiting.set())
+            assert await asyncio.to_thread(said.waiting.wait, 90)
+            assert not written.done(), written  # it waits, and has not failed
+            assert "is upgrading the store" in said.messages[0]
+            await asyncio.to_thread(upgrader.go_on)
+            outcome = await asyncio.wait_for(written, 90)
+    finally:
+        instrument.remove_sink(recorder)
+        recorder.close()
+    if writing == "recordings":
+        assert outcome is True
+        assert (recorder.written_spans, recorder.failed_batches) == (20, 0)
+        assert len([r for r in rows(url) if r["name"] == "draft"]) == 10
+    else:
+        assert outcome == "Draft tides."
+        run = journal_for(url).get_run("meanwhile")
+        assert run is not None and (run.status, run.steps) == ("completed", 1)
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_a_store_locked_by_anything_but_an_upgrade_fails_a_write_after_the_busy_timeout(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only an upgrade is waited for without limit: a write to a store that another
+    connection holds locked fails after the busy timeout, as it did, even where an earlier
+    upgrade left its lock file."""
+    import sqlite3
+
+    from sqlalchemy.exc import OperationalError
+
+    from kagura._storage import _engine
+
+    url = engines.normalise_url(store_url)
+    monkeypatch.setattr(_engine, "_BUSY_TIMEOUT_S", 0.2)
+    engines.forget(url)
+    engine = engines.engine_for(url)
+    path = Path(store_url)
+    path.with_name(f".{path.name}.upgrade.lock").touch()  # as an earlier upgrade left it
+    holder = sqlite3.connect(store_url)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        with pytest.raises(OperationalError, match="database is locked"):
+            engines.transaction(
+                engine, lambda c: c.execute(engines.schema_version.update().values(version=5))
+            )
+    finally:
+        holder.close()
+
+
+#: Agent calls, recorded (the default recorder, its writer process), once this process reads a
+#: line; then it exits, leaving its writer to finish.
+RECORDING = """
+import asyncio, sys
+from kagura import agent
+from kagura.testing import FakeModel
+
+@agent(model=FakeModel())
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+async def main():
+    await asyncio.gather(*(summarise(str(i)) for i in range(int(sys.argv[1]))))
+
+asyncio.run(main())
+print("called", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_calls_recorded_while_another_process_upgrades_the_store_are_all_written(
+    store_url: str,
+) -> None:
+    """The whole way: a process records agent calls while another upgrades the store. Its
+    writer process waits for the upgrade (and says so, relayed to the process's stderr), then
+    writes every call: none is lost, and recording was never turned off."""
+    url = engines.normalise_url(store_url)
+    _back_to_version_4(url)
+    engines.forget(url)
+    calls = 50
+    with _SlowUpgrader(url) as upgrader:
+        recording = subprocess.Popen(
+            [sys.executable, "-c", RECORDING, str(calls)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env({"KAGURA_DB": url}),
+        )
+        try:
+            assert recording.stderr is not None
+            said: list[str] = []
+            while not any(m in "".join(said[-1:]) for m in ("is upgrading", "recording is off")):
+                said.append(recording.stderr.readline())
+                assert said[-1], ("".join(said), recording.communicate(timeout=60))
+            assert "recording is off" not in said[-1], said
+            upgrader.go_on()
+            out, err = recording.communicate("exit\n", timeout=90)
+            assert (recording.returncode, out) == (0, "called\n"), err
+            assert "recording is off" not in err
+        finally:
+            if recording.poll() is None:
+                recording.kill()
+                recording.communicate()
+    summaries = [r for r in rows(url) if r["name"] == "summarise"]
+    assert len(summaries) == calls
+    assert {r["status"] for r in summaries} == {"completed"}
 
 
 def _stage_an_old_batch(url: str) -> None:

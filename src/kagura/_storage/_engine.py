@@ -21,6 +21,7 @@ from urllib.parse import quote
 
 from .. import _settings
 from ..errors import StoreError
+from ._migrations import upgrade, wait_for_an_upgrade
 
 DEFAULT_DB_NAME = "events.db"
 
@@ -179,7 +180,11 @@ def transaction(engine: Any, work: Callable[[Any], T], *, synced: bool = True) -
     otherwise wait for that (see :func:`synced_engine_for`): for writes a power cut may lose.
     Other connections see it at once, a killed process does not lose it, and the next synced
     commit to the database takes it to disk with its own (a database's log is written in
-    order)."""
+    order).
+
+    A SQLite store that stayed locked for the whole busy timeout because another process is
+    upgrading it (which may take minutes) is waited for until the upgrade is done, and the
+    transaction runs again then: see :func:`~._migrations.wait_for_an_upgrade`."""
     attempt = 1
     while True:
         try:
@@ -188,9 +193,17 @@ def transaction(engine: Any, work: Callable[[Any], T], *, synced: bool = True) -
                     _unsynced(connection)
                 return work(connection)
         except Exception as error:
+            if _busy(error) and wait_for_an_upgrade(engine):
+                continue
             if attempt == _ATTEMPTS or not lost_to_another(error):
                 raise
             attempt += 1
+
+
+def _busy(error: BaseException) -> bool:
+    """Whether ``error`` is SQLite's "database is locked" (its busy timeout ran out)."""
+    code = getattr(getattr(error, "orig", None), "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == 5  # SQLITE_BUSY
 
 
 def _unsynced(connection: Any) -> None:
@@ -311,10 +324,8 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
         if engine is None:
             engine = _engines[url] = _create(url)
         if url not in _created:
-            from ._migrations import upgrade
-
             with store_errors(url, "open"):
-                upgrade(engine)
+                upgrade(engine, store_name(url))
             _created.add(url)
         return engine
 

@@ -9,11 +9,12 @@ commit cf3ef53), and step 1 brings both to that schema.
 
 Processes opening a store at the same moment take the steps one at a time: each step's
 transaction first takes the store's lock for upgrades and reads the version again under it (see
-:func:`_locked_version`), so a step is taken once. Every step is idempotent all the same: it may
-find its change already made (``create_all`` of a newer schema makes new tables whole; an earlier
-version of Kagura, which took no lock, may be opening the same store), and then does nothing. A
-step that fails with "already exists" lost a race to one of those: it is tried again (see
-:func:`upgrade`).
+:func:`_locked_version`), so a step is taken once. A process that finds another upgrading waits
+for it however long the steps take, and says so (see :func:`_one_upgrader`). Every step is
+idempotent all the same: it may find its change already made (``create_all`` of a newer schema
+makes new tables whole; an earlier version of Kagura, which took no lock, may be opening the
+same store), and then does nothing. A step that fails with "already exists" lost a race to one
+of those: it is tried again (see :func:`upgrade`).
 
 Why not Alembic: it would be a dependency for a handful of steps, and a store is opened on an
 agent's first call, which must stay fast; importing Alembic and running its environment costs
@@ -23,11 +24,17 @@ serve applications with many hand-written migrations, not a library with a small
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 #: The schema version this code writes and reads: the number of the last step.
 SCHEMA_VERSION = 5
+
+_log = logging.getLogger("kagura.storage")
 
 
 def _step_1_baseline(connection: Any) -> None:
@@ -68,7 +75,6 @@ def _step_2_no_staging(connection: Any) -> None:
     write in (see :mod:`kagura.observability._recorder`). Batches an earlier version left there
     (its writer process killed in a burst) are written into the spans and events tables first,
     then the table is dropped."""
-    import logging
     import marshal
 
     from sqlalchemy import inspect
@@ -80,7 +86,7 @@ def _step_2_no_staging(connection: Any) -> None:
         try:
             spans, events = _staged_rows(marshal.loads(batch))
         except Exception:  # damaged: the earlier version would have dropped it too
-            logging.getLogger("kagura.storage").warning(
+            _log.warning(
                 "kagura: a batch of recordings staged by an earlier version (%s) cannot be "
                 "read; it is dropped",
                 batch_id,
@@ -270,39 +276,175 @@ def stored_version(connection: Any) -> int:
     return int(connection.execute(select(schema_version.c.version)).scalar() or 0)
 
 
-def upgrade(engine: Any) -> int:
+def upgrade(engine: Any, name: str = "the store") -> int:
     """Bring the store behind ``engine`` to :data:`SCHEMA_VERSION`; the version it was at.
+    ``name``: how a message names the store (no password in it).
 
     A store at a newer version than this code's is left alone: its tables are a superset of
     ours (steps only add, or drop what no version reads any more)."""
+    from sqlalchemy import inspect
     from sqlalchemy.exc import DBAPIError
+
+    from ._schema import spans
 
     with engine.connect() as connection:
         found = stored_version(connection)
+        # A new store is made in moments: no one waits long for it, and no lock file is made.
+        new = found == 0 and not inspect(connection).has_table(spans.name)
         connection.rollback()
+    if found >= SCHEMA_VERSION:
+        return found
     version = found
+    upgrading = None if new else found
     # Bounded: every race lost means another process made progress on the same steps.
     attempts = 20
-    while version < SCHEMA_VERSION:
-        try:
-            with engine.begin() as connection:
-                version = _locked_version(connection)
-                if version >= SCHEMA_VERSION:  # another process took the steps meanwhile
-                    break
-                STEPS[version](connection)
-                _record(connection, version + 1)
-        except DBAPIError as error:
-            attempts -= 1
-            if attempts == 0 or not _lost_a_race(error):
-                raise
-            continue
-        version += 1
+    with _one_upgrader(engine, name, upgrading):
+        while version < SCHEMA_VERSION:
+            try:
+                with engine.begin() as connection:
+                    version = _locked_version(connection)
+                    if version >= SCHEMA_VERSION:  # another process took the steps meanwhile
+                        break
+                    STEPS[version](connection)
+                    _record(connection, version + 1)
+            except DBAPIError as error:
+                attempts -= 1
+                if attempts == 0 or not _lost_a_race(error):
+                    raise
+                continue
+            version += 1
     return found
 
 
-#: The key of PostgreSQL's advisory lock that processes upgrading a store take in turn: "kagura"
-#: in ASCII, then 1 (``kagura._storage._rollups`` has 2).
+@contextlib.contextmanager
+def _one_upgrader(engine: Any, name: str, found: int | None) -> Iterator[None]:
+    """Held while this process upgrades a store from version ``found`` (``None``: a new store,
+    made in moments, so without it): a lock that only upgraders take, for the whole upgrade,
+    waited for without limit. On SQLite, an exclusive lock on a file beside the store
+    (``.events.db.upgrade.lock`` for ``events.db``, made on its first upgrade and left there,
+    empty); on PostgreSQL, an advisory lock of the session.
+
+    The locks of each step (see :func:`_locked_version`) are not enough to wait on. On SQLite
+    that is the store's write lock, which a step holds for as long as it takes (minutes on a
+    store of millions of calls): another process opening the store meanwhile gave up after the
+    busy timeout (60 s) with "database is locked", and its recording was turned off or its
+    durable run failed. A lock of upgraders alone tells an upgrade apart from writers, whose
+    turns are short. Both locks go with their holder if it dies, so a killed upgrader holds no
+    one up. Where there is no ``fcntl`` (not POSIX), or the file cannot be made, a process waits
+    as long as the busy timeout, as before."""
+    if found is None:
+        yield
+    elif engine.dialect.name == "postgresql":
+        with _session_lock(engine, name, found):
+            yield
+    else:
+        with _file_lock(engine, name, found):
+            yield
+
+
+@contextlib.contextmanager
+def _session_lock(engine: Any, name: str, found: int) -> Iterator[None]:
+    with engine.connect() as connection:
+        try:
+            free = connection.exec_driver_sql(f"SELECT pg_try_advisory_lock({_UPGRADER_LOCK})")
+            if not free.scalar():
+                with _waiting(name, found):
+                    connection.exec_driver_sql(f"SELECT pg_advisory_lock({_UPGRADER_LOCK})")
+            connection.commit()  # not left in a transaction while the steps run
+            yield
+        finally:
+            connection.invalidate()  # closed, not put back in the pool: the lock goes with it
+
+
+@contextlib.contextmanager
+def _file_lock(engine: Any, name: str, found: int) -> Iterator[None]:
+    path = _lock_file(engine)
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666) if path else -1
+    except (ImportError, OSError):
+        fd = -1
+    if fd < 0:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with _waiting(name, found):
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # lets go of the lock
+
+
+@contextlib.contextmanager
+def _waiting(name: str, found: int | None) -> Iterator[None]:
+    """Around waiting for another process's upgrade of the store from version ``found`` (to
+    this code's; ``None``: from this code's, to a newer one): it may take minutes, and nothing
+    else would show why this process stands still."""
+    versions = (
+        f"from schema version {found} to {SCHEMA_VERSION}"
+        if found is not None
+        else "to a newer schema version"
+    )
+    _log.warning(
+        "kagura: another process is upgrading the store %s %s; waiting for it to finish (on a "
+        "store of millions of calls, this takes minutes)",
+        name,
+        versions,
+    )
+    started = time.monotonic()
+    yield
+    _log.info("kagura: waited %.1f s for another process's upgrade", time.monotonic() - started)
+
+
+def wait_for_an_upgrade(engine: Any) -> bool:
+    """If another process is upgrading the SQLite store behind ``engine``, wait until it is
+    done (and say so); whether it waited.
+
+    For a process that had the store open before the upgrade began (a newer version's, say),
+    whose write failed with "database is locked" after the busy timeout: it writes again once
+    the upgrade is done, instead of dropping its batch of recordings or failing its durable
+    run. (A store at a newer version is one this code can go on writing: see :func:`upgrade`.)
+    On PostgreSQL, a write waits for the upgrade's locks without limit by itself."""
+    path = _lock_file(engine) if engine.dialect.name == "sqlite" else None
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY) if path else -1  # none: never upgraded by this code
+    except (ImportError, OSError):
+        return False
+    if fd < 0:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False  # no upgrade holds it: what locked the store was something else
+        except BlockingIOError:
+            with _waiting(engine.url.database, None):
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            return True
+    finally:
+        os.close(fd)
+
+
+def _lock_file(engine: Any) -> str | None:
+    """The file :func:`_one_upgrader` locks beside a SQLite store's (``None`` for in-memory and
+    URI ones)."""
+    database = engine.url.database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    directory, name = os.path.split(database)
+    return os.path.join(directory, f".{name}.upgrade.lock")  # as the writers' .<name>.writers/
+
+
+#: The keys of PostgreSQL's advisory locks: "kagura" in ASCII, then 1 for the lock each step
+#: takes, 3 for the lock an upgrader holds through all of them (``kagura._storage._rollups``
+#: has 2).
 _STEPS_LOCK = 0x6B6167757261_0001
+_UPGRADER_LOCK = 0x6B6167757261_0003
 
 
 def _locked_version(connection: Any) -> int:
