@@ -345,17 +345,52 @@ async def test_an_interrupted_call_that_finishes_after_all_is_counted_once(
     assert (row["calls"], row["failures"]) == (1, 0)
 
 
-async def test_retention_leaves_rollups_of_what_is_left(recorder: Recorder, store_url: str) -> None:
+def rebuilt_rollup_tables(
+    url: str,
+) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]], dict[Any, int]]:
+    """The rollup tables as :func:`kagura._storage.rebuild_rollups` would make them from the
+    spans now (made in a transaction that is rolled back)."""
+    rollups, latency = storage.rollups, storage.latency
+    with storage.engine_for(url).connect() as connection:
+        storage.rebuild_rollups(connection)
+        totals = {
+            tuple(row[:5]): tuple(row[5:]) for row in connection.execute(select(rollups)).all()
+        }
+        counts = {tuple(row[:3]): row[3] for row in connection.execute(select(latency)).all()}
+        connection.rollback()
+    return totals, counts
+
+
+@pytest.mark.parametrize("batch", [1000, 7])
+async def test_retention_leaves_rollups_of_what_is_left(
+    recorder: Recorder, store_url: str, batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes runs in batches, a transaction each (writers wait for one at most),
+    reading the oldest left every three batches here, and takes each batch's spans off the
+    rollups: after every batch, they are those made again from the spans left."""
+    from kagura.observability import _store
+
     random_runs(recorder, seed=4)
     recorder.flush()
+    url = storage.normalise_url(store_url)
+    monkeypatch.setattr(_store, "RETENTION_BATCH", batch)
+    monkeypatch.setattr(_store, "RETENTION_READ", 3 * batch)  # read again after three batches
+    batches: list[int] = []
+    delete_runs = EventStore._delete_runs
+
+    def checked(self: EventStore, run_ids: list[str]) -> int:
+        assert len(run_ids) <= batch
+        deleted = delete_runs(self, run_ids)
+        batches.append(len(run_ids))
+        assert_same_rollups(rollup_tables(url), rebuilt_rollup_tables(url))
+        return deleted
+
+    monkeypatch.setattr(EventStore, "_delete_runs", checked)
     store = EventStore(store_url)
     deleted = store.delete_older_than(datetime.fromtimestamp(BASE + 1.5 * 86_400, UTC))
     assert deleted > 0
-    url = storage.normalise_url(store_url)
-    kept = rollup_tables(url)
-    with storage.engine_for(url).begin() as connection:
-        storage.rebuild_rollups(connection)
-    assert_same_rollups(rollup_tables(url), kept)
+    assert all(size == batch for size in batches[:-1])  # full batches, but the last
+    assert len(batches) > 3 if batch == 7 else len(batches) == 1
     rows = all_spans(url)
     for since in (None, BASE + 2 * 86_400 + 100.0):
         for agent in (None, "draft"):

@@ -54,6 +54,7 @@ from ._rollups import (
     day_hour,
     hour_of,
     rebuild_rollups,
+    take_off_rollups,
     tally_of,
     write_rollups,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "store_name",
     "stored_version",
     "synced_engine_for",
+    "take_off_rollups",
     "tally_of",
     "transaction",
     "upgrade",

@@ -24,8 +24,9 @@ An hour is ``started_at // 3600`` (Python's floor division is exact): a span is 
 exactly when ``h * 3600 <= started_at < (h + 1) * 3600``, so a query from any moment reads the
 rollups of the hours after it and the spans before the first whole hour, each span once.
 
-Retention (``delete_older_than``) rebuilds the hours it touched and a store made by an older
-version gets its rollups when it is upgraded (:func:`rebuild_rollups`), both from the spans.
+Retention (``delete_older_than``) takes the spans it deletes off the rollups
+(:func:`take_off_rollups`), and a store made by an older version gets its rollups from its
+spans when it is upgraded (:func:`rebuild_rollups`).
 """
 
 from __future__ import annotations
@@ -165,9 +166,10 @@ def lock_rollups(connection: Any) -> None:
     writer at a time anyway).
 
     Writers adding to the rollups wait for each other on their rows in any case (every batch
-    adds to the same hour's), so this costs them no concurrency; it keeps a rebuild (retention,
-    an upgrade), which deletes rows and writes them again, from interleaving with them. Without
-    it a rebuild and a writer deadlocked, and PostgreSQL rolled one of them back."""
+    adds to the same hour's), so this costs them no concurrency; it keeps a rebuild (an
+    upgrade), which deletes rows and writes them again, from interleaving with them, and so
+    retention's taking off (see :func:`take_off_rollups`). Without it a rebuild and a writer
+    deadlocked, and PostgreSQL rolled one of them back."""
     if connection.dialect.name == "postgresql":
         connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_ROLLUPS_LOCK})")
 
@@ -187,6 +189,31 @@ def write_rollups(connection: Any, tally: Tally) -> None:
         connection.exec_driver_sql(
             _upsert_sql(connection.dialect, "kagura_latency"),
             [(*key, calls) for key, calls in sorted(tally.latency.items())],
+        )
+
+
+def take_off_rollups(connection: Any, tally: Tally) -> None:
+    """Take ``tally``, of spans deleted in the caller's transaction, off the rollup tables; rows
+    left without calls go.
+
+    Retention deletes in batches of runs, each in a transaction that must stay short (writers
+    wait for it): rebuilding the rollups of the days it touched read every span of those days
+    again, seconds a batch on a large store. What the deleted spans had added is what is taken
+    off (a cost may keep a float's rounding error: readers show none below zero)."""
+    from sqlalchemy import delete
+
+    from ._schema import latency, rollups
+
+    if not tally:
+        return
+    negated = Tally()
+    negated.totals = {key: [-figure for figure in sums] for key, sums in tally.totals.items()}
+    negated.latency = {key: -calls for key, calls in tally.latency.items()}
+    write_rollups(connection, negated)
+    hours = [key[2] for key in tally.totals] + [key[1] for key in tally.latency]
+    for table in (rollups, latency):
+        connection.execute(
+            delete(table).where(table.c.hour.between(min(hours), max(hours)), table.c.calls <= 0)
         )
 
 
@@ -214,10 +241,9 @@ def _upsert_sql(dialect: Any, table: str) -> str:
     return sql
 
 
-def rebuild_rollups(connection: Any, hours: tuple[int, int] | None = None) -> None:
-    """Make the rollups of ``hours`` (first and last, inclusive, widened to whole UTC days; by
-    default every hour) again from the spans (in the caller's transaction): after retention
-    deleted spans, and once when an older store is upgraded.
+def rebuild_rollups(connection: Any) -> None:
+    """Make the rollups again from every span (in the caller's transaction): once, when a store
+    made by an older version is upgraded.
 
     The spans are read once, in the database's order, and counted by :class:`Tally` as the
     writer counts them, so a rebuilt row is the one the writer would have made. (Grouping in
@@ -233,21 +259,8 @@ def rebuild_rollups(connection: Any, hours: tuple[int, int] | None = None) -> No
     query = select(*(spans.c[name] for name in ROLLUP_COLUMNS)).where(
         spans.c.status.not_in(NOT_FINAL)
     )
-    if hours is None:
-        connection.execute(delete(rollups))
-        connection.execute(delete(latency))
-    else:
-        first, last = day_hour(hours[0]), day_hour(hours[1]) + 23
-        connection.execute(delete(rollups).where(rollups.c.hour.between(first, last)))
-        connection.execute(delete(latency).where(latency.c.hour.between(first, last)))
-        query = query.where(
-            # The kinds the rollups count: what lets the database walk its (kind, started_at)
-            # index rather than read every span. (Over a whole store, reading every span in
-            # its own order is the faster.)
-            spans.c.kind.in_(("agent", "llm", "workflow")),
-            spans.c.started_at >= first * HOUR,
-            spans.c.started_at < (last + 1) * HOUR,
-        )
+    connection.execute(delete(rollups))
+    connection.execute(delete(latency))
     tally = Tally()
     for row in connection.execute(query.execution_options(yield_per=10_000)):
         tally.add(row)
