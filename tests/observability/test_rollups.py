@@ -229,13 +229,20 @@ async def test_statistics_from_rollups_are_what_every_span_says(
             assert_agrees(store, rows, since, agent)
 
 
-def rollup_tables(url: str) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]], dict[Any, int]]:
+def rollup_tables(
+    url: str, *, rebuilt: bool = False
+) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]], dict[Any, int]]:
+    """The rollup tables' rows; ``rebuilt``: as :func:`kagura._storage.rebuild_rollups` would
+    make them from the spans now (in a transaction rolled back after)."""
     rollups, latency = storage.rollups, storage.latency
     with storage.engine_for(url).connect() as connection:
+        if rebuilt:
+            storage.rebuild_rollups(connection)
         totals = {
             tuple(row[:5]): tuple(row[5:]) for row in connection.execute(select(rollups)).all()
         }
         counts = {tuple(row[:3]): row[3] for row in connection.execute(select(latency)).all()}
+        connection.rollback()
     return totals, counts
 
 
@@ -345,22 +352,6 @@ async def test_an_interrupted_call_that_finishes_after_all_is_counted_once(
     assert (row["calls"], row["failures"]) == (1, 0)
 
 
-def rebuilt_rollup_tables(
-    url: str,
-) -> tuple[dict[tuple[Any, ...], tuple[Any, ...]], dict[Any, int]]:
-    """The rollup tables as :func:`kagura._storage.rebuild_rollups` would make them from the
-    spans now (made in a transaction that is rolled back)."""
-    rollups, latency = storage.rollups, storage.latency
-    with storage.engine_for(url).connect() as connection:
-        storage.rebuild_rollups(connection)
-        totals = {
-            tuple(row[:5]): tuple(row[5:]) for row in connection.execute(select(rollups)).all()
-        }
-        counts = {tuple(row[:3]): row[3] for row in connection.execute(select(latency)).all()}
-        connection.rollback()
-    return totals, counts
-
-
 @pytest.mark.parametrize("batch", [1000, 7])
 async def test_retention_leaves_rollups_of_what_is_left(
     recorder: Recorder, store_url: str, batch: int, monkeypatch: pytest.MonkeyPatch
@@ -382,7 +373,7 @@ async def test_retention_leaves_rollups_of_what_is_left(
         assert len(run_ids) <= batch
         deleted = delete_runs(self, run_ids)
         batches.append(len(run_ids))
-        assert_same_rollups(rollup_tables(url), rebuilt_rollup_tables(url))
+        assert_same_rollups(rollup_tables(url), rollup_tables(url, rebuilt=True))
         return deleted
 
     monkeypatch.setattr(EventStore, "_delete_runs", checked)
