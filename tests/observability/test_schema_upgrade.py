@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import signal
 import subprocess
 import sys
@@ -397,6 +398,84 @@ def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
     if (path := engines.sqlite_path(url)) is not None:
         lock = Path(path).with_name(".events.db.upgrade.lock")
         assert lock.exists() and lock.stat().st_size == 0
+
+
+#: A process opening a store, as any does, that says when it waits for the store's own lock
+#: (see ``_migrations._locked_version``), and when it has opened the store.
+OPENER = """
+import sys
+from kagura import _storage as engines
+from kagura._storage import _migrations
+
+locked_version = _migrations._locked_version
+
+def parked(connection):
+    print("parked", flush=True)
+    return locked_version(connection)
+
+_migrations._locked_version = parked
+engines.engine_for(sys.argv[1])
+print("opened", flush=True)
+"""
+
+
+def test_processes_opening_a_store_another_is_making_wait_without_a_word(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new store is made in one transaction. Made step by step, processes that opened it
+    meanwhile found it part made and took it for an older store being upgraded: the first took
+    the upgraders' lock to go on with it, and the next logged a warning that it waited for that
+    one's upgrade (four processes starting together on a new store did)."""
+    from kagura._storage import _migrations
+
+    url = engines.normalise_url(store_url)  # nothing made there yet
+    parked: queue.Queue[str] = queue.Queue()  # what this process waits for first
+    locked_version = _migrations._locked_version
+
+    def waiting_for_the_lock(connection: Any) -> int:
+        parked.put("the store's lock")
+        return locked_version(connection)
+
+    monkeypatch.setattr(_migrations, "_locked_version", waiting_for_the_lock)
+    ended: list[BaseException | None] = []
+
+    def open_the_store() -> None:
+        try:
+            engines.engine_for(url)
+            ended.append(None)
+        except BaseException as error:
+            ended.append(error)
+
+    with _Said(monkeypatch) as said, _SlowUpgrader(url) as maker:
+        # Meanwhile: one process that waits for the store (to make it, or to go on with it),
+        # then this one; then the maker goes on.
+        first = subprocess.Popen(
+            [sys.executable, "-c", OPENER, url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env({}),
+        )
+        opener = threading.Thread(target=open_the_store)
+        try:
+            assert first.stdout is not None
+            assert first.stdout.readline() == "parked\n", first.communicate(timeout=60)
+            monkeypatch.setattr(said, "emit", lambda record: parked.put(record.getMessage()))
+            opener.start()
+            waited_for = parked.get(timeout=90)
+            maker.go_on()
+            out, err = first.communicate(timeout=90)
+        finally:
+            if first.poll() is None:
+                first.kill()
+                first.communicate()
+            if opener.ident is not None:  # started
+                opener.join(timeout=90)
+    assert waited_for == "the store's lock"
+    assert (first.returncode, out, ended) == (0, "opened\n", [None]), err
+    assert "kagura:" not in err
+    with engines.engine_for(url).connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)

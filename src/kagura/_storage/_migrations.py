@@ -5,7 +5,8 @@ One mechanism, a version table: ``kagura_schema`` holds one row, the number of t
 per process and store) reads that number, one query, and runs the steps after it in order, each
 in its own transaction, recording its number as it commits. A store without the table is at 0:
 either new, or made by a version before the table existed (Kagura 0.x up to the schema of
-commit cf3ef53), and step 1 brings both to that schema.
+commit cf3ef53), and step 1 brings both to that schema. A new store has all the steps in one
+transaction: a process opening it meanwhile finds nothing or all of it.
 
 Processes opening a store at the same moment take the steps one at a time: each step's
 transaction first takes the store's lock for upgrades and reads the version again under it (see
@@ -305,14 +306,19 @@ def upgrade(engine: Any, name: str = "the store") -> int:
                     version = _locked_version(connection)
                     if version >= SCHEMA_VERSION:  # another process took the steps meanwhile
                         break
-                    STEPS[version](connection)
-                    _record(connection, version + 1)
+                    # A new store is made whole in one transaction: a process opening it
+                    # meanwhile finds nothing or all of it, never what looks like an older
+                    # store being upgraded (it would say that it waits for an upgrade).
+                    done = SCHEMA_VERSION if new and version == 0 else version + 1
+                    for step in STEPS[version:done]:
+                        step(connection)
+                    _record(connection, done)
             except DBAPIError as error:
                 attempts -= 1
                 if attempts == 0 or not _lost_a_race(error):
                     raise
                 continue
-            version += 1
+            version = done
     return found
 
 
