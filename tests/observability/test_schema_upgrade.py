@@ -336,6 +336,27 @@ class _Said(logging.Handler):
         self.logger.removeHandler(self)
 
 
+class _Opener(threading.Thread):
+    """Opens the store at ``url`` as any process does (``engine_for``), in a thread of this
+    one: ``ended`` holds ``None`` once it has, or the error it failed with; ``then`` is called
+    either way."""
+
+    def __init__(self, url: str, then: Callable[[], object] = lambda: None) -> None:
+        super().__init__()
+        self.url = url
+        self.then = then
+        self.ended: list[BaseException | None] = []
+
+    def run(self) -> None:
+        try:
+            engines.engine_for(self.url)
+            self.ended.append(None)
+        except BaseException as error:
+            self.ended.append(error)
+        finally:
+            self.then()
+
+
 @pytest.mark.parametrize("upgrader_ends", ["finishing", "killed"])
 def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
     store_url: str, upgrader_ends: str, monkeypatch: pytest.MonkeyPatch
@@ -362,23 +383,12 @@ def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
         return take
 
     monkeypatch.setattr(_migrations, "STEPS", tuple(counted(s) for s in _migrations.STEPS))
-    ended: list[BaseException | None] = []
     with _Said(monkeypatch) as said, _SlowUpgrader(url) as upgrader:
-
-        def open_the_store() -> None:
-            try:
-                engines.engine_for(url)
-                ended.append(None)
-            except BaseException as error:
-                ended.append(error)
-            finally:
-                said.waiting.set()
-
-        opener = threading.Thread(target=open_the_store)
+        opener = _Opener(url, then=said.waiting.set)
         opener.start()
         try:
             assert said.waiting.wait(timeout=90)
-            assert not ended, ended  # it waits, and has not failed
+            assert not opener.ended, opener.ended  # it waits, and has not failed
             (waiting,) = said.messages
             assert engines.store_name(url) in waiting
             assert "from schema version 4 to 5" in waiting
@@ -388,7 +398,7 @@ def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
                 upgrader.go_on()
         finally:
             opener.join(timeout=90)
-    assert ended == [None]
+    assert opener.ended == [None]
     # Finished, the upgrader took the step and this process found it taken; killed mid-step,
     # it left the step to this process.
     assert taken == ([] if upgrader_ends == "finishing" else ["_step_5_name_index"])
@@ -437,15 +447,6 @@ def test_processes_opening_a_store_another_is_making_wait_without_a_word(
         return locked_version(connection)
 
     monkeypatch.setattr(_migrations, "_locked_version", waiting_for_the_lock)
-    ended: list[BaseException | None] = []
-
-    def open_the_store() -> None:
-        try:
-            engines.engine_for(url)
-            ended.append(None)
-        except BaseException as error:
-            ended.append(error)
-
     with _Said(monkeypatch) as said, _SlowUpgrader(url) as maker:
         # Meanwhile: one process that waits for the store (to make it, or to go on with it),
         # then this one; then the maker goes on.
@@ -456,7 +457,7 @@ def test_processes_opening_a_store_another_is_making_wait_without_a_word(
             text=True,
             env=child_env({}),
         )
-        opener = threading.Thread(target=open_the_store)
+        opener = _Opener(url)
         try:
             assert first.stdout is not None
             assert first.stdout.readline() == "parked\n", first.communicate(timeout=60)
@@ -472,7 +473,7 @@ def test_processes_opening_a_store_another_is_making_wait_without_a_word(
             if opener.ident is not None:  # started
                 opener.join(timeout=90)
     assert waited_for == "the store's lock"
-    assert (first.returncode, out, ended) == (0, "opened\n", [None]), err
+    assert (first.returncode, out, opener.ended) == (0, "opened\n", [None]), err
     assert "kagura:" not in err
     with engines.engine_for(url).connect() as connection:
         assert engines.stored_version(connection) == engines.SCHEMA_VERSION
