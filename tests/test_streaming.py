@@ -8,14 +8,17 @@ real HTTP is in ``tests/providers/test_streaming_http.py``.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import pydantic_core
 import pytest
 from pydantic import BaseModel
 
-from kagura import agent, tool, workflow
+from kagura import _streaming, agent, tool, workflow
 from kagura._output import OutputSpec
 from kagura.errors import (
     OutputParseError,
@@ -154,6 +157,83 @@ async def test_a_delta_that_adds_nothing_to_the_json_is_not_validated_again(
         {"name": "Ada", "age": 36},
         {"name": "Ada", "age": 36, "tags": ["x"]},
     ]
+
+
+class Shelf(BaseModel):
+    title: str
+    people: list[Person]
+
+
+@agent
+async def shelve(text: str) -> Shelf:
+    """Who is in this? {{ text }}"""
+
+
+def shelf_of(people: int) -> Shelf:
+    return Shelf(
+        title="all",
+        people=[Person(name=f"P {i}", age=i, tags=["a", "b"]) for i in range(people)],
+    )
+
+
+def a_word_a_chunk(value: BaseModel) -> tuple[str, ...]:
+    """``value`` as JSON, a word a chunk, as a model writes it."""
+    return tuple(re.findall(r"\S+\s*", json.dumps(value.model_dump())))
+
+
+async def test_a_long_typed_answer_is_read_at_a_cost_that_grows_with_it_not_with_its_square(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A partial value is read from the whole JSON so far. Read at every delta, the characters
+    # parsed for an answer of n characters in words would add up to about n * n / 14; past 256
+    # characters they are read once the JSON has grown by an eighth, so the readings add up to
+    # at most 8 n. No time passes here, so only growth decides.
+    monkeypatch.setattr(_streaming, "_clock", lambda: 0.0)
+    parsed: list[int] = []
+    from_json = pydantic_core.from_json
+
+    def counted(data: str, **options: Any) -> Any:
+        parsed.append(len(data))
+        return from_json(data, **options)
+
+    monkeypatch.setattr(pydantic_core, "from_json", counted)
+    shelf = shelf_of(300)
+    chunks = a_word_a_chunk(shelf)
+    size = len("".join(chunks))
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        items = await collect(shelve.stream("everyone"))
+
+    assert sum(n for n in parsed if n > 256) <= 8 * size  # every delta: 4,000 times as much
+    assert len(chunks) > 2_000 and len(parsed) < 100
+    # What the reader is shown is as before, only sparser: growing values, each differing from
+    # the one before, then the result.
+    assert len(items) > 10
+    assert all(isinstance(item, Shelf) for item in items)
+    assert all(a != b for a, b in itertools.pairwise(items))
+    counts = [len(item.people) for item in items]
+    assert counts == sorted(counts)
+    assert items[-1] == shelf
+
+
+async def test_a_slow_typed_stream_shows_a_value_at_every_delta(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A stream whose deltas come more than a tenth of a second apart shows what reading at every
+    # delta shows: a long answer is read seldom only where the reader could not tell.
+    chunks = a_word_a_chunk(shelf_of(40))
+    assert len("".join(chunks)) > 1_000
+
+    monkeypatch.setattr(_streaming, "_SMALL", 10**9)  # every delta, as before
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        every_delta = await collect(shelve.stream("everyone"))
+    monkeypatch.undo()
+
+    ticks = itertools.count()
+    monkeypatch.setattr(_streaming, "_clock", lambda: next(ticks) * 0.125)
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        slow = await collect(shelve.stream("everyone"))
+    assert slow == every_delta
+    assert len(slow) > 40
 
 
 async def test_the_result_is_the_last_item_even_when_no_partial_value_matched_it() -> None:
