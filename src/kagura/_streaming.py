@@ -334,7 +334,7 @@ class _Reader:
 
     A partial value is read from the whole JSON so far, so reading one costs time in proportion
     to the answer's length; read at every delta, a whole answer would cost time in proportion to
-    its square (5.6 s of CPU for 44 KB of JSON, a word a delta). Up to ``_SMALL`` characters it
+    its square (seconds of CPU for tens of kilobytes). Up to ``_SMALL`` characters it
     is read at every delta. Past them, only once the JSON has grown by an eighth since the last
     reading, or ``_EVERY`` seconds have passed: the readings of a fast stream then add up to a
     few times the cost of the last one, whatever the length, and a slow stream still shows a
