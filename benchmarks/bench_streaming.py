@@ -68,18 +68,19 @@ def json_answer(words: int) -> str:
     return json.dumps({"title": "a catalogue", "items": items})
 
 
+#: The typed answers: the prompt that asks for each, and its size in multiples of ``--words``.
+#: The server matches a prompt by the first rule it contains, so the longest prompts come first.
+TYPED = (("json huge", 16), ("json large", 4), ("json", 1))
+
+
 def serve(words: int) -> None:
-    """The server process: the answers by prompt (``large`` and ``json`` name the typed ones),
-    until stdin closes. It records nothing: its ``KAGURA_HOME`` goes with it."""
+    """The server process: the answers by prompt (``TYPED`` names the typed ones), until stdin
+    closes. It records nothing: its ``KAGURA_HOME`` goes with it."""
     from kagura.testing.fault_server import Fault, FaultServer
 
     async def run() -> None:
-        rules = [
-            ("json huge", Fault.ok(json_answer(16 * words))),
-            ("json large", Fault.ok(json_answer(4 * words))),
-            ("json", Fault.ok(json_answer(words))),
-            ("", Fault.ok(text_answer(words))),
-        ]
+        rules = [(prompt, Fault.ok(json_answer(times * words))) for prompt, times in TYPED]
+        rules.append(("", Fault.ok(text_answer(words))))
         server = FaultServer(rules=rules, backlog=4096)
         async with server:
             print(server.base_url, flush=True)
@@ -167,28 +168,17 @@ async def main_async(args: argparse.Namespace, report: Report, base_url: str) ->
         return read
 
     words = args.words
+
+    def typed(prompt: str, times: int) -> Contender:
+        answer = json_answer(times * words)
+        name = f"Kagura typed agent, stream() ({len(answer):,} B of JSON)"
+        return Contender(name, streamed(typed_agent.stream), prompt, len(answer.split()))
+
     contenders = [
         Contender("aiohttp alone (the floor)", alone, "text", words),
         Contender("bare openai.AsyncOpenAI, stream=True", bare, "text", words),
         Contender("Kagura str agent, stream()", streamed(text_agent.stream), "text", words),
-        Contender(
-            f"Kagura typed agent, stream() ({len(json_answer(words)):,} B of JSON)",
-            streamed(typed_agent.stream),
-            "json",
-            len(json_answer(words).split()),
-        ),
-        Contender(
-            f"Kagura typed agent, stream() ({len(json_answer(4 * words)):,} B of JSON)",
-            streamed(typed_agent.stream),
-            "json large",
-            len(json_answer(4 * words).split()),
-        ),
-        Contender(
-            f"Kagura typed agent, stream() ({len(json_answer(16 * words)):,} B of JSON)",
-            streamed(typed_agent.stream),
-            "json huge",
-            len(json_answer(16 * words).split()),
-        ),
+        *(typed(prompt, times) for prompt, times in reversed(TYPED)),
     ]
     try:
         for c in contenders:
