@@ -10,8 +10,13 @@
    steps are, made by a thread and awaited on the event loop after the same 100 ms wait, twice
    (a run waits for two commits of steps, one per level of its calls).
 3. Resuming a run whose steps are all journaled: runs that failed just after their last step are
-   resumed, every agent call answered from the journal. Per replayed step, with
-   ``kagura.testing.replay`` (the same run against its journal, read-only) beside it.
+   resumed, every agent call answered from the journal; and ``recover()`` of runs left as a
+   killed process leaves them (running, held by a process that is gone). Per replayed step,
+   against a fresh run of the same workflow, with ``kagura.testing.replay`` (the same run
+   against its journal, read-only) beside them.
+4. Finding interrupted runs in a journal that also holds many finished ones (``list_runs``, what
+   ``recover()`` and ``kagura runs list`` read), against the same listing of a journal holding
+   the interrupted runs alone.
 
 Recording is off (``KAGURA_RECORD=0``) unless ``--record``: ``bench_recording.py`` measures it.
 The journal goes to a fresh SQLite file in a temporary directory.
@@ -38,14 +43,16 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import sqlite3  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 import uuid  # noqa: E402
 from collections.abc import Awaitable  # noqa: E402
+from typing import Any  # noqa: E402
 
 from _bench import Report, run_recorded  # noqa: E402
 
 from kagura import Workflow, agent, workflow  # noqa: E402
-from kagura.durable import journal_for  # noqa: E402
+from kagura.durable import Journal, journal_for, recover  # noqa: E402
 from kagura.testing import FakeModel, replay  # noqa: E402
 
 STEPS_PER_RUN = 4
@@ -177,12 +184,27 @@ async def crashed_runs(runs: int) -> list[str]:
     return ids
 
 
-async def resume_cost(runs: int, rounds: int) -> tuple[float, float]:
-    """Median µs per replayed step of resuming fully journaled runs, and of replaying them."""
+def interrupt(journal: Journal, ids: list[str]) -> None:
+    """Leave runs as a killed process leaves them: running, held by a process that is gone."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    with journal.engine.begin() as connection:
+        for run_id in ids:
+            connection.exec_driver_sql(
+                "UPDATE kagura_runs SET status = 'running', pid = ?, error = NULL, "
+                "error_type = NULL WHERE run_id = ?",
+                (gone.pid, run_id),
+            )
+
+
+async def resume_cost(runs: int, rounds: int) -> dict[str, float]:
+    """Median µs per step of a fresh run, of resuming fully journaled runs, of recovering them
+    (as interrupted) and of replaying them; by name."""
     journal = journal_for()
-    resumed: list[float] = []
-    replayed: list[float] = []
+    found: dict[str, list[float]] = {"fresh": [], "resume": [], "recover": [], "replay": []}
     for number in range(rounds + 1):  # the first round warms up
+        Crash.on = False
+        fresh_us = await per_step_us([fan_in_crashing.run("x") for _ in range(runs)])
         ids = await crashed_runs(runs)
         steps = await asyncio.to_thread(journal.load_steps, ids[0])
         assert len(steps) == STEPS_PER_RUN, steps
@@ -191,10 +213,73 @@ async def resume_cost(runs: int, rounds: int) -> tuple[float, float]:
         replay_us = await per_step_us([replay(i, fan_in_crashing) for i in ids])
         record = await asyncio.to_thread(journal.get_run, ids[-1])
         assert record is not None and record.status == "completed", record
+        ids = await crashed_runs(runs)
+        await asyncio.to_thread(interrupt, journal, ids)
+        Crash.on = False
+        started = time.perf_counter()
+        recovered = await recover()
+        recover_us = (time.perf_counter() - started) / (runs * STEPS_PER_RUN) * 1e6
+        assert sorted(r.run_id for r in recovered) == sorted(ids), recovered[:3]
+        assert {r.outcome for r in recovered} == {"completed"}, recovered[:3]
         if number:
-            resumed.append(resume_us)
-            replayed.append(replay_us)
-    return statistics.median(resumed), statistics.median(replayed)
+            for name, us in (
+                ("fresh", fresh_us),
+                ("resume", resume_us),
+                ("recover", recover_us),
+                ("replay", replay_us),
+            ):
+                found[name].append(us)
+    return {name: statistics.median(values) for name, values in found.items()}
+
+
+def listing_ms(finished: int, interrupted: int, rounds: int) -> tuple[float, float, float, float]:
+    """Median ms of ``list_runs(status="interrupted")`` and of ``list_runs()`` (the 50 last),
+    on a journal of ``interrupted`` runs alone and on one holding ``finished`` completed runs of
+    four steps besides: (alone, interrupted), (alone, last 50), (with, interrupted), (with,
+    last 50)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    figures: list[float] = []
+    for name, completed in (("alone", 0), ("with", finished)):
+        path = Path(_HOME) / f"listing-{name}.db"
+        journal = journal_for(f"sqlite:///{path}")
+        journal.engine  # noqa: B018  # made now: the schema
+        connection = sqlite3.connect(path)
+        now = time.time()
+        rows = [
+            (f"r{n}", "fan_in", None, "completed", "{}", "o", 1, journal.host, None, now, now)
+            for n in range(completed)
+        ] + [
+            (f"i{n}", "fan_in", None, "running", "{}", "o", gone.pid, journal.host, None, now, now)
+            for n in range(interrupted)
+        ]
+        connection.executemany(
+            "INSERT INTO kagura_runs (run_id, workflow, target, status, arguments, owner, pid, "
+            "host, pid_start, heartbeat_at, created_at, updated_at, attempts) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1)",
+            [(*row, now) for row in rows],
+        )
+        connection.executemany(
+            "INSERT INTO kagura_steps (run_id, step_key, name, kind, input_hash, output, "
+            "created_at, position) VALUES (?, ?, 'step', 'agent', 'h', '\"x\"', ?, ?)",
+            ((row[0], f"fan_in/step#{k}", now, k) for row in rows for k in range(STEPS_PER_RUN)),
+        )
+        connection.commit()
+        connection.close()
+        listings: list[tuple[dict[str, Any], int]] = [
+            ({"status": "interrupted", "limit": None}, interrupted),
+            ({}, 50),
+        ]
+        for options, expected in listings:
+            times = []
+            for _ in range(rounds + 1):
+                started = time.perf_counter()
+                listed = journal.list_runs(**options)
+                times.append((time.perf_counter() - started) * 1e3)
+                assert len(listed) == expected, (options, len(listed))
+            figures.append(statistics.median(times[1:]))
+    alone_interrupted, alone_last, with_interrupted, with_last = figures
+    return alone_interrupted, alone_last, with_interrupted, with_last
 
 
 def main() -> None:
@@ -280,21 +365,55 @@ def main() -> None:
             "loop's and the journal's thread's time per step (the first table)."
         )
 
-        resume_us, replay_us = asyncio.run(resume_cost(args.runs, args.rounds))
+        costs = asyncio.run(resume_cost(args.runs, args.rounds))
         table = report.table(
-            f"Resuming runs whose {STEPS_PER_RUN} steps are all journaled ({args.runs} runs at "
-            f"once; median of {args.rounds} rounds)",
-            ["", "µs per replayed step", "ms per run"],
+            f"Resuming runs whose {STEPS_PER_RUN} steps are all journaled ({args.runs} runs; "
+            f"median of {args.rounds} rounds)",
+            ["", "µs per step", "ms per run", "× a fresh run"],
+        )
+        for name, label in (
+            ("fresh", f"a fresh run (start, {STEPS_PER_RUN} steps run, finish), all at once"),
+            ("resume", "resume (claim, load, replay, finish), all at once"),
+            ("recover", "recover(): the runs interrupted, 8 at a time (its default)"),
+            ("replay", "kagura.testing.replay (read-only), all at once"),
+        ):
+            us = costs[name]
+            table.add(
+                label,
+                f"{us:.1f}",
+                f"{us * STEPS_PER_RUN / 1000:.2f}",
+                f"{us / costs['fresh']:.2f}×",
+            )
+        table.notes.append(
+            "Interrupted: as a SIGKILL leaves a run (status running, its process gone), set on "
+            "runs that failed after their last step. A start or a claim is answered by the "
+            "journal's writer, which takes over, reads and loads the runs queued together in "
+            "one transaction."
+        )
+
+        finished = 100_000
+        alone_int, alone_last, with_int, with_last = listing_ms(finished, args.runs, args.rounds)
+        table = report.table(
+            f"Listing runs: {args.runs} interrupted, alone or beside {finished:,} finished runs of "
+            f"{STEPS_PER_RUN} steps (median of {args.rounds})",
+            ["", "alone, ms", f"beside {finished:,} finished, ms", "×"],
         )
         table.add(
-            "resume (claim, load, replay, finish)",
-            f"{resume_us:.1f}",
-            f"{resume_us * STEPS_PER_RUN / 1000:.2f}",
+            "list_runs(status='interrupted'): what recover() reads",
+            f"{alone_int:.1f}",
+            f"{with_int:.1f}",
+            f"{with_int / alone_int:.2f}×",
         )
         table.add(
-            "kagura.testing.replay (read-only)",
-            f"{replay_us:.1f}",
-            f"{replay_us * STEPS_PER_RUN / 1000:.2f}",
+            "list_runs(): the 50 last, as kagura runs list",
+            f"{alone_last:.1f}",
+            f"{with_last:.1f}",
+            f"{with_last / alone_last:.2f}×",
+        )
+        table.notes.append(
+            "Each listed run's steps are counted for the runs listed only. The 50 last are "
+            "found by a scan of the runs (there is no index by time of update alone), which "
+            "grows with them."
         )
 
     run_recorded(report, _HOME, args.json, run)

@@ -230,7 +230,7 @@ async def test_the_writes_of_one_turn_of_the_loop_go_in_one_batch(
     started = [journal.start_soon(f"run-{n}", "wf", None, "{}", "me") for n in range(1, 51)]
     assert not journal._wake.is_set()
     outcomes = await asyncio.gather(*started)
-    assert {outcome for outcome, _ in outcomes} == {"started"}
+    assert {outcome for outcome, _, _ in outcomes} == {"started"}
     assert batches == [({"start"}, False), ({"start"}, False)]
     assert not journal._waking  # the loop's wake came: no loop is left to wake the writer
 
@@ -252,7 +252,7 @@ async def test_a_bug_in_writing_a_batch_fails_its_callers_and_the_writer_goes_on
     with pytest.raises(RuntimeError, match="a bug"):
         await journal.start_soon("run-1", "wf", None, "{}", "me")
     assert "the journal failed to write 1 durable writes" in caplog.text
-    outcome, _ = await journal.start_soon("run-1", "wf", None, "{}", "me")
+    outcome, _, _ = await journal.start_soon("run-1", "wf", None, "{}", "me")
     assert outcome == "started"
 
 
@@ -303,7 +303,7 @@ async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) ->
     ]
     await asyncio.to_thread(journal._write_batch, starts)
     outcomes = [await request.future for request in starts]
-    assert [outcome for outcome, _ in outcomes] == ["started"] * len(ids) + ["busy"]
+    assert [outcome for outcome, _, _ in outcomes] == ["started"] * len(ids) + ["busy"]
     assert outcomes[-1][1].owner == "first"
 
     ends = [
@@ -323,6 +323,70 @@ async def test_a_batch_of_more_starts_than_one_insert_takes(journal: Journal) ->
     assert last is not None and (last.status, last.error_type) == ("failed", "KeyError")
     assert released is not None and released.status == "interrupted"
     assert other is not None and other.status == "running"
+
+
+async def test_runs_claimed_and_listed_past_one_chunk_each_get_their_own_steps(
+    journal: Journal,
+) -> None:
+    """Claims in one batch read their runs and steps in chunks of ids, as listings count steps:
+    each run, across the chunks, comes back with its own steps, and a run no claim could take
+    (held, or of another workflow) is read but not taken."""
+    ids = [f"run-{i}" for i in range(_CHUNK * 2 + 1)]
+    starts = [
+        _Request("start", journal._start_values(run_id, "wf", None, "{}", f"owner-{i}"))
+        for i, run_id in enumerate(ids)
+    ]
+    await asyncio.to_thread(journal._write_batch, starts)
+    assert {(await request.future)[0] for request in starts} == {"started"}
+    writes = [
+        _Request(
+            "step",
+            {
+                "b_run_id": run_id,
+                "b_owner": f"owner-{i}",
+                "run_id": run_id,
+                "step_key": f"wf/step#{n}",
+                "name": "step",
+                "kind": "step",
+                "input_hash": "hash",
+                "output": f"{run_id}:{n}",
+                "created_at": 0.0,
+                "position": n,
+            },
+        )
+        for i, run_id in enumerate(ids)
+        for n in range(i % 3)
+    ]
+    writes += [
+        _Request("release", {"b_run_id": run_id, "b_owner": f"owner-{i}"})
+        for i, run_id in enumerate(ids[:-1])  # the last stays held by its owner
+    ]
+    await asyncio.to_thread(journal._write_batch, writes)
+    assert await asyncio.gather(*(request.future for request in writes)) == [None] * len(writes)
+
+    claims = [
+        _Request("claim", {"run_id": run_id, "owner": f"new-{i}", "workflow": "wf"})
+        for i, run_id in enumerate(ids)
+    ]
+    claims.append(_Request("claim", {"run_id": ids[0], "owner": "other", "workflow": "other"}))
+    claims.append(_Request("claim", {"run_id": "run-unknown", "owner": "x", "workflow": "wf"}))
+    await asyncio.to_thread(journal._write_batch, claims)
+    answers = [await request.future for request in claims]
+    for i, (record, steps) in enumerate(answers[: len(ids)]):
+        assert record is not None and record.run_id == ids[i]
+        assert record.steps == i % 3
+        if i == len(ids) - 1:
+            assert steps is None and record.owner == f"owner-{i}"  # held: not taken
+            continue
+        assert (record.owner, record.attempts, record.status) == (f"new-{i}", 2, "running")
+        assert steps is not None
+        assert {key: step.output for key, step in steps.items()} == {
+            f"wf/step#{n}": f"{ids[i]}:{n}" for n in range(i % 3)
+        }
+    assert answers[-2][1] is None and answers[-2][0] is not None  # another workflow's run
+    assert answers[-1] == (None, None)
+    listed = {record.run_id: record.steps for record in journal.list_runs(limit=None)}
+    assert listed == {run_id: i % 3 for i, run_id in enumerate(ids)}
 
 
 def kept_from_the_writer(

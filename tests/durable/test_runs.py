@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,79 @@ async def test_resume_needs_a_known_run_of_that_workflow(journal: Journal, tmp_p
         await workflows.checked.run("tea", str(tmp_path / "gate"), run_id="order-8")
     with pytest.raises(UsageError, match="belongs to workflow 'checked'"):
         await workflows.gated.resume("order-8")
+
+
+async def test_a_start_of_another_workflow_leaves_an_interrupted_run_as_it_was(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    """A run id names one workflow's run: starting it as another workflow is refused, and the
+    run is not taken over meanwhile. Had it been (held by this live process, its attempt
+    counted), its own workflow could not resume it until the lease ran out."""
+    gate = tmp_path / "gate"
+    task = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-11"))
+    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-11"), "the draft")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    before = journal.get_run("order-11")
+    assert before is not None and (before.status, before.attempts) == ("interrupted", 1)
+
+    with pytest.raises(UsageError, match="belongs to workflow 'gated', not 'checked'"):
+        await workflows.checked.run("tea", str(gate), run_id="order-11")
+    with pytest.raises(UsageError, match="belongs to workflow 'gated', not 'checked'"):
+        await workflows.checked.resume("order-11")
+    assert journal.get_run("order-11") == before
+
+    gate.touch()
+    assert await workflows.gated.resume("order-11") == EXPECTED
+    assert prompts(model) == ["Draft a note about tea.", EXPECTED]
+
+
+async def test_runs_resumed_at_once_are_claimed_and_loaded_in_one_shared_transaction(
+    journal: Journal, model: FakeModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resuming many runs at once, as recovery does, claims them, reads them and loads their
+    steps in one transaction of the journal's writer, as starting them does: the callers make
+    no trip to the database of their own, one run after another."""
+    from sqlalchemy import event
+
+    gate = tmp_path / "gate"
+    ids = [f"order-{n}" for n in range(20)]
+    failed = await asyncio.gather(
+        *(workflows.checked.run("tea", str(gate), run_id=run_id) for run_id in ids),
+        return_exceptions=True,
+    )
+    assert all(isinstance(outcome, FileNotFoundError) for outcome in failed), failed
+    gate.touch()
+
+    batches: list[list[str]] = []
+    write = Journal._write_batch
+
+    def spy(self: Journal, batch: list[Any]) -> None:
+        batches.append([request.kind for request in batch])
+        write(self, batch)
+
+    threads: set[str] = set()
+
+    def on_execute(*_: Any) -> None:
+        threads.add(threading.current_thread().name)
+
+    monkeypatch.setattr(Journal, "_write_batch", spy)
+    event.listen(journal.engine, "before_cursor_execute", on_execute)
+    try:
+        resumed = await asyncio.gather(
+            *(_execute.resume_run(workflows.checked, run_id) for run_id in ids)
+        )
+    finally:
+        event.remove(journal.engine, "before_cursor_execute", on_execute)
+
+    # Each run's draft came from the journal; its check and review ran now.
+    assert [(r.result, r.replayed, r.ran) for r in resumed] == [(EXPECTED, 1, 2)] * len(ids)
+    assert len(model.requests) == 2 * len(ids)
+    assert batches[0] == ["claim"] * len(ids)
+    assert sum("claim" in kinds for kinds in batches) == 1
+    assert threads == {"kagura-journal"}
+    assert {r.status for r in journal.list_runs(limit=None)} == {"completed"}
 
 
 async def test_a_cancelled_run_is_resumable_at_once(

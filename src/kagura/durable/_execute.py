@@ -25,7 +25,6 @@ from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, Usag
 from ._journal import (
     Journal,
     RunRecord,
-    StepRecord,
     attempt_span_id,
     journal_for,
     lease_seconds,
@@ -170,7 +169,7 @@ async def start(
     bound, arguments = _dump_arguments(workflow, args, kwargs)
     journal = journal_for()
     owner = uuid.uuid4().hex
-    outcome, record = await journal.start_soon(
+    outcome, record, steps = await journal.start_soon(
         run_id, workflow.name, target_of(workflow), arguments, owner
     )
     if record.workflow != workflow.name:
@@ -191,7 +190,6 @@ async def start(
         raise RunFailedError(run_id, record.error, record.error_type)
     if outcome == "busy":
         return await _wait_for(workflow, journal, run_id)
-    steps = {} if outcome == "started" else await asyncio.to_thread(journal.load_steps, run_id)
     durable = DurableRun(run_id, journal, steps, owner=owner)
     return await _execute(workflow, journal, record, durable, bound)
 
@@ -216,36 +214,22 @@ async def resume(workflow: Workflow, run_id: str) -> Any:
 async def resume_run(workflow: Workflow, run_id: str) -> Resumed:
     """:func:`resume`, saying what it did (see :class:`Resumed`)."""
     journal = journal_for()
-    record = await asyncio.to_thread(journal.get_run, run_id)
+    owner = uuid.uuid4().hex
+    record, steps = await journal.claim_soon(run_id, owner, workflow.name)
     if record is None:
         raise UsageError(f"there is no durable run {run_id!r} in the store")
     if record.workflow != workflow.name:
         raise UsageError(
             f"run {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
         )
-    if record.status == "completed":
-        return Resumed(run_id, _load_result(workflow, record.result), 0, 0, True)
-    owner = uuid.uuid4().hex
-    claimed, steps = await asyncio.to_thread(_claim, journal, run_id, owner)
     if steps is None:
-        if claimed is not None and claimed.status == "completed":
-            return Resumed(run_id, _load_result(workflow, claimed.result), 0, 0, True)
-        raise RunInProgressError(_busy_message(claimed or record))
-    assert claimed is not None
-    bound = _load_arguments(workflow, claimed.arguments)
+        if record.status == "completed":
+            return Resumed(run_id, _load_result(workflow, record.result), 0, 0, True)
+        raise RunInProgressError(_busy_message(record))
+    bound = _load_arguments(workflow, record.arguments)
     durable = DurableRun(run_id, journal, steps, owner=owner)
-    result = await _execute(workflow, journal, claimed, durable, bound)
+    result = await _execute(workflow, journal, record, durable, bound)
     return Resumed(run_id, result, durable.replayed, durable.recorded)
-
-
-def _claim(
-    journal: Journal, run_id: str, owner: str
-) -> tuple[RunRecord | None, dict[str, StepRecord] | None]:
-    """Claim ``run_id`` for ``owner``: the run as it is then, and its journaled steps (``None``
-    if another holds it, or it completed meanwhile). In one trip to a worker thread."""
-    claimed = journal.claim(run_id, owner)
-    record = journal.get_run(run_id)
-    return record, journal.load_steps(run_id) if claimed else None
 
 
 def _busy_message(record: RunRecord) -> str:
@@ -394,14 +378,13 @@ async def replay(run_id: str, workflow: Workflow | None = None, *, db: str | Non
     """Run a recorded run again against its journal only: no provider is called, nothing is
     written. A step the journal does not have raises :class:`NonDeterminismError`."""
     journal = journal_for(db)
-    record = await asyncio.to_thread(journal.get_run, run_id)
+    record, steps = await asyncio.to_thread(journal.read_run, run_id)
     if record is None:
         raise UsageError(f"there is no durable run {run_id!r} to replay")
     if workflow is None:
         if not record.target:
             raise UsageError(f"run {run_id!r} does not say where its workflow is; pass workflow=")
         workflow = import_target(record.target)
-    steps = await asyncio.to_thread(journal.load_steps, run_id)
     bound = _load_arguments(workflow, record.arguments)
     durable = DurableRun(run_id, None, steps, replay_only=True)
     token = current_durable_run.set(durable)

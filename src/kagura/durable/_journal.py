@@ -10,12 +10,14 @@ The guarantees, and where each is kept:
 - *Durable before visible.* A step's caller gets its result only once the step's row is committed
   (:meth:`Journal.commit_step`): a process killed at any moment after a workflow saw a result
   never runs that step again.
-- *Group commit.* From event loops, run starts, steps, finishes and releases go through one writer
-  thread, in order, which commits whatever is queued in one transaction and answers each caller
-  once its batch is committed: concurrent runs share commits instead of queueing for the
-  database's write lock, and a run's finish is never on disk before its steps. The writer is
-  woken after the turn of the event loop that queued a write, so what one turn queues (runs
-  started together, steps answered together) is one batch.
+- *Group commit.* From event loops, run starts, claims (resumes), steps, finishes and releases go
+  through one writer thread, in order, which commits whatever is queued in one transaction and
+  answers each caller once its batch is committed: concurrent runs share commits instead of
+  queueing for the database's write lock, and a run's finish is never on disk before its steps.
+  A start or claim is answered with the run as the transaction left it, and a claimed run's
+  steps, read in it. The writer is woken after the turn of the event loop that queued a write,
+  so what one turn queues (runs started or resumed together, steps answered together) is one
+  batch.
 - *What waits for the disk.* A commit holding a step, or a run's failure, is on disk before
   anyone is answered (SQLite syncs it; PostgreSQL as its server is configured, by default
   synced). Every other write is not synced: a run's start, claim, lease renewal, release and
@@ -79,7 +81,7 @@ _T = TypeVar("_T")
 
 RunStatus = Literal["running", "completed", "failed", "interrupted"]
 StartOutcome = Literal["started", "claimed", "completed", "failed", "busy"]
-_Kind = Literal["start", "step", "finish", "release"]
+_Kind = Literal["start", "claim", "step", "finish", "release"]
 
 #: Ids per ``IN (...)`` list: well under every SQLite build's limit on bound parameters.
 _CHUNK = 500
@@ -189,8 +191,8 @@ class _Flush:
 
 
 class _Request:
-    """One write (a run's start, a step, a finish or a release), queued for the writer's
-    thread and answered on the caller's loop once the batch it went in is committed."""
+    """One write (a run's start or claim, a step, a finish or a release), queued for the
+    writer's thread and answered on the caller's loop once the batch it went in is committed."""
 
     __slots__ = ("future", "kind", "loop", "values")
 
@@ -202,7 +204,7 @@ class _Request:
 
     @property
     def lease(self) -> tuple[str, str] | None:
-        """The (run id, owner) whose lease this write needs; ``None`` for a start."""
+        """The (run id, owner) whose lease this write needs; ``None`` for a start or claim."""
         if self.kind in ("step", "finish", "release"):
             return self.values["b_run_id"], self.values["b_owner"]
         return None
@@ -306,11 +308,22 @@ class Journal:
 
     def start_soon(
         self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
-    ) -> asyncio.Future[tuple[StartOutcome, RunRecord]]:
+    ) -> asyncio.Future[tuple[StartOutcome, RunRecord, dict[str, StepRecord]]]:
         """:meth:`start`, committed together with every other write queued meanwhile: thousands
         of runs starting at once cost a few transactions, not thousands of them fighting for
-        the database's write lock. Await the result (call it on the event loop)."""
+        the database's write lock. Await the result (call it on the event loop), with the
+        journaled steps of a run it claimed (``{}`` for any other outcome)."""
         return self._submit("start", self._start_values(run_id, workflow, target, arguments, owner))
+
+    def claim_soon(
+        self, run_id: str, owner: str, workflow: str
+    ) -> asyncio.Future[tuple[RunRecord | None, dict[str, StepRecord] | None]]:
+        """Take ``run_id`` over for ``owner`` if it can be resumed (see :meth:`claim`) and is a
+        run of ``workflow``; group-committed, as :meth:`start_soon`. Await the run as it is then
+        (``None`` if there is none) and, if ``owner`` now holds it, its journaled steps (else
+        ``None``): claim, read and load in one transaction shared with every other write queued
+        meanwhile, so that resuming many runs at once costs a few trips to the database."""
+        return self._submit("claim", {"run_id": run_id, "owner": owner, "workflow": workflow})
 
     def commit_step(
         self,
@@ -395,10 +408,17 @@ class Journal:
         self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
     ) -> tuple[StartOutcome, RunRecord]:
         """Create the run, or report what state an existing run with this id is in; an
-        interrupted run is claimed for this owner."""
+        interrupted run of this workflow is claimed for this owner."""
         values = self._start_values(run_id, workflow, target, arguments, owner)
-        created = self._commit("start a durable run", lambda c: self._insert_runs(c, [values]))
-        return self._started(values, created)
+
+        def start(connection: Any) -> tuple[set[str], _Found]:
+            created = self._insert_runs(connection, [values])
+            existing = [] if run_id in created else [(values, False)]
+            return created, self._take_over(connection, existing)
+
+        created, found = self._commit("start a durable run", start)
+        outcome, record, _ = self._started(values, run_id in created, found)
+        return outcome, record
 
     def _start_values(
         self, run_id: str, workflow: str, target: str | None, arguments: str, owner: str
@@ -441,83 +461,99 @@ class Journal:
             created.update(run_id for (run_id,) in inserted)
         return created
 
-    def _started(self, values: dict[str, Any], created: set[str]) -> tuple[StartOutcome, RunRecord]:
+    def _started(
+        self, values: dict[str, Any], created: bool, found: _Found
+    ) -> tuple[StartOutcome, RunRecord, dict[str, StepRecord]]:
+        """What a start found: the outcome, the run, and its steps if this start claimed it."""
         run_id, owner = values["run_id"], values["owner"]
-        if run_id in created:
+        if created:
             # What was just inserted: no need to read it back.
-            return "started", RunRecord(
-                run_id,
-                values["workflow"],
-                values["target"],
-                "running",
-                values["b_arguments"],
-                None,
-                None,
-                None,
-                owner,
-                values["pid"],
-                self.host,
-                values["heartbeat_at"],
-                values["created_at"],
-                values["updated_at"],
-                1,
-                0,
-                values["pid_start"],
+            return (
+                "started",
+                RunRecord(
+                    run_id,
+                    values["workflow"],
+                    values["target"],
+                    "running",
+                    values["b_arguments"],
+                    None,
+                    None,
+                    None,
+                    owner,
+                    values["pid"],
+                    self.host,
+                    values["heartbeat_at"],
+                    values["created_at"],
+                    values["updated_at"],
+                    1,
+                    0,
+                    values["pid_start"],
+                ),
+                {},
             )
-        existing = self.get_run(run_id)
-        assert existing is not None
-        if existing.status == "interrupted" and self.claim(run_id, owner, allow_failed=False):
-            return "claimed", self.get_run(run_id)  # type: ignore[return-value]
+        existing = found.record(run_id)
+        assert existing is not None  # the insert found it there, in this transaction
+        if (run_id, owner) in found.taken:
+            return "claimed", existing, found.steps(run_id)
         if existing.status in ("completed", "failed"):
-            return existing.status, existing
-        return "busy", existing
+            return existing.status, existing, {}
+        return "busy", existing, {}
 
     def claim(self, run_id: str, owner: str, *, allow_failed: bool = True) -> bool:
         """Take over a run whose process died or stopped renewing its lease (or, with
         ``allow_failed``, one that failed), for ``owner``. The spans its dead attempts left
         running are closed as interrupted in the same transaction."""
-        from sqlalchemy import and_, or_, select, update
+        values = {"run_id": run_id, "owner": owner, "workflow": None}
+        found = self._commit(
+            "claim a durable run", lambda c: self._take_over(c, [(values, allow_failed)])
+        )
+        return (run_id, owner) in found.taken
 
-        from .._storage import runs
+    def _take_over(self, connection: Any, wanted: list[tuple[dict[str, Any], bool]]) -> _Found:
+        """In the caller's transaction: take over, for its owner, each run of ``wanted``
+        (``run_id``, ``owner`` and ``workflow``, with whether a failed run may be taken) that
+        can be resumed: its process is gone, its lease ran out or was given up, or it failed
+        (where allowed); and that is a run of that workflow (``None``: any). Then read those
+        runs and their steps, as they are now (see :class:`_Found`).
 
+        Each run is taken by one conditional statement (see "Claims are atomic" in the module's
+        docstring), in the order of their ids; the spans its earlier attempts left running are
+        closed, since they never will end."""
         now = time.time()
-
-        def claim(connection: Any) -> bool:
-            row = connection.execute(select(runs).where(runs.c.run_id == run_id)).first()
-            if row is None:
-                return False
-            stale = and_(runs.c.status == "running", runs.c.heartbeat_at < now - lease_seconds())
-            conditions = [stale]
-            if row.status == "running" and _process.is_gone(row.host, row.pid, row.pid_start):
-                # Its process is gone: take the lease from that owner, whatever its heartbeat.
-                conditions.append(and_(runs.c.status == "running", runs.c.owner == row.owner))
-            if allow_failed:
-                conditions.append(runs.c.status == "failed")
-            claimed = connection.execute(
-                update(runs)
-                .where(runs.c.run_id == run_id, or_(*conditions))
-                .values(
-                    status="running",
-                    owner=owner,
-                    pid=_process.this_process()[0],
-                    host=self.host,
-                    pid_start=_process.this_process()[2],
-                    heartbeat_at=now,
-                    updated_at=now,
-                    error=None,
-                    error_type=None,
-                    attempts=runs.c.attempts + 1,
-                )
+        ids = sorted({values["run_id"] for values, _ in wanted})
+        before = _read_runs(connection, ids)
+        mark = _mark(connection)
+        pid, host, pid_start = _process.this_process()
+        taken: set[tuple[str, str]] = set()
+        closing: list[str] = []
+        for values, allow_failed in sorted(wanted, key=lambda want: want[0]["run_id"]):
+            run_id, owner, workflow = values["run_id"], values["owner"], values["workflow"]
+            row = before.get(run_id)
+            if row is None or workflow not in (None, row.workflow):
+                continue
+            # A process known gone holds no lease, whatever its heartbeat says: its owner's
+            # token is a condition of its own (None: nobody's, as NULL equals nothing).
+            gone = (
+                row.owner
+                if row.status == "running" and _process.is_gone(row.host, row.pid, row.pid_start)
+                else None
             )
-            if claimed.rowcount != 1:
-                return False
-            # Its earlier attempts' spans that still say running never will end: closed now.
-            close_run_spans(
-                connection, [attempt_span_id(run_id, n) for n in range(1, row.attempts + 1)], now
-            )
-            return True
-
-        return self._commit("claim a durable run", claim)
+            failed = " OR status = 'failed'" if allow_failed else ""
+            attempts = connection.exec_driver_sql(
+                f"UPDATE kagura_runs SET status = 'running', owner = {mark}, pid = {mark}, "
+                f"host = {mark}, pid_start = {mark}, heartbeat_at = {mark}, updated_at = {mark}, "
+                "error = NULL, error_type = NULL, attempts = attempts + 1 "
+                f"WHERE run_id = {mark} AND ((status = 'running' AND (heartbeat_at < {mark} "
+                f"OR owner = {mark})){failed}) RETURNING attempts",
+                (owner, pid, host, pid_start, now, now, run_id, now - lease_seconds(), gone),
+            ).scalar()
+            if attempts is None:
+                continue  # not resumable (held, completed), or another took it first
+            taken.add((run_id, owner))
+            closing.extend(attempt_span_id(run_id, n) for n in range(1, attempts))
+        close_run_spans(connection, closing, now)
+        runs = _read_runs(connection, ids) if taken else before
+        return _Found(taken, runs, _read_steps(connection, ids), now)
 
     def close_spans_of_gone_processes(self) -> int:
         """Close as interrupted the spans this host's dead processes left running (see
@@ -592,17 +628,12 @@ class Journal:
     ) -> list[RunRecord]:
         """Runs, most recently updated first. ``status`` ``interrupted`` means marked running
         but resumable (lease expired, or its process known gone); ``running`` means held."""
-        from sqlalchemy import func, select
+        from sqlalchemy import select
 
-        from .._storage import runs, steps
+        from .._storage import runs
 
         now, lease = time.time(), lease_seconds()
-        counts = select(steps.c.run_id, func.count().label("n")).group_by(steps.c.run_id).subquery()
-        query = (
-            select(runs, func.coalesce(counts.c.n, 0).label("n"))
-            .outerjoin(counts, counts.c.run_id == runs.c.run_id)
-            .order_by(runs.c.updated_at.desc())
-        )
+        query = select(runs).order_by(runs.c.updated_at.desc())
         if workflow is not None:
             query = query.where(runs.c.workflow == workflow)
         # Whether a running row is still held is decided here, not in SQL (its process may be
@@ -615,34 +646,32 @@ class Journal:
         if limit is not None and not derived:
             query = query.limit(limit)
         with self._store("list durable runs"), self.engine.connect() as connection:
-            records = [
-                _record(row, now, lease, int(row.n), lenient=True)
-                for row in connection.execute(query)
-            ]
+            rows = connection.execute(query).all()
+            # Counted for the runs listed only: a count of every run's steps grew with the
+            # journal's whole history (0.4 s at a million steps), whatever was listed.
+            counts = _count_steps(connection, [row.run_id for row in rows])
+        records = [
+            _record(row, now, lease, counts.get(row.run_id, 0), lenient=True) for row in rows
+        ]
         if derived:
             records = [r for r in records if r.status == status]
         return records if limit is None else records[:limit]
 
+    def read_run(self, run_id: str) -> tuple[RunRecord | None, dict[str, StepRecord]]:
+        """:meth:`get_run` and :meth:`load_steps` in one trip: the run (``None`` if there is
+        none) and its journaled steps, read on one connection."""
+        self.flush()
+        with self._store("read a durable run"), self.engine.connect() as connection:
+            rows = _read_runs(connection, [run_id])
+            steps = _read_steps(connection, [run_id])
+        found = _Found(set(), rows, steps, time.time())
+        return found.record(run_id), found.steps(run_id)
+
     def load_steps(self, run_id: str) -> dict[str, StepRecord]:
-        from sqlalchemy import select
-
-        from .._storage import steps
-
         self.flush()
         with self._store("read a durable run's steps"), self.engine.connect() as connection:
-            rows = connection.execute(select(steps).where(steps.c.run_id == run_id)).all()
-        return {
-            row.step_key: StepRecord(
-                row.step_key,
-                row.name,
-                row.kind,
-                row.input_hash,
-                decrypt(row.output, f"the output of step {row.step_key!r} of run {run_id!r}"),
-                row.created_at,
-                row.position,
-            )
-            for row in rows
-        }
+            rows = _read_steps(connection, [run_id]).get(run_id, [])
+        return _step_records(run_id, rows)
 
     # -- the writer's thread ----------------------------------------------------------------
 
@@ -725,20 +754,25 @@ class Journal:
 
     def _write_batch(self, batch: list[_Request]) -> None:
         """Everything queued, in one transaction: starts, then (for the runs this process still
-        holds: see the module's docstring) steps, finishes and releases. Requests were queued in
-        order, so none is on disk before what preceded it."""
+        holds: see the module's docstring) steps, finishes and releases, then claims (a start
+        of a run that exists is one: see :meth:`_take_over`). Requests were queued in order, so
+        none is on disk before what preceded it."""
         starts: dict[str, _Request] = {}
-        repeats: list[_Request] = []  # an id started twice in one batch: the second waits
+        # Claims, and starts of an id a start before them in this batch makes (they find the
+        # run there, held): each takes the run over if it can.
+        finding: list[_Request] = []
         leased: list[_Request] = []
         for request in batch:
-            if request.kind != "start":
-                leased.append(request)
-            elif request.values["run_id"] in starts:
-                repeats.append(request)
-            else:
+            if request.kind == "claim" or (
+                request.kind == "start" and request.values["run_id"] in starts
+            ):
+                finding.append(request)
+            elif request.kind == "start":
                 starts[request.values["run_id"]] = request
+            else:
+                leased.append(request)
 
-        def commit(connection: Any) -> tuple[set[tuple[str, str]], set[str]]:
+        def commit(connection: Any) -> tuple[set[tuple[str, str]], set[str], _Found]:
             now = time.time()
             # The lease first: its renewal takes the write lock (SQLite) or the run rows' locks
             # (PostgreSQL), so no claim can slip in before this transaction commits.
@@ -761,7 +795,11 @@ class Journal:
             releases = [r.values for r in mine if r.kind == "release"]
             if releases:
                 _release(connection, releases)
-            return held, created
+            # A start of a run that was there already takes it over if it was interrupted
+            # (a failed run, only once resumed); a claim (a resume) if it failed, too.
+            wanted = [(r.values, r.kind == "claim") for r in finding]
+            wanted += [(r.values, False) for run_id, r in starts.items() if run_id not in created]
+            return held, created, self._take_over(connection, wanted)
 
         # Only steps and failures wait for the disk (see "What waits for the disk" in the
         # module's docstring): a run's start and finish would each add a sync to its wall time.
@@ -773,7 +811,7 @@ class Journal:
         try:
             # Committed again if PostgreSQL rolls it back for another transaction's sake (a
             # deadlock with another process's claim of a run, say).
-            held, created = self._commit("journal durable runs", commit, synced=synced)
+            held, created, found = self._commit("journal durable runs", commit, synced=synced)
         except Exception as exc:
             if refused_values(exc):
                 if len(batch) > 1:
@@ -801,13 +839,32 @@ class Journal:
             if request.kind != "step":  # finished or released: no lease to renew any more
                 self.let_go(*lease)
             answers.append((request, None, None))
-        for request in (*starts.values(), *repeats):
+        # Records are made (their values decrypted) one by one: a value no key decrypts fails
+        # that caller alone.
+        for request in (*starts.values(), *finding):
+            values = request.values
             try:
-                answers.append((request, self._started(request.values, created), None))
+                if request.kind == "claim":
+                    answer: Any = self._claimed(values, found)
+                else:
+                    made = values["run_id"] in created and starts[values["run_id"]] is request
+                    answer = self._started(values, made, found)
             except Exception as exc:
                 answers.append((request, None, exc))
-            created.discard(request.values["run_id"])  # a repeat finds it made, not by itself
+            else:
+                answers.append((request, answer, None))
         _settle(answers)
+
+    @staticmethod
+    def _claimed(
+        values: dict[str, Any], found: _Found
+    ) -> tuple[RunRecord | None, dict[str, StepRecord] | None]:
+        """What a claim found (see :meth:`claim_soon`)."""
+        run_id = values["run_id"]
+        record = found.record(run_id)
+        if (run_id, values["owner"]) not in found.taken:
+            return record, None
+        return record, found.steps(run_id)
 
     def _renew(
         self, connection: Any, pairs: Iterable[tuple[str, str]], now: float
@@ -846,11 +903,12 @@ class Journal:
         )
 
 
-#: The journal's writes (runs started, leases renewed, steps, finishes, releases) go to the driver
-#: as SQL: SQLAlchemy's per-row work doubled their cost (measured: 200 runs' renewals and 600
-#: steps took 11.5 ms through SQLAlchemy Core, 5.1 ms as SQL), and each step, and each run's
-#: start and finish, waits for its batch. The statements are the same on SQLite and PostgreSQL,
-#: but for the parameter mark.
+#: The writer's statements (runs started and claimed, leases renewed, steps, finishes, releases,
+#: and what a batch reads back of the runs it started or claimed) go to the driver as SQL:
+#: SQLAlchemy's per-row work doubled their cost (measured: 200 runs' renewals and 600 steps took
+#: 11.5 ms through SQLAlchemy Core, 5.1 ms as SQL), and each step, and each run's start, claim
+#: and finish, waits for its batch. The statements are the same on SQLite and PostgreSQL, but
+#: for the parameter mark.
 _RUN_COLUMNS = (
     "run_id",
     "workflow",
@@ -876,6 +934,101 @@ _STEP_COLUMNS = (
     "created_at",
     "position",
 )
+
+
+#: What is read of a run: its columns as written at its start, and those of its end.
+_RUN_READ = (*_RUN_COLUMNS, "result", "error", "error_type")
+
+
+def _read_runs(connection: Any, run_ids: list[str]) -> dict[str, Any]:
+    """The rows of ``run_ids`` that exist, by id."""
+    mark = _mark(connection)
+    found: dict[str, Any] = {}
+    for start in range(0, len(run_ids), _CHUNK):
+        chunk = run_ids[start : start + _CHUNK]
+        rows = connection.exec_driver_sql(
+            f"SELECT {', '.join(_RUN_READ)} FROM kagura_runs "
+            f"WHERE run_id IN ({', '.join(mark for _ in chunk)})",
+            tuple(chunk),
+        )
+        found.update((row.run_id, row) for row in rows)
+    return found
+
+
+def _read_steps(connection: Any, run_ids: list[str]) -> dict[str, list[Any]]:
+    """The step rows of each of ``run_ids`` (those with none are left out)."""
+    mark = _mark(connection)
+    found: dict[str, list[Any]] = {}
+    for start in range(0, len(run_ids), _CHUNK):
+        chunk = run_ids[start : start + _CHUNK]
+        rows = connection.exec_driver_sql(
+            f"SELECT {', '.join(_STEP_COLUMNS)} FROM kagura_steps "
+            f"WHERE run_id IN ({', '.join(mark for _ in chunk)})",
+            tuple(chunk),
+        )
+        for row in rows:
+            found.setdefault(row.run_id, []).append(row)
+    return found
+
+
+def _count_steps(connection: Any, run_ids: list[str]) -> dict[str, int]:
+    """How many steps each of ``run_ids`` has journaled (those with none are left out)."""
+    mark = _mark(connection)
+    counts: dict[str, int] = {}
+    for start in range(0, len(run_ids), _CHUNK):
+        chunk = run_ids[start : start + _CHUNK]
+        rows = connection.exec_driver_sql(
+            f"SELECT run_id, count(*) FROM kagura_steps "
+            f"WHERE run_id IN ({', '.join(mark for _ in chunk)}) GROUP BY run_id",
+            tuple(chunk),
+        )
+        counts.update((run_id, int(count)) for run_id, count in rows)
+    return counts
+
+
+def _step_records(run_id: str, rows: list[Any]) -> dict[str, StepRecord]:
+    """The steps of ``run_id`` by key, their outputs decrypted."""
+    return {
+        row.step_key: StepRecord(
+            row.step_key,
+            row.name,
+            row.kind,
+            row.input_hash,
+            decrypt(row.output, f"the output of step {row.step_key!r} of run {run_id!r}"),
+            row.created_at,
+            row.position,
+        )
+        for row in rows
+    }
+
+
+class _Found:
+    """Runs as a transaction that took some over (see :meth:`Journal._take_over`) read them:
+    their rows and steps, read in it, made records only when asked, since decrypting one may
+    fail (no key) and that must fail its caller alone."""
+
+    __slots__ = ("_rows", "_steps", "now", "taken")
+
+    def __init__(
+        self,
+        taken: set[tuple[str, str]],
+        rows: dict[str, Any],
+        steps: dict[str, list[Any]],
+        now: float,
+    ) -> None:
+        self.taken = taken  # (run id, owner) of each run taken over
+        self._rows = rows
+        self._steps = steps
+        self.now = now
+
+    def record(self, run_id: str) -> RunRecord | None:
+        row = self._rows.get(run_id)
+        if row is None:
+            return None
+        return _record(row, self.now, lease_seconds(), len(self._steps.get(run_id, ())))
+
+    def steps(self, run_id: str) -> dict[str, StepRecord]:
+        return _step_records(run_id, self._steps.get(run_id, []))
 
 
 def _mark(connection: Any) -> str:
