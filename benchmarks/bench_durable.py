@@ -16,7 +16,8 @@
    against its journal, read-only) beside them.
 4. Finding interrupted runs in a journal that also holds many finished ones (``list_runs``, what
    ``recover()`` and ``kagura runs list`` read), against the same listing of a journal holding
-   the interrupted runs alone.
+   the interrupted runs alone; then deleting the finished ones (``delete_older_than``, retention)
+   against inserting them.
 
 Recording is off (``KAGURA_RECORD=0``) unless ``--record``: ``bench_recording.py`` measures it.
 The journal goes to a fresh SQLite file in a temporary directory.
@@ -232,14 +233,15 @@ async def resume_cost(runs: int, rounds: int) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in found.items()}
 
 
-def listing_ms(finished: int, interrupted: int, rounds: int) -> tuple[float, float, float, float]:
+def journal_at_scale(finished: int, interrupted: int, rounds: int) -> dict[str, float]:
     """Median ms of ``list_runs(status="interrupted")`` and of ``list_runs()`` (the 50 last),
-    on a journal of ``interrupted`` runs alone and on one holding ``finished`` completed runs of
-    four steps besides: (alone, interrupted), (alone, last 50), (with, interrupted), (with,
-    last 50)."""
+    on a journal of ``interrupted`` runs alone (``alone ...``) and on one holding ``finished``
+    completed runs of four steps besides (``with ...``); then the seconds it took to insert those
+    runs and steps with bare ``sqlite3`` (``insert s``) and to delete them with
+    ``delete_older_than`` (``delete s``)."""
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    figures: list[float] = []
+    figures: dict[str, float] = {}
     for name, completed in (("alone", 0), ("with", finished)):
         path = Path(_HOME) / f"listing-{name}.db"
         journal = journal_for(f"sqlite:///{path}")
@@ -253,6 +255,7 @@ def listing_ms(finished: int, interrupted: int, rounds: int) -> tuple[float, flo
             (f"i{n}", "fan_in", None, "running", "{}", "o", gone.pid, journal.host, None, now, now)
             for n in range(interrupted)
         ]
+        started = time.perf_counter()
         connection.executemany(
             "INSERT INTO kagura_runs (run_id, workflow, target, status, arguments, owner, pid, "
             "host, pid_start, heartbeat_at, created_at, updated_at, attempts) "
@@ -265,21 +268,26 @@ def listing_ms(finished: int, interrupted: int, rounds: int) -> tuple[float, flo
             ((row[0], f"fan_in/step#{k}", now, k) for row in rows for k in range(STEPS_PER_RUN)),
         )
         connection.commit()
+        figures["insert s"] = time.perf_counter() - started
         connection.close()
-        listings: list[tuple[dict[str, Any], int]] = [
-            ({"status": "interrupted", "limit": None}, interrupted),
-            ({}, 50),
+        listings: list[tuple[str, dict[str, Any], int]] = [
+            ("interrupted", {"status": "interrupted", "limit": None}, interrupted),
+            ("last 50", {}, 50),
         ]
-        for options, expected in listings:
+        for listing, options, expected in listings:
             times = []
             for _ in range(rounds + 1):
                 started = time.perf_counter()
                 listed = journal.list_runs(**options)
                 times.append((time.perf_counter() - started) * 1e3)
                 assert len(listed) == expected, (options, len(listed))
-            figures.append(statistics.median(times[1:]))
-    alone_interrupted, alone_last, with_interrupted, with_last = figures
-    return alone_interrupted, alone_last, with_interrupted, with_last
+            figures[f"{name} {listing}"] = statistics.median(times[1:])
+    started = time.perf_counter()
+    deleted = journal.delete_older_than(0)
+    figures["delete s"] = time.perf_counter() - started
+    assert deleted == finished, deleted
+    assert len(journal.list_runs(status="interrupted", limit=None)) == interrupted
+    return figures
 
 
 def main() -> None:
@@ -392,28 +400,44 @@ def main() -> None:
         )
 
         finished = 100_000
-        alone_int, alone_last, with_int, with_last = listing_ms(finished, args.runs, args.rounds)
+        scale = journal_at_scale(finished, args.runs, args.rounds)
         table = report.table(
             f"Listing runs: {args.runs} interrupted, alone or beside {finished:,} finished runs of "
             f"{STEPS_PER_RUN} steps (median of {args.rounds})",
             ["", "alone, ms", f"beside {finished:,} finished, ms", "×"],
         )
-        table.add(
-            "list_runs(status='interrupted'): what recover() reads",
-            f"{alone_int:.1f}",
-            f"{with_int:.1f}",
-            f"{with_int / alone_int:.2f}×",
-        )
-        table.add(
-            "list_runs(): the 50 last, as kagura runs list",
-            f"{alone_last:.1f}",
-            f"{with_last:.1f}",
-            f"{with_last / alone_last:.2f}×",
-        )
+        for listing, label in (
+            ("interrupted", "list_runs(status='interrupted'): what recover() reads"),
+            ("last 50", "list_runs(): the 50 last, as kagura runs list"),
+        ):
+            alone, beside = scale[f"alone {listing}"], scale[f"with {listing}"]
+            table.add(label, f"{alone:.1f}", f"{beside:.1f}", f"{beside / alone:.2f}×")
         table.notes.append(
             "Each listed run's steps are counted for the runs listed only. The 50 last are "
             "found by a scan of the runs (there is no index by time of update alone), which "
             "grows with them."
+        )
+        table = report.table(
+            f"Retention: deleting {finished:,} finished runs and their "
+            f"{finished * STEPS_PER_RUN:,} steps",
+            ["", "s", "runs/s", "× inserting them"],
+        )
+        table.add(
+            "inserting them (bare sqlite3 executemany, one transaction)",
+            f"{scale['insert s']:.2f}",
+            f"{finished / scale['insert s']:,.0f}",
+            "1.00×",
+        )
+        table.add(
+            "journal.delete_older_than(0) (the interrupted runs kept)",
+            f"{scale['delete s']:.2f}",
+            f"{finished / scale['delete s']:,.0f}",
+            f"{scale['delete s'] / scale['insert s']:.2f}×",
+        )
+        table.notes.append(
+            "Retention deletes 1,000 runs and their steps in a transaction, found by the index "
+            "of runs by status and time of update: a process journaling meanwhile waits for one "
+            "batch at most. The insert row includes the interrupted runs (a few hundred)."
         )
 
     run_recorded(report, _HOME, args.json, run)

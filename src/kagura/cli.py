@@ -55,17 +55,24 @@ Handler = Callable[[argparse.Namespace], int]
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def parse_since(text: str, *, now: datetime | None = None) -> datetime:
-    """``30m``, ``1h``, ``2d``, ``1w``, ``90s`` back from ``now``, or an ISO date/time."""
+def parse_since(text: str, *, now: datetime | None = None, option: str = "--since") -> datetime:
+    """``30m``, ``1h``, ``2d``, ``1w``, ``90s`` back from ``now``, or an ISO date/time (the value
+    of ``option``, which an error names)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text.lower())
     if match:
         now = now or datetime.now().astimezone()
-        return now - timedelta(seconds=float(match.group(1)) * _SINCE_UNITS[match.group(2)])
+        try:
+            return now - timedelta(seconds=float(match.group(1)) * _SINCE_UNITS[match.group(2)])
+        except OverflowError:
+            raise CliError(
+                f"{option}: {text.strip()!r} goes back before the first year a date can name; "
+                "give a shorter duration, or a date"
+            ) from None
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:
         raise CliError(
-            f"--since: expected a duration such as 30m, 1h or 2d, or an ISO date/time such as "
+            f"{option}: expected a duration such as 30m, 1h or 2d, or an ISO date/time such as "
             f"2025-06-01T09:00, got {text!r}"
         ) from None
     return when if when.tzinfo is not None else when.astimezone()
@@ -490,6 +497,24 @@ def _runs_recover(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _runs_prune(args: argparse.Namespace) -> int:
+    from ._storage import redact_url
+    from .durable import journal_for
+
+    cutoff = parse_since(args.older_than, option="--older-than")
+    url = _runs_store(args)
+    if url is None:
+        return 0
+    deleted = journal_for(url).delete_older_than(cutoff)
+    when = cutoff.strftime("%Y-%m-%d %H:%M %Z").strip()
+    _console().print(
+        f"Deleted {deleted:,} durable run{'' if deleted == 1 else 's'} that ended (completed "
+        f"or failed) before {when}, with their steps, from {redact_url(url)}. Running and "
+        "interrupted runs are kept."
+    )
+    return 0
+
+
 def _host() -> str:
     from ._process import HOST
 
@@ -654,7 +679,7 @@ def _add_monitor(commands: Any) -> None:
 def _add_runs(commands: Any) -> None:
     runs = commands.add_parser(
         "runs",
-        help="durable workflow runs: list, show, resume, recover",
+        help="durable workflow runs: list, show, resume, recover, prune",
         description="The durable workflow runs journaled in the event store "
         "(@workflow(durable=True), Workflow.run(..., run_id=...)): their status, their "
         "journaled steps, and resuming one whose process died or that failed.",
@@ -731,6 +756,28 @@ def _add_runs(commands: Any) -> None:
         help="runs resumed at once (default 8)",
     )
     recover.set_defaults(handler=_runs_recover)
+
+    prune = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="delete the runs that ended before a time (retention)",
+        description="Delete the durable runs that ended (completed or failed) before --older-than, "
+        "with their journaled steps: their arguments, results, errors and step outputs. Runs "
+        "that are running or interrupted are kept, however old. A deleted run's id is free "
+        "again: starting it runs the workflow afresh. What agents and workflows recorded "
+        "(kagura monitor) is not touched: EventStore.delete_older_than deletes that.",
+        epilog="examples:\n  kagura runs prune --older-than 30d\n"
+        "  kagura runs prune --older-than 2025-06-01",
+        formatter_class=formatter,
+    )
+    prune.add_argument(
+        "--older-than",
+        required=True,
+        metavar="WHEN",
+        help="runs that ended before then: a duration back from now (90s, 30m, 1h, 2d, 1w) or "
+        "an ISO date/time (2025-06-01, 2025-06-01T09:00; local time unless it names a zone)",
+    )
+    prune.set_defaults(handler=_runs_prune)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -488,6 +488,43 @@ def test_recover_resumes_every_interrupted_run_of_this_host(
     assert code == 0 and "No interrupted durable runs of this host" in out
 
 
+# -- prune ------------------------------------------------------------------------------------
+
+
+def test_prune_deletes_the_runs_that_ended_before_then_with_their_steps(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ten_days = 10 * 86400
+    with made.journal.engine.begin() as connection:
+        connection.execute(
+            update(runs)
+            .where(runs.c.run_id.in_(["done-1", "broken-1"]))
+            .values(updated_at=runs.c.updated_at - ten_days)
+        )
+
+    code, out, err = run_cli(capsys, "runs", "prune", "--older-than", "7d")
+    assert (code, err) == (0, "")
+    assert "Deleted 2 durable runs that ended (completed or failed) before" in out
+    assert "Running and interrupted runs are kept." in " ".join(out.split())
+    assert [r.run_id for r in made.journal.list_runs()] == ["elsewhere-1"]
+    assert made.journal.load_steps("done-1") == made.journal.load_steps("broken-1") == {}
+
+    code, out, _ = run_cli(capsys, "runs", "prune", "--older-than", "2000-01-01")
+    assert code == 0 and "Deleted 0 durable runs" in out
+
+
+def test_prune_refuses_a_time_it_cannot_read_and_deletes_nothing(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for when in ("last spring", "99999999d"):
+        code, out, err = run_cli(capsys, "runs", "prune", "--older-than", when)
+        assert (code, out) == (1, "")
+        assert err.startswith("kagura: error: --older-than: ") and repr(when) in err
+    code, _, err = run_cli(capsys, "runs", "prune")
+    assert code == 2 and "the following arguments are required: --older-than" in err
+    assert len(made.journal.list_runs()) == 3
+
+
 # -- the parser and the renderers -------------------------------------------------------------
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kagura._storage import runs
 from kagura.durable import Journal
 from kagura.durable._journal import _CHUNK, _Flush, _Request
 from kagura.errors import RunTakenOverError, StoreError
@@ -387,6 +389,105 @@ async def test_runs_claimed_and_listed_past_one_chunk_each_get_their_own_steps(
     assert answers[-1] == (None, None)
     listed = {record.run_id: record.steps for record in journal.list_runs(limit=None)}
     assert listed == {run_id: i % 3 for i, run_id in enumerate(ids)}
+
+
+async def ended_and_open_runs(journal: Journal) -> None:
+    """``done`` completed and ``broken`` failed, ``held`` running (this process holds it) and
+    ``dropped`` interrupted (its lease given up): a step each."""
+    for run_id in ("done", "broken", "held", "dropped"):
+        await journal.start_soon(run_id, "wf", None, "{}", f"owner-{run_id}")
+        await journal.commit_step(
+            run_id, f"owner-{run_id}", "wf/step#0", "step", "step", "hash", f'"{run_id}"'
+        )
+    await journal.finish_soon("done", "owner-done", result='"ok"')
+    await journal.finish_soon("broken", "owner-broken", error=KeyError("boom"))
+    await journal.release_soon("dropped", "owner-dropped")
+
+
+def age_runs(journal: Journal, run_ids: list[str], seconds: float) -> None:
+    """Make ``run_ids`` look as if they were last updated ``seconds`` ago."""
+    with journal.engine.begin() as connection:
+        connection.execute(
+            runs.update()
+            .where(runs.c.run_id.in_(run_ids))
+            .values(updated_at=runs.c.updated_at - seconds, created_at=runs.c.created_at - seconds)
+        )
+
+
+async def test_retention_deletes_runs_that_ended_before_the_cutoff_and_keeps_resumable_ones(
+    journal: Journal,
+) -> None:
+    """Runs that completed or failed before the cutoff go, with their steps; a running or
+    interrupted run stays however old (it may be resumed), and so does one that ended since.
+    A deleted run's id is free again: starting it starts a new run."""
+    await ended_and_open_runs(journal)
+    await journal.start_soon("recent", "wf", None, "{}", "owner-recent")
+    await journal.finish_soon("recent", "owner-recent", result='"ok"')
+    day = 86400.0
+    age_runs(journal, ["done", "broken", "held", "dropped"], 10 * day)
+
+    assert journal.delete_older_than(timedelta(days=30)) == 0
+    assert journal.delete_older_than(7 * day) == 2  # seconds
+    assert journal.get_run("done") is None and journal.get_run("broken") is None
+    assert journal.load_steps("done") == {} and journal.load_steps("broken") == {}
+    kept = {r.run_id: (r.status, r.steps) for r in journal.list_runs(limit=None)}
+    assert kept == {
+        "held": ("running", 1),
+        "dropped": ("interrupted", 1),
+        "recent": ("completed", 0),
+    }
+    assert journal.delete_older_than(datetime.now(tz=UTC) - timedelta(days=7)) == 0
+    assert journal.delete_older_than(0) == 1  # the recent one, which ended before now
+
+    outcome, record, steps = await journal.start_soon("done", "wf", None, "{}", "owner-again")
+    assert (outcome, record.attempts, steps) == ("started", 1, {})
+
+
+async def test_retention_deletes_in_batches_and_keeps_a_run_resumed_meanwhile(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Retention deletes a batch of runs at a time, each deleted only if it still ended before
+    the cutoff when its batch commits: a failed run that another process resumed after
+    retention chose it is kept, steps and all."""
+    from sqlalchemy import event
+
+    from kagura.durable import _journal
+
+    monkeypatch.setattr(_journal, "RETENTION_BATCH", 2)
+    await ended_and_open_runs(journal)
+    for n in range(3):
+        await journal.start_soon(f"more-{n}", "wf", None, "{}", f"owner-more-{n}")
+        await journal.finish_soon(f"more-{n}", f"owner-more-{n}", result='"ok"')
+    age_runs(journal, ["done", "broken", "held", "dropped", "more-0", "more-1", "more-2"], 86400)
+
+    resumed: list[bool] = []
+
+    def resume_broken_once_chosen(
+        connection: Any, cursor: Any, statement: str, parameters: Any, *_: Any
+    ) -> None:
+        if statement.startswith("DELETE FROM kagura_runs") and "broken" in parameters:
+            # Another process resumes it now, from a connection of its own: committed before
+            # the batch that chose it deletes.
+            claim = threading.Thread(
+                target=lambda: resumed.append(journal.claim("broken", "resumer"))
+            )
+            claim.start()
+            claim.join()
+
+    event.listen(journal.engine, "before_cursor_execute", resume_broken_once_chosen)
+    try:
+        deleted = journal.delete_older_than(3600)
+    finally:
+        event.remove(journal.engine, "before_cursor_execute", resume_broken_once_chosen)
+    assert resumed == [True]
+    assert deleted == 4  # done and more-0 to more-2, two by two
+    kept = {r.run_id: (r.status, r.steps) for r in journal.list_runs(limit=None)}
+    assert kept == {
+        "broken": ("running", 1),
+        "held": ("running", 1),
+        "dropped": ("interrupted", 1),
+    }
+    assert list(journal.load_steps("broken")) == ["wf/step#0"]
 
 
 def kept_from_the_writer(

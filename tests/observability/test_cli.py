@@ -593,6 +593,9 @@ def test_parse_since() -> None:
     for bad in ("yesterday", "5 parsecs", "-1h", ""):
         with pytest.raises(CliError):
             parse_since(bad)
+    # Further back than a date can go: said, not an OverflowError's traceback.
+    with pytest.raises(CliError, match="--older-than: '99999999d' goes back before the first"):
+        parse_since("99999999d", now=now, option="--older-than")
 
 
 def test_formatting() -> None:

@@ -61,6 +61,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -657,6 +658,28 @@ class Journal:
             records = [r for r in records if r.status == status]
         return records if limit is None else records[:limit]
 
+    def delete_older_than(self, age: timedelta | datetime | float) -> int:
+        """Retention: delete the runs that ended (completed or failed) before ``age`` ago (a
+        timedelta or seconds) or before a datetime, with their journaled steps; how many runs.
+
+        A run that is running or interrupted is never deleted, however old: it may still be
+        resumed. A deleted run's id is free again: starting it runs the workflow afresh. Runs go
+        :data:`RETENTION_BATCH` in a transaction, so that processes journaling meanwhile wait for
+        one batch at most; a run resumed after retention chose it (a failed one) is kept."""
+        if isinstance(age, datetime):
+            cutoff = age.timestamp()  # a naive datetime is local time, as everywhere in Python
+        else:
+            seconds = age.total_seconds() if isinstance(age, timedelta) else float(age)
+            cutoff = time.time() - seconds
+        deleted = 0
+        while True:
+            found, gone = self._commit(
+                "delete old durable runs", lambda c: _delete_ended(c, cutoff, RETENTION_BATCH)
+            )
+            deleted += gone
+            if found < RETENTION_BATCH:
+                return deleted
+
     def read_run(self, run_id: str) -> tuple[RunRecord | None, dict[str, StepRecord]]:
         """:meth:`get_run` and :meth:`load_steps` in one trip: the run (``None`` if there is
         none) and its journaled steps, read on one connection."""
@@ -1067,6 +1090,45 @@ def _release(connection: Any, rows: list[dict[str, Any]]) -> None:
         f"WHERE run_id = {mark} AND owner = {mark}",
         [(now, row["b_run_id"], row["b_owner"]) for row in rows],
     )
+
+
+#: How many runs retention deletes in one transaction: their rows and a few steps each, well
+#: under a second, so that the writers it holds up wait for one batch at most.
+RETENTION_BATCH = 1000
+
+_ENDED = "status IN ('completed', 'failed')"
+
+
+def _delete_ended(connection: Any, cutoff: float, limit: int) -> tuple[int, int]:
+    """Delete up to ``limit`` runs that ended before ``cutoff``, and their steps (in the
+    caller's transaction): (how many were found, how many deleted). The index of runs by
+    status and update time finds them; each is deleted only if it is still ended then."""
+    mark = _mark(connection)
+    found = [
+        run_id
+        for (run_id,) in connection.exec_driver_sql(
+            f"SELECT run_id FROM kagura_runs WHERE {_ENDED} AND updated_at < {mark} "
+            f"LIMIT {int(limit)}",
+            (cutoff,),
+        )
+    ]
+    if not found:
+        return 0, 0
+    marks = ", ".join(mark for _ in found)
+    gone = [
+        run_id
+        for (run_id,) in connection.exec_driver_sql(
+            f"DELETE FROM kagura_runs WHERE run_id IN ({marks}) AND {_ENDED} "
+            f"AND updated_at < {mark} RETURNING run_id",
+            (*found, cutoff),
+        )
+    ]
+    if gone:
+        connection.exec_driver_sql(
+            f"DELETE FROM kagura_steps WHERE run_id IN ({', '.join(mark for _ in gone)})",
+            tuple(gone),
+        )
+    return len(found), len(gone)
 
 
 def _settle(answers: list[tuple[_Request, Any, BaseException | None]]) -> None:
