@@ -413,9 +413,9 @@ def main() -> None:
             alone, beside = scale[f"alone {listing}"], scale[f"with {listing}"]
             table.add(label, f"{alone:.1f}", f"{beside:.1f}", f"{beside / alone:.2f}×")
         table.notes.append(
-            "Each listed run's steps are counted for the runs listed only. The 50 last are "
-            "found by a scan of the runs (there is no index by time of update alone), which "
-            "grows with them."
+            "Each listed run's steps are counted for the runs listed only. The interrupted "
+            "runs are found by the index of runs by status and time of update, the 50 last by "
+            "the index of runs by time of update: neither listing reads the finished runs."
         )
         table = report.table(
             f"Retention: deleting {finished:,} finished runs and their "

@@ -202,7 +202,7 @@ def test_the_name_index_of_a_version_4_store_is_made_with_the_durations(store_ur
 
     engine = engines.engine_for(url)
     with engine.connect() as connection:
-        assert engines.stored_version(connection) == engines.SCHEMA_VERSION == 5
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION
     indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("kagura_spans")}
     assert "ix_kagura_spans_name_started" not in indexes
     assert indexes["ix_kagura_spans_name_started_duration"] == [
@@ -221,6 +221,28 @@ def test_the_name_index_of_a_version_4_store_is_made_with_the_durations(store_ur
         with engine.connect() as connection:
             (plan,) = [row[-1] for row in connection.exec_driver_sql(durations)]
         assert "COVERING INDEX ix_kagura_spans_name_started_duration" in plan
+
+
+def test_a_version_5_store_gets_its_runs_indexed_by_time_of_update(store_url: str) -> None:
+    """Version 6 indexes durable runs by their time of update alone: the last runs updated
+    (``kagura runs list``) are read from the end of that index, not found by sorting them all."""
+    url = engines.normalise_url(store_url)
+    with engines.engine_for(url).begin() as connection:
+        connection.exec_driver_sql("DROP INDEX ix_kagura_runs_updated")
+        connection.execute(engines.schema_version.update().values(version=5))
+    engines.forget(url)
+
+    engine = engines.engine_for(url)
+    with engine.connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION == 6
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("kagura_runs")}
+    assert indexes["ix_kagura_runs_updated"] == ["updated_at"]
+    if engine.dialect.name == "sqlite":
+        last = "EXPLAIN QUERY PLAN SELECT * FROM kagura_runs ORDER BY updated_at DESC LIMIT 50"
+        with engine.connect() as connection:
+            plan = " ".join(row[-1] for row in connection.exec_driver_sql(last))
+        assert "USING INDEX ix_kagura_runs_updated" in plan
+        assert "TEMP B-TREE" not in plan  # no sort
 
 
 def test_steps_another_process_took_meanwhile_are_not_taken_again(
@@ -382,6 +404,7 @@ def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
 
         return take
 
+    last_step = _migrations.STEPS[-1].__name__  # where the upgrader stands still
     monkeypatch.setattr(_migrations, "STEPS", tuple(counted(s) for s in _migrations.STEPS))
     with _Said(monkeypatch) as said, _SlowUpgrader(url) as upgrader:
         opener = _Opener(url, then=said.waiting.set)
@@ -391,7 +414,9 @@ def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
             assert not opener.ended, opener.ended  # it waits, and has not failed
             (waiting,) = said.messages
             assert engines.store_name(url) in waiting
-            assert "from schema version 4 to 5" in waiting
+            # The upgrader stands in the last step, the ones before it committed.
+            last = engines.SCHEMA_VERSION
+            assert f"from schema version {last - 1} to {last}" in waiting
             if upgrader_ends == "killed":
                 upgrader.kill()
             else:
@@ -401,7 +426,7 @@ def test_a_process_opening_a_store_another_is_upgrading_waits_for_it(
     assert opener.ended == [None]
     # Finished, the upgrader took the step and this process found it taken; killed mid-step,
     # it left the step to this process.
-    assert taken == ([] if upgrader_ends == "finishing" else ["_step_5_name_index"])
+    assert taken == ([] if upgrader_ends == "finishing" else [last_step])
     assert said.messages[-1].startswith("kagura: waited ")
     with engines.engine_for(url).connect() as connection:
         assert engines.stored_version(connection) == engines.SCHEMA_VERSION

@@ -182,6 +182,9 @@ runs = Table(
 )
 
 Index("ix_kagura_runs_status", runs.c.status, runs.c.updated_at)
+# The last runs updated, whatever their status (``kagura runs list``): read from the end of this
+# index, not found by sorting every run.
+Index("ix_kagura_runs_updated", runs.c.updated_at)
 
 steps = Table(
     "kagura_steps",
