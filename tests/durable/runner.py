@@ -1,12 +1,14 @@
 """Runs or resumes a durable run in a fresh process, for the multi-process tests::
 
     python -m tests.durable.runner run WORKFLOW RUN_ID ARGS_JSON
+    python -m tests.durable.runner many WORKFLOW PREFIX COUNT ARGS_JSON
     python -m tests.durable.runner resume RUN_ID
     python -m tests.durable.runner recover
 
-``resume`` finds the workflow from the target the run recorded, as ``kagura runs resume`` does;
-``recover`` resumes every interrupted run of this host (``kagura.durable.recover``) and prints
-``[run id, outcome]`` pairs.
+``many`` starts COUNT runs at once, ``PREFIX-0``, ``PREFIX-1``, ..., the first argument (a
+topic) of each ending with its number. ``resume`` finds the workflow from the target the run
+recorded, as ``kagura runs resume`` does; ``recover`` resumes every interrupted run of this host
+(``kagura.durable.recover``) and prints ``[run id, outcome]`` pairs.
 Prints one JSON line: ``{"ok": true, "result": ...}`` or ``{"ok": false, "error": TYPE, ...}``.
 """
 
@@ -29,6 +31,12 @@ async def main(argv: list[str]) -> Any:
     if argv[0] == "run":
         flow = getattr(workflows, argv[1])
         return await flow.run(*json.loads(argv[3]), run_id=argv[2])
+    if argv[0] == "many":
+        flow, prefix, count = getattr(workflows, argv[1]), argv[2], int(argv[3])
+        topic, *rest = json.loads(argv[4])
+        return await asyncio.gather(
+            *(flow.run(f"{topic}{n}", *rest, run_id=f"{prefix}-{n}") for n in range(count))
+        )
     if argv[0] == "resume":
         record = await asyncio.to_thread(journal_for().get_run, argv[1])
         if record is None or record.target is None:

@@ -286,8 +286,54 @@ async def test_a_kill_in_the_middle_of_a_burst_sends_no_seen_call_again(
     sent = Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
     assert set(sent) == {f"LINK reef b{i}" for i in range(calls)}
     for label in seen:
-        assert sent[f"LINK reef {label}"] == 1, label  # seen: journaled, never sent again
+        assert sent[f"LINK {label}"] == 1, label  # seen: journaled, never sent again
     assert max(sent.values()) <= 2
     # What the resumed process sent is exactly what the killed one had not seen.
     again = sent - before
-    assert not {f"LINK reef {label}" for label in seen} & set(again)
+    assert not {f"LINK {label}" for label in seen} & set(again)
+
+
+async def test_a_kill_in_the_middle_of_many_runs_is_recovered_sending_no_seen_call_again(
+    journal: Journal,
+    server: FaultServer,
+    spawn: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """30 runs of 4 agent calls each, all at once; the process is killed at the instant its
+    workflows have seen 60 of the 120 results. ``recover()`` in a new process finishes all 30
+    runs (it claims, reads and loads them in shared transactions), sending none of those 60
+    again; a call whose answer no workflow had seen may be sent a second time, never a third."""
+    runs, calls = 30, 4
+    env = {"OPENAI_BASE_URL": server.base_url, "KAGURA_RECORD": "0"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    child = spawn(
+        "many",
+        "burst",
+        "fleet",
+        str(runs),
+        json.dumps(["reef", calls]),
+        env={**env, "KAGURA_TEST_STOP_AFTER": "60"},
+    )
+    seen = await kill_when_stopped(child)
+    assert len(seen) == 60
+    ids = {f"fleet-{n}" for n in range(runs)}
+    assert {r.run_id for r in journal.list_runs(status="interrupted", limit=None)} <= ids
+
+    recovering = spawn("recover", env=env)
+    outcome = await asyncio.to_thread(recovering.finish)
+    assert outcome["ok"], recovering.stderr
+    recovered = dict(outcome["result"])
+    # A run whose every result had been seen may have finished before the kill: not interrupted.
+    finished = {r.run_id for r in journal.list_runs(status="completed", limit=None)}
+    assert finished == ids
+    assert set(recovered) <= ids and set(recovered.values()) == {"completed"}
+    assert len(recovered) >= runs - 60 // calls
+    sent = Counter(str(r.messages[-1]["content"]) for r in server.chat_requests)
+    assert set(sent) == {f"LINK reef{n} b{i}" for n in range(runs) for i in range(calls)}
+    for label in seen:
+        assert sent[f"LINK {label}"] == 1, label  # seen: journaled, never sent again
+    assert max(sent.values()) <= 2
+    for run_id in ids:
+        record = journal.get_run(run_id)
+        assert record is not None and record.steps == calls, record

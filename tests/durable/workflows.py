@@ -276,11 +276,12 @@ async def chain(topic: str, ledger: str) -> list[str]:
 
 @workflow(durable=True)
 async def burst(topic: str, calls: int) -> list[str]:
-    """``calls`` agent calls at once, each announced with :func:`seen` as its result arrives."""
+    """``calls`` agent calls at once, each announced with :func:`seen` as its result arrives
+    (labelled with its prompt's topic and number, as ``reef b3``)."""
 
     async def one(i: int) -> str:
         result = await link(f"{topic} b{i}")
-        seen(f"b{i}")
+        seen(f"{topic} b{i}")
         return result
 
     return list(await asyncio.gather(*(one(i) for i in range(calls))))
