@@ -510,7 +510,8 @@ class Journal:
         )
         return (run_id, owner) in found.taken
 
-    def _take_over(self, connection: Any, wanted: list[tuple[dict[str, Any], bool]]) -> _Found:
+    @staticmethod
+    def _take_over(connection: Any, wanted: list[tuple[dict[str, Any], bool]]) -> _Found:
         """In the caller's transaction: take over, for its owner, each run of ``wanted``
         (``run_id``, ``owner`` and ``workflow``, with whether a failed run may be taken) that
         can be resumed: its process is gone, its lease ran out or was given up, or it failed
