@@ -183,6 +183,20 @@ async def test_a_killed_run_resumes_without_repeating_completed_calls(
 # -- kills at the worst moment: right after the workflow saw a result ---------------------------
 
 
+def provider_env(server: FaultServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Agents call ``server``, nothing is recorded: set here, and returned for children."""
+    env = {"OPENAI_BASE_URL": server.base_url, "KAGURA_RECORD": "0"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
+
+
+def stopping_after(env: dict[str, str], results: int) -> dict[str, str]:
+    """``env`` for a child that stops itself once its workflows have seen ``results`` results
+    (see ``workflows.seen``)."""
+    return {**env, "KAGURA_TEST_STOP_AFTER": str(results)}
+
+
 async def kill_when_stopped(child: Child) -> list[str]:
     """Wait until the child has stopped itself (SIGSTOP, in ``workflows.seen``), SIGKILL it
     there; the labels of the results it saw, in order."""
@@ -262,15 +276,9 @@ async def test_a_kill_in_the_middle_of_a_burst_sends_no_seen_call_again(
     their results. The resumed run sends none of those 12 again; a call whose answer had not
     reached the workflow may be sent a second time, never a third."""
     calls = 24
-    env = {"OPENAI_BASE_URL": server.base_url, "KAGURA_RECORD": "0"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    env = provider_env(server, monkeypatch)
     child = spawn(
-        "run",
-        "burst",
-        "burst-1",
-        json.dumps(["reef", calls]),
-        env={**env, "KAGURA_TEST_STOP_AFTER": "12"},
+        "run", "burst", "burst-1", json.dumps(["reef", calls]), env=stopping_after(env, 12)
     )
     seen = await kill_when_stopped(child)
     assert len(seen) == 12
@@ -304,16 +312,14 @@ async def test_a_kill_in_the_middle_of_many_runs_is_recovered_sending_no_seen_ca
     runs (it claims, reads and loads them in shared transactions), sending none of those 60
     again; a call whose answer no workflow had seen may be sent a second time, never a third."""
     runs, calls = 30, 4
-    env = {"OPENAI_BASE_URL": server.base_url, "KAGURA_RECORD": "0"}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
+    env = provider_env(server, monkeypatch)
     child = spawn(
         "many",
         "burst",
         "fleet",
         str(runs),
         json.dumps(["reef", calls]),
-        env={**env, "KAGURA_TEST_STOP_AFTER": "60"},
+        env=stopping_after(env, 60),
     )
     seen = await kill_when_stopped(child)
     assert len(seen) == 60

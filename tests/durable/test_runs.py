@@ -27,6 +27,16 @@ def prompts(model: FakeModel) -> list[str]:
     return [str(r.messages[-1].get("content")) for r in model.requests]
 
 
+async def cancelled_after_its_draft(journal: Journal, gate: Path, run_id: str) -> None:
+    """Run ``gated`` on tea as ``run_id`` until its draft is journaled (it then waits at the
+    closed gate), and cancel it there."""
+    task = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id=run_id))
+    await await_until(lambda: "gated/draft#0" in journal.load_steps(run_id), "the draft")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_a_run_id_runs_once(journal: Journal, model: FakeModel, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     gate.touch()
@@ -117,11 +127,7 @@ async def test_a_start_of_another_workflow_leaves_an_interrupted_run_as_it_was(
     run is not taken over meanwhile. Had it been (held by this live process, its attempt
     counted), its own workflow could not resume it until the lease ran out."""
     gate = tmp_path / "gate"
-    task = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-11"))
-    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-11"), "the draft")
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled_after_its_draft(journal, gate, "order-11")
     before = journal.get_run("order-11")
     assert before is not None and (before.status, before.attempts) == ("interrupted", 1)
 
@@ -187,11 +193,7 @@ async def test_a_cancelled_run_is_resumable_at_once(
     journal: Journal, model: FakeModel, tmp_path: Path
 ) -> None:
     gate = tmp_path / "gate"
-    task = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-9"))
-    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-9"), "the draft")
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancelled_after_its_draft(journal, gate, "order-9")
     # Cancelled is not failed, and gives the lease up: the run is interrupted at once.
     assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["order-9"]
 

@@ -59,7 +59,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -964,50 +964,36 @@ _STEP_COLUMNS = (
 _RUN_READ = (*_RUN_COLUMNS, "result", "error", "error_type")
 
 
-def _read_runs(connection: Any, run_ids: list[str]) -> dict[str, Any]:
-    """The rows of ``run_ids`` that exist, by id."""
+def _by_ids(connection: Any, query: str, run_ids: list[str], then: str = "") -> Iterator[Any]:
+    """The rows of ``{query} IN (...) {then}`` (a query whose condition ends with a column of run
+    ids) for ``run_ids``, :data:`_CHUNK` ids at a time."""
     mark = _mark(connection)
-    found: dict[str, Any] = {}
     for start in range(0, len(run_ids), _CHUNK):
         chunk = run_ids[start : start + _CHUNK]
-        rows = connection.exec_driver_sql(
-            f"SELECT {', '.join(_RUN_READ)} FROM kagura_runs "
-            f"WHERE run_id IN ({', '.join(mark for _ in chunk)})",
-            tuple(chunk),
-        )
-        found.update((row.run_id, row) for row in rows)
-    return found
+        marks = ", ".join(mark for _ in chunk)
+        yield from connection.exec_driver_sql(f"{query} IN ({marks}) {then}", tuple(chunk))
+
+
+def _read_runs(connection: Any, run_ids: list[str]) -> dict[str, Any]:
+    """The rows of ``run_ids`` that exist, by id."""
+    query = f"SELECT {', '.join(_RUN_READ)} FROM kagura_runs WHERE run_id"
+    return {row.run_id: row for row in _by_ids(connection, query, run_ids)}
 
 
 def _read_steps(connection: Any, run_ids: list[str]) -> dict[str, list[Any]]:
     """The step rows of each of ``run_ids`` (those with none are left out)."""
-    mark = _mark(connection)
+    query = f"SELECT {', '.join(_STEP_COLUMNS)} FROM kagura_steps WHERE run_id"
     found: dict[str, list[Any]] = {}
-    for start in range(0, len(run_ids), _CHUNK):
-        chunk = run_ids[start : start + _CHUNK]
-        rows = connection.exec_driver_sql(
-            f"SELECT {', '.join(_STEP_COLUMNS)} FROM kagura_steps "
-            f"WHERE run_id IN ({', '.join(mark for _ in chunk)})",
-            tuple(chunk),
-        )
-        for row in rows:
-            found.setdefault(row.run_id, []).append(row)
+    for row in _by_ids(connection, query, run_ids):
+        found.setdefault(row.run_id, []).append(row)
     return found
 
 
 def _count_steps(connection: Any, run_ids: list[str]) -> dict[str, int]:
     """How many steps each of ``run_ids`` has journaled (those with none are left out)."""
-    mark = _mark(connection)
-    counts: dict[str, int] = {}
-    for start in range(0, len(run_ids), _CHUNK):
-        chunk = run_ids[start : start + _CHUNK]
-        rows = connection.exec_driver_sql(
-            f"SELECT run_id, count(*) FROM kagura_steps "
-            f"WHERE run_id IN ({', '.join(mark for _ in chunk)}) GROUP BY run_id",
-            tuple(chunk),
-        )
-        counts.update((run_id, int(count)) for run_id, count in rows)
-    return counts
+    query = "SELECT run_id, count(*) FROM kagura_steps WHERE run_id"
+    counted = _by_ids(connection, query, run_ids, "GROUP BY run_id")
+    return {run_id: int(count) for run_id, count in counted}
 
 
 def _step_records(run_id: str, rows: list[Any]) -> dict[str, StepRecord]:
