@@ -682,7 +682,8 @@ def _add_runs(commands: Any) -> None:
         help="durable workflow runs: list, show, resume, recover, prune",
         description="The durable workflow runs journaled in the event store "
         "(@workflow(durable=True), Workflow.run(..., run_id=...)): their status, their "
-        "journaled steps, and resuming one whose process died or that failed.",
+        "journaled steps, resuming one whose process died or that failed, and deleting "
+        "those that ended long ago.",
     )
     runs.set_defaults(handler=None, group_parser=runs)
     sub = runs.add_subparsers(title="commands", metavar="COMMAND")
