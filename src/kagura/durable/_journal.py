@@ -555,7 +555,12 @@ class Journal:
             closing.extend(attempt_span_id(run_id, n) for n in range(1, attempts))
         close_run_spans(connection, closing, now)
         runs = _read_runs(connection, ids) if taken else before
-        return _Found(taken, runs, _read_steps(connection, ids), now)
+        # The steps of the runs taken, to resume them; of the others (a completed run started
+        # again, say) only how many, as a record says: not their outputs, which may be large.
+        held = {run_id for run_id, _ in taken}
+        steps = _read_steps(connection, sorted(held))
+        counts = _count_steps(connection, [run_id for run_id in ids if run_id not in held])
+        return _Found(taken, runs, steps, now, counts)
 
     def close_spans_of_gone_processes(self) -> int:
         """Close as interrupted the spans this host's dead processes left running (see
@@ -1014,10 +1019,10 @@ def _step_records(run_id: str, rows: list[Any]) -> dict[str, StepRecord]:
 
 class _Found:
     """Runs as a transaction that took some over (see :meth:`Journal._take_over`) read them:
-    their rows and steps, read in it, made records only when asked, since decrypting one may
-    fail (no key) and that must fail its caller alone."""
+    their rows, the steps of those taken (only their counts for the others), made records only
+    when asked, since decrypting one may fail (no key) and that must fail its caller alone."""
 
-    __slots__ = ("_rows", "_steps", "now", "taken")
+    __slots__ = ("_counts", "_rows", "_steps", "now", "taken")
 
     def __init__(
         self,
@@ -1025,17 +1030,21 @@ class _Found:
         rows: dict[str, Any],
         steps: dict[str, list[Any]],
         now: float,
+        counts: dict[str, int] | None = None,
     ) -> None:
         self.taken = taken  # (run id, owner) of each run taken over
         self._rows = rows
-        self._steps = steps
+        self._steps = steps  # by run id: the step rows read
+        self._counts = counts or {}  # by run id: how many steps, for runs whose rows were not
         self.now = now
 
     def record(self, run_id: str) -> RunRecord | None:
         row = self._rows.get(run_id)
         if row is None:
             return None
-        return _record(row, self.now, lease_seconds(), len(self._steps.get(run_id, ())))
+        steps = self._steps.get(run_id)
+        count = len(steps) if steps is not None else self._counts.get(run_id, 0)
+        return _record(row, self.now, lease_seconds(), count)
 
     def steps(self, run_id: str) -> dict[str, StepRecord]:
         return _step_records(run_id, self._steps.get(run_id, []))
