@@ -100,12 +100,30 @@ def test_agent_keeps_the_function_identity() -> None:
         ({"max_tokens": 0}, "max_tokens"),
         ({"output_retries": -1}, "output_retries"),
         ({"max_tool_rounds": 0}, "max_tool_rounds"),
+        # Of the wrong type: said here, not as an AttributeError at the first call.
+        ({"temperature": "0.7"}, "temperature must be a number"),
+        ({"temperature": float("nan")}, "temperature must be a number"),
+        ({"max_tokens": "256"}, "max_tokens must be a whole number"),
+        ({"output_retries": None}, "output_retries must be a whole number"),
+        ({"max_tool_rounds": 2.5}, "max_tool_rounds must be a whole number"),
+        ({"model": 5}, "model must be a model string"),
+        ({"base_url": 8080}, "base_url must be a str"),
+        ({"system": ["be brief"]}, "system must be a str"),
+        ({"breaker": "summaries"}, "breaker must be a kagura.resilience.CircuitBreaker"),
+        ({"rate_limit": 500}, "rate_limit must be a kagura.resilience.RateLimiter"),
+        ({"timeout": "30s"}, "timeout must be a number of seconds or a timedelta"),
+        ({"total_timeout": float("nan")}, "total_timeout must be a number"),
+        ({"provider_kwargs": "seed=1"}, "provider_kwargs must be a dict"),
+        ({"provider_kwargs": {"messages": [], "seed": 1}}, "provider_kwargs cannot set messages"),
+        ({"tools": len}, "tools must be a list"),
+        ({"fallback": None}, "fallback must be a model, or a list of models"),
+        ({"fallback": ["fake", 5]}, "fallback models are model strings"),
     ],
 )
 def test_bad_options_are_usage_errors_at_decoration(options: dict, match: str) -> None:
     with pytest.raises(UsageError, match=match):
 
-        @agent(model=FakeModel(), **options)
+        @agent(**{"model": FakeModel(), **options})
         async def f(x: str) -> str:
             """{{ x }}"""
 
@@ -353,3 +371,30 @@ def test_the_call_path_holds_no_closure_cells() -> None:
     hot = (Agent._call, Agent._answer, Agent._run, call_model, Retry.run_attempts, attempt)
     for function in (*hot, Workflow.execute):
         assert function.__code__.co_cellvars == (), function.__qualname__
+
+
+async def test_one_fallback_model_may_be_given_alone() -> None:
+    primary = FakeModel([ProviderError("down", model="fake/primary")])
+    backup = FakeModel(["from the backup"])
+
+    @agent(model=primary, fallback=backup, retry=False)
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    assert ask.fallback == (backup,)
+    assert await ask("q") == "from the backup"
+
+    @agent(model=primary, fallback="fake")
+    async def by_name(q: str) -> str:
+        """{{ q }}"""
+
+    assert by_name.fallback == ("fake",)  # one model, not the letters of its name
+
+
+def test_an_agent_written_as_a_method_is_refused_at_decoration() -> None:
+    with pytest.raises(UsageError, match=r"written as a method.*'self'.*module level"):
+
+        class Assistant:
+            @agent(model=FakeModel())
+            async def reply(self, text: str) -> str:
+                """Reply to {{ text }}"""

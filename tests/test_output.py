@@ -307,3 +307,61 @@ async def test_answer_without_json_is_reported_as_such() -> None:
         await ask(Person, "I don't know")
     assert info.value.validation_error
     assert info.value.raw_text == "I don't know"
+
+
+@pytest.mark.parametrize(
+    ("tp", "text"),
+    [
+        (Literal["yes", "no"], "I don't know."),  # "no" inside "know"
+        (Literal["yes", "no"], "Unknown"),
+        (Literal["positive", "negative", "neutral"], "It is not positive at all"),
+        (Literal["positive", "negative", "neutral"], "Non-negative, I'd say"),
+        (Literal["positive", "negative", "neutral"], "It isn't negative."),
+        (Mood, "I am not happy"),
+    ],
+)
+async def test_a_choice_only_inside_a_word_or_after_a_negation_is_not_taken(
+    tp: Any, text: str
+) -> None:
+    # Taken, each would be a wrong value returned without an error: the model is asked again,
+    # and then the call fails.
+    with pytest.raises(OutputParseError):
+        await ask(tp, text)
+
+
+@pytest.mark.parametrize(
+    ("tp", "text", "expected"),
+    [
+        (Literal["yes", "no"], "No.", "no"),
+        (Literal["yes", "no"], "Yes, approve it.", "yes"),
+        (Literal["not sure", "sure"], "I am not sure.", "not sure"),
+        (Literal["positive", "negative"], "The answer: negative", "negative"),
+    ],
+)
+async def test_a_choice_named_as_whole_words_in_prose_is_taken(
+    tp: Any, text: str, expected: str
+) -> None:
+    assert await ask(tp, text) == expected
+
+
+class Settings(pydantic.BaseModel):
+    language: str = "en"
+    max_items: int = 10
+
+
+class Answer(pydantic.BaseModel):
+    result: str = ""
+    note: str = ""
+
+
+async def test_an_object_the_model_wrapped_in_result_is_read_from_inside_the_wrapper() -> None:
+    # The wrapper itself validates as the defaults (its key ignored): what it wraps comes first.
+    wrapped = '{"result": {"language": "fr", "max_items": 3}}'
+    assert await ask(Settings, wrapped) == Settings(language="fr", max_items=3)
+    # A type with a field named "result" reads the object as it is.
+    assert await ask(Answer, '{"result": "yes"}') == Answer(result="yes")
+
+
+async def test_an_agent_annotated_none_is_refused_at_decoration() -> None:
+    with pytest.raises(UsageError, match=r"annotated -> None.*-> str"):
+        make_agent(None, FakeModel())

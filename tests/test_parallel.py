@@ -307,3 +307,31 @@ async def test_a_failing_agent_in_gather_cancels_its_siblings() -> None:
     statuses = sorted(s.status for s in events.spans(kind="agent"))
     assert statuses == ["cancelled", "cancelled", "failed"]
     await assert_no_other_tasks()
+
+
+async def test_a_list_given_to_gather_is_refused_and_its_coroutines_closed() -> None:
+    tracker = Tracker()
+    jobs = [tracker.job(1), tracker.job(2)]
+    with pytest.raises(UsageError, match=r"gather takes awaitables.*gather\(\*awaitables\)"):
+        await gather(jobs)  # type: ignore[arg-type]
+    assert all(inspect.getcoroutinestate(job) == inspect.CORO_CLOSED for job in jobs)
+
+
+@pytest.mark.parametrize("limit", [float("nan"), 1.5, "2"])
+async def test_a_limit_that_is_not_a_whole_number_is_refused(limit: Any) -> None:
+    tracker = Tracker()
+    with pytest.raises(UsageError, match="whole number"):
+        await gather(tracker.job(1), limit=limit)
+    job = tracker.job(2)
+    with pytest.raises(UsageError, match="whole number"):
+        await gather_partial([job], limit=limit)
+    assert inspect.getcoroutinestate(job) == inspect.CORO_CLOSED
+    assert tracker.started == []
+
+
+@pytest.mark.parametrize("deadline", ["5", float("nan")])
+async def test_a_deadline_that_is_not_a_number_is_refused(deadline: Any) -> None:
+    job = Tracker().job(1)
+    with pytest.raises(UsageError, match="deadline"):
+        await gather_partial({"a": job}, deadline=deadline)
+    assert inspect.getcoroutinestate(job) == inspect.CORO_CLOSED

@@ -107,7 +107,7 @@ def test_blank_docstring_is_a_template_error() -> None:
 
 
 def test_template_syntax_error_is_a_template_error() -> None:
-    with pytest.raises(TemplateError, match="invalid prompt template"):
+    with pytest.raises(TemplateError, match=r"invalid prompt template.*\{% raw %\}"):
 
         @agent(model=FakeModel())
         async def broken(text: str) -> str:
@@ -268,3 +268,53 @@ def test_templates_with_filters_or_tags_use_jinja() -> None:
 
     assert shout.prompt._pieces is None
     assert shout.render(["a", "b"]) == "A B "
+
+
+@pytest.mark.parametrize(
+    ("template", "said"),
+    [
+        ("{{ text | bulleted }}", "line 1: No filter named 'bulleted'"),
+        ("Items:\n{% if text is nonempty %}{{ text }}{% endif %}", "line 2: there is no test"),
+        ("{% include 'header.txt' %}{{ text }}", "includes another template"),
+        ("{% extends 'base.txt' %}", "extends another template"),
+        ("{% import 'macros.txt' as m %}{{ text }}", "imports another template"),
+        ("{% from 'macros.txt' import m %}{{ text }}", "imports from another template"),
+    ],
+)
+def test_what_jinja_finds_only_when_compiling_or_loading_is_said_at_decoration(
+    template: str, said: str
+) -> None:
+    async def summarise(text: str) -> str: ...
+
+    summarise.__doc__ = template
+    with pytest.raises(TemplateError, match=said):
+        agent(model=FakeModel())(summarise)
+
+
+class Exploding:
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@pytest.mark.parametrize(
+    ("template", "value", "said"),
+    [
+        ("Items: {{ text | join(', ') }}", 5, "TypeError: 'int' object is not iterable"),
+        ("Mean: {{ text | sum / text | length }}", [], "ZeroDivisionError: division by zero"),
+        ("Say {{ text }}", Exploding(), "RuntimeError: no text for you"),
+        ("Say {{ text | upper }}", Exploding(), "RuntimeError: no text for you"),
+    ],
+)
+async def test_an_error_while_rendering_is_a_template_error_naming_the_agent(
+    template: str, value: object, said: str
+) -> None:
+    async def summarise(text: Any) -> str: ...
+
+    summarise.__doc__ = template
+    fake = FakeModel()
+    summary = agent(model=fake)(summarise)
+    with pytest.raises(
+        TemplateError, match=rf"agent '.*summarise'.*rendering the prompt failed: {said}"
+    ):
+        await summary(value)
+    assert fake.requests == []

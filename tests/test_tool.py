@@ -434,3 +434,127 @@ async def test_prompted_tools_are_bounded_too() -> None:
     with pytest.raises(ToolLoopError):
         await looping("q")
     assert len(fake.requests) == 3
+
+
+# -- what users give as tools, and what tools give back ------------------------------------------
+
+
+async def test_a_result_with_no_json_goes_to_the_model_as_its_repr() -> None:
+    ran: list[str] = []
+
+    @tool
+    def snapshot(name: str) -> object:
+        """Take a snapshot."""
+        ran.append(name)
+        looped: dict[str, object] = {"name": name}
+        looped["self"] = looped
+        return b"\x89PNG" if name == "png" else looped
+
+    fake = FakeModel(
+        [
+            tool_calls(call("snapshot", {"name": "png"}), call("snapshot", {"name": "loop"}, "c2")),
+            "done",
+        ]
+    )
+
+    @agent(model=fake, tools=[snapshot])
+    async def shoot(q: str) -> str:
+        """{{ q }}"""
+
+    # The tool ran: failing the call now would lose what it did.
+    assert await shoot("go") == "done"
+    assert ran == ["png", "loop"]
+    replies = [m["content"] for m in fake.requests[1].messages if m["role"] == "tool"]
+    assert replies == [repr(b"\x89PNG"), "{'name': 'loop', 'self': {...}}"]
+
+
+async def test_an_agent_given_as_a_tool_is_awaited() -> None:
+    inner = FakeModel(["bonjour"])
+
+    @agent(model=inner)
+    async def translate(text: str) -> str:
+        """Translate to French: {{ text }}"""
+
+    outer = FakeModel([tool_calls(call("translate", {"text": "hello"})), "it is bonjour"])
+
+    @agent(model=outer, tools=[translate])
+    async def assistant(q: str) -> str:
+        """{{ q }}"""
+
+    assert await assistant("hello in French?") == "it is bonjour"
+    assert outer.requests[1].messages[-1]["content"] == "bonjour"
+    assert translate.name in {spec.name for spec in outer.requests[0].tools}
+
+
+async def test_positional_only_parameters_are_passed_by_position() -> None:
+    def power(base: int, exponent: int = 2, /) -> int:
+        """Raise base to exponent."""
+        return int(base**exponent)
+
+    fake = FakeModel([tool_calls(call("power", {"base": 3})), "nine"])
+
+    @agent(model=fake, tools=[power])
+    async def calc(q: str) -> str:
+        """{{ q }}"""
+
+    assert await calc("3 squared") == "nine"
+    assert fake.requests[1].messages[-1]["content"] == "9"
+
+
+def test_a_partial_or_a_callable_object_with_a_name_is_a_tool() -> None:
+    import functools
+
+    class Scale:
+        def __call__(self, value: float) -> float:
+            """Scale a value."""
+            return value * 2
+
+    def plus(a: int, b: int) -> int:
+        """Add."""
+        return a + b
+
+    by_partial = Tool(functools.partial(plus, b=1), name="increment")
+    assert by_partial.spec.parameters["required"] == ["a"]
+    assert Tool(Scale(), name="scale").spec.parameters["properties"]["value"]["type"] == "number"
+
+
+class Point:  # a plain class: pydantic cannot describe it
+    x = 0
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        (lambda: Tool("scale"), "a tool is a function"),
+        (lambda: Tool(lambda _cache: 0, name="cached"), "leading underscores"),
+        (lambda: Tool(lambda model_config: 0, name="config"), "cannot be named 'model_config'"),
+        (lambda: Tool(_takes_point), "cannot be described"),
+        (lambda: Tool(_unresolved), "annotations cannot be resolved.*Vector"),
+        (lambda: Tool(_Nameless()), "no __name__"),
+    ],
+)
+def test_a_tool_that_cannot_be_described_is_refused_at_definition(make: object, said: str) -> None:
+    with pytest.raises(UsageError, match=said):
+        make()  # type: ignore[operator]
+
+
+class _Nameless:
+    def __call__(self) -> int:
+        return 0
+
+
+def _takes_point(p: Point) -> int:
+    return 0
+
+
+def _unresolved(v: Vector) -> int:  # type: ignore[name-defined]  # noqa: F821
+    return 0
+
+
+def test_tools_given_as_other_than_a_list_of_functions_are_refused() -> None:
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    for tools in (len, "add", ["add"]):
+        with pytest.raises(UsageError):
+            agent(model=FakeModel(), tools=tools)(ask)  # type: ignore[call-overload]

@@ -281,3 +281,20 @@ async def test_names_the_store_cannot_keep_are_refused_where_they_are_given() ->
     with pytest.raises(UsageError, match="a step's name must be a non-empty str, got ''"):
         await steps("")
     assert await steps("n" * 255) == "X"
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        ({"durable": "yes"}, "durable must be True, False or None"),
+        ({"budget_usd": float("nan")}, "budget_usd must be a number"),
+        ({"budget_tokens": 2.5}, "budget_tokens must be a whole number"),
+    ],
+)
+def test_a_workflow_setting_of_the_wrong_kind_is_refused_at_decoration(
+    options: dict[str, Any], said: str
+) -> None:
+    async def flow() -> None: ...
+
+    with pytest.raises(UsageError, match=said):
+        workflow(**options)(flow)

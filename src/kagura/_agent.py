@@ -23,11 +23,13 @@ from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, ove
 import pydantic_core
 
 from . import _instrument, _prompted
+from ._checks import count, real
 from ._context import Span, checked_name, current_span
 from ._instrument import span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._recording import ensure_recording
+from ._redact import repr_of
 from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool, with_resolved_annotations
 from ._usage import Usage
@@ -141,14 +143,27 @@ class Agent(Generic[P, R]):
             raise UsageError(
                 f"@agent needs an 'async def' function; {getattr(fn, '__qualname__', fn)!r} is not"
             )
-        if temperature is not None and not 0 <= temperature <= 2:
+        if temperature is not None and not 0 <= real(temperature, "temperature") <= 2:
             raise UsageError(f"temperature must be between 0 and 2, got {temperature}")
-        if max_tokens is not None and max_tokens < 1:
-            raise UsageError(f"max_tokens must be at least 1, got {max_tokens}")
-        if output_retries < 0:
-            raise UsageError(f"output_retries must be 0 or more, got {output_retries}")
-        if max_tool_rounds < 1:
-            raise UsageError(f"max_tool_rounds must be at least 1, got {max_tool_rounds}")
+        if max_tokens is not None:
+            count(max_tokens, "max_tokens", at_least=1)
+        count(output_retries, "output_retries", at_least=0)
+        count(max_tool_rounds, "max_tool_rounds", at_least=1)
+        for setting in ("system", "base_url", "api_key"):
+            value = options.get(setting)
+            if value is not None and not isinstance(value, str):
+                raise UsageError(f"{setting} must be a str, got {value!r}")
+        if not (model is None or isinstance(model, str | Model)):
+            raise UsageError(
+                f"model must be a model string such as 'openai/gpt-4o-mini', or a "
+                f"kagura.providers.Model, got {model!r}"
+            )
+        provider_kwargs = options.get("provider_kwargs")
+        if provider_kwargs is not None and not isinstance(provider_kwargs, Mapping):
+            raise UsageError(
+                f"provider_kwargs must be a dict of keywords for the provider, got "
+                f"{provider_kwargs!r}"
+            )
         if output_mode is not None and output_mode not in OUTPUT_MODES:
             raise UsageError(
                 f"output_mode must be one of {', '.join(map(repr, OUTPUT_MODES))} (or None for "
@@ -178,18 +193,26 @@ class Agent(Generic[P, R]):
         self.base_url = base_url
         self._api_key = api_key
         self.provider_kwargs = dict(options.get("provider_kwargs") or {})
+        built = sorted(self.provider_kwargs.keys() & {"messages", "model", "tools"})
+        if built:
+            raise UsageError(
+                f"agent {self.name!r}: provider_kwargs cannot set {', '.join(built)}: Kagura "
+                f"sends them from the agent itself (its prompt, its model=, its tools=)"
+            )
         if "stream" in self.provider_kwargs:
             raise UsageError(
                 f"agent {self.name!r}: stream= is not an agent setting; stream a call with "
                 f"{self.name}.stream(...), an async iterator of the answer as it arrives"
             )
         self.policies = Policies.from_options(options)
-        self.fallback: tuple[str | Model, ...] = tuple(options.get("fallback", ()))
-        for spec in self.fallback:
-            if isinstance(spec, str):
-                _parse_model_string(spec, None, None)
+        self.fallback: tuple[str | Model, ...] = _fallback_models(options.get("fallback", ()))
         self.tools: dict[str, Tool[Any, Any]] = {}
-        for t in options.get("tools", ()):
+        tools = options.get("tools", ())
+        if isinstance(tools, str) or not isinstance(tools, Iterable):
+            raise UsageError(
+                f"tools must be a list of tools (functions, or @tool ones), got {tools!r}"
+            )
+        for t in tools:
             wrapped = as_tool(t)
             if wrapped.name in self.tools:
                 raise UsageError(f"agent {self.name!r}: two tools are named {wrapped.name!r}")
@@ -225,6 +248,13 @@ class Agent(Generic[P, R]):
             and self._parameter_count == 1
             else None
         )
+        first = next(iter(self._signature.parameters), None)
+        if first in ("self", "cls"):
+            raise UsageError(
+                f"agent {self.name!r} is written as a method (its first parameter is {first!r}), "
+                f"but an agent is a function of its prompt's values: define it at module level, "
+                f"and call it from the method"
+            )
         self.prompt = PromptTemplate(fn, self._signature)
         try:
             return_type = get_type_hints(fn, include_extras=True).get("return", str)
@@ -233,6 +263,12 @@ class Agent(Generic[P, R]):
                 f"agent {self.name!r}: cannot resolve its annotations ({exc}); define the types "
                 f"it uses at module level"
             ) from exc
+        if return_type is type(None):
+            raise UsageError(
+                f"agent {self.name!r} is annotated -> None, but an agent's result is the "
+                f"model's answer: annotate it -> str for the text, or with the type the answer "
+                f"should have"
+            )
         self.output = OutputSpec(return_type)
         warn_if_body_has_code(fn)
 
@@ -400,7 +436,7 @@ class Agent(Generic[P, R]):
         )
 
     def _dump_answer(self, answer: tuple[Any, str]) -> str:
-        return self.output.dump(answer[0])
+        return self.output.dump(answer[0], f"agent {self.name!r}")
 
     def _load_answer(self, output: str | None) -> tuple[Any, str]:
         return self.output.load(output), "journal"
@@ -685,7 +721,33 @@ class _ToolFailed(Exception):
 
 
 def _to_json(value: Any) -> str:
-    return pydantic_core.to_json(value, fallback=repr).decode()
+    """A tool's result as the text the model reads: JSON, or, for a value that has none (bytes
+    that are not UTF-8, a dict that holds itself), its repr. The tool has run by now: failing
+    the call here would lose what it did."""
+    try:
+        return pydantic_core.to_json(value, fallback=repr).decode()
+    except Exception:
+        return repr_of(value)
+
+
+def _fallback_models(fallback: object) -> tuple[str | Model, ...]:
+    """The fallback models given to ``@agent(fallback=...)``: one model, or a list of them."""
+    if isinstance(fallback, str | Model):
+        fallback = (fallback,)
+    if not isinstance(fallback, Iterable):
+        raise UsageError(
+            f"fallback must be a model, or a list of models, to try in turn, got {fallback!r}"
+        )
+    models = tuple(fallback)
+    for spec in models:
+        if isinstance(spec, str):
+            _parse_model_string(spec, None, None)
+        elif not isinstance(spec, Model):
+            raise UsageError(
+                f"fallback models are model strings such as 'openai/gpt-4o-mini', or "
+                f"kagura.providers.Model objects, got {spec!r}"
+            )
+    return models
 
 
 def _agent_from(fn: AgentFunction[Any, Any], options: AgentOptions) -> Agent[Any, Any]:

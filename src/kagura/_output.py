@@ -19,6 +19,7 @@ import pydantic_core
 from pydantic import TypeAdapter
 from typing_extensions import is_typeddict  # pydantic's dependency
 
+from .errors import UsageError
 from .providers import Model, ModelRequest, OutputSchema
 
 _FENCE = re.compile(r"```(?:json|JSON)?\s*\n?(.*?)```", re.DOTALL)
@@ -59,6 +60,7 @@ class OutputSpec:
     __slots__ = (
         "_adapter",
         "_choices",
+        "_has_result_field",
         "_wrapped_adapter",
         "instructions",
         "is_text",
@@ -73,6 +75,7 @@ class OutputSpec:
         self.wrapped = False
         self.schema: OutputSchema | None = None
         self._choices: list[Any] | None = None
+        self._has_result_field = False
         #: The sentence appended to the prompt so the model knows the shape wanted.
         self.instructions = ""
         if self.is_text:
@@ -81,12 +84,11 @@ class OutputSpec:
             self._adapter: TypeAdapter[Any] = TypeAdapter(tp)
             inner = self._adapter.json_schema()
         except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError) as exc:
-            from .errors import UsageError
-
             raise UsageError(
                 f"return type {tp!r} cannot be used as an agent result: {exc}"
             ) from exc
         self._choices = _choices(tp)
+        self._has_result_field = "result" in inner.get("properties", {})
         # Structured-output APIs want an object at the top level, so other types are wrapped.
         if _is_object_type(tp):
             self.schema = OutputSchema(getattr(tp, "__name__", "Result"), inner)
@@ -106,9 +108,31 @@ class OutputSpec:
             f"\n\nAnswer with only a JSON value that follows this JSON schema: {compact}"
         )
 
-    def dump(self, value: Any) -> str:
-        """JSON for the journal of durable runs."""
-        return pydantic_core.to_json(value, fallback=repr).decode()
+    def dump(self, value: Any, owner: str = "the agent") -> str:
+        """JSON for the journal of durable runs, where a resumed run reads the value back in
+        place of the call: checked to read back as this very value. Some values do not (a
+        ``SecretStr`` is written masked, a field with ``exclude=True`` not at all, a validator
+        that changes a value changes it again when read back); journaled anyway, they would
+        turn into other values, or into an error, only once the run is resumed. Raises
+        :class:`~kagura.errors.UsageError` for those, naming ``owner``."""
+        text: str = pydantic_core.to_json(value, fallback=repr).decode()
+        if self.is_text:
+            return text
+        try:
+            differs = self._adapter.validate_json(text) != value
+            why = "it reads back as another value"
+        except pydantic.ValidationError as exc:
+            differs = True
+            why = f"it does not read back ({_describe(exc)})"
+        if differs:
+            raise UsageError(
+                f"{owner}: its result cannot be journaled: written as JSON, {why}. A durable "
+                f"run replays each result from the journal when it is resumed: give the return "
+                f"type only fields that JSON keeps (no SecretStr, no exclude=True) and "
+                f"validators that leave a valid value as it is, or make this call outside a "
+                f"durable run"
+            )
+        return text
 
     def load(self, text: str | None) -> Any:
         """A journaled value back as the return type."""
@@ -144,8 +168,12 @@ class OutputSpec:
         if self.wrapped and isinstance(data, dict) and "result" in data:
             return [data["result"], data]
         if isinstance(data, dict) and len(data) == 1 and "result" in data:
-            # An object type that the model wrapped anyway, as it was told to wrap scalars.
-            return [data, data["result"]]
+            # An object type that the model wrapped anyway, as it was told to wrap scalars:
+            # what it wrapped first, since the wrapper itself is a valid value of a type whose
+            # fields all have defaults (its one key ignored), unless "result" is a field.
+            if self._has_result_field:
+                return [data, data["result"]]
+            return [data["result"], data]
         return [data]
 
     def _lenient(self, text: str) -> Any:
@@ -157,11 +185,8 @@ class OutputSpec:
             except (pydantic.ValidationError, TypeError, ValueError):
                 pass
         if self._choices is not None:
-            lowered = stripped.lower()
-            hits = [c for c in self._choices if isinstance(c, str) and c.lower() in lowered]
-            if len(hits) == 1:
-                return self._adapter.validate_python(hits[0])
-            return _MISSING
+            choice = _choice_in_prose(stripped, self._choices)
+            return _MISSING if choice is _MISSING else self._adapter.validate_python(choice)
         if self.type in (int, float):
             numbers = _NUMBER.findall(stripped)
             if len(numbers) == 1:
@@ -189,6 +214,45 @@ class OutputSpec:
 
 
 _MISSING: Any = object()
+
+_WORD = re.compile(r"[\w'’-]+")
+#: Words that turn a choice named in prose around: "not positive", "isn't negative".
+_NEGATIONS = frozenset({"not", "no", "never", "neither", "nor", "none"})
+
+
+def _choice_in_prose(text: str, choices: list[Any]) -> Any:
+    """The one choice (a Literal's or an Enum's text value) that ``text`` names as a whole word
+    or words, in any case: ``"The sentiment is NEGATIVE!"`` names ``"negative"``. Not when it
+    names several, when the choice is only part of a word (``"no"`` in ``"know"``, ``"negative"``
+    in ``"non-negative"``), or when a negation may turn it around (``"not positive"``): the
+    model is then asked again rather than guessed at."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    named = {
+        choice: wanted
+        for choice in choices
+        if isinstance(choice, str)
+        and (wanted := [w.lower() for w in _WORD.findall(choice)])
+        and _within(wanted, words)
+    }
+    # "not sure" names "sure" too: the longer choice is the one named.
+    named = {
+        c: w
+        for c, w in named.items()
+        if not any(o != c and _within(w, ow) for o, ow in named.items())
+    }
+    if len(named) != 1:
+        return _MISSING
+    ((choice, named_words),) = named.items()
+    for word in words:
+        if word not in named_words and (word in _NEGATIONS or word.endswith(("n't", "n’t"))):
+            return _MISSING
+    return choice
+
+
+def _within(part: list[str], words: list[str]) -> bool:
+    """Whether ``part`` occurs in ``words`` as consecutive words."""
+    n = len(part)
+    return any(words[i : i + n] == part for i in range(len(words) - n + 1))
 
 
 def _describe(error: Exception) -> str:

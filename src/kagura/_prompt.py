@@ -16,6 +16,14 @@ from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import TemplateError
 
+#: What a tag that loads another template does, as an error says it.
+_TAG_OF = {
+    nodes.Extends: "extends",
+    nodes.Include: "includes",
+    nodes.Import: "imports",
+    nodes.FromImport: "imports from",
+}
+
 
 @lru_cache(maxsize=1)
 def _environment() -> SandboxedEnvironment:
@@ -45,21 +53,49 @@ class PromptTemplate:
         except TemplateSyntaxError as exc:
             raise TemplateError(
                 f"agent {name!r}: invalid prompt template at docstring line {exc.lineno}: "
-                f"{exc.message}"
+                f"{exc.message} (to write {{{{, {{% or {{# as text, put it between "
+                f"{{% raw %}} and {{% endraw %}})"
             ) from exc
         params = signature.parameters
         # Keywords caught by **kwargs are template variables too (the check below is skipped).
         self._var_keyword = next((p.name for p in params.values() if p.kind is p.VAR_KEYWORD), None)
         if self._var_keyword is None:
-            unknown = sorted(
-                meta.find_undeclared_variables(parsed) - set(params) - set(env.globals)
-            )
+            try:
+                undeclared = meta.find_undeclared_variables(parsed)
+            except TemplateSyntaxError as exc:  # an unknown filter, found when it is compiled
+                raise TemplateError(
+                    f"agent {name!r}: invalid prompt template at docstring line {exc.lineno}: "
+                    f"{exc.message}"
+                ) from exc
+            unknown = sorted(undeclared - set(params) - set(env.globals))
             if unknown:
                 raise TemplateError(
                     f"agent {name!r}: the prompt uses {', '.join(unknown)} but the function has no "
                     f"such parameter (parameters: {', '.join(params) or 'none'})"
                 )
-        self._template = env.from_string(parsed)
+        for test in parsed.find_all(nodes.Test):
+            if test.name not in env.tests:
+                raise TemplateError(
+                    f"agent {name!r}: invalid prompt template at docstring line {test.lineno}: "
+                    f"there is no test named {test.name!r} (tests: {', '.join(sorted(env.tests))})"
+                )
+        shared = next(
+            parsed.find_all((nodes.Extends, nodes.Include, nodes.Import, nodes.FromImport)), None
+        )
+        if shared is not None:
+            raise TemplateError(
+                f"agent {name!r}: the prompt template {_TAG_OF[type(shared)]} another template "
+                f"(docstring line {shared.lineno}), but an agent's prompt has no templates to "
+                f"load: write the text in the docstring (a {{% macro %}} there may repeat a "
+                f"part), or pass it in as an argument"
+            )
+        try:
+            self._template = env.from_string(parsed)
+        except TemplateSyntaxError as exc:  # an unknown filter, found when it is compiled
+            raise TemplateError(
+                f"agent {name!r}: invalid prompt template at docstring line {exc.lineno}: "
+                f"{exc.message}"
+            ) from exc
         self._pieces = (
             _plain_substitutions(parsed, set(params)) if self._var_keyword is None else None
         )
@@ -78,15 +114,27 @@ class PromptTemplate:
             # Text and {{ parameter }} only: the same string Jinja would build, without a
             # render context per call (the most common prompts, on the hot path).
             names = self._names
-            if len(names) == 1:
-                return template % (arguments[names[0]],)
-            return template % tuple([arguments[name] for name in names])
+            try:
+                if len(names) == 1:
+                    return template % (arguments[names[0]],)
+                return template % tuple([arguments[name] for name in names])
+            except Exception as exc:  # an argument whose __str__ raises
+                raise self._failed(exc) from exc
         if self._var_keyword is not None:
             arguments = {**arguments.get(self._var_keyword, {}), **arguments}
         try:
             return self._template.render(arguments)
-        except TemplateRuntimeError as exc:  # undefined attributes, sandbox refusals
-            raise TemplateError(f"{self.owner}: rendering the prompt failed: {exc}") from exc
+        except Exception as exc:  # undefined attributes, sandbox refusals, a filter that raised
+            raise self._failed(exc) from exc
+
+    def _failed(self, error: Exception) -> TemplateError:
+        try:
+            said = str(error)
+        except Exception:
+            said = "(its message cannot be shown)"
+        if not isinstance(error, TemplateRuntimeError):  # the arguments' own code, or a filter's
+            said = f"{type(error).__name__}: {said}"
+        return TemplateError(f"{self.owner}: rendering the prompt failed: {said}")
 
 
 def _plain_substitutions(

@@ -239,7 +239,7 @@ async def _items(
                         agent.name,
                         "agent",
                         digest,
-                        agent.output.dump(result),
+                        agent.output.dump(result, f"agent {agent.name!r}"),
                         span._position,
                     )
                 # Over before the last item: a reader that stops at the result (and never asks

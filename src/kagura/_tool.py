@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import json
 import re
@@ -67,26 +68,47 @@ class Tool(Generic[P, R]):
     def __init__(
         self, fn: Callable[P, R] | Callable[P, Awaitable[R]], *, name: str | None = None
     ) -> None:
+        if not callable(fn) or isinstance(fn, type):
+            raise UsageError(f"a tool is a function (sync or async) the model may call, got {fn!r}")
         self.fn = fn
-        self.name = name or fn.__name__
+        name = name or getattr(fn, "__name__", None)
+        if name is None:
+            raise UsageError(f"{fn!r} has no __name__ to call it by: name it, tool(fn, name=...)")
+        self.name = name
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise UsageError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
-        self.is_async = inspect.iscoroutinefunction(fn)
+        self.is_async = inspect.iscoroutinefunction(fn) or _is_async_callable(fn)
         description, param_docs = _parse_docstring(fn.__doc__ or "")
         self.description = description or self.name
-        hints = get_type_hints(fn, include_extras=True)
+        hints = _hints(fn, self.name)
         fields: dict[str, Any] = {}
+        #: Parameters passed by position: a positional-only one cannot be given by name.
+        self._positional: tuple[str, ...] = ()
         for param in inspect.signature(fn).parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise UsageError(f"tool {self.name!r}: *args and **kwargs cannot be described")
+            if param.name == "model_config":
+                raise UsageError(
+                    f"tool {self.name!r}: a parameter cannot be named 'model_config' (pydantic's "
+                    f"name for a model's settings, and the arguments are checked by a model); "
+                    f"rename it"
+                )
+            if param.kind is param.POSITIONAL_ONLY:
+                self._positional += (param.name,)
             annotation = hints.get(param.name, Any)
             default = ... if param.default is param.empty else param.default
             fields[param.name] = (
                 annotation,
                 pydantic.Field(default, description=param_docs.get(param.name)),
             )
-        self._arguments_model = pydantic.create_model(f"{self.name}_arguments", **fields)
-        schema = self._arguments_model.model_json_schema()
+        try:
+            self._arguments_model = pydantic.create_model(f"{self.name}_arguments", **fields)
+            schema = self._arguments_model.model_json_schema()
+        except Exception as exc:  # a parameter pydantic cannot describe or name
+            raise UsageError(
+                f"tool {self.name!r}: its parameters cannot be described to the model as a "
+                f"JSON schema: {exc}"
+            ) from exc
         schema.pop("title", None)
         self.spec = ToolSpec(self.name, self.description, schema)
 
@@ -101,10 +123,14 @@ class Tool(Generic[P, R]):
             raise ValueError(f"tool arguments must be a JSON object, got {arguments!r}")
         validated = self._arguments_model.model_validate(arguments)
         kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+        args = [kwargs.pop(name) for name in self._positional]
         if self.is_async:
-            return await cast(Callable[..., Awaitable[Any]], self.fn)(**kwargs)
+            return await cast(Callable[..., Awaitable[Any]], self.fn)(*args, **kwargs)
         # Sync tools run in a worker thread so a slow one cannot stall every other task.
-        return await asyncio.to_thread(self.fn, **kwargs)
+        result = await asyncio.to_thread(self.fn, *args, **kwargs)
+        if inspect.isawaitable(result):  # a plain function that returns a coroutine
+            result = await result
+        return result
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Made again from the function where it is unpickled (a Ray worker): the arguments
@@ -158,3 +184,26 @@ def tool(
 
 def as_tool(obj: Tool[Any, Any] | Callable[..., Any]) -> Tool[Any, Any]:
     return obj if isinstance(obj, Tool) else Tool(obj)
+
+
+def _is_async_callable(fn: object) -> bool:
+    """Whether calling ``fn`` returns something to await, though it is no ``async def``: an
+    agent, or an object whose ``__call__`` is one."""
+    return bool(getattr(fn, "_is_async_callable", False)) or inspect.iscoroutinefunction(
+        type(fn).__call__
+    )
+
+
+def _hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
+    """The type hints of the tool ``fn``'s parameters: a function's, a partial's function's, an
+    agent's function's, or a callable object's ``__call__``'s."""
+    target: Any = fn.func if isinstance(fn, functools.partial) else inspect.unwrap(fn)
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        target = type(target).__call__
+    try:
+        return get_type_hints(target, include_extras=True)
+    except Exception as exc:  # a name an annotation uses is not defined
+        raise UsageError(
+            f"tool {name!r}: its annotations cannot be resolved ({type(exc).__name__}: {exc}); "
+            f"define or import the types it names where the tool is defined"
+        ) from exc

@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 from . import _instrument, _settings
+from ._checks import count, real
 from ._context import Span, checked_name, current_span
 from ._instrument import span_finished, span_started, status_of
 from ._recording import ensure_recording
@@ -67,6 +68,12 @@ class Workflow(Generic[P, R]):
         self.durable = durable
         if retry_budget is not None:
             RetryBudget(retry_budget)  # validate now rather than at the first run
+        if durable is not None and not isinstance(durable, bool):
+            raise UsageError(f"durable must be True, False or None, got {durable!r}")
+        if budget_usd is not None:
+            real(budget_usd, "budget_usd")
+        if budget_tokens is not None:
+            count(budget_tokens, "budget_tokens", at_least=0)
         if budget_usd is not None or budget_tokens is not None:
             CostBudget(usd=budget_usd, tokens=budget_tokens)
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import inspect
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
+from ._checks import count, real
 from .errors import UsageError
 
 T = TypeVar("T")
@@ -32,9 +34,7 @@ __all__ = ["Partial", "gather", "gather_partial", "map"]
 def _check_limit(limit: int | None) -> asyncio.Semaphore | None:
     if limit is None:
         return None
-    if limit < 1:
-        raise UsageError(f"the concurrency limit must be at least 1, got {limit}")
-    return asyncio.Semaphore(limit)
+    return asyncio.Semaphore(count(limit, "the concurrency limit", at_least=1))
 
 
 async def _limited(aw: Awaitable[T], semaphore: asyncio.Semaphore | None) -> T:
@@ -78,8 +78,15 @@ async def gather(
     """
     try:
         semaphore = _check_limit(limit)
+        for aw in aws:
+            if not inspect.isawaitable(aw):
+                hint = ": unpack it, gather(*awaitables)" if isinstance(aw, list | tuple) else ""
+                raise UsageError(f"gather takes awaitables, got {aw!r}{hint}")
     except UsageError:
         _close_unstarted(aws)
+        for aw in aws:
+            if isinstance(aw, list | tuple):
+                _close_unstarted(aw)
         raise
     results: list[Any] = [None] * len(aws)
 
@@ -176,7 +183,13 @@ async def gather_partial(
     named: dict[Any, Awaitable[T]] = (
         dict(aws.items()) if isinstance(aws, Mapping) else dict(enumerate(aws))
     )
-    semaphore = _check_limit(limit)
+    try:
+        semaphore = _check_limit(limit)
+        if deadline is not None:
+            deadline = real(deadline, "deadline (seconds)")
+    except UsageError:
+        _close_unstarted(named.values())
+        raise
     partial: Partial[Any, T] = Partial()
     tasks = {key: asyncio.ensure_future(_limited(aw, semaphore)) for key, aw in named.items()}
     try:

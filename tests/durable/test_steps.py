@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kagura import UsageError, step, workflow
 from kagura.durable import Journal
 from kagura.durable._run import input_hash
 from kagura.providers import ModelRequest
@@ -172,3 +174,55 @@ async def test_a_result_reaches_the_workflow_only_once_it_is_committed(
     result, noted = await run, workflows.NOTED
     assert noted == [result]
     assert any(s.name == journaled for s in journal.load_steps("held").values())
+
+
+@pytest.mark.usefixtures("journal")
+@pytest.mark.parametrize(
+    ("flow", "answer", "said"),
+    [
+        (workflows.signs_in, '{"user": "ann", "password": "hunter2"}', "reads back as another"),
+        (workflows.rates, '{"score": 5}', "reads back as another value"),
+    ],
+)
+async def test_a_result_that_would_not_replay_as_itself_is_refused_when_journaled(
+    journal: Journal, flow: Any, answer: str, said: str
+) -> None:
+    # Journaled as it is, the run would go on with it now and get another value (or an
+    # error) only when resumed: said now, before the workflow sees it.
+    with override_model(FakeModel([answer])), pytest.raises(UsageError, match=said):
+        await flow.run("x", run_id="lossy")
+    assert journal.load_steps("lossy") == {}
+    assert journal.get_run("lossy").status == "failed"
+
+
+@pytest.mark.usefixtures("journal")
+async def test_an_agent_s_arguments_with_no_json_are_journaled_by_a_hash(journal: Journal) -> None:
+    with override_model(FakeModel(["a PNG", "another PNG"])):
+        assert await workflows.describes.run(4, run_id="png") == "a PNG"
+        assert await workflows.describes.run(4, run_id="png") == "a PNG"  # from the journal
+    (step,) = journal.load_steps("png").values()
+    assert step.input_hash == input_hash({"image": b"\x89PNG\x00\x00\x00\x00"})
+    looped: dict[str, Any] = {}
+    looped["self"] = looped
+    assert input_hash(looped) == input_hash(looped)
+
+
+async def test_a_step_result_with_no_json_is_a_usage_error_naming_the_step(db: str) -> None:
+    @workflow(durable=True)
+    async def lists() -> list[str]:
+        return await step("list", lambda: [os.fsdecode(b"report-\xff.txt")])
+
+    with pytest.raises(UsageError, match=r"step 'list': its result cannot be journaled"):
+        await lists.run(run_id="no-json")
+
+
+@pytest.mark.parametrize(
+    ("run_id", "said"),
+    [
+        (" padded ", "starts or ends with a space"),
+        ("\ud800", "lone surrogate"),
+    ],
+)
+def test_a_run_id_the_store_or_the_shell_cannot_keep_is_refused(run_id: str, said: str) -> None:
+    with pytest.raises(UsageError, match=said):
+        Journal.run_id_for(run_id)

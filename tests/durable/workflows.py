@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 import kagura
 from kagura import agent, workflow
 from kagura.providers import ModelRequest, ToolCall
@@ -294,3 +296,48 @@ async def relay(topic: str, gate: str) -> str:
     first = await alpha(topic)
     await kagura.step("gate", wait_for_file, gate)
     return await beta(first)
+
+
+class Login(pydantic.BaseModel):
+    user: str
+    password: pydantic.SecretStr  # written masked: it cannot be replayed from the journal
+
+
+class Score(pydantic.BaseModel):
+    score: int
+
+    @pydantic.field_validator("score")
+    @classmethod
+    def scaled(cls, value: int) -> int:
+        return value * 10  # run again on a journaled value, it would scale it again
+
+
+@agent(model="fake/echo")
+async def log_in(user: str) -> Login:
+    """Log in as {{ user }}."""
+
+
+@agent(model="fake/echo")
+async def rate(text: str) -> Score:
+    """Rate {{ text }}."""
+
+
+@workflow(durable=True)
+async def signs_in(user: str) -> str:
+    return (await log_in(user)).user
+
+
+@workflow(durable=True)
+async def rates(text: str) -> int:
+    return (await rate(text)).score
+
+
+@agent(model="fake/echo")
+async def describe(image: bytes) -> str:
+    """Describe an image of {{ image | length }} bytes."""
+
+
+@workflow(durable=True)
+async def describes(size: int) -> str:
+    # Not UTF-8, so no JSON: the agent's inputs are hashed for the journal all the same.
+    return await describe(b"\x89PNG" + bytes(size))

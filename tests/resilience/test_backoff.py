@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
@@ -117,3 +118,24 @@ def test_jitter_without_an_rng_uses_the_module_random() -> None:
 def test_invalid_arguments_are_usage_errors(build: object) -> None:
     with pytest.raises(UsageError):
         build()  # type: ignore[operator]
+
+
+def test_a_long_run_of_retries_stays_at_the_cap() -> None:
+    # factor ** n passes the largest float after about a thousand retries (or an int factor's
+    # power passes what a float holds): the wait is the cap, not an OverflowError.
+    assert exponential(0.5, cap=30).delay(5000) == 30.0
+    assert exponential(0.5, factor=10, cap=30).delay(400) == 30.0
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Backoff(base=float("nan")),
+        lambda: Backoff(factor=float("nan")),
+        lambda: Backoff(cap="30"),  # type: ignore[arg-type]
+        lambda: fixed("1s"),  # type: ignore[arg-type]
+    ],
+)
+def test_a_backoff_of_no_number_is_refused(make: Any) -> None:
+    with pytest.raises(UsageError, match="must be a number"):
+        make()

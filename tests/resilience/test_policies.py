@@ -11,7 +11,17 @@ import pytest
 
 from kagura import agent, workflow
 from kagura.errors import ProviderError, ProviderTimeout, UsageError
-from kagura.resilience import CircuitBreaker, CircuitOpenError, Policies, Retry, fixed
+from kagura.resilience import (
+    CircuitBreaker,
+    CircuitOpenError,
+    CostBudget,
+    Fallback,
+    Policies,
+    RateLimiter,
+    Retry,
+    RetryBudget,
+    fixed,
+)
 from kagura.resilience._policies import UNSET, effective
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
@@ -523,3 +533,29 @@ def test_policies_fall_through_unset_fields() -> None:
     assert merged.timeout is None  # None is a setting ("off"), not a gap
     assert merged.breaker is True
     assert merged.rate_limit is UNSET
+
+
+NAN = float("nan")
+
+
+@pytest.mark.parametrize(
+    ("make", "said"),
+    [
+        # NaN passes a "limit < 1" check, and would then switch the limit off.
+        (lambda: Retry(attempts=NAN), "attempts must be a whole number"),
+        (lambda: Retry(attempts=2.5), "attempts must be a whole number"),
+        (lambda: Retry(total_timeout=NAN), "total_timeout must be a number"),
+        (lambda: CircuitBreaker("m", failure_threshold=NAN), "failure_threshold"),
+        (lambda: CircuitBreaker("m", half_open_probes="2"), "half_open_probes"),
+        (lambda: RetryBudget(NAN), "max_retries must be a whole number"),
+        (lambda: CostBudget(usd=NAN), "usd must be a number"),
+        (lambda: CostBudget(tokens=1.5), "tokens must be a whole number"),
+        (lambda: RateLimiter(requests_per_minute=NAN), "requests_per_minute must be a number"),
+        (lambda: RateLimiter(requests_per_second=float("inf")), "positive, finite number"),
+        (lambda: RateLimiter(requests_per_second=1, burst=NAN), "burst must be a whole number"),
+        (lambda: Fallback(5), "Fallback's options are async callables"),
+    ],
+)
+def test_a_policy_of_no_usable_number_is_refused_when_it_is_made(make: Any, said: str) -> None:
+    with pytest.raises(UsageError, match=said):
+        make()

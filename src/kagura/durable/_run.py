@@ -23,7 +23,8 @@ from pydantic import TypeAdapter
 from .._context import Span, checked_name, current_span
 from .._instrument import span_finished, span_started, status_of
 from .._recording import ensure_recording
-from ..errors import NonDeterminismError
+from .._redact import repr_of
+from ..errors import NonDeterminismError, UsageError
 from ._journal import Journal, StepRecord
 
 T = TypeVar("T")
@@ -34,11 +35,15 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 def input_hash(value: Any) -> str:
     """A stable hash of a call's inputs (memory addresses in reprs are ignored)."""
 
-    def fallback(obj: Any) -> str:
-        return _ADDRESS.sub("", repr(obj))
-
-    data = pydantic_core.to_json(value, fallback=fallback)
+    try:
+        data = pydantic_core.to_json(value, fallback=_stable_repr)
+    except Exception:  # no JSON for it (bytes that are not UTF-8, a dict that holds itself)
+        data = _stable_repr(value).encode()
     return hashlib.sha256(data).hexdigest()
+
+
+def _stable_repr(value: Any) -> str:
+    return _ADDRESS.sub("", repr_of(value))
 
 
 class DurableRun:
@@ -215,7 +220,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
             "step",
             {"args": args, "kwargs": kwargs},
             run,
-            dump=lambda v: pydantic_core.to_json(v).decode(),
+            dump=lambda v: _dump_step(name, v),
             load=lambda output: cast(T, _load(output, fn)),
             position=span._position,
         )
@@ -227,6 +232,16 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     attributes = {"output": value, "replayed": True} if replayed else {"output": value}
     span_finished(span, "completed", attributes=attributes)
     return value
+
+
+def _dump_step(name: str, value: Any) -> str:
+    try:
+        return pydantic_core.to_json(value).decode()
+    except Exception as exc:  # its effect has happened: say so, rather than pydantic's words
+        raise UsageError(
+            f"step {name!r}: its result cannot be journaled, so a resumed run could not replay "
+            f"it ({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
+        ) from exc
 
 
 def _load(output: str | None, fn: Callable[..., Any]) -> Any:

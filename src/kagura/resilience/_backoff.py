@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 import random
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
+from .._checks import real
 from ..errors import UsageError
 
 Jitter = Literal["full", "equal"] | None
@@ -14,7 +16,12 @@ Jitter = Literal["full", "equal"] | None
 
 def seconds(value: float | timedelta, what: str) -> float:
     """A duration as float seconds; every policy accepts floats or timedeltas."""
-    result = value.total_seconds() if isinstance(value, timedelta) else float(value)
+    if isinstance(value, timedelta):
+        result = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise UsageError(f"{what} must be a number of seconds or a timedelta, got {value!r}")
+    else:
+        result = real(value, what)
     if result < 0:
         raise UsageError(f"{what} must not be negative, got {value!r}")
     return result
@@ -35,6 +42,8 @@ class Backoff:
     jitter: Jitter = None
 
     def __post_init__(self) -> None:
+        for name in ("base", "factor", "cap"):
+            real(getattr(self, name), f"backoff {name}")
         if self.base < 0 or self.cap < 0:
             raise UsageError("backoff base and cap must not be negative")
         if self.factor < 1:
@@ -43,7 +52,10 @@ class Backoff:
             raise UsageError(f"jitter must be 'full', 'equal' or None, got {self.jitter!r}")
 
     def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
-        raw = min(self.cap, self.base * self.factor ** max(0, retry_number - 1))
+        try:
+            raw = min(self.cap, self.base * self.factor ** max(0, retry_number - 1))
+        except OverflowError:  # factor ** n past the largest float, long past the cap
+            raw = self.cap
         if self.jitter is None:
             return raw
         uniform = (rng or random).uniform

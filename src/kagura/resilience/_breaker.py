@@ -17,9 +17,10 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Literal, ParamSpec, TypeVar
 
+from .._checks import count
 from .._context import current_span
 from .._instrument import span_event
-from ..errors import CircuitOpenError, UsageError
+from ..errors import CircuitOpenError
 from ._backoff import seconds
 from ._classify import is_transient
 
@@ -51,10 +52,8 @@ class CircuitBreaker:
         on_state_change: Callable[[CircuitBreaker, BreakerState, BreakerState], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if failure_threshold < 1:
-            raise UsageError(f"failure_threshold must be at least 1, got {failure_threshold}")
-        if half_open_probes < 1:
-            raise UsageError(f"half_open_probes must be at least 1, got {half_open_probes}")
+        count(failure_threshold, "failure_threshold", at_least=1)
+        count(half_open_probes, "half_open_probes", at_least=1)
         self.name = name
         self.failure_threshold = failure_threshold
         self.recovery_time = seconds(recovery_time, "recovery_time")

@@ -13,6 +13,7 @@ from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
+from .._checks import count, real
 from .._usage import Usage
 from ..errors import BudgetExceeded, UsageError
 
@@ -63,8 +64,7 @@ class RetryBudget(_Scope):
     _current = _retry_budget
 
     def __init__(self, max_retries: int, *, name: str | None = None) -> None:
-        if max_retries < 0:
-            raise UsageError(f"max_retries must be 0 or more, got {max_retries}")
+        count(max_retries, "max_retries", at_least=0)
         self.max_retries = max_retries
         self.name = name
         self.used = 0
@@ -108,6 +108,10 @@ class CostBudget(_Scope):
     ) -> None:
         if usd is None and tokens is None:
             raise UsageError("CostBudget needs usd=, tokens= or both")
+        if usd is not None:
+            real(usd, "usd")
+        if tokens is not None:
+            count(tokens, "tokens", at_least=0)
         if (usd is not None and usd < 0) or (tokens is not None and tokens < 0):
             raise UsageError("budget limits must not be negative")
         self.usd = usd

@@ -58,6 +58,12 @@ class Fallback(Generic[P, T]):
     ) -> None:
         if not options:
             raise UsageError("Fallback needs at least one option")
+        for option in options:
+            if not callable(option):
+                raise UsageError(
+                    f"Fallback's options are async callables (agents, async functions), "
+                    f"got {option!r}"
+                )
         self.options = options
         self.default = default
         self.on = on

@@ -89,6 +89,17 @@ class Policies:
             raise UsageError(
                 f"retry must be a kagura.resilience.Retry, True, False or None, got {retry!r}"
             )
+        breaker = options.get("breaker", UNSET)
+        if not (breaker is None or isinstance(breaker, bool | CircuitBreaker | Unset)):
+            raise UsageError(
+                f"breaker must be a kagura.resilience.CircuitBreaker, True (one shared per "
+                f"model), False or None, got {breaker!r}"
+            )
+        rate_limit = options.get("rate_limit", UNSET)
+        if not (rate_limit is None or isinstance(rate_limit, RateLimiter | Unset)):
+            raise UsageError(
+                f"rate_limit must be a kagura.resilience.RateLimiter or None, got {rate_limit!r}"
+            )
         timeout = options.get("timeout", UNSET)
         total = options.get("total_timeout", UNSET)
         return cls(
@@ -97,8 +108,8 @@ class Policies:
             total_timeout=total
             if total is None or total is UNSET
             else seconds(total, "total_timeout"),
-            breaker=options.get("breaker", UNSET),
-            rate_limit=options.get("rate_limit", UNSET),
+            breaker=breaker,
+            rate_limit=rate_limit,
         )
 
     def over(self, base: Policies) -> Policies:

@@ -17,6 +17,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+from .._checks import count, real
 from .._context import current_span
 from .._instrument import span_event
 from ..errors import UsageError
@@ -62,6 +63,16 @@ class RateLimiter:
     ) -> None:
         if requests_per_second is not None and requests_per_minute is not None:
             raise UsageError("give requests_per_second or requests_per_minute, not both")
+        for what, value in (
+            ("requests_per_second", requests_per_second),
+            ("requests_per_minute", requests_per_minute),
+            ("tokens_per_minute", tokens_per_minute),
+        ):
+            if value is not None and not 0 < real(value, what) < math.inf:
+                raise UsageError(f"{what} must be a positive, finite number, got {value!r}")
+        if burst is not None:
+            count(burst, "burst", at_least=1)
+        real(slowdown, "slowdown")
         rate = (
             requests_per_second
             if requests_per_second is not None

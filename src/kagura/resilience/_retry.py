@@ -17,6 +17,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import ParamSpec, TypeVar, TypeVarTuple
 
+from .._checks import count
 from .._context import Span, current_span
 from .._instrument import span_event
 from ..errors import UsageError
@@ -82,8 +83,7 @@ class Retry:
         max_retry_after: float | timedelta = 60.0,
         on_retry: Callable[[RetryDetails], None] | None = None,
     ) -> None:
-        if attempts < 1:
-            raise UsageError(f"attempts must be at least 1, got {attempts}")
+        count(attempts, "attempts", at_least=1)
         self.attempts = attempts
         self.backoff = backoff if backoff is not None else jittered(0.5, cap=30.0)
         self.retry_on = _predicate(retry_on)
