@@ -27,10 +27,9 @@ def test_without_a_key_values_pass_through(monkeypatch: pytest.MonkeyPatch) -> N
     assert encrypt(SECRET) == SECRET
     assert decrypt(SECRET) == SECRET
     assert encrypt(None) is None and decrypt(None) is None
-    monkeypatch.setenv(ENV, "")
+    monkeypatch.setenv(ENV, "")  # set empty: unset, as the convention goes
     assert not enabled()
-    monkeypatch.setenv(ENV, " , ")
-    assert not enabled()
+    # Set to something with no key in it (" , "): see the test below, an error, not plaintext.
 
 
 def test_a_value_is_encrypted_behind_the_marker_and_decrypts(
@@ -250,3 +249,15 @@ def test_keygen_is_in_the_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert ENV in capsys.readouterr().out
     assert main(["--help"]) == 0
     assert "keygen" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", [",", " , ", " "])
+def test_a_setting_that_holds_no_key_is_an_error_not_plaintext(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # "$NEW,$OLD" with both unset: meant to encrypt, so nothing is written in plaintext.
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(EncryptionKeyError, match="is set but holds no key"):
+        enabled()
+    with pytest.raises(EncryptionKeyError):
+        encrypt("x")

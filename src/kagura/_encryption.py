@@ -113,8 +113,12 @@ def _cipher() -> MultiFernet | None:
     cipher = _ciphers.get(value)
     if cipher is None:
         keys = [key for key in (part.strip() for part in value.split(",")) if key]
-        if not keys:
-            return None
+        if not keys:  # "$NEW,$OLD" with both unset, say: meant to encrypt, so never plaintext
+            raise EncryptionKeyError(
+                f"{ENV} is set but holds no key (only commas or spaces): set it to a key from "
+                f"`kagura keygen` (keys to rotate from after it, comma-separated), or unset it "
+                f"to store values unencrypted"
+            )
         cipher = _parse(keys)
         if len(_ciphers) >= _MAX_CACHED:
             _ciphers.clear()

@@ -14,10 +14,17 @@ REDACTED = "[REDACTED]"
 _SECRET_KEY = re.compile(
     r"(api[_-]?key|secret|password|passwd|token|authorization|credential)", re.I
 )
-# Provider key shapes (OpenAI, Anthropic, OpenRouter, Google, bearer tokens) inside free text.
+# Secrets inside free text: provider key shapes (OpenAI, Anthropic, OpenRouter, Google, Groq,
+# AWS access keys, GitHub and Slack tokens, bearer tokens); a value given to a secret's name
+# ("api_key=...", "password: ..."); a URL's password ("postgresql://user:...@host"). For the
+# last two, the name and the URL around the secret are kept (see _redacted).
 _SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk-ant-[A-Za-z0-9_\-]{12,}|AIza[0-9A-Za-z_\-]{20,}"
-    r"|Bearer\s+[A-Za-z0-9._\-]{12,})"
+    r"|gsk_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
+    r"|xox[abpr]-[A-Za-z0-9\-]{10,}|Bearer\s+[A-Za-z0-9._\-]{12,})"
+    r"|(?P<name>\b(?i:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret|token"
+    r"|password|passwd|pwd)\b[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s\"'&,;]{4,})"
+    r"|(?P<userinfo>://[^/\s:@]+:)(?P<password>[^/\s@]+)(?=@)"
 )
 # Either of the above, in one pass: the fast path's only check on ordinary values.
 _SUSPICIOUS = re.compile(f"{_SECRET_KEY.pattern}|{_SECRET_VALUE.pattern}", re.I)
@@ -28,15 +35,29 @@ _SUSPICIOUS_WORDS = (
     "api_key",
     "api-key",
     "apikey",
+    "access_key",
+    "access-key",
+    "accesskey",
     "secret",
     "password",
     "passwd",
+    "pwd",
     "token",
     "authorization",
     "credential",
     "sk-",
     "aiza",
+    "gsk_",
+    "akia",
+    "ghp_",
+    "gho_",
+    "ghu_",
+    "ghs_",
+    "ghr_",
+    "github_pat_",
+    "xox",
     "bearer",
+    "://",  # a URL's password (scheme://user:password@host)
 )
 
 
@@ -63,7 +84,7 @@ def scrub(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, str):
-        return _SECRET_VALUE.sub(REDACTED, value)
+        return redact_text(value)
     if depth > 20:
         text = repr_of(value)
         return REDACTED if _SECRET_VALUE.search(text) else text[:200]
@@ -77,7 +98,7 @@ def scrub(value: Any, depth: int = 0) -> Any:
     try:
         plain = pydantic_core.to_jsonable_python(value)
     except Exception:  # unserialisable: stored as its repr, never an error
-        return _SECRET_VALUE.sub(REDACTED, repr_of(value))
+        return redact_text(repr_of(value))
     return scrub(plain, depth + 1)
 
 
@@ -91,4 +112,12 @@ def repr_of(value: Any) -> str:
 
 def redact_text(text: str) -> str:
     """``text`` with key-shaped values in it redacted."""
-    return _SECRET_VALUE.sub(REDACTED, text)
+    return _SECRET_VALUE.sub(_redacted, text)
+
+
+def _redacted(match: re.Match[str]) -> str:
+    if match.group("name") is not None:  # api_key=VALUE: the name stays
+        return match.group("name") + REDACTED
+    if match.group("userinfo") is not None:  # ://user:PASSWORD@: the user and host stay
+        return match.group("userinfo") + REDACTED
+    return REDACTED

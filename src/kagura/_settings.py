@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,7 +66,17 @@ def record_in_a_process() -> bool:
 def record_content() -> str:
     """``KAGURA_RECORD_CONTENT``: ``full`` (default), ``hash`` or ``none`` (prompts, outputs)."""
     value = os.environ.get("KAGURA_RECORD_CONTENT", "full").lower()
-    return value if value in ("full", "hash", "none") else "full"
+    if value in ("full", "hash", "none"):
+        return value
+    # A privacy setting misspelt ("off", "hashed") is meant to keep something out: the safest
+    # reading, said, rather than everything recorded in full.
+    warnings.warn(
+        f"KAGURA_RECORD_CONTENT={value!r} is none of full, hash or none: no prompts or outputs "
+        f"are recorded (none) until it says which",
+        UserWarning,
+        stacklevel=2,
+    )
+    return "none"
 
 
 def durable_default() -> bool:

@@ -14,6 +14,7 @@ store, encrypted values and no key that decrypts them), 2 on command-line syntax
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import sys
@@ -75,7 +76,15 @@ def parse_since(text: str, *, now: datetime | None = None, option: str = "--sinc
             f"{option}: expected a duration such as 30m, 1h or 2d, or an ISO date/time such as "
             f"2025-06-01T09:00, got {text!r}"
         ) from None
-    return when if when.tzinfo is not None else when.astimezone()
+    if when.tzinfo is not None:
+        return when
+    try:
+        return when.astimezone()
+    except (OverflowError, ValueError):  # 0001-01-01 in local time falls before the year 1
+        raise CliError(
+            f"{option}: {text.strip()!r} is too close to the first year a date can name; give "
+            f"a later date, or one with its time zone (2025-06-01T09:00+00:00)"
+        ) from None
 
 
 def _since(args: argparse.Namespace) -> datetime | None:
@@ -95,7 +104,13 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
+    if value > _MOST:
+        raise argparse.ArgumentTypeError(f"expected a number of at most {_MOST:,}, got {value}")
     return value
+
+
+#: The largest count an option takes: what a database's 64-bit integer holds.
+_MOST = 2**63 - 1
 
 
 def _positive_float(text: str) -> float:
@@ -149,7 +164,41 @@ def _open_store(args: argparse.Namespace, *, required: bool = False) -> EventSto
             file=sys.stderr,
         )
         return None
+    if path is not None:
+        _refuse_foreign(path)
     return store
+
+
+def _refuse_foreign(path: Path) -> None:
+    """A SQLite file of another program's, given as the store: said, rather than given
+    Kagura's tables by a command that only reads."""
+    foreign = _foreign_tables(path)
+    if foreign:
+        raise CliError(
+            f"{path} is not a Kagura event store: it holds other tables "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and none of "
+            f"Kagura's; give --db (or KAGURA_DB) the file Kagura records to"
+        )
+
+
+def _foreign_tables(path: Path) -> list[str]:
+    """The tables of the SQLite file at ``path``, if it holds some and none of Kagura's (a
+    file this cannot read is left for the store to say what is wrong with it)."""
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            names = [
+                row[0]
+                for row in db.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+                )
+            ]
+    except sqlite3.Error:
+        return []
+    if any(name.startswith("kagura_") for name in names):
+        return []
+    return [name for name in names if not name.startswith("sqlite_")]
 
 
 def _console() -> Console:
@@ -319,6 +368,8 @@ def _runs_store(args: argparse.Namespace, *, required: bool = False) -> str | No
             file=sys.stderr,
         )
         return None
+    if path is not None:
+        _refuse_foreign(path)
     return url
 
 

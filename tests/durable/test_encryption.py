@@ -153,3 +153,22 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     code = main(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
+
+
+async def test_a_resume_with_the_wrong_key_leaves_the_run_resumable_at_once(
+    journal: Journal, db: str, server: FaultServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = generate_key()
+    monkeypatch.setenv(ENV, key)
+    gate = tmp_path / "gate"
+    with pytest.raises(RuntimeError, match="the vault refused"):
+        await vault.run(secret(), str(gate), run_id="vault-keys")
+    gate.touch()
+
+    # Claimed, then found unreadable: given up at once, not held by this live process until
+    # its lease runs out.
+    monkeypatch.setenv(ENV, generate_key())
+    with pytest.raises(EncryptionKeyError, match=ENV):
+        await vault.resume("vault-keys")
+    monkeypatch.setenv(ENV, key)
+    assert (await vault.resume("vault-keys")).startswith("NOTE ")

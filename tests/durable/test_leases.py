@@ -24,8 +24,9 @@ from sqlalchemy import update
 import kagura
 from kagura import _process, workflow
 from kagura._storage import runs
-from kagura.durable import Journal, recover
-from kagura.errors import RunInProgressError, RunTakenOverError
+from kagura.durable import Journal, journal_for, recover
+from kagura.durable._journal import _heartbeat_interval
+from kagura.errors import RunInProgressError, RunTakenOverError, UsageError
 from kagura.testing.fault_server import FaultServer
 
 from . import workflows
@@ -242,3 +243,18 @@ async def test_recover_takes_other_hosts_runs_only_when_asked(
     record = journal.get_run("elsewhere-1")
     assert record is not None
     assert (record.status, record.attempts, record.host) == ("completed", 2, _process.HOST)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan", "inf"])
+async def test_a_lease_that_is_no_positive_number_fails_where_the_run_starts(
+    db: str, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # Read by the journal's thread, it stopped the thread, and the run waited for ever.
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", value)
+    with pytest.raises(UsageError, match="KAGURA_LEASE_SECONDS must be a positive number"):
+        journal_for(db)
+    async with asyncio.timeout(30):
+        with pytest.raises(UsageError, match="KAGURA_LEASE_SECONDS"):
+            await workflows.describes.run(1, run_id="leased")
+    # Set wrong after a journal's thread started, it keeps the thread going.
+    assert _heartbeat_interval() == 10.0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -628,3 +630,37 @@ def _render(renderable: object) -> str:
     file = console.file
     assert isinstance(file, io.StringIO)
     return file.getvalue()
+
+
+def test_a_date_before_the_first_year_in_local_time_is_said_not_raised() -> None:
+    with pytest.raises(CliError, match="--since: '0001-01-01' is too close to the first year"):
+        parse_since("0001-01-01")
+    assert parse_since("0001-01-01T00:00+00:00").year == 1
+
+
+def test_a_limit_past_what_a_database_counts_is_refused(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run(capsys, "monitor", "list", "--db", str(recorded.path), "--limit", str(2**63))
+    assert code == 2
+    assert "--limit: expected a number of at most 9,223,372,036,854,775,807" in err
+
+
+@pytest.mark.parametrize(
+    "command", [("monitor", "list"), ("monitor", "stats"), ("runs", "list"), ("runs", "show", "x")]
+)
+def test_another_program_s_database_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+) -> None:
+    app = tmp_path / "app.db"
+    with contextlib.closing(sqlite3.connect(app)) as db, db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    monkeypatch.setenv("KAGURA_DB", str(app))  # `kagura runs` points the process at --db
+    code, _, err = run(capsys, *command, "--db", str(app))
+    assert code == 1
+    assert f"{app} is not a Kagura event store: it holds other tables (users)" in err
+    with contextlib.closing(sqlite3.connect(app)) as db:
+        assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]

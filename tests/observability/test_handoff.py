@@ -112,17 +112,17 @@ def test_a_captured_script_ends_before_its_writer_which_says_the_rest_in_a_log_f
         listener.listen(8)  # never accepts: a connection waits in the backlog for an answer
         port = listener.getsockname()[1]
         url = f"postgresql://postgres@127.0.0.1:{port}/never_answers"
-        done = subprocess.run(
+        script = subprocess.Popen(
             [sys.executable, "-c", ONE_CALL],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=120,
             env=child_env({"KAGURA_DB": url, "KAGURA_MODEL": "fake"}),
-            check=False,
         )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "Summarise: x"
-        assert done.stderr == ""
+        stdout, stderr = script.communicate(timeout=120)
+        assert script.returncode == 0, stderr
+        assert stdout.strip() == "Summarise: x"
+        assert stderr == ""
         # The writer is still at work, holding its lock file (readers wait for it).
         locks = list(lock_directory(normalise_url(url)).glob("*.lock"))
         assert len(locks) == 1
@@ -133,6 +133,8 @@ def test_a_captured_script_ends_before_its_writer_which_says_the_rest_in_a_log_f
     said = (tmp_path / LOG_NAME).read_text()
     assert said.count("recording is off: event store ") == 1, said
     assert said.count("\n") == 1 and "writer process " in said, said
+    # The script that recorded, gone by then: not the process that adopted the writer.
+    assert f"(recording for process {script.pid})" in said, said
     assert "Traceback" not in said
 
 

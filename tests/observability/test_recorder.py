@@ -672,6 +672,19 @@ async def test_content_none_stores_no_prompts_or_outputs(
     assert all(s["total_tokens"] > 0 for s in spans if s["kind"] == "llm")  # metrics still kept
 
 
+@pytest.mark.parametrize("setting", ["off", "0", "hashed"])
+async def test_a_content_setting_misspelt_records_no_content_and_says_so(
+    record_to: Callable[..., Recorder], store_url: str, setting: str
+) -> None:
+    # A privacy setting is meant to keep something out: not everything, in full, in silence.
+    with pytest.warns(UserWarning, match=f"KAGURA_RECORD_CONTENT='{setting}' is none of"):
+        recorder = record_to(store_url, KAGURA_RECORD_CONTENT=setting)
+    await _run_content_workload()
+    assert recorder.flush()
+    assert MARKER not in every_text(store_url)
+    assert all(s["inputs"] is None and s["output"] is None for s in rows(store_url))
+
+
 async def test_kagura_record_0_records_nothing(
     record_to: Callable[..., Recorder], store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

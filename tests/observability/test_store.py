@@ -8,6 +8,7 @@ retention exactly.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import kagura
 from kagura import Usage
 from kagura._context import new_id
 from kagura._events import SpanEvent, SpanFinished, SpanStarted
-from kagura.errors import ProviderError, UsageError
+from kagura.errors import ProviderError, StoreError, UsageError
 from kagura.observability import EventStore, Recorder
 from kagura.pricing import register_price, unregister_price
 from kagura.providers import ToolCall
@@ -498,6 +499,18 @@ async def test_delete_older_than_removes_whole_old_runs_only(
         ),
     )
     old_solo = feed(recorder, agent_call("solo", now - 8 * day))
+    # Started ten days ago, and not over: kept, or the spans that end later would go into a
+    # deleted tree.
+    running = feed(
+        recorder,
+        Node(
+            "workflow",
+            "long",
+            now - 10 * day,
+            children=[agent_call("step", now - 10 * day)],
+            finished=False,
+        ),
+    )
     recent_run = feed(
         recorder,
         Node("workflow", "fresh", now - 60, events=["fallback"], children=[agent_call("a", now)]),
@@ -516,12 +529,16 @@ async def test_delete_older_than_removes_whole_old_runs_only(
     assert len(fresh["children"]) == 1
     assert [e["name"] for e in fresh["events"]] == ["fallback"]
     assert store.get_execution(recent_solo) is not None
-    assert len(rows(store_url)) == 3 + 2
+    assert len(rows(store_url)) == 3 + 2 + 3
+    assert {r["status"] for r in rows(store_url) if r["run_id"] == running} == {
+        "running",
+        "completed",
+    }
     assert [r["name"] for r in rows(store_url, "kagura_events")] == ["fallback"]
 
     assert store.delete_older_than(3 * day) == 0  # seconds
     assert store.delete_older_than(datetime.fromtimestamp(now - day, tz=UTC)) == 2
-    assert {r["run_id"] for r in rows(store_url)} == {recent_run}
+    assert {r["run_id"] for r in rows(store_url)} == {recent_run, running}
 
 
 # -- async twins --------------------------------------------------------------------------------
@@ -598,3 +615,61 @@ async def test_a_store_from_an_earlier_version_gets_this_versions_indexes_and_ke
     assert {"ix_kagura_spans_run", "ix_kagura_spans_latency"} <= indexes
     assert [e["name"] for e in store.get_executions(kind="agent")] == ["agent"]
     assert store.stats()["by_status"] == {"completed": 1}
+
+
+@pytest.mark.parametrize(
+    ("age", "said"),
+    [
+        ("30d", "a timedelta, seconds or a datetime"),
+        (float("nan"), "must be a number"),
+        (timedelta(days=-1), "must not be negative"),
+        (-5, "must not be negative"),
+    ],
+)
+def test_retention_refuses_an_age_it_cannot_use(store_url: str, age: Any, said: str) -> None:
+    with pytest.raises(UsageError, match=said):
+        EventStore(store_url).delete_older_than(age)
+
+
+def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
+    store = EventStore("postgresql://kagura@db.example/events?password=hunter2&sslmode=disable")
+    assert "hunter2" not in repr(store)
+    assert "sslmode=disable" in repr(store)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgresql://kagura:hunter2@127.0.0.1:543x/events", "ValueError"),
+        ("foo://bar", "NoSuchModuleError"),
+        ("notaurl:://", "ArgumentError"),
+    ],
+)
+def test_a_url_that_names_no_store_is_a_store_error_saying_what_is(url: str, said: str) -> None:
+    with pytest.raises(StoreError, match=rf"cannot open: {said}.*\(a store is a SQLite") as caught:
+        EventStore(url).stats()
+    assert "hunter2" not in str(caught.value)
+
+
+def test_a_store_given_as_no_path_or_url_is_refused() -> None:
+    with pytest.raises(UsageError, match="SQLite file's path or a postgresql:// URL, got 5"):
+        EventStore(5)  # type: ignore[arg-type]
+
+
+async def test_a_value_with_no_utf_8_is_recorded_and_the_rest_of_its_batch_too(
+    recorder: Recorder, store_url: str
+) -> None:
+    # A file name that was not UTF-8, as os.listdir gives it: a lone surrogate. Before, the
+    # whole batch it was written in was dropped, every other run's spans with it.
+    odd = os.fsdecode(b"report-\xff.txt")
+
+    @kagura.workflow
+    async def read(name: str) -> str:
+        return await agent(name)
+
+    with override_model(FakeModel()):
+        await asyncio.gather(read("a.txt"), read(odd), read("b.txt"))
+    assert recorder.flush()
+    assert len(rows(store_url)) == 3 * 3
+    texts = [r["inputs"] for r in rows(store_url) if r["kind"] == "agent"]
+    assert any("report-" in text for text in texts)

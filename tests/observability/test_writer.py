@@ -4,6 +4,7 @@ redacted; readers never write anything in for it.
 
 from __future__ import annotations
 
+import json
 import marshal
 import threading
 from collections.abc import Iterator
@@ -96,6 +97,30 @@ def test_a_batch_that_may_hold_a_secret_is_redacted_before_it_is_written(
     take(writer, *batch_of("a", inputs=f'{{"text":"key {KEY_SHAPED}"}}'.encode()))
     (stored,) = raw_spans(store_url)
     assert stored["inputs"] == '{"text":"key [REDACTED]"}'
+
+
+@pytest.mark.parametrize(
+    ("text", "stored"),
+    [
+        # Key shapes of other providers than OpenAI's.
+        ("groq gsk_abcdefghijklmnopqrstuvwxyz", "groq [REDACTED]"),
+        ("aws AKIAABCDEFGHIJKLMNOP", "aws [REDACTED]"),
+        ("gh ghp_abcdefghijklmnopqrstuvwxyz0123", "gh [REDACTED]"),
+        # A value given to a secret's name, in a URL or a sentence: the name stays.
+        ("https://x/?api_key=AKIA-or-any&b=1", "https://x/?api_key=[REDACTED]&b=1"),
+        ("use Password: correct-horse now", "use Password: [REDACTED] now"),
+        # A password in a URL: the user and the host stay.
+        ("postgresql://app:hunter2@db/prod", "postgresql://app:[REDACTED]@db/prod"),
+        # Ordinary text stays as it is.
+        ("at 10:30, see https://example.com/a:b", "at 10:30, see https://example.com/a:b"),
+    ],
+)
+def test_secrets_written_as_text_in_values_are_redacted(
+    writer: StoreWriter, store_url: str, text: str, stored: str
+) -> None:
+    take(writer, *batch_of("a", inputs=json.dumps({"text": text}).encode()))
+    (span,) = raw_spans(store_url)
+    assert json.loads(span["inputs"]) == {"text": stored}
 
 
 def test_batches_are_written_in_the_order_they_came(writer: StoreWriter, store_url: str) -> None:

@@ -799,3 +799,27 @@ async def test_server_sent_events_are_read_as_the_format_says() -> None:
         b"\nid: 7\ndata: [DONE]\n\ndata: cut off",
     )
     assert events == [("", '{"a": 1}'), ("error", "first\nsecond"), ("", "[DONE]")]
+
+
+@pytest.mark.parametrize("key", [SECRET, "gsk_live-0123456789abcdef", "0123456789abcdef0123"])
+async def test_a_key_the_server_quotes_back_is_left_out_of_the_error(
+    server: FaultServer, key: str
+) -> None:
+    # Some servers and proxies say which key they refused, in the error's message; whatever
+    # the key's shape, the error raised (and recorded) does not carry it.
+    server.script(Fault("401", text=f"Incorrect API key provided: {key}. Check it."))
+
+    @agent(model="openai/test-model", base_url=server.base_url, api_key=key, retry=False)
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        with capture_events() as events, pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    error = caught.value
+    assert (
+        str(error)
+        == "openai/test-model: HTTP 401: Incorrect API key provided: [REDACTED]. Check it."
+    )
+    assert key not in (error.body or "")
+    assert all(key not in (span.error or "") for span in events.spans())

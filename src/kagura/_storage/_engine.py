@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from .. import _settings
-from ..errors import StoreError
+from ..errors import StoreError, UsageError
 from ._migrations import upgrade, wait_for_an_upgrade
 
 DEFAULT_DB_NAME = "events.db"
@@ -54,6 +54,10 @@ def _default_url(explicit: str | None, home: str) -> str:
 
 def normalise_url(db_path_or_url: str | Path) -> str:
     """A SQLAlchemy URL from a path or a URL (``postgresql://`` uses the psycopg 3 driver)."""
+    if not isinstance(db_path_or_url, str | os.PathLike):
+        raise UsageError(
+            f"an event store is a SQLite file's path or a postgresql:// URL, got {db_path_or_url!r}"
+        )
     text = str(db_path_or_url)
     if text.startswith(("postgresql://", "postgres://")):
         return _POSTGRES_DRIVER + text.split("://", 1)[1]
@@ -63,11 +67,30 @@ def normalise_url(db_path_or_url: str | Path) -> str:
     return f"sqlite:///{path}"
 
 
+#: Query parameters that carry a password (libpq takes ``?password=`` as well as ``user:pw@``).
+_SECRET_PARAMETERS = ("password", "sslpassword")
+
+
 def redact_url(url: str) -> str:
     """The URL without its password, for messages."""
     from sqlalchemy.engine import make_url
 
-    return make_url(url).render_as_string(hide_password=True)
+    parsed = make_url(url)
+    hidden = {name: "***" for name in _SECRET_PARAMETERS if name in parsed.query}
+    if hidden:
+        parsed = parsed.update_query_dict(hidden)
+    return parsed.render_as_string(hide_password=True)
+
+
+def _passwords(url: str) -> list[str]:
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    found: list[str] = [str(parsed.password)] if parsed.password else []
+    for name in _SECRET_PARAMETERS:
+        value = parsed.query.get(name, ())
+        found.extend([value] if isinstance(value, str) else value)
+    return [password for password in found if password]
 
 
 def store_name(url: str) -> str:
@@ -87,15 +110,12 @@ def store_name(url: str) -> str:
 def scrub_url(text: str, url: str) -> str:
     """``text`` with the URL's password (if any) masked: messages never show it."""
     try:
-        from sqlalchemy.engine import make_url
-
-        password = make_url(url).password
+        passwords = _passwords(url)
     except Exception:
         return text
-    if not password:
-        return text
-    for form in {str(password), quote(str(password), safe="")}:
-        text = text.replace(form, "***")
+    for password in passwords:
+        for form in {password, quote(password, safe="")}:
+            text = text.replace(form, "***")
     return text
 
 
@@ -332,7 +352,7 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
 
 def _create(url: str) -> Any:
     from sqlalchemy import create_engine, event
-    from sqlalchemy.exc import ArgumentError
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
         if url.startswith("sqlite"):
@@ -350,8 +370,12 @@ def _create(url: str) -> Any:
         else:
             reason = f"its database driver is not installed ({error})"
         raise StoreError(store_name(url), f"cannot open: {reason}") from error
-    except ArgumentError as error:  # not a URL, or a database SQLAlchemy has no dialect for
-        raise store_error(url, "open", error) from error
+    except (ArgumentError, ValueError, NoSuchModuleError) as error:  # no URL, no dialect for it
+        cause = scrub_url(_cause(url, error), url)
+        raise StoreError(
+            store_name(url),
+            f"cannot open: {cause} (a store is a SQLite file's path or a postgresql:// URL)",
+        ) from error
     if engine.dialect.name != "sqlite":
         return engine
 

@@ -169,9 +169,13 @@ async def start(
     bound, arguments = _dump_arguments(workflow, args, kwargs)
     journal = journal_for()
     owner = uuid.uuid4().hex
-    outcome, record, steps = await journal.start_soon(
-        run_id, workflow.name, target_of(workflow), arguments, owner
-    )
+    try:
+        outcome, record, steps = await journal.start_soon(
+            run_id, workflow.name, target_of(workflow), arguments, owner
+        )
+    except BaseException:  # a run it claimed that no key decrypts, say: not held meanwhile
+        await _let_go(journal, run_id, owner)
+        raise
     if record.workflow != workflow.name:
         raise UsageError(
             f"run id {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
@@ -215,21 +219,34 @@ async def resume_run(workflow: Workflow, run_id: str) -> Resumed:
     """:func:`resume`, saying what it did (see :class:`Resumed`)."""
     journal = journal_for()
     owner = uuid.uuid4().hex
-    record, steps = await journal.claim_soon(run_id, owner, workflow.name)
-    if record is None:
-        raise UsageError(f"there is no durable run {run_id!r} in the store")
-    if record.workflow != workflow.name:
-        raise UsageError(
-            f"run {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
-        )
-    if steps is None:
-        if record.status == "completed":
-            return Resumed(run_id, _load_result(workflow, record.result), 0, 0, True)
-        raise RunInProgressError(_busy_message(record))
-    bound = _load_arguments(workflow, record.arguments)
+    try:
+        record, steps = await journal.claim_soon(run_id, owner, workflow.name)
+        if record is None:
+            raise UsageError(f"there is no durable run {run_id!r} in the store")
+        if record.workflow != workflow.name:
+            raise UsageError(
+                f"run {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
+            )
+        if steps is None:
+            if record.status == "completed":
+                return Resumed(run_id, _load_result(workflow, record.result), 0, 0, True)
+            raise RunInProgressError(_busy_message(record))
+        bound = _load_arguments(workflow, record.arguments)
+    except BaseException:
+        # Claimed, but it cannot run here (a key that does not decrypt it, arguments that no
+        # longer load): let it go at once, rather than hold it until the lease runs out.
+        await _let_go(journal, run_id, owner)
+        raise
     durable = DurableRun(run_id, journal, steps, owner=owner)
     result = await _execute(workflow, journal, record, durable, bound)
     return Resumed(run_id, result, durable.replayed, durable.recorded)
+
+
+async def _let_go(journal: Journal, run_id: str, owner: str) -> None:
+    """Give up ``owner``'s claim of ``run_id``, if it made one (a release is conditional on the
+    owner: a run it did not claim is left as it is)."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(journal.release_soon(run_id, owner))
 
 
 def _busy_message(record: RunRecord) -> str:

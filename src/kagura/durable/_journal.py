@@ -54,6 +54,7 @@ import asyncio
 import atexit
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -66,6 +67,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .. import _process
+from .._checks import cutoff
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
 from .._storage import (
@@ -89,12 +91,24 @@ _CHUNK = 500
 
 
 def lease_seconds() -> float:
-    """How long a run's heartbeat stays valid: ``KAGURA_LEASE_SECONDS`` (default 30)."""
-    return float(os.environ.get("KAGURA_LEASE_SECONDS", "30"))
+    """How long a run's heartbeat stays valid: ``KAGURA_LEASE_SECONDS`` (default 30). Raises
+    :class:`~kagura.errors.UsageError` when it is not a positive number."""
+    text = os.environ.get("KAGURA_LEASE_SECONDS", "30")
+    try:
+        lease = float(text)
+    except ValueError:
+        lease = math.nan
+    if not 0 < lease < math.inf:
+        raise UsageError(f"KAGURA_LEASE_SECONDS must be a positive number of seconds, got {text!r}")
+    return lease
 
 
 def _heartbeat_interval() -> float:
-    return min(10.0, max(0.05, lease_seconds() / 3))
+    try:
+        lease = lease_seconds()
+    except UsageError:  # set wrong since the journal checked it: its thread must go on
+        lease = 30.0
+    return min(10.0, max(0.05, lease / 3))
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +268,19 @@ class Journal:
             )
         if not run_id:
             raise UsageError("run_id is empty: pass the run's id, or None for a new one")
+        if run_id != run_id.strip():
+            # ``kagura runs show`` takes an id from the shell, where such spaces are lost.
+            raise UsageError(
+                f"run_id {run_id!r} starts or ends with a space: pass it without, or None for "
+                f"a new id"
+            )
+        try:
+            run_id.encode()
+        except UnicodeEncodeError:  # a lone surrogate (bytes decoded with surrogateescape)
+            raise UsageError(
+                f"run_id {run_id!r} is not text the store can keep (it holds a lone surrogate, "
+                f"as from bytes that were not UTF-8): pass a str of valid characters"
+            ) from None
         if len(run_id) > MAX_RUN_ID:
             raise UsageError(
                 f"run_id is {len(run_id)} characters long; a run id is at most {MAX_RUN_ID} "
@@ -672,15 +699,11 @@ class Journal:
         resumed. A deleted run's id is free again: starting it runs the workflow afresh. Runs go
         :data:`RETENTION_BATCH` in a transaction, so that processes journaling meanwhile wait for
         one batch at most; a run resumed after retention chose it (a failed one) is kept."""
-        if isinstance(age, datetime):
-            cutoff = age.timestamp()  # a naive datetime is local time, as everywhere in Python
-        else:
-            seconds = age.total_seconds() if isinstance(age, timedelta) else float(age)
-            cutoff = time.time() - seconds
+        before = cutoff(age, time.time())
         deleted = 0
         while True:
             found, gone = self._commit(
-                "delete old durable runs", lambda c: _delete_ended(c, cutoff, RETENTION_BATCH)
+                "delete old durable runs", lambda c: _delete_ended(c, before, RETENTION_BATCH)
             )
             deleted += gone
             if found < RETENTION_BATCH:
@@ -1145,6 +1168,7 @@ def journal_for(url: str | None = None) -> Journal:
     """The journal at ``url`` (default: the event store's URL)."""
     from .._storage import default_url, normalise_url
 
+    lease_seconds()  # a setting that would stop its thread fails here, in the caller
     key = default_url() if url is None else normalise_url(url)
     with _journals_lock:
         journal = _journals.get(key)

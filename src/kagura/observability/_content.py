@@ -132,7 +132,11 @@ def as_inputs_text(value: Any, kind: str) -> str | None:
     """A span's inputs as the recorder sent them (see :func:`recorded_messages`), as JSON text
     (in the writer)."""
     if kind == "llm" and type(value) is str:
-        return pydantic_core.to_json([{"role": "user", "content": value}]).decode()
+        try:
+            return pydantic_core.to_json([{"role": "user", "content": value}]).decode()
+        except ValueError:  # a lone surrogate (a file name that was not UTF-8): no UTF-8 for it
+            value = value.encode("utf-8", "replace").decode()
+            return pydantic_core.to_json([{"role": "user", "content": value}]).decode()
     return as_text(value)
 
 
@@ -148,7 +152,10 @@ def as_text(value: Any) -> str | None:
     if type(value) is bytes:
         return value.decode()
     if type(value) is str:  # most outputs: no fallback needed (and none to pay for)
-        return pydantic_core.to_json(value).decode()
+        try:
+            return pydantic_core.to_json(value).decode()
+        except ValueError:  # a lone surrogate (a file name that was not UTF-8): no UTF-8 for it
+            return pydantic_core.to_json(value.encode("utf-8", "replace").decode()).decode()
     return to_text(value)
 
 

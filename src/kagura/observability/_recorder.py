@@ -150,7 +150,13 @@ class _Sidecar:
         # A stderr that is a pipe is relayed rather than inherited: see _writer_log.
         relay = relayed()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", "from kagura.observability._writer import main; main()"],
+            # The recording process's pid given, not read as the parent's: in a short script the
+            # parent may have gone (and the writer been adopted) before the writer asks.
+            [
+                sys.executable,
+                "-c",
+                f"from kagura.observability._writer import main; main({os.getpid()})",
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE if relay else None,

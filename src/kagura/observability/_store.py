@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .. import _encryption
+from .._checks import cutoff
 from .._storage import (
     can_write,
     close_spans_of_gone_processes,
@@ -344,7 +345,8 @@ class EventStore:
     @_using_the_store("delete old runs")
     def delete_older_than(self, age: timedelta | datetime | float) -> int:
         """Retention: delete runs that started before ``age`` ago (a timedelta or seconds) or
-        before a datetime. Returns the number of spans deleted.
+        before a datetime, and have ended (a run still running is kept, however old). Returns
+        the number of spans deleted.
 
         Oldest first, :data:`RETENTION_BATCH` runs in a transaction: one that fails midway (the
         store gone) has deleted the oldest runs, and running it again deletes the rest."""
@@ -352,17 +354,18 @@ class EventStore:
 
         from .._storage import spans
 
-        self._sync()
-        if isinstance(age, datetime):
-            cutoff = _timestamp(age)
-        else:
-            seconds = age.total_seconds() if isinstance(age, timedelta) else float(age)
-            cutoff = datetime.now(tz=UTC).timestamp() - seconds
+        before = cutoff(age, time.time())
+        self._sync()  # also closes the spans of processes gone from this host, as interrupted
         # Whole runs go together, judged by their root's start, so no tree is left half-deleted;
-        # oldest first, so that each batch's runs share a few hours of rollups.
+        # oldest first, so that each batch's runs share a few hours of rollups. A run still
+        # running is kept: its spans that end later would be written into a deleted tree.
         old_runs = (
             select(spans.c.run_id)
-            .where(spans.c.parent_id.is_(None), spans.c.started_at < cutoff)
+            .where(
+                spans.c.parent_id.is_(None),
+                spans.c.started_at < before,
+                spans.c.status != "running",
+            )
             .order_by(spans.c.started_at)
         )
         # In batches of runs, a transaction each: one transaction held the store's write lock

@@ -46,7 +46,7 @@ from .._storage import (
     use_a_large_page_cache,
     write_rollups,
 )
-from ..errors import StoreError
+from ..errors import EncryptionKeyError, StoreError
 from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
 from ._handoff import let_go
 from ._writer_log import WarningsHandler
@@ -647,7 +647,7 @@ def _serve(url: str, content: ContentMode, inbox: IO[bytes], outbox: IO[bytes]) 
     reply = _Replies(outbox)
     try:
         writer = StoreWriter(url, content)
-    except StoreError as exc:
+    except (StoreError, EncryptionKeyError) as exc:  # the store's, or the key's: no bug
         refuse(reply, inbox, str(exc))
         return 1
     except Exception as exc:  # a bug of ours: its traceback helps
@@ -705,14 +705,14 @@ class _Replies:
         return False
 
 
-def main() -> None:
+def main(recording_pid: int | None = None) -> None:
     global _in_writer_process
     _in_writer_process = True
     # Ctrl-C reaches the whole process group: the recording process decides when to stop, and
     # the end of stdin tells this one to finish writing and exit.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Stderr while the recording process reads it, then a log file (see _writer_log).
-    logging.basicConfig(level=logging.WARNING, handlers=[WarningsHandler()])
+    logging.basicConfig(level=logging.WARNING, handlers=[WarningsHandler(recording_pid)])
     inbox = os.fdopen(sys.stdin.fileno(), "rb", buffering=1 << 16)
     outbox = os.fdopen(sys.stdout.fileno(), "wb", buffering=0)
     sys.exit(serve(inbox, outbox))

@@ -108,11 +108,12 @@ class WarningsHandler(logging.Handler):
     """The writer process's logging handler: stderr, then ``KAGURA_HOME/recorder.log`` for good
     once writing to stderr fails (the relayed pipe let go of, or a closed terminal)."""
 
-    def __init__(self) -> None:
+    def __init__(self, recording_pid: int | None = None) -> None:
         super().__init__(logging.WARNING)
         self.setFormatter(logging.Formatter("%(message)s"))
-        # Taken now: once the recording process has gone, the writer's parent is another one.
-        self._recording_pid = os.getppid()
+        # The recording process, as it said; else the parent, read now: once the recording
+        # process has gone, the writer's parent is another one.
+        self._recording_pid = os.getppid() if recording_pid is None else recording_pid
         self._file: TextIO | None = None
 
     def emit(self, record: logging.LogRecord) -> None:

@@ -16,6 +16,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from .._redact import REDACTED
 from .._usage import Usage
 from ..errors import ProviderError, UnsupportedRequestError
 from ._base import (
@@ -171,13 +172,21 @@ def status_error(
     headers: Mapping[str, str],
     body: str | None,
     message: str | None = None,
+    *,
+    secret: str | None = None,
 ) -> ProviderError:
     """An HTTP error answer as a :class:`~kagura.errors.ProviderError`: its status, its headers
     (``Retry-After`` among them) and the start of its body. The message is ``message``, else the
     one in the body's JSON (``{"error": {"message": ...}}``, what OpenAI-compatible servers
-    send), else the start of the body."""
+    send), else the start of the body. ``secret``, the API key the request was sent with, is
+    left out of both wherever it appears: a server may quote a key it refuses ("Incorrect API
+    key provided: ..."), and the error is raised, logged and recorded, whatever shape the key
+    has (the redaction of recorded values knows only some)."""
     if message is None:
         message = _message_of(body) or (body or "").strip()[:500] or "(no body)"
+    if secret and len(secret) >= _SHORTEST_SECRET:
+        message = message.replace(secret, REDACTED)
+        body = None if body is None else body.replace(secret, REDACTED)
     return ProviderError(
         message,
         model=model_id,
@@ -185,6 +194,11 @@ def status_error(
         headers=headers,
         body=body[:2000] if body is not None else None,
     )
+
+
+#: A shorter "key" (a placeholder such as "x" for a local server) is not looked for: it could
+#: stand for any letter of a message.
+_SHORTEST_SECRET = 8
 
 
 def _message_of(body: str | None) -> str | None:

@@ -56,10 +56,11 @@ REQUEST_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "time
 class Client:
     """Chat completions at one base URL with one set of credentials, on one event loop."""
 
-    __slots__ = ("headers", "proxy", "session", "url", "where")
+    __slots__ = ("api_key", "headers", "proxy", "session", "url", "where")
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
         self.session = session
+        self.api_key = api_key  # for errors to leave out, when a server quotes it back
         base, headers = _address(base_url, api_key)
         self.url = base.rstrip("/") + "/chat/completions"
         self.where = base
@@ -72,7 +73,9 @@ class Client:
             async with self.session.post(self.url, **self._request(kwargs, model_id)) as response:
                 raw = await response.read()
                 if response.status >= 400:
-                    raise status_error(model_id, response.status, response.headers, _text(raw))
+                    raise status_error(
+                        model_id, response.status, response.headers, _text(raw), secret=self.api_key
+                    )
         try:
             return json.loads(raw)
         except ValueError as exc:
@@ -94,7 +97,9 @@ class Client:
                     raw = await response.read()
                 finally:
                     response.close()
-                raise status_error(model_id, response.status, response.headers, _text(raw))
+                raise status_error(
+                    model_id, response.status, response.headers, _text(raw), secret=self.api_key
+                )
         return self._chunks(response, model_id, hint)
 
     async def _chunks(
