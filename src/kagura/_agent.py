@@ -109,8 +109,8 @@ class AgentOptions(PolicyOptions, total=False):
     #: The endpoint of an OpenAI-compatible server, and its key (default: from the environment).
     base_url: str | None
     api_key: str | None
-    #: Models to try in turn when the agent's own fails with a run error.
-    fallback: Iterable[str | Model]
+    #: Models to try in turn when the agent's own fails with a run error (or one model).
+    fallback: str | Model | Iterable[str | Model]
     #: How structured output is asked for, and how tools are offered (default: the endpoint's).
     output_mode: OutputMode | None
     tool_mode: ToolMode | None
