@@ -77,7 +77,7 @@ class Tool(Generic[P, R]):
         self.name = name
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise UsageError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
-        self.is_async = inspect.iscoroutinefunction(fn) or _is_async_callable(fn)
+        self.is_async = awaits_when_called(fn)
         description, param_docs = _parse_docstring(fn.__doc__ or "")
         self.description = description or self.name
         hints = _hints(fn, self.name)
@@ -186,11 +186,13 @@ def as_tool(obj: Tool[Any, Any] | Callable[..., Any]) -> Tool[Any, Any]:
     return obj if isinstance(obj, Tool) else Tool(obj)
 
 
-def _is_async_callable(fn: object) -> bool:
-    """Whether calling ``fn`` returns something to await, though it is no ``async def``: an
-    agent, or an object whose ``__call__`` is one."""
-    return bool(getattr(fn, "_is_async_callable", False)) or inspect.iscoroutinefunction(
-        type(fn).__call__
+def awaits_when_called(fn: object) -> bool:
+    """Whether calling ``fn`` returns something to await: an ``async def``, an agent (whose
+    ``__call__`` returns its coroutine), or an object whose ``__call__`` is an ``async def``."""
+    return (
+        asyncio.iscoroutinefunction(fn)
+        or asyncio.iscoroutinefunction(type(fn).__call__)
+        or bool(getattr(fn, "_is_async_callable", False))
     )
 
 

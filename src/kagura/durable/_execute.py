@@ -299,8 +299,7 @@ async def _execute(
         )
     except asyncio.CancelledError:
         # Cancelled is not failed: give the lease up so the run can be resumed at once.
-        with contextlib.suppress(Exception):
-            await asyncio.shield(journal.release_soon(run_id, owner))
+        await _let_go(journal, run_id, owner)
         raise
     except RunTakenOverError:
         raise  # the run is another process's now: nothing to write

@@ -20,6 +20,7 @@ from typing import ParamSpec, TypeVar, TypeVarTuple
 from .._checks import count
 from .._context import Span, current_span
 from .._instrument import span_event
+from .._tool import awaits_when_called
 from ..errors import UsageError
 from . import _config
 from ._backoff import Backoff, jittered, seconds
@@ -196,11 +197,7 @@ class Retry:
         """Use the policy as a decorator on any async callable (an agent included)."""
         if not callable(fn) or inspect.isclass(fn):
             raise UsageError(f"Retry(...) decorates async callables, got {fn!r}")
-        if not (
-            asyncio.iscoroutinefunction(fn)
-            or asyncio.iscoroutinefunction(type(fn).__call__)
-            or getattr(fn, "_is_async_callable", False)  # an agent
-        ):
+        if not awaits_when_called(fn):
             raise UsageError(
                 f"Retry(...) decorates async callables; {fn!r} is not (wrap a sync function "
                 f"in an async def, or retry it with `async for attempt in policy`)"
