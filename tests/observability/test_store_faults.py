@@ -633,6 +633,44 @@ def test_monitor_reads_a_store_in_a_read_only_directory(
     assert [p.name for p in store_dir.iterdir()] == ["events.db"]
 
 
+DURABLE_RUN = """
+import asyncio
+from kagura import agent, workflow
+
+@agent
+async def summarise(text: str) -> str:
+    '''Summarise: {{ text }}'''
+
+@workflow(durable=True)
+async def digest(text: str) -> str:
+    return await summarise(text)
+
+asyncio.run(digest.run("doc", run_id="the-run"))
+"""
+
+
+def test_runs_commands_read_a_journal_in_a_read_only_directory(
+    store_dir: Path, unprivileged: list[str]
+) -> None:
+    path = store_dir / "events.db"
+    made = run_script(DURABLE_RUN, {"KAGURA_DB": str(path), "KAGURA_MODEL": "fake"})
+    assert made.returncode == 0, made.stderr
+    wait_for_writers(normalise_url(path))
+    read_only(store_dir)
+    env = {"KAGURA_DB": str(path), "COLUMNS": "200"}
+    listing = run_as(unprivileged, ["-m", "kagura.cli", "runs", "list"], env)
+    assert listing.returncode == 0, listing.stderr
+    assert "the-run" in listing.stdout and "completed" in listing.stdout
+    shown = run_as(unprivileged, ["-m", "kagura.cli", "runs", "show", "the-run"], env)
+    assert shown.returncode == 0, shown.stderr
+    assert "digest/summarise#0" in shown.stdout
+    # A command that writes says the store may not be written, in one line.
+    pruned = run_as(unprivileged, ["-m", "kagura.cli", "runs", "prune", "--older-than", "1s"], env)
+    assert pruned.returncode == 1
+    assert pruned.stderr.startswith(f"kagura: error: event store {path}: ")
+    assert "readonly database" in pruned.stderr and pruned.stderr.count("\n") == 1
+
+
 READ_WHILE_WRITTEN = """
 import sys
 from kagura.observability import EventStore

@@ -305,13 +305,20 @@ class Journal:
         self._held_lock = threading.Lock()
         self._next_heartbeat = 0.0
         self.host = _process.HOST
+        self._read_only: bool | None = None  # told at first use (see engine)
 
     @property
     def engine(self) -> Any:
+        from .._storage import can_write, engine_for, synced_engine_for
+
+        if self._read_only is None:
+            self._read_only = not can_write(self.url)
+        if self._read_only:
+            # A store this user may only read (kagura runs list on someone else's journal) is
+            # read as it is; a write there fails as the store's fault, naming the store.
+            return engine_for(self.url, read_only=True)
         # Every commit on disk before it returns: a step the workflow has seen survives a power
         # loss too (see synced_engine_for).
-        from .._storage import synced_engine_for
-
         return synced_engine_for(self.url)
 
     def _store(self, doing: str) -> contextlib.AbstractContextManager[None]:
