@@ -27,6 +27,7 @@ import pytest
 from pydantic import BaseModel
 
 from kagura import Agent, agent, tool
+from kagura._usage import NO_USAGE
 from kagura.errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
 from kagura.providers import ModelRequest, _http
 from kagura.providers.openai import OpenAIChatModel
@@ -823,3 +824,63 @@ async def test_a_key_the_server_quotes_back_is_left_out_of_the_error(
     )
     assert key not in (error.body or "")
     assert all(key not in (span.error or "") for span in events.spans())
+
+
+def test_an_answer_without_usage_has_unknown_usage_not_zero() -> None:
+    """Unknown, as a stream without usage is: a priced model's call is then of unknown cost,
+    never free."""
+    from kagura.providers._chat import to_response
+
+    message = {"message": {"content": "hi"}, "finish_reason": "stop"}
+    for answer in ({"choices": [message]}, {"choices": [message], "usage": None}):
+        assert to_response(answer, "openai/test-model").usage is NO_USAGE
+    reported = to_response(
+        {"choices": [message], "usage": {"prompt_tokens": 3, "completion_tokens": 0}}, "m"
+    )
+    assert reported.usage is not NO_USAGE and reported.usage.prompt_tokens == 3
+
+
+async def test_an_error_answered_with_http_200_is_raised_as_such_and_not_retried(
+    server: FaultServer,
+) -> None:
+    # Some servers and proxies answer a refused key or an exhausted quota with HTTP 200 and an
+    # error object: its message is the error, the key it quotes cut out.
+    key = "vllm-team-token-7f3a9c2e41d8"
+    server.script(Fault("200", text=f"Incorrect API key provided: {key}"), Fault.ok("never"))
+
+    @agent(model="openai/test-model", base_url=server.base_url, api_key=key)
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        with capture_events() as events, pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    error = caught.value
+    assert str(error) == "openai/test-model: HTTP 200: Incorrect API key provided: [REDACTED]"
+    assert error.body is not None and key not in error.body
+    assert all(key not in (span.error or "") for span in events.spans())
+    assert server.request_count == 1  # the server answered so on purpose
+
+
+def test_an_error_object_names_its_status_when_it_has_one() -> None:
+    # OpenRouter sends an error's HTTP status as its code, in an answer of HTTP 200.
+    assert _http._error_status({"error": {"code": 502, "message": "upstream failed"}}) == 502
+    for body in ({"error": {"code": "invalid_api_key"}}, {"error": {"code": True}}, {}):
+        assert _http._error_status(body) is None
+    assert _http._is_error({"object": "error", "message": "bad"})
+    assert not _http._is_error({"choices": [{}], "error": None})
+
+
+def test_a_key_quoted_in_an_error_event_is_left_out() -> None:
+    key = "vllm-team-token-7f3a9c2e41d8"
+    data = json.dumps({"error": {"message": f"Incorrect API key provided: {key}"}})
+    with pytest.raises(ProviderError) as caught:
+        _http._chunk("", data, "openai/test-model", key)
+    error = caught.value
+    assert str(error) == (
+        "openai/test-model: error event in the stream: Incorrect API key provided: [REDACTED]"
+    )
+    assert error.body is not None and key not in error.body
+    with pytest.raises(ProviderError) as malformed:
+        _http._chunk("", f"not json {key}", "openai/test-model", key)
+    assert key not in (malformed.value.body or "")

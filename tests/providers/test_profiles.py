@@ -19,6 +19,7 @@ from kagura import agent, tool
 from kagura.errors import (
     OutputParseError,
     ProviderConnectionError,
+    ProviderError,
     UnsupportedRequestError,
     UsageError,
 )
@@ -401,3 +402,129 @@ async def test_a_stream_steps_down_a_rejected_response_format_too(server: FaultS
     first, second = server.chat_requests
     assert first.body["stream"] is True and _format(first.body)["type"] == "json_schema"
     assert second.body["stream"] is True and _format(second.body)["type"] == "json_object"
+
+
+# -- what counts as a refusal ----------------------------------------------------------------------
+
+
+async def test_a_server_error_that_mentions_tools_is_retried_not_a_refusal(
+    server: FaultServer,
+) -> None:
+    @agent(model="vllm/flaky-tools", base_url=server.base_url, tools=[weather], retry=True)
+    async def travel(text: str) -> str:
+        """{{ text }}"""
+
+    server.script(
+        Fault("500", text="internal error in tool-call parser, please retry"), Fault.ok("Sunny.")
+    )
+    assert await travel("Weather in Paris?") == "Sunny."
+    assert ["tools" in r.body for r in server.chat_requests] == [True, True]  # retried as sent
+    # Not remembered as a refusal: the next call offers native tools again.
+    server.script(Fault.ok("Cloudy."))
+    assert await travel("Weather in Oslo?") == "Cloudy."
+    assert "tools" in server.chat_requests[2].body
+
+
+async def test_a_bad_request_about_a_tool_message_is_not_a_tools_refusal(
+    server: FaultServer,
+) -> None:
+    @agent(model="openai/tool-turns", base_url=server.base_url, tools=[weather], retry=True)
+    async def travel(text: str) -> str:
+        """{{ text }}"""
+
+    # OpenAI's answer to a tool result with no tool call before it: the request's messages are
+    # wrong, the server takes tools.
+    bad_turn = (
+        "Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+        "message with 'tool_calls'."
+    )
+    server.script(Fault("400", text=bad_turn))
+    with pytest.raises(ProviderError) as caught:
+        await travel("Weather in Paris?")
+    assert type(caught.value) is ProviderError and caught.value.status_code == 400
+    assert len(server.chat_requests) == 1
+    server.script(Fault.ok("Sunny."))
+    assert await travel("Weather in Paris?") == "Sunny."
+    assert "tools" in server.chat_requests[1].body
+
+
+async def test_a_server_error_that_mentions_json_object_is_retried_not_stepped_down(
+    server: FaultServer,
+) -> None:
+    city = _city_agent("flaky-format", server.base_url, retry=True)
+    server.script(
+        Fault("500", text="internal error: json_object grammar failed to load, please retry"),
+        Fault.ok('{"name": "Oslo", "country": "Norway"}'),
+    )
+    assert await city("Oslo") == City(name="Oslo", country="Norway")
+    assert [_format(r.body)["type"] for r in server.chat_requests] == ["json_schema"] * 2
+    server.script(Fault.ok('{"name": "Rome", "country": "Italy"}'))
+    assert await city("Rome") == City(name="Rome", country="Italy")
+    assert _format(server.chat_requests[2].body)["type"] == "json_schema"
+
+
+@pytest.mark.parametrize(
+    ("status", "text", "refused"),
+    [
+        # Refusals of native tools, as servers word them.
+        (400, '"auto" tool choice requires --enable-auto-tool-choice', "tools"),  # vLLM
+        (400, "registry.ollama.ai/library/gemma:2b does not support tools", "tools"),  # Ollama
+        (400, "tools is not supported in this model.", "tools"),  # OpenAI
+        (400, "Unrecognized request argument supplied: tools", "tools"),  # Azure OpenAI
+        (500, "tools param requires --jinja flag", "tools"),  # llama-server
+        # Refusals of a response format.
+        (400, "response_format json_schema is not supported", "output"),
+        (
+            400,
+            "Invalid parameter: 'response_format' of type 'json_schema' is not supported with "
+            "this model.",
+            "output",
+        ),
+        (422, "Unknown parameter: 'response_format.json_schema'.", "output"),
+        (
+            500,
+            "Input should be 'text' or 'json_object' (body.response_format.type)",
+            "output",
+        ),  # llama-cpp-python
+        # Errors that name a field without refusing it.
+        (500, "internal error in tool-call parser, please retry", None),
+        (503, "tools are not supported while the server is loading", None),
+        (
+            400,
+            "Invalid parameter: messages with role 'tool' must be a response to a preceeding "
+            "message with 'tool_calls'.",
+            None,
+        ),
+        (400, "Unexpected role 'tool' after role 'user'", None),
+        (500, "failed to parse the json_object the model wrote", None),
+        (400, "This model's maximum context length is 8192 tokens (json_schema included)", None),
+    ],
+)
+def test_a_refusal_is_told_from_an_error_that_names_the_field(
+    status: int, text: str, refused: str | None
+) -> None:
+    from kagura.providers import _chat
+
+    error = ProviderError(text, model="m", status_code=status, body=None)
+    assert _chat._rejects(error, _chat._TOOLS_REFUSAL) == (refused == "tools")
+    assert _chat._rejects(error, _chat._OUTPUT_REFUSAL) == (refused == "output")
+
+
+async def test_a_password_in_the_base_url_stays_out_of_rejections(
+    server: FaultServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = server.base_url.replace("http://", "http://bob:hunter2-secret@")
+    rejection = Fault("400", text="response_format json_schema is not supported")
+    server.script(rejection, Fault.ok('{"name": "Oslo", "country": "Norway"}'))
+    with caplog.at_level(logging.WARNING, logger="kagura.providers"):
+        assert await _city_agent("password-url", url)("Oslo") == City(name="Oslo", country="Norway")
+    [warning] = [r for r in caplog.records if r.name == "kagura.providers"]
+    assert f"at {server.base_url} rejected" in warning.getMessage()
+    assert "hunter2" not in warning.getMessage()
+
+    server.script(rejection)
+    chosen = _city_agent("password-url-chosen", url, output_mode="json_schema")
+    with pytest.raises(UnsupportedRequestError) as caught:
+        await chosen("Oslo")
+    assert f"at {server.base_url} rejected" in str(caught.value)
+    assert "hunter2" not in str(caught.value)

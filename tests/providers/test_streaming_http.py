@@ -423,3 +423,60 @@ async def test_cancelling_a_stream_stops_the_llamacpp_server_generating(
     runs = [int(n) for n in PERF_RUNS.findall(log)]
     assert runs == [3], log  # the next request's 4 tokens: the cancelled one never finished
     assert llamacpp_server.alive()
+
+
+async def test_an_error_answered_with_http_200_to_a_stream_is_raised_not_retried(
+    server: FaultServer,
+) -> None:
+    """A JSON error object in place of the stream (HTTP 200, as some servers report an
+    exhausted quota): the error carries the server's message, the key cut out."""
+    tell = teller(server.base_url)
+    server.script(
+        Fault("200", text=f"You exceeded your current quota ({SECRET})"), Fault.ok("Never.")
+    )
+    with pytest.raises(ProviderError) as caught:
+        await collect(tell.stream("hi"))
+    error = caught.value
+    assert type(error) is ProviderError
+    assert str(error) == "openai/test-model: HTTP 200: You exceeded your current quota ([REDACTED])"
+    assert error.body is not None and SECRET not in error.body
+    assert server.request_count == 1
+
+
+async def test_a_server_that_ignores_stream_true_is_read_as_the_whole_answer(
+    server: FaultServer,
+) -> None:
+    # The fault server answers as such a server does when the body's "stream" is not true.
+    tell = teller(server.base_url, provider_kwargs={"extra_body": {"stream": 1}})
+    server.script(Fault.ok("All at once.", usage=(4, 3)))
+    with capture_events() as events:
+        assert await collect(tell.stream("hi")) == ["All at once."]
+    assert server.request_count == 1 and server.chat_requests[0].body["stream"] == 1
+    [span] = events.spans(kind="llm")
+    assert span.status == "completed"
+    assert span.usage is not None
+    assert (span.usage.prompt_tokens, span.usage.completion_tokens) == (4, 3)
+
+
+def test_a_whole_completion_read_as_a_stream_keeps_its_tool_calls() -> None:
+    from kagura.providers._chunks import ChunkReader, completion_chunk
+
+    calls = [
+        {"id": f"call_{n}", "type": "function", "function": {"name": n, "arguments": "{}"}}
+        for n in ("a", "b")
+    ]
+    completion = {
+        "model": "served-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": None, "tool_calls": calls},
+                "finish_reason": "tool_calls",
+            }
+        ],
+    }
+    reader = ChunkReader("openai/test-model")
+    assert reader.add(completion_chunk(completion)) == ""
+    answer = reader.response()
+    assert [(c.id, c.name) for c in answer.tool_calls] == [("call_a", "a"), ("call_b", "b")]
+    assert (answer.finish_reason, answer.model) == ("tool_calls", "served-model")

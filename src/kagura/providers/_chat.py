@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from .._redact import REDACTED
-from .._usage import Usage
+from .._usage import NO_USAGE, Usage
 from ..errors import ProviderError, UnsupportedRequestError
 from ._base import (
     OUTPUT_MODES,
@@ -47,9 +49,39 @@ _accepted_modes: dict[tuple[str, str | None, str], OutputMode] = {}
 _rejected_tools: set[tuple[str, str | None, str]] = set()
 
 #: HTTP statuses with which servers reject a request field they do not support: 400 and 422
-#: (OpenAI, vLLM, Ollama), 500 (llama-cpp-python's server, whose request validation errors
-#: surface as internal errors) and 501.
+#: (OpenAI, vLLM, Ollama), 501, and 500 from llama.cpp's servers (llama-cpp-python's request
+#: validation errors, llama-server's "tools param requires --jinja flag"). A status alone says
+#: nothing: a 500 is mostly the server failing, and must stay a retried server error, so a
+#: rejection is also a text that names the field as refused (_refusal).
 _REJECTION_STATUSES = frozenset({400, 422, 500, 501})
+
+
+def _refusal(field: str) -> re.Pattern[str]:
+    """What servers say when they refuse a request field ``field`` (a regex) itself, and not
+    something else that happens to mention it (a message with role 'tool', a parser that failed):
+    "<field> is not supported", "<field> requires ...", "does not support <field>",
+    "unrecognized request argument: <field>", or a validation error located at the field
+    ("(body.response_format.type)", ``"loc": ["body", "tools"]``)."""
+    field = rf"\b(?:{field})\b"
+    named = (
+        r"(?:(?:request\s+)?(?:param(?:eter)?|field|argument|key|option)s?(?:\s+supplied)?\W{0,4})"
+    )
+    refused = (
+        r"(?:(?:is|are)\s+not\s+(?:supported|allowed|permitted|available|enabled|implemented)"
+        r"|requires?\b)"
+    )
+    return re.compile(
+        rf"{field}\W{{0,4}}{named}?{refused}"
+        rf"|(?:does|do)\s*(?:not|n't)\s+support\s+(?:the\s+)?{named}?(?:native\s+)?{field}"
+        rf"|(?:unsupported|unknown|unrecogni[sz]ed|invalid|unexpected)\s+{named}{field}"
+        rf"|(?:unsupported|unrecogni[sz]ed)\s+{field}"
+        rf"|\bbody\W{{1,4}}{field}",
+        re.IGNORECASE,
+    )
+
+
+_OUTPUT_REFUSAL = _refusal(r"response[_ ]format|json_schema|json_object")
+_TOOLS_REFUSAL = _refusal(r"tools|tool[_ ]choice|tool[_ -]call(?:s|ing)|function[_ -]calling")
 
 
 def response_format(schema: OutputSchema, mode: OutputMode) -> dict[str, Any] | None:
@@ -106,7 +138,9 @@ class Endpoint:
         self, provider: str, base_url: str | None, model_name: str, profile_mode: OutputMode
     ) -> None:
         self.key = (provider, base_url, model_name)
-        self.label = f"{provider}/{model_name}" + (f" at {base_url}" if base_url else "")
+        # Logged and put in errors: the address without a user and password in it.
+        where = f" at {without_credentials(base_url)}" if base_url else ""
+        self.label = f"{provider}/{model_name}{where}"
         self.profile_mode = profile_mode
 
     @property
@@ -127,9 +161,9 @@ class Endpoint:
                 if (
                     request.output_schema is None
                     or mode == "prompt"
-                    or not _rejects(exc, ("response_format", "json_schema", "json_object"))
+                    or not _rejects(exc, _OUTPUT_REFUSAL)
                 ):
-                    if request.tools and _rejects(exc, ("tool",)):
+                    if request.tools and _rejects(exc, _TOOLS_REFUSAL):
                         _rejected_tools.add(self.key)
                         raise UnsupportedRequestError(
                             f"{self.label} does not take native tool calls ({exc}); tools go "
@@ -158,12 +192,22 @@ class Endpoint:
                 mode = lower
 
 
-def _rejects(error: ProviderError, words: tuple[str, ...]) -> bool:
-    """The server refused the request for a field named by one of ``words``."""
+def _rejects(error: ProviderError, refusal: re.Pattern[str]) -> bool:
+    """The server refused the request for the field ``refusal`` finds refused."""
     if error.status_code not in _REJECTION_STATUSES:
         return False
-    text = f"{error} {error.body or ''}".lower()
-    return any(word in text for word in words)
+    return refusal.search(f"{error} {error.body or ''}") is not None
+
+
+def without_credentials(url: str) -> str:
+    """``url`` without the user and password it may carry (``http://user:password@host``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 def status_error(
@@ -184,13 +228,28 @@ def status_error(
     has (the redaction of recorded values knows only some)."""
     if message is None:
         message = _message_of(body) or (body or "").strip()[:500] or "(no body)"
+    return answer_error(model_id, message, body, secret=secret, status_code=status, headers=headers)
+
+
+def answer_error(
+    model_id: str,
+    message: str,
+    body: str | None,
+    *,
+    secret: str | None,
+    status_code: int | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> ProviderError:
+    """A :class:`~kagura.errors.ProviderError` built from what a server answered: its message
+    and the start of its ``body``, ``secret`` (the API key) cut out of both. Every error that
+    quotes an answer is built here (see :func:`status_error` for why)."""
     if secret and len(secret) >= _SHORTEST_SECRET:
         message = message.replace(secret, REDACTED)
         body = None if body is None else body.replace(secret, REDACTED)
     return ProviderError(
         message,
         model=model_id,
-        status_code=status,
+        status_code=status_code,
         headers=headers,
         body=body[:2000] if body is not None else None,
     )
@@ -217,11 +276,13 @@ def error_message(body: Mapping[str, Any]) -> str | None:
     return None
 
 
-def to_response(completion: Any, model_id: str) -> ModelResponse:
+def to_response(completion: Any, model_id: str, *, secret: str | None = None) -> ModelResponse:
     """A chat completion as the answer Kagura reads: the JSON object the server sent (what the
     openai provider reads), or an object with those fields (LiteLLM's), through its
     ``model_dump()``. Missing optional fields are read as absent, as lenient as the SDK's own
-    model: servers that call themselves OpenAI-compatible leave some out."""
+    model: servers that call themselves OpenAI-compatible leave some out; an answer without
+    usage reports :data:`~kagura._usage.NO_USAGE` (unknown, not free). ``secret`` is left out of
+    the error a malformed answer raises."""
     try:
         data = completion if isinstance(completion, dict) else completion.model_dump()
         choice = data["choices"][0]
@@ -234,14 +295,18 @@ def to_response(completion: Any, model_id: str) -> ModelResponse:
             )
             for call in message.get("tool_calls") or ()
         )
-        usage = data.get("usage") or {}
+        usage = data.get("usage")
         return ModelResponse(
             text=message.get("content") or "",
             tool_calls=calls,
-            usage=Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0),
+            usage=(
+                Usage(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
+                if usage
+                else NO_USAGE
+            ),
             model=data.get("model") or model_id,
             finish_reason=choice.get("finish_reason"),
         )
     except (AttributeError, IndexError, KeyError, TypeError) as exc:
         raw = completion if isinstance(completion, str) else repr(completion)
-        raise ProviderError(f"malformed response: {exc}", model=model_id, body=raw[:2000]) from exc
+        raise answer_error(model_id, f"malformed response: {exc}", raw, secret=secret) from exc

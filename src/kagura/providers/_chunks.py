@@ -97,6 +97,22 @@ class ChunkReader:
         )
 
 
+def completion_chunk(completion: Any) -> dict[str, Any]:
+    """A whole chat completion as the one chunk carrying all of it: what a server that ignores
+    ``stream=true`` answers a stream with. Each message becomes its choice's delta, its tool
+    calls numbered as streamed calls are. Raises ``KeyError``, ``TypeError`` or
+    ``AttributeError`` for an answer that is not a completion."""
+    choices = []
+    for choice in completion["choices"]:
+        message = choice["message"]
+        calls = [
+            {**call, "index": index} for index, call in enumerate(message.get("tool_calls") or ())
+        ]
+        delta = {**message, "tool_calls": calls}
+        choices.append({**choice, "delta": delta, "finish_reason": choice.get("finish_reason")})
+    return {**completion, "choices": choices}
+
+
 async def read_chunks(
     open_stream: Callable[[], Awaitable[AsyncGenerator[dict[str, Any], None]]], model_id: str
 ) -> AsyncIterator[StreamChunk]:

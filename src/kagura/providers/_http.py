@@ -26,8 +26,9 @@ import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
-from ._chat import error_message, status_error
+from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
+from ._chat import answer_error, error_message, status_error, without_credentials
+from ._chunks import completion_chunk
 
 if TYPE_CHECKING:
     import ssl
@@ -72,16 +73,7 @@ class Client:
         with self._failures_mapped(model_id, hint):
             async with self.session.post(self.url, **self._request(kwargs, model_id)) as response:
                 raw = await response.read()
-                if response.status >= 400:
-                    raise status_error(
-                        model_id, response.status, response.headers, _text(raw), secret=self.api_key
-                    )
-        try:
-            return json.loads(raw)
-        except ValueError as exc:
-            raise ProviderError(
-                f"malformed response: {exc}", model=model_id, body=_text(raw)[:2000]
-            ) from exc
+        return self._answer(response, raw, model_id)
 
     async def stream(
         self, kwargs: Mapping[str, Any], model_id: str, hint: str
@@ -89,18 +81,52 @@ class Client:
         """POST ``kwargs`` with ``stream=True`` and return the chunks of the answer as they come:
         the JSON of each server-sent event up to ``[DONE]``. The response is open once this
         returns (a rejection is raised here, not on the first chunk), and closed however the
-        iteration ends: closing it is what tells the server to stop generating."""
+        iteration ends: closing it is what tells the server to stop generating.
+
+        A server that answers with a JSON body instead (it ignores ``stream=true``, or it
+        reports an error with HTTP 200) is read as :meth:`complete` reads it: an error is raised
+        here, a whole completion is the one chunk of the stream."""
         with self._failures_mapped(model_id, hint):
             response = await self.session.post(self.url, **self._request(kwargs, model_id))
-            if response.status >= 400:
+            if response.status >= 400 or response.content_type == "application/json":
                 try:
                     raw = await response.read()
                 finally:
                     response.close()
-                raise status_error(
-                    model_id, response.status, response.headers, _text(raw), secret=self.api_key
-                )
+                completion = self._answer(response, raw, model_id)
+                try:
+                    return _whole(completion_chunk(completion))
+                except (AttributeError, IndexError, KeyError, TypeError) as exc:
+                    raise answer_error(
+                        model_id, f"malformed response: {exc}", _text(raw), secret=self.api_key
+                    ) from exc
         return self._chunks(response, model_id, hint)
+
+    def _answer(self, response: aiohttp.ClientResponse, raw: bytes, model_id: str) -> Any:
+        """The JSON of a whole answer, or the error it is: an HTTP error status, a body that is
+        not JSON, or an error object sent with HTTP 200 (some servers and proxies report a
+        refused key or an exhausted quota so)."""
+        if response.status >= 400:
+            raise status_error(
+                model_id, response.status, response.headers, _text(raw), secret=self.api_key
+            )
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise answer_error(
+                model_id, f"malformed response: {exc}", _text(raw), secret=self.api_key
+            ) from exc
+        if _is_error(data):
+            # The server answered so on purpose: an error of the status it names (OpenRouter
+            # sends its errors' HTTP status as their code), else of its 200, never retried.
+            raise status_error(
+                model_id,
+                _error_status(data) or response.status,
+                response.headers,
+                _text(raw),
+                secret=self.api_key,
+            )
+        return data
 
     async def _chunks(
         self, response: aiohttp.ClientResponse, model_id: str, hint: str
@@ -115,7 +141,7 @@ class Client:
                         return
                 if data.startswith("[DONE]"):
                     return
-                yield _chunk(event, data, model_id)
+                yield _chunk(event, data, model_id, self.api_key)
         finally:
             response.close()
 
@@ -187,27 +213,48 @@ async def _events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str]
                 name = value
 
 
-def _chunk(event: str, data: str, model_id: str) -> dict[str, Any]:
-    """One event's chunk, or the error a server reports part-way through a stream."""
+def _chunk(event: str, data: str, model_id: str, secret: str) -> dict[str, Any]:
+    """One event's chunk, or the error a server reports part-way through a stream (``secret``,
+    the API key, left out of it)."""
     try:
         chunk = json.loads(data)
     except ValueError as exc:
-        raise ProviderError(
-            f"malformed stream chunk: {exc}", model=model_id, body=data[:2000]
-        ) from exc
+        raise answer_error(model_id, f"malformed stream chunk: {exc}", data, secret=secret) from exc
     error = chunk.get("error") if isinstance(chunk, dict) else None
     if error or event == "error":
         message = error_message(chunk) if isinstance(chunk, dict) else None
-        raise ProviderError(
+        raise answer_error(
+            model_id,
             f"error event in the stream: {message or 'an error occurred during streaming'}",
-            model=model_id,
-            body=data[:2000],
+            data,
+            secret=secret,
         )
     if not isinstance(chunk, dict):
-        raise ProviderError(
-            "malformed stream chunk: not a JSON object", model=model_id, body=data[:2000]
+        raise answer_error(
+            model_id, "malformed stream chunk: not a JSON object", data, secret=secret
         )
     return chunk
+
+
+async def _whole(chunk: dict[str, Any]) -> AsyncGenerator[dict[str, Any], None]:
+    yield chunk
+
+
+def _is_error(data: Any) -> bool:
+    """Is this JSON answer an error object (``{"error": ...}``, or vLLM's
+    ``{"object": "error", ...}``) rather than a completion?"""
+    if not isinstance(data, dict) or data.get("choices"):
+        return False
+    return bool(data.get("error")) or data.get("object") == "error"
+
+
+def _error_status(data: dict[str, Any]) -> int | None:
+    """The HTTP error status an error object names as its code, if any."""
+    inner = data.get("error", data)
+    code = inner.get("code") if isinstance(inner, dict) else None
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code <= 599:
+        return code
+    return None
 
 
 def _query(params: Any, model_id: str) -> dict[str, str]:
@@ -254,7 +301,7 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str]]:
         password = urllib.parse.unquote(parts.password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         authorization = f"Basic {token}"
-        base_url = _without_credentials(base_url)
+        base_url = without_credentials(base_url)
     headers = {
         "Authorization": authorization,
         "Content-Type": "application/json",
@@ -280,16 +327,6 @@ def _proxy_for(url: str) -> str | None:
         return None
     proxies = urllib.request.getproxies()
     return proxies.get(parts.scheme) or proxies.get("all")
-
-
-def _without_credentials(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
 # One client per (base URL, API key, loop), with the async generator that closes it when the
