@@ -136,6 +136,52 @@ async def test_return_exceptions_puts_errors_in_place() -> None:
     assert results[2] == 3
 
 
+@pytest.mark.parametrize("return_exceptions", [False, True])
+async def test_a_task_cancelled_by_its_owner_is_not_a_result_of_none(
+    return_exceptions: bool,
+) -> None:
+    # A task handed in and cancelled elsewhere (a watchdog): as with asyncio.gather, that is its
+    # outcome. A None in its place could not be told from a result.
+    async def answer() -> str:
+        return "one"
+
+    started = asyncio.Event()
+
+    async def waits() -> str:
+        started.set()
+        await asyncio.Future()
+        return "never"
+
+    victim = asyncio.create_task(waits())
+
+    async def watchdog() -> None:
+        await started.wait()
+        victim.cancel()
+
+    watching = asyncio.create_task(watchdog())
+    if return_exceptions:
+        results = await gather(answer(), victim, return_exceptions=True)
+        assert results[0] == "one"
+        assert isinstance(results[1], asyncio.CancelledError)
+    else:
+        with pytest.raises(asyncio.CancelledError):
+            await gather(answer(), victim)
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    await watching
+    await assert_no_other_tasks()
+
+
+async def test_a_failed_gather_leaves_its_caller_not_cancelled() -> None:
+    async def fails() -> None:
+        raise ValueError("bad")
+
+    with pytest.raises(ValueError):
+        await gather(fails(), never_finishes([], "other"))
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    async with asyncio.timeout(None):  # what reads the count still works as it should
+        await asyncio.sleep(0)
+
+
 async def test_cancelling_gather_cancels_everything() -> None:
     cancelled: list[str] = []
     waiting = never_finishes(cancelled, "b")

@@ -67,13 +67,8 @@ async def attempt(
             result["response_model"] = response.model
         if response.finish_reason is not None:
             result["finish_reason"] = response.finish_reason
-    span_finished(
-        span,
-        "completed",
-        usage=response.usage,
-        cost_usd=model.cost(response.usage),
-        attributes=result,
-    )
+    usage, cost = usage_and_cost(model, response.usage)
+    span_finished(span, "completed", usage=usage, cost_usd=cost, attributes=result)
     return response
 
 
@@ -222,12 +217,22 @@ class StreamedAttempt:
                 result["response_model"] = response.model
             if response.finish_reason is not None:
                 result["finish_reason"] = response.finish_reason
-        if response.usage is NO_USAGE:
-            # Not reported (llama.cpp's server streams none): unknown, unless the model is free.
-            usage, cost = None, (0.0 if model.cost(_ONE_TOKEN_EACH) == 0.0 else None)
-        else:
-            usage, cost = response.usage, model.cost(response.usage)
+        usage, cost = usage_and_cost(model, response.usage)
         span_finished(self.span, "completed", usage=usage, cost_usd=cost, attributes=result)
 
 
 _ONE_TOKEN_EACH = Usage(1, 1)
+
+
+def is_free(model: Model) -> bool:
+    """Whether every call to ``model`` costs nothing (the local model, the fake one)."""
+    return model.cost(_ONE_TOKEN_EACH) == 0.0
+
+
+def usage_and_cost(model: Model, usage: Usage) -> tuple[Usage | None, float | None]:
+    """What an answer used and cost: both unknown (``None``) when the provider reported no
+    usage (llama.cpp's server streams none; some servers send none at all), unless the model is
+    free. Never 0 tokens at $0 for a priced model: budgets and reports would take it as true."""
+    if usage is NO_USAGE:
+        return None, (0.0 if is_free(model) else None)
+    return usage, model.cost(usage)

@@ -276,9 +276,15 @@ class RunCancelledError(RunError):
 class CircuitOpenError(RunError):
     """The circuit breaker is open: the call was refused without reaching the dependency."""
 
-    def __init__(self, name: str, retry_in: float) -> None:
+    def __init__(self, name: str, retry_in: float, *, probing: bool = False) -> None:
         self.name = name
         self.retry_in = retry_in
+        if probing:  # half-open, its probes under way: no time to give until they end
+            super().__init__(
+                f"circuit breaker {name!r} is half-open: failing fast while its probe calls "
+                "are under way; it closes when they succeed"
+            )
+            return
         super().__init__(
             f"circuit breaker {name!r} is open: failing fast; "
             f"the next probe is allowed in {retry_in:.1f}s"

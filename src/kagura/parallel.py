@@ -91,27 +91,54 @@ async def gather(
     results: list[Any] = [None] * len(aws)
 
     async def run(index: int, aw: Awaitable[Any]) -> None:
-        if return_exceptions:
-            try:
-                results[index] = await _limited(aw, semaphore)
-            except Exception as error:
-                results[index] = error
-        else:
+        try:
             results[index] = await _limited(aw, semaphore)
+        except asyncio.CancelledError as error:
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise  # this gather is being cancelled: by its caller, or a sibling's failure
+            # The awaitable was cancelled by someone else (a task handed in, cancelled by its
+            # owner): that is its outcome, as with asyncio.gather, not a result of None. The
+            # task group takes a cancelled child for a quiet one, so it goes wrapped.
+            if not return_exceptions:
+                raise _Cancelled(error) from None
+            results[index] = error
+        except Exception as error:
+            if not return_exceptions:
+                raise
+            results[index] = error
 
+    caller = asyncio.current_task()
+    cancelling = 0 if caller is None else caller.cancelling()
     try:
         async with asyncio.TaskGroup() as group:
             for index, aw in enumerate(aws):
                 group.create_task(run(index, aw))
     except BaseExceptionGroup as group_error:
+        # A failing child makes the group cancel its caller, to stop the block; Python 3.11's
+        # TaskGroup does not take that back when the block had already ended (CPython
+        # gh-116720, fixed in 3.12), leaving the caller marked as being cancelled for whatever
+        # asks (Task.cancelling(): task groups, timeouts, anyio).
+        while caller is not None and caller.cancelling() > cancelling:
+            caller.uncancel()
         raise _first(group_error) from None
     return results
+
+
+class _Cancelled(Exception):
+    """An awaitable of :func:`gather` cancelled by someone else, carried out of the task group."""
+
+    def __init__(self, error: asyncio.CancelledError) -> None:
+        super().__init__()
+        self.error = error
 
 
 def _first(group_error: BaseExceptionGroup[Any]) -> BaseException:
     first: BaseException = group_error.exceptions[0]
     if isinstance(first, BaseExceptionGroup):
         return _first(first)
+    if isinstance(first, _Cancelled):
+        first = first.error
     others = len(group_error.exceptions) - 1
     if others:
         first.add_note(f"kagura: {others} other task(s) failed at the same time")

@@ -177,8 +177,12 @@ async def test_half_open_admits_one_probe_at_a_time(
     assert probe_calls == 1
     dep = Dependency()
     for _ in range(3):
-        with pytest.raises(CircuitOpenError):
+        with pytest.raises(CircuitOpenError) as refused:
             await breaker.call(dep)
+        # Not "the next probe is allowed in 0.0s": one is under way.
+        assert "is half-open: failing fast while its probe calls are under way" in str(
+            refused.value
+        )
     assert dep.calls == 0
     release.set()
     assert await probe == "probed"

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 import pytest
 
 from kagura import agent, pricing, workflow
+from kagura._usage import NO_USAGE
 from kagura.errors import ProviderError, RunError, UsageError
 from kagura.resilience import BudgetExceeded, CostBudget, Retry, RetryBudget
-from kagura.testing import FakeModel, capture_events, override_model
+from kagura.testing import FakeModel, Reply, capture_events, override_model
 
 pytestmark = pytest.mark.usefixtures("no_waits")
 
@@ -231,7 +232,7 @@ async def test_a_free_model_still_passes_a_usd_budget() -> None:
     assert len(fake.requests) == 3
 
 
-async def test_an_unpriced_model_is_counted_not_charged() -> None:
+async def test_an_unpriced_model_is_counted_not_charged(caplog: pytest.LogCaptureFixture) -> None:
     class Unknown(FakeModel):
         provider = "nobody-prices-this"
 
@@ -244,9 +245,14 @@ async def test_an_unpriced_model_is_counted_not_charged() -> None:
 
     with budget:
         await unknown("hello")
-    assert budget.unpriced_calls == 1
+        await unknown("again")
+    assert budget.unpriced_calls == 2
     assert budget.spent_usd == 0.0
-    assert budget.spent_tokens == 2
+    assert budget.spent_tokens == 4
+    # Said once, since a USD limit cannot hold calls it cannot price.
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "kagura.resilience"]
+    assert "a call of unknown price was made under a budget of $1.0" in said
+    assert "kagura.pricing.register_price" in said
 
 
 async def test_fallback_moves_to_a_cheaper_model_when_the_budget_is_spent(prices: None) -> None:
@@ -269,3 +275,76 @@ async def test_fallback_moves_to_a_cheaper_model_when_the_budget_is_spent(prices
     assert fallback["failed"] == "custom/pricey"
     assert fallback["next"] == "fake/backup"
     assert "BudgetExceeded" in fallback["error"]
+
+
+# -- nested budgets ------------------------------------------------------------------------
+
+
+async def test_a_child_workflow_with_a_budget_of_its_own_is_held_to_its_parents_too(
+    prices: None,
+) -> None:
+    model = PricedModel(name="pricey")
+
+    @agent(model=model)
+    async def priced(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(budget_usd=1.0)
+    async def child() -> str:
+        return await priced("a b c")
+
+    @workflow(budget_usd=0.000005)  # less than one call's $0.000006
+    async def parent() -> list[str]:
+        return [await child() for _ in range(3)]
+
+    with pytest.raises(BudgetExceeded) as caught:
+        await parent()
+    assert len(model.requests) == 1
+    assert caught.value.budget.usd == 0.000005  # the parent's refused the second call
+
+
+async def test_a_child_workflow_with_a_retry_budget_of_its_own_is_held_to_its_parents_too() -> None:
+    fake = FakeModel(down(5))
+
+    @workflow(retry_budget=5)
+    async def child() -> str:
+        return await ask("x")
+
+    @workflow(retry_budget=0)
+    async def parent() -> str:
+        return await child()
+
+    with override_model(fake), pytest.raises(ProviderError) as caught:
+        await parent()
+    assert len(fake.requests) == 1
+    assert "kagura: not retried: retry budget spent (0 of 0 retries used)" in caught.value.__notes__
+
+
+async def test_a_budget_entered_again_inside_itself_charges_once(prices: None) -> None:
+    model = PricedModel(name="pricey")
+    budget = CostBudget(usd=1.0)
+
+    @agent(model=model)
+    async def priced(q: str) -> str:
+        """{{ q }}"""
+
+    with budget, budget:
+        await priced("a b c")
+    assert budget.spent_usd == pytest.approx(6 / 1_000_000)
+
+
+async def test_an_answer_without_usage_costs_unknown_not_nothing(prices: None) -> None:
+    # A provider that reported no usage: not 0 tokens at $0, which a budget would believe.
+    model = PricedModel([Reply("hi", usage=NO_USAGE)], name="pricey")
+    budget = CostBudget(usd=1.0)
+
+    @agent(model=model)
+    async def priced(q: str) -> str:
+        """{{ q }}"""
+
+    with budget, capture_events() as events:
+        assert await priced("a b c") == "hi"
+    assert (budget.unpriced_calls, budget.spent_usd) == (1, 0.0)
+    (llm,) = events.spans(kind="llm")
+    (call,) = events.spans(kind="agent")
+    assert llm.cost_usd is None and call.cost_usd is None

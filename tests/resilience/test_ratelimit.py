@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 
 from kagura import agent, workflow
 from kagura.errors import ProviderError, UsageError
-from kagura.resilience import Permit, RateLimiter, limit_model, reset_rate_limits
+from kagura.providers import ModelRequest, ModelResponse
+from kagura.resilience import (
+    BudgetExceeded,
+    CircuitBreaker,
+    CircuitOpenError,
+    Permit,
+    RateLimiter,
+    limit_model,
+    reset_rate_limits,
+)
 from kagura.resilience._ratelimit import limiter_for_model
 from kagura.testing import FakeModel, capture_events
 
@@ -388,3 +398,68 @@ async def test_a_workflow_rate_limit_is_shared_by_the_agents_inside(clock: FakeC
     assert clock.elapsed == pytest.approx(2.0)
     await ask("outside")  # outside the run, the workflow's limiter does not apply
     assert rl.admitted == 3
+
+
+@pytest.mark.parametrize("asked", [3600.0, math.inf])
+async def test_a_retry_after_past_max_retry_after_holds_callers_that_long_only(
+    clock: FakeClock, asked: float
+) -> None:
+    # The retry policy does not wait an hour for the call that got it: neither do the others.
+    rl = limiter(clock, requests_per_second=1, burst=1, recovery_time=0, max_retry_after=60)
+    await rl.acquire()
+    rl.penalise(retry_after=asked)
+    await rl.acquire()
+    assert clock.elapsed == pytest.approx(60.0)
+
+
+# -- the guards after the wait ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guard", ["budget", "breaker"])
+async def test_calls_that_waited_their_turn_are_checked_against_the_budget_and_breaker_then(
+    clock: FakeClock, guard: str
+) -> None:
+    # Checked before the wait, calls queued behind the limiter all went out once their turn
+    # came, however far the budget was spent or the breaker open meanwhile.
+    queued = asyncio.Event()
+    first_answered = asyncio.Event()
+
+    async def turn_after_the_first(seconds: float) -> None:
+        clock.advance(seconds)
+        queued.set()
+        await first_answered.wait()
+
+    class Held(FakeModel):
+        """Answers once the calls after the first are queued behind the limiter."""
+
+        async def request(self, request: ModelRequest) -> ModelResponse:
+            await queued.wait()
+            return await super().request(request)
+
+    rl = RateLimiter(
+        "paced", requests_per_second=1, burst=1, clock=clock, sleep=turn_after_the_first
+    )
+    if guard == "budget":
+        fake = Held(["a"] * 5)
+        fake.cost = lambda usage: 1.0  # type: ignore[method-assign]  # $1 a call
+        options: dict[str, object] = {}
+    else:
+        fake = Held([ProviderError("down", status_code=503)] * 5)
+        options = {"breaker": CircuitBreaker("paced", failure_threshold=1, recovery_time=60)}
+
+    @agent(model=fake, rate_limit=rl, retry=False, **options)  # type: ignore[call-overload]
+    async def paced(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(budget_usd=0.5)
+    async def burst() -> list[object]:
+        first = asyncio.create_task(paced("first"))
+        rest = [asyncio.create_task(paced(str(i))) for i in range(4)]
+        await asyncio.wait([first])
+        first_answered.set()
+        return await asyncio.gather(*rest, return_exceptions=True)
+
+    refusals = await burst()
+    assert len(fake.requests) == 1, guard
+    expected = BudgetExceeded if guard == "budget" else CircuitOpenError
+    assert all(isinstance(r, expected) for r in refusals), (guard, refusals)

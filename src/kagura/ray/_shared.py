@@ -170,6 +170,7 @@ def _settings(obj: Shareable) -> dict[str, Any]:
             "burst": int(obj.request_capacity),
             "slowdown": obj.slowdown,
             "recovery_time": obj.recovery_time,
+            "max_retry_after": obj.max_retry_after,
         }
     if isinstance(obj, CircuitBreaker):
         return {

@@ -103,8 +103,9 @@ class CircuitBreaker:
             if self._state == "half_open" and self._probes < self.half_open_probes:
                 self._probes += 1
                 return
+            probing = self._state == "half_open"
             retry_in = max(0.0, self.recovery_time - (self._clock() - self._opened_at))
-        raise CircuitOpenError(self.name, retry_in)
+        raise CircuitOpenError(self.name, retry_in, probing=probing)
 
     def record_success(self) -> None:
         with self._lock:

@@ -1,7 +1,9 @@
 """Budgets shared by every call in a workflow run or a batch: retries, and cost (USD, tokens).
 
 A budget applies to the code inside ``with budget:`` (or each run of ``@workflow(retry_budget=...,
-budget_usd=...)``) and to every task started there, through a context variable. Budgets are
+budget_usd=...)``) and to every task started there, through a context variable. Budgets nest: a
+call is checked against, and charged to, every budget around it, so a child workflow's own budget
+does not free it from its parent's. Budgets are
 counters shared by the concurrent tasks of one event loop; they need no lock because the loop runs
 one task at a time. Under kagura.ray a budget taken to the workers is one for the whole cluster
 (its counters in a Ray actor); ``name=`` shares one by name there.
@@ -9,6 +11,7 @@ one task at a time. Under kagura.ray a budget taken to the workers is one for th
 
 from __future__ import annotations
 
+import logging
 from contextvars import ContextVar, Token
 from types import TracebackType
 from typing import Any, ClassVar, Self
@@ -19,8 +22,11 @@ from ..errors import BudgetExceeded, UsageError
 
 __all__ = ["BudgetExceeded", "CostBudget", "RetryBudget"]
 
-_retry_budget: ContextVar[RetryBudget | None] = ContextVar("kagura_retry_budget", default=None)
-_cost_budget: ContextVar[CostBudget | None] = ContextVar("kagura_cost_budget", default=None)
+_log = logging.getLogger("kagura.resilience")
+
+# The budgets around the running code, innermost first.
+_retry_budgets: ContextVar[tuple[RetryBudget, ...]] = ContextVar("kagura_retry_budgets", default=())
+_cost_budgets: ContextVar[tuple[CostBudget, ...]] = ContextVar("kagura_cost_budgets", default=())
 
 
 # The reset tokens of the ``with budget:`` blocks open in the running context, innermost last.
@@ -31,16 +37,18 @@ _entered: ContextVar[tuple[Token[Any], ...]] = ContextVar("kagura_budget_scopes"
 
 class _Scope:
     """``with budget:`` makes the budget current, through the context variable ``_current``, for
-    the code inside and every task started there; on exit the previous one is current again
-    (entering the same budget again, nested or from several tasks at once, is fine)."""
+    the code inside and every task started there, within the budgets already around it; on exit
+    those alone are current again (entering the same budget again, nested or from several tasks
+    at once, is fine: it is counted once)."""
 
-    _current: ClassVar[ContextVar[Any]]
+    _current: ClassVar[ContextVar[tuple[Any, ...]]]
 
     def __init__(self) -> None:
         pass
 
     def __enter__(self) -> Self:
-        _entered.set((*_entered.get(), self._current.set(self)))
+        around = tuple(budget for budget in self._current.get() if budget is not self)
+        _entered.set((*_entered.get(), self._current.set((self, *around))))
         return self
 
     def __exit__(
@@ -61,7 +69,7 @@ class RetryBudget(_Scope):
     dependency cannot multiply the load of a whole batch.
     """
 
-    _current = _retry_budget
+    _current = _retry_budgets
 
     def __init__(self, max_retries: int, *, name: str | None = None) -> None:
         count(max_retries, "max_retries", at_least=0)
@@ -101,7 +109,7 @@ class CostBudget(_Scope):
     the budget runs out may overspend it by their own cost; bound that with a concurrency limit.
     """
 
-    _current = _cost_budget
+    _current = _cost_budgets
 
     def __init__(
         self, *, usd: float | None = None, tokens: int | None = None, name: str | None = None
@@ -136,6 +144,16 @@ class CostBudget(_Scope):
     def charge(self, usage: Usage, cost: float | None) -> None:
         self.spent_tokens += usage.total_tokens
         if cost is None:
+            if self.usd is not None and not self.unpriced_calls:
+                # Said once a budget: a USD limit that cannot count a model's calls would
+                # otherwise let them all through with nothing said.
+                _log.warning(
+                    "a call of unknown price was made under a budget of $%s: it is counted but "
+                    "cannot be charged, so the budget's spend is a floor. Its model has no known "
+                    "price (give it one: kagura.pricing.register_price), or its answer reported "
+                    "no usage.",
+                    self.usd,
+                )
             self.unpriced_calls += 1  # counted, so a report can say the USD figure is a floor
         else:
             self.spent_usd += cost
@@ -159,8 +177,22 @@ class CostBudget(_Scope):
 
 
 def current_retry_budget() -> RetryBudget | None:
-    return _retry_budget.get()
+    """The innermost retry budget around the running code."""
+    budgets = _retry_budgets.get()
+    return budgets[0] if budgets else None
 
 
 def current_cost_budget() -> CostBudget | None:
-    return _cost_budget.get()
+    """The innermost cost budget around the running code."""
+    budgets = _cost_budgets.get()
+    return budgets[0] if budgets else None
+
+
+def retry_budgets() -> tuple[RetryBudget, ...]:
+    """Every retry budget around the running code, innermost first."""
+    return _retry_budgets.get()
+
+
+def cost_budgets() -> tuple[CostBudget, ...]:
+    """Every cost budget around the running code, innermost first."""
+    return _cost_budgets.get()

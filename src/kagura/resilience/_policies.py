@@ -1,7 +1,9 @@
 """The policies around every LLM attempt, and where an agent gets them from.
 
-Order per attempt: cost budget → circuit breaker → rate limiter → (timeout) provider. The retry
-policy wraps that whole sequence, so an open breaker or a spent budget is never retried, and every
+Order per attempt: rate limiter → cost budget → circuit breaker → (timeout) provider: the budget
+and the breaker decide when the request would go, not before a wait in the limiter's queue (which
+may be long, and during which the budget may be spent or the breaker open). The retry policy wraps
+that whole sequence, so an open breaker or a spent budget is never retried, and every
 retry is a separate recorded attempt. An agent's own settings win; what it leaves unset comes from
 the innermost ``@workflow(...)`` around the call, then from the library defaults.
 """
@@ -24,7 +26,7 @@ from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
 from ._backoff import seconds
 from ._breaker import CircuitBreaker, circuit_breaker
-from ._budget import CostBudget, current_cost_budget
+from ._budget import CostBudget, cost_budgets
 from ._classify import retry_after
 from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
 from ._retry import DEFAULT_RETRY, Retry
@@ -161,9 +163,6 @@ LIBRARY_DEFAULTS = Policies(
     retry=DEFAULT_RETRY, timeout=None, total_timeout=None, breaker=None, rate_limit=None
 )
 
-# A model whose price for this is exactly 0 is free (local, fakes, or a wrapper of one).
-_ONE_TOKEN_EACH = Usage(1, 1)
-
 _workflow_policies: ContextVar[Policies | None] = ContextVar("kagura_policies", default=None)
 
 
@@ -200,7 +199,11 @@ def effective(agent_policies: Policies) -> Policies:
 #: policy, per-attempt timeout and cost budget. A plain tuple, not a NamedTuple: it is made for
 #: every model call, and a NamedTuple's constructor is a Python function, several times slower.
 Guards = tuple[
-    CircuitBreaker | None, RateLimiter | None, Retry | None, float | None, CostBudget | None
+    CircuitBreaker | None,
+    RateLimiter | None,
+    Retry | None,
+    float | None,
+    tuple[CostBudget, ...] | None,
 ]
 
 
@@ -225,7 +228,7 @@ def guards_for(policies: Policies, model: Model) -> Guards:
     limiter = policies.rate_limit
     if limiter is None or limiter is UNSET:
         limiter = limiter_for_model(model.id)
-    return breaker, limiter, retry, timeout, current_cost_budget()
+    return breaker, limiter, retry, timeout, cost_budgets() or None
 
 
 def call_model(
@@ -239,10 +242,10 @@ def call_model(
     arguments handed to the policy rather than bound in a ``functools.partial``: each is an
     object more per call in flight (about 650 bytes together, measured with tracemalloc over
     10,000 concurrent calls)."""
-    breaker, limiter, retry, timeout, budget = guards_for(policies, model)
+    breaker, limiter, retry, timeout, budgets = guards_for(policies, model)
     # The attempt applies the per-attempt timeout, and the agent the total one, which still
     # bounds the retries: a wait that would pass the call's deadline is not begun.
-    if breaker is None and limiter is None and budget is None:
+    if breaker is None and limiter is None and budgets is None:
         # Nothing to guard (the default): each attempt is the provider's request itself.
         if retry is None:
             return _llm.attempt(model, request, parent, timeout)
@@ -256,7 +259,7 @@ def call_model(
             deadline=_call_deadline.get(),
             span=parent,
         )
-    attempt = _guarded(model, request, parent, timeout, breaker, limiter, budget)
+    attempt = _guarded(model, request, parent, timeout, breaker, limiter, budgets)
     if retry is None:
         return attempt()
     return retry.run_attempts(attempt, model.id, deadline=_call_deadline.get(), span=parent)
@@ -272,7 +275,7 @@ def _guarded(
     timeout: float | None,
     breaker: CircuitBreaker | None,
     limiter: RateLimiter | None,
-    budget: CostBudget | None,
+    budgets: tuple[CostBudget, ...] | None,
 ) -> Callable[[], Awaitable[ModelResponse]]:
     """Each attempt of a guarded model call."""
 
@@ -280,7 +283,9 @@ def _guarded(
         # The breaker and the limiter record on the current span: the call's, here.
         token = current_span.set(parent)
         try:
-            return await _guarded_attempt(model, request, parent, timeout, breaker, limiter, budget)
+            return await _guarded_attempt(
+                model, request, parent, timeout, breaker, limiter, budgets
+            )
         finally:
             current_span.reset(token)
 
@@ -294,20 +299,21 @@ async def _guarded_attempt(
     timeout: float | None,  # noqa: ASYNC109 - the per-attempt limit, applied by _llm.attempt
     breaker: CircuitBreaker | None,
     limiter: RateLimiter | None,
-    budget: CostBudget | None,
+    budgets: tuple[CostBudget, ...] | None,
 ) -> ModelResponse:
-    """One attempt, through the cost budget, the breaker and the rate limiter."""
-    # The awaited seams (admit, settle) rather than the sync methods: a breaker or budget shared
-    # by a Ray cluster answers from its actor. Only this guarded path pays for them.
-    if budget is not None:
-        await budget.admit(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
+    """One attempt, through the rate limiter, the cost budgets and the breaker."""
+    # The turn first: a call refused after it has used a turn that sent nothing, which errs on
+    # the side of the limit. The awaited seams (admit, settle) rather than the sync methods: a
+    # breaker or budget shared by a Ray cluster answers from its actor.
+    if limiter is not None:
+        permit = await limiter.acquire(estimate_tokens(request.messages))
+    if budgets is not None:
+        free = _llm.is_free(model)
+        for budget in budgets:
+            await budget.admit(free=free)
     if breaker is not None:
         await breaker.admit()
     try:
-        estimate = 0
-        if limiter is not None:
-            estimate = estimate_tokens(request.messages)
-            permit = await limiter.acquire(estimate)
         response = await _llm.attempt(model, request, parent, timeout=timeout)
     except BaseException as error:
         if breaker is not None:
@@ -317,10 +323,12 @@ async def _guarded_attempt(
         raise
     if breaker is not None:
         await breaker.settle(None)
-    if limiter is not None:
-        permit.settle(response.usage.total_tokens)
-    if budget is not None:
-        await budget.settle(response.usage, model.cost(response.usage))
+    usage, cost = _llm.usage_and_cost(model, response.usage)
+    if limiter is not None and usage is not None:
+        permit.settle(usage.total_tokens)
+    if budgets is not None:
+        for budget in budgets:
+            await budget.settle(usage or Usage(), cost)
     return response
 
 

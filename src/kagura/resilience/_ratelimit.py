@@ -46,6 +46,10 @@ class RateLimiter:
     burst: requests that may go at once (default: one second's worth, at least 1).
     slowdown: factor applied to the rate on each 429 (floor: 1/16 of the configured rate).
     recovery_time: how long the rate takes to climb back after a 429.
+    max_retry_after: the longest a 429's ``Retry-After`` holds every caller (default 60 s, the
+        retry policy's own default limit). A server asking for longer (an hour, a day) is not
+        waited for by the retry policy either: the call that got it fails, and the callers after
+        it go again after this long rather than wait with nothing said.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class RateLimiter:
         burst: int | None = None,
         slowdown: float = 0.5,
         recovery_time: float | timedelta = 30.0,
+        max_retry_after: float | timedelta = 60.0,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
@@ -95,6 +100,7 @@ class RateLimiter:
         self.token_capacity = float(tokens_per_minute or 0)
         self.slowdown = slowdown
         self.recovery_time = seconds(recovery_time, "recovery_time")
+        self.max_retry_after = seconds(max_retry_after, "max_retry_after")
         self._clock = clock
         self._sleep = sleep
         self._virtual = 0.0  # time skipped by test mode, so buckets still refill
@@ -201,7 +207,8 @@ class RateLimiter:
             self._penalty_floor = max(1 / 16, current * self.slowdown)
             self._penalised_at = now
             if retry_after:
-                self._blocked_until = max(self._blocked_until, now + retry_after)
+                hold = min(retry_after, self.max_retry_after)
+                self._blocked_until = max(self._blocked_until, now + hold)
         span_event(
             current_span.get(),
             "rate_limit_slowdown",

@@ -3,7 +3,7 @@
 A streamed call can be retried only until its reader has been shown something: a new attempt
 would show the same beginning again. So the retry policy wraps opening the stream and reading
 it up to its first item (what counts as one is the caller's, see :func:`open_stream`), each
-attempt guarded as in :func:`call_model`: cost budget, circuit breaker, rate limiter. What comes
+attempt guarded as in :func:`call_model`: rate limiter, cost budgets, circuit breaker. What comes
 after is read outside the retries, and settles the guards when the stream ends: the breaker
 learns the outcome, the rate limiter the tokens really used, the budget the cost.
 
@@ -21,13 +21,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .._context import Span
-from .._llm import StreamedAttempt
+from .._llm import StreamedAttempt, is_free, usage_and_cost
 from .._usage import NO_USAGE, Usage
 from ..providers import Model, ModelRequest, ModelResponse, StreamChunk
 from ._breaker import CircuitBreaker
 from ._budget import CostBudget
 from ._classify import retry_after
-from ._policies import _ONE_TOKEN_EACH, Policies, guards_for
+from ._policies import Policies, guards_for
 from ._ratelimit import Permit, RateLimiter, estimate_tokens
 
 T = TypeVar("T")
@@ -37,7 +37,7 @@ class GuardedStream:
     """A streamed attempt that opened under the policies. Read it with :meth:`next`; its end,
     its failure or :meth:`close` settles the guards it passed, once."""
 
-    __slots__ = ("_breaker", "_budget", "_limiter", "_permit", "_settled", "attempt")
+    __slots__ = ("_breaker", "_budgets", "_limiter", "_permit", "_settled", "attempt")
 
     def __init__(
         self,
@@ -45,13 +45,13 @@ class GuardedStream:
         breaker: CircuitBreaker | None,
         limiter: RateLimiter | None,
         permit: Permit | None,
-        budget: CostBudget | None,
+        budgets: tuple[CostBudget, ...] | None,
     ) -> None:
         self.attempt = attempt
         self._breaker = breaker
         self._limiter = limiter
         self._permit = permit
-        self._budget = budget
+        self._budgets = budgets
         self._settled = False
 
     @property
@@ -86,11 +86,12 @@ class GuardedStream:
             self._breaker.record_failure(error)
         if self._limiter is not None and getattr(error, "status_code", None) == 429:
             self._limiter.penalise(retry_after(error))
-        if self._budget is not None and self.attempt.text:
+        if self._budgets is not None and self.attempt.text:
             # Tokens were generated, and their number is unknown: counted as a call of unknown
             # price (so a report can say the spend is a floor), or as free on a free model.
-            free = self.attempt.model.cost(_ONE_TOKEN_EACH) == 0.0
-            self._budget.charge(Usage(), 0.0 if free else None)
+            _usage, cost = usage_and_cost(self.attempt.model, NO_USAGE)
+            for budget in self._budgets:
+                budget.charge(Usage(), cost)
 
     def _succeeded(self, response: ModelResponse) -> None:
         if self._settled:
@@ -98,15 +99,12 @@ class GuardedStream:
         self._settled = True
         if self._breaker is not None:
             self._breaker.record_success()
-        reported = response.usage is not NO_USAGE
-        if self._permit is not None and reported:
-            self._permit.settle(response.usage.total_tokens)
-        if self._budget is not None:
-            model = self.attempt.model
-            cost = model.cost(response.usage) if reported else None
-            if not reported and model.cost(_ONE_TOKEN_EACH) == 0.0:
-                cost = 0.0
-            self._budget.charge(response.usage, cost)
+        usage, cost = usage_and_cost(self.attempt.model, response.usage)
+        if self._permit is not None and usage is not None:
+            self._permit.settle(usage.total_tokens)
+        if self._budgets is not None:
+            for budget in self._budgets:
+                budget.charge(usage or Usage(), cost)
 
 
 async def open_stream(
@@ -126,25 +124,28 @@ async def open_stream(
     is when the whole call must be over: no retry wait goes past it, and every read stops at it.
     The caller sets the current span (where retries and breaker changes are recorded).
     """
-    breaker, limiter, retry, timeout, budget = guards_for(policies, model)
+    breaker, limiter, retry, timeout, budgets = guards_for(policies, model)
     loop_deadline = None
     if deadline is not None:
         loop_deadline = asyncio.get_running_loop().time() + (deadline - time.monotonic())
 
     async def one_attempt() -> tuple[GuardedStream, T]:
-        if budget is not None:
-            await budget.admit(free=model.cost(_ONE_TOKEN_EACH) == 0.0)
+        # In call_model's order, for its reasons (see _policies._guarded_attempt).
+        permit = None
+        if limiter is not None:
+            permit = await limiter.acquire(estimate_tokens(request.messages))
+        if budgets is not None:
+            free = is_free(model)
+            for budget in budgets:
+                await budget.admit(free=free)
         if breaker is not None:
             await breaker.admit()
         stream: GuardedStream | None = None
         try:
-            permit = None
-            if limiter is not None:
-                permit = await limiter.acquire(estimate_tokens(request.messages))
             attempt = StreamedAttempt(
                 model, request, parent, timeout=timeout, deadline=loop_deadline
             )
-            stream = GuardedStream(attempt, breaker, limiter, permit, budget)
+            stream = GuardedStream(attempt, breaker, limiter, permit, budgets)
             await attempt.start()
             return stream, await first(stream)
         except BaseException as error:
