@@ -216,6 +216,51 @@ async def test_half_open_probes_limits_concurrent_probes(clock: FakeClock) -> No
     assert breaker.state == "closed"
 
 
+async def test_calls_admitted_before_the_probes_say_nothing_of_them(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    # Three calls let through while closed answer only once the circuit is half-open.
+    answers = [asyncio.Event() for _ in range(3)]
+    outcomes: list[BaseException | None] = [http(400), http(503), None]
+
+    async def late(n: int) -> str:
+        await answers[n].wait()
+        if outcomes[n] is not None:
+            raise outcomes[n]  # type: ignore[misc]
+        return "late"
+
+    stragglers = [asyncio.create_task(breaker.call(lambda n=n: late(n))) for n in range(3)]
+    await settle()
+    await fail(breaker, 3)
+    clock.advance(10)
+    probe_answer = asyncio.Event()
+
+    async def probed() -> str:
+        await probe_answer.wait()
+        return "probed"
+
+    probe = asyncio.create_task(breaker.call(probed))
+    await settle()
+    assert breaker.state == "half_open"
+    # A late 400 frees no probe's place: a second probe is still refused.
+    answers[0].set()
+    with pytest.raises(ProviderError):
+        await stragglers[0]
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(_ok)
+    # A late 503 does not reopen the circuit, and a late success does not close it.
+    answers[1].set()
+    with pytest.raises(ProviderError):
+        await stragglers[1]
+    answers[2].set()
+    assert await stragglers[2] == "late"
+    assert breaker.state == "half_open"
+    # The probe decides.
+    probe_answer.set()
+    assert await probe == "probed"
+    assert breaker.state == "closed"
+
+
 async def test_a_cancelled_probe_frees_its_slot(breaker: CircuitBreaker, clock: FakeClock) -> None:
     await fail(breaker, 3)
     clock.advance(10)

@@ -400,12 +400,15 @@ class SharedCircuitBreaker(_Proxy, CircuitBreaker):
         self._state = state
         return state
 
-    async def admit(self) -> None:
+    # The cluster's breaker tells no probe from a late call (admit returns None): a late call's
+    # outcome counts as a probe's, as with a caller that keeps nothing of its admission.
+    async def admit(self) -> int | None:
         retry_in: float | None = await self._actor.admit.remote()
         if retry_in is not None:
             raise CircuitOpenError(self.name, retry_in)
+        return None
 
-    async def settle(self, error: BaseException | None) -> None:
+    async def settle(self, error: BaseException | None, admitted: int | None = None) -> None:
         counted = None if error is None else self.failure_on(error)
         if counted is False:
             # Not a health signal (a cancellation among them): nothing to wait for.
@@ -421,15 +424,16 @@ class SharedCircuitBreaker(_Proxy, CircuitBreaker):
             if self.on_state_change is not None:
                 self.on_state_change(self, old, new)
 
-    def before_call(self) -> None:
+    def before_call(self) -> int:
         retry_in: float | None = ray.get(self._actor.admit.remote())
         if retry_in is not None:
             raise CircuitOpenError(self.name, retry_in)
+        return -1  # not a period of this proxy's: record_* here ignore it
 
-    def record_success(self) -> None:
+    def record_success(self, *, admitted: int | None = None) -> None:
         self._actor.record.remote(None)
 
-    def record_failure(self, error: BaseException) -> None:
+    def record_failure(self, error: BaseException, *, admitted: int | None = None) -> None:
         self._actor.record.remote(self.failure_on(error))
 
     def reset(self) -> None:

@@ -65,6 +65,9 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = 0.0
         self._probes = 0
+        # Counts changes of state: what a call's admission returned tells a probe of this
+        # half-open period from a late call admitted while the circuit was still closed.
+        self._period = 0
         # Breakers are shared across event loops and threads (the local model's workers), so
         # state changes take a lock; it is never held across an await.
         self._lock = threading.RLock()  # reentrant: on_state_change may read .state
@@ -85,6 +88,8 @@ class CircuitBreaker:
 
     def _set(self, new: BreakerState) -> None:
         old, self._state = self._state, new
+        if old != new:
+            self._period += 1
         if new == "open":
             self._opened_at = self._clock()
         if new != "half_open":
@@ -94,22 +99,24 @@ class CircuitBreaker:
             if self.on_state_change is not None:
                 self.on_state_change(self, old, new)
 
-    def before_call(self) -> None:
-        """Admit a call or raise :class:`CircuitOpenError`. Pair with ``record_*`` after."""
+    def before_call(self) -> int:
+        """Admit a call or raise :class:`CircuitOpenError`. Pair with ``record_*`` after, given
+        what this returned as ``admitted=``: a call admitted before the circuit went half-open
+        then neither takes a probe's place when it fails late, nor closes or reopens it."""
         with self._lock:
             self._advance()
             if self._state == "closed":
-                return
+                return self._period
             if self._state == "half_open" and self._probes < self.half_open_probes:
                 self._probes += 1
-                return
+                return self._period
             probing = self._state == "half_open"
             retry_in = max(0.0, self.recovery_time - (self._clock() - self._opened_at))
         raise CircuitOpenError(self.name, retry_in, probing=probing)
 
-    def record_success(self) -> None:
+    def record_success(self, *, admitted: int | None = None) -> None:
         with self._lock:
-            if self._state == "open":
+            if self._state == "open" or self._late(admitted):
                 # A call admitted before the circuit opened answered late: one stale success
                 # says little about health now, and must not close the circuit (flapping).
                 return
@@ -117,8 +124,10 @@ class CircuitBreaker:
             if self._state == "half_open":
                 self._set("closed")
 
-    def record_failure(self, error: BaseException) -> None:
+    def record_failure(self, error: BaseException, *, admitted: int | None = None) -> None:
         with self._lock:
+            if self._late(admitted):
+                return  # not a probe: its place is not freed, and it says nothing of them
             if self._state == "half_open":
                 self._probes = max(0, self._probes - 1)
             if not self.failure_on(error):
@@ -129,6 +138,11 @@ class CircuitBreaker:
             if self._state == "half_open" or self._failures >= self.failure_threshold:
                 self._set("open")
 
+    def _late(self, admitted: int | None) -> bool:
+        """A half-open circuit hears of a call admitted before its probes (``None``: unknown, as
+        from a caller that did not keep what :meth:`before_call` returned)."""
+        return self._state == "half_open" and admitted is not None and admitted != self._period
+
     def reset(self) -> None:
         with self._lock:
             self._failures = 0
@@ -138,25 +152,26 @@ class CircuitBreaker:
     # here they only call the methods above, while a breaker whose state lives elsewhere (one
     # shared by a Ray cluster, kagura.ray) asks for it there without blocking the event loop.
 
-    async def admit(self) -> None:
+    async def admit(self) -> int | None:
         """:meth:`before_call`, awaited."""
-        self.before_call()
+        return self.before_call()
 
-    async def settle(self, error: BaseException | None) -> None:
-        """:meth:`record_success` (``error`` is ``None``) or :meth:`record_failure`, awaited."""
+    async def settle(self, error: BaseException | None, admitted: int | None = None) -> None:
+        """:meth:`record_success` (``error`` is ``None``) or :meth:`record_failure`, awaited;
+        ``admitted`` is what :meth:`admit` returned."""
         if error is None:
-            self.record_success()
+            self.record_success(admitted=admitted)
         else:
-            self.record_failure(error)
+            self.record_failure(error, admitted=admitted)
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        await self.admit()
+        admitted = await self.admit()
         try:
             result = await fn()
         except BaseException as error:
-            await self.settle(error)
+            await settle_admitted(self, error, admitted)
             raise
-        await self.settle(None)
+        await settle_admitted(self, None, admitted)
         return result
 
     def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -177,6 +192,18 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self._state} failures={self._failures}>"
+
+
+async def settle_admitted(
+    breaker: CircuitBreaker, error: BaseException | None, admitted: int | None
+) -> None:
+    """``breaker.settle``, given what its admission returned when it returned something: seams
+    of a breaker's own (a subclass's, kagura.ray's) that return nothing may take the outcome
+    alone."""
+    if admitted is None:
+        await breaker.settle(error)
+    else:
+        await breaker.settle(error, admitted)
 
 
 _registry: dict[str, CircuitBreaker] = {}

@@ -25,7 +25,7 @@ from .._usage import Usage
 from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
 from ._backoff import seconds
-from ._breaker import CircuitBreaker, circuit_breaker
+from ._breaker import CircuitBreaker, circuit_breaker, settle_admitted
 from ._budget import CostBudget, cost_budgets
 from ._classify import retry_after
 from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
@@ -311,18 +311,19 @@ async def _guarded_attempt(
         free = _llm.is_free(model)
         for budget in budgets:
             await budget.admit(free=free)
+    admitted = None
     if breaker is not None:
-        await breaker.admit()
+        admitted = await breaker.admit()
     try:
         response = await _llm.attempt(model, request, parent, timeout=timeout)
     except BaseException as error:
         if breaker is not None:
-            await breaker.settle(error)
+            await settle_admitted(breaker, error, admitted)
         if limiter is not None and getattr(error, "status_code", None) == 429:
             limiter.penalise(retry_after(error))
         raise
     if breaker is not None:
-        await breaker.settle(None)
+        await settle_admitted(breaker, None, admitted)
     usage, cost = _llm.usage_and_cost(model, response.usage)
     if limiter is not None and usage is not None:
         permit.settle(usage.total_tokens)

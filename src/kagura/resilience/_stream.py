@@ -24,7 +24,7 @@ from .._context import Span
 from .._llm import StreamedAttempt, is_free, usage_and_cost
 from .._usage import NO_USAGE, Usage
 from ..providers import Model, ModelRequest, ModelResponse, StreamChunk
-from ._breaker import CircuitBreaker
+from ._breaker import CircuitBreaker, settle_admitted
 from ._budget import CostBudget
 from ._classify import retry_after
 from ._policies import Policies, guards_for
@@ -37,7 +37,15 @@ class GuardedStream:
     """A streamed attempt that opened under the policies. Read it with :meth:`next`; its end,
     its failure or :meth:`close` settles the guards it passed, once."""
 
-    __slots__ = ("_breaker", "_budgets", "_limiter", "_permit", "_settled", "attempt")
+    __slots__ = (
+        "_admitted",
+        "_breaker",
+        "_budgets",
+        "_limiter",
+        "_permit",
+        "_settled",
+        "attempt",
+    )
 
     def __init__(
         self,
@@ -46,9 +54,11 @@ class GuardedStream:
         limiter: RateLimiter | None,
         permit: Permit | None,
         budgets: tuple[CostBudget, ...] | None,
+        admitted: int | None = None,
     ) -> None:
         self.attempt = attempt
         self._breaker = breaker
+        self._admitted = admitted  # what the breaker's admission returned
         self._limiter = limiter
         self._permit = permit
         self._budgets = budgets
@@ -83,7 +93,7 @@ class GuardedStream:
             return
         self._settled = True
         if self._breaker is not None:
-            self._breaker.record_failure(error)
+            self._breaker.record_failure(error, admitted=self._admitted)
         if self._limiter is not None and getattr(error, "status_code", None) == 429:
             self._limiter.penalise(retry_after(error))
         if self._budgets is not None and self.attempt.text:
@@ -98,7 +108,7 @@ class GuardedStream:
             return
         self._settled = True
         if self._breaker is not None:
-            self._breaker.record_success()
+            self._breaker.record_success(admitted=self._admitted)
         usage, cost = usage_and_cost(self.attempt.model, response.usage)
         if self._permit is not None and usage is not None:
             self._permit.settle(usage.total_tokens)
@@ -138,20 +148,21 @@ async def open_stream(
             free = is_free(model)
             for budget in budgets:
                 await budget.admit(free=free)
+        admitted = None
         if breaker is not None:
-            await breaker.admit()
+            admitted = await breaker.admit()
         stream: GuardedStream | None = None
         try:
             attempt = StreamedAttempt(
                 model, request, parent, timeout=timeout, deadline=loop_deadline
             )
-            stream = GuardedStream(attempt, breaker, limiter, permit, budgets)
+            stream = GuardedStream(attempt, breaker, limiter, permit, budgets, admitted)
             await attempt.start()
             return stream, await first(stream)
         except BaseException as error:
             if stream is None:
                 if breaker is not None:
-                    await breaker.settle(error)
+                    await settle_admitted(breaker, error, admitted)
                 if limiter is not None and getattr(error, "status_code", None) == 429:
                     limiter.penalise(retry_after(error))
             else:
