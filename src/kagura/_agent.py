@@ -642,7 +642,7 @@ class Agent(Generic[P, R]):
                 current_durable_run.get(),
                 span,
                 "tool",
-                call.arguments,
+                _call_inputs(call.arguments),
                 invoke,
                 dump=json.dumps,
                 load=lambda output: str(json.loads(output)) if output else "",
@@ -709,6 +709,16 @@ class Agent(Generic[P, R]):
         item.
         """
         return open_agent_stream(self, self._bind(args, kwargs))
+
+
+def _call_inputs(arguments: str) -> Any:
+    """A tool call's arguments as the journal hashes them: the value the model's JSON text
+    stands for (hashed with its keys sorted), so that the same call written again with its keys
+    in another order is found journaled, not run twice."""
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 class _ToolFailed(Exception):

@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kagura import UsageError, step, workflow
+from kagura import UsageError, agent, step, tool, workflow
 from kagura.durable import Journal
 from kagura.durable._run import input_hash
-from kagura.providers import ModelRequest
+from kagura.errors import ProviderError, RunFailedError
+from kagura.providers import ModelRequest, ToolCall
 from kagura.testing import FakeModel, Reply, override_model
 
 from . import workflows
@@ -69,7 +72,10 @@ async def test_every_step_is_journaled_under_a_stable_key(journal: Journal, tmp_
     assert steps["fanout/review#0"].input_hash == input_hash(
         {"text": "Draft a note about apples one."}
     )
-    assert steps["fanout/shopper#0/price#0"].input_hash == input_hash('{"item": "apples"}')
+    # A tool call's inputs: what its arguments' JSON stands for, keys sorted.
+    assert steps["fanout/shopper#0/price#0"].input_hash == input_hash(
+        {"item": "apples"}, sort_keys=True
+    )
     assert json.loads(steps["fanout/shopper#0/price#0"].output or "") == "apples costs 3"
     assert steps["fanout/charge#0"].input_hash == input_hash(
         {"args": (ledger, "apples"), "kwargs": {}}
@@ -216,11 +222,125 @@ async def test_a_step_result_with_no_json_is_a_usage_error_naming_the_step(db: s
         await lists.run(run_id="no-json")
 
 
+SET_ARGUMENT = """
+import asyncio, os, sys
+from kagura import step, workflow
+
+def record(tags: set[str]) -> list[str]:
+    return sorted(tags)
+
+@workflow(durable=True)
+async def tagged(tags: set[str]) -> list[str]:
+    first = await step("first", record, tags)
+    if os.environ.get("CRASH"):
+        os._exit(9)
+    return first + await step("second", record, tags)
+
+if __name__ == "__main__":
+    mode, run_id = sys.argv[1], sys.argv[2]
+    if mode == "run":
+        print(asyncio.run(tagged.run({"alpha", "beta", "gamma", "delta", "eps"}, run_id=run_id)))
+    else:
+        print(asyncio.run(tagged.resume(run_id)))
+"""
+
+
+def test_a_set_in_a_run_s_inputs_is_the_same_in_every_process(db: str, tmp_path: Path) -> None:
+    # A set's order is its hash seed's: one process's JSON of it is not the next one's.
+    script = tmp_path / "tagged.py"
+    script.write_text(SET_ARGUMENT)
+
+    def run(seed: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), *args],
+            env={
+                **os.environ,
+                "KAGURA_DB": db,
+                "KAGURA_RECORD": "0",
+                "PYTHONHASHSEED": seed,
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=WAIT_TIMEOUT,
+            check=False,
+        )
+
+    tags = sorted(["alpha", "beta", "gamma", "delta", "eps"])
+    assert run("1", "run", "crashed", CRASH="1").returncode == 9
+    resumed = run("2", "resume", "crashed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == str(tags + tags)
+    # A finished run asked for again by a process of another seed: the same arguments.
+    assert run("1", "run", "done").returncode == 0
+    again = run("2", "run", "done")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == str(tags + tags)
+
+
+async def test_a_tool_called_again_with_its_arguments_in_another_order_is_not_run_again(
+    journal: Journal,
+) -> None:
+    # The agent runs again on resume, and its model need not write the same call the same way.
+    charged: list[tuple[str, int]] = []
+    fail_after_the_tool = {"on": True}
+
+    @tool
+    def charge(customer: str, amount: int) -> str:
+        """Charge a customer."""
+        charged.append((customer, amount))
+        return "charged"
+
+    def answer(request: ModelRequest) -> str | Reply:
+        if request.messages[-1].get("role") == "tool":
+            if fail_after_the_tool["on"]:
+                raise ProviderError("bad request", status_code=400)  # not retried
+            return "done"
+        order = ("customer", "amount") if fail_after_the_tool["on"] else ("amount", "customer")
+        given = {"customer": "ann", "amount": 5}
+        arguments = json.dumps({key: given[key] for key in order})
+        return Reply(tool_calls=(ToolCall("call_1", "charge", arguments),))
+
+    @agent(model=FakeModel([answer] * 10), tools=[charge])
+    async def cashier(order: str) -> str:
+        """Settle {{ order }}."""
+
+    @workflow(durable=True)
+    async def checkout(order: str) -> str:
+        return await cashier(order)
+
+    with pytest.raises(ProviderError):
+        await checkout.run("ann's order", run_id="checkout")
+    fail_after_the_tool["on"] = False
+    assert await checkout.resume("checkout") == "done"
+    assert charged == [("ann", 5)]
+
+
+async def test_a_run_result_with_no_json_fails_the_run_saying_so(journal: Journal) -> None:
+    effects: list[str] = []
+
+    @workflow(durable=True)
+    async def raw() -> bytes:
+        await step("effect", effects.append, "done")
+        return b"\xff\x00raw"
+
+    with pytest.raises(UsageError, match=r"durable workflow 'raw': its result cannot be journaled"):
+        await raw.run(run_id="raw-result")
+    record = journal.get_run("raw-result")
+    assert record is not None and record.status == "failed"
+    # Asked again: the reason at once (no wait for a run left running), the effect not again.
+    with pytest.raises(RunFailedError, match="its result cannot be journaled"):
+        await raw.run(run_id="raw-result")
+    assert effects == ["done"]
+
+
 @pytest.mark.parametrize(
     ("run_id", "said"),
     [
         (" padded ", "starts or ends with a space"),
         ("\ud800", "lone surrogate"),
+        ("-7f3a", "starts with '-'"),
+        ("job~2", "ends as the span ids of a run's resumed executions do"),
     ],
 )
 def test_a_run_id_the_store_or_the_shell_cannot_keep_is_refused(run_id: str, said: str) -> None:

@@ -29,7 +29,7 @@ from ._journal import (
     journal_for,
     lease_seconds,
 )
-from ._run import DurableRun, current_durable_run
+from ._run import DurableRun, canonical, current_durable_run
 from ._script import check_not_loading, check_source, loading_target
 
 _log = logging.getLogger("kagura.durable")
@@ -129,7 +129,8 @@ def _dump_arguments(
     bound = _facts_of(workflow).signature.bind(*args, **kwargs)
     bound.apply_defaults()
     try:
-        text = pydantic_core.to_json(dict(bound.arguments)).decode()
+        # Sets in sorted order: the text is compared when the run id is asked for again.
+        text = pydantic_core.to_json(canonical(dict(bound.arguments))).decode()
     except pydantic_core.PydanticSerializationError as exc:
         raise UsageError(
             f"durable workflow {workflow.name!r}: its arguments must be JSON-serialisable so that "
@@ -309,9 +310,27 @@ async def _execute(
     finally:
         journal.let_go(run_id, owner)
         current_durable_run.reset(token)
-    dumped = pydantic_core.to_json(result, fallback=repr).decode()
+    try:
+        dumped = _dump_result(workflow, result)
+    except UsageError as exc:
+        # Failed with the reason, not left running: a later ask gets the error, not a wait.
+        await asyncio.shield(journal.finish_soon(run_id, owner, error=exc))
+        raise
     await asyncio.shield(journal.finish_soon(run_id, owner, result=dumped))
     return result
+
+
+def _dump_result(workflow: Workflow, result: Any) -> str:
+    """The run's result as the journal keeps it for whoever asks for the run again (read back
+    through the return annotation, as a step's is): refused (:class:`UsageError`) when it has
+    no JSON, rather than kept as its repr and read back as text."""
+    try:
+        return pydantic_core.to_json(result).decode()
+    except pydantic_core.PydanticSerializationError as exc:
+        raise UsageError(
+            f"durable workflow {workflow.name!r}: its result cannot be journaled, it has no JSON "
+            f"({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
+        ) from exc
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import threading
 import time
 import uuid
@@ -142,6 +143,10 @@ class RunRecord:
     steps: int = 0
     #: Which process ``pid`` named (see :mod:`kagura._process`), when it could be read.
     pid_start: str | None = None
+
+
+#: How attempt_span_id ends the span ids of resumed executions: refused at the end of run ids.
+_ATTEMPT_SUFFIX = re.compile(r"~[0-9]+$")
 
 
 def attempt_span_id(run_id: str, attempt: int) -> str:
@@ -273,6 +278,17 @@ class Journal:
             raise UsageError(
                 f"run_id {run_id!r} starts or ends with a space: pass it without, or None for "
                 f"a new id"
+            )
+        if run_id.startswith("-"):
+            raise UsageError(
+                f"run_id {run_id!r} starts with '-', which the command line (kagura runs show) "
+                f"would take for an option: pass one that starts otherwise, or None for a new id"
+            )
+        if _ATTEMPT_SUFFIX.search(run_id):
+            raise UsageError(
+                f"run_id {run_id!r} ends as the span ids of a run's resumed executions do "
+                f"('~' and a number: run~2 is run's second execution): pass one that ends "
+                f"otherwise, or None for a new id"
             )
         try:
             run_id.encode()

@@ -32,14 +32,39 @@ T = TypeVar("T")
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
-def input_hash(value: Any) -> str:
-    """A stable hash of a call's inputs (memory addresses in reprs are ignored)."""
+def input_hash(value: Any, *, sort_keys: bool = False) -> str:
+    """A stable hash of a call's inputs (memory addresses in reprs are ignored), the same in
+    every process: sets are taken in sorted order (see :func:`canonical`), and with
+    ``sort_keys`` so are the keys of dicts (a tool's arguments, whose order the model chooses)."""
 
     try:
-        data = pydantic_core.to_json(value, fallback=_stable_repr)
+        data = pydantic_core.to_json(canonical(value, sort_keys=sort_keys), fallback=_stable_repr)
     except Exception:  # no JSON for it (bytes that are not UTF-8, a dict that holds itself)
         data = _stable_repr(value).encode()
     return hashlib.sha256(data).hexdigest()
+
+
+def canonical(value: Any, *, sort_keys: bool = False) -> Any:
+    """``value`` with its sets (in dicts, lists and tuples) as sorted lists: a set's order is
+    its hash seed's and its history's, so JSON of it in that order differs from one process, or
+    one building of the set, to the next, and so would a hash of it or its stored text. With
+    ``sort_keys``, dicts are sorted by key too. Other objects are left as they are."""
+    if isinstance(value, set | frozenset):
+        items = [canonical(item, sort_keys=sort_keys) for item in value]
+        return sorted(items, key=_sort_key)
+    if isinstance(value, dict):
+        pairs = [(key, canonical(item, sort_keys=sort_keys)) for key, item in value.items()]
+        return dict(sorted(pairs, key=lambda pair: str(pair[0])) if sort_keys else pairs)
+    if isinstance(value, list | tuple):
+        return [canonical(item, sort_keys=sort_keys) for item in value]
+    return value
+
+
+def _sort_key(value: Any) -> bytes:
+    try:
+        return pydantic_core.to_json(value, fallback=_stable_repr)
+    except Exception:
+        return _stable_repr(value).encode()
 
 
 def _stable_repr(value: Any) -> str:
@@ -175,7 +200,8 @@ async def journaled(
     (``durable`` is ``None``) it is ``run()``."""
     if durable is None:
         return await run(), False
-    digest = input_hash(inputs)
+    # A tool's arguments are the model's: the same call may come with its keys in another order.
+    digest = input_hash(inputs, sort_keys=kind == "tool")
     record = durable.lookup(span.step_key, span.name, kind, digest, position)
     if record is not None:
         return load(record.output), True
