@@ -316,6 +316,44 @@ async def test_a_tool_called_again_with_its_arguments_in_another_order_is_not_ru
     assert charged == [("ann", 5)]
 
 
+async def test_parallel_steps_started_in_another_order_on_resume_are_found_by_their_inputs(
+    journal: Journal, tmp_path: Path
+) -> None:
+    # In the first run the slow document's summary comes last, so its store starts second; a
+    # resumed run has both summaries from the journal at once, and starts the stores the other
+    # way round.
+    fast_stored = asyncio.Event()
+    stored: list[str] = []
+
+    async def summarise(doc: str) -> str:
+        if doc == "slow" and not stored:
+            await fast_stored.wait()
+        return f"summary of {doc}"
+
+    def store(doc: str) -> str:
+        stored.append(doc)
+        fast_stored.set()
+        return f"id-{doc}"
+
+    async def one(doc: str) -> str:
+        await step("summarise", summarise, doc)
+        return await step("store", store, doc)
+
+    @workflow(durable=True)
+    async def digest(docs: list[str], gate: str) -> list[str]:
+        ids = await asyncio.gather(*(one(doc) for doc in docs))
+        await step("gate", workflows.require_file, gate)
+        return list(ids)
+
+    gate = tmp_path / "gate"
+    with pytest.raises(FileNotFoundError):
+        await digest.run(["slow", "fast"], str(gate), run_id="digest")
+    assert stored == ["fast", "slow"]
+    gate.touch()
+    assert await digest.resume("digest") == ["id-slow", "id-fast"]
+    assert stored == ["fast", "slow"]  # neither stored again
+
+
 async def test_a_run_result_with_no_json_fails_the_run_saying_so(journal: Journal) -> None:
     effects: list[str] = []
 

@@ -292,6 +292,7 @@ async def _execute(
     bound: inspect.BoundArguments,
 ) -> Any:
     run_id, owner = record.run_id, durable.owner
+    durable.main_task = asyncio.current_task()
     token = current_durable_run.set(durable)
     journal.hold(run_id, owner)  # its lease is renewed by the journal's thread until it ends
     try:

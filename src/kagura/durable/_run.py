@@ -10,6 +10,7 @@ than mixing results of two different executions.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import re
@@ -81,7 +82,9 @@ class DurableRun:
 
     __slots__ = (
         "_by_position",
+        "_taken",
         "journal",
+        "main_task",
         "owner",
         "recorded",
         "replay_only",
@@ -107,6 +110,10 @@ class DurableRun:
         self.replayed = 0
         self.recorded = 0
         self._by_position: dict[tuple[str, int], StepRecord] | None = None
+        #: Keys of the journaled steps this execution has replayed.
+        self._taken: set[str] = set()
+        #: The task that runs the workflow's own code, once it runs (others are its branches).
+        self.main_task: asyncio.Task[Any] | None = None
 
     def lookup(
         self, key: str, name: str, kind: str, digest: str, position: int = -1
@@ -126,16 +133,57 @@ class DurableRun:
                 f"the journal has {record.kind} {record.name!r} here, the code now calls "
                 f"{kind} {name!r}",
             )
-        if record.input_hash != digest:
-            if kind == "tool" and not self.replay_only:
+        if record.input_hash != digest or key in self._taken:
+            # Calls of one name started in parallel branches after other awaits are numbered in
+            # the order they start, which a resumed run (its earlier calls answered from the
+            # journal at once) need not repeat: a sibling of this name journaled with these very
+            # inputs is this call.
+            sibling = self._sibling(key, name, kind, digest)
+            if sibling is not None:
+                record = sibling
+            elif kind == "tool" and not self.replay_only:
                 # The agent around this tool call is running again, and a model need not ask
                 # for the same arguments twice: run the tool anew rather than fail the run.
                 return None
-            raise NonDeterminismError(
-                key, f"{kind} {name!r} is called with other inputs than the journal recorded"
-            )
+            else:
+                raise NonDeterminismError(key, self._other_inputs(key, name, kind))
+        self._taken.add(record.step_key)
         self.replayed += 1
         return record
+
+    def _sibling(self, key: str, name: str, kind: str, digest: str) -> StepRecord | None:
+        """A journaled call of ``name`` under the same parent as ``key``, with these inputs, that
+        this execution has not replayed yet."""
+        parent = key.rpartition("/")[0]
+        for record in self.steps.values():
+            if (
+                record.input_hash == digest
+                and record.name == name
+                and record.kind == kind
+                and record.step_key not in self._taken
+                and record.step_key.rpartition("/")[0] == parent
+            ):
+                return record
+        return None
+
+    def _other_inputs(self, key: str, name: str, kind: str) -> str:
+        said = f"{kind} {name!r} is called with other inputs than the journal recorded"
+        parent = key.rpartition("/")[0]
+        journaled = sum(
+            1
+            for r in self.steps.values()
+            if r.name == name and r.kind == kind and r.step_key.rpartition("/")[0] == parent
+        )
+        task = asyncio.current_task()
+        if journaled > 1 or (self.main_task is not None and task is not self.main_task):
+            # Maybe not another path: calls started in parallel, in another order.
+            said += (
+                f" (or, if calls of {name!r} are started in parallel after other awaits, the one "
+                f"with these inputs had not been journaled: such calls are numbered in the order "
+                f"they start, which a resumed run need not repeat; give each its own name, such "
+                f'as step(f"{name} {{item}}", ...), for runs started from now on)'
+            )
+        return said
 
     def _check_position(self, key: str, name: str, kind: str, position: int) -> None:
         """A new step where the journal has another one (renamed, replaced or reordered code)."""
