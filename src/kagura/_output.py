@@ -123,7 +123,7 @@ class OutputSpec:
             why = "it reads back as another value"
         except pydantic.ValidationError as exc:
             differs = True
-            why = f"it does not read back ({_describe(exc)})"
+            why = f"it does not read back ({describe_error(exc)})"
         if differs:
             raise UsageError(
                 f"{owner}: its result cannot be journaled: written as JSON, {why}. A durable "
@@ -162,7 +162,7 @@ class OutputSpec:
             return lenient
         if last_error is None:
             raise OutputValidationError("the answer contains no JSON value")
-        raise OutputValidationError(_describe(last_error))
+        raise OutputValidationError(describe_error(last_error))
 
     def _unwrap(self, data: Any) -> list[Any]:
         if self.wrapped and isinstance(data, dict) and "result" in data:
@@ -210,7 +210,7 @@ class OutputSpec:
                 data, experimental_allow_partial="trailing-strings"
             )
         except pydantic.ValidationError as exc:
-            raise OutputValidationError(_describe(exc)) from None
+            raise OutputValidationError(describe_error(exc)) from None
 
 
 _MISSING: Any = object()
@@ -255,7 +255,8 @@ def _within(part: list[str], words: list[str]) -> bool:
     return any(words[i : i + n] == part for i in range(len(words) - n + 1))
 
 
-def _describe(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
+    """A validation error in a line: where, and what was wrong (at most five places)."""
     if isinstance(error, pydantic.ValidationError):
         parts = []
         for e in error.errors(include_url=False)[:5]:

@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from kagura import NonDeterminismError
+from kagura import NonDeterminismError, UsageError, Workflow, agent, step, workflow
 from kagura.durable import Journal
 from kagura.testing import FakeModel, override_model, replay
 
@@ -85,3 +86,67 @@ async def test_replay_of_changed_code_names_the_new_step(journal: Journal, tmp_p
     assert isinstance(offline, FakeModel) and offline.requests == []
     record = journal.get_run("yesterday")
     assert record is not None and record.status == "completed"
+
+
+class Poem(BaseModel):
+    title: str
+    lines: list[str]
+
+
+def poet_v1() -> Workflow[..., str]:
+    @agent(model=FakeModel())
+    async def writer(topic: str) -> str:
+        """Write about {{ topic }}."""
+
+    @workflow(durable=True)
+    async def poet(topic: str, gate: str) -> str:
+        text = await writer(topic)
+        await step("gate", workflows.require_file, gate)
+        return text
+
+    return poet
+
+
+async def test_a_journaled_result_that_no_longer_reads_as_its_type_is_named(
+    journal: Journal, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    with pytest.raises(FileNotFoundError):
+        await poet_v1().run("tea", str(gate), run_id="poem")
+    gate.touch()
+
+    @agent(model=FakeModel())
+    async def writer(topic: str) -> Poem:
+        """Write about {{ topic }}."""
+
+    @workflow(durable=True)
+    async def poet(topic: str, gate: str) -> str:
+        return repr(await writer(topic))
+
+    with pytest.raises(NonDeterminismError) as changed:
+        await poet.resume("poem")
+    assert changed.value.step_key == "poet/writer#0"
+    assert "the journal's result of agent 'writer' does not read back as the type it" in str(
+        changed.value
+    )
+    assert "https://" not in str(changed.value)  # pydantic's words, in a line
+
+
+async def test_a_run_whose_workflow_takes_other_arguments_now_says_so(
+    journal: Journal, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    with pytest.raises(FileNotFoundError):
+        await poet_v1().run("tea", str(gate), run_id="poem")
+
+    @workflow(durable=True)
+    async def poet(subject: str, gate: str) -> str:
+        return subject
+
+    with pytest.raises(UsageError) as changed:
+        await poet.resume("poem")
+    assert str(changed.value) == (
+        "durable workflow 'poet' no longer takes the arguments its run was started with "
+        "(topic, gate): it now takes (subject, gate); resume the run with the code it was "
+        "started with"
+    )

@@ -142,8 +142,24 @@ def _dump_arguments(
 def _load_arguments(workflow: Workflow, text: str | None) -> inspect.BoundArguments:
     facts = _facts_of(workflow)
     stored: dict[str, Any] = pydantic_core.from_json(text) if text else {}
+    parameters = facts.signature.parameters
+    unknown = [name for name in stored if name not in parameters]
+    missing = [
+        name
+        for name, parameter in parameters.items()
+        if name not in stored
+        and parameter.default is inspect.Parameter.empty
+        and parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD)
+    ]
+    if unknown or missing:
+        raise UsageError(
+            f"durable workflow {workflow.name!r} no longer takes the arguments its run was "
+            f"started with ({', '.join(stored) or 'none'}): it now takes "
+            f"({', '.join(parameters) or 'none'}); resume the run with the code it was started "
+            f"with"
+        )
     values: OrderedDict[str, Any] = OrderedDict()
-    for name in facts.signature.parameters:
+    for name in parameters:
         if name in stored:
             adapter = facts.adapter(workflow.fn, name)
             values[name] = (

@@ -23,6 +23,7 @@ from pydantic import TypeAdapter
 
 from .._context import Span, checked_name, current_span
 from .._instrument import span_finished, span_started, status_of
+from .._output import describe_error
 from .._recording import ensure_recording
 from .._redact import repr_of
 from ..errors import NonDeterminismError, UsageError
@@ -252,7 +253,16 @@ async def journaled(
     digest = input_hash(inputs, sort_keys=kind == "tool")
     record = durable.lookup(span.step_key, span.name, kind, digest, position)
     if record is not None:
-        return load(record.output), True
+        try:
+            return load(record.output), True
+        except ValueError as exc:  # pydantic's ValidationError among them
+            # Its result type changed since it was journaled: another path, as other inputs are.
+            raise NonDeterminismError(
+                span.step_key,
+                f"the journal's result of {kind} {span.name!r} does not read back as the type it "
+                f"returns now ({describe_error(exc)}); resume the run with the code it was "
+                f"started with",
+            ) from exc
     result = await run()
     await durable.record(span.step_key, span.name, kind, digest, dump(result), position)
     return result, False
