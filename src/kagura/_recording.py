@@ -7,18 +7,29 @@ never the other way round.
 
 from __future__ import annotations
 
+import threading
+
 from . import _instrument, _settings
+
+_installing = threading.RLock()
 
 
 def ensure_recording() -> None:
     """Install the default recorder on the first agent or workflow call, unless turned off.
 
     Deferred to the first call so that ``import kagura`` stays light; after that it is one global
-    check per call (``_instrument._recording_checked``)."""
+    check per call (``_instrument._recording_checked``). Checked only once the recorder is in
+    place: the first calls of other threads wait for it meanwhile, rather than run unrecorded
+    (or recorded without what they started with)."""
     if _instrument._recording_checked:
         return
-    _instrument._recording_checked = True
-    if _settings.recording_enabled():
-        from .observability._recorder import install_default
+    with _installing:
+        if _instrument._recording_checked:
+            return
+        try:
+            if _settings.recording_enabled():
+                from .observability._recorder import install_default
 
-        install_default()
+                install_default()
+        finally:
+            _instrument._recording_checked = True

@@ -295,8 +295,12 @@ def _monitor_cost(args: argparse.Namespace) -> int:
     if not rows:
         console.print(f"No finished calls ({_window(args)}) in {_store_name(store)}.")
         return 0
-    table = _monitor.cost_table(rows, args.by)
+    # By agent, an agent's row holds the agents it called: what was spent is the attempts'.
+    spent = store.cost(by="model", since=since) if args.by == "agent" else None
+    table = _monitor.cost_table(rows, args.by, spent)
     table.caption = f"{_window(args)} · {_store_name(store)}"
+    if spent is not None:
+        table.caption += " · an agent's row includes the agents it called"
     console.print(table)
     chart_rows = _monitor.fill_days(rows) if args.by == "day" else rows
     console.print(_monitor.cost_chart(chart_rows, args.by, width=_chart_width(console)))

@@ -664,3 +664,28 @@ def test_another_program_s_database_is_refused_and_left_as_it_was(
     assert f"{app} is not a Kagura event store: it holds other tables (users)" in err
     with contextlib.closing(sqlite3.connect(app)) as db:
         assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+def test_cost_by_agent_totals_what_was_spent_not_its_rows() -> None:
+    # An agent's row holds the agents it called: boss's 143 tokens include helper's 110.
+    from rich.console import Console
+
+    from kagura.observability import _monitor
+
+    def row(key: str, name: str, calls: int, tokens: int, cost: float) -> dict[str, object]:
+        return {
+            key: name,
+            "calls": calls,
+            "failures": 0,
+            "prompt_tokens": tokens - 10,
+            "completion_tokens": 10,
+            "total_tokens": tokens,
+            "cost_usd": cost,
+        }
+
+    by_agent = [row("agent", "boss", 1, 143, 0.156), row("agent", "helper", 1, 110, 0.120)]
+    by_model = [row("model", "acme/m", 3, 143, 0.156)]
+    console = Console(record=True, width=200)
+    console.print(_monitor.cost_table(by_agent, "agent", by_model))
+    footer = [line for line in console.export_text().splitlines() if "total" in line][-1]
+    assert footer.split()[1:] == ["2", "0", "133", "10", "143", _monitor.format_cost(0.156)]

@@ -1205,3 +1205,44 @@ def test_the_open_spans_are_listed_from_a_snapshot(store_url: str) -> None:
         gc.callbacks.remove(open_one)
         recorder.close()
     assert len(running) >= len(opened)
+
+
+def test_first_calls_of_other_threads_wait_for_the_recorder_one_of_them_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Told "checked" while the recorder was still starting, other threads' first calls ran
+    # unrecorded, or recorded without their model and inputs.
+    from kagura import _recording, _settings
+    from kagura.observability import _recorder
+
+    monkeypatch.setattr(instrument, "_recording_checked", False)
+    monkeypatch.setattr(_settings, "recording_enabled", lambda: True)
+    inside = threading.Event()
+    release = threading.Event()
+    seen_while_installing: list[bool] = []
+    installed: list[str] = []
+
+    def install_default() -> None:
+        seen_while_installing.append(instrument._recording_checked)
+        inside.set()
+        assert release.wait(timeout=60)
+        installed.append("recorder")
+
+    monkeypatch.setattr(_recorder, "install_default", install_default)
+    first = threading.Thread(target=_recording.ensure_recording)
+    first.start()
+    assert inside.wait(timeout=60)
+    found_installed: list[list[str]] = []
+
+    def second_call() -> None:
+        _recording.ensure_recording()
+        found_installed.append(list(installed))
+
+    second = threading.Thread(target=second_call)
+    second.start()
+    release.set()
+    first.join(timeout=60)
+    second.join(timeout=60)
+    assert seen_while_installing == [False]  # nobody was told it was checked meanwhile
+    assert found_installed == [["recorder"]]  # the other thread's call came after it
+    assert installed == ["recorder"]  # started once

@@ -452,8 +452,15 @@ def trace_header(execution: Mapping[str, Any]) -> Text:
 # -- cost -------------------------------------------------------------------------------------
 
 
-def cost_table(rows: Sequence[Mapping[str, Any]], by: str) -> Table:
-    """``EventStore.cost(by=...)`` rows with a total row."""
+def cost_table(
+    rows: Sequence[Mapping[str, Any]],
+    by: str,
+    spent: Sequence[Mapping[str, Any]] | None = None,
+) -> Table:
+    """``EventStore.cost(by=...)`` rows with a total row. An agent's row counts the tokens and
+    cost of the agents it called (as tools, say) too, so rows by agent do not add up to what
+    was spent: their total's tokens and cost are then ``spent``'s, rows by model (LLM
+    attempts, each counted once)."""
     table = Table(
         title=f"Cost by {by}",
         box=box.SIMPLE_HEAD,
@@ -462,11 +469,12 @@ def cost_table(rows: Sequence[Mapping[str, Any]], by: str) -> Table:
     )
     calls = sum(int(r.get("calls") or 0) for r in rows)
     failures = sum(int(r.get("failures") or 0) for r in rows)
-    costs = [r.get("cost_usd") for r in rows]
+    summed = rows if spent is None else spent
+    costs = [r.get("cost_usd") for r in summed]
     total_cost = None if any(c is None for c in costs) else float(sum(c or 0.0 for c in costs))
 
     def total(field: str) -> str:
-        return format_tokens(sum(int(r.get(field) or 0) for r in rows))
+        return format_tokens(sum(int(r.get(field) or 0) for r in summed))
 
     table.add_column(by, footer="total", overflow="ellipsis", max_width=40)
     table.add_column("calls", justify="right", footer=f"{calls:,}")
