@@ -355,6 +355,7 @@ async def test_breaker_state_changes_and_fallbacks_are_events(
     assert fallbacks[0]["attributes"]["failed"] == "fake/primary"
     assert fallbacks[0]["attributes"]["next"] == "fake/backup"
     assert tree["attributes"]["answered_by"] == "fake/backup"
+    assert call["model"] == tree["model"] == "fake/backup"  # the call's model: who answered
     assert [(c["model"], c["status"]) for c in tree["children"]][-1] == ("fake/backup", "completed")
 
 

@@ -673,3 +673,14 @@ async def test_a_value_with_no_utf_8_is_recorded_and_the_rest_of_its_batch_too(
     assert len(rows(store_url)) == 3 * 3
     texts = [r["inputs"] for r in rows(store_url) if r["kind"] == "agent"]
     assert any("report-" in text for text in texts)
+
+
+@pytest.mark.parametrize("limit", [-1, 2.5, "10"])
+def test_a_limit_that_is_not_a_count_is_refused(store_url: str, limit: Any) -> None:
+    # SQLite reads LIMIT -1 as no limit, and the newest-first merge then cut the oldest row off.
+    with pytest.raises(UsageError, match="limit must be"):
+        EventStore(store_url).get_executions(limit=limit)
+    from kagura.durable import journal_for
+
+    with pytest.raises(UsageError, match="limit must be"):
+        journal_for(store_url).list_runs(limit=limit)

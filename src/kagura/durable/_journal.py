@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from .. import _process
-from .._checks import cutoff
+from .._checks import count, cutoff
 from .._encryption import ENV as ENCRYPTION_ENV
 from .._encryption import decrypt, encrypt
 from .._storage import (
@@ -689,6 +689,8 @@ class Journal:
 
         from .._storage import runs
 
+        if limit is not None:
+            count(limit, "limit", at_least=0)  # SQLite takes a negative one for no limit
         now, lease = time.time(), lease_seconds()
         query = select(runs).order_by(runs.c.updated_at.desc())
         if workflow is not None:

@@ -432,7 +432,10 @@ class Recorder:
         else:
             # Atomic values as they are: the writer process encodes them, off the event loop.
             output, extra = recorded_result(result)
-            if model is None:
+            answered_by = result.get("answered_by")
+            if type(answered_by) is str and answered_by != "journal":
+                model = answered_by  # a fallback model's answer is that model's, not the first's
+            elif model is None:
                 model = result.get("model")
                 if model is not None and type(model) is not str:
                     model = str(model)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from .. import _encryption
-from .._checks import cutoff
+from .._checks import count, cutoff
 from .._storage import (
     can_write,
     close_spans_of_gone_processes,
@@ -195,6 +195,8 @@ class EventStore:
 
         from .._storage import spans
 
+        if limit is not None:
+            count(limit, "limit", at_least=0)  # SQLite takes a negative one for no limit
         self._sync()
         query = select(spans).order_by(spans.c.started_at.desc())
         if agent_name is not None:
