@@ -13,7 +13,7 @@ import pytest
 import ray
 
 import kagura.ray
-from kagura import agent
+from kagura import agent, workflow
 from kagura.errors import BudgetExceeded, CircuitOpenError, ProviderError
 from kagura.ray import _cluster
 from kagura.ray._worker import ship
@@ -192,3 +192,30 @@ async def test_the_drivers_model_limits_and_named_breakers_hold_for_the_cluster(
     finally:
         reset_rate_limits()
         reset_breakers()
+
+
+async def test_budgets_around_a_batch_hold_for_its_items(
+    cluster: None, server: FaultServer
+) -> None:
+    server.set_rules(("", Fault.ok("fine", usage=(8, 2))))
+
+    @agent(model="vllm/test", base_url=server.base_url, retry=False)
+    async def ask(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    @workflow(budget_tokens=30)
+    async def batch() -> Any:
+        return await kagura.ray.map(
+            ask, [f"w {i}" for i in range(6)], concurrency=1, progress=False
+        )
+
+    partial = await batch()
+    assert sorted(partial.results) == [0, 1, 2]
+    assert all(isinstance(e, BudgetExceeded) for e in partial.errors.values())
+    assert len(server.chat_requests) == 3
+
+    budget = CostBudget(tokens=30)
+    with budget:
+        await kagura.ray.map(ask, [f"b {i}" for i in range(6)], concurrency=1, progress=False)
+    assert len(server.chat_requests) == 3 + 3
+    assert budget.spent_tokens == 30  # the driver's object shows what the batch spent

@@ -188,3 +188,17 @@ async def test_spans_of_every_worker_land_in_one_tree(server: FaultServer) -> No
     console.print(trace_tree(tree))
     text = console.export_text()
     assert all(f"pid {pid}" in text for pid in workers)
+
+
+async def test_cancelling_map_stops_its_items_where_they_run() -> None:
+    with FaultServer.run_in_thread(rules=[("", "hang")], hang_seconds=600) as server:
+        summarise, _ = _agents(server.base_url)
+        batch = asyncio.create_task(
+            kagura.ray.map(summarise, [f"item {i}" for i in range(3)], progress=False)
+        )
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 3, 60)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        # The workers let go of the requests: the server saw each client leave.
+        await asyncio.to_thread(server.wait_for, lambda s: s.disconnects >= 3, 60)

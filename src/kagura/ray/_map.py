@@ -12,7 +12,13 @@ import ray
 
 from ..errors import UsageError
 from ..parallel import Partial
-from ..resilience import CostBudget, RetryBudget, registry
+from ..resilience import (
+    CostBudget,
+    RetryBudget,
+    current_cost_budgets,
+    current_retry_budgets,
+    registry,
+)
 from . import _cluster, _shared
 from ._worker import parent_here, ship
 
@@ -37,7 +43,8 @@ async def map(
 
     ``fn`` is an agent, a workflow or an async function of one argument, sent to the workers
     once. ``retry_budget`` and ``cost_budget`` hold for the whole batch, whichever workers spend
-    them; afterwards they show what the batch spent. ``progress=None`` draws a progress bar
+    them, and so do the budgets around the call (a workflow's, a ``with budget:``); afterwards
+    they show what the batch spent. Cancelling the call cancels its items on the workers. ``progress=None`` draws a progress bar
     when stderr is a terminal. An item whose worker died is run again on the restarted worker.
     """
     values = builtins.list(items)
@@ -53,7 +60,12 @@ async def map(
     # The driver's model rate limits and named breakers, one object each for the cluster.
     taken = registry()
     shipped_registry = [ray.put(taken)] if taken else None
-    budgets = tuple(budget for budget in (retry_budget, cost_budget) if budget is not None)
+    # The budgets around the call (a workflow's, a ``with budget:``) hold for its items as for
+    # its own calls, with those given here.
+    given = [budget for budget in (retry_budget, cost_budget) if budget is not None]
+    budgets = tuple(
+        dict.fromkeys([*given, *current_retry_budgets(), *current_cost_budgets()], None)
+    )
     parent = parent_here()
     gate = asyncio.Semaphore(concurrency)
     outcomes: builtins.list[tuple[bool, Any]] = [(False, None)] * len(values)
@@ -62,10 +74,12 @@ async def map(
 
     async def one(index: int, item: T) -> None:
         async with gate:
+            call: Any = pool.next().call.remote(function, item, parent, budgets, shipped_registry)
             try:
-                outcomes[index] = await pool.next().call.remote(
-                    function, item, parent, budgets, shipped_registry
-                )
+                outcomes[index] = await call
+            except asyncio.CancelledError:
+                ray.cancel(call)  # the item stops where it runs, not only here
+                raise
             except ray.exceptions.RayError as error:  # the item's call itself broke
                 outcomes[index] = (False, getattr(error, "cause", None) or error)
         advance()

@@ -18,7 +18,9 @@ from ._budget import (
     CostBudget,
     RetryBudget,
     current_cost_budget,
+    current_cost_budgets,
     current_retry_budget,
+    current_retry_budgets,
 )
 from ._classify import is_transient
 from ._config import no_waits, set_testing
@@ -50,7 +52,9 @@ __all__ = [
     "Unset",
     "circuit_breaker",
     "current_cost_budget",
+    "current_cost_budgets",
     "current_retry_budget",
+    "current_retry_budgets",
     "exponential",
     "fixed",
     "is_transient",

@@ -188,11 +188,11 @@ def current_cost_budget() -> CostBudget | None:
     return budgets[0] if budgets else None
 
 
-def retry_budgets() -> tuple[RetryBudget, ...]:
+def current_retry_budgets() -> tuple[RetryBudget, ...]:
     """Every retry budget around the running code, innermost first."""
     return _retry_budgets.get()
 
 
-def cost_budgets() -> tuple[CostBudget, ...]:
+def current_cost_budgets() -> tuple[CostBudget, ...]:
     """Every cost budget around the running code, innermost first."""
     return _cost_budgets.get()

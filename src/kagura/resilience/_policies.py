@@ -26,7 +26,7 @@ from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
 from ._backoff import seconds
 from ._breaker import CircuitBreaker, circuit_breaker, settle_admitted
-from ._budget import CostBudget, cost_budgets
+from ._budget import CostBudget, current_cost_budgets
 from ._classify import retry_after
 from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
 from ._retry import DEFAULT_RETRY, Retry
@@ -228,7 +228,7 @@ def guards_for(policies: Policies, model: Model) -> Guards:
     limiter = policies.rate_limit
     if limiter is None or limiter is UNSET:
         limiter = limiter_for_model(model.id)
-    return breaker, limiter, retry, timeout, cost_budgets() or None
+    return breaker, limiter, retry, timeout, current_cost_budgets() or None
 
 
 def call_model(

@@ -24,7 +24,7 @@ from .._tool import awaits_when_called
 from ..errors import UsageError
 from . import _config
 from ._backoff import Backoff, jittered, seconds
-from ._budget import retry_budgets
+from ._budget import current_retry_budgets
 from ._classify import is_transient, retry_after
 
 P = ParamSpec("P")
@@ -175,7 +175,7 @@ class Retry:
         # Innermost first: a retry a child's own budget refuses leaves its parent's untouched.
         # One an outer budget refuses has been counted by the inner ones; it errs on the side of
         # the limit.
-        for budget in retry_budgets():
+        for budget in current_retry_budgets():
             if not await budget.spend():
                 error.add_note(f"kagura: not retried: {budget.describe()}")
                 span_event(span, "retry_budget_exhausted", name=name)
