@@ -48,3 +48,27 @@ def test_kagura_ray_on_a_local_cluster() -> None:
     report = done.stdout[-20000:] + done.stderr[-5000:]
     assert done.returncode == 0, report
     assert " passed" in done.stdout and "skipped" not in done.stdout, report
+
+
+async def test_the_clusters_breaker_tells_its_probes_from_calls_admitted_before() -> None:
+    # The state actor's own logic, run here: a worker's call admitted while the circuit was
+    # closed that fails late (not a health signal) must not free the half-open probe's place.
+    pytest.importorskip("ray")
+    from kagura.ray._shared import SharedState
+
+    state = SharedState(
+        "circuit-breaker",
+        {"name": "cluster", "failure_threshold": 1, "recovery_time": 0, "half_open_probes": 1},
+    )
+    late, _, _ = await state.admit()  # admitted while closed; it answers late
+    failing, _, _ = await state.admit()
+    await state.record(True, failing)  # opens; recovery_time 0: half-open at the next admit
+    probe, _, _ = await state.admit()
+    assert probe is not None and state.obj.state == "half_open"
+    await state.record(False, late)  # the late call's failure, not counted
+    refused, _, probing = await state.admit()
+    assert refused is None and probing  # the probe still holds the only place
+    await state.record(None, late)  # nor does a late success close the circuit
+    assert state.obj.state == "half_open"
+    await state.record(None, probe)
+    assert state.obj.state == "closed"

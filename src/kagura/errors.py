@@ -279,6 +279,8 @@ class CircuitOpenError(RunError):
     def __init__(self, name: str, retry_in: float, *, probing: bool = False) -> None:
         self.name = name
         self.retry_in = retry_in
+        #: Half-open, its probe calls under way (``retry_in`` says nothing then).
+        self.probing = probing
         if probing:  # half-open, its probes under way: no time to give until they end
             super().__init__(
                 f"circuit breaker {name!r} is half-open: failing fast while its probe calls "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import pytest
 import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
-from kagura.errors import RunCancelledError, UsageError
+from kagura.errors import RunCancelledError, RunError, UsageError
 from kagura.observability import EventStore
 from kagura.observability._monitor import trace_tree
 from kagura.testing.fault_server import FaultServer
@@ -202,3 +203,29 @@ async def test_cancelling_map_stops_its_items_where_they_run() -> None:
             await batch
         # The workers let go of the requests: the server saw each client leave.
         await asyncio.to_thread(server.wait_for, lambda s: s.disconnects >= 3, 60)
+
+
+async def test_an_items_exception_that_cannot_travel_back_keeps_its_type_and_message() -> None:
+    class _HoldsALock(Exception):
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()  # does not pickle
+
+    class _NeedsTwo(Exception):
+        def __init__(self, first: str, second: str) -> None:
+            super().__init__(f"{first} and {second}")  # its args do not make it again
+
+    async def fails(kind: str) -> str:
+        if kind == "lock":
+            raise _HoldsALock("kept a lock")
+        raise _NeedsTwo("one", "two")
+
+    partial = await kagura.ray.map(fails, ["lock", "two"], progress=False)
+
+    lock, two = partial.errors[0], partial.errors[1]
+    assert isinstance(lock, RunError) and str(lock) == "_HoldsALock: kept a lock"
+    assert isinstance(two, RunError) and str(two) == "_NeedsTwo: one and two"
+    assert all(
+        any("could not be sent back from its worker" in note for note in error.__notes__)
+        for error in (lock, two)
+    )

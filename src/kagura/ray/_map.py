@@ -44,8 +44,9 @@ async def map(
     ``fn`` is an agent, a workflow or an async function of one argument, sent to the workers
     once. ``retry_budget`` and ``cost_budget`` hold for the whole batch, whichever workers spend
     them, and so do the budgets around the call (a workflow's, a ``with budget:``); afterwards
-    they show what the batch spent. Cancelling the call cancels its items on the workers. ``progress=None`` draws a progress bar
-    when stderr is a terminal. An item whose worker died is run again on the restarted worker.
+    they show what the batch spent. Cancelling the call cancels its items on the workers.
+    ``progress=None`` draws a progress bar when stderr is a terminal. An item whose worker died
+    is run again on the restarted worker.
     """
     values = builtins.list(items)
     if concurrency < 1:

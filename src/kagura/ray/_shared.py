@@ -103,21 +103,25 @@ class SharedState:
         return multiplier
 
     # CircuitBreaker
-    async def admit(self) -> float | None:
-        """``None``: admitted; else the seconds until the next probe."""
+    async def admit(self) -> tuple[int | None, float, bool]:
+        """Admitted: ``(the breaker's period, 0, False)``, for the outcome to be recorded with;
+        refused: ``(None, seconds until the next probe, whether probes are under way)``."""
         try:
-            self.obj.before_call()
+            period: int = self.obj.before_call()
         except CircuitOpenError as error:
-            return error.retry_in
-        return None
+            return None, error.retry_in, error.probing
+        return period, 0.0, False
 
-    async def record(self, counted: bool | None) -> tuple[BreakerState, BreakerState]:
-        """An outcome: ``None`` a success, ``True`` a counted failure, ``False`` another."""
+    async def record(
+        self, counted: bool | None, admitted: int | None = None
+    ) -> tuple[BreakerState, BreakerState]:
+        """An outcome: ``None`` a success, ``True`` a counted failure, ``False`` another, of the
+        call whose admission returned ``admitted``."""
         old: BreakerState = self.obj._state
         if counted is None:
-            self.obj.record_success()
+            self.obj.record_success(admitted=admitted)
         else:
-            self.obj.record_failure(_Counted() if counted else _NotCounted())
+            self.obj.record_failure(_Counted() if counted else _NotCounted(), admitted=admitted)
         new: BreakerState = self.obj._state
         return old, new
 
@@ -400,21 +404,22 @@ class SharedCircuitBreaker(_Proxy, CircuitBreaker):
         self._state = state
         return state
 
-    # The cluster's breaker tells no probe from a late call (admit returns None): a late call's
-    # outcome counts as a probe's, as with a caller that keeps nothing of its admission.
     async def admit(self) -> int | None:
-        retry_in: float | None = await self._actor.admit.remote()
-        if retry_in is not None:
-            raise CircuitOpenError(self.name, retry_in)
-        return None
+        return self._admitted(await self._actor.admit.remote())
+
+    def _admitted(self, answer: tuple[int | None, float, bool]) -> int:
+        period, retry_in, probing = answer
+        if period is None:
+            raise CircuitOpenError(self.name, retry_in, probing=probing)
+        return period
 
     async def settle(self, error: BaseException | None, admitted: int | None = None) -> None:
         counted = None if error is None else self.failure_on(error)
         if counted is False:
             # Not a health signal (a cancellation among them): nothing to wait for.
-            self._actor.record.remote(False)
+            self._actor.record.remote(False, admitted)
             return
-        old, new = await self._actor.record.remote(counted)
+        old, new = await self._actor.record.remote(counted, admitted)
         self._changed(old, new)
 
     def _changed(self, old: BreakerState, new: BreakerState) -> None:
@@ -425,16 +430,13 @@ class SharedCircuitBreaker(_Proxy, CircuitBreaker):
                 self.on_state_change(self, old, new)
 
     def before_call(self) -> int:
-        retry_in: float | None = ray.get(self._actor.admit.remote())
-        if retry_in is not None:
-            raise CircuitOpenError(self.name, retry_in)
-        return -1  # not a period of this proxy's: record_* here ignore it
+        return self._admitted(ray.get(self._actor.admit.remote()))
 
     def record_success(self, *, admitted: int | None = None) -> None:
-        self._actor.record.remote(None)
+        self._actor.record.remote(None, admitted)
 
     def record_failure(self, error: BaseException, *, admitted: int | None = None) -> None:
-        self._actor.record.remote(self.failure_on(error))
+        self._actor.record.remote(self.failure_on(error), admitted)
 
     def reset(self) -> None:
         self._actor.reset.remote()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import socket
 import time
 import uuid
@@ -22,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .._context import Span, current_span
-from ..errors import RunCancelledError
+from ..errors import RunCancelledError, RunError
 from ..resilience import Registry, use_registry
 from ._config import WorkerSettings
 
@@ -172,7 +173,26 @@ class Worker:
                     stack.enter_context(budget)
                 return True, await fn(item)
         except Exception as error:
-            return False, error
+            return False, _sendable(error)
+
+
+def _sendable(error: Exception) -> Exception:
+    """``error``, or, when it cannot travel back to the driver (an attribute that does not
+    pickle, a constructor that does not take its own args back), a :class:`RunError` saying
+    what it was: else Ray's error about pickling it would stand in its place, and the item's
+    own type and message be lost."""
+    from ray import cloudpickle  # Ray's pickler, as it will send the error
+
+    try:
+        pickle.loads(cloudpickle.dumps(error))  # type: ignore[no-untyped-call]
+    except Exception as why:
+        sent = RunError(f"{type(error).__qualname__}: {error}")
+        sent.add_note(
+            f"kagura: the item's own exception could not be sent back from its worker "
+            f"({type(why).__name__}: {why})"
+        )
+        return sent
+    return error
 
 
 def _mark_cancelled(run_id: str) -> None:
