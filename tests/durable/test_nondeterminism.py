@@ -107,13 +107,19 @@ def poet_v1() -> Workflow[..., str]:
     return poet
 
 
-async def test_a_journaled_result_that_no_longer_reads_as_its_type_is_named(
-    journal: Journal, tmp_path: Path
-) -> None:
+async def failed_poem(tmp_path: Path) -> Path:
+    """Run ``poet_v1`` as ``poem`` until its gate fails: the writer's answer is journaled."""
     gate = tmp_path / "gate"
     with pytest.raises(FileNotFoundError):
         await poet_v1().run("tea", str(gate), run_id="poem")
     gate.touch()
+    return gate
+
+
+async def test_a_journaled_result_that_no_longer_reads_as_its_type_is_named(
+    journal: Journal, tmp_path: Path
+) -> None:
+    await failed_poem(tmp_path)
 
     @agent(model=FakeModel())
     async def writer(topic: str) -> Poem:
@@ -135,9 +141,7 @@ async def test_a_journaled_result_that_no_longer_reads_as_its_type_is_named(
 async def test_a_run_whose_workflow_takes_other_arguments_now_says_so(
     journal: Journal, tmp_path: Path
 ) -> None:
-    gate = tmp_path / "gate"
-    with pytest.raises(FileNotFoundError):
-        await poet_v1().run("tea", str(gate), run_id="poem")
+    await failed_poem(tmp_path)
 
     @workflow(durable=True)
     async def poet(subject: str, gate: str) -> str:
