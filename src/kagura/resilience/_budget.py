@@ -3,10 +3,10 @@
 A budget applies to the code inside ``with budget:`` (or each run of ``@workflow(retry_budget=...,
 budget_usd=...)``) and to every task started there, through a context variable. Budgets nest: a
 call is checked against, and charged to, every budget around it, so a child workflow's own budget
-does not free it from its parent's. Budgets are
-counters shared by the concurrent tasks of one event loop; they need no lock because the loop runs
-one task at a time. Under kagura.ray a budget taken to the workers is one for the whole cluster
-(its counters in a Ray actor); ``name=`` shares one by name there.
+does not free it from its parent's. Budgets are counters shared by the concurrent tasks of one
+event loop; they need no lock because the loop runs one task at a time. Under kagura.ray a budget
+taken to the workers is one for the whole cluster (its counters in a Ray actor); ``name=`` shares
+one by name there.
 """
 
 from __future__ import annotations

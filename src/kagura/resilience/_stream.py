@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from .._context import Span
 from .._llm import StreamedAttempt, is_free, usage_and_cost
-from .._usage import NO_USAGE, Usage
+from .._usage import Usage
 from ..providers import Model, ModelRequest, ModelResponse, StreamChunk
 from ._breaker import CircuitBreaker, settle_admitted
 from ._budget import CostBudget
@@ -99,7 +99,7 @@ class GuardedStream:
         if self._budgets is not None and self.attempt.text:
             # Tokens were generated, and their number is unknown: counted as a call of unknown
             # price (so a report can say the spend is a floor), or as free on a free model.
-            _usage, cost = usage_and_cost(self.attempt.model, NO_USAGE)
+            cost = 0.0 if is_free(self.attempt.model) else None
             for budget in self._budgets:
                 budget.charge(Usage(), cost)
 
