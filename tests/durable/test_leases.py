@@ -28,6 +28,7 @@ from kagura.durable import Journal, journal_for, recover
 from kagura.durable._journal import _heartbeat_interval
 from kagura.errors import RunInProgressError, RunTakenOverError, UsageError
 from kagura.testing.fault_server import FaultServer
+from tests.observability.conftest import wait_for_lock_waits
 
 from . import workflows
 from .conftest import Child, await_until, sent
@@ -102,6 +103,32 @@ def test_a_gone_process_run_is_claimed_whatever_its_heartbeat(journal: Journal) 
     assert journal.claim("held-2", "you")
     assert not journal.claim("held-2", "them")  # once: the new owner holds it now
     assert not journal.heartbeat("held-2", "me") and journal.heartbeat("held-2", "you")
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+async def test_a_claim_that_loses_the_race_reports_the_run_as_the_winner_left_it(
+    journal: Journal,
+) -> None:
+    """Two processes resume one run at once on PostgreSQL: the loser read the run before the
+    winner committed its claim, and waited for the row. It is refused, and its refusal names the
+    winner (not the process the run was interrupted in, as it read it)."""
+    journal.start("tea", "wf", None, "{}", owner="first")
+    journal.release("tea", "first")
+    winner = journal.engine.connect()
+    try:
+        winner.exec_driver_sql(
+            "UPDATE kagura_runs SET owner = 'winner', heartbeat_at = %s WHERE run_id = 'tea'",
+            (time.time(),),
+        )
+        claim = journal.claim_soon("tea", "loser", "wf")
+        await asyncio.to_thread(wait_for_lock_waits, journal.engine, 1)  # the loser, for "tea"
+        winner.commit()
+        record, steps = await claim
+    finally:
+        winner.close()
+    assert steps is None
+    assert record is not None
+    assert (record.status, record.owner) == ("running", "winner")
 
 
 # -- fencing: a process that lost its lease commits nothing more ---------------------------------

@@ -577,6 +577,7 @@ class Journal:
         mark = _mark(connection)
         pid, host, pid_start = _process.this_process()
         taken: set[tuple[str, str]] = set()
+        missed = False
         closing: list[str] = []
         for values, allow_failed in sorted(wanted, key=lambda want: want[0]["run_id"]):
             run_id, owner, workflow = values["run_id"], values["owner"], values["workflow"]
@@ -600,11 +601,14 @@ class Journal:
                 (owner, pid, host, pid_start, now, now, run_id, now - lease_seconds(), gone),
             ).scalar()
             if attempts is None:
-                continue  # not resumable (held, completed), or another took it first
+                # Not resumable (held, completed), or another took it first: on PostgreSQL the
+                # statement waited for that transaction and saw its row, newer than ``before``.
+                missed = True
+                continue
             taken.add((run_id, owner))
             closing.extend(attempt_span_id(run_id, n) for n in range(1, attempts))
         close_run_spans(connection, closing, now)
-        runs = _read_runs(connection, ids) if taken else before
+        runs = _read_runs(connection, ids) if taken or missed else before
         # The steps of the runs taken, to resume them; of the others (a completed run started
         # again, say) only how many, as a record says: not their outputs, which may be large.
         held = {run_id for run_id, _ in taken}
