@@ -78,6 +78,7 @@ EXPORTS: dict[str, list[str]] = {
         "ToolLoopError",
         "UnsupportedRequestError",
         "UsageError",
+        "WorkerLostError",
     ],
     "kagura.observability": [
         "Event",

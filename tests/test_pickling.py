@@ -25,6 +25,7 @@ from kagura import errors
         errors.RunTakenOverError("run-1", "lease ran out"),
         errors.NonDeterminismError("wf/agent#0", "renamed"),
         errors.UsageError("bad"),
+        errors.WorkerLostError(7, 3),
     ],
 )
 def test_an_error_pickles_with_its_attributes_and_notes(error: errors.KaguraError) -> None:

@@ -23,7 +23,8 @@ Two families, kept apart so that callers (and retry policies) can tell "the code
         ├── RunFailedError          a durable run with this id failed before
         ├── RunCancelledError       a durable run was cancelled by its caller
         ├── CircuitOpenError        a circuit breaker is open: the call was refused at once
-        └── BudgetExceeded          a cost or token budget is spent: the call was not sent
+        ├── BudgetExceeded          a cost or token budget is spent: the call was not sent
+        └── WorkerLostError         a kagura.ray batch item's worker process died, again and again
 
 The last two are raised by :mod:`kagura.resilience` (which re-exports them).
 
@@ -61,6 +62,7 @@ __all__ = [
     "ToolLoopError",
     "UnsupportedRequestError",
     "UsageError",
+    "WorkerLostError",
 ]
 
 
@@ -301,3 +303,20 @@ class BudgetExceeded(RunError):
         #: imports nothing of the packages that raise its errors, so they can all import it).
         self.budget = budget
         super().__init__(message)
+
+
+class WorkerLostError(RunError):
+    """A batch item of ``kagura.ray.map`` was in flight on a worker whose process died, as many
+    times as a batch allows: it was not sent again, since an item that kills the process running
+    it (a crash in native code, the memory it takes) would be sent for ever."""
+
+    def __init__(self, item: int, losses: int) -> None:
+        #: The item's position in the batch.
+        self.item = item
+        self.losses = losses
+        super().__init__(
+            f"batch item {item} was running on a worker whose process died, {losses} times "
+            "(killed, out of memory, a crash in native code, its node lost); it was not sent "
+            "again. Other items in flight on that worker were sent again too: if this item "
+            "kills its worker, run it on its own to see why"
+        )

@@ -1,7 +1,8 @@
 """Failover: the worker process running durable runs is killed (SIGKILL) at the worst moment,
 right after a step's answer was journaled; Ray starts the worker again, the runs resume from
 the journal, and the caller's handles still return the results. Counted at the server: no
-finished step is sent again."""
+finished step is sent again. A batch item whose worker dies is sent again, up to a limit: one
+that kills its worker every time fails, and its batch ends."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import asyncio
 import os
 import signal
 import uuid
+from collections import Counter
+from pathlib import Path
 
 import pytest
+import ray
 
 import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
+from kagura.errors import WorkerLostError
 from kagura.testing.fault_server import FaultServer
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -98,3 +103,48 @@ async def test_killing_every_worker_mid_burst_loses_no_run_and_repeats_no_finish
             assert _sent(server, "First step", topic) == 1, topic
             assert _sent(server, "Second step", topic) == 2, topic
     assert not victims & await _pids_of([handle.run_id for handle in handles])
+
+
+def _sending(marks: Path, deadly: int) -> object:
+    """An item function that notes each item it is sent, and kills its own worker process when
+    sent ``"fragile"`` the first ``deadly`` times (as a crash in native code would)."""
+
+    def note(word: str) -> int:
+        """How many times ``word`` was sent, this time included."""
+        with marks.open("a") as sent:
+            sent.write(word + "\n")
+        return marks.read_text().split().count(word)
+
+    async def note_then_maybe_die(word: str) -> str:
+        if note(word) <= deadly and word == "fragile":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return word.upper()
+
+    return note_then_maybe_die
+
+
+async def test_a_batch_item_whose_worker_died_is_sent_again(tmp_path: Path) -> None:
+    marks = tmp_path / "sent"
+    partial = await kagura.ray.map(
+        _sending(marks, deadly=1), ["sturdy", "fragile"], concurrency=1, progress=False
+    )
+    assert (partial.results, partial.errors) == ({0: "STURDY", 1: "FRAGILE"}, {})
+    assert Counter(marks.read_text().split()) == Counter({"sturdy": 1, "fragile": 2})
+
+
+async def test_an_item_that_kills_its_worker_every_time_fails_and_the_batch_ends(
+    tmp_path: Path,
+) -> None:
+    # Ray restarts the workers without limit: sent again each time, the item held its batch
+    # for ever.
+    marks = tmp_path / "sent"
+    partial = await kagura.ray.map(
+        _sending(marks, deadly=100), ["before", "fragile", "after"], concurrency=1, progress=False
+    )
+    assert partial.results == {0: "BEFORE", 2: "AFTER"}
+    error = partial.errors[1]
+    assert isinstance(error, WorkerLostError), error
+    assert (error.item, error.losses) == (1, 3)
+    assert "batch item 1 was running on a worker whose process died, 3 times" in str(error)
+    assert isinstance(error.__cause__, ray.exceptions.RayActorError)
+    assert Counter(marks.read_text().split()) == Counter({"before": 1, "fragile": 3, "after": 1})

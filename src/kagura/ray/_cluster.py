@@ -65,7 +65,8 @@ class Pool:
             num_cpus=0,
             max_concurrency=config.worker_concurrency,
             # A worker whose process dies is started again and its calls in flight are sent
-            # again: a durable run resumes from its journal, a batch item runs again.
+            # again: a durable run resumes from its journal. (``map`` sends its items again
+            # itself, counting how many times each lost its worker.)
             max_restarts=-1,
             max_task_retries=-1,
             namespace=NAMESPACE,

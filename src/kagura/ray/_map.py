@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import ray
 
-from ..errors import UsageError
+from ..errors import UsageError, WorkerLostError
 from ..parallel import Partial
 from ..resilience import (
     CostBudget,
@@ -24,6 +24,13 @@ from ._worker import parent_here, ship
 
 T = TypeVar("T")
 U = TypeVar("U")
+
+#: How many times a batch item may be in flight on a worker whose process dies before it fails
+#: with :class:`~kagura.errors.WorkerLostError`. Ray restarts workers without limit, and would
+#: send the item again for ever: an item that kills the process it runs in would hold its batch
+#: for ever. Which of the items in flight there killed it is not known, so each counts the loss,
+#: as Ray's own ``max_task_retries`` and Dask's ``allowed-failures`` count theirs.
+WORKER_LOSSES = 3
 
 
 async def map(
@@ -45,8 +52,9 @@ async def map(
     once. ``retry_budget`` and ``cost_budget`` hold for the whole batch, whichever workers spend
     them, and so do the budgets around the call (a workflow's, a ``with budget:``); afterwards
     they show what the batch spent. Cancelling the call cancels its items on the workers.
-    ``progress=None`` draws a progress bar when stderr is a terminal. An item whose worker died
-    is run again on the restarted worker.
+    ``progress=None`` draws a progress bar when stderr is a terminal. An item whose worker's
+    process died is sent again, to the next worker; one that was in flight on dying workers three
+    times fails with :class:`~kagura.errors.WorkerLostError`, and the batch goes on.
     """
     values = builtins.list(items)
     if concurrency < 1:
@@ -75,14 +83,9 @@ async def map(
 
     async def one(index: int, item: T) -> None:
         async with gate:
-            call: Any = pool.next().call.remote(function, item, parent, budgets, shipped_registry)
-            try:
-                outcomes[index] = await call
-            except asyncio.CancelledError:
-                ray.cancel(call)  # the item stops where it runs, not only here
-                raise
-            except ray.exceptions.RayError as error:  # the item's call itself broke
-                outcomes[index] = (False, getattr(error, "cause", None) or error)
+            outcomes[index] = await _sent(
+                pool, index, function, item, parent, budgets, shipped_registry
+            )
         advance()
 
     async def run_all() -> None:
@@ -109,3 +112,26 @@ async def map(
         else:
             partial.errors[index] = value
     return partial
+
+
+async def _sent(pool: _cluster.Pool, index: int, *args: Any) -> tuple[bool, Any]:
+    """One item's call on the workers (``args`` as ``Worker.call`` takes them): sent again,
+    to the next worker, when its worker's process dies, up to :data:`WORKER_LOSSES` times."""
+    lost: BaseException | None = None
+    for _ in range(WORKER_LOSSES):
+        # Not sent again by Ray (the workers' own option, for durable runs, is for ever): here,
+        # where the losses are counted.
+        call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+        try:
+            outcome: tuple[bool, Any] = await call
+            return outcome
+        except asyncio.CancelledError:
+            ray.cancel(call)  # the item stops where it runs, not only here
+            raise
+        except ray.exceptions.RayActorError as error:  # its worker's process died
+            lost = error
+        except ray.exceptions.RayError as error:  # the item's call itself broke
+            return False, getattr(error, "cause", None) or error
+    failed = WorkerLostError(index, WORKER_LOSSES)
+    failed.__cause__ = lost
+    return False, failed

@@ -6,6 +6,7 @@ sees them. When the worker's process dies, Ray starts it again and sends the cal
 flight again (``max_task_retries=-1``); the run's id is the same, so ``workflow.run`` finds the
 journal, claims the run (its old process is known gone on this host at once, on another host
 when its lease runs out) and replays the finished steps instead of calling a model again.
+(Batch items are sent again by :func:`kagura.ray.map`, which gives up on one after a few losses.)
 """
 
 from __future__ import annotations
