@@ -343,3 +343,56 @@ async def test_a_kill_in_the_middle_of_many_runs_is_recovered_sending_no_seen_ca
     for run_id in ids:
         record = journal.get_run(run_id)
         assert record is not None and record.steps == calls, record
+
+
+async def test_parallel_branches_killed_between_their_calls_resume_sending_no_answered_call(
+    journal: Journal,
+    server: FaultServer,
+    spawn: Any,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calls started in parallel branches after other awaits are numbered in the order they
+    start. Killed with one branch's second call journaled and the other's in flight, the run
+    resumes with the second calls started the other way round: each finds its own answer by its
+    inputs, and the one that never answered runs (it failed the run, as another path, before)."""
+    env = provider_env(server, monkeypatch)
+    gate = tmp_path / "gate"
+    server.set_rules(("BETA report on ALPHA report on slow", "hang"))
+    child = spawn(
+        "run", "crash_two_stages", "two-stages", json.dumps([["slow", "fast"], str(gate)]), env=env
+    )
+    first_calls = {"crash_two_stages/alpha#0", "crash_two_stages/alpha#1"}
+    await await_until(
+        lambda: set(journal.load_steps("two-stages")) == {*first_calls, "crash_two_stages/beta#0"},
+        "both first calls and the fast branch's second journaled",
+    )
+    gate.touch()
+    await await_until(
+        lambda: [r.fault for r in server.chat_requests if not r.client_gone][-1:] == ["hang"],
+        "the slow branch's second call in flight",
+    )
+    os.kill(child.pid, signal.SIGKILL)
+    await asyncio.to_thread(child.process.wait, 10)
+    server.set_rules()
+    sent_before = len(server.chat_requests)
+
+    resumed = spawn("resume", "two-stages", env=env)
+    outcome = await asyncio.to_thread(resumed.finish)
+    answers = [f"BETA report on ALPHA report on {topic}.." for topic in ("slow", "fast")]
+    assert outcome == {"ok": True, "result": answers, "pid": resumed.pid}, resumed.stderr
+    assert [prompt_of(r) for r in server.chat_requests[sent_before:]] == ["BETA"]
+    assert Counter(str(r.messages[-1]["content"]) for r in server.chat_requests) == Counter(
+        {
+            "ALPHA report on slow.": 1,
+            "ALPHA report on fast.": 1,
+            "BETA report on ALPHA report on fast..": 1,
+            "BETA report on ALPHA report on slow..": 2,  # in flight at the kill, and again
+        }
+    )
+    # The slow branch's call is journaled apart from the fast one's, whose number it took.
+    steps = journal.load_steps("two-stages")
+    assert set(steps) == {*first_calls, "crash_two_stages/beta#0", "crash_two_stages/beta#0~1"}
+    sent = len(server.chat_requests)
+    assert await replay("two-stages") == answers
+    assert len(server.chat_requests) == sent

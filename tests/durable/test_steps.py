@@ -354,6 +354,110 @@ async def test_parallel_steps_started_in_another_order_on_resume_are_found_by_th
     assert stored == ["fast", "slow"]  # neither stored again
 
 
+def two_stages(named_apart: bool) -> tuple[Any, list[str], dict[str, bool]]:
+    """A workflow of parallel branches, each a summary then a store, whose slow document's
+    summary comes last (so its store starts second), and whose store of it fails while
+    ``failing["on"]``: the run fails with the fast store journaled and the slow one not. On
+    resume both summaries come from the journal at once, and the stores start the other way
+    round. ``named_apart``: each store step named for its document, as a run's steps may be."""
+    fast_stored = asyncio.Event()
+    stored: list[str] = []
+    failing = {"on": True}
+
+    async def summarise(doc: str) -> str:
+        if doc == "slow" and not stored:
+            await fast_stored.wait()
+        return f"summary of {doc}"
+
+    def store(doc: str) -> str:
+        if doc == "slow" and failing["on"]:
+            raise ConnectionError("the store went away")
+        stored.append(doc)
+        fast_stored.set()
+        return f"id-{doc}"
+
+    async def one(doc: str) -> str:
+        await step("summarise", summarise, doc)
+        return await step(f"store {doc}" if named_apart else "store", store, doc)
+
+    @workflow(durable=True)
+    async def digest(docs: list[str]) -> list[str]:
+        return list(await asyncio.gather(*(one(doc) for doc in docs)))
+
+    return digest, stored, failing
+
+
+@pytest.mark.parametrize("named_apart", [False, True])
+async def test_parallel_steps_journaled_in_part_resume_in_another_order(
+    journal: Journal, named_apart: bool
+) -> None:
+    # Before: the slow store, started first, found the fast one's step under its number and
+    # failed the run as another path (or, named apart, at the fast one's place among the run's
+    # steps, as a renamed step).
+    digest, stored, failing = two_stages(named_apart)
+    with pytest.raises(ConnectionError):
+        await digest.run(["slow", "fast"], run_id="digest")
+    assert stored == ["fast"]
+    failing["on"] = False
+    assert await digest.resume("digest") == ["id-slow", "id-fast"]
+    assert stored == ["fast", "slow"]  # the fast one not stored again
+    # And once more, from the journal alone, in either order.
+    assert await digest.resume("digest") == ["id-slow", "id-fast"]
+    assert stored == ["fast", "slow"]
+
+
+async def test_parallel_calls_with_the_same_inputs_one_journaled_run_the_other_once(
+    journal: Journal,
+) -> None:
+    made: list[int] = []
+    failing = {"on": True}
+
+    def make(n: int) -> int:
+        made.append(n)
+        if failing["on"] and len(made) == 2:
+            raise ConnectionError("the second one failed")
+        return len(made)
+
+    async def branch() -> int:
+        await asyncio.sleep(0)
+        return await step("make", make, 1)
+
+    @workflow(durable=True)
+    async def twice() -> list[int]:
+        return list(await asyncio.gather(branch(), branch()))
+
+    with pytest.raises(ConnectionError):
+        await twice.run(run_id="twice")
+    failing["on"] = False
+    # One call was journaled (its result, 1, is replayed); the other runs, once.
+    assert sorted(await twice.resume("twice")) == [1, 3]
+    assert made == [1, 1, 1]
+
+
+async def test_calls_with_the_same_inputs_each_run_and_each_replay_their_own(
+    journal: Journal,
+) -> None:
+    # A call journaled by this very execution is no sibling to answer a later one from.
+    made: list[int] = []
+
+    def make(n: int) -> int:
+        made.append(n)
+        return len(made)
+
+    async def later() -> int:
+        await asyncio.sleep(0)
+        return await step("make", make, 1)
+
+    @workflow(durable=True)
+    async def thrice() -> list[int]:
+        first = [await step("make", make, 1), await step("make", make, 1)]
+        return first + list(await asyncio.gather(later(), later()))
+
+    assert await thrice.run(run_id="thrice") == [1, 2, 3, 4]
+    assert await thrice.resume("thrice") == [1, 2, 3, 4]
+    assert made == [1, 1, 1, 1]
+
+
 async def test_a_run_result_with_no_json_fails_the_run_saying_so(journal: Journal) -> None:
     effects: list[str] = []
 

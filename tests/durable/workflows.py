@@ -298,6 +298,26 @@ async def relay(topic: str, gate: str) -> str:
     return await beta(first)
 
 
+def _open(gate: str) -> bool:
+    return os.path.exists(gate)
+
+
+@workflow(durable=True)
+async def crash_two_stages(topics: list[str], gate: str) -> list[str]:
+    """Two agents in a row in each of parallel branches, on the fault server. The first
+    topic's branch waits at the gate (a file) between them when it is closed: its second call
+    then starts after the others', and on resume (the gate open, the first calls answered from
+    the journal at once) before them."""
+
+    async def branch(topic: str, first: bool) -> str:
+        found = await alpha(topic)
+        if first and not _open(gate):
+            await wait_for_file(gate)
+        return await beta(found)
+
+    return list(await asyncio.gather(*(branch(t, i == 0) for i, t in enumerate(topics))))
+
+
 class Login(pydantic.BaseModel):
     user: str
     password: pydantic.SecretStr  # written masked: it cannot be replayed from the journal

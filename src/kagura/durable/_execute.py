@@ -439,6 +439,7 @@ async def replay(run_id: str, workflow: Workflow | None = None, *, db: str | Non
         workflow = import_target(record.target)
     bound = _load_arguments(workflow, record.arguments)
     durable = DurableRun(run_id, None, steps, replay_only=True)
+    durable.main_task = asyncio.current_task()
     token = current_durable_run.set(durable)
     try:
         return await workflow.execute(bound.args, bound.kwargs, span_id=None)
