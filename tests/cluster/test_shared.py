@@ -219,3 +219,28 @@ async def test_budgets_around_a_batch_hold_for_its_items(
         await kagura.ray.map(ask, [f"b {i}" for i in range(6)], concurrency=1, progress=False)
     assert len(server.chat_requests) == 3 + 3
     assert budget.spent_tokens == 30  # the driver's object shows what the batch spent
+
+
+async def test_a_budget_counts_the_drivers_own_calls_between_batches(
+    cluster: None, server: FaultServer
+) -> None:
+    # The actor was made with what the budget had counted then: the driver's own call after the
+    # first batch was unknown to it, and the batch's settling wrote its count over the driver's.
+    server.set_rules(("", Fault.ok("fine", usage=(8, 2))))
+
+    @agent(model="vllm/test", base_url=server.base_url, retry=False)
+    async def ask(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    budget = CostBudget(tokens=30)
+    with budget:
+        await kagura.ray.map(ask, ["first batch"], progress=False)
+        await ask("here, in the driver")
+        assert budget.spent_tokens == 20
+        partial = await kagura.ray.map(
+            ask, [f"second batch {i}" for i in range(3)], concurrency=1, progress=False
+        )
+    assert sorted(partial.results) == [0]
+    assert all(isinstance(e, BudgetExceeded) for e in partial.errors.values())
+    assert len(server.chat_requests) == 3
+    assert budget.spent_tokens == 30

@@ -75,6 +75,8 @@ async def map(
     budgets = tuple(
         dict.fromkeys([*given, *current_retry_budgets(), *current_cost_budgets()], None)
     )
+    # What the driver spent on its own since an earlier batch counts for this one.
+    await _shared.settle(budgets)
     parent = parent_here()
     gate = asyncio.Semaphore(concurrency)
     outcomes: builtins.list[tuple[bool, Any]] = [(False, None)] * len(values)
@@ -102,7 +104,7 @@ async def map(
             await run_all()
     else:
         await run_all()
-    await _shared.settle(budgets)  # the driver's budget objects show what the batch spent
+    await _shared.settle(budgets)  # and the driver's budget objects show what the batch spent
     # The batch's spans are in the store before the caller looks at its trace.
     await asyncio.gather(*(worker.flush.remote() for worker in pool.workers))
     partial: Partial[int, U] = Partial()

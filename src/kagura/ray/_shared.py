@@ -18,8 +18,8 @@ actor with ``ray.get``, blocking the event loop for a round trip: the agent's pa
 them. Those whose answer is not needed (``record_*``, ``charge``, ``penalise``, a permit's
 ``settle``) are sent without waiting.
 
-In the driver the user's objects stay as they are; after a batch, :func:`settle` writes what the
-actor counted into the driver's budgets. An object that comes back from a worker (a
+In the driver the user's objects stay as they are; before and after a batch, :func:`settle`
+brings a budget and its actor together (what the driver spent on its own, what the workers did). An object that comes back from a worker (a
 ``BudgetExceeded`` names its budget) is the driver's own again.
 """
 
@@ -150,8 +150,14 @@ class SharedState:
     def _spent(self) -> tuple[float, int, int]:
         return self.obj.spent_usd, self.obj.spent_tokens, self.obj.unpriced_calls
 
+    async def add(self, own: dict[str, Any]) -> dict[str, Any]:
+        """Count what the driver spent on its own (for :func:`settle`); what is counted now."""
+        for field, value in own.items():
+            setattr(self.obj, field, getattr(self.obj, field) + value)
+        return await self.snapshot()
+
     async def snapshot(self) -> dict[str, Any]:
-        """What the object has counted (for :func:`settle`)."""
+        """What the object has counted."""
         if self.kind == "retry-budget":
             return {"used": self.obj.used}
         if self.kind == "cost-budget":
@@ -230,6 +236,9 @@ _actors: dict[str, tuple[dict[str, Any], Any]] = {}
 # (what comes back from a worker is that object again).
 _names: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _originals: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary()
+# What each of the driver's budgets had counted when it last agreed with its actor (made from
+# it, or settled): what the driver spent on its own since, its own calls, is the difference.
+_agreed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
 _creator: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -286,6 +295,8 @@ def _actor_for(kind: str, name: str, obj: Shareable) -> tuple[dict[str, Any], An
         # state (the object refs found so far) is per thread, and making an actor pickles too.
         actor = _creator.submit(_create, kind, name, settings).result()
         _actors[name] = (settings, actor)
+        if kind in _BUDGETS:
+            _agreed[obj] = {field: settings[field] for field in _BUDGETS[kind]}
         return settings, actor
 
 
@@ -301,19 +312,34 @@ def _create(kind: str, name: str, settings: dict[str, Any]) -> Any:
     ).remote(kind, settings)
 
 
+#: What a budget counts, by kind: what :func:`settle` brings together.
+_BUDGETS = {
+    "retry-budget": ("used",),
+    "cost-budget": ("spent_usd", "spent_tokens", "unpriced_calls"),
+}
+
+
 async def settle(objects: tuple[Any, ...]) -> None:
-    """Write what each object's actor counted into the driver's own object (a batch's budgets,
-    once the batch is over)."""
+    """Bring each budget of ``objects`` and its actor together, before and after a batch: the
+    actor counts what the driver spent on its own since they last agreed (its own calls, between
+    batches or during one), and the driver's object shows what the actor counted (the batch's
+    calls on every worker)."""
     wanted = []
     with _lock:
         for obj in objects:
             kind = _KINDS.get(type(obj))
-            known = _actors.get(_actor_name(obj, kind)) if kind is not None else None
-            if known is not None:
-                wanted.append((obj, known[1].snapshot.remote()))
-    for obj, ref in wanted:
-        for field, value in (await ref).items():
-            setattr(obj, field, value)
+            known = _actors.get(_actor_name(obj, kind)) if kind in _BUDGETS else None
+            if kind is not None and known is not None:
+                wanted.append((obj, _BUDGETS[kind], known[1]))
+    for obj, fields, actor in wanted:
+        counted = {field: getattr(obj, field) for field in fields}
+        # Another object of its name made the actor: all it counted is its own.
+        agreed = _agreed.get(obj) or dict.fromkeys(fields, 0)
+        total = await actor.add.remote({f: counted[f] - agreed[f] for f in fields})
+        for field in fields:
+            # And what the driver spent while the actor answered.
+            setattr(obj, field, total[field] + getattr(obj, field) - counted[field])
+        _agreed[obj] = total
 
 
 # -- in a worker -----------------------------------------------------------------------------------
