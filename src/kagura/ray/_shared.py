@@ -19,8 +19,9 @@ them. Those whose answer is not needed (``record_*``, ``charge``, ``penalise``, 
 ``settle``) are sent without waiting.
 
 In the driver the user's objects stay as they are; before and after a batch, :func:`settle`
-brings a budget and its actor together (what the driver spent on its own, what the workers did). An object that comes back from a worker (a
-``BudgetExceeded`` names its budget) is the driver's own again.
+brings a budget and its actor together (what the driver spent on its own, what the workers did).
+An object that comes back from a worker (a ``BudgetExceeded`` names its budget) is the driver's
+own again.
 """
 
 from __future__ import annotations
