@@ -352,19 +352,24 @@ async def test_parallel_branches_killed_between_their_calls_resume_sending_no_an
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Calls started in parallel branches after other awaits are numbered in the order they
+    """Steps of parallel branches take their places among their parent's in the order they
     start. Killed with one branch's second call journaled and the other's in flight, the run
-    resumes with the second calls started the other way round: each finds its own answer by its
-    inputs, and the one that never answered runs (it failed the run, as another path, before)."""
+    resumes with the second calls started the other way round: the one journaled is answered
+    from the journal, the other runs (it failed the run, as a renamed step, before)."""
     env = provider_env(server, monkeypatch)
     gate = tmp_path / "gate"
     server.set_rules(("BETA report on ALPHA report on slow", "hang"))
     child = spawn(
         "run", "crash_two_stages", "two-stages", json.dumps([["slow", "fast"], str(gate)]), env=env
     )
-    first_calls = {"crash_two_stages/alpha#0", "crash_two_stages/alpha#1"}
+    fast = {
+        "crash_two_stages/alpha#0",
+        "crash_two_stages/alpha#1",
+        "crash_two_stages/beta fast#0",
+        "crash_two_stages/beta fast#0/beta#0",
+    }
     await await_until(
-        lambda: set(journal.load_steps("two-stages")) == {*first_calls, "crash_two_stages/beta#0"},
+        lambda: set(journal.load_steps("two-stages")) == fast,
         "both first calls and the fast branch's second journaled",
     )
     gate.touch()
@@ -390,9 +395,8 @@ async def test_parallel_branches_killed_between_their_calls_resume_sending_no_an
             "BETA report on ALPHA report on slow..": 2,  # in flight at the kill, and again
         }
     )
-    # The slow branch's call is journaled apart from the fast one's, whose number it took.
-    steps = journal.load_steps("two-stages")
-    assert set(steps) == {*first_calls, "crash_two_stages/beta#0", "crash_two_stages/beta#0~1"}
+    slow = {"crash_two_stages/beta slow#0", "crash_two_stages/beta slow#0/beta#0"}
+    assert set(journal.load_steps("two-stages")) == fast | slow
     sent = len(server.chat_requests)
     assert await replay("two-stages") == answers
     assert len(server.chat_requests) == sent

@@ -17,7 +17,7 @@ import pytest
 from kagura import UsageError, agent, step, tool, workflow
 from kagura.durable import Journal
 from kagura.durable._run import input_hash
-from kagura.errors import ProviderError, RunFailedError
+from kagura.errors import NonDeterminismError, ProviderError, RunFailedError
 from kagura.providers import ModelRequest, ToolCall
 from kagura.testing import FakeModel, Reply, override_model
 
@@ -387,23 +387,38 @@ def two_stages(named_apart: bool) -> tuple[Any, list[str], dict[str, bool]]:
     return digest, stored, failing
 
 
-@pytest.mark.parametrize("named_apart", [False, True])
-async def test_parallel_steps_journaled_in_part_resume_in_another_order(
-    journal: Journal, named_apart: bool
+async def test_parallel_steps_named_for_their_branch_resume_in_another_order(
+    journal: Journal,
 ) -> None:
-    # Before: the slow store, started first, found the fast one's step under its number and
-    # failed the run as another path (or, named apart, at the fast one's place among the run's
-    # steps, as a renamed step).
-    digest, stored, failing = two_stages(named_apart)
+    # Before: the slow store, started first, was a new step at the place among the run's steps
+    # where the journal has the fast one, and failed the run as a renamed step.
+    digest, stored, failing = two_stages(named_apart=True)
     with pytest.raises(ConnectionError):
         await digest.run(["slow", "fast"], run_id="digest")
     assert stored == ["fast"]
     failing["on"] = False
     assert await digest.resume("digest") == ["id-slow", "id-fast"]
     assert stored == ["fast", "slow"]  # the fast one not stored again
-    # And once more, from the journal alone, in either order.
-    assert await digest.resume("digest") == ["id-slow", "id-fast"]
-    assert stored == ["fast", "slow"]
+    assert set(journal.load_steps("digest")) == {
+        "digest/summarise#0",
+        "digest/summarise#1",
+        "digest/store fast#0",
+        "digest/store slow#0",
+    }
+
+
+async def test_parallel_steps_of_one_name_journaled_in_part_fail_naming_the_fix(
+    journal: Journal,
+) -> None:
+    # The slow store, started first on resume, finds the fast one's step under its number: it
+    # cannot be told from another path, and the run fails before anything runs again.
+    digest, stored, failing = two_stages(named_apart=False)
+    with pytest.raises(ConnectionError):
+        await digest.run(["slow", "fast"], run_id="digest")
+    failing["on"] = False
+    with pytest.raises(NonDeterminismError, match=r'give each its own name, such as step\(f"store'):
+        await digest.resume("digest")
+    assert stored == ["fast"]
 
 
 async def test_parallel_calls_with_the_same_inputs_one_journaled_run_the_other_once(

@@ -304,16 +304,16 @@ def _open(gate: str) -> bool:
 
 @workflow(durable=True)
 async def crash_two_stages(topics: list[str], gate: str) -> list[str]:
-    """Two agents in a row in each of parallel branches, on the fault server. The first
-    topic's branch waits at the gate (a file) between them when it is closed: its second call
-    then starts after the others', and on resume (the gate open, the first calls answered from
-    the journal at once) before them."""
+    """Two agents in a row in each of parallel branches, on the fault server, the second in a
+    step named for its branch. The first topic's branch waits at the gate (a file) between them
+    when it is closed: its second call then starts after the others', and on resume (the gate
+    open, the first calls answered from the journal at once) before them."""
 
     async def branch(topic: str, first: bool) -> str:
         found = await alpha(topic)
         if first and not _open(gate):
             await wait_for_file(gate)
-        return await beta(found)
+        return await kagura.step(f"beta {topic}", beta, found)
 
     return list(await asyncio.gather(*(branch(t, i == 0) for i, t in enumerate(topics))))
 

@@ -7,10 +7,11 @@ journal returns its recorded output without running; a step found under the same
 name or inputs means the code took another path, which raises :class:`NonDeterminismError` rather
 than mixing results of two different executions.
 
-Calls started in parallel branches after other awaits are the exception: they are numbered in the
-order they start, which a resumed run need not repeat, so there a call is found by its inputs
-among the journaled calls of its name and parent, and one that was never journaled runs (under a
-key of its own, ``key~N``, when a sibling's step holds its number).
+Calls started in parallel branches after other awaits are numbered in the order they start, which
+a resumed run need not repeat: such a call is found by its inputs among the journaled calls of its
+name and parent. One that was never journaled, whose number a sibling's call holds, cannot be told
+from another path; calls named for their branch (``step(f"store {doc}", ...)``) have keys of their
+own, and a branch's new step is not checked against its place among its parent's steps.
 """
 
 from __future__ import annotations
@@ -89,7 +90,6 @@ class DurableRun:
     __slots__ = (
         "_by_inputs",
         "_by_position",
-        "_moved",
         "_taken",
         "journal",
         "main_task",
@@ -122,8 +122,6 @@ class DurableRun:
         self._by_inputs: dict[tuple[str, str, str, str], list[StepRecord]] | None = None
         #: Keys of the journaled steps this execution has replayed or recorded.
         self._taken: set[str] = set()
-        #: By call site: the key a call is journaled under when a sibling's step holds its own.
-        self._moved: dict[str, str] = {}
         #: The task that runs the workflow's own code, once it runs (others are its branches).
         self.main_task: asyncio.Task[Any] | None = None
 
@@ -146,36 +144,31 @@ class DurableRun:
         sibling = self._sibling(key, name, kind, digest)
         if sibling is not None:
             return self._replayed(sibling)
-        if self.replay_only:
-            raise NonDeterminismError(
-                key,
-                f"{kind} {name!r} is not in the journal of run {self.run_id!r}"
-                if record is None
-                else self._other_inputs(name, kind),
-            )
-        branch = self.main_task is not None and asyncio.current_task() is not self.main_task
         if record is None:
-            # Steps of parallel branches take their places among their parent's in the order
-            # they start, which a resumed run need not repeat: only the workflow's own
-            # sequence of steps tells a renamed one.
-            if kind != "tool" and position >= 0 and not branch:
+            if self.replay_only:
+                raise NonDeterminismError(
+                    key, f"{kind} {name!r} is not in the journal of run {self.run_id!r}"
+                )
+            # A branch's steps take their places among their parent's in the order they start,
+            # which a resumed run need not repeat either: only the workflow's own sequence of
+            # steps tells a renamed one.
+            if kind != "tool" and position >= 0 and not self._in_branch():
                 self._check_position(key, name, kind, position)
             return None
-        if kind == "tool":
+        if kind == "tool" and not self.replay_only:
             # The agent around this tool call is running again, and a model need not ask for
             # the same arguments twice: run the tool anew rather than fail the run.
             return None
-        if branch:
-            # A call of a parallel branch that was not journaled, whose number a sibling that
-            # was holds (it started first then): it runs, journaled under a key of its own.
-            self._moved[key] = self._free_key(key)
-            return None
-        raise NonDeterminismError(key, self._other_inputs(name, kind))
+        raise NonDeterminismError(key, self._other_inputs(key, name, kind))
 
     def _replayed(self, record: StepRecord) -> StepRecord:
         self._taken.add(record.step_key)
         self.replayed += 1
         return record
+
+    def _in_branch(self) -> bool:
+        """Whether the running task is another than the workflow's own (a parallel branch)."""
+        return self.main_task is not None and asyncio.current_task() is not self.main_task
 
     def _sibling(self, key: str, name: str, kind: str, digest: str) -> StepRecord | None:
         """A call of ``name`` under the same parent as ``key`` with these inputs, journaled by
@@ -183,31 +176,36 @@ class DurableRun:
         if self._by_inputs is None:
             self._by_inputs = {}
             for record in self.steps.values():
-                if record.step_key not in self._taken:
-                    found = (
-                        record.step_key.rpartition("/")[0],
-                        record.name,
-                        record.kind,
-                        record.input_hash,
-                    )
-                    self._by_inputs.setdefault(found, []).append(record)
+                found = (
+                    record.step_key.rpartition("/")[0],
+                    record.name,
+                    record.kind,
+                    record.input_hash,
+                )
+                self._by_inputs.setdefault(found, []).append(record)
         wanted = (key.rpartition("/")[0], name, kind, digest)
         for record in self._by_inputs.get(wanted, ()):
             if record.step_key not in self._taken:
                 return record
         return None
 
-    def _free_key(self, key: str) -> str:
-        """A key no journaled step has, for the call whose own key one does: ``key~N``, which no
-        call site makes (theirs end in ``#N``)."""
-        number = 1
-        while f"{key}~{number}" in self.steps:
-            number += 1
-        return f"{key}~{number}"
-
-    @staticmethod
-    def _other_inputs(name: str, kind: str) -> str:
-        return f"{kind} {name!r} is called with other inputs than the journal recorded"
+    def _other_inputs(self, key: str, name: str, kind: str) -> str:
+        said = f"{kind} {name!r} is called with other inputs than the journal recorded"
+        parent = key.rpartition("/")[0]
+        journaled = sum(
+            1
+            for r in self.steps.values()
+            if r.name == name and r.kind == kind and r.step_key.rpartition("/")[0] == parent
+        )
+        if journaled > 1 or self._in_branch():
+            # Maybe not another path: calls started in parallel, in another order.
+            said += (
+                f" (or, if calls of {name!r} are started in parallel after other awaits, the one "
+                f"with these inputs had not been journaled: such calls are numbered in the order "
+                f"they start, which a resumed run need not repeat; give each its own name, such "
+                f'as step(f"{name} {{item}}", ...) around the call, for runs started from now on)'
+            )
+        return said
 
     def _check_position(self, key: str, name: str, kind: str, position: int) -> None:
         """A new step where the journal has another one (renamed, replaced or reordered code)."""
@@ -241,7 +239,6 @@ class DurableRun:
         cannot be written."""
         if self.replay_only or self.journal is None:
             return
-        key = self._moved.pop(key, key)
         pos = position if position >= 0 else None
         await self.journal.commit_step(
             self.run_id, self.owner, key, name, kind, digest, output, pos
