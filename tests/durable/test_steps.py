@@ -22,7 +22,7 @@ from kagura.providers import ModelRequest, ToolCall
 from kagura.testing import FakeModel, Reply, override_model
 
 from . import workflows
-from .conftest import WAIT_TIMEOUT, lines, respond
+from .conftest import WAIT_TIMEOUT, lines, respond, wait_until
 
 FANOUT_STEPS = {
     "fanout/charge#0": ("charge", "step"),
@@ -471,6 +471,43 @@ async def test_calls_with_the_same_inputs_each_run_and_each_replay_their_own(
     assert await thrice.run(run_id="thrice") == [1, 2, 3, 4]
     assert await thrice.resume("thrice") == [1, 2, 3, 4]
     assert made == [1, 1, 1, 1]
+
+
+async def test_a_step_a_branch_finishes_after_its_run_failed_is_journaled(
+    journal: Journal,
+) -> None:
+    # asyncio.gather leaves the other branches running when one fails: the late step's commit
+    # was refused (the run had ended), and it ran again on resume.
+    release = asyncio.Event()
+    ran: list[str] = []
+    failing = {"on": True}
+
+    async def work(x: str) -> str:
+        if failing["on"]:
+            if x == "late":
+                await release.wait()
+            else:
+                raise ConnectionError("the other branch failed")
+        ran.append(x)
+        return x
+
+    async def branch(x: str) -> str:
+        return await step("work", work, x)
+
+    @workflow(durable=True)
+    async def both(xs: list[str]) -> list[str]:
+        return list(await asyncio.gather(*(branch(x) for x in xs)))
+
+    with pytest.raises(ConnectionError):
+        await both.run(["late", "bad"], run_id="late-step")
+    release.set()
+    await asyncio.to_thread(
+        wait_until, lambda: "both/work#0" in journal.load_steps("late-step"), "the late step"
+    )
+    assert ran == ["late"]
+    failing["on"] = False
+    assert await both.resume("late-step") == ["late", "bad"]
+    assert ran == ["late", "bad"]
 
 
 async def test_a_run_result_with_no_json_fails_the_run_saying_so(journal: Journal) -> None:

@@ -36,6 +36,8 @@ The guarantees, and where each is kept:
 - *Fencing.* Each batch first renews the lease of every run it writes for, on the condition that
   the writing process still owns it, and writes only for the runs it does: a process whose run
   was taken over commits nothing more of it, and its workflow gets :class:`RunTakenOverError`.
+  (A failed run stays its process's until it is resumed: a step a parallel branch finished
+  after the failure is journaled.)
   The renewal and the writes are one transaction, so a takeover lands either before (and the
   batch writes nothing for that run) or after (and the new owner loads those steps).
 - *Claims are atomic.* Run rows are created and taken over with single conditional statements, so
@@ -951,20 +953,26 @@ class Journal:
         self, connection: Any, pairs: Iterable[tuple[str, str]], now: float
     ) -> set[tuple[str, str]]:
         """Renew the lease of each (run id, owner) whose owner still holds the run; the pairs
-        that do. In the caller's transaction, which this makes hold those runs until it ends."""
+        that do. In the caller's transaction, which this makes hold those runs until it ends.
+
+        A run that failed is still its owner's until another resumes it: a step that a parallel
+        branch finished after the run failed (``asyncio.gather`` leaves the other branches
+        running) is journaled, rather than lost and run again on resume."""
         pairs = sorted(set(pairs))
         mark = _mark(connection)
         held: set[tuple[str, str]] = set()
         # One statement per chunk of runs, not one per run (a batch renews hundreds at once),
         # found by their key. Owner tokens are made afresh for every start and claim, so an
         # owner among the chunk's holds no other run of it: the two lists match as pairs do.
-        # 0 is a released lease (a cancelled run): a heartbeat must not revive it.
+        # 0 is a released lease (a cancelled run): a heartbeat must not revive it. A failed run's
+        # heartbeat is not read.
         for start in range(0, len(pairs), _CHUNK):
             chunk = pairs[start : start + _CHUNK]
             marks = ", ".join(mark for _ in chunk)
             renewed = connection.exec_driver_sql(
                 f"UPDATE kagura_runs SET heartbeat_at = {mark} WHERE run_id IN ({marks}) "
-                f"AND owner IN ({marks}) AND status = 'running' AND heartbeat_at > 0 "
+                f"AND owner IN ({marks}) "
+                "AND ((status = 'running' AND heartbeat_at > 0) OR status = 'failed') "
                 "RETURNING run_id, owner",
                 (now, *(run_id for run_id, _ in chunk), *(owner for _, owner in chunk)),
             )
