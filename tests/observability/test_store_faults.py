@@ -219,7 +219,15 @@ class Unopenable:
 
 
 @pytest.fixture(
-    params=["damaged file", "directory", "under a file", "closed port", "no database", "no role"]
+    params=[
+        "damaged file",
+        "directory",
+        "under a file",
+        "closed port",
+        "bad parameter",
+        "no database",
+        "no role",
+    ]
 )
 def unopenable(request: pytest.FixtureRequest, tmp_path: Path) -> Unopenable:
     kind: str = request.param
@@ -244,6 +252,10 @@ def unopenable(request: pytest.FixtureRequest, tmp_path: Path) -> Unopenable:
         port = free_port()
         url = f"postgresql://kagura:{PASSWORD}@127.0.0.1:{port}/kagura"
         return Unopenable(url, f"postgresql://kagura:***@127.0.0.1:{port}/kagura", "refused")
+    if kind == "bad parameter":  # refused by psycopg before it connects
+        url = f"postgresql://kagura:{PASSWORD}@127.0.0.1:5432/kagura?connect_timeout=abc"
+        name = "postgresql://kagura:***@127.0.0.1:5432/kagura?connect_timeout=abc"
+        return Unopenable(url, name, "bad value for connect_timeout: 'abc'")
     server: PostgresServer = request.getfixturevalue("postgres_server")
     host = f"{server.host}:{server.port}"
     if kind == "no database":

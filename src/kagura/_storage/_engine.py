@@ -152,10 +152,13 @@ def is_store_fault(error: BaseException) -> bool:
     if sqlstate:
         return sqlstate in _POSTGRES_FAULT_STATES or sqlstate[:2] in _POSTGRES_FAULTS
     # No code from the server (a connection that failed or broke), or another driver: by the
-    # DB-API's classes. Its base class, on its own, is what a damaged file raises.
+    # DB-API's classes. Its base class, on its own, is what a damaged file raises. And whatever
+    # the driver raised while connecting, with no statement under way: a URL's parameter it
+    # refused (psycopg's ProgrammingError for ``?connect_timeout=abc``).
     return (
         isinstance(error, (exc.OperationalError, exc.InterfaceError, exc.InternalError))
         or type(error) is exc.DatabaseError
+        or error.statement is None
     )
 
 
