@@ -4,9 +4,11 @@ kagura.ray.map) is one object for the whole cluster."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -244,3 +246,79 @@ async def test_a_budget_counts_the_drivers_own_calls_between_batches(
     assert all(isinstance(e, BudgetExceeded) for e in partial.errors.values())
     assert len(server.chat_requests) == 3
     assert budget.spent_tokens == 30
+
+
+async def test_batches_at_once_under_one_budget_count_each_call_once(
+    cluster: None, server: FaultServer
+) -> None:
+    # Two batches settling the budget at once each took the other's figure, written while it
+    # waited for the actor, for the driver's own spending: counted twice, it refused later
+    # batches early.
+    server.set_rules(("", Fault.ok("fine", usage=(8, 2))))
+
+    @agent(model="vllm/test", base_url=server.base_url, retry=False)
+    async def ask(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    budget = CostBudget(tokens=100)
+    with budget:
+        await kagura.ray.map(ask, ["first"], progress=False)
+        for _ in range(2):
+            await asyncio.gather(
+                *(
+                    kagura.ray.map(ask, [f"{side} {i}" for i in range(2)], progress=False)
+                    for side in ("left", "right")
+                )
+            )
+        assert budget.spent_tokens == 10 * len(server.chat_requests) == 90
+        last = await kagura.ray.map(ask, ["last"], progress=False)
+    assert sorted(last.results) == [0]
+    assert budget.spent_tokens == 100
+
+
+async def _until(condition: Any, limit: float = 60.0) -> None:
+    """Poll ``condition`` (in a thread: it may read files) until it holds; fail after ``limit``."""
+    deadline = asyncio.get_running_loop().time() + limit
+    while not await asyncio.to_thread(condition):
+        assert asyncio.get_running_loop().time() < deadline, "timed out waiting"
+        await asyncio.sleep(0.01)
+
+
+def _noting(marks: Path, ask: Any) -> Any:
+    def note(text: str) -> None:
+        with marks.open("a") as done:
+            done.write(text + "\n")
+
+    async def ask_and_note(text: str) -> str:
+        answer: str = await ask(text)
+        note(text)
+        return answer
+
+    return ask_and_note
+
+
+async def test_a_cancelled_batch_shows_what_it_spent(
+    cluster: None, server: FaultServer, tmp_path: Path
+) -> None:
+    # Settled only when the batch ended well: a batch cut short by a timeout showed nothing
+    # spent, and the driver's calls after it went past the cap.
+    server.set_rules(("slow", "hang"), ("", Fault.ok("fine", usage=(8, 2))))
+
+    @agent(model="vllm/test", base_url=server.base_url, retry=False)
+    async def ask(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    marks = tmp_path / "done"
+    budget = CostBudget(tokens=30)
+    with budget:
+        batch = asyncio.create_task(
+            kagura.ray.map(_noting(marks, ask), ["fast 0", "fast 1", "slow"], progress=False)
+        )
+        await _until(lambda: marks.exists() and len(marks.read_text().split()) == 4)
+        batch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        assert budget.spent_tokens == 20
+        assert await ask("one more, in the driver") == "fine"
+        with pytest.raises(BudgetExceeded):
+            await ask("past the cap")

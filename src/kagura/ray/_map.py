@@ -95,16 +95,20 @@ async def map(
             for index, item in enumerate(values):
                 group.create_task(one(index, item))
 
-    if show:
-        from rich.progress import Progress
+    try:
+        if show:
+            from rich.progress import Progress
 
-        with Progress(transient=False) as bar:
-            task_id = bar.add_task(description, total=len(values))
-            advance = lambda: bar.advance(task_id)  # noqa: E731
+            with Progress(transient=False) as bar:
+                task_id = bar.add_task(description, total=len(values))
+                advance = lambda: bar.advance(task_id)  # noqa: E731
+                await run_all()
+        else:
             await run_all()
-    else:
-        await run_all()
-    await _shared.settle(budgets)  # and the driver's budget objects show what the batch spent
+    finally:
+        # And the driver's budget objects show what the batch spent, cancelled (a timeout) or
+        # not: the driver's calls after it are checked against that.
+        await asyncio.shield(_shared.settle(budgets))
     # The batch's spans are in the store before the caller looks at its trace.
     await asyncio.gather(*(worker.flush.remote() for worker in pool.workers))
     partial: Partial[int, U] = Partial()

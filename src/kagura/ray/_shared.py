@@ -240,6 +240,12 @@ _originals: weakref.WeakValueDictionary[str, Any] = weakref.WeakValueDictionary(
 # What each of the driver's budgets had counted when it last agreed with its actor (made from
 # it, or settled): what the driver spent on its own since, its own calls, is the difference.
 _agreed: weakref.WeakKeyDictionary[Any, dict[str, Any]] = weakref.WeakKeyDictionary()
+# One settling of a budget at a time (maps run at once share it): another's write to the
+# object while this one waits for the actor would read as the driver's own spending. By event
+# loop, since an asyncio lock is bound to one.
+_settling: weakref.WeakKeyDictionary[Any, tuple[asyncio.AbstractEventLoop, asyncio.Lock]] = (
+    weakref.WeakKeyDictionary()
+)
 _creator: concurrent.futures.ThreadPoolExecutor | None = None
 
 
@@ -333,14 +339,23 @@ async def settle(objects: tuple[Any, ...]) -> None:
             if kind is not None and known is not None:
                 wanted.append((obj, _BUDGETS[kind], known[1]))
     for obj, fields, actor in wanted:
-        counted = {field: getattr(obj, field) for field in fields}
-        # Another object of its name made the actor: all it counted is its own.
-        agreed = _agreed.get(obj) or dict.fromkeys(fields, 0)
-        total = await actor.add.remote({f: counted[f] - agreed[f] for f in fields})
-        for field in fields:
-            # And what the driver spent while the actor answered.
-            setattr(obj, field, total[field] + getattr(obj, field) - counted[field])
-        _agreed[obj] = total
+        async with _settling_lock(obj):
+            counted = {field: getattr(obj, field) for field in fields}
+            # Another object of its name made the actor: all it counted is its own.
+            agreed = _agreed.get(obj) or dict.fromkeys(fields, 0)
+            total = await actor.add.remote({f: counted[f] - agreed[f] for f in fields})
+            for field in fields:
+                # And what the driver spent while the actor answered.
+                setattr(obj, field, total[field] + getattr(obj, field) - counted[field])
+            _agreed[obj] = total
+
+
+def _settling_lock(obj: Any) -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    held = _settling.get(obj)
+    if held is None or held[0] is not loop:
+        held = _settling[obj] = (loop, asyncio.Lock())
+    return held[1]
 
 
 # -- in a worker -----------------------------------------------------------------------------------
