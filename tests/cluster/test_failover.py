@@ -148,3 +148,25 @@ async def test_an_item_that_kills_its_worker_every_time_fails_and_the_batch_ends
     assert "batch item 1 was running on a worker whose process died, 3 times" in str(error)
     assert isinstance(error.__cause__, ray.exceptions.RayActorError)
     assert Counter(marks.read_text().split()) == Counter({"before": 1, "fragile": 3, "after": 1})
+
+
+async def _work_or_die(word: str) -> str:
+    """A batch item: ``"fragile"`` kills its worker a moment after it arrives, every time; the
+    others work for a second (the test waits for no time)."""
+    if word == "fragile":
+        await asyncio.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(1.0)
+    return word.upper()
+
+
+async def test_an_item_that_kills_its_worker_takes_no_other_item_past_its_last_try() -> None:
+    # Each item in flight on a dying worker counts the loss: sent again beside the item that
+    # kills its worker, healthy items reached their last try with it, and failed with it (8 of
+    # these 99, measured).
+    words = [f"healthy-{i}" for i in range(100)]
+    words[10] = "fragile"
+    partial = await kagura.ray.map(_work_or_die, words, progress=False)
+    assert partial.results == {i: w.upper() for i, w in enumerate(words) if i != 10}
+    (error,) = partial.errors.values()
+    assert isinstance(error, WorkerLostError) and error.item == 10

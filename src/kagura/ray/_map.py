@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import sys
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import ray
@@ -54,7 +55,9 @@ async def map(
     they show what the batch spent. Cancelling the call cancels its items on the workers.
     ``progress=None`` draws a progress bar when stderr is a terminal. An item whose worker's
     process died is sent again, to the next worker; one that was in flight on dying workers three
-    times fails with :class:`~kagura.errors.WorkerLostError`, and the batch goes on.
+    times fails with :class:`~kagura.errors.WorkerLostError`, and the batch goes on (its last try
+    is made apart from the other items sent again: one that kills its worker every time takes
+    none of them with it).
     """
     values = builtins.list(items)
     if concurrency < 1:
@@ -79,6 +82,7 @@ async def map(
     await _shared.settle(budgets)
     parent = parent_here()
     gate = asyncio.Semaphore(concurrency)
+    suspects = _Suspects()
     outcomes: builtins.list[tuple[bool, Any]] = [(False, None)] * len(values)
     show = sys.stderr.isatty() if progress is None else progress
     advance: Callable[[], None] = lambda: None  # noqa: E731
@@ -86,7 +90,7 @@ async def map(
     async def one(index: int, item: T) -> None:
         async with gate:
             outcomes[index] = await _sent(
-                pool, index, function, item, parent, budgets, shipped_registry
+                pool, index, suspects, function, item, parent, budgets, shipped_registry
             )
         advance()
 
@@ -120,24 +124,69 @@ async def map(
     return partial
 
 
-async def _sent(pool: _cluster.Pool, index: int, *args: Any) -> tuple[bool, Any]:
+async def _sent(
+    pool: _cluster.Pool, index: int, suspects: _Suspects, *args: Any
+) -> tuple[bool, Any]:
     """One item's call on the workers (``args`` as ``Worker.call`` takes them): sent again,
-    to the next worker, when its worker's process dies, up to :data:`WORKER_LOSSES` times."""
+    to the next worker, when its worker's process dies, up to :data:`WORKER_LOSSES` times, the
+    sends after a loss under ``suspects``' rules."""
     lost: BaseException | None = None
-    for _ in range(WORKER_LOSSES):
-        # Not sent again by Ray (the workers' own option, for durable runs, is for ever): here,
-        # where the losses are counted.
-        call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+    for losses in range(WORKER_LOSSES):
         try:
-            outcome: tuple[bool, Any] = await call
-            return outcome
-        except asyncio.CancelledError:
-            ray.cancel(call)  # the item stops where it runs, not only here
-            raise
+            if losses == 0:
+                return await _call(pool, args)
+            async with suspects.sending(last=losses == WORKER_LOSSES - 1):
+                return await _call(pool, args)
         except ray.exceptions.RayActorError as error:  # its worker's process died
             lost = error
-        except ray.exceptions.RayError as error:  # the item's call itself broke
-            return False, getattr(error, "cause", None) or error
     failed = WorkerLostError(index, WORKER_LOSSES)
     failed.__cause__ = lost
     return False, failed
+
+
+async def _call(pool: _cluster.Pool, args: tuple[Any, ...]) -> tuple[bool, Any]:
+    # Not sent again by Ray (the workers' own option, for durable runs, is for ever): by
+    # _sent, which counts the losses.
+    call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+    try:
+        outcome: tuple[bool, Any] = await call
+    except asyncio.CancelledError:
+        ray.cancel(call)  # the item stops where it runs, not only here
+        raise
+    except ray.exceptions.RayActorError:
+        raise
+    except ray.exceptions.RayError as error:  # the item's call itself broke
+        return False, getattr(error, "cause", None) or error
+    return outcome
+
+
+class _Suspects:
+    """The items of a batch that lost their worker, sent again. Which of the items in flight on
+    a dying worker killed it is not known, so each counts the loss; an item at its last try is
+    sent alone among them, so that one that kills its worker every time does not take another
+    past its last try (its other sends, and the rest of the batch, go on as before: the items
+    of a lost node come back at once)."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Condition()
+        self._again = 0  # items sent again, not at their last try
+        self._last = False  # an item at its last try
+
+    @contextlib.asynccontextmanager
+    async def sending(self, *, last: bool) -> AsyncIterator[None]:
+        async with self._changed:
+            if last:
+                await self._changed.wait_for(lambda: not self._last and not self._again)
+                self._last = True
+            else:
+                await self._changed.wait_for(lambda: not self._last)
+                self._again += 1
+        try:
+            yield
+        finally:
+            async with self._changed:
+                if last:
+                    self._last = False
+                else:
+                    self._again -= 1
+                self._changed.notify_all()
