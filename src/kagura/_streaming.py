@@ -44,6 +44,7 @@ from .durable._run import current_durable_run, input_hash
 from .errors import (
     OutputParseError,
     ProviderError,
+    ProviderTimeout,
     RunError,
     StreamBrokenError,
     ToolLoopError,
@@ -209,6 +210,17 @@ async def _items(
                                 chunk = await live.next()
                             except ProviderError as exc:
                                 raise StreamBrokenError(exc, live.text, state.items) from exc
+                            except TimeoutError as exc:
+                                if str(exc) or total is None:
+                                    raise
+                                # The deadline (a bare TimeoutError): what was shown stays shown.
+                                ran_out = ProviderTimeout(
+                                    f"the total timeout of {total:g}s ran out", model=model.id
+                                )
+                                ran_out.__cause__ = exc
+                                raise StreamBrokenError(
+                                    ran_out, live.text, state.items
+                                ) from ran_out
                             if isinstance(chunk, str):
                                 item = reader.feed(chunk)
                             else:

@@ -207,11 +207,22 @@ async def test_the_total_timeout_bounds_the_whole_stream(server: FaultServer) ->
     tell = teller(server.base_url, total_timeout=3)
     server.script(Fault("stream_hang", text="One two three."))
     deltas: list[str] = []
-    with pytest.raises(TimeoutError, match="within the total timeout of 3s"):
+    # Run out after the first item, it is a broken stream: what was shown stays shown.
+    with pytest.raises(StreamBrokenError, match="the total timeout of 3s ran out") as caught:
         async with asyncio.timeout(LIMIT):
             async for delta in tell.stream("count"):
                 deltas.append(delta)
     assert deltas == ["One"]
+    assert caught.value.text == "One"
+    assert isinstance(caught.value.__cause__, ProviderTimeout)
+    await server.wait_disconnects(1, timeout=LIMIT)
+
+
+async def test_the_total_timeout_before_the_first_item_is_a_timeout(server: FaultServer) -> None:
+    tell = teller(server.base_url, total_timeout=3)
+    server.script("hang")
+    with pytest.raises(TimeoutError, match="no answer within the total timeout of 3s"):
+        await collect(tell.stream("count"))
     await server.wait_disconnects(1, timeout=LIMIT)
 
 
