@@ -308,6 +308,18 @@ async def test_malformed_json_becomes_a_provider_error(server: FaultServer) -> N
     _secret_free(caught.value)
 
 
+async def test_a_page_answered_instead_of_json_is_quoted_in_the_error(server: FaultServer) -> None:
+    # A proxy or a captive portal answers 200 with a page of its own: the error says what came.
+    ask = _asker(server.base_url)
+    server.script("html")
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    assert re.search(
+        r"malformed response: .* \(HTTP 200, text/html: '<html>.*502 Bad Gateway", str(caught.value)
+    )
+
+
 def test_an_answer_missing_optional_fields_is_read_as_they_are_absent() -> None:
     """The answer is read from the JSON the server sent: servers that call themselves
     OpenAI-compatible leave out usage, model, finish reason or a tool call's id."""
@@ -788,7 +800,7 @@ async def _events_of(*pieces: bytes) -> list[tuple[str, str]]:
         for piece in pieces:
             yield piece
 
-    return [event async for event in _http._events(body())]
+    return [event async for event in _http._events(body(), bytearray())]
 
 
 async def test_server_sent_events_are_read_as_the_format_says() -> None:
@@ -800,6 +812,13 @@ async def test_server_sent_events_are_read_as_the_format_says() -> None:
         b"\nid: 7\ndata: [DONE]\n\ndata: cut off",
     )
     assert events == [("", '{"a": 1}'), ("error", "first\nsecond"), ("", "[DONE]")]
+
+
+async def test_a_line_may_end_in_a_bare_cr_and_a_crlf_may_be_split_between_reads() -> None:
+    events = await _events_of(
+        b"data: one\r\rdata: two\r", b"\ndata: more\r", b"\n", b"\r\ndata: three\r\r"
+    )
+    assert events == [("", "one"), ("", "two\nmore"), ("", "three")]
 
 
 @pytest.mark.parametrize("key", [SECRET, "gsk_live-0123456789abcdef", "0123456789abcdef0123"])

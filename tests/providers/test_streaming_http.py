@@ -226,6 +226,21 @@ async def test_the_total_timeout_before_the_first_item_is_a_timeout(server: Faul
     await server.wait_disconnects(1, timeout=LIMIT)
 
 
+async def test_a_page_answered_instead_of_a_stream_is_quoted_in_the_error(
+    server: FaultServer,
+) -> None:
+    # Not a stream cut short (a connection error, retried as one): something else answered.
+    tell = teller(server.base_url, retry=False)
+    server.script("html")
+    with pytest.raises(ProviderError) as caught:
+        await collect(tell.stream("count"))
+    assert not isinstance(caught.value, ProviderConnectionError)
+    assert re.search(
+        r"not a stream of server-sent events \(HTTP 200, text/html: '<html>.*502 Bad Gateway",
+        str(caught.value),
+    )
+
+
 async def test_leaving_a_stream_early_closes_the_connection(server: FaultServer) -> None:
     tell = teller(server.base_url)
     server.script(Fault("stream_hang", text="One two three four.", after_chunks=2))

@@ -21,6 +21,7 @@ import base64
 import contextlib
 import json
 import os
+import re
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
@@ -52,6 +53,10 @@ DEFAULT_TIMEOUT = 600.0
 #: body: the names ``openai``'s ``chat.completions.create`` gives them, so that
 #: ``provider_kwargs`` written for the SDK keep working.
 REQUEST_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "timeout"})
+
+#: How much of an answer that is not what was asked for (a proxy's HTML page, say) its error
+#: quotes.
+SHOWN = 300
 
 
 class Client:
@@ -114,7 +119,10 @@ class Client:
             data = json.loads(raw)
         except ValueError as exc:
             raise answer_error(
-                model_id, f"malformed response: {exc}", _text(raw), secret=self.api_key
+                model_id,
+                f"malformed response: {exc}{_not_json(response, raw)}",
+                _text(raw),
+                secret=self.api_key,
             ) from exc
         if _is_error(data):
             # The server answered so on purpose: an error of the status it names (OpenRouter
@@ -132,13 +140,26 @@ class Client:
         self, response: aiohttp.ClientResponse, model_id: str, hint: str
     ) -> AsyncGenerator[dict[str, Any], None]:
         try:
-            events = _events(response.content.iter_any())
+            head = bytearray()
+            events = _events(response.content.iter_any(), head)
+            some = False
             while True:
                 with self._failures_mapped(model_id, hint):
                     try:
                         event, data = await anext(events)
                     except StopAsyncIteration:
-                        return
+                        if some or response.content_type == "text/event-stream":
+                            return  # a stream cut short, which the reader of chunks reports
+                        # Something else answered with 200 (a proxy's or a portal's page): say
+                        # so, rather than call it a stream that was cut.
+                        raise answer_error(
+                            model_id,
+                            "the answer is not a stream of server-sent events"
+                            + _not_json(response, bytes(head)),
+                            _text(bytes(head)),
+                            secret=self.api_key,
+                        ) from None
+                some = True
                 if data.startswith("[DONE]"):
                     return
                 yield _chunk(event, data, model_id, self.api_key)
@@ -186,19 +207,33 @@ class Client:
             ) from exc
 
 
-async def _events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, str]]:
+#: Where a line of server-sent events ends: CRLF, LF or CR, as the format allows.
+_LINE_END = re.compile(rb"\r\n|[\r\n]")
+
+
+async def _events(chunks: AsyncIterator[bytes], head: bytearray) -> AsyncIterator[tuple[str, str]]:
     """The server-sent events in a body, as (event name, data) pairs, in the format servers send
     (https://html.spec.whatwg.org/multipage/server-sent-events.html): fields ``name: value`` a
     line each, ``data`` lines joined, a blank line ending the event, lines starting with ``:``
-    comments. An event the body ends in the middle of is dropped, as the format says."""
+    comments. An event the body ends in the middle of is dropped, as the format says. ``head``
+    gets the first :data:`SHOWN` bytes of the body, for an error to quote."""
     buffer = b""
     name = ""
     data: list[str] = []
+    after_cr = False
     async for chunk in chunks:
+        if len(head) < SHOWN:
+            head += chunk[: SHOWN - len(head)]
+        if after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]  # the second half of a CRLF split between two reads
+        after_cr = chunk.endswith(b"\r")
         buffer += chunk
-        *lines, buffer = buffer.split(b"\n")
+        if b"\r" in buffer:
+            *lines, buffer = _LINE_END.split(buffer)
+        else:  # most servers end lines with LF alone
+            *lines, buffer = buffer.split(b"\n")
         for raw in lines:
-            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            line = raw.decode("utf-8", "replace")
             if not line:
                 if data:
                     yield name, "\n".join(data)
@@ -284,6 +319,15 @@ def _timeout(value: Any) -> aiohttp.ClientTimeout:
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace")
+
+
+def _not_json(response: aiohttp.ClientResponse, raw: bytes) -> str:
+    """What the server sent instead, for an error to say, when it did not say it sent JSON:
+    its content type and the start of its body (a proxy's error page is the usual case)."""
+    if response.content_type == "application/json":
+        return ""
+    shown = _text(raw[:SHOWN]).strip()
+    return f" (HTTP {response.status}, {response.content_type}: {shown!r})"
 
 
 def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str]]:

@@ -18,9 +18,10 @@ or, from synchronous code or for a subprocess to reach, in a background thread::
 Faults: ``"ok"``, ``"429"`` (with ``Retry-After``), ``"500"``, ``"503"``, ``"401"``, ``"400"`` (any
 other 3-digit status works too), ``"hang"`` (no answer until the client goes away or
 ``hang_seconds`` pass, then the connection is closed), ``"reset"`` (part of a response, then a TCP
-RST), ``"malformed"`` (200 with a body that is not JSON) and ``"truncated"`` (a ``Content-Length``
-larger than the body, then close). :class:`Fault` adds options: a fixed answer text, tool calls,
-the ``Retry-After`` value, a delay before answering, the usage reported.
+RST), ``"malformed"`` (200 with a body that is not JSON), ``"html"`` (200 with an HTML page, as a
+proxy or a captive portal answers, streamed requests too) and ``"truncated"`` (a
+``Content-Length`` larger than the body, then close). :class:`Fault` adds options: a fixed answer
+text, tool calls, the ``Retry-After`` value, a delay before answering, the usage reported.
 
 Requests with ``"stream": true`` are answered with server-sent events, as OpenAI streams: a chunk
 per word of the answer, one with the finish reason, one with the usage when
@@ -88,6 +89,7 @@ FAULT_KINDS = (
     "hang",
     "reset",
     "malformed",
+    "html",
     "truncated",
     "stream_reset",
     "stream_cut",
@@ -705,6 +707,11 @@ class FaultServer:
             await self._send(
                 writer, 200, b'{"id": "chatcmpl-broken", "choices": [{"mess', close=close
             )
+            return keep_alive
+        if kind == "html":
+            page = b"<html><body><h1>502 Bad Gateway</h1>upstream unreachable</body></html>"
+            headers = {"content-type": "text/html"}
+            await self._send(writer, 200, page, headers=headers, close=close)
             return keep_alive
         if kind == "truncated":
             body = json.dumps(self._completion(fault, record)).encode()
