@@ -181,18 +181,18 @@ class Agent(Generic[P, R]):
         functools.update_wrapper(self, fn)
         self._options = options  # to make it again in another process (__reduce__)
         self.fn = fn
-        self.name = checked_name("agent", name or fn.__name__)
+        self.name: str = checked_name("agent", name or fn.__name__)
         self.model = model
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self.system = options.get("system")
+        self.system: str | None = options.get("system")
         self.output_retries = output_retries
         self.max_tool_rounds = max_tool_rounds
         self.output_mode: OutputMode | None = output_mode
         self.tool_mode: ToolMode | None = tool_mode
         self.base_url = base_url
         self._api_key = api_key
-        self.provider_kwargs = dict(options.get("provider_kwargs") or {})
+        self.provider_kwargs: dict[str, Any] = dict(options.get("provider_kwargs") or {})
         built = sorted(self.provider_kwargs.keys() & {"messages", "model", "tools"})
         if built:
             raise UsageError(
@@ -204,7 +204,7 @@ class Agent(Generic[P, R]):
                 f"agent {self.name!r}: stream= is not an agent setting; stream a call with "
                 f"{self.name}.stream(...), an async iterator of the answer as it arrives"
             )
-        self.policies = Policies.from_options(options)
+        self.policies: Policies = Policies.from_options(options)
         self.fallback: tuple[str | Model, ...] = _fallback_models(options.get("fallback", ()))
         self.tools: dict[str, Tool[Any, Any]] = {}
         tools = options.get("tools", ())
@@ -255,7 +255,7 @@ class Agent(Generic[P, R]):
                 f"but an agent is a function of its prompt's values: define it at module level, "
                 f"and call it from the method"
             )
-        self.prompt = PromptTemplate(fn, self._signature)
+        self.prompt: PromptTemplate = PromptTemplate(fn, self._signature)
         try:
             return_type = get_type_hints(fn, include_extras=True).get("return", str)
         except NameError as exc:
@@ -269,7 +269,7 @@ class Agent(Generic[P, R]):
                 f"model's answer: annotate it -> str for the text, or with the type the answer "
                 f"should have"
             )
-        self.output = OutputSpec(return_type)
+        self.output: OutputSpec = OutputSpec(return_type)
         warn_if_body_has_code(fn)
 
     def __reduce__(self) -> tuple[Any, ...]:

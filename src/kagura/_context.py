@@ -109,9 +109,9 @@ class Span:
         span_id: str | None = None,
     ) -> None:
         self.kind: SpanKind = kind
-        self.name = name
+        self.name: str = name
         self._children = 0
-        self.parent = parent
+        self.parent: Span | None = parent
         # The id is a number until someone reads it as text (span_id): most never are in this
         # process, since the recorder sends the number and the writer makes the text (measured:
         # formatting it took a tenth of an agent call with recording off). The run's too.
@@ -141,22 +141,22 @@ class Span:
             self._run = span_id or self._n
             self._seq = 0
             self._position = -1
-        self.start_ns = time.time_ns()
+        self.start_ns: int = time.time_ns()
         self._child_seq: dict[str, int] | None = None
         self._key: str | None = None
         # How it ended; "running" until span_finished sets the rest and then, last, the status.
         self.status: str = "running"
-        self.end_ns = 0
+        self.end_ns: int = 0
         self.error: str | None = None
         self.error_type: str | None = None
         #: What it ended with (output, answered_by, finish_reason, ...), when someone records it.
         self.result: dict[str, Any] | None = None
         # Totals over the subtree, its own LLM attempt included.
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self.prompt_tokens: int = 0
+        self.completion_tokens: int = 0
         self.cost: float | None = 0.0
-        self.llm_calls = 0
-        self.retries = 0
+        self.llm_calls: int = 0
+        self.retries: int = 0
 
     @classmethod
     def detached(

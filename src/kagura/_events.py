@@ -24,6 +24,8 @@ Status = Literal["running", "completed", "failed", "cancelled", "timed_out"]
 
 @dataclass(frozen=True, slots=True)
 class SpanStarted:
+    """Emitted when a span starts."""
+
     span_id: str
     parent_id: str | None
     run_id: str
@@ -36,6 +38,8 @@ class SpanStarted:
 
 @dataclass(frozen=True, slots=True)
 class SpanFinished:
+    """Emitted when a span ends: how it ended, its usage and its cost."""
+
     span_id: str
     parent_id: str | None
     run_id: str
@@ -76,7 +80,9 @@ class Sink(Protocol):
     :func:`kagura.observability.add_sink`). Called on the event loop: must not block, and what
     it raises is logged and dropped, never seen by the recorded code."""
 
-    def handle(self, event: Event) -> None: ...
+    def handle(self, event: Event) -> None:
+        """Take one instrumentation record."""
+        ...
 
 
 @runtime_checkable
@@ -89,8 +95,14 @@ class SpanSink(Protocol):
     on it: a sink takes what it needs from them when the span starts.
     """
 
-    def span_started(self, span: Span, attributes: dict[str, Any] | None) -> None: ...
+    def span_started(self, span: Span, attributes: dict[str, Any] | None) -> None:
+        """Take ``span`` as it starts, with the attributes it was started with."""
+        ...
 
-    def span_finished(self, span: Span) -> None: ...
+    def span_finished(self, span: Span) -> None:
+        """Take ``span`` once it has ended, its status, totals and result filled in."""
+        ...
 
-    def span_event(self, event: SpanEvent) -> None: ...
+    def span_event(self, event: SpanEvent) -> None:
+        """Take something that happened inside a span."""
+        ...

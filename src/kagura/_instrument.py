@@ -43,6 +43,7 @@ def add_sink(sink: Sink | SpanSink) -> None:
 
 
 def remove_sink(sink: Sink | SpanSink) -> None:
+    """Stop sending instrumentation records to ``sink`` (nothing happens if it was not added)."""
     global _sinks, _span_sinks
     _sinks = tuple(s for s in _sinks if s is not sink)
     _span_sinks = tuple(s for s in _span_sinks if s is not sink)

@@ -70,14 +70,14 @@ class OutputSpec:
     )
 
     def __init__(self, tp: Any) -> None:
-        self.type = tp
-        self.is_text = tp is str or tp is Any or tp is None
-        self.wrapped = False
+        self.type: Any = tp
+        self.is_text: bool = tp is str or tp is Any or tp is None
+        self.wrapped: bool = False
         self.schema: OutputSchema | None = None
         self._choices: list[Any] | None = None
         self._has_result_field = False
         #: The sentence appended to the prompt so the model knows the shape wanted.
-        self.instructions = ""
+        self.instructions: str = ""
         if self.is_text:
             return
         try:
@@ -143,6 +143,8 @@ class OutputSpec:
         return self._adapter.validate_json(text)
 
     def parse(self, text: str) -> Any:
+        """The value of this type read from the model's answer ``text``; raises
+        :class:`OutputValidationError` when none is found that validates."""
         if self.is_text:
             return text.strip()
         last_error: Exception | None = None

@@ -35,18 +35,20 @@ def _environment() -> SandboxedEnvironment:
 
 
 class PromptTemplate:
+    """An agent's docstring compiled as a Jinja2 template, checked against its signature."""
+
     __slots__ = ("_format", "_names", "_pieces", "_template", "_var_keyword", "owner", "source")
 
     def __init__(self, fn: Callable[..., Any], signature: inspect.Signature) -> None:
         name = getattr(fn, "__qualname__", repr(fn))
-        self.owner = f"agent {name!r}"
+        self.owner: str = f"agent {name!r}"
         doc = fn.__doc__
         if doc is None or not doc.strip():
             raise TemplateError(
                 f"agent {name!r} has no docstring: an agent's docstring is its prompt template, "
                 f'e.g. """Summarise {{{{ text }}}} in one sentence."""'
             )
-        self.source = inspect.cleandoc(doc)
+        self.source: str = inspect.cleandoc(doc)
         env = _environment()
         try:
             parsed = env.parse(self.source)
@@ -109,6 +111,7 @@ class PromptTemplate:
             self._names = tuple(piece for is_name, piece in self._pieces if is_name)
 
     def render(self, arguments: dict[str, Any]) -> str:
+        """The prompt for ``arguments``, the template's variables by name."""
         template = self._format
         if template is not None:
             # Text and {{ parameter }} only: the same string Jinja would build, without a

@@ -77,9 +77,9 @@ class Tool(Generic[P, R]):
         self.name = name
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise UsageError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
-        self.is_async = awaits_when_called(fn)
+        self.is_async: bool = awaits_when_called(fn)
         description, param_docs = _parse_docstring(fn.__doc__ or "")
-        self.description = description or self.name
+        self.description: str = description or self.name
         hints = _hints(fn, self.name)
         fields: dict[str, Any] = {}
         #: Parameters passed by position: a positional-only one cannot be given by name.
@@ -110,7 +110,7 @@ class Tool(Generic[P, R]):
                 f"JSON schema: {exc}"
             ) from exc
         schema.pop("title", None)
-        self.spec = ToolSpec(self.name, self.description, schema)
+        self.spec: ToolSpec = ToolSpec(self.name, self.description, schema)
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R | Awaitable[R]:
         return self.fn(*args, **kwargs)

@@ -60,7 +60,7 @@ class Workflow(Generic[P, R]):
             )
         functools.update_wrapper(self, fn)
         self.fn = fn
-        self.name = checked_name("workflow", name or fn.__name__)
+        self.name: str = checked_name("workflow", name or fn.__name__)
         self.policies = policies
         self.retry_budget = retry_budget
         self.budget_usd = budget_usd

@@ -837,6 +837,7 @@ def _add_runs(commands: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``kagura`` command's argument parser."""
     from . import __version__
 
     parser = argparse.ArgumentParser(

@@ -139,10 +139,10 @@ class ProviderError(RunError):
         headers: Mapping[str, str] | None = None,
         body: str | None = None,
     ) -> None:
-        self.model = model
-        self.status_code = status_code
+        self.model: str = model
+        self.status_code: int | None = status_code
         self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
-        self.body = body
+        self.body: str | None = body
         prefix = f"{model}: " if model else ""
         status = f"HTTP {status_code}: " if status_code is not None else ""
         super().__init__(f"{prefix}{status}{message}")
@@ -200,10 +200,10 @@ class StreamBrokenError(ProviderError):
             f"not retried, which would yield them again: {cause}"
         )
         # The cause's, given after the message: the cause's text already names them.
-        self.model = cause.model
-        self.status_code = cause.status_code
-        self.headers = cause.headers
-        self.body = cause.body
+        self.model: str = cause.model
+        self.status_code: int | None = cause.status_code
+        self.headers: dict[str, str] = cause.headers
+        self.body: str | None = cause.body
         self.text = text
         self.items = items
 

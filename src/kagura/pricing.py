@@ -30,6 +30,7 @@ class ModelPrice:
     output_per_mtok: float
 
     def cost(self, usage: Usage) -> float:
+        """The USD cost of ``usage`` at this price."""
         return (
             usage.prompt_tokens * self.input_per_mtok
             + usage.completion_tokens * self.output_per_mtok

@@ -116,6 +116,8 @@ def _heartbeat_interval() -> float:
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
+    """A journaled step of a durable run: its key, name, kind, input hash and recorded output."""
+
     step_key: str
     name: str
     kind: str
@@ -127,6 +129,8 @@ class StepRecord:
 
 @dataclass(frozen=True, slots=True)
 class RunRecord:
+    """A durable run as the journal holds it: its workflow, status, arguments, outcome and owner."""
+
     run_id: str
     workflow: str
     target: str | None
@@ -309,7 +313,7 @@ class Journal:
     def __init__(self, url: str | Path) -> None:
         from .._storage import normalise_url
 
-        self.url = normalise_url(url)
+        self.url: str = normalise_url(url)
         self._queue: deque[_Request | _Flush] = deque()
         self._wake = threading.Event()
         #: The event loops that will wake the writer after their turn (see _submit).
@@ -322,7 +326,7 @@ class Journal:
         self._held: dict[str, str] = {}
         self._held_lock = threading.Lock()
         self._next_heartbeat = 0.0
-        self.host = _process.HOST
+        self.host: str = _process.HOST
         self._read_only: bool | None = None  # told at first use (see engine)
 
     @property
@@ -640,6 +644,8 @@ class Journal:
         result: str | None = None,
         error: BaseException | None = None,
     ) -> None:
+        """Record the run as completed with ``result``, or failed with ``error``, once its queued
+        steps are committed."""
         self.flush()  # the steps are on disk before the run says it is done
         values = self._finish_values(run_id, owner, result, error)
         self._commit(
@@ -669,6 +675,7 @@ class Journal:
         self._commit("release a durable run", lambda c: _release(c, [values]))
 
     def get_run(self, run_id: str) -> RunRecord | None:
+        """The stored run ``run_id``, with its number of steps, or ``None`` if there is none."""
         from sqlalchemy import func, select
 
         from .._storage import runs, steps
@@ -751,6 +758,7 @@ class Journal:
         return found.record(run_id), found.steps(run_id)
 
     def load_steps(self, run_id: str) -> dict[str, StepRecord]:
+        """The journaled steps of run ``run_id`` by step key (what is queued is committed first)."""
         self.flush()
         with self._store("read a durable run's steps"), self.engine.connect() as connection:
             rows = _read_steps(connection, [run_id]).get(run_id, [])

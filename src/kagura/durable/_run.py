@@ -110,13 +110,13 @@ class DurableRun:
         owner: str = "",
         replay_only: bool = False,
     ) -> None:
-        self.run_id = run_id
-        self.journal = journal
-        self.owner = owner
-        self.steps = steps
-        self.replay_only = replay_only
-        self.replayed = 0
-        self.recorded = 0
+        self.run_id: str = run_id
+        self.journal: Journal | None = journal
+        self.owner: str = owner
+        self.steps: dict[str, StepRecord] = steps
+        self.replay_only: bool = replay_only
+        self.replayed: int = 0
+        self.recorded: int = 0
         self._by_position: dict[tuple[str, int], StepRecord] | None = None
         #: The journal's steps by parent, name, kind and inputs (made when first needed).
         self._by_inputs: dict[tuple[str, str, str, str], list[StepRecord]] | None = None
@@ -128,6 +128,8 @@ class DurableRun:
     def lookup(
         self, key: str, name: str, kind: str, digest: str, position: int = -1
     ) -> StepRecord | None:
+        """The journaled step this call replays, or ``None`` if it is to run and be recorded; raises
+        :class:`NonDeterminismError` when the journal has another step in its place."""
         record = self.steps.get(key)
         if record is not None and (record.name != name or record.kind != kind):
             raise NonDeterminismError(

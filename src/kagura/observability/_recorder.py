@@ -303,9 +303,9 @@ class Recorder:
     ) -> None:
         from .._storage import normalise_url
 
-        self.url = normalise_url(url)
+        self.url: str = normalise_url(url)
         #: Set when the store could not be opened: nothing is being recorded.
-        self.broken = False
+        self.broken: bool = False
         self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
         # How long finished rows may wait to be sent when fewer than a batch's worth are queued
         # (the loop wakes the thread once a batch's worth is queued). Each time it wakes, it
@@ -313,7 +313,7 @@ class Recorder:
         # (measured, with the thread waking two or three times in it).
         self.flush_interval = flush_interval
         self.batch_size = batch_size
-        self.process = _settings.record_in_a_process() if process is None else process
+        self.process: bool = _settings.record_in_a_process() if process is None else process
         # Finished spans' rows, one after another, as flat values (ROW_WIDTH a row): a tuple per
         # row would be an object the garbage collector tracks until its next collection, and
         # thousands queued at once made the loop's collections more frequent (measured: 15 more
@@ -345,6 +345,7 @@ class Recorder:
     # -- on the event loop ----------------------------------------------------------------
 
     def span_started(self, span: Span, attributes: dict[str, Any] | None) -> None:
+        """List ``span`` as open, with the model and inputs its row will need."""
         if self.broken:  # a store that cannot be opened must not grow the queue forever
             return
         model = inputs = None
@@ -368,6 +369,7 @@ class Recorder:
         self._open_spans[span] = [model, inputs, False]
 
     def span_finished(self, span: Span) -> None:
+        """Queue the finished span's row for the writer."""
         if self.broken:
             return
         # Its row, now, as plain values: nothing here keeps the span or its values alive.
@@ -378,6 +380,7 @@ class Recorder:
             self._wake.set()  # a batch's worth: the thread sends it before its interval is up
 
     def span_event(self, event: SpanEvent) -> None:
+        """Queue an event that happened inside a span for the writer."""
         if not self.broken:
             self._queue.append(event)
 
@@ -499,6 +502,8 @@ class Recorder:
         return marker.done.wait(timeout) and not self.broken
 
     def close(self, timeout: float = 30.0) -> None:
+        """Write everything queued, then stop the recorder's thread (``timeout``: seconds to wait
+        for each)."""
         self.flush(timeout)
         self._stopping = True
         self._wake.set()
@@ -753,6 +758,7 @@ _default_lock = threading.Lock()
 
 
 def default_recorder() -> Recorder | None:
+    """The recorder :func:`install_default` started, or ``None`` if none was."""
     return _default
 
 

@@ -141,7 +141,7 @@ class EventStore:
     """
 
     def __init__(self, db_path_or_url: str | Path | None = None) -> None:
-        self.url = default_url() if db_path_or_url is None else normalise_url(db_path_or_url)
+        self.url: str = default_url() if db_path_or_url is None else normalise_url(db_path_or_url)
         self._engine: Any = None
         # A store this user may only read is read as it is: no schema made or brought up to
         # date, no interrupted spans closed (see _sync).
@@ -410,21 +410,27 @@ class EventStore:
     async def aget_executions(
         self, agent_name: str | None = None, **kwargs: Any
     ) -> list[dict[str, Any]]:
+        """:meth:`get_executions`, in a thread."""
         return await asyncio.to_thread(self.get_executions, agent_name, **kwargs)
 
     async def aget_execution(self, execution_id: str) -> dict[str, Any] | None:
+        """:meth:`get_execution`, in a thread."""
         return await asyncio.to_thread(self.get_execution, execution_id)
 
     async def afind_ids(self, prefix: str, *, limit: int = 10) -> list[str]:
+        """:meth:`find_ids`, in a thread."""
         return await asyncio.to_thread(self.find_ids, prefix, limit=limit)
 
     async def astats(self, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`stats`, in a thread."""
         return await asyncio.to_thread(self.stats, **kwargs)
 
     async def acost(self, **kwargs: Any) -> list[dict[str, Any]]:
+        """:meth:`cost`, in a thread."""
         return await asyncio.to_thread(self.cost, **kwargs)
 
     async def adelete_older_than(self, age: timedelta | datetime | float) -> int:
+        """:meth:`delete_older_than`, in a thread."""
         return await asyncio.to_thread(self.delete_older_than, age)
 
 

@@ -172,6 +172,7 @@ class OpenTelemetryExporter:
         return len(self._open)
 
     def handle(self, event: Event) -> None:
+        """Export one record as OpenTelemetry spans and span events (failures are logged)."""
         try:
             if isinstance(event, SpanStarted):
                 self._started(event)

@@ -30,6 +30,8 @@ class ToolSpec:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
+    """A tool call the model asked for: its id, the tool's name and the arguments as JSON text."""
+
     id: str
     name: str
     arguments: str  # JSON text, as the model produced it
@@ -67,6 +69,8 @@ class Profile:
 
 @dataclass(slots=True)
 class ModelRequest:
+    """What an agent asks of a model: the messages, sampling settings, output schema and tools."""
+
     messages: list[Message]
     temperature: float | None = None
     max_tokens: int | None = None
@@ -82,6 +86,8 @@ class ModelRequest:
 # __init__ costs 4.5x as much (measured: 456 ns against 101 ns). Treat it as read-only.
 @dataclass(slots=True)
 class ModelResponse:
+    """A model's answer: its text, the tool calls it asked for, its usage and why it stopped."""
+
     text: str
     tool_calls: tuple[ToolCall, ...] = ()
     usage: Usage = NO_USAGE

@@ -47,7 +47,7 @@ class FakeModel(Model):
 
     provider = "fake"
     supports_output_schema = True
-    supports_tools = True
+    supports_tools: bool = True
     supports_streaming = True
 
     def __init__(
@@ -73,6 +73,8 @@ class FakeModel(Model):
     # The wait is in request and stream themselves, not in a coroutine they share: one frame
     # less per call in flight (a fan-out of 10,000 calls holds 10,000 of each).
     async def request(self, request: ModelRequest) -> ModelResponse:
+        """The next scripted reply (by default an echo of the prompt), after its delay; a scripted
+        error is raised."""
         scripted, delay = self._next(request)
         if delay:
             await asyncio.sleep(delay)

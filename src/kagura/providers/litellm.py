@@ -24,6 +24,9 @@ _INSTALL_HINT = "litellm/... models need LiteLLM: pip install 'kagura[litellm]'"
 
 
 class LiteLLMModel(Model):
+    """A model reached through LiteLLM (``"litellm/<model>"``), for the providers that do not
+    speak the OpenAI chat-completions API."""
+
     provider = "litellm"
     supports_output_schema = True
 
@@ -33,7 +36,7 @@ class LiteLLMModel(Model):
         self.model_name = model_name
         self._base_url = base_url
         self._api_key = api_key
-        self.prepared = False
+        self.prepared: bool = False
         # LiteLLM translates the json_schema response format for the providers it speaks.
         self._endpoint = Endpoint(self.provider, base_url, model_name, "json_schema")
 
@@ -42,15 +45,18 @@ class LiteLLMModel(Model):
         return not self._endpoint.native_tools_rejected
 
     def check_ready(self) -> None:
+        """Raise :class:`~kagura.errors.UsageError` if LiteLLM is not installed."""
         # Found, not imported: the import is the slow part of set-up, left to prepare().
         if importlib.util.find_spec("litellm") is None:
             raise UsageError(_INSTALL_HINT)
 
     async def prepare(self) -> None:
+        """Import LiteLLM (once per process, off the event loop)."""
         await _litellm()
         self.prepared = True
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        """Send ``request`` through ``litellm.acompletion``, its errors mapped to Kagura's."""
         litellm = _import_litellm()
 
         async def send(mode: OutputMode) -> Any:

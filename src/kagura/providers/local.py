@@ -243,7 +243,7 @@ class LocalModel(Model):
     provider = "local"
     supports_output_schema = True
     supports_tools = False
-    default_max_tokens = 256
+    default_max_tokens: int | None = 256
 
     def __init__(self, model_name: str = "smollm2") -> None:
         if model_name != "smollm2":
@@ -251,9 +251,10 @@ class LocalModel(Model):
                 f"unknown local model {model_name!r}: the embedded model is 'local/smollm2'"
             )
         self.model_name = model_name
-        self.prepared = False
+        self.prepared: bool = False
 
     def check_ready(self) -> None:
+        """Raise :class:`~kagura.errors.UsageError` if the model's GGUF file is not installed."""
         find_gguf()
 
     @property
@@ -268,6 +269,8 @@ class LocalModel(Model):
         self.prepared = True
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        """Answer ``request`` with the embedded model in a worker (held to a grammar for a JSON
+        schema)."""
         if request.tools:
             raise UsageError(
                 "the embedded model has no native tool calling: leave tool_mode unset (or "

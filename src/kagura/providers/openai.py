@@ -86,13 +86,13 @@ class OpenAIChatModel(Model):
         api_key: str | None = None,
         profile: Profile | None = None,
     ) -> None:
-        self.provider = endpoint.name
+        self.provider: str = endpoint.name
         self.model_name = model_name
         self.endpoint = endpoint
-        self.profile = profile or endpoint.profile
+        self.profile: Profile = profile or endpoint.profile
         self._base_url = base_url
         self._api_key = api_key
-        self.prepared = False
+        self.prepared: bool = False
         self._learned: _chat.Endpoint | None = None
 
     @property
@@ -130,6 +130,8 @@ class OpenAIChatModel(Model):
         return "not-needed"
 
     def check_ready(self) -> None:
+        """Raise :class:`~kagura.errors.MissingCredentialsError` if the endpoint needs an API key
+        and none is given or set."""
         self._resolve_key()
 
     async def prepare(self) -> None:
@@ -159,6 +161,7 @@ class OpenAIChatModel(Model):
         return ""
 
     async def request(self, request: ModelRequest) -> ModelResponse:
+        """Send ``request`` to the chat-completions endpoint and return its answer."""
         client = await _http.client(self.base_url, self._resolve_key())
 
         async def send(mode: OutputMode) -> Any:

@@ -52,6 +52,8 @@ class Backoff:
             raise UsageError(f"jitter must be 'full', 'equal' or None, got {self.jitter!r}")
 
     def delay(self, retry_number: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number ``retry_number``, jittered with ``rng`` (default:
+        the ``random`` module)."""
         try:
             raw = min(self.cap, self.base * self.factor ** max(0, retry_number - 1))
         except OverflowError:  # factor ** n past the largest float, long past the cap

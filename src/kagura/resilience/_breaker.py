@@ -56,7 +56,7 @@ class CircuitBreaker:
         count(half_open_probes, "half_open_probes", at_least=1)
         self.name = name
         self.failure_threshold = failure_threshold
-        self.recovery_time = seconds(recovery_time, "recovery_time")
+        self.recovery_time: float = seconds(recovery_time, "recovery_time")
         self.half_open_probes = half_open_probes
         self.failure_on = failure_on
         self.on_state_change = on_state_change
@@ -115,6 +115,8 @@ class CircuitBreaker:
         raise CircuitOpenError(self.name, retry_in, probing=probing)
 
     def record_success(self, *, admitted: int | None = None) -> None:
+        """Count a call that succeeded (``admitted``: what :meth:`before_call` returned): a
+        half-open circuit closes; a late answer from before the circuit opened is ignored."""
         with self._lock:
             if self._state == "open" or self._late(admitted):
                 # A call admitted before the circuit opened answered late: one stale success
@@ -125,6 +127,8 @@ class CircuitBreaker:
                 self._set("closed")
 
     def record_failure(self, error: BaseException, *, admitted: int | None = None) -> None:
+        """Count a call that failed with ``error``: one that ``failure_on`` accepts counts towards
+        opening the circuit, and a probe's failure reopens it."""
         with self._lock:
             if self._late(admitted):
                 return  # not a probe: its place is not freed, and it says nothing of them
@@ -144,6 +148,7 @@ class CircuitBreaker:
         return self._state == "half_open" and admitted is not None and admitted != self._period
 
     def reset(self) -> None:
+        """Close the circuit and forget the failures counted."""
         with self._lock:
             self._failures = 0
             self._set("closed")
@@ -165,6 +170,8 @@ class CircuitBreaker:
             self.record_failure(error, admitted=admitted)
 
     async def call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn()`` if the breaker admits it (else raise :class:`CircuitOpenError`), and record
+        how it ended."""
         admitted = await self.admit()
         try:
             result = await fn()

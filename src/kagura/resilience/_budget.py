@@ -75,7 +75,7 @@ class RetryBudget(_Scope):
         count(max_retries, "max_retries", at_least=0)
         self.max_retries = max_retries
         self.name = name
-        self.used = 0
+        self.used: int = 0
         super().__init__()
 
     @property
@@ -83,6 +83,7 @@ class RetryBudget(_Scope):
         return self.max_retries - self.used
 
     def try_spend(self) -> bool:
+        """Take one retry from the budget; ``False`` when it is spent."""
         if self.used >= self.max_retries:
             return False
         self.used += 1
@@ -94,6 +95,7 @@ class RetryBudget(_Scope):
         return self.try_spend()
 
     def describe(self) -> str:
+        """Why a retry was refused, for the note added to the error."""
         return f"retry budget spent ({self.used} of {self.max_retries} retries used)"
 
     def __repr__(self) -> str:
@@ -125,9 +127,9 @@ class CostBudget(_Scope):
         self.usd = usd
         self.tokens = tokens
         self.name = name
-        self.spent_usd = 0.0
-        self.spent_tokens = 0
-        self.unpriced_calls = 0
+        self.spent_usd: float = 0.0
+        self.spent_tokens: int = 0
+        self.unpriced_calls: int = 0
         super().__init__()
 
     def check(self, *, free: bool) -> None:
@@ -142,6 +144,7 @@ class CostBudget(_Scope):
             )
 
     def charge(self, usage: Usage, cost: float | None) -> None:
+        """Add a call's tokens and its cost (``None``: unknown, counted as an unpriced call)."""
         self.spent_tokens += usage.total_tokens
         if cost is None:
             if self.usd is not None and not self.unpriced_calls:

@@ -32,9 +32,11 @@ class Permit:
 
     def __init__(self, limiter: RateLimiter, estimate: int) -> None:
         self._limiter = limiter
-        self.estimate = estimate
+        self.estimate: int = estimate
 
     def settle(self, actual_tokens: int) -> None:
+        """Give back to the token bucket, or take from it, the difference between the estimate
+        and ``actual_tokens``."""
         self._limiter._settle(self.estimate, actual_tokens)
 
 
@@ -93,14 +95,18 @@ class RateLimiter:
             raise UsageError(f"slowdown must be in (0, 1], got {slowdown}")
         self.name = name
         self.request_rate = rate
-        self.token_rate = tokens_per_minute / 60 if tokens_per_minute is not None else None
-        self.request_capacity = float(burst if burst is not None else max(1, math.ceil(rate or 1)))
+        self.token_rate: float | None = (
+            tokens_per_minute / 60 if tokens_per_minute is not None else None
+        )
+        self.request_capacity: float = float(
+            burst if burst is not None else max(1, math.ceil(rate or 1))
+        )
         if self.request_capacity < 1:
             raise UsageError(f"burst must be at least 1, got {burst}")
-        self.token_capacity = float(tokens_per_minute or 0)
+        self.token_capacity: float = float(tokens_per_minute or 0)
         self.slowdown = slowdown
-        self.recovery_time = seconds(recovery_time, "recovery_time")
-        self.max_retry_after = seconds(max_retry_after, "max_retry_after")
+        self.recovery_time: float = seconds(recovery_time, "recovery_time")
+        self.max_retry_after: float = seconds(max_retry_after, "max_retry_after")
         self._clock = clock
         self._sleep = sleep
         self._virtual = 0.0  # time skipped by test mode, so buckets still refill
@@ -118,8 +124,8 @@ class RateLimiter:
         )
         self._state_lock = threading.Lock()
         #: Requests admitted, and the seconds spent waiting, since creation.
-        self.admitted = 0
-        self.waited = 0.0
+        self.admitted: int = 0
+        self.waited: float = 0.0
 
     def _now(self) -> float:
         return self._clock() + self._virtual
@@ -257,6 +263,7 @@ def limiter_for_model(model_id: str) -> RateLimiter | None:
 
 
 def reset_rate_limits() -> None:
+    """Forget every rate limiter set with :func:`limit_model`."""
     with _registry_lock:
         _registry.clear()
 

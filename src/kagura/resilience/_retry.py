@@ -85,16 +85,16 @@ class Retry:
         on_retry: Callable[[RetryDetails], None] | None = None,
     ) -> None:
         count(attempts, "attempts", at_least=1)
-        self.attempts = attempts
-        self.backoff = backoff if backoff is not None else jittered(0.5, cap=30.0)
-        self.retry_on = _predicate(retry_on)
-        self.timeout = None if timeout is None else seconds(timeout, "timeout")
-        self.total_timeout = (
+        self.attempts: int = attempts
+        self.backoff: Backoff = backoff if backoff is not None else jittered(0.5, cap=30.0)
+        self.retry_on: Callable[[BaseException], bool] = _predicate(retry_on)
+        self.timeout: float | None = None if timeout is None else seconds(timeout, "timeout")
+        self.total_timeout: float | None = (
             None if total_timeout is None else seconds(total_timeout, "total_timeout")
         )
-        self.respect_retry_after = respect_retry_after
-        self.max_retry_after = seconds(max_retry_after, "max_retry_after")
-        self.on_retry = on_retry
+        self.respect_retry_after: bool = respect_retry_after
+        self.max_retry_after: float = seconds(max_retry_after, "max_retry_after")
+        self.on_retry: Callable[[RetryDetails], None] | None = on_retry
 
     def __repr__(self) -> str:
         return f"Retry(attempts={self.attempts}, backoff={self.backoff!r}, timeout={self.timeout})"
@@ -244,7 +244,7 @@ class Attempt:
     __slots__ = ("error", "number")
 
     def __init__(self, number: int) -> None:
-        self.number = number
+        self.number: int = number
         self.error: Exception | None = None
 
     def __enter__(self) -> Attempt:

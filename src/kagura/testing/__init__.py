@@ -66,6 +66,7 @@ class CapturedEvents:
     events: list[Event] = field(default_factory=list)
 
     def handle(self, event: Event) -> None:
+        """Keep ``event``."""
         self.events.append(event)
 
     @property
@@ -81,6 +82,7 @@ class CapturedEvents:
         return [e for e in self.events if isinstance(e, SpanEvent)]
 
     def spans(self, kind: str | None = None, name: str | None = None) -> list[SpanFinished]:
+        """The finished spans, of ``kind`` and named ``name`` when given."""
         return [
             e
             for e in self.finished

@@ -76,7 +76,7 @@ __all__ = ["FAULT_KINDS", "Fault", "FaultServer", "RecordedRequest", "main"]
 
 T = TypeVar("T")
 
-logger = logging.getLogger("kagura.testing.fault_server")
+logger: logging.Logger = logging.getLogger("kagura.testing.fault_server")
 
 #: Faults with a behaviour of their own; any other 3-digit string is answered as that HTTP status.
 FAULT_KINDS = (
@@ -243,11 +243,11 @@ class FaultServer:
         for kind in fault_kinds:
             _check_kind(kind)
         self.host = "127.0.0.1"
-        self.port = port
+        self.port: int = port
         self.answer = answer
-        self.json_answer = json_answer
+        self.json_answer: Any = json_answer
         self.random_faults = random_faults
-        self.fault_kinds = tuple(fault_kinds)
+        self.fault_kinds: tuple[str, ...] = tuple(fault_kinds)
         self.retry_after = retry_after
         self.hang_seconds = hang_seconds
         self.io_timeout = io_timeout
@@ -259,8 +259,8 @@ class FaultServer:
         self._requests: list[RecordedRequest] = []
         self._disconnects = 0
         #: Chat requests being answered right now, and the most there ever were at once.
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self.in_flight: int = 0
+        self.max_in_flight: int = 0
         self._lock = threading.Condition()
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -268,7 +268,7 @@ class FaultServer:
         self._changed: asyncio.Event | None = None
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         #: Connections accepted so far (a client that reuses its connections opens few).
-        self.connections_accepted = 0
+        self.connections_accepted: int = 0
         self._held: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self._thread_stop: asyncio.Event | None = None
@@ -382,6 +382,7 @@ class FaultServer:
                 await changed.wait()
 
     def wait_for_requests(self, count: int, timeout: float = 10.0) -> list[RecordedRequest]:
+        """Wait until ``count`` requests have arrived; returns them."""
         self.wait_for(lambda s: s.request_count >= count, timeout)
         return self.requests
 
@@ -401,6 +402,8 @@ class FaultServer:
     # -- running on the current loop --------------------------------------------------------------
 
     async def start(self) -> FaultServer:
+        """Start listening on the running event loop (with ``port`` 0, ``port`` is then the one
+        bound)."""
         if self._server is not None:
             raise RuntimeError("the fault server is already running")
         self._loop = asyncio.get_running_loop()
@@ -414,6 +417,7 @@ class FaultServer:
         return self
 
     async def stop(self) -> None:
+        """Stop listening and close every connection."""
         server, self._server = self._server, None
         if server is None:
             return
