@@ -714,8 +714,8 @@ class FaultServer:
             return keep_alive
         if kind == "html":
             page = b"<html><body><h1>502 Bad Gateway</h1>upstream unreachable</body></html>"
-            headers = {"content-type": "text/html"}
-            await self._send(writer, 200, page, headers=headers, close=close)
+            html = {"content-type": "text/html"}
+            await self._send(writer, 200, page, headers=html, close=close)
             return keep_alive
         if kind == "truncated":
             body = json.dumps(self._completion(fault, record)).encode()
