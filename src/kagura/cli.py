@@ -14,7 +14,6 @@ store, encrypted values and no key that decrypts them), 2 on command-line syntax
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import sys
@@ -172,33 +171,15 @@ def _open_store(args: argparse.Namespace, *, required: bool = False) -> EventSto
 def _refuse_foreign(path: Path) -> None:
     """A SQLite file of another program's, given as the store: said, rather than given
     Kagura's tables by a command that only reads."""
-    foreign = _foreign_tables(path)
+    from ._storage import foreign_tables, normalise_url
+
+    foreign = foreign_tables(normalise_url(path))
     if foreign:
         raise CliError(
             f"{path} is not a Kagura event store: it holds other tables "
             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}) and none of "
             f"Kagura's; give --db (or KAGURA_DB) the file Kagura records to"
         )
-
-
-def _foreign_tables(path: Path) -> list[str]:
-    """The tables of the SQLite file at ``path``, if it holds some and none of Kagura's (a
-    file this cannot read is left for the store to say what is wrong with it)."""
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
-            names = [
-                row[0]
-                for row in db.execute(
-                    "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
-                )
-            ]
-    except sqlite3.Error:
-        return []
-    if any(name.startswith("kagura_") for name in names):
-        return []
-    return [name for name in names if not name.startswith("sqlite_")]
 
 
 def _console() -> Console:

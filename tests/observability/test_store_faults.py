@@ -9,6 +9,7 @@ wherever it likes), in a subprocess. See :func:`unprivileged`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -216,11 +217,27 @@ class Unopenable:
     url: str
     name: str  # how messages name the store
     cause: str  # what they say the cause is
+    from_the_driver: bool = True  # said by the database's driver (the error's __cause__)
+
+
+FOREIGN = (
+    "the file is another program's database, not a Kagura store (it holds other tables, "
+    "notes, users, and none of Kagura's)"
+)
+
+
+def another_programs_database(path: Path) -> Path:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+        db.execute("CREATE TABLE notes (id INTEGER PRIMARY KEY, text TEXT)")
+        db.commit()
+    return path
 
 
 @pytest.fixture(
     params=[
         "damaged file",
+        "another program's database",
         "directory",
         "under a file",
         "closed port",
@@ -235,6 +252,9 @@ def unopenable(request: pytest.FixtureRequest, tmp_path: Path) -> Unopenable:
         path = tmp_path / "events.db"
         path.write_bytes(bytes(range(256)) * 64)
         return Unopenable(str(path), str(path), "file is not a database")
+    if kind == "another program's database":
+        path = another_programs_database(tmp_path / "app.db")
+        return Unopenable(str(path), str(path), FOREIGN, from_the_driver=False)
     if kind == "directory":
         path = tmp_path / "events.db"
         path.mkdir()
@@ -279,12 +299,43 @@ def test_a_store_that_cannot_be_opened_is_a_store_error_naming_it_and_the_cause(
     assert "\n" not in message
     assert PASSWORD not in message
     assert raised.value.store == unopenable.name
-    assert raised.value.__cause__ is not None  # the driver's exception, for whoever digs
+    if unopenable.from_the_driver:
+        assert raised.value.__cause__ is not None  # the driver's exception, for whoever digs
     # The same through the query API, every time (nothing half-opened is kept).
     for _ in range(2):
         with pytest.raises(StoreError) as again:
             EventStore(unopenable.url).get_executions()
         assert str(again.value) == message
+
+
+async def test_another_programs_database_is_left_as_it_was(
+    record_to: Callable[..., Recorder], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # KAGURA_DB set to the application's own database by mistake: none of Kagura's tables go
+    # into it, and the file keeps its journal mode (WAL would be the file's from then on).
+    from kagura import agent
+
+    @agent
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    path = another_programs_database(tmp_path / "app.db")
+    recorder = record_to(str(path))
+    with override_model(FakeModel()):
+        assert await summarise("notes") == "Summarise: notes"  # the application goes on
+        assert recorder.flush() is False
+    assert recorder.broken
+    with pytest.raises(StoreError, match="another program's database"):
+        EventStore(str(path)).get_executions()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
+        assert tables == ["users", "notes"]
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    off = [m for m in caplog.messages if "recording is off" in m]
+    assert off == [
+        f"kagura: recording is off: event store {path}: cannot open: {FOREIGN}; "
+        "give Kagura a file of its own (KAGURA_DB, or the store's path)"
+    ]
 
 
 def test_a_new_store_that_another_connection_is_writing_opens_once_it_lets_go(
@@ -723,6 +774,14 @@ def test_monitor_reports_a_store_that_cannot_be_opened_in_one_line(
         if unopenable.cause.startswith("cannot create its directory"):
             # A --db file that does not exist is not created: said before opening anything.
             assert (code, err) == (1, f"kagura: error: no event store at {unopenable.url}\n")
+            continue
+        if unopenable.cause == FOREIGN:
+            assert (code, out) == (1, "")
+            assert err == (
+                f"kagura: error: {unopenable.url} is not a Kagura event store: it holds other "
+                "tables (notes, users) and none of Kagura's; give --db (or KAGURA_DB) the file "
+                "Kagura records to\n"
+            )
             continue
         assert code == 1
         assert out == ""

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, TypeVar
@@ -347,10 +347,48 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
         if engine is None:
             engine = _engines[url] = _create(url)
         if url not in _created:
+            _refuse_foreign(url)
             with store_errors(url, "open"):
                 upgrade(engine, store_name(url))
             _created.add(url)
         return engine
+
+
+def foreign_tables(url: str) -> list[str]:
+    """The tables of the SQLite file behind ``url``, if it holds some and none of Kagura's:
+    another program's database, given as the store by mistake. Empty for a file that is not
+    there yet, for other databases (sharing a PostgreSQL database is usual; Kagura's tables are
+    named apart), and for a file this cannot read (opening the store says what is wrong)."""
+    path = sqlite_path(url)
+    if path is None or not os.path.isfile(path):
+        return []
+    import sqlite3
+
+    try:
+        # Read-only, and apart from the engine, whose first connection puts the file in WAL
+        # mode: a file that is refused is left as it was.
+        uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+        with closing(sqlite3.connect(uri, uri=True)) as db:
+            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            names = [row[0] for row in rows]
+    except sqlite3.Error:
+        return []
+    if any(name.startswith("kagura_") for name in names):
+        return []
+    return [name for name in names if not name.startswith("sqlite_")]
+
+
+def _refuse_foreign(url: str) -> None:
+    """Another program's SQLite database is refused before any of Kagura's tables go into it."""
+    foreign = foreign_tables(url)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise StoreError(
+            store_name(url),
+            f"cannot open: the file is another program's database, not a Kagura store (it "
+            f"holds other tables, {shown}, and none of Kagura's); give Kagura a file of its "
+            f"own (KAGURA_DB, or the store's path)",
+        )
 
 
 def _create(url: str) -> Any:
