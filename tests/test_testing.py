@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import subprocess
 import sys
+import uuid
 from typing import Any
 
 import pytest
+from pydantic import AnyUrl, BaseModel
 
-from kagura import ProviderError, Usage, agent
+from kagura import OutputParseError, ProviderError, Usage, agent
 from kagura.providers import ModelRequest, ToolCall
 from kagura.providers.fake import example_for_schema
 from kagura.testing import FakeModel, Reply, capture_events, override_model
@@ -182,6 +185,64 @@ def test_one_schema_example_generator_serves_the_fake_and_the_fault_server() -> 
 )
 def test_schema_examples_take_the_first_non_null_option(schema: Any, expected: Any) -> None:
     assert example_for_schema(schema) == expected
+
+
+class Node(BaseModel):
+    name: str
+    children: list[Node] = []
+
+
+class Whole(BaseModel):
+    parts: list[Part]
+
+
+class Part(BaseModel):
+    name: str
+    whole: Whole | None = None
+
+
+class Chain(BaseModel):
+    next: Chain  # no finite value has this shape
+
+
+def answering(kind: Any) -> Any:
+    async def make(q: str) -> Any:
+        """{{ q }}"""
+
+    make.__annotations__["return"] = kind
+    return agent(make)
+
+
+async def test_the_fake_answers_models_that_hold_their_own_kind() -> None:
+    # Where the model comes round again, only what it requires is filled: the value ends.
+    with override_model(FakeModel()):
+        tree = await answering(Node)("oak")
+        assert tree.children == [Node(name=tree.name)]
+        (first,) = await answering(list[Node])("oaks")
+        assert first.children == [Node(name=first.name)]
+        whole = await answering(Whole)("car")
+        assert whole.parts == [Part(name=whole.parts[0].name, whole=Whole(parts=[]))]
+        with pytest.raises(OutputParseError):
+            await answering(Chain)("links")
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (datetime.datetime, datetime.datetime(2000, 1, 1, tzinfo=datetime.UTC)),
+        (datetime.date, datetime.date(2000, 1, 1)),
+        (datetime.time, datetime.time(0, 0)),
+        (datetime.timedelta, datetime.timedelta(0)),
+        (uuid.UUID, uuid.UUID("00000000-0000-4000-8000-000000000000")),
+        (AnyUrl, AnyUrl("https://example.com/")),
+        (tuple[()], ()),
+    ],
+)
+async def test_the_fake_answers_strings_of_a_format_and_empty_tuples(
+    kind: Any, expected: Any
+) -> None:
+    with override_model(FakeModel()):
+        assert await answering(kind)("when") == expected
 
 
 async def test_the_fake_answers_a_union_with_its_first_option() -> None:

@@ -148,17 +148,44 @@ def _default_answer(request: ModelRequest) -> str:
     return json.dumps(example_for_schema(request.output_schema.schema, prompt))
 
 
+#: The simplest valid string of each format pydantic's types give their schemas (``datetime``,
+#: ``UUID``, ``EmailStr``, ``AnyUrl``, ...): echoed text would not validate.
+_FORMATS = {
+    "date-time": "2000-01-01T00:00:00Z",
+    "date": "2000-01-01",
+    "time": "00:00:00",
+    "duration": "PT0S",
+    "uuid": "00000000-0000-4000-8000-000000000000",
+    "email": "someone@example.com",
+    "uri": "https://example.com/",
+    "hostname": "example.com",
+    "ipv4": "127.0.0.1",
+    "ipv6": "::1",
+}
+
+
 def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = None) -> Any:
-    """The simplest value valid for a simple JSON schema (strings echo ``text``, shortened).
+    """The simplest value valid for a simple JSON schema (strings echo ``text``, shortened,
+    unless their format asks for a date, a UUID, an address, ...).
 
     Of the options of an ``anyOf`` or ``oneOf`` the first that is not ``null`` is taken (so
-    ``int | None`` gives 0 and ``int | str`` gives 0); of an ``allOf``, the first.
+    ``int | None`` gives 0 and ``int | str`` gives 0); of an ``allOf``, the first. Every property
+    is filled and every list has an item, but for a model that holds its own kind (a tree's
+    nodes): there, where the model comes round again, only what it requires is filled.
     """
-    root = schema if root is None else root
+    return _example(schema, text, schema if root is None else root, ())
+
+
+def _example(schema: Mapping[str, Any], text: str, root: Any, refs: tuple[str, ...]) -> Any:
+    """:func:`example_for_schema`, ``refs`` the definitions being filled in (outermost first)."""
     if "$ref" in schema:
         name = str(schema["$ref"]).rsplit("/", 1)[-1]
+        if refs.count(name) > 1:  # it requires a value of its own kind: none is finite
+            return None
         defs = root.get("$defs") or root.get("definitions") or {}
-        return example_for_schema(defs.get(name, {}), text, root)
+        return _example(defs.get(name, {}), text, root, (*refs, name))
+    # Come round again: the least the schema allows, so that the value ends.
+    least = len(set(refs)) < len(refs)
     if "const" in schema:
         return schema["const"]
     if schema.get("enum"):
@@ -167,19 +194,30 @@ def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = No
         options = schema.get(key)
         if options:
             non_null = [s for s in options if s.get("type") != "null"] or options
-            return example_for_schema(non_null[0], text, root)
+            if least and len(non_null) < len(options):
+                return None
+            return _example(non_null[0], text, root, refs)
     kind = schema.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or (kind is None and "properties" in schema):
         props = schema.get("properties") or {}
-        return {k: example_for_schema(v, text, root) for k, v in props.items()}
+        if least:
+            required = set(schema.get("required") or ())
+            props = {k: v for k, v in props.items() if k in required}
+        return {k: _example(v, text, root, refs) for k, v in props.items()}
     if kind == "array":
         prefix = schema.get("prefixItems")
         if prefix:
-            return [example_for_schema(s, text, root) for s in prefix]
-        item = example_for_schema(schema.get("items") or {}, text, root)
-        return [item] * max(1, int(schema.get("minItems", 1)))
+            return [_example(s, text, root, refs) for s in prefix]
+        count = int(schema.get("minItems", 0 if least else 1))
+        if not least:
+            count = max(1, count)
+        if "maxItems" in schema:
+            count = min(count, int(schema["maxItems"]))
+        if not count:
+            return []
+        return [_example(schema.get("items") or {}, text, root, refs)] * count
     if kind in ("integer", "number"):
         low = schema.get("minimum", schema.get("exclusiveMinimum"))
         value = 0 if low is None else low + (1 if "exclusiveMinimum" in schema else 0)
@@ -188,5 +226,7 @@ def example_for_schema(schema: Mapping[str, Any], text: str = "", root: Any = No
         return True
     if kind == "null":
         return None
+    if schema.get("format") in _FORMATS:
+        return _FORMATS[schema["format"]]
     words = (text.strip() or "text")[: int(schema.get("maxLength", 80))]
     return words.ljust(int(schema.get("minLength", 0)), "x")
