@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,28 @@ def test_llama_cpp_threads_keep_to_the_share_given(
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == [expected, expected]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("KAGURA_LOCAL_WORKERS", "two"),
+        ("KAGURA_LOCAL_WORKERS", "0"),
+        ("KAGURA_LOCAL_CTX", "2k"),
+        ("KAGURA_LOCAL_CTX", "-1"),
+        ("KAGURA_LOCAL_THREADS", "1.5"),
+    ],
+)
+def test_a_setting_of_the_embedded_model_that_is_no_count_is_refused_naming_it(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    # Before any model is loaded (a context of -1 made llama.cpp fail once it had loaded one).
+    monkeypatch.setattr(local, "_workers", None)
+    monkeypatch.setenv(name, value)
+    message = f"{name} must be a whole number of at least 1, got {value!r}"
+    with pytest.raises(UsageError, match=re.escape(message)):
+        local._get_workers()
+    assert local._workers is None
 
 
 def _stub_pool(

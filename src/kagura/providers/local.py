@@ -209,23 +209,26 @@ def _get_workers() -> _Workers:
     with _workers_lock:
         if _workers is None:
             cpus = os.cpu_count() or 1
-            count = int(os.environ.get("KAGURA_LOCAL_WORKERS", min(2, cpus)))
-            if count < 1:
-                raise UsageError("KAGURA_LOCAL_WORKERS must be at least 1")
-            # KAGURA_LOCAL_THREADS: llama.cpp threads per instance, for a process given only a
-            # share of the machine's cores (a kagura.ray model actor); default: an equal share.
-            threads = os.environ.get("KAGURA_LOCAL_THREADS")
-            if threads is not None and (not threads.isdigit() or int(threads) < 1):
-                raise UsageError(
-                    f"KAGURA_LOCAL_THREADS must be a whole number >= 1, got {threads!r}"
-                )
             _workers = _Workers(
                 find_gguf(),
-                count,
-                int(os.environ.get("KAGURA_LOCAL_CTX", 2048)),
-                int(threads) if threads else None,
+                _whole_number("KAGURA_LOCAL_WORKERS", min(2, cpus)),
+                _whole_number("KAGURA_LOCAL_CTX", 2048),
+                # llama.cpp threads per instance, for a process given only a share of the
+                # machine's cores (a kagura.ray model actor); default: an equal share.
+                _whole_number("KAGURA_LOCAL_THREADS", 0) or None,
             )
         return _workers
+
+
+def _whole_number(name: str, default: int) -> int:
+    """The environment variable ``name``, a whole number of at least 1 (``default`` when it is
+    not set); anything else is refused naming the variable, before a model is loaded."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isdecimal() or int(text) < 1:
+        raise UsageError(f"{name} must be a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _load_workers() -> None:
