@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import pydantic
 import pytest
@@ -238,6 +238,27 @@ def test_unsupported_return_type_is_a_usage_error_at_decoration() -> None:
 
     with pytest.raises(UsageError, match="cannot be used as an agent result"):
         make_agent(Opaque, FakeModel())
+
+
+def nested_models(depth: int) -> Any:
+    model: Any = pydantic.create_model("Level0", value=(int, ...))
+    for level in range(1, depth):
+        model = pydantic.create_model(f"Level{level}", inner=(model, ...))
+    return model
+
+
+@pytest.mark.parametrize(
+    ("tp", "says"),
+    [
+        # A valid Python pattern that pydantic's regex engine refuses.
+        (Annotated[str, pydantic.Field(pattern=r"^[A-Z]{3}(?=-)")], "look-around"),
+        (nested_models(200), "nest deeper than pydantic can make a JSON schema of"),
+    ],
+)
+def test_a_return_type_pydantic_refuses_is_a_usage_error_at_decoration(tp: Any, says: str) -> None:
+    with pytest.raises(UsageError, match="cannot be used as an agent result") as raised:
+        make_agent(tp, FakeModel())
+    assert says in str(raised.value)
 
 
 # -- re-asking ----------------------------------------------------------------------------------

@@ -83,9 +83,20 @@ class OutputSpec:
         try:
             self._adapter: TypeAdapter[Any] = TypeAdapter(tp)
             inner = self._adapter.json_schema()
-        except (pydantic.PydanticSchemaGenerationError, pydantic.PydanticUserError) as exc:
+        except (
+            pydantic.PydanticSchemaGenerationError,
+            pydantic.PydanticUserError,
+            # pydantic's own check of what it built: a pattern its regex engine lacks (a
+            # look-around, a back-reference), say.
+            pydantic_core.SchemaError,
+        ) as exc:
             raise UsageError(
                 f"return type {tp!r} cannot be used as an agent result: {exc}"
+            ) from exc
+        except RecursionError as exc:
+            raise UsageError(
+                f"return type {tp!r} cannot be used as an agent result: its models nest deeper "
+                f"than pydantic can make a JSON schema of; flatten them"
             ) from exc
         self._choices = _choices(tp)
         self._has_result_field = "result" in inner.get("properties", {})
