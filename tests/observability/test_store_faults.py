@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -336,6 +337,28 @@ async def test_another_programs_database_is_left_as_it_was(
         f"kagura: recording is off: event store {path}: cannot open: {FOREIGN}; "
         "give Kagura a file of its own (KAGURA_DB, or the store's path)"
     ]
+
+
+def test_a_sqlite_url_of_a_relative_path_is_pointed_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sqlite:///tmp/... is ./tmp/..., not /tmp/...: a store no other directory finds.
+    monkeypatch.chdir(tmp_path)
+    relative = f"sqlite:///{str(tmp_path).lstrip('/')}/events.db"
+    with pytest.warns(UserWarning) as warned:
+        assert normalise_url(relative) == relative
+    (warning,) = warned
+    assert str(warning.message) == (
+        f"the store {relative} is the file {tmp_path}/{str(tmp_path).lstrip('/')}/events.db, "
+        "under the current directory (a SQLite URL's three slashes start a relative path): "
+        f"for {tmp_path}/events.db, write sqlite:///{tmp_path}/events.db or the path itself"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalise_url(relative)  # once a process
+        normalise_url(f"sqlite:///{tmp_path}/events.db")  # four slashes: absolute
+        normalise_url("events.db")  # a plain path means what it says
+        normalise_url("sqlite:///:memory:")
 
 
 def test_a_new_store_that_another_connection_is_writing_opens_once_it_lets_go(

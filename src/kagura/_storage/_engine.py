@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from functools import lru_cache
@@ -62,9 +63,34 @@ def normalise_url(db_path_or_url: str | Path) -> str:
     if text.startswith(("postgresql://", "postgres://")):
         return _POSTGRES_DRIVER + text.split("://", 1)[1]
     if "://" in text:
+        if text.startswith("sqlite") and text not in _said_relative:
+            _say_if_relative(text)
         return text
     path = Path(text).expanduser().resolve()
     return f"sqlite:///{path}"
+
+
+#: SQLite URLs whose relative path has been pointed out (once per process each).
+_said_relative: set[str] = set()
+
+
+def _say_if_relative(url: str) -> None:
+    """Warn that a SQLite URL names a path relative to the current directory: with three
+    slashes, ``sqlite:///tmp/events.db`` is ``./tmp/events.db``, not ``/tmp/events.db``, and a
+    store made there is not found from anywhere else. (A plain path means what it says.)"""
+    _said_relative.add(url)
+    scheme, _, rest = url.partition(":///")
+    path = rest.split("?", 1)[0]
+    if not rest or not path or path == ":memory:" or path.startswith("file:"):
+        return
+    if not os.path.isabs(path):
+        warnings.warn(
+            f"the store {url} is the file {os.path.abspath(path)}, under the current directory "
+            f"(a SQLite URL's three slashes start a relative path): for /{path}, write "
+            f"{scheme}:////{path} or the path itself",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 #: Query parameters that carry a password (libpq takes ``?password=`` as well as ``user:pw@``).
