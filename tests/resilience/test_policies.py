@@ -22,7 +22,7 @@ from kagura.resilience import (
     RetryBudget,
     fixed,
 )
-from kagura.resilience._policies import UNSET, effective
+from kagura.resilience._policies import UNSET, effective, guards_for
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
 from .conftest import FakeClock, settle, turns_until
@@ -435,6 +435,23 @@ async def test_an_agents_timeout_none_turns_off_the_workflows(fake: FakeModel) -
     own, inherited = await flow()
     assert own.timeout is None
     assert inherited.timeout == 0.01
+
+
+async def test_an_agents_none_turns_off_the_timeouts_of_its_workflows_retry_policy(
+    fake: FakeModel,
+) -> None:
+    @agent(timeout=None, total_timeout=None)
+    async def patient(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(retry=Retry(attempts=2, timeout=0.01, total_timeout=0.01))
+    async def flow() -> Any:
+        own, inherited = effective(patient.policies), effective(ask.policies)
+        timeouts = [(guards_for(p, fake)[3], p.call_timeout()) for p in (own, inherited)]
+        return timeouts, await patient("x")
+
+    fake.add(Reply("done", delay=0.05))  # longer than the workflow's timeouts, which are off
+    assert await flow() == ([(None, None), (0.01, 0.01)], "done")
 
 
 async def test_an_agents_retry_timeouts_beat_the_workflows_timeouts(fake: FakeModel) -> None:

@@ -62,7 +62,8 @@ class PolicyOptions(TypedDict, total=False):
     total_timeout: float | timedelta | Unset | None
     #: A :class:`~kagura.resilience.CircuitBreaker`, or ``True`` for the one shared per model.
     breaker: CircuitBreaker | bool | Unset | None
-    #: A :class:`~kagura.resilience.RateLimiter` (default: the one set for the model, if any).
+    #: A :class:`~kagura.resilience.RateLimiter`; unset or ``None``: the one set for the model
+    #: with ``limit_model``, if any (its provider's quota, which no agent leaves).
     rate_limit: RateLimiter | Unset | None
 
 
@@ -132,12 +133,10 @@ class Policies:
         return self
 
     def call_timeout(self) -> float | None:
-        """Seconds a whole call may take, retries, fallbacks and tools included: the
-        ``total_timeout``, else the retry policy's, else none."""
-        total = None if self.total_timeout is UNSET else self.total_timeout
-        if total is None and isinstance(self.retry, Retry):
-            total = self.retry.total_timeout
-        return total
+        """Seconds a whole call may take, retries, fallbacks and tools included, of merged
+        policies (see :func:`effective`), where a retry policy's ``total_timeout`` is its
+        level's own unless that level said otherwise: ``None`` is off."""
+        return None if self.total_timeout is UNSET else self.total_timeout
 
 
 def _duration(value: float | timedelta | Unset | None, what: str) -> float | Unset | None:
@@ -215,11 +214,9 @@ def guards_for(policies: Policies, model: Model) -> Guards:
         retry = DEFAULT_RETRY
     elif retry is False or retry is UNSET:
         retry = None
-    timeout = policies.timeout
-    if timeout is UNSET:
-        timeout = None
-    if timeout is None and retry is not None:
-        timeout = retry.timeout
+    # A retry policy's timeout is its level's own unless that level set one (see _lifted): a
+    # None here is a level's "off", which an agent says over its workflow's Retry(timeout=...).
+    timeout = None if policies.timeout is UNSET else policies.timeout
     breaker = policies.breaker
     if breaker is True:
         breaker = circuit_breaker(model.id)
