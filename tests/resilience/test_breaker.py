@@ -261,6 +261,67 @@ async def test_calls_admitted_before_the_probes_say_nothing_of_them(
     assert breaker.state == "closed"
 
 
+async def test_late_failures_of_an_open_circuit_leave_its_recovery_time_as_it_was(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    # Calls slower than the recovery time, admitted while closed, fail one after another: the
+    # circuit is half-open recovery_time after it opened, whether or not anyone looked.
+    admitted = [breaker.before_call() for _ in range(6)]
+    for n in range(3):
+        breaker.record_failure(http(503), admitted=admitted[n])
+    assert breaker.state == "open"
+    clock.advance(6)
+    breaker.record_failure(http(503), admitted=admitted[3])  # open: it was open already
+    clock.advance(6)
+    breaker.record_failure(http(503), admitted=admitted[4])  # half-open: not a probe
+    assert breaker.state == "half_open"
+    assert await breaker.call(_ok) == "ok"  # the probe decides
+    assert breaker.state == "closed"
+    breaker.record_failure(http(503), admitted=admitted[5])  # closed: counted again
+    assert breaker.failures == 1
+
+
+async def test_a_block_admitted_before_the_probes_says_nothing_of_them(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    # As through call(): async with keeps what its admission returned.
+    answers = [asyncio.Event() for _ in range(2)]
+    outcomes: list[BaseException | None] = [http(503), None]
+
+    async def late(n: int) -> None:
+        async with breaker:
+            await answers[n].wait()
+            if outcomes[n] is not None:
+                raise outcomes[n]  # type: ignore[misc]
+
+    stragglers = [asyncio.create_task(late(n)) for n in range(2)]
+    await settle()
+    await fail(breaker, 3)
+    clock.advance(10)
+    probe_answer = asyncio.Event()
+
+    async def probed() -> str:
+        async with breaker:
+            await probe_answer.wait()
+        return "probed"
+
+    probe = asyncio.create_task(probed())
+    await settle()
+    assert breaker.state == "half_open"
+    answers[0].set()  # a late failure frees no probe's place
+    with pytest.raises(ProviderError):
+        await stragglers[0]
+    with pytest.raises(CircuitOpenError):
+        await breaker.call(_ok)
+    answers[1].set()  # a late success does not close the circuit
+    await stragglers[1]
+    assert breaker.state == "half_open"
+    probe_answer.set()
+    assert await probe == "probed"
+    assert breaker.state == "closed"
+    assert breaker._blocks == {}  # nothing kept of the blocks that ended
+
+
 async def test_a_cancelled_probe_frees_its_slot(breaker: CircuitBreaker, clock: FakeClock) -> None:
     await fail(breaker, 3)
     clock.advance(10)

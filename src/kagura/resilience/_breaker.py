@@ -10,12 +10,13 @@ Breakers are shared by name across every task of the process (``circuit_breaker(
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Literal, ParamSpec, TypeVar
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from .._checks import count
 from .._context import current_span
@@ -71,6 +72,9 @@ class CircuitBreaker:
         # Breakers are shared across event loops and threads (the local model's workers), so
         # state changes take a lock; it is never held across an await.
         self._lock = threading.RLock()  # reentrant: on_state_change may read .state
+        # What admit() returned to each task in an ``async with`` block of this breaker, for its
+        # exit to settle with (innermost last): a task's blocks nest, and tasks run at once.
+        self._blocks: dict[asyncio.Task[Any] | None, list[int | None]] = {}
 
     @property
     def state(self) -> BreakerState:
@@ -130,8 +134,14 @@ class CircuitBreaker:
         """Count a call that failed with ``error``: one that ``failure_on`` accepts counts towards
         opening the circuit, and a probe's failure reopens it."""
         with self._lock:
-            if self._late(admitted):
-                return  # not a probe: its place is not freed, and it says nothing of them
+            # Half-open if its time has come, as it would be had anyone looked meanwhile.
+            self._advance()
+            if self._state == "open" or self._late(admitted):
+                # A call admitted before the circuit opened failed late: the circuit is open
+                # already, until recovery_time after it opened (were it to reopen at every late
+                # failure, calls slower than the recovery time would keep it open for ever).
+                # Before its probes, and not a probe: its place is not freed either.
+                return
             if self._state == "half_open":
                 self._probes = max(0, self._probes - 1)
             if not self.failure_on(error):
@@ -191,11 +201,17 @@ class CircuitBreaker:
         return wrapper
 
     async def __aenter__(self) -> CircuitBreaker:
-        await self.admit()
+        admitted = await self.admit()
+        self._blocks.setdefault(asyncio.current_task(), []).append(admitted)
         return self
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        await self.settle(exc)
+        task = asyncio.current_task()
+        entered = self._blocks[task]
+        admitted = entered.pop()
+        if not entered:
+            del self._blocks[task]
+        await settle_admitted(self, exc, admitted)
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.name!r} {self._state} failures={self._failures}>"
