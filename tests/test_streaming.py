@@ -424,6 +424,31 @@ async def test_a_failure_after_the_first_item_raises_and_is_never_retried() -> N
     assert not [e for e in events.span_events if e.name == "retry_wait"]
 
 
+async def test_the_total_timeout_counts_the_readers_time_between_items(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The answer has arrived whole; the reader takes longer than the call may: the next item
+    # is not given. The loop's clock is moved on instead of waiting.
+    @agent(total_timeout=30)
+    async def brief(topic: str) -> str:
+        """{{ topic }}"""
+
+    loop = asyncio.get_running_loop()
+    later = loop.time() + 31
+    fake = FakeModel([Reply(chunks=("One", " two", " three"))])
+    with (
+        override_model(fake),
+        capture_events() as events,
+        pytest.raises(StreamBrokenError) as caught,
+    ):
+        async for delta in brief.stream("count"):
+            assert delta == "One"
+            monkeypatch.setattr(loop, "time", lambda: later)
+    assert caught.value.text == "One"
+    assert "the total timeout of 30s ran out" in str(caught.value)
+    assert [s.status for s in events.spans(kind="llm")] == ["timed_out"]
+
+
 async def test_a_fallback_model_answers_when_the_first_fails_before_any_item() -> None:
     down = FakeModel([ProviderError("down", status_code=503)] * 10, name="down")
     backup = FakeModel([Reply("from the backup")], name="backup")

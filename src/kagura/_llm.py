@@ -138,9 +138,16 @@ class StreamedAttempt:
         if chunks is None:
             raise RuntimeError("the streamed attempt is not started, or is over")
         when = self.deadline
+        now = asyncio.get_running_loop().time()
+        if when is not None and now >= when:
+            # Passed while the reader had the last chunk: the timeout below would not fire on a
+            # chunk that has arrived already (reading it does not wait).
+            error = TimeoutError()
+            self._end("timed_out", error)
+            raise error
         per_chunk = False
         if self.timeout is not None:
-            limit = asyncio.get_running_loop().time() + self.timeout
+            limit = now + self.timeout
             if when is None or limit < when:
                 when, per_chunk = limit, True
         scope = asyncio.timeout_at(when)
