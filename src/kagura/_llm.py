@@ -142,9 +142,9 @@ class StreamedAttempt:
         if when is not None and now >= when:
             # Passed while the reader had the last chunk: the timeout below would not fire on a
             # chunk that has arrived already (reading it does not wait).
-            error = TimeoutError()
-            self._end("timed_out", error)
-            raise error
+            passed = TimeoutError()
+            self._end("timed_out", passed)
+            raise passed
         per_chunk = False
         if self.timeout is not None:
             limit = now + self.timeout

@@ -390,8 +390,9 @@ async def test_every_attempt_hanging_ends_in_timeout_error() -> None:
         await asyncio.Event().wait()
 
     with pytest.raises(TimeoutError) as caught:
-        await Retry(attempts=3, timeout=timedelta(milliseconds=5)).call(hang)
+        await Retry(attempts=3, timeout=timedelta(milliseconds=5)).call(hang, name="hang")
     assert calls == 3
+    assert str(caught.value) == "hang: attempt 3 took longer than its 0.005s"
     assert any("gave up after 3 attempts" in n for n in caught.value.__notes__)
 
 
@@ -403,8 +404,8 @@ async def test_total_timeout_raises_timeout_error() -> None:
         calls += 1
         await asyncio.Event().wait()
 
-    with pytest.raises(TimeoutError):
-        await Retry(attempts=10, total_timeout=0.02).call(hang)
+    with pytest.raises(TimeoutError, match=r"\.<locals>\.hang: no result within 0\.02s in all$"):
+        await Retry(attempts=10, total_timeout=0.02)(hang)()
     assert calls == 1
 
 

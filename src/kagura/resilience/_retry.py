@@ -102,11 +102,13 @@ class Retry:
     async def call(self, fn: Callable[[], Awaitable[T]], *, name: str = "call") -> T:
         """Run ``fn()`` (a fresh awaitable per attempt) under this policy, its ``timeout`` per
         attempt and its ``total_timeout`` included."""
-        if self.total_timeout is None:
+        total = self.total_timeout
+        if total is None:
             return await self.run_attempts(fn, name, timeout=self.timeout)
-        deadline = time.monotonic() + self.total_timeout
-        async with asyncio.timeout(self.total_timeout):
-            return await self.run_attempts(fn, name, deadline=deadline, timeout=self.timeout)
+        attempts = self.run_attempts(
+            fn, name, deadline=time.monotonic() + total, timeout=self.timeout
+        )
+        return await _within(total, attempts, f"{name}: no result within {total:g}s in all")
 
     async def run_attempts(
         self,
@@ -131,8 +133,8 @@ class Retry:
             try:
                 if timeout is None:
                     return await fn(*args)
-                async with asyncio.timeout(timeout):
-                    return await fn(*args)
+                said = f"{name}: attempt {attempt} took longer than its {timeout:g}s"
+                return await _within(timeout, fn(*args), said)
             except Exception as error:
                 wait = await self._wait_before_retry(error, attempt, name, deadline, span)
                 if wait is None:
@@ -236,6 +238,19 @@ class Retry:
             if wait is None:
                 raise block.error
             await _config.sleep(wait)
+
+
+async def _within(seconds: float, awaitable: Awaitable[T], said: str) -> T:
+    """``awaitable``, cancelled after ``seconds``: then a ``TimeoutError`` that says so (``said``),
+    where asyncio's has no message."""
+    scope = asyncio.timeout(seconds)
+    try:
+        async with scope:
+            return await awaitable
+    except TimeoutError as exc:
+        if not scope.expired():  # the awaitable's own
+            raise
+        raise TimeoutError(said) from exc
 
 
 class Attempt:
