@@ -48,17 +48,35 @@ def event_store_url() -> str | None:
     return os.environ.get("KAGURA_DB") or None
 
 
+def _switch(name: str, default: bool) -> bool:
+    """The on/off setting ``name`` (1, true, yes, on; 0, false, no, off; unset: ``default``).
+    Anything else is said, and read as the default: a typo must not pass for a choice."""
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    warnings.warn(
+        f"{name}={value!r} is neither on (1, true, yes, on) nor off (0, false, no, off): read as "
+        f"{'on' if default else 'off'}, the default",
+        UserWarning,
+        stacklevel=3,
+    )
+    return default
+
+
 def recording_enabled() -> bool:
     """``KAGURA_RECORD=0`` turns automatic recording off."""
-    return os.environ.get("KAGURA_RECORD", "1").lower() not in ("0", "false", "no", "off")
+    return _switch("KAGURA_RECORD", True)
 
 
 def record_in_a_process() -> bool:
     """Does the recorder write through a process of its own? ``KAGURA_RECORD_PROCESS=0`` keeps
     the writer in a thread of the recording process. A frozen application (PyInstaller and the
     like) always does: its executable is the application itself, not an interpreter to start."""
-    value = os.environ.get("KAGURA_RECORD_PROCESS", "1").lower()
-    if value in ("0", "false", "no", "off"):
+    if not _switch("KAGURA_RECORD_PROCESS", True):
         return False
     return bool(sys.executable) and not getattr(sys, "frozen", False)
 
@@ -81,4 +99,4 @@ def record_content() -> str:
 
 def durable_default() -> bool:
     """``KAGURA_DURABLE=1`` makes every top-level workflow run durable unless it says otherwise."""
-    return (os.environ.get("KAGURA_DURABLE") or "0").lower() in ("1", "true", "yes", "on")
+    return _switch("KAGURA_DURABLE", False)
