@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import warnings
 from typing import Literal
 
 import pytest
@@ -526,8 +527,6 @@ class Point:  # a plain class: pydantic cannot describe it
     ("make", "said"),
     [
         (lambda: Tool("scale"), "a tool is a function"),
-        (lambda: Tool(lambda _cache: 0, name="cached"), "leading underscores"),
-        (lambda: Tool(lambda model_config: 0, name="config"), "cannot be named 'model_config'"),
         (lambda: Tool(_takes_point), "cannot be described"),
         (lambda: Tool(_unresolved), "annotations cannot be resolved.*Vector"),
         (lambda: Tool(_Nameless()), "no __name__"),
@@ -536,6 +535,25 @@ class Point:  # a plain class: pydantic cannot describe it
 def test_a_tool_that_cannot_be_described_is_refused_at_definition(make: object, said: str) -> None:
     with pytest.raises(UsageError, match=said):
         make()  # type: ignore[operator]
+
+
+async def test_a_parameter_may_have_a_name_pydantic_keeps_for_itself() -> None:
+    # The arguments are checked by a pydantic model, whose own names (json, schema, copy,
+    # model_config, private _names) are its fields' aliases here: no warning, nothing refused.
+    def query(
+        json: str, schema: str, copy: int, model_config: str = "-", _cache: bool = False
+    ) -> str:
+        """Run a query."""
+        return f"{json} {schema} {copy} {model_config} {_cache}"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        described = Tool(query)
+    parameters = described.spec.parameters
+    assert list(parameters["properties"]) == ["json", "schema", "copy", "model_config", "_cache"]
+    assert parameters["required"] == ["json", "schema", "copy"]
+    given = {"json": "{}", "schema": "s", "copy": 2, "model_config": "c", "_cache": True}
+    assert await described.invoke(given) == "{} s 2 c True"
 
 
 class _Nameless:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import itertools
 import json
 import re
 from collections.abc import Awaitable, Callable
@@ -84,23 +85,28 @@ class Tool(Generic[P, R]):
         fields: dict[str, Any] = {}
         #: Parameters passed by position: a positional-only one cannot be given by name.
         self._positional: tuple[str, ...] = ()
-        for param in inspect.signature(fn).parameters.values():
+        parameters = inspect.signature(fn).parameters
+        #: (field of the arguments model, parameter) pairs.
+        self._fields: tuple[tuple[str, str], ...] = ()
+        for param in parameters.values():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise UsageError(f"tool {self.name!r}: *args and **kwargs cannot be described")
-            if param.name == "model_config":
-                raise UsageError(
-                    f"tool {self.name!r}: a parameter cannot be named 'model_config' (pydantic's "
-                    f"name for a model's settings, and the arguments are checked by a model); "
-                    f"rename it"
-                )
             if param.kind is param.POSITIONAL_ONLY:
                 self._positional += (param.name,)
             annotation = hints.get(param.name, Any)
             default = ... if param.default is param.empty else param.default
-            fields[param.name] = (
+            name, alias = param.name, None
+            if name.startswith("_") or hasattr(pydantic.BaseModel, name):
+                # A name pydantic keeps for itself (json, schema, copy, model_config, a private
+                # _name) is the model's name for a field of another name.
+                taken = {*parameters, *fields}
+                alias = name
+                name = next(f"arg{n}" for n in itertools.count() if f"arg{n}" not in taken)
+            fields[name] = (
                 annotation,
-                pydantic.Field(default, description=param_docs.get(param.name)),
+                pydantic.Field(default, alias=alias, description=param_docs.get(param.name)),
             )
+            self._fields += ((name, param.name),)
         try:
             self._arguments_model = pydantic.create_model(f"{self.name}_arguments", **fields)
             schema = self._arguments_model.model_json_schema()
@@ -122,7 +128,7 @@ class Tool(Generic[P, R]):
         if not isinstance(arguments, dict):
             raise ValueError(f"tool arguments must be a JSON object, got {arguments!r}")
         validated = self._arguments_model.model_validate(arguments)
-        kwargs = {name: getattr(validated, name) for name in type(validated).model_fields}
+        kwargs = {param: getattr(validated, field) for field, param in self._fields}
         args = [kwargs.pop(name) for name in self._positional]
         if self.is_async:
             return await cast(Callable[..., Awaitable[Any]], self.fn)(*args, **kwargs)
