@@ -148,6 +148,27 @@ async def test_sandbox_blocks_dunder_access() -> None:
     assert fake.requests == []
 
 
+async def test_sandbox_bounds_what_an_argument_may_make_a_prompt_repeat_or_raise() -> None:
+    # A width from the arguments would otherwise have one prompt take all the memory there is.
+    fake = FakeModel()
+
+    @agent(model=fake)
+    async def ruled(width: int, title: str) -> str:
+        """{{ "-" * width }} {{ title * 2 }} {{ [0] * 2 }} {{ 6 * 7 }}"""
+
+    @agent(model=fake)
+    async def power(exponent: int) -> str:
+        """{{ 2 ** exponent }}"""
+
+    assert await ruled(3, "ab") == "--- abab [0, 0] 42"
+    assert await power(10) == "1024"
+    with pytest.raises(TemplateError, match="1 items repeated 10000000000 times is more than the "):
+        await ruled(10**10, "ab")
+    with pytest.raises(TemplateError, match="2 \\*\\* 2000000 has more than the 1,000,000 bits"):
+        await power(2_000_000)
+    assert len(fake.requests) == 2
+
+
 class Account:
     def delete(self) -> None:
         raise AssertionError("must not be reachable from a template")

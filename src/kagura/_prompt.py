@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import math
 import textwrap
 import tokenize
 import warnings
@@ -12,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateRuntimeError, TemplateSyntaxError, meta, nodes
+from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
 from .errors import TemplateError
@@ -25,13 +27,46 @@ _TAG_OF = {
 }
 
 
+#: The most a prompt's ``*`` may repeat a string or a list, items or characters, and the most
+#: bits a ``**`` of whole numbers may make: beyond, an argument such as a width would have the
+#: process run out of memory (or time) rendering one prompt.
+MOST_REPEATED = 1_000_000
+MOST_BITS = 1_000_000
+
+
+class _Sandbox(SandboxedEnvironment):
+    """Jinja2's sandbox (arguments may carry user-controlled objects), with ``*`` and ``**``
+    bounded as it bounds ``range``."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            sequence, times = (left, right) if isinstance(right, int) else (right, left)
+            if (
+                isinstance(sequence, str | list | tuple)
+                and isinstance(times, int)
+                and len(sequence) * times > MOST_REPEATED
+            ):
+                raise SecurityError(
+                    f"{len(sequence)} items repeated {times} times is more than the "
+                    f"{MOST_REPEATED:,} a prompt may make"
+                )
+        elif (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and right > 0
+            and abs(left) > 1
+            and right * math.log2(abs(left)) > MOST_BITS
+        ):
+            raise SecurityError(f"{left} ** {right} has more than the {MOST_BITS:,} bits allowed")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> SandboxedEnvironment:
-    # Sandboxed because arguments may carry user-controlled objects; StrictUndefined so a typo
-    # fails loudly instead of rendering as an empty string.
-    return SandboxedEnvironment(
-        undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False
-    )
+    # StrictUndefined so a typo fails loudly instead of rendering as an empty string.
+    return _Sandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=False)
 
 
 class PromptTemplate:
