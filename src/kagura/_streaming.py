@@ -188,6 +188,7 @@ async def _items(
                     span_finished(span, "completed", attributes={"output": value, "replayed": True})
                     yield value
                     return
+                durable.check_held()
             prompt = agent.prompt.render(arguments)
             deadline = None if total is None else time.monotonic() + total
             for position, model in enumerate(chain):

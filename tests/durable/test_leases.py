@@ -9,6 +9,7 @@ store, and heartbeats are switched off where a test needs a lease to stay stale.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -213,6 +214,40 @@ async def test_no_step_is_committed_after_a_takeover(
     assert set(acknowledged) <= committed
     record = journal.get_run("busy-1")
     assert record is not None and record.owner == "taker" and record.status == "running"
+
+
+async def test_a_workflow_that_goes_on_past_a_refused_commit_begins_no_other_step(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A workflow that catches the RunTakenOverError of a refused commit (around a step it
+    thinks optional, say) is stopped at its next step, before the step runs: the run is another
+    process's, which runs that step itself."""
+    monkeypatch.setattr(Journal, "_renew_held", lambda self: None)
+    ran: list[str] = []
+
+    def effect(name: str) -> str:
+        ran.append(name)
+        return name
+
+    def take_over() -> None:
+        record = journal.get_run("careless-1")
+        assert record is not None and record.pid_start
+        set_run(journal, "careless-1", pid_start=record.pid_start.partition(":")[0] + ":1")
+        assert journal.claim("careless-1", "taker", allow_failed=False)
+
+    @workflow(durable=True, name="careless")
+    async def careless() -> str:
+        await kagura.step("charge", effect, "charge")
+        take_over()  # another process claims the run while this one goes on
+        with contextlib.suppress(RunTakenOverError):
+            await kagura.step("notify", effect, "notify")  # ran; its commit is refused
+        await kagura.step("ship", effect, "ship")
+        return "shipped"
+
+    with pytest.raises(RunTakenOverError, match="'careless-1' was taken over"):
+        await careless.run(run_id="careless-1")
+    assert ran == ["charge", "notify"]
+    assert list(journal.load_steps("careless-1")) == ["careless/charge#0"]
 
 
 # -- recover: every interrupted run, once --------------------------------------------------------

@@ -325,6 +325,8 @@ class Journal:
         #: Runs this process executes, by run id: their owner tokens (for heartbeats).
         self._held: dict[str, str] = {}
         self._held_lock = threading.Lock()
+        #: (run id, owner) of runs this process was found to hold no more (see lost).
+        self._lost: set[tuple[str, str]] = set()
         self._next_heartbeat = 0.0
         self.host: str = _process.HOST
         self._read_only: bool | None = None  # told at first use (see engine)
@@ -458,6 +460,15 @@ class Journal:
         with self._held_lock:
             if self._held.get(run_id) == owner:
                 del self._held[run_id]
+
+    def lost(self, run_id: str, owner: str) -> bool:
+        """Whether ``owner`` was found to hold ``run_id`` no more: a renewal or a commit of it
+        was refused (another process took it over, or it had ended)."""
+        return (run_id, owner) in self._lost
+
+    def _lose(self, run_id: str, owner: str) -> None:
+        self._lost.add((run_id, owner))
+        self.let_go(run_id, owner)
 
     # -- synchronous (call them from a worker thread) ----------------------------------------
 
@@ -841,7 +852,7 @@ class Journal:
                     "commits nothing more of it",
                     run_id,
                 )
-                self.let_go(run_id, owner)
+                self._lose(run_id, owner)
 
     def _write_batch(self, batch: list[_Request]) -> None:
         """Everything queued, in one transaction: starts, then (for the runs this process still
@@ -924,7 +935,7 @@ class Journal:
             lease = request.lease
             assert lease is not None
             if lease not in held:
-                self.let_go(*lease)
+                self._lose(*lease)
                 answers.append((request, None, RunTakenOverError(lease[0])))
                 continue
             if request.kind != "step":  # finished or released: no lease to renew any more

@@ -32,7 +32,7 @@ from .._instrument import span_finished, span_started, status_of
 from .._output import describe_error
 from .._recording import ensure_recording
 from .._redact import repr_of
-from ..errors import NonDeterminismError, UsageError
+from ..errors import NonDeterminismError, RunTakenOverError, UsageError
 from ._journal import Journal, StepRecord
 
 T = TypeVar("T")
@@ -225,6 +225,15 @@ class DurableRun:
                 f"of the run, the code now calls {kind} {name!r}",
             )
 
+    def check_held(self) -> None:
+        """Raise :class:`~kagura.errors.RunTakenOverError` if this process is known to hold the
+        run no more: a new step is not begun for a run whose steps can no longer be journaled
+        (another process has the run, and runs the step too). Code that catches the error of
+        a refused commit and goes on is stopped at its next step."""
+        journal = self.journal
+        if journal is not None and journal.lost(self.run_id, self.owner):
+            raise RunTakenOverError(self.run_id)
+
     async def record(
         self,
         key: str,
@@ -288,6 +297,7 @@ async def journaled(
                 f"returns now ({describe_error(exc)}); resume the run with the code it was "
                 f"started with",
             ) from exc
+    durable.check_held()
     result = await run()
     await durable.record(span.step_key, span.name, kind, digest, dump(result), position)
     return result, False
