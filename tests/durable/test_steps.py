@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -220,6 +221,29 @@ async def test_a_step_result_with_no_json_is_a_usage_error_naming_the_step(db: s
 
     with pytest.raises(UsageError, match=r"step 'list': its result cannot be journaled"):
         await lists.run(run_id="no-json")
+
+
+def look_up(city: str) -> str:
+    return None  # type: ignore[return-value]  # its annotation says otherwise
+
+
+async def test_a_step_result_not_of_its_return_type_is_refused_when_it_is_journaled(
+    journal: Journal,
+) -> None:
+    # A replay reads the result through the annotation: kept, it would fail every resume, which
+    # would blame changed code.
+    @workflow(durable=True)
+    async def lookup() -> str:
+        return await step("look up", look_up, "Lyon")
+
+    said = (
+        "step 'look up': its result null does not read back as its return type str (value: "
+        "Input should be a valid string), so a resumed run could not replay it; return what the "
+        "annotation says, or change it"
+    )
+    with pytest.raises(UsageError, match=f"^{re.escape(said)}$"):
+        await lookup.run(run_id="lie")
+    assert journal.load_steps("lie") == {}
 
 
 SET_ARGUMENT = """
@@ -526,6 +550,21 @@ async def test_a_run_result_with_no_json_fails_the_run_saying_so(journal: Journa
     with pytest.raises(RunFailedError, match="its result cannot be journaled"):
         await raw.run(run_id="raw-result")
     assert effects == ["done"]
+
+
+async def test_a_run_result_not_of_its_return_type_fails_the_run_saying_so(
+    journal: Journal,
+) -> None:
+    @workflow(durable=True)
+    async def find() -> str:
+        return None  # type: ignore[return-value]  # its annotation says otherwise
+
+    said = "its result null does not read back as its return type str"
+    with pytest.raises(UsageError, match=f"durable workflow 'find': {said}"):
+        await find.run(run_id="result-lie")
+    # Asked again: the reason, where it was pydantic's error every time.
+    with pytest.raises(RunFailedError, match=said):
+        await find.run(run_id="result-lie")
 
 
 @pytest.mark.parametrize(

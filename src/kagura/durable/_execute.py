@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, get_type_hints, runtime_checkable
 import pydantic_core
 from pydantic import TypeAdapter
 
+from .._output import describe_error
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
 from ._journal import (
     Journal,
@@ -29,7 +30,7 @@ from ._journal import (
     journal_for,
     lease_seconds,
 )
-from ._run import DurableRun, canonical, current_durable_run
+from ._run import DurableRun, canonical, current_durable_run, type_name
 from ._script import check_not_loading, check_source, loading_target
 
 _log = logging.getLogger("kagura.durable")
@@ -342,12 +343,25 @@ def _dump_result(workflow: Workflow, result: Any) -> str:
     through the return annotation, as a step's is): refused (:class:`UsageError`) when it has
     no JSON, rather than kept as its repr and read back as text."""
     try:
-        return pydantic_core.to_json(result).decode()
+        text = pydantic_core.to_json(result).decode()
     except pydantic_core.PydanticSerializationError as exc:
         raise UsageError(
             f"durable workflow {workflow.name!r}: its result cannot be journaled, it has no JSON "
             f"({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
         ) from exc
+    adapter = _facts_of(workflow).adapter(workflow.fn, "return")
+    if adapter is not None:
+        try:
+            adapter.validate_json(text)
+        except ValueError as exc:  # pydantic's ValidationError among them
+            # Kept, it would fail whoever asks for the run again, every time.
+            raise UsageError(
+                f"durable workflow {workflow.name!r}: its result {text[:100]} does not read back "
+                f"as its return type {type_name(get_type_hints(workflow.fn)['return'])} "
+                f"({describe_error(exc)}), so the run could not answer with it again; return "
+                f"what the annotation says, or change it"
+            ) from exc
+    return text
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,12 +17,13 @@ own, and a branch's new step is not checked against its place among its parent's
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import inspect
 import re
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, TypeVar, cast, get_type_hints, overload
+from typing import Any, TypeVar, cast, get_args, get_type_hints, overload
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -339,7 +340,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
             "step",
             {"args": args, "kwargs": kwargs},
             run,
-            dump=lambda v: _dump_step(name, v),
+            dump=lambda v: _dump_step(name, v, fn),
             load=lambda output: cast(T, _load(output, fn)),
             position=span._position,
         )
@@ -353,23 +354,60 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     return value
 
 
-def _dump_step(name: str, value: Any) -> str:
+def _dump_step(name: str, value: Any, fn: Callable[..., Any]) -> str:
+    """The step's result as the journal keeps it, refused (its effect has happened: the error
+    says so) when a resumed run could not replay it: it has no JSON, or its JSON does not read
+    back as ``fn``'s return annotation, which is how a replay reads it."""
     try:
-        return pydantic_core.to_json(value).decode()
-    except Exception as exc:  # its effect has happened: say so, rather than pydantic's words
+        text = pydantic_core.to_json(value).decode()
+    except Exception as exc:
         raise UsageError(
             f"step {name!r}: its result cannot be journaled, so a resumed run could not replay "
             f"it ({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
         ) from exc
+    found = _returned(fn)
+    if found is not None:
+        hint, adapter = found
+        try:
+            adapter.validate_json(text)
+        except ValueError as exc:  # pydantic's ValidationError among them
+            raise UsageError(
+                f"step {name!r}: its result {text[:100]} does not read back as its return type "
+                f"{type_name(hint)} ({describe_error(exc)}), so a resumed run could not replay "
+                f"it; return what the annotation says, or change it"
+            ) from exc
+    return text
 
 
 def _load(output: str | None, fn: Callable[..., Any]) -> Any:
     if output is None:
         return None
+    found = _returned(fn)
+    if found is None:
+        return pydantic_core.from_json(output)
+    return found[1].validate_json(output)
+
+
+def _returned(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
+    """``fn``'s return annotation and its validator; ``None`` when it has none, or none that
+    can be resolved or validated (its result is then JSON as it is)."""
+    try:
+        return _return_adapter(fn)
+    except TypeError:  # an unhashable callable: not kept
+        return _return_adapter.__wrapped__(fn)
+
+
+@functools.lru_cache(maxsize=256)
+def _return_adapter(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
+    # Kept per function: a step's function is usually one of a few, and making the validator
+    # takes far longer than validating.
     try:
         hint = get_type_hints(fn).get("return")
+        return None if hint is None else (hint, TypeAdapter(hint))
     except Exception:
-        hint = None
-    if hint is None:
-        return pydantic_core.from_json(output)
-    return TypeAdapter(hint).validate_json(output)
+        return None
+
+
+def type_name(hint: Any) -> str:
+    """A type as code names it: ``str``, ``Order``, ``list[int]``."""
+    return hint.__name__ if isinstance(hint, type) and not get_args(hint) else repr(hint)
