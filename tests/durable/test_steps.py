@@ -571,6 +571,10 @@ async def test_a_run_result_not_of_its_return_type_fails_the_run_saying_so(
     ("run_id", "said"),
     [
         (" padded ", "starts or ends with a space"),
+        ("a\rb", "holds a control or format character \\('\\\\r'\\)"),
+        ("order\n7", "holds a control or format character"),
+        ("nul\x00", "holds a control or format character"),
+        ("\u202eright-to-left", "holds a control or format character"),
         ("\ud800", "lone surrogate"),
         ("-7f3a", "starts with '-'"),
         ("job~2", "ends as the span ids of a run's resumed executions do"),

@@ -61,6 +61,7 @@ import os
 import re
 import threading
 import time
+import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -307,6 +308,14 @@ class Journal:
             raise UsageError(
                 f"run_id is {len(run_id)} characters long; a run id is at most {MAX_RUN_ID} "
                 f"(it keys the run in the store): use a shorter one, or a hash of this one"
+            )
+        unseen = next((c for c in run_id if unicodedata.category(c) in ("Cc", "Cf")), None)
+        if unseen is not None:
+            # A newline, a NUL, a right-to-left mark: kagura runs list would show the id as
+            # another (or on two lines), and the shell could not give it back.
+            raise UsageError(
+                f"run_id {run_id!r} holds a control or format character ({unseen!r}): pass one "
+                f"of characters that show, or None for a new id"
             )
         return run_id
 
