@@ -34,7 +34,8 @@ async def test_an_agent_called_with_other_inputs_is_named(
     assert changed.value.step_key == "checked/draft#0"
     assert str(changed.value) == (
         "step 'checked/draft#0': agent 'draft' is called with other inputs than the journal "
-        "recorded"
+        "recorded; resume the run with the code it was started with, or do the work again "
+        "under a new run id"
     )
     assert len(model.requests) == 1  # nothing was sent for the changed call
     record = journal.get_run("order-1")

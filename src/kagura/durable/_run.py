@@ -40,6 +40,11 @@ T = TypeVar("T")
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
+#: What a run whose code took another path than its journal can do.
+_WAY_ON = (
+    "; resume the run with the code it was started with, or do the work again under a new run id"
+)
+
 
 def input_hash(value: Any, *, sort_keys: bool = False) -> str:
     """A stable hash of a call's inputs (memory addresses in reprs are ignored), the same in
@@ -136,7 +141,7 @@ class DurableRun:
             raise NonDeterminismError(
                 key,
                 f"the journal has {record.kind} {record.name!r} here, the code now calls "
-                f"{kind} {name!r}",
+                f"{kind} {name!r}{_WAY_ON}",
             )
         if record is not None and record.input_hash == digest and key not in self._taken:
             return self._replayed(record)
@@ -208,7 +213,8 @@ class DurableRun:
                 f"they start, which a resumed run need not repeat; give each its own name, such "
                 f'as step(f"{name} {{item}}", ...) around the call, for runs started from now on)'
             )
-        return said
+            return said
+        return said + _WAY_ON
 
     def _check_position(self, key: str, name: str, kind: str, position: int) -> None:
         """A new step where the journal has another one (renamed, replaced or reordered code)."""
@@ -223,7 +229,7 @@ class DurableRun:
             raise NonDeterminismError(
                 key,
                 f"the journal has {there.kind} {there.name!r} ({there.step_key}) at this point "
-                f"of the run, the code now calls {kind} {name!r}",
+                f"of the run, the code now calls {kind} {name!r}{_WAY_ON}",
             )
 
     def check_held(self) -> None:
