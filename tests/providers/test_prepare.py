@@ -299,12 +299,13 @@ COLD_START = textwrap.dedent(
     importers = []
 
     class Spy:
-        """Notes the thread that first looks aiohttp up; the usual finders then import it."""
+        """Notes the thread that first looks aiohttp, and what prices an answer, up; the usual
+        finders then import them."""
 
         @staticmethod
         def find_spec(name, path=None, target=None):
-            if name == "aiohttp":
-                importers.append(threading.current_thread().name)
+            if name in ("aiohttp", "genai_prices"):
+                importers.append([name, threading.current_thread().name])
             return None
 
     sys.meta_path.insert(0, Spy)
@@ -320,7 +321,7 @@ COLD_START = textwrap.dedent(
         """{{ text }}"""
 
     async def main():
-        assert "aiohttp" not in sys.modules
+        assert "aiohttp" not in sys.modules and "genai_prices" not in sys.modules
         with capture_events() as events:
             answer = await ask("hello")
         (span,) = events.spans("llm")
@@ -345,7 +346,8 @@ def test_the_first_call_of_a_process_imports_the_http_client_outside_its_timeout
     result = json.loads(out.stdout)
     assert result == {
         "answer": "hello",
-        "importers": ["kagura-http-import"],  # not the event loop's thread
+        # Not the event loop's thread: a seventh of a second it would stall every task.
+        "importers": [["aiohttp", "kagura-http-import"], ["genai_prices", "kagura-http-import"]],
         "status": "completed",
     }
 

@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
 from ._chat import answer_error, error_message, status_error, without_credentials
 from ._chunks import completion_chunk
@@ -444,7 +445,9 @@ def tls() -> ssl.SSLContext:
 
 
 def load() -> None:
-    """Everything the first request would otherwise import on the event loop."""
+    """Everything the first request would otherwise import on the event loop: aiohttp, the TLS
+    certificates, and what prices its answer."""
     import aiohttp  # noqa: F401
 
     tls()
+    pricing.load()

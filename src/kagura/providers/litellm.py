@@ -14,6 +14,7 @@ import importlib.util
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
+from .. import pricing
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
 from ._base import Model, ModelRequest, ModelResponse, OutputMode, StreamChunk
 from ._chat import Endpoint, chat_kwargs, error_message, status_error, to_response
@@ -192,4 +193,9 @@ def _import_litellm() -> Any:
     return litellm
 
 
-_litellm = SharedSetUp(_import_litellm, "kagura-litellm-import")
+def _set_up() -> None:
+    _import_litellm()
+    pricing.load()  # what prices its answers, off the event loop too
+
+
+_litellm = SharedSetUp(_set_up, "kagura-litellm-import")
