@@ -845,6 +845,29 @@ async def test_a_key_the_server_quotes_back_is_left_out_of_the_error(
     assert all(key not in (span.error or "") for span in events.spans())
 
 
+async def test_credentials_of_the_base_url_the_server_quotes_back_are_left_out(
+    server: FaultServer,
+) -> None:
+    # As a key is: whatever part of them the server says (the basic authorization it got, the
+    # user and password, the password), the error raised and recorded does not carry it.
+    basic = base64.b64encode(b"proxy:hunter2-url-pass").decode()
+    quoted = f"Refused: Basic {basic} (proxy:hunter2-url-pass, hunter2-url-pass)."
+    server.script(Fault("401", text=quoted), Fault("401", text=quoted))
+    url = server.base_url.replace("http://", "http://proxy:hunter2-url-pass@")
+    ask = _asker(url)
+    async with asyncio.timeout(LIMIT):
+        with capture_events() as events, pytest.raises(ProviderError) as caught:
+            await ask("hello")
+        with pytest.raises(ProviderError) as streamed:
+            _ = [delta async for delta in ask.stream("hello")]
+    for error in (caught.value, streamed.value):
+        assert str(error) == (
+            "openai/test-model: HTTP 401: Refused: Basic [REDACTED] ([REDACTED], [REDACTED])."
+        )
+        assert "hunter2" not in (error.body or "") and basic not in (error.body or "")
+    assert all("hunter2" not in (span.error or "") for span in events.spans())
+
+
 def test_an_answer_without_usage_has_unknown_usage_not_zero() -> None:
     """Unknown, as a stream without usage is: a priced model's call is then of unknown cost,
     never free."""

@@ -210,6 +210,15 @@ def without_credentials(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=host))
 
 
+#: A shorter "key" (a placeholder such as "x" for a local server) is not looked for: it could
+#: stand for any letter of a message.
+_SHORTEST_SECRET = 8
+
+#: What an error built from a server's answer leaves out: the API key, or every credential the
+#: request was sent with.
+Secrets = str | tuple[str, ...] | None
+
+
 def status_error(
     model_id: str,
     status: int,
@@ -217,15 +226,16 @@ def status_error(
     body: str | None,
     message: str | None = None,
     *,
-    secret: str | None = None,
+    secret: Secrets = None,
 ) -> ProviderError:
     """An HTTP error answer as a :class:`~kagura.errors.ProviderError`: its status, its headers
     (``Retry-After`` among them) and the start of its body. The message is ``message``, else the
     one in the body's JSON (``{"error": {"message": ...}}``, what OpenAI-compatible servers
-    send), else the start of the body. ``secret``, the API key the request was sent with, is
-    left out of both wherever it appears: a server may quote a key it refuses ("Incorrect API
-    key provided: ..."), and the error is raised, logged and recorded, whatever shape the key
-    has (the redaction of recorded values knows only some)."""
+    send), else the start of the body. ``secret``, the API key the request was sent with (or
+    each of the credentials it was sent with), is left out of both wherever it appears: a server
+    may quote a key it refuses ("Incorrect API key provided: ..."), and the error is raised,
+    logged and recorded, whatever shape the key has (the redaction of recorded values knows
+    only some)."""
     if message is None:
         message = _message_of(body) or (body or "").strip()[:500] or "(no body)"
     return answer_error(model_id, message, body, secret=secret, status_code=status, headers=headers)
@@ -236,16 +246,17 @@ def answer_error(
     message: str,
     body: str | None,
     *,
-    secret: str | None,
+    secret: Secrets,
     status_code: int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> ProviderError:
     """A :class:`~kagura.errors.ProviderError` built from what a server answered: its message
     and the start of its ``body``, ``secret`` (the API key) cut out of both. Every error that
     quotes an answer is built here (see :func:`status_error` for why)."""
-    if secret and len(secret) >= _SHORTEST_SECRET:
-        message = message.replace(secret, REDACTED)
-        body = None if body is None else body.replace(secret, REDACTED)
+    for cut in (secret,) if isinstance(secret, str) else secret or ():
+        if len(cut) >= _SHORTEST_SECRET:
+            message = message.replace(cut, REDACTED)
+            body = None if body is None else body.replace(cut, REDACTED)
     return ProviderError(
         message,
         model=model_id,
@@ -253,11 +264,6 @@ def answer_error(
         headers=headers,
         body=body[:2000] if body is not None else None,
     )
-
-
-#: A shorter "key" (a placeholder such as "x" for a local server) is not looked for: it could
-#: stand for any letter of a message.
-_SHORTEST_SECRET = 8
 
 
 def _message_of(body: str | None) -> str | None:
@@ -276,7 +282,7 @@ def error_message(body: Mapping[str, Any]) -> str | None:
     return None
 
 
-def to_response(completion: Any, model_id: str, *, secret: str | None = None) -> ModelResponse:
+def to_response(completion: Any, model_id: str, *, secret: Secrets = None) -> ModelResponse:
     """A chat completion as the answer Kagura reads: the JSON object the server sent (what the
     openai provider reads), or an object with those fields (LiteLLM's), through its
     ``model_dump()``. Missing optional fields are read as absent, as lenient as the SDK's own

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
-from ._chat import answer_error, error_message, status_error, without_credentials
+from ._chat import Secrets, answer_error, error_message, status_error, without_credentials
 from ._chunks import completion_chunk
 
 if TYPE_CHECKING:
@@ -63,12 +63,14 @@ SHOWN = 300
 class Client:
     """Chat completions at one base URL with one set of credentials, on one event loop."""
 
-    __slots__ = ("api_key", "headers", "proxy", "session", "url", "where")
+    __slots__ = ("headers", "proxy", "secrets", "session", "url", "where")
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
         self.session = session
-        self.api_key = api_key  # for errors to leave out, when a server quotes it back
-        base, headers = _address(base_url, api_key)
+        base, headers, secrets = _address(base_url, api_key)
+        #: What errors leave out, should a server quote it back: the key, or the URL's
+        #: credentials and the basic authorization made of them.
+        self.secrets = (api_key, *secrets)
         self.url = base.rstrip("/") + "/chat/completions"
         self.where = base
         self.headers = headers
@@ -104,7 +106,7 @@ class Client:
                     return _whole(completion_chunk(completion))
                 except (AttributeError, IndexError, KeyError, TypeError) as exc:
                     raise answer_error(
-                        model_id, f"malformed response: {exc}", _text(raw), secret=self.api_key
+                        model_id, f"malformed response: {exc}", _text(raw), secret=self.secrets
                     ) from exc
         return self._chunks(response, model_id, hint)
 
@@ -114,7 +116,7 @@ class Client:
         refused key or an exhausted quota so)."""
         if response.status >= 400:
             raise status_error(
-                model_id, response.status, response.headers, _text(raw), secret=self.api_key
+                model_id, response.status, response.headers, _text(raw), secret=self.secrets
             )
         try:
             data = json.loads(raw)
@@ -123,7 +125,7 @@ class Client:
                 model_id,
                 f"malformed response: {exc}{_not_json(response, raw)}",
                 _text(raw),
-                secret=self.api_key,
+                secret=self.secrets,
             ) from exc
         if _is_error(data):
             # The server answered so on purpose: an error of the status it names (OpenRouter
@@ -133,7 +135,7 @@ class Client:
                 _error_status(data) or response.status,
                 response.headers,
                 _text(raw),
-                secret=self.api_key,
+                secret=self.secrets,
             )
         return data
 
@@ -158,12 +160,12 @@ class Client:
                             "the answer is not a stream of server-sent events"
                             + _not_json(response, bytes(head)),
                             _text(bytes(head)),
-                            secret=self.api_key,
+                            secret=self.secrets,
                         ) from None
                 some = True
                 if data.startswith("[DONE]"):
                     return
-                yield _chunk(event, data, model_id, self.api_key)
+                yield _chunk(event, data, model_id, self.secrets)
         finally:
             response.close()
 
@@ -249,7 +251,7 @@ async def _events(chunks: AsyncIterator[bytes], head: bytearray) -> AsyncIterato
                 name = value
 
 
-def _chunk(event: str, data: str, model_id: str, secret: str) -> dict[str, Any]:
+def _chunk(event: str, data: str, model_id: str, secret: Secrets) -> dict[str, Any]:
     """One event's chunk, or the error a server reports part-way through a stream (``secret``,
     the API key, left out of it)."""
     try:
@@ -331,14 +333,16 @@ def _not_json(response: aiohttp.ClientResponse, raw: bytes) -> str:
     return f" (HTTP {response.status}, {response.content_type}: {shown!r})"
 
 
-def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str]]:
-    """The base URL without credentials, and the headers of every request to it.
+def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str], tuple[str, ...]]:
+    """The base URL without credentials, the headers of every request to it, and the URL's
+    credentials as they may come back quoted in an answer (none for a URL without).
 
     A URL with credentials in it (``user:password@``) stands for HTTP basic authentication, in
     place of the API key's bearer token (aiohttp refuses to send a request to such a URL with an
     Authorization header of its own). ``OPENAI_ORG_ID`` and ``OPENAI_PROJECT_ID`` are sent as
     the ``openai`` SDK sends them."""
     parts = urllib.parse.urlsplit(base_url)
+    secrets: tuple[str, ...] = ()
     if parts.username is None and parts.password is None:
         authorization = f"Bearer {api_key}"
     else:
@@ -346,6 +350,7 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str]]:
         password = urllib.parse.unquote(parts.password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         authorization = f"Basic {token}"
+        secrets = (token, f"{user}:{password}", password)
         base_url = without_credentials(base_url)
     headers = {
         "Authorization": authorization,
@@ -358,7 +363,7 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str]]:
     ):
         if os.environ.get(env):
             headers[header] = os.environ[env]
-    return base_url, headers
+    return base_url, headers, secrets
 
 
 def _proxy_for(url: str) -> str | None:
