@@ -254,7 +254,7 @@ async def test_workflow_inputs_and_outputs_are_recorded(fake: FakeModel) -> None
     with capture_events() as events:
         assert await add(1, b=2) == 3
     (started,) = events.started
-    assert started.attributes["inputs"] == {"args": (1,), "kwargs": {"b": 2}}
+    assert started.attributes["inputs"] == {"a": 1, "b": 2}  # by name, as an agent's are
     assert events.finished[0].attributes["output"] == 3
 
 

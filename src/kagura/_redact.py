@@ -5,6 +5,7 @@ Used by the recorder (everything it stores) and the durable journal (error texts
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -100,6 +101,31 @@ def scrub(value: Any, depth: int = 0) -> Any:
     except Exception:  # unserialisable: stored as its repr, never an error
         return redact_text(repr_of(value))
     return scrub(plain, depth + 1)
+
+
+def by_name(
+    signature: inspect.Signature | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """A call's arguments by parameter name (defaults included), as they are recorded: a
+    secret's name (``api_key``, ``password``) then redacts its value however it was passed. As
+    given (``args`` and ``kwargs``) when there is no signature, or they do not bind to it."""
+    if signature is not None:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            pass
+        else:
+            bound.apply_defaults()
+            return dict(bound.arguments)
+    return {"args": args, "kwargs": kwargs}
+
+
+def signature_of(fn: Any) -> inspect.Signature | None:
+    """``fn``'s signature, or ``None`` for a callable that has none to show."""
+    try:
+        return inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
 
 
 def repr_of(value: Any) -> str:

@@ -20,6 +20,7 @@ from ._checks import count, real
 from ._context import Span, checked_name, current_span
 from ._instrument import span_finished, span_started, status_of
 from ._recording import ensure_recording
+from ._redact import by_name, signature_of
 from ._tool import with_resolved_annotations
 from .durable import _execute as _durable
 from .durable import _script
@@ -60,6 +61,7 @@ class Workflow(Generic[P, R]):
             )
         functools.update_wrapper(self, fn)
         self.fn = fn
+        self._signature = signature_of(fn)  # its runs' arguments are recorded by name
         self.name: str = checked_name("workflow", name or fn.__name__)
         self.policies = policies
         self.retry_budget = retry_budget
@@ -120,7 +122,7 @@ class Workflow(Generic[P, R]):
         # more object per run in flight for the garbage collector to track.
         current_span.set(span)
         if _instrument.recording:
-            span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
+            span_started(span, {"inputs": by_name(self._signature, args, kwargs)})
         policy_token = None if self.policies is None else set_workflow_policies(self.policies)
         run: Coroutine[Any, Any, R] | None = None
         try:

@@ -72,13 +72,13 @@ async def record_runs(secrets: Secrets) -> None:
     another in the error text, and is retried), and one that fails with a secret in its error."""
 
     @workflow
-    async def handle(secret: str) -> str:
-        answer = await echo(secret)
+    async def handle(note: str) -> str:
+        answer = await echo(note)
         return f"{answer} and {secrets.output}"
 
     @workflow
-    async def broken(secret: str) -> str:
-        await echo(secret)
+    async def broken(note: str) -> str:
+        await echo(note)
         raise ValueError(f"cannot use {secrets.error}")
 
     overloaded = ProviderError(f"overloaded {secrets.retry}", status_code=503)
@@ -194,7 +194,7 @@ async def test_with_a_key_no_secret_is_in_the_files_and_readers_decrypt(
     # Readers decrypt with the key.
     store = EventStore(store_url)
     (run,) = store.get_executions("handle")
-    assert run["inputs"] == {"args": [secrets.argument], "kwargs": {}}
+    assert run["inputs"] == {"note": secrets.argument}
     assert secrets.output in run["output"]
     (failed_run,) = store.get_executions("broken")
     assert failed_run["error"] == f"cannot use {secrets.error}"
@@ -268,7 +268,7 @@ async def test_rotation_new_writes_with_the_new_key_old_ones_readable(
     def argument(run_id: str) -> str:
         execution = store.get_execution(run_id)
         assert execution is not None
-        (value,) = execution["inputs"]["args"]
+        value = execution["inputs"]["note"]
         assert isinstance(value, str)
         return value
 

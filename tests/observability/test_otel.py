@@ -417,7 +417,7 @@ async def test_content_is_captured_and_redacted_when_asked(otel_content: Otel) -
     assert json.loads(agent_attrs["kagura.inputs"]) == {"city": "Kyoto", "key": "[REDACTED]"}
     assert json.loads(agent_attrs["kagura.output"]) == "It is sunny."
     root = attrs(otel_content.one("workflow pipeline"))
-    assert json.loads(root["kagura.inputs"]) == {"args": ["autumn"], "kwargs": {}}
+    assert json.loads(root["kagura.inputs"]) == {"topic": "autumn"}
     assert json.loads(root["kagura.output"]) == ["a poem", "It is sunny."]
 
 

@@ -24,7 +24,7 @@ import pytest
 from pydantic import BaseModel
 
 import kagura._instrument as instrument
-from kagura import agent, workflow
+from kagura import agent, step, workflow
 from kagura._events import Event
 from kagura._storage import normalise_url
 from kagura.errors import ProviderError
@@ -481,7 +481,7 @@ async def test_inputs_are_recorded_as_they_were_when_the_call_started(
         "note": "plain text",
     }
     (run,) = store.get_executions("count")
-    assert run["inputs"] == {"args": [["first"], "plain text"], "kwargs": {}}
+    assert run["inputs"] == {"items": ["first"], "note": "plain text"}
     (attempt,) = store.get_executions(kind="llm")
     assert "as called" in attempt["inputs"][0]["content"]
     assert "changed" not in attempt["inputs"][0]["content"]
@@ -554,7 +554,33 @@ async def test_api_keys_are_never_stored(recorder: Recorder, store_url: str) -> 
     assert call["output"] == "Question: is [REDACTED] valid?"
     assert failed["error"] == "HTTP 401: Incorrect API key provided: [REDACTED]"
     (run,) = store.get_executions("pipeline")
-    assert run["inputs"]["kwargs"] == {"api_key": "[REDACTED]"}
+    assert run["inputs"] == {"question": "is [REDACTED] valid?", "api_key": "[REDACTED]"}
+
+
+async def test_a_secret_passed_by_position_is_redacted_by_its_parameters_name(
+    recorder: Recorder, store_url: str
+) -> None:
+    # A run's and a step's arguments are recorded by name, as an agent's are: a secret's name
+    # redacts a value of no key shape however it was passed.
+    @workflow
+    async def fetch(url: str, api_key: str, password: str) -> str:
+        return await step("call", lambda u, token: u, url, api_key)
+
+    assert await fetch("https://example.com", NOT_KEY_SHAPED, "hunter2-by-position") == (
+        "https://example.com"
+    )
+    assert recorder.flush()
+    text = every_text(store_url)
+    assert NOT_KEY_SHAPED not in text and "hunter2-by-position" not in text
+    store = EventStore(store_url)
+    (run,) = store.get_executions("fetch")
+    assert run["inputs"] == {
+        "url": "https://example.com",
+        "api_key": "[REDACTED]",
+        "password": "[REDACTED]",
+    }
+    (call,) = store.get_executions("call", kind="step")
+    assert call["inputs"] == {"u": "https://example.com", "token": "[REDACTED]"}
 
 
 async def test_a_key_quoted_by_an_error_alone_is_redacted(

@@ -220,7 +220,7 @@ async def test_get_execution_returns_the_whole_tree(recorder: Recorder, store_ur
     tree = store.get_execution(run["id"])
     assert tree is not None
     assert (tree["kind"], tree["name"], tree["parent_id"]) == ("workflow", "pipeline", None)
-    assert tree["inputs"] == {"args": ["doc"], "kwargs": {}}
+    assert tree["inputs"] == {"text": "doc"}
     assert tree["output"] == ["positive", "42", "a summary"]
     assert [(c["kind"], c["name"]) for c in tree["children"]] == [
         ("agent", "classify"),

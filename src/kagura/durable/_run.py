@@ -32,7 +32,7 @@ from .._context import Span, checked_name, current_span
 from .._instrument import span_finished, span_started, status_of
 from .._output import describe_error
 from .._recording import ensure_recording
-from .._redact import repr_of
+from .._redact import by_name, repr_of, signature_of
 from ..errors import NonDeterminismError, RunTakenOverError, UsageError
 from ._journal import Journal, StepRecord
 
@@ -331,7 +331,7 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     ensure_recording()
     span = Span("step", name, current_span.get())
     token = current_span.set(span)
-    span_started(span, {"inputs": {"args": args, "kwargs": kwargs}})
+    span_started(span, {"inputs": by_name(_signature(fn), args, kwargs)})
 
     async def run() -> T:
         result = fn(*args, **kwargs)
@@ -392,6 +392,17 @@ def _load(output: str | None, fn: Callable[..., Any]) -> Any:
     if found is None:
         return pydantic_core.from_json(output)
     return found[1].validate_json(output)
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """``fn``'s signature, for its step's arguments to be recorded by name."""
+    try:
+        return _kept_signature(fn)
+    except TypeError:  # an unhashable callable: not kept
+        return signature_of(fn)
+
+
+_kept_signature = functools.lru_cache(maxsize=256)(signature_of)
 
 
 def _returned(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
