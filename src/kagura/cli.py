@@ -733,8 +733,8 @@ def _add_runs(commands: Any) -> None:
         description="Durable runs, most recently updated first: status, steps journaled, "
         "attempts, times, the process that runs (or ran) them and their error. A run is "
         "'interrupted' when it is still marked running but its process is gone (known at once "
-        "on the host that ran it) or stopped renewing its lease (KAGURA_LEASE_SECONDS, default "
-        "30): it can be resumed.",
+        "on the host that ran it), stopped renewing its lease (KAGURA_LEASE_SECONDS, default "
+        "30) or was cancelled (its lease given up): it can be resumed.",
         epilog="examples:\n  kagura runs list --status interrupted\n"
         "  kagura runs list --workflow write_report --limit 10",
         formatter_class=formatter,

@@ -568,3 +568,17 @@ def test_runs_table_keeps_the_error_on_a_narrow_terminal() -> None:
     wide = Console(width=200, record=True, color_system=None)
     wide.print(_views.runs_table([record], width=200))
     assert "4242@worker-7.example.internal" in wide.export_text()
+
+
+def test_a_cancelled_run_says_so_rather_than_that_its_process_is_gone() -> None:
+    from kagura.durable._journal import RunRecord
+    from kagura.durable._views import lease_text
+
+    now = time.time()
+    released = RunRecord(
+        "cancelled-1", "report", None, "interrupted", "{}", None, None, None, "owner", 41,
+        "host-a", 0.0, now - 60, now - 5, 1,
+    )  # fmt: skip
+    assert lease_text(released, 30, now=now).plain == (
+        "pid 41 on host-a (cancelled: its lease was given up)"
+    )

@@ -117,6 +117,8 @@ def lease_text(record: RunRecord, lease: float, *, now: float | None = None) -> 
     """Who holds the run and how fresh its heartbeat is."""
     now = time.time() if now is None else now
     text = Text(f"pid {record.pid} on {record.host}" if record.pid else owner_text(record))
+    if record.status == "interrupted" and record.heartbeat_at == 0:
+        text.append(" (cancelled: its lease was given up)", style="yellow")
     if record.status in ("running", "interrupted") and record.heartbeat_at:
         age = max(0.0, now - record.heartbeat_at)
         text.append(f", last heartbeat {format_seconds(age)} ago ", style="dim")
