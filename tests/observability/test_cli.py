@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -379,6 +380,8 @@ def test_stats_shows_failure_rate_latency_and_top_groups(
     for label in ("p50", "p95", "p99", "Top agents", "Top models", "completed", "failed"):
         assert label in out
     assert f"{stats['tokens']['total']:,}" in out
+    # Root runs only (a workflow called from another is a part of its run): the label says so.
+    assert re.search(r"workflow runs \(top level\) +1\b", out)
 
 
 def test_stats_for_one_agent(recorded: Recorded, capsys: pytest.CaptureFixture[str]) -> None:

@@ -208,7 +208,8 @@ def status_counts_table(stats: Mapping[str, Any], *, show_workflows: bool = True
         Text(format_rate(rate), style="bold red" if rate > 0 else "green"),
     )
     if show_workflows and "workflow_runs" in stats:
-        table.add_row("workflow runs", f"{int(stats['workflow_runs']):,}")
+        # Root runs: a workflow called from another is a part of its run, as its agents are.
+        table.add_row("workflow runs (top level)", f"{int(stats['workflow_runs']):,}")
     return table
 
 
