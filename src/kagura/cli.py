@@ -133,7 +133,7 @@ def _sqlite_path(url: str) -> Path | None:
     """The file behind a SQLite URL (``None`` for other databases and in-memory ones)."""
     if not url.startswith("sqlite"):
         return None
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import make_url
 
     database = make_url(url).database
     if not database or database == ":memory:" or database.startswith("file:"):
@@ -873,10 +873,10 @@ def _is_store_error(error: Exception) -> bool:
     if isinstance(error, (ImportError, StoreError)):
         return True
     try:
-        from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+        from sqlalchemy import exc
     except ImportError:
         return False
-    return isinstance(error, (SQLAlchemyError, ArgumentError))
+    return isinstance(error, (exc.SQLAlchemyError, exc.ArgumentError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -780,6 +780,41 @@ asyncio.run(main(sys.argv[1]))  # and exit: nothing calls flush()
 """
 
 
+RECORDER_AND_JOURNAL = """
+import asyncio
+from kagura import agent, step, workflow
+
+@agent(model="fake")
+async def ask(question: str) -> str:
+    \"\"\"{{ question }}\"\"\"
+
+@workflow(durable=True)
+async def flow() -> int:
+    return await step("one", int, 1)
+
+async def main():
+    await ask("first")  # the recorder's thread opens the store, importing SQLAlchemy...
+    assert await flow.run(run_id="together") == 1  # ...while the journal's thread does
+
+asyncio.run(main())
+"""
+
+
+def test_the_recorders_and_the_journals_threads_import_sqlalchemy_together(
+    store_url: str,
+) -> None:
+    # One of them got SQLAlchemy half imported, and recording was turned off for good.
+    result = run_script(
+        RECORDER_AND_JOURNAL,
+        {"KAGURA_DB": store_url, "KAGURA_RECORD_PROCESS": "0"},
+        timeout=SUBPROCESS_TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "recording is off" not in result.stderr
+    kinds = Counter(s["kind"] for s in rows(store_url))
+    assert (kinds["agent"], kinds["workflow"], kinds["step"]) == (1, 1, 1)
+
+
 @pytest.mark.parametrize("mode", ["normal", "error", "interrupt"])
 def test_nothing_is_lost_when_the_process_ends(store_url: str, mode: str) -> None:
     result = run_script(

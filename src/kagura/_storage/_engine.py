@@ -5,6 +5,12 @@ file (readers never block the writer, writers queue instead of failing with "dat
 
 A store that cannot be opened, read or written raises :class:`~kagura.errors.StoreError`, naming
 the store and the cause (see :func:`store_errors`); the driver's exception is its ``__cause__``.
+
+SQLAlchemy is imported when first needed, and its names are imported from the package
+(``from sqlalchemy import make_url, exc``), never from a submodule first: Python makes a thread
+that imports the package wait while another thread imports it, but not one that imports a
+submodule, which then gets the package half made. The recorder's thread and the journal's met
+so, and recording was turned off ("partially initialized module 'sqlalchemy.engine'").
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ _SECRET_PARAMETERS = ("password", "sslpassword")
 
 def redact_url(url: str) -> str:
     """The URL without its password, for messages."""
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import make_url
 
     parsed = make_url(url)
     hidden = {name: "***" for name in _SECRET_PARAMETERS if name in parsed.query}
@@ -109,7 +115,7 @@ def redact_url(url: str) -> str:
 
 
 def _passwords(url: str) -> list[str]:
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import make_url
 
     parsed = make_url(url)
     found: list[str] = [str(parsed.password)] if parsed.password else []
@@ -293,10 +299,10 @@ def store_errors(url: str, doing: str) -> Iterator[None]:
 
 
 def _cause(url: str, error: BaseException) -> str:
-    from sqlalchemy.exc import DBAPIError
+    from sqlalchemy import exc
 
     orig = getattr(error, "orig", None)
-    if isinstance(error, DBAPIError) and orig is not None:
+    if isinstance(error, exc.DBAPIError) and orig is not None:
         # The driver's message says it all; SQLAlchemy's adds the statement and a link.
         text = str(orig)
     elif isinstance(error, OSError) and error.strerror:
@@ -336,7 +342,7 @@ def sqlite_path(url: str) -> str | None:
     if not url.startswith("sqlite"):
         return None
     try:
-        from sqlalchemy.engine import make_url
+        from sqlalchemy import make_url
 
         database = make_url(url).database
     except Exception:
@@ -530,8 +536,7 @@ def _read_only_engine(url: str) -> Any:
 def _create_read_only(url: str) -> Any:
     import sqlite3
 
-    from sqlalchemy import create_engine
-    from sqlalchemy.pool import QueuePool
+    from sqlalchemy import QueuePool, create_engine
 
     path = sqlite_path(url)
     assert path is not None

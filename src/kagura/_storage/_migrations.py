@@ -505,7 +505,7 @@ def _record(connection: Any, version: int) -> None:
 
 def _lost_a_race(error: Any) -> bool:
     """Whether a step failed because another process was making the same change."""
-    from sqlalchemy.exc import IntegrityError
+    from sqlalchemy import exc
 
     orig = getattr(error, "orig", None)
     sqlstate = str(getattr(orig, "sqlstate", None) or "")
@@ -513,7 +513,7 @@ def _lost_a_race(error: Any) -> bool:
     # failure (class 40) between two CREATEs. SQLite: "table ... already exists", "duplicate
     # column name".
     return (
-        isinstance(error, IntegrityError)
+        isinstance(error, exc.IntegrityError)
         or sqlstate in ("42P07", "42710", "42701")
         or sqlstate.startswith("40")
         or "already exists" in str(orig)

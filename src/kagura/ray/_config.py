@@ -79,13 +79,13 @@ class WorkerSettings:
 
 
 def _masked(url: str) -> str:
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import make_url
 
     return make_url(url).render_as_string(hide_password=True)
 
 
 def _has_password(url: str) -> bool:
-    from sqlalchemy.engine import make_url
+    from sqlalchemy import make_url
 
     return make_url(normalise_url(url)).password is not None
 
