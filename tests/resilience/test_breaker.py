@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -319,7 +320,28 @@ async def test_a_block_admitted_before_the_probes_says_nothing_of_them(
     probe_answer.set()
     assert await probe == "probed"
     assert breaker.state == "closed"
-    assert breaker._blocks == {}  # nothing kept of the blocks that ended
+    assert len(breaker._blocks) == 0  # nothing kept of the blocks that ended
+
+
+async def test_a_block_left_in_another_task_frees_its_probes_place(
+    breaker: CircuitBreaker, clock: FakeClock
+) -> None:
+    # An async generator that probes in its block, abandoned by its reader, is closed in a task
+    # of its own: the exit has no admission to settle with, and settles without one.
+    await fail(breaker, 3)
+    clock.advance(10)
+
+    async def probing() -> AsyncIterator[str]:
+        async with breaker:
+            yield "probing"
+
+    items = probing()
+    assert await anext(items) == "probing"
+    with pytest.raises(CircuitOpenError):  # the probe's place is taken
+        await breaker.call(_ok)
+    await asyncio.create_task(items.aclose())  # as the loop closes an abandoned generator
+    assert await breaker.call(_ok) == "ok"
+    assert breaker.state == "closed"
 
 
 async def test_a_cancelled_probe_frees_its_slot(breaker: CircuitBreaker, clock: FakeClock) -> None:

@@ -14,6 +14,7 @@ import asyncio
 import functools
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, Literal, ParamSpec, TypeVar
@@ -74,7 +75,11 @@ class CircuitBreaker:
         self._lock = threading.RLock()  # reentrant: on_state_change may read .state
         # What admit() returned to each task in an ``async with`` block of this breaker, for its
         # exit to settle with (innermost last): a task's blocks nest, and tasks run at once.
-        self._blocks: dict[asyncio.Task[Any] | None, list[int | None]] = {}
+        # Weakly: a block left in another task (an async generator closed later) leaves its
+        # entering task's entry behind, which goes with the task.
+        self._blocks: weakref.WeakKeyDictionary[asyncio.Task[Any], list[int | None]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @property
     def state(self) -> BreakerState:
@@ -202,15 +207,21 @@ class CircuitBreaker:
 
     async def __aenter__(self) -> CircuitBreaker:
         admitted = await self.admit()
-        self._blocks.setdefault(asyncio.current_task(), []).append(admitted)
+        task = asyncio.current_task()
+        if task is not None:
+            with self._lock:
+                self._blocks.setdefault(task, []).append(admitted)
         return self
 
     async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         task = asyncio.current_task()
-        entered = self._blocks[task]
-        admitted = entered.pop()
-        if not entered:
-            del self._blocks[task]
+        admitted = None  # unknown, for a block left in another task than it was entered in
+        with self._lock:
+            entered = self._blocks.get(task) if task is not None else None
+            if task is not None and entered:
+                admitted = entered.pop()
+                if not entered:
+                    del self._blocks[task]
         await settle_admitted(self, exc, admitted)
 
     def __repr__(self) -> str:
