@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from kagura import UsageError, agent, step, tool, workflow
 from kagura.durable import Journal
@@ -565,6 +566,22 @@ async def test_a_run_result_not_of_its_return_type_fails_the_run_saying_so(
     # Asked again: the reason, where it was pydantic's error every time.
     with pytest.raises(RunFailedError, match=said):
         await find.run(run_id="result-lie")
+
+
+async def test_a_run_whose_return_annotation_has_no_validator_keeps_its_result_as_json(
+    journal: Journal,
+) -> None:
+    class Totals(BaseModel):  # local: its name in the annotation resolves from nowhere
+        n: int
+
+    @workflow(durable=True)
+    async def total() -> Totals:
+        return Totals(n=1)
+
+    assert await total.run(run_id="local-annotation") == Totals(n=1)
+    record = journal.get_run("local-annotation")
+    assert record is not None and (record.status, record.result) == ("completed", '{"n":1}')
+    assert await total.run(run_id="local-annotation") == {"n": 1}  # asked again: its JSON
 
 
 @pytest.mark.parametrize(

@@ -172,10 +172,20 @@ def _load_arguments(workflow: Workflow, text: str | None) -> inspect.BoundArgume
 def _load_result(workflow: Workflow, text: str | None) -> Any:
     if text is None:
         return None
-    adapter = _facts_of(workflow).adapter(workflow.fn, "return")
+    adapter = _result_adapter(workflow)
     if adapter is None:
         return pydantic_core.from_json(text)
     return adapter.validate_json(text)
+
+
+def _result_adapter(workflow: Workflow) -> TypeAdapter[Any] | None:
+    """The validator of the workflow's return annotation; ``None`` without one, or with one
+    that has none (a name that does not resolve, a type pydantic refuses): its result is then
+    JSON as it is."""
+    try:
+        return _facts_of(workflow).adapter(workflow.fn, "return")
+    except Exception:
+        return None
 
 
 async def start(
@@ -330,7 +340,7 @@ async def _execute(
         current_durable_run.reset(token)
     try:
         dumped = _dump_result(workflow, result)
-    except UsageError as exc:
+    except Exception as exc:
         # Failed with the reason, not left running: a later ask gets the error, not a wait.
         await asyncio.shield(journal.finish_soon(run_id, owner, error=exc))
         raise
@@ -349,7 +359,7 @@ def _dump_result(workflow: Workflow, result: Any) -> str:
             f"durable workflow {workflow.name!r}: its result cannot be journaled, it has no JSON "
             f"({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
         ) from exc
-    adapter = _facts_of(workflow).adapter(workflow.fn, "return")
+    adapter = _result_adapter(workflow)
     if adapter is not None:
         try:
             adapter.validate_json(text)
