@@ -22,7 +22,7 @@ from kagura.resilience import (
     RetryBudget,
     fixed,
 )
-from kagura.resilience._policies import UNSET, effective, guards_for
+from kagura.resilience._policies import LIBRARY_DEFAULTS, UNSET, effective, guards_for
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
 from .conftest import FakeClock, settle, turns_until
@@ -452,6 +452,15 @@ async def test_an_agents_none_turns_off_the_timeouts_of_its_workflows_retry_poli
 
     fake.add(Reply("done", delay=0.05))  # longer than the workflow's timeouts, which are off
     assert await flow() == ([(None, None), (0.01, 0.01)], "done")
+
+
+def test_a_retry_policys_timeouts_beat_a_none_beside_them() -> None:
+    # On one level the Retry says more than a timeout=None (a factory's default, say).
+    policies = Policies.from_options(
+        {"timeout": None, "total_timeout": None, "retry": Retry(timeout=0.05, total_timeout=2)}
+    )
+    merged = policies.over(LIBRARY_DEFAULTS)
+    assert (guards_for(merged, FakeModel())[3], merged.call_timeout()) == (0.05, 2)
 
 
 async def test_an_agents_retry_timeouts_beat_the_workflows_timeouts(fake: FakeModel) -> None:

@@ -105,6 +105,13 @@ class Policies:
             )
         timeout = options.get("timeout", UNSET)
         total = options.get("total_timeout", UNSET)
+        if isinstance(retry, Retry):
+            # Given together, the Retry's timeouts say more than a None beside them (a
+            # factory's default, say): @agent(timeout=None, retry=Retry(timeout=5)) has 5.
+            if timeout is None and retry.timeout is not None:
+                timeout = retry.timeout
+            if total is None and retry.total_timeout is not None:
+                total = retry.total_timeout
         return cls(
             retry=retry,
             timeout=timeout if timeout is None or timeout is UNSET else seconds(timeout, "timeout"),
