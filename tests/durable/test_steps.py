@@ -4,12 +4,14 @@ step key that is the same on every execution of the same code, with a hash of it
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import re
 import subprocess
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -245,6 +247,31 @@ async def test_a_step_result_not_of_its_return_type_is_refused_when_it_is_journa
     with pytest.raises(UsageError, match=f"^{re.escape(said)}$"):
         await lookup.run(run_id="lie")
     assert journal.load_steps("lie") == {}
+
+
+async def test_a_steps_function_is_not_kept_alive_by_the_step(db: str) -> None:
+    # Its signature and validator are kept weakly: a closure, and the object of a bound method,
+    # go with the run that made them.
+    class Ledger:
+        def total(self) -> int:
+            return 3
+
+    async def run_once(run_id: str) -> weakref.ref[Ledger]:
+        ledger = Ledger()
+
+        def plus(n: int) -> int:
+            return ledger.total() + n
+
+        @workflow(durable=True, name="kept")
+        async def kept() -> int:
+            return await step("plus", plus, 1) + await step("total", ledger.total)
+
+        assert await kept.run(run_id=run_id) == 7
+        return weakref.ref(ledger)
+
+    gone = [await run_once(f"kept-{n}") for n in range(3)]
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None, None]
 
 
 SET_ARGUMENT = """

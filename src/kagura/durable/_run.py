@@ -17,10 +17,10 @@ own, and a branch's new step is not checked against its place among its parent's
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import inspect
 import re
+import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from typing import Any, TypeVar, cast, get_args, get_type_hints, overload
@@ -394,30 +394,40 @@ def _load(output: str | None, fn: Callable[..., Any]) -> Any:
     return found[1].validate_json(output)
 
 
+# Kept per function, weakly (a function made per call goes with its call, and what it holds):
+# a step's function is usually one of a few, and reading its signature or making its validator
+# takes longer than the step's own bookkeeping.
+_signatures: weakref.WeakKeyDictionary[Any, inspect.Signature | None] = weakref.WeakKeyDictionary()
+_validators: weakref.WeakKeyDictionary[Any, tuple[Any, TypeAdapter[Any]] | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     """``fn``'s signature, for its step's arguments to be recorded by name."""
     try:
-        return _kept_signature(fn)
-    except TypeError:  # an unhashable callable: not kept
+        return _signatures[fn]
+    except KeyError:
+        found = _signatures[fn] = signature_of(fn)
+        return found
+    except TypeError:  # no weak reference to it, or no hash: not kept
         return signature_of(fn)
-
-
-_kept_signature = functools.lru_cache(maxsize=256)(signature_of)
 
 
 def _returned(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
     """``fn``'s return annotation and its validator; ``None`` when it has none, or none that
     can be resolved or validated (its result is then JSON as it is)."""
+    key = getattr(fn, "__func__", fn)  # a bound method is made at each access; its function not
     try:
-        return _return_adapter(fn)
-    except TypeError:  # an unhashable callable: not kept
-        return _return_adapter.__wrapped__(fn)
+        return _validators[key]
+    except KeyError:
+        found = _validators[key] = _validator(fn)
+        return found
+    except TypeError:  # no weak reference to it, or no hash: not kept
+        return _validator(fn)
 
 
-@functools.lru_cache(maxsize=256)
-def _return_adapter(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
-    # Kept per function: a step's function is usually one of a few, and making the validator
-    # takes far longer than validating.
+def _validator(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
     try:
         hint = get_type_hints(fn).get("return")
         return None if hint is None else (hint, TypeAdapter(hint))
