@@ -12,8 +12,12 @@ from typing import Any
 import pydantic_core
 
 REDACTED = "[REDACTED]"
+# A secret's name anywhere in a key (client_secret, auth_token), but for the counts and
+# settings that share its words: max_tokens, token_count, tokenizer, secretary.
 _SECRET_KEY = re.compile(
-    r"(api[_-]?key|secret|password|passwd|token|authorization|credential)", re.I
+    r"(api[_-]?key|secret(?!ary)|password|passwd"
+    r"|token(?!s|[_-]?(?:count|limit|usage|budget)|i[sz]e)|authorization|credential)",
+    re.I,
 )
 # Secrets inside free text: provider key shapes (OpenAI, Anthropic, OpenRouter, Google, Groq,
 # AWS access keys, GitHub and Slack tokens, bearer tokens); a value given to a secret's name

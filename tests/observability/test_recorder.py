@@ -583,6 +583,16 @@ async def test_a_secret_passed_by_position_is_redacted_by_its_parameters_name(
     assert call["inputs"] == {"u": "https://example.com", "token": "[REDACTED]"}
 
 
+def test_a_secrets_name_redacts_its_value_but_counts_that_share_its_words_stay() -> None:
+    from kagura._redact import scrub
+
+    named = {name: "shown" for name in ("max_tokens", "token_count", "tokens", "tokenizer")}
+    named |= {"secretary": "shown", "token_budget": "shown"}
+    secret = {name: "hidden" for name in ("token", "access_token", "AuthToken", "api_key")}
+    secret |= {"client_secret": "hidden", "password": "hidden", "credentials": "hidden"}
+    assert scrub({**named, **secret}) == {**named, **dict.fromkeys(secret, "[REDACTED]")}
+
+
 async def test_a_key_quoted_by_an_error_alone_is_redacted(
     recorder: Recorder, store_url: str
 ) -> None:
