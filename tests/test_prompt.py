@@ -164,6 +164,13 @@ async def test_sandbox_bounds_what_an_argument_may_make_a_prompt_repeat_or_raise
     assert await power(10) == "1024"
     with pytest.raises(TemplateError, match="1 items repeated 10000000000 times is more than the "):
         await ruled(10**10, "ab")
+
+    @agent(model=fake)
+    async def raw(data: bytes, times: int) -> str:
+        """{{ times * data }}"""
+
+    with pytest.raises(TemplateError, match="2 items repeated 50000000 times is more than the "):
+        await raw(b"ab", 50_000_000)
     with pytest.raises(TemplateError, match="2 \\*\\* 2000000 has more than the 1,000,000 bits"):
         await power(2_000_000)
     assert len(fake.requests) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import math
+import operator
 import textwrap
 import tokenize
 import warnings
@@ -42,10 +43,13 @@ class _Sandbox(SandboxedEnvironment):
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
-            sequence, times = (left, right) if isinstance(right, int) else (right, left)
+            # n * "ab" or "ab" * n
+            sequence, times = (
+                (right, _count(left)) if _count(right) is None else (left, _count(right))
+            )
             if (
-                isinstance(sequence, str | list | tuple)
-                and isinstance(times, int)
+                isinstance(sequence, str | bytes | bytearray | list | tuple)
+                and times is not None
                 and len(sequence) * times > MOST_REPEATED
             ):
                 raise SecurityError(
@@ -61,6 +65,16 @@ class _Sandbox(SandboxedEnvironment):
         ):
             raise SecurityError(f"{left} ** {right} has more than the {MOST_BITS:,} bits allowed")
         return super().call_binop(context, operator, left, right)
+
+
+def _count(value: Any) -> int | None:
+    """``value`` as a whole number a sequence can be repeated by (a NumPy integer too)."""
+    if isinstance(value, bool | str | bytes | bytearray | list | tuple):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 @lru_cache(maxsize=1)
