@@ -850,10 +850,10 @@ async def test_credentials_of_the_base_url_the_server_quotes_back_are_left_out(
 ) -> None:
     # As a key is: whatever part of them the server says (the basic authorization it got, the
     # user and password, the password), the error raised and recorded does not carry it.
-    basic = base64.b64encode(b"proxy:hunter2-url-pass").decode()
-    quoted = f"Refused: Basic {basic} (proxy:hunter2-url-pass, hunter2-url-pass)."
+    basic = base64.b64encode(b"proxy:hunter2/url-pass").decode()
+    quoted = f"Refused: Basic {basic} (proxy:hunter2%2Furl-pass, hunter2/url-pass)."
     server.script(Fault("401", text=quoted), Fault("401", text=quoted))
-    url = server.base_url.replace("http://", "http://proxy:hunter2-url-pass@")
+    url = server.base_url.replace("http://", "http://proxy:hunter2%2Furl-pass@")
     ask = _asker(url)
     async with asyncio.timeout(LIMIT):
         with capture_events() as events, pytest.raises(ProviderError) as caught:

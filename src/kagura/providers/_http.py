@@ -350,7 +350,9 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str], tuple[st
         password = urllib.parse.unquote(parts.password or "")
         token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
         authorization = f"Basic {token}"
-        secrets = (token, f"{user}:{password}", password)
+        # As sent, and as written in the URL (percent-encoded), for a server may quote either.
+        written = (f"{parts.username or ''}:{parts.password or ''}", parts.password or "")
+        secrets = tuple(dict.fromkeys((token, f"{user}:{password}", password, *written)))
         base_url = without_credentials(base_url)
     headers = {
         "Authorization": authorization,
