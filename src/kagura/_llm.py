@@ -72,6 +72,11 @@ async def attempt(
     return response
 
 
+class DeadlinePassed(TimeoutError):
+    """The whole call's deadline passed while its stream was read (a bare ``TimeoutError``,
+    for the caller to word, and to tell from a provider's own)."""
+
+
 class StreamedAttempt:
     """One streamed LLM attempt and its ``llm`` span: :meth:`start` it, read it chunk by chunk
     with :meth:`next` up to the final :class:`ModelResponse`, or end it early with :meth:`close`.
@@ -132,7 +137,7 @@ class StreamedAttempt:
     async def next(self) -> StreamChunk:
         """The next text delta, or the final answer (then the attempt is over and its span
         closed). A failure closes the span and is raised; an expired ``timeout`` raises
-        :class:`~kagura.errors.ProviderTimeout`, an expired ``deadline`` a bare ``TimeoutError``
+        :class:`~kagura.errors.ProviderTimeout`, an expired ``deadline`` :class:`DeadlinePassed`
         for the caller to word."""
         chunks = self._chunks
         if chunks is None:
@@ -142,7 +147,7 @@ class StreamedAttempt:
         if when is not None and now >= when:
             # Passed while the reader had the last chunk: the timeout below would not fire on a
             # chunk that has arrived already (reading it does not wait).
-            passed = TimeoutError()
+            passed = DeadlinePassed()
             self._end("timed_out", passed)
             raise passed
         per_chunk = False
@@ -162,7 +167,7 @@ class StreamedAttempt:
             if not scope.expired():
                 self._end("timed_out", exc)
                 raise
-            error: BaseException = TimeoutError()
+            error: BaseException = DeadlinePassed()
             if per_chunk:
                 which = "next" if self._first_ns else "first"
                 error = ProviderTimeout(

@@ -36,6 +36,7 @@ import pydantic_core
 from . import _instrument
 from ._context import Span, current_span
 from ._instrument import span_finished, span_started, status_of
+from ._llm import DeadlinePassed
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate
 from ._recording import ensure_recording
@@ -211,10 +212,8 @@ async def _items(
                                 chunk = await live.next()
                             except ProviderError as exc:
                                 raise StreamBrokenError(exc, live.text, state.items) from exc
-                            except TimeoutError as exc:
-                                if str(exc) or total is None:
-                                    raise
-                                # The deadline (a bare TimeoutError): what was shown stays shown.
+                            except DeadlinePassed as exc:
+                                # What was shown stays shown.
                                 ran_out = ProviderTimeout(
                                     f"the total timeout of {total:g}s ran out", model=model.id
                                 )
