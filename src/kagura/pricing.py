@@ -57,13 +57,6 @@ def unregister_price(model: str) -> None:
     _genai_price.cache_clear()
 
 
-def load() -> None:
-    """Import genai-prices, which the first priced call would otherwise import on the event loop
-    (a seventh of a second, inside the call's recorded attempt): models with a price call this
-    from the thread that sets them up."""
-    import genai_prices  # noqa: F401
-
-
 def is_free(provider: str) -> bool:
     """Models that run on this machine (or fakes): they cost nothing, whatever their usage."""
     return provider in _FREE_PROVIDERS

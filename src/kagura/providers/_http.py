@@ -27,7 +27,6 @@ import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
 from ._chat import Secrets, answer_error, error_message, status_error, without_credentials
 from ._chunks import completion_chunk
@@ -455,6 +454,6 @@ def load() -> None:
     """Everything the first request would otherwise import on the event loop: aiohttp, the TLS
     certificates, and what prices its answer."""
     import aiohttp  # noqa: F401
+    import genai_prices  # noqa: F401  # kagura.pricing's: a seventh of a second, at the first price
 
     tls()
-    pricing.load()

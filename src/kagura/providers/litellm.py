@@ -14,7 +14,6 @@ import importlib.util
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
-from .. import pricing
 from ..errors import ProviderConnectionError, ProviderError, ProviderTimeout, UsageError
 from ._base import Model, ModelRequest, ModelResponse, OutputMode, StreamChunk
 from ._chat import Endpoint, chat_kwargs, error_message, status_error, to_response
@@ -195,7 +194,7 @@ def _import_litellm() -> Any:
 
 def _set_up() -> None:
     _import_litellm()
-    pricing.load()  # what prices its answers, off the event loop too
+    import genai_prices  # noqa: F401  # kagura.pricing's, off the event loop too
 
 
 _litellm = SharedSetUp(_set_up, "kagura-litellm-import")
