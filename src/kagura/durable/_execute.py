@@ -21,7 +21,6 @@ from typing import Any, Literal, Protocol, get_type_hints, runtime_checkable
 import pydantic_core
 from pydantic import TypeAdapter
 
-from .._output import describe_error
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
 from ._journal import (
     Journal,
@@ -30,7 +29,7 @@ from ._journal import (
     journal_for,
     lease_seconds,
 )
-from ._run import DurableRun, canonical, current_durable_run, type_name
+from ._run import DurableRun, canonical, current_durable_run, reads_back
 from ._script import check_not_loading, check_source, loading_target
 
 _log = logging.getLogger("kagura.durable")
@@ -360,17 +359,10 @@ def _dump_result(workflow: Workflow, result: Any) -> str:
             f"({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
         ) from exc
     adapter = _result_adapter(workflow)
-    if adapter is not None:
-        try:
-            adapter.validate_json(text)
-        except ValueError as exc:  # pydantic's ValidationError among them
-            # Kept, it would fail whoever asks for the run again, every time.
-            raise UsageError(
-                f"durable workflow {workflow.name!r}: its result {text[:100]} does not read back "
-                f"as its return type {type_name(get_type_hints(workflow.fn)['return'])} "
-                f"({describe_error(exc)}), so the run could not answer with it again; return "
-                f"what the annotation says, or change it"
-            ) from exc
+    if adapter is not None:  # kept, a result that did not read back would fail every later ask
+        hint = get_type_hints(workflow.fn)["return"]
+        what = f"durable workflow {workflow.name!r}"
+        reads_back(text, adapter, hint, what, "the run could not answer with it again")
     return text
 
 

@@ -373,15 +373,7 @@ def _dump_step(name: str, value: Any, fn: Callable[..., Any]) -> str:
         ) from exc
     found = _returned(fn)
     if found is not None:
-        hint, adapter = found
-        try:
-            adapter.validate_json(text)
-        except ValueError as exc:  # pydantic's ValidationError among them
-            raise UsageError(
-                f"step {name!r}: its result {text[:100]} does not read back as its return type "
-                f"{type_name(hint)} ({describe_error(exc)}), so a resumed run could not replay "
-                f"it; return what the annotation says, or change it"
-            ) from exc
+        reads_back(text, found[1], found[0], f"step {name!r}", "a resumed run could not replay it")
     return text
 
 
@@ -405,26 +397,49 @@ _validators: weakref.WeakKeyDictionary[Any, tuple[Any, TypeAdapter[Any]] | None]
 
 def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
     """``fn``'s signature, for its step's arguments to be recorded by name."""
-    try:
-        return _signatures[fn]
-    except KeyError:
-        found = _signatures[fn] = signature_of(fn)
-        return found
-    except TypeError:  # no weak reference to it, or no hash: not kept
-        return signature_of(fn)
+    return _kept(_signatures, fn, signature_of)
 
 
 def _returned(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
     """``fn``'s return annotation and its validator; ``None`` when it has none, or none that
     can be resolved or validated (its result is then JSON as it is)."""
-    key = getattr(fn, "__func__", fn)  # a bound method is made at each access; its function not
+    # Kept by function: a bound method is made anew at each access, its function is not.
+    return _kept(_validators, fn, _validator, key=getattr(fn, "__func__", fn))
+
+
+_K = TypeVar("_K")
+
+
+def _kept(
+    cache: weakref.WeakKeyDictionary[Any, _K],
+    fn: Callable[..., Any],
+    make: Callable[[Callable[..., Any]], _K],
+    key: Any = None,
+) -> _K:
+    """``make(fn)``, kept in ``cache`` while its key (``fn`` by default) lives; made each time
+    for a key that cannot be kept (no weak reference to it, or no hash)."""
+    key = fn if key is None else key
     try:
-        return _validators[key]
+        return cache[key]
     except KeyError:
-        found = _validators[key] = _validator(fn)
+        found = cache[key] = make(fn)
         return found
-    except TypeError:  # no weak reference to it, or no hash: not kept
-        return _validator(fn)
+    except TypeError:
+        return make(fn)
+
+
+def reads_back(text: str, adapter: TypeAdapter[Any], hint: Any, what: str, so: str) -> None:
+    """Raise :class:`~kagura.errors.UsageError` unless ``text`` (a result's JSON, about to be
+    journaled) reads back through ``adapter``, as a replay will read it: ``what`` names the
+    result, ``so`` what could then not be done."""
+    try:
+        adapter.validate_json(text)
+    except ValueError as exc:  # pydantic's ValidationError among them
+        raise UsageError(
+            f"{what}: its result {text[:100]} does not read back as its return type "
+            f"{type_name(hint)} ({describe_error(exc)}), so {so}; return what the annotation "
+            f"says, or change it"
+        ) from exc
 
 
 def _validator(fn: Callable[..., Any]) -> tuple[Any, TypeAdapter[Any]] | None:
