@@ -393,7 +393,7 @@ def _resolve_run(journal: Journal, given: str) -> RunRecord:
 
 def _runs_list(args: argparse.Namespace) -> int:
     from ._storage import redact_url
-    from .durable import _views, journal_for, lease_seconds
+    from .durable import _views, journal_for
 
     url = _runs_store(args)
     if url is None:
@@ -417,7 +417,7 @@ def _runs_list(args: argparse.Namespace) -> int:
     table = _views.runs_table(records, width=console.width)
     table.caption = (
         f"{len(records)} shown, most recently updated first · interrupted = its process is "
-        f"gone, or its lease (KAGURA_LEASE_SECONDS={lease_seconds():g}) ran out · "
+        "gone, or its lease (its holder's KAGURA_LEASE_SECONDS) ran out · "
         f"{redact_url(url)}"
     )
     console.print(table)

@@ -95,6 +95,44 @@ def test_a_reused_pid_or_a_restarted_host_holds_no_run(journal: Journal) -> None
     assert getattr(journal.get_run("held-1"), "status", None) == "interrupted"
 
 
+def test_a_run_is_held_for_its_holders_lease_whatever_the_readers(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process with a shorter ``KAGURA_LEASE_SECONDS`` than the run's holder took the run
+    over while the holder still ran it; one with a longer one waited past the holder's lease."""
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "120")
+    journal.start("long-1", "wf", None, "{}", owner="holder")
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "10")
+    journal.start("short-1", "wf", None, "{}", owner="holder")
+    for run_id in ("long-1", "short-1"):  # another host's: its lease alone tells
+        set_run(journal, run_id, host="elsewhere.example", heartbeat_at=time.time() - 40)
+
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "30")
+    long_run, short_run = journal.get_run("long-1"), journal.get_run("short-1")
+    assert long_run is not None and short_run is not None
+    assert (long_run.status, long_run.lease_seconds) == ("running", 120)
+    assert (short_run.status, short_run.lease_seconds) == ("interrupted", 10)
+    assert [r.run_id for r in journal.list_runs(status="running")] == ["long-1"]
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["short-1"]
+    assert not journal.claim("long-1", "thief")
+    assert journal.claim("short-1", "heir")
+    claimed = journal.get_run("short-1")
+    assert claimed is not None and claimed.lease_seconds == 30  # the new holder's
+
+    set_run(journal, "long-1", heartbeat_at=time.time() - 121)
+    assert getattr(journal.get_run("long-1"), "status", None) == "interrupted"
+    assert journal.claim("long-1", "heir")
+
+    # A run journaled before leases were kept with runs: the reader's setting decides.
+    journal.start("old-1", "wf", None, "{}", owner="holder")
+    set_run(journal, "old-1", host="elsewhere.example", lease_seconds=None)
+    set_run(journal, "old-1", heartbeat_at=time.time() - 20)
+    assert not journal.claim("old-1", "heir")
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "15")
+    assert getattr(journal.get_run("old-1"), "status", None) == "interrupted"
+    assert journal.claim("old-1", "heir")
+
+
 def test_a_gone_process_run_is_claimed_whatever_its_heartbeat(journal: Journal) -> None:
     journal.start("held-2", "wf", None, "{}", owner="me")
     record = journal.get_run("held-2")

@@ -234,7 +234,7 @@ def test_a_version_5_store_gets_its_runs_indexed_by_time_of_update(store_url: st
 
     engine = engines.engine_for(url)
     with engine.connect() as connection:
-        assert engines.stored_version(connection) == engines.SCHEMA_VERSION == 6
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION
     indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("kagura_runs")}
     assert indexes["ix_kagura_runs_updated"] == ["updated_at"]
     if engine.dialect.name == "sqlite":
@@ -243,6 +243,30 @@ def test_a_version_5_store_gets_its_runs_indexed_by_time_of_update(store_url: st
             plan = " ".join(row[-1] for row in connection.exec_driver_sql(last))
         assert "USING INDEX ix_kagura_runs_updated" in plan
         assert "TEMP B-TREE" not in plan  # no sort
+
+
+def test_a_version_6_store_keeps_each_runs_lease_from_then_on(store_url: str) -> None:
+    """Version 7 keeps each durable run's lease with it. Runs journaled before have none: they
+    are judged by the reader's ``KAGURA_LEASE_SECONDS``, as they were."""
+    url = engines.normalise_url(store_url)
+    journal = journal_for(url)
+    journal.start("before", "wf", None, "{}", owner="them")
+    journal.flush()
+    with engines.engine_for(url).begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE kagura_runs DROP COLUMN lease_seconds")
+        connection.execute(engines.schema_version.update().values(version=6))
+    engines.forget(url)
+
+    engine = engines.engine_for(url)
+    with engine.connect() as connection:
+        assert engines.stored_version(connection) == engines.SCHEMA_VERSION == 7
+    assert "lease_seconds" in {c["name"] for c in inspect(engine).get_columns("kagura_runs")}
+    journal = journal_for(url)
+    journal.start("after", "wf", None, "{}", owner="us")
+    before, after = journal.get_run("before"), journal.get_run("after")
+    assert before is not None and after is not None
+    assert (before.lease_seconds, before.lease(30.0)) == (None, 30.0)
+    assert (before.status, after.status, after.lease_seconds) == ("running", "running", 30.0)
 
 
 def test_steps_another_process_took_meanwhile_are_not_taken_again(

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 #: The schema version this code writes and reads: the number of the last step.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _log = logging.getLogger("kagura.storage")
 
@@ -263,6 +263,14 @@ def _step_6_runs_by_update(connection: Any) -> None:
     _step_1_baseline(connection)  # makes the new index
 
 
+def _step_7_lease_length(connection: Any) -> None:
+    """Each durable run keeps the length of its holder's lease (``kagura_runs.lease_seconds``):
+    a process whose ``KAGURA_LEASE_SECONDS`` was shorter than the holder's took live runs over,
+    and both executed them. Runs journaled before have none, and are judged by the reader's
+    setting, as before. Adding a nullable column rewrites no table."""
+    _step_1_baseline(connection)  # adds the column
+
+
 #: The steps, in order: ``STEPS[n - 1]`` takes a store from version ``n - 1`` to ``n``.
 STEPS: tuple[Callable[[Any], None], ...] = (
     _step_1_baseline,
@@ -271,6 +279,7 @@ STEPS: tuple[Callable[[Any], None], ...] = (
     _step_4_longer_ids,
     _step_5_name_index,
     _step_6_runs_by_update,
+    _step_7_lease_length,
 )
 assert len(STEPS) == SCHEMA_VERSION
 

@@ -179,6 +179,9 @@ runs = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("attempts", Integer, nullable=False, default=1),
+    # The holder's KAGURA_LEASE_SECONDS: how long after its last heartbeat the run is free,
+    # whatever the reader's own setting. NULL in rows written before version 7: the reader's.
+    Column("lease_seconds", Float),
 )
 
 Index("ix_kagura_runs_status", runs.c.status, runs.c.updated_at)

@@ -286,7 +286,7 @@ def _busy_message(record: RunRecord) -> str:
     return (
         f"durable run {record.run_id!r} is being executed by process {record.pid} on {where}, "
         f"last heartbeat {age:.1f}s ago; it can be resumed once that process stops (at once on "
-        f"its own host, else when its lease of {lease_seconds():g}s runs out)"
+        f"its own host, else when its lease of {record.lease(lease_seconds()):g}s runs out)"
     )
 
 

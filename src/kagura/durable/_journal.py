@@ -150,6 +150,13 @@ class RunRecord:
     steps: int = 0
     #: Which process ``pid`` named (see :mod:`kagura._process`), when it could be read.
     pid_start: str | None = None
+    #: How long after its last heartbeat the run is free: its holder's ``KAGURA_LEASE_SECONDS``
+    #: (``None``: journaled before Kagura kept it, the reader's setting counts).
+    lease_seconds: float | None = None
+
+    def lease(self, default: float) -> float:
+        """The run's lease in seconds: its holder's, else ``default`` (the reader's setting)."""
+        return default if self.lease_seconds is None else self.lease_seconds
 
 
 #: How attempt_span_id ends the span ids of resumed executions: refused at the end of run ids.
@@ -166,6 +173,8 @@ def _status(row: Any, now: float, lease: float) -> RunStatus:
     if row.status != "running":
         status: RunStatus = row.status
         return status
+    if row.lease_seconds is not None:  # the holder's own lease, whatever the reader's setting
+        lease = row.lease_seconds
     if (row.heartbeat_at or 0) < now - lease:
         return "interrupted"  # its process stopped renewing the lease
     if _process.is_gone(row.host, row.pid, row.pid_start):
@@ -207,6 +216,7 @@ def _record(
         row.attempts,
         steps,
         row.pid_start,
+        row.lease_seconds,
     )
 
 
@@ -517,6 +527,7 @@ class Journal:
             "created_at": now,
             "updated_at": now,
             "attempts": 1,
+            "lease_seconds": lease_seconds(),
         }
 
     @staticmethod
@@ -565,6 +576,7 @@ class Journal:
                     1,
                     0,
                     values["pid_start"],
+                    values["lease_seconds"],
                 ),
                 {},
             )
@@ -599,6 +611,7 @@ class Journal:
         closed, since they never will end."""
         now = time.time()
         ids = sorted({values["run_id"] for values, _ in wanted})
+        lease = lease_seconds()
         before = _read_runs(connection, ids)
         mark = _mark(connection)
         pid, host, pid_start = _process.this_process()
@@ -618,13 +631,15 @@ class Journal:
                 else None
             )
             failed = " OR status = 'failed'" if allow_failed else ""
+            # The lease that ran out is its holder's (NULL, written before it was kept: ours).
             attempts = connection.exec_driver_sql(
                 f"UPDATE kagura_runs SET status = 'running', owner = {mark}, pid = {mark}, "
                 f"host = {mark}, pid_start = {mark}, heartbeat_at = {mark}, updated_at = {mark}, "
-                "error = NULL, error_type = NULL, attempts = attempts + 1 "
-                f"WHERE run_id = {mark} AND ((status = 'running' AND (heartbeat_at < {mark} "
+                f"lease_seconds = {mark}, error = NULL, error_type = NULL, "
+                f"attempts = attempts + 1 WHERE run_id = {mark} AND ((status = 'running' AND "
+                f"(heartbeat_at < {mark} - COALESCE(lease_seconds, {mark}) "
                 f"OR owner = {mark})){failed}) RETURNING attempts",
-                (owner, pid, host, pid_start, now, now, run_id, now - lease_seconds(), gone),
+                (owner, pid, host, pid_start, now, now, lease, run_id, now, lease, gone),
             ).scalar()
             if attempts is None:
                 # Not resumable (held, completed), or another took it first: on PostgreSQL the
@@ -1040,6 +1055,7 @@ _RUN_COLUMNS = (
     "created_at",
     "updated_at",
     "attempts",
+    "lease_seconds",
 )
 _STEP_COLUMNS = (
     "run_id",

@@ -116,6 +116,7 @@ def runs_table(
 def lease_text(record: RunRecord, lease: float, *, now: float | None = None) -> Text:
     """Who holds the run and how fresh its heartbeat is."""
     now = time.time() if now is None else now
+    lease = record.lease(lease)
     text = Text(f"pid {record.pid} on {record.host}" if record.pid else owner_text(record))
     if record.status == "interrupted" and record.heartbeat_at == 0:
         text.append(" (cancelled: its lease was given up)", style="yellow")
