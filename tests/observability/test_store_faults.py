@@ -622,6 +622,42 @@ def test_a_writer_warns_once_drops_batches_quietly_and_tries_again_later(
     assert writer.failed_batches == 7
 
 
+def test_a_writer_opened_before_its_database_exists_writes_once_it_does(
+    postgres_server: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A service started beside its database may meet it not made yet (or its server not up):
+    recording was then off for the process's whole life. It is tried again, as a store that
+    cannot be written is."""
+    caplog.set_level(logging.WARNING, logger="kagura.recorder")
+    clock = Clock()
+    monkeypatch.setattr(_writer, "time", clock)
+    name = f"kagura_later_{os.getpid()}"
+    url = normalise_url(postgres_server.url(name))
+    writer = StoreWriter(url, "full")
+    try:
+        writer.write(*a_batch("lost-0"))
+        (warning,) = caplog.messages
+        assert warning.startswith(f"kagura: event store {engines.store_name(url)}: cannot open: ")
+        assert f'database "{name}" does not exist' in warning
+        assert warning.endswith(
+            "recordings are dropped until it can be written (tried again every 30s)"
+        )
+
+        postgres_server.admin(f"CREATE DATABASE {name}")
+        writer.write(*a_batch("lost-1"))  # not yet time to try again
+        clock.now += _writer.RETRY_S
+        writer.write(*a_batch("kept"))
+        assert caplog.messages[-1].endswith("writing again (2 batches of recordings were dropped)")
+        assert {row["span_id"] for row in rows(url)} == {"kept"}
+        assert (writer.failed_batches, writer.written_spans) == (2, 1)
+    finally:
+        writer.dispose()
+        _forget_engine(url)
+        postgres_server.admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def test_a_writer_process_that_cannot_stage_warns_once(
     store_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -194,6 +194,32 @@ def is_store_fault(error: BaseException) -> bool:
     )
 
 
+#: PostgreSQL's SQLSTATE classes of a server that may well be there later: connection exception,
+#: invalid catalog name (a database not made yet), insufficient resources (too many
+#: connections), operator intervention (a server starting up or shutting down).
+_POSTGRES_PASSING = frozenset({"08", "3D", "53", "57"})
+
+
+def may_come_back(error: BaseException | None) -> bool:
+    """Whether ``error``, raised while opening the store, is a PostgreSQL server that is not
+    there yet, or a database not made yet: what a service started beside its database meets,
+    and what passes. A SQLite file that cannot be opened (a directory that cannot be written, a
+    damaged file) does not pass on its own, nor does a login refused."""
+    from sqlalchemy import exc
+
+    if not isinstance(error, exc.DBAPIError) or not is_store_fault(error):
+        return False
+    orig = error.orig
+    if getattr(orig, "sqlite_errorcode", None) is not None:
+        return False
+    if type(orig).__module__.split(".")[0] == "sqlite3":
+        return False
+    sqlstate = getattr(orig, "sqlstate", None)
+    if sqlstate:
+        return sqlstate[:2] in _POSTGRES_PASSING
+    return isinstance(error, exc.OperationalError)  # no answer: refused, unreachable, timed out
+
+
 #: SQLSTATEs of a transaction PostgreSQL rolled back for another's sake: a serialisation
 #: failure, a deadlock.
 _CONFLICT_STATES = frozenset({"40001", "40P01"})

@@ -37,6 +37,7 @@ from .._redact import looks_secret, repr_of, scrub
 from .._storage import (
     ROLLUP_COLUMNS,
     is_store_fault,
+    may_come_back,
     refused_values,
     scrub_url,
     store_error,
@@ -220,7 +221,8 @@ RETRY_S = 30.0
 
 class StoreWriter:
     """Writes batches of rows to the store at ``url``. Opening it opens (and creates) the store,
-    or raises :class:`~kagura.errors.StoreError`.
+    or raises :class:`~kagura.errors.StoreError`; but a PostgreSQL server that is not there yet
+    (or a database not made yet) is tried again, as a store that cannot be written is.
 
     When the store cannot be written, the writer says so once (a warning naming the store and
     the cause), then drops batches quietly, counting them in ``failed_batches``, and tries again
@@ -228,22 +230,35 @@ class StoreWriter:
     """
 
     def __init__(self, url: str, content: ContentMode) -> None:
-        from .._storage import engine_for
-
         self.url = url
         self.content: ContentMode = content
         # A key that cannot be used fails the writer at once (recording is then off): never
         # written in plaintext when it was meant to be encrypted.
         _encryption.enabled()
-        self.engine = engine_for(url)
-        if self.engine.dialect.name == "postgresql":
-            _quiet_pipeline_warnings()
         self.written_spans = 0
         self.written_events = 0
         self.failed_batches = 0
         #: While the store cannot be written: when (``time.monotonic()``) a batch tries again.
         self._retry_at: float | None = None
         self._dropped_batches = 0
+        #: ``None`` until the store is opened.
+        self.engine: Any = None
+        try:
+            self._open()
+        except StoreError as error:
+            # A service started beside its database meets it not up yet: turning recording
+            # off for the process's whole life would lose everything after a moment's wait.
+            if not may_come_back(error.__cause__):
+                raise
+            self._store_failed(error)
+
+    def _open(self) -> None:
+        from .._storage import engine_for
+
+        engine = engine_for(self.url)
+        if engine.dialect.name == "postgresql":
+            _quiet_pipeline_warnings()
+        self.engine = engine
 
     def _dropping(self) -> bool:
         """Whether to drop a batch untried: the store failed, and it is not time to try again."""
@@ -263,11 +278,13 @@ class StoreWriter:
         self._dropped_batches += 1
 
     def _store_failed(self, error: Exception) -> None:
+        """``error``: a store fault, or the :class:`StoreError` that opening the store raised."""
         if self._retry_at is None:
+            said = error if isinstance(error, StoreError) else store_error(self.url, "write", error)
             _log.warning(
                 "kagura: %s; recordings are dropped until it can be written (tried again "
                 "every %gs)",
-                store_error(self.url, "write", error),
+                said,
                 RETRY_S,
             )
         self._retry_at = time.monotonic() + RETRY_S
@@ -299,6 +316,14 @@ class StoreWriter:
             sender = this_sender()
         if self._dropping():
             return
+        if self.engine is None:
+            try:
+                self._open()
+            except StoreError as error:
+                self.failed_batches += 1
+                self._dropped_batches += 1
+                self._store_failed(error)
+                return
         size = len(running) + len(finished) + len(events)
         try:
             self._write(running, finished, events, sender, fit=False)
@@ -415,7 +440,8 @@ class StoreWriter:
         return _sealed(stored) if _encryption.enabled() else stored
 
     def dispose(self) -> None:
-        self.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
 #: The recorder's thread (see ``Recorder``): the thread that writes when there is no writer
@@ -656,7 +682,8 @@ def _serve(url: str, content: ContentMode, inbox: IO[bytes], outbox: IO[bytes]) 
         reply(("opened", False, f"event store {store_name(url)}: cannot open: {cause}"))
         return 1
     reply(("opened", True, ""))
-    use_a_large_page_cache(writer.engine)
+    if writer.engine is not None:  # else PostgreSQL, not up yet: no page cache there
+        use_a_large_page_cache(writer.engine)
     # Every batch makes thousands of short-lived objects (rows, texts) that reference counting
     # frees; at the default threshold the collector walked each batch's live rows many times
     # over (11% of this process's time, profiled under load). What the imports and the engine
