@@ -142,9 +142,9 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 def _store_name(store: EventStore) -> str:
-    from ._storage import redact_url
+    from ._storage import store_name
 
-    return redact_url(store.url)
+    return store_name(store.url)
 
 
 def _open_store(args: argparse.Namespace, *, required: bool = False) -> EventStore | None:
@@ -153,19 +153,39 @@ def _open_store(args: argparse.Namespace, *, required: bool = False) -> EventSto
     from .observability import EventStore
 
     store = EventStore(args.db) if args.db else EventStore()
-    path = _sqlite_path(store.url)
-    if path is not None and not path.exists():
-        if args.db or required:
-            raise CliError(f"no event store at {path}")
+    if _nothing_there(store.url, given=bool(args.db) or required):
         print(
-            f"Nothing recorded yet: there is no event store at {path}. Agents and workflows "
-            "record there when they run (set KAGURA_DB to record elsewhere).",
+            f"Nothing recorded yet: {_no_store(store.url)}. Agents and workflows record there "
+            "when they run (set KAGURA_DB to record elsewhere).",
             file=sys.stderr,
         )
         return None
-    if path is not None:
-        _refuse_foreign(path)
     return store
+
+
+def _nothing_there(url: str, *, given: bool) -> bool:
+    """Whether the store at ``url`` is not there yet, or holds none of Kagura's tables (an empty
+    file, a database nothing has recorded to): a command that only reads says so rather than
+    make the store. An error where the store was ``given`` (``--db``, or a run asked for)."""
+    from ._storage import holds_no_store
+
+    path = _sqlite_path(url)
+    if path is not None and path.exists():
+        _refuse_foreign(path)
+    if (path is None or path.exists()) and not holds_no_store(url):
+        return False
+    if given:
+        raise CliError(_no_store(url))
+    return True
+
+
+def _no_store(url: str) -> str:
+    from ._storage import store_name
+
+    path = _sqlite_path(url)
+    if path is not None and not path.exists():
+        return f"no event store at {path}"
+    return f"no Kagura event store in {store_name(url)} (none of Kagura's tables are there)"
 
 
 def _refuse_foreign(path: Path) -> None:
@@ -318,9 +338,8 @@ def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
         f"{_store_name(store)} · every {args.interval:g}s · "
         f"{datetime.now().strftime('%H:%M:%S')} · Ctrl-C to quit"
     )
-    path = _sqlite_path(store.url)
-    if path is not None and not path.exists():
-        note = f"Waiting for recordings: there is no event store at {path} yet."
+    if _nothing_there(store.url, given=False):
+        note = f"Waiting for recordings: {_no_store(store.url)} yet."
         return _monitor.live_view([], None, [], window="", footer=footer, note=note, width=width)
     executions = store.get_executions(limit=args.limit)
     stats = store.stats(since=parse_since(since_text))
@@ -343,18 +362,13 @@ def _runs_store(args: argparse.Namespace, *, required: bool = False) -> str | No
     if args.db:
         os.environ["KAGURA_DB"] = args.db
     url = default_url()
-    path = _sqlite_path(url)
-    if path is not None and not path.exists():
-        if args.db or required:
-            raise CliError(f"no event store at {path}")
+    if _nothing_there(url, given=bool(args.db) or required):
         print(
-            f"No durable runs yet: there is no event store at {path}. Durable workflows journal "
-            "there when they run (set KAGURA_DB to use another store).",
+            f"No durable runs yet: {_no_store(url)}. Durable workflows journal there when they "
+            "run (set KAGURA_DB to use another store).",
             file=sys.stderr,
         )
         return None
-    if path is not None:
-        _refuse_foreign(path)
     return url
 
 
@@ -376,7 +390,7 @@ def _find_run_ids(journal: Journal, prefix: str, limit: int = 6) -> list[str]:
 
 def _resolve_run(journal: Journal, given: str) -> RunRecord:
     """The run with id ``given``, or the one whose id starts with it."""
-    from ._storage import redact_url
+    from ._storage import store_name
 
     record = journal.get_run(given)
     if record is not None:
@@ -387,12 +401,12 @@ def _resolve_run(journal: Journal, given: str) -> RunRecord:
         raise CliError(f"run id prefix {given!r} matches several runs: {shown}")
     record = journal.get_run(matches[0]) if matches else None
     if record is None:
-        raise CliError(f"no durable run with id {given!r} in {redact_url(journal.url)}")
+        raise CliError(f"no durable run with id {given!r} in {store_name(journal.url)}")
     return record
 
 
 def _runs_list(args: argparse.Namespace) -> int:
-    from ._storage import redact_url
+    from ._storage import store_name
     from .durable import _views, journal_for
 
     url = _runs_store(args)
@@ -412,13 +426,13 @@ def _runs_list(args: argparse.Namespace) -> int:
             )
             if part
         )
-        console.print(f"No {what} in {redact_url(url)}.")
+        console.print(f"No {what} in {store_name(url)}.")
         return 0
     table = _views.runs_table(records, width=console.width)
     table.caption = (
         f"{len(records)} shown, most recently updated first · interrupted = its process is "
         "gone, or its lease (its holder's KAGURA_LEASE_SECONDS) ran out · "
-        f"{redact_url(url)}"
+        f"{store_name(url)}"
     )
     console.print(table)
     return 0
@@ -534,7 +548,7 @@ def _runs_recover(args: argparse.Namespace) -> int:
 
 
 def _runs_prune(args: argparse.Namespace) -> int:
-    from ._storage import redact_url
+    from ._storage import store_name
     from .durable import journal_for
 
     cutoff = parse_since(args.older_than, option="--older-than")
@@ -545,7 +559,7 @@ def _runs_prune(args: argparse.Namespace) -> int:
     when = cutoff.strftime("%Y-%m-%d %H:%M %Z").strip()
     _console().print(
         f"Deleted {deleted:,} durable run{'' if deleted == 1 else 's'} that ended (completed "
-        f"or failed) before {when}, with their steps, from {redact_url(url)}. Running and "
+        f"or failed) before {when}, with their steps, from {store_name(url)}. Running and "
         "interrupted runs are kept."
     )
     return 0

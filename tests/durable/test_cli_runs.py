@@ -252,7 +252,7 @@ def test_list_filters_by_status_workflow_and_limit(
     assert "elsewhere-1" in one and "done-1" not in one and "1 shown" in one
 
     code, none, _ = run_cli(capsys, "runs", "list", "--status", "interrupted")
-    assert code == 0 and "No interrupted durable runs in sqlite:///" in none
+    assert code == 0 and "No interrupted durable runs in /" in none
 
     code, _, err = run_cli(capsys, "runs", "list", "--status", "lost")
     assert code == 2 and "invalid choice" in err

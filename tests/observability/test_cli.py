@@ -669,6 +669,39 @@ def test_another_program_s_database_is_refused_and_left_as_it_was(
         assert [r[0] for r in db.execute("SELECT name FROM sqlite_master")] == ["users"]
 
 
+@pytest.mark.parametrize(
+    "command",
+    [("monitor", "list"), ("monitor", "stats"), ("runs", "list"), ("runs", "recover")],
+)
+def test_a_database_nothing_recorded_to_is_said_and_left_as_it_was(
+    store_url: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    command: tuple[str, ...],
+) -> None:
+    """An empty file, or a PostgreSQL database (an application's, given by mistake): a command
+    that only reads made Kagura's tables in it, and said that nothing was found."""
+    from sqlalchemy import create_engine, inspect
+
+    from kagura import _storage
+
+    if not store_url.startswith("postgresql"):
+        Path(store_url).touch()
+    monkeypatch.setenv("KAGURA_DB", store_url)  # `kagura runs` points the process at --db
+    code, _, err = run(capsys, *command, "--db", store_url)
+    assert code == 1
+    name = _storage.store_name(_storage.normalise_url(store_url))
+    assert f"no Kagura event store in {name} (none of Kagura's tables are there)" in err
+    if store_url.startswith("postgresql"):
+        engine = create_engine(_storage.normalise_url(store_url))
+        try:
+            assert inspect(engine).get_table_names() == []
+        finally:
+            engine.dispose()
+    else:
+        assert Path(store_url).stat().st_size == 0
+
+
 def test_cost_by_agent_totals_what_was_spent_not_its_rows() -> None:
     # An agent's row holds the agents it called: boss's 143 tokens include helper's 110.
     from rich.console import Console

@@ -417,23 +417,53 @@ def foreign_tables(url: str) -> list[str]:
     another program's database, given as the store by mistake. Empty for a file that is not
     there yet, for other databases (sharing a PostgreSQL database is usual; Kagura's tables are
     named apart), and for a file this cannot read (opening the store says what is wrong)."""
-    path = sqlite_path(url)
-    if path is None or not os.path.isfile(path):
+    if sqlite_path(url) is None:
         return []
-    import sqlite3
-
-    try:
-        # Read-only, and apart from the engine, whose first connection puts the file in WAL
-        # mode: a file that is refused is left as it was.
-        uri = f"{Path(path).absolute().as_uri()}?mode=ro"
-        with closing(sqlite3.connect(uri, uri=True)) as db:
-            rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-            names = [row[0] for row in rows]
-    except sqlite3.Error:
-        return []
+    names = table_names(url) or []
     if any(name.startswith("kagura_") for name in names):
         return []
     return [name for name in names if not name.startswith("sqlite_")]
+
+
+def holds_no_store(url: str) -> bool:
+    """Whether the database behind ``url`` is there and holds none of Kagura's tables: an
+    empty SQLite file, or a PostgreSQL database nothing has recorded to. Commands that only
+    read say so, rather than make Kagura's tables in it. ``False`` where it cannot be read:
+    opening it says why."""
+    names = table_names(url)
+    return names is not None and not any(name.startswith("kagura_") for name in names)
+
+
+def table_names(url: str) -> list[str] | None:
+    """The tables of the database behind ``url``, read without making or changing anything;
+    ``None`` for a SQLite file that is not there, or a database that cannot be read."""
+    path = sqlite_path(url)
+    if path is not None:
+        if not os.path.isfile(path):
+            return None
+        import sqlite3
+
+        try:
+            # Read-only, and apart from the engine, whose first connection puts the file in
+            # WAL mode: a file that is refused is left as it was.
+            uri = f"{Path(path).absolute().as_uri()}?mode=ro"
+            with closing(sqlite3.connect(uri, uri=True)) as db:
+                query = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+                return [row[0] for row in db.execute(query)]
+        except sqlite3.Error:
+            return None
+    from sqlalchemy import inspect
+
+    try:
+        engine = _create(url)  # not the shared engine: that one makes the schema
+    except StoreError:
+        return None
+    try:
+        return sorted(inspect(engine).get_table_names())
+    except Exception:  # unreachable, refused: opening the store says why
+        return None
+    finally:
+        engine.dispose()
 
 
 def _refuse_foreign(url: str) -> None:
