@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine as sqlalchemy_engine
 from sqlalchemy import exc, text
 
 from kagura import _storage as engines
@@ -877,3 +878,31 @@ def test_a_damaged_store_in_a_read_only_directory_is_one_line_too(
     assert (
         result.stderr == f"kagura: error: event store {path}: cannot open: file is not a database\n"
     )
+
+
+def test_a_table_named_like_kagura_s_that_is_not_is_a_store_error(
+    store_url: str, record_to: Callable[..., Recorder], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another program's ``kagura_spans``: making Kagura's indexes on it failed with
+    SQLAlchemy's ProgrammingError, its SQL statement and all, instead of a StoreError; and the
+    recorder called that a bug of its own."""
+    url = normalise_url(store_url)
+    engine = sqlalchemy_engine(url)
+    try:
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE kagura_spans (id INTEGER, note TEXT)")
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreError) as raised:
+        EventStore(store_url).get_executions()
+    message = str(raised.value)
+    assert message.startswith(f"event store {engines.store_name(url)}: cannot open: Kagura's ")
+    assert "if tables named kagura_* there are another program's" in message
+    assert "[SQL:" not in message
+    _forget_engine(store_url)
+
+    caplog.set_level(logging.WARNING, logger="kagura.recorder")
+    recorder = record_to(store_url, KAGURA_RECORD_PROCESS="0")
+    recorder.flush()
+    off = [m for m in caplog.messages if "recording is off" in m]
+    assert len(off) == 1 and "if tables named kagura_* there are another program's" in off[0]

@@ -405,11 +405,29 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
         if engine is None:
             engine = _engines[url] = _create(url)
         if url not in _created:
+            from sqlalchemy import exc
+
             _refuse_foreign(url)
             with store_errors(url, "open"):
-                upgrade(engine, store_name(url))
+                try:
+                    upgrade(engine, store_name(url))
+                except exc.DBAPIError as error:
+                    if is_store_fault(error):
+                        raise
+                    raise _not_ours(url, error) from error
             _created.add(url)
         return engine
+
+
+def _not_ours(url: str, error: BaseException) -> StoreError:
+    """Making or upgrading Kagura's tables failed, and not for the store's sake: a table of the
+    same name that is not Kagura's (another program's ``kagura_spans``, say), most likely."""
+    return StoreError(
+        store_name(url),
+        f"cannot open: Kagura's tables could not be made or upgraded "
+        f"({scrub_url(_cause(url, error), url)}); if tables named kagura_* there are another "
+        f"program's, give Kagura a database (or a file) of its own",
+    )
 
 
 def foreign_tables(url: str) -> list[str]:
