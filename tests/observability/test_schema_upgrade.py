@@ -24,6 +24,7 @@ from kagura import _storage as engines
 from kagura import agent, workflow
 from kagura._encryption import ENV, decrypt, generate_key, is_encrypted
 from kagura.durable._journal import journal_for
+from kagura.errors import StoreError
 from kagura.observability import EventStore, Recorder
 from kagura.testing import FakeModel, override_model
 
@@ -267,6 +268,23 @@ def test_a_version_6_store_keeps_each_runs_lease_from_then_on(store_url: str) ->
     assert before is not None and after is not None
     assert (before.lease_seconds, before.lease(30.0)) == (None, 30.0)
     assert (before.status, after.status, after.lease_seconds) == ("running", "running", 30.0)
+
+
+def test_a_store_a_newer_version_changed_says_so_when_it_cannot_be_read(store_url: str) -> None:
+    """A newer version may change what this one reads: the error said only "no such column"."""
+    url = engines.normalise_url(store_url)
+    with engines.engine_for(url).begin() as connection:
+        connection.exec_driver_sql("ALTER TABLE kagura_spans RENAME COLUMN model TO model_name")
+        connection.execute(engines.schema_version.update().values(version=99))
+    engines.forget(url)
+    with pytest.raises(StoreError) as raised:
+        EventStore(store_url).get_executions()
+    message = str(raised.value)
+    assert message.startswith(f"event store {engines.store_name(url)}: cannot read: ")
+    assert message.endswith(
+        "the store was made by a newer version of Kagura (schema version 99; this one knows "
+        f"up to {engines.SCHEMA_VERSION}): upgrade kagura to use it"
+    )
 
 
 def test_steps_another_process_took_meanwhile_are_not_taken_again(

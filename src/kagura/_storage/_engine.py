@@ -28,7 +28,7 @@ from urllib.parse import quote
 
 from .. import _settings
 from ..errors import StoreError, UsageError
-from ._migrations import upgrade, wait_for_an_upgrade
+from ._migrations import SCHEMA_VERSION, upgrade, wait_for_an_upgrade
 
 DEFAULT_DB_NAME = "events.db"
 
@@ -319,9 +319,30 @@ def store_errors(url: str, doing: str) -> Iterator[None]:
     except StoreError:
         raise
     except Exception as error:
+        newer = _newer.get(url)
+        if newer is not None and _is_database_error(error):
+            # Left as it is when opened (a newer version only adds, as a rule): but this one
+            # changed what this code reads.
+            raise StoreError(
+                store_name(url),
+                f"cannot {doing}: {scrub_url(_cause(url, error), url)}; the store was made by a "
+                f"newer version of Kagura (schema version {newer}; this one knows up to "
+                f"{SCHEMA_VERSION}): upgrade kagura to use it",
+            ) from error
         if not is_store_fault(error):
             raise
         raise store_error(url, doing, error) from error
+
+
+def _is_database_error(error: BaseException) -> bool:
+    from sqlalchemy import exc
+
+    return isinstance(error, exc.DBAPIError)
+
+
+#: Stores this process opened that a newer version of Kagura made, by URL: their schema
+#: version. Errors reading or writing them say so.
+_newer: dict[str, int] = {}
 
 
 def _cause(url: str, error: BaseException) -> str:
@@ -410,11 +431,13 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
             _refuse_foreign(url)
             with store_errors(url, "open"):
                 try:
-                    upgrade(engine, store_name(url))
+                    found = upgrade(engine, store_name(url))
                 except exc.DBAPIError as error:
                     if is_store_fault(error):
                         raise
                     raise _not_ours(url, error) from error
+            if found > SCHEMA_VERSION:
+                _newer[url] = found
             _created.add(url)
         return engine
 
@@ -678,6 +701,7 @@ def forget(url: str) -> None:
             registry.pop(url, None) for registry in (_engines, _read_only_engines, _synced_engines)
         ]
         _created.discard(url)
+        _newer.pop(url, None)
     for engine in engines:
         if engine is not None:
             engine.dispose()
