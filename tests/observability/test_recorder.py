@@ -508,8 +508,7 @@ async def test_a_store_that_cannot_be_opened_changes_nothing(
     assert raised.value is error
     if is_postgres(unopenable_url):  # a server not up yet: tried again, as a failed write is
         assert recorder.flush() is True
-        assert not recorder.broken and recorder.failed_batches >= 1
-        assert "recordings are dropped until it can be written (tried again" in caplog.text
+        assert not recorder.broken and recorder.failed_batches >= 1  # said by its writer
     else:
         assert recorder.flush() is False  # it says nothing was recorded
         assert recorder.broken

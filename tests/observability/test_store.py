@@ -640,13 +640,13 @@ def test_a_password_given_as_a_query_parameter_is_hidden_too() -> None:
 @pytest.mark.parametrize(
     ("url", "said"),
     [
-        ("postgresql://kagura:hunter2@127.0.0.1:543x/events", "ValueError"),
-        ("foo://bar", "NoSuchModuleError"),
-        ("notaurl:://", "ArgumentError"),
+        ("postgresql://kagura:hunter2@127.0.0.1:543x/events", r"ValueError.*\(a store is a SQLite"),
+        ("foo://bar", "Kagura stores in SQLite or PostgreSQL, not foo://: give a SQLite"),
+        ("notaurl:://", "Kagura stores in SQLite or PostgreSQL, not notaurl:://: give a SQLite"),
     ],
 )
 def test_a_url_that_names_no_store_is_a_store_error_saying_what_is(url: str, said: str) -> None:
-    with pytest.raises(StoreError, match=rf"cannot open: {said}.*\(a store is a SQLite") as caught:
+    with pytest.raises(StoreError, match=rf"cannot open: {said}") as caught:
         EventStore(url).stats()
     assert "hunter2" not in str(caught.value)
 

@@ -906,3 +906,18 @@ def test_a_table_named_like_kagura_s_that_is_not_is_a_store_error(
     recorder.flush()
     off = [m for m in caplog.messages if "recording is off" in m]
     assert len(off) == 1 and "if tables named kagura_* there are another program's" in off[0]
+
+
+@pytest.mark.parametrize(
+    "url", ["mysql://app:pw@127.0.0.1/db", "postgresql+asyncpg://app:pw@127.0.0.1/db"]
+)
+def test_a_url_of_a_database_kagura_cannot_use_is_said_so(url: str) -> None:
+    """The error said that a driver was missing: for PostgreSQL through another driver, to
+    install the extra that was installed; for MySQL, as if it would work with its driver."""
+    scheme = url.partition("://")[0]
+    with pytest.raises(StoreError) as raised:
+        EventStore(url).get_executions()
+    assert str(raised.value) == (
+        f"event store {scheme}://app:***@127.0.0.1/db: cannot open: Kagura stores in SQLite "
+        f"or PostgreSQL, not {scheme}://: give a SQLite file's path or a postgresql:// URL"
+    )

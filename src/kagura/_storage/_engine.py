@@ -520,10 +520,22 @@ def _refuse_foreign(url: str) -> None:
         )
 
 
+#: The URL schemes of the stores Kagura can use (``postgresql://`` is made the first).
+_SCHEMES = frozenset({"sqlite", "sqlite+pysqlite", _POSTGRES_DRIVER.partition("://")[0]})
+
+
 def _create(url: str) -> Any:
     from sqlalchemy import create_engine, event
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+    scheme = url.partition("://")[0]
+    if scheme and "://" in url and scheme not in _SCHEMES:
+        # SQLAlchemy would try its dialect for it, and say only that a driver is missing.
+        raise StoreError(
+            store_name(url),
+            f"cannot open: Kagura stores in SQLite or PostgreSQL, not {scheme}://: give a SQLite "
+            "file's path or a postgresql:// URL",
+        )
     try:
         if url.startswith("sqlite"):
             path = sqlite_path(url)
