@@ -570,6 +570,39 @@ def test_runs_table_keeps_the_error_on_a_narrow_terminal() -> None:
     assert "4242@worker-7.example.internal" in wide.export_text()
 
 
+@pytest.mark.parametrize("width", [64, 70, 79, 120])
+@pytest.mark.parametrize("error", [None, "the CMS is down"], ids=["no-errors", "with-errors"])
+def test_runs_table_at_any_width_shows_whole_ids_and_whole_headers(
+    width: int, error: str | None
+) -> None:
+    """An empty error column took room every other column was cut to, and a narrow terminal
+    forced the error's shortest excerpt all the same: run ids were cut short. Columns are
+    left out instead."""
+    from rich.console import Console
+
+    now = time.time()
+    run_id = str(uuid.UUID(int=7))
+    records = [
+        RunRecord(run_id, "write_report", None, "completed", "{}", "done", None, None, "owner",
+                  4242, "worker-7.example.internal", now, now, now, 1, 3),
+        RunRecord(run_id, "write_report", None, "failed" if error else "completed", "{}", None,
+                  error, "RuntimeError" if error else None, "owner", 4242,
+                  "worker-7.example.internal", now, now, now, 1, 3),
+    ]  # fmt: skip
+    console = Console(width=width, record=True, color_system=None)
+    console.print(_views.runs_table(records, width=width))
+    lines = console.export_text().splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.strip().startswith("─"))
+    header, rows = lines[rule - 1], lines[rule + 1 : rule + 3]
+    assert "…" not in header
+    assert [row.split()[0] for row in rows] == [run_id, run_id]
+    assert max(len(line) for line in lines) <= width
+    if error is None:
+        assert "error" not in header.split()
+    if error is not None and width >= 120:
+        assert "RuntimeError: the CMS" in rows[1]  # room enough for an excerpt
+
+
 def test_a_cancelled_run_says_so_rather_than_that_its_process_is_gone() -> None:
     from kagura.durable._journal import RunRecord
     from kagura.durable._views import lease_text
