@@ -1,4 +1,4 @@
-"""``kagura runs list|show|resume``: the commands run against durable runs made by real workflows
+"""``kagura runs``: the commands run against durable runs made by real workflows
 on the fake model, in a temporary SQLite store.
 
 The workflows live in a module written into ``tmp_path`` (unique name per test), so that a
@@ -84,6 +84,12 @@ async def report(topic: str, hold_file: str, flag: str, ledger: str) -> str:
 @workflow(durable=True)
 async def other(topic: str) -> str:
     return await outline(topic)
+
+
+@workflow(durable=True)
+async def brief(topic: str, flag: str, ledger: str) -> str:
+    plan = await outline(topic)
+    return await kagura.step("publish", publish, plan, flag, ledger)
 '''
 
 
@@ -315,7 +321,7 @@ def test_show_prints_the_run_and_its_steps_in_journal_order(
     record = made.journal.get_run("done-1")
     assert record is not None and record.target == f"{made.module.__name__}:report"
     assert "✓ completed" in out and record.target in out
-    assert '"topic":"solar"' in out and "5 journaled" in out
+    assert '"topic":"solar"' in out and "5 steps journaled" in out
     assert f"pid {os.getpid()} on" in out
     assert "published solar" in out  # the result
     steps = made.journal.load_steps("done-1")
@@ -379,6 +385,21 @@ def test_resume_finishes_a_failed_run_without_repeating_journaled_steps(
     code, out, _ = run_cli(capsys, "runs", "resume", "broken-1")
     assert code == 0 and "already completed" in out and "published wind" in out
     assert made.ledger_lines() == ["solar", "wind"]
+
+
+def test_one_step_is_said_in_the_singular(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.flag.touch()
+    with pytest.raises(RuntimeError, match="CMS is down"):
+        asyncio.run(env.module.brief.run("tides", str(env.flag), str(env.ledger), run_id="brief-1"))
+    code, out, err = run_cli(capsys, "runs", "show", "brief-1")
+    assert code == 0, err
+    assert "1 step journaled" in out
+
+    env.flag.unlink()
+    code, out, err = run_cli(capsys, "runs", "resume", "brief-1")
+    assert code == 0, err
+    assert "Resuming run brief-1 (failed, 1 step journaled, attempt 2)" in out
+    assert "1 step came from the journal (not run again), 1 ran now" in out
 
 
 def test_resume_errors_exit_with_1(made: Env, capsys: pytest.CaptureFixture[str]) -> None:
