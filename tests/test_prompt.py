@@ -247,6 +247,54 @@ def test_docstring_pass_and_ellipsis_bodies_do_not_warn() -> None:
     assert only_doc.render("a") == with_pass.render("a") == with_ellipsis.render("a") == "a"
 
 
+def test_raise_not_implemented_error_bodies_do_not_warn() -> None:
+    """The README's "Type checkers" ends a body with it, so mypy and pyright accept the
+    return type: that is a placeholder, not code meant to run."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+
+        @agent(model=FakeModel())
+        async def bare(x: str) -> str:
+            """{{ x }}"""
+            raise NotImplementedError
+
+        @agent(model=FakeModel())
+        async def called(x: str) -> str:
+            """{{ x }}"""
+            raise NotImplementedError()
+
+        @agent(model=FakeModel())
+        async def with_message(x: str) -> str:
+            """{{ x }}"""
+            raise NotImplementedError("the docstring is the prompt")
+
+    assert bare.render("a") == called.render("a") == with_message.render("a") == "a"
+
+
+def test_other_raises_and_code_after_not_implemented_error_still_warn() -> None:
+    with pytest.warns(UserWarning, match="never executed"):
+
+        @agent(model=FakeModel())
+        async def other_error(x: str) -> str:
+            """{{ x }}"""
+            raise ValueError(x)
+
+    with pytest.warns(UserWarning, match="never executed"):
+
+        @agent(model=FakeModel())
+        async def computed_message(x: str) -> str:
+            """{{ x }}"""
+            raise NotImplementedError(x.upper())
+
+    with pytest.warns(UserWarning, match="never executed"):
+
+        @agent(model=FakeModel())
+        async def code_before(x: str) -> str:
+            """{{ x }}"""
+            x = x.strip()
+            raise NotImplementedError
+
+
 def test_non_async_function_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="async def"):
 

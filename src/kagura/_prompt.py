@@ -224,12 +224,7 @@ def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:
     body = func.body
     if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
-    ignored = [
-        stmt
-        for stmt in body
-        if not isinstance(stmt, ast.Pass)
-        and not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
-    ]
+    ignored = [stmt for stmt in body if not _is_placeholder(stmt)]
     if ignored:
         lineno = fn.__code__.co_firstlineno + ignored[0].lineno - 1
         # warn_explicit points at the ignored code itself, whichever way the decorator was applied.
@@ -240,3 +235,23 @@ def warn_if_body_has_code(fn: Callable[..., Any], kind: str = "agent") -> None:
             fn.__code__.co_filename,
             lineno,
         )
+
+
+def _is_placeholder(stmt: ast.stmt) -> bool:
+    """Whether ``stmt`` only stands in for a body that never runs: ``pass``, ``...`` (or
+    another constant), or ``raise NotImplementedError`` with or without a message, which the
+    README recommends so that mypy and pyright accept the agent's return type."""
+    if isinstance(stmt, ast.Pass):
+        return True
+    if isinstance(stmt, ast.Expr):
+        return isinstance(stmt.value, ast.Constant)
+    if not isinstance(stmt, ast.Raise) or stmt.cause is not None:
+        return False
+    raised = stmt.exc
+    if isinstance(raised, ast.Call):
+        if raised.keywords or not all(
+            isinstance(arg, ast.Constant | ast.JoinedStr) for arg in raised.args
+        ):
+            return False
+        raised = raised.func
+    return isinstance(raised, ast.Name) and raised.id == "NotImplementedError"

@@ -35,19 +35,33 @@ class FittedTable:
     min_error_width: int
 
     def needed(self, name: str, rows: Sequence[Mapping[str, Text]]) -> int:
-        """The cells column ``name`` takes: its widest cell, up to its limit (the error column:
-        a short excerpt, or nothing when no row has an error)."""
+        """The cells column ``name`` takes: its widest cell or header, up to its limit (the
+        error column: a short excerpt, the rest of its text being what is left over)."""
         widest = max([len(name), *(row[name].cell_len for row in rows)])
         if name == ERROR:
-            return min(widest, self.min_error_width) if any(r[name].plain for r in rows) else 0
+            return min(widest, self.min_error_width)
         return min(widest, self.max_widths.get(name, widest))
 
     def fit(self, rows: Sequence[Mapping[str, Text]], width: int | None) -> list[str]:
         """The columns that fit in ``width`` cells: the least useful go first, and the error
-        column keeps at least a short excerpt."""
+        column keeps at least a short excerpt or goes too. It is left out when no row has an
+        error: drawn empty, its header alone would squeeze every other column."""
         names = [name for name, _ in self.columns]
+        if not any(row[ERROR].plain for row in rows):
+            names.remove(ERROR)
         if width is None:
             return names
+        fitted = self._drop(names, rows, width)
+        if ERROR in fitted and table_width([self.needed(n, rows) for n in fitted]) > width:
+            # Not even the excerpt fits beside the columns that are never dropped: the error
+            # goes rather than every id being cut short (`kagura monitor trace` and `kagura
+            # runs show` take whole ids, and show the error), and columns it displaced return.
+            fitted = self._drop([n for n in names if n != ERROR], rows, width)
+        return fitted
+
+    def _drop(self, names: list[str], rows: Sequence[Mapping[str, Text]], width: int) -> list[str]:
+        """``names`` less the least useful, until they fit in ``width`` or none is left to go."""
+        names = list(names)
         for name in self.drop_order:
             if table_width([self.needed(n, rows) for n in names]) <= width:
                 break
@@ -74,8 +88,9 @@ class FittedTable:
         if width is not None and ERROR in columns:
             # The error excerpt takes what the other columns leave, so they are never squeezed.
             others = [self.needed(c, rows) for c in columns if c != ERROR]
-            room = width - table_width([*others, 0]) - 1
-            limits[ERROR] = max(self.min_error_width, min(limits[ERROR], room))
+            # fit() kept the column only if its short excerpt fits, so this is never less.
+            room = width - table_width([*others, 0])
+            limits[ERROR] = min(limits[ERROR], room)
         for name in columns:
             table.add_column(
                 name,

@@ -1,9 +1,11 @@
 """The ``kagura`` command line.
 
 ``kagura monitor list|stats|trace|cost|live`` reads what agents and workflows recorded in the
-event store; ``kagura runs list|show|resume`` lists the durable workflow runs journaled there and
-finishes interrupted ones; ``kagura keygen`` prints a new key for ``KAGURA_ENCRYPTION_KEY``. Each
-command group is added by one ``_add_<group>`` function.
+event store; ``kagura runs list|show|resume|recover|prune`` lists the durable workflow runs
+journaled there, finishes interrupted or failed ones (one by id, or every interrupted run,
+this host's by default) and deletes those that ended before a given time; ``kagura keygen``
+prints a new key for ``KAGURA_ENCRYPTION_KEY``. Each command group is added by one
+``_add_<group>`` function.
 Importing this module stays cheap: rich, SQLAlchemy, the store and the durable machinery are
 imported inside the commands.
 
@@ -484,6 +486,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from .durable import journal_for, resume_run
+    from .durable._views import count_steps
     from .errors import RunInProgressError, StoreError, UsageError
 
     url = _runs_store(args, required=True)
@@ -494,7 +497,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
     if record.status != "completed":
         console.print(
             Text(
-                f"Resuming run {record.run_id} ({record.status}, {record.steps} steps "
+                f"Resuming run {record.run_id} ({record.status}, {count_steps(record.steps)} "
                 f"journaled, attempt {record.attempts + 1}) of workflow {record.workflow} "
                 f"from {record.target}"
             )
@@ -516,8 +519,8 @@ def _runs_resume(args: argparse.Namespace) -> int:
         # What this resume did, counted as it happened: not the journal's size before it.
         console.print(
             Text(
-                f"Run {record.run_id} completed: {resumed.replayed} steps came from the journal "
-                f"(not run again), {resumed.ran} ran now.",
+                f"Run {record.run_id} completed: {count_steps(resumed.replayed)} came from the "
+                f"journal (not run again), {resumed.ran} ran now.",
                 style="green",
             )
         )

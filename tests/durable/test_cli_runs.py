@@ -1,4 +1,4 @@
-"""``kagura runs list|show|resume``: the commands run against durable runs made by real workflows
+"""``kagura runs``: the commands run against durable runs made by real workflows
 on the fake model, in a temporary SQLite store.
 
 The workflows live in a module written into ``tmp_path`` (unique name per test), so that a
@@ -84,6 +84,12 @@ async def report(topic: str, hold_file: str, flag: str, ledger: str) -> str:
 @workflow(durable=True)
 async def other(topic: str) -> str:
     return await outline(topic)
+
+
+@workflow(durable=True)
+async def brief(topic: str, flag: str, ledger: str) -> str:
+    plan = await outline(topic)
+    return await kagura.step("publish", publish, plan, flag, ledger)
 '''
 
 
@@ -315,7 +321,7 @@ def test_show_prints_the_run_and_its_steps_in_journal_order(
     record = made.journal.get_run("done-1")
     assert record is not None and record.target == f"{made.module.__name__}:report"
     assert "✓ completed" in out and record.target in out
-    assert '"topic":"solar"' in out and "5 journaled" in out
+    assert '"topic":"solar"' in out and "5 steps journaled" in out
     assert f"pid {os.getpid()} on" in out
     assert "published solar" in out  # the result
     steps = made.journal.load_steps("done-1")
@@ -379,6 +385,21 @@ def test_resume_finishes_a_failed_run_without_repeating_journaled_steps(
     code, out, _ = run_cli(capsys, "runs", "resume", "broken-1")
     assert code == 0 and "already completed" in out and "published wind" in out
     assert made.ledger_lines() == ["solar", "wind"]
+
+
+def test_one_step_is_said_in_the_singular(env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+    env.flag.touch()
+    with pytest.raises(RuntimeError, match="CMS is down"):
+        asyncio.run(env.module.brief.run("tides", str(env.flag), str(env.ledger), run_id="brief-1"))
+    code, out, err = run_cli(capsys, "runs", "show", "brief-1")
+    assert code == 0, err
+    assert "1 step journaled" in out
+
+    env.flag.unlink()
+    code, out, err = run_cli(capsys, "runs", "resume", "brief-1")
+    assert code == 0, err
+    assert "Resuming run brief-1 (failed, 1 step journaled, attempt 2)" in out
+    assert "1 step came from the journal (not run again), 1 ran now" in out
 
 
 def test_resume_errors_exit_with_1(made: Env, capsys: pytest.CaptureFixture[str]) -> None:
@@ -568,6 +589,39 @@ def test_runs_table_keeps_the_error_on_a_narrow_terminal() -> None:
     wide = Console(width=200, record=True, color_system=None)
     wide.print(_views.runs_table([record], width=200))
     assert "4242@worker-7.example.internal" in wide.export_text()
+
+
+@pytest.mark.parametrize("width", [64, 70, 79, 120])
+@pytest.mark.parametrize("error", [None, "the CMS is down"], ids=["no-errors", "with-errors"])
+def test_runs_table_at_any_width_shows_whole_ids_and_whole_headers(
+    width: int, error: str | None
+) -> None:
+    """An empty error column took room every other column was cut to, and a narrow terminal
+    forced the error's shortest excerpt all the same: run ids were cut short. Columns are
+    left out instead."""
+    from rich.console import Console
+
+    now = time.time()
+    run_id = str(uuid.UUID(int=7))
+    records = [
+        RunRecord(run_id, "write_report", None, "completed", "{}", "done", None, None, "owner",
+                  4242, "worker-7.example.internal", now, now, now, 1, 3),
+        RunRecord(run_id, "write_report", None, "failed" if error else "completed", "{}", None,
+                  error, "RuntimeError" if error else None, "owner", 4242,
+                  "worker-7.example.internal", now, now, now, 1, 3),
+    ]  # fmt: skip
+    console = Console(width=width, record=True, color_system=None)
+    console.print(_views.runs_table(records, width=width))
+    lines = console.export_text().splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.strip().startswith("─"))
+    header, rows = lines[rule - 1], lines[rule + 1 : rule + 3]
+    assert "…" not in header
+    assert [row.split()[0] for row in rows] == [run_id, run_id]
+    assert max(len(line) for line in lines) <= width
+    if error is None:
+        assert "error" not in header.split()
+    if error is not None and width >= 120:
+        assert "RuntimeError: the CMS" in rows[1]  # room enough for an excerpt
 
 
 def test_a_cancelled_run_says_so_rather_than_that_its_process_is_gone() -> None:

@@ -239,6 +239,45 @@ def test_list_on_a_narrow_terminal_keeps_ids_whole(
     assert max(len(line) for line in out.splitlines()) <= 90
 
 
+def _header_and_rows(out: str) -> tuple[str, list[str]]:
+    """A printed table's header line and its row lines (up to the first blank line)."""
+    lines = out.splitlines()
+    rule = next(i for i, line in enumerate(lines) if line.strip().startswith("─"))
+    rows = []
+    for line in lines[rule + 1 :]:
+        if not line.strip():
+            break
+        rows.append(line)
+    return lines[rule - 1], rows
+
+
+@pytest.mark.parametrize("width", [64, 70, 79, 120])
+@pytest.mark.parametrize("status", ["completed", None], ids=["no-errors", "with-errors"])
+def test_list_at_any_width_shows_whole_ids_and_whole_headers(
+    recorded: Recorded,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    width: int,
+    status: str | None,
+) -> None:
+    """With no error to show, an empty error column took room every other column was cut to
+    (ids to a prefix `monitor trace` refused as ambiguous); and a narrow terminal forced the
+    error's shortest excerpt in all the same. Columns are left out instead."""
+    monkeypatch.setenv("COLUMNS", str(width))
+    filters = ("--status", status) if status else ()
+    code, out, _ = run(capsys, "monitor", "list", "--db", str(recorded.path), *filters)
+    assert code == 0
+    header, rows = _header_and_rows(out)
+    assert "…" not in header
+    assert header.split()[:1] == ["id"]
+    ids = {e["id"] for e in EventStore(recorded.path).get_executions(limit=None)}
+    assert rows
+    assert all(row.split()[0] in ids for row in rows), out
+    assert max(len(line) for line in out.splitlines()) <= width
+    if status == "completed":
+        assert "error" not in header.split()
+
+
 # -- trace ------------------------------------------------------------------------------------
 
 

@@ -77,6 +77,11 @@ def run_error(record: RunRecord, width: int = 60) -> str:
     return excerpt(shown, width)
 
 
+def count_steps(count: int) -> str:
+    """``1 step``, ``0 steps``, ``4 steps``."""
+    return f"{count} step" if count == 1 else f"{count} steps"
+
+
 def ordered_steps(steps: Mapping[str, StepRecord] | Iterable[StepRecord]) -> list[StepRecord]:
     """Steps in the order they were journaled (by step key when the time is unknown)."""
     records = list(steps.values()) if isinstance(steps, Mapping) else list(steps)
@@ -143,7 +148,7 @@ def run_header(record: RunRecord, lease: float, *, now: float | None = None) -> 
     table.add_row("status", run_status_text(record.status))
     table.add_row("target", Text(record.target or DASH, style="dim"))
     table.add_row("arguments", Text(excerpt(record.arguments, 200) or DASH))
-    table.add_row("steps", Text(f"{record.steps} journaled"))
+    table.add_row("steps", Text(f"{count_steps(record.steps)} journaled"))
     table.add_row("attempts", Text(str(record.attempts)))
     table.add_row("started", Text(format_time(as_datetime(record.created_at))))
     table.add_row("updated", Text(format_time(as_datetime(record.updated_at))))
