@@ -274,11 +274,7 @@ class LocalModel(Model):
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Answer ``request`` with the embedded model in a worker (held to a grammar for a JSON
         schema)."""
-        if request.tools:
-            raise UsageError(
-                "the embedded model has no native tool calling: leave tool_mode unset (or "
-                "'prompted') and its tools go through the prompt, held to a grammar"
-            )
+        _refuse_native_tools(request)
         workers = _get_workers()
         cancelled = threading.Event()
         job = workers.executor.submit(self._generate, workers, request, cancelled.is_set)
@@ -349,6 +345,7 @@ class LocalModel(Model):
         event loop as it is produced. Closing the iterator early or cancelling the task reading
         it stops the generation at the next token; either returns once the worker has let go of
         its model instance, so no generation is left running."""
+        _refuse_native_tools(request)  # before the first item, not the tools dropped
         workers = _get_workers()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
@@ -457,6 +454,14 @@ class LocalModel(Model):
             return self._complete(llm, request, is_cancelled)
         finally:
             llm.create_completion = original
+
+
+def _refuse_native_tools(request: ModelRequest) -> None:
+    if request.tools:
+        raise UsageError(
+            "the embedded model has no native tool calling: leave tool_mode unset (or "
+            "'prompted') and its tools go through the prompt, held to a grammar"
+        )
 
 
 def grammar_format(schema: dict[str, Any]) -> dict[str, Any]:
