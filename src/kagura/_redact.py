@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import pydantic_core
@@ -73,6 +74,12 @@ def looks_secret(text: str) -> bool:
 
 
 _SUSPICIOUS_BYTES = tuple(word.encode() for word in _SUSPICIOUS_WORDS)
+
+
+def secret_names(environ: Mapping[str, str]) -> list[str]:
+    """The names in ``environ`` (the environment) of the values that are secrets by their name:
+    ``*_API_KEY``, ``*_SECRET*``, ``*_TOKEN``, ``*_PASSWORD``."""
+    return [name for name in environ if _SECRET_KEY.search(name)]
 
 
 def bytes_look_secret(data: bytes) -> bool:

@@ -16,9 +16,10 @@ def default_model() -> str:
     """The model used by agents that name none.
 
     ``KAGURA_MODEL`` if set; else OpenAI's ``gpt-4o-mini`` when ``OPENAI_API_KEY`` is set; else the
-    embedded local model, so that everything runs offline with no configuration at all.
+    embedded local model, so that everything runs offline with no configuration at all. Blank is
+    unset, as for every setting; surrounding spaces are not part of a model's name.
     """
-    explicit = os.environ.get("KAGURA_MODEL")
+    explicit = os.environ.get("KAGURA_MODEL", "").strip()
     if explicit:
         return explicit
     if os.environ.get("OPENAI_API_KEY"):
@@ -27,8 +28,9 @@ def default_model() -> str:
 
 
 def model_override() -> str | None:
-    """``KAGURA_MODEL_OVERRIDE`` forces every agent onto one model, whatever it names."""
-    return os.environ.get("KAGURA_MODEL_OVERRIDE") or None
+    """``KAGURA_MODEL_OVERRIDE`` forces every agent onto one model, whatever it names (blank:
+    unset)."""
+    return os.environ.get("KAGURA_MODEL_OVERRIDE", "").strip() or None
 
 
 def kagura_home() -> Path:

@@ -204,6 +204,40 @@ def test_a_setting_of_the_embedded_model_that_is_no_count_is_refused_naming_it(
     assert local._workers is None
 
 
+@pytest.mark.parametrize("value", ["16", "255"])
+def test_a_context_too_small_for_a_prompt_and_an_answer_is_refused(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    # Else llama.cpp fails part-way through each generation: "could not broadcast input array".
+    monkeypatch.setattr(local, "_workers", None)
+    monkeypatch.setenv("KAGURA_LOCAL_CTX", value)
+    with pytest.raises(UsageError, match=rf"KAGURA_LOCAL_CTX={value} .* at least 256 tokens"):
+        local._get_workers()
+    assert local._workers is None
+
+
+def test_a_context_llama_cpp_cannot_make_is_an_error_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What llama-cpp-python raises when llama.cpp cannot allocate the context (KAGURA_LOCAL_CTX
+    # =99999999 takes it seconds to find out): a ValueError that names nothing to change.
+    import llama_cpp
+
+    def refuse(**_: object) -> None:
+        raise ValueError("Failed to create llama_context")
+
+    monkeypatch.setattr(llama_cpp, "Llama", refuse)
+    monkeypatch.setenv("KAGURA_LOCAL_CTX", "99999999")
+    workers = local._Workers(local.find_gguf(), 1, 99999999, None)
+    with pytest.raises(UsageError) as caught:
+        workers.load_all()
+    message = str(caught.value)
+    assert "a context of 99999999 tokens (KAGURA_LOCAL_CTX=99999999)" in message
+    assert "Failed to create llama_context" in message
+    assert "Set KAGURA_LOCAL_CTX to fewer tokens" in message
+    assert workers._instances == 0  # the next call tries again
+
+
 def _stub_pool(
     monkeypatch: pytest.MonkeyPatch, count: int, failures: int = 0
 ) -> tuple[local._Workers, list[object]]:

@@ -8,7 +8,8 @@ import asyncio
 import pytest
 from pydantic import BaseModel
 
-from kagura import agent
+from kagura import agent, tool
+from kagura.errors import UsageError
 from kagura.providers import local
 from kagura.testing import capture_events
 
@@ -99,3 +100,24 @@ async def test_cancelling_the_reading_task_stops_the_generation() -> None:
         await task
     assert local._workers is not None and local._workers.in_flight == 0
     assert tokens_evaluated() - before < 400
+
+
+async def test_native_tools_are_refused_when_streamed_as_when_awaited() -> None:
+    calls: list[tuple[int, int]] = []
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        calls.append((a, b))
+        return a + b
+
+    @agent(model="local/smollm2", tools=[add], tool_mode="native", max_tokens=16)
+    async def calc(question: str) -> str:
+        """Use the add tool to compute {{ question }}"""
+
+    with pytest.raises(UsageError, match="no native tool calling") as awaited:
+        await calc("2+3")
+    with pytest.raises(UsageError, match="no native tool calling") as streamed:
+        _ = [item async for item in calc.stream("2+3")]
+    assert str(streamed.value) == str(awaited.value)
+    assert calls == []

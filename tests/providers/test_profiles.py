@@ -260,6 +260,17 @@ async def test_the_embedded_model_refuses_native_tools() -> None:
         )
 
 
+async def test_the_embedded_model_refuses_native_tools_when_streamed_too() -> None:
+    # Not the tools dropped and an answer streamed without them.
+    from kagura.providers.local import LocalModel
+
+    stream = LocalModel().stream(
+        ModelRequest([{"role": "user", "content": "hi"}], tools=[weather.spec])
+    )
+    with pytest.raises(UsageError, match="no native tool calling"):
+        await anext(stream)
+
+
 # -- answers cut off by max_tokens ----------------------------------------------------------------
 
 

@@ -69,6 +69,21 @@ async def test_agents_without_a_model_use_kagura_model(monkeypatch: pytest.Monke
     assert events.spans(kind="llm")[0].name == "fake/configured"
 
 
+def test_spaces_around_a_model_string_are_no_part_of_it(
+    monkeypatch: pytest.MonkeyPatch, no_openai_key: None
+) -> None:
+    assert resolve_model(" gpt-4o-mini\n").id == "openai/gpt-4o-mini"
+    assert resolve_model("  ").id == "local/smollm2"  # blank names no model: the default
+    monkeypatch.setenv("KAGURA_MODEL", " fake/configured ")
+    assert resolve_model(None).id == "fake/configured"
+    monkeypatch.setenv("KAGURA_MODEL", "  ")  # blank is unset, as for every setting
+    assert resolve_model(None).id == "local/smollm2"
+    monkeypatch.setenv("KAGURA_MODEL_OVERRIDE", "  ")
+    assert resolve_model("fake/explicit").id == "fake/explicit"
+    monkeypatch.setenv("KAGURA_MODEL_OVERRIDE", " fake/forced ")
+    assert resolve_model("fake/explicit").id == "fake/forced"
+
+
 def test_model_instances_are_used_as_given() -> None:
     model = FakeModel()
     assert resolve_model(model) is model

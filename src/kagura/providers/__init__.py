@@ -97,7 +97,9 @@ def resolve_model(
         return _parse(override, None, None)
     # Asked about str rather than Model: isinstance against an ABC is slow, and every call asks.
     if spec is None or isinstance(spec, str):
-        return _parse(spec or _settings.default_model(), base_url, api_key)
+        # Surrounding spaces are no part of a name (" gpt-4o-mini" was "openai/ gpt-4o-mini"),
+        # and a blank string names no model, as None does.
+        return _parse((spec and spec.strip()) or _settings.default_model(), base_url, api_key)
     return spec
 
 

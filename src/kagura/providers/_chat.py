@@ -237,7 +237,7 @@ def status_error(
     logged and recorded, whatever shape the key has (the redaction of recorded values knows
     only some)."""
     if message is None:
-        message = _message_of(body) or (body or "").strip()[:500] or "(no body)"
+        message = message_of(body) or (body or "").strip()[:500] or "(no body)"
     return answer_error(model_id, message, body, secret=secret, status_code=status, headers=headers)
 
 
@@ -253,20 +253,24 @@ def answer_error(
     """A :class:`~kagura.errors.ProviderError` built from what a server answered: its message
     and the start of its ``body``, ``secret`` (the API key) cut out of both. Every error that
     quotes an answer is built here (see :func:`status_error` for why)."""
-    for cut in (secret,) if isinstance(secret, str) else secret or ():
-        if len(cut) >= _SHORTEST_SECRET:
-            message = message.replace(cut, REDACTED)
-            body = None if body is None else body.replace(cut, REDACTED)
     return ProviderError(
-        message,
+        without_secrets(message, secret),
         model=model_id,
         status_code=status_code,
         headers=headers,
-        body=body[:2000] if body is not None else None,
+        body=without_secrets(body, secret)[:2000] if body is not None else None,
     )
 
 
-def _message_of(body: str | None) -> str | None:
+def without_secrets(text: str, secret: Secrets) -> str:
+    """``text`` with ``secret`` (each of them) cut out, wherever it appears."""
+    for cut in (secret,) if isinstance(secret, str) else secret or ():
+        if len(cut) >= _SHORTEST_SECRET:
+            text = text.replace(cut, REDACTED)
+    return text
+
+
+def message_of(body: str | None) -> str | None:
     try:
         data = json.loads(body) if body else None
     except ValueError:

