@@ -67,9 +67,18 @@ async def attempt(
             result["response_model"] = response.model
         if response.finish_reason is not None:
             result["finish_reason"] = response.finish_reason
+        if response.tool_calls:
+            result["tool_calls"] = tool_calls_of(response)
     usage, cost = usage_and_cost(model, response.usage)
     span_finished(span, "completed", usage=usage, cost_usd=cost, attributes=result)
     return response
+
+
+def tool_calls_of(response: ModelResponse) -> list[dict[str, str]]:
+    """The tool calls an answer asked for, as an attempt's span records them: what the model
+    answered, when its text is empty (the next attempt's messages hold them too, but not what
+    this attempt answered)."""
+    return [{"id": c.id, "name": c.name, "arguments": c.arguments} for c in response.tool_calls]
 
 
 class DeadlinePassed(TimeoutError):
@@ -229,6 +238,8 @@ class StreamedAttempt:
                 result["response_model"] = response.model
             if response.finish_reason is not None:
                 result["finish_reason"] = response.finish_reason
+            if response.tool_calls:
+                result["tool_calls"] = tool_calls_of(response)
         usage, cost = usage_and_cost(model, response.usage)
         span_finished(self.span, "completed", usage=usage, cost_usd=cost, attributes=result)
 

@@ -391,6 +391,22 @@ async def test_content_is_captured_and_redacted_when_asked(otel_content: Otel) -
     assert prompt.startswith("What is the weather in Kyoto? Key: [REDACTED]")
     assert SECRET not in attrs(chats[0])["gen_ai.input.messages"]
 
+    # The first attempt answered with the tool call alone: its output says so.
+    assert json.loads(attrs(chats[0])["gen_ai.output.messages"]) == [
+        {
+            "role": "assistant",
+            "parts": [
+                {
+                    "type": "tool_call",
+                    "id": "call_1",
+                    "name": "lookup",
+                    "arguments": {"city": "Kyoto"},
+                }
+            ],
+            "finish_reason": "stop",  # as the fake model says it
+        }
+    ]
+
     # The second attempt sees the tool call and its result, in the conventions' part types.
     second = json.loads(attrs(chats[1])["gen_ai.input.messages"])
     assert [m["role"] for m in second] == ["user", "assistant", "tool"]

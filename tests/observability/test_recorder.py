@@ -24,7 +24,7 @@ import pytest
 from pydantic import BaseModel
 
 import kagura._instrument as instrument
-from kagura import agent, step, workflow
+from kagura import agent, step, tool, workflow
 from kagura._events import Event
 from kagura._storage import normalise_url
 from kagura.errors import ProviderError
@@ -559,6 +559,34 @@ async def test_api_keys_are_never_stored(recorder: Recorder, store_url: str) -> 
     assert failed["error"] == "HTTP 401: Incorrect API key provided: [REDACTED]"
     (run,) = store.get_executions("pipeline")
     assert run["inputs"] == {"question": "is [REDACTED] valid?", "api_key": "[REDACTED]"}
+
+
+async def test_an_attempt_that_asked_for_tools_records_them_redacted(
+    recorder: Recorder, store_url: str
+) -> None:
+    """Its output is empty: without the calls, nothing said what it answered."""
+
+    @tool
+    def sign_in(user: str, password: str) -> str:
+        """Sign in."""
+        return "signed in"
+
+    calls = (ToolCall("c1", "sign_in", json.dumps({"user": "ann", "password": NOT_KEY_SHAPED})),)
+    with override_model(FakeModel([Reply(tool_calls=calls), Reply("done")])):
+
+        @agent(tools=[sign_in])
+        async def log_in(user: str) -> str:
+            """Log {{ user }} in."""
+
+        assert await log_in("ann") == "done"
+    assert recorder.flush()
+    asked, _ = sorted(
+        EventStore(store_url).get_executions(kind="llm"), key=lambda e: e["started_at"]
+    )
+    assert asked["attributes"]["tool_calls"] == [
+        {"id": "c1", "name": "sign_in", "arguments": '{"user": "ann", "password": "[REDACTED]"}'}
+    ]
+    assert NOT_KEY_SHAPED not in every_text(store_url)
 
 
 async def test_a_secret_passed_by_position_is_redacted_by_its_parameters_name(

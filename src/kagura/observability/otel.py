@@ -315,7 +315,7 @@ class OpenTelemetryExporter:
             output = source["output"]
             if event.kind == "llm":
                 attributes["gen_ai.output.messages"] = _json(
-                    [_output_message(output, source.get("finish_reason"))]
+                    [_output_message(output, source.get("finish_reason"), source.get("tool_calls"))]
                 )
             elif event.kind == "tool":
                 attributes["gen_ai.tool.call.result"] = _text(output)
@@ -373,15 +373,14 @@ def _input_messages(messages: Any) -> list[dict[str, Any]]:
                 if not isinstance(function, Mapping):
                     function = {}
                 parts.append(
-                    {
-                        "type": "tool_call",
-                        "id": call.get("id"),
-                        "name": function.get("name"),
-                        "arguments": _maybe_json(function.get("arguments")),
-                    }
+                    _tool_call_part(call.get("id"), function.get("name"), function.get("arguments"))
                 )
         converted.append({"role": role, "parts": parts})
     return converted
+
+
+def _tool_call_part(call_id: Any, name: Any, arguments: Any) -> dict[str, Any]:
+    return {"type": "tool_call", "id": call_id, "name": name, "arguments": _maybe_json(arguments)}
 
 
 def _content_parts(content: Any) -> list[dict[str, Any]]:
@@ -402,8 +401,12 @@ def _content_parts(content: Any) -> list[dict[str, Any]]:
     return [{"type": "text", "content": content}]
 
 
-def _output_message(text: Any, finish_reason: Any) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "parts": _content_parts(text)}
+def _output_message(text: Any, finish_reason: Any, tool_calls: Any) -> dict[str, Any]:
+    parts = _content_parts(text)
+    for call in tool_calls if isinstance(tool_calls, Sequence) else ():
+        if isinstance(call, Mapping):
+            parts.append(_tool_call_part(call.get("id"), call.get("name"), call.get("arguments")))
+    message: dict[str, Any] = {"role": "assistant", "parts": parts}
     if isinstance(finish_reason, str) and finish_reason:
         message["finish_reason"] = finish_reason
     return message
