@@ -19,7 +19,7 @@ import ray
 import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
-from kagura.errors import WorkerLostError
+from kagura.errors import RunCancelledError, WorkerLostError
 from kagura.testing.fault_server import FaultServer
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -103,6 +103,27 @@ async def test_killing_every_worker_mid_burst_loses_no_run_and_repeats_no_finish
             assert _sent(server, "First step", topic) == 1, topic
             assert _sent(server, "Second step", topic) == 2, topic
     assert not victims & await _pids_of([handle.run_id for handle in handles])
+
+
+async def test_a_run_cancelled_while_its_worker_restarts_is_recorded_cancelled() -> None:
+    # Cancelled while Ray restarts its worker, the run is dropped before any worker code runs:
+    # the caller heard RunCancelledError, but the journal kept the run interrupted, and
+    # recovery ran it again, sending its request again.
+    with FaultServer.run_in_thread(rules=[("forever", "hang")], hang_seconds=600) as server:
+        note = _two_steps(server.base_url)
+        run_id = f"cancel-dead-{uuid.uuid4().hex[:8]}"
+        handle = kagura.ray.submit(note, "forever", run_id=run_id)
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 1, 120)
+        (victim,) = await _pids_of([run_id])
+        os.kill(victim, signal.SIGKILL)
+        handle.cancel()
+        with pytest.raises(RunCancelledError):
+            await handle
+        assert server.request_count == 1
+    record = journal_for().get_run(run_id)
+    assert record is not None
+    assert (record.status, record.error_type) == ("failed", "RunCancelledError")
+    assert record.pid == os.getpid()  # the driver recorded it: no worker ran it again
 
 
 def _sending(marks: Path, deadly: int) -> object:
