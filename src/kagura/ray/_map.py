@@ -6,11 +6,14 @@ import asyncio
 import builtins
 import contextlib
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import ray
 
+from .. import _settings
+from .._workflow import Workflow
 from ..errors import UsageError, WorkerLostError
 from ..parallel import Partial
 from ..resilience import (
@@ -69,6 +72,11 @@ async def map(
     # Starting the pool waits for the workers to be up: not on the event loop.
     pool = await asyncio.to_thread(_cluster.pool)
     function = ship(fn)
+    # A durable workflow's item runs under a run id of the driver's choosing, the same however
+    # many times the item is sent: an item sent again after its worker died resumes its run from
+    # the journal, rather than starting another that sends its finished steps again (and
+    # leaving the first interrupted for recovery to run a second time).
+    batch = f"map-{uuid.uuid4().hex[:12]}" if _durable(fn) else None
     # The driver's model rate limits and named breakers, one object each for the cluster.
     taken = registry()
     shipped_registry = [ray.put(taken)] if taken else None
@@ -89,8 +97,9 @@ async def map(
 
     async def one(index: int, item: T) -> None:
         async with gate:
+            run_id = None if batch is None else f"{batch}-{index}"
             outcomes[index] = await _sent(
-                pool, index, suspects, function, item, parent, budgets, shipped_registry
+                pool, index, suspects, function, item, run_id, parent, budgets, shipped_registry
             )
         advance()
 
@@ -122,6 +131,14 @@ async def map(
         else:
             partial.errors[index] = value
     return partial
+
+
+def _durable(fn: Any) -> bool:
+    """Does ``fn`` run durably when called (as ``Workflow.__call__`` decides, on the driver's
+    settings: the workers take ``KAGURA_DURABLE`` from it)?"""
+    if not isinstance(fn, Workflow):
+        return False
+    return fn.durable if fn.durable is not None else _settings.durable_default()
 
 
 async def _sent(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import pickle
 import socket
@@ -158,17 +159,22 @@ class Worker:
         self,
         shipped: Shipped,
         item: Any,
+        run_id: str | None,
         parent: Parent,
         budgets: tuple[Any, ...],
         taken: Shipped | None,
     ) -> tuple[bool, Any]:
         """``await fn(item)`` under the batch's budgets and the driver's registry (``taken``,
         shipped once for the batch): ``(True, result)`` or ``(False, error)``, so that one
-        item's error does not lose the batch."""
+        item's error does not lose the batch. With ``run_id``, ``fn`` is a durable workflow
+        and the item its run ``run_id``: sent again, it resumes that run."""
         try:
             if taken is not None:
                 use_registry(await received(taken))
-            fn: Callable[[Any], Awaitable[Any]] = await received(shipped)
+            sent = await received(shipped)
+            fn: Callable[[Any], Awaitable[Any]] = (
+                sent if run_id is None else functools.partial(sent.run, run_id=run_id)
+            )
             with under(parent), contextlib.ExitStack() as stack:
                 for budget in budgets:
                     stack.enter_context(budget)
