@@ -220,3 +220,17 @@ async def test_an_items_exception_that_cannot_travel_back_keeps_its_type_and_mes
         any("could not be sent back from its worker" in note for note in error.__notes__)
         for error in (lock, two)
     )
+
+
+async def test_an_item_that_does_not_pickle_fails_alone() -> None:
+    # Ray refuses the task as it is sent, with a TypeError: it left the batch's task group, and
+    # the whole batch was lost with it.
+    async def double(value: int) -> int:
+        return value * 2
+
+    partial = await kagura.ray.map(double, [1, 2, threading.Lock(), 4], progress=False)
+    assert partial.results == {0: 2, 1: 4, 3: 8}
+    (error,) = partial.errors.values()
+    assert isinstance(error, UsageError), error
+    assert "batch item 2 (lock) cannot be sent to a worker: it does not pickle" in str(error)
+    assert "cannot pickle '_thread.lock' object" in str(error)

@@ -151,9 +151,9 @@ async def _sent(
     for losses in range(WORKER_LOSSES):
         try:
             if losses == 0:
-                return await _call(pool, args)
+                return await _call(pool, index, args)
             async with suspects.sending(last=losses == WORKER_LOSSES - 1):
-                return await _call(pool, args)
+                return await _call(pool, index, args)
         except ray.exceptions.RayActorError as error:  # its worker's process died
             lost = error
     failed = WorkerLostError(index, WORKER_LOSSES)
@@ -161,10 +161,15 @@ async def _sent(
     return False, failed
 
 
-async def _call(pool: _cluster.Pool, args: tuple[Any, ...]) -> tuple[bool, Any]:
+async def _call(pool: _cluster.Pool, index: int, args: tuple[Any, ...]) -> tuple[bool, Any]:
     # Not sent again by Ray (the workers' own option, for durable runs, is for ever): by
     # _sent, which counts the losses.
-    call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+    try:
+        call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+    except ray.exceptions.RayError:
+        raise
+    except Exception as error:  # Ray pickles the task's arguments here: the item did not pickle
+        return False, _unsendable(index, args[1], error)
     try:
         outcome: tuple[bool, Any] = await call
     except asyncio.CancelledError:
@@ -175,6 +180,19 @@ async def _call(pool: _cluster.Pool, args: tuple[Any, ...]) -> tuple[bool, Any]:
     except ray.exceptions.RayError as error:  # the item's call itself broke
         return False, getattr(error, "cause", None) or error
     return outcome
+
+
+def _unsendable(index: int, item: Any, error: Exception) -> UsageError:
+    """The error of an item that cannot be sent to a worker, in place of Ray's (a TypeError
+    whose message of many lines names neither the batch nor the item's position)."""
+    why = error.__cause__ if isinstance(error.__cause__, Exception) else error
+    failed = UsageError(
+        f"batch item {index} ({type(item).__name__}) cannot be sent to a worker: it does not "
+        f"pickle ({type(why).__name__}: {why}); pass items that pickle (plain data), and make "
+        f"what does not (a lock, a connection, a client) in the function, on the worker"
+    )
+    failed.__cause__ = error
+    return failed
 
 
 class _Suspects:
