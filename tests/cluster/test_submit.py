@@ -234,3 +234,23 @@ async def test_an_item_that_does_not_pickle_fails_alone() -> None:
     assert isinstance(error, UsageError), error
     assert "batch item 2 (lock) cannot be sent to a worker: it does not pickle" in str(error)
     assert "cannot pickle '_thread.lock' object" in str(error)
+
+
+async def test_a_runs_exception_that_cannot_travel_back_keeps_its_type_and_message() -> None:
+    # It reached the caller as Ray's UnserializableException, its message in terminal colours.
+    class _HoldsALock(Exception):
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()  # does not pickle
+
+    @workflow
+    async def fails(order: str) -> str:
+        raise _HoldsALock(f"order {order} kept a lock")
+
+    with pytest.raises(RunError) as raised:
+        await kagura.ray.submit(fails, "7")
+    assert str(raised.value) == "_HoldsALock: order 7 kept a lock"
+    assert any(
+        "the run's own exception could not be sent back from its worker" in note
+        for note in raised.value.__notes__
+    )

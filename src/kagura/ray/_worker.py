@@ -143,6 +143,13 @@ class Worker:
             # resumable, so that recovery does not start again what its caller stopped.
             await asyncio.shield(asyncio.to_thread(_mark_cancelled, run_id))
             raise
+        except Exception as error:
+            # One that does not pickle would reach the caller as Ray's UnserializableException
+            # (its message in terminal colours), the run's own type and message lost.
+            sent = _sendable(error, "run")
+            if sent is error:
+                raise
+            raise sent from None
         # What the caller sees next is the run's trace: its spans are in the store first.
         await self.flush()
         return result
@@ -180,14 +187,14 @@ class Worker:
                     stack.enter_context(budget)
                 return True, await fn(item)
         except Exception as error:
-            return False, _sendable(error)
+            return False, _sendable(error, "item")
 
 
-def _sendable(error: Exception) -> Exception:
+def _sendable(error: Exception, whose: str) -> Exception:
     """``error``, or, when it cannot travel back to the driver (an attribute that does not
     pickle, a constructor that does not take its own args back), a :class:`RunError` saying
     what it was: else Ray's error about pickling it would stand in its place, and the item's
-    own type and message be lost."""
+    (or the run's: ``whose``) own type and message be lost."""
     from ray import cloudpickle  # Ray's pickler, as it will send the error
 
     try:
@@ -195,7 +202,7 @@ def _sendable(error: Exception) -> Exception:
     except Exception as why:
         sent = RunError(f"{type(error).__qualname__}: {error}")
         sent.add_note(
-            f"kagura: the item's own exception could not be sent back from its worker "
+            f"kagura: the {whose}'s own exception could not be sent back from its worker "
             f"({type(why).__name__}: {why})"
         )
         return sent
