@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import ray
 
 import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
+from kagura.durable._execute import import_target
 from kagura.errors import RunCancelledError, RunError, UsageError
 from kagura.observability import EventStore
 from kagura.observability._monitor import trace_tree
@@ -254,3 +259,55 @@ async def test_a_runs_exception_that_cannot_travel_back_keeps_its_type_and_messa
         "the run's own exception could not be sent back from its worker" in note
         for note in raised.value.__notes__
     )
+
+
+_DRIVER_SCRIPT = """
+import asyncio
+import sys
+
+import ray
+
+import kagura.ray
+from kagura import workflow
+
+
+@workflow
+async def hello(name: str) -> str:
+    return f"hello {name}"
+
+
+async def main() -> None:
+    print(await kagura.ray.submit(hello, "script", run_id=sys.argv[2]))
+
+
+if __name__ == "__main__":
+    ray.init(address=sys.argv[1], namespace="kagura", log_to_driver=False)
+    kagura.ray.configure(workers=1)
+    asyncio.run(main())
+    kagura.ray.shutdown()
+"""
+
+
+def test_a_run_submitted_by_a_driver_script_is_journaled_where_its_script_is(
+    tmp_path: Path,
+) -> None:
+    # The target was worked out on the worker, where __main__ is Ray's worker program: the run
+    # was journaled as .../ray/_private/workers/default_worker.py:hello, which `kagura runs
+    # resume` and `recover` cannot load.
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER_SCRIPT, encoding="utf-8")
+    run_id = f"script-{uuid.uuid4().hex[:8]}"
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, str(script), address, run_id],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("hello script")
+    record = journal_for().get_run(run_id)
+    assert record is not None and record.status == "completed"
+    assert record.target == f"{script.resolve()}:hello"
+    assert import_target(record.target).name == "hello"
