@@ -311,3 +311,30 @@ def test_a_run_submitted_by_a_driver_script_is_journaled_where_its_script_is(
     assert record is not None and record.status == "completed"
     assert record.target == f"{script.resolve()}:hello"
     assert import_target(record.target).name == "hello"
+
+
+async def test_the_workers_are_not_stopped_under_runs_and_batches_in_flight() -> None:
+    # configure() with other settings, and shutdown(), killed the workers under them: their
+    # callers got Ray's ActorDiedError, and the runs were left interrupted.
+    with FaultServer.run_in_thread(
+        rules=[("held", "hang")], answer="fine", hang_seconds=600
+    ) as server:
+        summarise, summary = _agents(server.base_url)
+        run = kagura.ray.submit(summary, "held run")
+        batch = asyncio.ensure_future(kagura.ray.map(summarise, ["held item"], progress=False))
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 2, 60)
+        for stop in (lambda: kagura.ray.configure(workers=1), kagura.ray.shutdown):
+            with pytest.raises(UsageError) as refused:
+                stop()
+            assert f"run {run.run_id!r}" in str(refused.value)
+            assert "a batch of 1 items" in str(refused.value)
+            assert "await their handles and batches (or cancel them) first" in str(refused.value)
+        run.cancel()
+        batch.cancel()
+        with pytest.raises(RunCancelledError):
+            await run
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        server.set_rules()
+        kagura.ray.configure(workers=1)  # nothing in flight: the workers start anew
+        assert (await kagura.ray.submit(summary, "after")).startswith("fine (")

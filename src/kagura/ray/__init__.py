@@ -38,7 +38,8 @@ def configure(
     model_gpus: float = 0.0,
 ) -> None:
     """How kagura.ray uses the cluster, before the first :func:`submit` or :func:`map` (calling
-    it again later stops the workers and starts them anew with the new settings).
+    it again later stops the workers and starts them anew with the new settings; refused, with
+    a :class:`~kagura.errors.UsageError`, while submitted runs or batches are in flight).
 
     workers: worker actors, each one process running many runs at once (default: one per CPU
         of the cluster). They take no CPU from Ray's accounting: they wait for models.

@@ -108,6 +108,7 @@ async def map(
             for index, item in enumerate(values):
                 group.create_task(one(index, item))
 
+    done = pool.busy_with(f"a batch of {len(values)} items")
     try:
         if show:
             from rich.progress import Progress
@@ -122,6 +123,7 @@ async def map(
         # And the driver's budget objects show what the batch spent, cancelled (a timeout) or
         # not: the driver's calls after it are checked against that.
         await asyncio.shield(_shared.settle(budgets))
+        done()
     # The batch's spans are in the store before the caller looks at its trace.
     await asyncio.gather(*(worker.flush.remote() for worker in pool.workers))
     partial: Partial[int, U] = Partial()

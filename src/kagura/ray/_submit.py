@@ -8,7 +8,7 @@ import inspect
 import threading
 import time
 import uuid
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 import pydantic_core
@@ -30,11 +30,16 @@ class RunHandle(Generic[R]):
     wherever and however many times it ran; :attr:`run_id` names it in the journal and in
     ``kagura monitor``; :meth:`cancel` stops it wherever it runs."""
 
-    __slots__ = ("_recorded", "_ref", "run_id")
+    __slots__ = ("_done", "_recorded", "_ref", "run_id")
 
-    def __init__(self, run_id: str, ref: ray.ObjectRef[R]) -> None:
+    def __init__(
+        self, run_id: str, ref: ray.ObjectRef[R], done: Callable[[], None] = lambda: None
+    ) -> None:
         self.run_id: str = run_id
         self._ref = ref
+        # Tells the pool the run is no longer in flight: called as soon as the caller hears
+        # how it ended, so that a configure() right after sees it so.
+        self._done = done
         self._recorded: concurrent.futures.Future[RunCancelledError] | None = None
 
     def __await__(self) -> Generator[Any, None, R]:
@@ -44,19 +49,33 @@ class RunHandle(Generic[R]):
         try:
             result: R = await self._ref
         except TaskCancelledError:
-            raise await asyncio.wrap_future(self._cancelled()) from None
+            error = await asyncio.wrap_future(self._cancelled())
+            self._done()
+            raise error from None
         except ray.exceptions.RayTaskError as error:
+            self._done()
             raise _unwrapped(error) from None
+        self._done()
         return result
 
     def result(self, timeout: float | None = None) -> R:
-        """Wait for the result from synchronous code."""
+        """Wait for the result from synchronous code (at most ``timeout`` seconds: then
+        :class:`TimeoutError`, and the run goes on)."""
         try:
             result: R = ray.get(self._ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"run {self.run_id!r} did not finish within {timeout:g}s; it goes on: call "
+                "result() again, await the handle, or cancel() it"
+            ) from None
         except TaskCancelledError:
-            raise self._cancelled().result() from None
+            error = self._cancelled().result()
+            self._done()
+            raise error from None
         except ray.exceptions.RayTaskError as error:
+            self._done()
             raise _unwrapped(error) from None
+        self._done()
         return result
 
     def cancel(self) -> None:
@@ -155,11 +174,14 @@ def submit(
     run_id = Journal.run_id_for(run_id)
     _check_arguments(workflow, args, kwargs)
     journal_for()  # the store opens (and is made) here, not in every worker at once
-    worker = _cluster.pool().next()
-    ref: ray.ObjectRef[R] = worker.run.remote(
+    pool = _cluster.pool()
+    ref: ray.ObjectRef[R] = pool.next().run.remote(
         ship(workflow), args, kwargs, run_id, parent_here(), registry() or None
     )
-    return RunHandle(run_id, ref)
+    done = pool.busy_with(f"run {run_id!r}")
+    # And when it ends unheard of (a handle never awaited).
+    ref.future().add_done_callback(done)
+    return RunHandle(run_id, ref, done)
 
 
 def _check_arguments(workflow: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
