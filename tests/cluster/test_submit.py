@@ -338,3 +338,21 @@ async def test_the_workers_are_not_stopped_under_runs_and_batches_in_flight() ->
         server.set_rules()
         kagura.ray.configure(workers=1)  # nothing in flight: the workers start anew
         assert (await kagura.ray.submit(summary, "after")).startswith("fine (")
+
+
+async def test_result_with_a_timeout_raises_the_builtin_timeout_error_naming_the_run() -> None:
+    # It raised Ray's GetTimeoutError.
+    with FaultServer.run_in_thread(rules=[("forever", "hang")], hang_seconds=600) as server:
+        _, summary = _agents(server.base_url)
+        handle = kagura.ray.submit(summary, "wait forever")
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 1, 60)
+        with pytest.raises(TimeoutError) as timed_out:
+            await asyncio.to_thread(handle.result, 0.1)  # the run waits for ever: it times out
+        assert type(timed_out.value) is TimeoutError
+        assert str(timed_out.value) == (
+            f"run {handle.run_id!r} did not finish within 0.1s; it goes on: call result() "
+            "again, await the handle, or cancel() it"
+        )
+        handle.cancel()
+        with pytest.raises(RunCancelledError):
+            handle.result()

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 import ray
 
 from .. import _settings
+from .._checks import count
+from .._tool import awaits_when_called
 from .._workflow import Workflow
 from ..errors import UsageError, WorkerLostError
 from ..parallel import Partial
@@ -62,13 +64,22 @@ async def map(
     is made apart from the other items sent again: one that kills its worker every time takes
     none of them with it).
     """
-    values = builtins.list(items)
-    if concurrency < 1:
-        raise UsageError(f"concurrency must be at least 1, got {concurrency}")
-    if not callable(fn):
+    # Checked before anything is sent: a function that is not async would fail every item on
+    # the workers, one by one.
+    if not awaits_when_called(fn):
         raise UsageError(
-            f"kagura.ray.map needs an agent, a workflow or an async function, got {fn!r}"
+            f"kagura.ray.map needs an agent, a workflow or an async function (async def), got "
+            f"{fn!r}" + (", which is not async: define it with `async def`" if callable(fn) else "")
         )
+    count(concurrency, "concurrency", at_least=1)
+    try:
+        each = iter(items)
+    except TypeError:
+        raise UsageError(
+            f"kagura.ray.map takes its items as an iterable (a list, a generator), got "
+            f"{items!r} ({type(items).__name__})"
+        ) from None
+    values = builtins.list(each)
     # Starting the pool waits for the workers to be up: not on the event loop.
     pool = await asyncio.to_thread(_cluster.pool)
     function = ship(fn)
