@@ -72,3 +72,78 @@ async def test_the_clusters_breaker_tells_its_probes_from_calls_admitted_before(
     assert state.obj.state == "half_open"
     await state.record(None, probe)
     assert state.obj.state == "closed"
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"workers": "2"}, "workers must be a whole number, got '2'"),
+        ({"workers": 0}, "workers must be at least 1, got 0"),
+        ({"worker_concurrency": 2.5}, "worker_concurrency must be a whole number, got 2.5"),
+        ({"model_actors": True}, "model_actors must be a whole number, got True"),
+        ({"model_cpus": None}, "model_cpus must be a number, got None"),
+        ({"model_cpus": 0}, "model_cpus must be a positive number of CPUs, got 0"),
+        ({"model_cpus": float("inf")}, "model_cpus must be a positive number of CPUs, got inf"),
+        ({"model_gpus": "1"}, "model_gpus must be a number, got '1'"),
+        ({"model_gpus": -1}, "model_gpus must be a number of GPUs, 0 or more, got -1"),
+    ],
+)
+def test_configure_refuses_settings_of_the_wrong_kind_naming_them(
+    settings: dict[str, object], message: str
+) -> None:
+    # A bare TypeError from a comparison ('<' not supported between 'str' and 'int').
+    pytest.importorskip("ray")
+    import kagura.ray
+    from kagura.errors import UsageError
+
+    with pytest.raises(UsageError) as refused:
+        kagura.ray.configure(**settings)  # type: ignore[arg-type]
+    assert str(refused.value) == message
+
+
+async def _double(value: int) -> int:
+    return value * 2
+
+
+def _sync_double(value: int) -> int:
+    return value * 2
+
+
+@pytest.mark.parametrize(
+    ("fn", "items", "options", "message"),
+    [
+        (_double, ["x"], {"concurrency": "4"}, "concurrency must be a whole number, got '4'"),
+        (_double, ["x"], {"concurrency": 0}, "concurrency must be at least 1, got 0"),
+        (
+            _double,
+            5,
+            {},
+            "kagura.ray.map takes its items as an iterable (a list, a generator), got 5 (int)",
+        ),
+        (_sync_double, [1], {}, "which is not async: define it with `async def`"),
+        (42, [1], {}, "needs an agent, a workflow or an async function (async def), got 42"),
+    ],
+)
+async def test_map_refuses_what_it_cannot_run_before_anything_is_sent(
+    fn: object,
+    items: object,
+    options: dict[str, object],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A bare TypeError ("'int' object is not iterable"), or a function that is not async sent
+    # to the workers, failing every item there.
+    pytest.importorskip("ray")
+    import kagura.ray
+    from kagura.errors import UsageError
+    from kagura.ray import _cluster
+
+    def joined() -> None:
+        # Ray is started only in a private network namespace (see the module's docstring).
+        raise AssertionError("kagura.ray.map joined the cluster instead of refusing the call")
+
+    monkeypatch.setattr(_cluster, "pool", joined)
+
+    with pytest.raises(UsageError) as refused:
+        await kagura.ray.map(fn, items, progress=False, **options)  # type: ignore[arg-type]
+    assert message in str(refused.value)

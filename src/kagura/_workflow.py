@@ -157,6 +157,7 @@ class Workflow(Generic[P, R]):
     def __reduce__(self) -> tuple[Any, ...]:
         # Made again where it is unpickled (a Ray worker), from the function with its
         # annotations resolved: durable runs read them to load arguments and results.
+        # And where its durable runs find it, as this process sees it (see keep_target).
         return _workflow_from, (
             with_resolved_annotations(self.fn),
             {
@@ -167,14 +168,20 @@ class Workflow(Generic[P, R]):
                 "budget_tokens": self.budget_tokens,
                 "durable": self.durable,
             },
+            _durable.target_of(self),
         )
 
     def __repr__(self) -> str:
         return f"<Workflow {self.name}>"
 
 
-def _workflow_from(fn: WorkflowFunction[..., Any], settings: dict[str, Any]) -> Workflow[..., Any]:
-    return Workflow(fn, **settings)
+def _workflow_from(
+    fn: WorkflowFunction[..., Any], settings: dict[str, Any], target: str | None = None
+) -> Workflow[..., Any]:
+    made = Workflow(fn, **settings)
+    if target is not None:  # None: pickled by a Kagura that did not send it
+        _durable.keep_target(made, target)
+    return made
 
 
 class WorkflowOptions(PolicyOptions, total=False):

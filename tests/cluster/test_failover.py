@@ -19,7 +19,7 @@ import ray
 import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
-from kagura.errors import WorkerLostError
+from kagura.errors import RunCancelledError, WorkerLostError
 from kagura.testing.fault_server import FaultServer
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -103,6 +103,61 @@ async def test_killing_every_worker_mid_burst_loses_no_run_and_repeats_no_finish
             assert _sent(server, "First step", topic) == 1, topic
             assert _sent(server, "Second step", topic) == 2, topic
     assert not victims & await _pids_of([handle.run_id for handle in handles])
+
+
+async def test_a_run_cancelled_while_its_worker_restarts_is_recorded_cancelled() -> None:
+    # Cancelled while Ray restarts its worker, the run is dropped before any worker code runs:
+    # the caller heard RunCancelledError, but the journal kept the run interrupted, and
+    # recovery ran it again, sending its request again.
+    with FaultServer.run_in_thread(rules=[("forever", "hang")], hang_seconds=600) as server:
+        note = _two_steps(server.base_url)
+        run_id = f"cancel-dead-{uuid.uuid4().hex[:8]}"
+        handle = kagura.ray.submit(note, "forever", run_id=run_id)
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 1, 120)
+        (victim,) = await _pids_of([run_id])
+        os.kill(victim, signal.SIGKILL)
+        handle.cancel()
+        with pytest.raises(RunCancelledError):
+            await handle
+        assert server.request_count == 1
+    record = journal_for().get_run(run_id)
+    assert record is not None
+    assert (record.status, record.error_type) == ("failed", "RunCancelledError")
+    assert record.pid == os.getpid()  # the driver recorded it: no worker ran it again
+
+
+async def test_a_durable_batch_item_whose_worker_died_resumes_its_run() -> None:
+    # Sent again under a new run id, the item ran its workflow anew: its journaled first step
+    # was sent again, and its first run was left interrupted for recovery to run a second time.
+    name = f"durable-note-{uuid.uuid4().hex[:8]}"
+    with FaultServer.run_in_thread(
+        script=["ok", "hang"], answer="done", hang_seconds=600
+    ) as server:
+
+        @agent(model="vllm/test", base_url=server.base_url, retry=False)
+        async def draft(topic: str) -> str:
+            """First step: draft a note on {{ topic }}"""
+
+        @agent(model="vllm/test", base_url=server.base_url, retry=False)
+        async def polish(text: str) -> str:
+            """Second step: polish {{ text }}"""
+
+        @workflow(durable=True, name=name)
+        async def note(topic: str) -> str:
+            return await polish(f"{topic}: {await draft(topic)}")
+
+        batch = asyncio.ensure_future(kagura.ray.map(note, ["budget"], progress=False))
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 2, 120)
+        (run,) = journal_for().list_runs(workflow=name)
+        assert run.pid is not None and run.pid != os.getpid()
+        os.kill(run.pid, signal.SIGKILL)
+        partial = await batch
+        assert (partial.results, partial.errors) == ({0: "done"}, {})
+        assert _sent(server, "First step", "budget") == 1  # journaled: not sent again
+        assert _sent(server, "Second step", "budget") == 2
+    (record,) = journal_for().list_runs(workflow=name)
+    assert (record.run_id, record.status, record.attempts) == (run.run_id, "completed", 2)
+    assert record.run_id.startswith("map-") and record.run_id.endswith("-0")
 
 
 def _sending(marks: Path, deadly: int) -> object:

@@ -99,12 +99,12 @@ async def test_a_breaker_opened_on_one_worker_fails_fast_on_the_other(
 
     function = ship(ask)
     for i in range(3):  # one after another, on the first worker: the breaker opens there
-        ok, error = await first.call.remote(function, f"fails {i}", None, (), None)
+        ok, error = await first.call.remote(function, f"fails {i}", None, None, (), None)
         assert not ok and isinstance(error, ProviderError)
     assert len(server.chat_requests) == 3
 
     outcomes = [
-        await second.call.remote(function, f"refused {i}", None, (), None) for i in range(5)
+        await second.call.remote(function, f"refused {i}", None, None, (), None) for i in range(5)
     ]
     assert all(not ok and isinstance(error, CircuitOpenError) for ok, error in outcomes)
     assert len(server.chat_requests) == 3  # none of the second worker's calls was sent

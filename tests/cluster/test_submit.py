@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import ray
 
 import kagura.ray
 from kagura import agent, workflow
 from kagura.durable import journal_for
+from kagura.durable._execute import import_target
 from kagura.errors import RunCancelledError, RunError, UsageError
 from kagura.observability import EventStore
 from kagura.observability._monitor import trace_tree
@@ -107,19 +112,10 @@ async def test_cancel_stops_the_run_where_it_runs_and_records_it_cancelled() -> 
             await handle
         # The worker let go of the request: the server saw its client leave.
         await asyncio.to_thread(server.wait_for, lambda s: s.disconnects >= 1, 60)
-    record = await _settled(run_id)
-    assert record.status == "failed" and record.error_type == "RunCancelledError"
-
-
-async def _settled(run_id: str) -> object:
-    """The run's record once its worker has written how it ended (cancellation is recorded
-    after the caller hears of it)."""
-    journal = journal_for()
-    while True:
-        record = await asyncio.to_thread(journal.get_run, run_id)
-        if record is not None and record.status != "running":
-            return record
-        await asyncio.sleep(0.05)  # polling the store: the worker gives no other signal
+    # Recorded before the caller hears of it.
+    record = journal_for().get_run(run_id)
+    assert record is not None
+    assert (record.status, record.error_type) == ("failed", "RunCancelledError")
 
 
 async def test_map_keeps_input_order_and_each_items_error(
@@ -229,3 +225,134 @@ async def test_an_items_exception_that_cannot_travel_back_keeps_its_type_and_mes
         any("could not be sent back from its worker" in note for note in error.__notes__)
         for error in (lock, two)
     )
+
+
+async def test_an_item_that_does_not_pickle_fails_alone() -> None:
+    # Ray refuses the task as it is sent, with a TypeError: it left the batch's task group, and
+    # the whole batch was lost with it.
+    async def double(value: int) -> int:
+        return value * 2
+
+    partial = await kagura.ray.map(double, [1, 2, threading.Lock(), 4], progress=False)
+    assert partial.results == {0: 2, 1: 4, 3: 8}
+    (error,) = partial.errors.values()
+    assert isinstance(error, UsageError), error
+    assert "batch item 2 (lock) cannot be sent to a worker: it does not pickle" in str(error)
+    assert "cannot pickle '_thread.lock' object" in str(error)
+
+
+async def test_a_runs_exception_that_cannot_travel_back_keeps_its_type_and_message() -> None:
+    # It reached the caller as Ray's UnserializableException, its message in terminal colours.
+    class _HoldsALock(Exception):
+        def __init__(self, message: str) -> None:
+            super().__init__(message)
+            self.lock = threading.Lock()  # does not pickle
+
+    @workflow
+    async def fails(order: str) -> str:
+        raise _HoldsALock(f"order {order} kept a lock")
+
+    with pytest.raises(RunError) as raised:
+        await kagura.ray.submit(fails, "7")
+    assert str(raised.value) == "_HoldsALock: order 7 kept a lock"
+    assert any(
+        "the run's own exception could not be sent back from its worker" in note
+        for note in raised.value.__notes__
+    )
+
+
+_DRIVER_SCRIPT = """
+import asyncio
+import sys
+
+import ray
+
+import kagura.ray
+from kagura import workflow
+
+
+@workflow
+async def hello(name: str) -> str:
+    return f"hello {name}"
+
+
+async def main() -> None:
+    print(await kagura.ray.submit(hello, "script", run_id=sys.argv[2]))
+
+
+if __name__ == "__main__":
+    ray.init(address=sys.argv[1], namespace="kagura", log_to_driver=False)
+    kagura.ray.configure(workers=1)
+    asyncio.run(main())
+    kagura.ray.shutdown()
+"""
+
+
+def test_a_run_submitted_by_a_driver_script_is_journaled_where_its_script_is(
+    tmp_path: Path,
+) -> None:
+    # The target was worked out on the worker, where __main__ is Ray's worker program: the run
+    # was journaled as .../ray/_private/workers/default_worker.py:hello, which `kagura runs
+    # resume` and `recover` cannot load.
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER_SCRIPT, encoding="utf-8")
+    run_id = f"script-{uuid.uuid4().hex[:8]}"
+    address = ray.get_runtime_context().gcs_address
+    done = subprocess.run(
+        [sys.executable, str(script), address, run_id],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("hello script")
+    record = journal_for().get_run(run_id)
+    assert record is not None and record.status == "completed"
+    assert record.target == f"{script.resolve()}:hello"
+    assert import_target(record.target).name == "hello"
+
+
+async def test_the_workers_are_not_stopped_under_runs_and_batches_in_flight() -> None:
+    # configure() with other settings, and shutdown(), killed the workers under them: their
+    # callers got Ray's ActorDiedError, and the runs were left interrupted.
+    with FaultServer.run_in_thread(
+        rules=[("held", "hang")], answer="fine", hang_seconds=600
+    ) as server:
+        summarise, summary = _agents(server.base_url)
+        run = kagura.ray.submit(summary, "held run")
+        batch = asyncio.ensure_future(kagura.ray.map(summarise, ["held item"], progress=False))
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 2, 60)
+        for stop in (lambda: kagura.ray.configure(workers=1), kagura.ray.shutdown):
+            with pytest.raises(UsageError) as refused:
+                stop()
+            assert f"run {run.run_id!r}" in str(refused.value)
+            assert "a batch of 1 items" in str(refused.value)
+            assert "await their handles and batches (or cancel them) first" in str(refused.value)
+        run.cancel()
+        batch.cancel()
+        with pytest.raises(RunCancelledError):
+            await run
+        with pytest.raises(asyncio.CancelledError):
+            await batch
+        server.set_rules()
+        kagura.ray.configure(workers=1)  # nothing in flight: the workers start anew
+        assert (await kagura.ray.submit(summary, "after")).startswith("fine (")
+
+
+async def test_result_with_a_timeout_raises_the_builtin_timeout_error_naming_the_run() -> None:
+    # It raised Ray's GetTimeoutError.
+    with FaultServer.run_in_thread(rules=[("forever", "hang")], hang_seconds=600) as server:
+        _, summary = _agents(server.base_url)
+        handle = kagura.ray.submit(summary, "wait forever")
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 1, 60)
+        with pytest.raises(TimeoutError) as timed_out:
+            await asyncio.to_thread(handle.result, 0.1)  # the run waits for ever: it times out
+        assert type(timed_out.value) is TimeoutError
+        assert str(timed_out.value) == (
+            f"run {handle.run_id!r} did not finish within 0.1s; it goes on: call result() "
+            "again, await the handle, or cancel() it"
+        )
+        handle.cancel()
+        with pytest.raises(RunCancelledError):
+            handle.result()

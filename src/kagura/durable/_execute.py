@@ -86,6 +86,14 @@ def target_of(workflow: Workflow) -> str:
     return _facts_of(workflow).target
 
 
+def keep_target(workflow: Workflow, target: str) -> None:
+    """Take ``target`` as where another process finds ``workflow``: its :func:`target_of` in the
+    process it was pickled in. Where it is unpickled (a Ray worker), a workflow of the driver's
+    script has ``__main__`` for its module, and ``__main__`` there is another program (Ray's
+    worker), so its runs would be journaled with a target no process can load."""
+    _facts[workflow] = _Facts(target, inspect.signature(workflow.fn))
+
+
 def _target(fn: Callable[..., Any]) -> str:
     module = fn.__module__
     if module == "__main__":

@@ -38,7 +38,8 @@ def configure(
     model_gpus: float = 0.0,
 ) -> None:
     """How kagura.ray uses the cluster, before the first :func:`submit` or :func:`map` (calling
-    it again later stops the workers and starts them anew with the new settings).
+    it again later stops the workers and starts them anew with the new settings; refused, with
+    a :class:`~kagura.errors.UsageError`, while submitted runs or batches are in flight).
 
     workers: worker actors, each one process running many runs at once (default: one per CPU
         of the cluster). They take no CPU from Ray's accounting: they wait for models.
@@ -48,16 +49,21 @@ def configure(
     model_cpus / model_gpus: Ray resources of each model actor (its llama.cpp threads follow
         ``model_cpus``).
     """
+    import math
+
+    from .._checks import count, real
     from ..errors import UsageError
 
-    if workers is not None and workers < 1:
-        raise UsageError(f"workers must be at least 1, got {workers}")
-    if worker_concurrency < 1:
-        raise UsageError(f"worker_concurrency must be at least 1, got {worker_concurrency}")
-    if model_actors is not None and model_actors < 1:
-        raise UsageError(f"model_actors must be at least 1, got {model_actors}")
-    if model_cpus <= 0 or model_gpus < 0:
-        raise UsageError("model_cpus must be positive and model_gpus not negative")
+    # Checked here, naming the setting: Ray takes them much later, from within a worker's start.
+    if workers is not None:
+        count(workers, "workers", at_least=1)
+    count(worker_concurrency, "worker_concurrency", at_least=1)
+    if model_actors is not None:
+        count(model_actors, "model_actors", at_least=1)
+    if not 0 < real(model_cpus, "model_cpus") < math.inf:
+        raise UsageError(f"model_cpus must be a positive number of CPUs, got {model_cpus!r}")
+    if not 0 <= real(model_gpus, "model_gpus") < math.inf:
+        raise UsageError(f"model_gpus must be a number of GPUs, 0 or more, got {model_gpus!r}")
     _configure(
         ClusterConfig(
             workers=workers,

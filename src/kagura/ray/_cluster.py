@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -88,9 +89,31 @@ class Pool:
         # Raised here rather than at the first run: a worker that refused the store says why.
         ray.get([worker.ready.remote() for worker in self.workers])
         self._turn = itertools.cycle(self.workers)
+        # What is in flight on the workers (a submitted run, a batch), by a key of its own:
+        # stopping the workers under it is refused (see _refuse_if_busy).
+        self._busy: dict[int, str] = {}
+        self._busy_keys = itertools.count()
+        self._busy_lock = threading.Lock()
 
     def next(self) -> ActorHandle[Worker]:
         return next(self._turn)
+
+    def busy_with(self, what: str) -> Callable[..., None]:
+        """Note ``what`` as in flight on the workers; the function returned (which takes and
+        ignores any arguments, as a done-callback) notes it done."""
+        key = next(self._busy_keys)
+        with self._busy_lock:
+            self._busy[key] = what
+
+        def done(*_: Any) -> None:
+            with self._busy_lock:
+                self._busy.pop(key, None)
+
+        return done
+
+    def busy(self) -> list[str]:
+        with self._busy_lock:
+            return list(self._busy.values())
 
 
 _config = ClusterConfig()
@@ -102,6 +125,7 @@ def configure(config: ClusterConfig) -> None:
     global _config, _pool
     with _lock:
         if _pool is not None and _pool.config != config:
+            _refuse_if_busy(_pool, "configure() with other settings")
             _stop(_pool)
             _pool = None
         _config = config
@@ -117,12 +141,26 @@ def pool() -> Pool:
 
 def shutdown() -> None:
     """Stop the workers and the model actors of this driver (not the Ray cluster); the next
-    ``submit`` or ``map`` starts them again."""
+    ``submit`` or ``map`` starts them again. Refused (:class:`~kagura.errors.UsageError`) while
+    submitted runs or batches are in flight: await or cancel them first."""
     global _pool
     with _lock:
         if _pool is not None:
+            _refuse_if_busy(_pool, "shutdown()")
             _stop(_pool)
             _pool = None
+
+
+def _refuse_if_busy(pool: Pool, call: str) -> None:
+    """Stopping the workers kills what runs on them: its callers would get Ray's
+    ActorDiedError, and its durable runs stay interrupted until someone resumes them."""
+    busy = pool.busy()
+    if busy:
+        shown = ", ".join(busy[:5]) + (f" and {len(busy) - 5} more" if len(busy) > 5 else "")
+        raise UsageError(
+            f"kagura.ray.{call} stops the workers, but these are in flight on them: {shown}; "
+            "await their handles and batches (or cancel them) first"
+        )
 
 
 def _stop(pool: Pool) -> None:

@@ -6,11 +6,16 @@ import asyncio
 import builtins
 import contextlib
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import ray
 
+from .. import _settings
+from .._checks import count
+from .._tool import awaits_when_called
+from .._workflow import Workflow
 from ..errors import UsageError, WorkerLostError
 from ..parallel import Partial
 from ..resilience import (
@@ -59,16 +64,30 @@ async def map(
     is made apart from the other items sent again: one that kills its worker every time takes
     none of them with it).
     """
-    values = builtins.list(items)
-    if concurrency < 1:
-        raise UsageError(f"concurrency must be at least 1, got {concurrency}")
-    if not callable(fn):
+    # Checked before anything is sent: a function that is not async would fail every item on
+    # the workers, one by one.
+    if not awaits_when_called(fn):
         raise UsageError(
-            f"kagura.ray.map needs an agent, a workflow or an async function, got {fn!r}"
+            f"kagura.ray.map needs an agent, a workflow or an async function (async def), got "
+            f"{fn!r}" + (", which is not async: define it with `async def`" if callable(fn) else "")
         )
+    count(concurrency, "concurrency", at_least=1)
+    try:
+        each = iter(items)
+    except TypeError:
+        raise UsageError(
+            f"kagura.ray.map takes its items as an iterable (a list, a generator), got "
+            f"{items!r} ({type(items).__name__})"
+        ) from None
+    values = builtins.list(each)
     # Starting the pool waits for the workers to be up: not on the event loop.
     pool = await asyncio.to_thread(_cluster.pool)
     function = ship(fn)
+    # A durable workflow's item runs under a run id of the driver's choosing, the same however
+    # many times the item is sent: an item sent again after its worker died resumes its run from
+    # the journal, rather than starting another that sends its finished steps again (and
+    # leaving the first interrupted for recovery to run a second time).
+    batch = f"map-{uuid.uuid4().hex[:12]}" if _durable(fn) else None
     # The driver's model rate limits and named breakers, one object each for the cluster.
     taken = registry()
     shipped_registry = [ray.put(taken)] if taken else None
@@ -89,8 +108,9 @@ async def map(
 
     async def one(index: int, item: T) -> None:
         async with gate:
+            run_id = None if batch is None else f"{batch}-{index}"
             outcomes[index] = await _sent(
-                pool, index, suspects, function, item, parent, budgets, shipped_registry
+                pool, index, suspects, function, item, run_id, parent, budgets, shipped_registry
             )
         advance()
 
@@ -99,6 +119,7 @@ async def map(
             for index, item in enumerate(values):
                 group.create_task(one(index, item))
 
+    done = pool.busy_with(f"a batch of {len(values)} items")
     try:
         if show:
             from rich.progress import Progress
@@ -113,6 +134,7 @@ async def map(
         # And the driver's budget objects show what the batch spent, cancelled (a timeout) or
         # not: the driver's calls after it are checked against that.
         await asyncio.shield(_shared.settle(budgets))
+        done()
     # The batch's spans are in the store before the caller looks at its trace.
     await asyncio.gather(*(worker.flush.remote() for worker in pool.workers))
     partial: Partial[int, U] = Partial()
@@ -122,6 +144,14 @@ async def map(
         else:
             partial.errors[index] = value
     return partial
+
+
+def _durable(fn: Any) -> bool:
+    """Does ``fn`` run durably when called (as ``Workflow.__call__`` decides, on the driver's
+    settings: the workers take ``KAGURA_DURABLE`` from it)?"""
+    if not isinstance(fn, Workflow):
+        return False
+    return fn.durable if fn.durable is not None else _settings.durable_default()
 
 
 async def _sent(
@@ -134,9 +164,9 @@ async def _sent(
     for losses in range(WORKER_LOSSES):
         try:
             if losses == 0:
-                return await _call(pool, args)
+                return await _call(pool, index, args)
             async with suspects.sending(last=losses == WORKER_LOSSES - 1):
-                return await _call(pool, args)
+                return await _call(pool, index, args)
         except ray.exceptions.RayActorError as error:  # its worker's process died
             lost = error
     failed = WorkerLostError(index, WORKER_LOSSES)
@@ -144,10 +174,15 @@ async def _sent(
     return False, failed
 
 
-async def _call(pool: _cluster.Pool, args: tuple[Any, ...]) -> tuple[bool, Any]:
+async def _call(pool: _cluster.Pool, index: int, args: tuple[Any, ...]) -> tuple[bool, Any]:
     # Not sent again by Ray (the workers' own option, for durable runs, is for ever): by
     # _sent, which counts the losses.
-    call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+    try:
+        call: Any = pool.next().call.options(max_task_retries=0).remote(*args)
+    except ray.exceptions.RayError:
+        raise
+    except Exception as error:  # Ray pickles the task's arguments here: the item did not pickle
+        return False, _unsendable(index, args[1], error)
     try:
         outcome: tuple[bool, Any] = await call
     except asyncio.CancelledError:
@@ -158,6 +193,19 @@ async def _call(pool: _cluster.Pool, args: tuple[Any, ...]) -> tuple[bool, Any]:
     except ray.exceptions.RayError as error:  # the item's call itself broke
         return False, getattr(error, "cause", None) or error
     return outcome
+
+
+def _unsendable(index: int, item: Any, error: Exception) -> UsageError:
+    """The error of an item that cannot be sent to a worker, in place of Ray's (a TypeError
+    whose message of many lines names neither the batch nor the item's position)."""
+    why = error.__cause__ if isinstance(error.__cause__, Exception) else error
+    failed = UsageError(
+        f"batch item {index} ({type(item).__name__}) cannot be sent to a worker: it does not "
+        f"pickle ({type(why).__name__}: {why}); pass items that pickle (plain data), and make "
+        f"what does not (a lock, a connection, a client) in the function, on the worker"
+    )
+    failed.__cause__ = error
+    return failed
 
 
 class _Suspects:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import inspect
-from collections.abc import Generator
+import threading
+import time
+import uuid
+from collections.abc import Callable, Generator
 from typing import Any, Generic, TypeVar
 
 import pydantic_core
@@ -11,7 +16,7 @@ import ray
 from ray.exceptions import TaskCancelledError
 
 from .._workflow import Workflow
-from ..durable import Journal, journal_for
+from ..durable import Journal, journal_for, lease_seconds
 from ..errors import RunCancelledError, UsageError
 from ..resilience import registry
 from . import _cluster
@@ -25,11 +30,17 @@ class RunHandle(Generic[R]):
     wherever and however many times it ran; :attr:`run_id` names it in the journal and in
     ``kagura monitor``; :meth:`cancel` stops it wherever it runs."""
 
-    __slots__ = ("_ref", "run_id")
+    __slots__ = ("_done", "_recorded", "_ref", "run_id")
 
-    def __init__(self, run_id: str, ref: ray.ObjectRef[R]) -> None:
+    def __init__(
+        self, run_id: str, ref: ray.ObjectRef[R], done: Callable[[], None] = lambda: None
+    ) -> None:
         self.run_id: str = run_id
         self._ref = ref
+        # Tells the pool the run is no longer in flight: called as soon as the caller hears
+        # how it ended, so that a configure() right after sees it so.
+        self._done = done
+        self._recorded: concurrent.futures.Future[RunCancelledError] | None = None
 
     def __await__(self) -> Generator[Any, None, R]:
         return self._result().__await__()
@@ -37,33 +48,110 @@ class RunHandle(Generic[R]):
     async def _result(self) -> R:
         try:
             result: R = await self._ref
-        except (TaskCancelledError, ray.exceptions.RayTaskError) as error:
-            raise _unwrapped(error, self.run_id) from None
+        except TaskCancelledError:
+            error = await asyncio.wrap_future(self._cancelled())
+            self._done()
+            raise error from None
+        except ray.exceptions.RayTaskError as error:
+            self._done()
+            raise _unwrapped(error) from None
+        self._done()
         return result
 
     def result(self, timeout: float | None = None) -> R:
-        """Wait for the result from synchronous code."""
+        """Wait for the result from synchronous code (at most ``timeout`` seconds: then
+        :class:`TimeoutError`, and the run goes on)."""
         try:
             result: R = ray.get(self._ref, timeout=timeout)
-        except (TaskCancelledError, ray.exceptions.RayTaskError) as error:
-            raise _unwrapped(error, self.run_id) from None
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(
+                f"run {self.run_id!r} did not finish within {timeout:g}s; it goes on: call "
+                "result() again, await the handle, or cancel() it"
+            ) from None
+        except TaskCancelledError:
+            error = self._cancelled().result()
+            self._done()
+            raise error from None
+        except ray.exceptions.RayTaskError as error:
+            self._done()
+            raise _unwrapped(error) from None
+        self._done()
         return result
 
     def cancel(self) -> None:
         """Cancel the run on its worker: the workflow gets ``asyncio.CancelledError`` where it
         is, and the run is recorded as cancelled (:class:`~kagura.errors.RunCancelledError`).
-        Awaiting the handle then raises that error."""
+        Awaiting the handle then raises that error, once the journal says so."""
         ray.cancel(self._ref)
+        self._cancelled()
+
+    def _cancelled(self) -> concurrent.futures.Future[RunCancelledError]:
+        """The recording of the cancellation in the journal, started on first call: its
+        outcome is the error the caller gets."""
+        if self._recorded is None:
+            self._recorded = concurrent.futures.Future()
+            # Not a daemon: a driver that exits right after cancel() still records it, else
+            # its run would stay resumable and recovery would run it again.
+            threading.Thread(
+                target=_record_cancelled,
+                args=(self.run_id, self._recorded),
+                name=f"kagura-cancel-{self.run_id}",
+            ).start()
+        return self._recorded
 
     def __repr__(self) -> str:
         return f"<RunHandle {self.run_id}>"
 
 
-def _unwrapped(error: Exception, run_id: str) -> BaseException:
-    """The run's own exception as the workflow raised it (Ray wraps it), or
-    :class:`RunCancelledError` for a cancelled run."""
-    if isinstance(error, TaskCancelledError):
-        return RunCancelledError(run_id)
+#: How often the driver looks again at a cancelled run that it cannot yet claim.
+_CANCEL_POLL_SECONDS = 0.2
+
+
+def _record_cancelled(run_id: str, recorded: concurrent.futures.Future[RunCancelledError]) -> None:
+    """Record ``run_id`` failed with :class:`RunCancelledError`, unless it ended otherwise.
+
+    The worker records it itself when the cancellation reaches the run (``Worker.run``); but a
+    run whose worker died is waiting to be sent again while Ray restarts the worker, and the
+    cancellation drops it there: no worker code runs, and the journal would keep the run
+    interrupted for recovery to run again. So the driver claims the run too, as soon as it can
+    be claimed (at once when the dead worker was on this host, else when its lease runs out),
+    and finishes it as cancelled. A claim takes only a run still running whose holder is gone:
+    never one that completed, nor one that a live worker holds (which records it itself)."""
+    error = RunCancelledError(run_id)
+    try:
+        journal = journal_for()
+        owner = uuid.uuid4().hex
+        deadline: float | None = None
+        while True:
+            record = journal.get_run(run_id)
+            if record is None or record.status in ("completed", "failed"):
+                break  # never started (dropped before it was), or ended: nothing to record
+            if journal.claim(run_id, owner, allow_failed=False):
+                journal.finish(run_id, owner, error=error)
+                break
+            now = time.monotonic()
+            if deadline is None:
+                # A live holder records it at once; a lost one's lease runs out within one
+                # lease. Past two, the holder lives on without hearing of the cancellation.
+                deadline = now + 2 * record.lease(lease_seconds())
+            elif now > deadline:
+                error.add_note(
+                    f"kagura: the run could not be recorded as cancelled: process {record.pid} "
+                    f"on {record.host} still holds it; it may finish, and if it stops it stays "
+                    f"resumable (`kagura runs list` shows it)"
+                )
+                break
+            time.sleep(_CANCEL_POLL_SECONDS)
+    except Exception as why:  # the store failed: the caller still hears of the cancellation
+        error.add_note(
+            f"kagura: the run could not be recorded as cancelled ({type(why).__name__}: {why}); "
+            "it may stay resumable"
+        )
+    recorded.set_result(error)
+
+
+def _unwrapped(error: Exception) -> BaseException:
+    """The run's own exception as the workflow raised it (Ray wraps it)."""
     cause = getattr(error, "cause", None)
     return cause if isinstance(cause, BaseException) else error
 
@@ -86,11 +174,14 @@ def submit(
     run_id = Journal.run_id_for(run_id)
     _check_arguments(workflow, args, kwargs)
     journal_for()  # the store opens (and is made) here, not in every worker at once
-    worker = _cluster.pool().next()
-    ref: ray.ObjectRef[R] = worker.run.remote(
+    pool = _cluster.pool()
+    ref: ray.ObjectRef[R] = pool.next().run.remote(
         ship(workflow), args, kwargs, run_id, parent_here(), registry() or None
     )
-    return RunHandle(run_id, ref)
+    done = pool.busy_with(f"run {run_id!r}")
+    # And when it ends unheard of (a handle never awaited).
+    ref.future().add_done_callback(done)
+    return RunHandle(run_id, ref, done)
 
 
 def _check_arguments(workflow: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import pickle
 import socket
@@ -142,6 +143,13 @@ class Worker:
             # resumable, so that recovery does not start again what its caller stopped.
             await asyncio.shield(asyncio.to_thread(_mark_cancelled, run_id))
             raise
+        except Exception as error:
+            # One that does not pickle would reach the caller as Ray's UnserializableException
+            # (its message in terminal colours), the run's own type and message lost.
+            sent = _sendable(error, "run")
+            if sent is error:
+                raise
+            raise sent from None
         # What the caller sees next is the run's trace: its spans are in the store first.
         await self.flush()
         return result
@@ -158,30 +166,35 @@ class Worker:
         self,
         shipped: Shipped,
         item: Any,
+        run_id: str | None,
         parent: Parent,
         budgets: tuple[Any, ...],
         taken: Shipped | None,
     ) -> tuple[bool, Any]:
         """``await fn(item)`` under the batch's budgets and the driver's registry (``taken``,
         shipped once for the batch): ``(True, result)`` or ``(False, error)``, so that one
-        item's error does not lose the batch."""
+        item's error does not lose the batch. With ``run_id``, ``fn`` is a durable workflow
+        and the item its run ``run_id``: sent again, it resumes that run."""
         try:
             if taken is not None:
                 use_registry(await received(taken))
-            fn: Callable[[Any], Awaitable[Any]] = await received(shipped)
+            sent = await received(shipped)
+            fn: Callable[[Any], Awaitable[Any]] = (
+                sent if run_id is None else functools.partial(sent.run, run_id=run_id)
+            )
             with under(parent), contextlib.ExitStack() as stack:
                 for budget in budgets:
                     stack.enter_context(budget)
                 return True, await fn(item)
         except Exception as error:
-            return False, _sendable(error)
+            return False, _sendable(error, "item")
 
 
-def _sendable(error: Exception) -> Exception:
+def _sendable(error: Exception, whose: str) -> Exception:
     """``error``, or, when it cannot travel back to the driver (an attribute that does not
     pickle, a constructor that does not take its own args back), a :class:`RunError` saying
     what it was: else Ray's error about pickling it would stand in its place, and the item's
-    own type and message be lost."""
+    (or the run's: ``whose``) own type and message be lost."""
     from ray import cloudpickle  # Ray's pickler, as it will send the error
 
     try:
@@ -189,7 +202,7 @@ def _sendable(error: Exception) -> Exception:
     except Exception as why:
         sent = RunError(f"{type(error).__qualname__}: {error}")
         sent.add_note(
-            f"kagura: the item's own exception could not be sent back from its worker "
+            f"kagura: the {whose}'s own exception could not be sent back from its worker "
             f"({type(why).__name__}: {why})"
         )
         return sent
