@@ -95,24 +95,33 @@ def test_a_reused_pid_or_a_restarted_host_holds_no_run(journal: Journal) -> None
     assert getattr(journal.get_run("held-1"), "status", None) == "interrupted"
 
 
-def test_a_run_is_held_for_its_holders_lease_whatever_the_readers(
+def test_a_run_is_held_for_its_holders_lease_or_the_readers_if_longer(
     journal: Journal, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A process with a shorter ``KAGURA_LEASE_SECONDS`` than the run's holder took the run
-    over while the holder still ran it; one with a longer one waited past the holder's lease."""
+    over while the holder still ran it. A run is free once both its holder's lease and the
+    reader's own have run out."""
     monkeypatch.setenv("KAGURA_LEASE_SECONDS", "120")
     journal.start("long-1", "wf", None, "{}", owner="holder")
     monkeypatch.setenv("KAGURA_LEASE_SECONDS", "10")
     journal.start("short-1", "wf", None, "{}", owner="holder")
-    for run_id in ("long-1", "short-1"):  # another host's: its lease alone tells
-        set_run(journal, run_id, host="elsewhere.example", heartbeat_at=time.time() - 40)
+
+    def heard_from(seconds_ago: float) -> None:
+        for run_id in ("long-1", "short-1"):  # another host's: the leases alone tell
+            set_run(
+                journal, run_id, host="elsewhere.example", heartbeat_at=time.time() - seconds_ago
+            )
 
     monkeypatch.setenv("KAGURA_LEASE_SECONDS", "30")
+    heard_from(20)  # past the short holder's lease, not past this reader's
+    assert [r.run_id for r in journal.list_runs(status="running")] == ["short-1", "long-1"]
+    assert not journal.claim("short-1", "heir")
+
+    heard_from(40)
     long_run, short_run = journal.get_run("long-1"), journal.get_run("short-1")
     assert long_run is not None and short_run is not None
     assert (long_run.status, long_run.lease_seconds) == ("running", 120)
     assert (short_run.status, short_run.lease_seconds) == ("interrupted", 10)
-    assert [r.run_id for r in journal.list_runs(status="running")] == ["long-1"]
     assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["short-1"]
     assert not journal.claim("long-1", "thief")
     assert journal.claim("short-1", "heir")
@@ -131,6 +140,22 @@ def test_a_run_is_held_for_its_holders_lease_whatever_the_readers(
     monkeypatch.setenv("KAGURA_LEASE_SECONDS", "15")
     assert getattr(journal.get_run("old-1"), "status", None) == "interrupted"
     assert journal.claim("old-1", "heir")
+
+
+def test_a_lease_left_by_an_earlier_holder_frees_no_run_sooner(
+    journal: Journal, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version of Kagura that keeps no lease with its runs claims one and leaves the lease of
+    the holder before it (5 s here) in the row: the reader's own lease still holds it."""
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "5")
+    journal.start("mixed-1", "wf", None, "{}", owner="first")
+    # The older version's claim: another owner, a fresh heartbeat, the lease column untouched.
+    set_run(
+        journal, "mixed-1", owner="older", host="elsewhere.example", heartbeat_at=time.time() - 8
+    )
+    monkeypatch.setenv("KAGURA_LEASE_SECONDS", "60")
+    assert getattr(journal.get_run("mixed-1"), "status", None) == "running"
+    assert not journal.claim("mixed-1", "thief")
 
 
 def test_a_gone_process_run_is_claimed_whatever_its_heartbeat(journal: Journal) -> None:

@@ -150,13 +150,14 @@ class RunRecord:
     steps: int = 0
     #: Which process ``pid`` named (see :mod:`kagura._process`), when it could be read.
     pid_start: str | None = None
-    #: How long after its last heartbeat the run is free: its holder's ``KAGURA_LEASE_SECONDS``
-    #: (``None``: journaled before Kagura kept it, the reader's setting counts).
+    #: Its holder's ``KAGURA_LEASE_SECONDS``, as it started or claimed the run (``None``:
+    #: journaled before Kagura kept it).
     lease_seconds: float | None = None
 
-    def lease(self, default: float) -> float:
-        """The run's lease in seconds: its holder's, else ``default`` (the reader's setting)."""
-        return default if self.lease_seconds is None else self.lease_seconds
+    def lease(self, reader: float) -> float:
+        """How long after its last heartbeat the run is free: its holder's lease, or the
+        ``reader``'s own setting if that is longer (see :func:`_status`)."""
+        return reader if self.lease_seconds is None else max(reader, self.lease_seconds)
 
 
 #: How attempt_span_id ends the span ids of resumed executions: refused at the end of run ids.
@@ -173,7 +174,9 @@ def _status(row: Any, now: float, lease: float) -> RunStatus:
     if row.status != "running":
         status: RunStatus = row.status
         return status
-    if row.lease_seconds is not None:  # the holder's own lease, whatever the reader's setting
+    # The holder's lease, never shorter than the reader's own: a version of Kagura that does not
+    # keep leases, claiming a run, leaves the lease of the run's holder before it in the row.
+    if row.lease_seconds is not None and row.lease_seconds > lease:
         lease = row.lease_seconds
     if (row.heartbeat_at or 0) < now - lease:
         return "interrupted"  # its process stopped renewing the lease
@@ -631,15 +634,16 @@ class Journal:
                 else None
             )
             failed = " OR status = 'failed'" if allow_failed else ""
-            # The lease that ran out is its holder's (NULL, written before it was kept: ours).
+            # Both leases ran out: ours, and its holder's (see _status).
             attempts = connection.exec_driver_sql(
                 f"UPDATE kagura_runs SET status = 'running', owner = {mark}, pid = {mark}, "
                 f"host = {mark}, pid_start = {mark}, heartbeat_at = {mark}, updated_at = {mark}, "
                 f"lease_seconds = {mark}, error = NULL, error_type = NULL, "
                 f"attempts = attempts + 1 WHERE run_id = {mark} AND ((status = 'running' AND "
-                f"(heartbeat_at < {mark} - COALESCE(lease_seconds, {mark}) "
+                f"((heartbeat_at < {mark} AND (lease_seconds IS NULL "
+                f"OR heartbeat_at < {mark} - lease_seconds)) "
                 f"OR owner = {mark})){failed}) RETURNING attempts",
-                (owner, pid, host, pid_start, now, now, lease, run_id, now, lease, gone),
+                (owner, pid, host, pid_start, now, now, lease, run_id, now - lease, now, gone),
             ).scalar()
             if attempts is None:
                 # Not resumable (held, completed), or another took it first: on PostgreSQL the
