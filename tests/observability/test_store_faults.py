@@ -794,6 +794,52 @@ def test_runs_commands_read_a_journal_in_a_read_only_directory(
     assert "readonly database" in pruned.stderr and pruned.stderr.count("\n") == 1
 
 
+def test_an_older_journal_in_a_read_only_directory_says_why_it_cannot_be_read(
+    store_dir: Path, unprivileged: list[str]
+) -> None:
+    """A journal of schema version 6 has no lease column, and a process that may not write it
+    cannot add one: it said only "no such column", as a bug would."""
+    path = store_dir / "events.db"
+    made = run_script(DURABLE_RUN, {"KAGURA_DB": str(path), "KAGURA_MODEL": "fake"})
+    assert made.returncode == 0, made.stderr
+    wait_for_writers(normalise_url(path))
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("ALTER TABLE kagura_runs DROP COLUMN lease_seconds")
+        db.execute("UPDATE kagura_schema SET version = 6")
+    read_only(store_dir)
+    env = {"KAGURA_DB": str(path), "COLUMNS": "200"}
+    listing = run_as(unprivileged, ["-m", "kagura.cli", "runs", "list"], env)
+    assert listing.returncode == 1
+    assert listing.stderr.startswith(f"kagura: error: event store {path}: cannot ")
+    assert listing.stderr.count("\n") == 1, listing.stderr
+    assert (
+        "made by an older version of Kagura (schema version 6; this one reads "
+        f"{engines.SCHEMA_VERSION}), and this process cannot write it to upgrade it"
+    ) in listing.stderr
+    # What it can read, it reads.
+    calls = run_as(unprivileged, [*MONITOR, "list", "--db", str(path)], env)
+    assert calls.returncode == 0, calls.stderr
+
+
+def test_a_value_a_newer_store_refuses_is_not_blamed_on_its_version(store_url: str) -> None:
+    url = normalise_url(store_url)
+    with engines.engine_for(url).begin() as connection:
+        connection.execute(engines.schema_version.update().values(version=99))
+    _forget_engine(store_url)
+    engine = engines.engine_for(url)  # left as it is: a newer version made it
+    insert = (
+        "INSERT INTO kagura_runs (run_id, workflow, status, created_at, updated_at, attempts) "
+        "VALUES ('twice', 'wf', 'running', 0, 0, 1)"
+    )
+    with (
+        pytest.raises(exc.IntegrityError),
+        engines.store_errors(url, "write"),
+        engine.begin() as connection,
+    ):
+        connection.exec_driver_sql(insert)
+        connection.exec_driver_sql(insert)
+
+
 READ_WHILE_WRITTEN = """
 import sys
 from kagura.observability import EventStore

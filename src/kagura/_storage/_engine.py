@@ -319,30 +319,49 @@ def store_errors(url: str, doing: str) -> Iterator[None]:
     except StoreError:
         raise
     except Exception as error:
-        newer = _newer.get(url)
-        if newer is not None and _is_database_error(error):
-            # Left as it is when opened (a newer version only adds, as a rule): but this one
-            # changed what this code reads.
-            raise StoreError(
-                store_name(url),
-                f"cannot {doing}: {scrub_url(_cause(url, error), url)}; the store was made by a "
-                f"newer version of Kagura (schema version {newer}; this one knows up to "
-                f"{SCHEMA_VERSION}): upgrade kagura to use it",
-            ) from error
+        other = _other_versions.get(url)
+        if other is not None and _schema_mismatch(error):
+            raise _versions_differ(url, doing, error, other) from error
         if not is_store_fault(error):
             raise
         raise store_error(url, doing, error) from error
 
 
-def _is_database_error(error: BaseException) -> bool:
+def _schema_mismatch(error: BaseException) -> bool:
+    """Whether ``error`` says a table or a column this code reads is not there."""
     from sqlalchemy import exc
 
-    return isinstance(error, exc.DBAPIError)
+    if not isinstance(error, exc.DBAPIError):
+        return False
+    sqlstate = getattr(error.orig, "sqlstate", None)
+    if sqlstate is not None:
+        return sqlstate in ("42703", "42P01")  # undefined column, undefined table
+    text = str(error.orig)
+    return text.startswith(("no such column", "no such table")) or "has no column named" in text
 
 
-#: Stores this process opened that a newer version of Kagura made, by URL: their schema
-#: version. Errors reading or writing them say so.
-_newer: dict[str, int] = {}
+def _versions_differ(url: str, doing: str, error: BaseException, other: int) -> StoreError:
+    cause = scrub_url(_cause(url, error), url)
+    if other > SCHEMA_VERSION:
+        # Left as it is when opened (a newer version only adds, as a rule): but this one
+        # changed what this code reads.
+        why = (
+            f"the store was made by a newer version of Kagura (schema version {other}; this "
+            f"one knows up to {SCHEMA_VERSION}): upgrade kagura to use it"
+        )
+    else:
+        why = (
+            f"the store was made by an older version of Kagura (schema version {other}; this "
+            f"one reads {SCHEMA_VERSION}), and this process cannot write it to upgrade it: run "
+            "Kagura once where the store can be written (any agent call or kagura command)"
+        )
+    return StoreError(store_name(url), f"cannot {doing}: {cause}; {why}")
+
+
+#: Stores whose schema version is not this code's, by URL: a newer one (left as it is), or an
+#: older one this process may only read (it cannot upgrade it). Errors that say a table or a
+#: column is missing say which.
+_other_versions: dict[str, int] = {}
 
 
 def _cause(url: str, error: BaseException) -> str:
@@ -437,7 +456,7 @@ def engine_for(url: str, *, read_only: bool = False) -> Any:
                         raise
                     raise _not_ours(url, error) from error
             if found > SCHEMA_VERSION:
-                _newer[url] = found
+                _other_versions[url] = found
             _created.add(url)
         return engine
 
@@ -639,7 +658,22 @@ def _read_only_engine(url: str) -> Any:
         engine = _read_only_engines.get(url)
         if engine is None:
             engine = _read_only_engines[url] = _create_read_only(url)
+            version = _read_version(url, engine)
+            if version is not None and version != SCHEMA_VERSION:
+                _other_versions[url] = version
         return engine
+
+
+def _read_version(url: str, engine: Any) -> int | None:
+    """The schema version of the store behind ``engine``; ``None`` if it cannot be read (the
+    first query says why)."""
+    from ._migrations import stored_version
+
+    try:
+        with engine.connect() as connection:
+            return stored_version(connection)
+    except Exception:
+        return None
 
 
 def _create_read_only(url: str) -> Any:
@@ -713,7 +747,7 @@ def forget(url: str) -> None:
             registry.pop(url, None) for registry in (_engines, _read_only_engines, _synced_engines)
         ]
         _created.discard(url)
-        _newer.pop(url, None)
+        _other_versions.pop(url, None)
     for engine in engines:
         if engine is not None:
             engine.dispose()
