@@ -589,6 +589,41 @@ async def test_an_attempt_that_asked_for_tools_records_them_redacted(
     assert NOT_KEY_SHAPED not in every_text(store_url)
 
 
+@pytest.mark.parametrize("content", ["hash", "none"])
+async def test_tool_calls_asked_for_are_content_hashed_or_left_out_as_outputs_are(
+    store_url: str, record_to: Callable[..., Recorder], content: str
+) -> None:
+    """With ``KAGURA_RECORD_CONTENT=hash`` or ``none``, the arguments a model gave its tools
+    were stored in plain text beside an output that was hashed or left out."""
+    recorder = record_to(store_url, KAGURA_RECORD_CONTENT=content)
+    private = "Jane Doe, born 1970-01-01"
+
+    @tool
+    def file_record(patient: str) -> str:
+        """File a patient's record."""
+        return "filed"
+
+    calls = (ToolCall("c1", "file_record", json.dumps({"patient": private})),)
+    with override_model(FakeModel([Reply(tool_calls=calls), Reply("done")])):
+
+        @agent(tools=[file_record])
+        async def clerk(note: str) -> str:
+            """File this: {{ note }}"""
+
+        assert await clerk("a note") == "done"
+    assert recorder.flush()
+    asked, _ = sorted(
+        EventStore(store_url).get_executions(kind="llm"), key=lambda e: e["started_at"]
+    )
+    (call,) = asked["attributes"]["tool_calls"]
+    assert (call["id"], call["name"]) == ("c1", "file_record")
+    if content == "hash":
+        assert set(call["arguments"]) == {"sha256"}
+    else:
+        assert "arguments" not in call
+    assert private not in every_text(store_url)
+
+
 async def test_a_secret_passed_by_position_is_redacted_by_its_parameters_name(
     recorder: Recorder, store_url: str
 ) -> None:

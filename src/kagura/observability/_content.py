@@ -175,6 +175,34 @@ def encode_text(text: str | None, mode: ContentMode) -> str | None:
     return text
 
 
+def attributes_text(text: str | None, mode: ContentMode) -> str | None:
+    """A span's other result attributes (JSON text, see :func:`recorded_result`) as stored:
+    kept whatever the content mode (the model that answered, the finish reason), redacted; but
+    the arguments of the tool calls an LLM attempt asked for are the model's output, hashed or
+    left out as outputs are."""
+    if mode != "full" and text is not None and '"tool_calls"' in text:
+        try:
+            attributes = pydantic_core.from_json(text)
+        except ValueError:
+            attributes = None
+        calls = attributes.get("tool_calls") if isinstance(attributes, dict) else None
+        if isinstance(calls, list):
+            assert isinstance(attributes, dict)
+            attributes["tool_calls"] = [_call_as_stored(call, mode) for call in calls]
+            text = pydantic_core.to_json(attributes, fallback=repr_of).decode()
+    return encode_text(text, "full")
+
+
+def _call_as_stored(call: Any, mode: ContentMode) -> Any:
+    if not isinstance(call, dict) or "arguments" not in call:
+        return call
+    arguments = call["arguments"]
+    kept = {name: value for name, value in call.items() if name != "arguments"}
+    if mode == "hash" and isinstance(arguments, str):
+        kept["arguments"] = pydantic_core.from_json(encode_text(arguments, "hash") or "null")
+    return kept
+
+
 def truncated(text: str) -> str:
     """What is stored in place of a value whose JSON is longer than ``MAX_TEXT``."""
     return pydantic_core.to_json({"truncated": text[:MAX_TEXT]}).decode()

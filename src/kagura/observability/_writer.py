@@ -48,7 +48,14 @@ from .._storage import (
     write_rollups,
 )
 from ..errors import EncryptionKeyError, StoreError
-from ._content import MAX_TEXT, ContentMode, as_inputs_text, as_text, encode_text
+from ._content import (
+    MAX_TEXT,
+    ContentMode,
+    as_inputs_text,
+    as_text,
+    attributes_text,
+    encode_text,
+)
 from ._handoff import let_go
 from ._writer_log import WarningsHandler
 
@@ -169,7 +176,7 @@ def _span_row(row: Row, content: ContentMode) -> Row:
         *row[_ERROR_AT + 1 : _INPUTS_AT],
         encode_text(row[_INPUTS_AT], content),
         encode_text(row[_INPUTS_AT + 1], content),
-        encode_text(row[_ATTRIBUTES_AT], "full"),  # not content: never hashed or dropped
+        attributes_text(row[_ATTRIBUTES_AT], content),  # not content, but for tool calls
         *row[_ATTRIBUTES_AT + 1 :],
     )
 
