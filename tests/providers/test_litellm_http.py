@@ -212,6 +212,29 @@ async def test_http_errors_keep_the_status_and_message_the_server_sent(
     assert str(error) == f"{MODEL}: HTTP 429: rate limit reached (fault injected)"
 
 
+@pytest.mark.parametrize(
+    "model", ["litellm/anthropic/claude-3-5-haiku-latest", "litellm/gemini/gemini-1.5-flash"]
+)
+async def test_a_status_answered_to_litellm_s_own_http_client_is_kept(
+    server: FaultServer, model: str
+) -> None:
+    """LiteLLM's own providers (Anthropic's, Gemini's) read answers with their own HTTP client:
+    the fault server has no route for them and answers 404, which was taken for a broken
+    connection, without its status, and sent four times."""
+
+    @agent(model=model, base_url=server.base_url, api_key=SECRET)
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        with pytest.raises(ProviderError) as caught:
+            await ask("hello")
+    assert not isinstance(caught.value, ProviderConnectionError)
+    assert caught.value.status_code == 404
+    assert f"{model}: HTTP 404: no route for POST /" in str(caught.value)
+    assert server.request_count == 1  # a 404 is not tried again
+
+
 # -- streams ---------------------------------------------------------------------------------------
 
 

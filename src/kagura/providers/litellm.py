@@ -245,6 +245,16 @@ def kagura_error(exc: Exception, model_id: str, where: str, secret: Secrets) -> 
         if module.startswith("litellm"):
             continue  # LiteLLM's wrappers: what they wrap says what happened
         if module.startswith("httpx"):
+            response = getattr(cause, "response", None)
+            status = getattr(response, "status_code", None)
+            if isinstance(status, int) and response is not None:
+                # The server's answer, read by LiteLLM's own HTTP client (its Anthropic and
+                # Gemini providers, among others), under a response LiteLLM made up.
+                body = _body_of(response)
+                message = message_of(body) or str(getattr(exc, "message", exc))
+                return status_error(
+                    model_id, status, response.headers, body, message, secret=secret
+                )
             # Under an aiohttp transport httpx's class says little (every aiohttp connection
             # error is a connect timeout to it): aiohttp's own error, below it, says more.
             transport = transport or cause
