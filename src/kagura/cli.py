@@ -332,6 +332,10 @@ def _monitor_live(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Stores ``kagura monitor live`` has found there (with Kagura's tables).
+_live_stores: set[str] = set()
+
+
 def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
     from .observability import EventStore, _monitor
 
@@ -340,9 +344,14 @@ def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
         f"{_store_name(store)} · every {args.interval:g}s · "
         f"{datetime.now().strftime('%H:%M:%S')} · Ctrl-C to quit"
     )
-    if _nothing_there(store.url, given=False):
-        note = f"Waiting for recordings: {_no_store(store.url)} yet."
-        return _monitor.live_view([], None, [], window="", footer=footer, note=note, width=width)
+    # Asked until the store is there: its tables stay, and every frame would connect once more.
+    if store.url not in _live_stores:
+        if _nothing_there(store.url, given=False):
+            note = f"Waiting for recordings: {_no_store(store.url)} yet."
+            return _monitor.live_view(
+                [], None, [], window="", footer=footer, note=note, width=width
+            )
+        _live_stores.add(store.url)
     executions = store.get_executions(limit=args.limit)
     stats = store.stats(since=parse_since(since_text))
     recent = store.get_executions(kind="agent", status=STATUSES[1:], limit=60)

@@ -482,6 +482,28 @@ def test_live_refreshes_then_stops(
     assert "summarise" in out
 
 
+def test_live_asks_whether_the_store_is_there_until_it_is(
+    recorded: Recorded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each question makes a connection of its own (to a PostgreSQL server, every frame)."""
+    import kagura._storage
+    import kagura.cli
+
+    asked: list[str] = []
+    holds_no_store = kagura._storage.holds_no_store
+
+    def counted(url: str) -> bool:
+        asked.append(url)
+        return holds_no_store(url)
+
+    monkeypatch.setattr(kagura._storage, "holds_no_store", counted)
+    monkeypatch.setattr(kagura.cli, "_sleep", lambda _: None)
+    monkeypatch.setattr(kagura.cli, "_live_stores", set())
+    code, out, _ = run(capsys, "monitor", "live", "--db", str(recorded.path), "--iterations", "3")
+    assert code == 0 and "summarise" in out
+    assert len(asked) == 1
+
+
 def test_live_exits_cleanly_on_ctrl_c(
     recorded: Recorded, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

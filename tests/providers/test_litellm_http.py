@@ -156,6 +156,18 @@ async def test_no_key_is_missing_credentials_naming_the_variable(
     assert len(events.spans(kind="llm")) == 1  # never retried
 
 
+async def test_azure_with_entra_id_credentials_is_not_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """LiteLLM reaches Azure with an Entra ID token (or a client secret, a managed identity) in
+    place of AZURE_API_KEY, which LiteLLM's own check lists as missing all the same."""
+    monkeypatch.delenv("AZURE_API_KEY", raising=False)
+    monkeypatch.setenv("AZURE_AD_TOKEN", "an-entra-id-token")
+    model = litellm_provider.LiteLLMModel("azure/gpt-4o")
+    await model.prepare()  # not MissingCredentialsError
+    assert model.prepared
+
+
 async def test_a_base_url_of_the_agents_needs_no_key(server: FaultServer) -> None:
     # As on the OpenAI-compatible path: a self-hosted server usually takes requests without one.
     ask = _asker(server.base_url, api_key=None)

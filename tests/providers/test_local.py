@@ -238,6 +238,21 @@ def test_a_context_llama_cpp_cannot_make_is_an_error_naming_the_setting(
     assert workers._instances == 0  # the next call tries again
 
 
+def test_a_model_file_that_does_not_load_is_not_blamed_on_the_context(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import llama_cpp
+
+    def refuse(**_: object) -> None:
+        raise ValueError("Failed to load model from file: damaged.gguf")
+
+    monkeypatch.setattr(llama_cpp, "Llama", refuse)
+    workers = local._Workers(local.find_gguf(), 1, 2048, None)
+    with pytest.raises(ValueError, match="Failed to load model from file") as caught:
+        workers.load_all()
+    assert "KAGURA_LOCAL_CTX" not in str(caught.value)
+
+
 def _stub_pool(
     monkeypatch: pytest.MonkeyPatch, count: int, failures: int = 0
 ) -> tuple[local._Workers, list[object]]:

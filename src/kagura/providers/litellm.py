@@ -49,6 +49,12 @@ _INSTALL_HINT = "litellm/... models need LiteLLM: pip install 'kagura[litellm]'"
 _NO_KEY = "not-needed"
 
 
+#: Providers that LiteLLM also reaches with credentials other than a key, which
+#: ``validate_environment`` does not count: Azure's Entra ID (``AZURE_AD_TOKEN``, a client
+#: secret, a managed identity).
+_OTHER_CREDENTIALS = frozenset({"azure"})
+
+
 class LiteLLMModel(Model):
     """A model reached through LiteLLM (``"litellm/<model>"``), for the providers that do not
     speak the OpenAI chat-completions API."""
@@ -89,7 +95,7 @@ class LiteLLMModel(Model):
     def _missing_keys(self) -> list[str]:
         """The environment variables holding the provider's API key, if none of them is set and
         no key is given (LiteLLM's ``validate_environment`` knows which provider needs which)."""
-        if self._api_key:
+        if self._api_key or self.model_name.partition("/")[0] in _OTHER_CREDENTIALS:
             return []
         litellm = _import_litellm()
         if getattr(litellm, "api_key", None):  # a key set on the module is used for every call

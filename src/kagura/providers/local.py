@@ -157,6 +157,8 @@ class _Workers:
                     verbose=True,
                 )
         except ValueError as exc:
+            if "llama_context" not in str(exc):  # a model file missing or damaged, say
+                raise
             # llama-cpp-python says only "Failed to create llama_context" (llama.cpp's reason,
             # most often memory for a context too large, went to the log).
             setting = os.environ.get("KAGURA_LOCAL_CTX", "").strip()
