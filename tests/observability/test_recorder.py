@@ -624,6 +624,33 @@ async def test_tool_calls_asked_for_are_content_hashed_or_left_out_as_outputs_ar
     assert private not in every_text(store_url)
 
 
+async def test_long_tool_call_arguments_are_cut_not_the_attempt_s_other_attributes(
+    recorder: Recorder, store_url: str
+) -> None:
+    @tool
+    def save(text: str) -> str:
+        """Save a text."""
+        return "saved"
+
+    long = json.dumps({"text": "x" * 100_000})
+    with override_model(FakeModel([Reply(tool_calls=(ToolCall("c1", "save", long),)), "ok"])):
+
+        @agent(tools=[save])
+        async def keeper(note: str) -> str:
+            """Keep {{ note }}"""
+
+        assert await keeper("it") == "ok"
+    assert recorder.flush()
+    asked, _ = sorted(
+        EventStore(store_url).get_executions(kind="llm"), key=lambda e: e["started_at"]
+    )
+    attributes = asked["attributes"]
+    assert attributes["finish_reason"] == "stop"
+    (call,) = attributes["tool_calls"]
+    assert call["name"] == "save" and call["arguments"].endswith("…")
+    assert call["arguments"].startswith('{"text": "xxx') and len(call["arguments"]) < 64_000
+
+
 async def test_a_secret_passed_by_position_is_redacted_by_its_parameters_name(
     recorder: Recorder, store_url: str
 ) -> None:

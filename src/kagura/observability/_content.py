@@ -180,26 +180,30 @@ def attributes_text(text: str | None, mode: ContentMode) -> str | None:
     kept whatever the content mode (the model that answered, the finish reason), redacted; but
     the arguments of the tool calls an LLM attempt asked for are the model's output, hashed or
     left out as outputs are."""
-    if mode != "full" and text is not None and '"tool_calls"' in text:
+    if text is not None and (mode != "full" or len(text) > MAX_TEXT) and '"tool_calls"' in text:
         try:
             attributes = pydantic_core.from_json(text)
         except ValueError:
             attributes = None
         calls = attributes.get("tool_calls") if isinstance(attributes, dict) else None
-        if isinstance(calls, list):
-            assert isinstance(attributes, dict)
-            attributes["tool_calls"] = [_call_as_stored(call, mode) for call in calls]
+        if isinstance(attributes, dict) and isinstance(calls, list):
+            # Long arguments cut each, rather than every attribute given up for them.
+            room = MAX_TEXT // (2 * max(1, len(calls)))
+            attributes["tool_calls"] = [_call_as_stored(call, mode, room) for call in calls]
             text = pydantic_core.to_json(attributes, fallback=repr_of).decode()
     return encode_text(text, "full")
 
 
-def _call_as_stored(call: Any, mode: ContentMode) -> Any:
+def _call_as_stored(call: Any, mode: ContentMode, room: int) -> Any:
     if not isinstance(call, dict) or "arguments" not in call:
         return call
     arguments = call["arguments"]
     kept = {name: value for name, value in call.items() if name != "arguments"}
     if mode == "hash" and isinstance(arguments, str):
         kept["arguments"] = pydantic_core.from_json(encode_text(arguments, "hash") or "null")
+    elif mode == "full":
+        fits = not isinstance(arguments, str) or len(arguments) <= room
+        kept["arguments"] = arguments if fits else arguments[: room - 1] + "…"
     return kept
 
 
