@@ -239,6 +239,11 @@ class Span:
 
 current_span: ContextVar[Span | None] = ContextVar("kagura_current_span", default=None)
 
+#: The owner token the next durable run started in this context takes, rather than one of its
+#: own (``kagura.ray``: a submitted run's, chosen by its driver, so that the driver can tell the
+#: run its handle's task holds from one that task only waits for).
+run_owner: ContextVar[str | None] = ContextVar("kagura_run_owner", default=None)
+
 
 def get_current_span() -> Span | None:
     """The innermost open span of the running task, or ``None`` outside any agent or workflow."""

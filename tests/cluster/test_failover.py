@@ -126,6 +126,34 @@ async def test_a_run_cancelled_while_its_worker_restarts_is_recorded_cancelled()
     assert record.pid == os.getpid()  # the driver recorded it: no worker ran it again
 
 
+async def test_cancelling_a_handle_that_waits_for_another_callers_run_leaves_that_run_alone() -> (
+    None
+):
+    # The second handle's task only waits for the first's run. Cancelled, its driver took the
+    # run over once the first's worker died, and recorded it cancelled: the first caller got
+    # RunFailedError for a run it never cancelled (and, its worker alive, the second waited
+    # twice the lease before hearing of its own cancellation).
+    with FaultServer.run_in_thread(
+        script=["ok", "hang", "ok"], answer="done", hang_seconds=600
+    ) as server:
+        note = _two_steps(server.base_url)
+        run_id = f"shared-{uuid.uuid4().hex[:8]}"
+        first = kagura.ray.submit(note, "budget", run_id=run_id)
+        await asyncio.to_thread(server.wait_for, lambda s: s.request_count >= 2, 120)
+        second = kagura.ray.submit(note, "budget", run_id=run_id)
+        second.cancel()
+        with pytest.raises(RunCancelledError) as cancelled:
+            await second
+        assert not getattr(cancelled.value, "__notes__", [])
+        (holder,) = await _pids_of([run_id])
+        os.kill(holder, signal.SIGKILL)
+        assert await first == "done"  # resumed on the restarted worker
+        assert _sent(server, "First step", "budget") == 1
+    record = journal_for().get_run(run_id)
+    assert record is not None
+    assert (record.status, record.attempts) == ("completed", 2)
+
+
 async def test_a_durable_batch_item_whose_worker_died_resumes_its_run() -> None:
     # Sent again under a new run id, the item ran its workflow anew: its journaled first step
     # was sent again, and its first run was left interrupted for recovery to run a second time.

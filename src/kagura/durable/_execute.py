@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, get_type_hints, runtime_checkable
 import pydantic_core
 from pydantic import TypeAdapter
 
+from .._context import run_owner
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
 from ._journal import (
     Journal,
@@ -203,7 +204,11 @@ async def start(
     run_id = Journal.run_id_for(run_id)
     bound, arguments = _dump_arguments(workflow, args, kwargs)
     journal = journal_for()
-    owner = uuid.uuid4().hex
+    owner = run_owner.get()
+    if owner is None:
+        owner = uuid.uuid4().hex
+    else:
+        run_owner.set(None)  # for this run only, not for durable runs its steps may start
     try:
         outcome, record, steps = await journal.start_soon(
             run_id, workflow.name, target_of(workflow), arguments, owner

@@ -132,11 +132,25 @@ def configure(config: ClusterConfig) -> None:
 
 
 def pool() -> Pool:
-    global _pool
     with _lock:
-        if _pool is None:
-            _pool = Pool(_config)
-        return _pool
+        return _the_pool()
+
+
+def _the_pool() -> Pool:
+    """The pool, started if it is not (call it holding ``_lock``)."""
+    global _pool
+    if _pool is None:
+        _pool = Pool(_config)
+    return _pool
+
+
+def busy_pool(what: str) -> tuple[Pool, Callable[..., None]]:
+    """:func:`pool`, with ``what`` noted in flight on it in the same step (see
+    :meth:`Pool.busy_with`): a configure() or shutdown() in between would stop the workers it
+    is about to be sent to."""
+    with _lock:
+        found = _the_pool()
+        return found, found.busy_with(what)
 
 
 def shutdown() -> None:

@@ -80,25 +80,30 @@ async def map(
             f"{items!r} ({type(items).__name__})"
         ) from None
     values = builtins.list(each)
-    # Starting the pool waits for the workers to be up: not on the event loop.
-    pool = await asyncio.to_thread(_cluster.pool)
-    function = ship(fn)
-    # A durable workflow's item runs under a run id of the driver's choosing, the same however
-    # many times the item is sent: an item sent again after its worker died resumes its run from
-    # the journal, rather than starting another that sends its finished steps again (and
-    # leaving the first interrupted for recovery to run a second time).
-    batch = f"map-{uuid.uuid4().hex[:12]}" if _durable(fn) else None
-    # The driver's model rate limits and named breakers, one object each for the cluster.
-    taken = registry()
-    shipped_registry = [ray.put(taken)] if taken else None
-    # The budgets around the call (a workflow's, a ``with budget:``) hold for its items as for
-    # its own calls, with those given here.
-    given = [budget for budget in (retry_budget, cost_budget) if budget is not None]
-    budgets = tuple(
-        dict.fromkeys([*given, *current_retry_budgets(), *current_cost_budgets()], None)
-    )
-    # What the driver spent on its own since an earlier batch counts for this one.
-    await _shared.settle(budgets)
+    # Starting the pool waits for the workers to be up: not on the event loop. The batch is in
+    # flight from here: a configure() or shutdown() meanwhile is refused.
+    pool, done = await asyncio.to_thread(_cluster.busy_pool, f"a batch of {len(values)} items")
+    try:
+        function = ship(fn)
+        # A durable workflow's item runs under a run id of the driver's choosing, the same however
+        # many times the item is sent: an item sent again after its worker died resumes its run from
+        # the journal, rather than starting another that sends its finished steps again (and
+        # leaving the first interrupted for recovery to run a second time).
+        batch = f"map-{uuid.uuid4().hex[:12]}" if _durable(fn) else None
+        # The driver's model rate limits and named breakers, one object each for the cluster.
+        taken = registry()
+        shipped_registry = [ray.put(taken)] if taken else None
+        # The budgets around the call (a workflow's, a ``with budget:``) hold for its items as for
+        # its own calls, with those given here.
+        given = [budget for budget in (retry_budget, cost_budget) if budget is not None]
+        budgets = tuple(
+            dict.fromkeys([*given, *current_retry_budgets(), *current_cost_budgets()], None)
+        )
+        # What the driver spent on its own since an earlier batch counts for this one.
+        await _shared.settle(budgets)
+    except BaseException:
+        done()
+        raise
     parent = parent_here()
     gate = asyncio.Semaphore(concurrency)
     suspects = _Suspects()
@@ -119,7 +124,6 @@ async def map(
             for index, item in enumerate(values):
                 group.create_task(one(index, item))
 
-    done = pool.busy_with(f"a batch of {len(values)} items")
     try:
         if show:
             from rich.progress import Progress

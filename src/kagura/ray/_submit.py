@@ -30,13 +30,19 @@ class RunHandle(Generic[R]):
     wherever and however many times it ran; :attr:`run_id` names it in the journal and in
     ``kagura monitor``; :meth:`cancel` stops it wherever it runs."""
 
-    __slots__ = ("_done", "_recorded", "_ref", "run_id")
+    __slots__ = ("_done", "_owner", "_recorded", "_ref", "run_id")
 
     def __init__(
-        self, run_id: str, ref: ray.ObjectRef[R], done: Callable[[], None] = lambda: None
+        self,
+        run_id: str,
+        ref: ray.ObjectRef[R],
+        done: Callable[[], None] = lambda: None,
+        owner: str = "",
     ) -> None:
         self.run_id: str = run_id
         self._ref = ref
+        # The token the run is held by while this handle's task holds it (see _record_cancelled).
+        self._owner = owner
         # Tells the pool the run is no longer in flight: called as soon as the caller hears
         # how it ended, so that a configure() right after sees it so.
         self._done = done
@@ -94,7 +100,7 @@ class RunHandle(Generic[R]):
             # its run would stay resumable and recovery would run it again.
             threading.Thread(
                 target=_record_cancelled,
-                args=(self.run_id, self._recorded),
+                args=(self.run_id, self._owner, self._recorded),
                 name=f"kagura-cancel-{self.run_id}",
             ).start()
         return self._recorded
@@ -107,8 +113,12 @@ class RunHandle(Generic[R]):
 _CANCEL_POLL_SECONDS = 0.2
 
 
-def _record_cancelled(run_id: str, recorded: concurrent.futures.Future[RunCancelledError]) -> None:
-    """Record ``run_id`` failed with :class:`RunCancelledError`, unless it ended otherwise.
+def _record_cancelled(
+    run_id: str, owner: str, recorded: concurrent.futures.Future[RunCancelledError]
+) -> None:
+    """Record ``run_id`` failed with :class:`RunCancelledError`, unless it ended otherwise, or
+    it is not the handle's task that holds it (``owner``): one that only waited for the run,
+    which another caller's task holds, leaves it alone.
 
     The worker records it itself when the cancellation reaches the run (``Worker.run``); but a
     run whose worker died is waiting to be sent again while Ray restarts the worker, and the
@@ -120,14 +130,16 @@ def _record_cancelled(run_id: str, recorded: concurrent.futures.Future[RunCancel
     error = RunCancelledError(run_id)
     try:
         journal = journal_for()
-        owner = uuid.uuid4().hex
+        taker = uuid.uuid4().hex
         deadline: float | None = None
         while True:
             record = journal.get_run(run_id)
             if record is None or record.status in ("completed", "failed"):
                 break  # never started (dropped before it was), or ended: nothing to record
-            if journal.claim(run_id, owner, allow_failed=False):
-                journal.finish(run_id, owner, error=error)
+            if record.owner != owner:
+                break  # another caller's run, which this handle's task only waited for
+            if journal.claim(run_id, taker, allow_failed=False):
+                journal.finish(run_id, taker, error=error)
                 break
             now = time.monotonic()
             if deadline is None:
@@ -174,14 +186,19 @@ def submit(
     run_id = Journal.run_id_for(run_id)
     _check_arguments(workflow, args, kwargs)
     journal_for()  # the store opens (and is made) here, not in every worker at once
-    pool = _cluster.pool()
-    ref: ray.ObjectRef[R] = pool.next().run.remote(
-        ship(workflow), args, kwargs, run_id, parent_here(), registry() or None
-    )
-    done = pool.busy_with(f"run {run_id!r}")
+    # In flight from before it is sent: a configure() or shutdown() meanwhile is refused.
+    pool, done = _cluster.busy_pool(f"run {run_id!r}")
+    owner = uuid.uuid4().hex
+    try:
+        ref: ray.ObjectRef[R] = pool.next().run.remote(
+            ship(workflow), args, kwargs, run_id, parent_here(), registry() or None, owner
+        )
+    except BaseException:
+        done()
+        raise
     # And when it ends unheard of (a handle never awaited).
     ref.future().add_done_callback(done)
-    return RunHandle(run_id, ref, done)
+    return RunHandle(run_id, ref, done, owner)
 
 
 def _check_arguments(workflow: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from .._context import Span, current_span
+from .._context import Span, current_span, run_owner
 from ..errors import RunCancelledError, RunError
 from ..resilience import Registry, use_registry
 from ._config import WorkerSettings
@@ -129,19 +129,22 @@ class Worker:
         run_id: str,
         parent: Parent,
         taken: Registry | None,
+        owner: str,
     ) -> Any:
         """Run ``workflow`` durably as ``run_id`` (or finish it, or return its result), with
-        the driver's model rate limits and named breakers (``taken``)."""
+        the driver's model rate limits and named breakers (``taken``). ``owner``: the token the
+        run is held by, if this task starts or resumes it (the driver's, for its handle)."""
         if taken:
             use_registry(taken)
         workflow = await received(shipped)
         try:
             with under(parent):
+                run_owner.set(owner)
                 result = await workflow.run(*args, run_id=run_id, **kwargs)
         except asyncio.CancelledError:
             # Cancelled by its handle: the run ends as cancelled rather than staying
             # resumable, so that recovery does not start again what its caller stopped.
-            await asyncio.shield(asyncio.to_thread(_mark_cancelled, run_id))
+            await asyncio.shield(asyncio.to_thread(_mark_cancelled, run_id, owner))
             raise
         except Exception as error:
             # One that does not pickle would reach the caller as Ray's UnserializableException
@@ -209,10 +212,15 @@ def _sendable(error: Exception, whose: str) -> Exception:
     return error
 
 
-def _mark_cancelled(run_id: str) -> None:
+def _mark_cancelled(run_id: str, owner: str) -> None:
+    """Record ``run_id`` cancelled, if this task held it (``owner``; it gave it up as it was
+    cancelled): not a run it only waited for, which another caller's task holds."""
     from ..durable import journal_for
 
     journal = journal_for()
-    owner = uuid.uuid4().hex
-    if journal.claim(run_id, owner, allow_failed=False):
-        journal.finish(run_id, owner, error=RunCancelledError(run_id))
+    record = journal.get_run(run_id)
+    if record is None or record.owner != owner:
+        return
+    taker = uuid.uuid4().hex
+    if journal.claim(run_id, taker, allow_failed=False):
+        journal.finish(run_id, taker, error=RunCancelledError(run_id))
