@@ -238,6 +238,18 @@ class Span:
 
 
 current_span: ContextVar[Span | None] = ContextVar("kagura_current_span", default=None)
+#: When the agent call under way must end (``time.monotonic()``), if it has a total timeout: the
+#: retries don't start a wait past it, and a span cancelled once it has passed was cut short by
+#: that timeout, so it is recorded as timed out rather than cancelled.
+call_deadline: ContextVar[float | None] = ContextVar("kagura_call_deadline", default=None)
+
+
+def past_call_deadline() -> bool:
+    """Whether the agent call under way has run past its total timeout: what was cancelled now
+    was cut short by that timeout."""
+    deadline = call_deadline.get()
+    return deadline is not None and time.monotonic() >= deadline
+
 
 #: The owner token the next durable run started in this context takes, rather than one of its
 #: own (``kagura.ray``: a submitted run's, chosen by its driver, so that the driver can tell the

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._context import Span
+from ._context import Span, past_call_deadline
 from ._events import Event, Sink, SpanEvent, SpanFinished, SpanSink, SpanStarted, Status
 from ._usage import Usage
 
@@ -113,6 +113,11 @@ def span_finished(
 ) -> None:
     """Close ``span``: how it ended, and (for an LLM attempt) its tokens and cost, which are
     added to its parent's totals. Called whether or not anyone records: agents read the totals."""
+    if status == "cancelled" and past_call_deadline():
+        # The agent call's total timeout cancelled what was under way (an LLM attempt, a tool):
+        # it is that timeout the record should name, as it does on the agent call's own span.
+        status = "timed_out"
+        error = TimeoutError("cut short by the agent call's total_timeout")
     close(span, status, error, usage, cost_usd, attributes)
     if recording:
         for handler in _on_finish:

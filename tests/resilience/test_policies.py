@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any
 
 import pytest
 
-from kagura import agent, workflow
+from kagura import agent, tool, workflow
 from kagura.errors import ProviderError, ProviderTimeout, UsageError
+from kagura.providers import ToolCall
 from kagura.resilience import (
     CircuitBreaker,
     CircuitOpenError,
@@ -246,8 +248,97 @@ async def test_total_timeout_bounds_the_whole_call(fake: FakeModel) -> None:
         await bounded("x")
     assert len(fake.requests) == 1
     assert events.spans(kind="agent")[0].status == "timed_out"
-    assert events.spans(kind="llm")[0].status == "cancelled"
+    # The attempt was cut short by the call's timeout: recorded as such, not as cancelled.
+    (attempt,) = events.spans(kind="llm")
+    assert (attempt.status, attempt.error) == (
+        "timed_out",
+        "cut short by the agent call's total_timeout",
+    )
     await assert_no_other_tasks()
+
+
+class JumpingClock:
+    """``time.monotonic`` (which the event loop's clock reads too), able to jump forward."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = time.monotonic
+        self.ahead = 0.0
+        monkeypatch.setattr(time, "monotonic", lambda: real() + self.ahead)
+
+    async def pass_time(self, seconds: float) -> None:
+        """Let ``seconds`` pass at once; every timer due by then runs before this returns."""
+        self.ahead += seconds
+        loop = asyncio.get_running_loop()
+        passed = loop.create_future()
+        loop.call_at(loop.time(), lambda: passed.done() or passed.set_result(None))
+        await passed
+
+
+async def test_a_tool_cut_short_by_the_total_timeout_is_recorded_timed_out(
+    fake: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = JumpingClock(monkeypatch)
+    started = asyncio.Event()
+
+    @tool
+    async def slow_lookup(key: str) -> str:
+        """Look ``key`` up."""
+        started.set()
+        await asyncio.Event().wait()
+        return key
+
+    @agent(tools=[slow_lookup], total_timeout=60)
+    async def bounded(q: str) -> str:
+        """{{ q }}"""
+
+    fake.add(Reply(tool_calls=[ToolCall("c1", "slow_lookup", '{"key": "k"}')]))
+    with capture_events() as events:
+        call = asyncio.create_task(bounded("x"))
+        await started.wait()
+        await clock.pass_time(61)
+        with pytest.raises(TimeoutError):
+            await call
+    assert [s.status for s in events.spans(kind="tool")] == ["timed_out"]
+    await assert_no_other_tasks()
+
+
+async def test_attempts_cut_short_by_the_total_timeout_open_the_breaker(
+    fake: FakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = JumpingClock(monkeypatch)
+    breaker = CircuitBreaker("hangs", failure_threshold=2)
+
+    @agent(retry=False, total_timeout=60, breaker=breaker)
+    async def bounded(q: str) -> str:
+        """{{ q }}"""
+
+    fake.add(hang(), hang(), "never reached")
+    for sent in (1, 2):
+        call = asyncio.create_task(bounded("x"))
+        await turns_until(lambda: len(fake.requests) == sent)
+        await clock.pass_time(61)
+        with pytest.raises(TimeoutError):
+            await call
+    # A provider that never answers is unhealthy, however the call's time ran out.
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpenError):
+        await bounded("x")
+    assert len(fake.requests) == 2
+
+
+async def test_a_call_cancelled_by_its_caller_is_still_recorded_cancelled(fake: FakeModel) -> None:
+    @agent(total_timeout=60)
+    async def bounded(q: str) -> str:
+        """{{ q }}"""
+
+    fake.add(hang())
+    with capture_events() as events:
+        task = asyncio.create_task(bounded("x"))
+        await turns_until(lambda: len(fake.requests) == 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert [s.status for s in events.spans()] == ["cancelled", "cancelled"]
 
 
 async def test_total_timeout_covers_retries(fake: FakeModel) -> None:

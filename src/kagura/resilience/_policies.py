@@ -20,9 +20,9 @@ from datetime import timedelta
 from typing import Any, Final, TypedDict
 
 from .. import _llm
-from .._context import Span, current_span
+from .._context import Span, call_deadline, current_span, past_call_deadline
 from .._usage import Usage
-from ..errors import UsageError
+from ..errors import ProviderTimeout, UsageError
 from ..providers import Model, ModelRequest, ModelResponse
 from ._backoff import seconds
 from ._breaker import CircuitBreaker, circuit_breaker, settle_admitted
@@ -260,13 +260,13 @@ def call_model(
             request,
             parent,
             timeout,
-            deadline=_call_deadline.get(),
+            deadline=call_deadline.get(),
             span=parent,
         )
     attempt = _guarded(model, request, parent, timeout, breaker, limiter, budgets)
     if retry is None:
         return attempt()
-    return retry.run_attempts(attempt, model.id, deadline=_call_deadline.get(), span=parent)
+    return retry.run_attempts(attempt, model.id, deadline=call_deadline.get(), span=parent)
 
 
 # A function of its own, not a closure inside call_model: every variable a nested function uses
@@ -322,7 +322,15 @@ async def _guarded_attempt(
         response = await _llm.attempt(model, request, parent, timeout=timeout)
     except BaseException as error:
         if breaker is not None:
-            await settle_admitted(breaker, error, admitted)
+            outcome = error
+            if isinstance(error, asyncio.CancelledError) and past_call_deadline():
+                # The call's total timeout cut the attempt short: to the breaker, the provider
+                # did not answer in time, as under a per-attempt timeout. Were it a cancellation
+                # (no health signal), a provider that hangs would never open the circuit.
+                outcome = ProviderTimeout(
+                    "cut short by the agent call's total_timeout", model=model.id
+                )
+            await settle_admitted(breaker, outcome, admitted)
         if limiter is not None and getattr(error, "status_code", None) == 429:
             limiter.penalise(retry_after(error))
         raise
@@ -337,10 +345,6 @@ async def _guarded_attempt(
     return response
 
 
-#: When the agent call under way must end (``time.monotonic()``), if it has a total timeout.
-_call_deadline: ContextVar[float | None] = ContextVar("kagura_call_deadline", default=None)
-
-
 async def with_total_timeout(total: float | None, coro: Any) -> Any:
     # A provider's set-up (Model.prepare: an SDK import, loading weights) counts here, unlike
     # against a per-attempt timeout: this bounds how long the caller waits, whatever for, while
@@ -349,8 +353,8 @@ async def with_total_timeout(total: float | None, coro: Any) -> Any:
     if total is None:
         return await coro
     deadline = time.monotonic() + total
-    outer = _call_deadline.get()
-    token = _call_deadline.set(deadline if outer is None else min(outer, deadline))
+    outer = call_deadline.get()
+    token = call_deadline.set(deadline if outer is None else min(outer, deadline))
     try:
         async with asyncio.timeout(total):
             return await coro
@@ -359,4 +363,4 @@ async def with_total_timeout(total: float | None, coro: Any) -> Any:
             raise
         raise TimeoutError(f"no answer within the total timeout of {total:g}s") from exc
     finally:
-        _call_deadline.reset(token)
+        call_deadline.reset(token)
