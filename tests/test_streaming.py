@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -446,7 +447,63 @@ async def test_the_total_timeout_counts_the_readers_time_between_items(
             monkeypatch.setattr(loop, "time", lambda: later)
     assert caught.value.text == "One"
     assert "the total timeout of 30s ran out" in str(caught.value)
-    assert [s.status for s in events.spans(kind="llm")] == ["timed_out"]
+    (attempt,) = events.spans(kind="llm")
+    assert (attempt.status, attempt.error_type, attempt.error) == (
+        "timed_out",
+        "TimeoutError",
+        "cut short by the agent call's total_timeout",
+    )
+    assert attempt.attributes["output"] == "One"  # what the reader was shown
+
+
+async def test_the_total_timeout_bounds_the_tool_rounds_of_a_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = time.monotonic
+    ahead = 0.0
+    monkeypatch.setattr(time, "monotonic", lambda: real() + ahead)  # the loop's clock too
+    started = asyncio.Event()
+
+    @tool
+    async def lookup(key: str) -> str:
+        """Look ``key`` up."""
+        started.set()
+        await asyncio.Event().wait()
+        return key
+
+    @agent(tools=[lookup], total_timeout=30)
+    async def brief(topic: str) -> str:
+        """{{ topic }}"""
+
+    call = ToolCall("call_1", "lookup", json.dumps({"key": "k"}))
+    fake = FakeModel([Reply(tool_calls=(call,)), Reply("never reached")])
+    with override_model(fake), capture_events() as events:
+        reading = asyncio.ensure_future(collect(brief.stream("x")))
+        await started.wait()
+        ahead = 31  # the deadline passes while the tool runs
+        with pytest.raises(TimeoutError, match="no answer within the total timeout of 30s"):
+            await reading
+    assert len(fake.requests) == 1
+    assert [s.status for s in events.spans(kind="tool")] == ["timed_out"]
+    assert [s.status for s in events.spans(kind="agent")] == ["timed_out"]
+
+
+async def test_a_broken_stream_that_generated_text_costs_an_unknown_amount() -> None:
+    class Priced(FakeModel):
+        provider = "acme"  # no known price: not free
+
+    broken = Reply(chunks=("Once", " upon", ProviderConnectionError("connection reset")))
+    with (
+        override_model(Priced([broken])),
+        capture_events() as events,
+        pytest.raises(StreamBrokenError),
+    ):
+        await collect(tell.stream("a time"))
+    (attempt,) = events.spans(kind="llm")
+    assert attempt.attributes["output"] == "Once upon"
+    # Tokens were generated, how many is unknown: not a call that cost $0.
+    (call,) = events.spans(kind="agent")
+    assert call.cost_usd is None
 
 
 async def test_a_fallback_model_answers_when_the_first_fails_before_any_item() -> None:

@@ -102,6 +102,10 @@ def _identity(span: Span) -> tuple[str, str | None, str, str, str, str, int]:
     )
 
 
+#: What a span cut short by its agent call's total timeout records as its error.
+CUT_SHORT = "cut short by the agent call's total_timeout"
+
+
 def span_finished(
     span: Span,
     status: Status,
@@ -117,7 +121,7 @@ def span_finished(
         # The agent call's total timeout cancelled what was under way (an LLM attempt, a tool):
         # it is that timeout the record should name, as it does on the agent call's own span.
         status = "timed_out"
-        error = TimeoutError("cut short by the agent call's total_timeout")
+        error = TimeoutError(CUT_SHORT)
     close(span, status, error, usage, cost_usd, attributes)
     if recording:
         for handler in _on_finish:

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import _instrument
 from ._context import Span
-from ._instrument import span_finished, span_started, status_of
+from ._instrument import CUT_SHORT, span_finished, span_started, status_of
 from ._usage import NO_USAGE, Usage
 from .errors import ProviderError, ProviderTimeout
 from .providers import Model, ModelRequest, ModelResponse, StreamChunk
@@ -225,7 +225,18 @@ class StreamedAttempt:
 
     def _end(self, status: Any, error: BaseException) -> None:
         self._chunks = None
-        span_finished(self.span, status, error, attributes=self._attributes())
+        if isinstance(error, DeadlinePassed):  # raised for the caller to word; recorded worded
+            error = TimeoutError(CUT_SHORT)
+        attributes = self._attributes()
+        usage = cost = None
+        if self.text:
+            # Tokens were generated, and their number is unknown: an attempt of unknown price
+            # (so a report says its spend is a floor), as the cost budgets count it, or free on
+            # a free model. Not 0 tokens at $0, which reports would take as true.
+            usage, cost = Usage(), (0.0 if is_free(self.model) else None)
+            if _instrument.recording:
+                attributes["output"] = "".join(self.text)  # what the reader was shown
+        span_finished(self.span, status, error, usage=usage, cost_usd=cost, attributes=attributes)
 
     def _completed(self, response: ModelResponse) -> None:
         model = self.model

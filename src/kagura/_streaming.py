@@ -27,21 +27,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from types import TracebackType
 from typing import Any, Generic, Protocol, TypeVar
 
 import pydantic_core
 
 from . import _instrument
-from ._context import Span, current_span
+from ._context import Span, call_deadline, current_span
 from ._instrument import span_finished, span_started, status_of
 from ._llm import DeadlinePassed
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate
 from ._recording import ensure_recording
 from .durable import _script
-from .durable._run import current_durable_run, input_hash
+from .durable._run import current_durable_run, input_hash, read_back
 from .errors import (
     OutputParseError,
     ProviderError,
@@ -184,7 +184,7 @@ async def _items(
                 digest = input_hash(arguments)
                 record = durable.lookup(span.step_key, agent.name, "agent", digest, span._position)
                 if record is not None:
-                    value = agent.output.load(record.output)
+                    value = read_back(span, "agent", agent.output.load, record.output)
                     state.ended = True
                     span_finished(span, "completed", attributes={"output": value, "replayed": True})
                     yield value
@@ -236,7 +236,9 @@ async def _items(
                                 f"is expected)"
                             )
                         calls = list(final.tool_calls)
-                        _, replies = await agent.tool_round(final.text, calls, span)
+                        _, replies = await _by_deadline(
+                            agent.tool_round(final.text, calls, span), deadline
+                        )
                         request.messages.extend(replies)
                     result = _result(agent, model, request, final)
                 except RunError as exc:
@@ -313,11 +315,27 @@ async def _open(
         if deadline is None:
             return await open_stream(model, request, span, policies, first)
         # Set-up and retry waits included; each read after this stops at the deadline itself.
-        loop = asyncio.get_running_loop()
-        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
-            return await open_stream(model, request, span, policies, first, deadline=deadline)
+        return await _by_deadline(
+            open_stream(model, request, span, policies, first, deadline=deadline), deadline
+        )
     finally:
         current_span.reset(token)
+
+
+async def _by_deadline(awaitable: Awaitable[T], deadline: float | None) -> T:
+    """``awaitable``, cut short at the call's ``deadline`` (``time.monotonic()``; ``None``:
+    none) by a bare ``TimeoutError``. Meanwhile the deadline is the call's (see
+    :data:`~kagura._context.call_deadline`): a span it cuts short is recorded as timed out. Not
+    held across a ``yield``: the reader's code runs in its own context between items."""
+    if deadline is None:
+        return await awaitable
+    token = call_deadline.set(deadline)
+    try:
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):
+            return await awaitable
+    finally:
+        call_deadline.reset(token)
 
 
 async def _stop(state: _State, reason: BaseException | None) -> None:

@@ -139,6 +139,27 @@ async def test_a_journaled_result_that_no_longer_reads_as_its_type_is_named(
     assert "https://" not in str(changed.value)  # pydantic's words, in a line
 
 
+async def test_a_journaled_streamed_result_that_no_longer_reads_as_its_type_is_named(
+    journal: Journal, tmp_path: Path
+) -> None:
+    await failed_poem(tmp_path)
+
+    @agent(model=FakeModel())
+    async def writer(topic: str) -> Poem:
+        """Write about {{ topic }}."""
+
+    @workflow(durable=True)
+    async def poet(topic: str, gate: str) -> str:
+        return repr([item async for item in writer.stream(topic)])
+
+    with pytest.raises(NonDeterminismError) as changed:
+        await poet.resume("poem")
+    assert changed.value.step_key == "poet/writer#0"
+    assert "the journal's result of agent 'writer' does not read back as the type it" in str(
+        changed.value
+    )
+
+
 async def test_a_run_whose_workflow_takes_other_arguments_now_says_so(
     journal: Journal, tmp_path: Path
 ) -> None:

@@ -189,7 +189,11 @@ def test_a_batch_rolled_back_by_a_deadlock_is_written_again(
     finally:
         lock.close()
         other.close()
-    assert ["deadlock detected" in str(error) for error in conflicts] == [True]
+    # At least the deadlock made here. Once the writer's transaction is rolled back, its retry
+    # may insert "b" before the other transaction's waiting insert does, and deadlock with it
+    # again (rolled back and retried again): how many times is the scheduler's choice.
+    assert conflicts
+    assert all("deadlock detected" in str(error) for error in conflicts)
     assert writer.failed_batches == 0
     assert {(r["span_id"], r["name"]) for r in raw_spans(store_url)} == {
         ("a", "summarise"),

@@ -294,20 +294,26 @@ async def journaled(
     digest = input_hash(inputs, sort_keys=kind == "tool")
     record = durable.lookup(span.step_key, span.name, kind, digest, position)
     if record is not None:
-        try:
-            return load(record.output), True
-        except ValueError as exc:  # pydantic's ValidationError among them
-            # Its result type changed since it was journaled: another path, as other inputs are.
-            raise NonDeterminismError(
-                span.step_key,
-                f"the journal's result of {kind} {span.name!r} does not read back as the type it "
-                f"returns now ({describe_error(exc)}); resume the run with the code it was "
-                f"started with",
-            ) from exc
+        return read_back(span, kind, load, record.output), True
     durable.check_held()
     result = await run()
     await durable.record(span.step_key, span.name, kind, digest, dump(result), position)
     return result, False
+
+
+def read_back(span: Span, kind: str, load: Callable[[str | None], T], output: str | None) -> T:
+    """A journaled step's result, read back with ``load``; a
+    :class:`~kagura.errors.NonDeterminismError` if it no longer reads as the step's type."""
+    try:
+        return load(output)
+    except ValueError as exc:  # pydantic's ValidationError among them
+        # Its result type changed since it was journaled: another path, as other inputs are.
+        raise NonDeterminismError(
+            span.step_key,
+            f"the journal's result of {kind} {span.name!r} does not read back as the type it "
+            f"returns now ({describe_error(exc)}); resume the run with the code it was "
+            f"started with",
+        ) from exc
 
 
 # Two overloads: with ``Awaitable[T] | T`` alone, mypy cannot solve T for an async ``fn``.

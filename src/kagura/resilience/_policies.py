@@ -21,6 +21,7 @@ from typing import Any, Final, TypedDict
 
 from .. import _llm
 from .._context import Span, call_deadline, current_span, past_call_deadline
+from .._instrument import CUT_SHORT
 from .._usage import Usage
 from ..errors import ProviderTimeout, UsageError
 from ..providers import Model, ModelRequest, ModelResponse
@@ -327,9 +328,7 @@ async def _guarded_attempt(
                 # The call's total timeout cut the attempt short: to the breaker, the provider
                 # did not answer in time, as under a per-attempt timeout. Were it a cancellation
                 # (no health signal), a provider that hangs would never open the circuit.
-                outcome = ProviderTimeout(
-                    "cut short by the agent call's total_timeout", model=model.id
-                )
+                outcome = ProviderTimeout(CUT_SHORT, model=model.id)
             await settle_admitted(breaker, outcome, admitted)
         if limiter is not None and getattr(error, "status_code", None) == 429:
             limiter.penalise(retry_after(error))
