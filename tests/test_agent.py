@@ -113,6 +113,9 @@ def test_agent_keeps_the_function_identity() -> None:
         ({"rate_limit": 500}, "rate_limit must be a kagura.resilience.RateLimiter"),
         ({"timeout": "30s"}, "timeout must be a number of seconds or a timedelta"),
         ({"total_timeout": float("nan")}, "total_timeout must be a number"),
+        # A limit of 0 lets nothing finish: every attempt would time out, having sent nothing.
+        ({"timeout": 0}, "timeout must be more than 0 seconds"),
+        ({"total_timeout": 0.0}, "total_timeout must be more than 0 seconds"),
         ({"provider_kwargs": "seed=1"}, "provider_kwargs must be a dict"),
         ({"provider_kwargs": {"messages": [], "seed": 1}}, "provider_kwargs cannot set messages"),
         ({"tools": len}, "tools must be a list"),

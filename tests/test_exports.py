@@ -127,6 +127,7 @@ EXPORTS: dict[str, list[str]] = {
         "ToolCall",
         "ToolMode",
         "ToolSpec",
+        "model_id",
         "register_provider",
         "resolve_model",
     ],

@@ -381,3 +381,38 @@ async def test_a_deadline_that_is_not_a_number_is_refused(deadline: Any) -> None
     with pytest.raises(UsageError, match="deadline"):
         await gather_partial({"a": job}, deadline=deadline)
     assert inspect.getcoroutinestate(job) == inspect.CORO_CLOSED
+
+
+async def test_a_negative_deadline_is_refused() -> None:
+    job = Tracker().job(1)
+    with pytest.raises(UsageError, match=r"deadline .* must not be negative, got -1"):
+        await gather_partial({"a": job}, deadline=-1)
+    assert inspect.getcoroutinestate(job) == inspect.CORO_CLOSED
+
+
+async def test_gather_partial_refuses_what_is_not_awaitable_as_gather_does() -> None:
+    # Refused before anything runs, rather than reported as that part's TypeError.
+    tracker = Tracker()
+    jobs = [tracker.job(1), tracker.job(2)]
+    with pytest.raises(UsageError, match="gather_partial takes awaitables, got 5 for 'b'"):
+        await gather_partial({"a": jobs[0], "b": 5, "c": jobs[1]})  # type: ignore[dict-item]
+    assert all(inspect.getcoroutinestate(job) == inspect.CORO_CLOSED for job in jobs)
+    assert tracker.started == []
+
+
+async def test_map_closes_the_coroutines_made_when_fn_raises_for_a_later_item() -> None:
+    tracker = Tracker()
+    made: list[Any] = []
+
+    def start(value: int) -> Any:
+        if value == 2:
+            raise ValueError("no coroutine for 2")
+        made.append(tracker.job(value))
+        return made[-1]
+
+    with pytest.raises(ValueError, match="no coroutine for 2"):
+        await parallel.map(start, [0, 1, 2, 3], progress=False)
+    # Closed, so no "coroutine was never awaited" warning follows.
+    assert len(made) == 2
+    assert all(inspect.getcoroutinestate(job) == inspect.CORO_CLOSED for job in made)
+    assert tracker.started == []

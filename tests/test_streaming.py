@@ -525,6 +525,24 @@ async def test_a_fallback_model_answers_when_the_first_fails_before_any_item() -
     assert call.attributes["answered_by"] == "fake/backup"
 
 
+async def test_a_streamed_call_reports_the_models_that_failed_before_the_last() -> None:
+    first = ProviderError("first down", status_code=500)
+    primary = FakeModel([first], name="main")
+    backup = FakeModel([ProviderError("backup down", status_code=503)], name="backup")
+
+    @agent(model=primary, fallback=[backup], retry=False)
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with pytest.raises(ProviderError) as caught:
+        await collect(summarise.stream("t"))
+    assert caught.value.status_code == 503
+    assert caught.value.__notes__ == [
+        f"kagura: fallback model 'fake/main' failed first: ProviderError: {first}"
+    ]
+    assert caught.value.__context__ is first
+
+
 async def test_the_breaker_learns_the_outcome_of_streams() -> None:
     breaker = CircuitBreaker("streams", failure_threshold=1, recovery_time=60)
     fake = FakeModel([ProviderError("down", status_code=503), Reply("unreached")])

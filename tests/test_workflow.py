@@ -289,6 +289,8 @@ async def test_names_the_store_cannot_keep_are_refused_where_they_are_given() ->
         ({"durable": "yes"}, "durable must be True, False or None"),
         ({"budget_usd": float("nan")}, "budget_usd must be a number"),
         ({"budget_tokens": 2.5}, "budget_tokens must be a whole number"),
+        ({"timeout": 0}, "timeout must be more than 0 seconds"),
+        ({"total_timeout": 0}, "total_timeout must be more than 0 seconds"),
     ],
 )
 def test_a_workflow_setting_of_the_wrong_kind_is_refused_at_decoration(

@@ -54,7 +54,7 @@ from .providers import (
     resolve_model,
 )
 from .providers import _parse as _parse_model_string
-from .resilience._fallback import record_fallback
+from .resilience._fallback import record_fallback, tried_first
 from .resilience._policies import (
     Policies,
     PolicyOptions,
@@ -460,8 +460,10 @@ class Agent(Generic[P, R]):
     async def _run_chain(
         self, model: Model, prompt: str, span: Span, policies: Policies
     ) -> tuple[Any, str]:
-        """The primary model, then each fallback model in turn after a run failure."""
+        """The primary model, then each fallback model in turn after a run failure. The error
+        raised at the end carries the failures before it, as a :class:`Fallback`'s does."""
         chain = [model, *(resolve_model(spec) for spec in self.fallback)]
+        failed: list[tuple[str, Exception]] = []
         for position, current in enumerate(chain):
             if position == 1:
                 policies = policies.for_fallbacks()
@@ -470,8 +472,13 @@ class Agent(Generic[P, R]):
                 return await self._run(current, prompt, span, policies)
             except RunError as exc:
                 if position == len(chain) - 1:
+                    tried_first(exc, failed, "model")
                     raise
                 record_fallback(span, current.id, chain[position + 1].id, exc)
+                failed.append((current.id, exc))
+            except Exception as exc:  # a fallback model not ready (no API key), say
+                tried_first(exc, failed, "model")
+                raise
         raise AssertionError("unreachable: the chain is never empty")
 
     async def _run(

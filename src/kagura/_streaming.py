@@ -52,7 +52,7 @@ from .errors import (
     UsageError,
 )
 from .providers import Message, Model, ModelRequest, ModelResponse, ToolCall, ToolMode
-from .resilience._fallback import record_fallback
+from .resilience._fallback import record_fallback, tried_first
 from .resilience._policies import Policies, effective
 from .resilience._stream import GuardedStream, open_stream
 
@@ -192,6 +192,8 @@ async def _items(
                 durable.check_held()
             prompt = agent.prompt.render(arguments)
             deadline = None if total is None else time.monotonic() + total
+            # What the models before failed with, for the error that ends the call.
+            failed: list[tuple[str, Exception]] = []
             for position, model in enumerate(chain):
                 if position == 1:
                     policies = policies.for_fallbacks()
@@ -243,9 +245,14 @@ async def _items(
                     result = _result(agent, model, request, final)
                 except RunError as exc:
                     if state.items or position == len(chain) - 1:
+                        tried_first(exc, failed, "model")
                         raise
                     record_fallback(span, model.id, chain[position + 1].id, exc)
+                    failed.append((model.id, exc))
                     continue
+                except Exception as exc:  # a fallback model not ready (no API key), say
+                    tried_first(exc, failed, "model")
+                    raise
                 if durable is not None:
                     # Committed before the reader sees the result, or the end of the text.
                     await durable.record(

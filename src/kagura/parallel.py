@@ -162,9 +162,16 @@ async def map(
     values = builtins.list(items)
     show = sys.stderr.isatty() if progress is None else progress
     if not show:
-        return await gather(
-            *(fn(v) for v in values), limit=concurrency, return_exceptions=return_exceptions
-        )
+        started: builtins.list[Awaitable[U]] = []
+        try:
+            for value in values:
+                started.append(fn(value))
+        except BaseException:
+            # fn raised for one item before any ran: the coroutines made for the items before
+            # it would be left to warn "never awaited".
+            _close_unstarted(started)
+            raise
+        return await gather(*started, limit=concurrency, return_exceptions=return_exceptions)
     from rich.progress import Progress
 
     with Progress(transient=False) as bar:
@@ -214,6 +221,13 @@ async def gather_partial(
         semaphore = _check_limit(limit)
         if deadline is not None:
             deadline = real(deadline, "deadline (seconds)")
+            if deadline < 0:
+                raise UsageError(f"deadline (seconds) must not be negative, got {deadline!r}")
+        for key, aw in named.items():
+            # Refused as gather refuses it, before anything starts: not reported as that
+            # part's TypeError once the others have run.
+            if not inspect.isawaitable(aw):
+                raise UsageError(f"gather_partial takes awaitables, got {aw!r} for {key!r}")
     except UsageError:
         _close_unstarted(named.values())
         raise

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kagura import MissingCredentialsError, UsageError, agent, workflow
-from kagura.providers import Model, ModelRequest, ModelResponse, resolve_model
+from kagura.providers import Model, ModelRequest, ModelResponse, model_id, resolve_model
 from kagura.providers.local import LocalModel
 from kagura.providers.openai import OpenAIChatModel
 from kagura.testing import FakeModel, capture_events, override_model
@@ -103,6 +103,32 @@ def test_model_instances_are_used_as_given() -> None:
 def test_model_strings(spec: str, provider: str, name: str) -> None:
     model = resolve_model(spec)
     assert (model.provider, model.model_name) == (provider, name)
+
+
+@pytest.mark.parametrize(
+    ("spec", "model"),
+    [
+        ("gpt-4o-mini", "openai/gpt-4o-mini"),
+        (" openai/gpt-4o-mini\n", "openai/gpt-4o-mini"),
+        ("fake", "fake/echo"),
+        ("local/smollm2", "local/smollm2"),
+    ],
+)
+def test_model_id_is_the_id_of_the_model_a_string_names(
+    monkeypatch: pytest.MonkeyPatch, spec: str, model: str
+) -> None:
+    # Neither override: they change the model of a call, not the name of the one a string names.
+    monkeypatch.setenv("KAGURA_MODEL_OVERRIDE", "fake/forced")
+    with override_model(FakeModel(name="overridden")):
+        assert model_id(spec) == model
+
+
+@pytest.mark.parametrize(
+    ("spec", "said"), [("  ", "names a model"), (None, "names a model"), ("acme/x", "'acme'")]
+)
+def test_model_id_refuses_what_names_no_model(spec: Any, said: str) -> None:
+    with pytest.raises(UsageError, match=said):
+        model_id(spec)
 
 
 def test_endpoint_base_urls_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -429,6 +429,25 @@ def test_invalid_settings(kwargs: dict[str, Any]) -> None:
         CircuitBreaker("x", **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "said"),
+    [
+        ({"failure_on": 5}, "failure_on must be a predicate taking an exception"),
+        # A class is callable, and its instances are true: every error would count.
+        ({"failure_on": ProviderError}, "failure_on must be a predicate taking an exception"),
+        ({"on_state_change": 5}, "on_state_change must be a function"),
+    ],
+    ids=repr,
+)
+def test_a_hook_that_cannot_be_called_is_refused_when_the_breaker_is_made(
+    kwargs: dict[str, Any], said: str
+) -> None:
+    # Not at the first failure or change of state, where its TypeError would take the place
+    # of the error the breaker saw.
+    with pytest.raises(UsageError, match=said):
+        CircuitBreaker("x", **kwargs)
+
+
 # -- decorator and context manager ----------------------------------------------------------
 
 

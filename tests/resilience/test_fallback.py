@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from kagura import agent
-from kagura.errors import ProviderError, UsageError
-from kagura.resilience import Answer, Fallback
+from kagura.errors import MissingCredentialsError, ProviderError, UsageError
+from kagura.resilience import Answer, Fallback, Retry, fixed
 from kagura.testing import FakeModel, capture_events
 
 from .conftest import settle
@@ -99,6 +99,67 @@ async def test_an_option_raising_cancelled_error_propagates() -> None:
 
     with pytest.raises(asyncio.CancelledError):
         await Fallback(cancelled, reliable, default="d")("hi")
+
+
+async def test_cancellation_propagates_even_under_on_base_exception() -> None:
+    started = asyncio.Event()
+    backup_calls = 0
+
+    async def hang(text: str) -> str:
+        started.set()
+        await asyncio.Event().wait()
+        return text
+
+    async def backup(text: str) -> str:
+        nonlocal backup_calls
+        backup_calls += 1
+        return text
+
+    task = asyncio.create_task(Fallback(hang, backup, on=BaseException)("hi"))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backup_calls == 0
+
+
+async def test_on_base_exception_still_moves_on_after_errors() -> None:
+    answer = await Fallback(fast, reliable, on=BaseException)("hi")
+    assert answer.source == "reliable"
+
+
+@pytest.mark.parametrize("on", ["ProviderError", 5, (ProviderError, "x"), (), int], ids=repr)
+def test_on_must_be_exception_types(on: object) -> None:
+    # Refused when made: else "catching classes that do not inherit from BaseException is not
+    # allowed" at the first failure, in place of that failure.
+    with pytest.raises(UsageError, match="Fallback's on must be an exception type"):
+        Fallback(fast, reliable, on=on)  # type: ignore[arg-type]
+
+
+def test_sync_options_are_refused() -> None:
+    def sync_answer(text: str) -> str:
+        return text
+
+    # Refused when made, as Retry(...) refuses to decorate one: else it "fails" when reached,
+    # with a TypeError taken for its failure, and the chain falls through to its default.
+    with pytest.raises(UsageError, match=r"sync_answer.* is not: wrap a sync function"):
+        Fallback(fast, sync_answer, default="d")
+
+
+async def test_the_earlier_errors_are_the_context_of_the_last() -> None:
+    async def third(text: str) -> str:
+        raise KeyError("third down")
+
+    with pytest.raises(KeyError) as caught:
+        await Fallback(fast, also_down, third)("hi")
+    # As though each option had been tried in the except of the one before.
+    assert isinstance(caught.value.__context__, ConnectionError)
+    assert isinstance(caught.value.__context__.__context__, ProviderError)
+    notes = caught.value.__notes__
+    assert [n.split(":")[1] for n in notes] == [
+        " fallback option 'fast' failed first",
+        " fallback option 'also_down' failed first",
+    ]
 
 
 async def test_arguments_are_passed_to_every_option() -> None:
@@ -199,6 +260,51 @@ async def test_when_every_model_fails_the_last_error_is_raised() -> None:
         await summarise("t")
     assert caught.value.status_code == 500
     assert len(primary.requests) == len(backup.requests) == 1
+
+
+async def test_the_last_error_carries_the_failures_of_the_models_before() -> None:
+    first = ProviderError("first down", status_code=500)
+    primary = FakeModel([first] * 4, name="main")
+    bad_key = ProviderError("bad key", status_code=401)
+    second = FakeModel([bad_key], name="second")
+    third = FakeModel([ProviderError("bad request", status_code=400)], name="third")
+
+    @agent(model=primary, fallback=[second, third], retry=Retry(attempts=4, backoff=fixed(0)))
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with pytest.raises(ProviderError) as caught:
+        await summarise("t")
+    assert caught.value.status_code == 400
+    # Noted as a Fallback notes the options that failed before its last...
+    fallback_notes = [n for n in caught.value.__notes__ if "fallback" in n]
+    assert fallback_notes == [
+        f"kagura: fallback model 'fake/main' failed first: ProviderError: {first}",
+        f"kagura: fallback model 'fake/second' failed first: ProviderError: {bad_key}",
+    ]
+    # ...and chained, as though each model had been tried in the except of the one before.
+    assert caught.value.__context__ is bad_key
+    assert bad_key.__context__ is first
+
+
+class _NoKeyModel(FakeModel):
+    def check_ready(self) -> None:
+        raise MissingCredentialsError(self.id, "NO_KEY_API_KEY")
+
+
+async def test_a_fallback_model_that_cannot_run_still_reports_the_primarys_failure() -> None:
+    down = ProviderError("down", status_code=500)
+    primary = FakeModel([down], name="main")
+
+    @agent(model=primary, fallback=[_NoKeyModel(name="nokey")], retry=False)
+    async def summarise(text: str) -> str:
+        """Summarise: {{ text }}"""
+
+    with pytest.raises(MissingCredentialsError) as caught:
+        await summarise("t")
+    assert caught.value.__notes__ == [
+        f"kagura: fallback model 'fake/main' failed first: ProviderError: {down}"
+    ]
 
 
 def test_a_bad_fallback_model_string_fails_at_decoration() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 
 import pytest
 
@@ -273,7 +274,48 @@ def test_limit_model_registers_and_replaces() -> None:
     assert limiter_for_model("fake/limited") is None
 
 
+@pytest.mark.parametrize(
+    ("spelling", "model"),
+    [
+        ("gpt-4o-mini", "openai/gpt-4o-mini"),
+        ("openai/gpt-4o-mini ", "openai/gpt-4o-mini"),
+        ("fake", "fake/echo"),
+    ],
+)
+def test_limit_model_keeps_the_limit_under_the_models_id(spelling: str, model: str) -> None:
+    # An agent call looks its limit up by its model's id, whatever string named the model:
+    # under any other spelling the limit would never apply.
+    limiter_ = limit_model(spelling, requests_per_second=1)
+    assert limiter_for_model(model) is limiter_
+    assert limiter_.name == model
+
+
+@pytest.mark.parametrize(
+    ("model", "said"),
+    [
+        (5, "limit_model takes a model string, such as 'openai/gpt-4o-mini', got 5"),
+        ("", "names a model"),
+        # Provider prefixes are as an agent reads them: an agent refuses this one too.
+        ("OpenAI/gpt-4o-mini", "unknown model provider 'OpenAI'"),
+    ],
+)
+def test_limit_model_refuses_what_names_no_model(model: object, said: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(said)):
+        limit_model(model, requests_per_second=1)  # type: ignore[arg-type]
+
+
 # -- agents --------------------------------------------------------------------------------
+
+
+async def test_a_limit_set_by_the_agents_model_string_applies_to_it(no_waits: None) -> None:
+    limiter_ = limit_model(" fake ", requests_per_second=1)
+
+    @agent(model="fake")
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    await ask("x")
+    assert limiter_.admitted == 1
 
 
 async def test_an_agent_waits_on_its_models_limiter(no_waits: None) -> None:

@@ -213,6 +213,43 @@ def test_retry_on_must_be_a_predicate_or_types() -> None:
         Retry(retry_on="ProviderError")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        ({"backoff": 5}, "backoff must be a Backoff such as exponential() or fixed(1.0), got 5"),
+        ({"backoff": fixed}, "got the function fixed: call it"),
+        ({"backoff": exponential}, "got the function exponential: call it"),
+        ({"on_retry": 5}, "on_retry must be a function"),
+        ({"retry_on": (ValueError, 5)}, "retry_on must be a predicate, an exception type or"),
+        ({"retry_on": int}, "retry_on must be a predicate, an exception type or"),
+        ({"retry_on": ()}, "retry_on must be a predicate, an exception type or"),
+        ({"respect_retry_after": "no"}, "respect_retry_after must be True or False"),
+    ],
+    ids=repr,
+)
+def test_a_setting_of_the_wrong_kind_is_refused_when_the_policy_is_made(
+    settings: dict[str, Any], said: str
+) -> None:
+    # Not at the first failure, where its TypeError would take the place of the real error.
+    with pytest.raises(UsageError) as caught:
+        Retry(**settings)
+    assert said in str(caught.value)
+
+
+@pytest.mark.parametrize("setting", ["timeout", "total_timeout"])
+@pytest.mark.parametrize("value", [0, 0.0, timedelta(0)], ids=repr)
+def test_a_timeout_of_zero_is_refused(setting: str, value: object) -> None:
+    # Nothing finishes in no time: every attempt would time out, having sent nothing.
+    with pytest.raises(UsageError, match=f"{setting} must be more than 0 seconds"):
+        Retry(**{setting: value})
+
+
+def test_waits_may_be_zero() -> None:
+    policy = Retry(backoff=fixed(0), max_retry_after=0)
+    assert policy.backoff.delay(1) == 0
+    assert policy.max_retry_after == 0
+
+
 # -- giving up -----------------------------------------------------------------------------
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "ToolCall",
     "ToolMode",
     "ToolSpec",
+    "model_id",
     "register_provider",
     "resolve_model",
 ]
@@ -97,10 +98,27 @@ def resolve_model(
         return _parse(override, None, None)
     # Asked about str rather than Model: isinstance against an ABC is slow, and every call asks.
     if spec is None or isinstance(spec, str):
-        # Surrounding spaces are no part of a name (" gpt-4o-mini" was "openai/ gpt-4o-mini"),
-        # and a blank string names no model, as None does.
-        return _parse((spec and spec.strip()) or _settings.default_model(), base_url, api_key)
+        # A blank string names no model, as None does.
+        return _parse(_name(spec) or _settings.default_model(), base_url, api_key)
     return spec
+
+
+def model_id(spec: str) -> str:
+    """The ``provider/model`` id of the model a model string names, as an agent resolves it:
+    ``"gpt-4o-mini"`` is ``"openai/gpt-4o-mini"``. For settings kept by model (rate limits),
+    which must find the model whatever string an agent named it by. Neither override applies:
+    they replace the model of a call, not the names settings are kept under."""
+    name = _name(spec) if isinstance(spec, str) else None
+    if not name:
+        raise UsageError(
+            f"a model string names a model, such as 'openai/gpt-4o-mini', got {spec!r}"
+        )
+    return _parse(name, None, None).id
+
+
+def _name(spec: str | None) -> str | None:
+    # Surrounding spaces are no part of a name (" gpt-4o-mini" was "openai/ gpt-4o-mini").
+    return spec and spec.strip()
 
 
 @lru_cache(maxsize=256)

@@ -27,6 +27,18 @@ def seconds(value: float | timedelta, what: str) -> float:
     return result
 
 
+def time_limit(value: float | timedelta, what: str) -> float:
+    """A timeout as float seconds. Unlike a wait, which may be 0, a limit of 0 lets nothing
+    finish: every attempt would fail, and be retried, having sent nothing."""
+    result = seconds(value, what)
+    if result == 0:
+        raise UsageError(
+            f"{what} must be more than 0 seconds, got {value!r}: nothing can finish in no time "
+            f"(None means no limit)"
+        )
+    return result
+
+
 @dataclass(frozen=True, slots=True)
 class Backoff:
     """Delay before retry number ``n`` (1 for the first retry).

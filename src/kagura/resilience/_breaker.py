@@ -22,7 +22,7 @@ from typing import Any, Literal, ParamSpec, TypeVar
 from .._checks import count
 from .._context import current_span
 from .._instrument import span_event
-from ..errors import CircuitOpenError
+from ..errors import CircuitOpenError, UsageError
 from ._backoff import seconds
 from ._classify import is_transient
 
@@ -56,6 +56,20 @@ class CircuitBreaker:
     ) -> None:
         count(failure_threshold, "failure_threshold", at_least=1)
         count(half_open_probes, "half_open_probes", at_least=1)
+        # Checked here: called only at a failure or a change of state, a wrong one would raise
+        # its TypeError then, in place of the failure.
+        if not callable(failure_on) or isinstance(failure_on, type):
+            # A class is callable too, and its instances true: every error would count.
+            raise UsageError(
+                f"failure_on must be a predicate taking an exception, such as "
+                f"kagura.resilience.is_transient or lambda e: isinstance(e, ProviderError), "
+                f"got {failure_on!r}"
+            )
+        if on_state_change is not None and not callable(on_state_change):
+            raise UsageError(
+                f"on_state_change must be a function taking (breaker, old_state, new_state), "
+                f"or None, got {on_state_change!r}"
+            )
         self.name = name
         self.failure_threshold = failure_threshold
         self.recovery_time: float = seconds(recovery_time, "recovery_time")

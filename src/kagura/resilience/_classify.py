@@ -1,4 +1,4 @@
-"""Which failures are worth retrying.
+"""Which failures are worth retrying, and the exception types given to say which.
 
 Transient: HTTP 408, 409, 425, 429 and 5xx, timeouts, connection errors. Never: authentication,
 permission, bad requests, features the endpoint does not support, usage errors, output that did
@@ -8,6 +8,7 @@ not parse, and cancellation (which is not an error at all: it always propagates)
 from __future__ import annotations
 
 import asyncio
+from typing import TypeGuard
 
 from ..errors import (
     ProviderConnectionError,
@@ -38,3 +39,23 @@ def is_transient(error: BaseException) -> bool:
 def retry_after(error: BaseException) -> float | None:
     """Seconds the server asked us to wait before trying again, if it said."""
     return error.retry_after if isinstance(error, ProviderError) else None
+
+
+def exception_types(
+    value: object,
+    what: str,
+    *,
+    takes: str = "an exception type, such as ProviderError, or a tuple of them",
+) -> type[BaseException] | tuple[type[BaseException], ...]:
+    """``value`` if it is an exception type or a tuple of them (what ``except`` takes), else a
+    :class:`~kagura.errors.UsageError` naming ``what``: a wrong one would otherwise pass
+    unnoticed until the first failure, and then replace that failure with a ``TypeError``."""
+    if _is_exception_type(value):
+        return value
+    if isinstance(value, tuple) and value and all(_is_exception_type(t) for t in value):
+        return value
+    raise UsageError(f"{what} must be {takes}, got {value!r}")
+
+
+def _is_exception_type(value: object) -> TypeGuard[type[BaseException]]:
+    return isinstance(value, type) and issubclass(value, BaseException)

@@ -7,13 +7,15 @@ every option failed. Cancellation is never a reason to fall back: it propagates.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar
 
 from .._context import Span, current_span
 from .._instrument import span_event
+from .._tool import awaits_when_called
 from ..errors import UsageError
+from ._classify import exception_types
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,8 +48,9 @@ class Fallback(Generic[P, T]):
     Args:
         options: async callables tried in order with the call's arguments.
         default: returned (as source ``"default"``) when every option failed; without it the last
-            error is raised, with the earlier ones attached as notes.
+            error is raised, with the earlier ones attached as notes and chained as its context.
         on: the exception types that move on to the next option (default: any ``Exception``).
+            Cancellation never does, whatever ``on`` says (``BaseException`` included).
     """
 
     def __init__(
@@ -64,9 +67,16 @@ class Fallback(Generic[P, T]):
                     f"Fallback's options are async callables (agents, async functions), "
                     f"got {option!r}"
                 )
+            # Checked here, as Retry(...) checks what it decorates: a sync option would only
+            # fail when reached, as a TypeError taken for that option's failure.
+            if not awaits_when_called(option):
+                raise UsageError(
+                    f"Fallback's options are async callables (agents, async functions); "
+                    f"{option!r} is not: wrap a sync function in an async def"
+                )
         self.options = options
         self.default = default
-        self.on = on
+        self.on = exception_types(on, "Fallback's on")
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Answer[T]:
         errors: list[tuple[str, Exception]] = []
@@ -74,20 +84,56 @@ class Fallback(Generic[P, T]):
             name = _name(option)
             try:
                 value = await option(*args, **kwargs)
-            except self.on as error:
+            # Exception, not self.on: a cancellation (a BaseException) always propagates, even
+            # under on=BaseException, as Retry never retries one whatever its retry_on says.
+            except Exception as error:
+                if not isinstance(error, self.on):
+                    raise
                 errors.append((name, error))
                 record_fallback(current_span.get(), name, None, error)
                 continue
             return Answer(value, name, tuple(errors))
         if self.default is not _NO_DEFAULT:
             return Answer(self.default, "default", tuple(errors))
-        last = errors[-1][1]
-        for earlier_name, earlier in errors[:-1]:
-            last.add_note(
-                f"kagura: fallback option {earlier_name!r} failed first: "
-                f"{type(earlier).__name__}: {earlier}"
-            )
+        last = errors.pop()[1]
+        tried_first(last, errors, "option")
         raise last
+
+
+def tried_first(
+    last: BaseException, errors: Sequence[tuple[str, BaseException]], kind: str
+) -> None:
+    """Before ``last`` (the last option's error) is raised: the failures of the options tried
+    before it, in order, noted on it and chained to it as its context, as they would be had
+    each option been tried in the ``except`` of the one before."""
+    for name, earlier in errors:
+        last.add_note(
+            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: {earlier}"
+        )
+    later = last
+    for _, earlier in reversed(errors):
+        chain = _shown_chain(later)
+        end = chain[-1]
+        # Never over a context already there, nor into a loop (one error raised twice).
+        if end.__context__ is None and not {id(e) for e in chain} & {
+            id(e) for e in _shown_chain(earlier)
+        }:
+            end.__context__ = earlier
+        later = earlier
+
+
+def _shown_chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors a traceback of it shows below it: each one's cause, or else
+    its context unless suppressed."""
+    chain = [error]
+    while True:
+        end = chain[-1]
+        following = end.__cause__
+        if following is None and not end.__suppress_context__:
+            following = end.__context__
+        if following is None or any(following is e for e in chain):
+            return chain
+        chain.append(following)
 
 
 def record_fallback(

@@ -25,7 +25,7 @@ from .._instrument import CUT_SHORT
 from .._usage import Usage
 from ..errors import ProviderTimeout, UsageError
 from ..providers import Model, ModelRequest, ModelResponse
-from ._backoff import seconds
+from ._backoff import seconds, time_limit
 from ._breaker import CircuitBreaker, circuit_breaker, settle_admitted
 from ._budget import CostBudget, current_cost_budgets
 from ._classify import retry_after
@@ -115,10 +115,12 @@ class Policies:
                 total = retry.total_timeout
         return cls(
             retry=retry,
-            timeout=timeout if timeout is None or timeout is UNSET else seconds(timeout, "timeout"),
+            timeout=timeout
+            if timeout is None or timeout is UNSET
+            else time_limit(timeout, "timeout"),
             total_timeout=total
             if total is None or total is UNSET
-            else seconds(total, "total_timeout"),
+            else time_limit(total, "total_timeout"),
             breaker=breaker,
             rate_limit=rate_limit,
         )

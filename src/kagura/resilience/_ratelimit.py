@@ -21,6 +21,7 @@ from .._checks import count, real
 from .._context import current_span
 from .._instrument import span_event
 from ..errors import UsageError
+from ..providers import model_id
 from . import _config
 from ._backoff import seconds
 
@@ -244,8 +245,30 @@ def limit_model(
     tokens_per_minute: float | None = None,
     burst: int | None = None,
 ) -> RateLimiter:
-    """Rate-limit every agent call to ``model`` (``"provider/model"``, such as
-    ``"openai/gpt-4o-mini"``) in this process. Calling it again replaces the limit."""
+    """Rate-limit every agent call to ``model`` in this process. Calling it again replaces the
+    limit.
+
+    ``model`` is a model string as ``@agent(model=...)`` takes it: ``"gpt-4o-mini"`` and
+    ``"openai/gpt-4o-mini"`` limit the same model. A model an agent sends to its own
+    ``base_url=`` is ``"openai/<model string>"``."""
+    if not isinstance(model, str):
+        raise UsageError(
+            f"limit_model takes a model string, such as 'openai/gpt-4o-mini', got {model!r}"
+        )
+    try:
+        # Kept under the model's id, which is what an agent call looks it up by, however the
+        # agent named the model: a limit under another spelling would never apply.
+        model = model_id(model)
+    except UsageError as error:
+        # The provider's error offers base_url=, which an agent takes and this does not.
+        hint = (
+            " (a model an agent sends to its own base_url= is 'openai/' and its model string)"
+            if "/" in model
+            else ""
+        )
+        raise UsageError(
+            f"limit_model takes a model string as @agent(model=...) does: {error}{hint}"
+        ) from None
     limiter = RateLimiter(
         model,
         requests_per_second=requests_per_second,
@@ -258,8 +281,9 @@ def limit_model(
     return limiter
 
 
-def limiter_for_model(model_id: str) -> RateLimiter | None:
-    return _registry.get(model_id)
+def limiter_for_model(model: str) -> RateLimiter | None:
+    """The limit set with :func:`limit_model` for a model's id (``Model.id``), if any."""
+    return _registry.get(model)
 
 
 def reset_rate_limits() -> None:

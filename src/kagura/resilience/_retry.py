@@ -23,9 +23,9 @@ from .._instrument import span_event
 from .._tool import awaits_when_called
 from ..errors import UsageError
 from . import _config
-from ._backoff import Backoff, jittered, seconds
+from ._backoff import Backoff, exponential, fixed, jittered, seconds, time_limit
 from ._budget import current_retry_budgets
-from ._classify import is_transient, retry_after
+from ._classify import exception_types, is_transient, retry_after
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -84,16 +84,26 @@ class Retry:
         max_retry_after: float | timedelta = 60.0,
         on_retry: Callable[[RetryDetails], None] | None = None,
     ) -> None:
+        # Each setting is checked here: a wrong one would otherwise fail at the first failure,
+        # its error taking the place of the provider's.
         count(attempts, "attempts", at_least=1)
         self.attempts: int = attempts
-        self.backoff: Backoff = backoff if backoff is not None else jittered(0.5, cap=30.0)
+        self.backoff: Backoff = _backoff(backoff)
         self.retry_on: Callable[[BaseException], bool] = _predicate(retry_on)
-        self.timeout: float | None = None if timeout is None else seconds(timeout, "timeout")
+        self.timeout: float | None = None if timeout is None else time_limit(timeout, "timeout")
         self.total_timeout: float | None = (
-            None if total_timeout is None else seconds(total_timeout, "total_timeout")
+            None if total_timeout is None else time_limit(total_timeout, "total_timeout")
         )
+        if not isinstance(respect_retry_after, bool):
+            raise UsageError(
+                f"respect_retry_after must be True or False, got {respect_retry_after!r}"
+            )
         self.respect_retry_after: bool = respect_retry_after
         self.max_retry_after: float = seconds(max_retry_after, "max_retry_after")
+        if on_retry is not None and not callable(on_retry):
+            raise UsageError(
+                f"on_retry must be a function taking a RetryDetails, or None, got {on_retry!r}"
+            )
         self.on_retry: Callable[[RetryDetails], None] | None = on_retry
 
     def __repr__(self) -> str:
@@ -277,9 +287,23 @@ class Attempt:
         return False
 
 
+def _backoff(backoff: object) -> Backoff:
+    if backoff is None:
+        return jittered(0.5, cap=30.0)
+    if isinstance(backoff, Backoff):
+        return backoff
+    said = "backoff must be a Backoff such as exponential() or fixed(1.0)"
+    if any(backoff is factory for factory in (exponential, fixed, jittered)):
+        name = getattr(backoff, "__name__", "")
+        raise UsageError(f"{said}; got the function {name}: call it, as in {name}(...)")
+    raise UsageError(f"{said}, got {backoff!r}")
+
+
 def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
     if isinstance(retry_on, type | tuple):
-        types = retry_on
+        types = exception_types(
+            retry_on, "retry_on", takes="a predicate, an exception type or a tuple of them"
+        )
 
         def matches(error: BaseException) -> bool:
             return isinstance(error, types)
@@ -287,7 +311,9 @@ def _predicate(retry_on: RetryOn) -> Callable[[BaseException], bool]:
         return matches
     if callable(retry_on):
         return retry_on
-    raise UsageError(f"retry_on must be a predicate or exception types, got {retry_on!r}")
+    raise UsageError(
+        f"retry_on must be a predicate, an exception type or a tuple of them, got {retry_on!r}"
+    )
 
 
 #: The lowercase spelling, for decorator use (``@retry(attempts=3)``): the same class.
