@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import enum
 import json
+import uuid
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -247,18 +249,144 @@ def nested_models(depth: int) -> Any:
     return model
 
 
+class Span(enum.Enum):
+    SHORT = (0, 10)
+    LONG = (10, 100)
+
+
+class Timed(pydantic.BaseModel):
+    label: str
+    span: Span
+
+
 @pytest.mark.parametrize(
     ("tp", "says"),
     [
         # A valid Python pattern that pydantic's regex engine refuses.
         (Annotated[str, pydantic.Field(pattern=r"^[A-Z]{3}(?=-)")], "look-around"),
         (nested_models(200), "nest deeper than pydantic can make a JSON schema of"),
+        # Choices whose JSON (what the schema offers the model) reads back as another value.
+        (Span, "its choice <Span.SHORT: (0, 10)> as the JSON [0,10], which does not read back"),
+        (list[Timed], "its choice <Span.SHORT: (0, 10)> as the JSON [0,10]"),
+        (Literal["a", b"b"], "its choice b'b' as the JSON \"b\", which does not read back"),
     ],
 )
 def test_a_return_type_pydantic_refuses_is_a_usage_error_at_decoration(tp: Any, says: str) -> None:
     with pytest.raises(UsageError, match="cannot be used as an agent result") as raised:
         make_agent(tp, FakeModel())
     assert says in str(raised.value)
+
+
+# -- strict types: validated as the JSON the schema describes ---------------------------------
+
+
+class Colour(enum.Enum):
+    RED = "red"
+    BLUE = "blue"
+
+
+class Event(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+    title: str
+    when: datetime.datetime
+    day: datetime.date
+    id: uuid.UUID
+    colour: Colour
+    span: tuple[int, int]
+
+
+EVENT = '{"title": "launch", "when": "2024-05-01T10:00:00Z", "day": "2024-05-01", ' + (
+    '"id": "00000000-0000-4000-8000-000000000000", "colour": "red", "span": [1, 2]}'
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [EVENT, f'{{"result": {EVENT}}}', f"Here you are:\n```json\n{EVENT}\n```", f"Sure! {EVENT}"],
+)
+async def test_a_strict_model_takes_the_json_forms_its_schema_asks_for(text: str) -> None:
+    # Strict in Python mode, a model refuses a date's string and a tuple's list: the answer is
+    # JSON, and validated as JSON, as pydantic's own validate_json would.
+    assert await ask(Event, text) == pydantic.TypeAdapter(Event).validate_json(EVENT)
+
+
+@pytest.mark.parametrize(
+    ("tp", "text", "expected"),
+    [
+        (Annotated[datetime.date, pydantic.Strict()], '"2024-05-01"', datetime.date(2024, 5, 1)),
+        (Annotated[datetime.date, pydantic.Strict()], "2024-05-01", datetime.date(2024, 5, 1)),
+        (Annotated[tuple[int, str], pydantic.Strict()], '[1, "one"]', (1, "one")),
+        (Annotated[Colour, pydantic.Strict()], '{"result": "blue"}', Colour.BLUE),
+        (Annotated[Colour, pydantic.Strict()], "blue.", Colour.BLUE),
+    ],
+)
+async def test_a_strict_result_takes_the_json_forms_its_schema_asks_for(
+    tp: Any, text: str, expected: Any
+) -> None:
+    assert await ask(tp, text) == expected
+
+
+# -- answers that are no value of the type --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("tp", "text"),
+    [
+        (Person, "[" * 3000),
+        (Person, '{"name": ' + "[" * 3000),
+        (Person, '```json\n{"name": "Ada", "age": ' + "[" * 3000 + "\n```"),
+        (list[Any], "[" * 3000 + "]" * 3000),
+    ],
+    ids=["unclosed", "inside-an-object", "fenced", "closed"],
+)
+async def test_an_answer_nested_too_deeply_is_asked_again(tp: Any, text: str) -> None:
+    # json.loads recurses as deep as the arrays nest: its RecursionError is an invalid answer.
+    good = "[1]" if tp is not Person else '{"name": "Ada", "age": 36}'
+    fake = FakeModel([text, good])
+    assert await make_agent(tp, fake, output_retries=1)("q") == (
+        [1] if tp is not Person else Person(name="Ada", age=36)
+    )
+    reask = fake.requests[1].messages[-1]["content"]
+    assert reask.startswith("That answer is not valid: ")
+
+
+class Reading(pydantic.BaseModel):
+    sensor: str
+    value: float
+
+
+@pytest.mark.parametrize(
+    ("tp", "text", "where"),
+    [
+        (Reading, '{"sensor": "t1", "value": NaN}', "value: "),
+        (Reading, '{"sensor": "t1", "value": "NaN"}', "value: "),  # pydantic reads it as nan
+        (Reading, '{"sensor": "t1", "value": -Infinity}', "value: "),
+        (float, "NaN", "value: "),
+        (float, '{"result": Infinity}', "value: "),
+        (list[float], "[1.5, NaN]", "1: "),
+        (float | None, "nan", "value: "),
+        (float, "About 1e999 units.", "value: "),
+    ],
+)
+async def test_nan_or_infinity_is_no_number_and_is_asked_again(
+    tp: Any, text: str, where: str
+) -> None:
+    # JSON has no NaN: taken, it would flow into the caller's arithmetic, and a durable run
+    # could not journal it (see tests/durable). Asked again, as for any other invalid answer.
+    good = (
+        '{"sensor": "t1", "value": 2.5}'
+        if tp is Reading
+        else "[2.5]"
+        if tp == list[float]
+        else "2.5"
+    )
+    fake = FakeModel([text, good])
+    result = await make_agent(tp, fake, output_retries=1)("q")
+    assert result == (
+        Reading(sensor="t1", value=2.5) if tp is Reading else [2.5] if tp == list[float] else 2.5
+    )
+    reask = fake.requests[1].messages[-1]["content"]
+    assert f"That answer is not valid: {where}Input should be a finite number" in reask
 
 
 # -- re-asking ----------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import threading
 import warnings
-from typing import Literal
+from typing import Annotated, Literal
 
+import pydantic
 import pytest
 
 from kagura import Tool, ToolLoopError, UsageError, agent, get_current_span, tool
@@ -254,7 +256,17 @@ async def test_unknown_tool_name_is_reported_to_the_model() -> None:
 
 
 @pytest.mark.parametrize(
-    "arguments", [{"a": "two", "b": 1}, {"a": 1}, "not json", "[1, 2]"], ids=str
+    "arguments",
+    [
+        {"a": "two", "b": 1},
+        {"a": 1},
+        "not json",
+        "[1, 2]",
+        # Past what json.loads can recurse through: a RecursionError ended the call.
+        pytest.param("[" * 3000, id="unclosed-arrays-3000-deep"),
+        pytest.param('{"a": ' + "[" * 3000 + "]" * 3000 + ', "b": 1}', id="arrays-3000-deep"),
+    ],
+    ids=str,
 )
 async def test_invalid_arguments_are_reported_to_the_model(arguments: object) -> None:
     fake = FakeModel([tool_calls(call("add", arguments)), "ok"])
@@ -265,6 +277,32 @@ async def test_invalid_arguments_are_reported_to_the_model(arguments: object) ->
 
     assert await calc("q") == "ok"
     assert fake.requests[1].messages[-1]["content"].startswith("Error: ")
+
+
+class Booking(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True)
+    day: datetime.date
+    seats: tuple[int, int]
+
+
+async def test_a_strict_parameter_takes_the_json_forms_its_schema_asks_for() -> None:
+    # The arguments are JSON text, validated as JSON: strict in Python mode, the model refuses
+    # the date's string and the tuple's array that its schema asks the model for.
+    @tool
+    def book(booking: Booking, on: Annotated[datetime.date, pydantic.Strict()]) -> str:
+        """Book seats."""
+        return f"{booking.day} {booking.seats} {on}"
+
+    arguments = {"booking": {"day": "2024-05-01", "seats": [1, 2]}, "on": "2024-04-01"}
+    fake = FakeModel([tool_calls(call("book", arguments)), "ok"])
+
+    @agent(model=fake, tools=[book])
+    async def assistant(q: str) -> str:
+        """{{ q }}"""
+
+    assert await assistant("q") == "ok"
+    assert fake.requests[1].messages[-1]["content"] == "2024-05-01 (1, 2) 2024-04-01"
+    assert await book.invoke(arguments) == "2024-05-01 (1, 2) 2024-04-01"
 
 
 async def test_sync_tools_run_off_the_event_loop_and_async_tools_on_it() -> None:
@@ -423,6 +461,31 @@ async def test_prompted_tools_structured_answer() -> None:
         """{{ q }}"""
 
     assert await weather("q") == {"city": "Oslo", "temp": 3}
+
+
+@pytest.mark.parametrize(
+    "answer", ["[" * 3000, '{"tool": "add", "arguments": ' + "[" * 3000], ids=["bare", "arguments"]
+)
+async def test_a_prompted_answer_nested_too_deeply_is_asked_again(answer: str) -> None:
+    fake = FakeModel([answer, '{"answer": 7}'], supports_tools=False)
+
+    @agent(model=fake, tools=[add], output_retries=1)
+    async def calc(q: str) -> int:
+        """{{ q }}"""
+
+    assert await calc("q") == 7
+    assert fake.requests[1].messages[-1]["content"].startswith("That answer is not valid: ")
+
+
+async def test_a_prompted_answer_of_nan_is_asked_again_not_taken_as_null() -> None:
+    fake = FakeModel(['{"answer": NaN}', '{"answer": 2.5}'], supports_tools=False)
+
+    @agent(model=fake, tools=[add], output_retries=1)
+    async def measure(q: str) -> float | None:
+        """{{ q }}"""
+
+    assert await measure("q") == 2.5
+    assert "Input should be a finite number" in fake.requests[1].messages[-1]["content"]
 
 
 async def test_prompted_tools_are_bounded_too() -> None:

@@ -721,9 +721,11 @@ class Agent(Generic[P, R]):
 def _call_inputs(arguments: str) -> Any:
     """A tool call's arguments as the journal hashes them: the value the model's JSON text
     stands for (hashed with its keys sorted), so that the same call written again with its keys
-    in another order is found journaled, not run twice."""
+    in another order is found journaled, not run twice. Text that is no JSON, or JSON nested
+    past pydantic's limit (where json.loads would raise RecursionError, and hashing it would
+    too), is hashed as the text it is: the tool itself refuses it, back to the model."""
     try:
-        return json.loads(arguments)
+        return pydantic_core.from_json(arguments)
     except ValueError:
         return arguments
 

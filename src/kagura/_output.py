@@ -2,7 +2,9 @@
 
 pydantic does the schema and the validation. What pydantic cannot do is find the JSON in a chatty
 model's answer, so :func:`json_candidates` does that: fenced blocks first, then balanced ``{...}``
-or ``[...]`` spans, then the whole text.
+or ``[...]`` spans, then the whole text. What is found is validated as JSON (pydantic's JSON
+mode), as the schema describes it: a strict type takes a date as its ISO string, a tuple as an
+array.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import re
 import types
 from typing import Any, Literal, Union, get_args, get_origin
@@ -98,6 +101,15 @@ class OutputSpec:
                 f"return type {tp!r} cannot be used as an agent result: its models nest deeper "
                 f"than pydantic can make a JSON schema of; flatten them"
             ) from exc
+        unreadable = _unreadable_choice(self._adapter)
+        if unreadable is not None:
+            choice, text = unreadable
+            raise UsageError(
+                f"return type {tp!r} cannot be used as an agent result: the model would answer "
+                f"its choice {choice!r} as the JSON {text}, which does not read back as "
+                f"{choice!r}, so that answer could never be taken; give its Literal or Enum "
+                f"values that JSON keeps (str, int, float, bool or None)"
+            )
         self._choices = _choices(tp)
         self._has_result_field = "result" in inner.get("properties", {})
         # Structured-output APIs want an object at the top level, so other types are wrapped.
@@ -165,17 +177,47 @@ class OutputSpec:
             except ValueError as exc:
                 last_error = exc
                 continue
-            for value in self._unwrap(data):
+            except RecursionError:  # json.loads recurses as deep as the arrays nest
+                last_error = ValueError("its arrays or objects nest too deeply")
+                continue
+            for reading, value in enumerate(self._unwrap(data)):
                 try:
-                    return self._adapter.validate_python(value)
-                except pydantic.ValidationError as exc:
-                    last_error = exc
+                    # Written back as JSON to be validated as JSON: in Python mode a strict type
+                    # refuses the JSON forms its schema asks for (a datetime's string).
+                    return self._finite(self._adapter.validate_json(pydantic_core.to_json(value)))
+                except ValueError as exc:  # pydantic's ValidationError among them
+                    if reading == 0:
+                        # What is wrong with its likeliest reading is what the model is told:
+                        # of {"result": NaN}, that NaN is no number, not that an object is none.
+                        last_error = exc
         lenient = self._lenient(text)
         if lenient is not _MISSING:
             return lenient
         if last_error is None:
             raise OutputValidationError("the answer contains no JSON value")
         raise OutputValidationError(describe_error(last_error))
+
+    @staticmethod
+    def _finite(value: Any) -> Any:
+        """``value``, unless a float in it is NaN or infinite: JSON has no such number (the
+        schema asks for JSON), so a model that answers ``NaN`` (or ``"NaN"``, which pydantic
+        reads as a float) found no number, and is asked again rather than have NaN flow into
+        the caller's arithmetic. Nor could the journal of a durable run keep it: JSON again."""
+        try:
+            data = pydantic_core.to_jsonable_python(value, fallback=repr)
+        except ValueError:
+            return value  # not all of it has a JSON form: no float to find in that part
+        stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
+        while stack:
+            loc, item = stack.pop()
+            if isinstance(item, float) and not math.isfinite(item):
+                where = ".".join(str(x) for x in loc) or "value"
+                raise OutputValidationError(f"{where}: Input should be a finite number, not {item}")
+            if isinstance(item, dict):
+                stack.extend(((*loc, k), v) for k, v in item.items())
+            elif isinstance(item, list):
+                stack.extend(((*loc, i), v) for i, v in enumerate(item))
+        return value
 
     def _unwrap(self, data: Any) -> list[Any]:
         if self.wrapped and isinstance(data, dict) and "result" in data:
@@ -194,9 +236,10 @@ class OutputSpec:
         stripped = text.strip().strip("`").strip()
         for candidate in (stripped, stripped.rstrip(".!").strip().strip("\"'")):
             try:
-                return self._adapter.validate_strings(candidate)
-            except (pydantic.ValidationError, TypeError, ValueError):
-                pass
+                value = self._adapter.validate_strings(candidate)
+            except (TypeError, ValueError):  # pydantic's ValidationError among them
+                continue
+            return self._finite(value)  # "nan" is a float to pydantic, but no number
         if self._choices is not None:
             choice = _choice_in_prose(stripped, self._choices)
             return _MISSING if choice is _MISSING else self._adapter.validate_python(choice)
@@ -204,7 +247,7 @@ class OutputSpec:
             numbers = _NUMBER.findall(stripped)
             if len(numbers) == 1:
                 try:
-                    return self._adapter.validate_strings(numbers[0])
+                    return self._finite(self._adapter.validate_strings(numbers[0]))
                 except pydantic.ValidationError:
                     pass
         return _MISSING
@@ -227,6 +270,38 @@ class OutputSpec:
 
 
 _MISSING: Any = object()
+
+
+def _unreadable_choice(adapter: TypeAdapter[Any]) -> tuple[Any, str] | None:
+    """A Literal's or an Enum's value in ``adapter``'s type that its JSON (as the schema offers
+    it to the model) does not read back as, with that JSON: a tuple (JSON has arrays, read as
+    lists), bytes (JSON has strings), a date. Found in pydantic's core schema, where each
+    Literal and Enum is a node of its own, however deep in models and unions."""
+    seen: set[int] = set()
+    stack: list[Any] = [adapter.core_schema]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, dict):
+            kind = node.get("type")
+            if kind in ("literal", "enum"):
+                validator = pydantic_core.SchemaValidator(node)
+                for choice in node["expected"] if kind == "literal" else node["members"]:
+                    try:
+                        text = pydantic_core.to_json(choice).decode()
+                    except ValueError:
+                        continue  # no JSON at all: its JSON schema could not be made either
+                    try:
+                        validator.validate_json(text)
+                    except pydantic.ValidationError:
+                        return choice, text
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return None
+
 
 _WORD = re.compile(r"[\w'’-]+")
 #: Words that turn a choice named in prose around: "not positive", "isn't negative".
@@ -270,6 +345,8 @@ def _within(part: list[str], words: list[str]) -> bool:
 
 def describe_error(error: Exception) -> str:
     """A validation error in a line: where, and what was wrong (at most five places)."""
+    if isinstance(error, OutputValidationError):
+        return str(error)
     if isinstance(error, pydantic.ValidationError):
         parts = []
         for e in error.errors(include_url=False)[:5]:

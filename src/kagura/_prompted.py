@@ -105,16 +105,17 @@ def read(text: str, round_no: int, output: OutputSpec) -> tuple[list[ToolCall], 
         try:
             # strict=False: small models put raw newlines inside strings.
             data = json.loads(candidate, strict=False)
-        except ValueError:
+            if isinstance(data, dict) and isinstance(data.get("tool"), str):
+                arguments = data.get("arguments") or {}
+                return [ToolCall(f"call_{round_no}", data["tool"], _to_json(arguments))], text
+            if isinstance(data, dict) and "answer" in data:
+                answer = data["answer"]
+                if output.is_text:
+                    return [], answer if isinstance(answer, str) else _to_json(answer)
+                return [], _to_json({"result": answer} if output.wrapped else answer)
+        except (ValueError, RecursionError):
+            # Not JSON, or nested deeper than json.loads recurses or pydantic writes back.
             continue
-        if isinstance(data, dict) and isinstance(data.get("tool"), str):
-            arguments = data.get("arguments") or {}
-            return [ToolCall(f"call_{round_no}", data["tool"], _to_json(arguments))], text
-        if isinstance(data, dict) and "answer" in data:
-            answer = data["answer"]
-            if output.is_text:
-                return [], answer if isinstance(answer, str) else _to_json(answer)
-            return [], _to_json({"result": answer} if output.wrapped else answer)
     if text.lstrip().startswith(("{", "[")):
         raise OutputValidationError(
             'the answer is not valid JSON: answer with only {"tool": ..., "arguments": {...}} '
@@ -140,7 +141,7 @@ def call_key(call: ToolCall) -> tuple[str, str]:
     """The same tool with the same arguments, whatever their order and spacing."""
     try:
         arguments = json.dumps(json.loads(call.arguments, strict=False), sort_keys=True)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than json recurses
         arguments = call.arguments
     return call.name, arguments
 

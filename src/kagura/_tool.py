@@ -6,12 +6,12 @@ import asyncio
 import functools
 import inspect
 import itertools
-import json
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overload
 
 import pydantic
+import pydantic_core
 
 from .errors import UsageError
 from .providers import ToolSpec
@@ -123,11 +123,12 @@ class Tool(Generic[P, R]):
 
     async def invoke(self, arguments: str | dict[str, Any]) -> Any:
         """Validate the model's arguments (JSON text or a dict) and run the tool."""
-        if isinstance(arguments, str):
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        if not isinstance(arguments, dict):
-            raise ValueError(f"tool arguments must be a JSON object, got {arguments!r}")
-        validated = self._arguments_model.model_validate(arguments)
+        if not isinstance(arguments, str):
+            arguments = pydantic_core.to_json(arguments).decode()
+        # Validated as the JSON they are (pydantic's JSON mode): a strict parameter takes the
+        # JSON forms its schema asks for (a date's string), and arrays nested past pydantic's
+        # limit are a ValidationError that goes back to the model, not a RecursionError.
+        validated = self._arguments_model.model_validate_json(arguments.strip() or "{}")
         kwargs = {param: getattr(validated, field) for field, param in self._fields}
         args = [kwargs.pop(name) for name in self._positional]
         if self.is_async:

@@ -217,6 +217,57 @@ async def test_an_agent_s_arguments_with_no_json_are_journaled_by_a_hash(journal
     assert input_hash(looped) == input_hash(looped)
 
 
+class Reading(BaseModel):
+    sensor: str
+    value: float
+
+
+async def test_an_answer_of_nan_is_asked_again_in_a_durable_run_as_outside_one(
+    journal: Journal,
+) -> None:
+    # JSON has no NaN, so the journal could not keep it: it was taken outside a durable run,
+    # and refused inside one as a result that "cannot be journaled". Now it is an invalid
+    # answer in both, asked again.
+    @agent(model="fake")
+    async def read(text: str) -> Reading:
+        """Read the sensor value from {{ text }}."""
+
+    @workflow(durable=True)
+    async def readings(text: str) -> float:
+        return (await read(text)).value
+
+    fake = FakeModel(['{"sensor": "t1", "value": NaN}', '{"sensor": "t1", "value": 2.5}'])
+    with override_model(fake):
+        assert await readings.run("t1 reads 2.5", run_id="nan") == 2.5
+    assert "Input should be a finite number" in fake.requests[1].messages[-1]["content"]
+    (journaled,) = journal.load_steps("nan").values()
+    assert json.loads(journaled.output or "") == {"sensor": "t1", "value": 2.5}
+
+
+async def test_tool_arguments_nested_too_deeply_go_back_to_the_model_in_a_durable_run(
+    journal: Journal,
+) -> None:
+    @tool
+    def lookup(q: str) -> str:
+        """Look q up."""
+        return "found"
+
+    @agent(model="fake", tools=[lookup])
+    async def finds(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(durable=True)
+    async def finding(q: str) -> str:
+        return await finds(q)
+
+    fake = FakeModel([Reply(tool_calls=(ToolCall("c1", "lookup", "[" * 3000),)), "done"])
+    with override_model(fake):
+        assert await finding.run("q", run_id="deep") == "done"
+    (told,) = [m for m in fake.requests[1].messages if m["role"] == "tool"]
+    assert told["content"].startswith("Error: ValidationError: ")
+    assert journal.get_run("deep").status == "completed"
+
+
 async def test_a_step_result_with_no_json_is_a_usage_error_naming_the_step(db: str) -> None:
     @workflow(durable=True)
     async def lists() -> list[str]:

@@ -343,6 +343,23 @@ def test_an_answer_missing_optional_fields_is_read_as_they_are_absent() -> None:
     assert [(c.id, c.name, c.arguments) for c in answer.tool_calls] == [(None, "add", "{}")]
 
 
+def test_a_body_nested_deeper_than_json_loads_recurses_is_a_malformed_response() -> None:
+    # json.loads raises RecursionError for it, which escaped as it was rather than as the
+    # server's malformed answer.
+    from types import SimpleNamespace
+
+    from kagura.providers._chat import message_of
+
+    deep = "[" * 3000
+    response: Any = SimpleNamespace(status=200, content_type="application/json", headers={})
+    client: Any = SimpleNamespace(secrets=())
+    with pytest.raises(ProviderError, match="malformed response"):
+        _http.Client._answer(client, response, deep.encode(), "openai/test-model")
+    with pytest.raises(ProviderError, match="malformed stream chunk"):
+        _http._chunk("", deep, "openai/test-model", None)
+    assert message_of(deep) is None
+
+
 @pytest.mark.parametrize("body", [{"choices": []}, {"choices": [{}]}, [1, 2], "text", None])
 def test_an_answer_without_a_message_is_a_malformed_response(body: Any) -> None:
     from kagura.providers._chat import to_response

@@ -273,7 +273,7 @@ def without_secrets(text: str, secret: Secrets) -> str:
 def message_of(body: str | None) -> str | None:
     try:
         data = json.loads(body) if body else None
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's stack
         return None
     return error_message(data) if isinstance(data, dict) else None
 

@@ -119,7 +119,7 @@ class Client:
             )
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # not JSON, or nested past Python's stack
             raise answer_error(
                 model_id,
                 f"malformed response: {exc}{_not_json(response, raw)}",
@@ -255,7 +255,7 @@ def _chunk(event: str, data: str, model_id: str, secret: Secrets) -> dict[str, A
     the API key, left out of it)."""
     try:
         chunk = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # not JSON, or nested past Python's stack
         raise answer_error(model_id, f"malformed stream chunk: {exc}", data, secret=secret) from exc
     error = chunk.get("error") if isinstance(chunk, dict) else None
     if error or event == "error":
