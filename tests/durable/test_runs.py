@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kagura import workflow
 from kagura.durable import Journal, _execute
 from kagura.durable._journal import MAX_RUN_ID
 from kagura.errors import RunFailedError, RunInProgressError, UsageError
@@ -165,6 +167,30 @@ async def test_a_failed_run_id_raises_until_resumed(
         None,
         3,
     )
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_a_run_failing_with_an_exception_whose_str_fails_raises_that_exception(
+    journal: Journal,
+) -> None:
+    # Journaling the failure must not change it: the caller gets the workflow's own exception,
+    # and the run is failed with a note for its text.
+    @workflow(durable=True)
+    async def unprintable(n: int) -> int:
+        raise Unprintable()
+
+    with pytest.raises(Unprintable):
+        await unprintable.run(1, run_id="unprintable")
+    record = journal.get_run("unprintable")
+    assert record is not None
+    said = "<str() of Unprintable failed: RuntimeError('no text')>"
+    assert (record.status, record.error_type, record.error) == ("failed", "Unprintable", said)
+    with pytest.raises(RunFailedError, match=re.escape(said)):
+        await unprintable.run(1, run_id="unprintable")
 
 
 async def test_resume_needs_a_known_run_of_that_workflow(journal: Journal, tmp_path: Path) -> None:

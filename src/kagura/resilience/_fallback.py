@@ -13,6 +13,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from .._context import Span, current_span
 from .._instrument import span_event
+from .._redact import str_of
 from ..errors import UsageError
 
 P = ParamSpec("P")
@@ -98,5 +99,5 @@ def record_fallback(
     attributes = {"failed": failed}
     if next_ is not None:
         attributes["next"] = next_
-    attributes["error"] = f"{type(error).__name__}: {error}"
+    attributes["error"] = f"{type(error).__name__}: {str_of(error)}"
     span_event(span, "fallback", **attributes)
