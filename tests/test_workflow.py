@@ -167,6 +167,24 @@ async def test_failed_workflow_is_recorded_and_reraised(fake: FakeModel) -> None
     assert by_kind(events, "agent")[0].status == "completed"
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_an_exception_whose_str_fails_is_recorded_as_such_and_reraised_as_itself() -> None:
+    # Recording must never change what the workflow's caller gets.
+    @workflow
+    async def broken(text: str) -> str:
+        raise Unprintable()
+
+    with capture_events() as events, pytest.raises(Unprintable):
+        await broken("doc")
+    (run,) = by_kind(events, "workflow")
+    assert (run.status, run.error_type) == ("failed", "Unprintable")
+    assert run.error == "<str() of Unprintable failed: RuntimeError('no text')>"
+
+
 async def test_a_workflow_called_with_wrong_arguments_is_a_failed_run() -> None:
     @workflow
     async def pipeline(text: str) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 from ._context import Span, past_call_deadline
 from ._events import Event, Sink, SpanEvent, SpanFinished, SpanSink, SpanStarted, Status
+from ._redact import str_of
 from ._usage import Usage
 
 _log = logging.getLogger("kagura.instrument")
@@ -159,7 +160,7 @@ def close(
     """Fill in how ``span`` ended and add its totals to its parent's."""
     span.end_ns = time.time_ns() if end_ns is None else end_ns
     if error is not None:
-        span.error = str(error) or type(error).__name__
+        span.error = str_of(error) or type(error).__name__
         span.error_type = type(error).__qualname__
     if span.kind == "llm":
         if usage is not None:

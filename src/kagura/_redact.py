@@ -147,6 +147,15 @@ def repr_of(value: Any) -> str:
         return f"<unrepresentable {type(value).__qualname__}>"
 
 
+def str_of(error: BaseException) -> str:
+    """``str(error)``, or a note saying it failed when the exception's ``__str__`` itself
+    raises: what is recorded of an exception must never take its place."""
+    try:
+        return str(error)
+    except Exception as why:
+        return f"<str() of {type(error).__qualname__} failed: {repr_of(why)}>"
+
+
 def redact_text(text: str) -> str:
     """``text`` with key-shaped values in it redacted."""
     return _SECRET_VALUE.sub(_redacted, text)

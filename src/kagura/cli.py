@@ -494,6 +494,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
 
     from rich.text import Text
 
+    from ._redact import str_of
     from .durable import journal_for, resume_run
     from .durable._views import count_steps
     from .errors import RunInProgressError, StoreError, UsageError
@@ -519,7 +520,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
         if _is_store_error(error):
             raise
         raise CliError(
-            f"run {record.run_id!r} failed again: {type(error).__name__}: {error} "
+            f"run {record.run_id!r} failed again: {type(error).__name__}: {str_of(error)} "
             f"(see: kagura runs show {record.run_id})"
         ) from error
     if resumed.already_completed:

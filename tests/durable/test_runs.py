@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from kagura import workflow
 from kagura.durable import Journal, _execute
 from kagura.durable._journal import MAX_RUN_ID
 from kagura.errors import RunFailedError, RunInProgressError, UsageError
@@ -79,6 +81,62 @@ async def test_starting_a_running_id_waits_for_its_result(
     assert record is not None and (record.status, record.attempts) == ("completed", 1)
 
 
+@pytest.mark.parametrize("fails", [False, True], ids=["completes", "fails"])
+async def test_a_waiter_that_another_waiter_beats_to_a_stopped_run_waits_on_for_its_result(
+    journal: Journal,
+    model: FakeModel,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fails: bool,
+) -> None:
+    # The process running it stops, and every caller waiting for the run asks for it again:
+    # one takes it over, and the others, finding it held again, wait for its result rather
+    # than fail with RunInProgressError (or, once it failed, run it again).
+    waiting = asyncio.Event()
+    wait_for = _execute._wait_for
+
+    async def spy(*args: Any) -> Any:
+        waiting.set()
+        return await wait_for(*args)
+
+    read = journal.get_run
+    taken = threading.Event()
+    looked_again = threading.Event()
+
+    def get_run(run_id: str) -> Any:
+        record = read(run_id)
+        if taken.is_set():
+            looked_again.set()
+        elif record is not None and record.status == "interrupted":
+            # Another waiter takes the run over between this one's look and its own ask.
+            assert journal.claim(run_id, "another waiter", allow_failed=False)
+            taken.set()
+        return record
+
+    monkeypatch.setattr(_execute, "_wait_for", spy)
+    monkeypatch.setattr(journal, "get_run", get_run)
+    gate = tmp_path / "gate"
+    first = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-12"))
+    await await_until(lambda: "gated/draft#0" in journal.load_steps("order-12"), "the draft")
+    second = asyncio.create_task(workflows.gated.run("tea", str(gate), run_id="order-12"))
+    async with asyncio.timeout(10):
+        await waiting.wait()
+    first.cancel()  # it gives its lease up: the run is interrupted at once
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await await_until(lambda: looked_again.is_set() or second.done(), "the waiter's next look")
+    assert not second.done(), second.exception()
+    ended = {"error": OSError("disk full")} if fails else {"result": json.dumps(EXPECTED)}
+    await asyncio.to_thread(journal.finish, "order-12", "another waiter", **ended)
+    async with asyncio.timeout(10):
+        if fails:
+            with pytest.raises(RunFailedError, match="disk full"):
+                await second
+        else:
+            assert await second == EXPECTED
+    assert prompts(model) == ["Draft a note about tea."]  # the waiter ran none of it
+
+
 async def test_a_failed_run_id_raises_until_resumed(
     journal: Journal, model: FakeModel, tmp_path: Path
 ) -> None:
@@ -109,6 +167,30 @@ async def test_a_failed_run_id_raises_until_resumed(
         None,
         3,
     )
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_a_run_failing_with_an_exception_whose_str_fails_raises_that_exception(
+    journal: Journal,
+) -> None:
+    # Journaling the failure must not change it: the caller gets the workflow's own exception,
+    # and the run is failed with a note for its text.
+    @workflow(durable=True)
+    async def unprintable(n: int) -> int:
+        raise Unprintable()
+
+    with pytest.raises(Unprintable):
+        await unprintable.run(1, run_id="unprintable")
+    record = journal.get_run("unprintable")
+    assert record is not None
+    said = "<str() of Unprintable failed: RuntimeError('no text')>"
+    assert (record.status, record.error_type, record.error) == ("failed", "Unprintable", said)
+    with pytest.raises(RunFailedError, match=re.escape(said)):
+        await unprintable.run(1, run_id="unprintable")
 
 
 async def test_resume_needs_a_known_run_of_that_workflow(journal: Journal, tmp_path: Path) -> None:

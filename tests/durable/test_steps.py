@@ -4,6 +4,7 @@ step key that is the same on every execution of the same code, with a hash of it
 from __future__ import annotations
 
 import asyncio
+import datetime
 import gc
 import json
 import os
@@ -12,11 +13,13 @@ import subprocess
 import sys
 import threading
 import weakref
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from kagura import UsageError, agent, step, tool, workflow
 from kagura.durable import Journal
@@ -379,6 +382,227 @@ def test_a_set_in_a_run_s_inputs_is_the_same_in_every_process(db: str, tmp_path:
     again = run("2", "run", "done")
     assert again.returncode == 0, again.stderr
     assert again.stdout.strip() == str(tags + tags)
+
+
+SET_IN_MODEL = """
+import asyncio, dataclasses, os, sys
+from pydantic import BaseModel
+from kagura import step, workflow
+
+class Order(BaseModel):
+    id: int
+    tags: set[str]
+
+@dataclasses.dataclass(frozen=True)
+class Basket:
+    orders: list[Order]
+    codes: frozenset[str]
+
+def charge(order: Order, basket: Basket) -> str:
+    with open(os.environ["LEDGER"], "a") as ledger:
+        ledger.write(f"charged {order.id}\\n")
+    return f"receipt {order.id}"
+
+@workflow(durable=True)
+async def checkout(order: Order, basket: Basket) -> str:
+    receipt = await step("charge", charge, order, basket)
+    if os.environ.get("CRASH"):
+        os._exit(9)
+    return receipt
+
+if __name__ == "__main__":
+    mode, run_id = sys.argv[1], sys.argv[2]
+    words = {"alpha", "beta", "gamma", "delta", "epsilon", "zeta"}
+    order = Order(id=1, tags=words)
+    basket = Basket([order], frozenset(words))
+    if mode == "run":
+        print(asyncio.run(checkout.run(order, basket, run_id=run_id)))
+    else:
+        print(asyncio.run(checkout.resume(run_id)))
+"""
+
+
+def test_a_set_in_a_model_or_dataclass_is_the_same_in_every_process(
+    db: str, tmp_path: Path
+) -> None:
+    # Pydantic writes a model's set in its order, which is the hash seed's: sorted, so that a
+    # step's inputs and the run's arguments are the same whichever process asks.
+    script = tmp_path / "checkout.py"
+    script.write_text(SET_IN_MODEL)
+    ledger = tmp_path / "ledger"
+
+    def run(seed: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(script), *args],
+            env={
+                **os.environ,
+                "KAGURA_DB": db,
+                "KAGURA_RECORD": "0",
+                "LEDGER": str(ledger),
+                "PYTHONHASHSEED": seed,
+                **env,
+            },
+            capture_output=True,
+            text=True,
+            timeout=WAIT_TIMEOUT,
+            check=False,
+        )
+
+    assert run("1", "run", "crashed", CRASH="1").returncode == 9
+    resumed = run("2", "resume", "crashed")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == "receipt 1"
+    assert lines(ledger) == ["charged 1"]  # its step replayed, not run again
+    # A finished run asked for again by a process of another seed: the same arguments.
+    assert run("1", "run", "done").returncode == 0
+    for seed in ("2", "3"):
+        again = run(seed, "run", "done")
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == "receipt 1"
+    assert lines(ledger) == ["charged 1", "charged 1"]
+
+
+HASHES = """
+import dataclasses, json
+from typing import TypedDict
+import pydantic.dataclasses
+from pydantic import BaseModel, ConfigDict, Field, RootModel, computed_field
+from kagura.durable._run import canonical, input_hash
+import pydantic_core
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+
+class Tag(BaseModel, frozen=True):
+    name: str
+    aka: frozenset[str]
+
+class Order(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: int = Field(alias="Id")
+    tags: set[str]
+    labels: set[Tag]
+    mixed: set[int | str | None | tuple[int, str]]
+    by: dict[str, set[str]]
+
+    @computed_field
+    @property
+    def upper(self) -> set[str]:
+        return {tag.upper() for tag in self.tags}
+
+@dataclasses.dataclass(frozen=True)
+class Basket:
+    codes: frozenset[str]
+    nested: tuple[frozenset[str], ...]
+
+@pydantic.dataclasses.dataclass
+class Aliased:
+    tags: set[str] = Field(alias="Tags")
+
+class Typed(TypedDict):
+    tags: set[str]
+    basket: Basket
+
+tags = frozenset(WORDS)
+order = Order(
+    Id=1,
+    tags=tags,
+    labels={Tag(name=word, aka=frozenset(WORDS[:n])) for n, word in enumerate(WORDS)},
+    mixed={1, "a", None, "b", 2, (3, "c")},
+    by={"x": tags},
+    more=set(WORDS),
+)
+basket = Basket(frozenset(WORDS), (frozenset(WORDS), frozenset(WORDS[:3])))
+values = [
+    order,
+    basket,
+    Aliased(Tags=tags),
+    Typed(tags=tags, basket=basket),
+    RootModel[set[str]](tags),
+    {"orders": [order], "by code": {frozenset(WORDS): 1, 2: {3, "x"}}},
+    frozenset({frozenset(WORDS), frozenset(WORDS[:2]), Tag(name="x", aka=tags)}),
+]
+print(json.dumps([input_hash(value) for value in values]))
+print(pydantic_core.to_json(canonical({"order": order, "basket": basket})).decode())
+"""
+
+
+def test_sets_anywhere_in_inputs_hash_the_same_in_every_process(tmp_path: Path) -> None:
+    # In models, dataclasses (pydantic's and plain), TypedDicts, root models, computed fields,
+    # extra fields, sets of sets and of mixed types, and dict keys.
+    script = tmp_path / "hashes.py"
+    script.write_text(HASHES)
+
+    def hashes(seed: str) -> str:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            timeout=WAIT_TIMEOUT,
+            check=True,
+        )
+        return done.stdout
+
+    first = hashes("1")
+    assert '"tags":["alpha","beta","delta","epsilon","eta","gamma","theta","zeta"]' in first
+    assert all(hashes(seed) == first for seed in ("2", "3", "4"))
+
+
+class Colour(Enum):
+    RED = "red"
+
+
+class Item(BaseModel):
+    name: str = Field(alias="Name")
+    count: int
+    colour: Colour = Colour.RED
+    when: datetime.datetime = datetime.datetime(2024, 5, 1, 12, 30)
+
+
+class Solo(BaseModel):
+    id: int
+    tags: set[str]
+
+
+@dataclass
+class Line:
+    sku: str
+    items: list[Item]
+
+
+class Opaque:
+    def __repr__(self) -> str:
+        return "Opaque()"
+
+
+def test_inputs_hashed_the_same_in_every_process_before_keep_their_hashes() -> None:
+    # Journals written then must still resume: these hashes are those of the version before
+    # sets in models were sorted.
+    item = Item(Name="pen", count=2)
+    hashed = [
+        ({"topic": "apples"}, False),
+        ({"args": (1, "two", 3.5, None, True), "kwargs": {"on": datetime.date(2024, 5, 1)}}, False),
+        ({"args": ({"b", "a", "c"},), "kwargs": {}}, False),
+        ({"mixed": {3, "x", None, (1, 2), frozenset({2, 1})}}, False),
+        ({"args": (item,), "kwargs": {"line": Line("s-1", [item])}}, False),
+        ({"args": (Solo(id=1, tags={"solo"}),), "kwargs": {}}, False),
+        ({1: "int", "1": "str", None: "none"}, False),
+        ({"b": 1, "a": {"d": 2, "c": 3}}, True),
+        ({"image": b"\x89PNG\x00\x00"}, False),
+        ({"args": (Opaque(), [Opaque()]), "kwargs": {}}, False),
+    ]
+    assert [input_hash(value, sort_keys=sort_keys) for value, sort_keys in hashed] == [
+        "4775fff59780ee5fd093cf7ea145ecc3e3c520144615b9450be99f0b51c6c1a3",
+        "e409b3323db38efc5a086e9112fc9d46f1b6f73926a7a7c13ebc6ebf4a033148",
+        "b5bfb9924f6be4915883435523e6f28f12495ca66f758f9eca413619eb6ef8b9",
+        "e9af715dda8410526be043559440d95bab982d66131c77d8999fb5c1cd3d7ad0",
+        "d4a9722829c5a2ea3a7d1a22af6b1af909fdb58b11bc024cd2359a625cbc7118",
+        "2b9cf85eb40cfc5c7a52e8dd872f5a1cc9ea16d196c039e4a9c327bed7b1539e",
+        "876a2a72abba26afa36e7798954e467631a9079e0cfe43f15e5a1d62f1a82855",
+        "78d48859c3252943aab7306f76c80f3f07783582e05ab8f944ce0696f2dbfc67",
+        "f52a2cbf201c1263b1227e301433c1d17b6ee33f1a2084e4e73e8b1a807691df",
+        "cabf82056a80db61a18dd556d4de4cd9e230fa18f37c83e9fa2b096378b84aec",
+    ]
 
 
 async def test_a_tool_called_again_with_its_arguments_in_another_order_is_not_run_again(

@@ -180,6 +180,24 @@ async def test_each_failure_is_recorded_as_a_span_event() -> None:
     assert failed == ["fast", "also_down"]
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def unprintable(text: str) -> str:
+    raise Unprintable()
+
+
+async def test_a_failure_whose_str_fails_is_recorded_and_the_next_option_tried() -> None:
+    with capture_events() as events:
+        answer = await Fallback(unprintable, reliable)("hi")
+    assert answer.value == "reliable: hi"
+    (event,) = [e for e in events.span_events if e.name == "fallback"]
+    said = "Unprintable: <str() of Unprintable failed: RuntimeError('no text')>"
+    assert event.attributes["error"] == said
+
+
 def test_a_fallback_needs_options() -> None:
     with pytest.raises(UsageError):
         Fallback()

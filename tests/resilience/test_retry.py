@@ -358,6 +358,21 @@ async def test_retry_after_is_honoured() -> None:
     assert "ProviderError" in waits[0].attributes["error"]
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+async def test_an_error_whose_str_fails_is_retried_and_recorded_as_such() -> None:
+    fn = Flaky(Unprintable(), Unprintable())
+    with capture_events() as events, pytest.raises(Unprintable):
+        await Retry(attempts=2, retry_on=Unprintable).call(fn, name="job")
+    assert fn.calls == 2
+    (wait,) = [e for e in events.span_events if e.name == "retry_wait"]
+    said = "Unprintable: <str() of Unprintable failed: RuntimeError('no text')>"
+    assert wait.attributes["error"] == said
+
+
 async def test_a_longer_backoff_beats_a_short_retry_after() -> None:
     seen, hook = recorder()
     fn = Flaky(http(429, **{"Retry-After": "1"}))

@@ -270,9 +270,9 @@ MAX_RUN_ID = 200
 def _error_text(error: BaseException) -> str:
     """How a failed run's error is stored: its message redacted, with any NUL character
     replaced (PostgreSQL's text takes none, and a message may quote binary data)."""
-    from .._redact import scrub
+    from .._redact import scrub, str_of
 
-    text: str = scrub(str(error) or type(error).__name__)
+    text: str = scrub(str_of(error) or type(error).__name__)
     return text.replace("\x00", "\ufffd")
 
 

@@ -17,6 +17,7 @@ own, and a branch's new step is not checked against its place among its parent's
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import inspect
 import re
@@ -26,7 +27,7 @@ from contextvars import ContextVar
 from typing import Any, TypeVar, cast, get_args, get_type_hints, overload
 
 import pydantic_core
-from pydantic import TypeAdapter
+from pydantic import RootModel, TypeAdapter
 
 from .._context import Span, checked_name, current_span
 from .._instrument import span_finished, span_started, status_of
@@ -52,26 +53,98 @@ def input_hash(value: Any, *, sort_keys: bool = False) -> str:
     ``sort_keys`` so are the keys of dicts (a tool's arguments, whose order the model chooses)."""
 
     try:
-        data = pydantic_core.to_json(canonical(value, sort_keys=sort_keys), fallback=_stable_repr)
+        found = canonical(value, sort_keys=sort_keys, hashing=True)
+        data = pydantic_core.to_json(found, fallback=_stable_repr)
     except Exception:  # no JSON for it (bytes that are not UTF-8, a dict that holds itself)
         data = _stable_repr(value).encode()
     return hashlib.sha256(data).hexdigest()
 
 
-def canonical(value: Any, *, sort_keys: bool = False) -> Any:
-    """``value`` with its sets (in dicts, lists and tuples) as sorted lists: a set's order is
-    its hash seed's and its history's, so JSON of it in that order differs from one process, or
-    one building of the set, to the next, and so would a hash of it or its stored text. With
-    ``sort_keys``, dicts are sorted by key too. Other objects are left as they are."""
+def canonical(value: Any, *, sort_keys: bool = False, hashing: bool = False) -> Any:
+    """``value`` with its sets as sorted lists, wherever they are: in dicts, lists and tuples,
+    and in pydantic models and dataclasses, which are then given as pydantic's JSON-able form
+    of them. A set's order is its hash seed's and its history's, so JSON of it in that order
+    differs from one process, or one building of the set, to the next, and so would a hash of
+    it or its stored text. With ``sort_keys``, the keys of dicts (not of models) are sorted too.
+    ``hashing`` is for a hash, not for text to be read back: an object with no JSON is taken
+    as its repr, and a set that is a dict's key as the tuple of its sorted items.
+
+    A model or dataclass whose sets were in sorted order already, or that has none, is left as
+    it is: its JSON is what it was before their sets were sorted, so hashes journaled then still
+    match.
+    """
     if isinstance(value, set | frozenset):
-        items = [canonical(item, sort_keys=sort_keys) for item in value]
+        items = [canonical(item, sort_keys=sort_keys, hashing=hashing) for item in value]
         return sorted(items, key=_sort_key)
     if isinstance(value, dict):
-        pairs = [(key, canonical(item, sort_keys=sort_keys)) for key, item in value.items()]
+        pairs = [
+            (
+                tuple(canonical(key)) if hashing and isinstance(key, frozenset) else key,
+                canonical(item, sort_keys=sort_keys, hashing=hashing),
+            )
+            for key, item in value.items()
+        ]
         return dict(sorted(pairs, key=lambda pair: str(pair[0])) if sort_keys else pairs)
     if isinstance(value, list | tuple):
-        return [canonical(item, sort_keys=sort_keys) for item in value]
-    return value
+        return [canonical(item, sort_keys=sort_keys, hashing=hashing) for item in value]
+    if isinstance(value, str | int | float | bytes | None):
+        return value
+    # Pydantic writes the sets of a model or a dataclass in their order: its JSON-able form of
+    # the object is taken, and the arrays in it that were sets are sorted.
+    fallback = _stable_repr if hashing else None
+    data = pydantic_core.to_jsonable_python(value, fallback=fallback)
+    ordered = _sets_sorted(value, data)
+    return value if ordered is data else ordered
+
+
+def _sets_sorted(obj: Any, data: Any) -> Any:
+    """``data``, pydantic's JSON-able form of ``obj``, with the arrays it made of the sets in
+    ``obj`` sorted; ``data`` itself when they all were already. Walked side by side: pydantic
+    wrote each set in the order it iterates in now. Where a serializer of the user's made
+    something else of a part (another shape), that part is left as it is."""
+    if isinstance(obj, set | frozenset):
+        if not isinstance(data, list) or len(data) != len(obj):
+            return data
+        items = [_sets_sorted(item, found) for item, found in zip(obj, data, strict=True)]
+        items.sort(key=_sort_key)
+        return data if all(a is b for a, b in zip(items, data, strict=True)) else items
+    if isinstance(obj, RootModel):
+        return _sets_sorted(obj.root, data)
+    changed: dict[Any, Any] = {}
+    for key, part in _parts(obj, data):
+        ordered = _sets_sorted(part, data[key])
+        if ordered is not data[key]:
+            changed[key] = ordered
+    if not changed:
+        return data
+    if isinstance(data, list):
+        return [changed.get(index, item) for index, item in enumerate(data)]
+    return {**data, **changed}
+
+
+def _parts(obj: Any, data: Any) -> list[tuple[Any, Any]]:
+    """The parts of ``obj`` (items, fields) that may hold sets, each with its key in ``data``
+    (its JSON-able form)."""
+    if isinstance(obj, list | tuple) and isinstance(data, list) and len(data) == len(obj):
+        return list(enumerate(obj))
+    if not isinstance(data, dict):
+        return []
+    if isinstance(obj, dict):
+        # Keys that are one in JSON (1 and "1") make fewer: then they cannot be told apart.
+        return list(zip(data, obj.values(), strict=True)) if len(data) == len(obj) else []
+    cls = type(obj)
+    fields = getattr(cls, "__pydantic_fields__", None)  # models and pydantic's dataclasses
+    if isinstance(fields, dict):
+        named = [(info.serialization_alias or name, name) for name, info in fields.items()]
+        computed = getattr(cls, "__pydantic_computed_fields__", None) or {}
+        named += [(info.alias or name, name) for name, info in computed.items()]
+        parts = [(key, getattr(obj, name, None)) for key, name in named]
+        parts += list((getattr(obj, "__pydantic_extra__", None) or {}).items())
+    elif dataclasses.is_dataclass(obj):
+        parts = [(field.name, getattr(obj, field.name)) for field in dataclasses.fields(obj)]
+    else:
+        return []
+    return [(key, part) for key, part in parts if key in data]
 
 
 def _sort_key(value: Any) -> bytes:

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from .._context import Span, current_span, run_owner
+from .._redact import str_of
 from ..errors import RunCancelledError, RunError
 from ..resilience import Registry, use_registry
 from ._config import WorkerSettings
@@ -203,7 +204,7 @@ def _sendable(error: Exception, whose: str) -> Exception:
     try:
         pickle.loads(cloudpickle.dumps(error))  # type: ignore[no-untyped-call]
     except Exception as why:
-        sent = RunError(f"{type(error).__qualname__}: {error}")
+        sent = RunError(f"{type(error).__qualname__}: {str_of(error)}")
         sent.add_note(
             f"kagura: the {whose}'s own exception could not be sent back from its worker "
             f"({type(why).__name__}: {why})"

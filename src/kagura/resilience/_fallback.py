@@ -13,6 +13,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from .._context import Span, current_span
 from .._instrument import span_event
+from .._redact import str_of
 from .._tool import awaits_when_called
 from ..errors import UsageError
 from ._classify import exception_types
@@ -108,7 +109,7 @@ def tried_first(
     each option been tried in the ``except`` of the one before."""
     for name, earlier in errors:
         last.add_note(
-            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: {earlier}"
+            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: {str_of(earlier)}"
         )
     later = last
     for _, earlier in reversed(errors):
@@ -144,5 +145,5 @@ def record_fallback(
     attributes = {"failed": failed}
     if next_ is not None:
         attributes["next"] = next_
-    attributes["error"] = f"{type(error).__name__}: {error}"
+    attributes["error"] = f"{type(error).__name__}: {str_of(error)}"
     span_event(span, "fallback", **attributes)

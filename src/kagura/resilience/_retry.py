@@ -20,6 +20,7 @@ from typing import ParamSpec, TypeVar, TypeVarTuple
 from .._checks import count
 from .._context import Span, current_span
 from .._instrument import span_event
+from .._redact import str_of
 from .._tool import awaits_when_called
 from ..errors import UsageError
 from . import _config
@@ -198,7 +199,7 @@ class Retry:
             "retry_wait",
             name=name,
             attempt=attempt,
-            error=f"{type(error).__name__}: {error}",
+            error=f"{type(error).__name__}: {str_of(error)}",
             wait=wait,
             retry_after=asked,
         )
