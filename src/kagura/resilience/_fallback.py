@@ -109,7 +109,8 @@ def tried_first(
     each option been tried in the ``except`` of the one before."""
     for name, earlier in errors:
         last.add_note(
-            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: {str_of(earlier)}"
+            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: "
+            f"{str_of(earlier)}"
         )
     later = last
     for _, earlier in reversed(errors):
