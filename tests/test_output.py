@@ -253,6 +253,8 @@ def nested_models(depth: int) -> Any:
         # A valid Python pattern that pydantic's regex engine refuses.
         (Annotated[str, pydantic.Field(pattern=r"^[A-Z]{3}(?=-)")], "look-around"),
         (nested_models(200), "nest deeper than pydantic can make a JSON schema of"),
+        # The schema lists the values, and an object() has no JSON form.
+        (enum.Enum("Sentinel", {"A": object()}), "Unable to serialize"),
     ],
 )
 def test_a_return_type_pydantic_refuses_is_a_usage_error_at_decoration(tp: Any, says: str) -> None:

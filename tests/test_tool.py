@@ -583,7 +583,11 @@ class Point:  # a plain class: pydantic cannot describe it
     [
         (lambda: Tool("scale"), "a tool is a function"),
         (lambda: Tool(_takes_point), "cannot be described"),
-        (lambda: Tool(_unresolved), "annotations cannot be resolved.*Vector"),
+        (
+            lambda: Tool(_unresolved),
+            "annotations cannot be resolved.*Vector.*module level before the tool",
+        ),
+        (lambda: Tool(_not_a_type), "an annotation is not a type.*SyntaxError"),
         (lambda: Tool(_Nameless()), "no __name__"),
     ],
 )
@@ -617,6 +621,10 @@ class _Nameless:
 
 
 def _takes_point(p: Point) -> int:
+    return 0
+
+
+def _not_a_type(v: "list[int") -> int:  # type: ignore[syntax]  # noqa: F722
     return 0
 
 

@@ -238,8 +238,14 @@ def _hints(target: Callable[..., Any], name: str) -> dict[str, Any]:
     """The type hints of ``target``, what annotates the tool ``name`` (:func:`_described`)."""
     try:
         return get_type_hints(target, include_extras=True)
-    except Exception as exc:  # a name an annotation uses is not defined
+    except NameError as exc:  # its parameters' types are the schema: each must resolve
         raise UsageError(
-            f"tool {name!r}: its annotations cannot be resolved ({type(exc).__name__}: {exc}); "
-            f"define or import the types it names where the tool is defined"
+            f"tool {name!r}: its annotations cannot be resolved ({exc}): they are looked up in "
+            f"its module's globals when the tool is made, so define or import the types they "
+            f"name at module level before the tool (not after it, in a function, or only under "
+            f"'if TYPE_CHECKING:')"
+        ) from exc
+    except Exception as exc:  # not an expression ("list[int"), or one that fails ("int | 3")
+        raise UsageError(
+            f"tool {name!r}: an annotation is not a type ({type(exc).__name__}: {exc})"
         ) from exc
