@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -18,6 +19,9 @@ from kagura import (
 )
 from kagura.providers import ModelRequest, ModelResponse
 from kagura.testing import FakeModel, Reply, capture_events, override_model
+
+if TYPE_CHECKING:
+    from decimal import Decimal  # for the type checker only: never defined at run time
 
 
 async def test_bare_decorator_uses_the_overridden_model() -> None:
@@ -392,6 +396,54 @@ async def test_one_fallback_model_may_be_given_alone() -> None:
         """{{ q }}"""
 
     assert by_name.fallback == ("fake",)  # one model, not the letters of its name
+
+
+async def test_a_parameter_annotation_named_only_for_the_type_checker_does_not_block_an_agent() -> (
+    None
+):
+    # Only the return type is resolved: "Decimal" is imported under TYPE_CHECKING above.
+    @agent(model=FakeModel(["noted"]))
+    async def summarise(amount: Decimal, note: str) -> str:
+        """Amount {{ amount }}: {{ note }}"""
+
+    assert await summarise(3, "paid") == "noted"  # type: ignore[arg-type]
+
+
+def test_a_return_type_defined_after_the_agent_is_refused_with_advice_that_fits() -> None:
+    # As a class defined further down the module is when the agent is made: not there yet.
+    with pytest.raises(UsageError, match=r"'NotYetDefined'.*module level before the agent"):
+
+        @agent(model=FakeModel())
+        async def later(q: str) -> NotYetDefined:  # type: ignore[name-defined]  # noqa: F821
+            """{{ q }}"""
+
+
+@pytest.mark.parametrize("annotation", ["list[int", "int | 3"])
+def test_a_return_annotation_that_is_not_a_type_is_a_usage_error(annotation: str) -> None:
+    async def typo(q: str):  # type: ignore[no-untyped-def]
+        """{{ q }}"""
+
+    typo.__annotations__["return"] = annotation
+    with pytest.raises(UsageError, match=r"return annotation .* is not a type"):
+        agent(model=FakeModel())(typo)
+
+
+@pytest.mark.parametrize("model", [5, None])
+def test_using_something_not_a_model_is_a_usage_error(model: object) -> None:
+    @agent(model=FakeModel())
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    with pytest.raises(UsageError, match=r"ask.using\(\) takes a model string.*got " + str(model)):
+        ask.using(model)  # type: ignore[arg-type]
+
+
+def test_an_agent_made_an_agent_again_is_told_it_already_is_one() -> None:
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    with pytest.raises(UsageError, match=r"'ask' is already an agent.*ask.using\(model\)"):
+        agent(agent(ask))  # type: ignore[arg-type]
 
 
 def test_an_agent_written_as_a_method_is_refused_at_decoration() -> None:

@@ -269,6 +269,8 @@ class Timed(pydantic.BaseModel):
         (Span, "its choice <Span.SHORT: (0, 10)> as the JSON [0,10], which does not read back"),
         (list[Timed], "its choice <Span.SHORT: (0, 10)> as the JSON [0,10]"),
         (Literal["a", b"b"], "its choice b'b' as the JSON \"b\", which does not read back"),
+        # The schema lists the values, and an object() has no JSON form.
+        (enum.Enum("Sentinel", {"A": object()}), "Unable to serialize"),
     ],
 )
 def test_a_return_type_pydantic_refuses_is_a_usage_error_at_decoration(tp: Any, says: str) -> None:

@@ -176,6 +176,78 @@ async def test_sandbox_bounds_what_an_argument_may_make_a_prompt_repeat_or_raise
     assert len(fake.requests) == 2
 
 
+def shaped(template: str) -> Any:
+    """An agent whose prompt is ``template``, over whatever keywords it is given."""
+
+    async def shape(**values: Any) -> str: ...
+
+    shape.__doc__ = template
+    return agent(model=FakeModel())(shape)
+
+
+HUGE = 10**15  # a width no process could build a string of: refused before it is tried
+MEGA = "x" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    ("template", "values"),
+    [
+        ("{{ text|indent(n, true) }}", {"text": "a\nb", "n": HUGE}),
+        ("{{ text|center(n) }}", {"text": "a", "n": HUGE}),
+        ("{{ '%*s'|format(n, text) }}", {"text": "a", "n": HUGE}),
+        ("{{ '%0999999999999d'|format(1) }}", {}),
+        ("{{ '%*s' % (n, text) }}", {"text": "a", "n": HUGE}),
+        ("{{ '{:>{}}'.format(text, n) }}", {"text": "a", "n": HUGE}),
+        ("{{ '{x:.{n}f}'.format_map({'x': 1.5, 'n': n}) }}", {"n": HUGE}),
+        ("{{ text.center(n) }}", {"text": "a", "n": HUGE}),
+        ("{{ text.ljust(n) }}{{ text.rjust(n) }}", {"text": "a", "n": HUGE}),
+        ("{{ text.zfill(n) }}", {"text": "1", "n": HUGE}),
+        ("{{ text.expandtabs(n) }}", {"text": "a\tb", "n": HUGE}),
+        ("{{ text|replace('a', sep) }}", {"text": MEGA.replace("x", "a"), "sep": MEGA}),
+        ("{{ text.replace('a', sep) }}", {"text": MEGA.replace("x", "a"), "sep": MEGA}),
+        ("{{ range(100000)|join(sep) }}", {"sep": MEGA}),
+        ("{{ sep.join(range(100000)|map('string')) }}", {"sep": MEGA}),
+        ("{{ ([text] * 1000000)|join }}", {"text": MEGA}),  # the same string, many times
+        ("{{ text|wordwrap(1, wrapstring=sep) }}", {"text": "a" * 20_000, "sep": MEGA}),
+        ("{{ data|tojson(n) }}", {"data": [1], "n": HUGE}),
+        ("{{ [1]|batch(n, 0)|list }}", {"n": HUGE}),
+        ("{{ [1]|slice(n)|first }}", {"n": 2_000_000}),
+        ("{{ ([big] * 3)|sum(start=[])|length }}", {"big": [0] * 1_000_000}),
+        ("{{ text|urlize(target=sep) }}", {"text": "a.com b.com", "sep": MEGA}),
+        ("{{ text.translate({97: sep}) }}", {"text": "aa", "sep": MEGA}),
+    ],
+)
+def test_sandbox_bounds_what_a_filter_or_method_may_add_before_building_it(
+    template: str, values: dict[str, Any]
+) -> None:
+    # A width or separator from the arguments would otherwise have one prompt take all the
+    # memory there is, as "*" would without its bound.
+    with pytest.raises(TemplateError, match="more than the 1,000,000 a prompt may make"):
+        shaped(template).render(**values)
+
+
+def test_filters_and_methods_bounded_still_shape_long_documents() -> None:
+    # What is added is bounded, not the result: a long document may still be indented, etc.
+    lines = [f"line {n} with a-hyphen" for n in range(100_000)]  # 2 MB of text
+    document = "\n".join(lines)
+    assert shaped("{{ text|indent(4, true) }}").render(text=document).count("    line") == 100_000
+    assert shaped("{{ lines|join('\n') }}").render(lines=lines) == document
+    assert len(shaped("{{ text|wordwrap(40) }}").render(text=document)) >= len(document)
+    assert shaped("{{ text|replace('line', 'Line') }}").render(text=document).startswith("Line 0")
+    assert shaped("{{ '%5.1f|%-4s|'|format(x, 'a') }}{{ '%*d' % (3, 7) }}").render(x=2) == (
+        "  2.0|a   |  7"
+    )
+    assert shaped("{{ '{:>6}{:.2f}'.format('ab', 1) }}{{ 'a'.center(3) }}").render() == (
+        "    ab1.00 a "
+    )
+    assert shaped("{{ data|tojson(2) }}").render(data={"a": [1, 2]}) == (
+        '{\n  "a": [\n    1,\n    2\n  ]\n}'
+    )
+    assert shaped("{{ [1, 2, 3]|batch(2, 0)|list }} {{ [[1], [2]]|sum(start=[]) }}").render() == (
+        "[[1, 2], [3, 0]] [1, 2]"
+    )
+
+
 class Account:
     def delete(self) -> None:
         raise AssertionError("must not be reachable from a template")

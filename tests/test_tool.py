@@ -582,6 +582,61 @@ def test_a_partial_or_a_callable_object_with_a_name_is_a_tool() -> None:
     assert Tool(Scale(), name="scale").spec.parameters["properties"]["value"]["type"] == "number"
 
 
+async def test_a_partials_bound_keywords_are_neither_shown_to_nor_set_by_the_model() -> None:
+    import functools
+
+    seen: list[tuple[str, str]] = []
+
+    def get_orders(customer: str, user_id: str, api_token: str) -> str:
+        """The orders of a customer, as user_id may see them."""
+        seen.append((customer, user_id))
+        return f"orders of {customer}"
+
+    orders = tool(
+        functools.partial(get_orders, user_id="alice", api_token="sk-live-SECRET"), name="orders"
+    )
+    assert orders.description == "The orders of a customer, as user_id may see them."
+    assert orders.spec.parameters["properties"].keys() == {"customer"}
+    assert "SECRET" not in json.dumps(orders.spec.parameters)
+    fake = FakeModel(
+        [
+            tool_calls(call("orders", {"customer": "bob", "user_id": "admin"})),
+            tool_calls(call("orders", {"customer": "bob"}, id="call_2")),
+            "done",
+        ]
+    )
+
+    @agent(model=fake, tools=[orders])
+    async def support(q: str) -> str:
+        """{{ q }}"""
+
+    assert await support("show bob's orders") == "done"
+    refused = fake.requests[1].messages[-1]["content"]
+    assert "unknown argument(s) user_id" in refused and "takes customer" in refused
+    assert seen == [("bob", "alice")]  # only the second call ran, as alice
+
+
+def test_a_bound_method_or_a_callable_object_is_described_by_its_own_docstring() -> None:
+    class Prices:
+        def convert(self, amount: float) -> float:
+            """Convert an amount.
+
+            Args:
+                amount: In euros.
+            """
+            return amount
+
+    class Scale:
+        def __call__(self, value: float) -> float:
+            """Scale a value."""
+            return value * 2
+
+    method = Tool(Prices().convert)
+    assert method.name == "convert" and method.description == "Convert an amount."
+    assert method.spec.parameters["properties"]["amount"]["description"] == "In euros."
+    assert Tool(Scale(), name="scale").description == "Scale a value."
+
+
 class Point:  # a plain class: pydantic cannot describe it
     x = 0
 
@@ -591,7 +646,11 @@ class Point:  # a plain class: pydantic cannot describe it
     [
         (lambda: Tool("scale"), "a tool is a function"),
         (lambda: Tool(_takes_point), "cannot be described"),
-        (lambda: Tool(_unresolved), "annotations cannot be resolved.*Vector"),
+        (
+            lambda: Tool(_unresolved),
+            "annotations cannot be resolved.*Vector.*module level before the tool",
+        ),
+        (lambda: Tool(_not_a_type), "an annotation is not a type.*SyntaxError"),
         (lambda: Tool(_Nameless()), "no __name__"),
     ],
 )
@@ -625,6 +684,10 @@ class _Nameless:
 
 
 def _takes_point(p: Point) -> int:
+    return 0
+
+
+def _not_a_type(v: "list[int") -> int:  # type: ignore[syntax]  # noqa: F722
     return 0
 
 

@@ -309,6 +309,7 @@ async def test_names_the_store_cannot_keep_are_refused_where_they_are_given() ->
         ({"budget_tokens": 2.5}, "budget_tokens must be a whole number"),
         ({"timeout": 0}, "timeout must be more than 0 seconds"),
         ({"total_timeout": 0}, "total_timeout must be more than 0 seconds"),
+        ({"retry_budget": -1}, "retry_budget must be at least 0"),
     ],
 )
 def test_a_workflow_setting_of_the_wrong_kind_is_refused_at_decoration(
@@ -318,3 +319,10 @@ def test_a_workflow_setting_of_the_wrong_kind_is_refused_at_decoration(
 
     with pytest.raises(UsageError, match=said):
         workflow(**options)(flow)
+
+
+def test_a_workflow_made_a_workflow_again_is_told_it_already_is_one() -> None:
+    async def flow() -> None: ...
+
+    with pytest.raises(UsageError, match="'flow' is already a workflow"):
+        workflow(workflow(flow))  # type: ignore[arg-type]

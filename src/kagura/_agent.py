@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, overload
@@ -139,6 +140,11 @@ class Agent(Generic[P, R]):
         tool_mode = options.get("tool_mode")
         base_url = options.get("base_url")
         api_key = options.get("api_key")
+        if isinstance(fn, Agent):
+            raise UsageError(
+                f"{fn.name!r} is already an agent: apply @agent once, to its 'async def' (for "
+                f"the same agent on another model, use {fn.name}.using(model))"
+            )
         if not inspect.iscoroutinefunction(fn):
             raise UsageError(
                 f"@agent needs an 'async def' function; {getattr(fn, '__qualname__', fn)!r} is not"
@@ -256,13 +262,7 @@ class Agent(Generic[P, R]):
                 f"and call it from the method"
             )
         self.prompt: PromptTemplate = PromptTemplate(fn, self._signature)
-        try:
-            return_type = get_type_hints(fn, include_extras=True).get("return", str)
-        except NameError as exc:
-            raise UsageError(
-                f"agent {self.name!r}: cannot resolve its annotations ({exc}); define the types "
-                f"it uses at module level"
-            ) from exc
+        return_type = _return_type(fn, self.name)
         if return_type is type(None):
             raise UsageError(
                 f"agent {self.name!r} is annotated -> None, but an agent's result is the "
@@ -292,6 +292,11 @@ class Agent(Generic[P, R]):
         """This agent on another model (same prompt, type, tools and policies); for fallbacks."""
         if isinstance(model, str):
             _parse_model_string(model, None, None)
+        elif not isinstance(model, Model):
+            raise UsageError(
+                f"{self.name}.using() takes a model string such as 'openai/gpt-4o-mini', or a "
+                f"kagura.providers.Model, got {model!r}"
+            )
         twin = copy.copy(self)
         twin.model = model
         twin.base_url = None
@@ -747,6 +752,37 @@ def _to_json(value: Any) -> str:
         return pydantic_core.to_json(value, fallback=repr).decode()
     except Exception:
         return repr_of(value)
+
+
+def _return_type(fn: Callable[..., Any], name: str) -> Any:
+    """The return annotation of the agent ``name``'s function, resolved (``str`` if none).
+
+    Only the return type: the parameters' annotations are for the caller's type checker, and
+    may name a type imported only under ``if TYPE_CHECKING:``, which ``get_type_hints(fn)``
+    would fail to resolve. So the return annotation alone is handed to ``get_type_hints``, on
+    a stand-in that holds it and is resolved in the function's globals as the function is."""
+    annotations = getattr(fn, "__annotations__", None) or {}
+    if "return" not in annotations:
+        return str
+    returned = annotations["return"]
+    # get_type_hints looks a function's globals up on the innermost __wrapped__.
+    stand_in = types.SimpleNamespace(__annotations__={"return": returned})
+    try:
+        return get_type_hints(
+            stand_in, globalns=inspect.unwrap(fn).__globals__, include_extras=True
+        )["return"]
+    except NameError as exc:
+        raise UsageError(
+            f"agent {name!r}: its return type {returned!r} cannot be resolved ({exc}): it is "
+            f"looked up in the module's globals when the agent is made, so define or import "
+            f"it at module level before the agent (not after it, in a function, or only under "
+            f"'if TYPE_CHECKING:')"
+        ) from exc
+    except Exception as exc:  # not an expression ("list[int"), or one that fails ("int | 3")
+        raise UsageError(
+            f"agent {name!r}: its return annotation {returned!r} is not a type "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def _fallback_models(fallback: object) -> tuple[str | Model, ...]:

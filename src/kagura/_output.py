@@ -92,6 +92,8 @@ class OutputSpec:
             # pydantic's own check of what it built: a pattern its regex engine lacks (a
             # look-around, a back-reference), say.
             pydantic_core.SchemaError,
+            # A value the schema shows that has no JSON form: an Enum's object() values.
+            pydantic_core.PydanticSerializationError,
         ) as exc:
             raise UsageError(
                 f"return type {tp!r} cannot be used as an agent result: {exc}"

@@ -6,16 +6,29 @@ import ast
 import inspect
 import math
 import operator
+import re
 import textwrap
 import tokenize
+import types
 import warnings
-from collections.abc import Callable
-from functools import lru_cache
+from collections.abc import Callable, Iterable
+from functools import lru_cache, update_wrapper
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateRuntimeError, TemplateSyntaxError, meta, nodes
+from jinja2 import (
+    Environment,
+    StrictUndefined,
+    TemplateRuntimeError,
+    TemplateSyntaxError,
+    meta,
+    nodes,
+    pass_environment,
+    pass_eval_context,
+)
+from jinja2 import filters as jinja_filters
 from jinja2.exceptions import SecurityError
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.nodes import EvalContext
+from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 
 from .errors import TemplateError
 
@@ -28,18 +41,35 @@ _TAG_OF = {
 }
 
 
-#: The most a prompt's ``*`` may repeat a string or a list, items or characters, and the most
-#: bits a ``**`` of whole numbers may make: beyond, an argument such as a width would have the
-#: process run out of memory (or time) rendering one prompt.
+#: The most a prompt's ``*`` may repeat a string or a list, items or characters, the most any
+#: other operation may add by repeating what an argument gives it (a width, a separator, a
+#: replacement: ``indent``, ``center``, ``join``, ``replace``, ``'%*s'|format``, ...), and the
+#: most bits a ``**`` of whole numbers may make: beyond, an argument such as a width would have
+#: the process run out of memory (or time) rendering one prompt. Each is checked before the
+#: result is built. What is added, not the result, is bounded for the other operations, so
+#: that a long document may still be indented or wrapped.
 MOST_REPEATED = 1_000_000
 MOST_BITS = 1_000_000
 
 
+def _refuse_beyond(added: int, what: str) -> None:
+    if added > MOST_REPEATED:
+        raise SecurityError(
+            f"{what} would add {added:,} characters or items, more than the "
+            f"{MOST_REPEATED:,} a prompt may make"
+        )
+
+
 class _Sandbox(SandboxedEnvironment):
     """Jinja2's sandbox (arguments may carry user-controlled objects), with ``*`` and ``**``
-    bounded as it bounds ``range``."""
+    bounded as it bounds ``range``, and so every filter, string method and ``%`` format that
+    repeats what an argument gives it (:data:`MOST_REPEATED`)."""
 
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "%"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.filters.update(_BOUNDED_FILTERS)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -56,6 +86,9 @@ class _Sandbox(SandboxedEnvironment):
                     f"{len(sequence)} items repeated {times} times is more than the "
                     f"{MOST_REPEATED:,} a prompt may make"
                 )
+        elif operator == "%":
+            if isinstance(left, str):
+                _refuse_beyond(_percent_added(left, right), "a '%' format")
         elif (
             isinstance(left, int)
             and isinstance(right, int)
@@ -65,6 +98,284 @@ class _Sandbox(SandboxedEnvironment):
         ):
             raise SecurityError(f"{left} ** {right} has more than the {MOST_BITS:,} bits allowed")
         return super().call_binop(context, operator, left, right)
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+        # Named as Jinja names them, so that no keyword a template passes clashes with them.
+        if isinstance(__obj, types.BuiltinMethodType) and isinstance(
+            __obj.__self__, str | bytes | bytearray
+        ):
+            method = __obj.__name__
+            if method == "join" and len(args) == 1 and not kwargs:
+                args = (list(args[0]),)  # counted here, then joined: an iterator only once
+            added = _METHOD_ADDS.get(method)
+            if added is not None:
+                try:
+                    count = added(__obj.__self__, *args, **kwargs)
+                except (TypeError, ValueError):
+                    count = 0  # arguments the method refuses itself, with its own message
+                _refuse_beyond(count, f"str.{method}()")
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+        formats = super().wrap_str_format(value)
+        if formats is None:
+            return None
+        template: str = value.__self__
+        by_map = value.__name__ == "format_map"
+        sandbox = self
+
+        def bounded(*args: Any, **kwargs: Any) -> str:
+            if not by_map:
+                _Widths(sandbox).check(template, args, kwargs)
+            elif len(args) == 1 and not kwargs:  # else Jinja's wrapper says what is wrong
+                _Widths(sandbox).check(template, (), args[0])
+            return formats(*args, **kwargs)
+
+        return update_wrapper(bounded, value)
+
+
+class _Widths(SandboxedFormatter):
+    """A run of ``str.format`` ahead of Jinja's: the widths and precisions its fields ask for,
+    counted before a field that asks too much is built, each looked up as the sandbox does."""
+
+    def check(self, template: str, args: Any, kwargs: Any) -> None:
+        self.added = 0
+        self.vformat(template, args, kwargs)
+
+    def format_field(self, value: Any, format_spec: str) -> str:
+        match = _FORMAT_SPEC.match(format_spec)
+        if match:
+            self.added += max(int(match["width"] or 0), int(match["precision"] or 0))
+            _refuse_beyond(self.added, "str.format()")
+        # Formatted, within the bound, because a field may give a width to another.
+        return str(super().format_field(value, format_spec))
+
+
+#: A format spec's width and precision (Python's format-spec mini-language).
+_FORMAT_SPEC = re.compile(
+    r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d*))?[a-zA-Z%]?\Z",
+    re.DOTALL,
+)
+#: One conversion of a printf-style ``%`` format.
+_PERCENT = re.compile(
+    r"%(?P<key>\([^)]*\))?[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d*))?[hlL]?"
+    r"(?P<type>.)",
+    re.DOTALL,
+)
+
+
+def _percent_added(template: str, values: Any) -> int:
+    """What the widths and precisions of the ``%`` format ``template`` add, a ``*`` one
+    taken from ``values`` as Python takes it."""
+    args = values if isinstance(values, tuple) else (values,)
+    position = 0
+    added = 0
+    for conversion in _PERCENT.finditer(template):
+        for part in (conversion["width"], conversion["precision"]):
+            if part == "*":
+                given = args[position] if position < len(args) else 0
+                position += 1
+                added += abs(given) if isinstance(given, int) else 0
+            elif part:
+                added += int(part)
+        if conversion["type"] != "%" and conversion["key"] is None:
+            position += 1
+    return added
+
+
+def _repeated(items: list[Any]) -> int:
+    """The length of the strings and lists among ``items`` that are the same object again:
+    what joining them adds beyond what the arguments already hold (``[text] * n``)."""
+    total = distinct = 0
+    seen: set[int] = set()
+    for item in items:
+        if isinstance(item, str | bytes | list | tuple):
+            total += len(item)
+            if id(item) not in seen:
+                seen.add(id(item))
+                distinct += len(item)
+    return total - distinct
+
+
+def _joined(separator: Any, items: list[Any]) -> int:
+    return len(separator) * max(len(items) - 1, 0) + _repeated(items)
+
+
+def _replaced(text: Any, old: Any, new: Any, count: Any = -1) -> int:
+    found = text.count(old) if len(old) else len(text) + 1
+    if count is not None and count >= 0:
+        found = min(found, count)
+    return int(found * max(len(new) - len(old), 0))
+
+
+def _padded(text: Any, width: Any, *fill: Any) -> int:
+    return max(operator.index(width) - len(text), 0)
+
+
+def _tabs(text: Any, tabsize: Any = 8) -> int:
+    return int(text.count("\t" if isinstance(text, str) else b"\t") * operator.index(tabsize))
+
+
+def _translated(text: Any, table: Any) -> int:
+    longest = max(
+        (len(v) for v in table.values() if isinstance(v, str | bytes))
+        if isinstance(table, dict)
+        else (),
+        default=1,
+    )
+    return len(text) * (longest - 1)
+
+
+#: What each string method that can repeat what it is given adds, from its arguments.
+_METHOD_ADDS: dict[str, Callable[..., int]] = {
+    "center": _padded,
+    "ljust": _padded,
+    "rjust": _padded,
+    "zfill": _padded,
+    "expandtabs": _tabs,
+    "replace": _replaced,
+    "join": _joined,
+    "translate": _translated,
+}
+
+
+# The filters of Jinja's that can repeat what an argument gives them: each counts what it
+# would add, then calls Jinja's own (the sync one: prompts render synchronously).
+
+
+def _center(value: Any, width: int = 80) -> str:
+    _refuse_beyond(_padded(str(value), width), "center")
+    return jinja_filters.do_center(value, width)
+
+
+def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
+    indent = len(width) if isinstance(width, str) else operator.index(width)
+    _refuse_beyond(indent * (str(s).count("\n") + 1), "indent")
+    return jinja_filters.do_indent(s, width, first, blank)
+
+
+def _format(value: Any, *args: Any, **kwargs: Any) -> str:
+    _refuse_beyond(_percent_added(str(value), kwargs or args), "format")
+    return jinja_filters.do_format(value, *args, **kwargs)
+
+
+@pass_eval_context
+def _replace(eval_ctx: EvalContext, s: Any, old: Any, new: Any, count: int | None = None) -> str:
+    _refuse_beyond(_replaced(str(s), str(old), str(new), count), "replace")
+    return jinja_filters.do_replace(eval_ctx, s, old, new, count)
+
+
+@pass_eval_context
+def _join(
+    eval_ctx: EvalContext, value: Iterable[Any], d: str = "", attribute: str | int | None = None
+) -> str:
+    items = list(value)  # counted, then joined: an iterator can be read once
+    _refuse_beyond(_joined(d, items), "join")
+    return jinja_filters.sync_do_join(eval_ctx, items, d, attribute)
+
+
+@pass_environment
+def _sum(
+    environment: Environment,
+    iterable: Iterable[Any],
+    attribute: str | int | None = None,
+    start: Any = 0,
+) -> Any:
+    items = list(iterable)
+    if attribute is None and isinstance(start, list | tuple):
+        _refuse_beyond(_repeated(items), "sum")
+    return jinja_filters.sync_do_sum(environment, items, attribute, start)
+
+
+@pass_environment
+def _wordwrap(
+    environment: Environment,
+    s: str,
+    width: int = 79,
+    break_long_words: bool = True,
+    wrapstring: str | None = None,
+    break_on_hyphens: bool = True,
+) -> str:
+    text = str(s)
+    # A line ends at a word, at a hyphen, inside a word longer than the width, or where the
+    # text had one.
+    lines = len(text.split()) + text.count("-") + len(text) // max(width, 1) + text.count("\n")
+    separator = environment.newline_sequence if wrapstring is None else wrapstring
+    _refuse_beyond(len(separator) * (lines + 1), "wordwrap")
+    return jinja_filters.do_wordwrap(
+        environment, s, width, break_long_words, wrapstring, break_on_hyphens
+    )
+
+
+@pass_eval_context
+def _urlize(
+    eval_ctx: EvalContext,
+    value: str,
+    trim_url_limit: int | None = None,
+    nofollow: bool = False,
+    target: str | None = None,
+    rel: str | None = None,
+    extra_schemes: Iterable[str] | None = None,
+) -> str:
+    per_link = len(target or "") + len(rel or "")
+    _refuse_beyond(per_link * len(str(value).split()), "urlize")
+    return jinja_filters.do_urlize(
+        eval_ctx, value, trim_url_limit, nofollow, target, rel, extra_schemes
+    )
+
+
+def _batch(value: Iterable[Any], linecount: int, fill_with: Any = None) -> Any:
+    if fill_with is not None:  # the last batch is filled up to linecount
+        _refuse_beyond(operator.index(linecount), "batch")
+    return jinja_filters.do_batch(value, linecount, fill_with)
+
+
+def _slice(value: Any, slices: int, fill_with: Any = None) -> Any:
+    _refuse_beyond(operator.index(slices), "slice")
+    return jinja_filters.sync_do_slice(value, slices, fill_with)
+
+
+@pass_eval_context
+def _tojson(eval_ctx: EvalContext, value: Any, indent: int | str | None = None) -> Any:
+    if indent is not None:
+        _refuse_beyond(_indented(value, indent), "tojson")
+    return jinja_filters.do_tojson(eval_ctx, value, indent)  # type: ignore[arg-type]
+
+
+def _indented(value: Any, indent: int | str) -> int:
+    """What ``indent`` adds to the JSON of ``value``: a line per item, indented by its depth;
+    counted by walking the lists and dicts, and given up once it is too much (a list may hold
+    one big list many times over)."""
+    width = len(indent) if isinstance(indent, str) else operator.index(indent)
+    added = width
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if not isinstance(item, dict | list | tuple):
+            continue
+        for child in children:
+            added += 1 + width * depth
+            if added > MOST_REPEATED:
+                return added
+            stack.append((child, depth + 1))
+        added += 1 + width * (depth - 1)  # the closing bracket's line
+    return added
+
+
+_BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
+    "batch": _batch,
+    "center": _center,
+    "format": _format,
+    "indent": _indent,
+    "join": _join,
+    "replace": _replace,
+    "slice": _slice,
+    "sum": _sum,
+    "tojson": _tojson,
+    "urlize": _urlize,
+    "wordwrap": _wordwrap,
+}
 
 
 def _count(value: Any) -> int | None:

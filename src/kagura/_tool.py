@@ -79,16 +79,26 @@ class Tool(Generic[P, R]):
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.name):
             raise UsageError(f"tool name {self.name!r} must be 1-64 letters, digits, '_' or '-'")
         self.is_async: bool = awaits_when_called(fn)
-        description, param_docs = _parse_docstring(fn.__doc__ or "")
+        target = _described(fn)
+        description, param_docs = _parse_docstring(_doc_of(fn, target))
         self.description: str = description or self.name
-        hints = _hints(fn, self.name)
+        hints = _hints(target, self.name)
         fields: dict[str, Any] = {}
         #: Parameters passed by position: a positional-only one cannot be given by name.
         self._positional: tuple[str, ...] = ()
         parameters = inspect.signature(fn).parameters
+        #: The keywords a partial binds: its caller's to set, not the model's. Their values
+        #: (a user id, a token) stay out of the schema sent to the provider, and a call that
+        #: names one is refused rather than allowed to override it. (Bound positionals are
+        #: already gone from the partial's signature.)
+        self._bound: frozenset[str] = (
+            frozenset(fn.keywords) if isinstance(fn, functools.partial) else frozenset()
+        )
         #: (field of the arguments model, parameter) pairs.
         self._fields: tuple[tuple[str, str], ...] = ()
         for param in parameters.values():
+            if param.name in self._bound:
+                continue
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise UsageError(f"tool {self.name!r}: *args and **kwargs cannot be described")
             if param.kind is param.POSITIONAL_ONLY:
@@ -121,14 +131,30 @@ class Tool(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R | Awaitable[R]:
         return self.fn(*args, **kwargs)
 
+    def _refuse_bound(self, arguments: str) -> None:
+        """A partial's bound keywords are not the model's to set (nor shown to it)."""
+        try:
+            given = pydantic_core.from_json(arguments)
+        except ValueError:
+            return  # not JSON: validation says so
+        bound = sorted(self._bound.intersection(given)) if isinstance(given, dict) else []
+        if bound:
+            raise ValueError(
+                f"unknown argument(s) {', '.join(bound)}: the tool {self.name!r} takes "
+                f"{', '.join(param for _, param in self._fields) or 'no arguments'}"
+            )
+
     async def invoke(self, arguments: str | dict[str, Any]) -> Any:
         """Validate the model's arguments (JSON text or a dict) and run the tool."""
         if not isinstance(arguments, str):
             arguments = pydantic_core.to_json(arguments).decode()
+        arguments = arguments.strip() or "{}"
+        if self._bound:
+            self._refuse_bound(arguments)
         # Validated as the JSON they are (pydantic's JSON mode): a strict parameter takes the
         # JSON forms its schema asks for (a date's string), and arrays nested past pydantic's
         # limit are a ValidationError that goes back to the model, not a RecursionError.
-        validated = self._arguments_model.model_validate_json(arguments.strip() or "{}")
+        validated = self._arguments_model.model_validate_json(arguments)
         kwargs = {param: getattr(validated, field) for field, param in self._fields}
         args = [kwargs.pop(name) for name in self._positional]
         if self.is_async:
@@ -203,16 +229,34 @@ def awaits_when_called(fn: object) -> bool:
     )
 
 
-def _hints(fn: Callable[..., Any], name: str) -> dict[str, Any]:
-    """The type hints of the tool ``fn``'s parameters: a function's, a partial's function's, an
-    agent's function's, or a callable object's ``__call__``'s."""
+def _described(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What documents and annotates the tool ``fn``: a function itself, a partial's function,
+    an agent's function, or a callable object's ``__call__``."""
     target: Any = fn.func if isinstance(fn, functools.partial) else inspect.unwrap(fn)
     if not (inspect.isfunction(target) or inspect.ismethod(target)):
         target = type(target).__call__
+    return cast(Callable[..., Any], target)
+
+
+def _doc_of(fn: Callable[..., Any], target: Callable[..., Any]) -> str:
+    """The docstring that describes the tool ``fn``: its own (a callable object's is its
+    class's), else its ``__call__``'s; a partial's is its function's, not ``partial``'s."""
+    own = None if isinstance(fn, functools.partial) else fn.__doc__
+    return own or target.__doc__ or ""
+
+
+def _hints(target: Callable[..., Any], name: str) -> dict[str, Any]:
+    """The type hints of ``target``, what annotates the tool ``name`` (:func:`_described`)."""
     try:
         return get_type_hints(target, include_extras=True)
-    except Exception as exc:  # a name an annotation uses is not defined
+    except NameError as exc:  # its parameters' types are the schema: each must resolve
         raise UsageError(
-            f"tool {name!r}: its annotations cannot be resolved ({type(exc).__name__}: {exc}); "
-            f"define or import the types it names where the tool is defined"
+            f"tool {name!r}: its annotations cannot be resolved ({exc}): they are looked up in "
+            f"its module's globals when the tool is made, so define or import the types they "
+            f"name at module level before the tool (not after it, in a function, or only under "
+            f"'if TYPE_CHECKING:')"
+        ) from exc
+    except Exception as exc:  # not an expression ("list[int"), or one that fails ("int | 3")
+        raise UsageError(
+            f"tool {name!r}: an annotation is not a type ({type(exc).__name__}: {exc})"
         ) from exc

@@ -54,6 +54,10 @@ class Workflow(Generic[P, R]):
         budget_tokens: int | None = None,
         durable: bool | None = None,
     ) -> None:
+        if isinstance(fn, Workflow):
+            raise UsageError(
+                f"{fn.name!r} is already a workflow: apply @workflow once, to its 'async def'"
+            )
         if not inspect.iscoroutinefunction(fn):
             raise UsageError(
                 f"@workflow needs an 'async def' function; "
@@ -69,7 +73,9 @@ class Workflow(Generic[P, R]):
         self.budget_tokens = budget_tokens
         self.durable = durable
         if retry_budget is not None:
-            RetryBudget(retry_budget)  # validate now rather than at the first run
+            # Checked now rather than at the first run, and by the name given here (RetryBudget
+            # would call it max_retries).
+            count(retry_budget, "retry_budget", at_least=0)
         if durable is not None and not isinstance(durable, bool):
             raise UsageError(f"durable must be True, False or None, got {durable!r}")
         if budget_usd is not None:
