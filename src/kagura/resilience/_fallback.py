@@ -77,7 +77,9 @@ class Fallback(Generic[P, T]):
                 )
         self.options = options
         self.default = default
-        self.on = exception_types(on, "Fallback's on")
+        self.on: type[BaseException] | tuple[type[BaseException], ...] = exception_types(
+            on, "Fallback's on"
+        )
 
     async def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Answer[T]:
         errors: list[tuple[str, Exception]] = []
