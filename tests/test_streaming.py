@@ -488,6 +488,42 @@ async def test_the_total_timeout_bounds_the_tool_rounds_of_a_stream(
     assert [s.status for s in events.spans(kind="agent")] == ["timed_out"]
 
 
+async def test_an_outer_calls_total_timeout_cutting_a_stream_short_is_recorded_as_such(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = time.monotonic
+    ahead = 0.0
+    monkeypatch.setattr(time, "monotonic", lambda: real() + ahead)  # the loop's clock too
+    inner_model = FakeModel([Reply("too late", delay=3600)], name="inner")
+
+    @agent(model=inner_model, total_timeout=3600, retry=False)
+    async def inner(topic: str) -> str:
+        """{{ topic }}"""
+
+    @tool
+    async def ask_inner(key: str) -> str:
+        """Ask the inner agent about ``key``."""
+        return "".join([delta async for delta in inner.stream(key)])
+
+    call = ToolCall("call_1", "ask_inner", json.dumps({"key": "k"}))
+
+    @agent(model=FakeModel([Reply(tool_calls=(call,))]), tools=[ask_inner], total_timeout=30)
+    async def outer(topic: str) -> str:
+        """{{ topic }}"""
+
+    with capture_events() as events:
+        task = asyncio.ensure_future(outer("x"))
+        await until(lambda: len(inner_model.requests) == 1)()
+        ahead = 31  # the outer call's deadline passes while the inner stream waits
+        with pytest.raises(TimeoutError):
+            await task
+    (attempt,) = events.spans(kind="llm", name="fake/inner")
+    assert (attempt.status, attempt.error) == (
+        "timed_out",
+        "cut short by the agent call's total_timeout",
+    )
+
+
 async def test_a_broken_stream_that_generated_text_costs_an_unknown_amount() -> None:
     class Priced(FakeModel):
         provider = "acme"  # no known price: not free

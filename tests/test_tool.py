@@ -242,6 +242,30 @@ async def test_failing_tool_reports_its_error_to_the_model() -> None:
     assert events.spans(kind="agent")[0].status == "completed"
 
 
+class Unsayable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words for it")
+
+
+async def test_a_tool_error_whose_str_fails_is_still_reported_to_the_model() -> None:
+    @tool
+    def broken(key: str) -> str:
+        """Look ``key`` up."""
+        raise Unsayable
+
+    fake = FakeModel([tool_calls(call("broken", {"key": "k"})), "it failed"])
+
+    @agent(model=fake, tools=[broken])
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    assert await ask("x") == "it failed"
+    message = fake.requests[1].messages[-1]
+    assert message["content"] == (
+        "Error: Unsayable: <str() of Unsayable failed: RuntimeError('no words for it')>"
+    )
+
+
 async def test_unknown_tool_name_is_reported_to_the_model() -> None:
     fake = FakeModel([tool_calls(call("multiply", {"a": 2, "b": 2})), "ok"])
 

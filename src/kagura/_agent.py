@@ -30,7 +30,7 @@ from ._instrument import span_event, span_finished, span_started, status_of
 from ._output import OutputSpec, OutputValidationError, cut_off
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._recording import ensure_recording
-from ._redact import repr_of
+from ._redact import repr_of, str_of
 from ._streaming import AgentStream, open_agent_stream
 from ._tool import Tool, as_tool, with_resolved_annotations
 from ._usage import Usage
@@ -663,7 +663,7 @@ class Agent(Generic[P, R]):
             # Given back to the model, which may try another way; not journaled, so that a
             # resumed run calls the tool again.
             span_finished(span, "failed", failed.error)
-            return f"Error: {type(failed.error).__name__}: {failed.error}"
+            return f"Error: {type(failed.error).__name__}: {str_of(failed.error)}"
         except BaseException as exc:
             span_finished(span, status_of(exc), exc)
             raise

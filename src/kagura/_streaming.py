@@ -336,7 +336,8 @@ async def _by_deadline(awaitable: Awaitable[T], deadline: float | None) -> T:
     held across a ``yield``: the reader's code runs in its own context between items."""
     if deadline is None:
         return await awaitable
-    token = call_deadline.set(deadline)
+    outer = call_deadline.get()  # an agent's call this one is part of (a tool's, say)
+    token = call_deadline.set(deadline if outer is None else min(outer, deadline))
     try:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout_at(loop.time() + (deadline - time.monotonic())):

@@ -575,6 +575,20 @@ class Opaque:
         return "Opaque()"
 
 
+class Ids(BaseModel):
+    ids: set[int]
+
+
+class Pairs(BaseModel):
+    pairs: frozenset[tuple[int, int]]
+    reals: set[float]
+
+
+@dataclass
+class Nums:
+    nums: set[int]
+
+
 def test_inputs_hashed_the_same_in_every_process_before_keep_their_hashes() -> None:
     # Journals written then must still resume: these hashes are those of the version before
     # sets in models were sorted.
@@ -590,6 +604,19 @@ def test_inputs_hashed_the_same_in_every_process_before_keep_their_hashes() -> N
         ({"b": 1, "a": {"d": 2, "c": 3}}, True),
         ({"image": b"\x89PNG\x00\x00"}, False),
         ({"args": (Opaque(), [Opaque()]), "kwargs": {}}, False),
+        # Sets of numbers iterate in the same order in every process: not re-sorted in models
+        # and dataclasses either (by their JSON, 10 would come before 2).
+        ({"args": (Ids(ids={2, 10}),), "kwargs": {}}, False),
+        ({"args": (Ids(ids={-1, 1}),), "kwargs": {}}, False),
+        ({"args": (Nums({2, 10, 33, 1000}),), "kwargs": {}}, False),
+        (
+            {
+                "args": (Pairs(pairs=frozenset({(2, 1), (10, 3)}), reals={10.0, 2.5, -7.25}),),
+                "kwargs": {},
+            },
+            False,
+        ),
+        ({frozenset({1, 2}): "a", "k": {"q": Ids(ids={7, 100})}}, False),
     ]
     assert [input_hash(value, sort_keys=sort_keys) for value, sort_keys in hashed] == [
         "4775fff59780ee5fd093cf7ea145ecc3e3c520144615b9450be99f0b51c6c1a3",
@@ -602,6 +629,11 @@ def test_inputs_hashed_the_same_in_every_process_before_keep_their_hashes() -> N
         "78d48859c3252943aab7306f76c80f3f07783582e05ab8f944ce0696f2dbfc67",
         "f52a2cbf201c1263b1227e301433c1d17b6ee33f1a2084e4e73e8b1a807691df",
         "cabf82056a80db61a18dd556d4de4cd9e230fa18f37c83e9fa2b096378b84aec",
+        "fd60893437a18c0953471acd088c2e6f987f817647959ee06330c09fa59629bd",
+        "6ef8880a352ce6339e7f59d2ecbc77e4c6f01da4ab7c7a3eec4009420e68f5e6",
+        "545b30132315554e93a460c1bcc3b2239f5ca4196b8dd2b745c7579402d6df91",
+        "f07a8d43e934f9954ec64fccbca04c5308ae034abc3f196788c0149d5e8fcfa8",
+        "a5f2371df91b2a771749ede78b43098c25669896f4c9d5cb648b2ebbb2ae4c6e",
     ]
 
 

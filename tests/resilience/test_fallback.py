@@ -162,6 +162,41 @@ async def test_the_earlier_errors_are_the_context_of_the_last() -> None:
     ]
 
 
+def depth(error: BaseException | None) -> int:
+    found = 0
+    while error is not None:
+        found, error = found + 1, error.__context__
+    return found
+
+
+async def test_an_error_raised_to_every_call_gathers_nothing_from_call_to_call() -> None:
+    # Every caller awaiting one failed future gets the same exception: were each call to chain
+    # and note on it, it would keep every call's errors alive, and grow without end.
+    failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    failed.set_exception(ConnectionError("the shared pool failed to start"))
+
+    async def primary(text: str) -> str:
+        raise RuntimeError(f"primary down for {text}")
+
+    async def shared(text: str) -> str:
+        return await failed
+
+    async def last(text: str) -> str:
+        raise KeyError(f"last refused {text}")
+
+    chain, last_shared = Fallback(primary, shared, last), Fallback(primary, shared)
+    for call in range(3):
+        with pytest.raises(ConnectionError):
+            await last_shared(str(call))
+        with pytest.raises(KeyError) as caught:
+            await chain(str(call))
+        assert caught.value.__context__ is failed.exception()
+    error = failed.exception()
+    assert error is not None
+    assert depth(error) == 2  # itself, and the first call's primary failure
+    assert len(error.__notes__) == 1  # the first call's
+
+
 async def test_arguments_are_passed_to_every_option() -> None:
     seen: list[tuple[tuple[object, ...], dict[str, object]]] = []
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import decimal
+import fractions
 import hashlib
 import inspect
 import re
+import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
@@ -79,7 +82,9 @@ def canonical(value: Any, *, sort_keys: bool = False, hashing: bool = False) -> 
     if isinstance(value, dict):
         pairs = [
             (
-                tuple(canonical(key)) if hashing and isinstance(key, frozenset) else key,
+                tuple(canonical(key))
+                if hashing and isinstance(key, frozenset) and not _order_unseeded(key)
+                else key,
                 canonical(item, sort_keys=sort_keys, hashing=hashing),
             )
             for key, item in value.items()
@@ -103,7 +108,7 @@ def _sets_sorted(obj: Any, data: Any) -> Any:
     wrote each set in the order it iterates in now. Where a serializer of the user's made
     something else of a part (another shape), that part is left as it is."""
     if isinstance(obj, set | frozenset):
-        if not isinstance(data, list) or len(data) != len(obj):
+        if not isinstance(data, list) or len(data) != len(obj) or _order_unseeded(obj):
             return data
         items = [_sets_sorted(item, found) for item, found in zip(obj, data, strict=True)]
         items.sort(key=_sort_key)
@@ -120,6 +125,25 @@ def _sets_sorted(obj: Any, data: Any) -> Any:
     if isinstance(data, list):
         return [changed.get(index, item) for index, item in enumerate(data)]
     return {**data, **changed}
+
+
+#: Values whose hash is the same in every process: numbers (str's and bytes' depend on the hash
+#: seed), and None from Python 3.12 (before, its hash was its address).
+_UNSEEDED: tuple[type, ...] = (int, float, complex, decimal.Decimal, fractions.Fraction)
+if sys.version_info >= (3, 12):
+    _UNSEEDED += (type(None),)
+
+
+def _order_unseeded(items: set[Any] | frozenset[Any]) -> bool:
+    """Whether a set of ``items`` iterates in the same order in every process: their hashes,
+    which place them, do not depend on the hash seed (numbers and None, and tuples and
+    frozensets of them). Such a set in a model or dataclass is left in that order, as the
+    version before sets were sorted wrote it: journals written then still resume."""
+    return all(
+        isinstance(item, _UNSEEDED)
+        or (isinstance(item, tuple | frozenset) and _order_unseeded(frozenset(item)))
+        for item in items
+    )
 
 
 def _parts(obj: Any, data: Any) -> list[tuple[Any, Any]]:

@@ -108,22 +108,36 @@ def tried_first(
 ) -> None:
     """Before ``last`` (the last option's error) is raised: the failures of the options tried
     before it, in order, noted on it and chained to it as its context, as they would be had
-    each option been tried in the ``except`` of the one before."""
-    for name, earlier in errors:
-        last.add_note(
-            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: "
-            f"{str_of(earlier)}"
-        )
+    each option been tried in the ``except`` of the one before.
+
+    An error met before (one raised to every caller, a shared task's or future's) is neither
+    noted nor chained to again: it would gather the notes and the errors of every call it
+    ended."""
+    if not getattr(last, _MET, False):
+        for name, earlier in errors:
+            last.add_note(
+                f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: "
+                f"{str_of(earlier)}"
+            )
     later = last
     for _, earlier in reversed(errors):
         chain = _shown_chain(later)
         end = chain[-1]
-        # Never over a context already there, nor into a loop (one error raised twice).
-        if end.__context__ is None and not {id(e) for e in chain} & {
-            id(e) for e in _shown_chain(earlier)
-        }:
+        # Never over a context already there, nor into a loop (one error raised twice), nor
+        # onto an error of another call.
+        if (
+            end.__context__ is None
+            and not getattr(end, _MET, False)
+            and not {id(e) for e in chain} & {id(e) for e in _shown_chain(earlier)}
+        ):
             end.__context__ = earlier
         later = earlier
+    for error in (last, *(error for _, error in errors)):
+        setattr(error, _MET, True)  # every exception has a __dict__ (BaseException's)
+
+
+#: Marks an error :func:`tried_first` has met.
+_MET = "_kagura_fallback_met"
 
 
 def _shown_chain(error: BaseException) -> list[BaseException]:

@@ -20,10 +20,9 @@ from datetime import timedelta
 from typing import Any, Final, TypedDict
 
 from .. import _llm
-from .._context import Span, call_deadline, current_span, past_call_deadline
-from .._instrument import CUT_SHORT
+from .._context import Span, call_deadline, current_span
 from .._usage import Usage
-from ..errors import ProviderTimeout, UsageError
+from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
 from ._backoff import seconds, time_limit
 from ._breaker import CircuitBreaker, circuit_breaker, settle_admitted
@@ -325,13 +324,10 @@ async def _guarded_attempt(
         response = await _llm.attempt(model, request, parent, timeout=timeout)
     except BaseException as error:
         if breaker is not None:
-            outcome = error
-            if isinstance(error, asyncio.CancelledError) and past_call_deadline():
-                # The call's total timeout cut the attempt short: to the breaker, the provider
-                # did not answer in time, as under a per-attempt timeout. Were it a cancellation
-                # (no health signal), a provider that hangs would never open the circuit.
-                outcome = ProviderTimeout(CUT_SHORT, model=model.id)
-            await settle_admitted(breaker, outcome, admitted)
+            # An attempt the call's total_timeout cut short is a cancellation here, not a
+            # failure of the provider: the call's time may have gone on its tools or earlier
+            # attempts, and the timeout is outside the breaker (the per-attempt one is inside).
+            await settle_admitted(breaker, error, admitted)
         if limiter is not None and getattr(error, "status_code", None) == 429:
             limiter.penalise(retry_after(error))
         raise
