@@ -128,12 +128,27 @@ async def test_on_base_exception_still_moves_on_after_errors() -> None:
     assert answer.source == "reliable"
 
 
-@pytest.mark.parametrize("on", ["ProviderError", 5, (ProviderError, "x"), (), int], ids=repr)
+@pytest.mark.parametrize(
+    "on",
+    ["ProviderError", 5, (ProviderError, "x"), (ProviderError, (KeyError, "x")), int],
+    ids=repr,
+)
 def test_on_must_be_exception_types(on: object) -> None:
     # Refused when made: else "catching classes that do not inherit from BaseException is not
     # allowed" at the first failure, in place of that failure.
     with pytest.raises(UsageError, match="Fallback's on must be an exception type"):
         Fallback(fast, reliable, on=on)  # type: ignore[arg-type]
+
+
+async def test_on_takes_nested_tuples_of_types_as_except_does() -> None:
+    my_errors = (ProviderError, (ConnectionError,))
+    chain = Fallback(fast, also_down, reliable, on=(KeyError, my_errors))  # type: ignore[arg-type]
+    assert (await chain("hi")).source == "reliable"
+
+
+async def test_on_the_empty_tuple_never_moves_on() -> None:
+    with pytest.raises(ProviderError, match="fast is down"):
+        await Fallback(fast, reliable, on=())("hi")
 
 
 def test_sync_options_are_refused() -> None:

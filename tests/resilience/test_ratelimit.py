@@ -10,7 +10,7 @@ import pytest
 
 from kagura import agent, workflow
 from kagura.errors import ProviderError, UsageError
-from kagura.providers import ModelRequest, ModelResponse
+from kagura.providers import Model, ModelRequest, ModelResponse
 from kagura.resilience import (
     BudgetExceeded,
     CircuitBreaker,
@@ -290,14 +290,58 @@ def test_limit_model_keeps_the_limit_under_the_models_id(spelling: str, model: s
     assert limiter_.name == model
 
 
+class AcmeModel(Model):
+    """A custom model, of a provider Kagura does not know."""
+
+    provider = "acme"
+
+    def __init__(self) -> None:
+        self.model_name = "big"
+        self.calls = 0
+
+    async def request(self, request: ModelRequest) -> ModelResponse:
+        self.calls += 1
+        return ModelResponse(text="hi")
+
+
+@pytest.mark.parametrize("spelling", ["acme/big", " acme/big ", "model"])
+async def test_limit_model_limits_a_custom_model_of_an_unknown_provider(
+    no_waits: None, spelling: str
+) -> None:
+    # A custom Model's id can be any "provider/name", which no model string of an agent's
+    # resolves to: kept as given, or taken from the model itself, it is the only key that
+    # limits that model.
+    model = AcmeModel()
+    limiter_ = limit_model(model if spelling == "model" else spelling, requests_per_second=1)
+    assert limiter_.name == "acme/big"
+    assert limiter_for_model(model.id) is limiter_
+
+    @agent(model=model)
+    async def ask(q: str) -> str:
+        """{{ q }}"""
+
+    assert await ask("x") == "hi"
+    assert limiter_.admitted == 1
+
+
+def test_limit_model_takes_a_model_by_its_id() -> None:
+    model = FakeModel(name="limited")
+    limiter_ = limit_model(model, requests_per_second=1)
+    assert limiter_for_model("fake/limited") is limiter_
+
+
 @pytest.mark.parametrize(
     ("model", "said"),
     [
-        (5, "limit_model takes a model string, such as 'openai/gpt-4o-mini', got 5"),
+        (5, "limit_model takes a model string, such as 'openai/gpt-4o-mini', or a Model, got 5"),
+        (AcmeModel, "limit_model takes a model string, such as 'openai/gpt-4o-mini', or a Model"),
         ("", "names a model"),
-        # Provider prefixes are as an agent reads them: an agent refuses this one too.
-        ("OpenAI/gpt-4o-mini", "unknown model provider 'OpenAI'"),
+        ("  ", "names a model"),
+        ("acme/", "names no model after 'acme/'"),
+        # A provider Kagura knows still refuses a name it does not serve.
+        ("local/no-such-model", "unknown local model 'no-such-model'"),
     ],
+    ids=repr,
 )
 def test_limit_model_refuses_what_names_no_model(model: object, said: str) -> None:
     with pytest.raises(UsageError, match=re.escape(said)):

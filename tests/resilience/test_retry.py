@@ -187,6 +187,25 @@ async def test_retry_on_exception_types() -> None:
     assert fn.calls == 1
 
 
+async def test_retry_on_nested_tuples_of_types_as_except_takes_them() -> None:
+    my_errors = (ValueError, (LookupError,))
+    policy = Retry(attempts=5, retry_on=(KeyError, my_errors))  # type: ignore[arg-type]
+    fn = Flaky(KeyError("a"), ValueError("b"), IndexError("c"))
+    assert await policy.call(fn) == "ok"
+    assert fn.calls == 4
+    fn = Flaky(TypeError("not listed"))
+    with pytest.raises(TypeError):
+        await policy.call(fn)
+    assert fn.calls == 1
+
+
+async def test_retry_on_the_empty_tuple_retries_nothing() -> None:
+    fn = Flaky(http(503))
+    with pytest.raises(ProviderError):
+        await Retry(attempts=5, retry_on=()).call(fn)
+    assert fn.calls == 1
+
+
 async def test_retry_on_a_single_type() -> None:
     fn = Flaky(LookupError("x"), KeyError("subclass"))
     assert await Retry(retry_on=LookupError).call(fn) == "ok"
@@ -222,7 +241,7 @@ def test_retry_on_must_be_a_predicate_or_types() -> None:
         ({"on_retry": 5}, "on_retry must be a function"),
         ({"retry_on": (ValueError, 5)}, "retry_on must be a predicate, an exception type or"),
         ({"retry_on": int}, "retry_on must be a predicate, an exception type or"),
-        ({"retry_on": ()}, "retry_on must be a predicate, an exception type or"),
+        ({"retry_on": (ValueError, (KeyError, 5))}, "5 is not an exception type"),
         ({"respect_retry_after": "no"}, "respect_retry_after must be True or False"),
     ],
     ids=repr,

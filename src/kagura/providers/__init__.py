@@ -116,6 +116,14 @@ def model_id(spec: str) -> str:
     return _parse(name, None, None).id
 
 
+def _known_providers() -> frozenset[str]:
+    """The provider prefixes a model string can name in this process: the built-in ones and
+    those claimed with :func:`register_provider`."""
+    from .openai import ENDPOINTS
+
+    return frozenset({*ENDPOINTS, *_registered, "local", "litellm", "fake"})
+
+
 def _name(spec: str | None) -> str | None:
     # Surrounding spaces are no part of a name (" gpt-4o-mini" was "openai/ gpt-4o-mini").
     return spec and spec.strip()
@@ -155,7 +163,7 @@ def _parse(spec: str, base_url: str | None, api_key: str | None) -> Model:
         return OpenAIChatModel(rest, endpoint=endpoint, base_url=base_url, api_key=api_key)
     if base_url is not None:
         return OpenAIChatModel(spec, base_url=base_url, api_key=api_key)
-    known = ", ".join(sorted({*ENDPOINTS, *_registered, "local", "litellm", "fake"}))
+    known = ", ".join(sorted(_known_providers()))
     raise UsageError(
         f"unknown model provider {prefix!r} in {spec!r}: use one of {known} as the prefix, "
         f"or pass base_url= to send {spec!r} to an OpenAI-compatible server"

@@ -8,6 +8,7 @@ not parse, and cancellation (which is not an error at all: it always propagates)
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import TypeGuard
 
 from ..errors import (
@@ -47,14 +48,31 @@ def exception_types(
     *,
     takes: str = "an exception type, such as ProviderError, or a tuple of them",
 ) -> type[BaseException] | tuple[type[BaseException], ...]:
-    """``value`` if it is an exception type or a tuple of them (what ``except`` takes), else a
-    :class:`~kagura.errors.UsageError` naming ``what``: a wrong one would otherwise pass
+    """``value`` if it is an exception type, its types (flattened) if it is a tuple of them as
+    ``except`` takes one (nested tuples, or none at all: the empty tuple matches nothing), else
+    a :class:`~kagura.errors.UsageError` naming ``what``: a wrong one would otherwise pass
     unnoticed until the first failure, and then replace that failure with a ``TypeError``."""
     if _is_exception_type(value):
         return value
-    if isinstance(value, tuple) and value and all(_is_exception_type(t) for t in value):
-        return value
+    if isinstance(value, tuple):
+        members = tuple(_members(value))
+        types = tuple(t for t in members if _is_exception_type(t))
+        if len(types) == len(members):
+            return types
+        wrong = next(m for m in members if not _is_exception_type(m))
+        raise UsageError(
+            f"{what} must be {takes}, got {value!r}: {wrong!r} is not an exception type"
+        )
     raise UsageError(f"{what} must be {takes}, got {value!r}")
+
+
+def _members(value: tuple[object, ...]) -> Iterator[object]:
+    # Nested tuples too, as except reads them: retry_on=(ProviderError, MY_ERRORS).
+    for member in value:
+        if isinstance(member, tuple):
+            yield from _members(member)
+        else:
+            yield member
 
 
 def _is_exception_type(value: object) -> TypeGuard[type[BaseException]]:

@@ -21,7 +21,7 @@ from .._checks import count, real
 from .._context import current_span
 from .._instrument import span_event
 from ..errors import UsageError
-from ..providers import model_id
+from ..providers import Model, _known_providers, model_id
 from . import _config
 from ._backoff import seconds
 
@@ -238,7 +238,7 @@ _registry_lock = threading.Lock()
 
 
 def limit_model(
-    model: str,
+    model: str | Model,
     *,
     requests_per_second: float | None = None,
     requests_per_minute: float | None = None,
@@ -248,27 +248,12 @@ def limit_model(
     """Rate-limit every agent call to ``model`` in this process. Calling it again replaces the
     limit.
 
-    ``model`` is a model string as ``@agent(model=...)`` takes it: ``"gpt-4o-mini"`` and
-    ``"openai/gpt-4o-mini"`` limit the same model. A model an agent sends to its own
-    ``base_url=`` is ``"openai/<model string>"``."""
-    if not isinstance(model, str):
-        raise UsageError(
-            f"limit_model takes a model string, such as 'openai/gpt-4o-mini', got {model!r}"
-        )
-    try:
-        # Kept under the model's id, which is what an agent call looks it up by, however the
-        # agent named the model: a limit under another spelling would never apply.
-        model = model_id(model)
-    except UsageError as error:
-        # The provider's error offers base_url=, which an agent takes and this does not.
-        hint = (
-            " (a model an agent sends to its own base_url= is 'openai/' and its model string)"
-            if "/" in model
-            else ""
-        )
-        raise UsageError(
-            f"limit_model takes a model string as @agent(model=...) does: {error}{hint}"
-        ) from None
+    ``model`` is a :class:`~kagura.providers.Model`, or a model string as ``@agent(model=...)``
+    takes it: ``"gpt-4o-mini"`` and ``"openai/gpt-4o-mini"`` limit the same model. A
+    ``"provider/name"`` string whose provider Kagura does not know is kept as given: it names
+    the custom ``Model`` whose ``id`` it is. A model an agent sends to its own ``base_url=`` is
+    ``"openai/<model string>"``."""
+    model = _model_key(model)
     limiter = RateLimiter(
         model,
         requests_per_second=requests_per_second,
@@ -279,6 +264,29 @@ def limit_model(
     with _registry_lock:
         _registry[model] = limiter
     return limiter
+
+
+def _model_key(model: object) -> str:
+    # Kept under the model's id, which is what an agent call looks it up by, however the agent
+    # named the model: a limit under another spelling would never apply.
+    if isinstance(model, str):
+        name = model.strip()
+        prefix, _, rest = name.partition("/")
+        if prefix and rest and prefix not in _known_providers():
+            # No model string of an agent's resolves to it, but a custom Model's id can be
+            # any "provider/name": nothing else would limit that model.
+            return name
+        try:
+            return model_id(model)
+        except UsageError as error:
+            raise UsageError(
+                f"limit_model takes a model string as @agent(model=...) does: {error}"
+            ) from None
+    if isinstance(model, Model):
+        return model.id
+    raise UsageError(
+        f"limit_model takes a model string, such as 'openai/gpt-4o-mini', or a Model, got {model!r}"
+    )
 
 
 def limiter_for_model(model: str) -> RateLimiter | None:
