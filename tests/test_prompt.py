@@ -187,6 +187,7 @@ def shaped(template: str) -> Any:
 
 HUGE = 10**15  # a width no process could build a string of: refused before it is tried
 MEGA = "x" * 1_000_000
+KILO = "x" * 1_000
 
 
 @pytest.mark.parametrize(
@@ -215,6 +216,20 @@ MEGA = "x" * 1_000_000
         ("{{ ([big] * 3)|sum(start=[])|length }}", {"big": [0] * 1_000_000}),
         ("{{ text|urlize(target=sep) }}", {"text": "a.com b.com", "sep": MEGA}),
         ("{{ text.translate({97: sep}) }}", {"text": "aa", "sep": MEGA}),
+        # The same string or list given many times over: made as many times.
+        ("{{ ([text] * 2000)|length }}", {"text": KILO}),
+        ("{{ (items|join(attribute='s'))|length }}", {"items": [{"s": KILO}] * 2000}),
+        ("{{ items|sum(attribute='v', start=[])|length }}", {"items": [{"v": [0] * 600_000}] * 3}),
+        ("{{ (('{}' * 2000).format(*items))|length }}", {"items": [KILO] * 2000}),
+        ("{{ (('{0}' * 2000).format(text))|length }}", {"text": KILO}),
+        ("{{ ((fmt * 2000) % items)|length }}", {"fmt": "%s", "items": (KILO,) * 2000}),
+        ("{{ ((fmt * 2000)|format(*items))|length }}", {"fmt": "%s", "items": [KILO] * 2000}),
+        ("{{ ((fmt * 2000) % {'a': text})|length }}", {"fmt": "%(a)s", "text": KILO}),
+        # A key is read to the ')' that balances its '(', as Python reads it.
+        ("{{ (fmt % {'a(b)c': 'x'})|length }}", {"fmt": "%(a(b)c)2000000s"}),
+        ("{{ (fmt % (n, data))|length }}", {"fmt": b"%*s", "n": 2_000_000, "data": b"x"}),
+        ("{{ (text|safe).center(n)|length }}", {"text": "a", "n": 2_000_000}),  # Markup's
+        ("{{ lipsum(n)|length }}", {"n": 2000}),
     ],
 )
 def test_sandbox_bounds_what_a_filter_or_method_may_add_before_building_it(
@@ -246,6 +261,40 @@ def test_filters_and_methods_bounded_still_shape_long_documents() -> None:
     assert shaped("{{ [1, 2, 3]|batch(2, 0)|list }} {{ [[1], [2]]|sum(start=[]) }}").render() == (
         "[[1, 2], [3, 0]] [1, 2]"
     )
+    rows = [{"name": "a", "v": [1]}, {"name": "b", "v": [2, 3]}]
+    summed = "{{ rows|join(',', attribute='name') }} {{ rows|sum(attribute='v', start=[]) }}"
+    assert shaped(summed).render(rows=rows) == "a,b [1, 2, 3]"
+    assert shaped("{{ ((0,), (1,))|sum(start=()) }}").render() == "(0, 1)"
+    formats = (
+        "{{ '{0}-{0}'.format(t) }} {{ '%(a)s%(a)s' % {'a': t} }} {{ '%(a(b))s' % {'a(b)': 1} }}"
+    )
+    assert shaped(formats).render(t="ab") == "ab-ab abab 1"
+    assert shaped("{{ (t|safe).center(6) }}|{{ lipsum(1, false, 5, 6)|length > 0 }}").render(
+        t="ab"
+    ) == ("  ab  |True")
+
+
+def test_sandbox_bounds_what_a_prompt_writes_beyond_the_text_of_its_arguments() -> None:
+    # However each piece is made, a loop may not write an argument more times than the
+    # bound allows: the prompt and each block the template joins is counted as it is written.
+    for template in [
+        "{% for i in range(n) %}{{ text }}{% endfor %}",
+        "{% for i in range(n) %}{{ text.center(1000) }}{% endfor %}",
+        "{% set all %}{% for i in range(n) %}{{ text }}{% endfor %}{% endset %}{{ all|length }}",
+        "{% macro m() %}{% for i in range(n) %}{{ text }}{% endfor %}{% endmacro %}"
+        "{{ m()|length }}",
+        "{{ items }}",
+    ]:
+        with pytest.raises(TemplateError, match="more than the 1,000,000 a prompt may make beyond"):
+            shaped(template).render(text=KILO, n=2000, items=[KILO] * 2000)
+    # The arguments' own text is not made: it may be written, however long.
+    lines = [f"line {n} with a-hyphen" for n in range(100_000)]
+    document = "\n".join(lines)
+    written = "{% for line in lines %}{{ line }}\n{% endfor %}{{ text }}"
+    assert shaped(written).render(lines=lines, text=document) == f"{document}\n{document}"
+    rows = [{"name": f"n{n}", "score": n / 7} for n in range(20_000)]
+    table = shaped("{% for row in rows %}{{ row.name }}: {{ row.score }}\n{% endfor %}")
+    assert table.render(rows=rows).count("\n") == 20_000
 
 
 class Account:

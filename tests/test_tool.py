@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import json
 import threading
@@ -659,6 +660,35 @@ def test_a_bound_method_or_a_callable_object_is_described_by_its_own_docstring()
     assert method.name == "convert" and method.description == "Convert an amount."
     assert method.spec.parameters["properties"]["amount"]["description"] == "In euros."
     assert Tool(Scale(), name="scale").description == "Scale a value."
+
+
+def test_a_dataclass_without_a_docstring_is_described_by_its_call_s() -> None:
+    # dataclasses gives such a class its signature as a docstring: no description of the tool.
+    @dataclasses.dataclass
+    class Search:
+        index: str
+
+        def __call__(self, query: str) -> str:
+            """Search the index for a query.
+
+            Args:
+                query: Words to look for.
+            """
+            return query
+
+    @dataclasses.dataclass
+    class Documented:
+        """Search the documents."""
+
+        index: str
+
+        def __call__(self, query: str) -> str:
+            return query
+
+    search = Tool(Search("docs"), name="search")
+    assert search.description == "Search the index for a query."
+    assert search.spec.parameters["properties"]["query"]["description"] == "Words to look for."
+    assert Tool(Documented("docs"), name="search").description == "Search the documents."
 
 
 class Point:  # a plain class: pydantic cannot describe it

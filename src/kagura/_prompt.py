@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
+import itertools
 import math
 import operator
 import re
@@ -11,7 +13,8 @@ import textwrap
 import tokenize
 import types
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from functools import lru_cache, update_wrapper
 from typing import Any
 
@@ -29,6 +32,7 @@ from jinja2 import filters as jinja_filters
 from jinja2.exceptions import SecurityError
 from jinja2.nodes import EvalContext
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
+from jinja2.utils import generate_lorem_ipsum
 
 from .errors import TemplateError
 
@@ -41,15 +45,17 @@ _TAG_OF = {
 }
 
 
-#: The most a prompt's ``*`` may repeat a string or a list, items or characters, the most any
-#: other operation may add by repeating what an argument gives it (a width, a separator, a
-#: replacement: ``indent``, ``center``, ``join``, ``replace``, ``'%*s'|format``, ...), and the
-#: most bits a ``**`` of whole numbers may make: beyond, an argument such as a width would have
-#: the process run out of memory (or time) rendering one prompt. Each is checked before the
-#: result is built. What is added, not the result, is bounded for the other operations, so
-#: that a long document may still be indented or wrapped.
+#: The most characters (or items) a prompt may make beyond the text its arguments hold, and
+#: the most bits a ``**`` of whole numbers may make: beyond, an argument such as a width, a
+#: separator or a count would have the process run out of memory (or time) rendering one
+#: prompt. What is made, not the result, is bounded, so that a long document may still be
+#: indented, wrapped or written as it is. :class:`_Sandbox` says where each is checked.
 MOST_REPEATED = 1_000_000
 MOST_BITS = 1_000_000
+
+#: The arguments of the prompt being rendered, whose text the output may hold on top of
+#: :data:`MOST_REPEATED` (:meth:`_Sandbox.concat`).
+_RENDERING: ContextVar[Iterable[Any]] = ContextVar("_RENDERING", default=())
 
 
 def _refuse_beyond(added: int, what: str) -> None:
@@ -61,15 +67,50 @@ def _refuse_beyond(added: int, what: str) -> None:
 
 
 class _Sandbox(SandboxedEnvironment):
-    """Jinja2's sandbox (arguments may carry user-controlled objects), with ``*`` and ``**``
-    bounded as it bounds ``range``, and so every filter, string method and ``%`` format that
-    repeats what an argument gives it (:data:`MOST_REPEATED`)."""
+    """Jinja2's sandbox (arguments may carry user-controlled objects), bounding what a prompt
+    makes as it bounds ``range``, in two places:
+
+    - What the template writes (:meth:`concat`): the prompt, and the text of a ``{% set %}``,
+      macro, call or filter block, each counted as it is written and refused once it is
+      :data:`MOST_REPEATED` characters longer than the text the arguments hold. That stops a
+      loop that writes an argument too many times, however each piece was made.
+    - Each value built in one expression, before it is built (it may be too big to build, or
+      never written, only measured): ``*`` and ``**`` (:meth:`call_binop`), ``%`` formats,
+      ``str.format`` (:meth:`wrap_str_format`), the string methods (of ``Markup`` too,
+      :meth:`call`), filters and globals that repeat what an argument gives them: a width, a
+      separator, a count, or the same string or list given many times over (``[text] * n``,
+      :func:`_repeated`). Each may add up to :data:`MOST_REPEATED` characters or items."""
 
     intercepted_binops = frozenset({"*", "**", "%"})
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.filters.update(_BOUNDED_FILTERS)
+        self.globals["lipsum"] = _lipsum
+
+    def concat(self, parts: Iterable[str]) -> str:
+        """What Jinja joins the pieces the template writes with, counting them as they come."""
+        written: list[str] = []
+        length = 0
+        most = MOST_REPEATED
+        held: Iterator[int] | None = None
+        for part in parts:
+            written.append(part)
+            length += len(part)
+            while length > most:  # only then is the arguments' text measured, a piece at a time
+                if held is None:
+                    held = _text_held(_RENDERING.get())
+                more = next(held, None)
+                if more is None:
+                    raise SecurityError(
+                        f"the template writes {length:,} characters or more, more than the "
+                        f"{MOST_REPEATED:,} a prompt may make beyond the "
+                        f"{most - MOST_REPEATED:,} characters of text its arguments hold (text "
+                        f"that a method of an argument makes is made: to write it, make it "
+                        f"before the call and pass it in)"
+                    )
+                most += more
+        return "".join(written)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         if operator == "*":
@@ -77,17 +118,15 @@ class _Sandbox(SandboxedEnvironment):
             sequence, times = (
                 (right, _count(left)) if _count(right) is None else (left, _count(right))
             )
-            if (
-                isinstance(sequence, str | bytes | bytearray | list | tuple)
-                and times is not None
-                and len(sequence) * times > MOST_REPEATED
-            ):
-                raise SecurityError(
-                    f"{len(sequence)} items repeated {times} times is more than the "
-                    f"{MOST_REPEATED:,} a prompt may make"
-                )
+            if isinstance(sequence, str | bytes | bytearray | list | tuple) and times is not None:
+                size = _size(sequence)
+                if size * times > MOST_REPEATED:
+                    raise SecurityError(
+                        f"{size} items repeated {times} times is more than the "
+                        f"{MOST_REPEATED:,} a prompt may make"
+                    )
         elif operator == "%":
-            if isinstance(left, str):
+            if isinstance(left, str | bytes | bytearray):
                 _refuse_beyond(_percent_added(left, right), "a '%' format")
         elif (
             isinstance(left, int)
@@ -101,7 +140,8 @@ class _Sandbox(SandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
         # Named as Jinja names them, so that no keyword a template passes clashes with them.
-        if isinstance(__obj, types.BuiltinMethodType) and isinstance(
+        # Markup's methods are Python methods, str's and bytes' built-in ones.
+        if isinstance(__obj, types.BuiltinMethodType | types.MethodType) and isinstance(
             __obj.__self__, str | bytes | bytearray
         ):
             method = __obj.__name__
@@ -136,10 +176,12 @@ class _Sandbox(SandboxedEnvironment):
 
 class _Widths(SandboxedFormatter):
     """A run of ``str.format`` ahead of Jinja's: the widths and precisions its fields ask for,
-    counted before a field that asks too much is built, each looked up as the sandbox does."""
+    counted before a field that asks too much is built, and the fields that format an object
+    again (``'{0}{0}'``, or the same string given twice), each looked up as the sandbox does."""
 
     def check(self, template: str, args: Any, kwargs: Any) -> None:
         self.added = 0
+        self.formatted: dict[int, Any] = {}  # by id, holding each so that no id is reused
         self.vformat(template, args, kwargs)
 
     def format_field(self, value: Any, format_spec: str) -> str:
@@ -148,7 +190,12 @@ class _Widths(SandboxedFormatter):
             self.added += max(int(match["width"] or 0), int(match["precision"] or 0))
             _refuse_beyond(self.added, "str.format()")
         # Formatted, within the bound, because a field may give a width to another.
-        return str(super().format_field(value, format_spec))
+        field = str(super().format_field(value, format_spec))
+        if id(value) in self.formatted:
+            self.added += len(field)
+            _refuse_beyond(self.added, "str.format()")
+        self.formatted[id(value)] = value
+        return field
 
 
 #: A format spec's width and precision (Python's format-spec mini-language).
@@ -156,21 +203,45 @@ _FORMAT_SPEC = re.compile(
     r"(?:.?[<>=^])?[-+ ]?z?#?0?(?P<width>\d*)[,_]?(?:\.(?P<precision>\d*))?[a-zA-Z%]?\Z",
     re.DOTALL,
 )
-#: One conversion of a printf-style ``%`` format.
+#: A printf-style ``%`` conversion after its ``%`` and its ``(key)``.
 _PERCENT = re.compile(
-    r"%(?P<key>\([^)]*\))?[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d*))?[hlL]?"
-    r"(?P<type>.)",
-    re.DOTALL,
+    r"[-#0 +]*(?P<width>\*|\d+)?(?:\.(?P<precision>\*|\d*))?[hlL]?(?P<type>.)", re.DOTALL
 )
 
 
-def _percent_added(template: str, values: Any) -> int:
-    """What the widths and precisions of the ``%`` format ``template`` add, a ``*`` one
-    taken from ``values`` as Python takes it."""
+def _percent_conversions(template: str) -> Iterator[tuple[str | None, re.Match[str]]]:
+    """The key (``None`` if none) and the rest of each conversion of the ``%`` format
+    ``template``, read as Python reads them: a key ends at the ``)`` that balances its ``(``."""
+    start = template.find("%")
+    while start != -1:
+        start += 1
+        key = None
+        if template.startswith("(", start):
+            depth = 0
+            for end in range(start, len(template)):
+                depth += {"(": 1, ")": -1}.get(template[end], 0)
+                if depth == 0:
+                    break
+            else:
+                return  # unbalanced: Python refuses the format itself
+            key, start = template[start + 1 : end], end + 1
+        conversion = _PERCENT.match(template, start)
+        if conversion is None:
+            return  # a '%' at the end: likewise
+        yield key, conversion
+        start = template.find("%", conversion.end())
+
+
+def _percent_added(template: str | bytes | bytearray, values: Any) -> int:
+    """What the ``%`` format ``template`` adds: its widths and precisions, a ``*`` one taken
+    from ``values`` as Python takes it, and the strings and lists it formats again."""
+    if isinstance(template, bytes | bytearray):
+        template = template.decode("latin-1")  # one character a byte: the same conversions
     args = values if isinstance(values, tuple) else (values,)
     position = 0
     added = 0
-    for conversion in _PERCENT.finditer(template):
+    formatted: list[Any] = []
+    for key, conversion in _percent_conversions(template):
         for part in (conversion["width"], conversion["precision"]):
             if part == "*":
                 given = args[position] if position < len(args) else 0
@@ -178,9 +249,25 @@ def _percent_added(template: str, values: Any) -> int:
                 added += abs(given) if isinstance(given, int) else 0
             elif part:
                 added += int(part)
-        if conversion["type"] != "%" and conversion["key"] is None:
+        if conversion["type"] == "%":
+            continue
+        if key is None:
+            formatted.extend(args[position : position + 1])
             position += 1
-    return added
+        else:
+            with contextlib.suppress(Exception):  # Python says what is wrong when it formats
+                formatted.append(values[key])
+    return added + _repeated(formatted)
+
+
+def _size(sequence: str | bytes | bytearray | list[Any] | tuple[Any, ...]) -> int:
+    """A string's characters, or a list's items and the strings' and lists' among them:
+    ``[text] * n`` is written as ``n`` texts."""
+    if isinstance(sequence, str | bytes | bytearray):
+        return len(sequence)
+    return len(sequence) + sum(
+        len(item) for item in sequence if isinstance(item, str | bytes | list | tuple)
+    )
 
 
 def _repeated(items: list[Any]) -> int:
@@ -265,13 +352,23 @@ def _replace(eval_ctx: EvalContext, s: Any, old: Any, new: Any, count: int | Non
     return jinja_filters.do_replace(eval_ctx, s, old, new, count)
 
 
+def _items(
+    environment: Environment, value: Iterable[Any], attribute: str | int | None
+) -> list[Any]:
+    """The items a filter given ``attribute`` works on, looked up as Jinja does, in a list to
+    be counted, then used: an iterator can be read once."""
+    if attribute is not None:
+        value = map(jinja_filters.make_attrgetter(environment, attribute), value)
+    return list(value)
+
+
 @pass_eval_context
 def _join(
     eval_ctx: EvalContext, value: Iterable[Any], d: str = "", attribute: str | int | None = None
 ) -> str:
-    items = list(value)  # counted, then joined: an iterator can be read once
+    items = _items(eval_ctx.environment, value, attribute)
     _refuse_beyond(_joined(d, items), "join")
-    return jinja_filters.sync_do_join(eval_ctx, items, d, attribute)
+    return jinja_filters.sync_do_join(eval_ctx, items, d)
 
 
 @pass_environment
@@ -281,10 +378,13 @@ def _sum(
     attribute: str | int | None = None,
     start: Any = 0,
 ) -> Any:
-    items = list(iterable)
-    if attribute is None and isinstance(start, list | tuple):
+    items = _items(environment, iterable, attribute)
+    if isinstance(start, list | tuple):
         _refuse_beyond(_repeated(items), "sum")
-    return jinja_filters.sync_do_sum(environment, items, attribute, start)
+        if type(start) in (list, tuple) and all(type(item) is type(start) for item in items):
+            # What sum() makes, without the copy of all so far it makes for each item.
+            return type(start)(itertools.chain(start, *items))
+    return jinja_filters.sync_do_sum(environment, items, start=start)
 
 
 @pass_environment
@@ -363,6 +463,13 @@ def _indented(value: Any, indent: int | str) -> int:
     return added
 
 
+def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
+    # A paragraph has fewer than max words (min > max is refused by Jinja's own), each at most
+    # the longest of its lorem ipsum (12 letters) with a comma and a space, and <p> and </p>.
+    _refuse_beyond(operator.index(n) * (operator.index(max) * 14 + 9), "lipsum")
+    return generate_lorem_ipsum(n, html, min, max)
+
+
 _BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
     "batch": _batch,
     "center": _center,
@@ -376,6 +483,30 @@ _BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
     "urlize": _urlize,
     "wordwrap": _wordwrap,
 }
+
+
+def _text_held(values: Iterable[Any]) -> Iterator[int]:
+    """The length of each text the arguments ``values`` hold, each object once: a string's,
+    the items' of a list, tuple, set or dict, and what ``str()`` makes of anything else (a
+    number, a pydantic model: as the template would write it)."""
+    seen: set[int] = set()
+    stack = list(values)
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, str | bytes | bytearray):
+            yield len(value)
+        elif isinstance(value, dict):
+            stack.extend(itertools.chain.from_iterable(value.items()))
+        elif isinstance(value, list | tuple | set | frozenset):
+            stack.extend(value)
+        else:
+            try:
+                yield len(str(value))
+            except Exception:  # the render says so, if it writes the value
+                continue
 
 
 def _count(value: Any) -> int | None:
@@ -485,10 +616,13 @@ class PromptTemplate:
                 raise self._failed(exc) from exc
         if self._var_keyword is not None:
             arguments = {**arguments.get(self._var_keyword, {}), **arguments}
+        rendering = _RENDERING.set(arguments.values())
         try:
             return self._template.render(arguments)
         except Exception as exc:  # undefined attributes, sandbox refusals, a filter that raised
             raise self._failed(exc) from exc
+        finally:
+            _RENDERING.reset(rendering)
 
     def _failed(self, error: Exception) -> TemplateError:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import itertools
@@ -240,8 +241,17 @@ def _described(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _doc_of(fn: Callable[..., Any], target: Callable[..., Any]) -> str:
     """The docstring that describes the tool ``fn``: its own (a callable object's is its
-    class's), else its ``__call__``'s; a partial's is its function's, not ``partial``'s."""
+    class's), else its ``__call__``'s; a partial's is its function's, not ``partial``'s. The
+    docstring :mod:`dataclasses` gives a class that has none (``Search(index: str)``, its
+    signature) describes nothing, so it does not count as the class's own."""
     own = None if isinstance(fn, functools.partial) else fn.__doc__
+    cls = type(fn)
+    if (
+        own
+        and dataclasses.is_dataclass(cls)
+        and re.fullmatch(re.escape(cls.__name__) + r"\(.*\)", own)
+    ):
+        own = None
     return own or target.__doc__ or ""
 
 
