@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import enum
 import json
+import math
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -279,6 +280,27 @@ def test_a_return_type_pydantic_refuses_is_a_usage_error_at_decoration(tp: Any, 
     assert says in str(raised.value)
 
 
+class Column(pydantic.BaseModel):
+    name: str
+    # An example that looks like a node of pydantic's core schema: it is a value, not a node.
+    spec: dict[str, Any] = pydantic.Field(examples=[{"type": "enum", "values": ["a", "b"]}])
+
+
+class DefaultLikeANode(pydantic.BaseModel):
+    spec: dict[str, Any] = {"type": "enum", "name": "x"}
+    extra: dict[str, Any] = pydantic.Field(
+        default_factory=dict, json_schema_extra={"examples": [{"type": "literal"}]}
+    )
+    level: int = pydantic.Field(0, examples=[{"type": "enum"}])
+
+
+@pytest.mark.parametrize("tp", [list[Column], DefaultLikeANode], ids=["examples", "defaults"])
+async def test_a_default_or_example_that_looks_like_a_schema_node_is_no_choice(tp: Any) -> None:
+    # Literals and Enums are looked for among the schema's nodes, not in values the user gave.
+    answer = '[{"name": "a", "spec": {}}]' if tp == list[Column] else "{}"
+    assert await ask(tp, answer) == pydantic.TypeAdapter(tp).validate_json(answer)
+
+
 # -- strict types: validated as the JSON the schema describes ---------------------------------
 
 
@@ -389,6 +411,75 @@ async def test_nan_or_infinity_is_no_number_and_is_asked_again(
     )
     reask = fake.requests[1].messages[-1]["content"]
     assert f"That answer is not valid: {where}Input should be a finite number" in reask
+
+
+class Scores(pydantic.BaseModel):
+    values: list[int]
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def average(self) -> float:
+        return sum(self.values) / len(self.values)  # ZeroDivisionError when there are none
+
+
+class Stats(pydantic.BaseModel):
+    xs: list[float]
+    spread: float = float("nan")  # a default, not the answer's
+
+    @pydantic.computed_field  # type: ignore[prop-decorator]
+    @property
+    def mean(self) -> float:
+        return sum(self.xs) / len(self.xs) if self.xs else float("nan")
+
+    @pydantic.field_serializer("xs")
+    def _infinite_when_empty(self, xs: list[float]) -> list[float] | float:
+        return xs or float("inf")
+
+
+@pytest.mark.parametrize(
+    ("tp", "text"), [(Scores, '{"values": []}'), (Stats, '{"xs": []}')], ids=["raises", "nan"]
+)
+async def test_a_computed_field_serializer_or_default_is_not_the_answer(tp: Any, text: str) -> None:
+    # Whether the answer holds a NaN is decided by what it holds, not by the JSON form of the
+    # model it makes: that would run the model's computed fields and serializers, which may
+    # raise, or give a NaN no answer could change.
+    assert (await ask(tp, text)).model_fields_set == {"values" if tp is Scores else "xs"}
+
+
+class Unbounded(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(allow_inf_nan=True)
+    x: float
+
+
+class Gauge(pydantic.BaseModel):
+    reading: float = pydantic.Field(allow_inf_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("tp", "text"),
+    [
+        (Unbounded, '{"x": Infinity}'),
+        (Gauge, '{"reading": NaN}'),
+        (Annotated[float, pydantic.AllowInfNan(True)], "-Infinity"),
+    ],
+    ids=["config", "field", "annotated"],
+)
+async def test_a_type_that_allows_nan_and_infinity_takes_them(tp: Any, text: str) -> None:
+    # allow_inf_nan=True says that they are values of the type: the user's to have.
+    value = await ask(tp, text)
+    number = value if isinstance(value, float) else next(iter(dict(value).values()))
+    assert not math.isfinite(number)
+
+
+class Note(pydantic.BaseModel):
+    text: str
+
+
+async def test_half_a_character_in_a_string_is_taken_as_json_loads_reads_it() -> None:
+    # A lone surrogate, as small models write when they cut an emoji in two: pydantic's JSON
+    # reader refuses it, json.loads reads it (as every answer was read before).
+    assert await ask(Note, '{"text": "smile \\ud83d"}') == Note(text="smile \ud83d")
+    assert await ask(list[str], '{"result": ["\\ud83d", "a"]}') == ["\ud83d", "a"]
 
 
 # -- re-asking ----------------------------------------------------------------------------------

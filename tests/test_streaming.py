@@ -8,6 +8,7 @@ real HTTP is in ``tests/providers/test_streaming_http.py``.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import itertools
 import json
 import re
@@ -17,7 +18,7 @@ from typing import Any
 
 import pydantic_core
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, computed_field
 
 from kagura import _streaming, agent, tool, workflow
 from kagura._output import OutputSpec
@@ -126,6 +127,86 @@ async def test_a_typed_agent_yields_growing_partial_values_then_the_result() -> 
     assert call.attributes["output"] == Person(name="Ada Lovelace", age=36, tags=["math"])
 
 
+class Launch(BaseModel):
+    model_config = ConfigDict(strict=True)
+    when: datetime.date
+    title: str
+
+
+class Slot(BaseModel):
+    at: datetime.datetime | str
+    title: str
+
+
+@agent
+async def launch(text: str) -> Launch:
+    """When? {{ text }}"""
+
+
+@agent
+async def slot(text: str) -> Slot:
+    """When? {{ text }}"""
+
+
+async def test_partial_values_of_a_strict_model_are_validated_as_json_as_the_result_is() -> None:
+    # Strict, a date refuses its string in Python mode: no partial value was ever shown.
+    chunks = ('{"when": "2024-05-01", "title": "Launch', ' party"}')
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        items = await collect(launch.stream("q"))
+    day = datetime.date(2024, 5, 1)
+    assert items == [Launch(when=day, title="Launch"), Launch(when=day, title="Launch party")]
+
+
+async def test_a_partial_value_is_of_the_type_the_result_is() -> None:
+    # In Python mode, a datetime | str was a str in the partial values, a datetime in the result.
+    chunks = ('{"at": "2024-05-01T09:00:00", "title": "Stand', 'up"}')
+    with override_model(FakeModel([Reply(chunks=chunks)])):
+        items = await collect(slot.stream("q"))
+    at = datetime.datetime(2024, 5, 1, 9)
+    assert items == [Slot(at=at, title="Stand"), Slot(at=at, title="Standup")]
+
+
+class Series(BaseModel):
+    sensor: str
+    values: list[float]
+
+
+class Averaged(Series):
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+
+@agent
+async def series(text: str) -> Series:
+    """Read {{ text }}"""
+
+
+@agent
+async def averaged(text: str) -> Averaged:
+    """Read {{ text }}"""
+
+
+async def test_a_partial_value_holding_nan_is_not_shown() -> None:
+    # The result refuses it: shown, a NaN would be taken back only by the error that ends the
+    # stream.
+    items: list[Any] = []
+    chunks = ('{"sensor": "t1", "values": [1.5, ', "NaN, ", "2.5]}")
+    with (
+        override_model(FakeModel([Reply(chunks=chunks)])),
+        pytest.raises(OutputParseError, match=r"values\.1: Input should be a finite number"),
+    ):
+        async for item in series.stream("t1"):
+            items.append(item)
+    assert items == [Series(sensor="t1", values=[1.5])]
+
+
+async def test_a_computed_fields_nan_is_not_the_answers() -> None:
+    with override_model(FakeModel([Reply(chunks=('{"sensor": "t1", ', '"values": []}'))])):
+        assert await collect(averaged.stream("t1")) == [Averaged(sensor="t1", values=[])]
+
+
 async def test_brackets_and_braces_inside_strings_leave_the_answer_open() -> None:
     # Only the JSON's own closing bracket ends the answer: one inside a string does not, so the
     # name still grows as partial values; the result equals the last of them, and is not
@@ -144,9 +225,9 @@ async def test_a_delta_that_adds_nothing_to_the_json_is_not_validated_again(
     validated: list[Any] = []
     validate_partial = OutputSpec.validate_partial
 
-    def counted(self: OutputSpec, data: Any) -> Any:
-        validated.append(data)
-        return validate_partial(self, data)
+    def counted(self: OutputSpec, text: str) -> Any:
+        validated.append(pydantic_core.from_json(text, allow_partial="trailing-strings"))
+        return validate_partial(self, text)
 
     monkeypatch.setattr(OutputSpec, "validate_partial", counted)
     chunks = ('{"name": "Ada"', ', "age"', ": 36", ",", ' "tags"', ': ["x"', "]}")

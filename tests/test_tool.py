@@ -330,6 +330,41 @@ async def test_a_strict_parameter_takes_the_json_forms_its_schema_asks_for() -> 
     assert await book.invoke(arguments) == "2024-05-01 (1, 2) 2024-04-01"
 
 
+async def test_a_dict_of_python_values_is_validated_as_the_values_it_holds() -> None:
+    # Written out as JSON first, a SecretStr arrived masked, and bytes that are not UTF-8 not
+    # at all.
+    @tool
+    def sign(
+        on: Annotated[datetime.date, pydantic.Strict()], key: pydantic.SecretStr, salt: bytes
+    ) -> str:
+        """Sign."""
+        return f"{on} {key.get_secret_value()} {salt!r}"
+
+    arguments = {"on": datetime.date(2024, 5, 1), "key": pydantic.SecretStr("pw"), "salt": b"\xff"}
+    assert await sign.invoke(arguments) == "2024-05-01 pw b'\\xff'"
+
+
+async def test_half_a_character_in_an_argument_is_taken_as_json_loads_reads_it() -> None:
+    # A lone surrogate, as small models write when they cut an emoji in two: pydantic's JSON
+    # reader refuses it, json.loads reads it, as the arguments were read before.
+    seen: list[str] = []
+
+    @tool
+    def note(text: str) -> str:
+        """Note text down."""
+        seen.append(text)
+        return "noted"
+
+    fake = FakeModel([tool_calls(call("note", '{"text": "smile \\ud83d"}')), "ok"])
+
+    @agent(model=fake, tools=[note])
+    async def scribe(q: str) -> str:
+        """{{ q }}"""
+
+    assert await scribe("q") == "ok"
+    assert seen == ["smile \ud83d"]
+
+
 async def test_sync_tools_run_off_the_event_loop_and_async_tools_on_it() -> None:
     loop_thread = threading.get_ident()
     seen: dict[str, int] = {}
@@ -639,6 +674,19 @@ async def test_a_partials_bound_keywords_are_neither_shown_to_nor_set_by_the_mod
     refused = fake.requests[1].messages[-1]["content"]
     assert "unknown argument(s) user_id" in refused and "takes customer" in refused
     assert seen == [("bob", "alice")]  # only the second call ran, as alice
+
+
+async def test_a_bound_keyword_is_refused_with_half_a_character_in_the_arguments_too() -> None:
+    import functools
+
+    def get_orders(customer: str, user_id: str) -> str:
+        """The orders of a customer, as user_id may see them."""
+        return f"orders of {customer} as {user_id}"
+
+    orders = tool(functools.partial(get_orders, user_id="alice"), name="orders")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) user_id"):
+        await orders.invoke('{"customer": "bob \\ud83d", "user_id": "admin"}')
+    assert await orders.invoke('{"customer": "bob \\ud83d"}') == "orders of bob \ud83d as alice"
 
 
 def test_a_bound_method_or_a_callable_object_is_described_by_its_own_docstring() -> None:

@@ -27,7 +27,7 @@ from . import _instrument, _prompted
 from ._checks import count, real
 from ._context import Span, checked_name, current_span
 from ._instrument import span_event, span_finished, span_started, status_of
-from ._output import OutputSpec, OutputValidationError, cut_off
+from ._output import OutputSpec, OutputValidationError, cut_off, read_json
 from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._recording import ensure_recording
 from ._redact import repr_of, str_of
@@ -728,9 +728,11 @@ def _call_inputs(arguments: str) -> Any:
     stands for (hashed with its keys sorted), so that the same call written again with its keys
     in another order is found journaled, not run twice. Text that is no JSON, or JSON nested
     past pydantic's limit (where json.loads would raise RecursionError, and hashing it would
-    too), is hashed as the text it is: the tool itself refuses it, back to the model."""
+    too), is hashed as the text it is: the tool itself refuses it, back to the model. A string
+    with half a character in it (a lone surrogate) is read as json.loads reads it, as the tool
+    does: hashed as it was before pydantic read the arguments."""
     try:
-        return pydantic_core.from_json(arguments)
+        return read_json(arguments)
     except ValueError:
         return arguments
 

@@ -15,6 +15,7 @@ import json
 import math
 import re
 import types
+from collections.abc import Iterator
 from typing import Any, Literal, Union, get_args, get_origin
 
 import pydantic
@@ -64,7 +65,8 @@ class OutputSpec:
         "_adapter",
         "_choices",
         "_has_result_field",
-        "_wrapped_adapter",
+        "_inf_nan_allowed",
+        "_result_validator",
         "instructions",
         "is_text",
         "schema",
@@ -79,6 +81,8 @@ class OutputSpec:
         self.schema: OutputSchema | None = None
         self._choices: list[Any] | None = None
         self._has_result_field = False
+        self._inf_nan_allowed = False
+        self._result_validator: pydantic_core.SchemaValidator | None = None
         #: The sentence appended to the prompt so the model knows the shape wanted.
         self.instructions: str = ""
         if self.is_text:
@@ -113,6 +117,7 @@ class OutputSpec:
                 f"values that JSON keeps (str, int, float, bool or None)"
             )
         self._choices = _choices(tp)
+        self._inf_nan_allowed = _allows_inf_nan(self._adapter)
         self._has_result_field = "result" in inner.get("properties", {})
         # Structured-output APIs want an object at the top level, so other types are wrapped.
         if _is_object_type(tp):
@@ -182,11 +187,9 @@ class OutputSpec:
             except RecursionError:  # json.loads recurses as deep as the arrays nest
                 last_error = ValueError("its arrays or objects nest too deeply")
                 continue
-            for reading, value in enumerate(self._unwrap(data)):
+            for reading, in_result in enumerate(self._readings(data)):
                 try:
-                    # Written back as JSON to be validated as JSON: in Python mode a strict type
-                    # refuses the JSON forms its schema asks for (a datetime's string).
-                    return self._finite(self._adapter.validate_json(pydantic_core.to_json(value)))
+                    return self._finite(self._validate(candidate, data, in_result))
                 except ValueError as exc:  # pydantic's ValidationError among them
                     if reading == 0:
                         # What is wrong with its likeliest reading is what the model is told:
@@ -199,39 +202,68 @@ class OutputSpec:
             raise OutputValidationError("the answer contains no JSON value")
         raise OutputValidationError(describe_error(last_error))
 
-    @staticmethod
-    def _finite(value: Any) -> Any:
-        """``value``, unless a float in it is NaN or infinite: JSON has no such number (the
-        schema asks for JSON), so a model that answers ``NaN`` (or ``"NaN"``, which pydantic
-        reads as a float) found no number, and is asked again rather than have NaN flow into
-        the caller's arithmetic. Nor could the journal of a durable run keep it: JSON again."""
+    def _validate(self, candidate: str, data: Any, in_result: bool) -> Any:
+        """The value of the JSON text ``candidate`` (``data``, as json.loads reads it), or with
+        ``in_result`` of its ``"result"``, validated as the JSON text it is (pydantic's JSON
+        mode): in Python mode a strict type refuses the JSON forms its schema asks for (a
+        datetime's string)."""
         try:
-            data = pydantic_core.to_jsonable_python(value, fallback=repr)
-        except ValueError:
-            return value  # not all of it has a JSON form: no float to find in that part
-        stack: list[tuple[tuple[Any, ...], Any]] = [((), data)]
-        while stack:
-            loc, item = stack.pop()
-            if isinstance(item, float) and not math.isfinite(item):
-                where = ".".join(str(x) for x in loc) or "value"
-                raise OutputValidationError(f"{where}: Input should be a finite number, not {item}")
-            if isinstance(item, dict):
-                stack.extend(((*loc, k), v) for k, v in item.items())
-            elif isinstance(item, list):
-                stack.extend(((*loc, i), v) for i, v in enumerate(item))
+            if in_result:
+                return self._result().validate_json(candidate)["result"]
+            return self._adapter.validate_json(candidate)
+        except pydantic.ValidationError as exc:
+            if not (not_json(exc) and lone_surrogate_in(data)):
+                if in_result:  # told where in the result, as when the result is the answer
+                    raise OutputValidationError(describe_error(exc, within=1)) from None
+                raise
+        # Half a character: a string escaping a lone surrogate ("\ud83d", as small models
+        # write when they cut an emoji in two), which pydantic's JSON reader refuses. Taken
+        # as json.loads reads it, and validated as that value, as every answer was before
+        # answers were validated as JSON.
+        return self._adapter.validate_python(data["result"] if in_result else data)
+
+    def _result(self) -> pydantic_core.SchemaValidator:
+        """A validator of ``{"result": <this type>}`` (other keys ignored), to validate the
+        ``"result"`` of an answer's JSON text without writing it out again. Made when first
+        needed, from the type's own core schema: most answers are not wrapped in one."""
+        if self._result_validator is None:
+            schema = pydantic_core.core_schema.typed_dict_schema(
+                {"result": pydantic_core.core_schema.typed_dict_field(self._adapter.core_schema)}
+            )
+            self._result_validator = pydantic_core.SchemaValidator(schema)
+        return self._result_validator
+
+    def _finite(self, value: Any) -> Any:
+        """``value``, unless it holds a float that is NaN or infinite that the answer gave (a
+        ``NaN`` or ``1e999`` in its JSON, or a ``"NaN"`` pydantic reads as a float): JSON has no
+        such number (the schema asks for JSON), so a model that answers ``NaN`` found no number,
+        and is asked again rather than have NaN flow into the caller's arithmetic; nor could the
+        journal of a durable run keep it. Unless the type allows them (``allow_inf_nan=True``
+        in its config or a field's): then they are the caller's to have, as pydantic decides.
+        Looked for in what validation made of the answer, not in its JSON form: a computed
+        field, a serializer or a default is not the answer's, and none of them is run."""
+        if self._inf_nan_allowed:
+            return value
+        found = _non_finite(value)
+        if found is not None:
+            loc, number = found
+            where = ".".join(str(x) for x in loc) or "value"
+            raise OutputValidationError(f"{where}: Input should be a finite number, not {number}")
         return value
 
-    def _unwrap(self, data: Any) -> list[Any]:
+    def _readings(self, data: Any) -> list[bool]:
+        """The ways to read the answer's JSON ``data``, likeliest first: as its ``"result"``
+        (True) or as it is (False)."""
         if self.wrapped and isinstance(data, dict) and "result" in data:
-            return [data["result"], data]
+            return [True, False]
         if isinstance(data, dict) and len(data) == 1 and "result" in data:
             # An object type that the model wrapped anyway, as it was told to wrap scalars:
             # what it wrapped first, since the wrapper itself is a valid value of a type whose
             # fields all have defaults (its one key ignored), unless "result" is a field.
             if self._has_result_field:
-                return [data, data["result"]]
-            return [data["result"], data]
-        return [data]
+                return [False, True]
+            return [True, False]
+        return [False]
 
     def _lenient(self, text: str) -> Any:
         """Scalars from plain text: ``"42"``, ``"true"``, ``"Positive."`` for a Literal."""
@@ -254,24 +286,73 @@ class OutputSpec:
                     pass
         return _MISSING
 
-    def validate_partial(self, data: Any) -> Any:
-        """The value of an answer still arriving, from its partial JSON ``data`` (as
-        ``pydantic_core.from_json(text, allow_partial="trailing-strings")`` reads it), validated
-        with pydantic's partial validation: a string still arriving counts as far as it has
-        come. Raises :class:`OutputValidationError` while it is no valid value yet."""
-        if self.wrapped:
-            if not isinstance(data, dict) or "result" not in data:
-                raise OutputValidationError("no result yet")
-            data = data["result"]
+    def validate_partial(self, text: str) -> Any:
+        """The value of an answer still arriving, from its JSON ``text`` so far, validated as
+        the final answer is (as JSON, non-finite numbers refused), with pydantic's partial
+        validation: a string still arriving counts as far as it has come. Raises
+        :class:`OutputValidationError` while it is no valid value yet."""
         try:
-            return self._adapter.validate_python(
-                data, experimental_allow_partial="trailing-strings"
-            )
+            if self.wrapped:
+                value = self._result().validate_json(text, allow_partial="trailing-strings")
+                value = value["result"]
+            else:
+                value = self._adapter.validate_json(
+                    text, experimental_allow_partial="trailing-strings"
+                )
         except pydantic.ValidationError as exc:
             raise OutputValidationError(describe_error(exc)) from None
+        return self._finite(value)
 
 
 _MISSING: Any = object()
+
+
+#: The keys of a node of pydantic's core schema that hold nodes of it: a field's schema, a
+#: list's items', a union's choices. Not its default, its examples or other metadata, nor how it
+#: is serialized: values there are the user's, and may look like nodes (a default of
+#: ``{"type": "enum"}``) without being any.
+_SUBSCHEMA_KEYS = (
+    "schema",
+    "items_schema",
+    "keys_schema",
+    "values_schema",
+    "extras_schema",
+    "extras_keys_schema",
+    "choices",
+    "fields",
+    "definitions",
+    "steps",
+    "json_schema",
+    "python_schema",
+    "lax_schema",
+    "strict_schema",
+    "arguments_schema",
+    "var_args_schema",
+    "var_kwargs_schema",
+    "return_schema",
+)
+
+
+def _schema_nodes(schema: Any) -> Iterator[dict[str, Any]]:
+    """The nodes of pydantic's core ``schema``, however deep in models and unions: what it
+    validates with. (pydantic keeps its own walk of them private.)"""
+    seen: set[int] = set()
+    stack: list[Any] = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list | tuple):  # a list of nodes, or a union's (node, label)
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict) or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        for key in _SUBSCHEMA_KEYS:
+            sub = node.get(key)
+            if key in ("fields", "choices") and isinstance(sub, dict):
+                stack.extend(sub.values())  # by name (a model's fields), or by tag
+            elif sub is not None:
+                stack.append(sub)
 
 
 def _unreadable_choice(adapter: TypeAdapter[Any]) -> tuple[Any, str] | None:
@@ -279,30 +360,116 @@ def _unreadable_choice(adapter: TypeAdapter[Any]) -> tuple[Any, str] | None:
     it to the model) does not read back as, with that JSON: a tuple (JSON has arrays, read as
     lists), bytes (JSON has strings), a date. Found in pydantic's core schema, where each
     Literal and Enum is a node of its own, however deep in models and unions."""
-    seen: set[int] = set()
-    stack: list[Any] = [adapter.core_schema]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
+    for node in _schema_nodes(adapter.core_schema):
+        kind = node.get("type")
+        if kind not in ("literal", "enum"):
             continue
-        seen.add(id(node))
-        if isinstance(node, dict):
-            kind = node.get("type")
-            if kind in ("literal", "enum"):
-                validator = pydantic_core.SchemaValidator(node)
-                for choice in node["expected"] if kind == "literal" else node["members"]:
-                    try:
-                        text = pydantic_core.to_json(choice).decode()
-                    except ValueError:
-                        continue  # no JSON at all: its JSON schema could not be made either
-                    try:
-                        validator.validate_json(text)
-                    except pydantic.ValidationError:
-                        return choice, text
-            stack.extend(node.values())
-        elif isinstance(node, list | tuple):
-            stack.extend(node)
+        try:
+            validator = pydantic_core.SchemaValidator(node)
+            choices = node["expected"] if kind == "literal" else node["members"]
+        except (pydantic_core.SchemaError, KeyError, TypeError):
+            # Not the node it looked like: this check is no reason to refuse the type.
+            continue
+        for choice in choices:
+            try:
+                text = pydantic_core.to_json(choice).decode()
+            except ValueError:
+                continue  # no JSON at all: its JSON schema could not be made either
+            try:
+                validator.validate_json(text)
+            except pydantic.ValidationError:
+                return choice, text
     return None
+
+
+def _allows_inf_nan(adapter: TypeAdapter[Any]) -> bool:
+    """Whether ``adapter``'s type says that NaN and infinities are values of it: a config or a
+    field with ``allow_inf_nan=True`` (pydantic's default, True, says nothing of the kind)."""
+    for node in _schema_nodes(adapter.core_schema):
+        config = node.get("config")
+        if node.get("allow_inf_nan") is True or (
+            isinstance(config, dict) and config.get("allow_inf_nan") is True
+        ):
+            return True
+    return False
+
+
+def _non_finite(value: Any) -> tuple[tuple[Any, ...], float] | None:
+    """Where in the validated ``value`` a NaN or an infinity is, and which, among what the answer
+    gave: the items of lists, tuples, sets and dicts, and the fields of models and dataclasses
+    the answer set. Not a model's computed fields, nor a field left to its default: those are
+    not the answer's, and a model asked again could not change them. Nothing of the user's is
+    run: fields are read as the attributes they are."""
+    seen: set[int] = set()
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), value)]
+    while stack:
+        loc, item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return loc, item
+            continue
+        if isinstance(item, str | bytes | int) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
+            for key, sub in item.items():
+                stack.extend((((*loc, key), key), ((*loc, key), sub)))
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(((*loc, i), sub) for i, sub in enumerate(item))
+        elif isinstance(item, pydantic.BaseModel):
+            fields = vars(item)
+            extra = item.__pydantic_extra__ or {}
+            for name in item.model_fields_set:
+                if name in fields or name in extra:
+                    stack.append(((*loc, name), fields[name] if name in fields else extra[name]))
+        elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            for field in dataclasses.fields(item):
+                sub = getattr(item, field.name, None)
+                if sub is not field.default:
+                    stack.append(((*loc, field.name), sub))
+    return None
+
+
+def not_json(error: pydantic.ValidationError) -> bool:
+    """Whether pydantic refused the text it validated as no JSON, rather than for its value."""
+    return any(e["type"] == "json_invalid" for e in error.errors(include_url=False))
+
+
+def lone_surrogate_in(data: Any) -> bool:
+    """Whether a string in the JSON value ``data`` (as json.loads reads it) holds half a
+    character: a lone surrogate, which has no UTF-8 and which pydantic's JSON reader refuses."""
+    stack: list[Any] = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def read_json(text: str) -> Any:
+    """The value of the JSON ``text``: as pydantic reads it, or, where a string in it escapes a
+    lone surrogate (``"\\ud83d"``), which pydantic refuses, as json.loads reads it (as it was
+    read before pydantic read it). Raises ValueError for text that is no JSON, or that nests
+    deeper than pydantic reads."""
+    try:
+        return pydantic_core.from_json(text)
+    except ValueError as exc:
+        refused = exc
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        raise refused from None
+    if not lone_surrogate_in(data):
+        raise refused
+    return data
 
 
 _WORD = re.compile(r"[\w'’-]+")
@@ -345,14 +512,15 @@ def _within(part: list[str], words: list[str]) -> bool:
     return any(words[i : i + n] == part for i in range(len(words) - n + 1))
 
 
-def describe_error(error: Exception) -> str:
-    """A validation error in a line: where, and what was wrong (at most five places)."""
+def describe_error(error: Exception, within: int = 0) -> str:
+    """A validation error in a line: where, and what was wrong (at most five places). ``within``
+    leaves out the first places of where: the wrapper a value was validated in."""
     if isinstance(error, OutputValidationError):
         return str(error)
     if isinstance(error, pydantic.ValidationError):
         parts = []
         for e in error.errors(include_url=False)[:5]:
-            loc = ".".join(str(x) for x in e["loc"]) or "value"
+            loc = ".".join(str(x) for x in e["loc"][within:]) or "value"
             parts.append(f"{loc}: {e['msg']}")
         return "; ".join(parts)
     return f"invalid JSON: {error}"

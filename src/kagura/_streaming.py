@@ -437,8 +437,9 @@ class _Reader:
         self._read_at, self._read_time = size, now
         text = "".join(self._parts)
         self._parts = [text]  # the next reading joins this and the deltas after it
+        answer = text[self._start :]
         try:
-            data = pydantic_core.from_json(text[self._start :], allow_partial="trailing-strings")
+            data = pydantic_core.from_json(answer, allow_partial="trailing-strings")
         except ValueError:
             return _NOTHING
         if data == self._data:
@@ -448,7 +449,8 @@ class _Reader:
             return _NOTHING
         self._data = data
         try:
-            value = self._output.validate_partial(data)
+            # The text, not data: validated as JSON, as the result will be.
+            value = self._output.validate_partial(answer)
         except ValueError:  # OutputValidationError included
             return _NOTHING
         if self.last is not _NOTHING and value == self.last:

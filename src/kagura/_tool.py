@@ -14,6 +14,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, cast, get_type_hints, overl
 import pydantic
 import pydantic_core
 
+from ._output import not_json, read_json
 from .errors import UsageError
 from .providers import ToolSpec
 
@@ -119,7 +120,9 @@ class Tool(Generic[P, R]):
             )
             self._fields += ((name, param.name),)
         try:
-            self._arguments_model = pydantic.create_model(f"{self.name}_arguments", **fields)
+            self._arguments_model: type[pydantic.BaseModel] = pydantic.create_model(
+                f"{self.name}_arguments", **fields
+            )
             schema = self._arguments_model.model_json_schema()
         except Exception as exc:  # a parameter pydantic cannot describe or name
             raise UsageError(
@@ -132,30 +135,68 @@ class Tool(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R | Awaitable[R]:
         return self.fn(*args, **kwargs)
 
-    def _refuse_bound(self, arguments: str) -> None:
+    def _refuse_bound(self, arguments: Any) -> None:
         """A partial's bound keywords are not the model's to set (nor shown to it)."""
-        try:
-            given = pydantic_core.from_json(arguments)
-        except ValueError:
-            return  # not JSON: validation says so
-        bound = sorted(self._bound.intersection(given)) if isinstance(given, dict) else []
+        bound = sorted(self._bound.intersection(arguments)) if isinstance(arguments, dict) else []
         if bound:
             raise ValueError(
                 f"unknown argument(s) {', '.join(bound)}: the tool {self.name!r} takes "
                 f"{', '.join(param for _, param in self._fields) or 'no arguments'}"
             )
 
-    async def invoke(self, arguments: str | dict[str, Any]) -> Any:
-        """Validate the model's arguments (JSON text or a dict) and run the tool."""
-        if not isinstance(arguments, str):
-            arguments = pydantic_core.to_json(arguments).decode()
-        arguments = arguments.strip() or "{}"
+    def _validate_json(self, text: str) -> pydantic.BaseModel:
+        """The arguments the model wrote as the JSON ``text``, validated as the JSON they are
+        (pydantic's JSON mode): a strict parameter takes the JSON forms its schema asks for (a
+        date's string), and arrays nested past pydantic's limit are a ValidationError that goes
+        back to the model, not a RecursionError."""
         if self._bound:
+            try:
+                given = read_json(text)
+            except ValueError:
+                given = None  # not JSON: validation says so
+            self._refuse_bound(given)
+        try:
+            return self._arguments_model.model_validate_json(text)
+        except pydantic.ValidationError as exc:
+            if not not_json(exc):
+                raise
+            try:
+                given = read_json(text)
+            except ValueError:
+                raise exc from None
+        # JSON that pydantic's reader refuses but json.loads reads: a string holding half a
+        # character (an escaped lone surrogate, "\ud83d"), as small models write. Taken as
+        # json.loads reads it, as all arguments were before they were validated as JSON.
+        if not isinstance(given, dict):
+            raise ValueError(f"tool arguments must be a JSON object, got {given!r}")
+        return self._arguments_model.model_validate(given)
+
+    def _validate_dict(self, arguments: dict[str, Any]) -> pydantic.BaseModel:
+        try:
+            return self._arguments_model.model_validate(arguments)
+        except pydantic.ValidationError as exc:
+            try:
+                # Not through JSON first: a SecretStr would arrive masked, bytes that are not
+                # UTF-8 not at all.
+                text = pydantic_core.to_json(arguments)
+            except ValueError:
+                raise exc from None
+        return self._arguments_model.model_validate_json(text)
+
+    async def invoke(self, arguments: str | dict[str, Any]) -> Any:
+        """Validate the model's arguments (JSON text or a dict) and run the tool.
+
+        JSON text is validated as JSON (a strict ``date`` parameter takes a date's string). A
+        dict is validated as the Python values it holds (a ``date``, a ``SecretStr``, bytes),
+        or, when they are not valid so, as the JSON they stand for: a dict read from the
+        model's JSON holds a date as its string."""
+        if isinstance(arguments, str):
+            validated = self._validate_json(arguments.strip() or "{}")
+        elif isinstance(arguments, dict):
             self._refuse_bound(arguments)
-        # Validated as the JSON they are (pydantic's JSON mode): a strict parameter takes the
-        # JSON forms its schema asks for (a date's string), and arrays nested past pydantic's
-        # limit are a ValidationError that goes back to the model, not a RecursionError.
-        validated = self._arguments_model.model_validate_json(arguments)
+            validated = self._validate_dict(arguments)
+        else:
+            raise ValueError(f"tool arguments must be a JSON object, got {arguments!r}")
         kwargs = {param: getattr(validated, field) for field, param in self._fields}
         args = [kwargs.pop(name) for name in self._positional]
         if self.is_async:

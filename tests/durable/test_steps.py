@@ -271,6 +271,35 @@ async def test_tool_arguments_nested_too_deeply_go_back_to_the_model_in_a_durabl
     assert journal.get_run("deep").status == "completed"
 
 
+async def test_tool_arguments_with_half_a_character_are_hashed_as_json_loads_reads_them(
+    journal: Journal,
+) -> None:
+    # A lone surrogate, which pydantic's JSON reader refuses: the tool takes it, and the
+    # journal hashes what json.loads reads, as it did before (hashing the text instead would
+    # make a run journaled then run the call again on resume).
+    @tool
+    def lookup(q: str) -> str:
+        """Look q up."""
+        return "found"
+
+    @agent(model="fake", tools=[lookup])
+    async def finds(q: str) -> str:
+        """{{ q }}"""
+
+    @workflow(durable=True)
+    async def finding(q: str) -> str:
+        return await finds(q)
+
+    arguments = '{"q": "smile \\ud83d"}'
+    fake = FakeModel([Reply(tool_calls=(ToolCall("c1", "lookup", arguments),)), "done"])
+    with override_model(fake):
+        assert await finding.run("q", run_id="half") == "done"
+    (hashed,) = [s.input_hash for s in journal.load_steps("half").values() if s.kind == "tool"]
+    assert hashed == input_hash(json.loads(arguments), sort_keys=True)
+    (told,) = [m for m in fake.requests[1].messages if m["role"] == "tool"]
+    assert told["content"] == "found"
+
+
 async def test_a_step_result_with_no_json_is_a_usage_error_naming_the_step(db: str) -> None:
     @workflow(durable=True)
     async def lists() -> list[str]:
