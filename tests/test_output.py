@@ -471,6 +471,39 @@ async def test_a_type_that_allows_nan_and_infinity_takes_them(tp: Any, text: str
     assert not math.isfinite(number)
 
 
+class Report(pydantic.BaseModel):
+    score: float
+    raw: Unbounded
+    reading: float = pydantic.Field(default=0.0, allow_inf_nan=True)
+    strict: float = pydantic.Field(default=0.0, allow_inf_nan=False)
+
+
+class LooseReport(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(allow_inf_nan=True)
+    loose: float
+    strict: float = pydantic.Field(default=0.0, allow_inf_nan=False)
+
+
+@pytest.mark.parametrize(
+    ("tp", "text", "refused"),
+    [
+        (Report, '{"score": NaN, "raw": {"x": 1}}', "score"),
+        (Report, '{"score": 1, "raw": {"x": NaN}, "reading": NaN}', None),
+        (LooseReport, '{"loose": NaN, "strict": NaN}', "strict"),
+        (LooseReport, '{"loose": NaN}', None),
+    ],
+)
+async def test_nan_is_taken_only_where_the_type_allows_it(
+    tp: Any, text: str, refused: str | None
+) -> None:
+    # One field or nested model that allows NaN says nothing of the type's other floats.
+    if refused is None:
+        await ask(tp, text)
+    else:
+        with pytest.raises(OutputParseError, match=f"{refused}: Input should be a finite"):
+            await ask(tp, text)
+
+
 class Note(pydantic.BaseModel):
     text: str
 

@@ -274,20 +274,24 @@ def test_filters_and_methods_bounded_still_shape_long_documents() -> None:
     ) == ("  ab  |True")
 
 
-def test_sandbox_bounds_what_a_prompt_writes_beyond_the_text_of_its_arguments() -> None:
-    # However each piece is made, a loop may not write an argument more times than the
-    # bound allows: the prompt and each block the template joins is counted as it is written.
+class Document:
+    def __init__(self, body: str) -> None:
+        self.body = body
+
+
+def test_sandbox_bounds_what_a_prompt_writes_as_a_whole() -> None:
+    # However each piece is made, a loop may not write an argument without end: the prompt and
+    # each block the template joins is counted as it is written.
     for template in [
         "{% for i in range(n) %}{{ text }}{% endfor %}",
         "{% for i in range(n) %}{{ text.center(1000) }}{% endfor %}",
         "{% set all %}{% for i in range(n) %}{{ text }}{% endfor %}{% endset %}{{ all|length }}",
         "{% macro m() %}{% for i in range(n) %}{{ text }}{% endfor %}{% endmacro %}"
         "{{ m()|length }}",
-        "{{ items }}",
     ]:
-        with pytest.raises(TemplateError, match="more than the 1,000,000 a prompt may make beyond"):
-            shaped(template).render(text=KILO, n=2000, items=[KILO] * 2000)
-    # The arguments' own text is not made: it may be written, however long.
+        with pytest.raises(TemplateError, match="more than the 50,000,000 a prompt may hold"):
+            shaped(template).render(text=KILO, n=60_000)
+    # Long documents are written as they are, however the template reaches them.
     lines = [f"line {n} with a-hyphen" for n in range(100_000)]
     document = "\n".join(lines)
     written = "{% for line in lines %}{{ line }}\n{% endfor %}{{ text }}"
@@ -295,6 +299,9 @@ def test_sandbox_bounds_what_a_prompt_writes_beyond_the_text_of_its_arguments() 
     rows = [{"name": f"n{n}", "score": n / 7} for n in range(20_000)]
     table = shaped("{% for row in rows %}{{ row.name }}: {{ row.score }}\n{% endfor %}")
     assert table.render(rows=rows).count("\n") == 20_000
+    docs = [Document(KILO * 100) for _ in range(30)]  # 3,000,000 characters through attributes
+    joined = shaped("{% for doc in docs %}{{ doc.body }}{% endfor %}").render(docs=docs)
+    assert len(joined) == 3_000_000
 
 
 class Account:

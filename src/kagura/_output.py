@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import math
 import re
@@ -21,6 +22,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import pydantic
 import pydantic_core
 from pydantic import TypeAdapter
+from pydantic.types import AllowInfNan
 from typing_extensions import is_typeddict  # pydantic's dependency
 
 from .errors import UsageError
@@ -333,9 +335,10 @@ _SUBSCHEMA_KEYS = (
 )
 
 
-def _schema_nodes(schema: Any) -> Iterator[dict[str, Any]]:
-    """The nodes of pydantic's core ``schema``, however deep in models and unions: what it
-    validates with. (pydantic keeps its own walk of them private.)"""
+def _schema_nodes(schema: Any, *, into_models: bool = True) -> Iterator[dict[str, Any]]:
+    """The nodes of pydantic's core ``schema``, however deep in models and unions (or, without
+    ``into_models``, up to its models and dataclasses): what it validates with. (pydantic keeps
+    its own walk of them private.)"""
     seen: set[int] = set()
     stack: list[Any] = [schema]
     while stack:
@@ -347,6 +350,8 @@ def _schema_nodes(schema: Any) -> Iterator[dict[str, Any]]:
             continue
         seen.add(id(node))
         yield node
+        if not into_models and node.get("type") in ("model", "dataclass"):
+            continue
         for key in _SUBSCHEMA_KEYS:
             sub = node.get(key)
             if key in ("fields", "choices") and isinstance(sub, dict):
@@ -383,15 +388,35 @@ def _unreadable_choice(adapter: TypeAdapter[Any]) -> tuple[Any, str] | None:
 
 
 def _allows_inf_nan(adapter: TypeAdapter[Any]) -> bool:
-    """Whether ``adapter``'s type says that NaN and infinities are values of it: a config or a
-    field with ``allow_inf_nan=True`` (pydantic's default, True, says nothing of the kind)."""
-    for node in _schema_nodes(adapter.core_schema):
+    """Whether ``adapter``'s type, outside its models and dataclasses, says that NaN and
+    infinities are values of it: ``allow_inf_nan=True`` on it, or its config's (pydantic's
+    default, True, says nothing of the kind). Models and pydantic dataclasses say so for their
+    own fields (:func:`_inf_nan_fields`)."""
+    for node in _schema_nodes(adapter.core_schema, into_models=False):
         config = node.get("config")
         if node.get("allow_inf_nan") is True or (
             isinstance(config, dict) and config.get("allow_inf_nan") is True
         ):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=256)
+def _inf_nan_fields(cls: type) -> frozenset[str]:
+    """The fields of a model or pydantic dataclass ``cls`` that take NaN and infinities: those
+    its config allows them in (``allow_inf_nan=True``) but for a field that says otherwise, and
+    those that say so themselves (``Field(allow_inf_nan=True)``, ``AllowInfNan()``)."""
+    fields = getattr(cls, "__pydantic_fields__", None)
+    if not isinstance(fields, dict):
+        return frozenset()  # a plain dataclass: no config, no field says
+    config = getattr(cls, "model_config", None) or getattr(cls, "__pydantic_config__", None)
+    by_config = isinstance(config, dict) and config.get("allow_inf_nan") is True
+    allowed = set()
+    for name, info in fields.items():
+        said = [m.allow_inf_nan for m in info.metadata if isinstance(m, AllowInfNan)]
+        if said[-1] if said else by_config:
+            allowed.add(name)
+    return frozenset(allowed)
 
 
 def _non_finite(value: Any) -> tuple[tuple[Any, ...], float] | None:
@@ -419,13 +444,15 @@ def _non_finite(value: Any) -> tuple[tuple[Any, ...], float] | None:
         elif isinstance(item, pydantic.BaseModel):
             fields = vars(item)
             extra = item.__pydantic_extra__ or {}
-            for name in item.model_fields_set:
+            allowed = _inf_nan_fields(type(item))
+            for name in item.model_fields_set - allowed:
                 if name in fields or name in extra:
                     stack.append(((*loc, name), fields[name] if name in fields else extra[name]))
         elif dataclasses.is_dataclass(item) and not isinstance(item, type):
+            allowed = _inf_nan_fields(type(item))
             for field in dataclasses.fields(item):
                 sub = getattr(item, field.name, None)
-                if sub is not field.default:
+                if sub is not field.default and field.name not in allowed:
                     stack.append(((*loc, field.name), sub))
     return None
 

@@ -17,7 +17,7 @@ from jinja2 import (
     nodes,
 )
 
-from ._sandbox import environment, rendering_arguments
+from ._sandbox import environment
 from .errors import TemplateError
 
 #: What a tag that loads another template does, as an error says it.
@@ -120,13 +120,10 @@ class PromptTemplate:
                 raise self._failed(exc) from exc
         if self._var_keyword is not None:
             arguments = {**arguments.get(self._var_keyword, {}), **arguments}
-        rendering = rendering_arguments.set(arguments.values())
         try:
             return self._template.render(arguments)
         except Exception as exc:  # undefined attributes, sandbox refusals, a filter that raised
             raise self._failed(exc) from exc
-        finally:
-            rendering_arguments.reset(rendering)
 
     def _failed(self, error: Exception) -> TemplateError:
         try:

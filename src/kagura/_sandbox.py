@@ -13,7 +13,6 @@ import operator
 import re
 import types
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
 from functools import lru_cache, update_wrapper
 from typing import Any
 
@@ -29,19 +28,18 @@ from jinja2.nodes import EvalContext
 from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import generate_lorem_ipsum
 
-#: The most characters (or items) a prompt may make beyond the text its arguments hold, and
-#: the most bits a ``**`` of whole numbers may make: beyond, an argument such as a width, a
-#: separator or a count would have the process run out of memory (or time) rendering one
-#: prompt. What is made, not the result, is bounded, so that a long document may still be
-#: indented, wrapped or written as it is. :class:`_Sandbox` says where each is checked.
+#: The most characters (or items) one operation of a prompt may add, and the most bits a ``**``
+#: of whole numbers may make: beyond, an argument such as a width, a separator or a count
+#: would have the process run out of memory (or time) rendering one prompt. What is added, not
+#: the result, is bounded, so that a long document may still be indented, wrapped or written as
+#: it is. :class:`_Sandbox` says where each is checked.
 MOST_REPEATED = 1_000_000
 MOST_BITS = 1_000_000
 
-#: The arguments of the prompt being rendered, whose text the output may hold on top of
-#: :data:`MOST_REPEATED` (:meth:`_Sandbox.concat`).
-rendering_arguments: ContextVar[Iterable[Any]] = ContextVar(
-    "kagura_rendering_arguments", default=()
-)
+#: The most characters a prompt may be, written however it is (a loop writing an argument over
+#: and over, say): more than any model reads (at about four characters a token, the longest
+#: contexts hold a few million characters), and few enough to build in memory.
+MOST_WRITTEN = 50_000_000
 
 
 def _refuse_beyond(added: int, what: str) -> None:
@@ -57,9 +55,9 @@ class _Sandbox(SandboxedEnvironment):
     makes as it bounds ``range``, in two places:
 
     - What the template writes (:meth:`concat`): the prompt, and the text of a ``{% set %}``,
-      macro, call or filter block, each counted as it is written and refused once it is
-      :data:`MOST_REPEATED` characters longer than the text the arguments hold. That stops a
-      loop that writes an argument too many times, however each piece was made.
+      macro, call or filter block, each counted as it is written and refused past
+      :data:`MOST_WRITTEN` characters. That stops a loop that writes an argument too many
+      times, however each piece was made.
     - Each value built in one expression, before it is built (it may be too big to build, or
       never written, only measured): ``*`` and ``**`` (:meth:`call_binop`), ``%`` formats,
       ``str.format`` (:meth:`wrap_str_format`), the string methods (of ``Markup`` too,
@@ -78,24 +76,14 @@ class _Sandbox(SandboxedEnvironment):
         """What Jinja joins the pieces the template writes with, counting them as they come."""
         written: list[str] = []
         length = 0
-        most = MOST_REPEATED
-        held: Iterator[int] | None = None
         for part in parts:
             written.append(part)
             length += len(part)
-            while length > most:  # only then is the arguments' text measured, a piece at a time
-                if held is None:
-                    held = _text_held(rendering_arguments.get())
-                more = next(held, None)
-                if more is None:
-                    raise SecurityError(
-                        f"the template writes {length:,} characters or more, more than the "
-                        f"{MOST_REPEATED:,} a prompt may make beyond the "
-                        f"{most - MOST_REPEATED:,} characters of text its arguments hold (text "
-                        f"that a method of an argument makes is made: to write it, make it "
-                        f"before the call and pass it in)"
-                    )
-                most += more
+            if length > MOST_WRITTEN:
+                raise SecurityError(
+                    f"the template writes {length:,} characters or more, more than the "
+                    f"{MOST_WRITTEN:,} a prompt may hold (more than any model reads)"
+                )
         return "".join(written)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -469,30 +457,6 @@ _BOUNDED_FILTERS: dict[str, Callable[..., Any]] = {
     "urlize": _urlize,
     "wordwrap": _wordwrap,
 }
-
-
-def _text_held(values: Iterable[Any]) -> Iterator[int]:
-    """The length of each text the arguments ``values`` hold, each object once: a string's,
-    the items' of a list, tuple, set or dict, and what ``str()`` makes of anything else (a
-    number, a pydantic model: as the template would write it)."""
-    seen: set[int] = set()
-    stack = list(values)
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, str | bytes | bytearray):
-            yield len(value)
-        elif isinstance(value, dict):
-            stack.extend(itertools.chain.from_iterable(value.items()))
-        elif isinstance(value, list | tuple | set | frozenset):
-            stack.extend(value)
-        else:
-            try:
-                yield len(str(value))
-            except Exception:  # the render says so, if it writes the value
-                continue
 
 
 def _count(value: Any) -> int | None:

@@ -135,10 +135,12 @@ if sys.version_info >= (3, 12):
 
 
 def _order_unseeded(items: set[Any] | frozenset[Any]) -> bool:
-    """Whether a set of ``items`` iterates in the same order in every process: their hashes,
-    which place them, do not depend on the hash seed (numbers and None, and tuples and
-    frozensets of them). Such a set in a model or dataclass is left in that order, as the
-    version before sets were sorted wrote it: journals written then still resume."""
+    """Whether a set of ``items``, built the same way, iterates in the same order in every
+    process: their hashes, which place them, do not depend on the hash seed (numbers and None,
+    and tuples and frozensets of them). Such a set in a model or dataclass is left in that
+    order, as the version before sets were sorted wrote it, so that journals written then still
+    resume; the cost is that the same numbers added in another order may iterate otherwise
+    (when two of them collide in the set's table), and then hash otherwise."""
     return all(
         isinstance(item, _UNSEEDED)
         or (isinstance(item, tuple | frozenset) and _order_unseeded(frozenset(item)))

@@ -110,34 +110,35 @@ def tried_first(
     before it, in order, noted on it and chained to it as its context, as they would be had
     each option been tried in the ``except`` of the one before.
 
-    An error met before (one raised to every caller, a shared task's or future's) is neither
-    noted nor chained to again: it would gather the notes and the errors of every call it
-    ended."""
-    if not getattr(last, _MET, False):
-        for name, earlier in errors:
-            last.add_note(
-                f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: "
-                f"{str_of(earlier)}"
-            )
+    An error may be raised to every call (a shared task's or future's exception): then each
+    call would add to it, and keep every earlier call's errors alive. So a note already there
+    is not added again, and nothing is added past :data:`_MOST_LINKED` notes or links, which
+    no chain of fallbacks, nested ones included, comes near."""
+    notes = getattr(last, "__notes__", ())
+    for name, earlier in errors:
+        note = (
+            f"kagura: fallback {kind} {name!r} failed first: {type(earlier).__name__}: "
+            f"{str_of(earlier)}"
+        )
+        if note not in notes and len(notes) < _MOST_LINKED:
+            last.add_note(note)
+            notes = last.__notes__
     later = last
     for _, earlier in reversed(errors):
         chain = _shown_chain(later)
         end = chain[-1]
-        # Never over a context already there, nor into a loop (one error raised twice), nor
-        # onto an error of another call.
+        # Never over a context already there, nor into a loop (one error raised twice).
         if (
             end.__context__ is None
-            and not getattr(end, _MET, False)
+            and len(chain) < _MOST_LINKED
             and not {id(e) for e in chain} & {id(e) for e in _shown_chain(earlier)}
         ):
             end.__context__ = earlier
         later = earlier
-    for error in (last, *(error for _, error in errors)):
-        setattr(error, _MET, True)  # every exception has a __dict__ (BaseException's)
 
 
-#: Marks an error :func:`tried_first` has met.
-_MET = "_kagura_fallback_met"
+#: The most notes :func:`tried_first` leaves on an error, and the longest chain it extends.
+_MOST_LINKED = 16
 
 
 def _shown_chain(error: BaseException) -> list[BaseException]:

@@ -21,7 +21,7 @@ from .._checks import count, real
 from .._context import current_span
 from .._instrument import span_event
 from ..errors import UsageError
-from ..providers import Model, _known_providers, model_id
+from ..providers import Model, model_id
 from . import _config
 from ._backoff import seconds
 
@@ -249,10 +249,9 @@ def limit_model(
     limit.
 
     ``model`` is a :class:`~kagura.providers.Model`, or a model string as ``@agent(model=...)``
-    takes it: ``"gpt-4o-mini"`` and ``"openai/gpt-4o-mini"`` limit the same model. A
-    ``"provider/name"`` string whose provider Kagura does not know is kept as given: it names
-    the custom ``Model`` whose ``id`` it is. A model an agent sends to its own ``base_url=`` is
-    ``"openai/<model string>"``."""
+    takes it: ``"gpt-4o-mini"`` and ``"openai/gpt-4o-mini"`` limit the same model. A custom
+    ``Model`` whose provider is not registered is limited by passing it. A model an agent sends
+    to its own ``base_url=`` is ``"openai/<model string>"``."""
     model = _model_key(model)
     limiter = RateLimiter(
         model,
@@ -270,17 +269,13 @@ def _model_key(model: object) -> str:
     # Kept under the model's id, which is what an agent call looks it up by, however the agent
     # named the model: a limit under another spelling would never apply.
     if isinstance(model, str):
-        name = model.strip()
-        prefix, _, rest = name.partition("/")
-        if prefix and rest and prefix not in _known_providers():
-            # No model string of an agent's resolves to it, but a custom Model's id can be
-            # any "provider/name": nothing else would limit that model.
-            return name
         try:
             return model_id(model)
         except UsageError as error:
+            # Refused, not kept as given: a typo ("opneai/...") would be a limit never applied.
             raise UsageError(
-                f"limit_model takes a model string as @agent(model=...) does: {error}"
+                f"limit_model takes a model string as @agent(model=...) does, or the Model "
+                f"itself (a custom Model whose provider is not registered): {error}"
             ) from None
     if isinstance(model, Model):
         return model.id
