@@ -209,38 +209,31 @@ async def start(
         owner = uuid.uuid4().hex
     else:
         run_owner.set(None)  # for this run only, not for durable runs its steps may start
-    while True:
-        try:
-            outcome, record, steps = await journal.start_soon(
-                run_id, workflow.name, target_of(workflow), arguments, owner
-            )
-        except BaseException:  # a run it claimed that no key decrypts, say: not held meanwhile
-            await _let_go(journal, run_id, owner)
-            raise
-        if record.workflow != workflow.name:
-            raise UsageError(
-                f"run id {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
-            )
-        if outcome != "started" and record.arguments != arguments:
-            # One run id is one piece of work: other arguments would silently get another's
-            # result.
-            if outcome == "claimed":
-                await journal.release_soon(run_id, owner)
-            raise UsageError(
-                f"run id {run_id!r} was started with other arguments ({record.arguments}); use "
-                f"another run id, or {workflow.name}.resume({run_id!r}) to finish it as it was "
-                f"started"
-            )
-        if outcome == "completed":
-            return _load_result(workflow, record.result)
-        if outcome == "failed":
-            raise RunFailedError(run_id, record.error, record.error_type)
-        if outcome != "busy":
-            break
-        # Another process runs it: its result is waited for, not run a second time. If
-        # that process stops first, the run is asked for again, as every waiter does: one of
-        # them takes it over, and the others wait on.
-        await _wait_for(journal, run_id)
+    try:
+        outcome, record, steps = await journal.start_soon(
+            run_id, workflow.name, target_of(workflow), arguments, owner
+        )
+    except BaseException:  # a run it claimed that no key decrypts, say: not held meanwhile
+        await _let_go(journal, run_id, owner)
+        raise
+    if record.workflow != workflow.name:
+        raise UsageError(
+            f"run id {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
+        )
+    if outcome != "started" and record.arguments != arguments:
+        # One run id is one piece of work: other arguments would silently get another's result.
+        if outcome == "claimed":
+            await journal.release_soon(run_id, owner)
+        raise UsageError(
+            f"run id {run_id!r} was started with other arguments ({record.arguments}); use "
+            f"another run id, or {workflow.name}.resume({run_id!r}) to finish it as it was started"
+        )
+    if outcome == "completed":
+        return _load_result(workflow, record.result)
+    if outcome == "failed":
+        raise RunFailedError(run_id, record.error, record.error_type)
+    if outcome == "busy":
+        return await _wait_for(workflow, journal, run_id)
     durable = DurableRun(run_id, journal, steps, owner=owner)
     return await _execute(workflow, journal, record, durable, bound)
 
@@ -316,14 +309,21 @@ def journal_host() -> str:
     return HOST
 
 
-async def _wait_for(journal: Journal, run_id: str) -> None:
-    """Return once ``run_id``, which another process runs, is no longer running: it completed,
-    failed, or its process stopped (interrupted)."""
+async def _wait_for(workflow: Workflow, journal: Journal, run_id: str) -> Any:
+    """Another process runs it: wait for its result instead of running it twice."""
     while True:
         await asyncio.sleep(0.2)
         record = await asyncio.to_thread(journal.get_run, run_id)
-        if record is None or record.status != "running":
-            return
+        assert record is not None
+        if record.status == "completed":
+            return _load_result(workflow, record.result)
+        if record.status == "failed":
+            raise RunFailedError(run_id, record.error, record.error_type)
+        if record.status == "interrupted":
+            try:
+                return await resume(workflow, run_id)
+            except RunInProgressError:
+                continue  # another waiter took it over first: wait for its result
 
 
 async def _execute(
