@@ -59,15 +59,21 @@ class Workflow(Protocol):
 class _Facts:
     target: str
     signature: inspect.Signature
-    #: Validators of the stored JSON of its parameters and of its result ("return"), by name
-    #: (``None``: not annotated): made once, not for every run resumed or answered from the store.
-    adapters: dict[str, TypeAdapter[Any] | None] = field(default_factory=dict)
+    #: The annotations of its parameters and of its result ("return"), by name, each with the
+    #: validator of its stored JSON (``None``: not annotated): resolved once, not for every run
+    #: started, resumed or answered from the store.
+    adapters: dict[str, tuple[Any, TypeAdapter[Any]] | None] = field(default_factory=dict)
 
-    def adapter(self, fn: Callable[..., Any], name: str) -> TypeAdapter[Any] | None:
+    def annotated(self, fn: Callable[..., Any], name: str) -> tuple[Any, TypeAdapter[Any]] | None:
+        """The annotation named ``name`` and its validator."""
         if name not in self.adapters:
             hint = get_type_hints(fn).get(name)
-            self.adapters[name] = None if hint is None else TypeAdapter(hint)
+            self.adapters[name] = None if hint is None else (hint, TypeAdapter(hint))
         return self.adapters[name]
+
+    def adapter(self, fn: Callable[..., Any], name: str) -> TypeAdapter[Any] | None:
+        found = self.annotated(fn, name)
+        return None if found is None else found[1]
 
 
 # Asked at every run's start, and resolving a script's path takes system calls: kept per
@@ -190,8 +196,14 @@ def _result_adapter(workflow: Workflow) -> TypeAdapter[Any] | None:
     """The validator of the workflow's return annotation; ``None`` without one, or with one
     that has none (a name that does not resolve, a type pydantic refuses): its result is then
     JSON as it is."""
+    found = _result_annotation(workflow)
+    return None if found is None else found[1]
+
+
+def _result_annotation(workflow: Workflow) -> tuple[Any, TypeAdapter[Any]] | None:
+    """The workflow's return annotation and its validator (see :func:`_result_adapter`)."""
     try:
-        return _facts_of(workflow).adapter(workflow.fn, "return")
+        return _facts_of(workflow).annotated(workflow.fn, "return")
     except Exception:
         return None
 
@@ -374,9 +386,9 @@ def _dump_result(workflow: Workflow, result: Any) -> str:
             f"durable workflow {workflow.name!r}: its result cannot be journaled, it has no JSON "
             f"({exc}); return a JSON value (str, numbers, lists, dicts, pydantic models)"
         ) from exc
-    adapter = _result_adapter(workflow)
-    if adapter is not None:  # kept, a result that did not read back would fail every later ask
-        hint = get_type_hints(workflow.fn)["return"]
+    found = _result_annotation(workflow)
+    if found is not None:  # kept, a result that did not read back would fail every later ask
+        hint, adapter = found
         what = f"durable workflow {workflow.name!r}"
         reads_back(text, adapter, hint, what, "the run could not answer with it again")
     return text
