@@ -286,6 +286,54 @@ async def test_a_cancelled_run_is_resumable_at_once(
     assert set(steps) == {"gated/draft#0", "gated/gate#0", "gated/review#0"}
 
 
+async def cancelled_while_queued(journal: Journal, run: Any, kind: str) -> None:
+    """Start ``run`` (a coroutine that starts or resumes a run) and cancel it while its start
+    or claim is queued for the journal's thread and not yet written: the thread is woken only
+    once the cancelled caller has done what it does at once (queue a release, before the fix:
+    written in the same batch, before the start, it found nothing to release)."""
+    woken: list[asyncio.AbstractEventLoop] = []
+    queued = asyncio.Event()
+
+    def held(self: Journal, loop: asyncio.AbstractEventLoop) -> None:
+        woken.append(loop)
+        queued.set()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Journal, "_wake_writer", held)
+        task = asyncio.create_task(run)
+        await queued.wait()
+        assert [r.kind for r in journal._queue] == [kind]
+        task.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the task takes the cancellation
+    journal._wake_writer(woken[0])
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_run_cancelled_while_its_start_is_queued_is_resumable_at_once(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    gate.touch()
+    run = workflows.gated.run("tea", str(gate), run_id="order-11")
+    await cancelled_while_queued(journal, run, "start")
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["order-11"]
+    assert await workflows.gated.resume("order-11") == EXPECTED
+
+
+async def test_a_resume_cancelled_while_its_claim_is_queued_leaves_the_run_resumable(
+    journal: Journal, model: FakeModel, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    await cancelled_after_its_draft(journal, gate, "order-12")
+    resume = workflows.gated.resume("order-12")
+    await cancelled_while_queued(journal, resume, "claim")
+    assert [r.run_id for r in journal.list_runs(status="interrupted")] == ["order-12"]
+    gate.touch()
+    assert await workflows.gated.resume("order-12") == EXPECTED
+
+
 async def test_resuming_a_live_run_is_refused(
     journal: Journal, model: FakeModel, tmp_path: Path
 ) -> None:

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, get_type_hints, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, get_type_hints, runtime_checkable
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -34,6 +34,7 @@ from ._run import DurableRun, canonical, current_durable_run, reads_back
 from ._script import check_not_loading, check_source, loading_target
 
 _log = logging.getLogger("kagura.durable")
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -221,13 +222,12 @@ async def start(
         owner = uuid.uuid4().hex
     else:
         run_owner.set(None)  # for this run only, not for durable runs its steps may start
-    try:
-        outcome, record, steps = await journal.start_soon(
-            run_id, workflow.name, target_of(workflow), arguments, owner
-        )
-    except BaseException:  # a run it claimed that no key decrypts, say: not held meanwhile
-        await _let_go(journal, run_id, owner)
-        raise
+    outcome, record, steps = await _taken(
+        journal,
+        run_id,
+        owner,
+        journal.start_soon(run_id, workflow.name, target_of(workflow), arguments, owner),
+    )
     if record.workflow != workflow.name:
         raise UsageError(
             f"run id {run_id!r} belongs to workflow {record.workflow!r}, not {workflow.name!r}"
@@ -271,8 +271,10 @@ async def resume_run(workflow: Workflow, run_id: str) -> Resumed:
     """:func:`resume`, saying what it did (see :class:`Resumed`)."""
     journal = journal_for()
     owner = uuid.uuid4().hex
+    record, steps = await _taken(
+        journal, run_id, owner, journal.claim_soon(run_id, owner, workflow.name)
+    )
     try:
-        record, steps = await journal.claim_soon(run_id, owner, workflow.name)
         if record is None:
             raise UsageError(f"there is no durable run {run_id!r} in the store")
         if record.workflow != workflow.name:
@@ -292,6 +294,21 @@ async def resume_run(workflow: Workflow, run_id: str) -> Resumed:
     durable = DurableRun(run_id, journal, steps, owner=owner)
     result = await _execute(workflow, journal, record, durable, bound)
     return Resumed(run_id, result, durable.replayed, durable.recorded)
+
+
+async def _taken(journal: Journal, run_id: str, owner: str, pending: asyncio.Future[T]) -> T:
+    """The answer of a start or claim by which ``owner`` may have taken ``run_id``. If the
+    caller is cancelled meanwhile (or the answer is an error: a run claimed that no key
+    decrypts), the run is let go, but only once the request is committed: it is written in the
+    journal's next batch whatever happens to its caller, and a release queued behind it would
+    be written first, find nothing to release, and leave the run held by no one until its lease
+    ran out."""
+    try:
+        return await asyncio.shield(pending)
+    except BaseException:
+        await asyncio.wait([pending])  # a second cancellation ends this wait: the lease runs out
+        await _let_go(journal, run_id, owner)
+        raise
 
 
 async def _let_go(journal: Journal, run_id: str, owner: str) -> None:
