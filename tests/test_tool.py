@@ -465,6 +465,75 @@ async def test_cancelling_the_agent_cancels_a_running_tool() -> None:
     assert events.spans(kind="agent")[0].status == "cancelled"
 
 
+async def test_a_tool_cancelled_by_someone_else_failed_and_the_call_goes_on() -> None:
+    @tool
+    async def orphaned() -> str:
+        """Waits for what someone else gives up on."""
+        awaited = asyncio.get_running_loop().create_future()
+        awaited.cancel()
+        return str(await awaited)
+
+    fake = FakeModel(
+        [
+            tool_calls(call("orphaned", {}, id="a"), call("add", {"a": 1, "b": 2}, id="b")),
+            "Three.",
+        ]
+    )
+
+    @agent(model=fake, tools=[orphaned, add])
+    async def sums(q: str) -> str:
+        """{{ q }}"""
+
+    with capture_events() as events:
+        assert await sums("q") == "Three."
+    replies = [m["content"] for m in fake.requests[1].messages if m["role"] == "tool"]
+    assert replies == ["Error: CancelledError: ", "3"]
+    assert sorted(s.status for s in events.spans(kind="tool")) == ["completed", "failed"]
+
+
+class Halt(BaseException):
+    """Not an error a tool reports to the model: it ends the call (as KeyboardInterrupt)."""
+
+
+async def test_a_tool_that_ends_the_call_cancels_the_tools_beside_it() -> None:
+    started = asyncio.Event()
+    ended: list[str] = []
+
+    @tool
+    async def forever() -> str:
+        """Never answers."""
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            ended.append("forever cancelled")
+            raise
+        return "unreachable"
+
+    @tool
+    async def halt() -> str:
+        """Ends everything."""
+        await started.wait()
+        raise Halt
+
+    fake = FakeModel([tool_calls(call("forever", {}, id="a"), call("halt", {}, id="b"))])
+
+    @agent(model=fake, tools=[forever, halt])
+    async def stuck(q: str) -> str:
+        """{{ q }}"""
+
+    with capture_events() as events:
+        with pytest.raises(Halt):
+            await stuck("q")
+        # Ended with the call, not after it.
+        assert ended == ["forever cancelled"]
+    assert {s.name: s.status for s in events.spans(kind="tool")} == {
+        "forever": "cancelled",
+        "halt": "failed",
+    }
+    assert events.spans(kind="agent")[0].status == "failed"
+
+
 # -- prompted tools (models without native tool calling) ------------------------------------------
 
 

@@ -23,7 +23,7 @@ from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, ove
 
 import pydantic_core
 
-from . import _instrument, _prompted
+from . import _instrument, _prompted, parallel
 from ._checks import count, real
 from ._context import Span, checked_name, current_span
 from ._instrument import span_event, span_finished, span_started, status_of
@@ -600,7 +600,9 @@ class Agent(Generic[P, R]):
     ) -> tuple[list[str], list[Message]]:
         """Run the tool ``calls`` of an answer (``text``) at once, as children of ``span``:
         their results, and the messages that give them back to the model."""
-        results = list(await asyncio.gather(*(self._run_tool(call, span) for call in calls)))
+        # Not asyncio.gather: a tool round ends with all its tools (one that ends the call, by
+        # KeyboardInterrupt say, cancels the others, rather than leave them running after it).
+        results = await parallel.gather(*(self._run_tool(call, span) for call in calls))
         return results, self._tool_messages(text, calls, results, prompted)
 
     def _first_message(self, prompt: str, prompted_tools: bool) -> Message:
@@ -643,6 +645,13 @@ class Agent(Generic[P, R]):
             try:
                 value = await tool.invoke(call.arguments)
             except Exception as exc:
+                raise _ToolFailed(exc) from exc
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this call is being cancelled
+                # Not this call's cancellation: something the tool awaited was cancelled by
+                # someone else. The tool failed; its call goes on.
                 raise _ToolFailed(exc) from exc
             finally:
                 current_span.reset(token)
@@ -741,7 +750,7 @@ class _ToolFailed(Exception):
     """A tool raised ``error``: told apart from a failure to journal its result, which ends
     the call."""
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(error)
         self.error = error
 
