@@ -591,3 +591,9 @@ def test_the_readme_durable_example_is_a_resumable_script(
     finally:
         sys.modules.pop("kagura_resumed_main", None)
     assert "has already completed" in capsys.readouterr().out
+
+
+def test_a_workflow_defined_outside_any_file_is_said_to_be_resumable_only_from_its_code() -> None:
+    # What a run started from an interactive session is journaled under.
+    with pytest.raises(UsageError, match=r"not in a file .* with review\.resume\(run_id\)"):
+        import_target("__main__:review")

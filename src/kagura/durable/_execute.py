@@ -135,6 +135,13 @@ def import_target(target: str) -> Workflow:
     for part in qualname.split("."):
         found = getattr(found, part, None)
     if not isinstance(found, Workflow):
+        if location == "__main__":
+            raise UsageError(
+                f"{target!r} was defined in code that is not in a file (an interactive "
+                f"session, `python -c`, a notebook), which no other process can import: "
+                f"resume its runs from that code, with {qualname}.resume(run_id), or move the "
+                f"workflow into a module or script"
+            )
         raise UsageError(f"{target!r} does not name a @workflow")
     return found
 
