@@ -297,7 +297,7 @@ async def test_an_error_event_part_way_is_a_provider_error_with_its_message(
 def test_set_up_stays_offline_and_handled_errors_print_nothing() -> None:
     """LiteLLM fetches its model cost map from GitHub at import unless told not to, and prints
     "Give Feedback / Get Help" to stdout for every error it raises: neither, in a fresh process
-    that has not set LITELLM_LOCAL_MODEL_COST_MAP itself."""
+    that has not set LITELLM_LOCAL_MODEL_COST_MAP itself (nor is it left set afterwards)."""
     code = textwrap.dedent(
         """
         import asyncio
@@ -317,6 +317,9 @@ def test_set_up_stays_offline_and_handled_errors_print_nothing() -> None:
                         pass  # handled by the application
 
         asyncio.run(main())
+        import os
+        # Set for LiteLLM's import only: not left for the application's child processes.
+        assert "LITELLM_LOCAL_MODEL_COST_MAP" not in os.environ
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}

@@ -376,12 +376,19 @@ def _detail(exc: BaseException) -> str:
 def _import_litellm() -> Any:
     # At import, LiteLLM fetches its model cost map from GitHub (three tries, warnings on
     # stderr, seconds offline) unless told to use the copy it ships; Kagura prices calls with
-    # genai-prices, and promises to run offline. A user's own setting is kept.
-    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+    # genai-prices, and promises to run offline. A user's own setting is kept, and ours is
+    # taken back after the import (the one time LiteLLM reads it, but for reloads the user
+    # asks for), not left for the application's child processes to inherit.
+    ours = "LITELLM_LOCAL_MODEL_COST_MAP" not in os.environ
+    if ours:
+        os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     try:
         import litellm
     except ImportError:
         raise UsageError(_INSTALL_HINT) from None
+    finally:
+        if ours:
+            os.environ.pop("LITELLM_LOCAL_MODEL_COST_MAP", None)
     # Else LiteLLM prints "Give Feedback / Get Help" to stdout for every error it raises, the
     # ones Kagura handles (and retries) included.
     litellm.suppress_debug_info = True
