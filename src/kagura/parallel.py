@@ -17,8 +17,18 @@ import asyncio
 import builtins
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Collection,
+    Coroutine,
+    Generator,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._checks import count, real
@@ -60,21 +70,78 @@ def _close_unstarted(aws: Iterable[Awaitable[Any]]) -> None:
             close()
 
 
+class _Call(Coroutine[Any, Any, T]):
+    """The coroutine a call of :func:`gather` or :func:`gather_partial` returns: ``body``, which
+    takes charge of the awaitables ``given`` at its first step. Thrown into or closed before that
+    step (its task cancelled before it ran: a task group's sibling failed, a timeout expired), it
+    closes the coroutines among them, which nothing would ever await (asyncio.gather avoids that
+    by making them tasks at once). A native coroutine cannot: thrown into before its first step,
+    none of its code runs, so its ``finally`` would not either."""
+
+    __slots__ = ("_body", "_given")
+
+    def __init__(self, body: Coroutine[Any, Any, T], given: Iterable[Awaitable[Any]]) -> None:
+        self._body = body
+        self._given = given
+
+    def __await__(self) -> Generator[Any, None, T]:
+        self._given = ()
+        return self._body.__await__()
+
+    def send(self, value: Any) -> Any:
+        self._given = ()
+        return self._body.send(value)
+
+    @overload
+    def throw(
+        self,
+        typ: type[BaseException],
+        val: BaseException | object = None,
+        tb: TracebackType | None = None,
+        /,
+    ) -> Any: ...
+    @overload
+    def throw(
+        self, typ: BaseException, val: None = None, tb: TracebackType | None = None, /
+    ) -> Any: ...
+    def throw(self, typ: Any, val: Any = None, tb: TracebackType | None = None, /) -> Any:
+        self._close_given()
+        if val is None and tb is None:
+            return self._body.throw(typ)  # the three-argument form is deprecated from 3.12
+        return self._body.throw(typ, val, tb)
+
+    def close(self) -> None:
+        self._close_given()
+        self._body.close()
+
+    def _close_given(self) -> None:
+        given, self._given = self._given, ()
+        _close_unstarted(given)
+
+    def __getattr__(self, name: str) -> Any:
+        # What asyncio's reprs of tasks and their stacks (Task.get_stack) read of a coroutine.
+        if name.startswith("cr_") or name in ("__name__", "__qualname__"):
+            return getattr(self._body, name)
+        raise AttributeError(name)
+
+
 @overload
-async def gather(
+def gather(
     *aws: Awaitable[T], limit: int | None = None, return_exceptions: bool = False
-) -> list[T]: ...
+) -> Coroutine[Any, Any, list[T]]: ...
 @overload
-async def gather(
+def gather(
     *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
-) -> list[Any]: ...
-async def gather(
+) -> Coroutine[Any, Any, list[Any]]: ...
+def gather(
     *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
-) -> list[Any]:
+) -> Coroutine[Any, Any, list[Any]]:
     """Await all of ``aws`` concurrently (at most ``limit`` at a time), results in order.
 
     Without ``return_exceptions`` the first failure cancels the others and is raised as itself
     (not as an ``ExceptionGroup``); with it, exceptions take their place in the results.
+    Arguments it cannot take are refused (:class:`~kagura.errors.UsageError`) at the call,
+    before anything runs.
     """
     try:
         semaphore = _check_limit(limit)
@@ -88,7 +155,32 @@ async def gather(
             if isinstance(aw, list | tuple):
                 _close_unstarted(aw)
         raise
+    return _Call(_gathered(aws, semaphore, return_exceptions), aws)
+
+
+async def _gathered(
+    aws: Sequence[Awaitable[Any]], semaphore: asyncio.Semaphore | None, return_exceptions: bool
+) -> list[Any]:
     results: list[Any] = [None] * len(aws)
+    failures: list[BaseException] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def failed(index: int, error: BaseException) -> None:
+        if return_exceptions:
+            results[index] = error
+            return
+        failures.append(error)
+        if len(failures) == 1:
+            # Stopped here rather than by the task group, which would do it by cancelling this
+            # gather's caller and then taking that back (not always: CPython gh-116720),
+            # leaving the caller's count of cancellations (Task.cancelling(), read by task
+            # groups, timeouts and anyio) wrong when someone else cancelled it meanwhile. After
+            # this turn, as the task group does: a sibling made in it has begun by then.
+            asyncio.get_running_loop().call_soon(stop)
+
+    def stop() -> None:
+        for task in tasks:
+            task.cancel()
 
     async def run(index: int, aw: Awaitable[Any]) -> None:
         try:
@@ -98,50 +190,36 @@ async def gather(
             if task is None or task.cancelling():
                 raise  # this gather is being cancelled: by its caller, or a sibling's failure
             # The awaitable was cancelled by someone else (a task handed in, cancelled by its
-            # owner): that is its outcome, as with asyncio.gather, not a result of None. The
-            # task group takes a cancelled child for a quiet one, so it goes wrapped.
-            if not return_exceptions:
-                raise _Cancelled(error) from None
-            results[index] = error
+            # owner): that is its outcome, as with asyncio.gather, not a result of None.
+            failed(index, error)
         except Exception as error:
-            if not return_exceptions:
-                raise
-            results[index] = error
+            failed(index, error)
 
-    caller = asyncio.current_task()
-    cancelling = 0 if caller is None else caller.cancelling()
     try:
         async with asyncio.TaskGroup() as group:
             for index, aw in enumerate(aws):
-                group.create_task(run(index, aw))
+                tasks.append(group.create_task(run(index, aw)))
+    except asyncio.CancelledError:
+        if not failures:
+            raise
+        # The caller was cancelled too, after a part failed or in the same turn: the failure
+        # is raised, as a task group raises its errors rather than the cancellation, and the
+        # cancellation stays counted (Task.cancelling()) for whoever asked for it.
     except BaseExceptionGroup as group_error:
-        # A failing child makes the group cancel its caller, to stop the block; Python 3.11's
-        # TaskGroup does not take that back when the block had already ended (CPython
-        # gh-116720, fixed in 3.12), leaving the caller marked as being cancelled for whatever
-        # asks (Task.cancelling(): task groups, timeouts, anyio).
-        while caller is not None and caller.cancelling() > cancelling:
-            caller.uncancel()
-        raise _first(group_error) from None
+        # A part raised what is not an Exception (not KeyboardInterrupt or SystemExit, which
+        # the group raises as themselves).
+        raise _first(group_error.exceptions) from None
+    if failures:
+        raise _first(failures)
     return results
 
 
-class _Cancelled(Exception):
-    """An awaitable of :func:`gather` cancelled by someone else, carried out of the task group."""
-
-    def __init__(self, error: asyncio.CancelledError) -> None:
-        super().__init__()
-        self.error = error
-
-
-def _first(group_error: BaseExceptionGroup[Any]) -> BaseException:
-    first: BaseException = group_error.exceptions[0]
+def _first(errors: Sequence[BaseException]) -> BaseException:
+    first = errors[0]
     if isinstance(first, BaseExceptionGroup):
-        return _first(first)
-    if isinstance(first, _Cancelled):
-        first = first.error
-    others = len(group_error.exceptions) - 1
-    if others:
-        first.add_note(f"kagura: {others} other task(s) failed at the same time")
+        return _first(first.exceptions)
+    if len(errors) > 1:
+        first.add_note(f"kagura: {len(errors) - 1} other task(s) failed at the same time")
     return first
 
 
@@ -202,17 +280,19 @@ class Partial(Generic[K, T]):
         return not self.errors and not self.cancelled
 
 
-async def gather_partial(
+def gather_partial(
     aws: Mapping[K, Awaitable[T]] | Iterable[Awaitable[T]],
     *,
     deadline: float | None = None,
     limit: int | None = None,
-) -> Partial[Any, T]:
+) -> Coroutine[Any, Any, Partial[Any, T]]:
     """Run ``aws`` concurrently and return whatever finished, without raising for failures.
 
     ``aws`` is a mapping (keys name the parts) or an iterable (keys are positions). After
     ``deadline`` seconds, unfinished parts are cancelled and listed in ``cancelled``. Cancelling
-    the caller still cancels everything and propagates.
+    the caller still cancels everything and propagates, once every part has finished. Arguments
+    it cannot take are refused (:class:`~kagura.errors.UsageError`) at the call, before anything
+    runs.
     """
     named: dict[Any, Awaitable[T]] = (
         dict(aws.items()) if isinstance(aws, Mapping) else dict(enumerate(aws))
@@ -231,18 +311,19 @@ async def gather_partial(
     except UsageError:
         _close_unstarted(named.values())
         raise
+    return _Call(_partial(named, deadline, semaphore), named.values())
+
+
+async def _partial(
+    named: dict[Any, Awaitable[T]], deadline: float | None, semaphore: asyncio.Semaphore | None
+) -> Partial[Any, T]:
     partial: Partial[Any, T] = Partial()
     tasks = {key: asyncio.ensure_future(_limited(aw, semaphore)) for key, aw in named.items()}
     try:
         if tasks:
             await asyncio.wait(tasks.values(), timeout=deadline)
     finally:
-        pending = [t for t in tasks.values() if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            # Shielded so the cleanup finishes even if the caller is being cancelled.
-            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+        await _stopped(tasks.values())
     for key, task in tasks.items():
         if task.cancelled():
             partial.cancelled.append(key)
@@ -255,3 +336,21 @@ async def gather_partial(
         else:
             raise error
     return partial
+
+
+async def _stopped(tasks: Collection[asyncio.Future[Any]]) -> None:
+    """Cancels what is left of ``tasks`` and waits until all have finished, however often the
+    caller is cancelled meanwhile (a cancellation that came is raised then): none outlives the
+    call. Every part's error is read, those of parts that failed before the caller was cancelled
+    too, which asyncio would otherwise log as "Task exception was never retrieved"."""
+    for task in tasks:
+        task.cancel()  # nothing, for those done
+    finishing = asyncio.gather(*tasks, return_exceptions=True)
+    cancelled: asyncio.CancelledError | None = None
+    while not finishing.done():
+        try:
+            await asyncio.shield(finishing)
+        except asyncio.CancelledError as error:
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled
