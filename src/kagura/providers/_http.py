@@ -27,6 +27,7 @@ import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
 from ._chat import Secrets, answer_error, error_message, status_error, without_credentials
 from ._chunks import completion_chunk
@@ -452,8 +453,8 @@ def tls() -> ssl.SSLContext:
 
 def load() -> None:
     """Everything the first request would otherwise import on the event loop: aiohttp, the TLS
-    certificates, and what prices its answer."""
+    certificates, and what prices its answer (genai-prices and its table of prices)."""
     import aiohttp  # noqa: F401
-    import genai_prices  # noqa: F401  # kagura.pricing's: a seventh of a second, at the first price
 
     tls()
+    pricing.load()
