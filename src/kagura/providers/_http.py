@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
@@ -382,10 +383,12 @@ def _proxy_for(url: str) -> str | None:
 
 
 # One client per (base URL, API key, loop), with the async generator that closes it when the
-# loop shuts down (see _closed_with_the_loop).
+# loop shuts down (see _closed_with_the_loop). Event loops in other threads read and prune it
+# too: under _clients_lock.
 _clients: dict[
     tuple[str, str, int], tuple[asyncio.AbstractEventLoop, Client, AsyncGenerator[None, None]]
 ] = {}
+_clients_lock = threading.Lock()
 
 
 async def client(base_url: str | None, api_key: str) -> Client:
@@ -394,9 +397,14 @@ async def client(base_url: str | None, api_key: str) -> Client:
     base_url = base_url or OPENAI_BASE_URL
     loop = asyncio.get_running_loop()
     key = (base_url, api_key, id(loop))
-    cached = _clients.get(key)
-    if cached is not None and cached[0] is loop and not loop.is_closed():
-        return cached[1]
+    with _clients_lock:
+        cached = _clients.get(key)
+        if cached is not None and cached[0] is loop:
+            return cached[1]
+        for stale in [k for k, (lp, _, _) in _clients.items() if lp.is_closed()]:
+            del _clients[stale]
+    # Nothing between here and the insertion gives way to this loop's other tasks, so no other
+    # client for this key is made meanwhile; other loops' keys are other keys.
     import aiohttp
 
     session = aiohttp.ClientSession(
@@ -410,11 +418,10 @@ async def client(base_url: str | None, api_key: str) -> Client:
         trust_env=False,
     )
     made = Client(session, base_url, api_key)
-    for stale in [k for k, (lp, _, _) in _clients.items() if lp.is_closed()]:
-        del _clients[stale]
     closer = _closed_with_the_loop(session)
     await anext(closer)
-    _clients[key] = (loop, made, closer)
+    with _clients_lock:
+        _clients[key] = (loop, made, closer)
     return made
 
 
