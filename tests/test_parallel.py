@@ -489,36 +489,6 @@ async def test_a_caller_cancelled_again_while_the_parts_finish_waits_for_them(he
     await assert_no_other_tasks()
 
 
-@pytest.mark.parametrize("helper", ["gather", "gather_partial"])
-async def test_a_call_cancelled_before_it_began_closes_the_coroutines_it_was_given(
-    helper: str,
-) -> None:
-    # As asyncio.gather does: else each warns "coroutine ... was never awaited".
-    tracker = Tracker()
-    jobs = [tracker.job(1), tracker.job(2)]
-    call = gather(*jobs) if helper == "gather" else gather_partial(jobs)
-    task = asyncio.ensure_future(call)
-    task.cancel()  # before its first step: a sibling in a task group failed, say
-    try:
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert [inspect.getcoroutinestate(job) for job in jobs] == [inspect.CORO_CLOSED] * 2
-        assert tracker.started == []
-    finally:
-        for job in jobs:
-            job.close()
-
-
-def test_arguments_are_refused_at_the_call_not_when_it_is_awaited() -> None:
-    tracker = Tracker()
-    jobs = [tracker.job(1), tracker.job(2)]
-    with pytest.raises(UsageError, match="gather takes awaitables"):
-        gather(jobs)  # type: ignore[arg-type]
-    with pytest.raises(UsageError, match="deadline"):
-        gather_partial(jobs, deadline=-1)
-    assert [inspect.getcoroutinestate(job) for job in jobs] == [inspect.CORO_CLOSED] * 2
-
-
 async def test_a_cancel_in_the_turn_a_part_fails_stays_counted() -> None:
     # As a task group leaves it: the failure is raised, and whoever cancelled still sees their
     # request in Task.cancelling() (an asyncio.timeout around the call takes it back).

@@ -17,18 +17,8 @@ import asyncio
 import builtins
 import inspect
 import sys
-from collections.abc import (
-    Awaitable,
-    Callable,
-    Collection,
-    Coroutine,
-    Generator,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
 from ._checks import count, real
@@ -70,78 +60,21 @@ def _close_unstarted(aws: Iterable[Awaitable[Any]]) -> None:
             close()
 
 
-class _Call(Coroutine[Any, Any, T]):
-    """The coroutine a call of :func:`gather` or :func:`gather_partial` returns: ``body``, which
-    takes charge of the awaitables ``given`` at its first step. Thrown into or closed before that
-    step (its task cancelled before it ran: a task group's sibling failed, a timeout expired), it
-    closes the coroutines among them, which nothing would ever await (asyncio.gather avoids that
-    by making them tasks at once). A native coroutine cannot: thrown into before its first step,
-    none of its code runs, so its ``finally`` would not either."""
-
-    __slots__ = ("_body", "_given")
-
-    def __init__(self, body: Coroutine[Any, Any, T], given: Iterable[Awaitable[Any]]) -> None:
-        self._body = body
-        self._given = given
-
-    def __await__(self) -> Generator[Any, None, T]:
-        self._given = ()
-        return self._body.__await__()
-
-    def send(self, value: Any) -> Any:
-        self._given = ()
-        return self._body.send(value)
-
-    @overload
-    def throw(
-        self,
-        typ: type[BaseException],
-        val: BaseException | object = None,
-        tb: TracebackType | None = None,
-        /,
-    ) -> Any: ...
-    @overload
-    def throw(
-        self, typ: BaseException, val: None = None, tb: TracebackType | None = None, /
-    ) -> Any: ...
-    def throw(self, typ: Any, val: Any = None, tb: TracebackType | None = None, /) -> Any:
-        self._close_given()
-        if val is None and tb is None:
-            return self._body.throw(typ)  # the three-argument form is deprecated from 3.12
-        return self._body.throw(typ, val, tb)
-
-    def close(self) -> None:
-        self._close_given()
-        self._body.close()
-
-    def _close_given(self) -> None:
-        given, self._given = self._given, ()
-        _close_unstarted(given)
-
-    def __getattr__(self, name: str) -> Any:
-        # What asyncio's reprs of tasks and their stacks (Task.get_stack) read of a coroutine.
-        if name.startswith("cr_") or name in ("__name__", "__qualname__"):
-            return getattr(self._body, name)
-        raise AttributeError(name)
-
-
 @overload
-def gather(
+async def gather(
     *aws: Awaitable[T], limit: int | None = None, return_exceptions: bool = False
-) -> Coroutine[Any, Any, list[T]]: ...
+) -> list[T]: ...
 @overload
-def gather(
+async def gather(
     *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
-) -> Coroutine[Any, Any, list[Any]]: ...
-def gather(
+) -> list[Any]: ...
+async def gather(
     *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
-) -> Coroutine[Any, Any, list[Any]]:
+) -> list[Any]:
     """Await all of ``aws`` concurrently (at most ``limit`` at a time), results in order.
 
     Without ``return_exceptions`` the first failure cancels the others and is raised as itself
     (not as an ``ExceptionGroup``); with it, exceptions take their place in the results.
-    Arguments it cannot take are refused (:class:`~kagura.errors.UsageError`) at the call,
-    before anything runs.
     """
     try:
         semaphore = _check_limit(limit)
@@ -155,12 +88,6 @@ def gather(
             if isinstance(aw, list | tuple):
                 _close_unstarted(aw)
         raise
-    return _Call(_gathered(aws, semaphore, return_exceptions), aws)
-
-
-async def _gathered(
-    aws: Sequence[Awaitable[Any]], semaphore: asyncio.Semaphore | None, return_exceptions: bool
-) -> list[Any]:
     results: list[Any] = [None] * len(aws)
     failures: list[BaseException] = []
     tasks: list[asyncio.Task[None]] = []
@@ -280,19 +207,17 @@ class Partial(Generic[K, T]):
         return not self.errors and not self.cancelled
 
 
-def gather_partial(
+async def gather_partial(
     aws: Mapping[K, Awaitable[T]] | Iterable[Awaitable[T]],
     *,
     deadline: float | None = None,
     limit: int | None = None,
-) -> Coroutine[Any, Any, Partial[Any, T]]:
+) -> Partial[Any, T]:
     """Run ``aws`` concurrently and return whatever finished, without raising for failures.
 
     ``aws`` is a mapping (keys name the parts) or an iterable (keys are positions). After
     ``deadline`` seconds, unfinished parts are cancelled and listed in ``cancelled``. Cancelling
-    the caller still cancels everything and propagates, once every part has finished. Arguments
-    it cannot take are refused (:class:`~kagura.errors.UsageError`) at the call, before anything
-    runs.
+    the caller still cancels everything and propagates, once every part has finished.
     """
     named: dict[Any, Awaitable[T]] = (
         dict(aws.items()) if isinstance(aws, Mapping) else dict(enumerate(aws))
@@ -311,12 +236,6 @@ def gather_partial(
     except UsageError:
         _close_unstarted(named.values())
         raise
-    return _Call(_partial(named, deadline, semaphore), named.values())
-
-
-async def _partial(
-    named: dict[Any, Awaitable[T]], deadline: float | None, semaphore: asyncio.Semaphore | None
-) -> Partial[Any, T]:
     partial: Partial[Any, T] = Partial()
     tasks = {key: asyncio.ensure_future(_limited(aw, semaphore)) for key, aw in named.items()}
     try:
