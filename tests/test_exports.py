@@ -224,6 +224,7 @@ NOT_EXPORTED: dict[str, list[str]] = {
     ],
     "kagura.pricing": [
         "is_free",
+        "load",
     ],
     "kagura.providers": [
         "UsageError",

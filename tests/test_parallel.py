@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 from typing import Any
 
@@ -416,3 +417,93 @@ async def test_map_closes_the_coroutines_made_when_fn_raises_for_a_later_item() 
     assert len(made) == 2
     assert all(inspect.getcoroutinestate(job) == inspect.CORO_CLOSED for job in made)
     assert tracker.started == []
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+
+async def test_gather_partial_cancelled_after_a_part_failed_reads_that_parts_error() -> None:
+    # Else asyncio logs "Task exception was never retrieved" once the part's task is collected.
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    failed = asyncio.Event()
+
+    async def fails() -> None:
+        try:
+            raise ValueError("part")
+        finally:
+            failed.set()
+
+    try:
+        task = asyncio.create_task(gather_partial([fails(), never_finishes([], "slow")]))
+        await failed.wait()
+        task.cancel()
+        # Not awaited itself: the loop's handle that resumes this test would hold it a turn.
+        await asyncio.wait([task])
+        assert task.cancelled()
+        del task
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert [c["message"] for c in reported] == []
+
+
+def stubborn(started: asyncio.Event, cancelled: asyncio.Event, finished: list[str]) -> Any:
+    """A part that takes its time to finish once cancelled: until ``release`` is set."""
+
+    async def part(release: asyncio.Event) -> None:
+        try:
+            started.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()
+            await release.wait()
+            raise
+        finally:
+            finished.append("part")
+
+    return part
+
+
+@pytest.mark.parametrize("helper", ["gather", "gather_partial", "map"])
+async def test_a_caller_cancelled_again_while_the_parts_finish_waits_for_them(helper: str) -> None:
+    started, cancelled, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    finished: list[str] = []
+    part = stubborn(started, cancelled, finished)
+    call = {
+        "gather": lambda: gather(part(release)),
+        "gather_partial": lambda: gather_partial([part(release)]),
+        "map": lambda: parallel.map(part, [release], progress=False),
+    }[helper]
+    task = asyncio.create_task(call())
+    await started.wait()
+    task.cancel()
+    await cancelled.wait()
+    task.cancel()  # the call takes it in its next step, before the part is released
+    asyncio.get_running_loop().call_soon(release.set)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished == ["part"]  # none outlives the call
+    await assert_no_other_tasks()
+
+
+async def test_a_cancel_in_the_turn_a_part_fails_stays_counted() -> None:
+    # As a task group leaves it: the failure is raised, and whoever cancelled still sees their
+    # request in Task.cancelling() (an asyncio.timeout around the call takes it back).
+    caller = asyncio.current_task()
+    assert caller is not None
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        caller.cancel()  # a supervisor, a timeout, Ctrl-C: in the same turn as the failure
+        raise KeyError("part")
+
+    try:
+        with pytest.raises(KeyError):
+            await gather(fails(), never_finishes([], "other"))
+        assert caller.cancelling() == 1
+    finally:
+        while caller.cancelling():
+            caller.uncancel()

@@ -17,7 +17,7 @@ import asyncio
 import builtins
 import inspect
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, overload
 
@@ -89,6 +89,25 @@ async def gather(
                 _close_unstarted(aw)
         raise
     results: list[Any] = [None] * len(aws)
+    failures: list[BaseException] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    def failed(index: int, error: BaseException) -> None:
+        if return_exceptions:
+            results[index] = error
+            return
+        failures.append(error)
+        if len(failures) == 1:
+            # Stopped here rather than by the task group, which would do it by cancelling this
+            # gather's caller and then taking that back (not always: CPython gh-116720),
+            # leaving the caller's count of cancellations (Task.cancelling(), read by task
+            # groups, timeouts and anyio) wrong when someone else cancelled it meanwhile. After
+            # this turn, as the task group does: a sibling made in it has begun by then.
+            asyncio.get_running_loop().call_soon(stop)
+
+    def stop() -> None:
+        for task in tasks:
+            task.cancel()
 
     async def run(index: int, aw: Awaitable[Any]) -> None:
         try:
@@ -98,50 +117,36 @@ async def gather(
             if task is None or task.cancelling():
                 raise  # this gather is being cancelled: by its caller, or a sibling's failure
             # The awaitable was cancelled by someone else (a task handed in, cancelled by its
-            # owner): that is its outcome, as with asyncio.gather, not a result of None. The
-            # task group takes a cancelled child for a quiet one, so it goes wrapped.
-            if not return_exceptions:
-                raise _Cancelled(error) from None
-            results[index] = error
+            # owner): that is its outcome, as with asyncio.gather, not a result of None.
+            failed(index, error)
         except Exception as error:
-            if not return_exceptions:
-                raise
-            results[index] = error
+            failed(index, error)
 
-    caller = asyncio.current_task()
-    cancelling = 0 if caller is None else caller.cancelling()
     try:
         async with asyncio.TaskGroup() as group:
             for index, aw in enumerate(aws):
-                group.create_task(run(index, aw))
+                tasks.append(group.create_task(run(index, aw)))
+    except asyncio.CancelledError:
+        if not failures:
+            raise
+        # The caller was cancelled too, after a part failed or in the same turn: the failure
+        # is raised, as a task group raises its errors rather than the cancellation, and the
+        # cancellation stays counted (Task.cancelling()) for whoever asked for it.
     except BaseExceptionGroup as group_error:
-        # A failing child makes the group cancel its caller, to stop the block; Python 3.11's
-        # TaskGroup does not take that back when the block had already ended (CPython
-        # gh-116720, fixed in 3.12), leaving the caller marked as being cancelled for whatever
-        # asks (Task.cancelling(): task groups, timeouts, anyio).
-        while caller is not None and caller.cancelling() > cancelling:
-            caller.uncancel()
-        raise _first(group_error) from None
+        # A part raised what is not an Exception (not KeyboardInterrupt or SystemExit, which
+        # the group raises as themselves).
+        raise _first(group_error.exceptions) from None
+    if failures:
+        raise _first(failures)
     return results
 
 
-class _Cancelled(Exception):
-    """An awaitable of :func:`gather` cancelled by someone else, carried out of the task group."""
-
-    def __init__(self, error: asyncio.CancelledError) -> None:
-        super().__init__()
-        self.error = error
-
-
-def _first(group_error: BaseExceptionGroup[Any]) -> BaseException:
-    first: BaseException = group_error.exceptions[0]
+def _first(errors: Sequence[BaseException]) -> BaseException:
+    first = errors[0]
     if isinstance(first, BaseExceptionGroup):
-        return _first(first)
-    if isinstance(first, _Cancelled):
-        first = first.error
-    others = len(group_error.exceptions) - 1
-    if others:
-        first.add_note(f"kagura: {others} other task(s) failed at the same time")
+        return _first(first.exceptions)
+    if len(errors) > 1:
+        first.add_note(f"kagura: {len(errors) - 1} other task(s) failed at the same time")
     return first
 
 
@@ -212,7 +217,7 @@ async def gather_partial(
 
     ``aws`` is a mapping (keys name the parts) or an iterable (keys are positions). After
     ``deadline`` seconds, unfinished parts are cancelled and listed in ``cancelled``. Cancelling
-    the caller still cancels everything and propagates.
+    the caller still cancels everything and propagates, once every part has finished.
     """
     named: dict[Any, Awaitable[T]] = (
         dict(aws.items()) if isinstance(aws, Mapping) else dict(enumerate(aws))
@@ -237,12 +242,7 @@ async def gather_partial(
         if tasks:
             await asyncio.wait(tasks.values(), timeout=deadline)
     finally:
-        pending = [t for t in tasks.values() if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            # Shielded so the cleanup finishes even if the caller is being cancelled.
-            await asyncio.shield(asyncio.gather(*pending, return_exceptions=True))
+        await _stopped(tasks.values())
     for key, task in tasks.items():
         if task.cancelled():
             partial.cancelled.append(key)
@@ -255,3 +255,21 @@ async def gather_partial(
         else:
             raise error
     return partial
+
+
+async def _stopped(tasks: Collection[asyncio.Future[Any]]) -> None:
+    """Cancels what is left of ``tasks`` and waits until all have finished, however often the
+    caller is cancelled meanwhile (a cancellation that came is raised then): none outlives the
+    call. Every part's error is read, those of parts that failed before the caller was cancelled
+    too, which asyncio would otherwise log as "Task exception was never retrieved"."""
+    for task in tasks:
+        task.cancel()  # nothing, for those done
+    finishing = asyncio.gather(*tasks, return_exceptions=True)
+    cancelled: asyncio.CancelledError | None = None
+    while not finishing.done():
+        try:
+            await asyncio.shield(finishing)
+        except asyncio.CancelledError as error:
+            cancelled = error
+    if cancelled is not None:
+        raise cancelled

@@ -74,6 +74,16 @@ def cost_of(provider: str, model_name: str, usage: Usage) -> float | None:
     return _genai_price(provider, model_name, usage.prompt_tokens, usage.completion_tokens)
 
 
+def load() -> None:
+    """Imports genai-prices and loads its table of prices, as its first price would otherwise
+    do: some 1.6 MB of Python, 50 to 300 ms during which the event loop that priced an answer
+    ran nothing else. The providers that price their answers call it off the loop, where they import
+    what their first request needs."""
+    # Any lookup loads the whole table (whatever genai-prices names the module it is in). Zero
+    # tokens: cost_of never asks for those, so the entry it leaves in the cache is never read.
+    _genai_price("openai", "gpt-4o-mini", 0, 0)
+
+
 @lru_cache(maxsize=4096)
 def _genai_price(provider: str, model_name: str, prompt: int, completion: int) -> float | None:
     try:

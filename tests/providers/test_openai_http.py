@@ -15,6 +15,7 @@ import re
 import ssl
 import subprocess
 import sys
+import threading
 import traceback
 import urllib.error
 import urllib.request
@@ -492,6 +493,67 @@ def test_the_clients_of_every_event_loop_share_one_tls_context_that_verifies() -
     first, second = asyncio.run(transport_context()), asyncio.run(transport_context())
     assert first is second is _http.tls()
     assert first.verify_mode is ssl.CERT_REQUIRED and first.check_hostname
+
+
+def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each event loop's thread reads and prunes the cache of clients: another thread's loop
+    making its client while this one prunes waits for it, rather than changing the cache under
+    its iteration (RuntimeError) or deleting the same stale entry twice (KeyError), either of
+    which left the client just made unclosed."""
+    moved_on = threading.Event()  # the other thread made its client, or waits for the cache
+    others: list[threading.Thread] = []
+    made: list[_http.Client] = []
+    errors: list[BaseException] = []
+
+    class Lock:
+        """The cache's lock, noting another thread that waits for it."""
+
+        def __init__(self) -> None:
+            self.lock = threading.Lock()
+
+        def __enter__(self) -> None:
+            if not self.lock.acquire(blocking=False):
+                moved_on.set()
+                self.lock.acquire()
+
+        def __exit__(self, *exc: object) -> None:
+            self.lock.release()
+
+    def other_loop() -> None:
+        try:
+            made.append(asyncio.run(_http.client("http://127.0.0.1:9/other/v1", "key")))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            moved_on.set()
+
+    class ClosedLoop:
+        """A stale entry's loop: asked whether it is closed, by the prune, it has another
+        thread's loop make its client meanwhile."""
+
+        def is_closed(self) -> bool:
+            if not others:
+                others.append(threading.Thread(target=other_loop))
+                others[0].start()
+                moved_on.wait()
+            return True
+
+    stale: Any = (ClosedLoop(), None, None)
+    monkeypatch.setattr(_http, "_clients", {("http://stale/v1", "key", 0): stale})
+    monkeypatch.setattr(_http, "_clients_lock", Lock(), raising=False)
+
+    try:
+        made.append(asyncio.run(_http.client("http://127.0.0.1:9/this/v1", "key")))
+    finally:
+        for other in others:
+            other.join()
+    assert others and errors == []
+    # Each closed with its loop (which one is pruned as stale by the other depends on which
+    # loop closed first).
+    assert len(made) == 2 and all(client.session.closed for client in made)
+    assert ("http://stale/v1", "key", 0) not in _http._clients
 
 
 async def test_hang_is_cancelled_cleanly_and_the_server_sees_the_client_go(

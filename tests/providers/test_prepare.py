@@ -297,15 +297,20 @@ COLD_START = textwrap.dedent(
     import asyncio, json, sys, threading
 
     importers = []
+    prices_on_the_loop = []
 
     class Spy:
-        """Notes the thread that first looks aiohttp, and what prices an answer, up; the usual
-        finders then import them."""
+        """Notes the thread that first looks aiohttp, and what prices an answer, up, and the
+        modules of genai-prices imported on the event loop's thread (its table of prices is
+        one, imported by its first price); the usual finders then import them."""
 
         @staticmethod
         def find_spec(name, path=None, target=None):
             if name in ("aiohttp", "genai_prices"):
                 importers.append([name, threading.current_thread().name])
+            on_the_loop = threading.current_thread() is threading.main_thread()
+            if name.startswith("genai_prices") and on_the_loop:
+                prices_on_the_loop.append(name)
             return None
 
     sys.meta_path.insert(0, Spy)
@@ -326,7 +331,10 @@ COLD_START = textwrap.dedent(
             answer = await ask("hello")
         (span,) = events.spans("llm")
         assert "openai" not in sys.modules  # the SDK is not what sends it
-        print(json.dumps({"answer": answer, "importers": importers, "status": span.status}))
+        print(json.dumps({
+            "answer": answer, "importers": importers, "status": span.status,
+            "prices_on_the_loop": prices_on_the_loop,
+        }))
 
     asyncio.run(main())
     '''
@@ -349,6 +357,7 @@ def test_the_first_call_of_a_process_imports_the_http_client_outside_its_timeout
         # Not the event loop's thread: a seventh of a second it would stall every task.
         "importers": [["aiohttp", "kagura-http-import"], ["genai_prices", "kagura-http-import"]],
         "status": "completed",
+        "prices_on_the_loop": [],
     }
 
 

@@ -22,11 +22,13 @@ import contextlib
 import json
 import os
 import re
+import threading
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
 from ._chat import Secrets, answer_error, error_message, status_error, without_credentials
 from ._chunks import completion_chunk
@@ -381,10 +383,12 @@ def _proxy_for(url: str) -> str | None:
 
 
 # One client per (base URL, API key, loop), with the async generator that closes it when the
-# loop shuts down (see _closed_with_the_loop).
+# loop shuts down (see _closed_with_the_loop). Event loops in other threads read and prune it
+# too: under _clients_lock.
 _clients: dict[
     tuple[str, str, int], tuple[asyncio.AbstractEventLoop, Client, AsyncGenerator[None, None]]
 ] = {}
+_clients_lock = threading.Lock()
 
 
 async def client(base_url: str | None, api_key: str) -> Client:
@@ -393,9 +397,14 @@ async def client(base_url: str | None, api_key: str) -> Client:
     base_url = base_url or OPENAI_BASE_URL
     loop = asyncio.get_running_loop()
     key = (base_url, api_key, id(loop))
-    cached = _clients.get(key)
-    if cached is not None and cached[0] is loop and not loop.is_closed():
-        return cached[1]
+    with _clients_lock:
+        cached = _clients.get(key)
+        if cached is not None and cached[0] is loop:
+            return cached[1]
+        for stale in [k for k, (lp, _, _) in _clients.items() if lp.is_closed()]:
+            del _clients[stale]
+    # Nothing between here and the insertion gives way to this loop's other tasks, so no other
+    # client for this key is made meanwhile; other loops' keys are other keys.
     import aiohttp
 
     session = aiohttp.ClientSession(
@@ -409,11 +418,10 @@ async def client(base_url: str | None, api_key: str) -> Client:
         trust_env=False,
     )
     made = Client(session, base_url, api_key)
-    for stale in [k for k, (lp, _, _) in _clients.items() if lp.is_closed()]:
-        del _clients[stale]
     closer = _closed_with_the_loop(session)
     await anext(closer)
-    _clients[key] = (loop, made, closer)
+    with _clients_lock:
+        _clients[key] = (loop, made, closer)
     return made
 
 
@@ -452,8 +460,8 @@ def tls() -> ssl.SSLContext:
 
 def load() -> None:
     """Everything the first request would otherwise import on the event loop: aiohttp, the TLS
-    certificates, and what prices its answer."""
+    certificates, and what prices its answer (genai-prices and its table of prices)."""
     import aiohttp  # noqa: F401
-    import genai_prices  # noqa: F401  # kagura.pricing's: a seventh of a second, at the first price
 
     tls()
+    pricing.load()

@@ -17,6 +17,7 @@ import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
+from .. import pricing
 from .._redact import secret_names
 from ..errors import (
     MissingCredentialsError,
@@ -397,7 +398,7 @@ def _import_litellm() -> Any:
 
 def _set_up() -> None:
     _import_litellm()
-    import genai_prices  # noqa: F401  # kagura.pricing's, off the event loop too
+    pricing.load()  # off the event loop too
 
 
 _litellm = SharedSetUp(_set_up, "kagura-litellm-import")
