@@ -461,13 +461,20 @@ def _runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_result(result: Any) -> str:
-    """A workflow's result as text: strings as they are, anything else as indented JSON."""
-    if isinstance(result, str):
-        return result
-    import pydantic_core
+def _format_result(result: Any, *, terminal: bool = False) -> str:
+    """A workflow's result as text: strings as they are, anything else as indented JSON. For a
+    ``terminal``, control and format characters other than newlines and tabs are written as
+    escapes: a model's output in it must not clear the screen or write the clipboard. A pipe
+    or file gets the result as it is: that is data, for a program to read."""
+    from ._table import visible
 
-    return pydantic_core.to_json(result, indent=2, fallback=repr).decode()
+    if isinstance(result, str):
+        text = result
+    else:
+        import pydantic_core
+
+        text = pydantic_core.to_json(result, indent=2, fallback=repr).decode()
+    return visible(text, keep="\n\t") if terminal else text
 
 
 def _import_workflow(record: RunRecord) -> Any:
@@ -495,6 +502,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from ._redact import str_of
+    from ._table import visible
     from .durable import journal_for, resume_run
     from .durable._views import count_steps
     from .errors import RunInProgressError, StoreError, UsageError
@@ -507,9 +515,11 @@ def _runs_resume(args: argparse.Namespace) -> int:
     if record.status != "completed":
         console.print(
             Text(
-                f"Resuming run {record.run_id} ({record.status}, {count_steps(record.steps)} "
-                f"journaled, attempt {record.attempts + 1}) of workflow {record.workflow} "
-                f"from {record.target}"
+                visible(
+                    f"Resuming run {record.run_id} ({record.status}, "
+                    f"{count_steps(record.steps)} journaled, attempt {record.attempts + 1}) "
+                    f"of workflow {record.workflow} from {record.target}"
+                )
             )
         )
     try:
@@ -524,17 +534,21 @@ def _runs_resume(args: argparse.Namespace) -> int:
             f"(see: kagura runs show {record.run_id})"
         ) from error
     if resumed.already_completed:
-        console.print(Text(f"Run {record.run_id} has already completed; its recorded result:"))
+        console.print(
+            Text(visible(f"Run {record.run_id} has already completed; its recorded result:"))
+        )
     else:
         # What this resume did, counted as it happened: not the journal's size before it.
         console.print(
             Text(
-                f"Run {record.run_id} completed: {count_steps(resumed.replayed)} came from the "
-                f"journal (not run again), {resumed.ran} ran now.",
+                visible(
+                    f"Run {record.run_id} completed: {count_steps(resumed.replayed)} came from "
+                    f"the journal (not run again), {resumed.ran} ran now."
+                ),
                 style="green",
             )
         )
-    print(_format_result(resumed.result))
+    print(_format_result(resumed.result, terminal=sys.stdout.isatty()))
     return 0
 
 
@@ -879,7 +893,7 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
     except (CliError, StoreError, UsageError) as error:
         # StoreError names the store and the cause; UsageError includes encrypted values with
         # no key that decrypts them (EncryptionKeyError), or a key set and no cryptography.
-        print(f"kagura: error: {_scrub(str(error), _store_url(args))}", file=sys.stderr)
+        _say_error(_scrub(str(error), _store_url(args)))
         return 1
     except Exception as error:
         if not _is_store_error(error):
@@ -887,9 +901,17 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
         from ._storage import store_error
 
         # A database error that reached here untranslated: said as a StoreError says it.
-        url = _store_url(args)
-        print(f"kagura: error: {store_error(url, 'read', error)}", file=sys.stderr)
+        _say_error(str(store_error(_store_url(args), "read", error)))
         return 1
+
+
+def _say_error(message: str) -> None:
+    """``kagura: error: message`` on stderr. A message may quote what was recorded (an id, a
+    resumed run's error), so its control characters are shown, not obeyed (newlines kept:
+    a database's error takes several lines)."""
+    from ._table import visible
+
+    print("kagura: error: " + visible(message, keep="\n"), file=sys.stderr)
 
 
 def _is_store_error(error: Exception) -> bool:

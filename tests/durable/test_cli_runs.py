@@ -418,6 +418,47 @@ def test_resume_errors_exit_with_1(made: Env, capsys: pytest.CaptureFixture[str]
     assert code == 1 and "cannot import the workflow of run 'lost-1'" in err
 
 
+#: Write "echo pwned" to the clipboard (OSC 52), then clear the screen (CSI 2J).
+ESCAPES = "\x1b]52;c;ZWNobyBwd25lZA==\x1b\\\x1b[2J"
+SHOWN = r"\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J"
+
+
+def test_escape_sequences_in_runs_are_shown_not_obeyed(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's arguments, error, step outputs and result hold escape sequences (the topic, which
+    the model echoes), and a workflow's name (stored by a version that took any name) one and a
+    newline: the commands show them as escapes. The result of a resume goes to a pipe as it is
+    (it is data), to a terminal with its escapes shown."""
+    assert env.start("solar", "done-1").startswith("published solar")
+    env.flag.touch()
+    assert "CMS is down" in env.start("wind" + ESCAPES, "evil-1")
+    with env.journal.engine.begin() as connection:
+        connection.execute(
+            update(runs).where(runs.c.run_id == "done-1").values(workflow="rep" + ESCAPES + "\nx")
+        )
+    for argv in (("runs", "list"), ("runs", "show", "evil-1"), ("runs", "show", "done-1")):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        assert "\x1b" not in out + err, argv
+        assert r"\x1b]52;c;" in out, argv
+    _, out, _ = run_cli(capsys, "runs", "list")
+    (row,) = [line for line in out.splitlines() if "done-1" in line]
+    assert r"rep\x1b]52;c;" in row  # one row, on one line
+    _, out, _ = run_cli(capsys, "runs", "show", "evil-1")
+    assert f"RuntimeError: publishing [wind{SHOWN}] failed" in out
+
+    env.flag.unlink()
+    code, out, err = run_cli(capsys, "runs", "resume", "evil-1")
+    assert code == 0, err
+    assert f"published wind{ESCAPES}: Outline a report on wind{ESCAPES}." in out  # a pipe
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = run_cli(capsys, "runs", "resume", "evil-1")
+    assert code == 0 and "already completed" in out, err
+    assert "\x1b" not in out
+    assert f"published wind{SHOWN}: Outline a report on wind{SHOWN}." in out
+
+
 def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line(
     env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

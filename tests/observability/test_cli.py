@@ -786,3 +786,76 @@ def test_cost_by_agent_totals_what_was_spent_not_its_rows() -> None:
     console.print(_monitor.cost_table(by_agent, "agent", by_model))
     footer = [line for line in console.export_text().splitlines() if "total" in line][-1]
     assert footer.split()[1:] == ["2", "0", "133", "10", "143", _monitor.format_cost(0.156)]
+
+
+# -- recorded text is shown, never obeyed -----------------------------------------------------
+
+#: Write "echo pwned" to the clipboard (OSC 52), then clear the screen (CSI 2J).
+OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x1b\\"
+CLEAR = "\x1b[2J"
+
+
+def test_visible_writes_control_and_format_characters_as_escapes() -> None:
+    from kagura._table import visible
+
+    assert visible("plain name, ünïcode and spaces") == "plain name, ünïcode and spaces"
+    assert visible(OSC52 + CLEAR) == r"\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J"
+    assert visible("a\nb\tc\r\x00\x9b\u202eZ\u200b") == r"a\nb\tc\r\x00\x9b\u202eZ\u200b"
+    assert visible("one\ntwo\tx\x1b", keep="\n\t") == "one\ntwo\tx\\x1b"
+    assert _monitor.excerpt("bad" + CLEAR + "\nline 2", 40) == r"bad\x1b[2J line 2"
+
+
+def test_escape_sequences_in_what_was_recorded_are_shown_not_obeyed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error's text and a model's name hold escape sequences, and an agent's name (stored by
+    a version that took any name) one and a newline: every command shows them as escapes, so a
+    terminal neither obeys them nor splits a row."""
+    path = tmp_path / "events.db"
+    model = FakeModel([RuntimeError("bad" + OSC52 + CLEAR + "\nline 2")], name="m" + CLEAR)
+
+    @agent(model=model, retry=False)
+    async def answer(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    async def call() -> None:
+        with pytest.raises(RuntimeError):
+            await answer("hi")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KAGURA_DB", str(path))
+        patch.delenv("KAGURA_RECORD", raising=False)
+        observability.uninstall_default()
+        _instrument.reset_recording_check()
+        observability.install_default()
+        try:
+            asyncio.run(call())
+        finally:
+            observability.uninstall_default()
+            _instrument.reset_recording_check()
+    evil = "answer" + OSC52 + "\nsplit"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE kagura_spans SET name = ? WHERE name = 'answer'", (evil,))
+        db.execute("UPDATE kagura_rollups SET name = ? WHERE name = 'answer'", (evil,))
+    (failed,) = EventStore(path).get_executions(status="failed")
+
+    db_option = ("--db", str(path))
+    for argv in (
+        ("monitor", "list"),
+        ("monitor", "list", "--kind", "llm"),
+        ("monitor", "trace", failed["id"]),
+        ("monitor", "stats"),
+        ("monitor", "cost", "--by", "agent"),
+        ("monitor", "cost", "--by", "model"),
+    ):
+        code, out, err = run(capsys, *argv, *db_option)
+        assert code == 0, err
+        assert "\x1b" not in out + err, argv
+        assert r"\x1b" in out, argv
+
+    _, out, _ = run(capsys, "monitor", "list", *db_option)
+    (row,) = [line for line in out.splitlines() if "answer" in line]
+    assert r"answer\x1b]52;c;" in row and "failed" in row  # one row, on one line
+    _, out, _ = run(capsys, "monitor", "trace", failed["id"], *db_option)
+    assert r"RuntimeError: bad\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J line 2" in out
+    assert r"m\x1b[2J" in out
