@@ -354,7 +354,9 @@ def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
         _live_stores.add(store.url)
     executions = store.get_executions(limit=args.limit)
     stats = store.stats(since=parse_since(since_text))
-    recent = store.get_executions(kind="agent", status=STATUSES[1:], limit=60)
+    # Calls that ended: a running or interrupted one has no duration (its end is not known).
+    ended = [s for s in STATUSES if s not in ("running", "interrupted")]
+    recent = store.get_executions(kind="agent", status=ended, limit=60)
     durations = [e["duration_ms"] for e in reversed(recent)]
     return _monitor.live_view(
         executions, stats, durations, window=f"last {since_text}", footer=footer, width=width

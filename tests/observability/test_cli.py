@@ -859,3 +859,21 @@ def test_escape_sequences_in_what_was_recorded_are_shown_not_obeyed(
     _, out, _ = run(capsys, "monitor", "trace", failed["id"], *db_option)
     assert r"RuntimeError: bad\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J line 2" in out
     assert r"m\x1b[2J" in out
+
+
+def test_an_interrupted_execution_says_when_it_was_found_and_no_duration() -> None:
+    """Its end is not known: the time it was closed is when its process's death was noticed."""
+    when = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    execution = {
+        "kind": "agent",
+        "id": "a1",
+        "name": "quick",
+        "status": "interrupted",
+        "started_at": when,
+        "ended_at": when + timedelta(days=2),
+        "duration_ms": None,
+    }
+    header = _monitor.trace_header(execution).plain
+    assert ", found interrupted " in header and "ended" not in header
+    assert "  ↯ interrupted  — · 0 tok" in _monitor.node_label(execution).plain
+    assert ", ended " in _monitor.trace_header({**execution, "status": "failed"}).plain

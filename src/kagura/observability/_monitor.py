@@ -451,8 +451,12 @@ def trace_header(execution: Mapping[str, Any]) -> Text:
     text = Text()
     text.append(f"{shown(execution.get('kind'))} {shown(execution.get('id'))}", style="bold")
     text.append(f"  started {format_time(execution.get('started_at'))}", style="dim")
-    if execution.get("ended_at") is not None:
-        text.append(f", ended {format_time(execution.get('ended_at'))}", style="dim")
+    ended = execution.get("ended_at")
+    if ended is not None and execution.get("status") == "interrupted":
+        # When its death was noticed, not when it ended: that is not known.
+        text.append(f", found interrupted {format_time(ended)}", style="dim")
+    elif ended is not None:
+        text.append(f", ended {format_time(ended)}", style="dim")
     if execution.get("parent_id"):
         text.append(
             f"\npart of run {shown(execution.get('run_id'))} "
