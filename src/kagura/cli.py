@@ -114,13 +114,20 @@ def _positive_int(text: str) -> int:
 _MOST = 2**63 - 1
 
 
+#: The longest wait an option takes, in seconds: a day. (time.sleep refuses what does not fit
+#: its C types, inf and 1e20 among them, with an OverflowError; nobody means a longer wait.)
+_LONGEST_WAIT = 86_400.0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {text}")
+    if not 0 < value <= _LONGEST_WAIT:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"expected more than 0 seconds and at most {_LONGEST_WAIT:g} (a day), got {text}"
+        )
     return value
 
 
@@ -735,7 +742,7 @@ def _add_monitor(commands: Any) -> None:
         type=_positive_float,
         default=2.0,
         metavar="SECONDS",
-        help="seconds between refreshes (default 2)",
+        help="seconds between refreshes (default 2, at most 86400: a day)",
     )
     live.add_argument(
         "--limit", type=_positive_int, default=15, metavar="N", help="rows shown (default 15)"

@@ -585,6 +585,19 @@ def test_command_line_mistakes_exit_2(argv: list[str], capsys: pytest.CaptureFix
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("interval", ["inf", "1e20", "nan", "86401", "-1"])
+def test_an_interval_no_sleep_can_take_is_refused_with_the_range(
+    interval: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--interval inf`` passed, then time.sleep raised OverflowError: a traceback."""
+    assert main(["monitor", "live", "--interval", interval, "--iterations", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument --interval: expected more than 0 seconds and at most 86400 (a day), "
+        f"got {interval}"
+    ) in err
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
