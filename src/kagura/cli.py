@@ -723,8 +723,9 @@ def _add_monitor(commands: Any) -> None:
         parents=[common],
         help="calls, tokens and cost per agent, model or day, with a bar chart",
         description="Calls, tokens and cost grouped by agent, model or day (UTC), and a bar "
-        "chart of the cost per group (of tokens when no call has a known, non-zero price). "
-        "'unknown' means some call had no known price.",
+        "chart of the cost per group (of tokens when no group has a known, non-zero cost). "
+        "A group's cost is 'unknown' when one of its calls had no known price: it is at least "
+        "what its other calls cost, never taken as 0.",
     )
     cost.add_argument("--by", choices=GROUPS, default="agent", help="how to group (default: agent)")
     cost.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)

@@ -358,7 +358,8 @@ def test_cost_by_model_has_a_row_and_a_bar_per_model(
         assert model in out
     assert "kagura-cli-mystery/thing" in out
     assert "unknown" in out  # the unpriced model, and therefore the total
-    assert "Cost (USD) by model" in out  # the chart: some cost is known and non-zero
+    # The chart: some cost is known and non-zero, and the unpriced model's is not.
+    assert "Cost (USD; some calls' cost is unknown) by model" in out
     bar_line = next(line for line in out.splitlines() if "█" in line)
     assert f"{PRICED_PROVIDER}/turbo" in bar_line  # the only priced model has the longest bar
 
@@ -390,6 +391,27 @@ def test_cost_chart_falls_back_to_tokens_when_nothing_is_priced() -> None:
     assert a.count("█") == 20
     assert 4 <= b.count("█") <= 5
     assert "100" in a
+
+
+def test_cost_chart_title_says_some_costs_are_unknown_not_that_none_is_known() -> None:
+    """Three priced calls and one of unknown price make their group's cost unknown (a floor,
+    not 0): the title said that no call had a known, non-zero cost."""
+
+    def rows(*costs: float | None) -> list[dict[str, object]]:
+        return [
+            {"model": f"acme/m{i}", "calls": 4, "total_tokens": 40, "cost_usd": cost}
+            for i, cost in enumerate(costs)
+        ]
+
+    for costs, title in (
+        ((None,), "Tokens (some calls' cost is unknown) by model"),
+        ((None, 0.0), "Tokens (some calls' cost is unknown) by model"),
+        ((None, 0.5), "Cost (USD; some calls' cost is unknown) by model"),
+        ((0.0, 0.5), "Cost (USD) by model"),
+        ((0.0, 0.0), "Tokens (no call has a non-zero cost) by model"),
+    ):
+        text = _render(_monitor.cost_chart(rows(*costs), "model", width=20))
+        assert " ".join(text.split()).startswith(title + " acme/m0 "), costs
 
 
 def test_cost_chart_fills_missing_days() -> None:

@@ -549,11 +549,23 @@ def chart_metric(rows: Sequence[Mapping[str, Any]]) -> str:
     return "cost_usd" if any((r.get("cost_usd") or 0) > 0 for r in rows) else "total_tokens"
 
 
+def chart_title(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """What the chart shows, and why tokens when it shows tokens. A group's cost is unknown
+    when one of its calls had no known price, however many others had one: so the title says
+    that some calls' cost is unknown, never that no call has a cost."""
+    unknown = any(r.get("cost_usd") is None for r in rows)
+    if metric == "cost_usd":
+        return "Cost (USD; some calls' cost is unknown)" if unknown else "Cost (USD)"
+    if unknown:
+        return "Tokens (some calls' cost is unknown)"
+    return "Tokens (no call has a non-zero cost)"
+
+
 def cost_chart(rows: Sequence[Mapping[str, Any]], by: str, *, width: int = 40) -> Table:
     """A horizontal bar per group (per day, in order, for ``by="day"``) of its cost, or of its
-    tokens when no cost is known and non-zero; a group of unknown cost gets no bar."""
+    tokens when no group has a known, non-zero cost; a group of unknown cost gets no bar."""
     metric = chart_metric(rows)
-    what = "Cost (USD)" if metric == "cost_usd" else "Tokens (no call has a known, non-zero cost)"
+    what = chart_title(rows, metric)
     table = Table(
         title=f"{what} by {by}",
         box=None,
