@@ -588,6 +588,14 @@ def _runs_prune(args: argparse.Namespace) -> int:
     from .durable import journal_for
 
     cutoff = parse_since(args.older_than, option="--older-than")
+    if cutoff > datetime.now().astimezone():
+        # A typo for a date in the past (2099 for 2009), most likely: it would delete every
+        # run that has ended, with no way back. A duration says "everything so far" plainly.
+        raise CliError(
+            f"--older-than: {args.older_than.strip()!r} is later than now, which would delete "
+            "every run that has ended; give a time in the past, or a duration back from now "
+            "(30d; 0s: every run that has ended so far)"
+        )
     url = _runs_store(args)
     if url is None:
         return 0
@@ -862,8 +870,9 @@ def _add_runs(commands: Any) -> None:
         "--older-than",
         required=True,
         metavar="WHEN",
-        help="runs that ended before then: a duration back from now (90s, 30m, 1h, 2d, 1w) or "
-        "an ISO date/time (2025-06-01, 2025-06-01T09:00; local time unless it names a zone)",
+        help="runs that ended before then: a duration back from now (90s, 30m, 1h, 2d, 1w; 0s: "
+        "every run that has ended so far) or an ISO date/time (2025-06-01, 2025-06-01T09:00; "
+        "local time unless it names a zone), not later than now",
     )
     prune.set_defaults(handler=_runs_prune)
 

@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -585,6 +586,25 @@ def test_prune_refuses_a_time_it_cannot_read_and_deletes_nothing(
     code, _, err = run_cli(capsys, "runs", "prune")
     assert code == 2 and "the following arguments are required: --older-than" in err
     assert len(made.journal.list_runs()) == 3
+
+
+def test_prune_refuses_a_time_later_than_now_and_takes_0s_for_every_ended_run(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A date in the future (2099 typed for 2009) deleted every run that had ended, unasked."""
+    tomorrow = (datetime.now() + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    for when in ("2099-01-01", tomorrow, "2099-01-01T00:00+00:00"):
+        code, out, err = run_cli(capsys, "runs", "prune", "--older-than", when)
+        assert (code, out) == (1, "")
+        assert err.startswith(f"kagura: error: --older-than: {when!r} is later than now")
+        assert "0s: every run that has ended so far" in err
+    assert len(made.journal.list_runs()) == 3
+
+    made.journal.start("live-1", "report", "x:report", "{}", owner="x")  # running: kept
+    code, out, err = run_cli(capsys, "runs", "prune", "--older-than", "0s")
+    assert (code, err) == (0, "")
+    assert "Deleted 3 durable runs" in out
+    assert [r.run_id for r in made.journal.list_runs()] == ["live-1"]
 
 
 # -- the parser and the renderers -------------------------------------------------------------
