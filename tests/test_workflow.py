@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import pytest
@@ -299,6 +300,44 @@ async def test_names_the_store_cannot_keep_are_refused_where_they_are_given() ->
     with pytest.raises(UsageError, match="a step's name must be a non-empty str, got ''"):
         await steps("")
     assert await steps("n" * 255) == "X"
+
+
+@pytest.mark.parametrize(
+    ("name", "unseen"),
+    [
+        ("report\x1b]52;c;ZWNobyBwd25lZA==\x07", "\x1b"),  # writes the clipboard
+        ("two\nlines", "\n"),
+        ("admin\u202egnp.exe", "\u202e"),  # right-to-left override: reads "admin.exe"-like
+        ("zero\u200bwidth", "\u200b"),
+    ],
+)
+async def test_agent_and_workflow_names_with_control_or_format_characters_are_refused(
+    name: str, unseen: str
+) -> None:
+    """`kagura monitor` and `kagura runs` show names: one with an escape sequence, a newline or
+    a right-to-left mark would be obeyed by a terminal, split a row, or read as another."""
+
+    async def fn(text: str) -> str:
+        """{{ text }}"""
+
+    which = re.escape(f"holds a control or format character ({unseen!r}, U+{ord(unseen):04X})")
+    fix = re.escape("give it a name of characters that show")
+    with pytest.raises(
+        UsageError, match=rf"^agent name .*{which}.*{fix} \(@agent\(name=\.\.\.\)\)$"
+    ):
+        agent(name=name)(fn)
+    with pytest.raises(
+        UsageError, match=rf"^workflow name .*{which}.*\(@workflow\(name=\.\.\.\)\)$"
+    ):
+        workflow(name=name)(fn)
+
+    @workflow
+    async def steps(step_name: str) -> str:
+        return await kagura.step(step_name, str.upper, "x")
+
+    # A step's name may be made of data: kept (and shown with its escapes by the commands).
+    assert await steps(name) == "X"
+    assert agent(name="naïve résumé 名前")(fn).name == "naïve résumé 名前"  # any script's letters
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,15 @@
 Shared by ``kagura monitor`` (executions) and ``kagura runs`` (durable runs): each keeps its own
 columns; this module decides which of them fit and how wide the error excerpt may be, and
 formats the values both show (times, durations, excerpts) the same way.
+
+What the store holds was written by agents, models and the code that named them, so it is shown
+through :func:`visible`: an escape sequence in a model's output or an error must not reach the
+terminal as one (rich takes out a few control characters, not ESC).
 """
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -146,9 +151,30 @@ def format_when(when: datetime | None, *, now: datetime | None = None) -> str:
     return local.strftime("%Y-%m-%d")
 
 
+#: Unicode's control characters (ESC, newline, NUL, C1 controls) and format characters
+#: (right-to-left overrides, zero-width joiners): those that do not show as themselves.
+_UNSEEN = ("Cc", "Cf")
+
+
+def visible(text: str, *, keep: str = "") -> str:
+    """``text`` with its control and format characters (but those in ``keep``) written as
+    escapes (``\\x1b``, ``\\n``, ``\\u202e``): an escape sequence cannot clear the screen or
+    write the clipboard, a newline cannot split a table's row, a right-to-left mark cannot
+    make one name read as another."""
+    if text.isprintable():  # no control or format character, and the usual case
+        return text
+    return "".join(
+        c.encode("unicode_escape").decode()
+        if c not in keep and unicodedata.category(c) in _UNSEEN
+        else c
+        for c in text
+    )
+
+
 def excerpt(text: str | None, width: int = 60) -> str:
-    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    """``text`` on one line, cut to ``width`` characters with an ellipsis (its control and
+    format characters shown as escapes: see :func:`visible`)."""
     if not text:
         return ""
-    line = " ".join(text.split())
+    line = visible(" ".join(text.split()))
     return line if len(line) <= width else line[: width - 1] + "…"

@@ -114,13 +114,20 @@ def _positive_int(text: str) -> int:
 _MOST = 2**63 - 1
 
 
+#: The longest wait an option takes, in seconds: a day. (time.sleep refuses what does not fit
+#: its C types, inf and 1e20 among them, with an OverflowError; nobody means a longer wait.)
+_LONGEST_WAIT = 86_400.0
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected more than 0 seconds, got {text}")
+    if not 0 < value <= _LONGEST_WAIT:  # NaN too
+        raise argparse.ArgumentTypeError(
+            f"expected more than 0 seconds and at most {_LONGEST_WAIT:g} (a day), got {text}"
+        )
     return value
 
 
@@ -354,7 +361,9 @@ def _live_frame(args: argparse.Namespace, since_text: str, width: int) -> Any:
         _live_stores.add(store.url)
     executions = store.get_executions(limit=args.limit)
     stats = store.stats(since=parse_since(since_text))
-    recent = store.get_executions(kind="agent", status=STATUSES[1:], limit=60)
+    # Calls that ended: a running or interrupted one has no duration (its end is not known).
+    ended = [s for s in STATUSES if s not in ("running", "interrupted")]
+    recent = store.get_executions(kind="agent", status=ended, limit=60)
     durations = [e["duration_ms"] for e in reversed(recent)]
     return _monitor.live_view(
         executions, stats, durations, window=f"last {since_text}", footer=footer, width=width
@@ -461,13 +470,20 @@ def _runs_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _format_result(result: Any) -> str:
-    """A workflow's result as text: strings as they are, anything else as indented JSON."""
-    if isinstance(result, str):
-        return result
-    import pydantic_core
+def _format_result(result: Any, *, terminal: bool = False) -> str:
+    """A workflow's result as text: strings as they are, anything else as indented JSON. For a
+    ``terminal``, control and format characters other than newlines and tabs are written as
+    escapes: a model's output in it must not clear the screen or write the clipboard. A pipe
+    or file gets the result as it is: that is data, for a program to read."""
+    from ._table import visible
 
-    return pydantic_core.to_json(result, indent=2, fallback=repr).decode()
+    if isinstance(result, str):
+        text = result
+    else:
+        import pydantic_core
+
+        text = pydantic_core.to_json(result, indent=2, fallback=repr).decode()
+    return visible(text, keep="\n\t") if terminal else text
 
 
 def _import_workflow(record: RunRecord) -> Any:
@@ -495,6 +511,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from ._redact import str_of
+    from ._table import visible
     from .durable import journal_for, resume_run
     from .durable._views import count_steps
     from .errors import RunInProgressError, StoreError, UsageError
@@ -507,9 +524,11 @@ def _runs_resume(args: argparse.Namespace) -> int:
     if record.status != "completed":
         console.print(
             Text(
-                f"Resuming run {record.run_id} ({record.status}, {count_steps(record.steps)} "
-                f"journaled, attempt {record.attempts + 1}) of workflow {record.workflow} "
-                f"from {record.target}"
+                visible(
+                    f"Resuming run {record.run_id} ({record.status}, "
+                    f"{count_steps(record.steps)} journaled, attempt {record.attempts + 1}) "
+                    f"of workflow {record.workflow} from {record.target}"
+                )
             )
         )
     try:
@@ -524,17 +543,21 @@ def _runs_resume(args: argparse.Namespace) -> int:
             f"(see: kagura runs show {record.run_id})"
         ) from error
     if resumed.already_completed:
-        console.print(Text(f"Run {record.run_id} has already completed; its recorded result:"))
+        console.print(
+            Text(visible(f"Run {record.run_id} has already completed; its recorded result:"))
+        )
     else:
         # What this resume did, counted as it happened: not the journal's size before it.
         console.print(
             Text(
-                f"Run {record.run_id} completed: {count_steps(resumed.replayed)} came from the "
-                f"journal (not run again), {resumed.ran} ran now.",
+                visible(
+                    f"Run {record.run_id} completed: {count_steps(resumed.replayed)} came from "
+                    f"the journal (not run again), {resumed.ran} ran now."
+                ),
                 style="green",
             )
         )
-    print(_format_result(resumed.result))
+    print(_format_result(resumed.result, terminal=sys.stdout.isatty()))
     return 0
 
 
@@ -565,6 +588,14 @@ def _runs_prune(args: argparse.Namespace) -> int:
     from .durable import journal_for
 
     cutoff = parse_since(args.older_than, option="--older-than")
+    if cutoff > datetime.now().astimezone():
+        # A typo for a date in the past (2099 for 2009), most likely: it would delete every
+        # run that has ended, with no way back. A duration says "everything so far" plainly.
+        raise CliError(
+            f"--older-than: {args.older_than.strip()!r} is later than now, which would delete "
+            "every run that has ended; give a time in the past, or a duration back from now "
+            "(30d; 0s: every run that has ended so far)"
+        )
     url = _runs_store(args)
     if url is None:
         return 0
@@ -700,8 +731,9 @@ def _add_monitor(commands: Any) -> None:
         parents=[common],
         help="calls, tokens and cost per agent, model or day, with a bar chart",
         description="Calls, tokens and cost grouped by agent, model or day (UTC), and a bar "
-        "chart of the cost per group (of tokens when no call has a known, non-zero price). "
-        "'unknown' means some call had no known price.",
+        "chart of the cost per group (of tokens when no group has a known, non-zero cost). "
+        "A group's cost is 'unknown' when one of its calls had no known price: it is at least "
+        "what its other calls cost, never taken as 0.",
     )
     cost.add_argument("--by", choices=GROUPS, default="agent", help="how to group (default: agent)")
     cost.add_argument("--since", metavar="WHEN", help=_SINCE_HELP)
@@ -719,7 +751,7 @@ def _add_monitor(commands: Any) -> None:
         type=_positive_float,
         default=2.0,
         metavar="SECONDS",
-        help="seconds between refreshes (default 2)",
+        help="seconds between refreshes (default 2, at most 86400: a day)",
     )
     live.add_argument(
         "--limit", type=_positive_int, default=15, metavar="N", help="rows shown (default 15)"
@@ -838,8 +870,9 @@ def _add_runs(commands: Any) -> None:
         "--older-than",
         required=True,
         metavar="WHEN",
-        help="runs that ended before then: a duration back from now (90s, 30m, 1h, 2d, 1w) or "
-        "an ISO date/time (2025-06-01, 2025-06-01T09:00; local time unless it names a zone)",
+        help="runs that ended before then: a duration back from now (90s, 30m, 1h, 2d, 1w; 0s: "
+        "every run that has ended so far) or an ISO date/time (2025-06-01, 2025-06-01T09:00; "
+        "local time unless it names a zone), not later than now",
     )
     prune.set_defaults(handler=_runs_prune)
 
@@ -879,7 +912,7 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
     except (CliError, StoreError, UsageError) as error:
         # StoreError names the store and the cause; UsageError includes encrypted values with
         # no key that decrypts them (EncryptionKeyError), or a key set and no cryptography.
-        print(f"kagura: error: {_scrub(str(error), _store_url(args))}", file=sys.stderr)
+        _say_error(_scrub(str(error), _store_url(args)))
         return 1
     except Exception as error:
         if not _is_store_error(error):
@@ -887,9 +920,17 @@ def _run(handler: Handler, args: argparse.Namespace) -> int:
         from ._storage import store_error
 
         # A database error that reached here untranslated: said as a StoreError says it.
-        url = _store_url(args)
-        print(f"kagura: error: {store_error(url, 'read', error)}", file=sys.stderr)
+        _say_error(str(store_error(_store_url(args), "read", error)))
         return 1
+
+
+def _say_error(message: str) -> None:
+    """``kagura: error: message`` on stderr. A message may quote what was recorded (an id, a
+    resumed run's error), so its control characters are shown, not obeyed (newlines kept:
+    a database's error takes several lines)."""
+    from ._table import visible
+
+    print("kagura: error: " + visible(message, keep="\n"), file=sys.stderr)
 
 
 def _is_store_error(error: Exception) -> bool:

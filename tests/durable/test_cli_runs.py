@@ -21,6 +21,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -418,6 +419,47 @@ def test_resume_errors_exit_with_1(made: Env, capsys: pytest.CaptureFixture[str]
     assert code == 1 and "cannot import the workflow of run 'lost-1'" in err
 
 
+#: Write "echo pwned" to the clipboard (OSC 52), then clear the screen (CSI 2J).
+ESCAPES = "\x1b]52;c;ZWNobyBwd25lZA==\x1b\\\x1b[2J"
+SHOWN = r"\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J"
+
+
+def test_escape_sequences_in_runs_are_shown_not_obeyed(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run's arguments, error, step outputs and result hold escape sequences (the topic, which
+    the model echoes), and a workflow's name (stored by a version that took any name) one and a
+    newline: the commands show them as escapes. The result of a resume goes to a pipe as it is
+    (it is data), to a terminal with its escapes shown."""
+    assert env.start("solar", "done-1").startswith("published solar")
+    env.flag.touch()
+    assert "CMS is down" in env.start("wind" + ESCAPES, "evil-1")
+    with env.journal.engine.begin() as connection:
+        connection.execute(
+            update(runs).where(runs.c.run_id == "done-1").values(workflow="rep" + ESCAPES + "\nx")
+        )
+    for argv in (("runs", "list"), ("runs", "show", "evil-1"), ("runs", "show", "done-1")):
+        code, out, err = run_cli(capsys, *argv)
+        assert code == 0, err
+        assert "\x1b" not in out + err, argv
+        assert r"\x1b]52;c;" in out, argv
+    _, out, _ = run_cli(capsys, "runs", "list")
+    (row,) = [line for line in out.splitlines() if "done-1" in line]
+    assert r"rep\x1b]52;c;" in row  # one row, on one line
+    _, out, _ = run_cli(capsys, "runs", "show", "evil-1")
+    assert f"RuntimeError: publishing [wind{SHOWN}] failed" in out
+
+    env.flag.unlink()
+    code, out, err = run_cli(capsys, "runs", "resume", "evil-1")
+    assert code == 0, err
+    assert f"published wind{ESCAPES}: Outline a report on wind{ESCAPES}." in out  # a pipe
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    code, out, err = run_cli(capsys, "runs", "resume", "evil-1")
+    assert code == 0 and "already completed" in out, err
+    assert "\x1b" not in out
+    assert f"published wind{SHOWN}: Outline a report on wind{SHOWN}." in out
+
+
 def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line(
     env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -544,6 +586,25 @@ def test_prune_refuses_a_time_it_cannot_read_and_deletes_nothing(
     code, _, err = run_cli(capsys, "runs", "prune")
     assert code == 2 and "the following arguments are required: --older-than" in err
     assert len(made.journal.list_runs()) == 3
+
+
+def test_prune_refuses_a_time_later_than_now_and_takes_0s_for_every_ended_run(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A date in the future (2099 typed for 2009) deleted every run that had ended, unasked."""
+    tomorrow = (datetime.now() + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")
+    for when in ("2099-01-01", tomorrow, "2099-01-01T00:00+00:00"):
+        code, out, err = run_cli(capsys, "runs", "prune", "--older-than", when)
+        assert (code, out) == (1, "")
+        assert err.startswith(f"kagura: error: --older-than: {when!r} is later than now")
+        assert "0s: every run that has ended so far" in err
+    assert len(made.journal.list_runs()) == 3
+
+    made.journal.start("live-1", "report", "x:report", "{}", owner="x")  # running: kept
+    code, out, err = run_cli(capsys, "runs", "prune", "--older-than", "0s")
+    assert (code, err) == (0, "")
+    assert "Deleted 3 durable runs" in out
+    assert [r.run_id for r in made.journal.list_runs()] == ["live-1"]
 
 
 # -- the parser and the renderers -------------------------------------------------------------

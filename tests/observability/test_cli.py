@@ -358,7 +358,8 @@ def test_cost_by_model_has_a_row_and_a_bar_per_model(
         assert model in out
     assert "kagura-cli-mystery/thing" in out
     assert "unknown" in out  # the unpriced model, and therefore the total
-    assert "Cost (USD) by model" in out  # the chart: some cost is known and non-zero
+    # The chart: some cost is known and non-zero, and the unpriced model's is not.
+    assert "Cost (USD; some calls' cost is unknown) by model" in out
     bar_line = next(line for line in out.splitlines() if "█" in line)
     assert f"{PRICED_PROVIDER}/turbo" in bar_line  # the only priced model has the longest bar
 
@@ -390,6 +391,27 @@ def test_cost_chart_falls_back_to_tokens_when_nothing_is_priced() -> None:
     assert a.count("█") == 20
     assert 4 <= b.count("█") <= 5
     assert "100" in a
+
+
+def test_cost_chart_title_says_some_costs_are_unknown_not_that_none_is_known() -> None:
+    """Three priced calls and one of unknown price make their group's cost unknown (a floor,
+    not 0): the title said that no call had a known, non-zero cost."""
+
+    def rows(*costs: float | None) -> list[dict[str, object]]:
+        return [
+            {"model": f"acme/m{i}", "calls": 4, "total_tokens": 40, "cost_usd": cost}
+            for i, cost in enumerate(costs)
+        ]
+
+    for costs, title in (
+        ((None,), "Tokens (some calls' cost is unknown) by model"),
+        ((None, 0.0), "Tokens (some calls' cost is unknown) by model"),
+        ((None, 0.5), "Cost (USD; some calls' cost is unknown) by model"),
+        ((0.0, 0.5), "Cost (USD) by model"),
+        ((0.0, 0.0), "Tokens (no call has a non-zero cost) by model"),
+    ):
+        text = _render(_monitor.cost_chart(rows(*costs), "model", width=20))
+        assert " ".join(text.split()).startswith(title + " acme/m0 "), costs
 
 
 def test_cost_chart_fills_missing_days() -> None:
@@ -583,6 +605,19 @@ def test_a_database_password_is_never_printed(capsys: pytest.CaptureFixture[str]
 def test_command_line_mistakes_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("interval", ["inf", "1e20", "nan", "86401", "-1"])
+def test_an_interval_no_sleep_can_take_is_refused_with_the_range(
+    interval: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--interval inf`` passed, then time.sleep raised OverflowError: a traceback."""
+    assert main(["monitor", "live", "--interval", interval, "--iterations", "2"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"argument --interval: expected more than 0 seconds and at most 86400 (a day), "
+        f"got {interval}"
+    ) in err
 
 
 @pytest.mark.parametrize(
@@ -786,3 +821,94 @@ def test_cost_by_agent_totals_what_was_spent_not_its_rows() -> None:
     console.print(_monitor.cost_table(by_agent, "agent", by_model))
     footer = [line for line in console.export_text().splitlines() if "total" in line][-1]
     assert footer.split()[1:] == ["2", "0", "133", "10", "143", _monitor.format_cost(0.156)]
+
+
+# -- recorded text is shown, never obeyed -----------------------------------------------------
+
+#: Write "echo pwned" to the clipboard (OSC 52), then clear the screen (CSI 2J).
+OSC52 = "\x1b]52;c;ZWNobyBwd25lZA==\x1b\\"
+CLEAR = "\x1b[2J"
+
+
+def test_visible_writes_control_and_format_characters_as_escapes() -> None:
+    from kagura._table import visible
+
+    assert visible("plain name, ünïcode and spaces") == "plain name, ünïcode and spaces"
+    assert visible(OSC52 + CLEAR) == r"\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J"
+    assert visible("a\nb\tc\r\x00\x9b\u202eZ\u200b") == r"a\nb\tc\r\x00\x9b\u202eZ\u200b"
+    assert visible("one\ntwo\tx\x1b", keep="\n\t") == "one\ntwo\tx\\x1b"
+    assert _monitor.excerpt("bad" + CLEAR + "\nline 2", 40) == r"bad\x1b[2J line 2"
+
+
+def test_escape_sequences_in_what_was_recorded_are_shown_not_obeyed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error's text and a model's name hold escape sequences, and an agent's name (stored by
+    a version that took any name) one and a newline: every command shows them as escapes, so a
+    terminal neither obeys them nor splits a row."""
+    path = tmp_path / "events.db"
+    model = FakeModel([RuntimeError("bad" + OSC52 + CLEAR + "\nline 2")], name="m" + CLEAR)
+
+    @agent(model=model, retry=False)
+    async def answer(text: str) -> str:
+        """Answer: {{ text }}"""
+
+    async def call() -> None:
+        with pytest.raises(RuntimeError):
+            await answer("hi")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KAGURA_DB", str(path))
+        patch.delenv("KAGURA_RECORD", raising=False)
+        observability.uninstall_default()
+        _instrument.reset_recording_check()
+        observability.install_default()
+        try:
+            asyncio.run(call())
+        finally:
+            observability.uninstall_default()
+            _instrument.reset_recording_check()
+    evil = "answer" + OSC52 + "\nsplit"
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE kagura_spans SET name = ? WHERE name = 'answer'", (evil,))
+        db.execute("UPDATE kagura_rollups SET name = ? WHERE name = 'answer'", (evil,))
+    (failed,) = EventStore(path).get_executions(status="failed")
+
+    db_option = ("--db", str(path))
+    for argv in (
+        ("monitor", "list"),
+        ("monitor", "list", "--kind", "llm"),
+        ("monitor", "trace", failed["id"]),
+        ("monitor", "stats"),
+        ("monitor", "cost", "--by", "agent"),
+        ("monitor", "cost", "--by", "model"),
+    ):
+        code, out, err = run(capsys, *argv, *db_option)
+        assert code == 0, err
+        assert "\x1b" not in out + err, argv
+        assert r"\x1b" in out, argv
+
+    _, out, _ = run(capsys, "monitor", "list", *db_option)
+    (row,) = [line for line in out.splitlines() if "answer" in line]
+    assert r"answer\x1b]52;c;" in row and "failed" in row  # one row, on one line
+    _, out, _ = run(capsys, "monitor", "trace", failed["id"], *db_option)
+    assert r"RuntimeError: bad\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J line 2" in out
+    assert r"m\x1b[2J" in out
+
+
+def test_an_interrupted_execution_says_when_it_was_found_and_no_duration() -> None:
+    """Its end is not known: the time it was closed is when its process's death was noticed."""
+    when = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    execution = {
+        "kind": "agent",
+        "id": "a1",
+        "name": "quick",
+        "status": "interrupted",
+        "started_at": when,
+        "ended_at": when + timedelta(days=2),
+        "duration_ms": None,
+    }
+    header = _monitor.trace_header(execution).plain
+    assert ", found interrupted " in header and "ended" not in header
+    assert "  ↯ interrupted  — · 0 tok" in _monitor.node_label(execution).plain
+    assert ", ended " in _monitor.trace_header({**execution, "status": "failed"}).plain

@@ -85,7 +85,8 @@ def test_a_killed_process_spans_are_closed_as_interrupted_when_read(
     }
     for execution in executions:
         assert execution["error"] == INTERRUPTED
-        assert execution["ended_at"] is not None and execution["duration_ms"] > 0
+        # When its death was noticed; how long it ran is not known.
+        assert execution["ended_at"] is not None and execution["duration_ms"] is None
     stored = rows(store_url)
     assert {r["pid"] for r in stored} == {child.pid}
     assert all(r["host"] == os.uname().nodename for r in stored)

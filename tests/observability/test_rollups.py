@@ -110,7 +110,8 @@ def reference(rows: list[Any], since: float | None, agent: str | None) -> dict[s
     by_status: dict[str, int] = {}
     for r in calls:
         by_status[r.status] = by_status.get(r.status, 0) + 1
-    durations = sorted(r.duration_ms for r in calls if r.status != "running")
+    # Calls that ended: a running or interrupted call's end is not known.
+    durations = sorted(r.duration_ms for r in calls if r.status not in ("running", "interrupted"))
     latency: dict[str, float | None] = {}
     for name, percent in (("p50", 50), ("p95", 95), ("p99", 99)):
         rank = max(0, (percent * len(durations) + 99) // 100 - 1)
@@ -350,6 +351,48 @@ async def test_an_interrupted_call_that_finishes_after_all_is_counted_once(
     assert stats["latency_ms"]["p50"] == 1000.0
     (row,) = store.cost(by="agent", agent_name="late")
     assert (row["calls"], row["failures"]) == (1, 0)
+
+
+async def test_interrupted_calls_count_as_calls_and_stay_out_of_the_latencies(
+    recorder: Recorder, store_url: str
+) -> None:
+    """An interrupted call's end is not known. Its duration was taken as from its start to when
+    its death was noticed (a reader's first look, days later maybe), which made p99 depend on
+    when someone first looked. It counts as a call, by status, and has no duration: closed now,
+    or closed with such a duration by an older version."""
+    for i in range(20):
+        feed(recorder, Node("agent", "quick", BASE + i, 5.0 + i))
+    hung = feed(recorder, Node("agent", "quick", BASE + 30, finished=False))
+    recorder.flush()
+    url = storage.normalise_url(store_url)
+    with storage.engine_for(url).begin() as connection:
+        assert storage.close_run_spans(connection, [hung], BASE + 3 * 86_400) == 1
+        connection.execute(
+            storage.spans.insert(),
+            {
+                "span_id": "closed-by-an-older-version",
+                "run_id": "closed-by-an-older-version",
+                "kind": "agent",
+                "name": "quick",
+                "status": "interrupted",
+                "started_at": BASE + 40,
+                "ended_at": BASE + 2 * 86_400,
+                "duration_ms": (2 * 86_400 - 40) * 1000.0,
+            },
+        )
+    store = EventStore(store_url)
+    for since, agent in ((None, None), (BASE, None), (BASE + 0.5, None), (None, "quick")):
+        stats = store.stats(since=since, agent_name=agent)
+        assert stats["by_status"]["interrupted"] == 2
+        ended = [5.0 + i for i in range(20) if since is None or BASE + i >= since]
+        assert stats["by_status"]["completed"] == len(ended)
+        assert stats["latency_ms"] == {
+            name: ended[(percent * len(ended) + 99) // 100 - 1]
+            for name, percent in (("p50", 50), ("p95", 95), ("p99", 99))
+        }
+    interrupted = store.get_executions(status="interrupted")
+    assert [e["duration_ms"] for e in interrupted] == [None, None]
+    assert all(e["metrics"]["duration_ms"] is None for e in interrupted)
 
 
 @pytest.mark.parametrize("batch", [1000, 7])

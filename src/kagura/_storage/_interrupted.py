@@ -13,6 +13,9 @@ can:
 
 A span closed here that its process did finish after all (the writer process delivers rows after
 the recording process died) is overwritten by its finished row: that row tells the truth.
+
+A closed span has no duration: when it ended is not known, only when someone noticed, which may be
+days later. Its ``ended_at`` says when that was.
 """
 
 from __future__ import annotations
@@ -34,12 +37,12 @@ def _running() -> Any:
 
 
 def _closed(now: float) -> dict[str, Any]:
-    from ._schema import spans
-
     return {
         "status": "interrupted",
         "ended_at": now,
-        "duration_ms": (now - spans.c.started_at) * 1000.0,
+        # Not now - started_at: that is how long until someone looked, and it made latency
+        # percentiles depend on when the store was first read after a crash.
+        "duration_ms": None,
         "error": INTERRUPTED,
         "error_type": None,
     }

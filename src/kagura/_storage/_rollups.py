@@ -103,12 +103,15 @@ class Tally:
         return bool(self.totals or self.latency)
 
     def add(self, row: tuple[Any, ...] | Any) -> None:
-        """Count one span, given as the values of :data:`ROLLUP_COLUMNS`, whatever its status."""
+        """Count one span, given as the values of :data:`ROLLUP_COLUMNS`, whatever its status;
+        its duration only when it has ended (an interrupted span's end is not known: a store
+        made by an older version holds, as its duration, how long until its death was
+        noticed)."""
         kind, name, agent, model, status, started_at, duration_ms, parent_id = row[:8]
         hour = int(started_at // HOUR)  # hour_of, inlined: the writer counts every span
         if kind == "agent":
             self._count(("agent", "", hour, name, status), row)
-            if duration_ms is not None:
+            if duration_ms is not None and status not in NOT_FINAL:
                 number = bucket(duration_ms)
                 latency = self.latency
                 key = ("", hour, number)

@@ -432,7 +432,9 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     The result must be JSON-serialisable; on replay it is validated against ``fn``'s return
     annotation when it has one. Outside a durable run it just runs and records.
     """
-    checked_name("step", name)
+    # A step's name may be made of data (f"store {doc}"), and is a part of its journal key:
+    # refused one, a run that worked would fail. Commands show it with its escapes instead.
+    checked_name("step", name, plain=False)
     ensure_recording()
     span = Span("step", name, current_span.get())
     token = current_span.set(span)

@@ -3,7 +3,8 @@
 Each function turns journal records into one renderable (or one formatted value) and does nothing
 else: no queries, no printing, so the CLI composes them and tests can render them alone. Recorded
 text (ids, names, arguments, outputs, errors) goes into :class:`~rich.text.Text` objects, never
-into markup, so a ``[`` in a step's output is shown as it is.
+into markup, so a ``[`` in a step's output is shown as it is, and through
+:func:`~kagura._table.visible`, so an escape sequence in it is shown, not obeyed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,15 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from .._table import DASH, FittedTable, excerpt, format_seconds, format_time, format_when
+from .._table import (
+    DASH,
+    FittedTable,
+    excerpt,
+    format_seconds,
+    format_time,
+    format_when,
+    visible,
+)
 from ._execute import Recovered
 from ._journal import RunRecord, StepRecord
 
@@ -54,7 +63,7 @@ def run_status_text(status: str) -> Text:
     """The run's status, coloured, with an icon (``interrupted``: marked running, but its
     process is gone or its lease ran out)."""
     icon = RUN_STATUS_ICONS.get(status, "?")
-    return Text(f"{icon} {status}", style=RUN_STATUS_STYLES.get(status, ""))
+    return Text(f"{icon} {visible(status)}", style=RUN_STATUS_STYLES.get(status, ""))
 
 
 def as_datetime(timestamp: float | None) -> datetime | None:
@@ -66,7 +75,7 @@ def owner_text(record: RunRecord) -> str:
     """``pid@host`` of the process that executes (or last executed) the run."""
     if record.pid is None and not record.host:
         return DASH
-    return f"{record.pid if record.pid is not None else '?'}@{record.host or '?'}"
+    return visible(f"{record.pid if record.pid is not None else '?'}@{record.host or '?'}")
 
 
 def run_error(record: RunRecord, width: int = 60) -> str:
@@ -94,8 +103,8 @@ def ordered_steps(steps: Mapping[str, StepRecord] | Iterable[StepRecord]) -> lis
 def run_cells(record: RunRecord, *, now: datetime | None = None) -> dict[str, Text]:
     """The table cells of one run, by column."""
     return {
-        "run id": Text(record.run_id, style="bold"),
-        "workflow": Text(record.workflow),
+        "run id": Text(visible(record.run_id), style="bold"),
+        "workflow": Text(visible(record.workflow)),
         "status": run_status_text(record.status),
         "steps": Text(str(record.steps)),
         "attempts": Text(str(record.attempts), style="yellow" if record.attempts > 1 else ""),
@@ -122,7 +131,7 @@ def lease_text(record: RunRecord, lease: float, *, now: float | None = None) -> 
     """Who holds the run and how fresh its heartbeat is."""
     now = time.time() if now is None else now
     lease = record.lease(lease)
-    text = Text(f"pid {record.pid} on {record.host}" if record.pid else owner_text(record))
+    text = Text(visible(f"pid {record.pid} on {record.host}") if record.pid else owner_text(record))
     if record.status == "interrupted" and record.heartbeat_at == 0:
         text.append(" (cancelled: its lease was given up)", style="yellow")
     if record.status in ("running", "interrupted") and record.heartbeat_at:
@@ -143,10 +152,10 @@ def run_header(record: RunRecord, lease: float, *, now: float | None = None) -> 
     table = Table(box=None, show_header=False, padding=(0, 2, 0, 0))
     table.add_column("field", style="bold", no_wrap=True)
     table.add_column("value", overflow="fold")
-    table.add_row("run", Text(record.run_id, style="bold"))
-    table.add_row("workflow", Text(record.workflow))
+    table.add_row("run", Text(visible(record.run_id), style="bold"))
+    table.add_row("workflow", Text(visible(record.workflow)))
     table.add_row("status", run_status_text(record.status))
-    table.add_row("target", Text(record.target or DASH, style="dim"))
+    table.add_row("target", Text(visible(record.target or DASH), style="dim"))
     table.add_row("arguments", Text(excerpt(record.arguments, 200) or DASH))
     table.add_row("steps", Text(f"{count_steps(record.steps)} journaled"))
     table.add_row("attempts", Text(str(record.attempts)))
@@ -164,10 +173,10 @@ def step_cells(number: int, record: StepRecord) -> dict[str, Text]:
     """The table cells of one journaled step, by column."""
     return {
         "#": Text(str(number), style="dim"),
-        "step key": Text(record.step_key),
-        "kind": Text(record.kind, style="yellow" if record.kind == "step" else "blue"),
-        "name": Text(record.name),
-        "input": Text(record.input_hash[:10], style="dim"),
+        "step key": Text(visible(record.step_key)),
+        "kind": Text(visible(record.kind), style="yellow" if record.kind == "step" else "blue"),
+        "name": Text(visible(record.name)),
+        "input": Text(visible(record.input_hash[:10]), style="dim"),
         "output": Text(excerpt(record.output, 200) or DASH),
     }
 
@@ -232,8 +241,8 @@ def next_step_hint(record: RunRecord) -> Text | None:
     """What can be done with the run now, when something can."""
     if record.status in ("interrupted", "failed"):
         return Text(
-            f"Resume it with: kagura runs resume {record.run_id}  (journaled steps are not "
-            "run again)",
+            f"Resume it with: kagura runs resume {visible(record.run_id)}  (journaled steps are "
+            "not run again)",
             style="yellow",
         )
     if record.status == "running":
@@ -291,8 +300,8 @@ def recovered_table(outcomes: Sequence[Recovered], *, width: int | None = None) 
     for o in outcomes:
         error = "" if o.error is None else f"{type(o.error).__name__}: {o.error}"
         table.add_row(
-            Text(o.run_id, style="bold"),
-            Text(o.workflow),
+            Text(visible(o.run_id), style="bold"),
+            Text(visible(o.workflow)),
             Text(o.outcome, style=_OUTCOME_STYLES.get(o.outcome, "")),
             Text(str(o.replayed) if o.outcome == "completed" else DASH),
             Text(str(o.ran) if o.outcome == "completed" else DASH),

@@ -3,7 +3,8 @@
 Each function turns one store result into one renderable (or one formatted value) and does
 nothing else: no queries, no printing, so the CLI composes them and tests can render them alone.
 Everything recorded (names, errors, models) goes into :class:`~rich.text.Text` objects, never
-into markup, so a ``[`` in an error message is shown as it is.
+into markup, so a ``[`` in an error message is shown as it is, and through
+:func:`~kagura._table.visible` (:func:`shown`), so an escape sequence in it is shown, not obeyed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .._table import (
     format_seconds,
     format_time,
     format_when,
+    visible,
 )
 
 STATUS_STYLES = {
@@ -53,10 +55,15 @@ _SPARKS = "▁▂▃▄▅▆▇█"
 # -- single values ----------------------------------------------------------------------------
 
 
+def shown(value: object) -> str:
+    """A recorded value as text to show: its control and format characters as escapes."""
+    return visible(str(value))
+
+
 def status_text(status: str) -> Text:
     """The status, coloured, with an icon."""
     icon = STATUS_ICONS.get(status, "?")
-    return Text(f"{icon} {status}", style=STATUS_STYLES.get(status, ""))
+    return Text(f"{icon} {shown(status)}", style=STATUS_STYLES.get(status, ""))
 
 
 def format_cost(cost: float | None) -> str:
@@ -149,13 +156,13 @@ def execution_cells(execution: Mapping[str, Any]) -> dict[str, Text]:
     retries = int(metrics.get("retries") or 0)
     kind = str(execution["kind"])
     return {
-        "id": Text(str(execution["id"]), style="dim"),
-        "kind": Text(kind, style=KIND_STYLES.get(kind, "")),
-        "name": Text(str(execution["name"])),
+        "id": Text(shown(execution["id"]), style="dim"),
+        "kind": Text(shown(kind), style=KIND_STYLES.get(kind, "")),
+        "name": Text(shown(execution["name"])),
         "status": status_text(str(execution["status"])),
         "started": Text(format_when(execution.get("started_at"))),
         "duration": Text(format_duration(execution.get("duration_ms"))),
-        "model": Text(str(execution.get("model") or DASH)),
+        "model": Text(shown(execution.get("model") or DASH)),
         "tokens": Text(format_tokens(metrics.get("total_tokens"))),
         "cost": cost_text(metrics.get("total_cost")),
         "llm calls": Text(str(metrics.get("llm_calls") or 0)),
@@ -248,7 +255,7 @@ def top_table(rows: Sequence[Mapping[str, Any]], by: str, *, limit: int = 5) -> 
     for row in _by_weight(rows)[:limit]:
         failures = int(row.get("failures") or 0)
         table.add_row(
-            Text(str(row.get(by))),
+            Text(shown(row.get(by))),
             f"{int(row.get('calls') or 0):,}",
             Text(f"{failures:,}", style="red" if failures else ""),
             format_tokens(row.get("total_tokens")),
@@ -302,12 +309,14 @@ def node_label(node: Mapping[str, Any], *, attempt: int | None = None) -> Text:
     """One span: kind, name, status, metrics, then its error on the next line."""
     kind = str(node.get("kind"))
     label = Text()
-    label.append(kind if attempt is None else f"llm attempt {attempt}", KIND_STYLES.get(kind, ""))
+    label.append(
+        shown(kind) if attempt is None else f"llm attempt {attempt}", KIND_STYLES.get(kind, "")
+    )
     label.append(" ")
-    label.append(str(node.get("name")), style="bold")
+    label.append(shown(node.get("name")), style="bold")
     model = node.get("model")
     if model and kind == "agent":
-        label.append(f" ({model})", style="dim")
+        label.append(f" ({shown(model)})", style="dim")
     label.append("  ")
     label.append_text(status_text(str(node.get("status"))))
     label.append("  ")
@@ -315,15 +324,15 @@ def node_label(node: Mapping[str, Any], *, attempt: int | None = None) -> Text:
     error = node.get("error")
     if error:
         kind_of_error = node.get("error_type")
-        shown = f"{kind_of_error}: {error}" if kind_of_error else str(error)
+        said = f"{kind_of_error}: {error}" if kind_of_error else str(error)
         label.append("\n")
-        label.append(excerpt(shown, 160), style="red")
+        label.append(excerpt(said, 160), style="red")
     return label
 
 
 def event_label(event: Mapping[str, Any]) -> Text:
     """A recorded event: retry waits, breaker changes, fallbacks, rate-limit waits, ..."""
-    name = str(event.get("name"))
+    name = shown(event.get("name"))
     raw = event.get("attributes")
     attrs: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
     text = Text()
@@ -331,38 +340,40 @@ def event_label(event: Mapping[str, Any]) -> Text:
         text.append("↻ retry wait ", style="bold yellow")
         text.append(format_seconds(_number(attrs.get("wait"))))
         if attrs.get("attempt") is not None:
-            text.append(f" after attempt {attrs['attempt']}")
+            text.append(f" after attempt {shown(attrs['attempt'])}")
         if attrs.get("retry_after") is not None:
-            text.append(f" (Retry-After {attrs['retry_after']}s)", style="dim")
+            text.append(f" (Retry-After {shown(attrs['retry_after'])}s)", style="dim")
         if attrs.get("error"):
             text.append(f": {excerpt(str(attrs['error']), 120)}", style="dim")
     elif name == "breaker_state":
         new = str(attrs.get("new"))
         text.append("⚡ circuit breaker ", style="bold magenta")
-        text.append(str(attrs.get("breaker", "")))
-        text.append(f": {attrs.get('old')} → ")
-        text.append(new, style="red" if new == "open" else "green" if new == "closed" else "yellow")
+        text.append(shown(attrs.get("breaker", "")))
+        text.append(f": {shown(attrs.get('old'))} → ")
+        text.append(
+            shown(new), style="red" if new == "open" else "green" if new == "closed" else "yellow"
+        )
     elif name == "fallback":
         text.append("↪ fallback", style="bold cyan")
-        text.append(f": {attrs.get('failed')} failed")
+        text.append(f": {shown(attrs.get('failed'))} failed")
         if attrs.get("next"):
-            text.append(f", trying {attrs['next']}")
+            text.append(f", trying {shown(attrs['next'])}")
         if attrs.get("error"):
             text.append(f" ({excerpt(str(attrs['error']), 120)})", style="dim")
     elif name == "rate_limit_wait":
         text.append("⧗ rate limit wait ", style="bold yellow")
         text.append(format_seconds(_number(attrs.get("wait"))))
         if attrs.get("limiter"):
-            text.append(f" ({attrs['limiter']})", style="dim")
+            text.append(f" ({shown(attrs['limiter'])})", style="dim")
     elif name == "retry_budget_exhausted":
         text.append("⛔ retry budget exhausted", style="bold red")
         if attrs.get("name"):
-            text.append(f": {attrs['name']}", style="dim")
+            text.append(f": {shown(attrs['name'])}", style="dim")
     else:
         text.append(f"• {name}", style="bold")
         if attrs:
-            shown = ", ".join(f"{k}={v}" for k, v in attrs.items())
-            text.append(f" {excerpt(shown, 120)}", style="dim")
+            pairs = ", ".join(f"{k}={v}" for k, v in attrs.items())
+            text.append(f" {excerpt(pairs, 120)}", style="dim")
     return text
 
 
@@ -402,7 +413,7 @@ def _processes(node: Mapping[str, Any]) -> set[tuple[Any, Any]]:
 
 def _with_where(label: Text, node: Mapping[str, Any]) -> Text:
     host, pid = _where(node)
-    label.append(f"  on {host} pid {pid}", style="dim")
+    label.append(f"  on {shown(host)} pid {shown(pid)}", style="dim")
     return label
 
 
@@ -438,13 +449,18 @@ def trace_tree(execution: Mapping[str, Any]) -> Tree:
 
 def trace_header(execution: Mapping[str, Any]) -> Text:
     text = Text()
-    text.append(f"{execution.get('kind')} {execution.get('id')}", style="bold")
+    text.append(f"{shown(execution.get('kind'))} {shown(execution.get('id'))}", style="bold")
     text.append(f"  started {format_time(execution.get('started_at'))}", style="dim")
-    if execution.get("ended_at") is not None:
-        text.append(f", ended {format_time(execution.get('ended_at'))}", style="dim")
+    ended = execution.get("ended_at")
+    if ended is not None and execution.get("status") == "interrupted":
+        # When its death was noticed, not when it ended: that is not known.
+        text.append(f", found interrupted {format_time(ended)}", style="dim")
+    elif ended is not None:
+        text.append(f", ended {format_time(ended)}", style="dim")
     if execution.get("parent_id"):
         text.append(
-            f"\npart of run {execution.get('run_id')} (parent {execution.get('parent_id')})",
+            f"\npart of run {shown(execution.get('run_id'))} "
+            f"(parent {shown(execution.get('parent_id'))})",
             style="dim",
         )
     return text
@@ -487,7 +503,7 @@ def cost_table(
     for row in rows:
         failed = int(row.get("failures") or 0)
         table.add_row(
-            Text(str(row.get(by))),
+            Text(shown(row.get(by))),
             f"{int(row.get('calls') or 0):,}",
             Text(f"{failed:,}", style="red" if failed else ""),
             format_tokens(row.get("prompt_tokens")),
@@ -533,11 +549,23 @@ def chart_metric(rows: Sequence[Mapping[str, Any]]) -> str:
     return "cost_usd" if any((r.get("cost_usd") or 0) > 0 for r in rows) else "total_tokens"
 
 
+def chart_title(rows: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """What the chart shows, and why tokens when it shows tokens. A group's cost is unknown
+    when one of its calls had no known price, however many others had one: so the title says
+    that some calls' cost is unknown, never that no call has a cost."""
+    unknown = any(r.get("cost_usd") is None for r in rows)
+    if metric == "cost_usd":
+        return "Cost (USD; some calls' cost is unknown)" if unknown else "Cost (USD)"
+    if unknown:
+        return "Tokens (some calls' cost is unknown)"
+    return "Tokens (no call has a non-zero cost)"
+
+
 def cost_chart(rows: Sequence[Mapping[str, Any]], by: str, *, width: int = 40) -> Table:
     """A horizontal bar per group (per day, in order, for ``by="day"``) of its cost, or of its
-    tokens when no cost is known and non-zero; a group of unknown cost gets no bar."""
+    tokens when no group has a known, non-zero cost; a group of unknown cost gets no bar."""
     metric = chart_metric(rows)
-    what = "Cost (USD)" if metric == "cost_usd" else "Tokens (no call has a known, non-zero cost)"
+    what = chart_title(rows, metric)
     table = Table(
         title=f"{what} by {by}",
         box=None,
@@ -551,13 +579,13 @@ def cost_chart(rows: Sequence[Mapping[str, Any]], by: str, *, width: int = 40) -
     values = [_number(r.get(metric)) for r in rows]
     maximum = max((v for v in values if v is not None), default=0.0)
     for row, value in zip(rows, values, strict=True):
-        shown = format_cost(value) if metric == "cost_usd" else format_tokens(int(value or 0))
+        figure = format_cost(value) if metric == "cost_usd" else format_tokens(int(value or 0))
         table.add_row(
-            Text(str(row.get(by))),
+            Text(shown(row.get(by))),
             Text(
                 bar(value or 0.0, maximum, width), style="green" if metric == "cost_usd" else "cyan"
             ),
-            Text(shown, style="dim italic" if value is None else ""),
+            Text(figure, style="dim italic" if value is None else ""),
         )
     return table
 
@@ -574,7 +602,7 @@ def summary_line(stats: Mapping[str, Any], window: str) -> Text:
     for status in STATUS_STYLES:
         if by_status.get(status):
             text.append("  ")
-            text.append(f"{by_status[status]:,} {status}", style=STATUS_STYLES[status])
+            text.append(f"{by_status[status]:,} {shown(status)}", style=STATUS_STYLES[status])
     rate = float(stats.get("failure_rate") or 0.0)
     text.append("  failure rate ")
     text.append(format_rate(rate), style="bold red" if rate > 0 else "green")

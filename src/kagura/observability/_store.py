@@ -95,8 +95,14 @@ def _metrics(row: Any) -> dict[str, Any]:
         "total_tokens": row.total_tokens,
         "llm_calls": row.llm_calls,
         "retries": row.retries,
-        "duration_ms": row.duration_ms,
+        "duration_ms": _duration(row),
     }
+
+
+def _duration(row: Any) -> float | None:
+    """The span's duration; ``None`` while it runs, and when it was interrupted: its end is not
+    known (a store made by an older version holds how long until its death was noticed)."""
+    return None if row.status == "interrupted" else row.duration_ms
 
 
 def _execution(row: Any, what: str) -> dict[str, Any]:
@@ -112,7 +118,7 @@ def _execution(row: Any, what: str) -> dict[str, Any]:
         "status": row.status,
         "started_at": _when(row.started_at),
         "ended_at": _when(row.ended_at),
-        "duration_ms": row.duration_ms,
+        "duration_ms": _duration(row),
         "model": row.model,
         "error": _encryption.decrypt(row.error, what),
         "error_type": row.error_type,
@@ -130,7 +136,9 @@ class EventStore:
 
     Executions are dicts: ``id``, ``run_id``, ``parent_id``, ``kind``, ``name``, ``status``
     (running, completed, failed, cancelled, timed_out, interrupted: its process died first),
-    ``started_at``/``ended_at`` (UTC datetimes), ``duration_ms``, ``model``, ``error``,
+    ``started_at``/``ended_at`` (UTC datetimes; an interrupted one's ``ended_at`` is when its
+    death was noticed), ``duration_ms`` (``None`` while running and when interrupted: its end
+    is not known), ``model``, ``error``,
     ``inputs``, ``output``, ``host`` and ``pid`` (the process that recorded it) and ``metrics``
     (``total_cost`` in USD, ``None`` when a price was unknown; ``prompt_tokens``,
     ``completion_tokens``, ``total_tokens``, ``llm_calls``, ``retries``).

@@ -8,6 +8,7 @@ half, those from the moment to the next hour are added to the rollups from that 
 first half, those from the hour's start to the moment are taken off the rollups from the hour
 it is in. So at most half an hour of spans is read, where reading on to the next hour read up to
 a whole one. Each span is counted once: the rollups never hold a running or interrupted span.
+Those two count as calls (by status) but not in the latencies: their ends are not known.
 """
 
 from __future__ import annotations
@@ -234,8 +235,9 @@ class Totals:
         return {number: calls for number, calls in counts.items() if calls > 0}
 
     def percentiles(self, connection: Any) -> dict[str, float | None]:
-        """p50, p95 and p99 of the finished agent calls' durations, exact (nearest rank: the
-        smallest duration that that share of the calls does not exceed). The counts per bucket
+        """p50, p95 and p99 of the ended agent calls' durations (not the running or interrupted
+        ones': their ends are not known), exact (nearest rank: the smallest duration that that
+        share of the calls does not exceed). The counts per bucket
         say which bucket each is in and its rank there; one query reads it from the spans in
         that bucket's range, along the (kind, duration, status) index."""
         from sqlalchemy import select
@@ -254,7 +256,7 @@ class Totals:
             low, high = bucket_range(number)
             query = select(spans.c.duration_ms).where(
                 spans.c.kind == "agent",
-                spans.c.status != "running",
+                spans.c.status.not_in(NOT_FINAL),
                 spans.c.duration_ms.is_not(None),
             )
             if low is not None:
