@@ -19,7 +19,7 @@ import inspect
 import sys
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar, overload
+from typing import Any, Generic, Literal, TypeVar, overload
 
 from ._checks import count, real
 from .errors import UsageError
@@ -62,12 +62,12 @@ def _close_unstarted(aws: Iterable[Awaitable[Any]]) -> None:
 
 @overload
 async def gather(
-    *aws: Awaitable[T], limit: int | None = None, return_exceptions: bool = False
+    *aws: Awaitable[T], limit: int | None = None, return_exceptions: Literal[False] = False
 ) -> list[T]: ...
 @overload
 async def gather(
-    *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
-) -> list[Any]: ...
+    *aws: Awaitable[T], limit: int | None = None, return_exceptions: bool
+) -> list[T | BaseException]: ...
 async def gather(
     *aws: Awaitable[Any], limit: int | None = None, return_exceptions: bool = False
 ) -> list[Any]:
@@ -150,6 +150,26 @@ def _first(errors: Sequence[BaseException]) -> BaseException:
     return first
 
 
+@overload
+async def map(
+    fn: Callable[[T], Awaitable[U]],
+    items: Iterable[T],
+    *,
+    concurrency: int = 8,
+    return_exceptions: Literal[False] = False,
+    progress: bool | None = None,
+    description: str = "working",
+) -> list[U]: ...
+@overload
+async def map(
+    fn: Callable[[T], Awaitable[U]],
+    items: Iterable[T],
+    *,
+    concurrency: int = 8,
+    return_exceptions: bool,
+    progress: bool | None = None,
+    description: str = "working",
+) -> list[U | BaseException]: ...
 async def map(
     fn: Callable[[T], Awaitable[U]],
     items: Iterable[T],
@@ -158,7 +178,7 @@ async def map(
     return_exceptions: bool = False,
     progress: bool | None = None,
     description: str = "working",
-) -> list[U]:
+) -> list[Any]:
     """``[await fn(item) for item in items]``, ``concurrency`` at a time, results in order.
 
     ``progress=None`` shows a rich progress bar when stderr is a terminal; ``True``/``False``
@@ -207,8 +227,16 @@ class Partial(Generic[K, T]):
         return not self.errors and not self.cancelled
 
 
+@overload
+async def gather_partial(  # type: ignore[overload-overlap]  # a mapping of awaitable keys: rare
+    aws: Mapping[K, Awaitable[T]], *, deadline: float | None = None, limit: int | None = None
+) -> Partial[K, T]: ...
+@overload
 async def gather_partial(
-    aws: Mapping[K, Awaitable[T]] | Iterable[Awaitable[T]],
+    aws: Iterable[Awaitable[T]], *, deadline: float | None = None, limit: int | None = None
+) -> Partial[int, T]: ...
+async def gather_partial(
+    aws: Mapping[Any, Awaitable[T]] | Iterable[Awaitable[T]],
     *,
     deadline: float | None = None,
     limit: int | None = None,
