@@ -394,6 +394,34 @@ def test_a_new_store_that_another_connection_is_writing_opens_once_it_lets_go(
     assert len(waits) == 1
 
 
+def test_the_wal_is_cut_back_once_a_checkpoint_has_emptied_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite reuses a WAL file from its start after a checkpoint rather than shrink it: a
+    store read while it was written (a reader holding a snapshot holds checkpoints back) kept
+    the largest WAL it had ever had. Here with a limit of 64 KiB for a WAL of a few MB."""
+    from kagura._storage import _engine
+
+    monkeypatch.setattr(_engine, "WAL_SIZE_LIMIT", 64 * 1024)
+    url = normalise_url(tmp_path / "events.db")
+    wal = tmp_path / "events.db-wal"
+    try:
+        with engine_for(url).connect() as connection:
+            connection.exec_driver_sql("CREATE TABLE filler (x)")
+            connection.exec_driver_sql(
+                "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000) "
+                "INSERT INTO filler SELECT randomblob(1000) FROM n"
+            )
+            connection.commit()
+            assert wal.stat().st_size > 1_000_000
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
+            connection.exec_driver_sql("INSERT INTO filler VALUES (1)")  # the WAL starts over
+            connection.commit()
+        assert wal.stat().st_size <= 64 * 1024
+    finally:
+        engines.forget(url)
+
+
 @ON_POSTGRES
 def test_a_role_that_may_not_create_the_schema_cannot_open_the_store(
     pg_role: Callable[[str], Role],
