@@ -332,6 +332,35 @@ async def test_a_step_result_not_of_its_return_type_is_refused_when_it_is_journa
     assert journal.load_steps("lie") == {}
 
 
+async def test_a_step_named_for_a_url_with_its_password_keeps_the_password_out(
+    journal: Journal,
+) -> None:
+    # As the README names steps for the data they handle: f"store {doc}".
+    calls: list[str] = []
+    url = "https://svc:Sup3rS3cretPw@files.example/report"
+    gate: list[str] = []
+
+    def upload(where: str) -> str:
+        calls.append(where)
+        return "uploaded"
+
+    @workflow(durable=True)
+    async def publish(where: str) -> str:
+        done = await step(f"upload {where}", upload, where)
+        if not gate:
+            raise RuntimeError("not yet")
+        return done
+
+    with pytest.raises(RuntimeError, match="not yet"):
+        await publish.run(url, run_id="upload")
+    named = "upload https://svc:[REDACTED]@files.example/report"
+    steps = journal.load_steps("upload")
+    assert [(key, s.name) for key, s in steps.items()] == [(f"publish/{named}#0", named)]
+    gate.append("open")
+    assert await publish.resume("upload") == "uploaded"
+    assert calls == [url]  # the resumed run found its step under the same, redacted, name
+
+
 async def test_a_steps_function_is_not_kept_alive_by_the_step(db: str) -> None:
     # Its signature and validator are kept weakly: a closure, and the object of a bound method,
     # go with the run that made them.

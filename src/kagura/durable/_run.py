@@ -36,7 +36,7 @@ from .._context import Span, checked_name, current_span
 from .._instrument import span_finished, span_started, status_of
 from .._output import describe_error
 from .._recording import ensure_recording
-from .._redact import by_name, repr_of, signature_of
+from .._redact import by_name, looks_secret, redact_text, repr_of, signature_of
 from ..errors import NonDeterminismError, RunTakenOverError, UsageError
 from ._journal import Journal, StepRecord
 
@@ -435,6 +435,11 @@ async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **
     # A step's name may be made of data (f"store {doc}"), and is a part of its journal key:
     # refused one, a run that worked would fail. Commands show it with its escapes instead.
     checked_name("step", name, plain=False)
+    if looks_secret(name):
+        # Made of data, it may hold a URL with its password (f"upload {url}"), which the name
+        # columns would keep and OpenTelemetry export as they are: redacted as recorded values
+        # are. The same name redacts the same way, so a resumed run finds its steps.
+        name = redact_text(name)
     ensure_recording()
     span = Span("step", name, current_span.get())
     token = current_span.set(span)
