@@ -84,8 +84,9 @@ def _mypy(source: Path, *options: str) -> list[str]:
     return [line for line in stdout.splitlines() if ": error:" in line]
 
 
-def _pyright(*sources: Path) -> dict[str, int]:
-    """Pyright's errors in each of ``sources`` (one run: it takes seconds to start)."""
+def _pyright_errors(*sources: Path) -> list[tuple[str, int]]:
+    """Pyright's errors in ``sources``, as (file name, line) pairs (one run: it takes seconds to
+    start)."""
     pyright = Path(sys.executable).with_name("pyright")
     if not pyright.exists():
         pytest.skip("pyright is not installed (the [dev] extra)")
@@ -96,10 +97,18 @@ def _pyright(*sources: Path) -> dict[str, int]:
         timeout=300,
         check=False,
     )
+    return [
+        (Path(diagnostic["file"]).name, diagnostic["range"]["start"]["line"] + 1)
+        for diagnostic in json.loads(result.stdout)["generalDiagnostics"]
+        if diagnostic["severity"] == "error"
+    ]
+
+
+def _pyright(*sources: Path) -> dict[str, int]:
+    """Pyright's errors in each of ``sources``."""
     errors = dict.fromkeys((source.name for source in sources), 0)
-    for diagnostic in json.loads(result.stdout)["generalDiagnostics"]:
-        if diagnostic["severity"] == "error":
-            errors[Path(diagnostic["file"]).name] += 1
+    for name, _ in _pyright_errors(*sources):
+        errors[name] += 1
     return errors
 
 
@@ -123,3 +132,113 @@ def test_an_agent_written_as_the_readme_says_passes_mypy_and_pyright(tmp_path: P
         bare.name: 1,
         ellipsis.name: 0,
     }
+
+
+# What a user's type checker makes of Kagura's results: each ``assert_type`` fails (mypy and
+# pyright both) where a result is ``Any`` or another type than the one the user wrote, and the
+# calls marked "# wrong" must be flagged.
+RESULTS = '''
+import asyncio
+from typing import assert_type
+
+from kagura import AgentRun, agent, durable, step, tool, workflow
+from kagura.errors import BudgetExceeded
+from kagura.observability import EventStore
+from kagura.parallel import gather
+from kagura.resilience import CircuitBreaker, Retry
+from kagura.testing import FakeModel, override_model, replay
+
+
+@agent
+async def summarize(text: str) -> str:
+    """Summarise: {{ text }}"""
+    raise NotImplementedError
+
+
+@agent
+async def tag(text: str) -> list[str]:
+    """Tags for: {{ text }}"""
+    raise NotImplementedError
+
+
+@tool
+def convert(amount: float, currency: str) -> float:
+    """Convert euros."""
+    return amount
+
+
+@tool
+async def population(city: str) -> int:
+    """Population of a city."""
+    return len(city)
+
+
+@Retry(attempts=3)
+async def fetch(url: str) -> bytes:
+    return url.encode()
+
+
+@CircuitBreaker("svc")
+async def ping() -> int:
+    return 1
+
+
+def publish(text: str) -> str:
+    return text
+
+
+async def count(text: str, *, name: str = "", fn: int = 0) -> int:
+    return len(text)
+
+
+@workflow(durable=True)
+async def flow(texts: list[str]) -> int:
+    # Overloaded functions: with an explicit Any in the coroutine's type, mypy answers Any.
+    assert_type(await gather(*(summarize(t) for t in texts), limit=4), list[str])
+    assert_type(await asyncio.gather(summarize(texts[0]), tag(texts[0])), tuple[str, list[str]])
+    assert_type(await asyncio.gather(flow(texts), summarize.run("a")), tuple[int, AgentRun[str]])
+    assert_type(await step("publish", publish, texts[0]), str)
+    assert_type(await step("count", count, texts[0], name="n", fn=1), int)
+    await step("publish", publish, 42)  # wrong
+    await step("publish", publish)  # wrong
+    return 1
+
+
+async def use(store: EventStore) -> None:
+    assert_type(asyncio.create_task(summarize("a")), asyncio.Task[str])
+    assert_type(await asyncio.wait_for(flow(["a"]), 1), int)
+    assert_type(convert(1.0, "USD"), float)
+    assert_type(await population("Paris"), int)
+    assert_type(asyncio.create_task(fetch("https://example.org")), asyncio.Task[bytes])
+    assert_type(asyncio.create_task(ping()), asyncio.Task[int])
+    assert_type(await replay("run-1", flow), int)
+    assert_type(await durable.replay("run-1", flow), int)
+    await store.aget_executions(limt=5)  # wrong
+    await store.astats(sincee=1)  # wrong
+    await store.acost(bye="day")  # wrong
+    with override_model(FakeModel(["negative"])) as fake:
+        assert_type(fake, FakeModel)
+    try:
+        await flow(["x"])
+    except BudgetExceeded as e:
+        assert_type(e.budget.spent_usd, float)
+
+
+def run() -> None:
+    assert_type(asyncio.run(fetch("https://example.org")), bytes)
+    assert_type(asyncio.run(summarize("a")), str)
+'''
+
+
+def test_results_keep_their_types_and_wrong_calls_are_flagged(tmp_path: Path) -> None:
+    source = tmp_path / "user_results.py"
+    source.write_text(RESULTS)
+    wrong = [n for n, text in enumerate(RESULTS.splitlines(), 1) if text.endswith("# wrong")]
+    errors = sorted(
+        (int(line.split(":")[1]), line.rsplit("[", 1)[-1].rstrip("]"))
+        for line in _mypy(source, "--hide-error-context")
+    )
+    assert errors == [(wrong[0], "call-overload"), (wrong[1], "call-overload")] + [
+        (line, "call-arg") for line in wrong[2:]
+    ], errors
+    assert sorted({line for _, line in _pyright_errors(source)}) == wrong

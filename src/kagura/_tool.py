@@ -68,9 +68,9 @@ def _parse_docstring(doc: str) -> tuple[str, dict[str, str]]:
 class Tool(Generic[P, R]):
     """A callable the model can request. Calling the tool object directly calls the function."""
 
-    def __init__(
-        self, fn: Callable[P, R] | Callable[P, Awaitable[R]], *, name: str | None = None
-    ) -> None:
+    # ``R`` is what calling ``fn`` returns: an async function's coroutine, which calling the
+    # tool returns as it is.
+    def __init__(self, fn: Callable[P, R], *, name: str | None = None) -> None:
         if not callable(fn) or isinstance(fn, type):
             raise UsageError(f"a tool is a function (sync or async) the model may call, got {fn!r}")
         self.fn = fn
@@ -132,7 +132,7 @@ class Tool(Generic[P, R]):
         schema.pop("title", None)
         self.spec: ToolSpec = ToolSpec(self.name, self.description, schema)
 
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R | Awaitable[R]:
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         return self.fn(*args, **kwargs)
 
     def _refuse_bound(self, arguments: Any) -> None:

@@ -86,8 +86,9 @@ class Workflow(Generic[P, R]):
             CostBudget(usd=budget_usd, tokens=budget_tokens)
 
     # A plain method returning the run's coroutine: an ``async def`` would add a coroutine per
-    # call only to await the inner one.
-    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+    # call only to await the inner one. Typed ``Coroutine[object, object, R]`` as an agent's call
+    # is (see Agent.__call__): with ``Any`` there, mypy loses the result type in asyncio.gather.
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[object, object, R]:
         durable = self.durable if self.durable is not None else _settings.durable_default()
         if durable and current_durable_run.get() is None:
             return _durable.start(self, args, kwargs, None)

@@ -309,6 +309,21 @@ async def test_a_step_result_with_no_json_is_a_usage_error_naming_the_step(db: s
         await lists.run(run_id="no-json")
 
 
+def labelled(text: str, *, name: str, fn: str) -> str:
+    return f"{name}/{fn}/{text}"
+
+
+async def test_a_step_s_function_may_take_keywords_called_name_and_fn(journal: Journal) -> None:
+    # step's own name and fn are positional-only, whatever type checkers are told of its
+    # arguments (fn's, through a ParamSpec).
+    @workflow(durable=True)
+    async def label() -> str:
+        return await step("label", labelled, "x", name="n", fn="f")
+
+    assert await label.run(run_id="keywords") == "n/f/x"
+    assert [record.name for record in journal.load_steps("keywords").values()] == ["label"]
+
+
 def look_up(city: str) -> str:
     return None  # type: ignore[return-value]  # its annotation says otherwise
 

@@ -8,6 +8,7 @@ retention exactly.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 from collections.abc import Iterator
@@ -566,6 +567,18 @@ async def test_async_twins_inside_a_running_loop(recorder: Recorder, store_url: 
     assert await store.afind_ids(tree["id"][:8]) == store.find_ids(tree["id"][:8])
     assert await store.adelete_older_than(timedelta(days=365)) == 2
     assert len(await store.aget_executions()) == 3
+
+
+@pytest.mark.parametrize(
+    "name", ["get_executions", "get_execution", "find_ids", "stats", "cost", "delete_older_than"]
+)
+def test_each_async_twin_takes_its_methods_parameters(name: str) -> None:
+    # Spelt out in each twin, not passed on as **kwargs, for type checkers to see a misspelt one:
+    # a parameter added to a method must be added to its twin.
+    twin = inspect.signature(getattr(EventStore, f"a{name}"))
+    method = inspect.signature(getattr(EventStore, name))
+    assert twin.parameters == method.parameters
+    assert twin.return_annotation == method.return_annotation
 
 
 def test_repr_hides_the_password() -> None:

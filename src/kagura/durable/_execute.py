@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar, get_type_hints, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, get_type_hints, overload, runtime_checkable
 
 import pydantic_core
 from pydantic import TypeAdapter
@@ -54,6 +54,20 @@ class Workflow(Protocol):
     ) -> Coroutine[Any, Any, Any]:
         """Run the workflow once as one span (see :meth:`kagura.Workflow.execute`)."""
         ...
+
+
+_R = TypeVar("_R")
+_R_co = TypeVar("_R_co", covariant=True)
+
+
+# Covariant, which kagura.Workflow's result type is not: a Workflow[..., str] is then one
+# returning ``object`` too, as a caller's expected type (a list of Awaitable[object]) may ask.
+class WorkflowOf(Workflow, Protocol[_R_co]):
+    """A workflow whose runs return ``_R_co``: what :func:`replay` of it returns."""
+
+    def execute(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any], *, span_id: str | None = None
+    ) -> Coroutine[Any, Any, _R_co]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,6 +508,12 @@ async def _recover_one(record: RunRecord, workflows: dict[str, Workflow | Except
     return Recovered(run_id, name, "completed", resumed.result, None, resumed.replayed, resumed.ran)
 
 
+# Two overloads: given the workflow, its result type; else the run's own workflow, whose type
+# is not known until it is imported.
+@overload
+async def replay(run_id: str, workflow: WorkflowOf[_R], *, db: str | None = None) -> _R: ...
+@overload
+async def replay(run_id: str, workflow: None = None, *, db: str | None = None) -> Any: ...
 async def replay(run_id: str, workflow: Workflow | None = None, *, db: str | None = None) -> Any:
     """Run a recorded run again against its journal only: no provider is called, nothing is
     written. A step the journal does not have raises :class:`NonDeterminismError`."""

@@ -27,7 +27,7 @@ import sys
 import weakref
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from typing import Any, TypeVar, cast, get_args, get_type_hints, overload
+from typing import Any, ParamSpec, TypeVar, cast, get_args, get_type_hints, overload
 
 import pydantic_core
 from pydantic import RootModel, TypeAdapter
@@ -40,6 +40,7 @@ from .._redact import by_name, looks_secret, redact_text, repr_of, signature_of
 from ..errors import NonDeterminismError, RunTakenOverError, UsageError
 from ._journal import Journal, StepRecord
 
+P = ParamSpec("P")
 T = TypeVar("T")
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -416,11 +417,16 @@ def read_back(span: Span, kind: str, load: Callable[[str | None], T], output: st
 
 
 # Two overloads: with ``Awaitable[T] | T`` alone, mypy cannot solve T for an async ``fn``.
+# ``name`` and ``fn`` are positional-only: ``fn`` may take keywords called ``name`` or ``fn``.
 @overload
-async def step(name: str, fn: Callable[..., Awaitable[T]], /, *args: Any, **kwargs: Any) -> T: ...
+async def step(
+    name: str, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+) -> T: ...
 @overload
-async def step(name: str, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T: ...
-async def step(name: str, fn: Callable[..., Awaitable[T] | T], /, *args: Any, **kwargs: Any) -> T:
+async def step(name: str, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T: ...
+async def step(
+    name: str, fn: Callable[P, Awaitable[T] | T], /, *args: P.args, **kwargs: P.kwargs
+) -> T:
     """Run ``fn(*args, **kwargs)`` as a named, recorded step of the current workflow.
 
     In a durable run the step's result is journaled, and a resumed run returns it without

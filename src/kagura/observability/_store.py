@@ -415,11 +415,30 @@ class EventStore:
 
     # -- async twins ----------------------------------------------------------------------
 
+    # Each twin repeats its method's parameters rather than taking ``**kwargs``: a type checker
+    # then sees a misspelt one.
     async def aget_executions(
-        self, agent_name: str | None = None, **kwargs: Any
+        self,
+        agent_name: str | None = None,
+        *,
+        status: str | Iterable[str] | None = None,
+        since: datetime | float | None = None,
+        until: datetime | float | None = None,
+        kind: str | Iterable[str] | None = EXECUTION_KINDS,
+        run_id: str | None = None,
+        limit: int | None = 50,
     ) -> list[dict[str, Any]]:
         """:meth:`get_executions`, in a thread."""
-        return await asyncio.to_thread(self.get_executions, agent_name, **kwargs)
+        return await asyncio.to_thread(
+            self.get_executions,
+            agent_name,
+            status=status,
+            since=since,
+            until=until,
+            kind=kind,
+            run_id=run_id,
+            limit=limit,
+        )
 
     async def aget_execution(self, execution_id: str) -> dict[str, Any] | None:
         """:meth:`get_execution`, in a thread."""
@@ -429,13 +448,21 @@ class EventStore:
         """:meth:`find_ids`, in a thread."""
         return await asyncio.to_thread(self.find_ids, prefix, limit=limit)
 
-    async def astats(self, **kwargs: Any) -> dict[str, Any]:
+    async def astats(
+        self, *, since: datetime | float | None = None, agent_name: str | None = None
+    ) -> dict[str, Any]:
         """:meth:`stats`, in a thread."""
-        return await asyncio.to_thread(self.stats, **kwargs)
+        return await asyncio.to_thread(self.stats, since=since, agent_name=agent_name)
 
-    async def acost(self, **kwargs: Any) -> list[dict[str, Any]]:
+    async def acost(
+        self,
+        *,
+        by: str = "agent",
+        since: datetime | float | None = None,
+        agent_name: str | None = None,
+    ) -> list[dict[str, Any]]:
         """:meth:`cost`, in a thread."""
-        return await asyncio.to_thread(self.cost, **kwargs)
+        return await asyncio.to_thread(self.cost, by=by, since=since, agent_name=agent_name)
 
     async def adelete_older_than(self, age: timedelta | datetime | float) -> int:
         """:meth:`delete_older_than`, in a thread."""

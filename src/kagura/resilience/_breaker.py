@@ -15,7 +15,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -210,7 +210,9 @@ class CircuitBreaker:
         await settle_admitted(self, None, admitted)
         return result
 
-    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    # Typed as what the wrapper (an ``async def``) returns, a coroutine: ``asyncio.run`` and
+    # ``create_task`` refuse other awaitables. (``object``, not ``Any``: see Agent.__call__.)
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[object, object, T]]:
         """Use the breaker as a decorator on any async function."""
 
         @functools.wraps(fn)

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import inspect
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -209,7 +209,9 @@ class Retry:
 
     # -- decorator ----------------------------------------------------------------------------
 
-    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    # Typed as what the wrapper (an ``async def``) returns, a coroutine: ``asyncio.run`` and
+    # ``create_task`` refuse other awaitables. (``object``, not ``Any``: see Agent.__call__.)
+    def __call__(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[object, object, T]]:
         """Use the policy as a decorator on any async callable (an agent included)."""
         if not callable(fn) or inspect.isclass(fn):
             raise UsageError(f"Retry(...) decorates async callables, got {fn!r}")

@@ -20,13 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import add_sink, remove_sink
 from ..providers import Model, model_override_var
 from ..providers.fake import FakeModel, Reply
 from ._network import in_private_network
+
+if TYPE_CHECKING:  # for annotations only: not a name this module offers (tests/test_exports.py)
+    from ..durable._execute import WorkflowOf
 
 __all__ = [
     "CapturedEvents",
@@ -39,7 +42,19 @@ __all__ = [
 ]
 
 
-async def replay(run_id: str, workflow: Any = None, *, db: str | None = None) -> Any:
+_M = TypeVar("_M", bound=Model)
+_R = TypeVar("_R")
+
+
+# Two overloads: given the workflow, its result type; else the run's own workflow, whose type
+# is not known until it is imported.
+@overload
+async def replay(run_id: str, workflow: WorkflowOf[_R], *, db: str | None = None) -> _R: ...
+@overload
+async def replay(run_id: str, workflow: None = None, *, db: str | None = None) -> Any: ...
+async def replay(
+    run_id: str, workflow: WorkflowOf[Any] | None = None, *, db: str | None = None
+) -> Any:
     """Run durable run ``run_id`` again against its journal alone, with no provider at all: a
     check that a changed workflow still follows yesterday's real traffic. Returns its result;
     a step the journal lacks (or that changed) raises :class:`kagura.NonDeterminismError`.
@@ -50,7 +65,7 @@ async def replay(run_id: str, workflow: Any = None, *, db: str | None = None) ->
 
 
 @contextmanager
-def override_model(model: Model) -> Iterator[Model]:
+def override_model(model: _M) -> Iterator[_M]:
     """Make every agent call in this context (and tasks it starts) use ``model``."""
     token = model_override_var.set(model)
     try:
