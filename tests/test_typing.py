@@ -144,7 +144,8 @@ from typing import assert_type
 from kagura import AgentRun, agent, durable, step, tool, workflow
 from kagura.errors import BudgetExceeded
 from kagura.observability import EventStore
-from kagura.parallel import gather
+from kagura import parallel
+from kagura.parallel import gather, gather_partial
 from kagura.resilience import CircuitBreaker, Retry
 from kagura.testing import FakeModel, override_model, replay
 
@@ -218,6 +219,14 @@ async def use(store: EventStore) -> None:
     await store.acost(bye="day")  # wrong
     with override_model(FakeModel(["negative"])) as fake:
         assert_type(fake, FakeModel)
+    # Exceptions take their place in the results.
+    assert_type(await gather(summarize("a"), return_exceptions=True), list[str | BaseException])
+    assert_type(await parallel.map(summarize, ["a"]), list[str])
+    assert_type(
+        await parallel.map(summarize, ["a"], return_exceptions=True), list[str | BaseException]
+    )
+    assert_type((await gather_partial({"x": summarize("a")})).results, dict[str, str])
+    assert_type((await gather_partial([summarize("a")])).errors, dict[int, Exception])
     try:
         await flow(["x"])
     except BudgetExceeded as e:
