@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib.util
 import os
 import tempfile
+import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
@@ -101,6 +103,39 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(f"local_model tests must run in CI, but {reason}", pytrace=False)
         pytest.skip(reason)
+
+
+class JumpingClock:
+    """``time.monotonic``, which the event loop's clock reads too, able to jump forward: time
+    passes without being waited for."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real = time.monotonic
+        self.ahead = 0.0
+        monkeypatch.setattr(time, "monotonic", lambda: real() + self.ahead)
+
+    def jump(self, seconds: float) -> None:
+        """Move the clock on; timers due by then run when the loop next looks at them."""
+        self.ahead += seconds
+
+    async def pass_time(self, seconds: float) -> None:
+        """Let ``seconds`` pass at once. Every timer due by then runs before this returns, in
+        order of deadline: a timeout that expired meanwhile cancels the caller here."""
+        self.ahead += seconds
+        loop = asyncio.get_running_loop()
+        passed = loop.create_future()
+        loop.call_at(loop.time(), _resolve, passed)
+        await passed
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # cancelled by a timeout that fired first
+        future.set_result(None)
+
+
+@pytest.fixture
+def jumping_clock(monkeypatch: pytest.MonkeyPatch) -> JumpingClock:
+    return JumpingClock(monkeypatch)
 
 
 @pytest.fixture(autouse=True)

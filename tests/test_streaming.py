@@ -12,7 +12,6 @@ import datetime
 import itertools
 import json
 import re
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -32,6 +31,8 @@ from kagura.errors import (
 from kagura.providers import Model, ModelRequest, ModelResponse, ToolCall
 from kagura.resilience import CircuitBreaker, CircuitOpenError, no_waits, reset_breakers
 from kagura.testing import CapturedEvents, FakeModel, Reply, capture_events, override_model
+
+from .conftest import JumpingClock
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -538,11 +539,8 @@ async def test_the_total_timeout_counts_the_readers_time_between_items(
 
 
 async def test_the_total_timeout_bounds_the_tool_rounds_of_a_stream(
-    monkeypatch: pytest.MonkeyPatch,
+    jumping_clock: JumpingClock,
 ) -> None:
-    real = time.monotonic
-    ahead = 0.0
-    monkeypatch.setattr(time, "monotonic", lambda: real() + ahead)  # the loop's clock too
     started = asyncio.Event()
 
     @tool
@@ -561,7 +559,7 @@ async def test_the_total_timeout_bounds_the_tool_rounds_of_a_stream(
     with override_model(fake), capture_events() as events:
         reading = asyncio.ensure_future(collect(brief.stream("x")))
         await started.wait()
-        ahead = 31  # the deadline passes while the tool runs
+        jumping_clock.jump(31)  # the deadline passes while the tool runs
         with pytest.raises(TimeoutError, match="no answer within the total timeout of 30s"):
             await reading
     assert len(fake.requests) == 1
@@ -570,11 +568,8 @@ async def test_the_total_timeout_bounds_the_tool_rounds_of_a_stream(
 
 
 async def test_an_outer_calls_total_timeout_cutting_a_stream_short_is_recorded_as_such(
-    monkeypatch: pytest.MonkeyPatch,
+    jumping_clock: JumpingClock,
 ) -> None:
-    real = time.monotonic
-    ahead = 0.0
-    monkeypatch.setattr(time, "monotonic", lambda: real() + ahead)  # the loop's clock too
     inner_model = FakeModel([Reply("too late", delay=3600)], name="inner")
 
     @agent(model=inner_model, total_timeout=3600, retry=False)
@@ -595,7 +590,7 @@ async def test_an_outer_calls_total_timeout_cutting_a_stream_short_is_recorded_a
     with capture_events() as events:
         task = asyncio.ensure_future(outer("x"))
         await until(lambda: len(inner_model.requests) == 1)()
-        ahead = 31  # the outer call's deadline passes while the inner stream waits
+        jumping_clock.jump(31)  # the outer call's deadline passes while the inner stream waits
         with pytest.raises(TimeoutError):
             await task
     (attempt,) = events.spans(kind="llm", name="fake/inner")

@@ -31,6 +31,8 @@ from kagura.providers.openai import OpenAIChatModel
 from kagura.testing import FakeModel, capture_events
 from kagura.testing.fault_server import FaultServer
 
+from ..conftest import JumpingClock
+
 pytestmark = pytest.mark.timeout(60)
 
 LIMIT = 15.0  # seconds: the bound on every wait below that is not meant to expire
@@ -45,43 +47,10 @@ async def server() -> AsyncIterator[FaultServer]:
         yield srv
 
 
-class LoopClock:
-    """The running loop's clock, which can jump forward: time passes without being waited."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._real = loop.time
-        self.ahead = 0.0
-
-    def __call__(self) -> float:
-        return self._real() + self.ahead
-
-    async def pass_time(self, seconds: float) -> None:
-        """Let ``seconds`` pass at once. Every timer due by then runs before this returns, in
-        order of deadline: a timeout that expired meanwhile cancels the caller here."""
-        self.ahead += seconds
-        loop = asyncio.get_running_loop()
-        passed = loop.create_future()
-        loop.call_at(loop.time(), _resolve, passed)
-        await passed
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():  # cancelled by a timeout that fired first
-        future.set_result(None)
-
-
-@pytest.fixture
-async def clock(monkeypatch: pytest.MonkeyPatch) -> LoopClock:
-    loop = asyncio.get_running_loop()
-    fake = LoopClock(loop)
-    monkeypatch.setattr(loop, "time", fake)
-    return fake
-
-
 class SlowSetUp(FakeModel):
     """A fake whose set-up takes a minute on the loop's clock, or fails with ``failures``."""
 
-    def __init__(self, clock: LoopClock, failures: list[BaseException] | None = None) -> None:
+    def __init__(self, clock: JumpingClock, failures: list[BaseException] | None = None) -> None:
         super().__init__()
         self.clock = clock
         self.failures = failures or []
@@ -99,7 +68,7 @@ class SlowSetUp(FakeModel):
 class SlowRequest(FakeModel):
     """The control: the same minute, spent by the request itself."""
 
-    def __init__(self, clock: LoopClock) -> None:
+    def __init__(self, clock: JumpingClock) -> None:
         super().__init__()
         self.clock = clock
 
@@ -111,8 +80,10 @@ class SlowRequest(FakeModel):
 # -- the seam --------------------------------------------------------------------------------------
 
 
-async def test_set_up_does_not_count_against_the_attempts_timeout(clock: LoopClock) -> None:
-    model = SlowSetUp(clock)
+async def test_set_up_does_not_count_against_the_attempts_timeout(
+    jumping_clock: JumpingClock,
+) -> None:
+    model = SlowSetUp(jumping_clock)
 
     @agent(model=model, timeout=1, retry=False)
     async def ask(text: str) -> str:
@@ -125,9 +96,9 @@ async def test_set_up_does_not_count_against_the_attempts_timeout(clock: LoopClo
     assert [s.status for s in events.spans("llm")] == ["completed"]
 
 
-async def test_the_same_minute_in_the_request_does_time_out(clock: LoopClock) -> None:
+async def test_the_same_minute_in_the_request_does_time_out(jumping_clock: JumpingClock) -> None:
     # Shows that the clock above really trips a timeout that is running.
-    @agent(model=SlowRequest(clock), timeout=1, retry=False)
+    @agent(model=SlowRequest(jumping_clock), timeout=1, retry=False)
     async def ask(text: str) -> str:
         """{{ text }}"""
 
@@ -135,8 +106,8 @@ async def test_the_same_minute_in_the_request_does_time_out(clock: LoopClock) ->
         await ask("hello")
 
 
-async def test_a_prepared_model_is_not_prepared_again(clock: LoopClock) -> None:
-    model = SlowSetUp(clock)
+async def test_a_prepared_model_is_not_prepared_again(jumping_clock: JumpingClock) -> None:
+    model = SlowSetUp(jumping_clock)
 
     @agent(model=model, timeout=1, retry=False)
     async def ask(text: str) -> str:
@@ -164,9 +135,9 @@ async def test_a_model_with_no_set_up_is_never_asked_to_prepare() -> None:
 
 
 async def test_a_failed_set_up_fails_the_attempt_and_the_next_one_tries_again(
-    clock: LoopClock,
+    jumping_clock: JumpingClock,
 ) -> None:
-    model = SlowSetUp(clock, failures=[UsageError("the SDK is missing")])
+    model = SlowSetUp(jumping_clock, failures=[UsageError("the SDK is missing")])
 
     @agent(model=model, timeout=1)  # retries on: a usage error is not retried
     async def ask(text: str) -> str:
@@ -182,8 +153,8 @@ async def test_a_failed_set_up_fails_the_attempt_and_the_next_one_tries_again(
     assert model.preparations == 2
 
 
-async def test_set_up_counts_against_the_total_timeout(clock: LoopClock) -> None:
-    model = SlowSetUp(clock)
+async def test_set_up_counts_against_the_total_timeout(jumping_clock: JumpingClock) -> None:
+    model = SlowSetUp(jumping_clock)
 
     @agent(model=model, total_timeout=1)
     async def ask(text: str) -> str:

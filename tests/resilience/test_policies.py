@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from typing import Any
 
 import pytest
@@ -27,6 +26,7 @@ from kagura.resilience import (
 from kagura.resilience._policies import LIBRARY_DEFAULTS, UNSET, effective, guards_for
 from kagura.testing import FakeModel, Reply, capture_events, override_model
 
+from ..conftest import JumpingClock
 from .conftest import FakeClock, settle, turns_until
 
 pytestmark = pytest.mark.usefixtures("no_waits")
@@ -257,27 +257,9 @@ async def test_total_timeout_bounds_the_whole_call(fake: FakeModel) -> None:
     await assert_no_other_tasks()
 
 
-class JumpingClock:
-    """``time.monotonic`` (which the event loop's clock reads too), able to jump forward."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        real = time.monotonic
-        self.ahead = 0.0
-        monkeypatch.setattr(time, "monotonic", lambda: real() + self.ahead)
-
-    async def pass_time(self, seconds: float) -> None:
-        """Let ``seconds`` pass at once; every timer due by then runs before this returns."""
-        self.ahead += seconds
-        loop = asyncio.get_running_loop()
-        passed = loop.create_future()
-        loop.call_at(loop.time(), lambda: passed.done() or passed.set_result(None))
-        await passed
-
-
 async def test_a_tool_cut_short_by_the_total_timeout_is_recorded_timed_out(
-    fake: FakeModel, monkeypatch: pytest.MonkeyPatch
+    fake: FakeModel, jumping_clock: JumpingClock
 ) -> None:
-    clock = JumpingClock(monkeypatch)
     started = asyncio.Event()
 
     @tool
@@ -295,7 +277,7 @@ async def test_a_tool_cut_short_by_the_total_timeout_is_recorded_timed_out(
     with capture_events() as events:
         call = asyncio.create_task(bounded("x"))
         await started.wait()
-        await clock.pass_time(61)
+        await jumping_clock.pass_time(61)
         with pytest.raises(TimeoutError):
             await call
     assert [s.status for s in events.spans(kind="tool")] == ["timed_out"]
@@ -303,11 +285,10 @@ async def test_a_tool_cut_short_by_the_total_timeout_is_recorded_timed_out(
 
 
 async def test_attempts_cut_short_by_the_total_timeout_leave_the_breaker_alone(
-    fake: FakeModel, monkeypatch: pytest.MonkeyPatch
+    fake: FakeModel, jumping_clock: JumpingClock
 ) -> None:
     # The total timeout is outside the breaker: the call's time may have gone on its tools or on
     # earlier attempts. A per-attempt timeout, inside it, is what tells a provider that hangs.
-    clock = JumpingClock(monkeypatch)
     breaker = CircuitBreaker("hangs", failure_threshold=2)
 
     @agent(retry=False, total_timeout=60, breaker=breaker)
@@ -322,7 +303,7 @@ async def test_attempts_cut_short_by_the_total_timeout_leave_the_breaker_alone(
         sent = len(fake.requests)
         task = asyncio.create_task(call("x"))
         await turns_until(lambda: len(fake.requests) > sent)
-        await clock.pass_time(61)
+        await jumping_clock.pass_time(61)
         with pytest.raises(TimeoutError):
             await task
 
