@@ -564,6 +564,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
 def _runs_recover(args: argparse.Namespace) -> int:
     import asyncio
 
+    from ._process import HOST
     from .durable import _views, recover
 
     url = _runs_store(args)
@@ -574,7 +575,7 @@ def _runs_recover(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     outcomes = asyncio.run(recover(all_hosts=args.all_hosts, concurrency=args.concurrency))
     console = _console()
-    where = "any host" if args.all_hosts else f"this host ({_host()})"
+    where = "any host" if args.all_hosts else f"this host ({HOST})"
     if not outcomes:
         console.print(f"No interrupted durable runs of {where} to recover.")
         return 0
@@ -607,12 +608,6 @@ def _runs_prune(args: argparse.Namespace) -> int:
         "interrupted runs are kept."
     )
     return 0
-
-
-def _host() -> str:
-    from ._process import HOST
-
-    return HOST
 
 
 # -- keygen -----------------------------------------------------------------------------------

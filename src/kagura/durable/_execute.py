@@ -22,6 +22,7 @@ import pydantic_core
 from pydantic import TypeAdapter
 
 from .._context import run_owner
+from .._process import HOST
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
 from ._journal import (
     Journal,
@@ -343,7 +344,7 @@ def _busy_message(record: RunRecord) -> str:
     age = time.time() - (record.heartbeat_at or 0)
     where = (
         "this host"
-        if record.host == journal_host()
+        if record.host == HOST
         else f"{record.host} (another host: its lease is how this one knows it is gone)"
     )
     return (
@@ -351,12 +352,6 @@ def _busy_message(record: RunRecord) -> str:
         f"last heartbeat {age:.1f}s ago; it can be resumed once that process stops (at once on "
         f"its own host, else when its lease of {record.lease(lease_seconds()):g}s runs out)"
     )
-
-
-def journal_host() -> str:
-    from .._process import HOST
-
-    return HOST
 
 
 async def _wait_for(workflow: Workflow, journal: Journal, run_id: str) -> Any:

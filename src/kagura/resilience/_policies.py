@@ -24,7 +24,7 @@ from .._context import Span, call_deadline, current_span
 from .._usage import Usage
 from ..errors import UsageError
 from ..providers import Model, ModelRequest, ModelResponse
-from ._backoff import seconds, time_limit
+from ._backoff import time_limit
 from ._breaker import CircuitBreaker, circuit_breaker, settle_admitted
 from ._budget import CostBudget, current_cost_budgets
 from ._classify import retry_after
@@ -146,10 +146,6 @@ class Policies:
         policies (see :func:`effective`), where a retry policy's ``total_timeout`` is its
         level's own unless that level said otherwise: ``None`` is off."""
         return None if self.total_timeout is UNSET else self.total_timeout
-
-
-def _duration(value: float | timedelta | Unset | None, what: str) -> float | Unset | None:
-    return value if value is None or isinstance(value, Unset) else seconds(value, what)
 
 
 def _lifted(p: Policies) -> Policies:
