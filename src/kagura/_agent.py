@@ -19,7 +19,7 @@ import json
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, overload
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 import pydantic_core
 
@@ -32,7 +32,7 @@ from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._recording import ensure_recording
 from ._redact import repr_of, str_of
 from ._streaming import AgentStream, open_agent_stream
-from ._tool import Tool, as_tool, with_resolved_annotations
+from ._tool import Tool, as_tool, resolved_hints, with_resolved_annotations
 from ._usage import Usage
 from .durable import _script
 from .durable._run import DurableRun, current_durable_run, journaled
@@ -782,22 +782,13 @@ def _return_type(fn: Callable[..., Any], name: str) -> Any:
     returned = annotations["return"]
     # get_type_hints looks a function's globals up on the innermost __wrapped__.
     stand_in = types.SimpleNamespace(__annotations__={"return": returned})
-    try:
-        return get_type_hints(
-            stand_in, globalns=inspect.unwrap(fn).__globals__, include_extras=True
-        )["return"]
-    except NameError as exc:
-        raise UsageError(
-            f"agent {name!r}: its return type {returned!r} cannot be resolved ({exc}): it is "
-            f"looked up in the module's globals when the agent is made, so define or import "
-            f"it at module level before the agent (not after it, in a function, or only under "
-            f"'if TYPE_CHECKING:')"
-        ) from exc
-    except Exception as exc:  # not an expression ("list[int"), or one that fails ("int | 3")
-        raise UsageError(
-            f"agent {name!r}: its return annotation {returned!r} is not a type "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+    return resolved_hints(
+        stand_in,
+        "agent",
+        name,
+        globalns=inspect.unwrap(fn).__globals__,
+        one=f"its return annotation {returned!r}",
+    )["return"]
 
 
 def _fallback_models(fallback: object) -> tuple[str | Model, ...]:
