@@ -31,7 +31,7 @@ from ._journal import (
     journal_for,
     lease_seconds,
 )
-from ._run import DurableRun, canonical, current_durable_run, reads_back
+from ._run import DurableRun, canonical, current_durable_run, from_journal, reads_back
 from ._script import check_not_loading, check_source, loading_target
 
 _log = logging.getLogger("kagura.durable")
@@ -207,12 +207,7 @@ def _load_arguments(workflow: Workflow, text: str | None) -> inspect.BoundArgume
 
 
 def _load_result(workflow: Workflow, text: str | None) -> Any:
-    if text is None:
-        return None
-    adapter = _result_adapter(workflow)
-    if adapter is None:
-        return pydantic_core.from_json(text)
-    return adapter.validate_json(text)
+    return from_journal(text, _result_adapter(workflow))
 
 
 def _result_adapter(workflow: Workflow) -> TypeAdapter[Any] | None:
