@@ -290,13 +290,11 @@ class Agent(Generic[P, R]):
 
     def using(self, model: str | Model) -> Agent[P, R]:
         """This agent on another model (same prompt, type, tools and policies); for fallbacks."""
-        if isinstance(model, str):
-            _parse_model_string(model, None, None)
-        elif not isinstance(model, Model):
-            raise UsageError(
-                f"{self.name}.using() takes a model string such as 'openai/gpt-4o-mini', or a "
-                f"kagura.providers.Model, got {model!r}"
-            )
+        _checked_model(
+            model,
+            f"{self.name}.using() takes a model string such as 'openai/gpt-4o-mini', or a "
+            f"kagura.providers.Model",
+        )
         twin = copy.copy(self)
         twin.model = model
         twin.base_url = None
@@ -471,7 +469,7 @@ class Agent(Generic[P, R]):
     ) -> tuple[Any, str]:
         """The primary model, then each fallback model in turn after a run failure. The error
         raised at the end carries the failures before it, as a :class:`Fallback`'s does."""
-        chain = [model, *(resolve_model(spec) for spec in self.fallback)]
+        chain = self.model_chain(model)
         failed: list[tuple[str, Exception]] = []
         for position, current in enumerate(chain):
             if position == 1:
@@ -581,11 +579,12 @@ class Agent(Generic[P, R]):
 
     # -- the seam a streamed call (kagura._streaming) shares with an awaited one ---------------
 
-    def model_chain(self) -> list[Model]:
-        """The models a call tries, in order: its own (after any test override), then each
-        fallback model."""
-        model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
-        return [model, *(resolve_model(spec) for spec in self.fallback)]
+    def model_chain(self, own: Model | None = None) -> list[Model]:
+        """The models a call tries, in order: its own (after any test override; ``own`` when
+        resolved already), then each fallback model."""
+        if own is None:
+            own = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
+        return [own, *(resolve_model(spec) for spec in self.fallback)]
 
     def first_request(
         self, model: Model, prompt: str, prompted_tools: bool = False
@@ -799,16 +798,25 @@ def _fallback_models(fallback: object) -> tuple[str | Model, ...]:
         raise UsageError(
             f"fallback must be a model, or a list of models, to try in turn, got {fallback!r}"
         )
-    models = tuple(fallback)
-    for spec in models:
-        if isinstance(spec, str):
-            _parse_model_string(spec, None, None)
-        elif not isinstance(spec, Model):
-            raise UsageError(
-                f"fallback models are model strings such as 'openai/gpt-4o-mini', or "
-                f"kagura.providers.Model objects, got {spec!r}"
-            )
-    return models
+    return tuple(
+        _checked_model(
+            spec,
+            "fallback models are model strings such as 'openai/gpt-4o-mini', or "
+            "kagura.providers.Model objects",
+        )
+        for spec in fallback
+    )
+
+
+def _checked_model(spec: object, takes: str) -> str | Model:
+    """``spec`` if it is a model: a model string that parses (checked now, not at the first
+    call), or a :class:`~kagura.providers.Model`; else a usage error, ``takes`` saying what
+    was wanted."""
+    if isinstance(spec, str):
+        _parse_model_string(spec, None, None)
+    elif not isinstance(spec, Model):
+        raise UsageError(f"{takes}, got {spec!r}")
+    return spec
 
 
 def _agent_from(fn: AgentFunction[Any, Any], options: AgentOptions) -> Agent[Any, Any]:
