@@ -439,7 +439,7 @@ class Agent(Generic[P, R]):
             functools.partial(self._answer, model, arguments, span, policies),
             dump=self._dump_answer,
             load=self._load_answer,
-            position=span._position,
+            position=span.position,
         )
 
     def _dump_answer(self, answer: tuple[Any, str]) -> str:

@@ -95,7 +95,6 @@ class Span:
         "_key",
         "_n",
         "_parent_id",
-        "_position",
         "_run",
         "_seq",
         "completion_tokens",
@@ -107,6 +106,7 @@ class Span:
         "llm_calls",
         "name",
         "parent",
+        "position",
         "prompt_tokens",
         "result",
         "retries",
@@ -147,14 +147,14 @@ class Span:
             # Its place among its parent's steps whatever their names (LLM attempts, whose number
             # varies with retries, are not steps): how a durable run notices a renamed step.
             if kind != "llm":
-                self._position = parent._children
+                self.position: int = parent._children
                 parent._children += 1
             else:
-                self._position = -1
+                self.position = -1
         else:
             self._run = span_id or self._n
             self._seq = 0
-            self._position = -1
+            self.position = -1
         self.start_ns: int = time.time_ns()
         self._child_seq: dict[str, int] | None = None
         self._key: str | None = None

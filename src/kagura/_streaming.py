@@ -182,7 +182,7 @@ async def _items(
             digest = ""
             if durable is not None:
                 digest = input_hash(arguments)
-                record = durable.lookup(span.step_key, agent.name, "agent", digest, span._position)
+                record = durable.lookup(span.step_key, agent.name, "agent", digest, span.position)
                 if record is not None:
                     value = read_back(span, "agent", agent.output.load, record.output)
                     state.ended = True
@@ -261,7 +261,7 @@ async def _items(
                         "agent",
                         digest,
                         agent.output.dump(result, f"agent {agent.name!r}"),
-                        span._position,
+                        span.position,
                     )
                 # Over before the last item: a reader that stops at the result (and never asks
                 # for the end of the stream) leaves a completed call.

@@ -466,7 +466,7 @@ async def step(
             run,
             dump=lambda v: _dump_step(name, v, fn),
             load=lambda output: cast(T, _load(output, fn)),
-            position=span._position,
+            position=span.position,
         )
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)
