@@ -375,8 +375,7 @@ class Agent(Generic[P, R]):
             arguments = {self._sole: sole}  # type: ignore[dict-item]  # set when this is called
         if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
             _script.check_not_loading(f"agent {self.name!r} was called")
-        if not _instrument._recording_checked:
-            ensure_recording()
+        ensure_recording()
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
         policies = effective(self.policies)
         parent = current_span.get()

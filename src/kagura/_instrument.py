@@ -29,6 +29,9 @@ _on_finish: tuple[Callable[[Span], None], ...] = ()
 _on_event: tuple[Callable[[SpanEvent], None], ...] = ()
 #: Is anyone listening? Attributes for records are only built when someone will read them.
 recording = False
+#: Is a :class:`~kagura._events.Sink` installed? It gets record objects, which it may keep, so
+#: what they hold must not change after they are made (a span sink takes what it needs at once).
+record_sinks = False
 
 
 def add_sink(sink: Sink | SpanSink) -> None:
@@ -52,11 +55,12 @@ def remove_sink(sink: Sink | SpanSink) -> None:
 
 
 def _refresh() -> None:
-    global _on_start, _on_finish, _on_event, recording
+    global _on_start, _on_finish, _on_event, recording, record_sinks
     _on_start = tuple(s.span_started for s in _span_sinks)
     _on_finish = tuple(s.span_finished for s in _span_sinks)
     _on_event = tuple(s.span_event for s in _span_sinks)
     recording = bool(_sinks or _span_sinks)
+    record_sinks = bool(_sinks)
 
 
 def sinks() -> tuple[Sink | SpanSink, ...]:
@@ -211,8 +215,21 @@ def status_of(error: BaseException) -> Status:
 
 
 #: Whether the first agent or workflow call has decided to record (see
-#: :func:`kagura._recording.ensure_recording`): after that, one global check per call.
+#: :func:`kagura._recording.ensure_recording`, which reads and sets it through the functions
+#: below).
 _recording_checked = False
+
+
+def recording_checked() -> bool:
+    """Whether a call has decided whether to record: the default recorder is installed, or
+    turned off."""
+    return _recording_checked
+
+
+def mark_recording_checked() -> None:
+    """Note that the decision is made: later calls do not make it again."""
+    global _recording_checked
+    _recording_checked = True
 
 
 def reset_recording_check() -> None:

@@ -34,7 +34,7 @@ async def attempt(
     if recording:
         # The agent appends to its message list after this attempt: a sink that keeps record
         # objects gets a snapshot (span sinks take what they need at once).
-        messages = request.messages if not _instrument._sinks else tuple(request.messages)
+        messages = request.messages if not _instrument.record_sinks else tuple(request.messages)
         span_started(span, {"model": model_id, "messages": messages})
     try:
         if not model.prepared:
@@ -127,7 +127,7 @@ class StreamedAttempt:
         self._sent_ns = 0
         self._first_ns = 0
         if _instrument.recording:
-            messages = request.messages if not _instrument._sinks else tuple(request.messages)
+            messages = request.messages if not _instrument.record_sinks else tuple(request.messages)
             span_started(self.span, {"model": model.id, "messages": messages, "stream": True})
         self._request = request
 

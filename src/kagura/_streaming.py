@@ -168,8 +168,7 @@ async def _items(
 ) -> AsyncGenerator[Any, None]:
     if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
         _script.check_not_loading(f"agent {agent.name!r} was streamed")
-    if not _instrument._recording_checked:
-        ensure_recording()
+    ensure_recording()
     policies = effective(agent.policies)
     span = Span("agent", agent.name, current_span.get())
     if _instrument.recording:
