@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from typing import Any, Literal
+from typing import Any
 
 import pydantic_core
 
 from .._redact import looks_secret, redact_text, repr_of, scrub
-
-ContentMode = Literal["full", "hash", "none"]
+from .._settings import ContentMode
 
 MAX_TEXT = 64_000
 

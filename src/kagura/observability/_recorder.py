@@ -70,9 +70,9 @@ from .. import _settings
 from .._context import Span
 from .._events import Event, SpanEvent, SpanFinished, SpanStarted
 from .._instrument import close
+from .._settings import ContentMode
 from ..errors import StoreError
 from ._content import (
-    ContentMode,
     recorded,
     recorded_messages,
     recorded_result,
@@ -306,7 +306,7 @@ class Recorder:
         self.url: str = normalise_url(url)
         #: Set when the store could not be opened: nothing is being recorded.
         self.broken: bool = False
-        self.content: ContentMode = content or _settings.record_content()  # type: ignore[assignment]
+        self.content: ContentMode = content or _settings.record_content()
         # How long finished rows may wait to be sent when fewer than a batch's worth are queued
         # (the loop wakes the thread once a batch's worth is queued). Each time it wakes, it
         # takes the GIL from the event loop: at every 50 ms, a burst of 2,000 runs took 6% longer
