@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._context import Span, past_call_deadline
+from ._context import Span, SpanKind, past_call_deadline
 from ._events import Event, Sink, SpanEvent, SpanFinished, SpanSink, SpanStarted, Status
 from ._redact import str_of
 from ._usage import Usage
@@ -94,7 +94,7 @@ def span_started(span: Span, attributes: dict[str, Any] | None = None) -> None:
             emit(SpanStarted(*_identity(span), attributes if attributes is not None else {}))
 
 
-def _identity(span: Span) -> tuple[str, str | None, str, str, str, str, int]:
+def _identity(span: Span) -> tuple[str, str | None, str, SpanKind, str, str, int]:
     """What every record of ``span`` starts with: its ids, kind, name, step key and start."""
     return (
         span.span_id,

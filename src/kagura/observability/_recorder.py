@@ -391,10 +391,10 @@ class Recorder:
             self._detached[event.span_id] = span
             self.span_started(span, dict(event.attributes))
         elif isinstance(event, SpanFinished):
-            span = self._detached.pop(event.span_id, None) or self._span_of(event)  # type: ignore[arg-type]
-            span.error, span.error_type = event.error, event.error_type
+            ended = self._detached.pop(event.span_id, None) or self._span_of(event)
+            ended.error, ended.error_type = event.error, event.error_type
             close(
-                span,
+                ended,
                 event.status,
                 None,
                 event.usage,
@@ -402,7 +402,7 @@ class Recorder:
                 dict(event.attributes),
                 end_ns=event.end_ns,
             )
-            self.span_finished(span)
+            self.span_finished(ended)
         else:
             if event.name == "retry_wait" and event.span_id in self._detached:
                 self._detached[event.span_id].retries += 1
@@ -411,7 +411,7 @@ class Recorder:
     def _span_of(self, event: SpanStarted | SpanFinished) -> Span:
         parent = self._detached.get(event.parent_id) if event.parent_id else None
         return Span.detached(
-            event.kind,  # type: ignore[arg-type]
+            event.kind,
             event.name,
             event.span_id,
             event.parent_id,
