@@ -246,13 +246,14 @@ class Agent(Generic[P, R]):
             if p.default is not p.empty
         }
         self._parameter_count = len(self._signature.parameters)
-        #: The name of the only parameter, when a call may give it by position.
-        self._sole: str | None = (
+        #: The name of the only parameter, when a call may give it by position (else empty: no
+        #: parameter is called that).
+        self._sole: str = (
             positional[0]
             if (positional := self._positional)
             and len(positional) == 1
             and self._parameter_count == 1
-            else None
+            else ""
         )
         first = next(iter(self._signature.parameters), None)
         if first in ("self", "cls"):
@@ -347,7 +348,7 @@ class Agent(Generic[P, R]):
     # an argument whose type holds an explicit ``Any``, while an ``async def``'s implicit one is
     # ignored. ``asyncio.run``, ``create_task`` and ``wait_for`` take it all the same.
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[object, object, R]:
-        if self._sole is not None and len(args) == 1 and not kwargs:
+        if self._sole and len(args) == 1 and not kwargs:
             return self._call(None, False, args[0])
         return self._call(self._bind(args, kwargs), False)
 
@@ -372,7 +373,7 @@ class Agent(Generic[P, R]):
         parameter); with ``full``, (output, the model that answered, the call's span, which
         holds its totals)."""
         if arguments is None:
-            arguments = {self._sole: sole}  # type: ignore[dict-item]  # set when this is called
+            arguments = {self._sole: sole}
         if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
             _script.check_not_loading(f"agent {self.name!r} was called")
         ensure_recording()
@@ -458,10 +459,7 @@ class Agent(Generic[P, R]):
         if total is None and not self.fallback:  # the common case, without extra layers
             model.check_ready()
             return self._run(model, prompt, span, policies)
-        answer: Awaitable[tuple[Any, str]] = with_total_timeout(
-            total, self._run_chain(model, prompt, span, policies)
-        )
-        return answer
+        return with_total_timeout(total, self._run_chain(model, prompt, span, policies))
 
     async def _run_chain(
         self, model: Model, prompt: str, span: Span, policies: Policies

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _instrument
 from ._context import Span
+from ._events import Status
 from ._instrument import CUT_SHORT, span_finished, span_started, status_of
 from ._usage import NO_USAGE, Usage
 from .errors import ProviderError, ProviderTimeout
@@ -223,7 +224,7 @@ class StreamedAttempt:
             found["ttft_ms"] = (self._first_ns - self._sent_ns) / 1e6
         return found
 
-    def _end(self, status: Any, error: BaseException) -> None:
+    def _end(self, status: Status, error: BaseException) -> None:
         self._chunks = None
         if isinstance(error, DeadlinePassed):  # raised for the caller to word; recorded worded
             error = TimeoutError(CUT_SHORT)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from rich import box
-from rich.console import Group
+from rich.console import Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
@@ -268,15 +268,16 @@ def recovered_table(outcomes: Sequence[Recovered], *, width: int | None = None) 
         title_justify="left",
         width=width,
     )
-    for name, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("run id", "left"),
         ("workflow", "left"),
         ("outcome", "left"),
         ("from journal", "right"),
         ("ran now", "right"),
         ("error", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
     for o in outcomes:
         error = "" if o.error is None else f"{type(o.error).__name__}: {o.error}"
         table.add_row(

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from datetime import timedelta
-from typing import Any, Final, TypedDict
+from typing import Any, Final, TypedDict, TypeVar
 
 from .. import _llm
 from .._context import Span, call_deadline, current_span
@@ -30,6 +30,8 @@ from ._budget import CostBudget, current_cost_budgets
 from ._classify import retry_after
 from ._ratelimit import RateLimiter, estimate_tokens, limiter_for_model
 from ._retry import DEFAULT_RETRY, Retry
+
+T = TypeVar("T")
 
 
 class Unset(enum.Enum):
@@ -338,7 +340,7 @@ async def _guarded_attempt(
     return response
 
 
-async def with_total_timeout(total: float | None, coro: Any) -> Any:
+async def with_total_timeout(total: float | None, coro: Awaitable[T]) -> T:
     # A provider's set-up (Model.prepare: an SDK import, loading weights) counts here, unlike
     # against a per-attempt timeout: this bounds how long the caller waits, whatever for, while
     # the other exists to catch a slow provider. A call that gives up leaves the set-up running
