@@ -419,9 +419,8 @@ class Agent(Generic[P, R]):
 
     # No closures here: a variable that a nested function uses is made a cell at every call of
     # the function that holds it. A durable step waits for its commit with everything it made
-    # still alive, and every object of it is one more for the garbage collector to count: three
-    # lambdas and five cells per step made a full collection more frequent
-    # (benchmarks/bench_durable.py).
+    # still alive, and every object of it is one more for the garbage collector to count, so
+    # lambdas and cells per step would make its full collections more frequent.
     def _answer_journaled(
         self,
         durable: DurableRun,

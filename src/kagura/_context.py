@@ -23,8 +23,8 @@ SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 # unique across processes writing to one store.
 PREFIX = os.urandom(6).hex()
 _counter = itertools.count(1)
-# printf-style with the prefix baked in: about 60% of the time of the equivalent f-string
-# (measured: 100 ns against 165 ns).
+# printf-style with the prefix baked in: cheaper than an f-string, for a text made for each span
+# whose id is read.
 _ID_FORMAT = PREFIX + "%010x"  # hex digits: no "%" to escape
 
 

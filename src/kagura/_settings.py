@@ -41,8 +41,8 @@ def kagura_home() -> Path:
 
 @lru_cache(maxsize=16)
 def _home(explicit: str | None, user_home: str | None) -> Path:
-    # Cached per setting (``user_home`` is what Path.home() reads): making the path took about
-    # 10 µs, and every durable run looks its journal up by it.
+    # Cached per setting (``user_home`` is what Path.home() reads): every durable run looks its
+    # journal up by this path, so it is made once per setting rather than once per run.
     return Path(explicit) if explicit else Path.home() / ".kagura"
 
 
