@@ -19,7 +19,7 @@ import json
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Generic, ParamSpec, TypeVar, Unpack, get_type_hints, overload
+from typing import Any, Generic, ParamSpec, TypeVar, Unpack, overload
 
 import pydantic_core
 
@@ -32,7 +32,7 @@ from ._prompt import PromptTemplate, warn_if_body_has_code
 from ._recording import ensure_recording
 from ._redact import repr_of, str_of
 from ._streaming import AgentStream, open_agent_stream
-from ._tool import Tool, as_tool, with_resolved_annotations
+from ._tool import Tool, as_tool, resolved_hints, with_resolved_annotations
 from ._usage import Usage
 from .durable import _script
 from .durable._run import DurableRun, current_durable_run, journaled
@@ -246,13 +246,14 @@ class Agent(Generic[P, R]):
             if p.default is not p.empty
         }
         self._parameter_count = len(self._signature.parameters)
-        #: The name of the only parameter, when a call may give it by position.
-        self._sole: str | None = (
+        #: The name of the only parameter, when a call may give it by position (else empty: no
+        #: parameter is called that).
+        self._sole: str = (
             positional[0]
             if (positional := self._positional)
             and len(positional) == 1
             and self._parameter_count == 1
-            else None
+            else ""
         )
         first = next(iter(self._signature.parameters), None)
         if first in ("self", "cls"):
@@ -290,13 +291,11 @@ class Agent(Generic[P, R]):
 
     def using(self, model: str | Model) -> Agent[P, R]:
         """This agent on another model (same prompt, type, tools and policies); for fallbacks."""
-        if isinstance(model, str):
-            _parse_model_string(model, None, None)
-        elif not isinstance(model, Model):
-            raise UsageError(
-                f"{self.name}.using() takes a model string such as 'openai/gpt-4o-mini', or a "
-                f"kagura.providers.Model, got {model!r}"
-            )
+        _checked_model(
+            model,
+            f"{self.name}.using() takes a model string such as 'openai/gpt-4o-mini', or a "
+            f"kagura.providers.Model",
+        )
         twin = copy.copy(self)
         twin.model = model
         twin.base_url = None
@@ -349,7 +348,7 @@ class Agent(Generic[P, R]):
     # an argument whose type holds an explicit ``Any``, while an ``async def``'s implicit one is
     # ignored. ``asyncio.run``, ``create_task`` and ``wait_for`` take it all the same.
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[object, object, R]:
-        if self._sole is not None and len(args) == 1 and not kwargs:
+        if self._sole and len(args) == 1 and not kwargs:
             return self._call(None, False, args[0])
         return self._call(self._bind(args, kwargs), False)
 
@@ -374,11 +373,10 @@ class Agent(Generic[P, R]):
         parameter); with ``full``, (output, the model that answered, the call's span, which
         holds its totals)."""
         if arguments is None:
-            arguments = {self._sole: sole}  # type: ignore[dict-item]  # set when this is called
+            arguments = {self._sole: sole}
         if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
             _script.check_not_loading(f"agent {self.name!r} was called")
-        if not _instrument._recording_checked:
-            ensure_recording()
+        ensure_recording()
         model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
         policies = effective(self.policies)
         parent = current_span.get()
@@ -421,9 +419,8 @@ class Agent(Generic[P, R]):
 
     # No closures here: a variable that a nested function uses is made a cell at every call of
     # the function that holds it. A durable step waits for its commit with everything it made
-    # still alive, and every object of it is one more for the garbage collector to count: three
-    # lambdas and five cells per step made a full collection more frequent
-    # (benchmarks/bench_durable.py).
+    # still alive, and every object of it is one more for the garbage collector to count, so
+    # lambdas and cells per step would make its full collections more frequent.
     def _answer_journaled(
         self,
         durable: DurableRun,
@@ -441,7 +438,7 @@ class Agent(Generic[P, R]):
             functools.partial(self._answer, model, arguments, span, policies),
             dump=self._dump_answer,
             load=self._load_answer,
-            position=span._position,
+            position=span.position,
         )
 
     def _dump_answer(self, answer: tuple[Any, str]) -> str:
@@ -461,17 +458,14 @@ class Agent(Generic[P, R]):
         if total is None and not self.fallback:  # the common case, without extra layers
             model.check_ready()
             return self._run(model, prompt, span, policies)
-        answer: Awaitable[tuple[Any, str]] = with_total_timeout(
-            total, self._run_chain(model, prompt, span, policies)
-        )
-        return answer
+        return with_total_timeout(total, self._run_chain(model, prompt, span, policies))
 
     async def _run_chain(
         self, model: Model, prompt: str, span: Span, policies: Policies
     ) -> tuple[Any, str]:
         """The primary model, then each fallback model in turn after a run failure. The error
         raised at the end carries the failures before it, as a :class:`Fallback`'s does."""
-        chain = [model, *(resolve_model(spec) for spec in self.fallback)]
+        chain = self.model_chain(model)
         failed: list[tuple[str, Exception]] = []
         for position, current in enumerate(chain):
             if position == 1:
@@ -581,11 +575,12 @@ class Agent(Generic[P, R]):
 
     # -- the seam a streamed call (kagura._streaming) shares with an awaited one ---------------
 
-    def model_chain(self) -> list[Model]:
-        """The models a call tries, in order: its own (after any test override), then each
-        fallback model."""
-        model = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
-        return [model, *(resolve_model(spec) for spec in self.fallback)]
+    def model_chain(self, own: Model | None = None) -> list[Model]:
+        """The models a call tries, in order: its own (after any test override; ``own`` when
+        resolved already), then each fallback model."""
+        if own is None:
+            own = resolve_model(self.model, base_url=self.base_url, api_key=self._api_key)
+        return [own, *(resolve_model(spec) for spec in self.fallback)]
 
     def first_request(
         self, model: Model, prompt: str, prompted_tools: bool = False
@@ -782,22 +777,13 @@ def _return_type(fn: Callable[..., Any], name: str) -> Any:
     returned = annotations["return"]
     # get_type_hints looks a function's globals up on the innermost __wrapped__.
     stand_in = types.SimpleNamespace(__annotations__={"return": returned})
-    try:
-        return get_type_hints(
-            stand_in, globalns=inspect.unwrap(fn).__globals__, include_extras=True
-        )["return"]
-    except NameError as exc:
-        raise UsageError(
-            f"agent {name!r}: its return type {returned!r} cannot be resolved ({exc}): it is "
-            f"looked up in the module's globals when the agent is made, so define or import "
-            f"it at module level before the agent (not after it, in a function, or only under "
-            f"'if TYPE_CHECKING:')"
-        ) from exc
-    except Exception as exc:  # not an expression ("list[int"), or one that fails ("int | 3")
-        raise UsageError(
-            f"agent {name!r}: its return annotation {returned!r} is not a type "
-            f"({type(exc).__name__}: {exc})"
-        ) from exc
+    return resolved_hints(
+        stand_in,
+        "agent",
+        name,
+        globalns=inspect.unwrap(fn).__globals__,
+        one=f"its return annotation {returned!r}",
+    )["return"]
 
 
 def _fallback_models(fallback: object) -> tuple[str | Model, ...]:
@@ -808,16 +794,25 @@ def _fallback_models(fallback: object) -> tuple[str | Model, ...]:
         raise UsageError(
             f"fallback must be a model, or a list of models, to try in turn, got {fallback!r}"
         )
-    models = tuple(fallback)
-    for spec in models:
-        if isinstance(spec, str):
-            _parse_model_string(spec, None, None)
-        elif not isinstance(spec, Model):
-            raise UsageError(
-                f"fallback models are model strings such as 'openai/gpt-4o-mini', or "
-                f"kagura.providers.Model objects, got {spec!r}"
-            )
-    return models
+    return tuple(
+        _checked_model(
+            spec,
+            "fallback models are model strings such as 'openai/gpt-4o-mini', or "
+            "kagura.providers.Model objects",
+        )
+        for spec in fallback
+    )
+
+
+def _checked_model(spec: object, takes: str) -> str | Model:
+    """``spec`` if it is a model: a model string that parses (checked now, not at the first
+    call), or a :class:`~kagura.providers.Model`; else a usage error, ``takes`` saying what
+    was wanted."""
+    if isinstance(spec, str):
+        _parse_model_string(spec, None, None)
+    elif not isinstance(spec, Model):
+        raise UsageError(f"{takes}, got {spec!r}")
+    return spec
 
 
 def _agent_from(fn: AgentFunction[Any, Any], options: AgentOptions) -> Agent[Any, Any]:

@@ -23,8 +23,8 @@ SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
 # unique across processes writing to one store.
 PREFIX = os.urandom(6).hex()
 _counter = itertools.count(1)
-# printf-style with the prefix baked in: about 60% of the time of the equivalent f-string
-# (measured: 100 ns against 165 ns).
+# printf-style with the prefix baked in: cheaper than an f-string, for a text made for each span
+# whose id is read.
 _ID_FORMAT = PREFIX + "%010x"  # hex digits: no "%" to escape
 
 
@@ -95,7 +95,6 @@ class Span:
         "_key",
         "_n",
         "_parent_id",
-        "_position",
         "_run",
         "_seq",
         "completion_tokens",
@@ -107,6 +106,7 @@ class Span:
         "llm_calls",
         "name",
         "parent",
+        "position",
         "prompt_tokens",
         "result",
         "retries",
@@ -147,14 +147,14 @@ class Span:
             # Its place among its parent's steps whatever their names (LLM attempts, whose number
             # varies with retries, are not steps): how a durable run notices a renamed step.
             if kind != "llm":
-                self._position = parent._children
+                self.position: int = parent._children
                 parent._children += 1
             else:
-                self._position = -1
+                self.position = -1
         else:
             self._run = span_id or self._n
             self._seq = 0
-            self._position = -1
+            self.position = -1
         self.start_ns: int = time.time_ns()
         self._child_seq: dict[str, int] | None = None
         self._key: str | None = None

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
+from ._context import SpanKind
 from ._usage import Usage
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ class SpanStarted:
     span_id: str
     parent_id: str | None
     run_id: str
-    kind: str
+    kind: SpanKind
     name: str
     step_key: str
     start_ns: int
@@ -43,7 +44,7 @@ class SpanFinished:
     span_id: str
     parent_id: str | None
     run_id: str
-    kind: str
+    kind: SpanKind
     name: str
     step_key: str
     start_ns: int

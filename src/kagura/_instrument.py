@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._context import Span, past_call_deadline
+from ._context import Span, SpanKind, past_call_deadline
 from ._events import Event, Sink, SpanEvent, SpanFinished, SpanSink, SpanStarted, Status
 from ._redact import str_of
 from ._usage import Usage
@@ -29,6 +29,9 @@ _on_finish: tuple[Callable[[Span], None], ...] = ()
 _on_event: tuple[Callable[[SpanEvent], None], ...] = ()
 #: Is anyone listening? Attributes for records are only built when someone will read them.
 recording = False
+#: Is a :class:`~kagura._events.Sink` installed? It gets record objects, which it may keep, so
+#: what they hold must not change after they are made (a span sink takes what it needs at once).
+record_sinks = False
 
 
 def add_sink(sink: Sink | SpanSink) -> None:
@@ -52,11 +55,12 @@ def remove_sink(sink: Sink | SpanSink) -> None:
 
 
 def _refresh() -> None:
-    global _on_start, _on_finish, _on_event, recording
+    global _on_start, _on_finish, _on_event, recording, record_sinks
     _on_start = tuple(s.span_started for s in _span_sinks)
     _on_finish = tuple(s.span_finished for s in _span_sinks)
     _on_event = tuple(s.span_event for s in _span_sinks)
     recording = bool(_sinks or _span_sinks)
+    record_sinks = bool(_sinks)
 
 
 def sinks() -> tuple[Sink | SpanSink, ...]:
@@ -90,7 +94,7 @@ def span_started(span: Span, attributes: dict[str, Any] | None = None) -> None:
             emit(SpanStarted(*_identity(span), attributes if attributes is not None else {}))
 
 
-def _identity(span: Span) -> tuple[str, str | None, str, str, str, str, int]:
+def _identity(span: Span) -> tuple[str, str | None, str, SpanKind, str, str, int]:
     """What every record of ``span`` starts with: its ids, kind, name, step key and start."""
     return (
         span.span_id,
@@ -211,8 +215,21 @@ def status_of(error: BaseException) -> Status:
 
 
 #: Whether the first agent or workflow call has decided to record (see
-#: :func:`kagura._recording.ensure_recording`): after that, one global check per call.
+#: :func:`kagura._recording.ensure_recording`, which reads and sets it through the functions
+#: below).
 _recording_checked = False
+
+
+def recording_checked() -> bool:
+    """Whether a call has decided whether to record: the default recorder is installed, or
+    turned off."""
+    return _recording_checked
+
+
+def mark_recording_checked() -> None:
+    """Note that the decision is made: later calls do not make it again."""
+    global _recording_checked
+    _recording_checked = True
 
 
 def reset_recording_check() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from . import _instrument
 from ._context import Span
+from ._events import Status
 from ._instrument import CUT_SHORT, span_finished, span_started, status_of
 from ._usage import NO_USAGE, Usage
 from .errors import ProviderError, ProviderTimeout
@@ -34,7 +35,7 @@ async def attempt(
     if recording:
         # The agent appends to its message list after this attempt: a sink that keeps record
         # objects gets a snapshot (span sinks take what they need at once).
-        messages = request.messages if not _instrument._sinks else tuple(request.messages)
+        messages = request.messages if not _instrument.record_sinks else tuple(request.messages)
         span_started(span, {"model": model_id, "messages": messages})
     try:
         if not model.prepared:
@@ -127,7 +128,7 @@ class StreamedAttempt:
         self._sent_ns = 0
         self._first_ns = 0
         if _instrument.recording:
-            messages = request.messages if not _instrument._sinks else tuple(request.messages)
+            messages = request.messages if not _instrument.record_sinks else tuple(request.messages)
             span_started(self.span, {"model": model.id, "messages": messages, "stream": True})
         self._request = request
 
@@ -223,7 +224,7 @@ class StreamedAttempt:
             found["ttft_ms"] = (self._first_ns - self._sent_ns) / 1e6
         return found
 
-    def _end(self, status: Any, error: BaseException) -> None:
+    def _end(self, status: Status, error: BaseException) -> None:
         self._chunks = None
         if isinstance(error, DeadlinePassed):  # raised for the caller to word; recorded worded
             error = TimeoutError(CUT_SHORT)

@@ -17,14 +17,14 @@ _installing = threading.RLock()
 def ensure_recording() -> None:
     """Install the default recorder on the first agent or workflow call, unless turned off.
 
-    Deferred to the first call so that ``import kagura`` stays light; after that it is one global
-    check per call (``_instrument._recording_checked``). Checked only once the recorder is in
-    place: the first calls of other threads wait for it meanwhile, rather than run unrecorded
-    (or recorded without what they started with)."""
-    if _instrument._recording_checked:
+    Deferred to the first call so that ``import kagura`` stays light; after that every call
+    returns at once. Checked only once the recorder is in place: the first calls of other
+    threads wait for it meanwhile, rather than run unrecorded (or recorded without what they
+    started with)."""
+    if _instrument.recording_checked():
         return
     with _installing:
-        if _instrument._recording_checked:
+        if _instrument.recording_checked():
             return
         try:
             if _settings.recording_enabled():
@@ -32,4 +32,4 @@ def ensure_recording() -> None:
 
                 install_default()
         finally:
-            _instrument._recording_checked = True
+            _instrument.mark_recording_checked()

@@ -7,6 +7,7 @@ import sys
 import warnings
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 LOCAL_MODEL = "local/smollm2"
 OPENAI_DEFAULT_MODEL = "gpt-4o-mini"
@@ -40,8 +41,8 @@ def kagura_home() -> Path:
 
 @lru_cache(maxsize=16)
 def _home(explicit: str | None, user_home: str | None) -> Path:
-    # Cached per setting (``user_home`` is what Path.home() reads): making the path took about
-    # 10 µs, and every durable run looks its journal up by it.
+    # Cached per setting (``user_home`` is what Path.home() reads): every durable run looks its
+    # journal up by this path, so it is made once per setting rather than once per run.
     return Path(explicit) if explicit else Path.home() / ".kagura"
 
 
@@ -83,11 +84,17 @@ def record_in_a_process() -> bool:
     return bool(sys.executable) and not getattr(sys, "frozen", False)
 
 
-def record_content() -> str:
+#: How recorded prompts and outputs are stored: whole, as hashes, or not at all.
+ContentMode = Literal["full", "hash", "none"]
+CONTENT_MODES: tuple[ContentMode, ...] = ("full", "hash", "none")
+
+
+def record_content() -> ContentMode:
     """``KAGURA_RECORD_CONTENT``: ``full`` (default), ``hash`` or ``none`` (prompts, outputs)."""
     value = os.environ.get("KAGURA_RECORD_CONTENT", "full").lower()
-    if value in ("full", "hash", "none"):
-        return value
+    for mode in CONTENT_MODES:
+        if value == mode:
+            return mode
     # A privacy setting misspelt ("off", "hashed") is meant to keep something out: the safest
     # reading, said, rather than everything recorded in full.
     warnings.warn(

@@ -168,8 +168,7 @@ async def _items(
 ) -> AsyncGenerator[Any, None]:
     if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
         _script.check_not_loading(f"agent {agent.name!r} was streamed")
-    if not _instrument._recording_checked:
-        ensure_recording()
+    ensure_recording()
     policies = effective(agent.policies)
     span = Span("agent", agent.name, current_span.get())
     if _instrument.recording:
@@ -182,7 +181,7 @@ async def _items(
             digest = ""
             if durable is not None:
                 digest = input_hash(arguments)
-                record = durable.lookup(span.step_key, agent.name, "agent", digest, span._position)
+                record = durable.lookup(span.step_key, agent.name, "agent", digest, span.position)
                 if record is not None:
                     value = read_back(span, "agent", agent.output.load, record.output)
                     state.ended = True
@@ -261,7 +260,7 @@ async def _items(
                         "agent",
                         digest,
                         agent.output.dump(result, f"agent {agent.name!r}"),
-                        span._position,
+                        span.position,
                     )
                 # Over before the last item: a reader that stops at the result (and never asks
                 # for the end of the stream) leaves a completed call.

@@ -23,6 +23,27 @@ from rich.text import Text
 ERROR = "error"
 DASH = "—"
 
+#: How a status is shown, the same for an execution (``kagura monitor``) as for a durable run
+#: (``kagura runs``, whose statuses are running, completed, failed and interrupted). In this
+#: order in the monitor's summaries.
+STATUS_STYLES = {
+    "completed": "green",
+    "failed": "bold red",
+    "timed_out": "red",
+    "cancelled": "yellow",
+    # Its process died (or its lease ran out, or its run was taken over) before it ended.
+    "interrupted": "bold yellow",
+    "running": "cyan",
+}
+STATUS_ICONS = {
+    "completed": "✓",
+    "failed": "✗",
+    "timed_out": "⏱",
+    "cancelled": "⊘",
+    "interrupted": "↯",
+    "running": "…",
+}
+
 
 def table_width(widths: Sequence[int]) -> int:
     """The width of a table with columns this wide (gaps of 2, edges of 1)."""
@@ -107,6 +128,19 @@ class FittedTable:
         for row in rows:
             table.add_row(*(row[name] for name in columns))
         return table
+
+
+def status_text(status: str) -> Text:
+    """The status, coloured, with an icon."""
+    icon = STATUS_ICONS.get(status, "?")
+    return Text(f"{icon} {visible(status)}", style=STATUS_STYLES.get(status, ""))
+
+
+def error_excerpt(error: object, error_type: object, width: int = 60) -> str:
+    """``ErrorType: message`` on one line, cut to ``width``; empty when there is no error."""
+    if not error:
+        return ""
+    return excerpt(f"{error_type}: {error}" if error_type else str(error), width)
 
 
 def format_duration(ms: float | None) -> str:

@@ -84,7 +84,7 @@ class Tool(Generic[P, R]):
         target = _described(fn)
         description, param_docs = _parse_docstring(_doc_of(fn, target))
         self.description: str = description or self.name
-        hints = _hints(target, self.name)
+        hints = resolved_hints(target, "tool", self.name)  # the parameters' types are the schema
         fields: dict[str, Any] = {}
         #: Parameters passed by position: a positional-only one cannot be given by name.
         self._positional: tuple[str, ...] = ()
@@ -296,18 +296,32 @@ def _doc_of(fn: Callable[..., Any], target: Callable[..., Any]) -> str:
     return own or target.__doc__ or ""
 
 
-def _hints(target: Callable[..., Any], name: str) -> dict[str, Any]:
-    """The type hints of ``target``, what annotates the tool ``name`` (:func:`_described`)."""
+def resolved_hints(
+    target: object,
+    kind: str,
+    name: str,
+    *,
+    globalns: dict[str, Any] | None = None,
+    one: str | None = None,
+) -> dict[str, Any]:
+    """The type hints of ``target``, what annotates the ``kind`` (tool, agent) ``name``, as
+    :func:`typing.get_type_hints` resolves them (in ``globalns`` if given). ``one`` names the
+    annotation when only one is resolved (an agent's return annotation).
+
+    An annotation is resolved when the tool or agent is made, so one that cannot be is a
+    :class:`~kagura.errors.UsageError` then, with the advice that fits: a name not yet defined
+    (a class further down the module, or imported only for the type checker), or text that is
+    not a type at all."""
     try:
-        return get_type_hints(target, include_extras=True)
-    except NameError as exc:  # its parameters' types are the schema: each must resolve
+        return get_type_hints(target, globalns=globalns, include_extras=True)
+    except NameError as exc:
         raise UsageError(
-            f"tool {name!r}: its annotations cannot be resolved ({exc}): they are looked up in "
-            f"its module's globals when the tool is made, so define or import the types they "
-            f"name at module level before the tool (not after it, in a function, or only under "
-            f"'if TYPE_CHECKING:')"
+            f"{kind} {name!r}: {one or 'its annotations'} cannot be resolved ({exc}): "
+            f"annotations are looked up in the module's globals when the {kind} is made, so "
+            f"define or import the types they name at module level before the {kind} (not "
+            f"after it, in a function, or only under 'if TYPE_CHECKING:')"
         ) from exc
     except Exception as exc:  # not an expression ("list[int"), or one that fails ("int | 3")
         raise UsageError(
-            f"tool {name!r}: an annotation is not a type ({type(exc).__name__}: {exc})"
+            f"{kind} {name!r}: {one or 'an annotation'} is not a type ({type(exc).__name__}: {exc})"
         ) from exc

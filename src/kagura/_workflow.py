@@ -121,8 +121,7 @@ class Workflow(Generic[P, R]):
         up around this call); a plain call of the workflow is this too."""
         if _script.loads_in_progress:  # a workflow's module is being imported to resume a run
             _script.check_not_loading(f"workflow {self.name!r} was started")
-        if not _instrument._recording_checked:
-            ensure_recording()
+        ensure_recording()
         outer = current_span.get()
         span = Span("workflow", self.name, outer, span_id=span_id)
         # Undone by setting ``outer`` back rather than by a reset token: a token would be one

@@ -138,18 +138,6 @@ def _scrub(text: str, url: str) -> str:
     return scrub_url(text, url)
 
 
-def _sqlite_path(url: str) -> Path | None:
-    """The file behind a SQLite URL (``None`` for other databases and in-memory ones)."""
-    if not url.startswith("sqlite"):
-        return None
-    from sqlalchemy import make_url
-
-    database = make_url(url).database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database)
-
-
 def _store_name(store: EventStore) -> str:
     from ._storage import store_name
 
@@ -176,9 +164,10 @@ def _nothing_there(url: str, *, given: bool) -> bool:
     """Whether the store at ``url`` is not there yet, or holds none of Kagura's tables (an empty
     file, a database nothing has recorded to): a command that only reads says so rather than
     make the store. An error where the store was ``given`` (``--db``, or a run asked for)."""
-    from ._storage import holds_no_store
+    from ._storage import holds_no_store, sqlite_path
 
-    path = _sqlite_path(url)
+    file = sqlite_path(url)
+    path = None if file is None else Path(file)
     if path is not None and path.exists():
         _refuse_foreign(path)
     if (path is None or path.exists()) and not holds_no_store(url):
@@ -189,9 +178,10 @@ def _nothing_there(url: str, *, given: bool) -> bool:
 
 
 def _no_store(url: str) -> str:
-    from ._storage import store_name
+    from ._storage import sqlite_path, store_name
 
-    path = _sqlite_path(url)
+    file = sqlite_path(url)
+    path = None if file is None else Path(file)
     if path is not None and not path.exists():
         return f"no event store at {path}"
     return f"no Kagura event store in {store_name(url)} (none of Kagura's tables are there)"
@@ -564,6 +554,7 @@ def _runs_resume(args: argparse.Namespace) -> int:
 def _runs_recover(args: argparse.Namespace) -> int:
     import asyncio
 
+    from ._process import HOST
     from .durable import _views, recover
 
     url = _runs_store(args)
@@ -574,7 +565,7 @@ def _runs_recover(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     outcomes = asyncio.run(recover(all_hosts=args.all_hosts, concurrency=args.concurrency))
     console = _console()
-    where = "any host" if args.all_hosts else f"this host ({_host()})"
+    where = "any host" if args.all_hosts else f"this host ({HOST})"
     if not outcomes:
         console.print(f"No interrupted durable runs of {where} to recover.")
         return 0
@@ -607,12 +598,6 @@ def _runs_prune(args: argparse.Namespace) -> int:
         "interrupted runs are kept."
     )
     return 0
-
-
-def _host() -> str:
-    from ._process import HOST
-
-    return HOST
 
 
 # -- keygen -----------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ steps = Table(
     Column("input_hash", String(64), nullable=False),
     Column("output", Text),  # JSON
     Column("created_at", Float, nullable=False),
-    Column("position", Integer),  # its place among its parent's steps (see Span._position)
+    Column("position", Integer),  # its place among its parent's steps (see Span.position)
 )
 
 # -- the store's schema version (see _migrations) ------------------------------------------------

@@ -22,6 +22,7 @@ import pydantic_core
 from pydantic import TypeAdapter
 
 from .._context import run_owner
+from .._process import HOST
 from ..errors import RunFailedError, RunInProgressError, RunTakenOverError, UsageError
 from ._journal import (
     Journal,
@@ -30,7 +31,7 @@ from ._journal import (
     journal_for,
     lease_seconds,
 )
-from ._run import DurableRun, canonical, current_durable_run, reads_back
+from ._run import DurableRun, canonical, current_durable_run, from_journal, reads_back
 from ._script import check_not_loading, check_source, loading_target
 
 _log = logging.getLogger("kagura.durable")
@@ -206,12 +207,7 @@ def _load_arguments(workflow: Workflow, text: str | None) -> inspect.BoundArgume
 
 
 def _load_result(workflow: Workflow, text: str | None) -> Any:
-    if text is None:
-        return None
-    adapter = _result_adapter(workflow)
-    if adapter is None:
-        return pydantic_core.from_json(text)
-    return adapter.validate_json(text)
+    return from_journal(text, _result_adapter(workflow))
 
 
 def _result_adapter(workflow: Workflow) -> TypeAdapter[Any] | None:
@@ -343,7 +339,7 @@ def _busy_message(record: RunRecord) -> str:
     age = time.time() - (record.heartbeat_at or 0)
     where = (
         "this host"
-        if record.host == journal_host()
+        if record.host == HOST
         else f"{record.host} (another host: its lease is how this one knows it is gone)"
     )
     return (
@@ -351,12 +347,6 @@ def _busy_message(record: RunRecord) -> str:
         f"last heartbeat {age:.1f}s ago; it can be resumed once that process stops (at once on "
         f"its own host, else when its lease of {record.lease(lease_seconds()):g}s runs out)"
     )
-
-
-def journal_host() -> str:
-    from .._process import HOST
-
-    return HOST
 
 
 async def _wait_for(workflow: Workflow, journal: Journal, run_id: str) -> Any:

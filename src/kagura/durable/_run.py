@@ -466,7 +466,7 @@ async def step(
             run,
             dump=lambda v: _dump_step(name, v, fn),
             load=lambda output: cast(T, _load(output, fn)),
-            position=span._position,
+            position=span.position,
         )
     except BaseException as exc:
         span_finished(span, status_of(exc), exc)
@@ -496,12 +496,18 @@ def _dump_step(name: str, value: Any, fn: Callable[..., Any]) -> str:
 
 
 def _load(output: str | None, fn: Callable[..., Any]) -> Any:
-    if output is None:
-        return None
     found = _returned(fn)
-    if found is None:
-        return pydantic_core.from_json(output)
-    return found[1].validate_json(output)
+    return from_journal(output, None if found is None else found[1])
+
+
+def from_journal(text: str | None, adapter: TypeAdapter[Any] | None) -> Any:
+    """A journaled result (its JSON, ``None`` for none) as a replay gives it: read through the
+    validator of its function's return annotation, or as JSON as it is without one."""
+    if text is None:
+        return None
+    if adapter is None:
+        return pydantic_core.from_json(text)
+    return adapter.validate_json(text)
 
 
 # Kept per function, weakly (a function made per call goes with its call, and what it holds):

@@ -14,30 +14,23 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 
 from rich import box
-from rich.console import Group
+from rich.console import Group, JustifyMethod
 from rich.table import Table
 from rich.text import Text
 
 from .._table import (
     DASH,
     FittedTable,
+    error_excerpt,
     excerpt,
     format_seconds,
     format_time,
     format_when,
+    status_text,
     visible,
 )
 from ._execute import Recovered
 from ._journal import RunRecord, StepRecord
-
-RUN_STATUSES = ("running", "completed", "failed", "interrupted")
-RUN_STATUS_STYLES = {
-    "running": "cyan",
-    "completed": "green",
-    "failed": "bold red",
-    "interrupted": "bold yellow",
-}
-RUN_STATUS_ICONS = {"running": "…", "completed": "✓", "failed": "✗", "interrupted": "↯"}
 
 # Columns of the runs table, and the order in which a narrow terminal drops them.
 _COLUMNS: tuple[tuple[str, str], ...] = (
@@ -59,13 +52,6 @@ _RUNS_TABLE = FittedTable(_COLUMNS, _DROP_ORDER, _MAX_WIDTHS, _MIN_ERROR_WIDTH)
 # -- single values ----------------------------------------------------------------------------
 
 
-def run_status_text(status: str) -> Text:
-    """The run's status, coloured, with an icon (``interrupted``: marked running, but its
-    process is gone or its lease ran out)."""
-    icon = RUN_STATUS_ICONS.get(status, "?")
-    return Text(f"{icon} {visible(status)}", style=RUN_STATUS_STYLES.get(status, ""))
-
-
 def as_datetime(timestamp: float | None) -> datetime | None:
     """A journal timestamp (seconds since the epoch) as a local, zone-aware datetime."""
     return None if not timestamp else datetime.fromtimestamp(timestamp).astimezone()
@@ -76,14 +62,6 @@ def owner_text(record: RunRecord) -> str:
     if record.pid is None and not record.host:
         return DASH
     return visible(f"{record.pid if record.pid is not None else '?'}@{record.host or '?'}")
-
-
-def run_error(record: RunRecord, width: int = 60) -> str:
-    """``ErrorType: message`` on one line, cut to ``width``; empty when the run has no error."""
-    if not record.error:
-        return ""
-    shown = f"{record.error_type}: {record.error}" if record.error_type else record.error
-    return excerpt(shown, width)
 
 
 def count_steps(count: int) -> str:
@@ -105,13 +83,13 @@ def run_cells(record: RunRecord, *, now: datetime | None = None) -> dict[str, Te
     return {
         "run id": Text(visible(record.run_id), style="bold"),
         "workflow": Text(visible(record.workflow)),
-        "status": run_status_text(record.status),
+        "status": status_text(record.status),
         "steps": Text(str(record.steps)),
         "attempts": Text(str(record.attempts), style="yellow" if record.attempts > 1 else ""),
         "started": Text(format_when(as_datetime(record.created_at), now=now)),
         "updated": Text(format_when(as_datetime(record.updated_at), now=now)),
         "pid@host": Text(owner_text(record), style="dim"),
-        "error": Text(run_error(record), style="red"),
+        "error": Text(error_excerpt(record.error, record.error_type), style="red"),
     }
 
 
@@ -154,7 +132,7 @@ def run_header(record: RunRecord, lease: float, *, now: float | None = None) -> 
     table.add_column("value", overflow="fold")
     table.add_row("run", Text(visible(record.run_id), style="bold"))
     table.add_row("workflow", Text(visible(record.workflow)))
-    table.add_row("status", run_status_text(record.status))
+    table.add_row("status", status_text(record.status))
     table.add_row("target", Text(visible(record.target or DASH), style="dim"))
     table.add_row("arguments", Text(excerpt(record.arguments, 200) or DASH))
     table.add_row("steps", Text(f"{count_steps(record.steps)} journaled"))
@@ -165,7 +143,9 @@ def run_header(record: RunRecord, lease: float, *, now: float | None = None) -> 
     if record.status == "completed":
         table.add_row("result", Text(excerpt(record.result, 200) or DASH))
     if record.error:
-        table.add_row("error", Text(run_error(record, 200), style="red"))
+        table.add_row(
+            "error", Text(error_excerpt(record.error, record.error_type, 200), style="red")
+        )
     return table
 
 
@@ -288,15 +268,16 @@ def recovered_table(outcomes: Sequence[Recovered], *, width: int | None = None) 
         title_justify="left",
         width=width,
     )
-    for name, justify in (
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
         ("run id", "left"),
         ("workflow", "left"),
         ("outcome", "left"),
         ("from journal", "right"),
         ("ran now", "right"),
         ("error", "left"),
-    ):
-        table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
+    )
+    for name, justify in columns:
+        table.add_column(name, justify=justify, overflow="fold")
     for o in outcomes:
         error = "" if o.error is None else f"{type(o.error).__name__}: {o.error}"
         table.add_row(

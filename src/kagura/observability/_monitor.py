@@ -21,32 +21,18 @@ from rich.tree import Tree
 
 from .._table import (
     DASH,
+    STATUS_STYLES,
     FittedTable,
+    error_excerpt,
     excerpt,
     format_duration,
     format_seconds,
     format_time,
     format_when,
+    status_text,
     visible,
 )
 
-STATUS_STYLES = {
-    "completed": "green",
-    "failed": "bold red",
-    "timed_out": "red",
-    "cancelled": "yellow",
-    # Its process died (or its run was taken over) before it ended: known once the death is.
-    "interrupted": "bold yellow",
-    "running": "cyan",
-}
-STATUS_ICONS = {
-    "completed": "✓",
-    "failed": "✗",
-    "timed_out": "⏱",
-    "cancelled": "⊘",
-    "interrupted": "↯",
-    "running": "…",
-}
 KIND_STYLES = {"workflow": "bold magenta", "agent": "bold blue", "llm": "cyan", "tool": "yellow"}
 
 _EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -58,12 +44,6 @@ _SPARKS = "▁▂▃▄▅▆▇█"
 def shown(value: object) -> str:
     """A recorded value as text to show: its control and format characters as escapes."""
     return visible(str(value))
-
-
-def status_text(status: str) -> Text:
-    """The status, coloured, with an icon."""
-    icon = STATUS_ICONS.get(status, "?")
-    return Text(f"{icon} {shown(status)}", style=STATUS_STYLES.get(status, ""))
 
 
 def format_cost(cost: float | None) -> str:
@@ -91,14 +71,6 @@ def format_tokens(count: int | None) -> str:
 
 def format_rate(rate: float) -> str:
     return f"{rate * 100:.1f}%"
-
-
-def error_line(execution: Mapping[str, Any], width: int = 60) -> str:
-    error = execution.get("error")
-    if not error:
-        return ""
-    kind = execution.get("error_type")
-    return excerpt(f"{kind}: {error}" if kind else str(error), width)
 
 
 def bar(value: float, maximum: float, width: int) -> str:
@@ -167,7 +139,9 @@ def execution_cells(execution: Mapping[str, Any]) -> dict[str, Text]:
         "cost": cost_text(metrics.get("total_cost")),
         "llm calls": Text(str(metrics.get("llm_calls") or 0)),
         "retries": Text(str(retries), style="yellow" if retries else ""),
-        "error": Text(error_line(execution), style="red"),
+        "error": Text(
+            error_excerpt(execution.get("error"), execution.get("error_type")), style="red"
+        ),
     }
 
 

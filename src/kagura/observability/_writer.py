@@ -34,6 +34,7 @@ from .. import _context, _encryption
 from .._context import id_format
 from .._process import this_process
 from .._redact import looks_secret, repr_of, scrub
+from .._settings import ContentMode
 from .._storage import (
     ROLLUP_COLUMNS,
     is_store_fault,
@@ -50,7 +51,6 @@ from .._storage import (
 from ..errors import EncryptionKeyError, StoreError
 from ._content import (
     MAX_TEXT,
-    ContentMode,
     as_inputs_text,
     as_text,
     attributes_text,

@@ -15,7 +15,7 @@ import functools
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import timedelta
 from typing import Any, Literal, ParamSpec, TypeVar
 
@@ -285,6 +285,18 @@ def circuit_breaker(
                 clock=clock,
             )
         return breaker
+
+
+def shared_breakers() -> dict[str, CircuitBreaker]:
+    """The breakers :func:`circuit_breaker` shares, by name, as they are now (a copy)."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+def share_breakers(breakers: Mapping[str, CircuitBreaker]) -> None:
+    """Share these breakers by their names, each in place of any shared under its name."""
+    with _registry_lock:
+        _registry.update(breakers)
 
 
 def reset_breakers() -> None:

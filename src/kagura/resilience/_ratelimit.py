@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 
 from .._checks import count, real
@@ -287,6 +287,18 @@ def _model_key(model: object) -> str:
 def limiter_for_model(model: str) -> RateLimiter | None:
     """The limit set with :func:`limit_model` for a model's id (``Model.id``), if any."""
     return _registry.get(model)
+
+
+def model_limits() -> dict[str, RateLimiter]:
+    """The limits set with :func:`limit_model`, by model id, as they are now (a copy)."""
+    with _registry_lock:
+        return dict(_registry)
+
+
+def set_model_limits(limits: Mapping[str, RateLimiter]) -> None:
+    """Set these limits by model id, each in place of any set for its model."""
+    with _registry_lock:
+        _registry.update(limits)
 
 
 def reset_rate_limits() -> None:

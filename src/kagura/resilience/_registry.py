@@ -26,16 +26,10 @@ class Registry:
 
 def registry() -> Registry:
     """What this process has registered, as it is now (a copy)."""
-    with _ratelimit._registry_lock:
-        limits = dict(_ratelimit._registry)
-    with _breaker._registry_lock:
-        breakers = dict(_breaker._registry)
-    return Registry(limits, breakers)
+    return Registry(_ratelimit.model_limits(), _breaker.shared_breakers())
 
 
 def use_registry(taken: Registry) -> None:
     """Register these limits and breakers in this process, each in place of any of its name."""
-    with _ratelimit._registry_lock:
-        _ratelimit._registry.update(taken.limits)
-    with _breaker._registry_lock:
-        _breaker._registry.update(taken.breakers)
+    _ratelimit.set_model_limits(taken.limits)
+    _breaker.share_breakers(taken.breakers)
