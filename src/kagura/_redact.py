@@ -84,6 +84,11 @@ def looks_secret(text: str) -> bool:
 _SUSPICIOUS_BYTES = tuple(word.encode() for word in _SUSPICIOUS_WORDS)
 
 
+def is_secret_name(name: str) -> bool:
+    """Is ``name`` (a key, a header's or a variable's name) a secret's name?"""
+    return _SECRET_KEY.search(name) is not None
+
+
 def secret_names(environ: Mapping[str, str]) -> list[str]:
     """The names in ``environ`` (the environment) of the values that are secrets by their name:
     ``*_API_KEY``, ``*_SECRET*``, ``*_TOKEN``, ``*_PASSWORD``."""

@@ -355,7 +355,7 @@ def test_a_body_nested_deeper_than_json_loads_recurses_is_a_malformed_response()
     response: Any = SimpleNamespace(status=200, content_type="application/json", headers={})
     client: Any = SimpleNamespace(secrets=())
     with pytest.raises(ProviderError, match="malformed response"):
-        _http.Client._answer(client, response, deep.encode(), "openai/test-model")
+        _http.Client._answer(client, response, deep.encode(), "openai/test-model", ())
     with pytest.raises(ProviderError, match="malformed stream chunk"):
         _http._chunk("", deep, "openai/test-model", None)
     assert message_of(deep) is None
@@ -945,6 +945,66 @@ async def test_credentials_of_the_base_url_the_server_quotes_back_are_left_out(
         )
         assert "hunter2" not in (error.body or "") and basic not in (error.body or "")
     assert all("hunter2" not in (span.error or "") for span in events.spans())
+
+
+#: An Azure OpenAI key (32 hex digits): no shape the redaction of recorded text knows.
+HEADER_KEY = "3f9a1c0e5b7d4e2a8c6f0b1d2e3a4c5f"
+USER_PASSWORD = "tenant:" + HEADER_KEY
+
+
+@pytest.mark.parametrize(
+    ("headers", "quoted"),
+    [
+        ({"api-key": HEADER_KEY}, HEADER_KEY),  # Azure's
+        ({"x-api-key": HEADER_KEY}, HEADER_KEY),
+        ({"Ocp-Apim-Subscription-Key": HEADER_KEY}, HEADER_KEY),  # Azure API Management's
+        ({"Authorization": f"Bearer {HEADER_KEY}"}, HEADER_KEY),
+        ({"Authorization": f"Bearer {HEADER_KEY}"}, f"Bearer {HEADER_KEY}"),
+        (
+            {"Authorization": "Basic " + base64.b64encode(USER_PASSWORD.encode()).decode()},
+            USER_PASSWORD,
+        ),
+    ],
+)
+async def test_a_key_sent_in_extra_headers_the_server_quotes_back_is_left_out(
+    server: FaultServer, headers: dict[str, str], quoted: str
+) -> None:
+    # A key sent as a header of the agent's provider_kwargs is cut out of the error as the
+    # api_key= one is, however it is quoted, whole or after its scheme, called or streamed.
+    text = f"Access denied due to invalid subscription key {quoted}."
+    server.script(Fault("401", text=text), Fault("401", text=text))
+
+    @agent(
+        model="openai/test-model",
+        base_url=server.base_url,
+        retry=False,
+        provider_kwargs={"extra_headers": {**headers, "X-Request-Tag": "tag-12345678"}},
+    )
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        with capture_events() as events, pytest.raises(ProviderError) as caught:
+            await ask("hello")
+        with pytest.raises(ProviderError) as streamed:
+            _ = [delta async for delta in ask.stream("hello")]
+    for error in (caught.value, streamed.value):
+        assert HEADER_KEY not in str(error) and HEADER_KEY not in (error.body or "")
+        assert "invalid subscription key [REDACTED]" in str(error)
+    assert all(HEADER_KEY not in (span.error or "") for span in events.spans())
+    assert server.request_count == 2
+
+
+def test_only_extra_headers_named_as_secrets_are_cut_out() -> None:
+    from kagura.providers._chat import header_secrets
+
+    assert header_secrets({"api-version": "2024-02-01", "OpenAI-Beta": "assistants=v2"}) == ()
+    assert header_secrets({"X-Functions-Key": "k" * 12, "Authorization": "Bearer t0k"}) == (
+        "k" * 12,
+        "Bearer t0k",
+        "t0k",
+    )
+    assert header_secrets(None) == header_secrets(["not", "a", "dict"]) == ()
 
 
 def test_an_answer_without_usage_has_unknown_usage_not_zero() -> None:

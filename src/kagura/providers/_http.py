@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
-from ._chat import Secrets, answer_error, error_message, status_error, without_credentials
+from ._chat import (
+    Secrets,
+    answer_error,
+    error_message,
+    header_secrets,
+    status_error,
+    without_credentials,
+)
 from ._chunks import completion_chunk
 
 if TYPE_CHECKING:
@@ -79,10 +86,11 @@ class Client:
 
     async def complete(self, kwargs: Mapping[str, Any], model_id: str, hint: str) -> Any:
         """POST ``kwargs`` (the body, and any request options) and return the answer's JSON."""
+        secrets = self.secrets_for(kwargs)
         with self._failures_mapped(model_id, hint):
             async with self.session.post(self.url, **self._request(kwargs, model_id)) as response:
                 raw = await response.read()
-        return self._answer(response, raw, model_id)
+        return self._answer(response, raw, model_id, secrets)
 
     async def stream(
         self, kwargs: Mapping[str, Any], model_id: str, hint: str
@@ -95,6 +103,7 @@ class Client:
         A server that answers with a JSON body instead (it ignores ``stream=true``, or it
         reports an error with HTTP 200) is read as :meth:`complete` reads it: an error is raised
         here, a whole completion is the one chunk of the stream."""
+        secrets = self.secrets_for(kwargs)
         with self._failures_mapped(model_id, hint):
             response = await self.session.post(self.url, **self._request(kwargs, model_id))
             if response.status >= 400 or response.content_type == "application/json":
@@ -102,22 +111,30 @@ class Client:
                     raw = await response.read()
                 finally:
                     response.close()
-                completion = self._answer(response, raw, model_id)
+                completion = self._answer(response, raw, model_id, secrets)
                 try:
                     return _whole(completion_chunk(completion))
                 except (AttributeError, IndexError, KeyError, TypeError) as exc:
                     raise answer_error(
-                        model_id, f"malformed response: {exc}", _text(raw), secret=self.secrets
+                        model_id, f"malformed response: {exc}", _text(raw), secret=secrets
                     ) from exc
-        return self._chunks(response, model_id, hint)
+        return self._chunks(response, model_id, hint, secrets)
 
-    def _answer(self, response: aiohttp.ClientResponse, raw: bytes, model_id: str) -> Any:
+    def secrets_for(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+        """What the errors of a request of ``kwargs`` leave out: the client's credentials and
+        those among the request's extra headers."""
+        extra = kwargs.get("extra_headers")
+        return (*self.secrets, *header_secrets(extra)) if extra else self.secrets
+
+    def _answer(
+        self, response: aiohttp.ClientResponse, raw: bytes, model_id: str, secrets: Secrets
+    ) -> Any:
         """The JSON of a whole answer, or the error it is: an HTTP error status, a body that is
         not JSON, or an error object sent with HTTP 200 (some servers and proxies report a
         refused key or an exhausted quota so)."""
         if response.status >= 400:
             raise status_error(
-                model_id, response.status, response.headers, _text(raw), secret=self.secrets
+                model_id, response.status, response.headers, _text(raw), secret=secrets
             )
         try:
             data = json.loads(raw)
@@ -126,7 +143,7 @@ class Client:
                 model_id,
                 f"malformed response: {exc}{_not_json(response, raw)}",
                 _text(raw),
-                secret=self.secrets,
+                secret=secrets,
             ) from exc
         if _is_error(data):
             # The server answered so on purpose: an error of the status it names (OpenRouter
@@ -136,12 +153,12 @@ class Client:
                 _error_status(data) or response.status,
                 response.headers,
                 _text(raw),
-                secret=self.secrets,
+                secret=secrets,
             )
         return data
 
     async def _chunks(
-        self, response: aiohttp.ClientResponse, model_id: str, hint: str
+        self, response: aiohttp.ClientResponse, model_id: str, hint: str, secrets: Secrets
     ) -> AsyncGenerator[dict[str, Any], None]:
         try:
             head = bytearray()
@@ -161,12 +178,12 @@ class Client:
                             "the answer is not a stream of server-sent events"
                             + _not_json(response, bytes(head)),
                             _text(bytes(head)),
-                            secret=self.secrets,
+                            secret=secrets,
                         ) from None
                 some = True
                 if data.startswith("[DONE]"):
                     return
-                yield _chunk(event, data, model_id, self.secrets)
+                yield _chunk(event, data, model_id, secrets)
         finally:
             response.close()
 

@@ -168,7 +168,7 @@ class OpenAIChatModel(Model):
             return await client.complete(self._chat_kwargs(request, mode), self.id, self._hint())
 
         completion = await self._endpoint().send(request, send)
-        return _chat.to_response(completion, self.id, secret=client.secrets)
+        return _chat.to_response(completion, self.id, secret=client.secrets_for(request.extra))
 
     supports_streaming = True
 
