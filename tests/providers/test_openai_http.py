@@ -480,12 +480,48 @@ def test_connections_are_closed_when_the_event_loop_ends(tmp_path: Path) -> None
     assert "Unclosed" not in done.stderr, done.stderr
 
 
+async def test_agents_with_a_key_each_share_one_client_and_each_request_carries_its_own(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service calling with a key per user keeps one client (one session, one pool) per
+    endpoint, not one per key, each a socket or more never released while the loop lived; and
+    no key is kept in the cache of clients. Credentials in the base URL are the requests' too."""
+    monkeypatch.setattr(_http, "_clients", {})
+    keys = [f"sk-tenant-{n:03d}-0123456789abcdef" for n in range(40)]
+    users = [("tenant-a", "pw-a"), ("tenant-b", "pw-b")]
+
+    def asker(base_url: str, api_key: str | None = None) -> Agent[[str], str]:
+        @agent(model="openai/test-model", base_url=base_url, api_key=api_key, retry=False)
+        async def ask(text: str) -> str:
+            """{{ text }}"""
+
+        return ask
+
+    async with asyncio.timeout(LIMIT):
+        for key in keys:
+            assert await asker(server.base_url, key)("hello") == "hello"
+        for user, password in users:
+            url = server.base_url.replace("http://", f"http://{user}:{password}@")
+            assert await asker(url)("hello") == "hello"
+            _ = [delta async for delta in asker(url).stream("hello")]
+
+    (cached,) = _http._clients  # one endpoint, one loop: one client
+    assert not any(key in str(cached) for key in keys)
+    assert not any(password in str(cached) for _, password in users)
+    requests = server.chat_requests
+    assert [r.authorized_with(key) for r, key in zip(requests, keys, strict=False)] == [True] * 40
+    called_and_streamed = [user for user in users for _ in range(2)]
+    for request, (user, password) in zip(requests[40:], called_and_streamed, strict=True):
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        assert request.authorization_was(f"Basic {basic}")
+
+
 def test_the_clients_of_every_event_loop_share_one_tls_context_that_verifies() -> None:
     """The system's certificates are loaded once per process, not once per client (25 ms each,
     on every event loop), and certificates and host names are still checked."""
 
     async def transport_context() -> ssl.SSLContext:
-        client = await _http.client("https://example.invalid/v1", "key")
+        client = await _http.client("https://example.invalid/v1")
         # aiohttp's connector keeps the context it was given in a private attribute.
         context: ssl.SSLContext = client.session.connector._ssl  # type: ignore[union-attr]
         return context
@@ -523,7 +559,7 @@ def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_ca
 
     def other_loop() -> None:
         try:
-            made.append(asyncio.run(_http.client("http://127.0.0.1:9/other/v1", "key")))
+            made.append(asyncio.run(_http.client("http://127.0.0.1:9/other/v1")))
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -541,11 +577,11 @@ def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_ca
             return True
 
     stale: Any = (ClosedLoop(), None, None)
-    monkeypatch.setattr(_http, "_clients", {("http://stale/v1", "key", 0): stale})
+    monkeypatch.setattr(_http, "_clients", {("http://stale/v1", 0): stale})
     monkeypatch.setattr(_http, "_clients_lock", Lock(), raising=False)
 
     try:
-        made.append(asyncio.run(_http.client("http://127.0.0.1:9/this/v1", "key")))
+        made.append(asyncio.run(_http.client("http://127.0.0.1:9/this/v1")))
     finally:
         for other in others:
             other.join()
@@ -553,7 +589,7 @@ def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_ca
     # Each closed with its loop (which one is pruned as stale by the other depends on which
     # loop closed first).
     assert len(made) == 2 and all(client.session.closed for client in made)
-    assert ("http://stale/v1", "key", 0) not in _http._clients
+    assert ("http://stale/v1", 0) not in _http._clients
 
 
 async def test_hang_is_cancelled_cleanly_and_the_server_sees_the_client_go(
