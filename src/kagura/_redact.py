@@ -21,16 +21,24 @@ _SECRET_KEY = re.compile(
     re.I,
 )
 # Secrets inside free text: provider key shapes (OpenAI, Anthropic, OpenRouter, Google, Groq,
-# AWS access keys, GitHub and Slack tokens, bearer tokens); a value given to a secret's name
-# ("api_key=...", "password: ..."); a URL's password ("postgresql://user:...@host"). For the
-# last two, the name and the URL around the secret are kept (see _redacted).
+# AWS access keys, GitHub and Slack tokens, bearer tokens in RFC 6750's characters, base64's
+# among them); a value given to a secret's name ("api_key=...", "password: ...", the end of an
+# environment variable's name too: DB_PASSWORD=..., AWS_SECRET_ACCESS_KEY=...), or to an
+# Authorization header after its scheme ("Authorization: Basic ..."); a URL's password
+# ("postgresql://user:...@host", "redis://:...@host"). For the last two, the name and the URL
+# around the secret are kept (see _redacted).
+# A name may follow "_" (a word character, so \b, as it was, never matched MY_API_KEY=...), but
+# not a letter or digit: "mytoken" stays as it is. One lookbehind, not \b or (?<=_): the
+# alternation is tried at every position of every text that may hold a secret.
 _SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk-ant-[A-Za-z0-9_\-]{12,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|gsk_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
-    r"|xox[abpr]-[A-Za-z0-9\-]{10,}|Bearer\s+[A-Za-z0-9._\-]{12,})"
-    r"|(?P<name>\b(?i:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret|token"
-    r"|password|passwd|pwd)\b[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s\"'&,;]{4,})"
-    r"|(?P<userinfo>://[^/\s:@]+:)(?P<password>[^/\s@]+)(?=@)"
+    r"|xox[abpr]-[A-Za-z0-9\-]{10,}|Bearer\s+[A-Za-z0-9._~+/\-]{12,}=*)"
+    r"|(?P<name>(?<![^\W_])(?i:(?:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret"
+    r"|token|password|passwd|pwd)\b[\"']?\s*[=:]\s*[\"']?"
+    r"|authorization[\"']?\s*[=:]\s*[\"']?(?:basic|bearer)\s+))"
+    r"(?P<value>[^\s\"'&,;]{4,})"
+    r"|(?P<userinfo>://[^/\s:@]*:)(?P<password>[^/\s@]+)(?=@)"
 )
 # Either of the above, in one pass: the fast path's only check on ordinary values.
 _SUSPICIOUS = re.compile(f"{_SECRET_KEY.pattern}|{_SECRET_VALUE.pattern}", re.I)
@@ -74,6 +82,11 @@ def looks_secret(text: str) -> bool:
 
 
 _SUSPICIOUS_BYTES = tuple(word.encode() for word in _SUSPICIOUS_WORDS)
+
+
+def is_secret_name(name: str) -> bool:
+    """Is ``name`` (a key, a header's or a variable's name) a secret's name?"""
+    return _SECRET_KEY.search(name) is not None
 
 
 def secret_names(environ: Mapping[str, str]) -> list[str]:

@@ -113,6 +113,27 @@ async def test_a_key_the_server_quotes_back_is_left_out_of_the_error(
     assert server.request_count == 2
 
 
+@pytest.mark.parametrize("option", ["extra_headers", "headers"])
+async def test_a_key_sent_in_headers_the_server_quotes_back_is_left_out(
+    server: FaultServer, option: str
+) -> None:
+    # Azure's api-key header, sent through provider_kwargs: cut out as api_key= is.
+    quoted = f"Access denied due to invalid subscription key {PLAIN_KEY}."
+    server.script(Fault("401", text=quoted), Fault("401", text=quoted))
+    ask = _asker(server.base_url, retry=False, provider_kwargs={option: {"api-key": PLAIN_KEY}})
+    with capture_events() as events:
+        async with asyncio.timeout(LIMIT):
+            with pytest.raises(ProviderError) as caught:
+                await ask("hello")
+            with pytest.raises(ProviderError) as streamed:
+                await _collect(ask.stream("hello"))
+    for error in (caught.value, streamed.value):
+        assert "invalid subscription key [REDACTED]" in str(error)
+        _free_of(PLAIN_KEY, error)
+    assert all(PLAIN_KEY not in (span.error or "") for span in events.spans())
+    assert server.request_count == 2
+
+
 async def test_a_key_litellm_read_from_the_environment_is_left_out_too(
     server: FaultServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -355,7 +355,7 @@ def test_a_body_nested_deeper_than_json_loads_recurses_is_a_malformed_response()
     response: Any = SimpleNamespace(status=200, content_type="application/json", headers={})
     client: Any = SimpleNamespace(secrets=())
     with pytest.raises(ProviderError, match="malformed response"):
-        _http.Client._answer(client, response, deep.encode(), "openai/test-model")
+        _http.Client._answer(client, response, deep.encode(), "openai/test-model", ())
     with pytest.raises(ProviderError, match="malformed stream chunk"):
         _http._chunk("", deep, "openai/test-model", None)
     assert message_of(deep) is None
@@ -480,12 +480,48 @@ def test_connections_are_closed_when_the_event_loop_ends(tmp_path: Path) -> None
     assert "Unclosed" not in done.stderr, done.stderr
 
 
+async def test_agents_with_a_key_each_share_one_client_and_each_request_carries_its_own(
+    server: FaultServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A service calling with a key per user keeps one client (one session, one pool) per
+    endpoint, not one per key, each a socket or more never released while the loop lived; and
+    no key is kept in the cache of clients. Credentials in the base URL are the requests' too."""
+    monkeypatch.setattr(_http, "_clients", {})
+    keys = [f"sk-tenant-{n:03d}-0123456789abcdef" for n in range(40)]
+    users = [("tenant-a", "pw-a"), ("tenant-b", "pw-b")]
+
+    def asker(base_url: str, api_key: str | None = None) -> Agent[[str], str]:
+        @agent(model="openai/test-model", base_url=base_url, api_key=api_key, retry=False)
+        async def ask(text: str) -> str:
+            """{{ text }}"""
+
+        return ask
+
+    async with asyncio.timeout(LIMIT):
+        for key in keys:
+            assert await asker(server.base_url, key)("hello") == "hello"
+        for user, password in users:
+            url = server.base_url.replace("http://", f"http://{user}:{password}@")
+            assert await asker(url)("hello") == "hello"
+            _ = [delta async for delta in asker(url).stream("hello")]
+
+    (cached,) = _http._clients  # one endpoint, one loop: one client
+    assert not any(key in str(cached) for key in keys)
+    assert not any(password in str(cached) for _, password in users)
+    requests = server.chat_requests
+    assert [r.authorized_with(key) for r, key in zip(requests, keys, strict=False)] == [True] * 40
+    called_and_streamed = [user for user in users for _ in range(2)]
+    for request, (user, password) in zip(requests[40:], called_and_streamed, strict=True):
+        basic = base64.b64encode(f"{user}:{password}".encode()).decode()
+        assert request.authorization_was(f"Basic {basic}")
+
+
 def test_the_clients_of_every_event_loop_share_one_tls_context_that_verifies() -> None:
     """The system's certificates are loaded once per process, not once per client (25 ms each,
     on every event loop), and certificates and host names are still checked."""
 
     async def transport_context() -> ssl.SSLContext:
-        client = await _http.client("https://example.invalid/v1", "key")
+        client = await _http.client("https://example.invalid/v1")
         # aiohttp's connector keeps the context it was given in a private attribute.
         context: ssl.SSLContext = client.session.connector._ssl  # type: ignore[union-attr]
         return context
@@ -523,7 +559,7 @@ def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_ca
 
     def other_loop() -> None:
         try:
-            made.append(asyncio.run(_http.client("http://127.0.0.1:9/other/v1", "key")))
+            made.append(asyncio.run(_http.client("http://127.0.0.1:9/other/v1")))
         except BaseException as exc:
             errors.append(exc)
         finally:
@@ -541,11 +577,11 @@ def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_ca
             return True
 
     stale: Any = (ClosedLoop(), None, None)
-    monkeypatch.setattr(_http, "_clients", {("http://stale/v1", "key", 0): stale})
+    monkeypatch.setattr(_http, "_clients", {("http://stale/v1", 0): stale})
     monkeypatch.setattr(_http, "_clients_lock", Lock(), raising=False)
 
     try:
-        made.append(asyncio.run(_http.client("http://127.0.0.1:9/this/v1", "key")))
+        made.append(asyncio.run(_http.client("http://127.0.0.1:9/this/v1")))
     finally:
         for other in others:
             other.join()
@@ -553,7 +589,7 @@ def test_event_loops_in_other_threads_make_their_clients_while_one_prunes_the_ca
     # Each closed with its loop (which one is pruned as stale by the other depends on which
     # loop closed first).
     assert len(made) == 2 and all(client.session.closed for client in made)
-    assert ("http://stale/v1", "key", 0) not in _http._clients
+    assert ("http://stale/v1", 0) not in _http._clients
 
 
 async def test_hang_is_cancelled_cleanly_and_the_server_sees_the_client_go(
@@ -945,6 +981,66 @@ async def test_credentials_of_the_base_url_the_server_quotes_back_are_left_out(
         )
         assert "hunter2" not in (error.body or "") and basic not in (error.body or "")
     assert all("hunter2" not in (span.error or "") for span in events.spans())
+
+
+#: An Azure OpenAI key (32 hex digits): no shape the redaction of recorded text knows.
+HEADER_KEY = "3f9a1c0e5b7d4e2a8c6f0b1d2e3a4c5f"
+USER_PASSWORD = "tenant:" + HEADER_KEY
+
+
+@pytest.mark.parametrize(
+    ("headers", "quoted"),
+    [
+        ({"api-key": HEADER_KEY}, HEADER_KEY),  # Azure's
+        ({"x-api-key": HEADER_KEY}, HEADER_KEY),
+        ({"Ocp-Apim-Subscription-Key": HEADER_KEY}, HEADER_KEY),  # Azure API Management's
+        ({"Authorization": f"Bearer {HEADER_KEY}"}, HEADER_KEY),
+        ({"Authorization": f"Bearer {HEADER_KEY}"}, f"Bearer {HEADER_KEY}"),
+        (
+            {"Authorization": "Basic " + base64.b64encode(USER_PASSWORD.encode()).decode()},
+            USER_PASSWORD,
+        ),
+    ],
+)
+async def test_a_key_sent_in_extra_headers_the_server_quotes_back_is_left_out(
+    server: FaultServer, headers: dict[str, str], quoted: str
+) -> None:
+    # A key sent as a header of the agent's provider_kwargs is cut out of the error as the
+    # api_key= one is, however it is quoted, whole or after its scheme, called or streamed.
+    text = f"Access denied due to invalid subscription key {quoted}."
+    server.script(Fault("401", text=text), Fault("401", text=text))
+
+    @agent(
+        model="openai/test-model",
+        base_url=server.base_url,
+        retry=False,
+        provider_kwargs={"extra_headers": {**headers, "X-Request-Tag": "tag-12345678"}},
+    )
+    async def ask(text: str) -> str:
+        """{{ text }}"""
+
+    async with asyncio.timeout(LIMIT):
+        with capture_events() as events, pytest.raises(ProviderError) as caught:
+            await ask("hello")
+        with pytest.raises(ProviderError) as streamed:
+            _ = [delta async for delta in ask.stream("hello")]
+    for error in (caught.value, streamed.value):
+        assert HEADER_KEY not in str(error) and HEADER_KEY not in (error.body or "")
+        assert "invalid subscription key [REDACTED]" in str(error)
+    assert all(HEADER_KEY not in (span.error or "") for span in events.spans())
+    assert server.request_count == 2
+
+
+def test_only_extra_headers_named_as_secrets_are_cut_out() -> None:
+    from kagura.providers._chat import header_secrets
+
+    assert header_secrets({"api-version": "2024-02-01", "OpenAI-Beta": "assistants=v2"}) == ()
+    assert header_secrets({"X-Functions-Key": "k" * 12, "Authorization": "Bearer t0k"}) == (
+        "k" * 12,
+        "Bearer t0k",
+        "t0k",
+    )
+    assert header_secrets(None) == header_secrets(["not", "a", "dict"]) == ()
 
 
 def test_an_answer_without_usage_has_unknown_usage_not_zero() -> None:

@@ -11,6 +11,8 @@ rejection is paid once, not on every call, and never retried as if it were a tra
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import re
@@ -18,7 +20,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from .._redact import REDACTED
+from .._redact import REDACTED, is_secret_name
 from .._usage import NO_USAGE, Usage
 from ..errors import ProviderError, UnsupportedRequestError
 from ._base import (
@@ -260,6 +262,35 @@ def answer_error(
         headers=headers,
         body=without_secrets(body, secret)[:2000] if body is not None else None,
     )
+
+
+def header_secrets(headers: Any) -> tuple[str, ...]:
+    """The credentials among a request's extra headers (``provider_kwargs={"extra_headers":
+    ...}``), as a server may quote them back: the values of headers named as secrets are
+    (``api-key``, Azure's; ``x-api-key``; ``Authorization``; any ``...-Key``), each whole and,
+    after a scheme (``Bearer``, ``Basic``), the token alone; a basic token's user and password
+    too, decoded. Other headers (``api-version``, ``OpenAI-Beta``, a tag) are not secrets, and
+    cutting their values out of an error would only garble it."""
+    if not isinstance(headers, Mapping):
+        return ()
+    found: list[str] = []
+    for name, value in headers.items():
+        name = str(name)
+        if not isinstance(value, str) or not (is_secret_name(name) or name.lower().endswith("key")):
+            continue
+        found.append(value)
+        scheme, _, token = value.strip().partition(" ")
+        token = token.strip()
+        if not token:
+            continue
+        found.append(token)
+        if scheme.lower() == "basic":
+            try:
+                user_password = base64.b64decode(token, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                continue  # not base64: the token as it was is all there is to cut out
+            found += [user_password, user_password.partition(":")[2]]
+    return tuple(dict.fromkeys(found))
 
 
 def without_secrets(text: str, secret: Secrets) -> str:

@@ -10,8 +10,11 @@ Kagura sends a body it built as plain JSON, owns retries and timeouts in its pol
 the answer's JSON itself (:func:`kagura.providers._chat.to_response`), so nothing the SDK adds is
 left to do. aiohttp has no reader of server-sent events: :func:`_events` is one.
 
-One :class:`Client` per (base URL, credentials, event loop): an aiohttp session holds a
-connection pool bound to the loop that made it, and is closed when that loop shuts down.
+One :class:`Client` per (base URL, event loop): an aiohttp session holds a connection pool bound
+to the loop that made it, and is closed when that loop shuts down. Credentials are not the
+client's: each request carries its own (:class:`Auth`), so a service that calls with a key per
+user keeps one session and one pool per endpoint, not one per key (each a socket or more, never
+released while the loop lives).
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from .. import pricing
 from ..errors import ProviderConnectionError, ProviderTimeout, UsageError
-from ._chat import Secrets, answer_error, error_message, status_error, without_credentials
+from ._chat import (
+    Secrets,
+    answer_error,
+    error_message,
+    header_secrets,
+    status_error,
+    without_credentials,
+)
 from ._chunks import completion_chunk
 
 if TYPE_CHECKING:
@@ -61,31 +71,53 @@ REQUEST_OPTIONS = frozenset({"extra_headers", "extra_query", "extra_body", "time
 SHOWN = 300
 
 
-class Client:
-    """Chat completions at one base URL with one set of credentials, on one event loop."""
+class Auth:
+    """The credentials of requests to one base URL with one API key: the headers they carry, and
+    what their errors leave out."""
 
-    __slots__ = ("headers", "proxy", "secrets", "session", "url", "where")
+    __slots__ = ("api_key", "base_url", "headers", "secrets")
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, api_key: str) -> None:
-        self.session = session
-        base, headers, secrets = _address(base_url, api_key)
+    def __init__(self, base_url: str | None, api_key: str) -> None:
+        self.base_url = base_url
+        self.api_key = api_key
+        self.headers, secrets = _credentials(base_url or OPENAI_BASE_URL, api_key)
         #: What errors leave out, should a server quote it back: the key, or the URL's
         #: credentials and the basic authorization made of them.
         self.secrets = (api_key, *secrets)
-        self.url = base.rstrip("/") + "/chat/completions"
-        self.where = base
-        self.headers = headers
-        self.proxy = _proxy_for(base)
 
-    async def complete(self, kwargs: Mapping[str, Any], model_id: str, hint: str) -> Any:
-        """POST ``kwargs`` (the body, and any request options) and return the answer's JSON."""
+    def secrets_for(self, kwargs: Mapping[str, Any]) -> tuple[str, ...]:
+        """What the errors of a request of ``kwargs`` leave out: these credentials and those
+        among the request's extra headers."""
+        extra = kwargs.get("extra_headers")
+        return (*self.secrets, *header_secrets(extra)) if extra else self.secrets
+
+
+class Client:
+    """Chat completions at one base URL, on one event loop, with the credentials of each
+    request."""
+
+    __slots__ = ("proxy", "session", "url", "where")
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str) -> None:
+        self.session = session
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.where = base_url
+        self.proxy = _proxy_for(base_url)
+
+    async def complete(
+        self, kwargs: Mapping[str, Any], model_id: str, hint: str, auth: Auth
+    ) -> Any:
+        """POST ``kwargs`` (the body, and any request options) with ``auth``'s credentials and
+        return the answer's JSON."""
+        secrets = auth.secrets_for(kwargs)
+        request = self._request(kwargs, model_id, auth)
         with self._failures_mapped(model_id, hint):
-            async with self.session.post(self.url, **self._request(kwargs, model_id)) as response:
+            async with self.session.post(self.url, **request) as response:
                 raw = await response.read()
-        return self._answer(response, raw, model_id)
+        return self._answer(response, raw, model_id, secrets)
 
     async def stream(
-        self, kwargs: Mapping[str, Any], model_id: str, hint: str
+        self, kwargs: Mapping[str, Any], model_id: str, hint: str, auth: Auth
     ) -> AsyncGenerator[dict[str, Any], None]:
         """POST ``kwargs`` with ``stream=True`` and return the chunks of the answer as they come:
         the JSON of each server-sent event up to ``[DONE]``. The response is open once this
@@ -95,29 +127,33 @@ class Client:
         A server that answers with a JSON body instead (it ignores ``stream=true``, or it
         reports an error with HTTP 200) is read as :meth:`complete` reads it: an error is raised
         here, a whole completion is the one chunk of the stream."""
+        secrets = auth.secrets_for(kwargs)
+        request = self._request(kwargs, model_id, auth)
         with self._failures_mapped(model_id, hint):
-            response = await self.session.post(self.url, **self._request(kwargs, model_id))
+            response = await self.session.post(self.url, **request)
             if response.status >= 400 or response.content_type == "application/json":
                 try:
                     raw = await response.read()
                 finally:
                     response.close()
-                completion = self._answer(response, raw, model_id)
+                completion = self._answer(response, raw, model_id, secrets)
                 try:
                     return _whole(completion_chunk(completion))
                 except (AttributeError, IndexError, KeyError, TypeError) as exc:
                     raise answer_error(
-                        model_id, f"malformed response: {exc}", _text(raw), secret=self.secrets
+                        model_id, f"malformed response: {exc}", _text(raw), secret=secrets
                     ) from exc
-        return self._chunks(response, model_id, hint)
+        return self._chunks(response, model_id, hint, secrets)
 
-    def _answer(self, response: aiohttp.ClientResponse, raw: bytes, model_id: str) -> Any:
+    def _answer(
+        self, response: aiohttp.ClientResponse, raw: bytes, model_id: str, secrets: Secrets
+    ) -> Any:
         """The JSON of a whole answer, or the error it is: an HTTP error status, a body that is
         not JSON, or an error object sent with HTTP 200 (some servers and proxies report a
         refused key or an exhausted quota so)."""
         if response.status >= 400:
             raise status_error(
-                model_id, response.status, response.headers, _text(raw), secret=self.secrets
+                model_id, response.status, response.headers, _text(raw), secret=secrets
             )
         try:
             data = json.loads(raw)
@@ -126,7 +162,7 @@ class Client:
                 model_id,
                 f"malformed response: {exc}{_not_json(response, raw)}",
                 _text(raw),
-                secret=self.secrets,
+                secret=secrets,
             ) from exc
         if _is_error(data):
             # The server answered so on purpose: an error of the status it names (OpenRouter
@@ -136,12 +172,12 @@ class Client:
                 _error_status(data) or response.status,
                 response.headers,
                 _text(raw),
-                secret=self.secrets,
+                secret=secrets,
             )
         return data
 
     async def _chunks(
-        self, response: aiohttp.ClientResponse, model_id: str, hint: str
+        self, response: aiohttp.ClientResponse, model_id: str, hint: str, secrets: Secrets
     ) -> AsyncGenerator[dict[str, Any], None]:
         try:
             head = bytearray()
@@ -161,19 +197,20 @@ class Client:
                             "the answer is not a stream of server-sent events"
                             + _not_json(response, bytes(head)),
                             _text(bytes(head)),
-                            secret=self.secrets,
+                            secret=secrets,
                         ) from None
                 some = True
                 if data.startswith("[DONE]"):
                     return
-                yield _chunk(event, data, model_id, self.secrets)
+                yield _chunk(event, data, model_id, secrets)
         finally:
             response.close()
 
-    def _request(self, kwargs: Mapping[str, Any], model_id: str) -> dict[str, Any]:
-        """aiohttp's arguments for a request of ``kwargs``: the body, as JSON, and the options."""
+    def _request(self, kwargs: Mapping[str, Any], model_id: str, auth: Auth) -> dict[str, Any]:
+        """aiohttp's arguments for a request of ``kwargs``: the body, as JSON, ``auth``'s
+        headers, and the options."""
         body = {k: v for k, v in kwargs.items() if k not in REQUEST_OPTIONS}
-        headers = self.headers
+        headers = auth.headers
         try:
             body.update(kwargs.get("extra_body") or {})
             if kwargs.get("extra_headers"):
@@ -334,9 +371,9 @@ def _not_json(response: aiohttp.ClientResponse, raw: bytes) -> str:
     return f" (HTTP {response.status}, {response.content_type}: {shown!r})"
 
 
-def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str], tuple[str, ...]]:
-    """The base URL without credentials, the headers of every request to it, and the URL's
-    credentials as they may come back quoted in an answer (none for a URL without).
+def _credentials(base_url: str, api_key: str) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The headers of every request to ``base_url`` with ``api_key``, and the URL's credentials
+    as they may come back quoted in an answer (none for a URL without).
 
     A URL with credentials in it (``user:password@``) stands for HTTP basic authentication, in
     place of the API key's bearer token (aiohttp refuses to send a request to such a URL with an
@@ -354,7 +391,6 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str], tuple[st
         # As sent, and as written in the URL (percent-encoded), for a server may quote either.
         written = (f"{parts.username or ''}:{parts.password or ''}", parts.password or "")
         secrets = tuple(dict.fromkeys((token, f"{user}:{password}", password, *written)))
-        base_url = without_credentials(base_url)
     headers = {
         "Authorization": authorization,
         "Content-Type": "application/json",
@@ -366,7 +402,7 @@ def _address(base_url: str, api_key: str) -> tuple[str, dict[str, str], tuple[st
     ):
         if os.environ.get(env):
             headers[header] = os.environ[env]
-    return base_url, headers, secrets
+    return headers, secrets
 
 
 def _proxy_for(url: str) -> str | None:
@@ -382,21 +418,23 @@ def _proxy_for(url: str) -> str | None:
     return proxies.get(parts.scheme) or proxies.get("all")
 
 
-# One client per (base URL, API key, loop), with the async generator that closes it when the
-# loop shuts down (see _closed_with_the_loop). Event loops in other threads read and prune it
-# too: under _clients_lock.
+# One client per (base URL without credentials, loop), with the async generator that closes it
+# when the loop shuts down (see _closed_with_the_loop): no key or password is kept in it, and
+# its size is bounded by the endpoints called, not by the keys they are called with. Event
+# loops in other threads read and prune it too: under _clients_lock.
 _clients: dict[
-    tuple[str, str, int], tuple[asyncio.AbstractEventLoop, Client, AsyncGenerator[None, None]]
+    tuple[str, int], tuple[asyncio.AbstractEventLoop, Client, AsyncGenerator[None, None]]
 ] = {}
 _clients_lock = threading.Lock()
 
 
-async def client(base_url: str | None, api_key: str) -> Client:
-    """The client for ``base_url`` (OpenAI's when ``None``) on the running loop, made on first
-    use (tens of milliseconds on a new loop: nothing is imported, the TLS context is shared)."""
-    base_url = base_url or OPENAI_BASE_URL
+async def client(base_url: str | None) -> Client:
+    """The client for ``base_url`` (OpenAI's when ``None``; any credentials in it are the
+    requests', see :class:`Auth`) on the running loop, made on first use (tens of milliseconds
+    on a new loop: nothing is imported, the TLS context is shared)."""
+    base_url = without_credentials(base_url or OPENAI_BASE_URL)
     loop = asyncio.get_running_loop()
-    key = (base_url, api_key, id(loop))
+    key = (base_url, id(loop))
     with _clients_lock:
         cached = _clients.get(key)
         if cached is not None and cached[0] is loop:
@@ -416,8 +454,11 @@ async def client(base_url: str | None, api_key: str) -> Client:
         ),
         # The environment's proxy is read once, by Client (see _proxy_for).
         trust_env=False,
+        # Shared by the requests of every key: a cookie a server sets in answer to one
+        # caller's request must not go with another's.
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
-    made = Client(session, base_url, api_key)
+    made = Client(session, base_url)
     closer = _closed_with_the_loop(session)
     await anext(closer)
     with _clients_lock:

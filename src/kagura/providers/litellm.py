@@ -33,6 +33,7 @@ from ._chat import (
     answer_error,
     chat_kwargs,
     error_message,
+    header_secrets,
     message_of,
     status_error,
     to_response,
@@ -123,18 +124,19 @@ class LiteLLMModel(Model):
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Send ``request`` through ``litellm.acompletion``, its errors mapped to Kagura's."""
         litellm = _import_litellm()
+        secrets = self._secrets(request)
 
         async def send(mode: OutputMode) -> Any:
             try:
                 return await litellm.acompletion(**self._kwargs(request, mode))
             except Exception as exc:
-                error = self._error(exc)
+                error = self._error(exc, secrets)
             # Raised here, out of the except clause: LiteLLM's exception, which may quote the
             # key, must not stay on the error as its context.
             raise error
 
         completion = await self._endpoint.send(request, send)
-        return to_response(completion, self.id, secret=self._secrets())
+        return to_response(completion, self.id, secret=secrets)
 
     def _kwargs(self, request: ModelRequest, mode: OutputMode) -> dict[str, Any]:
         """The keyword arguments of ``litellm.acompletion`` for ``request``."""
@@ -148,11 +150,14 @@ class LiteLLMModel(Model):
             kwargs["api_key"] = _NO_KEY
         return kwargs
 
-    def _secrets(self) -> tuple[str, ...]:
+    def _secrets(self, request: ModelRequest) -> tuple[str, ...]:
         """What an error leaves out, should a server quote it back: the key given, the base
-        URL's credentials, and the keys LiteLLM may have read from the environment (which one it
-        took, it does not say)."""
+        URL's credentials, the credentials among the request's extra headers (LiteLLM sends
+        ``extra_headers`` and ``headers``), and the keys LiteLLM may have read from the
+        environment (which one it took, it does not say)."""
         secrets = [self._api_key or ""]
+        for option in ("extra_headers", "headers"):
+            secrets += header_secrets(request.extra.get(option))
         if self._base_url:
             parts = urllib.parse.urlsplit(self._base_url)
             if parts.password:
@@ -160,14 +165,16 @@ class LiteLLMModel(Model):
         secrets += [os.environ[name] for name in secret_names(os.environ)]
         return tuple(s for s in dict.fromkeys(secrets) if s and s != _NO_KEY)
 
-    def _error(self, exc: Exception) -> Exception:
-        return kagura_error(exc, self.id, self._where, self._secrets())
+    def _error(self, exc: Exception, secrets: Secrets) -> Exception:
+        return kagura_error(exc, self.id, self._where, secrets)
 
     supports_streaming = True
 
     def stream(self, request: ModelRequest) -> AsyncIterator[StreamChunk]:
         """``litellm.acompletion(stream=True)``: text deltas, then the whole answer (with usage
         when the provider reports it). The stream is closed however the iterator ends."""
+
+        secrets = self._secrets(request)
 
         async def send(mode: OutputMode) -> AsyncGenerator[dict[str, Any], None]:
             kwargs = self._kwargs(request, mode)
@@ -176,14 +183,14 @@ class LiteLLMModel(Model):
             try:
                 stream = await _import_litellm().acompletion(**kwargs)
             except Exception as exc:
-                error = self._error(exc)
+                error = self._error(exc, secrets)
             else:
-                return self._chunks(stream)
+                return self._chunks(stream, secrets)
             raise error  # out of the except clause, as in request()
 
         return read_chunks(lambda: self._endpoint.send(request, send), self.id)
 
-    async def _chunks(self, stream: Any) -> AsyncGenerator[dict[str, Any], None]:
+    async def _chunks(self, stream: Any, secrets: Secrets) -> AsyncGenerator[dict[str, Any], None]:
         """LiteLLM's stream as the JSON objects of its chunks, closed however it ends."""
         answered = False
         try:
@@ -193,7 +200,7 @@ class LiteLLMModel(Model):
                 except StopAsyncIteration:
                     break
                 except Exception as exc:
-                    error = self._error(exc)
+                    error = self._error(exc, secrets)
                 else:
                     data = chunk.model_dump()
                     answered = answered or _carries_an_answer(data)

@@ -94,6 +94,7 @@ class OpenAIChatModel(Model):
         self._api_key = api_key
         self.prepared: bool = False
         self._learned: _chat.Endpoint | None = None
+        self._credentials: _http.Auth | None = None
 
     @property
     def supports_tools(self) -> bool:  # type: ignore[override]
@@ -129,6 +130,15 @@ class OpenAIChatModel(Model):
             raise MissingCredentialsError(self.id, self.endpoint.key_env or "an API key")
         return "not-needed"
 
+    def _auth(self) -> _http.Auth:
+        """The credentials of this model's requests, rebuilt when the base URL's or the key's
+        environment variable changed."""
+        base_url, key = self.base_url, self._resolve_key()
+        auth = self._credentials
+        if auth is None or auth.base_url != base_url or auth.api_key != key:
+            auth = self._credentials = _http.Auth(base_url, key)
+        return auth
+
     def check_ready(self) -> None:
         """Raise :class:`~kagura.errors.MissingCredentialsError` if the endpoint needs an API key
         and none is given or set."""
@@ -139,7 +149,8 @@ class OpenAIChatModel(Model):
         client of the running loop. On an event loop started later, the first request makes
         that loop's client (a millisecond: nothing is imported or loaded)."""
         await _wire()
-        await _http.client(self.base_url, self._resolve_key())
+        self._auth()  # a missing key is refused here, before any request
+        await _http.client(self.base_url)
         self.prepared = True
 
     def _chat_kwargs(self, request: ModelRequest, mode: OutputMode | None = None) -> dict[str, Any]:
@@ -162,13 +173,15 @@ class OpenAIChatModel(Model):
 
     async def request(self, request: ModelRequest) -> ModelResponse:
         """Send ``request`` to the chat-completions endpoint and return its answer."""
-        client = await _http.client(self.base_url, self._resolve_key())
+        auth = self._auth()
+        client = await _http.client(self.base_url)
 
         async def send(mode: OutputMode) -> Any:
-            return await client.complete(self._chat_kwargs(request, mode), self.id, self._hint())
+            kwargs = self._chat_kwargs(request, mode)
+            return await client.complete(kwargs, self.id, self._hint(), auth)
 
         completion = await self._endpoint().send(request, send)
-        return _chat.to_response(completion, self.id, secret=client.secrets)
+        return _chat.to_response(completion, self.id, secret=auth.secrets_for(request.extra))
 
     supports_streaming = True
 
@@ -181,11 +194,12 @@ class OpenAIChatModel(Model):
         """
 
         async def send(mode: OutputMode) -> AsyncGenerator[dict[str, Any], None]:
-            client = await _http.client(self.base_url, self._resolve_key())
+            auth = self._auth()
+            client = await _http.client(self.base_url)
             kwargs = self._chat_kwargs(request, mode)
             kwargs["stream"] = True
             kwargs.setdefault("stream_options", {"include_usage": True})
-            return await client.stream(kwargs, self.id, self._hint())
+            return await client.stream(kwargs, self.id, self._hint(), auth)
 
         # Opened through the endpoint, which steps down a response format the server rejects.
         return read_chunks(lambda: self._endpoint().send(request, send), self.id)
