@@ -81,9 +81,6 @@ def looks_secret(text: str) -> bool:
     return any(word in lowered for word in _SUSPICIOUS_WORDS) and bool(_SUSPICIOUS.search(text))
 
 
-_SUSPICIOUS_BYTES = tuple(word.encode() for word in _SUSPICIOUS_WORDS)
-
-
 def is_secret_name(name: str) -> bool:
     """Is ``name`` (a key, a header's or a variable's name) a secret's name?"""
     return _SECRET_KEY.search(name) is not None
@@ -93,15 +90,6 @@ def secret_names(environ: Mapping[str, str]) -> list[str]:
     """The names in ``environ`` (the environment) of the values that are secrets by their name:
     ``*_API_KEY``, ``*_SECRET*``, ``*_TOKEN``, ``*_PASSWORD``."""
     return [name for name in environ if _SECRET_KEY.search(name)]
-
-
-def bytes_look_secret(data: bytes) -> bool:
-    """:func:`looks_secret` for a marshalled message: every string in it is there as its UTF-8
-    bytes, so its words and key shapes are found in the bytes as they are in the text."""
-    lowered = data.lower()
-    return any(word in lowered for word in _SUSPICIOUS_BYTES) and bool(
-        _SUSPICIOUS.search(data.decode("latin-1"))
-    )
 
 
 def scrub(value: Any, depth: int = 0) -> Any:
