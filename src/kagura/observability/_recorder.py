@@ -16,24 +16,37 @@ process's recorder to flush when it records to the same store, so that what just
 seen. Recording never blocks the loop on disk I/O, never touches the recorded function's result
 or exception, and nothing is lost on exit: an ``atexit`` hook hands what is queued to the writer
 process and leaves it to commit it after this process has gone (:meth:`Recorder.hand_off`;
-readers wait for it meanwhile, see :mod:`._handoff`): waiting for the commit would make every
-short script wait for the writer's start-up (an interpreter importing Kagura and SQLAlchemy,
-then opening the store), which takes far longer than the writing. Without a writer process (or
-a lock file) the hook waits for the flush.
+readers wait for it meanwhile, see :mod:`._handoff`). Waiting for the commit instead made a
+script of one agent call on the fake model take 0.5 to 0.8 s longer: the writer's start-up (an
+interpreter importing Kagura and SQLAlchemy, then opening the store), not its writing. Without a
+writer process (or a lock file) the hook waits for the flush.
 
-Why a writer process rather than a thread: storing a row is CPU work (SQLite's inserts and
-index updates, then Python deriving the stored columns and looking for secrets). In a thread of
-this process much of it would hold the GIL against the event loop; in a process of its own it
-runs on another core (``benchmarks/bench_overhead.py`` measures it either way, the thread with
-``KAGURA_RECORD_PROCESS=0``). If the process cannot be started, or dies, the recorder writes
-from its thread with the same :class:`~._writer.StoreWriter`.
+Why a writer process rather than a thread: storing a span's row costs the writer about 95,000
+instructions (callgrind, a burst of 18,000 rows into a fresh SQLite store), some 25 µs: about
+55,000 inside sqlite3, binding included (the four secondary indexes take 7,000 to 8,000 each),
+the rest Python deriving the stored columns and looking for secrets. In a thread of this
+process much of that holds the GIL against the event loop; in a process of its own it runs on
+another core. Measured with ``benchmarks/bench_overhead.py --only raw --only "recording on"`` on
+the same (loaded, 2-core) machine: 149 µs per agent step with a writer thread, 78-132 µs with
+the writer process. If the process cannot be started, or dies, the recorder writes from its
+thread with the same :class:`~._writer.StoreWriter`.
 
-Why no staging table: rows go straight into the indexed tables, so there is one write path and
-readers never write. Staging a burst's batches as blobs to be merged later flushes faster, but
-needs a second write path, a merge before reads and readers that write. The price of the simple
-design is a writer that falls behind in a burst (it spends more CPU per agent step than the
-event loop does on the step), so the final flush waits for its backlog; what would cut that is
-less Python per row in the writer, not a second path.
+Why no staging: earlier versions made a burst's batches durable as one blob each in a staging
+table and wrote them into the indexed tables later, readers doing so before their first query.
+That kept the flush cheap (the rows' insertion was left for later: the first query after a burst
+of 10,000 spans took 0.26 s, after larger ones seconds) at the price of a second write path, a
+merge on every read and readers that wrote. Here the flush pays for the insertion (the same
+burst: flush 0.15 s, then the first query 3 ms). What that costs, measured: at 2.25 rows an
+agent step, the writer needs more CPU per step than the event loop spends on the step itself,
+so in a burst it falls behind and the final flush waits for its backlog. In
+``bench_overhead.py`` (2,000 concurrent runs of 4 steps on a zero-latency model, the flush
+included) recording on costs 5-7x raw asyncio per step, against 3.0-3.8x with staging: the
+target of 3x is missed. The simpler design is kept all the same, for one write path and readers
+that never write. The recording's own cost on the event loop is what it was with staging (about
+58,000 instructions per step, counted with callgrind). What would bring the target back is a
+cheaper writer, not a second path: less Python per row. (The indexes stay: the rollups that
+answer the statistics, counted by the writer at about a sixth of its time per row, leave the
+indexes the lists, traces and exact percentiles read.)
 """
 
 from __future__ import annotations
