@@ -308,20 +308,21 @@ async def test_names_the_store_cannot_keep_are_refused_where_they_are_given() ->
         ("report\x1b]52;c;ZWNobyBwd25lZA==\x07", "\x1b"),  # writes the clipboard
         ("two\nlines", "\n"),
         ("admin\u202egnp.exe", "\u202e"),  # right-to-left override: reads "admin.exe"-like
-        ("zero\u200bwidth", "\u200b"),
+        ("isolated\u2067name", "\u2067"),
+        ("line\u2028separator", "\u2028"),
     ],
 )
-async def test_agent_and_workflow_names_with_control_or_format_characters_are_refused(
+async def test_agent_and_workflow_names_a_terminal_would_obey_are_refused(
     name: str, unseen: str
 ) -> None:
     """`kagura monitor` and `kagura runs` show names: one with an escape sequence, a newline or
-    a right-to-left mark would be obeyed by a terminal, split a row, or read as another."""
+    a right-to-left override would be obeyed by a terminal, split a row, or read as another."""
 
     async def fn(text: str) -> str:
         """{{ text }}"""
 
-    which = re.escape(f"holds a control or format character ({unseen!r}, U+{ord(unseen):04X})")
-    fix = re.escape("give it a name of characters that show")
+    which = re.escape(f"holds {unseen!r} (U+{ord(unseen):04X}), a control character")
+    fix = re.escape("give it a name without it")
     with pytest.raises(
         UsageError, match=rf"^agent name .*{which}.*{fix} \(@agent\(name=\.\.\.\)\)$"
     ):
@@ -338,6 +339,24 @@ async def test_agent_and_workflow_names_with_control_or_format_characters_are_re
     # A step's name may be made of data: kept (and shown with its escapes by the commands).
     assert await steps(name) == "X"
     assert agent(name="naïve résumé 名前")(fn).name == "naïve résumé 名前"  # any script's letters
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "\U0001f468\u200d\U0001f469\u200d\U0001f467 family",  # an emoji sequence: joiners
+        "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",  # Persian, with a non-joiner
+        "\U0001f3f4\U000e0067\U000e0062\U000e0073\U000e0063\U000e0074\U000e007f scot",  # tags
+        "co\u00adop",  # a soft hyphen
+        "rtl \u200fmark",  # a right-to-left mark: it reorders nothing after it
+    ],
+)
+def test_names_whose_invisible_characters_are_parts_of_the_text_are_kept(name: str) -> None:
+    async def fn(text: str) -> str:
+        """{{ text }}"""
+
+    assert agent(name=name)(fn).name == name
+    assert workflow(name=name)(fn).name == name
 
 
 @pytest.mark.parametrize(

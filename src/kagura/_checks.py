@@ -1,4 +1,4 @@
-"""Checks of the numbers users give to settings: a count, a limit, a rate.
+"""Checks of what users give to settings: a count, a limit, a rate; a name.
 
 Each raises :class:`~kagura.errors.UsageError` naming the setting, at the moment the setting is
 given. A comparison alone does not do: ``nan < 1`` is false, so a NaN limit would pass a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import unicodedata
 from datetime import datetime, timedelta
 
 from .errors import UsageError
@@ -54,3 +55,16 @@ def cutoff(age: object, now: float) -> float:
             f"future, and delete everything"
         )
     return now - seconds
+
+
+#: The bidirectional embeddings, overrides and isolates: they reorder the text after them, so
+#: that one name can be made to read as another.
+_REORDERING = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def obeyed(char: str) -> bool:
+    """Is ``char`` one a terminal obeys rather than shows, or one that breaks a line: a C0 or C1
+    control (ESC, newline, NUL), a bidirectional override, a line or paragraph separator? Other
+    invisible characters are parts of the text that shows (the joiners of emoji sequences and
+    of Persian or Hindi words, variation selectors, tag characters), and are kept."""
+    return unicodedata.category(char) == "Cc" or char in _REORDERING or char in "\u2028\u2029"

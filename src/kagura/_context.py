@@ -11,10 +11,10 @@ from __future__ import annotations
 import itertools
 import os
 import time
-import unicodedata
 from contextvars import ContextVar
 from typing import Any, Literal
 
+from ._checks import obeyed
 from .errors import UsageError
 
 SpanKind = Literal["workflow", "agent", "llm", "tool", "step"]
@@ -46,7 +46,8 @@ MAX_NAME = 255
 
 def checked_name(kind: str, name: object, *, plain: bool = True) -> str:
     """``name``, when the store can keep it as the name of a ``kind`` ("agent", "workflow",
-    "step") and, if ``plain``, it has no control or format character; else a
+    "step") and, if ``plain``, it has no character a terminal obeys (see
+    :func:`~kagura._checks.obeyed`); else a
     :class:`~kagura.errors.UsageError` saying why. Said here rather than by the database:
     SQLite keeps a longer one, PostgreSQL refuses it when it is written."""
     if not isinstance(name, str) or not name:
@@ -56,17 +57,15 @@ def checked_name(kind: str, name: object, *, plain: bool = True) -> str:
             f"{kind} name {name[:40]!r}... is {len(name)} characters long; names are at most "
             f"{MAX_NAME}, the length of the event store's name columns"
         )
-    unseen = (
-        next((c for c in name if unicodedata.category(c) in ("Cc", "Cf")), None) if plain else None
-    )
+    unseen = next((c for c in name if obeyed(c)), None) if plain else None
     if unseen is not None:
-        # An escape sequence, a newline or a right-to-left mark would be obeyed by a terminal
-        # that shows the name as it is, split a row of `kagura monitor list`, or make the name
-        # one that cannot be typed back (`--agent NAME`); run ids are refused them too.
+        # An escape sequence, a newline or a right-to-left override would be obeyed by a
+        # terminal that shows the name as it is, split a row of `kagura monitor list`, or make
+        # the name one that cannot be typed back (`--agent NAME`).
         raise UsageError(
-            f"{kind} name {name!r} holds a control or format character ({unseen!r}, "
-            f"U+{ord(unseen):04X}), which a terminal would obey or hide rather than show: "
-            f"give it a name of characters that show (@{kind}(name=...))"
+            f"{kind} name {name!r} holds {unseen!r} (U+{ord(unseen):04X}), a control "
+            f"character, a text-direction override or a line break, which a terminal would "
+            f"obey rather than show: give it a name without it (@{kind}(name=...))"
         )
     return name
 

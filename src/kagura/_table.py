@@ -11,7 +11,6 @@ terminal as one (rich takes out a few control characters, not ESC).
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +18,8 @@ from datetime import datetime
 from rich import box
 from rich.table import Table
 from rich.text import Text
+
+from ._checks import obeyed
 
 ERROR = "error"
 DASH = "—"
@@ -185,23 +186,15 @@ def format_when(when: datetime | None, *, now: datetime | None = None) -> str:
     return local.strftime("%Y-%m-%d")
 
 
-#: Unicode's control characters (ESC, newline, NUL, C1 controls) and format characters
-#: (right-to-left overrides, zero-width joiners): those that do not show as themselves.
-_UNSEEN = ("Cc", "Cf")
-
-
 def visible(text: str, *, keep: str = "") -> str:
-    """``text`` with its control and format characters (but those in ``keep``) written as
-    escapes (``\\x1b``, ``\\n``, ``\\u202e``): an escape sequence cannot clear the screen or
-    write the clipboard, a newline cannot split a table's row, a right-to-left mark cannot
-    make one name read as another."""
-    if text.isprintable():  # no control or format character, and the usual case
+    """``text`` with the characters a terminal would obey (see :func:`~kagura._checks.obeyed`;
+    but those in ``keep``) written as escapes (``\\x1b``, ``\\n``, ``\\u202e``): an escape
+    sequence cannot clear the screen or write the clipboard, a newline cannot split a table's
+    row, a right-to-left override cannot make one name read as another."""
+    if text.isprintable():  # none of them, and the usual case
         return text
     return "".join(
-        c.encode("unicode_escape").decode()
-        if c not in keep and unicodedata.category(c) in _UNSEEN
-        else c
-        for c in text
+        c.encode("unicode_escape").decode() if c not in keep and obeyed(c) else c for c in text
     )
 
 

@@ -462,9 +462,10 @@ def _runs_show(args: argparse.Namespace) -> int:
 
 def _format_result(result: Any, *, terminal: bool = False) -> str:
     """A workflow's result as text: strings as they are, anything else as indented JSON. For a
-    ``terminal``, control and format characters other than newlines and tabs are written as
-    escapes: a model's output in it must not clear the screen or write the clipboard. A pipe
-    or file gets the result as it is: that is data, for a program to read."""
+    ``terminal``, the characters it would obey but line ends and tabs are written as escapes
+    (see :func:`kagura._table.visible`): a model's output in it must not clear the screen or
+    write the clipboard. A pipe or file gets the result as it is: that is data, for a program
+    to read."""
     from ._table import visible
 
     if isinstance(result, str):
@@ -473,7 +474,7 @@ def _format_result(result: Any, *, terminal: bool = False) -> str:
         import pydantic_core
 
         text = pydantic_core.to_json(result, indent=2, fallback=repr).decode()
-    return visible(text, keep="\n\t") if terminal else text
+    return visible(text.replace("\r\n", "\n"), keep="\n\t") if terminal else text
 
 
 def _import_workflow(record: RunRecord) -> Any:
@@ -498,6 +499,7 @@ def _import_workflow(record: RunRecord) -> Any:
 def _runs_resume(args: argparse.Namespace) -> int:
     import asyncio
 
+    from rich.console import Console
     from rich.text import Text
 
     from ._redact import str_of
@@ -510,7 +512,8 @@ def _runs_resume(args: argparse.Namespace) -> int:
     journal = journal_for(url)
     record = _resolve_run(journal, args.id.strip())
     workflow = _import_workflow(record)
-    console = _console()
+    # What it did goes to stderr: stdout holds the result alone, for a program to read.
+    console = Console(highlight=False, stderr=True)
     if record.status != "completed":
         console.print(
             Text(

@@ -375,16 +375,19 @@ def test_resume_finishes_a_failed_run_without_repeating_journaled_steps(
     sent_before = made.sent()
     code, out, err = run_cli(capsys, "runs", "resume", "broken-1")
     assert code == 0, err
-    assert "Resuming run broken-1 (failed, 4 steps journaled, attempt 2)" in out
-    assert "4 steps came from the journal (not run again), 1 ran now" in out
+    assert "Resuming run broken-1 (failed, 4 steps journaled, attempt 2)" in err
+    assert "4 steps came from the journal (not run again), 1 ran now" in err
     assert made.sent() == sent_before  # the journaled agent calls were not sent again
-    assert "published wind: Outline a report on wind." in out
+    assert out.startswith("published wind: Outline a report on wind.")
+    assert out.count("\n") == 1  # the result alone
     record = made.journal.get_run("broken-1")
     assert record is not None and record.status == "completed" and record.attempts == 2
     assert made.ledger_lines() == ["solar", "wind"]  # published once each
 
-    code, out, _ = run_cli(capsys, "runs", "resume", "broken-1")
-    assert code == 0 and "already completed" in out and "published wind" in out
+    code, out, err = run_cli(capsys, "runs", "resume", "broken-1")
+    assert code == 0 and "already completed" in err
+    assert out.startswith("published wind: Outline a report on wind.")
+    assert out.count("\n") == 1
     assert made.ledger_lines() == ["solar", "wind"]
 
 
@@ -399,8 +402,8 @@ def test_one_step_is_said_in_the_singular(env: Env, capsys: pytest.CaptureFixtur
     env.flag.unlink()
     code, out, err = run_cli(capsys, "runs", "resume", "brief-1")
     assert code == 0, err
-    assert "Resuming run brief-1 (failed, 1 step journaled, attempt 2)" in out
-    assert "1 step came from the journal (not run again), 1 ran now" in out
+    assert "Resuming run brief-1 (failed, 1 step journaled, attempt 2)" in err
+    assert "1 step came from the journal (not run again), 1 ran now" in err
 
 
 def test_resume_errors_exit_with_1(made: Env, capsys: pytest.CaptureFixture[str]) -> None:
@@ -455,8 +458,8 @@ def test_escape_sequences_in_runs_are_shown_not_obeyed(
     assert f"published wind{ESCAPES}: Outline a report on wind{ESCAPES}." in out  # a pipe
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     code, out, err = run_cli(capsys, "runs", "resume", "evil-1")
-    assert code == 0 and "already completed" in out, err
-    assert "\x1b" not in out
+    assert code == 0 and "already completed" in err, err
+    assert "\x1b" not in out + err
     assert f"published wind{SHOWN}: Outline a report on wind{SHOWN}." in out
 
 
@@ -493,8 +496,9 @@ def test_a_killed_run_is_listed_as_interrupted_and_resumed_from_the_command_line
     env.hold_file.unlink()
     resumed = kagura_in(env, tmp_path, "runs", "resume", "killed-1")
     assert resumed.returncode == 0, resumed.stderr
-    assert "3 steps came from the journal (not run again), 2 ran now" in resumed.stdout
-    assert "published hydro: Outline a report on hydro." in resumed.stdout
+    assert "3 steps came from the journal (not run again), 2 ran now" in resumed.stderr
+    assert resumed.stdout.startswith("published hydro: Outline a report on hydro.")
+    assert resumed.stdout.count("\n") == 1
     assert env.ledger_lines() == ["hydro"]
     # Each agent call reached the provider once: the killed process's, journaled, were not
     # sent again by the process that resumed the run.

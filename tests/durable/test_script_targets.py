@@ -590,7 +590,7 @@ def test_the_readme_durable_example_is_a_resumable_script(
         assert cli_main(["runs", "resume", record.run_id, "--db", db]) == 0
     finally:
         sys.modules.pop("kagura_resumed_main", None)
-    assert "has already completed" in capsys.readouterr().out
+    assert "has already completed" in capsys.readouterr().err
 
 
 def test_a_workflow_defined_outside_any_file_is_said_to_be_resumable_only_from_its_code() -> None:

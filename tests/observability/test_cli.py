@@ -835,7 +835,10 @@ def test_visible_writes_control_and_format_characters_as_escapes() -> None:
 
     assert visible("plain name, ünïcode and spaces") == "plain name, ünïcode and spaces"
     assert visible(OSC52 + CLEAR) == r"\x1b]52;c;ZWNobyBwd25lZA==\x1b\\x1b[2J"
-    assert visible("a\nb\tc\r\x00\x9b\u202eZ\u200b") == r"a\nb\tc\r\x00\x9b\u202eZ\u200b"
+    assert visible("a\nb\tc\r\x00\x9b\u202eZ\u2028") == r"a\nb\tc\r\x00\x9b\u202eZ\u2028"
+    # Invisible characters that are parts of the text shown: an emoji sequence, a Persian word.
+    family = "\U0001f468\u200d\U0001f469\u200d\U0001f467 \u0645\u06cc\u200c\u062e\u0648"
+    assert visible(family) == family
     assert visible("one\ntwo\tx\x1b", keep="\n\t") == "one\ntwo\tx\\x1b"
     assert _monitor.excerpt("bad" + CLEAR + "\nline 2", 40) == r"bad\x1b[2J line 2"
 
