@@ -317,15 +317,39 @@ async def _taken(journal: Journal, run_id: str, owner: str, pending: asyncio.Fut
     """The answer of a start or claim by which ``owner`` may have taken ``run_id``. If the
     caller is cancelled meanwhile (or the answer is an error: a run claimed that no key
     decrypts), the run is let go, but only once the request is committed: it is written in the
-    journal's next batch whatever happens to its caller, and a release queued behind it would
+    journal's next batch whatever happens to its caller, and a release queued before that would
     be written first, find nothing to release, and leave the run held by no one until its lease
     ran out."""
     try:
         return await asyncio.shield(pending)
     except BaseException:
-        await asyncio.wait([pending])  # a second cancellation ends this wait: the lease runs out
-        await _let_go(journal, run_id, owner)
+        released = _released_once_answered(journal, run_id, owner, pending)
+        # Waited for, so that whoever resumes the run next finds it let go. A second
+        # cancellation (anyio cancels a task at every turn of the loop until it has left the
+        # cancelled scope) ends the wait, not the release.
+        await asyncio.shield(released)
         raise
+
+
+def _released_once_answered(
+    journal: Journal, run_id: str, owner: str, pending: asyncio.Future[Any]
+) -> asyncio.Future[None]:
+    """Queues the release of ``run_id`` by ``owner`` once ``pending`` is answered (from its
+    callback: it happens whatever becomes of the caller); done once the release is committed,
+    or failed (a run the start or claim did not take is left as it is, quietly)."""
+    released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def settled(release: asyncio.Future[None]) -> None:
+        if not release.cancelled():
+            release.exception()  # retrieved: nothing to release is not an error here
+        if not released.done():
+            released.set_result(None)
+
+    def release(_: asyncio.Future[Any]) -> None:
+        journal.release_soon(run_id, owner).add_done_callback(settled)
+
+    pending.add_done_callback(release)
+    return released
 
 
 async def _let_go(journal: Journal, run_id: str, owner: str) -> None:
