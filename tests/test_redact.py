@@ -29,6 +29,7 @@ from kagura._redact import looks_secret, redact_text
         ("api_key=abcd1234 and more", "api_key=[REDACTED] and more"),
         ("postgresql://bob:pw-1234@db/x", "postgresql://bob:[REDACTED]@db/x"),
         ("Bearer abcdefghijkl.mnop", "[REDACTED]"),
+        ("export HF_TOKEN=hf_AbCdEf123456", "export HF_TOKEN=[REDACTED]"),
     ],
 )
 def test_secrets_in_text_are_redacted_and_their_names_stay(text: str, redacted: str) -> None:
@@ -48,6 +49,11 @@ def test_secrets_in_text_are_redacted_and_their_names_stay(text: str, redacted: 
         "mytoken=abcdef",
         "ssh://git@github.com:org/repo and mailto:me@example.com",
         "use http://host:8080/path@v2 or http://[::1]:8080/x",
+        # Tokenizers' special tokens and counts, everyday in an LLM library's outputs.
+        "tokenizer.pad_token = tokenizer.eos_token",
+        'tokenizer(text, eos_token="</s>", pad_token="<pad>", bos_token="<s>")',
+        "set max_token=4096; usage prompt_token: 1234, completion_token: 56",
+        "Bearer tokens/credentials are explained in RFC 6750",
     ],
 )
 def test_ordinary_text_that_shares_their_words_stays(text: str) -> None:

@@ -29,13 +29,20 @@ _SECRET_KEY = re.compile(
 # around the secret are kept (see _redacted).
 # A name may follow "_" (a word character, so \b, as it was, never matched MY_API_KEY=...), but
 # not a letter or digit: "mytoken" stays as it is. One lookbehind, not \b or (?<=_): the
-# alternation is tried at every position of every text that may hold a secret.
+# alternation is tried at every position of every text that may hold a secret. A token's name
+# is not one after the prefixes of tokenizers' special tokens and of counts (pad_token =
+# "<pad>", max_token=4096): code and outputs of an LLM library's users are full of them. A
+# bearer token with "+", "/" or "~" in it holds a digit too: "Bearer tokens/credentials" is
+# prose.
 _SECRET_VALUE = re.compile(
     r"(sk-[A-Za-z0-9_\-]{12,}|sk-ant-[A-Za-z0-9_\-]{12,}|AIza[0-9A-Za-z_\-]{20,}"
     r"|gsk_[A-Za-z0-9]{20,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}"
-    r"|xox[abpr]-[A-Za-z0-9\-]{10,}|Bearer\s+[A-Za-z0-9._~+/\-]{12,}=*)"
+    r"|xox[abpr]-[A-Za-z0-9\-]{10,}"
+    r"|Bearer\s+(?:(?=[A-Za-z0-9._~+/\-]*\d)[A-Za-z0-9._~+/\-]{12,}=*|[A-Za-z0-9._\-]{12,}))"
     r"|(?P<name>(?<![^\W_])(?i:(?:api[_-]?key|access[_-]?key|secret[_-]?key|client[_-]?secret"
-    r"|token|password|passwd|pwd)\b[\"']?\s*[=:]\s*[\"']?"
+    r"|(?<!pad_)(?<!eos_)(?<!bos_)(?<!unk_)(?<!sep_)(?<!cls_)(?<!mask_)(?<!max_)(?<!num_)"
+    r"(?<!prompt_)(?<!completion_)(?<!input_)(?<!output_)token"
+    r"|password|passwd|pwd)\b[\"']?\s*[=:]\s*[\"']?"
     r"|authorization[\"']?\s*[=:]\s*[\"']?(?:basic|bearer)\s+))"
     r"(?P<value>[^\s\"'&,;]{4,})"
     r"|(?P<userinfo>://[^/\s:@]*:)(?P<password>[^/\s@]+)(?=@)"
