@@ -315,6 +315,35 @@ async def test_an_error_event_part_way_is_a_provider_error_with_its_message(
 # -- set-up ----------------------------------------------------------------------------------------
 
 
+class WatchedEnviron(dict[str, str]):
+    """os.environ, noting every change."""
+
+    def __init__(self, environ: dict[str, str], changes: list[str]) -> None:
+        super().__init__(environ)
+        self.changes = changes
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.changes.append(f"set {name}")
+        super().__setitem__(name, value)
+
+    def pop(self, name: str, *default: Any) -> Any:  # type: ignore[override]
+        self.changes.append(f"pop {name}")
+        return super().pop(name, *default)
+
+
+def test_the_environment_is_changed_for_the_first_import_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every request asks for the module: setting and unsetting a variable each time is not
+    # safe beside threads that read the environment (resolvers), nor needed.
+    litellm_provider._import_litellm()
+    changes: list[str] = []
+    monkeypatch.setattr(os, "environ", WatchedEnviron(dict(os.environ), changes))
+    for _ in range(3):
+        assert litellm_provider._import_litellm() is sys.modules["litellm"]
+    assert changes == []
+
+
 def test_set_up_stays_offline_and_handled_errors_print_nothing() -> None:
     """LiteLLM fetches its model cost map from GitHub at import unless told not to, and prints
     "Give Feedback / Get Help" to stdout for every error it raises: neither, in a fresh process

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 import urllib.parse
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
@@ -381,7 +382,22 @@ def _detail(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+#: LiteLLM once imported by :func:`_import_litellm`, which every request calls: the environment
+#: is changed for the first import only (once imported, never again, nor from other threads).
+_litellm_module: Any = None
+_importing = threading.Lock()
+
+
 def _import_litellm() -> Any:
+    global _litellm_module
+    if _litellm_module is None:
+        with _importing:
+            if _litellm_module is None:
+                _litellm_module = _first_import()
+    return _litellm_module
+
+
+def _first_import() -> Any:
     # At import, LiteLLM fetches its model cost map from GitHub (three tries, warnings on
     # stderr, seconds offline) unless told to use the copy it ships; Kagura prices calls with
     # genai-prices, and promises to run offline. A user's own setting is kept, and ours is
