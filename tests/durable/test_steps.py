@@ -376,6 +376,17 @@ async def test_a_step_named_for_a_url_with_its_password_keeps_the_password_out(
     assert calls == [url]  # the resumed run found its step under the same, redacted, name
 
 
+async def test_a_step_name_longer_once_redacted_is_refused_as_it_would_be_stored() -> None:
+    # "pwd=abcd" becomes "pwd=[REDACTED]": 251 characters then hold 257, more than the store's
+    # name columns, which PostgreSQL would refuse in a commit other runs' steps share.
+    @workflow
+    async def named(name: str) -> str:
+        return await step(name, str.upper, "x")
+
+    with pytest.raises(UsageError, match=r"is 257 characters long; names are at most 255"):
+        await named("s" * 242 + " pwd=abcd")
+
+
 async def test_a_steps_function_is_not_kept_alive_by_the_step(db: str) -> None:
     # Its signature and validator are kept weakly: a closure, and the object of a bound method,
     # go with the run that made them.

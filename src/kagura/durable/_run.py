@@ -440,12 +440,13 @@ async def step(
     """
     # A step's name may be made of data (f"store {doc}"), and is a part of its journal key:
     # refused one, a run that worked would fail. Commands show it with its escapes instead.
-    checked_name("step", name, plain=False)
-    if looks_secret(name):
+    if isinstance(name, str) and looks_secret(name):
         # Made of data, it may hold a URL with its password (f"upload {url}"), which the name
         # columns would keep and OpenTelemetry export as they are: redacted as recorded values
-        # are. The same name redacts the same way, so a resumed run finds its steps.
+        # are. The same name redacts the same way, so a resumed run finds its steps. Checked
+        # after: the redacted name is the one stored, and may be the longer.
         name = redact_text(name)
+    checked_name("step", name, plain=False)
     ensure_recording()
     span = Span("step", name, current_span.get())
     token = current_span.set(span)
