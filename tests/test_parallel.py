@@ -507,3 +507,21 @@ async def test_a_cancel_in_the_turn_a_part_fails_stays_counted() -> None:
     finally:
         while caller.cancelling():
             caller.uncancel()
+
+
+class Abort(BaseException):
+    """Neither an Exception nor KeyboardInterrupt or SystemExit."""
+
+
+async def test_a_part_raising_a_base_exception_leaves_the_callers_cancellations_as_they_were() -> (
+    None
+):
+    async def aborts() -> None:
+        await asyncio.sleep(0)
+        raise Abort
+
+    caller = asyncio.current_task()
+    assert caller is not None
+    with pytest.raises(Abort):
+        await gather(aborts(), never_finishes([], "other"))
+    assert caller.cancelling() == 0

@@ -122,6 +122,8 @@ async def gather(
         except Exception as error:
             failed(index, error)
 
+    caller = asyncio.current_task()
+    cancelling = 0 if caller is None else caller.cancelling()
     try:
         async with asyncio.TaskGroup() as group:
             for index, aw in enumerate(aws):
@@ -134,7 +136,12 @@ async def gather(
         # cancellation stays counted (Task.cancelling()) for whoever asked for it.
     except BaseExceptionGroup as group_error:
         # A part raised what is not an Exception (not KeyboardInterrupt or SystemExit, which
-        # the group raises as themselves).
+        # the group raises as themselves). The group cancelled this gather's caller to stop
+        # the block, which Python 3.11 does not take back when the block had already ended
+        # (CPython gh-116720): else the caller stays marked as being cancelled for whatever
+        # asks (Task.cancelling(): task groups, timeouts, anyio, the next gather).
+        while caller is not None and caller.cancelling() > cancelling:
+            caller.uncancel()
         raise _first(group_error.exceptions) from None
     if failures:
         raise _first(failures)
