@@ -158,7 +158,7 @@ from kagura.errors import BudgetExceeded
 from kagura.observability import EventStore
 from kagura import parallel
 from kagura.parallel import gather, gather_partial
-from kagura.resilience import CircuitBreaker, Retry
+from kagura.resilience import CircuitBreaker, CostBudget, Retry
 from kagura.testing import FakeModel, override_model, replay
 
 
@@ -217,6 +217,9 @@ async def flow(texts: list[str]) -> int:
     return 1
 
 
+def report(budget: CostBudget) -> None: ...
+
+
 async def use(store: EventStore) -> None:
     assert_type(asyncio.create_task(summarize("a")), asyncio.Task[str])
     assert_type(await asyncio.wait_for(flow(["a"]), 1), int)
@@ -242,7 +245,7 @@ async def use(store: EventStore) -> None:
     try:
         await flow(["x"])
     except BudgetExceeded as e:
-        assert_type(e.budget.spent_usd, float)
+        report(e.budget)  # typed for the budget it is
 
 
 def run() -> None:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import datetime
 import email.utils
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import Any
 
 __all__ = [
     "BudgetExceeded",
@@ -295,31 +295,14 @@ class CircuitOpenError(RunError):
         )
 
 
-class _SpentBudget(Protocol):
-    """What :class:`BudgetExceeded` tells of the budget spent: a
-    :class:`kagura.resilience.CostBudget`. A protocol rather than the class: this module imports
-    nothing of the packages that raise its errors (the lowest layer), so they can all import it."""
-
-    @property
-    def name(self) -> str | None: ...
-    @property
-    def usd(self) -> float | None: ...
-    @property
-    def tokens(self) -> int | None: ...
-    @property
-    def spent_usd(self) -> float: ...
-    @property
-    def spent_tokens(self) -> int: ...
-    @property
-    def unpriced_calls(self) -> int: ...
-
-
 class BudgetExceeded(RunError):
     """A cost or token budget is spent: the call was not sent."""
 
-    def __init__(self, message: str, *, budget: _SpentBudget) -> None:
-        #: The :class:`kagura.resilience.CostBudget` that is spent (``isinstance`` narrows it to
-        #: one, for its methods).
+    # Any, not a protocol of the budget's figures: users hand the budget on to code typed for
+    # a CostBudget, which this module cannot name (it is the lowest layer, which the module
+    # defining the budget imports).
+    def __init__(self, message: str, *, budget: Any) -> None:
+        #: The :class:`kagura.resilience.CostBudget` that is spent.
         self.budget = budget
         super().__init__(message)
 
