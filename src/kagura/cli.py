@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rich.console import Console
+    from rich.text import Text
 
     from .durable import Journal, RunRecord
     from .observability import EventStore
@@ -207,6 +208,17 @@ def _console() -> Console:
     return Console(highlight=False)
 
 
+def _plain(line: str, style: str = "") -> Text:
+    """A line of the commands' own that quotes what users typed or stored (a store's path, an
+    agent's name): never read as rich markup (a path with "[/x]" in it failed the command, one
+    with "[prod]" lost it), the characters a terminal would obey shown as escapes."""
+    from rich.text import Text
+
+    from ._table import visible
+
+    return Text(visible(line), style=style)
+
+
 def _chart_width(console: Console) -> int:
     return max(10, min(60, console.width - 50))
 
@@ -229,16 +241,15 @@ def _monitor_list(args: argparse.Namespace) -> int:
     )
     console = _console()
     if not executions:
-        console.print(f"No executions found ({_window(args)}) in {_store_name(store)}.")
+        console.print(_plain(f"No executions found ({_window(args)}) in {_store_name(store)}."))
         return 0
     table = _monitor.executions_table(executions, width=console.width)
-    table.caption = f"{len(executions)} shown, newest first · {_store_name(store)}"
+    table.caption = _plain(f"{len(executions)} shown, newest first · {_store_name(store)}")
     console.print(table)
     return 0
 
 
 def _monitor_stats(args: argparse.Namespace) -> int:
-    from rich.text import Text
 
     from .observability import _monitor
 
@@ -249,7 +260,7 @@ def _monitor_stats(args: argparse.Namespace) -> int:
     stats = store.stats(since=since, agent_name=args.agent)
     console = _console()
     who = f"agent {args.agent}" if args.agent else "all agents"
-    console.print(Text(f"Stats for {who}, {_window(args)} · {_store_name(store)}", style="bold"))
+    console.print(_plain(f"Stats for {who}, {_window(args)} · {_store_name(store)}", style="bold"))
     console.print(_monitor.stats_view(stats, agent=args.agent))
     return 0
 
@@ -293,14 +304,15 @@ def _monitor_cost(args: argparse.Namespace) -> int:
     rows = store.cost(by=args.by, since=since)
     console = _console()
     if not rows:
-        console.print(f"No finished calls ({_window(args)}) in {_store_name(store)}.")
+        console.print(_plain(f"No finished calls ({_window(args)}) in {_store_name(store)}."))
         return 0
     # By agent, an agent's row holds the agents it called: what was spent is the attempts'.
     spent = store.cost(by="model", since=since) if args.by == "agent" else None
     table = _monitor.cost_table(rows, args.by, spent)
-    table.caption = f"{_window(args)} · {_store_name(store)}"
+    caption = f"{_window(args)} · {_store_name(store)}"
     if spent is not None:
-        table.caption += " · an agent's row includes the agents it called"
+        caption += " · an agent's row includes the agents it called"
+    table.caption = _plain(caption)
     console.print(table)
     chart_rows = _monitor.fill_days(rows) if args.by == "day" else rows
     console.print(_monitor.cost_chart(chart_rows, args.by, width=_chart_width(console)))
@@ -436,10 +448,10 @@ def _runs_list(args: argparse.Namespace) -> int:
             )
             if part
         )
-        console.print(f"No {what} in {store_name(url)}.")
+        console.print(_plain(f"No {what} in {store_name(url)}."))
         return 0
     table = _views.runs_table(records, width=console.width)
-    table.caption = (
+    table.caption = _plain(
         f"{len(records)} shown, most recently updated first · interrupted = its process is "
         "gone, or its lease (its holder's KAGURA_LEASE_SECONDS) ran out · "
         f"{store_name(url)}"
@@ -570,7 +582,7 @@ def _runs_recover(args: argparse.Namespace) -> int:
     console = _console()
     where = "any host" if args.all_hosts else f"this host ({HOST})"
     if not outcomes:
-        console.print(f"No interrupted durable runs of {where} to recover.")
+        console.print(_plain(f"No interrupted durable runs of {where} to recover."))
         return 0
     console.print(_views.recovered_table(outcomes, width=console.width))
     bad = [o for o in outcomes if o.outcome in ("failed", "unloadable")]

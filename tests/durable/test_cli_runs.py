@@ -701,3 +701,13 @@ def test_a_cancelled_run_says_so_rather_than_that_its_process_is_gone() -> None:
     assert lease_text(released, 30, now=now).plain == (
         "pid 41 on host-a (cancelled: its lease was given up)"
     )
+
+
+def test_a_workflow_name_that_looks_like_markup_is_quoted_as_it_is(
+    made: Env, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # rich read "[/x]" in the "No durable runs of workflow ..." line as a closing tag: the
+    # command failed with a MarkupError traceback.
+    code, out, err = run_cli(capsys, "runs", "list", "--workflow", "[/x]")
+    assert code == 0, err
+    assert "No durable runs of workflow '[/x]'" in out

@@ -915,3 +915,19 @@ def test_an_interrupted_execution_says_when_it_was_found_and_no_duration() -> No
     assert ", found interrupted " in header and "ended" not in header
     assert "  ↯ interrupted  — · 0 tok" in _monitor.node_label(execution).plain
     assert ", ended " in _monitor.trace_header({**execution, "status": "failed"}).plain
+
+
+@pytest.mark.parametrize("folders", [("[prod]",), ("a[", "x]")])
+def test_a_store_path_that_looks_like_markup_is_shown_as_it_is(
+    recorded: Recorded, tmp_path: Path, capsys: pytest.CaptureFixture[str], folders: tuple[str, ...]
+) -> None:
+    # rich took "[prod]" in a store's path for a style (dropped from the caption), and the
+    # "[/x]" of ".../a[/x]/events.db" for a closing tag: the command failed with MarkupError.
+    path = tmp_path.joinpath(*folders, "events.db")
+    path.parent.mkdir(parents=True)
+    with sqlite3.connect(recorded.path) as source, sqlite3.connect(path) as copy:
+        source.backup(copy)
+    for argv in (["monitor", "list"], ["monitor", "cost"], ["monitor", "list", "--agent", "none"]):
+        code, out, err = run(capsys, *argv, "--db", str(path))
+        assert code == 0, err
+        assert str(path) in out.replace("\n", ""), argv
