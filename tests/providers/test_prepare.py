@@ -336,6 +336,8 @@ async def test_a_missing_litellm_is_a_usage_error_not_a_timeout(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setitem(sys.modules, "litellm", None)  # what a missing package looks like
+    # As in a process that has not imported it yet (another test may have, in this one).
+    monkeypatch.setattr(litellm_provider, "_litellm_module", None)
     monkeypatch.setattr(
         litellm_provider,
         "_litellm",
